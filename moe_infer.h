@@ -348,6 +348,7 @@ private:
     std::vector<int32_t> history_;
     size_t history_pos_ = 0;
     std::vector<Candidate> candidates_;
+    std::vector<double> probs_;
 };
 
 //-----------------------------------------------------------------------------
@@ -1847,7 +1848,948 @@ inline void split_range(int64_t n, int ith, int nth, int64_t* begin, int64_t* en
 // >>tokenizer
 #include "src/tokenizer.inc"
 
-//@@PART4@@
+//-----------------------------------------------------------------------------
+// [SECTION] MODEL LOADING
+//-----------------------------------------------------------------------------
+// >>loader  Hyper-parameters come only from metadata (ARCH.* keys); every tensor is looked up by
+// its llama.cpp name and its shape checked against them. Tensor names appear only here.
+// Small vectors (norms, biases, the qwen2moe shared-expert gate) are converted to float once.
+
+namespace moe {
+namespace detail {
+
+// A weight matrix (or a stack of expert matrices) as stored in the file.
+struct Weight {
+    const uint8_t* data = nullptr;  // nullptr when the tensor is absent
+    uint32_t type = 0;
+    int64_t cols = 0, rows = 0, n_mats = 1;  // ne0 (input), ne1 (output), ne2 (experts)
+    size_t row_bytes = 0, mat_bytes = 0;
+    KernelTraits kernel{ActFormat::f32, nullptr};
+    explicit operator bool() const { return data != nullptr; }
+    const uint8_t* row(int64_t mat, int64_t r) const { return data + (size_t)mat * mat_bytes + (size_t)r * row_bytes; }
+};
+
+struct LayerWeights {
+    std::vector<float> attn_norm, ffn_norm, q_norm, k_norm, bq, bk, bv, bo;  // empty when absent
+    Weight wq, wk, wv, wo;          // (n_head*hd, n_embd), (n_kv*hd, n_embd) x2, (n_embd, n_head*hd)
+    Weight router;                  // (n_expert, n_embd)
+    Weight gate_exps, up_exps;      // (n_expert, n_ff, n_embd)
+    Weight down_exps;               // (n_expert, n_embd, n_ff)
+    Weight gate, up, down;          // dense FFN (n_ff, n_embd), (n_embd, n_ff)
+    Weight gate_shexp, up_shexp, down_shexp;  // qwen2moe shared expert
+    std::vector<float> router_shexp;          // (n_embd) sigmoid gate of the shared expert
+};
+
+enum class QkNorm { none, per_head, whole };
+
+struct ModelImpl {
+    GgufFile file;
+    Tokenizer tokenizer;
+    ModelInfo info;
+    QkNorm qk_norm = QkNorm::none;
+    Weight token_embd, output;
+    std::vector<float> output_norm;
+    std::vector<LayerWeights> layers;
+    LogFn log = nullptr;
+    void* log_user = nullptr;
+    size_t max_act_bytes_per_row = 0;  // largest quantized activation row any matmul needs
+};
+
+struct Loader {
+    ModelImpl& m;
+    std::string arch;
+
+    std::string key(const char* suffix) const { return arch + "." + suffix; }
+
+    Status u32(const char* suffix, uint32_t* out, bool required, uint32_t fallback) {
+        std::string k = key(suffix);
+        Status s = m.file.get_u32(k.c_str(), out);
+        if (s == Status::missing_key && !required) { *out = fallback; return Status::ok; }
+        return s;
+    }
+    Status f32(const char* suffix, float* out, bool required, float fallback) {
+        std::string k = key(suffix);
+        Status s = m.file.get_f32(k.c_str(), out);
+        if (s == Status::missing_key && !required) { *out = fallback; return Status::ok; }
+        return s;
+    }
+
+    // Finds `name`, checks its shape {ne0, ne1, ne2} (0 = any) and returns it; optional tensors
+    // that are absent leave `out` empty.
+    Status weight(const std::string& name, int64_t ne0, int64_t ne1, int64_t ne2, bool required, Weight* out) {
+        const GgufTensorInfo* t = m.file.find_tensor(name.c_str());
+        if (!t) return required ? fail(Status::missing_tensor, "missing tensor '%s'", name.c_str()) : Status::ok;
+        int64_t want[3] = {ne0, ne1, ne2};
+        for (int d = 0; d < 3; ++d)
+            if (want[d] && t->ne[d] != want[d])
+                return fail(Status::shape_mismatch, "tensor '%s' has shape {%lld, %lld, %lld}, expected {%lld, %lld, %lld}", name.c_str(),
+                            (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)ne0, (long long)ne1, (long long)ne2);
+        if (t->ne[3] != 1 || (ne2 == 0 && t->ne[2] != 1))
+            return fail(Status::shape_mismatch, "tensor '%s' has too many dimensions", name.c_str());
+        const TypeTraits* tt = type_traits(t->type);
+        out->data = t->data;
+        out->type = t->type;
+        out->cols = t->ne[0];
+        out->rows = t->ne[1];
+        out->n_mats = t->ne[2];
+        out->row_bytes = (size_t)(t->ne[0] / tt->block_elems * tt->block_bytes);
+        out->mat_bytes = out->row_bytes * (size_t)t->ne[1];
+        out->kernel = kernel_traits(t->type);
+        // Activation row sizes must tile exactly: K-quant activations need 256-element rows.
+        m.max_act_bytes_per_row = std::max(m.max_act_bytes_per_row, act_row_bytes(out->kernel.act, out->cols));
+        return Status::ok;
+    }
+
+    Status vector(const std::string& name, int64_t n, bool required, std::vector<float>* out) {
+        const GgufTensorInfo* t = m.file.find_tensor(name.c_str());
+        if (!t) return required ? fail(Status::missing_tensor, "missing tensor '%s'", name.c_str()) : Status::ok;
+        if (t->n_elements() != n || t->ne[0] != n)
+            return fail(Status::shape_mismatch, "tensor '%s' has %lld elements, expected %lld", name.c_str(), (long long)t->n_elements(), (long long)n);
+        out->resize((size_t)n);
+        return dequantize_row((TensorType)t->type, t->data, out->data(), n);
+    }
+};
+
+inline Status load_model(ModelImpl& m) {
+    ModelInfo& hp = m.info;
+    Status s = m.file.get_string("general.architecture", &hp.architecture);
+    if (s != Status::ok) return s;
+    const std::string& arch = hp.architecture;
+    bool is_qwen3moe = arch == "qwen3moe", is_olmoe = arch == "olmoe", is_qwen2moe = arch == "qwen2moe", is_llama = arch == "llama";
+    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama)
+        return fail(Status::unsupported, "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama)", arch.c_str());
+    m.file.get_string("general.name", &hp.name);
+    last_error_storage().clear();
+
+    Loader L{m, arch};
+    uint32_t n_embd, n_layer, n_head, n_head_kv, n_ctx, n_expert, n_used, n_ff, n_ff_exp, n_ff_sh, key_len, val_len, n_rot;
+    if ((s = L.u32("embedding_length", &n_embd, true, 0)) != Status::ok) return s;
+    if ((s = L.u32("block_count", &n_layer, true, 0)) != Status::ok) return s;
+    if ((s = L.u32("attention.head_count", &n_head, true, 0)) != Status::ok) return s;
+    {
+        // head_count_kv may be a per-layer array; we support arrays whose entries are all equal.
+        std::string k = L.key("attention.head_count_kv");
+        const GgufKeyValue* e = m.file.find(k.c_str());
+        if (e && e->type == GgufValueType::array) {
+            std::vector<int32_t> per_layer;
+            if ((s = m.file.get_i32_array(k.c_str(), &per_layer)) != Status::ok) return s;
+            if (per_layer.empty() || std::any_of(per_layer.begin(), per_layer.end(), [&](int32_t v) { return v != per_layer[0]; }))
+                return fail(Status::unsupported, "'%s': per-layer KV head counts are not supported", k.c_str());
+            n_head_kv = (uint32_t)per_layer[0];
+        } else if ((s = L.u32("attention.head_count_kv", &n_head_kv, false, n_head)) != Status::ok) {
+            return s;
+        }
+    }
+    if ((s = L.u32("context_length", &n_ctx, false, 4096)) != Status::ok) return s;
+    if ((s = L.u32("expert_count", &n_expert, false, 0)) != Status::ok) return s;
+    if ((s = L.u32("expert_used_count", &n_used, false, 0)) != Status::ok) return s;
+    if ((s = L.u32("feed_forward_length", &n_ff, false, 0)) != Status::ok) return s;
+    if ((s = L.u32("expert_feed_forward_length", &n_ff_exp, false, 0)) != Status::ok) return s;
+    if ((s = L.u32("expert_shared_feed_forward_length", &n_ff_sh, false, 0)) != Status::ok) return s;
+    if ((s = L.f32("attention.layer_norm_rms_epsilon", &hp.rms_eps, true, 0)) != Status::ok) return s;
+    if ((s = L.f32("rope.freq_base", &hp.rope_freq_base, false, 10000.f)) != Status::ok) return s;
+
+    // Cap every dimension before any product is formed; real models are far below these.
+    if (n_embd == 0 || n_embd > 65536 || n_layer == 0 || n_layer > 1024 || n_head == 0 || n_head > 1024 || n_head_kv == 0 ||
+        n_head_kv > n_head || n_head % n_head_kv != 0 || n_expert > 4096 || n_used > n_expert || (n_expert > 0 && n_used == 0) ||
+        n_ff > 1 << 20 || n_ff_exp > 1 << 20 || n_ff_sh > 1 << 20 || n_ctx == 0)
+        return fail(Status::invalid_file, "inconsistent hyper-parameters (n_embd %u, layers %u, heads %u/%u, experts %u/%u)", n_embd, n_layer,
+                    n_head, n_head_kv, n_used, n_expert);
+    if ((s = L.u32("attention.key_length", &key_len, false, n_embd / n_head)) != Status::ok) return s;
+    if ((s = L.u32("attention.value_length", &val_len, false, key_len)) != Status::ok) return s;
+    if (key_len != val_len) return fail(Status::unsupported, "key_length %u != value_length %u is not supported", key_len, val_len);
+    if (key_len == 0 || key_len > 1024) return fail(Status::invalid_file, "invalid head size %u", key_len);
+    if ((s = L.u32("rope.dimension_count", &n_rot, false, key_len)) != Status::ok) return s;
+    if (n_rot > key_len || n_rot % 2) return fail(Status::invalid_file, "rope.dimension_count %u is invalid for head size %u", n_rot, key_len);
+    hp.rms_eps = std::max(hp.rms_eps, 0.f);
+    if (!(hp.rope_freq_base > 0)) return fail(Status::invalid_file, "rope.freq_base must be positive");
+
+    std::string scaling;
+    {
+        std::string k = L.key("rope.scaling.type");
+        if (m.file.get_string(k.c_str(), &scaling) == Status::ok && scaling != "none") {
+            float factor = 1;
+            if ((s = L.f32("rope.scaling.factor", &factor, false, 1.f)) != Status::ok) return s;
+            if (scaling == "linear" && factor > 0) {
+                hp.rope_freq_scale = 1.f / factor;
+            } else if (scaling != "yarn") {
+                return fail(Status::unsupported, "rope scaling '%s' is not supported", scaling.c_str());
+            }
+            // yarn: within the original context it equals plain RoPE; longer contexts are not extended yet.
+        }
+        float scale_linear = 0;
+        if (L.f32("rope.scale_linear", &scale_linear, false, 0.f) == Status::ok && scale_linear > 0) hp.rope_freq_scale = 1.f / scale_linear;
+        last_error_storage().clear();
+    }
+
+    hp.n_embd = (int32_t)n_embd; hp.n_layer = (int32_t)n_layer; hp.n_head = (int32_t)n_head; hp.n_head_kv = (int32_t)n_head_kv;
+    hp.head_dim = (int32_t)key_len; hp.n_rot = (int32_t)n_rot; hp.n_ctx_train = (int32_t)n_ctx;
+    hp.n_expert = (int32_t)n_expert; hp.n_expert_used = (int32_t)n_used;
+    // qwen3moe/qwen2moe keep the per-expert size in expert_feed_forward_length; olmoe/Mixtral in feed_forward_length.
+    hp.n_ff = (int32_t)(n_expert > 0 && n_ff_exp > 0 ? n_ff_exp : n_ff);
+    hp.n_ff_shared = (int32_t)n_ff_sh;
+    hp.rope_neox = !is_llama;  // llama.cpp: qwen*/olmoe use NEOX RoPE, llama uses normal RoPE
+    hp.expert_weights_norm = is_qwen3moe || is_llama;  // olmoe and qwen2moe keep the raw softmax weights
+    {
+        bool norm = hp.expert_weights_norm;
+        if (L.m.file.get_bool(L.key("expert_weights_norm").c_str(), &norm) == Status::ok) hp.expert_weights_norm = norm;
+        last_error_storage().clear();
+    }
+    if (hp.n_ff <= 0) return fail(Status::invalid_file, "missing or zero feed-forward size for '%s'", arch.c_str());
+
+    const int64_t E = n_embd, H = (int64_t)n_head * key_len, KV = (int64_t)n_head_kv * key_len, F = hp.n_ff;
+    if ((s = L.weight("token_embd.weight", E, 0, 0, true, &m.token_embd)) != Status::ok) return s;
+    hp.n_vocab = (int32_t)m.token_embd.rows;
+    if ((s = L.weight("output.weight", E, hp.n_vocab, 0, false, &m.output)) != Status::ok) return s;
+    if (!m.output) m.output = m.token_embd;  // tied embeddings
+    if ((s = L.vector("output_norm.weight", E, true, &m.output_norm)) != Status::ok) return s;
+
+    m.layers.resize(n_layer);
+    char name[128];
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        LayerWeights& l = m.layers[il];
+        auto N = [&](const char* suffix) { std::snprintf(name, sizeof name, "blk.%u.%s", il, suffix); return std::string(name); };
+        if ((s = L.vector(N("attn_norm.weight"), E, true, &l.attn_norm)) != Status::ok) return s;
+        if ((s = L.weight(N("attn_q.weight"), E, H, 0, true, &l.wq)) != Status::ok) return s;
+        if ((s = L.weight(N("attn_k.weight"), E, KV, 0, true, &l.wk)) != Status::ok) return s;
+        if ((s = L.weight(N("attn_v.weight"), E, KV, 0, true, &l.wv)) != Status::ok) return s;
+        if ((s = L.weight(N("attn_output.weight"), H, E, 0, true, &l.wo)) != Status::ok) return s;
+        if ((s = L.vector(N("attn_q.bias"), H, false, &l.bq)) != Status::ok) return s;
+        if ((s = L.vector(N("attn_k.bias"), KV, false, &l.bk)) != Status::ok) return s;
+        if ((s = L.vector(N("attn_v.bias"), KV, false, &l.bv)) != Status::ok) return s;
+        if ((s = L.vector(N("attn_output.bias"), E, false, &l.bo)) != Status::ok) return s;
+        if (is_qwen3moe || is_olmoe) {
+            // qwen3moe normalises each head (weight {hd}); olmoe the whole projection (weight {n_head*hd}).
+            const GgufTensorInfo* qn = m.file.find_tensor(N("attn_q_norm.weight").c_str());
+            m.qk_norm = qn && qn->ne[0] == H && H != key_len ? QkNorm::whole : QkNorm::per_head;
+            int64_t qn_len = m.qk_norm == QkNorm::whole ? H : key_len, kn_len = m.qk_norm == QkNorm::whole ? KV : key_len;
+            if ((s = L.vector(N("attn_q_norm.weight"), qn_len, true, &l.q_norm)) != Status::ok) return s;
+            if ((s = L.vector(N("attn_k_norm.weight"), kn_len, true, &l.k_norm)) != Status::ok) return s;
+        }
+        if ((s = L.vector(N("ffn_norm.weight"), E, true, &l.ffn_norm)) != Status::ok) return s;
+        if (n_expert > 0) {
+            if ((s = L.weight(N("ffn_gate_inp.weight"), E, n_expert, 0, true, &l.router)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_gate_exps.weight"), E, F, n_expert, true, &l.gate_exps)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_up_exps.weight"), E, F, n_expert, true, &l.up_exps)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_down_exps.weight"), F, E, n_expert, true, &l.down_exps)) != Status::ok) return s;
+            if (is_qwen2moe && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
+                int64_t FS = n_ff_sh ? (int64_t)n_ff_sh : 0;
+                if ((s = L.weight(N("ffn_gate_shexp.weight"), E, FS, 0, true, &l.gate_shexp)) != Status::ok) return s;
+                if ((s = L.weight(N("ffn_up_shexp.weight"), E, l.gate_shexp.rows, 0, true, &l.up_shexp)) != Status::ok) return s;
+                if ((s = L.weight(N("ffn_down_shexp.weight"), l.gate_shexp.rows, E, 0, true, &l.down_shexp)) != Status::ok) return s;
+                if ((s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
+                hp.n_ff_shared = (int32_t)l.gate_shexp.rows;
+            }
+        } else {
+            if ((s = L.weight(N("ffn_gate.weight"), E, F, 0, true, &l.gate)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_up.weight"), E, F, 0, true, &l.up)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_down.weight"), F, E, 0, true, &l.down)) != Status::ok) return s;
+        }
+    }
+    // K-quant activations are built in 256-element blocks, legacy ones in 32: every matmul input
+    // length must tile (the file's block sizes guarantee it for ne0, checked above).
+
+    // Bytes touched per decoded token: everything but the experts, plus k/n of the expert stacks,
+    // plus one embedding row.
+    uint64_t total = 0, experts = 0;
+    for (size_t i = 0; i < m.file.n_tensors(); ++i) {
+        const GgufTensorInfo& t = m.file.tensor_at(i);
+        total += t.n_bytes;
+        if (t.name.find("_exps.") != std::string::npos) experts += t.n_bytes;
+    }
+    hp.weight_bytes = total;
+    hp.active_bytes_per_token = total - experts - m.token_embd.mat_bytes + m.token_embd.row_bytes +
+                                (n_expert ? experts / n_expert * n_used : 0) + (m.output.data == m.token_embd.data ? m.token_embd.mat_bytes : 0);
+
+    const GgufKeyValue* tok = m.file.find("tokenizer.ggml.model");
+    if (tok) {
+        if ((s = Tokenizer::load(m.file, &m.tokenizer)) != Status::ok) return s;
+        if (m.tokenizer.n_vocab() > hp.n_vocab)
+            return fail(Status::invalid_file, "tokenizer has %d tokens but token_embd has %d rows", m.tokenizer.n_vocab(), hp.n_vocab);
+    }
+    return Status::ok;
+}
+
+}  // namespace detail
+
+Model::Model() = default;
+Model::~Model() = default;
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+
+static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const LoadOptions& options, Model* out,
+                                std::shared_ptr<const detail::ModelImpl>* slot) {
+    impl->log = options.log;
+    impl->log_user = options.log_user;
+    Status s = detail::load_model(*impl);
+    if (s != Status::ok) {
+        if (options.log) options.log(options.log_user, last_error());
+        return s;
+    }
+    (void)out;
+    *slot = std::shared_ptr<const detail::ModelImpl>(impl.release());
+    return Status::ok;
+}
+
+Status Model::load(const char* path, const LoadOptions& options, Model* out) {
+    if (!out || !path) return detail::fail(Status::invalid_argument, "null argument");
+    std::unique_ptr<detail::ModelImpl> impl(new (std::nothrow) detail::ModelImpl());
+    if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
+    Status s = GgufFile::open(path, options.use_mmap, &impl->file);
+    if (s != Status::ok) {
+        if (options.log) options.log(options.log_user, last_error());
+        return s;
+    }
+    return model_finish_load(impl, options, out, &out->impl_);
+}
+
+Status Model::load_memory(const void* data, size_t size, const LoadOptions& options, Model* out) {
+    if (!out) return detail::fail(Status::invalid_argument, "null argument");
+    std::unique_ptr<detail::ModelImpl> impl(new (std::nothrow) detail::ModelImpl());
+    if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
+    Status s = GgufFile::open_memory(data, size, &impl->file);
+    if (s != Status::ok) return s;
+    return model_finish_load(impl, options, out, &out->impl_);
+}
+
+bool Model::valid() const { return impl_ != nullptr; }
+const ModelInfo& Model::info() const { return impl_->info; }
+const Tokenizer& Model::tokenizer() const { return impl_->tokenizer; }
+const GgufFile& Model::file() const { return impl_->file; }
+
+}  // namespace moe
+
+//-----------------------------------------------------------------------------
+// [SECTION] FORWARD PASS
+//-----------------------------------------------------------------------------
+// >>forward  One forward() handles a chunk of B tokens (B = 1 for decode). Per layer:
+//   attn_norm -> q,k,v (one parallel matmul over their concatenated rows) -> QK-norm, RoPE, KV store
+//   -> causal GQA attention (parallel over token x head) -> attn_output (+ residual)
+//   -> ffn_norm -> router softmax + top-k -> experts: gate/up + SwiGLU (parallel over the rows of
+//   all active experts), quantize hidden, down + routing-weighted sum (parallel over output rows,
+//   so no two threads write one value) (+ residual).
+// Weights are read once per chunk whatever B is: matmuls loop rows outside, tokens inside.
+// Each input is quantized once to each activation format its consumers need.
+
+namespace moe {
+namespace detail {
+
+// Quantized copies of one input matrix (B rows of n floats), one per activation format, made lazily.
+struct ActCache {
+    const float* src = nullptr;
+    int64_t n = 0, rows = 0;
+    bool ready[3] = {false, false, false};
+    AlignedBuffer<uint8_t> buf[3];  // sized at session creation
+    size_t stride[3] = {0, 0, 0};
+
+    void reset(const float* x, int64_t n_, int64_t rows_) {
+        src = x; n = n_; rows = rows_;
+        ready[0] = ready[1] = ready[2] = false;
+    }
+    // Row r of the input in format f; quantizes all rows on first use.
+    const void* get(ActFormat f, int64_t r) {
+        int i = (int)f;
+        if (f == ActFormat::f32) return src + r * n;
+        if (!ready[i]) {
+            stride[i] = act_row_bytes(f, n);
+            for (int64_t t = 0; t < rows; ++t) quantize_act(f, buf[i].data + t * stride[i], src + t * n, n);
+            ready[i] = true;
+        }
+        return buf[i].data + r * stride[i];
+    }
+};
+
+// One (token, slot) use of an expert: the hidden row it fills and its routing weight.
+struct ExpertUse { int32_t token, slot; };
+
+}  // namespace detail
+}  // namespace moe
+
+namespace moe {
+namespace detail {
+
+struct SessionImpl {
+    std::shared_ptr<const ModelImpl> model;
+    ThreadPool pool;
+    int32_t n_ctx = 0, n_batch = 0, pos = 0, slots = 0;  // slots: FFN uses per token (top-k [+ shared] or 1)
+    int64_t n_embd = 0, q_dim = 0, kv_dim = 0, max_ff = 0;
+
+    AlignedBuffer<float> k_cache, v_cache;       // (n_layer, n_ctx, kv_dim)
+    AlignedBuffer<float> x, xb, q, k, v, att_out, ffn_out;  // (n_batch, dim) each
+    AlignedBuffer<float> scores;                 // (n_threads, n_ctx)
+    AlignedBuffer<float> router_logits;          // (n_batch, n_expert)
+    AlignedBuffer<float> hidden;                 // (n_batch * slots, max_ff)
+    AlignedBuffer<float> logits_batch;           // (n_batch, n_vocab)
+    AlignedBuffer<float> logits;                 // (n_vocab)
+    AlignedBuffer<uint8_t> hidden_q;             // (n_batch * slots, act row bytes of max_ff)
+    size_t hidden_q_stride = 0;
+    ActCache act_in, act_att;
+    std::vector<int32_t> slot_expert;            // (n_batch * slots): expert id, -1 dense, -2 shared
+    std::vector<float> slot_weight;              // (n_batch * slots)
+    std::vector<int32_t> expert_first;           // (n_expert + 2 + 1): CSR offsets of uses per expert
+    std::vector<ExpertUse> uses;                 // (n_batch * slots), grouped by expert
+    std::vector<int32_t> active;                 // experts with uses, in order
+    std::vector<int64_t> active_row_start;       // prefix sums of their hidden rows
+    std::vector<int32_t> last_experts;           // (n_layer * n_expert_used) for the last token
+    std::vector<std::pair<float, int32_t>> topk_scratch;
+
+    explicit SessionImpl(int n_threads) : pool(n_threads) {}
+
+    Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
+    Status forward(const int32_t* tokens, int32_t n, float* all_logits);
+
+    // Expert id encoding for slot_expert: >= 0 routed expert, kDense, kShared.
+    static constexpr int32_t kDense = -1, kShared = -2;
+    int32_t expert_index(int32_t e) const { return e >= 0 ? e + 2 : e + 2; }  // -2 -> 0, -1 -> 1, e -> e + 2
+    void ffn_weights(const LayerWeights& l, int32_t e, const Weight** g, const Weight** u, const Weight** d, int64_t* mat) const {
+        if (e == kShared) { *g = &l.gate_shexp; *u = &l.up_shexp; *d = &l.down_shexp; *mat = 0; }
+        else if (e == kDense) { *g = &l.gate; *u = &l.up; *d = &l.down; *mat = 0; }
+        else { *g = &l.gate_exps; *u = &l.up_exps; *d = &l.down_exps; *mat = e; }
+    }
+    void attention_layer(int il, int32_t n);
+    void ffn_layer(int il, int32_t n);
+    void matmul(const Weight& w, int64_t mat, ActCache& in, int32_t n, float* out, int64_t out_stride);
+};
+
+inline void rms_norm(float* out, const float* x, const float* w, int64_t n, float eps) {
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += (double)x[i] * x[i];
+    float scale = (float)(1.0 / std::sqrt(sum / (double)n + eps));
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
+}
+
+// Rotates pairs of one head: NEOX pairs (i, i + n_rot/2), normal pairs (2i, 2i+1).
+inline void rope(float* head, int n_rot, int32_t pos, float freq_base, float freq_scale, bool neox) {
+    for (int i = 0; i < n_rot / 2; ++i) {
+        float theta = (float)pos * freq_scale * std::pow(freq_base, -2.f * (float)i / (float)n_rot);
+        float c = std::cos(theta), s = std::sin(theta);
+        int a = neox ? i : 2 * i, b = neox ? i + n_rot / 2 : 2 * i + 1;
+        float x0 = head[a], x1 = head[b];
+        head[a] = x0 * c - x1 * s;
+        head[b] = x0 * s + x1 * c;
+    }
+}
+
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o) {
+    model = m;
+    const ModelInfo& hp = m->info;
+    n_ctx = o.n_ctx > 0 ? o.n_ctx : std::min(hp.n_ctx_train, 4096);
+    if (n_ctx <= 0 || n_ctx > (1 << 22)) return fail(Status::invalid_argument, "n_ctx %d is out of range", n_ctx);
+    n_batch = o.n_batch > 0 ? std::min(o.n_batch, 4096) : 64;
+    n_embd = hp.n_embd;
+    q_dim = (int64_t)hp.n_head * hp.head_dim;
+    kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
+    max_ff = std::max<int64_t>(hp.n_ff, hp.n_ff_shared);
+    slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;
+    const int64_t B = n_batch;
+    uint64_t kv_elems = (uint64_t)hp.n_layer * (uint64_t)n_ctx * (uint64_t)kv_dim;
+    bool ok = k_cache.allocate((size_t)kv_elems) && v_cache.allocate((size_t)kv_elems) && x.allocate((size_t)(B * n_embd)) &&
+              xb.allocate((size_t)(B * n_embd)) && q.allocate((size_t)(B * q_dim)) && k.allocate((size_t)(B * kv_dim)) &&
+              v.allocate((size_t)(B * kv_dim)) && att_out.allocate((size_t)(B * q_dim)) && ffn_out.allocate((size_t)(B * n_embd)) &&
+              scores.allocate((size_t)pool.size() * (size_t)n_ctx) && router_logits.allocate((size_t)(B * std::max(1, hp.n_expert))) &&
+              hidden.allocate((size_t)(B * slots * max_ff)) && logits.allocate((size_t)hp.n_vocab) &&
+              logits_batch.allocate((size_t)(B * hp.n_vocab));
+    if (!ok) return fail(Status::out_of_memory, "cannot allocate the KV cache and scratch for n_ctx %d", n_ctx);
+    hidden_q_stride = std::max(act_row_bytes(ActFormat::q8_k, max_ff / kQKK * kQKK + kQKK), act_row_bytes(ActFormat::q8_0, max_ff / kQK * kQK + kQK));
+    hidden_q_stride = std::max(hidden_q_stride, (size_t)max_ff * 4);
+    size_t act_rows = std::max(m->max_act_bytes_per_row, (size_t)std::max(n_embd, q_dim) * 4);
+    for (int f = 0; f < 3; ++f)
+        if (!act_in.buf[f].allocate(act_rows * (size_t)B) || !act_att.buf[f].allocate(act_rows * (size_t)B))
+            return fail(Status::out_of_memory, "cannot allocate activation buffers");
+    if (!hidden_q.allocate(hidden_q_stride * (size_t)(B * slots))) return fail(Status::out_of_memory, "cannot allocate activation buffers");
+    slot_expert.assign((size_t)(B * slots), 0);
+    slot_weight.assign((size_t)(B * slots), 0.f);
+    expert_first.assign((size_t)hp.n_expert + 3, 0);
+    uses.resize((size_t)(B * slots));
+    active.reserve((size_t)hp.n_expert + 2);
+    active_row_start.reserve((size_t)hp.n_expert + 3);
+    last_experts.assign((size_t)hp.n_layer * (size_t)std::max(1, hp.n_expert_used), -1);
+    topk_scratch.reserve((size_t)hp.n_expert);
+    return Status::ok;
+}
+
+// out[t * out_stride + r] = W[mat] row r . in[t], for t < n, all rows; threads split the rows.
+inline void SessionImpl::matmul(const Weight& w, int64_t mat, ActCache& in, int32_t n, float* out, int64_t out_stride) {
+    for (int32_t t = 0; t < n; ++t) in.get(w.kernel.act, t);  // quantize before the threads start
+    pool.parallel_for([&](int ith, int nth) {
+        int64_t r0, r1;
+        split_range(w.rows, ith, nth, &r0, &r1);
+        for (int64_t r = r0; r < r1; ++r) {
+            const uint8_t* row = w.row(mat, r);
+            for (int32_t t = 0; t < n; ++t) out[t * out_stride + r] = w.kernel.vec_dot(row, in.get(w.kernel.act, t), w.cols);
+        }
+    });
+}
+
+inline void SessionImpl::attention_layer(int il, int32_t n) {
+    const ModelImpl& m = *model;
+    const ModelInfo& hp = m.info;
+    const LayerWeights& l = m.layers[(size_t)il];
+    const int hd = hp.head_dim, n_head = hp.n_head, n_kv = hp.n_head_kv;
+
+    for (int32_t t = 0; t < n; ++t) rms_norm(xb.data + t * n_embd, x.data + t * n_embd, l.attn_norm.data(), n_embd, hp.rms_eps);
+    act_in.reset(xb.data, n_embd, n);
+    matmul(l.wq, 0, act_in, n, q.data, q_dim);
+    matmul(l.wk, 0, act_in, n, k.data, kv_dim);
+    matmul(l.wv, 0, act_in, n, v.data, kv_dim);
+
+    for (int32_t t = 0; t < n; ++t) {
+        float* qt = q.data + t * q_dim;
+        float* kt = k.data + t * kv_dim;
+        float* vt = v.data + t * kv_dim;
+        if (!l.bq.empty()) for (int64_t i = 0; i < q_dim; ++i) qt[i] += l.bq[(size_t)i];
+        if (!l.bk.empty()) for (int64_t i = 0; i < kv_dim; ++i) kt[i] += l.bk[(size_t)i];
+        if (!l.bv.empty()) for (int64_t i = 0; i < kv_dim; ++i) vt[i] += l.bv[(size_t)i];
+        if (m.qk_norm == QkNorm::whole) {
+            rms_norm(qt, qt, l.q_norm.data(), q_dim, hp.rms_eps);
+            rms_norm(kt, kt, l.k_norm.data(), kv_dim, hp.rms_eps);
+        } else if (m.qk_norm == QkNorm::per_head) {
+            for (int h = 0; h < n_head; ++h) rms_norm(qt + h * hd, qt + h * hd, l.q_norm.data(), hd, hp.rms_eps);
+            for (int h = 0; h < n_kv; ++h) rms_norm(kt + h * hd, kt + h * hd, l.k_norm.data(), hd, hp.rms_eps);
+        }
+        int32_t p = pos + t;
+        for (int h = 0; h < n_head; ++h) rope(qt + h * hd, hp.n_rot, p, hp.rope_freq_base, hp.rope_freq_scale, hp.rope_neox);
+        for (int h = 0; h < n_kv; ++h) rope(kt + h * hd, hp.n_rot, p, hp.rope_freq_base, hp.rope_freq_scale, hp.rope_neox);
+        size_t off = ((size_t)il * (size_t)n_ctx + (size_t)p) * (size_t)kv_dim;
+        std::memcpy(k_cache.data + off, kt, (size_t)kv_dim * 4);
+        std::memcpy(v_cache.data + off, vt, (size_t)kv_dim * 4);
+    }
+
+    // Causal GQA attention: query head h reads KV head h / (n_head / n_kv).
+    const float scale = 1.f / std::sqrt((float)hd);
+    const int group = n_head / n_kv;
+    const float* kl = k_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
+    const float* vl = v_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
+    pool.parallel_for([&](int ith, int nth) {
+        float* sc = scores.data + (size_t)ith * (size_t)n_ctx;
+        int64_t w0, w1;
+        split_range((int64_t)n * n_head, ith, nth, &w0, &w1);
+        for (int64_t w = w0; w < w1; ++w) {
+            int32_t t = (int32_t)(w / n_head);
+            int h = (int)(w % n_head), kvh = h / group;
+            int32_t len = pos + t + 1;
+            const float* qh = q.data + t * q_dim + h * hd;
+            float mx = -INFINITY;
+            for (int32_t j = 0; j < len; ++j) {
+                const float* kj = kl + (size_t)j * (size_t)kv_dim + (size_t)kvh * hd;
+                float s = 0;
+                for (int i = 0; i < hd; ++i) s += qh[i] * kj[i];
+                sc[j] = s * scale;
+                mx = std::max(mx, sc[j]);
+            }
+            float sum = 0;
+            for (int32_t j = 0; j < len; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
+            float inv = 1.f / sum;
+            float* o = att_out.data + t * q_dim + h * hd;
+            std::fill(o, o + hd, 0.f);
+            for (int32_t j = 0; j < len; ++j) {
+                const float* vj = vl + (size_t)j * (size_t)kv_dim + (size_t)kvh * hd;
+                float a = sc[j] * inv;
+                for (int i = 0; i < hd; ++i) o[i] += a * vj[i];
+            }
+        }
+    });
+
+    act_att.reset(att_out.data, q_dim, n);
+    matmul(l.wo, 0, act_att, n, ffn_out.data, n_embd);
+    for (int32_t t = 0; t < n; ++t)
+        for (int64_t i = 0; i < n_embd; ++i) x[t * n_embd + i] += ffn_out[t * n_embd + i] + (l.bo.empty() ? 0.f : l.bo[(size_t)i]);
+}
+
+inline void SessionImpl::ffn_layer(int il, int32_t n) {
+    const ModelImpl& m = *model;
+    const ModelInfo& hp = m.info;
+    const LayerWeights& l = m.layers[(size_t)il];
+
+    for (int32_t t = 0; t < n; ++t) rms_norm(xb.data + t * n_embd, x.data + t * n_embd, l.ffn_norm.data(), n_embd, hp.rms_eps);
+    act_in.reset(xb.data, n_embd, n);
+
+    // Routing: softmax over all experts, top-k (ties to the lower id), optional renormalisation.
+    if (hp.n_expert > 0) {
+        matmul(l.router, 0, act_in, n, router_logits.data, hp.n_expert);
+        for (int32_t t = 0; t < n; ++t) {
+            float* lg = router_logits.data + (int64_t)t * hp.n_expert;
+            float mx = *std::max_element(lg, lg + hp.n_expert), sum = 0;
+            for (int e = 0; e < hp.n_expert; ++e) { lg[e] = std::exp(lg[e] - mx); sum += lg[e]; }
+            for (int e = 0; e < hp.n_expert; ++e) lg[e] /= sum;
+            topk_scratch.clear();
+            for (int e = 0; e < hp.n_expert; ++e) topk_scratch.emplace_back(lg[e], e);
+            std::partial_sort(topk_scratch.begin(), topk_scratch.begin() + hp.n_expert_used, topk_scratch.end(),
+                              [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+                                  return a.first > b.first || (a.first == b.first && a.second < b.second);
+                              });
+            float wsum = 0;
+            for (int j = 0; j < hp.n_expert_used; ++j) wsum += topk_scratch[(size_t)j].first;
+            for (int j = 0; j < hp.n_expert_used; ++j) {
+                slot_expert[(size_t)(t * slots + j)] = topk_scratch[(size_t)j].second;
+                slot_weight[(size_t)(t * slots + j)] = hp.expert_weights_norm ? topk_scratch[(size_t)j].first / wsum : topk_scratch[(size_t)j].first;
+            }
+            if (t == n - 1)
+                for (int j = 0; j < hp.n_expert_used; ++j) last_experts[(size_t)(il * hp.n_expert_used + j)] = topk_scratch[(size_t)j].second;
+            if (l.gate_shexp) {
+                const float* xt = xb.data + t * n_embd;
+                float g = 0;
+                for (int64_t i = 0; i < n_embd; ++i) g += l.router_shexp[(size_t)i] * xt[i];
+                slot_expert[(size_t)(t * slots + hp.n_expert_used)] = kShared;
+                slot_weight[(size_t)(t * slots + hp.n_expert_used)] = 1.f / (1.f + std::exp(-g));
+            }
+        }
+    } else {
+        for (int32_t t = 0; t < n; ++t) { slot_expert[(size_t)t] = kDense; slot_weight[(size_t)t] = 1.f; }
+    }
+
+    // Group the (token, slot) uses by expert (counting sort), so each expert's rows are read once.
+    int n_ids = hp.n_expert + 2;
+    std::fill(expert_first.begin(), expert_first.end(), 0);
+    for (int32_t u = 0; u < n * slots; ++u) ++expert_first[(size_t)expert_index(slot_expert[(size_t)u]) + 1];
+    for (int i = 0; i < n_ids; ++i) expert_first[(size_t)i + 1] += expert_first[(size_t)i];
+    active.clear();
+    active_row_start.clear();
+    active_row_start.push_back(0);
+    for (int i = 0; i < n_ids; ++i) {
+        if (expert_first[(size_t)i + 1] == expert_first[(size_t)i]) continue;
+        int32_t e = i - 2;
+        const Weight *g, *u, *d;
+        int64_t mat;
+        ffn_weights(l, e, &g, &u, &d, &mat);
+        active.push_back(e);
+        active_row_start.push_back(active_row_start.back() + g->rows);
+    }
+    {
+        // Fill uses[] grouped by expert: a second pass with moving cursors (expert_first is restored after).
+        for (int32_t u = 0; u < n * slots; ++u) {
+            int idx = expert_index(slot_expert[(size_t)u]);
+            uses[(size_t)expert_first[(size_t)idx]++] = ExpertUse{u / slots, u % slots};
+        }
+        for (int i = n_ids; i > 0; --i) expert_first[(size_t)i] = expert_first[(size_t)i - 1];
+        expert_first[0] = 0;
+    }
+
+    // Phase 1: gate/up rows of every active expert, SwiGLU into hidden[(token, slot)].
+    for (int32_t t = 0; t < n; ++t)
+        for (int32_t e : active) {
+            const Weight *g, *u, *d;
+            int64_t mat;
+            ffn_weights(l, e, &g, &u, &d, &mat);
+            act_in.get(g->kernel.act, t);
+            act_in.get(u->kernel.act, t);
+        }
+    const int64_t total_rows = active_row_start.back();
+    pool.parallel_for([&](int ith, int nth) {
+        int64_t r0, r1;
+        split_range(total_rows, ith, nth, &r0, &r1);
+        size_t a = 0;
+        for (int64_t gr = r0; gr < r1; ++gr) {
+            while (gr >= active_row_start[a + 1]) ++a;
+            int32_t e = active[a];
+            int64_t r = gr - active_row_start[a];
+            const Weight *g, *u, *d;
+            int64_t mat;
+            ffn_weights(l, e, &g, &u, &d, &mat);
+            const uint8_t* grow = g->row(mat, r);
+            const uint8_t* urow = u->row(mat, r);
+            int idx = expert_index(e);
+            for (int32_t k = expert_first[(size_t)idx]; k < expert_first[(size_t)idx + 1]; ++k) {
+                const ExpertUse& use = uses[(size_t)k];
+                float gv = g->kernel.vec_dot(grow, act_in.get(g->kernel.act, use.token), g->cols);
+                float uv = u->kernel.vec_dot(urow, act_in.get(u->kernel.act, use.token), u->cols);
+                hidden[(size_t)((use.token * slots + use.slot) * max_ff + r)] = silu(gv) * uv;
+            }
+        }
+    });
+
+    // Phase 2: quantize each hidden row to its down projection's activation format.
+    pool.parallel_for([&](int ith, int nth) {
+        int64_t u0, u1;
+        split_range((int64_t)n * slots, ith, nth, &u0, &u1);
+        for (int64_t u = u0; u < u1; ++u) {
+            const Weight *g, *up, *d;
+            int64_t mat;
+            ffn_weights(l, slot_expert[(size_t)u], &g, &up, &d, &mat);
+            quantize_act(d->kernel.act, hidden_q.data + (size_t)u * hidden_q_stride, hidden.data + u * max_ff, d->cols);
+        }
+    });
+
+    // Phase 3: down projections, weighted sum accumulated per output row.
+    pool.parallel_for([&](int ith, int nth) {
+        int64_t r0, r1;
+        split_range(n_embd, ith, nth, &r0, &r1);
+        for (int64_t r = r0; r < r1; ++r)
+            for (int32_t t = 0; t < n; ++t) {
+                float acc = 0;
+                for (int32_t s = 0; s < slots; ++s) {
+                    size_t u = (size_t)(t * slots + s);
+                    const Weight *g, *up, *d;
+                    int64_t mat;
+                    ffn_weights(l, slot_expert[u], &g, &up, &d, &mat);
+                    acc += slot_weight[u] * d->kernel.vec_dot(d->row(mat, r), hidden_q.data + u * hidden_q_stride, d->cols);
+                }
+                x[t * n_embd + r] += acc;
+            }
+    });
+}
+
+inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits) {
+    const ModelImpl& m = *model;
+    const ModelInfo& hp = m.info;
+    for (int32_t t = 0; t < n; ++t) {
+        Status s = dequantize_row((TensorType)m.token_embd.type, m.token_embd.row(0, tokens[t]), x.data + t * n_embd, n_embd);
+        if (s != Status::ok) return s;
+    }
+    for (int il = 0; il < hp.n_layer; ++il) {
+        attention_layer(il, n);
+        ffn_layer(il, n);
+    }
+    // Final norm and the output head: every row when all logits are wanted, else the last only.
+    int32_t first = all_logits ? 0 : n - 1;
+    for (int32_t t = first; t < n; ++t) rms_norm(xb.data + t * n_embd, x.data + t * n_embd, m.output_norm.data(), n_embd, hp.rms_eps);
+    act_in.reset(xb.data + first * n_embd, n_embd, n - first);
+    matmul(m.output, 0, act_in, n - first, logits_batch.data, hp.n_vocab);
+    if (all_logits) std::memcpy(all_logits, logits_batch.data, (size_t)n * (size_t)hp.n_vocab * 4);
+    std::memcpy(logits.data, logits_batch.data + (int64_t)(n - first - 1) * hp.n_vocab, (size_t)hp.n_vocab * 4);
+    pos += n;
+    return Status::ok;
+}
+
+}  // namespace detail
+
+Session::Session() = default;
+Session::~Session() = default;
+Session::Session(Session&&) noexcept = default;
+Session& Session::operator=(Session&&) noexcept = default;
+
+Status Session::create(const Model& model, const SessionOptions& options, Session* out) {
+    if (!out || !model.valid()) return detail::fail(Status::invalid_argument, "invalid model or null output");
+    int n_threads = options.n_threads;
+    if (n_threads <= 0) {
+#if MOE_DETAIL_HAS_THREADS
+        n_threads = (int)std::min(16u, std::max(1u, std::thread::hardware_concurrency()));
+#else
+        n_threads = 1;
+#endif
+    }
+    if (n_threads > 512) return detail::fail(Status::invalid_argument, "n_threads %d is out of range", n_threads);
+#if !MOE_DETAIL_HAS_THREADS
+    n_threads = 1;
+#endif
+    if (options.n_ctx < 0 || options.n_batch < 0) return detail::fail(Status::invalid_argument, "negative n_ctx or n_batch");
+    std::unique_ptr<detail::SessionImpl> impl(new (std::nothrow) detail::SessionImpl(n_threads));
+    if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
+    Status s = impl->init(model.impl_, options);
+    if (s != Status::ok) return s;
+    out->impl_ = std::move(impl);
+    out->model_ = &model;
+    return Status::ok;
+}
+
+Status Session::eval(const int32_t* tokens, size_t n, float* all_logits) {
+    if (!impl_) return detail::fail(Status::invalid_argument, "session not created");
+    if (!tokens || n == 0) return detail::fail(Status::invalid_argument, "no tokens to evaluate");
+    const int32_t n_vocab = impl_->model->info.n_vocab;
+    for (size_t i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) return detail::fail(Status::invalid_argument, "token id %d is out of range [0, %d)", tokens[i], n_vocab);
+    if (n > (size_t)(impl_->n_ctx - impl_->pos))
+        return detail::fail(Status::context_full, "%zu tokens do not fit: position %d of n_ctx %d", n, impl_->pos, impl_->n_ctx);
+    for (size_t done = 0; done < n;) {
+        int32_t chunk = (int32_t)std::min<size_t>(n - done, (size_t)impl_->n_batch);
+        Status s = impl_->forward(tokens + done, chunk, all_logits ? all_logits + done * (size_t)n_vocab : nullptr);
+        if (s != Status::ok) return s;
+        done += (size_t)chunk;
+    }
+    return Status::ok;
+}
+
+const float* Session::logits() const { return impl_ ? impl_->logits.data : nullptr; }
+int32_t Session::position() const { return impl_ ? impl_->pos : 0; }
+int32_t Session::n_ctx() const { return impl_ ? impl_->n_ctx : 0; }
+void Session::reset() { if (impl_) impl_->pos = 0; }
+Status Session::truncate(int32_t n) {
+    if (!impl_ || n < 0 || n > impl_->pos) return detail::fail(Status::invalid_argument, "cannot truncate to %d", n);
+    impl_->pos = n;
+    return Status::ok;
+}
+const Model& Session::model() const { return *model_; }
+const int32_t* Session::last_expert_ids() const { return impl_ ? impl_->last_experts.data() : nullptr; }
+
+}  // namespace moe
+
+//-----------------------------------------------------------------------------
+// [SECTION] SAMPLER IMPLEMENTATION
+//-----------------------------------------------------------------------------
+// >>sampler  Chain order as llama.cpp's default: penalties -> top-k -> top-p -> min-p ->
+// temperature -> draw. top-p and min-p look at the untempered distribution. The RNG is
+// xoshiro256** seeded through splitmix64, so a seed means the same stream everywhere.
+
+namespace moe {
+
+Sampler::Sampler(const SamplerOptions& options) : options_(options) { reset(); }
+
+void Sampler::reset() {
+    uint64_t z = options_.seed;
+    for (uint64_t& s : rng_state_) {  // splitmix64
+        z += 0x9e3779b97f4a7c15ull;
+        uint64_t t = z;
+        t = (t ^ (t >> 30)) * 0xbf58476d1ce4e5b9ull;
+        t = (t ^ (t >> 27)) * 0x94d049bb133111ebull;
+        s = t ^ (t >> 31);
+    }
+    history_.assign((size_t)std::max(0, options_.repeat_last_n), -1);
+    history_pos_ = 0;
+}
+
+double Sampler::next_uniform() {
+    uint64_t* s = rng_state_;
+    uint64_t x = s[1] * 5;
+    uint64_t result = ((x << 7) | (x >> 57)) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = (s[3] << 45) | (s[3] >> 19);
+    return (double)(result >> 11) * (1.0 / 9007199254740992.0);
+}
+
+void Sampler::accept(int32_t token) {
+    if (history_.empty()) return;
+    history_[history_pos_] = token;
+    history_pos_ = (history_pos_ + 1) % history_.size();
+}
+
+int32_t Sampler::sample(const float* logits, int32_t n_vocab) {
+    if (!logits || n_vocab <= 0) return -1;
+    candidates_.resize((size_t)n_vocab);
+    for (int32_t i = 0; i < n_vocab; ++i) candidates_[(size_t)i] = Candidate{logits[i], i};
+    if (options_.repeat_penalty != 1.f && options_.repeat_penalty > 0) {
+        // Penalise each distinct recent token once.
+        for (size_t h = 0; h < history_.size(); ++h) {
+            int32_t tok = history_[h];
+            if (tok < 0 || tok >= n_vocab) continue;
+            bool seen_before = false;
+            for (size_t j = 0; j < h; ++j) seen_before |= history_[j] == tok;
+            if (seen_before) continue;
+            float& lg = candidates_[(size_t)tok].logit;
+            lg = lg > 0 ? lg / options_.repeat_penalty : lg * options_.repeat_penalty;
+        }
+    }
+    auto better = [](const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
+    if (options_.temperature <= 0) return std::min_element(candidates_.begin(), candidates_.end(), better)->id;
+
+    size_t n = candidates_.size();
+    if (options_.top_k > 0 && (size_t)options_.top_k < n) {
+        std::partial_sort(candidates_.begin(), candidates_.begin() + options_.top_k, candidates_.end(), better);
+        n = (size_t)options_.top_k;
+    } else {
+        std::sort(candidates_.begin(), candidates_.end(), better);
+    }
+    // Probabilities of the survivors (sorted, so [0] is the max).
+    double max_logit = candidates_[0].logit, sum = 0;
+    std::vector<double>& p = probs_;
+    p.resize(n);
+    for (size_t i = 0; i < n; ++i) { p[i] = std::exp((double)candidates_[i].logit - max_logit); sum += p[i]; }
+    if (options_.top_p < 1.f) {
+        double cum = 0;
+        size_t keep = n;
+        for (size_t i = 0; i < n; ++i) {
+            cum += p[i] / sum;
+            if (cum >= options_.top_p) { keep = i + 1; break; }
+        }
+        n = std::max<size_t>(1, keep);
+    }
+    if (options_.min_p > 0) {
+        size_t keep = 1;
+        while (keep < n && p[keep] >= options_.min_p * p[0]) ++keep;
+        n = keep;
+    }
+    sum = 0;
+    for (size_t i = 0; i < n; ++i) { p[i] = std::exp(((double)candidates_[i].logit - max_logit) / options_.temperature); sum += p[i]; }
+    double r = next_uniform() * sum;
+    for (size_t i = 0; i < n; ++i) {
+        r -= p[i];
+        if (r < 0) return candidates_[i].id;
+    }
+    return candidates_[n - 1].id;
+}
+
+}  // namespace moe
+
+//-----------------------------------------------------------------------------
+// [SECTION] GENERATION IMPLEMENTATION
+//-----------------------------------------------------------------------------
+// >>generate  Prompt, then sample -> stream -> eval one token at a time. Text that could be the
+// start of a stop string is held back until it is known not to be one.
+
+namespace moe {
+
+MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, const GenerateOptions& options, StreamFn on_token, void* user,
+                        GenerateResult* result) {
+    GenerateResult local;
+    GenerateResult& res = result ? *result : local;
+    res = GenerateResult{};
+    if (!session.logits()) return detail::fail(Status::invalid_argument, "session not created");
+    if (options.max_tokens < 0) return detail::fail(Status::invalid_argument, "max_tokens must be >= 0");
+    const Model& model = session.model();
+    const Tokenizer& tok = model.tokenizer();
+    const int32_t n_vocab = model.info().n_vocab;
+    Sampler sampler(options.sampler);
+    for (int32_t t : prompt) sampler.accept(t);
+
+    double t0 = detail::now_seconds();
+    if (!prompt.empty()) {
+        Status s = session.eval(prompt.data(), prompt.size());
+        if (s != Status::ok) return s;
+    } else if (session.position() == 0) {
+        return detail::fail(Status::invalid_argument, "empty prompt on an empty session");
+    }
+    res.n_prompt = (int32_t)prompt.size();
+    double t1 = detail::now_seconds();
+    res.prompt_seconds = t1 - t0;
+
+    Detokenizer detok(tok);
+    std::string pending;  // decoded but not yet streamed (possible stop-string prefix)
+    auto emit = [&](int32_t token, size_t n) -> bool {
+        if (n == 0) return true;
+        res.text.append(pending, 0, n);
+        bool go_on = !on_token || on_token(user, token, pending.data(), n);
+        pending.erase(0, n);
+        if (!go_on) res.stopped_by_callback = true;
+        return go_on;
+    };
+
+    Status status = Status::ok;
+    for (int32_t i = 0; i < options.max_tokens; ++i) {
+        int32_t token = sampler.sample(session.logits(), n_vocab);
+        sampler.accept(token);
+        res.tokens.push_back(token);
+        if (options.stop_at_end_of_generation && tok.valid() && tok.is_end_of_generation(token)) { res.stopped_by_eog = true; break; }
+        if (tok.valid()) detok.push(token, &pending);
+        // Stop strings: cut at the first match; otherwise stream all but a possible match prefix.
+        size_t cut = std::string::npos;
+        for (const std::string& s : options.stop)
+            if (!s.empty()) cut = std::min(cut, pending.find(s));
+        if (cut != std::string::npos) {
+            emit(token, cut);
+            res.stopped_by_string = true;
+            break;
+        }
+        size_t hold = 0;
+        for (const std::string& s : options.stop)
+            for (size_t k = std::min(s.size() - 1, pending.size()); k > hold; --k)
+                if (pending.compare(pending.size() - k, k, s, 0, k) == 0) { hold = k; break; }
+        if (!emit(token, pending.size() - hold)) break;
+        if (i + 1 == options.max_tokens) break;  // the last token needs no forward pass
+        status = session.eval(&token, 1);
+        if (status != Status::ok) break;
+    }
+    if (!res.stopped_by_string && !res.stopped_by_callback) {
+        if (tok.valid()) detok.flush(&pending);
+        emit(res.tokens.empty() ? -1 : res.tokens.back(), pending.size());
+    }
+    res.decode_seconds = detail::now_seconds() - t1;
+    return status == Status::context_full && !res.tokens.empty() ? Status::context_full : status;
+}
+
+}  // namespace moe
 
 #endif  // MOE_INFER_IMPLEMENTATION
 
