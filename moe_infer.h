@@ -61,6 +61,7 @@
        [SECTION] GGUF READER & WRITER            >>gguf
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref
+       [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86
        [SECTION] KERNEL DISPATCH                 >>dispatch
        [SECTION] THREAD POOL                     >>threads
        [SECTION] TOKENIZER IMPLEMENTATION        >>tokenizer
@@ -244,6 +245,18 @@ private:
     std::vector<Entry> entries_;
     std::vector<Tensor> tensors_;
 };
+
+// Instruction sets the kernels can use. The best one is detected at start-up; force_isa() lowers
+// it (for tests and benchmarks) and affects models loaded afterwards. Status::unsupported if the
+// CPU or this build lacks it.
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_vnni = 3, neon = 4, neon_dotprod = 5 };
+MOE_API const char* isa_name(Isa isa);
+MOE_API Isa detected_isa();
+MOE_API Isa current_isa();
+MOE_API Status force_isa(Isa isa);
+// One weight row (`n` elements of `type`) dotted with float activations `x`, through the kernel of
+// `isa` (x is first quantized to the type's activation format, as the forward pass does). For tests.
+MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out);
 
 // Reference quantization of `n` floats (n a multiple of the block size) into `dst`
 // (n / block_elems * block_bytes bytes) and back. For tests, tools and GgufWriter.
@@ -534,6 +547,12 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 #endif
 
 #include <chrono>
+
+#if !defined(MOE_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_DETAIL_X86 1
+#else
+#define MOE_DETAIL_X86 0
+#endif
 
 //-----------------------------------------------------------------------------
 // [SECTION] UTILITIES
@@ -1718,7 +1737,7 @@ inline size_t act_row_bytes(ActFormat f, int64_t n) {
     return 0;
 }
 
-inline void quantize_act(ActFormat f, void* dst, const float* x, int64_t n) {
+inline void quantize_act_ref(ActFormat f, void* dst, const float* x, int64_t n) {
     switch (f) {
         case ActFormat::f32: std::memcpy(dst, x, (size_t)n * 4); break;
         case ActFormat::q8_0: quantize_row_q8_0_ref(static_cast<BlockQ8_0*>(dst), x, n); break;
@@ -1726,7 +1745,7 @@ inline void quantize_act(ActFormat f, void* dst, const float* x, int64_t n) {
     }
 }
 
-inline KernelTraits kernel_traits(uint32_t type) {
+inline KernelTraits kernel_traits_ref(uint32_t type) {
     switch ((TensorType)type) {
         case TensorType::f32: return {ActFormat::f32, [](const void* w, const void* x, int64_t n) { return vec_dot_f32_f32_ref((const float*)w, (const float*)x, n); }};
         case TensorType::f16: return {ActFormat::f32, [](const void* w, const void* x, int64_t n) { return vec_dot_f16_f32_ref((const uint16_t*)w, (const float*)x, n); }};
@@ -1739,6 +1758,110 @@ inline KernelTraits kernel_traits(uint32_t type) {
     }
     return {ActFormat::f32, nullptr};
 }
+
+}  // namespace detail
+}  // namespace moe
+
+//-----------------------------------------------------------------------------
+// [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)
+//-----------------------------------------------------------------------------
+// >>kernels-x86
+#include "src/kernels_x86.inc"
+
+namespace moe {
+namespace detail {
+
+//-----------------------------------------------------------------------------
+// [SECTION] KERNEL DISPATCH
+//-----------------------------------------------------------------------------
+// >>dispatch  The best ISA is detected once (cpuid + xgetbv); force_isa() can lower it for tests
+// and benchmarks. A Model resolves its kernels when it is loaded, so one binary runs on any CPU.
+
+inline Isa detect_isa() {
+#if MOE_DETAIL_X86
+    int level = x86_detect_level();
+    if (level >= 3) return Isa::avx512_vnni;
+    if (level == 2) return Isa::avx512;
+    if (level == 1) return Isa::avx2;
+#endif
+    return Isa::scalar;
+}
+
+inline std::atomic<int>& forced_isa() {
+    static std::atomic<int> isa{-1};
+    return isa;
+}
+
+inline Isa active_isa() {
+#if defined(MOE_USE_REFERENCE_KERNELS)
+    return Isa::scalar;
+#else
+    int forced = forced_isa().load(std::memory_order_relaxed);
+    static const Isa detected = detect_isa();
+    return forced >= 0 ? (Isa)forced : detected;
+#endif
+}
+
+inline KernelTraits kernel_traits_for(uint32_t type, Isa isa) {
+    KernelTraits k = kernel_traits_ref(type);
+#if MOE_DETAIL_X86
+    if (isa != Isa::scalar) {
+        VecDotFn f = x86_vec_dot(type, (int)isa);
+        if (f) k.vec_dot = f;
+    }
+#else
+    (void)isa;
+#endif
+    return k;
+}
+
+inline KernelTraits kernel_traits(uint32_t type) { return kernel_traits_for(type, active_isa()); }
+
+// Quantizes one activation row; SIMD versions are bit-exact with the _ref ones.
+inline void quantize_act(ActFormat f, void* dst, const float* x, int64_t n) {
+#if MOE_DETAIL_X86
+    const Isa isa = active_isa();
+    QuantizeActFn q = isa != Isa::scalar ? x86_quantize_act(f, (int)isa) : nullptr;
+    if (q) { q(dst, x, n); return; }
+#endif
+    quantize_act_ref(f, dst, x, n);
+}
+
+}  // namespace detail
+
+MOE_API const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::scalar: return "scalar";
+        case Isa::avx2: return "avx2";
+        case Isa::avx512: return "avx512";
+        case Isa::avx512_vnni: return "avx512_vnni";
+        case Isa::neon: return "neon";
+        case Isa::neon_dotprod: return "neon_dotprod";
+    }
+    return "unknown";
+}
+MOE_API Isa detected_isa() { return detail::detect_isa(); }
+MOE_API Isa current_isa() { return detail::active_isa(); }
+MOE_API Status force_isa(Isa isa) {
+    if ((int)isa > (int)detail::detect_isa() || ((isa == Isa::neon || isa == Isa::neon_dotprod) != (detail::detect_isa() >= Isa::neon)))
+        if (isa != Isa::scalar) return detail::fail(Status::unsupported, "ISA %s is not available on this CPU/build", isa_name(isa));
+    detail::forced_isa().store((int)isa);
+    return Status::ok;
+}
+
+MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out) {
+    const detail::TypeTraits* tt = detail::type_traits((uint32_t)type);
+    if (!tt || !weights || !x || !out || n <= 0) return detail::fail(Status::invalid_argument, "vec_dot: bad arguments");
+    detail::KernelTraits k = detail::kernel_traits_for((uint32_t)type, isa);
+    int64_t act_block = k.act == detail::ActFormat::q8_k ? detail::kQKK : k.act == detail::ActFormat::q8_0 ? detail::kQK : 1;
+    if (n % tt->block_elems || n % act_block) return detail::fail(Status::invalid_argument, "vec_dot: n is not a multiple of the block size");
+    std::vector<uint8_t> act(detail::act_row_bytes(k.act, n) + 64);
+    detail::quantize_act_ref(k.act, act.data(), x, n);
+    *out = k.vec_dot(weights, act.data(), n);
+    return Status::ok;
+}
+
+namespace detail {
 
 //-----------------------------------------------------------------------------
 // [SECTION] THREAD POOL
