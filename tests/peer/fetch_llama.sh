@@ -8,7 +8,8 @@
 # Nothing from these packages is ever copied into the repository.
 #
 # Layout written under DEST:
-#   dl/                                   the two npm tarballs (npm pack; integrity checked by npm)
+#   dl/                                   the two npm tarballs while fetching (npm pack; npm checks
+#                                         their integrity); removed once DEST is complete
 #   node_modules/node-llama-cpp/          extracted package (same layout as npm install gives)
 #   node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/   <- LIB dir
 #   llama.cpp/                            git clone of the bundle (headers, source, tools)
@@ -52,7 +53,7 @@ print_result() {
 if [ -f "$ENV_FILE" ] \
    && grep -qx "PEER_STAMP_FORMAT=$STAMP_FORMAT" "$ENV_FILE" \
    && grep -qx "NODE_LLAMA_CPP_VERSION=$PKG_VERSION" "$ENV_FILE" \
-   && [ -f "$INC_DIR/llama.h" ] && [ -d "$LIB_DIR" ]; then
+   && [ -f "$INC_DIR/llama.h" ] && [ -f "$SRC_DIR/include/llama.h" ] && [ -d "$LIB_DIR" ]; then
     lib=$(sed -n 's/^LLAMA_LIB=//p' "$ENV_FILE")
     if [ -n "$lib" ] && [ -f "$lib" ]; then
         log "already present in $DEST ($(sed -n 's/^LLAMA_VERSION=//p' "$ENV_FILE"))"
@@ -99,7 +100,8 @@ BUNDLE="$MAIN_DIR/llama/gitRelease.bundle"
 BUNDLE_HEAD=$(git bundle list-heads "$BUNDLE" | awk '$2=="HEAD"{print $1; exit}')
 [ -n "$BUNDLE_HEAD" ] || BUNDLE_HEAD=$(git bundle list-heads "$BUNDLE" | awk 'NR==1{print $1}')
 [ -n "$BUNDLE_HEAD" ] || die "cannot read heads of $BUNDLE"
-if [ ! -d "$SRC_DIR/.git" ] || [ "$(git -C "$SRC_DIR" rev-parse HEAD 2>/dev/null)" != "$BUNDLE_HEAD" ]; then
+if [ ! -f "$SRC_DIR/include/llama.h" ] || [ ! -f "$SRC_DIR/ggml/CMakeLists.txt" ] \
+   || [ "$(git -C "$SRC_DIR" rev-parse HEAD 2>/dev/null)" != "$BUNDLE_HEAD" ]; then
     log "git clone $BUNDLE -> $SRC_DIR"
     rm -rf "$SRC_DIR" "$SRC_DIR.tmp.$$"
     git -c advice.detachedHead=false clone --quiet "$BUNDLE" "$SRC_DIR.tmp.$$" || die "git clone of the bundle failed"
@@ -139,6 +141,7 @@ BINS_PKG_VERSION=$(json_str "$BINS_PKG_DIR/package.json" version)
 [ "$BINS_GPU" = "false" ] || die "expected a CPU-only build in $LIB_DIR (gpu=$BINS_GPU)"
 
 pick_lib() {    # glob -> the single matching file
+    # shellcheck disable=SC2206  # the glob is meant to expand
     local m=("$LIB_DIR"/$1)
     [ ${#m[@]} -eq 1 ] && [ -f "${m[0]}" ] || die "expected exactly one $1 in $LIB_DIR"
     echo "${m[0]}"
@@ -177,5 +180,6 @@ GGML_LIB=$GGML_LIB
 GGML_BASE_LIB=$GGML_BASE_LIB
 EOF
 mv "$ENV_FILE.tmp" "$ENV_FILE"
+rm -rf "$DEST/dl"   # 45 MB; npm's own cache still has the tarballs
 log "llama.cpp $BUNDLE_TAG (llama $LLAMA_VERSION, ggml $GGML_VERSION @ ${GGML_COMMIT:-unknown}; bundle $BUNDLE_HEAD, $BUNDLE_DATE)"
 print_result

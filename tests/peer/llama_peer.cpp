@@ -4,11 +4,14 @@
 //
 //   llama_peer -m MODEL.gguf (--tokens 1,2,3 | --prompt TEXT | --prompt-file FILE) [-n 64]
 //              [-t THREADS] [--logits-out FILE] [--add-special] [--n-ctx N] [--no-repack]
-//              [--backend-dir DIR] [-v]
+//              [--backend-dir DIR] [--cpu-variant V] [--no-parse-special] [-v]
 //   llama_peer -m MODEL.gguf (--prompt TEXT | --prompt-file FILE) --tokenize-only [--add-special]
+//   llama_peer -m MODEL.gguf --tokenize-cases FILE.inp [--add-special] [--no-parse-special]
 //   llama_peer --version
 //
-// stdout: the generated (or, with --tokenize-only, the prompt's) token ids, comma-separated, one line.
+// stdout: the generated (or, with --tokenize-only, the prompt's) token ids, comma-separated, one line;
+//   --tokenize-cases: one such line per case of a llama.cpp vocab test file (cases separated by
+//   "\n__ggml_vocab_test__\n"), for tokenizer cross-checks in one process.
 // --logits-out: little-endian float32 rows of n_vocab, row i = logits after token i of
 //   prompt ++ generated (n_prompt + n rows; the last row is for the last generated token, whose
 //   argmax is not printed). Errors: one line "error: ..." on stderr, exit status 1.
@@ -49,11 +52,26 @@ struct Error : std::runtime_error {
 };
 
 bool g_verbose = false;
+std::string g_first_error;  // llama.cpp's first error-level log message, for our one-line errors
+bool g_in_error = false;
 
 void log_cb(enum ggml_log_level level, const char * text, void *) {
-    if (g_verbose || level == GGML_LOG_LEVEL_NONE) {  // NONE is never used for real messages
-        fputs(text, stderr);
+    if (g_verbose) fputs(text, stderr);
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        g_in_error = g_first_error.empty();
+        if (g_in_error) g_first_error = text;
+    } else if (level == GGML_LOG_LEVEL_CONT && g_in_error) {
+        g_first_error += text;
+    } else {
+        g_in_error = false;
     }
+}
+
+std::string llama_error_suffix() {
+    std::string e = g_first_error;
+    for (char & c : e) if (c == '\n' || c == '\r') c = ' ';
+    while (!e.empty() && e.back() == ' ') e.pop_back();
+    return e.empty() ? " (run with -v for llama.cpp's log)" : ": " + e;
 }
 
 struct Options {
@@ -67,10 +85,13 @@ struct Options {
     int n_ctx = 0;
     std::string logits_out;
     bool tokenize_only = false;
+    std::string cases_file;
+    bool parse_special = true;
     bool add_special = false;
     bool no_repack = false;
     bool version = false;
     std::string backend_dir = MOE_PEER_LIB_DIR;
+    std::string cpu_variant;
 };
 
 void usage(FILE * f) {
@@ -80,10 +101,14 @@ void usage(FILE * f) {
         "  -t N              threads (default: all cores)\n"
         "  --logits-out F    write float32 rows of n_vocab: one per evaluated position\n"
         "  --tokenize-only   print the token ids of --prompt/--prompt-file and exit (vocab only)\n"
+        "  --tokenize-cases F  tokenize each case of a llama.cpp vocab test file (.inp), one line each\n"
         "  --add-special     let the tokenizer add BOS/EOS as the model asks (default: off)\n"
+        "  --no-parse-special  treat special-token text as plain text (default: parsed)\n"
         "  --n-ctx N         context size (default: prompt + n, at least 16)\n"
         "  --no-repack       disable llama.cpp's CPU weight repacking (use_extra_bufts=false)\n"
         "  --backend-dir D   where libggml-cpu-*.so live (default: the lib dir it was built against)\n"
+        "  --cpu-variant V   load libggml-cpu-V.so (x64, sse42, haswell, skylakex, icelake, zen4,\n"
+        "                    sapphirerapids, ...) instead of the best one for this CPU\n"
         "  -v                show llama.cpp's log on stderr\n"
         "  --version         print llama.cpp/ggml versions and check them against the headers' ones\n",
         f);
@@ -136,9 +161,12 @@ Options parse_args(int argc, char ** argv) {
         else if (a == "--n-ctx" || a == "-c") o.n_ctx = (int) parse_int(value(i), "--n-ctx", 1, INT_MAX);
         else if (a == "--logits-out") o.logits_out = value(i);
         else if (a == "--tokenize-only") o.tokenize_only = true;
+        else if (a == "--tokenize-cases") o.cases_file = value(i);
         else if (a == "--add-special") o.add_special = true;
+        else if (a == "--no-parse-special") o.parse_special = false;
         else if (a == "--no-repack") o.no_repack = true;
         else if (a == "--backend-dir") o.backend_dir = value(i);
+        else if (a == "--cpu-variant") o.cpu_variant = value(i);
         else if (a == "-v" || a == "--verbose") g_verbose = true;
         else if (a == "--version") o.version = true;
         else if (a == "-h" || a == "--help") { usage(stdout); std::exit(0); }
@@ -146,7 +174,12 @@ Options parse_args(int argc, char ** argv) {
     }
     if (o.version) return o;
     if (o.model.empty()) throw Error("no model given (-m MODEL.gguf)");
-    if (o.tokenize_only) {
+    if (!o.cases_file.empty()) {
+        if (o.have_prompt || o.have_tokens || o.tokenize_only) {
+            throw Error("--tokenize-cases takes no --prompt/--prompt-file/--tokens/--tokenize-only");
+        }
+        o.tokenize_only = true;
+    } else if (o.tokenize_only) {
         if (!o.have_prompt) throw Error("--tokenize-only needs --prompt or --prompt-file");
         if (o.have_tokens) throw Error("--tokenize-only does not take --tokens");
     } else {
@@ -184,6 +217,16 @@ void print_ids(const std::vector<llama_token> & ids) {
 
 void load_backends(const Options & o) {
     if (ggml_backend_reg_count() > 0) return;
+    if (!o.cpu_variant.empty()) {
+        const std::string path = (o.backend_dir.empty() ? std::string(".") : o.backend_dir) + "/libggml-cpu-" +
+                                 o.cpu_variant + ".so";
+        g_first_error.clear();
+        if (!ggml_backend_load(path.c_str())) {
+            throw Error("cannot load CPU backend " + path + " (missing, or this CPU lacks its instructions)" +
+                        llama_error_suffix());
+        }
+        return;
+    }
     // The prebuilt ggml is built with dynamically loaded backends: pick the best
     // libggml-cpu-<variant>.so for this CPU from the lib dir (not from cwd / the exe's dir).
     if (!o.backend_dir.empty()) ggml_backend_load_all_from_path(o.backend_dir.c_str());
@@ -211,16 +254,17 @@ int run_version() {
     return 0;
 }
 
-std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::string & text, bool add_special) {
+std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::string & text, bool add_special,
+                                  bool parse_special) {
     if (text.size() > (size_t) INT32_MAX) throw Error("prompt too long");
     std::vector<llama_token> out(text.size() + 8);
     int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
-                               add_special, /*parse_special=*/true);
+                               add_special, parse_special);
     if (n == INT32_MIN) throw Error("tokenization overflow");
     if (n < 0) {
         out.resize((size_t) -n);
         n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
-                           add_special, true);
+                           add_special, parse_special);
         if (n < 0) throw Error("tokenization failed");
     }
     out.resize((size_t) n);
@@ -253,6 +297,7 @@ int run(const Options & o) {
     llama_log_set(log_cb, nullptr);
     load_backends(o);
     llama_backend_init();
+    if (g_verbose) std::fprintf(stderr, "llama_peer: %s\n", llama_print_system_info());
 
     Run r;
     llama_model_params mp = llama_model_default_params();
@@ -262,18 +307,32 @@ int run(const Options & o) {
     ggml_backend_dev_t cpu_only[2] = { ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU), nullptr };
     mp.devices = cpu_only;   // never offload, even if some other backend got registered
 
+    g_first_error.clear();
     r.model = llama_model_load_from_file(o.model.c_str(), mp);
-    if (!r.model) throw Error("cannot load model " + o.model + " (run with -v for llama.cpp's log)");
+    if (!r.model) throw Error("cannot load model " + o.model + llama_error_suffix());
     const llama_vocab * vocab = llama_model_get_vocab(r.model);
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     if (n_vocab <= 0) throw Error("model has an empty vocabulary");
 
+    if (!o.cases_file.empty()) {
+        const std::string raw = read_file(o.cases_file);
+        const std::string sep = "\n__ggml_vocab_test__\n";
+        size_t pos = 0;
+        while (pos < raw.size()) {   // same splitting as llama.cpp's tests/test-tokenizer-0.cpp
+            size_t next = raw.find(sep, pos);
+            if (next == std::string::npos) next = raw.size();
+            print_ids(tokenize(vocab, raw.substr(pos, next - pos), o.add_special, o.parse_special));
+            pos = next == raw.size() ? next : next + sep.size();
+        }
+        return 0;
+    }
     if (o.tokenize_only) {
-        print_ids(tokenize(vocab, o.prompt, o.add_special));
+        print_ids(tokenize(vocab, o.prompt, o.add_special, o.parse_special));
         return 0;
     }
 
-    std::vector<llama_token> prompt = o.have_tokens ? parse_tokens(o.tokens_arg) : tokenize(vocab, o.prompt, o.add_special);
+    std::vector<llama_token> prompt = o.have_tokens ? parse_tokens(o.tokens_arg)
+                                                   : tokenize(vocab, o.prompt, o.add_special, o.parse_special);
     if (prompt.empty()) throw Error("empty prompt");
     for (llama_token t : prompt) {
         if (t < 0 || t >= n_vocab) throw Error("token id " + std::to_string(t) + " out of range [0, " + std::to_string(n_vocab) + ")");
@@ -304,8 +363,9 @@ int run(const Options & o) {
     cp.embeddings = false;
     cp.no_perf = true;
 
+    g_first_error.clear();
     r.ctx = llama_init_from_model(r.model, cp);
-    if (!r.ctx) throw Error("cannot create a llama.cpp context (run with -v for llama.cpp's log)");
+    if (!r.ctx) throw Error("cannot create a llama.cpp context" + llama_error_suffix());
 
     if (!o.logits_out.empty()) {
         r.logits_f = std::fopen(o.logits_out.c_str(), "wb");
@@ -320,8 +380,12 @@ int run(const Options & o) {
         }
     };
     auto decode = [&](llama_batch & b, const char * what) {
+        g_first_error.clear();
         const int32_t rc = llama_decode(r.ctx, b);
-        if (rc != 0) throw Error(std::string("llama_decode failed on the ") + what + " (rc=" + std::to_string(rc) + ")");
+        if (rc != 0) {
+            throw Error(std::string("llama_decode failed on the ") + what + " (rc=" + std::to_string(rc) + ")" +
+                        llama_error_suffix());
+        }
     };
 
     // prompt: one batch, seq 0, explicit positions, logits requested for every token
