@@ -235,12 +235,21 @@ public:
     Status add_tensor(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data);
     // Converts float32 values to `type` (quantizing with the reference quantizers) and adds them.
     Status add_tensor_f32(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const float* values);
+    // Declares a tensor whose bytes are produced at write time by the `fill` callback of
+    // write_streaming() (for files larger than memory, e.g. synthetic benchmark models).
+    Status add_tensor_deferred(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne);
     Status write(const char* path) const;
-    std::vector<uint8_t> to_bytes() const;
+    // fill(user, tensor_index, dst, n_bytes) writes deferred tensor `tensor_index` (insertion
+    // order); returning false aborts with Status::cancelled.
+    typedef bool (*FillFn)(void* user, size_t tensor_index, uint8_t* dst, size_t n_bytes);
+    Status write_streaming(const char* path, FillFn fill, void* user) const;
+    std::vector<uint8_t> to_bytes() const;  // requires no deferred tensors
 
 private:
     struct Entry { std::string key; GgufValueType type; GgufValueType array_type; uint64_t count; std::vector<uint8_t> payload; };
-    struct Tensor { std::string name; uint32_t type; uint32_t n_dims; int64_t ne[4]; std::vector<uint8_t> data; };
+    struct Tensor { std::string name; uint32_t type; uint32_t n_dims; int64_t ne[4]; uint64_t n_bytes; bool deferred; std::vector<uint8_t> data; };
+    std::vector<uint8_t> header_bytes(uint32_t* alignment) const;
+    Status add_tensor_impl(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data);
     void set_raw(const std::string& key, GgufValueType type, GgufValueType array_type, uint64_t count, std::vector<uint8_t> payload);
     std::vector<Entry> entries_;
     std::vector<Tensor> tensors_;
@@ -1196,22 +1205,33 @@ void GgufWriter::set_i32_array(const std::string& key, const std::vector<int32_t
 }
 
 Status GgufWriter::add_tensor(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data) {
+    if (!data) return detail::fail(Status::invalid_argument, "tensor '%s': null data", name.c_str());
+    return add_tensor_impl(name, type, n_dims, ne, data);
+}
+
+Status GgufWriter::add_tensor_deferred(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne) {
+    return add_tensor_impl(name, type, n_dims, ne, nullptr);
+}
+
+Status GgufWriter::add_tensor_impl(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data) {
     const detail::TypeTraits* tt = detail::type_traits((uint32_t)type);
     if (!tt) return detail::fail(Status::unsupported, "tensor '%s': unsupported type", name.c_str());
-    if (n_dims < 1 || n_dims > 4 || !ne || !data) return detail::fail(Status::invalid_argument, "tensor '%s': bad shape", name.c_str());
+    if (n_dims < 1 || n_dims > 4 || !ne) return detail::fail(Status::invalid_argument, "tensor '%s': bad shape", name.c_str());
+    if (name.empty() || name.size() > 255) return detail::fail(Status::invalid_argument, "tensor name '%s' is empty or too long", name.c_str());
     Tensor t;
-    t.name = name; t.type = (uint32_t)type; t.n_dims = n_dims;
+    t.name = name; t.type = (uint32_t)type; t.n_dims = n_dims; t.deferred = data == nullptr;
     uint64_t rows = 1;
     for (int d = 0; d < 4; ++d) {
         t.ne[d] = d < (int)n_dims ? ne[d] : 1;
-        if (t.ne[d] <= 0) return detail::fail(Status::invalid_argument, "tensor '%s': bad dimension", name.c_str());
-        if (d > 0) rows *= (uint64_t)t.ne[d];
+        if (t.ne[d] <= 0 || t.ne[d] > (int64_t(1) << 40)) return detail::fail(Status::invalid_argument, "tensor '%s': bad dimension", name.c_str());
+        if (d > 0 && detail::mul_overflows(rows, (uint64_t)t.ne[d], &rows)) return detail::fail(Status::invalid_argument, "tensor '%s': too large", name.c_str());
     }
     if (t.ne[0] % tt->block_elems) return detail::fail(Status::invalid_argument, "tensor '%s': row not a multiple of the block", name.c_str());
     for (const Tensor& other : tensors_)
         if (other.name == name) return detail::fail(Status::invalid_argument, "duplicate tensor '%s'", name.c_str());
-    size_t bytes = (size_t)(rows * (uint64_t)(t.ne[0] / tt->block_elems * tt->block_bytes));
-    t.data.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + bytes);
+    if (detail::mul_overflows(rows, (uint64_t)(t.ne[0] / tt->block_elems * tt->block_bytes), &t.n_bytes) || t.n_bytes > SIZE_MAX / 2)
+        return detail::fail(Status::invalid_argument, "tensor '%s': too large", name.c_str());
+    if (data) t.data.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + t.n_bytes);
     tensors_.push_back(std::move(t));
     return Status::ok;
 }
@@ -1228,10 +1248,11 @@ Status GgufWriter::add_tensor_f32(const std::string& name, TensorType type, uint
     return add_tensor(name, type, n_dims, ne, bytes.data());
 }
 
-std::vector<uint8_t> GgufWriter::to_bytes() const {
+std::vector<uint8_t> GgufWriter::header_bytes(uint32_t* alignment_out) const {
     uint32_t alignment = 32;
     for (const Entry& e : entries_)
         if (e.key == "general.alignment" && e.type == GgufValueType::u32) std::memcpy(&alignment, e.payload.data(), 4);
+    if (alignment == 0 || (alignment & (alignment - 1))) alignment = 32;
     std::vector<uint8_t> out;
     out.insert(out.end(), {'G', 'G', 'U', 'F'});
     detail::put<uint32_t>(out, 3);
@@ -1253,21 +1274,57 @@ std::vector<uint8_t> GgufWriter::to_bytes() const {
         for (uint32_t d = 0; d < t.n_dims; ++d) detail::put<int64_t>(out, t.ne[d]);
         detail::put<uint32_t>(out, t.type);
         detail::put<uint64_t>(out, offset);
-        offset += (t.data.size() + alignment - 1) / alignment * alignment;
+        offset += (t.n_bytes + alignment - 1) / alignment * alignment;
     }
     out.resize((out.size() + alignment - 1) / alignment * alignment, 0);
+    *alignment_out = alignment;
+    return out;
+}
+
+std::vector<uint8_t> GgufWriter::to_bytes() const {
+    uint32_t alignment;
+    std::vector<uint8_t> out = header_bytes(&alignment);
     for (const Tensor& t : tensors_) {
+        MOE_ASSERT(!t.deferred && "to_bytes() cannot hold deferred tensors; use write_streaming()");
         detail::put_bytes(out, t.data.data(), t.data.size());
         out.resize((out.size() + alignment - 1) / alignment * alignment, 0);
     }
     return out;
 }
 
-Status GgufWriter::write(const char* path) const {
-    std::vector<uint8_t> bytes = to_bytes();
+Status GgufWriter::write(const char* path) const { return write_streaming(path, nullptr, nullptr); }
+
+Status GgufWriter::write_streaming(const char* path, FillFn fill, void* user) const {
+    if (!path) return detail::fail(Status::invalid_argument, "null path");
+    for (const Tensor& t : tensors_)
+        if (t.deferred && !fill) return detail::fail(Status::invalid_argument, "tensor '%s' is deferred but no fill callback was given", t.name.c_str());
+    uint32_t alignment;
+    std::vector<uint8_t> header = header_bytes(&alignment);
     std::FILE* f = std::fopen(path, "wb");
     if (!f) return detail::fail(Status::io_error, "cannot create '%s'", path);
-    bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+    bool ok = std::fwrite(header.data(), 1, header.size(), f) == header.size();
+    std::vector<uint8_t> buffer;
+    static const uint8_t zeros[256] = {0};
+    for (size_t i = 0; ok && i < tensors_.size(); ++i) {
+        const Tensor& t = tensors_[i];
+        const uint8_t* bytes = t.data.data();
+        if (t.deferred) {
+            buffer.resize((size_t)t.n_bytes);
+            if (!fill(user, i, buffer.data(), buffer.size())) {
+                std::fclose(f);
+                std::remove(path);
+                return detail::fail(Status::cancelled, "writing '%s' was cancelled at tensor '%s'", path, t.name.c_str());
+            }
+            bytes = buffer.data();
+        }
+        ok = std::fwrite(bytes, 1, (size_t)t.n_bytes, f) == (size_t)t.n_bytes;
+        size_t pad = (size_t)((alignment - t.n_bytes % alignment) % alignment);
+        while (ok && pad > 0) {
+            size_t n = std::min(pad, sizeof zeros);
+            ok = std::fwrite(zeros, 1, n, f) == n;
+            pad -= n;
+        }
+    }
     ok = (std::fclose(f) == 0) && ok;
     return ok ? Status::ok : detail::fail(Status::io_error, "write error on '%s'", path);
 }
