@@ -428,6 +428,9 @@ struct SessionOptions {
     int32_t n_ctx = 0;      // KV-cache positions; 0 = min(model's training context, 4096)
     int32_t n_threads = 0;  // 0 = hardware threads (capped at 16)
     int32_t n_batch = 0;    // max tokens per internal forward chunk during prefill; 0 = 64
+    // Dot products against float32 activations instead of quantizing each matmul input to 8 bits
+    // (Q8_0/Q8_K, as llama.cpp does). Closer to a float reference (transformers), slower.
+    bool float_activations = false;
 };
 
 // Per-sequence state: KV cache, scratch, thread pool. One Session per thread; the Model may be
@@ -920,6 +923,7 @@ inline Status GgufFileImpl::parse() {
         GgufString key;
         if (!c.string(&key)) return fail(Status::invalid_file, "truncated metadata key #%lld", (long long)i);
         e.key.assign(key.data, key.size);
+        if (key.size == 0 || std::memchr(key.data, 0, key.size)) return fail(Status::invalid_file, "metadata key #%lld is empty or contains a NUL byte", (long long)i);
         uint32_t type;
         if (!c.get(&type)) return fail(Status::invalid_file, "truncated metadata '%s'", e.key.c_str());
         if (type > 12) return fail(Status::invalid_file, "metadata '%s' has unknown value type %u", e.key.c_str(), type);
@@ -972,7 +976,8 @@ inline Status GgufFileImpl::parse() {
         GgufString name;
         if (!c.string(&name)) return fail(Status::invalid_file, "truncated tensor info #%lld", (long long)i);
         t.name.assign(name.data, name.size);
-        if (name.size == 0 || name.size > 255) return fail(Status::invalid_file, "tensor #%lld has an invalid name length %zu", (long long)i, name.size);
+        if (name.size == 0 || name.size > 255 || std::memchr(name.data, 0, name.size))
+            return fail(Status::invalid_file, "tensor #%lld has an empty, overlong or NUL-containing name", (long long)i);
         if (!c.get(&t.n_dims)) return fail(Status::invalid_file, "truncated tensor info '%s'", t.name.c_str());
         if (t.n_dims < 1 || t.n_dims > 4) return fail(Status::invalid_file, "tensor '%s' has %u dimensions (need 1..4)", t.name.c_str(), t.n_dims);
         uint64_t n_elem = 1;
@@ -1156,7 +1161,9 @@ Status GgufFile::get_i32_array(const char* key, std::vector<int32_t>* out) const
     for (uint64_t i = 0; i < e->array_count; ++i) {
         uint64_t u; double f;
         detail::gguf_decode_scalar(e->array_type, e->array_data + i * es, &u, &f);
-        (*out)[(size_t)i] = (int32_t)(int64_t)u;
+        int64_t v = detail::gguf_is_signed(e->array_type) ? (int64_t)u : (u > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)u);
+        if (v < INT32_MIN || v > INT32_MAX) return detail::fail(Status::invalid_file, "metadata '%s'[%llu] does not fit in int32", key, (unsigned long long)i);
+        (*out)[(size_t)i] = (int32_t)v;
     }
     return Status::ok;
 }
@@ -1816,6 +1823,36 @@ inline KernelTraits kernel_traits_ref(uint32_t type) {
     return {ActFormat::f32, nullptr};
 }
 
+// Quantized weights against float activations: dequantize one block at a time into registers-
+// sized scratch and dot it. The specification of SessionOptions::float_activations.
+template <TensorType kType, int kBlockElems>
+float vec_dot_dequant_f32_ref(const void* w, const void* x, int64_t n) {
+    const int block_bytes = tensor_type_block_bytes(kType);
+    const uint8_t* wb = static_cast<const uint8_t*>(w);
+    const float* xf = static_cast<const float*>(x);
+    float block[kBlockElems];
+    float sum = 0;
+    for (int64_t b = 0; b < n / kBlockElems; ++b) {
+        dequantize_row(kType, wb + b * block_bytes, block, kBlockElems);
+        float partial = 0;
+        for (int i = 0; i < kBlockElems; ++i) partial += block[i] * xf[b * kBlockElems + i];
+        sum += partial;
+    }
+    return sum;
+}
+
+inline KernelTraits kernel_traits_f32(uint32_t type) {
+    switch ((TensorType)type) {
+        case TensorType::f32: case TensorType::f16: case TensorType::bf16: return kernel_traits_ref(type);
+        case TensorType::q8_0: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q8_0, kQK>};
+        case TensorType::q4_0: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q4_0, kQK>};
+        case TensorType::q4_k: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q4_k, kQKK>};
+        case TensorType::q5_k: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q5_k, kQKK>};
+        case TensorType::q6_k: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q6_k, kQKK>};
+    }
+    return {ActFormat::f32, nullptr};
+}
+
 }  // namespace detail
 }  // namespace moe
 
@@ -2044,7 +2081,8 @@ struct Weight {
     uint32_t type = 0;
     int64_t cols = 0, rows = 0, n_mats = 1;  // ne0 (input), ne1 (output), ne2 (experts)
     size_t row_bytes = 0, mat_bytes = 0;
-    KernelTraits kernel{ActFormat::f32, nullptr};
+    KernelTraits kernel{ActFormat::f32, nullptr};      // quantized activations (as llama.cpp)
+    KernelTraits kernel_f32{ActFormat::f32, nullptr};  // float activations
     explicit operator bool() const { return data != nullptr; }
     const uint8_t* row(int64_t mat, int64_t r) const { return data + (size_t)mat * mat_bytes + (size_t)r * row_bytes; }
 };
@@ -2115,6 +2153,7 @@ struct Loader {
         out->row_bytes = (size_t)(t->ne[0] / tt->block_elems * tt->block_bytes);
         out->mat_bytes = out->row_bytes * (size_t)t->ne[1];
         out->kernel = kernel_traits(t->type);
+        out->kernel_f32 = kernel_traits_f32(t->type);
         // Activation row sizes must tile exactly: K-quant activations need 256-element rows.
         m.max_act_bytes_per_row = std::max(m.max_act_bytes_per_row, act_row_bytes(out->kernel.act, out->cols));
         return Status::ok;
@@ -2413,7 +2452,10 @@ struct SessionImpl {
     std::vector<int32_t> last_experts;           // (n_layer * n_expert_used) for the last token
     std::vector<std::pair<float, int32_t>> topk_scratch;
 
+    bool float_activations = false;              // SessionOptions::float_activations
+
     explicit SessionImpl(int n_threads) : pool(n_threads) {}
+    const KernelTraits& kt(const Weight& w) const { return float_activations ? w.kernel_f32 : w.kernel; }
 
     Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
     Status forward(const int32_t* tokens, int32_t n, float* all_logits);
@@ -2458,6 +2500,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     n_ctx = o.n_ctx > 0 ? o.n_ctx : std::min(hp.n_ctx_train, 4096);
     if (n_ctx <= 0 || n_ctx > (1 << 22)) return fail(Status::invalid_argument, "n_ctx %d is out of range", n_ctx);
     n_batch = o.n_batch > 0 ? std::min(o.n_batch, 4096) : 64;
+    float_activations = o.float_activations;
     n_embd = hp.n_embd;
     q_dim = (int64_t)hp.n_head * hp.head_dim;
     kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
@@ -2492,13 +2535,14 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
 
 // out[t * out_stride + r] = W[mat] row r . in[t], for t < n, all rows; threads split the rows.
 inline void SessionImpl::matmul(const Weight& w, int64_t mat, ActCache& in, int32_t n, float* out, int64_t out_stride) {
-    for (int32_t t = 0; t < n; ++t) in.get(w.kernel.act, t);  // quantize before the threads start
+    const KernelTraits& k = kt(w);
+    for (int32_t t = 0; t < n; ++t) in.get(k.act, t);  // quantize before the threads start
     pool.parallel_for([&](int ith, int nth) {
         int64_t r0, r1;
         split_range(w.rows, ith, nth, &r0, &r1);
         for (int64_t r = r0; r < r1; ++r) {
             const uint8_t* row = w.row(mat, r);
-            for (int32_t t = 0; t < n; ++t) out[t * out_stride + r] = w.kernel.vec_dot(row, in.get(w.kernel.act, t), w.cols);
+            for (int32_t t = 0; t < n; ++t) out[t * out_stride + r] = k.vec_dot(row, in.get(k.act, t), w.cols);
         }
     });
 }
@@ -2653,8 +2697,8 @@ inline void SessionImpl::ffn_layer(int il, int32_t n) {
             const Weight *g, *u, *d;
             int64_t mat;
             ffn_weights(l, e, &g, &u, &d, &mat);
-            act_in.get(g->kernel.act, t);
-            act_in.get(u->kernel.act, t);
+            act_in.get(kt(*g).act, t);
+            act_in.get(kt(*u).act, t);
         }
     const int64_t total_rows = active_row_start.back();
     pool.parallel_for([&](int ith, int nth) {
@@ -2673,8 +2717,8 @@ inline void SessionImpl::ffn_layer(int il, int32_t n) {
             int idx = expert_index(e);
             for (int32_t k = expert_first[(size_t)idx]; k < expert_first[(size_t)idx + 1]; ++k) {
                 const ExpertUse& use = uses[(size_t)k];
-                float gv = g->kernel.vec_dot(grow, act_in.get(g->kernel.act, use.token), g->cols);
-                float uv = u->kernel.vec_dot(urow, act_in.get(u->kernel.act, use.token), u->cols);
+                float gv = kt(*g).vec_dot(grow, act_in.get(kt(*g).act, use.token), g->cols);
+                float uv = kt(*u).vec_dot(urow, act_in.get(kt(*u).act, use.token), u->cols);
                 hidden[(size_t)((use.token * slots + use.slot) * max_ff + r)] = silu(gv) * uv;
             }
         }
@@ -2688,7 +2732,7 @@ inline void SessionImpl::ffn_layer(int il, int32_t n) {
             const Weight *g, *up, *d;
             int64_t mat;
             ffn_weights(l, slot_expert[(size_t)u], &g, &up, &d, &mat);
-            quantize_act(d->kernel.act, hidden_q.data + (size_t)u * hidden_q_stride, hidden.data + u * max_ff, d->cols);
+            quantize_act(kt(*d).act, hidden_q.data + (size_t)u * hidden_q_stride, hidden.data + u * max_ff, d->cols);
         }
     });
 
@@ -2704,7 +2748,7 @@ inline void SessionImpl::ffn_layer(int il, int32_t n) {
                     const Weight *g, *up, *d;
                     int64_t mat;
                     ffn_weights(l, slot_expert[u], &g, &up, &d, &mat);
-                    acc += slot_weight[u] * d->kernel.vec_dot(d->row(mat, r), hidden_q.data + u * hidden_q_stride, d->cols);
+                    acc += slot_weight[u] * kt(*d).vec_dot(d->row(mat, r), hidden_q.data + u * hidden_q_stride, d->cols);
                 }
                 x[t * n_embd + r] += acc;
             }

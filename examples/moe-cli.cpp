@@ -274,6 +274,7 @@ int main(int argc, char** argv) {
         std::fwrite(text.data(), 1, text.size(), stdout);
     }
     std::printf("\n");
+    std::fflush(stdout);
     if (logits_file && std::fclose(logits_file) != 0) return die("write error on '%s'", a.logits_out.c_str());
     print_speed("prompt eval", (int)input.size(), t1 - t0);
     print_speed("decode", (int)generated.size(), t2 - t1);

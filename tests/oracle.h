@@ -1,0 +1,297 @@
+// oracle.h - a naive float64 forward pass of the models random_model.h builds.
+//
+// Written from the architecture definitions (design.md, formats.md 1.5/1.6), not from the engine:
+// obvious loops, double precision everywhere, no caching tricks beyond keeping K and V of earlier
+// positions. Slow and meant to stay that way; it is the reference the engine is tested against.
+//
+//   embedding -> per layer: x += attn(rmsnorm(x)); x += ffn(rmsnorm(x)) -> rmsnorm -> output
+//   attn: q/k/v projections (+bias), QK-norm (qwen3moe per head; olmoe over the whole projection),
+//         RoPE (NEOX pairs (i, i+n_rot/2) or NORM pairs (2i, 2i+1); theta_i = pos*base^(-2i/n_rot)),
+//         causal GQA softmax(q.k / sqrt(head_dim)) v, output projection
+//   ffn:  router logits -> softmax over all experts -> top-k (ties: lower index) -> weights
+//         (renormalised for qwen3moe and llama) -> sum_k w_k down_k(silu(gate_k x) * up_k x);
+//         qwen2moe adds sigmoid(w_sh . x) * down_sh(silu(gate_sh x) * up_sh x); dense llama is one
+//         SwiGLU FFN.
+#ifndef MOE_TEST_ORACLE_H
+#define MOE_TEST_ORACLE_H
+
+#include "random_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace moe_test {
+
+struct OracleResult {
+    int n_tokens = 0, n_vocab = 0;
+    std::vector<double> logits;         // n_tokens x n_vocab; row i = logits after token i
+    std::vector<double> route_margin;   // per position: smallest (k-th - (k+1)-th) router logit over layers
+    std::vector<int> experts;           // per position, per layer: the chosen experts (n_expert_used each)
+    std::vector<double> router_logits;  // per position, per layer: n_expert router logits
+    const double* row(int i) const { return logits.data() + (size_t)i * (size_t)n_vocab; }
+};
+
+class Oracle {
+public:
+    explicit Oracle(const RandomModel& m) : m_(m) {}
+
+    // Runs `tokens` as one sequence starting at position 0 and returns the logits of every position.
+    // `forced_experts` (optional; per position, per layer, n_expert_used ids in any order) replaces
+    // the top-k selection: the weights are still this oracle's softmax probabilities of those
+    // experts (renormalised over them where the architecture does). Used to follow an engine through
+    // a near-tie it legitimately resolved the other way; the caller checks the choices were near-ties.
+    OracleResult run(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts = nullptr) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim, V = s.n_vocab;
+        const int T = (int)tokens.size();
+        OracleResult r;
+        r.n_tokens = T;
+        r.n_vocab = V;
+        r.logits.assign((size_t)T * (size_t)V, 0.0);
+        r.route_margin.assign((size_t)T, std::numeric_limits<double>::infinity());
+        // K and V of every layer and position: [layer][pos][n_head_kv * hd]
+        std::vector<std::vector<std::vector<double>>> kcache((size_t)s.n_layer), vcache((size_t)s.n_layer);
+
+        for (int pos = 0; pos < T; ++pos) {
+            // embedding lookup: column `token` of token_embd {n_embd, n_vocab}
+            std::vector<double> x((size_t)E);
+            for (int i = 0; i < E; ++i) x[(size_t)i] = m_.tok_embd[(size_t)tokens[(size_t)pos] * (size_t)E + (size_t)i];
+
+            for (int il = 0; il < s.n_layer; ++il) {
+                const LayerWeights& L = m_.layers[(size_t)il];
+
+                // ---- attention ----
+                std::vector<double> h = rms_norm(x, L.attn_norm, s.rms_eps);
+                std::vector<double> q = matvec(L.wq, h, E, H * HD);
+                std::vector<double> k = matvec(L.wk, h, E, HKV * HD);
+                std::vector<double> v = matvec(L.wv, h, E, HKV * HD);
+                if (!L.bq.empty()) {
+                    for (int i = 0; i < H * HD; ++i) q[(size_t)i] += L.bq[(size_t)i];
+                    for (int i = 0; i < HKV * HD; ++i) k[(size_t)i] += L.bk[(size_t)i];
+                    for (int i = 0; i < HKV * HD; ++i) v[(size_t)i] += L.bv[(size_t)i];
+                }
+                if (s.arch == "qwen3moe") {  // RMSNorm of each head over head_dim
+                    for (int hh = 0; hh < H; ++hh) rms_norm_inplace(&q[(size_t)hh * HD], HD, L.q_norm.data(), s.rms_eps);
+                    for (int hh = 0; hh < HKV; ++hh) rms_norm_inplace(&k[(size_t)hh * HD], HD, L.k_norm.data(), s.rms_eps);
+                } else if (s.arch == "olmoe") {  // RMSNorm over the whole projection
+                    rms_norm_inplace(q.data(), H * HD, L.q_norm.data(), s.rms_eps);
+                    rms_norm_inplace(k.data(), HKV * HD, L.k_norm.data(), s.rms_eps);
+                }
+                for (int hh = 0; hh < H; ++hh) rope(&q[(size_t)hh * HD], HD, pos);
+                for (int hh = 0; hh < HKV; ++hh) rope(&k[(size_t)hh * HD], HD, pos);
+                kcache[(size_t)il].push_back(k);
+                vcache[(size_t)il].push_back(v);
+
+                std::vector<double> attn((size_t)(H * HD), 0.0);
+                const int group = H / HKV;  // consecutive query heads share one K/V head
+                const double scale = 1.0 / std::sqrt((double)HD);
+                for (int hh = 0; hh < H; ++hh) {
+                    const int kvh = hh / group;
+                    std::vector<double> score((size_t)(pos + 1));
+                    double mx = -std::numeric_limits<double>::infinity();
+                    for (int j = 0; j <= pos; ++j) {
+                        double d = 0;
+                        for (int c = 0; c < HD; ++c)
+                            d += q[(size_t)(hh * HD + c)] * kcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
+                        score[(size_t)j] = d * scale;
+                        mx = std::max(mx, score[(size_t)j]);
+                    }
+                    double sum = 0;
+                    for (int j = 0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
+                    for (int j = 0; j <= pos; ++j)
+                        for (int c = 0; c < HD; ++c)
+                            attn[(size_t)(hh * HD + c)] += score[(size_t)j] / sum * vcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
+                }
+                std::vector<double> o = matvec(L.wo, attn, H * HD, E);
+                for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
+
+                // ---- feed-forward ----
+                h = rms_norm(x, L.ffn_norm, s.rms_eps);
+                std::vector<double> y((size_t)E, 0.0);
+                if (!m_.moe) {
+                    y = swiglu(L.ffn_gate.data(), L.ffn_up.data(), L.ffn_down.data(), h, E, s.n_ff);
+                } else {
+                    const int NE = s.n_expert, K = s.n_expert_used;
+                    std::vector<double> logit = matvec(L.gate_inp, h, E, NE);
+                    double mx = -std::numeric_limits<double>::infinity();
+                    for (double l : logit) mx = std::max(mx, l);
+                    std::vector<double> prob((size_t)NE);
+                    double sum = 0;
+                    for (int e = 0; e < NE; ++e) { prob[(size_t)e] = std::exp(logit[(size_t)e] - mx); sum += prob[(size_t)e]; }
+                    for (double& p : prob) p /= sum;
+                    // top-k by probability, ties to the lower index
+                    std::vector<int> order((size_t)NE);
+                    for (int e = 0; e < NE; ++e) order[(size_t)e] = e;
+                    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logit[(size_t)a] > logit[(size_t)b]; });
+                    r.router_logits.insert(r.router_logits.end(), logit.begin(), logit.end());
+                    if (K < NE)  // how close the top-k boundary is to a tie
+                        r.route_margin[(size_t)pos] = std::min(r.route_margin[(size_t)pos],
+                                                               logit[(size_t)order[(size_t)K - 1]] - logit[(size_t)order[(size_t)K]]);
+                    if (forced_experts) {  // the given experts first, in the order given
+                        const size_t base = ((size_t)pos * (size_t)s.n_layer + (size_t)il) * (size_t)K;
+                        std::vector<int> forced;
+                        for (int i = 0; i < K; ++i) forced.push_back((int)(*forced_experts)[base + (size_t)i]);
+                        for (int e = 0; e < NE; ++e)
+                            if (std::find(forced.begin(), forced.end(), e) == forced.end()) forced.push_back(e);
+                        order = forced;
+                    }
+                    double wsum = 0;
+                    for (int i = 0; i < K; ++i) wsum += prob[(size_t)order[(size_t)i]];
+                    for (int i = 0; i < K; ++i) {
+                        const int e = order[(size_t)i];
+                        r.experts.push_back(e);
+                        const double wgt = m_.norm_topk ? prob[(size_t)e] / wsum : prob[(size_t)e];
+                        const size_t up_off = (size_t)e * (size_t)s.n_ff * (size_t)E;
+                        const size_t down_off = (size_t)e * (size_t)E * (size_t)s.n_ff;
+                        std::vector<double> ye = swiglu(L.gate_exps.data() + up_off, L.up_exps.data() + up_off,
+                                                        L.down_exps.data() + down_off, h, E, s.n_ff);
+                        for (int c = 0; c < E; ++c) y[(size_t)c] += wgt * ye[(size_t)c];
+                    }
+                    if (!L.gate_inp_shexp.empty()) {  // qwen2moe shared expert with its sigmoid gate
+                        double g = 0;
+                        for (int c = 0; c < E; ++c) g += (double)L.gate_inp_shexp[(size_t)c] * h[(size_t)c];
+                        g = 1.0 / (1.0 + std::exp(-g));
+                        std::vector<double> ys = swiglu(L.gate_shexp.data(), L.up_shexp.data(), L.down_shexp.data(), h, E,
+                                                        m_.n_ff_shared);
+                        for (int c = 0; c < E; ++c) y[(size_t)c] += g * ys[(size_t)c];
+                    }
+                }
+                for (int i = 0; i < E; ++i) x[(size_t)i] += y[(size_t)i];
+            }
+
+            std::vector<double> h = rms_norm(x, m_.output_norm, s.rms_eps);
+            std::vector<double> lg = matvec(m_.logits_matrix(), h, E, V);
+            std::copy(lg.begin(), lg.end(), r.logits.begin() + (ptrdiff_t)pos * V);
+        }
+        return r;
+    }
+
+private:
+    // y = W x with W {n_in, n_out}: y[o] = sum_i W[o*n_in + i] x[i]
+    static std::vector<double> matvec(const std::vector<float>& W, const std::vector<double>& x, int n_in, int n_out) {
+        return matvec(W.data(), x, n_in, n_out);
+    }
+    static std::vector<double> matvec(const float* W, const std::vector<double>& x, int n_in, int n_out) {
+        std::vector<double> y((size_t)n_out, 0.0);
+        for (int o = 0; o < n_out; ++o) {
+            double acc = 0;
+            for (int i = 0; i < n_in; ++i) acc += (double)W[(size_t)o * (size_t)n_in + (size_t)i] * x[(size_t)i];
+            y[(size_t)o] = acc;
+        }
+        return y;
+    }
+    static std::vector<double> rms_norm(const std::vector<double>& x, const std::vector<float>& w, float eps) {
+        std::vector<double> y = x;
+        rms_norm_inplace(y.data(), (int)y.size(), w.data(), eps);
+        return y;
+    }
+    static void rms_norm_inplace(double* x, int n, const float* w, float eps) {
+        double ss = 0;
+        for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+        const double inv = 1.0 / std::sqrt(ss / n + (double)eps);
+        for (int i = 0; i < n; ++i) x[i] = x[i] * inv * (double)w[i];
+    }
+    static double silu(double v) { return v / (1.0 + std::exp(-v)); }
+    // down(silu(gate x) * up x); gate/up {n_embd, n_ff}, down {n_ff, n_embd}
+    static std::vector<double> swiglu(const float* gate, const float* up, const float* down, const std::vector<double>& x,
+                                      int n_embd, int n_ff) {
+        std::vector<double> g = matvec(gate, x, n_embd, n_ff), u = matvec(up, x, n_embd, n_ff);
+        for (int i = 0; i < n_ff; ++i) g[(size_t)i] = silu(g[(size_t)i]) * u[(size_t)i];
+        return matvec(down, g, n_ff, n_embd);
+    }
+    // Rotates one head of `n` values at position `pos` (n_rot = n: the whole head is rotated).
+    void rope(double* v, int n, int pos) const {
+        const double base = (double)m_.spec.rope_base;
+        for (int i = 0; i < n / 2; ++i) {
+            const double theta = (double)pos * std::pow(base, -2.0 * i / n);
+            const double c = std::cos(theta), sn = std::sin(theta);
+            const int a = m_.rope_neox ? i : 2 * i;
+            const int b = m_.rope_neox ? i + n / 2 : 2 * i + 1;
+            const double x0 = v[a], x1 = v[b];
+            v[a] = x0 * c - x1 * sn;
+            v[b] = x0 * sn + x1 * c;
+        }
+    }
+
+    const RandomModel& m_;
+};
+
+// ---- helpers shared by the forward and parity tests --------------------------------------
+
+template <typename T> inline int argmax_row(const T* row, int n) {  // ties: lowest id
+    int best = 0;
+    for (int i = 1; i < n; ++i)
+        if (row[i] > row[best]) best = i;
+    return best;
+}
+
+// Gap between the largest and the second largest value of a row.
+inline double top2_gap(const double* row, int n) {
+    double a = -std::numeric_limits<double>::infinity(), b = a;
+    for (int i = 0; i < n; ++i) {
+        if (row[i] > a) { b = a; a = row[i]; } else if (row[i] > b) { b = row[i]; }
+    }
+    return a - b;
+}
+
+// Accumulates the difference between reference rows (double) and engine rows (float).
+struct RowDiff {
+    double max_abs = 0, max_ref = 0, sum_sq = 0, sum_sq_ref = 0;
+    int worst_row = -1, worst_col = -1, rows = 0;
+    int argmax_checked = 0, argmax_agree = 0;  // argmax compared where the reference's top-2 gap is clear
+    int first_argmax_mismatch = -1;
+    void add(int row_index, const double* ref, const float* got, int n, double clear_gap = 0) {
+        for (int i = 0; i < n; ++i) {
+            const double d = std::fabs(ref[i] - (double)got[i]);
+            if (!(d <= max_abs)) { max_abs = d; worst_row = row_index; worst_col = i; }  // NaN counts as worst
+            max_ref = std::max(max_ref, std::fabs(ref[i]));
+            sum_sq += d * d;
+            sum_sq_ref += ref[i] * ref[i];
+        }
+        ++rows;
+        if (top2_gap(ref, n) > clear_gap) {
+            ++argmax_checked;
+            if (argmax_row(ref, n) == argmax_row(got, n)) ++argmax_agree;
+            else if (first_argmax_mismatch < 0) first_argmax_mismatch = row_index;
+        }
+    }
+    // max |ref - got| / max |ref|
+    double rel() const { return max_ref > 0 ? max_abs / max_ref : max_abs; }
+    // rms(ref - got) / rms(ref)
+    double rel_rms() const { return sum_sq_ref > 0 ? std::sqrt(sum_sq / sum_sq_ref) : std::sqrt(sum_sq); }
+};
+
+// A model, a token sequence and the oracle's logits for it, with routing decisions that are not
+// near-ties: every top-k boundary has a router-logit margin >= min_margin, so an engine whose
+// router logits are off by less than that picks the same experts as the oracle. (With quantized
+// weights the engine quantizes activations too, which moves router logits by ~1e-2; a near-tie
+// flip would then swap a whole expert and make the comparison meaningless.) Seeds spec.seed,
+// spec.seed+1, ... are tried until one qualifies; `ok` is false if none of max_tries does.
+struct OracleCase {
+    RandomModel model;
+    std::vector<int32_t> tokens;
+    OracleResult ref;
+    bool ok = false;
+    std::string error;
+};
+
+inline OracleCase make_oracle_case(ModelSpec spec, int n_tokens, double min_margin, int max_tries = 40) {
+    OracleCase c;
+    for (int attempt = 0; attempt < max_tries; ++attempt, ++spec.seed) {
+        c.model = make_random_model(spec);
+        if (!c.model.ok()) { c.error = c.model.error; return c; }
+        c.tokens = random_tokens(n_tokens, spec.n_vocab, spec.seed);
+        c.ref = Oracle(c.model).run(c.tokens);
+        double m = std::numeric_limits<double>::infinity();
+        for (double x : c.ref.route_margin) m = std::min(m, x);
+        if (m >= min_margin) { c.ok = true; return c; }
+    }
+    c.error = "no seed with router margins >= " + std::to_string(min_margin) + " in " + std::to_string(max_tries) + " tries";
+    return c;
+}
+
+}  // namespace moe_test
+
+#endif  // MOE_TEST_ORACLE_H

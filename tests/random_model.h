@@ -1,0 +1,369 @@
+// random_model.h - tiny random-weight MoE models as GGUF files, for the forward-pass tests.
+//
+// make_random_model(spec) builds a model of one of the supported architectures (qwen3moe, olmoe,
+// qwen2moe, llama with experts = Mixtral style, llama without experts = dense) with the exact
+// metadata keys and tensor names/shapes llama.cpp uses (ggml order: ne0 is the contiguous, input
+// dimension), plus a minimal byte-level BPE vocabulary so llama.cpp can load the file as well.
+//
+// Besides the GGUF bytes it keeps every weight as float *as it will be read back*: each tensor is
+// quantized here with moe::quantize_row, the very bytes are stored in the file, and the floats kept
+// are moe::dequantize_row of those bytes. The float64 oracle (oracle.h) therefore runs on exactly
+// the stored weights, whatever the tensor type.
+//
+// Layout of the float copies: a tensor {ne0, ne1, ne2} is a flat vector indexed
+// i0 + ne0 * (i1 + ne1 * i2); a matrix {n_in, n_out} is W[out * n_in + in] and y = W x means
+// y[o] = sum_i W[o * n_in + i] * x[i].
+//
+// Header-only, test code; depends only on the public declarations of moe_infer.h.
+#ifndef MOE_TEST_RANDOM_MODEL_H
+#define MOE_TEST_RANDOM_MODEL_H
+
+#include "moe_infer.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace moe_test {
+
+// What to build. Defaults give a small qwen3moe at F32.
+struct ModelSpec {
+    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama"
+    bool dense = false;             // llama only: plain SwiGLU FFN, no experts
+    int n_vocab = 300;              // >= 262 (256 byte tokens + 4 merges + 2 control tokens)
+    int n_embd = 64;
+    int n_layer = 2;
+    int n_head = 4;
+    int n_head_kv = 2;
+    int head_dim = 0;               // 0: n_embd / n_head. qwen3moe and llama may set any value
+                                    // (written as attention.key_length / value_length)
+    int n_expert = 4;
+    int n_expert_used = 2;
+    int n_ff = 32;                  // per-expert FFN width (dense FFN width when dense)
+    int n_ff_shared = 0;            // qwen2moe shared expert width; 0: same as n_ff
+    int n_ctx_train = 4096;
+    float rope_base = 10000.f;
+    float rms_eps = 1e-6f;
+    // Type of the big matrices (attention, experts, dense FFN, token_embd, output). Norms, biases
+    // and routers stay F32. A tensor whose ne0 is not a multiple of the type's block size is
+    // stored as `fallback_type` instead (or F32 if that does not fit either), like llama-quantize.
+    moe::TensorType wtype = moe::TensorType::f32;
+    moe::TensorType fallback_type = moe::TensorType::f32;
+    bool tied = false;              // no `output` tensor: logits use token_embd
+    uint64_t seed = 1;
+    // Per-tensor type overrides: a tensor whose name contains `first` is stored as `second` (the
+    // first match wins; big matrices only). For mixed-type models and for narrowing down a bug.
+    std::vector<std::pair<std::string, moe::TensorType>> type_overrides;
+    // Scale of the router weights (router logits have std ~ router_scale).
+    double router_scale = 2.0;
+    // Fault injection for loader tests.
+    std::string omit_tensor;        // this tensor is not written
+    std::string misshape_tensor;    // this tensor is written with ne[1] + 1 (ne[0] + 1 if 1-D)
+    std::string omit_key;           // this metadata key is not written
+};
+
+struct LayerWeights {
+    std::vector<float> attn_norm;                   // {n_embd}
+    std::vector<float> wq, wk, wv;                  // {n_embd, n_head*hd} / {n_embd, n_head_kv*hd}
+    std::vector<float> bq, bk, bv;                  // qwen2moe only: {n_head*hd} / {n_head_kv*hd}
+    std::vector<float> wo;                          // {n_head*hd, n_embd}
+    std::vector<float> q_norm, k_norm;              // qwen3moe {hd}; olmoe {n_head*hd} / {n_head_kv*hd}
+    std::vector<float> ffn_norm;                    // {n_embd}
+    std::vector<float> gate_inp;                    // {n_embd, n_expert}
+    std::vector<float> gate_exps, up_exps;          // {n_embd, n_ff, n_expert}
+    std::vector<float> down_exps;                   // {n_ff, n_embd, n_expert}
+    std::vector<float> gate_inp_shexp;              // qwen2moe: {n_embd}
+    std::vector<float> gate_shexp, up_shexp;        // qwen2moe: {n_embd, n_ff_shared}
+    std::vector<float> down_shexp;                  // qwen2moe: {n_ff_shared, n_embd}
+    std::vector<float> ffn_gate, ffn_up, ffn_down;  // dense llama: {n_embd, n_ff} x2, {n_ff, n_embd}
+};
+
+struct RandomModel {
+    ModelSpec spec;
+    // Derived hyper-parameters.
+    int head_dim = 0;
+    int n_ff_shared = 0;
+    bool rope_neox = true;
+    bool norm_topk = true;     // renormalise the top-k router weights
+    bool moe = true;           // false: dense llama
+    int bos = -1, eos = -1;
+    // Weights as stored (after the quantize -> dequantize round trip).
+    std::vector<float> tok_embd;     // {n_embd, n_vocab}
+    std::vector<float> output_norm;  // {n_embd}
+    std::vector<float> output;       // {n_embd, n_vocab}; empty when tied
+    std::vector<LayerWeights> layers;
+    // The file.
+    moe::GgufWriter writer;
+    std::vector<std::pair<std::string, moe::TensorType>> tensor_types;  // what each tensor became
+    moe::Status status = moe::Status::ok;  // first failure while building
+    std::string error;
+
+    bool ok() const { return status == moe::Status::ok; }
+    const std::vector<float>& logits_matrix() const { return output.empty() ? tok_embd : output; }
+    moe::Status write(const std::string& path) const { return writer.write(path.c_str()); }
+    std::vector<uint8_t> bytes() const { return writer.to_bytes(); }
+};
+
+namespace detail_rm {
+
+// splitmix64 + Box-Muller: deterministic on every platform, independent of the library.
+struct Rng {
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed * 0x2545F4914F6CDD1Dull + 0x1234567ull) {}
+    uint64_t next() {
+        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    double uniform() { return ((double)(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }  // (0,1)
+    double normal() {
+        const double u1 = uniform(), u2 = uniform();
+        return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+    }
+    uint32_t below(uint32_t n) { return (uint32_t)(next() % n); }
+};
+
+inline void append_utf8(std::string& s, uint32_t cp) {
+    if (cp < 0x80) {
+        s += (char)cp;
+    } else if (cp < 0x800) {
+        s += (char)(0xC0 | (cp >> 6));
+        s += (char)(0x80 | (cp & 0x3F));
+    } else {
+        s += (char)(0xE0 | (cp >> 12));
+        s += (char)(0x80 | ((cp >> 6) & 0x3F));
+        s += (char)(0x80 | (cp & 0x3F));
+    }
+}
+
+// GPT-2 byte-level alphabet: printable bytes map to themselves, the other 68 bytes to U+0100.. in
+// byte order.
+inline std::vector<std::string> byte_level_tokens() {
+    std::vector<std::string> out(256);
+    uint32_t extra = 0;
+    for (uint32_t b = 0; b < 256; ++b) {
+        const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+        append_utf8(out[b], printable ? b : 256 + extra++);
+    }
+    return out;
+}
+
+inline bool is_kquant(moe::TensorType t) {
+    return t == moe::TensorType::q4_k || t == moe::TensorType::q5_k || t == moe::TensorType::q6_k;
+}
+
+}  // namespace detail_rm
+
+// Builds the model. Check `ok()` / `error` before use.
+inline RandomModel make_random_model(const ModelSpec& spec) {
+    using moe::TensorType;
+    RandomModel m;
+    m.spec = spec;
+    const std::string& A = spec.arch;
+    const bool is_qwen3 = A == "qwen3moe", is_olmoe = A == "olmoe", is_qwen2 = A == "qwen2moe", is_llama = A == "llama";
+    auto fail = [&](const std::string& msg) {
+        if (m.ok()) { m.status = moe::Status::invalid_argument; m.error = msg; }
+    };
+    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama) { fail("unknown arch " + A); return m; }
+    if (spec.dense && !is_llama) { fail("dense is only for llama"); return m; }
+    m.moe = !spec.dense;
+    m.head_dim = spec.head_dim > 0 ? spec.head_dim : spec.n_embd / spec.n_head;
+    m.n_ff_shared = spec.n_ff_shared > 0 ? spec.n_ff_shared : spec.n_ff;
+    m.rope_neox = !is_llama;
+    m.norm_topk = is_qwen3 || is_llama;
+    const int E = spec.n_embd, H = spec.n_head, HKV = spec.n_head_kv, HD = m.head_dim;
+    const int NE = spec.n_expert, NF = spec.n_ff, NFS = m.n_ff_shared, V = spec.n_vocab;
+    if (spec.n_vocab < 262) { fail("n_vocab must be >= 262"); return m; }
+    if (H <= 0 || HKV <= 0 || H % HKV) { fail("n_head must be a multiple of n_head_kv"); return m; }
+    if (HD <= 0 || HD % 2) { fail("head_dim must be even"); return m; }
+    if ((is_olmoe || is_qwen2) && HD * H != E) { fail(A + " needs head_dim * n_head == n_embd"); return m; }
+    if (m.moe && (NE <= 0 || spec.n_expert_used <= 0 || spec.n_expert_used > NE)) { fail("bad expert counts"); return m; }
+
+    detail_rm::Rng rng(spec.seed);
+    moe::GgufWriter& w = m.writer;
+    const std::string P = A + ".";
+
+    // ---- metadata --------------------------------------------------------------------------
+    auto key_ok = [&](const std::string& k) { return k != spec.omit_key; };
+    auto set_u32 = [&](const std::string& k, uint32_t v) { if (key_ok(k)) w.set_u32(k, v); };
+    auto set_f32 = [&](const std::string& k, float v) { if (key_ok(k)) w.set_f32(k, v); };
+    auto set_str = [&](const std::string& k, const std::string& v) { if (key_ok(k)) w.set_string(k, v); };
+    set_str("general.architecture", A);
+    set_str("general.name", "moe_infer random test model");
+    set_u32("general.alignment", 32);
+    set_u32(P + "context_length", (uint32_t)spec.n_ctx_train);
+    set_u32(P + "embedding_length", (uint32_t)E);
+    set_u32(P + "block_count", (uint32_t)spec.n_layer);
+    set_u32(P + "attention.head_count", (uint32_t)H);
+    set_u32(P + "attention.head_count_kv", (uint32_t)HKV);
+    set_f32(P + "attention.layer_norm_rms_epsilon", spec.rms_eps);
+    set_f32(P + "rope.freq_base", spec.rope_base);
+    if (m.moe) {
+        set_u32(P + "expert_count", (uint32_t)NE);
+        set_u32(P + "expert_used_count", (uint32_t)spec.n_expert_used);
+    }
+    if (is_qwen3) {
+        // feed_forward_length is the (unused) dense size in real files: deliberately different
+        // from the expert width, so an engine that reads the wrong key fails the shape checks.
+        set_u32(P + "feed_forward_length", (uint32_t)(3 * E));
+        set_u32(P + "expert_feed_forward_length", (uint32_t)NF);
+        set_u32(P + "attention.key_length", (uint32_t)HD);
+        set_u32(P + "attention.value_length", (uint32_t)HD);
+    } else if (is_qwen2) {
+        set_u32(P + "feed_forward_length", (uint32_t)(3 * E));
+        set_u32(P + "expert_feed_forward_length", (uint32_t)NF);
+        set_u32(P + "expert_shared_feed_forward_length", (uint32_t)NFS);
+    } else if (is_olmoe) {
+        set_u32(P + "feed_forward_length", (uint32_t)NF);
+    } else {  // llama: per-expert (or dense) FFN width
+        set_u32(P + "feed_forward_length", (uint32_t)NF);
+        set_u32(P + "rope.dimension_count", (uint32_t)HD);
+        if (HD * H != E) {
+            set_u32(P + "attention.key_length", (uint32_t)HD);
+            set_u32(P + "attention.value_length", (uint32_t)HD);
+        }
+    }
+
+    // Tokenizer: 256 byte-level tokens, 4 merges, fillers, 2 control tokens at the end.
+    {
+        std::vector<std::string> tokens = detail_rm::byte_level_tokens();
+        const std::string G = tokens[' '];  // "Ġ"
+        const std::vector<std::pair<std::string, std::string>> merges = {{G, "t"}, {"h", "e"}, {"i", "n"}, {G, "a"}};
+        std::vector<std::string> merge_strs;
+        for (const auto& mg : merges) {
+            tokens.push_back(mg.first + mg.second);
+            merge_strs.push_back(mg.first + " " + mg.second);
+        }
+        while ((int)tokens.size() < V - 2) tokens.push_back("tok" + std::to_string(tokens.size()));
+        const bool llama_bpe = is_llama;
+        tokens.push_back(llama_bpe ? "<|begin_of_text|>" : "<|im_start|>");
+        tokens.push_back(llama_bpe ? "<|end_of_text|>" : "<|endoftext|>");
+        std::vector<int32_t> types(tokens.size(), 1);
+        types[V - 2] = 3;
+        types[V - 1] = 3;
+        m.bos = llama_bpe ? V - 2 : V - 1;
+        m.eos = V - 1;
+        set_str("tokenizer.ggml.model", "gpt2");
+        set_str("tokenizer.ggml.pre", llama_bpe ? "llama-bpe" : "qwen2");
+        if (key_ok("tokenizer.ggml.tokens")) w.set_string_array("tokenizer.ggml.tokens", tokens);
+        if (key_ok("tokenizer.ggml.token_type")) w.set_i32_array("tokenizer.ggml.token_type", types);
+        if (key_ok("tokenizer.ggml.merges")) w.set_string_array("tokenizer.ggml.merges", merge_strs);
+        set_u32("tokenizer.ggml.bos_token_id", (uint32_t)m.bos);
+        set_u32("tokenizer.ggml.eos_token_id", (uint32_t)m.eos);
+        if (key_ok("tokenizer.ggml.add_bos_token")) w.set_bool("tokenizer.ggml.add_bos_token", false);
+    }
+
+    // ---- tensors ---------------------------------------------------------------------------
+    // gen: values ~ N(mean, std^2); `big`: stored as wtype (else F32). Returns the read-back floats.
+    auto add = [&](const std::string& name, std::vector<int64_t> ne, double mean, double std, bool big) -> std::vector<float> {
+        int64_t n = 1;
+        for (int64_t d : ne) n *= d;
+        std::vector<float> vals((size_t)n);
+        for (float& v : vals) v = (float)(mean + std * rng.normal());  // drawn even if omitted: same weights
+        if (!m.ok() || name == spec.omit_tensor) return vals;
+        TensorType t = TensorType::f32;
+        if (big) {
+            t = spec.wtype;
+            for (const auto& ov : spec.type_overrides)
+                if (name.find(ov.first) != std::string::npos) { t = ov.second; break; }
+            if (ne[0] % moe::tensor_type_block_elems(t)) t = spec.fallback_type;
+            if (ne[0] % moe::tensor_type_block_elems(t)) t = TensorType::f32;
+        }
+        std::vector<int64_t> file_ne = ne;
+        std::vector<float> file_vals = vals;
+        if (name == spec.misshape_tensor) {
+            if (file_ne.size() == 1) file_ne[0] += 1; else file_ne[1] += 1;
+            t = TensorType::f32;
+            int64_t nn = 1;
+            for (int64_t d : file_ne) nn *= d;
+            file_vals.assign((size_t)nn, 0.5f);
+        }
+        int64_t nn = (int64_t)file_vals.size();
+        std::vector<uint8_t> bytes((size_t)(nn / moe::tensor_type_block_elems(t) * moe::tensor_type_block_bytes(t)));
+        moe::Status s = moe::quantize_row(t, file_vals.data(), bytes.data(), nn);
+        if (s == moe::Status::ok) s = moe::dequantize_row(t, bytes.data(), file_vals.data(), nn);
+        if (s == moe::Status::ok) s = w.add_tensor(name, t, (uint32_t)file_ne.size(), file_ne.data(), bytes.data());
+        if (s != moe::Status::ok) {
+            m.status = s;
+            m.error = "tensor " + name + ": " + moe::last_error();
+            return vals;
+        }
+        m.tensor_types.emplace_back(name, t);
+        if (name != spec.misshape_tensor) vals = file_vals;
+        return vals;
+    };
+
+    const double emb_std = spec.tied ? 2.5 / std::sqrt((double)E) : 1.0;
+    m.tok_embd = add("token_embd.weight", {E, V}, 0, emb_std, true);
+    m.output_norm = add("output_norm.weight", {E}, 1.0, 0.1, false);
+    if (!spec.tied) m.output = add("output.weight", {E, V}, 0, 2.5 / std::sqrt((double)E), true);
+
+    m.layers.resize((size_t)spec.n_layer);
+    for (int il = 0; il < spec.n_layer; ++il) {
+        LayerWeights& L = m.layers[(size_t)il];
+        const std::string b = "blk." + std::to_string(il) + ".";
+        const double s_in = 1.0 / std::sqrt((double)E);
+        L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
+        L.wq = add(b + "attn_q.weight", {E, H * HD}, 0, s_in, true);
+        L.wk = add(b + "attn_k.weight", {E, HKV * HD}, 0, s_in, true);
+        L.wv = add(b + "attn_v.weight", {E, HKV * HD}, 0, s_in, true);
+        if (is_qwen2) {
+            L.bq = add(b + "attn_q.bias", {H * HD}, 0, 0.3, false);
+            L.bk = add(b + "attn_k.bias", {HKV * HD}, 0, 0.3, false);
+            L.bv = add(b + "attn_v.bias", {HKV * HD}, 0, 0.3, false);
+        }
+        L.wo = add(b + "attn_output.weight", {H * HD, E}, 0, 1.0 / std::sqrt((double)(H * HD)), true);
+        if (is_qwen3) {
+            L.q_norm = add(b + "attn_q_norm.weight", {HD}, 1.0, 0.2, false);
+            L.k_norm = add(b + "attn_k_norm.weight", {HD}, 1.0, 0.2, false);
+        } else if (is_olmoe) {
+            L.q_norm = add(b + "attn_q_norm.weight", {H * HD}, 1.0, 0.2, false);
+            L.k_norm = add(b + "attn_k_norm.weight", {HKV * HD}, 1.0, 0.2, false);
+        }
+        L.ffn_norm = add(b + "ffn_norm.weight", {E}, 1.0, 0.1, false);
+        if (m.moe) {
+            L.gate_inp = add(b + "ffn_gate_inp.weight", {E, NE}, 0, spec.router_scale * s_in, false);
+            L.gate_exps = add(b + "ffn_gate_exps.weight", {E, NF, NE}, 0, s_in, true);
+            L.up_exps = add(b + "ffn_up_exps.weight", {E, NF, NE}, 0, s_in, true);
+            L.down_exps = add(b + "ffn_down_exps.weight", {NF, E, NE}, 0, 1.0 / std::sqrt((double)NF), true);
+            if (is_qwen2) {
+                L.gate_inp_shexp = add(b + "ffn_gate_inp_shexp.weight", {E}, 0, s_in, false);
+                L.gate_shexp = add(b + "ffn_gate_shexp.weight", {E, NFS}, 0, s_in, true);
+                L.up_shexp = add(b + "ffn_up_shexp.weight", {E, NFS}, 0, s_in, true);
+                L.down_shexp = add(b + "ffn_down_shexp.weight", {NFS, E}, 0, 1.0 / std::sqrt((double)NFS), true);
+            }
+        } else {
+            L.ffn_gate = add(b + "ffn_gate.weight", {E, NF}, 0, s_in, true);
+            L.ffn_up = add(b + "ffn_up.weight", {E, NF}, 0, s_in, true);
+            L.ffn_down = add(b + "ffn_down.weight", {NF, E}, 0, 1.0 / std::sqrt((double)NF), true);
+        }
+    }
+    return m;
+}
+
+// Random token ids in [0, n_vocab), deterministic from the seed.
+inline std::vector<int32_t> random_tokens(int n, int n_vocab, uint64_t seed) {
+    detail_rm::Rng rng(seed ^ 0xA5A5A5A5DEADBEEFull);
+    std::vector<int32_t> t((size_t)n);
+    for (int32_t& x : t) x = (int32_t)rng.below((uint32_t)n_vocab);
+    return t;
+}
+
+// A short human-readable description, for test messages.
+inline std::string describe(const ModelSpec& s) {
+    char buf[320];
+    std::snprintf(buf, sizeof buf, "%s%s %s V=%d E=%d L=%d H=%d/%d hd=%d X=%d/%d ff=%d%s%s seed=%llu",
+                  s.arch.c_str(), s.dense ? "(dense)" : "", moe::tensor_type_name(s.wtype), s.n_vocab, s.n_embd,
+                  s.n_layer, s.n_head, s.n_head_kv, s.head_dim > 0 ? s.head_dim : s.n_embd / s.n_head, s.n_expert,
+                  s.n_expert_used, s.n_ff, s.n_ff_shared ? (" shff=" + std::to_string(s.n_ff_shared)).c_str() : "",
+                  s.tied ? " tied" : "", (unsigned long long)s.seed);
+    return buf;
+}
+
+}  // namespace moe_test
+
+#endif  // MOE_TEST_RANDOM_MODEL_H

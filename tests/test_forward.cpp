@@ -1,0 +1,609 @@
+// Forward pass vs the naive float64 oracle (tests/oracle.h) on tiny random-weight models
+// (tests/random_model.h) of every supported architecture, plus the Session contract: prefill vs
+// token-by-token, chunked prefill, thread counts, concurrent sessions, reset/truncate, bad tokens,
+// a full context, and loader errors that name the tensor or key.
+//
+// The oracle itself was checked against llama.cpp (tests/test_parity.cpp also does so when the
+// llama_peer is built): on these models at F32 the two agree to ~5e-7 relative.
+#include "moe_infer.h"
+#include "oracle.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+using moe_test::ModelSpec;
+using moe_test::OracleCase;
+using moe_test::RowDiff;
+using TT = moe::TensorType;
+
+const int kPrompt = 12;  // tokens evaluated in one call
+const int kDecode = 8;   // then one at a time
+const int kTokens = kPrompt + kDecode;
+
+std::string tmp_dir() {
+    const char* e = std::getenv("MOE_TEST_TMP");
+    return e && *e ? e : "/tmp";
+}
+
+// A GGUF written to the temp dir, removed when done (the mapping survives the unlink on POSIX).
+struct TempModelFile {
+    std::string path;
+    explicit TempModelFile(const std::string& name) {
+        path = tmp_dir() + "/moe_fwd_" + std::to_string((long)getpid()) + "_" + name + ".gguf";
+    }
+    ~TempModelFile() { std::remove(path.c_str()); }
+    TempModelFile(const TempModelFile&) = delete;
+    TempModelFile& operator=(const TempModelFile&) = delete;
+};
+
+::testing::AssertionResult write_and_load(const moe_test::RandomModel& rm, const TempModelFile& f, moe::Model* out) {
+    if (!rm.ok()) return ::testing::AssertionFailure() << "model build failed: " << rm.error;
+    moe::Status s = rm.write(f.path);
+    if (s != moe::Status::ok) return ::testing::AssertionFailure() << "write " << f.path << ": " << moe::last_error();
+    s = moe::Model::load(f.path.c_str(), moe::LoadOptions{}, out);
+    if (s != moe::Status::ok)
+        return ::testing::AssertionFailure() << "Model::load: " << moe::status_string(s) << ": " << moe::last_error();
+    return ::testing::AssertionSuccess();
+}
+
+// What a session produced for a token sequence.
+struct EngineRun {
+    std::vector<float> logits;    // n_tokens x n_vocab
+    std::vector<int32_t> experts; // n_tokens x n_layer x n_expert_used; -1 where not observable
+};
+
+// Evaluates tokens[0, n_first) in one call (all_logits), then the rest one at a time. After each
+// call, last_expert_ids() is recorded for the call's last position.
+::testing::AssertionResult run_engine(const moe::Model& model, const moe::SessionOptions& opt, const std::vector<int32_t>& tokens,
+                                      int n_first, EngineRun* r) {
+    const moe::ModelInfo& info = model.info();
+    const size_t V = (size_t)info.n_vocab, T = tokens.size();
+    const size_t per_pos = (size_t)info.n_layer * (size_t)std::max(0, info.n_expert > 0 ? info.n_expert_used : 0);
+    r->logits.assign(T * V, 0.f);
+    r->experts.assign(T * per_pos, -1);
+    moe::Session sess;
+    moe::Status s = moe::Session::create(model, opt, &sess);
+    if (s != moe::Status::ok) return ::testing::AssertionFailure() << "Session::create: " << moe::last_error();
+    auto record_experts = [&](size_t pos) {
+        if (!per_pos) return;
+        const int32_t* ids = sess.last_expert_ids();
+        if (ids) std::copy(ids, ids + per_pos, r->experts.begin() + (ptrdiff_t)(pos * per_pos));
+    };
+    size_t done = 0;
+    if (n_first > 0) {
+        s = sess.eval(tokens.data(), (size_t)n_first, r->logits.data());
+        if (s != moe::Status::ok) return ::testing::AssertionFailure() << "eval(prompt): " << moe::status_string(s) << ": " << moe::last_error();
+        if (std::memcmp(sess.logits(), r->logits.data() + (size_t)(n_first - 1) * V, V * sizeof(float)) != 0)
+            return ::testing::AssertionFailure() << "logits() differs from the last row of all_logits";
+        done = (size_t)n_first;
+        record_experts(done - 1);
+    }
+    for (; done < T; ++done) {
+        s = sess.eval(&tokens[done], 1);
+        if (s != moe::Status::ok) return ::testing::AssertionFailure() << "eval(token " << done << "): " << moe::last_error();
+        std::memcpy(r->logits.data() + done * V, sess.logits(), V * sizeof(float));
+        record_experts(done);
+    }
+    if (sess.position() != (int32_t)T) return ::testing::AssertionFailure() << "position() " << sess.position() << " != " << T;
+    return ::testing::AssertionSuccess();
+}
+
+RowDiff diff_vs_oracle(const moe_test::OracleResult& ref, const std::vector<float>& got, int first = 0, int end = -1, double clear_gap = 0) {
+    RowDiff d;
+    if (end < 0) end = ref.n_tokens;
+    for (int i = first; i < end; ++i) d.add(i, ref.row(i), got.data() + (size_t)i * (size_t)ref.n_vocab, ref.n_vocab, clear_gap);
+    return d;
+}
+
+double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+    double mx = 0, mref = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        const double d = std::fabs((double)a[i] - (double)b[i]);
+        if (!(d <= mx)) mx = d;
+        mref = std::max(mref, std::fabs((double)a[i]));
+    }
+    return mref > 0 ? mx / mref : mx;
+}
+
+std::string diff_msg(const RowDiff& d) {
+    std::ostringstream o;
+    o << "max|d|/max|ref| = " << d.rel() << " (max|d| " << d.max_abs << " at position " << d.worst_row << ", token " << d.worst_col
+      << "), rms rel " << d.rel_rms() << ", argmax " << d.argmax_agree << "/" << d.argmax_checked;
+    if (d.first_argmax_mismatch >= 0) o << " (first mismatch at position " << d.first_argmax_mismatch << ")";
+    return o.str();
+}
+
+void expect_info(const moe::Model& model, const moe_test::RandomModel& rm) {
+    const moe::ModelInfo& in = model.info();
+    const ModelSpec& s = rm.spec;
+    EXPECT_EQ(in.architecture, s.arch);
+    EXPECT_EQ(in.n_vocab, s.n_vocab);
+    EXPECT_EQ(in.n_embd, s.n_embd);
+    EXPECT_EQ(in.n_layer, s.n_layer);
+    EXPECT_EQ(in.n_head, s.n_head);
+    EXPECT_EQ(in.n_head_kv, s.n_head_kv);
+    EXPECT_EQ(in.head_dim, rm.head_dim);
+    EXPECT_EQ(in.n_rot, rm.head_dim);
+    EXPECT_EQ(in.n_expert, rm.moe ? s.n_expert : 0);
+    if (rm.moe) {
+        EXPECT_EQ(in.n_expert_used, s.n_expert_used);
+        EXPECT_EQ(in.expert_weights_norm, rm.norm_topk);
+    }
+    EXPECT_EQ(in.n_ff, s.n_ff);
+    EXPECT_EQ(in.n_ff_shared, s.arch == "qwen2moe" ? rm.n_ff_shared : 0);
+    EXPECT_EQ(in.rope_neox, rm.rope_neox);
+    EXPECT_FLOAT_EQ(in.rope_freq_base, s.rope_base);
+    EXPECT_FLOAT_EQ(in.rms_eps, s.rms_eps);
+    EXPECT_EQ(in.n_ctx_train, s.n_ctx_train);
+    // the minimal byte-level vocabulary loads too
+    const moe::Tokenizer& tok = model.tokenizer();
+    EXPECT_TRUE(tok.valid());
+    EXPECT_EQ(tok.n_vocab(), s.n_vocab);
+    EXPECT_EQ(tok.bos(), rm.bos);
+    EXPECT_EQ(tok.eos(), rm.eos);
+}
+
+// The engine's experts must be the oracle's top-k (as sets) wherever the engine reported them.
+// `near_tie`: a different choice is accepted when the router-logit gap to the k-th best is below it.
+::testing::AssertionResult check_routing(const moe_test::RandomModel& rm, const moe_test::OracleResult& ref, const EngineRun& run,
+                                         double near_tie, int* n_flips) {
+    if (!rm.moe) return ::testing::AssertionSuccess();
+    const int L = rm.spec.n_layer, K = rm.spec.n_expert_used, NE = rm.spec.n_expert;
+    *n_flips = 0;
+    for (int pos = 0; pos < ref.n_tokens; ++pos) {
+        for (int il = 0; il < L; ++il) {
+            const size_t base = ((size_t)pos * (size_t)L + (size_t)il) * (size_t)K;
+            if (run.experts[base] < 0) continue;  // not observed
+            std::set<int> got(run.experts.begin() + (ptrdiff_t)base, run.experts.begin() + (ptrdiff_t)(base + (size_t)K));
+            std::set<int> want(ref.experts.begin() + (ptrdiff_t)base, ref.experts.begin() + (ptrdiff_t)(base + (size_t)K));
+            if ((int)got.size() != K || *got.begin() < 0 || *got.rbegin() >= NE)
+                return ::testing::AssertionFailure() << "position " << pos << " layer " << il << ": invalid expert ids";
+            if (got == want) continue;
+            const double* lg = &ref.router_logits[((size_t)pos * (size_t)L + (size_t)il) * (size_t)NE];
+            double kth = 1e300;
+            for (int e : want) kth = std::min(kth, lg[e]);
+            for (int e : got) {
+                if (want.count(e)) continue;
+                if (kth - lg[e] > near_tie)
+                    return ::testing::AssertionFailure() << "position " << pos << " layer " << il << ": engine chose expert " << e
+                                                         << " (oracle router logit " << lg[e] << ") but the k-th best logit is " << kth;
+            }
+            ++*n_flips;
+        }
+    }
+    return ::testing::AssertionSuccess();
+}
+
+//---------------------------------------------------------------------------------------------------
+// F32: every position's logits within 1e-4 of the oracle (relative to the largest |logit|).
+// Float32 accumulation over these sizes gives ~1e-6; llama.cpp measures ~5e-7 on the same models.
+//---------------------------------------------------------------------------------------------------
+
+struct FwdCase {
+    const char* name;
+    ModelSpec spec;
+};
+
+ModelSpec spec(const char* arch, int E, int H, int HKV, int hd, int NE, int K, int ff, int V, int L) {
+    ModelSpec s;
+    s.arch = arch;
+    s.n_embd = E;
+    s.n_head = H;
+    s.n_head_kv = HKV;
+    s.head_dim = hd;
+    s.n_expert = NE;
+    s.n_expert_used = K;
+    s.n_ff = ff;
+    s.n_vocab = V;
+    s.n_layer = L;
+    s.seed = 11;
+    return s;
+}
+
+std::vector<FwdCase> f32_cases() {
+    std::vector<FwdCase> c;
+    c.push_back({"qwen3moe_hd24_gqa_x5k2", spec("qwen3moe", 64, 4, 2, 24, 5, 2, 40, 300, 2)});
+    {
+        ModelSpec s = spec("qwen3moe", 48, 3, 1, 40, 8, 3, 24, 333, 2);
+        s.tied = true;
+        c.push_back({"qwen3moe_hd40_mqa_x8k3_tied", s});
+    }
+    c.push_back({"qwen3moe_hd20_mha_x3k1_3layers", spec("qwen3moe", 40, 2, 2, 20, 3, 1, 20, 271, 3)});
+    {
+        ModelSpec s = spec("qwen3moe", 64, 4, 4, 16, 4, 2, 32, 300, 4);
+        s.rope_base = 1e6f;
+        s.rms_eps = 1e-5f;
+        c.push_back({"qwen3moe_4layers_base1e6", s});
+    }
+    c.push_back({"olmoe_hd20_x5k2", spec("olmoe", 80, 4, 4, 20, 5, 2, 36, 290, 2)});
+    // GQA OLMoE (attn_k_norm {n_head_kv*hd}): no such real model, and llama.cpp insists on
+    // attn_k_norm {n_embd}; checked here because the engine accepts the general shape.
+    c.push_back({"olmoe_gqa_x8k1", spec("olmoe", 64, 4, 2, 16, 8, 1, 16, 300, 2)});
+    {
+        ModelSpec s = spec("qwen2moe", 64, 4, 2, 16, 8, 2, 32, 389, 2);
+        s.n_ff_shared = 48;
+        c.push_back({"qwen2moe_x8k2_shared48", s});
+    }
+    {
+        ModelSpec s = spec("qwen2moe", 80, 2, 1, 40, 3, 3, 20, 300, 2);
+        s.n_ff_shared = 28;
+        c.push_back({"qwen2moe_hd40_mqa_allexperts", s});
+    }
+    c.push_back({"mixtral_mqa_x8k2", spec("llama", 64, 4, 1, 16, 8, 2, 48, 320, 2)});
+    {
+        ModelSpec s = spec("llama", 60, 3, 3, 20, 5, 3, 30, 301, 2);
+        s.tied = true;
+        c.push_back({"mixtral_hd20_x5k3_tied", s});
+    }
+    c.push_back({"mixtral_keylen24_x4k2", spec("llama", 64, 2, 1, 24, 4, 2, 16, 300, 1)});
+    {
+        ModelSpec s = spec("llama", 48, 6, 2, 8, 0, 0, 72, 300, 2);
+        s.dense = true;
+        s.tied = true;
+        c.push_back({"llama_dense_hd8_tied", s});
+    }
+    return c;
+}
+
+class ForwardF32 : public ::testing::TestWithParam<FwdCase> {};
+
+TEST_P(ForwardF32, MatchesOracle) {
+    const FwdCase& tc = GetParam();
+    // Routing decisions with a router-logit margin >= 1e-3: float32 noise (~1e-6) cannot flip them.
+    OracleCase c = moe_test::make_oracle_case(tc.spec, kTokens, 1e-3);
+    ASSERT_TRUE(c.ok) << c.error;
+    SCOPED_TRACE(moe_test::describe(c.model.spec));
+    TempModelFile f(tc.name);
+    moe::Model model;
+    ASSERT_TRUE(write_and_load(c.model, f, &model));
+    expect_info(model, c.model);
+    const double tol = 1e-4;
+
+    std::vector<float> first;  // n_threads = 1, prompt in one call
+    for (int threads : {1, 3}) {
+        SCOPED_TRACE("n_threads " + std::to_string(threads));
+        moe::SessionOptions opt;
+        opt.n_ctx = 32;
+        opt.n_threads = threads;
+        EngineRun run;
+        ASSERT_TRUE(run_engine(model, opt, c.tokens, kPrompt, &run));
+        RowDiff pre = diff_vs_oracle(c.ref, run.logits, 0, kPrompt);
+        RowDiff dec = diff_vs_oracle(c.ref, run.logits, kPrompt, kTokens);
+        EXPECT_LT(pre.rel(), tol) << "prefill: " << diff_msg(pre);
+        EXPECT_LT(dec.rel(), tol) << "decode: " << diff_msg(dec);
+        int flips = 0;
+        EXPECT_TRUE(check_routing(c.model, c.ref, run, 0.0, &flips));
+        if (threads == 1) first = run.logits;
+        else EXPECT_LT(rel_diff(first, run.logits), 1e-5) << "n_threads 1 vs 3";
+    }
+
+    // Token by token from the start, and chunked prefill (n_batch 5): same logits as one call.
+    {
+        moe::SessionOptions opt;
+        opt.n_ctx = 32;
+        opt.n_threads = 2;
+        EngineRun tbt;
+        ASSERT_TRUE(run_engine(model, opt, c.tokens, 0, &tbt));
+        EXPECT_LT(rel_diff(first, tbt.logits), 1e-5) << "prefill in one call vs token by token";
+        int flips = 0;
+        EXPECT_TRUE(check_routing(c.model, c.ref, tbt, 0.0, &flips)) << "token by token (every position observed)";
+        opt.n_batch = 5;
+        EngineRun chunked;
+        ASSERT_TRUE(run_engine(model, opt, c.tokens, kTokens, &chunked));
+        EXPECT_LT(rel_diff(first, chunked.logits), 1e-5) << "one call of 20 tokens with n_batch 5";
+        RowDiff d = diff_vs_oracle(c.ref, chunked.logits);
+        EXPECT_LT(d.rel(), tol) << "n_batch 5: " << diff_msg(d);
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Archs, ForwardF32, ::testing::ValuesIn(f32_cases()),
+                         [](const ::testing::TestParamInfo<FwdCase>& i) { return std::string(i.param.name); });
+
+//---------------------------------------------------------------------------------------------------
+// Quantized weights: the oracle runs on the dequantized weights, so the only legitimate
+// difference is the engine's activation rounding (Q8_0 / Q8_K activations for quantized weights,
+// as in llama.cpp; possibly F16/BF16 activations for F16/BF16 weights). Measured with llama.cpp
+// (llama_peer) against this oracle on these very models, max|dlogit|/max|logit| over the 20
+// positions: F16 4e-4, BF16 4.4e-3, Q8_0 1.3e-2, Q4_0 1.0-1.7e-2, Q4_K/Q5_K/Q6_K 1.2-1.9e-2.
+// The tolerances below are ~3x those: an engine as accurate as llama.cpp passes with room, one with
+// a real bug (wrong scale, wrong nibble, wrong expert) is off by O(1).
+//
+// Near-tie routing: activation rounding moves router logits by ~1e-2, which can legitimately flip
+// a top-k decision whose margin is that small, and a flip swaps a whole expert. So (1) seeds are
+// chosen with router margins >= 0.02, and (2) the engine is first run token by token, its expert
+// choices are checked to be the oracle's top-k or within 0.25 of the k-th router logit, and the
+// oracle is re-run with the engine's choices forced. Logits are then compared with the tolerance.
+//---------------------------------------------------------------------------------------------------
+
+struct QuantCase {
+    const char* name;
+    ModelSpec spec;
+    double tol;
+};
+
+ModelSpec with_type(ModelSpec s, TT t, TT fallback = TT::f32) {
+    s.wtype = t;
+    s.fallback_type = fallback;
+    return s;
+}
+
+std::vector<QuantCase> quant_cases() {
+    std::vector<QuantCase> c;
+    const ModelSpec q3 = spec("qwen3moe", 64, 4, 2, 32, 5, 2, 32, 300, 2);
+    c.push_back({"qwen3moe_F16", with_type(q3, TT::f16), 2e-3});
+    c.push_back({"qwen3moe_BF16", with_type(q3, TT::bf16), 1.5e-2});
+    c.push_back({"qwen3moe_Q8_0", with_type(q3, TT::q8_0), 4e-2});
+    c.push_back({"qwen3moe_Q4_0", with_type(q3, TT::q4_0), 5e-2});
+    c.push_back({"olmoe_Q4_0", with_type(spec("olmoe", 64, 4, 4, 16, 8, 3, 32, 300, 2), TT::q4_0), 5e-2});
+    {
+        ModelSpec s = spec("qwen2moe", 64, 4, 2, 16, 6, 2, 32, 300, 2);
+        s.n_ff_shared = 64;
+        c.push_back({"qwen2moe_Q8_0", with_type(s, TT::q8_0), 4e-2});
+    }
+    c.push_back({"mixtral_Q4_0", with_type(spec("llama", 64, 4, 1, 16, 8, 2, 64, 300, 2), TT::q4_0), 5e-2});
+    {
+        ModelSpec s = spec("llama", 48, 6, 2, 8, 0, 0, 72, 300, 2);
+        s.dense = true;
+        c.push_back({"llama_dense_BF16", with_type(s, TT::bf16), 1.5e-2});
+    }
+    // K-quants need ne0 % 256 == 0. The first has every matrix in Q4_K; the others keep the
+    // experts' down projection (ne0 = n_ff = 64 or 96) in Q8_0, as llama-quantize's fallback does,
+    // which also checks a model with mixed tensor types.
+    c.push_back({"qwen3moe_Q4_K", with_type(spec("qwen3moe", 256, 4, 2, 64, 4, 2, 256, 300, 1), TT::q4_k), 5e-2});
+    c.push_back({"qwen3moe_Q5_K_mixed", with_type(spec("qwen3moe", 256, 2, 1, 128, 3, 2, 64, 300, 2), TT::q5_k, TT::q8_0), 5e-2});
+    c.push_back({"qwen3moe_Q6_K_mixed", with_type(spec("qwen3moe", 256, 4, 2, 64, 3, 1, 64, 300, 2), TT::q6_k, TT::q8_0), 5e-2});
+    c.push_back({"mixtral_Q4_K_mixed", with_type(spec("llama", 256, 4, 2, 64, 4, 2, 96, 300, 1), TT::q4_k, TT::q8_0), 5e-2});
+    return c;
+}
+
+class ForwardQuant : public ::testing::TestWithParam<QuantCase> {};
+
+TEST_P(ForwardQuant, MatchesOracleOnStoredWeights) {
+    const QuantCase& tc = GetParam();
+    OracleCase c = moe_test::make_oracle_case(tc.spec, kTokens, 0.02);
+    ASSERT_TRUE(c.ok) << c.error;
+    SCOPED_TRACE(moe_test::describe(c.model.spec));
+    TempModelFile f(tc.name);
+    moe::Model model;
+    ASSERT_TRUE(write_and_load(c.model, f, &model));
+    expect_info(model, c.model);
+    const int V = tc.spec.n_vocab;
+
+    // 1. token by token: every position's experts are observable
+    moe::SessionOptions opt;
+    opt.n_ctx = 32;
+    opt.n_threads = 2;
+    EngineRun tbt;
+    ASSERT_TRUE(run_engine(model, opt, c.tokens, 0, &tbt));
+    int flips = 0;
+    ASSERT_TRUE(check_routing(c.model, c.ref, tbt, 0.25, &flips));
+    moe_test::OracleResult ref = c.ref;
+    if (flips > 0) ref = moe_test::Oracle(c.model).run(c.tokens, &tbt.experts);
+
+    RowDiff d = diff_vs_oracle(ref, tbt.logits);
+    EXPECT_LT(d.rel(), tc.tol) << "token by token: " << diff_msg(d) << "; near-tie routing flips " << flips;
+    // argmax must agree wherever the oracle's top-2 gap is beyond what the tolerance allows
+    RowDiff clear = diff_vs_oracle(ref, tbt.logits, 0, -1, 2 * tc.tol * d.max_ref);
+    EXPECT_EQ(clear.argmax_agree, clear.argmax_checked) << diff_msg(clear);
+    EXPECT_GE(d.argmax_agree, (kTokens * 3) / 4) << "argmax agrees on too few positions: " << diff_msg(d);
+
+    // 2. prompt in one call (the prefill path), then decode; 3 threads
+    opt.n_threads = 3;
+    EngineRun pre;
+    ASSERT_TRUE(run_engine(model, opt, c.tokens, kPrompt, &pre));
+    RowDiff d2 = diff_vs_oracle(ref, pre.logits);
+    EXPECT_LT(d2.rel(), tc.tol) << "prefill + decode: " << diff_msg(d2);
+    // Prefill and decode may use different kernels (GEMM vs GEMV) but the same activation rounding
+    // is expected; report the difference, bound it by the oracle tolerance.
+    const double self = rel_diff(tbt.logits, pre.logits);
+    EXPECT_LT(self, tc.tol) << "prefill vs token by token";
+    std::printf("[ quant    ] %-22s vs oracle: token-by-token %.2e (rms %.2e), prefill %.2e; prefill vs tbt %.2e; "
+                "argmax %d/%d; routing flips %d\n",
+                tc.name, d.rel(), d.rel_rms(), d2.rel(), self, d.argmax_agree, d.argmax_checked, flips);
+    (void)V;
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, ForwardQuant, ::testing::ValuesIn(quant_cases()),
+                         [](const ::testing::TestParamInfo<QuantCase>& i) { return std::string(i.param.name); });
+
+//---------------------------------------------------------------------------------------------------
+// Session contract
+//---------------------------------------------------------------------------------------------------
+
+class SessionContract : public ::testing::Test {
+protected:
+    void SetUp() override {
+        ModelSpec s = spec("qwen2moe", 64, 4, 2, 16, 6, 2, 32, 300, 2);
+        s.n_ff_shared = 40;
+        c_ = moe_test::make_oracle_case(s, kTokens, 1e-3);
+        ASSERT_TRUE(c_.ok) << c_.error;
+        file_.reset(new TempModelFile(std::string("contract_") + ::testing::UnitTest::GetInstance()->current_test_info()->name()));
+        ASSERT_TRUE(write_and_load(c_.model, *file_, &model_));
+    }
+    OracleCase c_;
+    std::unique_ptr<TempModelFile> file_;
+    moe::Model model_;
+};
+
+TEST_F(SessionContract, ConcurrentSessionsOnOneModel) {
+    // Two token sequences; sequential reference runs, then both at once from two threads (twice).
+    const std::vector<int32_t> a = c_.tokens, b = moe_test::random_tokens(kTokens, c_.model.spec.n_vocab, 999);
+    moe::SessionOptions opt;
+    opt.n_ctx = 32;
+    opt.n_threads = 2;
+    EngineRun ra, rb;
+    ASSERT_TRUE(run_engine(model_, opt, a, kPrompt, &ra));
+    ASSERT_TRUE(run_engine(model_, opt, b, kPrompt, &rb));
+    for (int round = 0; round < 2; ++round) {
+        EngineRun ca, cb;
+        ::testing::AssertionResult oka = ::testing::AssertionSuccess(), okb = ::testing::AssertionSuccess();
+        std::thread ta([&] { oka = run_engine(model_, opt, a, kPrompt, &ca); });
+        std::thread tb([&] { okb = run_engine(model_, opt, b, kPrompt, &cb); });
+        ta.join();
+        tb.join();
+        ASSERT_TRUE(oka);
+        ASSERT_TRUE(okb);
+        EXPECT_EQ(0, std::memcmp(ca.logits.data(), ra.logits.data(), ra.logits.size() * sizeof(float))) << "round " << round << " seq a";
+        EXPECT_EQ(0, std::memcmp(cb.logits.data(), rb.logits.data(), rb.logits.size() * sizeof(float))) << "round " << round << " seq b";
+        EXPECT_EQ(ca.experts, ra.experts);
+        EXPECT_EQ(cb.experts, rb.experts);
+    }
+    RowDiff d = diff_vs_oracle(c_.ref, ra.logits);
+    EXPECT_LT(d.rel(), 1e-4) << diff_msg(d);
+}
+
+TEST_F(SessionContract, ResetAndTruncateReproduce) {
+    const size_t V = (size_t)c_.model.spec.n_vocab;
+    moe::SessionOptions opt;
+    opt.n_ctx = 32;
+    opt.n_threads = 2;
+    moe::Session s;
+    ASSERT_EQ(moe::Session::create(model_, opt, &s), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(s.n_ctx(), 32);
+    EXPECT_EQ(s.position(), 0);
+    std::vector<float> first((size_t)kTokens * V), again((size_t)kTokens * V);
+    ASSERT_EQ(s.eval(c_.tokens.data(), (size_t)kTokens, first.data()), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(s.position(), kTokens);
+    s.reset();
+    EXPECT_EQ(s.position(), 0);
+    ASSERT_EQ(s.eval(c_.tokens.data(), (size_t)kTokens, again.data()), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float))) << "reset + re-eval differs";
+
+    // truncate to 7 positions, then continue with different tokens: must equal a fresh run of the
+    // same 7-token prefix + those tokens (the KV entries beyond 7 must not leak into attention)
+    std::vector<int32_t> alt(c_.tokens.begin(), c_.tokens.begin() + 7);
+    const std::vector<int32_t> tail = moe_test::random_tokens(6, c_.model.spec.n_vocab, 4242);
+    alt.insert(alt.end(), tail.begin(), tail.end());
+    ASSERT_EQ(s.truncate(7), moe::Status::ok);
+    EXPECT_EQ(s.position(), 7);
+    EXPECT_NE(s.truncate(8), moe::Status::ok) << "truncate beyond position() must fail";
+    std::vector<float> cont(tail.size() * V);
+    ASSERT_EQ(s.eval(tail.data(), tail.size(), cont.data()), moe::Status::ok) << moe::last_error();
+    moe_test::OracleResult ref = moe_test::Oracle(c_.model).run(alt);
+    RowDiff d;
+    for (size_t i = 0; i < tail.size(); ++i) d.add((int)(7 + i), ref.row((int)(7 + i)), cont.data() + i * V, (int)V);
+    EXPECT_LT(d.rel(), 1e-4) << "after truncate(7): " << diff_msg(d);
+}
+
+TEST_F(SessionContract, BadTokensAndFullContext) {
+    const int32_t V = c_.model.spec.n_vocab;
+    moe::SessionOptions opt;
+    opt.n_ctx = 16;
+    opt.n_threads = 1;
+    moe::Session s;
+    ASSERT_EQ(moe::Session::create(model_, opt, &s), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(s.eval(c_.tokens.data(), 10), moe::Status::ok);
+    std::vector<float> ref(s.logits(), s.logits() + V);
+
+    const int32_t bad_hi[3] = {1, V, 2}, bad_neg[1] = {-1};
+    EXPECT_EQ(s.eval(bad_hi, 3), moe::Status::invalid_argument);
+    EXPECT_NE(std::string(moe::last_error()), "");
+    EXPECT_EQ(s.eval(bad_neg, 1), moe::Status::invalid_argument);
+    EXPECT_EQ(s.eval(c_.tokens.data(), 0), moe::Status::invalid_argument);
+    EXPECT_EQ(s.position(), 10) << "a rejected eval must not move the position";
+
+    EXPECT_EQ(s.eval(c_.tokens.data() + 10, 7), moe::Status::context_full) << "10 + 7 > n_ctx 16";
+    EXPECT_EQ(s.position(), 10) << "context_full must evaluate nothing";
+    EXPECT_EQ(0, std::memcmp(ref.data(), s.logits(), (size_t)V * sizeof(float))) << "logits() changed by a rejected eval";
+
+    // the remaining 6 positions still work and match the oracle
+    ASSERT_EQ(s.eval(c_.tokens.data() + 10, 6), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(s.position(), 16);
+    RowDiff d;
+    d.add(15, c_.ref.row(15), s.logits(), V);
+    EXPECT_LT(d.rel(), 1e-4) << diff_msg(d);
+    EXPECT_EQ(s.eval(c_.tokens.data(), 1), moe::Status::context_full);
+    EXPECT_EQ(s.position(), 16);
+}
+
+TEST_F(SessionContract, LoadFromMemoryMatchesFile) {
+    const std::vector<uint8_t> bytes = c_.model.bytes();
+    moe::Model mem;
+    ASSERT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &mem), moe::Status::ok) << moe::last_error();
+    moe::SessionOptions opt;
+    opt.n_ctx = 32;
+    opt.n_threads = 2;
+    EngineRun from_file, from_mem;
+    ASSERT_TRUE(run_engine(model_, opt, c_.tokens, kPrompt, &from_file));
+    ASSERT_TRUE(run_engine(mem, opt, c_.tokens, kPrompt, &from_mem));
+    EXPECT_EQ(0, std::memcmp(from_file.logits.data(), from_mem.logits.data(), from_file.logits.size() * sizeof(float)));
+    moe::LoadOptions no_mmap;
+    no_mmap.use_mmap = false;
+    moe::Model read;
+    ASSERT_EQ(moe::Model::load(file_->path.c_str(), no_mmap, &read), moe::Status::ok) << moe::last_error();
+    EngineRun from_read;
+    ASSERT_TRUE(run_engine(read, opt, c_.tokens, kPrompt, &from_read));
+    EXPECT_EQ(0, std::memcmp(from_file.logits.data(), from_read.logits.data(), from_file.logits.size() * sizeof(float)));
+}
+
+//---------------------------------------------------------------------------------------------------
+// Loader errors name what is wrong
+//---------------------------------------------------------------------------------------------------
+
+struct LoadErrCase {
+    const char* name;
+    const char* arch;
+    const char* omit_tensor;
+    const char* misshape_tensor;
+    const char* omit_key;
+    moe::Status want;
+    const char* must_mention;
+};
+
+class LoaderErrors : public ::testing::TestWithParam<LoadErrCase> {};
+
+TEST_P(LoaderErrors, StatusNamesTheCulprit) {
+    const LoadErrCase& e = GetParam();
+    ModelSpec s = spec(e.arch, 64, 4, 2, 16, 4, 2, 32, 300, 2);
+    if (std::string(e.arch) == "qwen2moe") s.n_ff_shared = 32;
+    if (std::string(e.arch) == "olmoe") s.n_head_kv = 4;
+    s.omit_tensor = e.omit_tensor;
+    s.misshape_tensor = e.misshape_tensor;
+    s.omit_key = e.omit_key;
+    moe_test::RandomModel rm = moe_test::make_random_model(s);
+    ASSERT_TRUE(rm.ok()) << rm.error;
+    TempModelFile f(e.name);
+    ASSERT_EQ(rm.write(f.path), moe::Status::ok);
+    moe::Model model;
+    moe::Status st = moe::Model::load(f.path.c_str(), moe::LoadOptions{}, &model);
+    EXPECT_EQ(st, e.want) << "got " << moe::status_string(st) << ": " << moe::last_error();
+    EXPECT_NE(std::string(moe::last_error()).find(e.must_mention), std::string::npos)
+        << "last_error() = \"" << moe::last_error() << "\" does not mention " << e.must_mention;
+    EXPECT_FALSE(model.valid());
+    const std::vector<uint8_t> bytes = rm.bytes();
+    moe::Model mem;
+    EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &mem), e.want);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, LoaderErrors,
+    ::testing::Values(
+        LoadErrCase{"missing_down_exps", "qwen3moe", "blk.1.ffn_down_exps.weight", "", "", moe::Status::missing_tensor, "blk.1.ffn_down_exps.weight"},
+        LoadErrCase{"missing_q_norm", "qwen3moe", "blk.0.attn_q_norm.weight", "", "", moe::Status::missing_tensor, "blk.0.attn_q_norm.weight"},
+        LoadErrCase{"missing_shexp_gate", "qwen2moe", "blk.1.ffn_gate_inp_shexp.weight", "", "", moe::Status::missing_tensor, "blk.1.ffn_gate_inp_shexp.weight"},
+        // attention biases are optional (as in llama.cpp), but a present one must have the right shape
+        LoadErrCase{"shape_q_bias", "qwen2moe", "", "blk.0.attn_q.bias", "", moe::Status::shape_mismatch, "blk.0.attn_q.bias"},
+        LoadErrCase{"missing_output_norm", "llama", "output_norm.weight", "", "", moe::Status::missing_tensor, "output_norm.weight"},
+        LoadErrCase{"shape_attn_k", "qwen3moe", "", "blk.0.attn_k.weight", "", moe::Status::shape_mismatch, "blk.0.attn_k.weight"},
+        LoadErrCase{"shape_router", "olmoe", "", "blk.1.ffn_gate_inp.weight", "", moe::Status::shape_mismatch, "blk.1.ffn_gate_inp.weight"},
+        LoadErrCase{"shape_up_exps", "llama", "", "blk.0.ffn_up_exps.weight", "", moe::Status::shape_mismatch, "blk.0.ffn_up_exps.weight"},
+        LoadErrCase{"shape_k_norm", "olmoe", "", "blk.0.attn_k_norm.weight", "", moe::Status::shape_mismatch, "blk.0.attn_k_norm.weight"},
+        LoadErrCase{"shape_output", "qwen2moe", "", "output.weight", "", moe::Status::shape_mismatch, "output.weight"},
+        LoadErrCase{"missing_embd_len", "qwen3moe", "", "", "qwen3moe.embedding_length", moe::Status::missing_key, "qwen3moe.embedding_length"},
+        LoadErrCase{"missing_block_count", "llama", "", "", "llama.block_count", moe::Status::missing_key, "llama.block_count"}),
+    [](const ::testing::TestParamInfo<LoadErrCase>& i) { return std::string(i.param.name); });
+
+}  // namespace

@@ -1,0 +1,887 @@
+// Quant formats through the public API (moe::quantize_row / moe::dequantize_row):
+//  * F16 / BF16 conversions: all 65536 bit patterns, round-to-nearest-even at every halfway point,
+//    overflow, subnormals - checked against decoders/encoders written here from IEEE 754.
+//  * Block layouts (formats.md §2.2, §2.3): blocks built byte by byte with known scales and codes,
+//    decoded by a spec decoder written independently in this file and by hand-computed literals.
+//    This is the bit-compatibility test with ggml: the same bytes must mean the same numbers.
+//  * Quantizers: Q8_0 / Q4_0 byte-exact against the reference rules of §2.2; every type's
+//    round-trip error on Gaussian data under named thresholds; exact reconstruction of values on
+//    the grid; zero and constant blocks; rows of several blocks; bad lengths.
+#include "moe_infer.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using moe::Status;
+using moe::TensorType;
+
+const TensorType kQuantTypes[] = {TensorType::q8_0, TensorType::q4_0, TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
+const TensorType kAllTypes[] = {TensorType::f32,  TensorType::f16,  TensorType::bf16, TensorType::q8_0,
+                                TensorType::q4_0, TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
+
+int blk(TensorType t) { return moe::tensor_type_block_elems(t); }
+int blk_bytes(TensorType t) { return moe::tensor_type_block_bytes(t); }
+size_t row_bytes(TensorType t, int64_t n) { return (size_t)(n / blk(t) * blk_bytes(t)); }
+
+float bits_f(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+uint32_t f_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+// Deterministic N(0, 1): mt19937_64 (fully specified by the standard) + Box-Muller.
+struct Gauss {
+    std::mt19937_64 g;
+    explicit Gauss(uint64_t seed) : g(seed) {}
+    double uniform() { return ((double)(g() >> 11) + 0.5) / 9007199254740992.0; }  // (0, 1)
+    double next() { return std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform()); }
+    std::vector<float> vec(size_t n, double sigma) {
+        std::vector<float> v(n);
+        for (float& x : v) x = (float)(sigma * next());
+        return v;
+    }
+};
+
+// One call each way through the public API.
+std::vector<uint8_t> quant(TensorType t, const std::vector<float>& x) {
+    std::vector<uint8_t> q(row_bytes(t, (int64_t)x.size()));
+    EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), (int64_t)x.size()), Status::ok) << moe::tensor_type_name(t);
+    return q;
+}
+std::vector<float> dequant(TensorType t, const std::vector<uint8_t>& q, int64_t n) {
+    std::vector<float> y((size_t)n);
+    EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), n), Status::ok) << moe::tensor_type_name(t);
+    return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// IEEE binary16 from first principles (no bit tricks shared with the library).
+
+double fp16_value(uint16_t h) {  // finite values only
+    int sign = (h >> 15) ? -1 : 1;
+    int e = (h >> 10) & 31, m = h & 1023;
+    if (e == 0) return sign * std::ldexp((double)m, -24);
+    return sign * std::ldexp((double)(1024 + m), e - 25);
+}
+bool fp16_is_nan(uint16_t h) { return ((h >> 10) & 31) == 31 && (h & 1023) != 0; }
+
+// Nearest binary16 with ties to even, found by bisection over the ordered positive encodings.
+uint16_t ref_f32_to_fp16(float x) {
+    uint16_t sign = std::signbit(x) ? 0x8000 : 0;
+    if (std::isnan(x)) return (uint16_t)(sign | 0x7e00);
+    double a = std::fabs((double)x);
+    if (std::isinf(x)) return (uint16_t)(sign | 0x7c00);
+    // Largest h in [0, 0x7bff] with value(h) <= a.
+    uint32_t lo = 0, hi = 0x7bff;
+    if (fp16_value(0x7bff) <= a) {
+        lo = 0x7bff;
+    } else {
+        while (lo < hi) {
+            uint32_t mid = (lo + hi + 1) / 2;
+            if (fp16_value((uint16_t)mid) <= a) lo = mid; else hi = mid - 1;
+        }
+    }
+    uint32_t h = lo;
+    double v0 = fp16_value((uint16_t)h), v1 = h == 0x7bff ? 65536.0 : fp16_value((uint16_t)(h + 1));  // 0x7c00 rounds like 2^16
+    double midpoint = (v0 + v1) / 2;
+    uint32_t r = a < midpoint ? h : a > midpoint ? h + 1 : ((h & 1) ? h + 1 : h);
+    return (uint16_t)(sign | r);
+}
+
+uint16_t lib_to_fp16(float x) {
+    uint16_t h = 0;
+    EXPECT_EQ(moe::quantize_row(TensorType::f16, &x, &h, 1), Status::ok);
+    return h;
+}
+float lib_from_fp16(uint16_t h) {
+    float f = 0;
+    EXPECT_EQ(moe::dequantize_row(TensorType::f16, &h, &f, 1), Status::ok);
+    return f;
+}
+uint16_t lib_to_bf16(float x) {
+    uint16_t h = 0;
+    EXPECT_EQ(moe::quantize_row(TensorType::bf16, &x, &h, 1), Status::ok);
+    return h;
+}
+
+TEST(Fp16, AllBitPatternsDecodeAndRoundTrip) {
+    std::vector<uint16_t> all(65536);
+    for (uint32_t i = 0; i < 65536; ++i) all[i] = (uint16_t)i;
+    std::vector<float> f(65536);
+    ASSERT_EQ(moe::dequantize_row(TensorType::f16, all.data(), f.data(), 65536), Status::ok);
+    std::vector<uint16_t> back(65536);
+    ASSERT_EQ(moe::quantize_row(TensorType::f16, f.data(), back.data(), 65536), Status::ok);
+    int nans = 0;
+    for (uint32_t i = 0; i < 65536; ++i) {
+        uint16_t h = (uint16_t)i;
+        if (fp16_is_nan(h)) {
+            ++nans;
+            ASSERT_TRUE(std::isnan(f[i])) << std::hex << i;
+            ASSERT_EQ(std::signbit(f[i]), (h >> 15) != 0) << std::hex << i;
+            ASSERT_TRUE(fp16_is_nan(back[i])) << std::hex << i << " -> " << back[i];  // payload may change
+            ASSERT_EQ(back[i] >> 15, h >> 15);
+        } else if (((h >> 10) & 31) == 31) {
+            ASSERT_TRUE(std::isinf(f[i]));
+            ASSERT_EQ(std::signbit(f[i]), (h >> 15) != 0);
+            ASSERT_EQ(back[i], h);
+        } else {
+            ASSERT_EQ((double)f[i], fp16_value(h)) << std::hex << i;
+            ASSERT_EQ(std::signbit(f[i]), (h >> 15) != 0) << std::hex << i;  // -0 stays -0
+            ASSERT_EQ(back[i], h) << std::hex << i;
+        }
+    }
+    EXPECT_EQ(nans, 2 * 1023);
+}
+
+TEST(Fp16, HalfwayCasesRoundToEven) {
+    // Between every pair of adjacent finite fp16 values (subnormals included), the exact midpoint
+    // (representable in float: 12 significant bits) goes to the even one; one float ulp either side
+    // goes to the nearer one.
+    for (uint32_t h = 0; h < 0x7bff; ++h) {
+        double v0 = fp16_value((uint16_t)h), v1 = fp16_value((uint16_t)(h + 1));
+        float mid = (float)((v0 + v1) / 2);
+        ASSERT_EQ((double)mid, (v0 + v1) / 2);
+        uint16_t even = (h & 1) ? (uint16_t)(h + 1) : (uint16_t)h;
+        for (int sign = 0; sign < 2; ++sign) {
+            float s = sign ? -1.f : 1.f;
+            uint16_t sb = sign ? 0x8000 : 0;
+            ASSERT_EQ(lib_to_fp16(s * mid), sb | even) << std::hex << h;
+            ASSERT_EQ(lib_to_fp16(s * std::nextafter(mid, 0.f)), sb | h) << std::hex << h;
+            ASSERT_EQ(lib_to_fp16(s * std::nextafter(mid, INFINITY)), sb | (h + 1)) << std::hex << h;
+            ASSERT_EQ(lib_to_fp16(s * (float)v0), sb | h);
+        }
+    }
+}
+
+TEST(Fp16, OverflowSubnormalsAndSpecials) {
+    EXPECT_EQ(lib_to_fp16(65504.f), 0x7bff);
+    EXPECT_EQ(lib_to_fp16(65519.996f), 0x7bff);          // just below the midpoint to 2^16
+    EXPECT_EQ(lib_to_fp16(65520.f), 0x7c00);             // the midpoint rounds to even: inf
+    EXPECT_EQ(lib_to_fp16(-65520.f), 0xfc00);
+    EXPECT_EQ(lib_to_fp16(1e6f), 0x7c00);
+    EXPECT_EQ(lib_to_fp16(-1e30f), 0xfc00);
+    EXPECT_EQ(lib_to_fp16(FLT_MAX), 0x7c00);
+    EXPECT_EQ(lib_to_fp16(INFINITY), 0x7c00);
+    EXPECT_EQ(lib_to_fp16(-INFINITY), 0xfc00);
+    EXPECT_TRUE(fp16_is_nan(lib_to_fp16(NAN)));
+    EXPECT_TRUE(fp16_is_nan(lib_to_fp16(bits_f(0x7f800001))));  // signalling-NaN payload in the low bits only
+    EXPECT_TRUE(fp16_is_nan(lib_to_fp16(bits_f(0xffc00000))));
+    EXPECT_EQ(lib_to_fp16(bits_f(0xffc00000)) >> 15, 1);
+    EXPECT_EQ(lib_to_fp16(0.f), 0x0000);
+    EXPECT_EQ(lib_to_fp16(-0.f), 0x8000);
+    EXPECT_EQ(lib_to_fp16(1.f), 0x3c00);
+    EXPECT_EQ(lib_to_fp16(-2.f), 0xc000);
+    EXPECT_EQ(lib_to_fp16(0.333333343f), 0x3555);
+    // Subnormals: 2^-24 is the smallest; 2^-25 is the tie between 0 and it (goes to 0, even).
+    EXPECT_EQ(lib_to_fp16(std::ldexp(1.f, -24)), 0x0001);
+    EXPECT_EQ(lib_to_fp16(std::ldexp(1.f, -25)), 0x0000);
+    EXPECT_EQ(lib_to_fp16(-std::ldexp(1.f, -25)), 0x8000);
+    EXPECT_EQ(lib_to_fp16(std::nextafter(std::ldexp(1.f, -25), 1.f)), 0x0001);
+    EXPECT_EQ(lib_to_fp16(std::ldexp(3.f, -25)), 0x0002);    // 1.5 * 2^-24: tie between 1 and 2 -> 2
+    EXPECT_EQ(lib_to_fp16(std::ldexp(5.f, -25)), 0x0002);    // 2.5 * 2^-24 -> 2
+    EXPECT_EQ(lib_to_fp16(std::ldexp(1023.f, -24)), 0x03ff); // largest subnormal
+    EXPECT_EQ(lib_to_fp16(std::ldexp(2047.f, -25)), 0x0400); // tie between 0x3ff and 0x400 -> 0x400
+    EXPECT_EQ(lib_to_fp16(std::ldexp(1.f, -14)), 0x0400);    // smallest normal
+    EXPECT_EQ(lib_to_fp16(std::ldexp(1.f, -30)), 0x0000);
+    EXPECT_EQ(lib_to_fp16(bits_f(0x00000001)), 0x0000);      // float subnormals vanish
+    EXPECT_EQ(lib_to_fp16(bits_f(0x80400000)), 0x8000);
+    EXPECT_EQ(lib_from_fp16(0x0001), std::ldexp(1.f, -24));
+    EXPECT_EQ(lib_from_fp16(0x8001), -std::ldexp(1.f, -24));
+    EXPECT_EQ(lib_from_fp16(0x03ff), std::ldexp(1023.f, -24));
+    EXPECT_EQ(lib_from_fp16(0x7bff), 65504.f);
+    EXPECT_EQ(lib_from_fp16(0x3c01), 1.f + std::ldexp(1.f, -10));
+}
+
+TEST(Fp16, RandomFloatsMatchTheReferenceEncoder) {
+    std::mt19937_64 g(7);
+    std::vector<float> x;
+    for (int i = 0; i < 200000; ++i) x.push_back(bits_f((uint32_t)g()));  // every exponent
+    for (int i = 0; i < 200000; ++i) {  // dense around the fp16 range, incl. the subnormal range
+        uint32_t e = 100 + (uint32_t)(g() % 45);  // 2^-27 .. 2^17
+        x.push_back(bits_f(((uint32_t)(g() & 1) << 31) | (e << 23) | (uint32_t)(g() & 0x7fffff)));
+    }
+    std::vector<uint16_t> h(x.size());
+    ASSERT_EQ(moe::quantize_row(TensorType::f16, x.data(), h.data(), (int64_t)x.size()), Status::ok);
+    for (size_t i = 0; i < x.size(); ++i) {
+        if (std::isnan(x[i])) {
+            ASSERT_TRUE(fp16_is_nan(h[i]));
+            continue;
+        }
+        ASSERT_EQ(h[i], ref_f32_to_fp16(x[i])) << std::hexfloat << x[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16: the upper half of a float32, rounded to nearest even.
+
+uint16_t ref_f32_to_bf16(float x) {
+    uint32_t u = f_bits(x);
+    uint16_t t = (uint16_t)(u >> 16);
+    double lo = (double)bits_f((uint32_t)t << 16);
+    if (std::isinf(x)) return t;
+    // Candidate above (in magnitude): the next encoding; 0x7f80 is inf, which rounds like 2^128.
+    uint16_t up = (uint16_t)(t + 1);
+    double hi = (up & 0x7fff) == 0x7f80 ? std::copysign(std::ldexp(1.0, 128), x) : (double)bits_f((uint32_t)up << 16);
+    double dx = std::fabs((double)x - lo), dh = std::fabs(hi - (double)x);
+    if (dx < dh) return t;
+    if (dh < dx) return up;
+    return (t & 1) ? up : t;
+}
+
+TEST(Bf16, AllBitPatternsRoundTrip) {
+    std::vector<uint16_t> all(65536);
+    for (uint32_t i = 0; i < 65536; ++i) all[i] = (uint16_t)i;
+    std::vector<float> f(65536);
+    ASSERT_EQ(moe::dequantize_row(TensorType::bf16, all.data(), f.data(), 65536), Status::ok);
+    std::vector<uint16_t> back(65536);
+    ASSERT_EQ(moe::quantize_row(TensorType::bf16, f.data(), back.data(), 65536), Status::ok);
+    for (uint32_t i = 0; i < 65536; ++i) {
+        uint16_t h = (uint16_t)i;
+        bool nan = ((h >> 7) & 0xff) == 0xff && (h & 0x7f) != 0;
+        if (nan) {
+            ASSERT_TRUE(std::isnan(f[i]));
+            ASSERT_EQ(back[i] & 0x7f80, 0x7f80);
+            ASSERT_NE(back[i] & 0x7f, 0) << std::hex << i;  // still NaN, never turned into inf
+            ASSERT_EQ(back[i] >> 15, h >> 15);
+        } else {
+            ASSERT_EQ(f_bits(f[i]), (uint32_t)h << 16) << std::hex << i;
+            ASSERT_EQ(back[i], h) << std::hex << i;
+        }
+    }
+}
+
+TEST(Bf16, RoundingOverflowAndSubnormals) {
+    EXPECT_EQ(lib_to_bf16(1.f), 0x3f80);
+    EXPECT_EQ(lib_to_bf16(1.f + std::ldexp(1.f, -8)), 0x3f80);        // tie -> even (down)
+    EXPECT_EQ(lib_to_bf16(1.f + 3 * std::ldexp(1.f, -8)), 0x3f82);    // tie -> even (up)
+    EXPECT_EQ(lib_to_bf16(std::nextafter(1.f + std::ldexp(1.f, -8), 2.f)), 0x3f81);
+    EXPECT_EQ(lib_to_bf16(-1.f - std::ldexp(1.f, -8)), 0xbf80);
+    EXPECT_EQ(lib_to_bf16(FLT_MAX), 0x7f80);                           // rounds past the largest bf16
+    EXPECT_EQ(lib_to_bf16(bits_f(0x7f7f7fff)), 0x7f7f);                // just below that midpoint
+    EXPECT_EQ(lib_to_bf16(-FLT_MAX), 0xff80);
+    EXPECT_EQ(lib_to_bf16(INFINITY), 0x7f80);
+    EXPECT_EQ(lib_to_bf16(bits_f(0x00010000)), 0x0001);                // subnormals keep their bits
+    EXPECT_EQ(lib_to_bf16(bits_f(0x00008000)), 0x0000);                // tie -> even
+    EXPECT_EQ(lib_to_bf16(bits_f(0x00018000)), 0x0002);
+    EXPECT_EQ(lib_to_bf16(-0.f), 0x8000);
+    // A NaN whose payload sits only in the low 16 bits must stay NaN (not become inf).
+    uint16_t n = lib_to_bf16(bits_f(0x7f800001));
+    EXPECT_EQ(n & 0x7f80, 0x7f80);
+    EXPECT_NE(n & 0x7f, 0);
+    n = lib_to_bf16(bits_f(0xff80ffff));
+    EXPECT_NE(n & 0x7f, 0);
+    EXPECT_EQ(n >> 15, 1);
+
+    std::mt19937_64 g(11);
+    std::vector<float> x(300000);
+    for (float& v : x) v = bits_f((uint32_t)g());
+    std::vector<uint16_t> h(x.size());
+    ASSERT_EQ(moe::quantize_row(TensorType::bf16, x.data(), h.data(), (int64_t)x.size()), Status::ok);
+    for (size_t i = 0; i < x.size(); ++i)
+        if (!std::isnan(x[i])) {
+            ASSERT_EQ(h[i], ref_f32_to_bf16(x[i])) << std::hexfloat << x[i];
+        }
+}
+
+TEST(F32, IsACopy) {
+    std::vector<float> x = Gauss(1).vec(100, 3.0);
+    x.push_back(-0.f);
+    x.push_back(INFINITY);
+    std::vector<uint8_t> q = quant(TensorType::f32, x);
+    ASSERT_EQ(q.size(), x.size() * 4);
+    EXPECT_EQ(std::memcmp(q.data(), x.data(), q.size()), 0);
+    std::vector<float> y = dequant(TensorType::f32, q, (int64_t)x.size());
+    EXPECT_EQ(std::memcmp(y.data(), x.data(), q.size()), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spec decoders, written from formats.md §2.2-2.3 with the ggml byte offsets spelled out.
+
+uint16_t rd16(const uint8_t* p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+double h2d(const uint8_t* p) { return fp16_value(rd16(p)); }
+
+// Returns the values of one block in double precision; *mag gets, per element, the sum of the
+// magnitudes of the terms (for a rounding tolerance when d*sc*q and dmin*m nearly cancel).
+std::vector<double> spec_decode_block(TensorType t, const uint8_t* b, std::vector<double>* mag) {
+    std::vector<double> y;
+    mag->clear();
+    switch (t) {
+        case TensorType::q8_0: {  // d:f16 @0, qs[32] int8 @2
+            double d = h2d(b);
+            for (int j = 0; j < 32; ++j) y.push_back((int8_t)b[2 + j] * d);
+            for (double v : y) mag->push_back(std::fabs(v));
+            break;
+        }
+        case TensorType::q4_0: {  // d:f16 @0, qs[16] @2; element j<16 low nibble of qs[j], j>=16 high nibble of qs[j-16]
+            double d = h2d(b);
+            for (int j = 0; j < 32; ++j) {
+                int nib = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
+                y.push_back((nib - 8) * d);
+                mag->push_back(std::fabs(y.back()));
+            }
+            break;
+        }
+        case TensorType::q4_k:
+        case TensorType::q5_k: {
+            // d @0, dmin @2, scales[12] @4; Q4_K: qs[128] @16; Q5_K: qh[32] @16, qs[128] @48.
+            bool five = t == TensorType::q5_k;
+            double d = h2d(b), dmin = h2d(b + 2);
+            const uint8_t* s = b + 4;
+            const uint8_t* qh = b + 16;
+            const uint8_t* qs = b + (five ? 48 : 16);
+            for (int i = 0; i < 256; ++i) {
+                int j = i / 32;  // sub-block
+                int sc, m;
+                if (j < 4) {
+                    sc = s[j] & 63;
+                    m = s[j + 4] & 63;
+                } else {
+                    sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+                    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+                }
+                int c = i / 64, l = i % 32;
+                bool high = (i % 64) >= 32;
+                int q = high ? (qs[32 * c + l] >> 4) : (qs[32 * c + l] & 15);
+                if (five) q += 16 * ((qh[l] >> (2 * c + (high ? 1 : 0))) & 1);
+                y.push_back(d * sc * q - dmin * m);
+                mag->push_back(std::fabs(d * sc * q) + std::fabs(dmin * m));
+            }
+            break;
+        }
+        case TensorType::q6_k: {  // ql[128] @0, qh[64] @128, scales[16] int8 @192, d @208
+            const uint8_t* ql = b;
+            const uint8_t* qh = b + 128;
+            const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+            double d = h2d(b + 208);
+            y.assign(256, 0);
+            mag->assign(256, 0);
+            for (int h = 0; h < 2; ++h) {
+                const uint8_t* L = ql + 64 * h;
+                const uint8_t* H = qh + 32 * h;
+                for (int l = 0; l < 32; ++l) {
+                    int q[4] = {((L[l] & 15) | ((H[l] & 3) << 4)) - 32, ((L[l + 32] & 15) | (((H[l] >> 2) & 3) << 4)) - 32,
+                                ((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32, ((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32};
+                    for (int k = 0; k < 4; ++k) {
+                        int i = 128 * h + 32 * k + l;
+                        y[(size_t)i] = d * sc[i / 16] * q[k];
+                        (*mag)[(size_t)i] = std::fabs(y[(size_t)i]);
+                    }
+                }
+            }
+            break;
+        }
+        default:
+            ADD_FAILURE() << "no spec decoder";
+    }
+    return y;
+}
+
+// A random finite, non-NaN fp16 with a moderate exponent (so products stay finite).
+uint16_t random_fp16(std::mt19937_64& g) {
+    uint16_t e = (uint16_t)(5 + g() % 20);  // 2^-10 .. 2^9
+    return (uint16_t)(((g() & 1) << 15) | (e << 10) | (g() & 1023));
+}
+
+void expect_matches_spec(TensorType t, const std::vector<uint8_t>& bytes, const std::string& what) {
+    int64_t n = (int64_t)(bytes.size() / blk_bytes(t)) * blk(t);
+    std::vector<float> got = dequant(t, bytes, n);
+    for (int64_t b = 0; b < n / blk(t); ++b) {
+        std::vector<double> mag;
+        std::vector<double> want = spec_decode_block(t, bytes.data() + b * blk_bytes(t), &mag);
+        for (int j = 0; j < blk(t); ++j) {
+            double w = want[(size_t)j], g = got[(size_t)(b * blk(t) + j)];
+            // The library computes in float. d*sc*q is exact in float for every format (at most 25
+            // significant bits for Q6_K: one rounding); the subtraction of dmin*m adds one more.
+            // So two float roundings of the terms' magnitude bound the difference.
+            double tol = 2.5e-7 * mag[(size_t)j];
+            ASSERT_NEAR(g, w, tol) << what << " " << moe::tensor_type_name(t) << " block " << b << " element " << j;
+        }
+    }
+}
+
+TEST(QuantLayout, RandomBlocksMatchTheSpecDecoder) {
+    std::mt19937_64 g(2024);
+    for (TensorType t : kQuantTypes) {
+        const int blocks = 40;
+        std::vector<uint8_t> bytes((size_t)(blocks * blk_bytes(t)));
+        for (uint8_t& x : bytes) x = (uint8_t)g();
+        for (int b = 0; b < blocks; ++b) {  // make the fp16 scales finite
+            uint8_t* p = bytes.data() + b * blk_bytes(t);
+            auto put16 = [&](uint8_t* at) { uint16_t h = random_fp16(g); at[0] = (uint8_t)h; at[1] = (uint8_t)(h >> 8); };
+            if (t == TensorType::q6_k) {
+                put16(p + 208);
+            } else {
+                put16(p);
+                if (t == TensorType::q4_k || t == TensorType::q5_k) put16(p + 2);
+            }
+        }
+        expect_matches_spec(t, bytes, "random");
+    }
+}
+
+void put_f16(std::vector<uint8_t>& b, size_t at, uint16_t h) {
+    b[at] = (uint8_t)h;
+    b[at + 1] = (uint8_t)(h >> 8);
+}
+
+TEST(QuantLayout, Q8_0HandBuilt) {
+    std::vector<uint8_t> b(34, 0);
+    put_f16(b, 0, 0x3800);  // d = 0.5
+    b[2 + 0] = 0x80;        // -128
+    b[2 + 5] = 7;
+    b[2 + 31] = 127;
+    b[2 + 16] = 0xff;       // -1
+    std::vector<float> y = dequant(TensorType::q8_0, b, 32);
+    EXPECT_EQ(y[0], -64.f);
+    EXPECT_EQ(y[5], 3.5f);
+    EXPECT_EQ(y[31], 63.5f);
+    EXPECT_EQ(y[16], -0.5f);
+    EXPECT_EQ(y[1], 0.f);
+    expect_matches_spec(TensorType::q8_0, b, "hand");
+}
+
+TEST(QuantLayout, Q4_0HandBuilt) {
+    std::vector<uint8_t> b(18, 0x88);  // all codes 8 -> 0
+    put_f16(b, 0, 0xc000);             // d = -2
+    b[2 + 0] = 0x1f;                   // element 0: 15, element 16: 1
+    b[2 + 15] = 0x80;                  // element 15: 0, element 31: 8
+    b[2 + 3] = 0x9a;                   // element 3: 10, element 19: 9
+    std::vector<float> y = dequant(TensorType::q4_0, b, 32);
+    EXPECT_EQ(y[0], -14.f);
+    EXPECT_EQ(y[16], 14.f);
+    EXPECT_EQ(y[15], 16.f);
+    EXPECT_EQ(y[31], 0.f);
+    EXPECT_EQ(y[3], -4.f);
+    EXPECT_EQ(y[19], -2.f);
+    EXPECT_EQ(y[1], 0.f);
+    expect_matches_spec(TensorType::q4_0, b, "hand");
+}
+
+// The 12-byte scale/min packing of Q4_K/Q5_K, spelled out for a few sub-blocks:
+//   sub-block 0: sc 1,  m 2   -> s[0] = 1, s[4] = 2
+//   sub-block 1: sc 63, m 0   -> s[1] low 6 bits = 63, s[5] low 6 bits = 0
+//   sub-block 3: sc 4,  m 5   -> s[3] low 6 bits = 4, s[7] low 6 bits = 5
+//   sub-block 5: sc 37 = 0b10'0101, m 50 = 0b11'0010 -> s[9] = 0x25, s[1] bits 6-7 = 2, s[5] bits 6-7 = 3
+//   sub-block 7: sc 63 = 0b11'1111, m 17 = 0b01'0001 -> s[11] = 0x1f, s[3] bits 6-7 = 3, s[7] bits 6-7 = 1
+//   sub-blocks 2, 4, 6: zero.
+void k_scales(std::vector<uint8_t>& b) {
+    put_f16(b, 0, 0x3800);  // d = 0.5
+    put_f16(b, 2, 0x3400);  // dmin = 0.25
+    uint8_t* s = b.data() + 4;
+    s[0] = 1;
+    s[4] = 2;
+    s[1] = (uint8_t)(63 | (2 << 6));
+    s[5] = (uint8_t)(0 | (3 << 6));
+    s[3] = (uint8_t)(4 | (3 << 6));
+    s[7] = (uint8_t)(5 | (1 << 6));
+    s[9] = 0x25;
+    s[11] = 0x1f;
+}
+
+TEST(QuantLayout, Q4_KHandBuilt) {
+    std::vector<uint8_t> b(144, 0);
+    k_scales(b);
+    uint8_t* qs = b.data() + 16;
+    qs[0] = 0xa3;    // element 0 (sub-block 0): 3; element 32 (sub-block 1): 10
+    qs[67] = 0xb0;   // element 131 (sub-block 4): 0; element 163 (sub-block 5): 11
+    qs[127] = 0xf0;  // element 223 (sub-block 6): 0; element 255 (sub-block 7): 15
+    qs[63] = 0x02;   // element 95 (sub-block 2): 2;  element 127 (sub-block 3): 0
+    qs[62] = 0x20;   // element 126 (sub-block 3): 2
+    std::vector<float> y = dequant(TensorType::q4_k, b, 256);
+    EXPECT_EQ(y[0], 0.5f * 1 * 3 - 0.25f * 2);        // 1.0
+    EXPECT_EQ(y[1], -0.5f);                            // q 0: just -dmin*m
+    EXPECT_EQ(y[32], 315.f);                           // 0.5*63*10 - 0
+    EXPECT_EQ(y[163], 191.f);                          // 0.5*37*11 - 0.25*50
+    EXPECT_EQ(y[131], 0.f);
+    EXPECT_EQ(y[255], 468.25f);                        // 0.5*63*15 - 0.25*17
+    EXPECT_EQ(y[254], -4.25f);                         // q 0 in sub-block 7
+    EXPECT_EQ(y[95], 0.f);                             // sub-block 2 has scale 0
+    EXPECT_EQ(y[126], 0.5f * 4 * 2 - 0.25f * 5);       // 2.75
+    EXPECT_EQ(y[127], -1.25f);
+    EXPECT_EQ(y[160], -12.5f);                         // sub-block 5, q 0
+    expect_matches_spec(TensorType::q4_k, b, "hand");
+}
+
+TEST(QuantLayout, Q5_KHandBuilt) {
+    std::vector<uint8_t> b(176, 0);
+    k_scales(b);
+    uint8_t* qh = b.data() + 16;
+    uint8_t* qs = b.data() + 48;
+    qs[0] = 0xa3;
+    qh[0] = 0x01;    // element 0 gets +16 (bit 0 = 2c for c=0); element 32 (bit 1) does not
+    qs[67] = 0xb0;
+    qh[3] = 0x20;    // element 163: c=2, high half -> bit 5
+    qs[127] = 0xf0;
+    qh[31] = 0x80 | 0x40;  // element 255: c=3 high -> bit 7; element 223: c=3 low -> bit 6
+    std::vector<float> y = dequant(TensorType::q5_k, b, 256);
+    EXPECT_EQ(y[0], 0.5f * 1 * 19 - 0.5f);             // 9.0
+    EXPECT_EQ(y[32], 315.f);
+    EXPECT_EQ(y[163], 0.5f * 37 * 27 - 12.5f);         // 487
+    EXPECT_EQ(y[131], 0.f);
+    EXPECT_EQ(y[255], 0.5f * 63 * 31 - 4.25f);         // 972.25
+    EXPECT_EQ(y[223], 0.f);                            // sub-block 6: scale 0, min 0, q 16
+    EXPECT_EQ(y[3], -0.5f);                            // element 3: q 0, no high bit
+    expect_matches_spec(TensorType::q5_k, b, "hand");
+}
+
+TEST(QuantLayout, Q6_KHandBuilt) {
+    std::vector<uint8_t> b(210, 0);
+    uint8_t* ql = b.data();
+    uint8_t* qh = b.data() + 128;
+    int8_t* sc = reinterpret_cast<int8_t*>(b.data() + 192);
+    put_f16(b, 208, 0x3400);  // d = 0.25
+    sc[0] = -3;
+    sc[2] = 127;
+    sc[4] = 100;
+    sc[6] = -128;
+    sc[8] = 1;
+    sc[15] = 2;
+    ql[0] = 0x5a;   // element 0 low 4 = 10, element 64 low 4 = 5
+    qh[0] = 0xe7;   // 0b11'10'01'11: element 0 high 2 = 3, element 32: 1, element 64: 2, element 96: 3
+    ql[32] = 0x0f;  // element 32 low 4 = 15, element 96 low 4 = 0
+    ql[65] = 0x03;  // element 129 (h=1, l=1): low 4 = 3; qh[33] = 0 -> 3
+    ql[127] = 0xff; // element 255 (h=1, l=31, k=3): high nibble of ql[64+32+31] = 15
+    qh[63] = 0x80;  // ... and bits 6-7 of qh[32+31] = 2 -> q = 15 | 32 = 47 - 32 = 15
+    std::vector<float> y = dequant(TensorType::q6_k, b, 256);
+    EXPECT_EQ(y[0], 0.25f * -3 * 26);     // q = (10 | 48) - 32 = 26 -> -19.5
+    EXPECT_EQ(y[64], 0.25f * 100 * 5);    // q = (5 | 32) - 32 = 5 -> 125
+    EXPECT_EQ(y[32], 0.25f * 127 * -1);   // q = (15 | 16) - 32 = -1 -> -31.75
+    EXPECT_EQ(y[96], 0.25f * -128 * 16);  // q = (0 | 48) - 32 = 16 -> -512
+    EXPECT_EQ(y[129], 0.25f * 1 * -29);   // -7.25
+    EXPECT_EQ(y[255], 0.25f * 2 * 15);    // 7.5
+    EXPECT_EQ(y[1], 0.25f * -3 * -32);    // all-zero code: q = -32 -> 24
+    expect_matches_spec(TensorType::q6_k, b, "hand");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantizers
+
+// ggml's reference rules for the legacy formats (formats.md §2.2; ggml scales by 1/d, as here).
+std::vector<uint8_t> rule_q8_0(const std::vector<float>& x) {
+    std::vector<uint8_t> out;
+    for (size_t b = 0; b < x.size() / 32; ++b) {
+        float amax = 0;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+        float d = amax / 127.f, id = d != 0 ? 1.f / d : 0.f;
+        uint16_t h = ref_f32_to_fp16(d);
+        out.push_back((uint8_t)h);
+        out.push_back((uint8_t)(h >> 8));
+        for (int j = 0; j < 32; ++j) out.push_back((uint8_t)(int8_t)std::round(x[b * 32 + j] * id));
+    }
+    return out;
+}
+std::vector<uint8_t> rule_q4_0(const std::vector<float>& x) {
+    std::vector<uint8_t> out;
+    for (size_t b = 0; b < x.size() / 32; ++b) {
+        const float* v = &x[b * 32];
+        float amax = 0, vmax = 0;
+        for (int j = 0; j < 32; ++j)
+            if (std::fabs(v[j]) > amax) { amax = std::fabs(v[j]); vmax = v[j]; }
+        float d = vmax / -8.f, id = d != 0 ? 1.f / d : 0.f;
+        uint16_t h = ref_f32_to_fp16(d);
+        out.push_back((uint8_t)h);
+        out.push_back((uint8_t)(h >> 8));
+        for (int j = 0; j < 16; ++j) {
+            int lo = std::min(15, (int)(v[j] * id + 8.5f)), hi = std::min(15, (int)(v[j + 16] * id + 8.5f));
+            out.push_back((uint8_t)(lo | (hi << 4)));
+        }
+    }
+    return out;
+}
+
+TEST(Quantize, LegacyFormatsFollowTheReferenceRulesByteForByte) {
+    for (double sigma : {1.0, 0.02, 300.0}) {
+        std::vector<float> x = Gauss(5).vec(32 * 2000, sigma);
+        EXPECT_EQ(quant(TensorType::q8_0, x), rule_q8_0(x)) << sigma;
+        EXPECT_EQ(quant(TensorType::q4_0, x), rule_q4_0(x)) << sigma;
+    }
+    // Ties of the Q8_0 rounding go away from zero (roundf): x = 0.5*d, 1.5*d, -2.5*d with d = 1.
+    std::vector<float> t(32, 0.f);
+    t[0] = 127.f;
+    t[1] = 0.5f;
+    t[2] = 1.5f;
+    t[3] = -2.5f;
+    std::vector<uint8_t> q = quant(TensorType::q8_0, t);
+    EXPECT_EQ((int8_t)q[2 + 1], 1);
+    EXPECT_EQ((int8_t)q[2 + 2], 2);
+    EXPECT_EQ((int8_t)q[2 + 3], -3);
+    // Q4_0: the scale takes the sign of the largest-magnitude value (first one on ties).
+    std::vector<float> u(32, 0.f);
+    u[4] = 8.f;
+    u[9] = -8.f;
+    q = quant(TensorType::q4_0, u);
+    EXPECT_EQ(fp16_value(rd16(q.data())), -1.0);  // d = 8 / -8
+    std::vector<float> y = dequant(TensorType::q4_0, q, 32);
+    EXPECT_EQ(y[4], 8.f);    // code 0: (0 - 8) * -1
+    EXPECT_EQ(y[9], -7.f);   // clamped to code 15: the other extreme loses one step
+}
+
+// Relative RMSE and mean |error| on Gaussian data. Thresholds: formats.md §6 measured the
+// reference quantizers at rel. RMSE Q8_0 0.0053, Q6_K 0.0177, Q5_K 0.0362, Q4_K 0.0717,
+// Q4_0 0.0858 (2^20 samples; the estimate's own noise at 2^18 samples is < 0.5 %). Our
+// quantizers are allowed 10 % above those numbers: a plainer search than ggml's costs a few %
+// (Q6_K without make_qx_quants' scale sweep measured 0.0187, +6 %; the others were within 1 % of
+// the reference when this was written), while a real defect (a wrong rounding, a lost scale bit)
+// costs far more than 10 %. The error is also pinned from below at half the reference, which a
+// quantizer that hands back its input unchanged would not pass. Same numbers at sigma 0.02: the
+// formats are scale-invariant as long as the fp16 scales stay normal.
+struct ErrBound { TensorType type; double ref_rmse, ref_mae; };
+const ErrBound kErr[] = {
+    {TensorType::q8_0, 0.0053, 0.0045}, {TensorType::q6_k, 0.0177, 0.0146}, {TensorType::q5_k, 0.0362, 0.0304},
+    {TensorType::q4_k, 0.0717, 0.0598}, {TensorType::q4_0, 0.0858, 0.0717},
+};
+
+TEST(Quantize, GaussianRoundTripError) {
+    const size_t n = 1 << 18;
+    for (double sigma : {1.0, 0.02}) {
+        std::vector<float> x = Gauss(42).vec(n, sigma);
+        for (const ErrBound& e : kErr) {
+            std::vector<float> y = dequant(e.type, quant(e.type, x), (int64_t)n);
+            double se = 0, ae = 0;
+            for (size_t i = 0; i < n; ++i) {
+                double d = (double)y[i] - x[i];
+                se += d * d;
+                ae += std::fabs(d);
+            }
+            double rmse = std::sqrt(se / n) / sigma, mae = ae / n / sigma;
+            RecordProperty(std::string(moe::tensor_type_name(e.type)) + "_rmse_sigma" + std::to_string(sigma), std::to_string(rmse));
+            EXPECT_LT(rmse, e.ref_rmse * 1.10) << moe::tensor_type_name(e.type) << " sigma " << sigma;
+            EXPECT_GT(rmse, e.ref_rmse * 0.5) << moe::tensor_type_name(e.type) << " sigma " << sigma;
+            EXPECT_LT(mae, e.ref_mae * 1.10) << moe::tensor_type_name(e.type) << " sigma " << sigma;
+        }
+    }
+}
+
+// Values already on the quantization grid come back exactly.
+TEST(Quantize, ValuesOnTheGridAreExact) {
+    std::mt19937_64 g(3);
+    for (int rep = 0; rep < 50; ++rep) {
+        // Q8_0: x = k * d with d an fp16 value and max |k| = 127 in every block.
+        {
+            std::vector<float> x(32 * 4);
+            for (int b = 0; b < 4; ++b) {
+                float d = (float)fp16_value(random_fp16(g) & 0x7fff);
+                for (int j = 0; j < 32; ++j) x[(size_t)(b * 32 + j)] = (float)((int)(g() % 255) - 127) * d;
+                x[(size_t)(b * 32 + g() % 32)] = (g() & 1 ? 127.f : -127.f) * d;
+            }
+            std::vector<float> y = dequant(TensorType::q8_0, quant(TensorType::q8_0, x), (int64_t)x.size());
+            ASSERT_EQ(y, x) << "Q8_0 rep " << rep;
+        }
+        // Q4_0: x = (q - 8) * d, q in [0, 15], with code 0 (the unique largest magnitude) present.
+        {
+            std::vector<float> x(32 * 4);
+            for (int b = 0; b < 4; ++b) {
+                float d = (float)fp16_value(random_fp16(g));
+                for (int j = 0; j < 32; ++j) x[(size_t)(b * 32 + j)] = (float)((int)(1 + g() % 15) - 8) * d;
+                x[(size_t)(b * 32 + g() % 32)] = -8.f * d;
+            }
+            std::vector<float> y = dequant(TensorType::q4_0, quant(TensorType::q4_0, x), (int64_t)x.size());
+            ASSERT_EQ(y, x) << "Q4_0 rep " << rep;
+        }
+        // Q6_K: x = sc_s * D * q with D a power of two, q in [-32, 31], code -32 the largest magnitude
+        // of every 16, and one sub-block at sc = 128: then d = -D and the int8 scales are -sc_s.
+        {
+            std::vector<float> x(256);
+            float D = std::ldexp(1.f, -(int)(g() % 12));
+            int big = (int)(g() % 16);
+            for (int s = 0; s < 16; ++s) {
+                int scs = s == big ? 128 : 1 + (int)(g() % 127);
+                for (int i = 0; i < 16; ++i) x[(size_t)(16 * s + i)] = (float)(scs * ((int)(g() % 63) - 31)) * D;
+                x[(size_t)(16 * s + g() % 16)] = (float)(scs * -32) * D;
+            }
+            std::vector<float> y = dequant(TensorType::q6_k, quant(TensorType::q6_k, x), 256);
+            ASSERT_EQ(y, x) << "Q6_K rep " << rep;
+        }
+        // Q4_K / Q5_K without mins: x = (d * k_j) * q >= 0 with q in [0, nmax], both ends present in
+        // every sub-block, k_j in [1, 63] and one k_j = 63, d a power of two.
+        for (TensorType t : {TensorType::q4_k, TensorType::q5_k}) {
+            int nmax = t == TensorType::q4_k ? 15 : 31;
+            std::vector<float> x(256);
+            float d = std::ldexp(1.f, -(int)(g() % 10));
+            int big = (int)(g() % 8);
+            for (int j = 0; j < 8; ++j) {
+                int k = j == big ? 63 : 1 + (int)(g() % 63);
+                for (int i = 0; i < 32; ++i) x[(size_t)(32 * j + i)] = (d * (float)k) * (float)(g() % (uint64_t)(nmax + 1));
+                int lo = (int)(g() % 32), hi = (lo + 1 + (int)(g() % 31)) % 32;
+                x[(size_t)(32 * j + lo)] = 0.f;
+                x[(size_t)(32 * j + hi)] = (d * (float)k) * (float)nmax;
+            }
+            std::vector<float> y = dequant(t, quant(t, x), 256);
+            for (int i = 0; i < 256; ++i)
+                ASSERT_EQ(y[(size_t)i], x[(size_t)i]) << moe::tensor_type_name(t) << " rep " << rep << " element " << i;
+        }
+    }
+}
+
+TEST(Quantize, ZeroBlocks) {
+    for (TensorType t : kAllTypes) {
+        std::vector<float> x((size_t)(3 * std::max(blk(t), 32)), 0.f);
+        std::vector<uint8_t> q = quant(t, x);
+        std::vector<float> y = dequant(t, q, (int64_t)x.size());
+        for (float v : y) ASSERT_EQ(v, 0.f) << moe::tensor_type_name(t);
+        // -0 inputs too.
+        std::vector<float> nz(x.size(), -0.f);
+        y = dequant(t, quant(t, nz), (int64_t)nz.size());
+        for (float v : y) ASSERT_EQ(v, 0.f) << moe::tensor_type_name(t);
+    }
+    // Q8_0 stores an all-zero block as zero bytes; Q4_0 as scale +-0 (ggml: 0 / -8 = -0) and code 8.
+    std::vector<float> z(32, 0.f);
+    std::vector<uint8_t> q = quant(TensorType::q8_0, z);
+    for (uint8_t b : q) EXPECT_EQ(b, 0);
+    q = quant(TensorType::q4_0, z);
+    EXPECT_EQ(rd16(q.data()) & 0x7fff, 0);
+    for (size_t i = 2; i < q.size(); ++i) EXPECT_EQ(q[i], 0x88);
+    // One non-zero element in an otherwise zero block survives every format.
+    for (TensorType t : kQuantTypes) {
+        std::vector<float> x((size_t)blk(t), 0.f);
+        x[7] = 0.75f;
+        std::vector<float> y = dequant(t, quant(t, x), blk(t));
+        EXPECT_NEAR(y[7], 0.75f, 0.75f * 2e-3) << moe::tensor_type_name(t);
+        for (int i = 0; i < blk(t); ++i)
+            if (i != 7) {
+                EXPECT_NEAR(y[(size_t)i], 0.f, 0.75f * 1.0 / 15) << moe::tensor_type_name(t) << " " << i;
+            }
+    }
+}
+
+TEST(Quantize, ConstantBlocks) {
+    // A constant block is an extreme of itself, which every format represents up to the error of
+    // its fp16 super-scale: relative 2^-11 while that scale is a normal fp16, and absolute
+    // P * 2^-25 (half the fp16 subnormal step times the largest code product P that multiplies
+    // it) when c is so small that the scale is subnormal (e.g. Q6_K: d = c / 4096).
+    struct P { TensorType t; double p; };
+    const P prod[] = {{TensorType::q8_0, 127}, {TensorType::q4_0, 8}, {TensorType::q4_k, 15 * 63},
+                      {TensorType::q5_k, 31 * 63}, {TensorType::q6_k, 32 * 128}};
+    for (float c : {1.f, -3.5f, 1e-3f, -1e-3f, 100.f, 0.3f, -0.02f, 3e-6f}) {
+        for (const P& p : prod) {
+            std::vector<float> x((size_t)(2 * blk(p.t)), c);
+            std::vector<float> y = dequant(p.t, quant(p.t, x), (int64_t)x.size());
+            double tol = std::fabs(c) * 2e-3 + p.p * std::ldexp(1.0, -25);
+            for (float v : y) ASSERT_NEAR(v, c, tol) << moe::tensor_type_name(p.t) << " c=" << c;
+        }
+    }
+}
+
+TEST(Quantize, RowsOfSeveralBlocksAreBlockwise) {
+    for (TensorType t : kAllTypes) {
+        const int nb = 7;
+        const int64_t n = (int64_t)nb * blk(t) * (blk(t) == 1 ? 32 : 1);
+        std::vector<float> x = Gauss(9 + (uint64_t)t).vec((size_t)n, 1.0);
+        // Scale each block differently so a mix-up between blocks would show.
+        for (int64_t i = 0; i < n; ++i) x[(size_t)i] *= (float)(1 + (i / std::max(blk(t), 32)) % 5);
+        const size_t bytes = row_bytes(t, n);
+        // Quantize into a buffer with a canary tail: nothing may be written past `bytes`.
+        std::vector<uint8_t> q(bytes + 64, 0xcd);
+        ASSERT_EQ(moe::quantize_row(t, x.data(), q.data(), n), Status::ok);
+        for (size_t i = bytes; i < q.size(); ++i) ASSERT_EQ(q[i], 0xcd) << moe::tensor_type_name(t);
+        // Whole row == block by block.
+        const int64_t chunk = std::max(blk(t), 32);
+        for (int64_t b = 0; b < n / chunk; ++b) {
+            std::vector<uint8_t> one(row_bytes(t, chunk));
+            ASSERT_EQ(moe::quantize_row(t, x.data() + b * chunk, one.data(), chunk), Status::ok);
+            ASSERT_EQ(std::memcmp(one.data(), q.data() + row_bytes(t, b * chunk), one.size()), 0) << moe::tensor_type_name(t) << " block " << b;
+        }
+        // Dequantize: row == block by block, and the canary after n floats is untouched.
+        std::vector<float> y((size_t)n + 16, 12345.f);
+        ASSERT_EQ(moe::dequantize_row(t, q.data(), y.data(), n), Status::ok);
+        for (size_t i = (size_t)n; i < y.size(); ++i) ASSERT_EQ(y[i], 12345.f);
+        for (int64_t b = 0; b < n / chunk; ++b) {
+            std::vector<float> one((size_t)chunk);
+            ASSERT_EQ(moe::dequantize_row(t, q.data() + row_bytes(t, b * chunk), one.data(), chunk), Status::ok);
+            ASSERT_EQ(std::memcmp(one.data(), y.data() + b * chunk, (size_t)chunk * 4), 0) << moe::tensor_type_name(t);
+        }
+        // A shorter n only touches its own blocks.
+        std::vector<float> z((size_t)n, 777.f);
+        ASSERT_EQ(moe::dequantize_row(t, q.data(), z.data(), 2 * chunk), Status::ok);
+        EXPECT_EQ(std::memcmp(z.data(), y.data(), (size_t)(2 * chunk) * 4), 0);
+        for (int64_t i = 2 * chunk; i < n; ++i) ASSERT_EQ(z[(size_t)i], 777.f);
+        if (t != TensorType::f32 && t != TensorType::f16 && t != TensorType::bf16) {
+            expect_matches_spec(t, std::vector<uint8_t>(q.begin(), q.begin() + (ptrdiff_t)bytes), "row");
+        }
+    }
+}
+
+TEST(Quantize, BadLengthsAndArguments) {
+    std::vector<float> x(1024, 1.f);
+    std::vector<uint8_t> q(4096, 0xcd);
+    std::vector<float> y(1024, 5.f);
+    for (TensorType t : kQuantTypes) {
+        int b = blk(t);
+        for (int64_t n : {(int64_t)1, (int64_t)b - 1, (int64_t)b + 1, (int64_t)b + b / 2, (int64_t)-b, (int64_t)-1, (int64_t)31,
+                          (int64_t)33}) {
+            if (n > 0 && n % b == 0) continue;
+            EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), n), Status::invalid_argument) << moe::tensor_type_name(t) << " n=" << n;
+            EXPECT_STRNE(moe::last_error(), "");
+            EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), n), Status::invalid_argument) << moe::tensor_type_name(t) << " n=" << n;
+        }
+        for (uint8_t v : q) ASSERT_EQ(v, 0xcd);  // nothing written on failure
+        for (float v : y) ASSERT_EQ(v, 5.f);
+    }
+    for (TensorType t : {TensorType::f32, TensorType::f16, TensorType::bf16}) {
+        EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), -1), Status::invalid_argument);
+        EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), -1), Status::invalid_argument);
+        EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), 3), Status::ok);  // block size 1: any n
+    }
+    for (TensorType t : kAllTypes) {
+        EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), 0), Status::ok) << moe::tensor_type_name(t);
+        EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), 0), Status::ok) << moe::tensor_type_name(t);
+        EXPECT_EQ(moe::quantize_row(t, nullptr, q.data(), blk(t)), Status::invalid_argument);
+        EXPECT_EQ(moe::quantize_row(t, x.data(), nullptr, blk(t)), Status::invalid_argument);
+        EXPECT_EQ(moe::dequantize_row(t, nullptr, y.data(), blk(t)), Status::invalid_argument);
+        EXPECT_EQ(moe::dequantize_row(t, q.data(), nullptr, blk(t)), Status::invalid_argument);
+    }
+    // Types this build does not support (Q4_1, Q8_K, MXFP4, garbage).
+    for (uint32_t raw : {3u, 15u, 39u, 12345u}) {
+        EXPECT_NE(moe::quantize_row((TensorType)raw, x.data(), q.data(), 256), Status::ok) << raw;
+        EXPECT_NE(moe::dequantize_row((TensorType)raw, q.data(), y.data(), 256), Status::ok) << raw;
+        EXPECT_FALSE(moe::tensor_type_supported(raw));
+        EXPECT_EQ(moe::tensor_type_block_elems((TensorType)raw), 0);
+    }
+}
+
+TEST(QuantTypes, TraitsMatchTheSpecTable) {
+    // formats.md §1.3: id, block elements, bytes per block.
+    struct Row { uint32_t id; int elems, bytes; const char* name; };
+    const Row rows[] = {{0, 1, 4, "F32"},      {1, 1, 2, "F16"},      {30, 1, 2, "BF16"},     {2, 32, 18, "Q4_0"},
+                        {8, 32, 34, "Q8_0"},   {12, 256, 144, "Q4_K"}, {13, 256, 176, "Q5_K"}, {14, 256, 210, "Q6_K"}};
+    for (const Row& r : rows) {
+        EXPECT_TRUE(moe::tensor_type_supported(r.id));
+        EXPECT_EQ(moe::tensor_type_block_elems((TensorType)r.id), r.elems);
+        EXPECT_EQ(moe::tensor_type_block_bytes((TensorType)r.id), r.bytes);
+        EXPECT_STREQ(moe::tensor_type_name((TensorType)r.id), r.name);
+    }
+    EXPECT_STREQ(moe::tensor_type_name((TensorType)3), "unknown");
+}
+
+// Any bytes decode without reading outside the row (ASan) - including NaN/inf scales.
+TEST(QuantLayout, ArbitraryBytesDecodeInBounds) {
+    std::mt19937_64 g(99);
+    for (TensorType t : kAllTypes) {
+        for (int rep = 0; rep < 20; ++rep) {
+            int64_t n = (int64_t)std::max(blk(t), 1) * (1 + (int64_t)(g() % 4));
+            size_t bytes = row_bytes(t, n);
+            std::unique_ptr<uint8_t[]> q(new uint8_t[bytes]);
+            for (size_t i = 0; i < bytes; ++i) q[i] = (uint8_t)g();
+            std::unique_ptr<float[]> y(new float[(size_t)n]);
+            ASSERT_EQ(moe::dequantize_row(t, q.get(), y.get(), n), Status::ok);
+        }
+    }
+}
+
+}  // namespace
