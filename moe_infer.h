@@ -266,6 +266,9 @@ MOE_API Status force_isa(Isa isa);
 // One weight row (`n` elements of `type`) dotted with float activations `x`, through the kernel of
 // `isa` (x is first quantized to the type's activation format, as the forward pass does). For tests.
 MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out);
+// The activation row `type`'s kernels dot against (Q8_0 / Q8_K blocks, or float), made with the
+// quantizer of `isa`; dst_size >= its size. SIMD quantizers are bit-exact with the scalar ones.
+MOE_API Status quantize_activations(TensorType weight_type, Isa isa, const float* x, int64_t n, void* dst, size_t dst_size);
 
 // Reference quantization of `n` floats (n a multiple of the block size) into `dst`
 // (n / block_elems * block_bytes bytes) and back. For tests, tools and GgufWriter.
@@ -1801,10 +1804,23 @@ inline size_t act_row_bytes(ActFormat f, int64_t n) {
     return 0;
 }
 
+// Activation rows to Q8_0 the way llama.cpp's x86 backend does it (scale 127/amax, round half to
+// even), not with the file quantizer's 1/d and ties away from zero: the same rounding on both
+// sides keeps greedy parity with llama.cpp, and it maps to one SIMD multiply + round.
+inline void quantize_act_q8_0_ref(BlockQ8_0* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        float amax = 0;
+        for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
+        float id = amax != 0 ? 127.f / amax : 0.f;
+        y[b].d = f32_to_fp16(amax / 127.f);
+        for (int j = 0; j < kQK; ++j) y[b].qs[j] = (int8_t)std::nearbyint(x[j] * id);
+    }
+}
+
 inline void quantize_act_ref(ActFormat f, void* dst, const float* x, int64_t n) {
     switch (f) {
         case ActFormat::f32: std::memcpy(dst, x, (size_t)n * 4); break;
-        case ActFormat::q8_0: quantize_row_q8_0_ref(static_cast<BlockQ8_0*>(dst), x, n); break;
+        case ActFormat::q8_0: quantize_act_q8_0_ref(static_cast<BlockQ8_0*>(dst), x, n); break;
         case ActFormat::q8_k: quantize_row_q8k_ref(static_cast<BlockQ8K*>(dst), x, n); break;
     }
 }
@@ -1899,7 +1915,7 @@ inline Isa active_isa() {
 inline KernelTraits kernel_traits_for(uint32_t type, Isa isa) {
     KernelTraits k = kernel_traits_ref(type);
 #if MOE_DETAIL_X86
-    if (isa != Isa::scalar) {
+    if (isa >= Isa::avx2 && isa <= Isa::avx512_vnni) {
         VecDotFn f = x86_vec_dot(type, (int)isa);
         if (f) k.vec_dot = f;
     }
@@ -1915,8 +1931,18 @@ inline KernelTraits kernel_traits(uint32_t type) { return kernel_traits_for(type
 inline void quantize_act(ActFormat f, void* dst, const float* x, int64_t n) {
 #if MOE_DETAIL_X86
     const Isa isa = active_isa();
-    QuantizeActFn q = isa != Isa::scalar ? x86_quantize_act(f, (int)isa) : nullptr;
+    QuantizeActFn q = isa >= Isa::avx2 && isa <= Isa::avx512_vnni ? x86_quantize_act(f, (int)isa) : nullptr;
     if (q) { q(dst, x, n); return; }
+#endif
+    quantize_act_ref(f, dst, x, n);
+}
+
+inline void quantize_act_with(ActFormat f, Isa isa, void* dst, const float* x, int64_t n) {
+#if MOE_DETAIL_X86
+    QuantizeActFn q = isa >= Isa::avx2 && isa <= Isa::avx512_vnni ? x86_quantize_act(f, (int)isa) : nullptr;
+    if (q) { q(dst, x, n); return; }
+#else
+    (void)isa;
 #endif
     quantize_act_ref(f, dst, x, n);
 }
@@ -1940,6 +1966,17 @@ MOE_API Status force_isa(Isa isa) {
     if ((int)isa > (int)detail::detect_isa() || ((isa == Isa::neon || isa == Isa::neon_dotprod) != (detail::detect_isa() >= Isa::neon)))
         if (isa != Isa::scalar) return detail::fail(Status::unsupported, "ISA %s is not available on this CPU/build", isa_name(isa));
     detail::forced_isa().store((int)isa);
+    return Status::ok;
+}
+
+MOE_API Status quantize_activations(TensorType weight_type, Isa isa, const float* x, int64_t n, void* dst, size_t dst_size) {
+    const detail::TypeTraits* tt = detail::type_traits((uint32_t)weight_type);
+    if (!tt || !x || !dst || n <= 0) return detail::fail(Status::invalid_argument, "quantize_activations: bad arguments");
+    detail::ActFormat f = detail::kernel_traits_ref((uint32_t)weight_type).act;
+    int64_t block = f == detail::ActFormat::q8_k ? detail::kQKK : f == detail::ActFormat::q8_0 ? detail::kQK : 1;
+    if (n % block) return detail::fail(Status::invalid_argument, "quantize_activations: n is not a multiple of %lld", (long long)block);
+    if (dst_size < detail::act_row_bytes(f, n)) return detail::fail(Status::invalid_argument, "quantize_activations: dst too small");
+    detail::quantize_act_with(f, isa, dst, x, n);
     return Status::ok;
 }
 

@@ -1,0 +1,873 @@
+// moe-bench: decode/prefill speed of moe_infer.h against the machine's own read bandwidth, and a
+// writer of random-weight GGUFs with the shapes of real MoE models (which llama.cpp loads too).
+//
+//   moe-bench -m FILE [-t N] [-p 64] [-n 32] [-r 3] [--json] [--isa scalar|avx2|avx512|avx512_vnni]
+//   moe-bench --synthetic SHAPE --quant TYPE -o FILE [--layers N] [--seed N] [--pure] [-t N]
+//
+// Benchmark: measures the read bandwidth with N threads (membw.h), loads the model (mmap), reads
+// every weight once (so the timed runs do not include page-ins), runs one untimed warm-up, then r
+// repetitions of: reset the KV cache, prefill p random token ids (fixed seed) as one eval, decode n
+// tokens one eval at a time (greedy argmax of the logits). Prints the median prefill and decode
+// tok/s, the active bytes per token (ModelInfo::active_bytes_per_token), the achieved bandwidth
+// decode tok/s x active bytes, and that as % of the measured bandwidth. --json: one JSON object.
+//
+// Synthetic models: see kUsage and bench/README.md (shapes, quant mixtures, tokenizer).
+// Only the public API of moe_infer.h is used.
+#include "moe_infer.h"
+#define MOE_INFER_IMPLEMENTATION
+#include "moe_infer.h"
+
+#include "membw.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+const char* kUsage =
+    "usage:\n"
+    "  moe-bench -m FILE [options]                      benchmark a GGUF model\n"
+    "  moe-bench --synthetic SHAPE --quant TYPE -o FILE  write a random-weight GGUF\n"
+    "\n"
+    "benchmark options:\n"
+    "  -t N            threads (default: all cores, at most 16)\n"
+    "  -p N            prompt tokens per prefill (default 64; 0 = no prefill timing)\n"
+    "  -n N            tokens decoded one at a time (default 32)\n"
+    "  -r N            repetitions; medians are reported (default 3)\n"
+    "  --json          print one JSON object instead of the table\n"
+    "  --isa ISA       force the kernels: scalar, avx2, avx512, avx512_vnni, neon, neon_dotprod\n"
+    "  --bw GBS        skip the bandwidth measurement and use GBS (GB/s) instead\n"
+    "  --bw-mib N      buffer of the bandwidth measurement (default max(1 GiB, 4 x LLC))\n"
+    "  --no-prefault   do not read the weights once before the timed runs\n"
+    "  --seed N        seed of the random prompt (default 1234)\n"
+    "\n"
+    "synthetic model options:\n"
+    "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
+    "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16\n"
+    "  -o FILE         output path\n"
+    "  --layers N      keep only the first N layers (quick tests)\n"
+    "  --pure          every matrix in T (default: the output matrix is Q6_K for 4-bit T)\n"
+    "  --seed N        seed of the weights (default 1234)\n"
+    "  -t N            generator threads (default: all cores)\n";
+
+int fail(const std::string& msg) {
+    std::fprintf(stderr, "error: %s\n", msg.c_str());
+    return 1;
+}
+
+bool parse_i64(const char* s, long long lo, long long hi, long long* out) {
+    if (!s || !*s) return false;
+    char* end = nullptr;
+    errno = 0;
+    long long v = std::strtoll(s, &end, 10);
+    if (errno || *end || v < lo || v > hi) return false;
+    *out = v;
+    return true;
+}
+
+bool parse_f64(const char* s, double lo, double hi, double* out) {
+    if (!s || !*s) return false;
+    char* end = nullptr;
+    errno = 0;
+    double v = std::strtod(s, &end);
+    if (errno || *end || !(v >= lo && v <= hi)) return false;
+    *out = v;
+    return true;
+}
+
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// splitmix64: small, fast, good enough for random weights and prompts.
+struct Rng {
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed) {}
+    uint64_t next() {
+        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    double uniform() { return (double)(next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
+    float uniform(float lo, float hi) { return lo + (hi - lo) * (float)uniform(); }
+};
+
+uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c) {
+    Rng r(a * 0x100000001B3ull ^ (b + 0x632BE59BD9B4E019ull) * 0x9E3779B97F4A7C15ull ^ c * 0xD6E8FEB86659FD93ull);
+    r.next();
+    return r.next();
+}
+
+// f32 -> IEEE fp16 for the normal range only (|x| in [2^-14, 65504]); the generators never leave it.
+uint16_t to_fp16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    int32_t e = (int32_t)((x >> 23) & 0xff) - 127 + 15;
+    uint32_t m = x & 0x7fffffu;
+    uint32_t h = (uint32_t)(e << 10) | (m >> 13);
+    uint32_t rest = m & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) ++h;  // round to nearest even
+    return (uint16_t)(sign | h);
+}
+
+std::string json_escape(const std::string& s) {
+    std::string o;
+    for (unsigned char c : s) {
+        if (c == '"' || c == '\\') { o += '\\'; o += (char)c; }
+        else if (c < 0x20) { char b[8]; std::snprintf(b, sizeof b, "\\u%04x", c); o += b; }
+        else o += (char)c;
+    }
+    return o;
+}
+
+double median(std::vector<double> v) {
+    if (v.empty()) return 0;
+    std::sort(v.begin(), v.end());
+    size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string fmt_bytes(double b) {
+    char buf[64];
+    if (b >= 1e9) std::snprintf(buf, sizeof buf, "%.2f GB", b / 1e9);
+    else if (b >= 1e6) std::snprintf(buf, sizeof buf, "%.1f MB", b / 1e6);
+    else std::snprintf(buf, sizeof buf, "%.0f B", b);
+    return buf;
+}
+
+int default_threads() {
+    unsigned hc = std::thread::hardware_concurrency();
+    return (int)std::min(16u, std::max(1u, hc));
+}
+
+//=================================================================================================
+// Synthetic models
+//=================================================================================================
+
+enum class Tok { gpt2_qwen2, gpt2_olmo, spm };
+enum class QkNorm { none, per_head, whole };
+
+struct Shape {
+    const char* name;
+    const char* arch;
+    const char* display;  // general.name
+    int n_embd, n_layer, n_head, n_head_kv, head_dim;
+    int n_expert, n_used, n_ff_exp;
+    int n_ff_dense;        // qwen3moe.feed_forward_length (informational); 0 = not written
+    bool ff_in_expert_key; // qwen3moe keeps the expert size in expert_feed_forward_length
+    int n_vocab, n_ctx;
+    float rope_base, eps;
+    QkNorm qk;
+    bool write_key_length;
+    Tok tok;
+};
+
+// Hyper-parameters from the models' config.json (Qwen/Qwen3-30B-A3B, allenai/OLMoE-1B-7B-0924,
+// mistralai/Mixtral-8x7B-v0.1) and /work/shared/formats.md 1.5.
+const Shape kShapes[] = {
+    {"qwen3-30b-a3b", "qwen3moe", "Qwen3-30B-A3B (synthetic)", 2048, 48, 32, 4, 128, 128, 8, 768, 6144, true, 151936, 40960,
+     1e6f, 1e-6f, QkNorm::per_head, true, Tok::gpt2_qwen2},
+    {"olmoe-1b-7b", "olmoe", "OLMoE-1B-7B (synthetic)", 2048, 16, 16, 16, 128, 64, 8, 1024, 0, false, 50304, 4096, 1e4f, 1e-5f,
+     QkNorm::whole, false, Tok::gpt2_olmo},
+    {"mixtral-8x7b", "llama", "Mixtral-8x7B (synthetic)", 4096, 32, 32, 8, 128, 8, 2, 14336, 0, false, 32000, 32768, 1e6f, 1e-5f,
+     QkNorm::none, false, Tok::spm},
+};
+
+const Shape* find_shape(const std::string& name) {
+    for (const Shape& s : kShapes)
+        if (name == s.name) return &s;
+    return nullptr;
+}
+
+enum class Fill { weights, norm, router };
+
+struct TensorSpec {
+    std::string name;
+    moe::TensorType type;
+    uint32_t n_dims;
+    int64_t ne[3];
+    Fill fill;
+    uint64_t bytes;
+    bool expert;
+};
+
+uint64_t tensor_bytes(moe::TensorType t, const int64_t* ne, uint32_t n_dims) {
+    uint64_t n = 1;
+    for (uint32_t d = 0; d < n_dims; ++d) n *= (uint64_t)ne[d];
+    return n / (uint64_t)moe::tensor_type_block_elems(t) * (uint64_t)moe::tensor_type_block_bytes(t);
+}
+
+// llama-quantize's Q4_K_M spends 6 bits on attn_v and ffn_down in "more bits" layers: the first and
+// last eighth of the layers and every third layer in between (our rendering of that rule).
+bool more_bits_layer(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+
+struct QuantPlan {
+    std::string label;     // what was asked
+    moe::TensorType base;  // most matrices
+    uint32_t file_type;    // general.file_type (llama_ftype)
+    bool k_mix;            // q4_k_m mixture
+};
+
+bool make_plan(const std::string& q, QuantPlan* p) {
+    using T = moe::TensorType;
+    p->label = q;
+    p->k_mix = false;
+    if (q == "q4_0") { p->base = T::q4_0; p->file_type = 2; }
+    else if (q == "q8_0") { p->base = T::q8_0; p->file_type = 7; }
+    else if (q == "q4_k_m") { p->base = T::q4_k; p->file_type = 15; p->k_mix = true; }
+    else if (q == "q4_k") { p->base = T::q4_k; p->file_type = 14; }
+    else if (q == "q6_k") { p->base = T::q6_k; p->file_type = 18; }
+    else if (q == "f16") { p->base = T::f16; p->file_type = 1; }
+    else return false;
+    return true;
+}
+
+std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPlan& q, bool pure) {
+    using T = moe::TensorType;
+    std::vector<TensorSpec> v;
+    auto add = [&](const std::string& name, T type, std::initializer_list<int64_t> ne, Fill fill) {
+        TensorSpec t;
+        t.name = name;
+        t.type = type;
+        t.n_dims = (uint32_t)ne.size();
+        int i = 0;
+        for (int64_t x : ne) t.ne[i++] = x;
+        for (; i < 3; ++i) t.ne[i] = 1;
+        t.fill = fill;
+        t.bytes = tensor_bytes(type, t.ne, t.n_dims);
+        t.expert = name.find("_exps.") != std::string::npos;
+        v.push_back(t);
+    };
+    const T base = q.base;
+    const bool four_bit = base == T::q4_0 || base == T::q4_k;
+    const T out_type = q.k_mix ? T::q6_k : (four_bit && !pure ? T::q6_k : base);
+    const int64_t E = s.n_embd, H = (int64_t)s.n_head * s.head_dim, KV = (int64_t)s.n_head_kv * s.head_dim, F = s.n_ff_exp;
+    const int64_t V = s.n_vocab, X = s.n_expert;
+
+    add("token_embd.weight", base, {E, V}, Fill::weights);
+    for (int il = 0; il < n_layer; ++il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        const bool more = q.k_mix && more_bits_layer(il, n_layer);
+        add(b + "attn_norm.weight", T::f32, {E}, Fill::norm);
+        add(b + "attn_q.weight", base, {E, H}, Fill::weights);
+        add(b + "attn_k.weight", base, {E, KV}, Fill::weights);
+        add(b + "attn_v.weight", more ? T::q6_k : base, {E, KV}, Fill::weights);
+        add(b + "attn_output.weight", base, {H, E}, Fill::weights);
+        if (s.qk == QkNorm::per_head) {
+            add(b + "attn_q_norm.weight", T::f32, {s.head_dim}, Fill::norm);
+            add(b + "attn_k_norm.weight", T::f32, {s.head_dim}, Fill::norm);
+        } else if (s.qk == QkNorm::whole) {
+            add(b + "attn_q_norm.weight", T::f32, {H}, Fill::norm);
+            add(b + "attn_k_norm.weight", T::f32, {KV}, Fill::norm);
+        }
+        add(b + "ffn_norm.weight", T::f32, {E}, Fill::norm);
+        add(b + "ffn_gate_inp.weight", T::f32, {E, X}, Fill::router);
+        add(b + "ffn_gate_exps.weight", base, {E, F, X}, Fill::weights);
+        add(b + "ffn_up_exps.weight", base, {E, F, X}, Fill::weights);
+        add(b + "ffn_down_exps.weight", more ? T::q6_k : base, {F, E, X}, Fill::weights);
+    }
+    add("output_norm.weight", T::f32, {E}, Fill::norm);
+    add("output.weight", out_type, {E, V}, Fill::weights);
+    return v;
+}
+
+// ---- random block bytes: fp16 scales in the normal range, values |w| <~ 0.12, no NaN/Inf --------
+
+void gen_q4_0(uint8_t* p, size_t nb, Rng& r) {  // 18 B: d, 16 B of nibbles; |w| <= 8 d
+    for (size_t b = 0; b < nb; ++b, p += 18) {
+        uint16_t d = to_fp16(r.uniform(0.002f, 0.012f));
+        std::memcpy(p, &d, 2);
+        uint64_t a = r.next(), c = r.next();
+        std::memcpy(p + 2, &a, 8);
+        std::memcpy(p + 10, &c, 8);
+    }
+}
+
+void gen_q8_0(uint8_t* p, size_t nb, Rng& r) {  // 34 B: d, 32 x int8 in [-127, 127]; |w| <= 127 d
+    for (size_t b = 0; b < nb; ++b, p += 34) {
+        uint16_t d = to_fp16(r.uniform(2e-4f, 8e-4f));
+        std::memcpy(p, &d, 2);
+        for (int k = 0; k < 4; ++k) {
+            uint64_t a = r.next();
+            std::memcpy(p + 2 + 8 * k, &a, 8);
+        }
+        for (int j = 0; j < 32; ++j)
+            if (p[2 + j] == 0x80) p[2 + j] = 0x81;  // -128 -> -127
+    }
+}
+
+// 144 B: d, dmin, 12 B of 6-bit (scale, min) pairs, 128 B of nibbles. w = d*sc*q - dmin*m with
+// sc in [32, 63], m = sc/2 and dmin = 15 d: each sub-block is centred on zero, |w| <~ 0.12.
+void gen_q4_k(uint8_t* p, size_t nb, Rng& r) {
+    for (size_t b = 0; b < nb; ++b, p += 144) {
+        float d = r.uniform(8e-5f, 2.5e-4f);
+        uint16_t hd = to_fp16(d), hm = to_fp16(15.f * d);
+        std::memcpy(p, &hd, 2);
+        std::memcpy(p + 2, &hm, 2);
+        uint8_t sc[8], mn[8];
+        uint64_t bits = r.next();
+        for (int j = 0; j < 8; ++j) {
+            sc[j] = (uint8_t)(32 + ((bits >> (5 * j)) & 31));
+            mn[j] = (uint8_t)(sc[j] / 2);
+        }
+        uint8_t* s = p + 4;
+        for (int j = 0; j < 4; ++j) {
+            s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+            s[j + 4] = (uint8_t)((mn[j] & 63) | ((mn[j + 4] >> 4) << 6));
+            s[j + 8] = (uint8_t)((sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4));
+        }
+        for (int k = 0; k < 16; ++k) {
+            uint64_t a = r.next();
+            std::memcpy(p + 16 + 8 * k, &a, 8);
+        }
+    }
+}
+
+// 210 B: ql[128], qh[64], int8 scales[16], d. w = d*scale*(q-32), |scale| in [8, 31]: |w| <= 992 d.
+void gen_q6_k(uint8_t* p, size_t nb, Rng& r) {
+    for (size_t b = 0; b < nb; ++b, p += 210) {
+        for (int k = 0; k < 24; ++k) {
+            uint64_t a = r.next();
+            std::memcpy(p + 8 * k, &a, 8);
+        }
+        for (int j = 0; j < 16; j += 8) {
+            uint64_t bits = r.next();
+            for (int k = 0; k < 8; ++k) {
+                unsigned byte = (unsigned)(bits >> (8 * k)) & 0xffu;
+                int mag = 8 + (int)((byte & 0x7fu) % 24);  // 8..31
+                int8_t v = (int8_t)((byte & 0x80u) ? -mag : mag);
+                std::memcpy(p + 192 + j + k, &v, 1);
+            }
+        }
+        uint16_t d = to_fp16(r.uniform(7e-5f, 1.2e-4f));
+        std::memcpy(p + 208, &d, 2);
+    }
+}
+
+// fp16 values with |w| in [2^-9, 2^-3): exponent field 6..11, random mantissa and sign.
+void gen_f16(uint8_t* p, size_t n, Rng& r) {
+    for (size_t i = 0; i < n;) {
+        uint64_t a = r.next();
+        for (int k = 0; k < 4 && i < n; ++k, ++i) {
+            uint16_t bits = (uint16_t)(a >> (16 * k));
+            uint16_t e = (uint16_t)(6 + (bits >> 10) % 6);
+            uint16_t h = (uint16_t)((bits & 0x8000u) | (e << 10) | (bits & 0x3ffu));
+            std::memcpy(p + 2 * i, &h, 2);
+        }
+    }
+}
+
+void gen_f32(uint8_t* p, size_t n, Rng& r, Fill fill) {
+    for (size_t i = 0; i < n; ++i) {
+        float v = fill == Fill::norm ? r.uniform(0.9f, 1.1f) : r.uniform(-0.1f, 0.1f);
+        std::memcpy(p + 4 * i, &v, 4);
+    }
+}
+
+// Fills [elem0, elem0 + n_elems) of a tensor (block-aligned) from its own seed.
+void gen_range(const TensorSpec& t, uint8_t* dst, uint64_t elem0, uint64_t n_elems, uint64_t seed) {
+    using T = moe::TensorType;
+    Rng r(seed);
+    const int be = moe::tensor_type_block_elems(t.type), bb = moe::tensor_type_block_bytes(t.type);
+    uint8_t* p = dst + elem0 / (uint64_t)be * (uint64_t)bb;
+    size_t nb = (size_t)(n_elems / (uint64_t)be);
+    switch (t.type) {
+        case T::q4_0: gen_q4_0(p, nb, r); break;
+        case T::q8_0: gen_q8_0(p, nb, r); break;
+        case T::q4_k: gen_q4_k(p, nb, r); break;
+        case T::q6_k: gen_q6_k(p, nb, r); break;
+        case T::f16: gen_f16(p, nb, r); break;
+        case T::f32: gen_f32(p, nb, r, t.fill); break;
+        default: std::memset(p, 0, nb * (size_t)bb); break;
+    }
+}
+
+// ---- tokenizer -------------------------------------------------------------------------------
+
+void append_utf8(std::string& s, uint32_t cp) {
+    if (cp < 0x80) s += (char)cp;
+    else if (cp < 0x800) { s += (char)(0xC0 | (cp >> 6)); s += (char)(0x80 | (cp & 63)); }
+    else { s += (char)(0xE0 | (cp >> 12)); s += (char)(0x80 | ((cp >> 6) & 63)); s += (char)(0x80 | (cp & 63)); }
+}
+
+// GPT-2 byte-level alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes are
+// mapped in order to U+0100 and up.
+std::vector<std::string> byte_level_alphabet() {
+    std::vector<std::string> out(256);
+    uint32_t extra = 0;
+    for (uint32_t b = 0; b < 256; ++b) {
+        bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+        append_utf8(out[b], printable ? b : 256 + extra++);
+    }
+    return out;
+}
+
+// Distinct lower-case words in order of length: "aa".."zz", "aaa".."zzz", ... (every word's prefix
+// without its last letter comes earlier, so each word is one BPE merge away from earlier tokens).
+std::string word_at(uint64_t i) {
+    uint64_t len = 2, count = 26 * 26;
+    while (i >= count) { i -= count; ++len; count *= 26; }
+    std::string w(len, 'a');
+    for (uint64_t k = 0; k < len; ++k) { w[len - 1 - k] = (char)('a' + i % 26); i /= 26; }
+    return w;
+}
+
+struct Vocab {
+    std::vector<std::string> tokens, merges;
+    std::vector<int32_t> types;
+    std::vector<float> scores;
+    int bos = -1, eos = -1, pad = -1, unk = -1;
+    bool add_bos = false;
+};
+
+Vocab make_vocab(const Shape& s) {
+    Vocab v;
+    const int n = s.n_vocab;
+    v.tokens.reserve(n);
+    v.types.reserve(n);
+    if (s.tok == Tok::spm) {
+        v.tokens = {"<unk>", "<s>", "</s>"};
+        v.types = {2, 3, 3};  // unknown, control, control
+        for (int b = 0; b < 256; ++b) {
+            char buf[8];
+            std::snprintf(buf, sizeof buf, "<0x%02X>", b);
+            v.tokens.push_back(buf);
+            v.types.push_back(6);  // byte
+        }
+        const std::string sp = "\xE2\x96\x81";  // U+2581, SentencePiece's space
+        v.tokens.push_back(sp);
+        v.types.push_back(1);
+        for (uint64_t i = 0; (int)v.tokens.size() < n; ++i) {
+            v.tokens.push_back((i % 2 ? "" : sp) + word_at(i / 2));
+            v.types.push_back(1);
+        }
+        v.scores.resize(n);
+        for (int i = 0; i < n; ++i) v.scores[i] = i < 259 ? 0.f : -(float)(i - 259);
+        v.unk = 0; v.bos = 1; v.eos = 2; v.add_bos = true;
+        return v;
+    }
+    std::vector<std::string> specials = s.tok == Tok::gpt2_qwen2 ? std::vector<std::string>{"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
+                                                                : std::vector<std::string>{"<|endoftext|>", "<|padding|>"};
+    std::vector<std::string> alpha = byte_level_alphabet();
+    for (int b = 0; b < 256; ++b) { v.tokens.push_back(alpha[b]); v.types.push_back(1); }
+    const int n_words = n - 256 - (int)specials.size();
+    for (int i = 0; i < n_words; ++i) {
+        std::string w = word_at((uint64_t)i);
+        v.merges.push_back(w.substr(0, w.size() - 1) + " " + w.substr(w.size() - 1));
+        v.tokens.push_back(std::move(w));
+        v.types.push_back(1);
+    }
+    const int first_special = (int)v.tokens.size();
+    for (const std::string& sp : specials) { v.tokens.push_back(sp); v.types.push_back(3); }
+    if (s.tok == Tok::gpt2_qwen2) { v.bos = first_special; v.pad = first_special; v.eos = first_special + 2; }
+    else { v.bos = first_special; v.eos = first_special; v.pad = first_special + 1; }
+    return v;
+}
+
+// ---- writer ----------------------------------------------------------------------------------
+
+struct SynthJob {
+    std::vector<TensorSpec> specs;
+    uint64_t seed = 0;
+    int threads = 1;
+    uint64_t total_bytes = 0, done_bytes = 0;
+    double t0 = 0, last_report = 0;
+    int last_pct = -1;
+    bool tty = false;
+};
+
+constexpr uint64_t kChunkBytes = 4u << 20;  // unit of work and of seeding: same bytes for any -t
+
+bool synth_fill(void* user, size_t index, uint8_t* dst, size_t n_bytes) {
+    SynthJob& job = *static_cast<SynthJob*>(user);
+    const TensorSpec& t = job.specs[index];
+    if (n_bytes != t.bytes) return false;
+    const uint64_t be = (uint64_t)moe::tensor_type_block_elems(t.type), bb = (uint64_t)moe::tensor_type_block_bytes(t.type);
+    const uint64_t n_blocks = t.bytes / bb;
+    const uint64_t blocks_per_chunk = std::max<uint64_t>(1, kChunkBytes / bb);
+    const uint64_t n_chunks = (n_blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+    std::atomic<uint64_t> next{0};
+    auto worker = [&]() {
+        for (uint64_t c; (c = next.fetch_add(1)) < n_chunks;) {
+            uint64_t b0 = c * blocks_per_chunk, nb = std::min(blocks_per_chunk, n_blocks - b0);
+            gen_range(t, dst, b0 * be, nb * be, mix_seed(job.seed, index, c));
+        }
+    };
+    int nt = (int)std::min<uint64_t>((uint64_t)job.threads, n_chunks);
+    std::vector<std::thread> pool;
+    for (int i = 1; i < nt; ++i) pool.emplace_back(worker);
+    worker();
+    for (std::thread& th : pool) th.join();
+
+    job.done_bytes += t.bytes;
+    double now = now_s();
+    int pct = (int)(100.0 * (double)job.done_bytes / (double)std::max<uint64_t>(1, job.total_bytes));
+    if (pct != job.last_pct && (now - job.last_report > 1.0 || pct == 100)) {
+        double rate = (double)job.done_bytes / std::max(1e-9, now - job.t0) / 1e6;
+        std::fprintf(stderr, job.tty ? "\r[moe-bench] writing: %3d%% (%s of %s, %.0f MB/s)   " : "[moe-bench] writing: %3d%% (%s of %s, %.0f MB/s)\n",
+                     pct, fmt_bytes((double)job.done_bytes).c_str(), fmt_bytes((double)job.total_bytes).c_str(), rate);
+        job.last_pct = pct;
+        job.last_report = now;
+    }
+    return true;
+}
+
+int run_synthetic(const std::string& shape_name, const std::string& quant, const std::string& out, int layers, uint64_t seed, bool pure,
+                  int threads) {
+    const Shape* sp = find_shape(shape_name);
+    if (!sp) {
+        std::string names;
+        for (const Shape& s : kShapes) names += std::string(names.empty() ? "" : ", ") + s.name;
+        return fail("unknown shape '" + shape_name + "' (known: " + names + ")");
+    }
+    const Shape& s = *sp;
+    QuantPlan plan;
+    if (!make_plan(quant, &plan)) return fail("unknown quant type '" + quant + "' (known: q4_0, q8_0, q4_k_m, q4_k, q6_k, f16)");
+    if (out.empty()) return fail("--synthetic needs -o FILE");
+    const int n_layer = layers > 0 ? layers : s.n_layer;
+    if (n_layer > s.n_layer) return fail("--layers " + std::to_string(layers) + " exceeds the shape's " + std::to_string(s.n_layer) + " layers");
+
+    SynthJob job;
+    job.specs = plan_tensors(s, n_layer, plan, pure);
+    job.seed = seed;
+    job.threads = std::max(1, threads);
+    uint64_t experts = 0, embd = 0, embd_row = 0;
+    for (const TensorSpec& t : job.specs) {
+        job.total_bytes += t.bytes;
+        if (t.expert) experts += t.bytes;
+        if (t.name == "token_embd.weight") { embd = t.bytes; embd_row = t.bytes / (uint64_t)t.ne[1]; }
+    }
+    const uint64_t active = job.total_bytes - experts - embd + embd_row + experts / (uint64_t)s.n_expert * (uint64_t)s.n_used;
+
+    moe::GgufWriter w;
+    const std::string a = s.arch;
+    w.set_string("general.architecture", a);
+    w.set_string("general.name", std::string(s.display) + (layers > 0 ? ", " + std::to_string(n_layer) + " layers" : ""));
+    w.set_u32("general.file_type", plan.file_type);
+    w.set_u32("general.quantization_version", 2);
+    w.set_u32(a + ".context_length", (uint32_t)s.n_ctx);
+    w.set_u32(a + ".embedding_length", (uint32_t)s.n_embd);
+    w.set_u32(a + ".block_count", (uint32_t)n_layer);
+    if (s.ff_in_expert_key) {
+        w.set_u32(a + ".feed_forward_length", (uint32_t)s.n_ff_dense);
+        w.set_u32(a + ".expert_feed_forward_length", (uint32_t)s.n_ff_exp);
+    } else {
+        w.set_u32(a + ".feed_forward_length", (uint32_t)s.n_ff_exp);
+    }
+    w.set_u32(a + ".attention.head_count", (uint32_t)s.n_head);
+    w.set_u32(a + ".attention.head_count_kv", (uint32_t)s.n_head_kv);
+    if (s.write_key_length) {
+        w.set_u32(a + ".attention.key_length", (uint32_t)s.head_dim);
+        w.set_u32(a + ".attention.value_length", (uint32_t)s.head_dim);
+    }
+    if (s.tok == Tok::spm) {
+        w.set_u32(a + ".rope.dimension_count", (uint32_t)s.head_dim);
+        w.set_u32(a + ".vocab_size", (uint32_t)s.n_vocab);
+    }
+    w.set_f32(a + ".rope.freq_base", s.rope_base);
+    w.set_f32(a + ".attention.layer_norm_rms_epsilon", s.eps);
+    w.set_u32(a + ".expert_count", (uint32_t)s.n_expert);
+    w.set_u32(a + ".expert_used_count", (uint32_t)s.n_used);
+
+    Vocab v = make_vocab(s);
+    if ((int)v.tokens.size() != s.n_vocab) return fail("internal: vocabulary size mismatch");
+    w.set_string("tokenizer.ggml.model", s.tok == Tok::spm ? "llama" : "gpt2");
+    if (s.tok == Tok::gpt2_qwen2) w.set_string("tokenizer.ggml.pre", "qwen2");
+    else if (s.tok == Tok::gpt2_olmo) w.set_string("tokenizer.ggml.pre", "olmo");
+    w.set_string_array("tokenizer.ggml.tokens", v.tokens);
+    w.set_i32_array("tokenizer.ggml.token_type", v.types);
+    if (!v.scores.empty()) w.set_f32_array("tokenizer.ggml.scores", v.scores);
+    if (s.tok != Tok::spm) w.set_string_array("tokenizer.ggml.merges", v.merges);
+    if (v.bos >= 0) w.set_u32("tokenizer.ggml.bos_token_id", (uint32_t)v.bos);
+    if (v.eos >= 0) w.set_u32("tokenizer.ggml.eos_token_id", (uint32_t)v.eos);
+    if (v.pad >= 0) w.set_u32("tokenizer.ggml.padding_token_id", (uint32_t)v.pad);
+    if (v.unk >= 0) w.set_u32("tokenizer.ggml.unknown_token_id", (uint32_t)v.unk);
+    w.set_bool("tokenizer.ggml.add_bos_token", v.add_bos);
+    w.set_bool("tokenizer.ggml.add_eos_token", false);
+    v = Vocab();
+
+    for (const TensorSpec& t : job.specs) {
+        moe::Status st = w.add_tensor_deferred(t.name, t.type, t.n_dims, t.ne);
+        if (st != moe::Status::ok) return fail(std::string("cannot add tensor ") + t.name + ": " + moe::last_error());
+    }
+
+#if defined(__unix__) || defined(__APPLE__)
+    {
+        std::string dir = out.find('/') == std::string::npos ? "." : out.substr(0, out.rfind('/') + 1);
+        struct statvfs fs;
+        struct stat st;
+        bool special = stat(out.c_str(), &st) == 0 && !S_ISREG(st.st_mode);  // e.g. /dev/null
+        if (!special && statvfs(dir.c_str(), &fs) == 0) {
+            double avail = (double)fs.f_bavail * (double)fs.f_frsize;
+            if (avail < (double)job.total_bytes + 64e6)
+                return fail("not enough disk space for " + out + ": needs " + fmt_bytes((double)job.total_bytes) + ", " + fmt_bytes(avail) +
+                            " free (try --layers N)");
+        }
+    }
+    job.tty = isatty(2) != 0;
+#endif
+    std::fprintf(stderr, "[moe-bench] %s %s%s: %d layers, %zu tensors, %s; about %s active per token -> %s\n", s.name, quant.c_str(),
+                 pure ? " (pure)" : "", n_layer, job.specs.size(), fmt_bytes((double)job.total_bytes).c_str(), fmt_bytes((double)active).c_str(),
+                 out.c_str());
+    job.t0 = job.last_report = now_s();
+    moe::Status st = w.write_streaming(out.c_str(), synth_fill, &job);
+    if (job.tty) std::fputc('\n', stderr);
+    if (st != moe::Status::ok) return fail(std::string("cannot write ") + out + ": " + moe::last_error());
+    std::fprintf(stderr, "[moe-bench] wrote %s in %.1f s\n", out.c_str(), now_s() - job.t0);
+    return 0;
+}
+
+//=================================================================================================
+// Benchmark
+//=================================================================================================
+
+struct BenchOptions {
+    std::string model;
+    int threads = 0, n_prompt = 64, n_gen = 32, reps = 3;
+    bool json = false, prefault = true;
+    std::string isa;
+    double bw = 0;  // given GB/s; 0 = measure
+    size_t bw_bytes = 0;
+    uint64_t seed = 1234;
+};
+
+bool parse_isa(const std::string& s, moe::Isa* out) {
+    static const struct { const char* name; moe::Isa isa; } table[] = {
+        {"scalar", moe::Isa::scalar}, {"avx2", moe::Isa::avx2}, {"avx512", moe::Isa::avx512},
+        {"avx512_vnni", moe::Isa::avx512_vnni}, {"neon", moe::Isa::neon}, {"neon_dotprod", moe::Isa::neon_dotprod},
+    };
+    for (const auto& e : table)
+        if (s == e.name) { *out = e.isa; return true; }
+    return false;
+}
+
+// Most bytes by tensor type among the matrices: "Q4_0", or "Q4_K+Q6_K" when a second type holds >= 20%.
+std::string weight_mix(const moe::GgufFile& f) {
+    std::vector<std::pair<uint64_t, uint32_t>> by;
+    uint64_t total = 0;
+    for (size_t i = 0; i < f.n_tensors(); ++i) {
+        const moe::GgufTensorInfo& t = f.tensor_at(i);
+        if (t.n_dims < 2) continue;
+        total += t.n_bytes;
+        auto it = std::find_if(by.begin(), by.end(), [&](const std::pair<uint64_t, uint32_t>& e) { return e.second == t.type; });
+        if (it == by.end()) by.push_back({t.n_bytes, t.type});
+        else it->first += t.n_bytes;
+    }
+    std::sort(by.rbegin(), by.rend());
+    std::string s;
+    for (size_t i = 0; i < by.size(); ++i) {
+        if (i > 0 && (double)by[i].first < 0.2 * (double)total) break;
+        if (!s.empty()) s += "+";
+        s += moe::tensor_type_name((moe::TensorType)by[i].second);
+    }
+    return s.empty() ? "?" : s;
+}
+
+int32_t argmax(const float* x, int32_t n) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; ++i)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+// Reads every tensor's bytes once (all threads) so that page-ins are not timed; returns seconds.
+double prefault(const moe::GgufFile& f, int threads) {
+    std::vector<std::pair<const uint8_t*, size_t>> ranges;
+    for (size_t i = 0; i < f.n_tensors(); ++i) ranges.push_back({f.tensor_at(i).data, (size_t)f.tensor_at(i).n_bytes});
+    std::atomic<size_t> next{0};
+    std::atomic<uint64_t> sink{0};
+    double t0 = now_s();
+    auto worker = [&]() {
+        uint64_t acc = 0;
+        for (size_t i; (i = next.fetch_add(1)) < ranges.size();) {
+            const uint8_t* p = ranges[i].first;
+            for (size_t o = 0; o < ranges[i].second; o += 4096) acc += p[o];
+            if (ranges[i].second) acc += p[ranges[i].second - 1];
+        }
+        sink.fetch_add(acc);
+    };
+    std::vector<std::thread> pool;
+    for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+    worker();
+    for (std::thread& th : pool) th.join();
+    if (sink.load() == 1) std::fputs("", stderr);
+    return now_s() - t0;
+}
+
+int run_bench(const BenchOptions& o) {
+    const int threads = o.threads > 0 ? o.threads : default_threads();
+    if (!o.isa.empty()) {
+        moe::Isa isa;
+        if (!parse_isa(o.isa, &isa)) return fail("unknown --isa '" + o.isa + "' (scalar, avx2, avx512, avx512_vnni, neon, neon_dotprod)");
+        if (moe::force_isa(isa) != moe::Status::ok)
+            return fail("--isa " + o.isa + " is not available on this CPU/build (detected: " + moe::isa_name(moe::detected_isa()) + ")");
+    }
+
+    // 1. bandwidth
+    membw::Result bw;
+    if (o.bw > 0) {
+        bw.gbs = bw.median_gbs = o.bw;
+        bw.threads = threads;
+    } else {
+        if (!o.json) std::fprintf(stderr, "[moe-bench] measuring read bandwidth with %d threads...\n", threads);
+        bw = membw::measure_read_bandwidth(threads, o.bw_bytes);
+        if (bw.gbs <= 0) return fail("cannot allocate the bandwidth buffer");
+    }
+
+    // 2. model
+    double t_load = now_s();
+    moe::Model model;
+    moe::LoadOptions lo;
+    if (moe::Model::load(o.model.c_str(), lo, &model) != moe::Status::ok) return fail("cannot load " + o.model + ": " + moe::last_error());
+    t_load = now_s() - t_load;
+    const moe::ModelInfo& info = model.info();
+    double t_prefault = o.prefault ? prefault(model.file(), threads) : 0;
+
+    moe::SessionOptions so;
+    so.n_threads = threads;
+    so.n_ctx = std::max(16, o.n_prompt + o.n_gen + 1);
+    so.n_batch = std::max(1, std::min(o.n_prompt, 512));
+    moe::Session session;
+    if (moe::Session::create(model, so, &session) != moe::Status::ok) return fail(std::string("cannot create a session: ") + moe::last_error());
+
+    std::vector<int32_t> prompt((size_t)std::max(1, o.n_prompt));
+    Rng rng(o.seed);
+    for (int32_t& t : prompt) t = (int32_t)(rng.next() % (uint64_t)info.n_vocab);
+
+    std::string err;
+    // One repetition; returns false on error. Times in seconds (prefill 0 when p == 0).
+    auto rep = [&](int n_gen, double* t_prefill, double* t_decode) -> bool {
+        session.reset();
+        double t0 = now_s();
+        const size_t np = o.n_prompt > 0 ? (size_t)o.n_prompt : 1;  // p == 0: one untimed start token
+        if (session.eval(prompt.data(), np) != moe::Status::ok) { err = std::string("prefill failed: ") + moe::last_error(); return false; }
+        double t1 = now_s();
+        int32_t tok = argmax(session.logits(), info.n_vocab);
+        for (int i = 0; i < n_gen; ++i) {
+            if (session.eval(&tok, 1) != moe::Status::ok) { err = std::string("decode failed: ") + moe::last_error(); return false; }
+            tok = argmax(session.logits(), info.n_vocab);
+        }
+        double t2 = now_s();
+        *t_prefill = o.n_prompt > 0 ? t1 - t0 : 0;
+        *t_decode = t2 - t1;
+        return true;
+    };
+
+    double tp, td;
+    if (!rep(std::min(o.n_gen, 2), &tp, &td)) return fail(err);  // warm-up
+    std::vector<double> pre_tps, dec_tps;
+    for (int r = 0; r < o.reps; ++r) {
+        if (!rep(o.n_gen, &tp, &td)) return fail(err);
+        if (o.n_prompt > 0) pre_tps.push_back(o.n_prompt / tp);
+        if (o.n_gen > 0) dec_tps.push_back(o.n_gen / td);
+        if (!o.json) std::fprintf(stderr, "[moe-bench] rep %d/%d: prefill %.2f tok/s, decode %.2f tok/s\n", r + 1, o.reps,
+                                  o.n_prompt > 0 ? o.n_prompt / tp : 0.0, o.n_gen > 0 ? o.n_gen / td : 0.0);
+    }
+    const double pre = median(pre_tps), dec = median(dec_tps);
+    const double pre_best = pre_tps.empty() ? 0 : *std::max_element(pre_tps.begin(), pre_tps.end());
+    const double dec_best = dec_tps.empty() ? 0 : *std::max_element(dec_tps.begin(), dec_tps.end());
+    const double active = (double)info.active_bytes_per_token;
+    const double achieved = dec * active / 1e9;
+    const double pct = bw.gbs > 0 ? 100.0 * achieved / bw.gbs : 0;
+    const double roofline = active > 0 ? bw.gbs * 1e9 / active : 0;
+    const std::string mix = weight_mix(model.file());
+    const char* isa = moe::isa_name(moe::current_isa());
+
+    if (o.json) {
+        auto arr = [](const std::vector<double>& v) {
+            std::string s = "[";
+            for (size_t i = 0; i < v.size(); ++i) { char b[32]; std::snprintf(b, sizeof b, "%s%.4f", i ? ", " : "", v[i]); s += b; }
+            return s + "]";
+        };
+        std::printf(
+            "{\"program\": \"moe-bench\", \"model\": \"%s\", \"arch\": \"%s\", \"weights\": \"%s\", \"n_layer\": %d, \"n_expert\": %d, "
+            "\"n_expert_used\": %d, \"threads\": %d, \"isa\": \"%s\", \"n_prompt\": %d, \"n_gen\": %d, \"reps\": %d, "
+            "\"bandwidth_gbs\": %.3f, \"bandwidth_median_gbs\": %.3f, \"bandwidth_buffer_bytes\": %zu, \"bandwidth_given\": %s, "
+            "\"weight_bytes\": %llu, \"active_bytes_per_token\": %llu, \"prefill_tps\": %.4f, \"decode_tps\": %.4f, \"prefill_tps_best\": %.4f, \"decode_tps_best\": %.4f, "
+            "\"achieved_gbs\": %.3f, \"pct_bandwidth\": %.2f, \"roofline_tps\": %.3f, \"load_s\": %.3f, \"prefault_s\": %.3f, "
+            "\"prefill_tps_all\": %s, \"decode_tps_all\": %s}\n",
+            json_escape(o.model).c_str(), json_escape(info.architecture).c_str(), mix.c_str(), info.n_layer, info.n_expert, info.n_expert_used,
+            threads, isa, o.n_prompt, o.n_gen, o.reps, bw.gbs, bw.median_gbs, bw.bytes, o.bw > 0 ? "true" : "false",
+            (unsigned long long)info.weight_bytes, (unsigned long long)info.active_bytes_per_token, pre, dec, pre_best, dec_best, achieved, pct, roofline, t_load,
+            t_prefault, arr(pre_tps).c_str(), arr(dec_tps).c_str());
+        return 0;
+    }
+    std::printf("moe-bench: %s\n", o.model.c_str());
+    std::printf("  model      %s, %d layers, %d experts (top-%d), %s, %s in all, %s active per token\n", info.architecture.c_str(), info.n_layer,
+                info.n_expert, info.n_expert_used, mix.c_str(), fmt_bytes((double)info.weight_bytes).c_str(), fmt_bytes(active).c_str());
+    std::printf("  kernels    %s, %d threads (load %.2f s, prefault %.2f s)\n", isa, threads, t_load, t_prefault);
+    if (o.bw > 0) std::printf("  bandwidth  %.2f GB/s (given with --bw)\n", bw.gbs);
+    else
+        std::printf("  bandwidth  %.2f GB/s read, %d threads, %.0f MiB buffer, best of %d (median %.2f)\n", bw.gbs, bw.threads,
+                    (double)bw.bytes / 1048576.0, bw.reps, bw.median_gbs);
+    std::printf("\n  | test         | tok/s, median of %-3d| best     |\n  |--------------|---------------------|----------|\n", o.reps);
+    if (o.n_prompt > 0) std::printf("  | prefill %-5d| %19.2f | %8.2f |\n", o.n_prompt, pre, pre_best);
+    if (o.n_gen > 0) std::printf("  | decode %-6d| %19.2f | %8.2f |\n", o.n_gen, dec, dec_best);
+    if (o.n_gen > 0)
+        std::printf("\n  decode: %.2f tok/s x %s/token = %.2f GB/s = %.1f%% of %.2f GB/s (roofline %.1f tok/s)\n", dec, fmt_bytes(active).c_str(),
+                    achieved, pct, bw.gbs, roofline);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    BenchOptions o;
+    std::string synthetic, quant, out;
+    long long layers = 0;
+    bool pure = false;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto value = [&]() -> const char* {
+            if (i + 1 >= argc) return nullptr;
+            return argv[++i];
+        };
+        long long v = 0;
+        double d = 0;
+        const char* s = nullptr;
+        if (a == "-h" || a == "--help") { std::fputs(kUsage, stdout); return 0; }
+        else if (a == "-m" || a == "--model") { if (!(s = value())) return fail("missing value after " + a); o.model = s; }
+        else if (a == "-t" || a == "--threads") { if (!parse_i64(value(), 1, 512, &v)) return fail("bad or missing value for " + a); o.threads = (int)v; }
+        else if (a == "-p") { if (!parse_i64(value(), 0, 1 << 20, &v)) return fail("bad or missing value for -p"); o.n_prompt = (int)v; }
+        else if (a == "-n") { if (!parse_i64(value(), 0, 1 << 20, &v)) return fail("bad or missing value for -n"); o.n_gen = (int)v; }
+        else if (a == "-r") { if (!parse_i64(value(), 1, 1000, &v)) return fail("bad or missing value for -r"); o.reps = (int)v; }
+        else if (a == "--json") o.json = true;
+        else if (a == "--isa") { if (!(s = value())) return fail("missing value after --isa"); o.isa = s; }
+        else if (a == "--bw") { if (!parse_f64(value(), 1e-3, 1e6, &d)) return fail("bad or missing value for --bw (GB/s)"); o.bw = d; }
+        else if (a == "--bw-mib") { if (!parse_i64(value(), 1, 1 << 24, &v)) return fail("bad or missing value for --bw-mib"); o.bw_bytes = (size_t)v << 20; }
+        else if (a == "--no-prefault") o.prefault = false;
+        else if (a == "--seed") { if (!parse_i64(value(), 0, INT64_MAX, &v)) return fail("bad or missing value for --seed"); o.seed = (uint64_t)v; }
+        else if (a == "--synthetic") { if (!(s = value())) return fail("missing value after --synthetic"); synthetic = s; }
+        else if (a == "--quant") { if (!(s = value())) return fail("missing value after --quant"); quant = s; }
+        else if (a == "-o") { if (!(s = value())) return fail("missing value after -o"); out = s; }
+        else if (a == "--layers") { if (!parse_i64(value(), 1, 4096, &v)) return fail("bad or missing value for --layers"); layers = v; }
+        else if (a == "--pure") pure = true;
+        else return fail("unknown argument '" + a + "' (see --help)");
+    }
+    if (!synthetic.empty()) {
+        if (!o.model.empty()) return fail("-m and --synthetic do not go together");
+        if (quant.empty()) return fail("--synthetic needs --quant TYPE");
+        unsigned hc = std::max(1u, std::thread::hardware_concurrency());
+        return run_synthetic(synthetic, quant, out, (int)layers, o.seed, pure, o.threads > 0 ? o.threads : (int)hc);
+    }
+    if (!quant.empty() || !out.empty() || layers || pure) return fail("--quant, -o, --layers and --pure need --synthetic");
+    if (o.model.empty()) return fail("no model given (-m FILE, or --synthetic SHAPE --quant TYPE -o FILE; see --help)");
+    if (o.n_prompt == 0 && o.n_gen == 0) return fail("-p 0 and -n 0: nothing to measure");
+    return run_bench(o);
+}
