@@ -61,6 +61,7 @@
        [SECTION] GGUF READER & WRITER            >>gguf
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref
+       [SECTION] KERNEL TRAITS                   >>traits
        [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86
        [SECTION] KERNEL DISPATCH                 >>dispatch
        [SECTION] THREAD POOL                     >>threads
@@ -291,7 +292,7 @@ public:
     Tokenizer(Tokenizer&&) noexcept;
     Tokenizer& operator=(Tokenizer&&) noexcept;
 
-    // Loads the vocabulary of a GGUF file (tokenizer.ggml.*). Status::tokenizer_error or
+    // Loads the vocabulary of a GGUF file (tokenizer.ggml.*). Status::tokenizer_error, missing_key or
     // invalid_file with a message naming the key on inconsistent metadata.
     static Status load(const GgufFile& file, Tokenizer* out);
 
@@ -1779,9 +1780,9 @@ inline float vec_dot_q6k_q8k_ref(const BlockQ6K* w, const BlockQ8K* x, int64_t n
 }
 
 //-----------------------------------------------------------------------------
-// [SECTION] KERNEL DISPATCH
+// [SECTION] KERNEL TRAITS
 //-----------------------------------------------------------------------------
-// >>dispatch  Per weight type: the activation format it dots against, that format's row size,
+// >>traits  Per weight type: the activation format it dots against, that format's row size,
 // the activation quantizer, and the row dot product. SIMD variants (a later section) replace
 // entries of this table once at start-up after CPU detection.
 
@@ -1876,7 +1877,715 @@ inline KernelTraits kernel_traits_f32(uint32_t type) {
 // [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)
 //-----------------------------------------------------------------------------
 // >>kernels-x86
-#include "src/kernels_x86.inc"
+// >>kernels-x86  AVX2 and AVX-512 (+VNNI) versions of the row kernels in KERNELS: REFERENCE. Each
+// one computes exactly the same integer block sums as its _ref twin (so results differ only in the
+// order of the float additions) and reads weights with unaligned loads (GGUF data is only 32-byte
+// aligned and block sizes are odd). Functions carry target attributes, so no -mavx2 is needed; the
+// dispatcher below hands them out only after x86_detect_level() has seen the CPU and OS support.
+// The integer tricks (formats.md 2.7): maddubs multiplies unsigned by signed bytes into int16 pairs,
+// so unsigned nibbles go in directly and a constant offset (Q4_0's -8, Q6_K's -32) is removed
+// through the activation sums; vpdpbusd (VNNI) does the same into int32 in one instruction. No int16
+// partial can saturate: the largest is 2*63*127 = 16002 (Q6_K), with activations in [-127, 127].
+#if MOE_DETAIL_X86
+#include <cpuid.h>
+#include <immintrin.h>
+
+#define MOE_DETAIL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MOE_DETAIL_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+#define MOE_DETAIL_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// GCC 12's AVX-512 intrinsics use a self-initialised "undefined" vector that -Wuninitialized flags
+// wherever they are inlined (GCC bug 105593); the warning is about the intrinsic header, not us.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace moe {
+namespace detail {
+
+// 0 = no usable SIMD, 1 = AVX2 + FMA + F16C, 2 = AVX-512 F/BW/VL/DQ, 3 = level 2 + AVX512_VNNI.
+// MOE_NO_AVX512 caps the level at 1; MOE_NO_AVX2 turns an AVX2-only CPU into level 0.
+inline int x86_detect_level() {
+    static const int level = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        if (!__get_cpuid_count(1, 0, &a, &b, &c, &d)) return 0;
+        if (!(c & (1u << 27))) return 0;  // OSXSAVE: the OS enabled XSAVE, so XGETBV may be executed
+        if (!(c & (1u << 28))) return 0;  // AVX
+        if (!(c & (1u << 12))) return 0;  // FMA3
+        if (!(c & (1u << 29))) return 0;  // F16C (fp16 <-> fp32 conversions)
+        unsigned xcr0_lo = 0, xcr0_hi = 0;
+        __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+        if ((xcr0_lo & 0x6) != 0x6) return 0;  // XCR0 bits 1-2: the OS saves XMM and YMM state
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+        if (!(b & (1u << 5))) return 0;  // AVX2
+        int lvl = 1;
+#if !defined(MOE_NO_AVX512)
+        const bool zmm_state = (xcr0_lo & 0xe0) == 0xe0;  // XCR0 bits 5-7: opmask, ZMM0-15 upper halves, ZMM16-31
+        const bool f = b & (1u << 16);    // AVX512F
+        const bool dq = b & (1u << 17);   // AVX512DQ
+        const bool bw = b & (1u << 30);   // AVX512BW (byte/word ops: maddubs, abs_epi8)
+        const bool vl = b & (1u << 31);   // AVX512VL (EVEX forms of 128/256-bit ops)
+        const bool vnni = c & (1u << 11); // AVX512_VNNI (vpdpbusd, vpdpwssd)
+        if (zmm_state && f && dq && bw && vl) lvl = vnni ? 3 : 2;
+#endif
+#if defined(MOE_NO_AVX2)
+        if (lvl == 1) lvl = 0;
+#endif
+        (void)xcr0_hi;
+        return lvl;
+    }();
+    return level;
+}
+
+//---- shared helpers (AVX2; inlined into the AVX-512 kernels too, whose targets include AVX2) ----
+
+MOE_DETAIL_AVX2 inline float hsum_f32x8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+MOE_DETAIL_AVX2 inline int hsum_i32x8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x55));
+    return _mm_cvtsi128_si32(s);
+}
+
+MOE_DETAIL_AVX2 inline float hmax_f32x8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+MOE_DETAIL_AVX2 inline __m256i loadu_256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+MOE_DETAIL_AVX2 inline __m128i loadu_128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+
+// Product of two fp16 block scales (F16C converts exactly, like fp16_to_f32).
+MOE_DETAIL_AVX2 inline float fp16_mul(uint16_t a, uint16_t b) { return _cvtsh_ss(a) * _cvtsh_ss(b); }
+
+// One Q4_0 block's 16 bytes as 32 unsigned nibbles in element order (low nibbles are elements
+// 0-15, high nibbles 16-31): broadcast to both lanes (a pure load), shift the upper lane by 4.
+MOE_DETAIL_AVX2 inline __m256i q4_0_nibbles_avx2(const uint8_t* qs) {
+    const __m256i q = _mm256_broadcastsi128_si256(loadu_128(qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0x0F));
+}
+
+// Q4_K/Q5_K's 12 packed bytes as eight 6-bit scales (bytes 0-7) and eight mins (bytes 8-15),
+// the same values q4k_get_scale_min() decodes, four at a time in 32-bit words.
+MOE_DETAIL_AVX2 inline __m128i q4k_scales_mins(const uint8_t* s) {
+    uint32_t a, b, c;  // s[0..3], s[4..7], s[8..11]
+    std::memcpy(&a, s, 4);
+    std::memcpy(&b, s + 4, 4);
+    std::memcpy(&c, s + 8, 4);
+    const uint64_t sc = (a & 0x3f3f3f3fu) | (uint64_t)((c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u)) << 32;
+    const uint64_t mn = (b & 0x3f3f3f3fu) | (uint64_t)(((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u)) << 32;
+    return _mm_set_epi64x((long long)mn, (long long)sc);
+}
+
+// pshufb control that repeats 16-bit element `lo` in the low 128-bit lane and `hi` in the high one.
+MOE_DETAIL_AVX2 inline __m256i splat16_ctrl(int lo, int hi) {
+    return _mm256_setr_m128i(_mm_set1_epi16((short)(0x0100 + 0x0202 * lo)), _mm_set1_epi16((short)(0x0100 + 0x0202 * hi)));
+}
+
+// The 8 sub-block scales of a Q4_K/Q5_K super-block, each in both 16-bit halves of an int32, stored
+// so that broadcast_i32 can splat them: a broadcast from memory is a plain load, while a shuffle
+// per sub-block would queue on the one shuffle port that already carries the nibble unpacking.
+MOE_DETAIL_AVX2 inline void q4k_store_scale_pairs(__m128i scales_mins, int32_t* out) {
+    const __m256i sc32 = _mm256_cvtepu8_epi32(scales_mins);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm256_or_si256(sc32, _mm256_slli_epi32(sc32, 16)));
+}
+MOE_DETAIL_AVX2 inline __m256i broadcast_i32(const int32_t* p) {
+    return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+}
+
+// Q4_K/Q5_K mins term for one super-block: 8 int32 lanes, lane j = m_j * (bsums[2j] + bsums[2j+1]).
+MOE_DETAIL_AVX2 inline __m256i q4k_mins_dot(__m128i scales_mins, const int16_t* bsums) {
+    const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales_mins, dup));  // m0 m0 m1 m1 ...
+    return _mm256_madd_epi16(loadu_256(bsums), mins);
+}
+
+//-----------------------------------------------------------------------------
+// AVX2 (+FMA, F16C): 256-bit. Four independent float accumulators hide the 4-cycle FMA latency.
+//-----------------------------------------------------------------------------
+
+MOE_DETAIL_AVX2 inline float vec_dot_f32_f32_avx2(const float* w, const float* x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {  // 4 independent FMA chains
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+    float sum = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+    for (; i < n; ++i) sum += w[i] * x[i];
+    return sum;
+}
+
+MOE_DETAIL_AVX2 inline float vec_dot_f16_f32_avx2(const uint16_t* w, const float* x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(loadu_128(w + i)), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(loadu_128(w + i + 8)), _mm256_loadu_ps(x + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_cvtph_ps(loadu_128(w + i + 16)), _mm256_loadu_ps(x + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_cvtph_ps(loadu_128(w + i + 24)), _mm256_loadu_ps(x + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(loadu_128(w + i)), _mm256_loadu_ps(x + i), acc0);
+    float sum = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+    for (; i < n; ++i) sum += _cvtsh_ss(w[i]) * x[i];
+    return sum;
+}
+
+// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
+MOE_DETAIL_AVX2 inline __m256 bf16x8_to_f32(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(loadu_128(p)), 16));
+}
+
+MOE_DETAIL_AVX2 inline float vec_dot_bf16_f32_avx2(const uint16_t* w, const float* x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(bf16x8_to_f32(w + i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(bf16x8_to_f32(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(bf16x8_to_f32(w + i + 16), _mm256_loadu_ps(x + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(bf16x8_to_f32(w + i + 24), _mm256_loadu_ps(x + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(bf16x8_to_f32(w + i), _mm256_loadu_ps(x + i), acc0);
+    float sum = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+    for (; i < n; ++i) sum += bf16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+// Σ (nib - 8) * y over one Q4_0 block as 8 int32 partial sums: maddubs(nib, y) - maddubs(8, y),
+// both exact in int16 (|.| <= 2*15*127 and 2*8*127).
+MOE_DETAIL_AVX2 inline __m256i block_dot_avx2(const BlockQ4_0& w, const BlockQ8_0& x) {
+    const __m256i y = loadu_256(x.qs);
+    const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_0_nibbles_avx2(w.qs), y), _mm256_maddubs_epi16(_mm256_set1_epi8(8), y));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// Σ w * y over one Q8_0 block: maddubs needs an unsigned operand, so move w's sign onto y
+// (|w| <= 128 and |y| <= 127 keep the int16 pairs below 32767, even for a stored -128).
+MOE_DETAIL_AVX2 inline __m256i block_dot_avx2(const BlockQ8_0& w, const BlockQ8_0& x) {
+    const __m256i a = loadu_256(w.qs), y = loadu_256(x.qs);
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(y, a));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// d_w * d_x of four consecutive blocks. The scales sit 18 or 34 bytes apart, so converting them
+// one by one costs more shuffle-port work than the integer dot itself; here eight fp16 values go
+// through a single conversion.
+template <typename W>
+MOE_DETAIL_AVX2 inline __m128 scales4_avx2(const W* w, const BlockQ8_0* x) {
+    __m128i h = _mm_cvtsi32_si128(w[0].d);
+    h = _mm_insert_epi16(h, w[1].d, 1);
+    h = _mm_insert_epi16(h, w[2].d, 2);
+    h = _mm_insert_epi16(h, w[3].d, 3);
+    h = _mm_insert_epi16(h, x[0].d, 4);
+    h = _mm_insert_epi16(h, x[1].d, 5);
+    h = _mm_insert_epi16(h, x[2].d, 6);
+    h = _mm_insert_epi16(h, x[3].d, 7);
+    const __m256 f = _mm256_cvtph_ps(h);
+    return _mm_mul_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+}
+
+// Q4_0 and Q8_0 weights against Q8_0 activations: four blocks per step, one accumulator each
+// (hides the 4-cycle FMA latency), block scales applied once per block after the integer sums.
+// A macro rather than a template because the VNNI variant below must be compiled for its own
+// target (and a template carries one target attribute for all its instantiations).
+#define MOE_DETAIL_Q8_0_BLOCKS_LOOP(BLOCK_DOT)                                                        \
+    const int64_t nb = n / kQK;                                                                        \
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                     \
+    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();                                     \
+    alignas(16) float sc[4]; /* broadcast from memory is a plain load, not a shuffle */                \
+    int64_t b = 0;                                                                                     \
+    for (; b + 4 <= nb; b += 4) {                                                                      \
+        _mm_store_ps(sc, scales4_avx2(w + b, x + b));                                                  \
+        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 0), _mm256_cvtepi32_ps(BLOCK_DOT(w[b + 0], x[b + 0])), acc0); \
+        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 1), _mm256_cvtepi32_ps(BLOCK_DOT(w[b + 1], x[b + 1])), acc1); \
+        acc2 = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 2), _mm256_cvtepi32_ps(BLOCK_DOT(w[b + 2], x[b + 2])), acc2); \
+        acc3 = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 3), _mm256_cvtepi32_ps(BLOCK_DOT(w[b + 3], x[b + 3])), acc3); \
+    }                                                                                                  \
+    for (; b < nb; ++b)                                                                                \
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_mul(w[b].d, x[b].d)), _mm256_cvtepi32_ps(BLOCK_DOT(w[b], x[b])), acc0); \
+    return hsum_f32x8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)))
+
+MOE_DETAIL_AVX2 inline float vec_dot_q4_0_q8_0_avx2(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_BLOCKS_LOOP(block_dot_avx2);
+}
+MOE_DETAIL_AVX2 inline float vec_dot_q8_0_q8_0_avx2(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_BLOCKS_LOOP(block_dot_avx2);
+}
+
+// Q4_K: per 32-byte chunk c the low nibbles are sub-block 2c, the high nibbles sub-block 2c+1.
+// maddubs(q, y) gives int16 pairs (<= 2*15*127); madd with the sub-block scale sums them into int32
+// (a super-block total stays below 256*15*127*63 < 2^25). The mins go through the bsums.
+MOE_DETAIL_AVX2 inline float vec_dot_q4k_q8k_avx2(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+    alignas(32) int32_t sc2[8];
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sm = q4k_scales_mins(w[b].scales);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].dmin) * x[b].d), _mm256_cvtepi32_ps(q4k_mins_dot(sm, x[b].bsums)), acc_m);
+        q4k_store_scale_pairs(sm, sc2);
+        const uint8_t* q = w[b].qs;
+        const int8_t* y = x[b].qs;
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+            const __m256i q4 = loadu_256(q + 32 * c);
+            const __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            const __m256i plo = _mm256_maddubs_epi16(lo, loadu_256(y + 64 * c));
+            const __m256i phi = _mm256_maddubs_epi16(hi, loadu_256(y + 64 * c + 32));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, broadcast_i32(sc2 + 2 * c)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(phi, broadcast_i32(sc2 + 2 * c + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    return hsum_f32x8(acc) - hsum_f32x8(acc_m);
+}
+
+// Q5_K: as Q4_K plus a 5th bit: element 64c+l takes bit 2c of qh[l], element 64c+32+l bit 2c+1.
+// qh is shifted right by 2 per chunk so that the two bits needed are always bits 0 and 1.
+MOE_DETAIL_AVX2 inline float vec_dot_q5k_q8k_avx2(const BlockQ5K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+    alignas(32) int32_t sc2[8];
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sm = q4k_scales_mins(w[b].scales);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].dmin) * x[b].d), _mm256_cvtepi32_ps(q4k_mins_dot(sm, x[b].bsums)), acc_m);
+        q4k_store_scale_pairs(sm, sc2);
+        const uint8_t* q = w[b].qs;
+        const int8_t* y = x[b].qs;
+        __m256i qh = loadu_256(w[b].qh);
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+            const __m256i q4 = loadu_256(q + 32 * c);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(q4, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
+            qh = _mm256_srli_epi16(qh, 2);
+            const __m256i plo = _mm256_maddubs_epi16(lo, loadu_256(y + 64 * c));
+            const __m256i phi = _mm256_maddubs_epi16(hi, loadu_256(y + 64 * c + 32));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, broadcast_i32(sc2 + 2 * c)));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(phi, broadcast_i32(sc2 + 2 * c + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    return hsum_f32x8(acc) - hsum_f32x8(acc_m);
+}
+
+// Q6_K: q = 6 unsigned bits (0..63) and the value is q - 32, so Σ s*(q-32)*y = Σ s*q*y - 32*Σ s*bsum
+// (bsums of Q8_K are the 16-element sums). A register of 32 elements spans two 16-element
+// sub-blocks: the low 128-bit lane gets one scale, the high lane the next.
+MOE_DETAIL_AVX2 inline float vec_dot_q6k_q8k_avx2(const BlockQ6K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sc8 = loadu_128(w[b].scales);
+        const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepi8_epi16(sc8));
+        const int8_t* y = x[b].qs;
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) {
+            const __m128i s8 = h ? _mm_srli_si128(sc8, 8) : sc8;
+            const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(s8));  // the half's 8 scales, both lanes
+            const __m256i l0 = loadu_256(w[b].ql + 64 * h), l1 = loadu_256(w[b].ql + 64 * h + 32);
+            const __m256i hb = loadu_256(w[b].qh + 32 * h);
+            const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+            const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m30));
+            const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+            const __m256i p0 = _mm256_maddubs_epi16(q0, loadu_256(y + 128 * h));
+            const __m256i p1 = _mm256_maddubs_epi16(q1, loadu_256(y + 128 * h + 32));
+            const __m256i p2 = _mm256_maddubs_epi16(q2, loadu_256(y + 128 * h + 64));
+            const __m256i p3 = _mm256_maddubs_epi16(q3, loadu_256(y + 128 * h + 96));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p0, _mm256_shuffle_epi8(scales, splat16_ctrl(0, 1))));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p1, _mm256_shuffle_epi8(scales, splat16_ctrl(2, 3))));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p2, _mm256_shuffle_epi8(scales, splat16_ctrl(4, 5))));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p3, _mm256_shuffle_epi8(scales, splat16_ctrl(6, 7))));
+        }
+        const __m256i isum = _mm256_sub_epi32(_mm256_add_epi32(sum0, sum1), _mm256_slli_epi32(corr, 5));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    return hsum_f32x8(acc);
+}
+
+//---- activation quantizers (bit-identical to quantize_act_ref: quantize_act_q8_0_ref, quantize_row_q8k_ref) ----
+
+// Four vectors of 8 int32 (each in [-128, 127]) to 32 int8 in order.
+MOE_DETAIL_AVX2 inline __m256i pack_i32x32_to_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);  // in-lane packs interleave
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Q8_0 activations: id = 127/amax, q = nearbyint(x * id); cvtps rounds in the MXCSR mode, which is
+// the mode nearbyint uses (ties to even by default). |x * id| <= 127 up to one rounding, so no clamp.
+MOE_DETAIL_AVX2 inline void quantize_act_q8_0_avx2(BlockQ8_0* y, const float* x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+        // maxps returns its second operand when either is NaN: with the running max second, a NaN
+        // input is skipped as std::max skips it in the _ref. (Max is exact, so order is free.)
+        __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_setzero_ps());
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v1), m);
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v2), m);
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v3), m);
+        const float amax = hmax_f32x8(m);
+        const float id = amax != 0 ? 127.f / amax : 0.f;  // same expressions as the _ref
+        y[b].d = f32_to_fp16(amax / 127.f);
+        const __m256 idv = _mm256_set1_ps(id);
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, idv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, idv));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, idv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, idv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs), pack_i32x32_to_i8(i0, i1, i2, i3));
+    }
+}
+
+// Q8_K: vmax is the signed value of the first element with the largest |x| (as the _ref scans),
+// q = min(127, nearbyint(iscale * x)) with cvtps (MXCSR rounding = nearbyint's current mode).
+MOE_DETAIL_AVX2 inline void quantize_row_q8k_avx2(BlockQ8K* y, const float* x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i k127 = _mm256_set1_epi32(127);
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < kQKK; j += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)), m);  // NaN skipped, as in the _ref
+        const float amax = hmax_f32x8(m);
+        if (amax == 0) { std::memset(&y[b], 0, sizeof y[b]); continue; }
+        const __m256 amaxv = _mm256_set1_ps(amax);
+        int first = 0;
+        for (int j = 0; j < kQKK; j += 8) {
+            const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)), amaxv, _CMP_EQ_OQ));
+            if (mask) { first = j + __builtin_ctz((unsigned)mask); break; }
+        }
+        const float iscale = -127.f / x[first];
+        const __m256 isv = _mm256_set1_ps(iscale);
+        for (int j = 0; j < kQKK; j += 64) {  // 64 elements = 4 bsums per step
+            __m256i v[8];
+            for (int k = 0; k < 8; ++k) v[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(isv, _mm256_loadu_ps(x + j + 8 * k))), k127);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs + j), pack_i32x32_to_i8(v[0], v[1], v[2], v[3]));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs + j + 32), pack_i32x32_to_i8(v[4], v[5], v[6], v[7]));
+            // Two rounds of hadd leave, per 128-bit lane, half of each 16-element sum; add the lanes.
+            const __m256i h0 = _mm256_hadd_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+            const __m256i h1 = _mm256_hadd_epi32(_mm256_add_epi32(v[4], v[5]), _mm256_add_epi32(v[6], v[7]));
+            const __m256i h = _mm256_hadd_epi32(h0, h1);
+            const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(y[b].bsums + j / 16), _mm_packs_epi32(s, s));
+        }
+        y[b].d = 1 / iscale;
+    }
+}
+
+//-----------------------------------------------------------------------------
+// AVX-512 (F, BW, VL, DQ): 512-bit registers hold two Q8_0 blocks or one 64-element Q8_K chunk.
+// With VNNI, vpdpbusd replaces maddubs + madd, and vpdpwssd folds the scale multiply into the add.
+//-----------------------------------------------------------------------------
+
+MOE_DETAIL_AVX512 inline __m512i loadu_512(const void* p) { return _mm512_loadu_si512(p); }
+
+// [lo, hi] from two 256-bit halves. (A masked broadcast rather than _mm512_inserti64x4, whose
+// undefined pass-through operand trips GCC 12's -Wmaybe-uninitialized.)
+MOE_DETAIL_AVX512 inline __m512i concat_256(__m256i lo, __m256i hi) {
+    return _mm512_mask_broadcast_i64x4(_mm512_castsi256_si512(lo), 0xF0, hi);
+}
+
+// Two consecutive Q8_0 blocks' quants (34-byte stride) as one register.
+MOE_DETAIL_AVX512 inline __m512i q8_0_load2(const BlockQ8_0* x) {
+    return concat_256(loadu_256(x[0].qs), loadu_256(x[1].qs));
+}
+
+// Two consecutive Q4_0 blocks as 64 unsigned nibbles in element order: each block's 16 bytes go to
+// two 128-bit lanes; the second lane of each pair is shifted right by 4 (64-bit shifts leak bits
+// across bytes only above bit 3, which the mask clears).
+MOE_DETAIL_AVX512 inline __m512i q4_0_nibbles2_avx512(const BlockQ4_0* w) {
+    const __m256i a = _mm256_broadcastsi128_si256(loadu_128(w[0].qs)), b = _mm256_broadcastsi128_si256(loadu_128(w[1].qs));
+    const __m512i ab = concat_256(a, b);
+    return _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)), _mm512_set1_epi8(0x0F));
+}
+
+// d_w * d_x of blocks b..b+3 (Q4_0 or Q8_0 weights, Q8_0 activations). Block sizes of 18 and 34
+// bytes put the four fp16 scales of a row within 64 or 128 bytes: word permutes pick them out of
+// those loads and one conversion handles all eight (cheaper than eight scalar inserts).
+template <typename W>
+MOE_DETAIL_AVX512 inline __m128 scales4_avx512(const W* w, const BlockQ8_0* x) {
+    constexpr short ws = (short)(sizeof(W) / 2), xs = (short)(sizeof(BlockQ8_0) / 2);  // strides in words
+    const __m512i xi = _mm512_zextsi128_si512(_mm_setr_epi16(0, xs, 2 * xs, 3 * xs, 0, 0, 0, 0));
+    const __m512i wi = _mm512_zextsi128_si512(_mm_setr_epi16(0, 0, 0, 0, 0, ws, 2 * ws, 3 * ws));
+    const char* xp = reinterpret_cast<const char*>(x);
+    const char* wp = reinterpret_cast<const char*>(w);
+    const __m512i xv = _mm512_permutex2var_epi16(loadu_512(xp), xi, loadu_512(xp + 64));
+    __m512i wv;
+    if constexpr (3 * sizeof(W) + 2 <= 64) wv = _mm512_permutexvar_epi16(wi, loadu_512(wp));  // never reads past block b+3
+    else wv = _mm512_permutex2var_epi16(loadu_512(wp), wi, loadu_512(wp + 64));
+    const __m256 f = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_mask_blend_epi16(0xF0, xv, wv)));  // x0..x3, w0..w3
+    return _mm_mul_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+}
+
+// Lanes 0-7 = s[k], lanes 8-15 = s[k+1].
+MOE_DETAIL_AVX512 inline __m512 scale_pair_avx512(__m128 s, int k) {
+    return _mm512_permutexvar_ps(_mm512_set_epi32(k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k, k, k, k, k, k, k, k),
+                                 _mm512_castps128_ps512(s));
+}
+
+// The AVX-512 and VNNI kernels are written out separately (not as one template) because each must
+// be compiled for exactly its own target: a compiler may fuse madd + add into vpdpwssd by itself
+// when VNNI is enabled, which would fault on an AVX-512 CPU without VNNI.
+
+// Blocks b, b+1 of Q4_0 x Q8_0 as 16 int32 lanes: Σ nib*y - Σ 8*y.
+MOE_DETAIL_AVX512 inline __m512i q4_0_pair_dot_avx512(const BlockQ4_0* w, const BlockQ8_0* x) {
+    const __m512i y = q8_0_load2(x);
+    const __m512i p = _mm512_sub_epi16(_mm512_maddubs_epi16(q4_0_nibbles2_avx512(w), y), _mm512_maddubs_epi16(_mm512_set1_epi8(8), y));
+    return _mm512_madd_epi16(p, _mm512_set1_epi16(1));
+}
+MOE_DETAIL_AVX512VNNI inline __m512i q4_0_pair_dot_avx512vnni(const BlockQ4_0* w, const BlockQ8_0* x) {
+    const __m512i y = q8_0_load2(x), zero = _mm512_setzero_si512();
+    return _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, q4_0_nibbles2_avx512(w), y), _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(8), y));
+}
+
+// Q8_0 x Q8_0 with VNNI stays 256-bit: vpdpbusd replaces maddubs + madd, and vpsignb (which
+// has no 512-bit form) moves w's sign onto y. Measured on Sapphire Rapids this beats a 512-bit
+// version, whose block-pair loads and masked negate cost more shuffle-port work than they save.
+MOE_DETAIL_AVX512VNNI inline __m256i block_dot_avx512vnni(const BlockQ8_0& w, const BlockQ8_0& x) {
+    const __m256i a = loadu_256(w.qs), y = loadu_256(x.qs);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(a), _mm256_sign_epi8(y, a));
+}
+MOE_DETAIL_AVX512VNNI inline float vec_dot_q8_0_q8_0_avx512vnni(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_BLOCKS_LOOP(block_dot_avx512vnni);
+}
+#undef MOE_DETAIL_Q8_0_BLOCKS_LOOP
+
+// Loop shape shared by the two Q4_0 kernels below: two block pairs per step into two accumulators,
+// then the last blocks one by one through the AVX2 block dot.
+#define MOE_DETAIL_Q8_0_PAIRS_LOOP(PAIR_DOT)                                                      \
+    const int64_t nb = n / kQK;                                                                    \
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                                 \
+    int64_t b = 0;                                                                                 \
+    for (; b + 4 <= nb; b += 4) {                                                                  \
+        const __m128 s = scales4_avx512(w + b, x + b);                                             \
+        acc0 = _mm512_fmadd_ps(scale_pair_avx512(s, 0), _mm512_cvtepi32_ps(PAIR_DOT(w + b, x + b)), acc0); \
+        acc1 = _mm512_fmadd_ps(scale_pair_avx512(s, 2), _mm512_cvtepi32_ps(PAIR_DOT(w + b + 2, x + b + 2)), acc1); \
+    }                                                                                              \
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                                   \
+    for (; b < nb; ++b) sum += fp16_mul(w[b].d, x[b].d) * (float)hsum_i32x8(block_dot_avx2(w[b], x[b])); \
+    return sum
+
+MOE_DETAIL_AVX512 inline float vec_dot_q4_0_q8_0_avx512(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_PAIRS_LOOP(q4_0_pair_dot_avx512);
+}
+MOE_DETAIL_AVX512VNNI inline float vec_dot_q4_0_q8_0_avx512vnni(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_PAIRS_LOOP(q4_0_pair_dot_avx512vnni);
+}
+#undef MOE_DETAIL_Q8_0_PAIRS_LOOP
+
+// Q4_K with 512-bit registers: chunk c (32 bytes) is broadcast to both halves and the upper half
+// shifted right by 4, so one register holds sub-blocks 2c and 2c+1 in the activation's order.
+MOE_DETAIL_AVX512 inline __m512i q4k_chunk_avx512(const uint8_t* qs) {
+    const __m512i q = _mm512_broadcast_i64x4(loadu_256(qs));
+    return _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
+}
+// Scales of sub-blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15) from the 8 scales in int32 lanes 0-7.
+MOE_DETAIL_AVX512 inline __m512i q4k_chunk_scales(__m512i scales, int c) {
+    const int a = 2 * c, b = 2 * c + 1;
+    return _mm512_permutexvar_epi32(_mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a), scales);
+}
+
+// maddubs gives int16 pairs, madd multiplies by the scale (held in both 16-bit halves of a lane).
+MOE_DETAIL_AVX512 inline float vec_dot_q4k_q8k_avx512(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 acc_m = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sm = q4k_scales_mins(w[b].scales);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].dmin) * x[b].d), _mm256_cvtepi32_ps(q4k_mins_dot(sm, x[b].bsums)), acc_m);
+        const __m256i sc32 = _mm256_cvtepu8_epi32(sm);
+        const __m512i scales = _mm512_castsi256_si512(_mm256_or_si256(sc32, _mm256_slli_epi32(sc32, 16)));
+        __m512i sum0 = _mm512_setzero_si512(), sum1 = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c += 2) {
+            const __m512i p0 = _mm512_maddubs_epi16(q4k_chunk_avx512(w[b].qs + 32 * c), loadu_512(x[b].qs + 64 * c));
+            const __m512i p1 = _mm512_maddubs_epi16(q4k_chunk_avx512(w[b].qs + 32 * c + 32), loadu_512(x[b].qs + 64 * c + 64));
+            sum0 = _mm512_add_epi32(sum0, _mm512_madd_epi16(p0, q4k_chunk_scales(scales, c)));
+            sum1 = _mm512_add_epi32(sum1, _mm512_madd_epi16(p1, q4k_chunk_scales(scales, c + 1)));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm512_cvtepi32_ps(_mm512_add_epi32(sum0, sum1)), acc);
+    }
+    return _mm512_reduce_add_ps(acc) - hsum_f32x8(acc_m);
+}
+
+// VNNI: vpdpbusd gives 16 int32 lanes (each <= 4*15*127, so it fits int16) and vpdpwssd multiplies
+// them by the scale held in the low 16 bits of each lane (high bits 0) and accumulates.
+MOE_DETAIL_AVX512VNNI inline float vec_dot_q4k_q8k_avx512vnni(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc = _mm512_setzero_ps();
+    __m256 acc_m = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sm = q4k_scales_mins(w[b].scales);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].dmin) * x[b].d), _mm256_cvtepi32_ps(q4k_mins_dot(sm, x[b].bsums)), acc_m);
+        const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(sm));
+        __m512i sum0 = zero, sum1 = zero;
+        for (int c = 0; c < 4; c += 2) {
+            const __m512i d0 = _mm512_dpbusd_epi32(zero, q4k_chunk_avx512(w[b].qs + 32 * c), loadu_512(x[b].qs + 64 * c));
+            const __m512i d1 = _mm512_dpbusd_epi32(zero, q4k_chunk_avx512(w[b].qs + 32 * c + 32), loadu_512(x[b].qs + 64 * c + 64));
+            sum0 = _mm512_dpwssd_epi32(sum0, d0, q4k_chunk_scales(scales, c));
+            sum1 = _mm512_dpwssd_epi32(sum1, d1, q4k_chunk_scales(scales, c + 1));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm512_cvtepi32_ps(_mm512_add_epi32(sum0, sum1)), acc);
+    }
+    return _mm512_reduce_add_ps(acc) - hsum_f32x8(acc_m);
+}
+
+// Q6_K with 512-bit registers: ql[64h..64h+63] holds the low nibbles of elements 128h+0..63 (low
+// halves of the bytes) and 128h+64..127 (high halves); qh[32h..] is broadcast and shifted per
+// 256-bit half so that bits 4-5 of each byte are the element's two high bits (64-bit shifts leak
+// across bytes only into bits the 0x30 mask clears).
+MOE_DETAIL_AVX512 inline void q6k_unpack_half_avx512(const BlockQ6K& w, int h, __m512i* q01, __m512i* q23) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i l = loadu_512(w.ql + 64 * h);
+    const __m512i hb = _mm512_broadcast_i64x4(loadu_256(w.qh + 32 * h));
+    *q01 = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(_mm512_sllv_epi64(hb, _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4)), m30));
+    *q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi64(l, 4), m4), _mm512_and_si512(_mm512_srlv_epi64(hb, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0)), m30));
+}
+// A 64-element register spans four 16-element sub-blocks s..s+3: int32 lanes 4i..4i+3 get scale s+i.
+MOE_DETAIL_AVX512 inline __m512i q6k_quad_scales(__m512i scales, int s) {
+    return _mm512_permutexvar_epi32(_mm512_set_epi32(s + 3, s + 3, s + 3, s + 3, s + 2, s + 2, s + 2, s + 2,
+                                                     s + 1, s + 1, s + 1, s + 1, s, s, s, s), scales);
+}
+
+MOE_DETAIL_AVX512 inline float vec_dot_q6k_q8k_avx512(const BlockQ6K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sc8 = loadu_128(w[b].scales);
+        const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepi8_epi16(sc8));
+        const __m512i s32 = _mm512_cvtepi8_epi32(sc8);  // scale in both 16-bit halves of each lane
+        const __m512i scales = _mm512_or_si512(_mm512_and_si512(s32, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(s32, 16));
+        __m512i sum0 = _mm512_setzero_si512(), sum1 = _mm512_setzero_si512();
+        for (int h = 0; h < 2; ++h) {
+            __m512i q01, q23;
+            q6k_unpack_half_avx512(w[b], h, &q01, &q23);
+            const __m512i p01 = _mm512_maddubs_epi16(q01, loadu_512(x[b].qs + 128 * h));
+            const __m512i p23 = _mm512_maddubs_epi16(q23, loadu_512(x[b].qs + 128 * h + 64));
+            sum0 = _mm512_add_epi32(sum0, _mm512_madd_epi16(p01, q6k_quad_scales(scales, 8 * h)));
+            sum1 = _mm512_add_epi32(sum1, _mm512_madd_epi16(p23, q6k_quad_scales(scales, 8 * h + 4)));
+        }
+        const __m512i isum = _mm512_sub_epi32(_mm512_add_epi32(sum0, sum1), _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// VNNI: dpbusd lanes are sums of 4 products <= 4*63*127 = 32004, so they fit int16 for vpdpwssd.
+MOE_DETAIL_AVX512VNNI inline float vec_dot_q6k_q8k_avx512vnni(const BlockQ6K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sc8 = loadu_128(w[b].scales);
+        const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepi8_epi16(sc8));
+        const __m512i scales = _mm512_and_si512(_mm512_cvtepi8_epi32(sc8), _mm512_set1_epi32(0xFFFF));  // low 16 bits only
+        __m512i sum0 = zero, sum1 = zero;
+        for (int h = 0; h < 2; ++h) {
+            __m512i q01, q23;
+            q6k_unpack_half_avx512(w[b], h, &q01, &q23);
+            const __m512i d01 = _mm512_dpbusd_epi32(zero, q01, loadu_512(x[b].qs + 128 * h));
+            const __m512i d23 = _mm512_dpbusd_epi32(zero, q23, loadu_512(x[b].qs + 128 * h + 64));
+            sum0 = _mm512_dpwssd_epi32(sum0, d01, q6k_quad_scales(scales, 8 * h));
+            sum1 = _mm512_dpwssd_epi32(sum1, d23, q6k_quad_scales(scales, 8 * h + 4));
+        }
+        const __m512i isum = _mm512_sub_epi32(_mm512_add_epi32(sum0, sum1), _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+//-----------------------------------------------------------------------------
+// Dispatch: the best kernel at `level` or below (nullptr = use the _ref kernel).
+//   level 1 (AVX2):        all eight types, and both activation quantizers (used at every level)
+//   level 2 (AVX-512):     Q4_0, Q4_K, Q6_K 512-bit; Q8_0, Q5_K, F16, BF16, F32 keep AVX2
+//   level 3 (+VNNI):       Q4_0, Q4_K, Q6_K 512-bit VNNI; Q8_0 256-bit VNNI; the rest as level 2
+//-----------------------------------------------------------------------------
+
+inline VecDotFn x86_vec_dot(uint32_t type, int level) {
+    if (level < 1 || level > 3) return nullptr;  // not an x86 level (e.g. Isa::neon passed through)
+#if defined(MOE_NO_AVX512)
+    if (level > 1) level = 1;
+#endif
+#if defined(MOE_NO_AVX2)
+    if (level < 2) return nullptr;
+    const bool avx2 = false;  // AVX-512 levels still get their own kernels
+#else
+    const bool avx2 = level >= 1;
+#endif
+    switch ((TensorType)type) {
+        case TensorType::q4_0:
+            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_avx512vnni((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
+            if (level >= 2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_avx512((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_avx2((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
+            break;
+        case TensorType::q8_0:
+            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_avx512vnni((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
+            // Plain AVX-512 has nothing better for Q8_0 than AVX2's vpsignb + maddubs.
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_avx2((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
+            break;
+        case TensorType::q4_k:
+            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_avx512vnni((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
+            if (level >= 2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_avx512((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_avx2((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
+            break;
+        case TensorType::q6_k:
+            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_avx512vnni((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
+            if (level >= 2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_avx512((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_avx2((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
+            break;
+        // No AVX-512 versions yet: the AVX2 kernel is also the best on AVX-512 CPUs.
+        case TensorType::q5_k:
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_avx2((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
+            break;
+        case TensorType::f16:
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_f16_f32_avx2((const uint16_t*)w, (const float*)x, n); };
+            break;
+        case TensorType::bf16:
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_bf16_f32_avx2((const uint16_t*)w, (const float*)x, n); };
+            break;
+        case TensorType::f32:
+            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_f32_f32_avx2((const float*)w, (const float*)x, n); };
+            break;
+    }
+    return nullptr;
+}
+
+inline QuantizeActFn x86_quantize_act(ActFormat f, int level) {
+#if defined(MOE_NO_AVX2)
+    (void)f; (void)level;
+    return nullptr;
+#else
+    if (level < 1 || level > 3) return nullptr;
+    switch (f) {
+        case ActFormat::q8_0: return [](void* dst, const float* x, int64_t n) { quantize_act_q8_0_avx2(static_cast<BlockQ8_0*>(dst), x, n); };
+        case ActFormat::q8_k: return [](void* dst, const float* x, int64_t n) { quantize_row_q8k_avx2(static_cast<BlockQ8K*>(dst), x, n); };
+        case ActFormat::f32: break;
+    }
+    return nullptr;
+#endif
+}
+
+}  // namespace detail
+}  // namespace moe
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#undef MOE_DETAIL_AVX2
+#undef MOE_DETAIL_AVX512
+#undef MOE_DETAIL_AVX512VNNI
+#endif  // MOE_DETAIL_X86
 
 namespace moe {
 namespace detail {
@@ -2100,7 +2809,1554 @@ inline void split_range(int64_t n, int ith, int nth, int64_t* begin, int64_t* en
 // [SECTION] TOKENIZER IMPLEMENTATION
 //-----------------------------------------------------------------------------
 // >>tokenizer
-#include "src/tokenizer.inc"
+// Tokenizers built from a GGUF's tokenizer.ggml.* metadata (see the TOKENIZER declarations).
+//  - Byte-level BPE ("gpt2"): special tokens are cut out of the text first; each remaining fragment
+//    is split into words by its family's pre-tokenizer regex (hand-written matchers below: no
+//    std::regex, which is slow and knows no \p{L}); each word's bytes become GPT-2's printable
+//    stand-in code points, which are merged pairwise by merge rank (lowest first, leftmost on ties).
+//  - SentencePiece ("llama"): spaces become U+2581 and a space is prefixed to the text (and to each
+//    fragment after a special token); the adjacent pair whose concatenation is a vocabulary piece of
+//    highest score is merged until none is left; leftovers fall back to <0xXX> byte pieces.
+// Behaviour follows Hugging Face tokenizers and llama.cpp's llama-vocab.cpp (read for reference,
+// nothing copied) and is checked against llama.cpp's ggml-vocab-*.gguf.inp/.out test vectors.
+// Unicode classes come from tools/gen_unicode_tables.py. Everything here is read-only after load.
+
+#include <initializer_list>
+#include <string_view>
+
+namespace moe {
+namespace detail {
+
+// Unicode class of a code point, as the pre-tokenizer regexes see it: \p{L}, \p{N}, \p{M}, \p{P},
+// \p{S}, \s (the White_Space property) or anything else (controls, unassigned, invalid bytes).
+enum class UnicodeClass : uint8_t { other = 0, letter = 1, number = 2, mark = 3, punctuation = 4, symbol = 5, space = 6 };
+
+// >>unicode-tables (regenerate with: python3 tools/gen_unicode_tables.py)
+// Generated by tools/gen_unicode_tables.py from Unicode 14.0.0: do not edit by hand.
+static const uint32_t kUnicodeClassRuns[2217] = {
+    0x0, 0x4e, 0x70, 0x106, 0x10c, 0x125, 0x12c, 0x15d,
+    0x164, 0x182, 0x1d4, 0x1e5, 0x1fc, 0x209, 0x2dc, 0x2f5,
+    0x2fc, 0x305, 0x309, 0x3dc, 0x3e5, 0x3ec, 0x3f5, 0x3f8,
+    0x42e, 0x430, 0x506, 0x50c, 0x515, 0x53c, 0x545, 0x551,
+    0x55c, 0x565, 0x568, 0x575, 0x592, 0x5a5, 0x5a9, 0x5b4,
+    0x5c5, 0x5ca, 0x5d1, 0x5dc, 0x5e2, 0x5fc, 0x601, 0x6bd,
+    0x6c1, 0x7bd, 0x7c1, 0x1615, 0x1631, 0x1695, 0x1701, 0x172d,
+    0x1761, 0x176d, 0x1771, 0x177d, 0x1803, 0x1b81, 0x1bad, 0x1bb1,
+    0x1bc0, 0x1bd1, 0x1bf4, 0x1bf9, 0x1c00, 0x1c25, 0x1c31, 0x1c3c,
+    0x1c41, 0x1c58, 0x1c61, 0x1c68, 0x1c71, 0x1d10, 0x1d19, 0x1fb5,
+    0x1fb9, 0x2415, 0x241b, 0x2451, 0x2980, 0x2989, 0x2ab8, 0x2ac9,
+    0x2ad4, 0x2b01, 0x2c4c, 0x2c58, 0x2c6d, 0x2c80, 0x2c8b, 0x2df4,
+    0x2dfb, 0x2e04, 0x2e0b, 0x2e1c, 0x2e23, 0x2e34, 0x2e3b, 0x2e40,
+    0x2e81, 0x2f58, 0x2f79, 0x2f9c, 0x2fa8, 0x3035, 0x304c, 0x305d,
+    0x3064, 0x3075, 0x3083, 0x30dc, 0x30e0, 0x30ec, 0x3101, 0x325b,
+    0x3302, 0x3354, 0x3371, 0x3383, 0x3389, 0x36a4, 0x36a9, 0x36b3,
+    0x36e8, 0x36f5, 0x36fb, 0x3729, 0x373b, 0x374d, 0x3753, 0x3771,
+    0x3782, 0x37d1, 0x37ed, 0x37f9, 0x3804, 0x3870, 0x3881, 0x388b,
+    0x3891, 0x3983, 0x3a58, 0x3a69, 0x3d33, 0x3d89, 0x3d90, 0x3e02,
+    0x3e51, 0x3f5b, 0x3fa1, 0x3fb5, 0x3fbc, 0x3fd1, 0x3fd8, 0x3feb,
+    0x3ff5, 0x4001, 0x40b3, 0x40d1, 0x40db, 0x4121, 0x412b, 0x4141,
+    0x414b, 0x4170, 0x4184, 0x41f8, 0x4201, 0x42cb, 0x42e0, 0x42f4,
+    0x42f8, 0x4301, 0x4358, 0x4381, 0x4445, 0x4449, 0x4478, 0x44c3,
+    0x4501, 0x4653, 0x4710, 0x471b, 0x4821, 0x49d3, 0x49e9, 0x49f3,
+    0x4a81, 0x4a8b, 0x4ac1, 0x4b13, 0x4b24, 0x4b32, 0x4b84, 0x4b89,
+    0x4c0b, 0x4c20, 0x4c29, 0x4c68, 0x4c79, 0x4c88, 0x4c99, 0x4d48,
+    0x4d51, 0x4d88, 0x4d91, 0x4d98, 0x4db1, 0x4dd0, 0x4de3, 0x4de9,
+    0x4df3, 0x4e28, 0x4e3b, 0x4e48, 0x4e5b, 0x4e71, 0x4e78, 0x4ebb,
+    0x4ec0, 0x4ee1, 0x4ef0, 0x4ef9, 0x4f13, 0x4f20, 0x4f32, 0x4f81,
+    0x4f95, 0x4fa2, 0x4fd5, 0x4fe1, 0x4fec, 0x4ff3, 0x4ff8, 0x500b,
+    0x5020, 0x5029, 0x5058, 0x5079, 0x5088, 0x5099, 0x5148, 0x5151,
+    0x5188, 0x5191, 0x51a0, 0x51a9, 0x51b8, 0x51c1, 0x51d0, 0x51e3,
+    0x51e8, 0x51f3, 0x5218, 0x523b, 0x5248, 0x525b, 0x5270, 0x528b,
+    0x5290, 0x52c9, 0x52e8, 0x52f1, 0x52f8, 0x5332, 0x5383, 0x5391,
+    0x53ab, 0x53b4, 0x53b8, 0x540b, 0x5420, 0x5429, 0x5470, 0x5479,
+    0x5490, 0x5499, 0x5548, 0x5551, 0x5588, 0x5591, 0x55a0, 0x55a9,
+    0x55d0, 0x55e3, 0x55e9, 0x55f3, 0x5630, 0x563b, 0x5650, 0x565b,
+    0x5670, 0x5681, 0x5688, 0x5701, 0x5713, 0x5720, 0x5732, 0x5784,
+    0x578d, 0x5790, 0x57c9, 0x57d3, 0x5800, 0x580b, 0x5820, 0x5829,
+    0x5868, 0x5879, 0x5888, 0x5899, 0x5948, 0x5951, 0x5988, 0x5991,
+    0x59a0, 0x59a9, 0x59d0, 0x59e3, 0x59e9, 0x59f3, 0x5a28, 0x5a3b,
+    0x5a48, 0x5a5b, 0x5a70, 0x5aab, 0x5ac0, 0x5ae1, 0x5af0, 0x5af9,
+    0x5b13, 0x5b20, 0x5b32, 0x5b85, 0x5b89, 0x5b92, 0x5bc0, 0x5c13,
+    0x5c19, 0x5c20, 0x5c29, 0x5c58, 0x5c71, 0x5c88, 0x5c91, 0x5cb0,
+    0x5cc9, 0x5cd8, 0x5ce1, 0x5ce8, 0x5cf1, 0x5d00, 0x5d19, 0x5d28,
+    0x5d41, 0x5d58, 0x5d71, 0x5dd0, 0x5df3, 0x5e18, 0x5e33, 0x5e48,
+    0x5e53, 0x5e70, 0x5e81, 0x5e88, 0x5ebb, 0x5ec0, 0x5f32, 0x5f9d,
+    0x5fd8, 0x6003, 0x6029, 0x6068, 0x6071, 0x6088, 0x6091, 0x6148,
+    0x6151, 0x61d0, 0x61e3, 0x61e9, 0x61f3, 0x6228, 0x6233, 0x6248,
+    0x6253, 0x6270, 0x62ab, 0x62b8, 0x62c1, 0x62d8, 0x62e9, 0x62f0,
+    0x6301, 0x6313, 0x6320, 0x6332, 0x6380, 0x63bc, 0x63c2, 0x63fd,
+    0x6401, 0x640b, 0x6424, 0x6429, 0x6468, 0x6471, 0x6488, 0x6491,
+    0x6548, 0x6551, 0x65a0, 0x65a9, 0x65d0, 0x65e3, 0x65e9, 0x65f3,
+    0x6628, 0x6633, 0x6648, 0x6653, 0x6670, 0x66ab, 0x66b8, 0x66e9,
+    0x66f8, 0x6701, 0x6713, 0x6720, 0x6732, 0x6780, 0x6789, 0x6798,
+    0x6803, 0x6821, 0x6868, 0x6871, 0x6888, 0x6891, 0x69db, 0x69e9,
+    0x69f3, 0x6a28, 0x6a33, 0x6a48, 0x6a53, 0x6a71, 0x6a7d, 0x6a80,
+    0x6aa1, 0x6abb, 0x6ac2, 0x6af9, 0x6b13, 0x6b20, 0x6b32, 0x6bcd,
+    0x6bd1, 0x6c00, 0x6c0b, 0x6c20, 0x6c29, 0x6cb8, 0x6cd1, 0x6d90,
+    0x6d99, 0x6de0, 0x6de9, 0x6df0, 0x6e01, 0x6e38, 0x6e53, 0x6e58,
+    0x6e7b, 0x6ea8, 0x6eb3, 0x6eb8, 0x6ec3, 0x6f00, 0x6f32, 0x6f80,
+    0x6f93, 0x6fa4, 0x6fa8, 0x7009, 0x718b, 0x7191, 0x71a3, 0x71d8,
+    0x71fd, 0x7201, 0x723b, 0x727c, 0x7282, 0x72d4, 0x72e0, 0x7409,
+    0x7418, 0x7421, 0x7428, 0x7431, 0x7458, 0x7461, 0x7520, 0x7529,
+    0x7530, 0x7539, 0x758b, 0x7591, 0x75a3, 0x75e9, 0x75f0, 0x7601,
+    0x7628, 0x7631, 0x7638, 0x7643, 0x7670, 0x7682, 0x76d0, 0x76e1,
+    0x7700, 0x7801, 0x780d, 0x7824, 0x789d, 0x78a4, 0x78ad, 0x78c3,
+    0x78d5, 0x7902, 0x79a5, 0x79ab, 0x79b5, 0x79bb, 0x79c5, 0x79cb,
+    0x79d4, 0x79f3, 0x7a01, 0x7a40, 0x7a49, 0x7b68, 0x7b8b, 0x7c2c,
+    0x7c33, 0x7c41, 0x7c6b, 0x7cc0, 0x7ccb, 0x7de8, 0x7df5, 0x7e33,
+    0x7e3d, 0x7e68, 0x7e75, 0x7e84, 0x7ead, 0x7ecc, 0x7ed8, 0x8001,
+    0x815b, 0x81f9, 0x8202, 0x8254, 0x8281, 0x82b3, 0x82d1, 0x82f3,
+    0x8309, 0x8313, 0x8329, 0x833b, 0x8371, 0x838b, 0x83a9, 0x8413,
+    0x8471, 0x847b, 0x8482, 0x84d3, 0x84f5, 0x8501, 0x8630, 0x8639,
+    0x8640, 0x8669, 0x8670, 0x8681, 0x87dc, 0x87e1, 0x9248, 0x9251,
+    0x9270, 0x9281, 0x92b8, 0x92c1, 0x92c8, 0x92d1, 0x92f0, 0x9301,
+    0x9448, 0x9451, 0x9470, 0x9481, 0x9588, 0x9591, 0x95b0, 0x95c1,
+    0x95f8, 0x9601, 0x9608, 0x9611, 0x9630, 0x9641, 0x96b8, 0x96c1,
+    0x9888, 0x9891, 0x98b0, 0x98c1, 0x9ad8, 0x9aeb, 0x9b04, 0x9b4a,
+    0x9be8, 0x9c01, 0x9c85, 0x9cd0, 0x9d01, 0x9fb0, 0x9fc1, 0x9ff0,
+    0xa004, 0xa009, 0xb36d, 0xb374, 0xb379, 0xb406, 0xb409, 0xb4dc,
+    0xb4e8, 0xb501, 0xb75c, 0xb772, 0xb789, 0xb7c8, 0xb801, 0xb893,
+    0xb8b0, 0xb8f9, 0xb993, 0xb9ac, 0xb9b8, 0xba01, 0xba93, 0xbaa0,
+    0xbb01, 0xbb68, 0xbb71, 0xbb88, 0xbb93, 0xbba0, 0xbc01, 0xbda3,
+    0xbea4, 0xbeb9, 0xbec4, 0xbedd, 0xbee1, 0xbeeb, 0xbef0, 0xbf02,
+    0xbf50, 0xbf82, 0xbfd0, 0xc004, 0xc05b, 0xc070, 0xc07b, 0xc082,
+    0xc0d0, 0xc101, 0xc3c8, 0xc401, 0xc42b, 0xc439, 0xc54b, 0xc551,
+    0xc558, 0xc581, 0xc7b0, 0xc801, 0xc8f8, 0xc903, 0xc960, 0xc983,
+    0xc9e0, 0xca05, 0xca08, 0xca24, 0xca32, 0xca81, 0xcb70, 0xcb81,
+    0xcba8, 0xcc01, 0xcd60, 0xcd81, 0xce50, 0xce82, 0xced8, 0xcef5,
+    0xd001, 0xd0bb, 0xd0e0, 0xd0f4, 0xd101, 0xd2ab, 0xd2f8, 0xd303,
+    0xd3e8, 0xd3fb, 0xd402, 0xd450, 0xd482, 0xd4d0, 0xd504, 0xd539,
+    0xd544, 0xd570, 0xd583, 0xd678, 0xd803, 0xd829, 0xd9a3, 0xda29,
+    0xda68, 0xda82, 0xdad4, 0xdb0d, 0xdb5b, 0xdba5, 0xdbec, 0xdbf8,
+    0xdc03, 0xdc19, 0xdd0b, 0xdd71, 0xdd82, 0xddd1, 0xdf33, 0xdfa0,
+    0xdfe4, 0xe001, 0xe123, 0xe1c0, 0xe1dc, 0xe202, 0xe250, 0xe269,
+    0xe282, 0xe2d1, 0xe3f4, 0xe401, 0xe448, 0xe481, 0xe5d8, 0xe5e9,
+    0xe604, 0xe640, 0xe683, 0xe69c, 0xe6a3, 0xe749, 0xe76b, 0xe771,
+    0xe7a3, 0xe7a9, 0xe7bb, 0xe7d1, 0xe7d8, 0xe801, 0xee03, 0xf001,
+    0xf8b0, 0xf8c1, 0xf8f0, 0xf901, 0xfa30, 0xfa41, 0xfa70, 0xfa81,
+    0xfac0, 0xfac9, 0xfad0, 0xfad9, 0xfae0, 0xfae9, 0xfaf0, 0xfaf9,
+    0xfbf0, 0xfc01, 0xfda8, 0xfdb1, 0xfded, 0xfdf1, 0xfdfd, 0xfe11,
+    0xfe28, 0xfe31, 0xfe6d, 0xfe81, 0xfea0, 0xfeb1, 0xfee0, 0xfeed,
+    0xff01, 0xff6d, 0xff80, 0xff91, 0xffa8, 0xffb1, 0xffed, 0xfff8,
+    0x10006, 0x10058, 0x10084, 0x10146, 0x10150, 0x1017e, 0x10184, 0x10225,
+    0x1022c, 0x10295, 0x1029c, 0x102fe, 0x10300, 0x10382, 0x10389, 0x10390,
+    0x103a2, 0x103d5, 0x103ec, 0x103f9, 0x10402, 0x10455, 0x1046c, 0x10478,
+    0x10481, 0x104e8, 0x10505, 0x10608, 0x10683, 0x10788, 0x10805, 0x10811,
+    0x1081d, 0x10839, 0x10845, 0x10851, 0x108a5, 0x108a9, 0x108b5, 0x108c9,
+    0x108f5, 0x10921, 0x1092d, 0x10931, 0x1093d, 0x10941, 0x1094d, 0x10951,
+    0x10975, 0x10979, 0x109d5, 0x109e1, 0x10a05, 0x10a29, 0x10a55, 0x10a71,
+    0x10a7d, 0x10a82, 0x10c19, 0x10c2a, 0x10c55, 0x10c60, 0x10c85, 0x11844,
+    0x11865, 0x1194c, 0x1195d, 0x12138, 0x12205, 0x12258, 0x12302, 0x124e5,
+    0x12752, 0x12805, 0x13b44, 0x13bb2, 0x13ca5, 0x13e2c, 0x13e3d, 0x13f34,
+    0x13f85, 0x14c1c, 0x14ccd, 0x14ec4, 0x14ee5, 0x14fe4, 0x14ff5, 0x15ba0,
+    0x15bb5, 0x15cb0, 0x15cbd, 0x16001, 0x1672d, 0x16759, 0x1677b, 0x16791,
+    0x167a0, 0x167cc, 0x167ea, 0x167f4, 0x16801, 0x16930, 0x16939, 0x16940,
+    0x16969, 0x16970, 0x16981, 0x16b40, 0x16b79, 0x16b84, 0x16b88, 0x16bfb,
+    0x16c01, 0x16cb8, 0x16d01, 0x16d38, 0x16d41, 0x16d78, 0x16d81, 0x16db8,
+    0x16dc1, 0x16df8, 0x16e01, 0x16e38, 0x16e41, 0x16e78, 0x16e81, 0x16eb8,
+    0x16ec1, 0x16ef8, 0x16f03, 0x17004, 0x17179, 0x17184, 0x17285, 0x17294,
+    0x172f0, 0x17405, 0x174d0, 0x174dd, 0x177a0, 0x17805, 0x17eb0, 0x17f85,
+    0x17fe0, 0x18006, 0x1800c, 0x18025, 0x18029, 0x1803a, 0x18044, 0x18095,
+    0x180a4, 0x18105, 0x1810a, 0x18153, 0x18184, 0x18189, 0x181b5, 0x181c2,
+    0x181d9, 0x181ec, 0x181f5, 0x18200, 0x18209, 0x184b8, 0x184cb, 0x184dd,
+    0x184e9, 0x18504, 0x18509, 0x187dc, 0x187e1, 0x18800, 0x18829, 0x18980,
+    0x18989, 0x18c78, 0x18c85, 0x18c92, 0x18cb5, 0x18d01, 0x18e05, 0x18f20,
+    0x18f81, 0x19005, 0x190f8, 0x19102, 0x19155, 0x19242, 0x19285, 0x1928a,
+    0x19305, 0x19402, 0x19455, 0x1958a, 0x19605, 0x1a001, 0x26e05, 0x27001,
+    0x52468, 0x52485, 0x52638, 0x52681, 0x527f4, 0x52801, 0x5306c, 0x53081,
+    0x53102, 0x53151, 0x53160, 0x53201, 0x5337b, 0x5339c, 0x533a3, 0x533f4,
+    0x533f9, 0x534f3, 0x53501, 0x53732, 0x53783, 0x53794, 0x537c0, 0x53805,
+    0x538b9, 0x53905, 0x53911, 0x53c4d, 0x53c59, 0x53e58, 0x53e81, 0x53e90,
+    0x53e99, 0x53ea0, 0x53ea9, 0x53ed0, 0x53f91, 0x54013, 0x54019, 0x54033,
+    0x54039, 0x5405b, 0x54061, 0x5411b, 0x54145, 0x54163, 0x54168, 0x54182,
+    0x541b5, 0x541d0, 0x54201, 0x543a4, 0x543c0, 0x54403, 0x54411, 0x545a3,
+    0x54630, 0x54674, 0x54682, 0x546d0, 0x54703, 0x54791, 0x547c4, 0x547d9,
+    0x547e4, 0x547e9, 0x547fb, 0x54802, 0x54851, 0x54933, 0x54974, 0x54981,
+    0x54a3b, 0x54aa0, 0x54afc, 0x54b01, 0x54be8, 0x54c03, 0x54c21, 0x54d9b,
+    0x54e0c, 0x54e70, 0x54e79, 0x54e82, 0x54ed0, 0x54ef4, 0x54f01, 0x54f2b,
+    0x54f31, 0x54f82, 0x54fd1, 0x54ff8, 0x55001, 0x5514b, 0x551b8, 0x55201,
+    0x5521b, 0x55221, 0x55263, 0x55270, 0x55282, 0x552d0, 0x552e4, 0x55301,
+    0x553bd, 0x553d1, 0x553db, 0x553f1, 0x55583, 0x55589, 0x55593, 0x555a9,
+    0x555bb, 0x555c9, 0x555f3, 0x55601, 0x5560b, 0x55611, 0x55618, 0x556d9,
+    0x556f4, 0x55701, 0x5575b, 0x55784, 0x55791, 0x557ab, 0x557b8, 0x55809,
+    0x55838, 0x55849, 0x55878, 0x55889, 0x558b8, 0x55901, 0x55938, 0x55941,
+    0x55978, 0x55981, 0x55add, 0x55ae1, 0x55b55, 0x55b60, 0x55b81, 0x55f1b,
+    0x55f5c, 0x55f63, 0x55f70, 0x55f82, 0x55fd0, 0x56001, 0x6bd20, 0x6bd81,
+    0x6be38, 0x6be59, 0x6bfe0, 0x7c801, 0x7d370, 0x7d381, 0x7d6d0, 0x7d801,
+    0x7d838, 0x7d899, 0x7d8c0, 0x7d8e9, 0x7d8f3, 0x7d8f9, 0x7d94d, 0x7d951,
+    0x7d9b8, 0x7d9c1, 0x7d9e8, 0x7d9f1, 0x7d9f8, 0x7da01, 0x7da10, 0x7da19,
+    0x7da28, 0x7da31, 0x7dd95, 0x7de18, 0x7de99, 0x7e9f4, 0x7ea05, 0x7ea81,
+    0x7ec80, 0x7ec91, 0x7ee40, 0x7ee7d, 0x7ee80, 0x7ef81, 0x7efe5, 0x7f003,
+    0x7f084, 0x7f0d0, 0x7f103, 0x7f184, 0x7f298, 0x7f2a4, 0x7f315, 0x7f31c,
+    0x7f325, 0x7f338, 0x7f344, 0x7f34d, 0x7f354, 0x7f360, 0x7f381, 0x7f3a8,
+    0x7f3b1, 0x7f7e8, 0x7f80c, 0x7f825, 0x7f82c, 0x7f85d, 0x7f864, 0x7f882,
+    0x7f8d4, 0x7f8e5, 0x7f8fc, 0x7f909, 0x7f9dc, 0x7f9f5, 0x7f9fc, 0x7fa05,
+    0x7fa09, 0x7fadc, 0x7fae5, 0x7faec, 0x7faf5, 0x7fafc, 0x7fb31, 0x7fdf8,
+    0x7fe11, 0x7fe40, 0x7fe51, 0x7fe80, 0x7fe91, 0x7fec0, 0x7fed1, 0x7fee8,
+    0x7ff05, 0x7ff38, 0x7ff45, 0x7ff78, 0x7ffe5, 0x7fff0, 0x80001, 0x80060,
+    0x80069, 0x80138, 0x80141, 0x801d8, 0x801e1, 0x801f0, 0x801f9, 0x80270,
+    0x80281, 0x802f0, 0x80401, 0x807d8, 0x80804, 0x80818, 0x8083a, 0x809a0,
+    0x809bd, 0x80a02, 0x80bcd, 0x80c52, 0x80c65, 0x80c78, 0x80c85, 0x80ce8,
+    0x80d05, 0x80d08, 0x80e85, 0x80feb, 0x80ff0, 0x81401, 0x814e8, 0x81501,
+    0x81688, 0x81703, 0x8170a, 0x817e0, 0x81801, 0x81902, 0x81920, 0x81969,
+    0x81a0a, 0x81a11, 0x81a52, 0x81a58, 0x81a81, 0x81bb3, 0x81bd8, 0x81c01,
+    0x81cf0, 0x81cfc, 0x81d01, 0x81e20, 0x81e41, 0x81e84, 0x81e8a, 0x81eb0,
+    0x82001, 0x824f0, 0x82502, 0x82550, 0x82581, 0x826a0, 0x826c1, 0x827e0,
+    0x82801, 0x82940, 0x82981, 0x82b20, 0x82b7c, 0x82b81, 0x82bd8, 0x82be1,
+    0x82c58, 0x82c61, 0x82c98, 0x82ca1, 0x82cb0, 0x82cb9, 0x82d10, 0x82d19,
+    0x82d90, 0x82d99, 0x82dd0, 0x82dd9, 0x82de8, 0x83001, 0x839b8, 0x83a01,
+    0x83ab0, 0x83b01, 0x83b40, 0x83c01, 0x83c30, 0x83c39, 0x83d88, 0x83d91,
+    0x83dd8, 0x84001, 0x84030, 0x84041, 0x84048, 0x84051, 0x841b0, 0x841b9,
+    0x841c8, 0x841e1, 0x841e8, 0x841f9, 0x842b0, 0x842bc, 0x842c2, 0x84301,
+    0x843bd, 0x843ca, 0x84401, 0x844f8, 0x8453a, 0x84580, 0x84701, 0x84798,
+    0x847a1, 0x847b0, 0x847da, 0x84801, 0x848b2, 0x848e0, 0x848fc, 0x84901,
+    0x849d0, 0x849fc, 0x84a00, 0x84c01, 0x84dc0, 0x84de2, 0x84df1, 0x84e02,
+    0x84e80, 0x84e92, 0x85001, 0x8500b, 0x85020, 0x8502b, 0x85038, 0x85063,
+    0x85081, 0x850a0, 0x850a9, 0x850c0, 0x850c9, 0x851b0, 0x851c3, 0x851d8,
+    0x851fb, 0x85202, 0x85248, 0x85284, 0x852c8, 0x85301, 0x853ea, 0x853fc,
+    0x85401, 0x854ea, 0x85500, 0x85601, 0x85645, 0x85649, 0x8572b, 0x85738,
+    0x8575a, 0x85784, 0x857b8, 0x85801, 0x859b0, 0x859cc, 0x85a01, 0x85ab0,
+    0x85ac2, 0x85b01, 0x85b98, 0x85bc2, 0x85c01, 0x85c90, 0x85ccc, 0x85ce8,
+    0x85d4a, 0x85d80, 0x86001, 0x86248, 0x86401, 0x86598, 0x86601, 0x86798,
+    0x867d2, 0x86801, 0x86923, 0x86940, 0x86982, 0x869d0, 0x87302, 0x873f8,
+    0x87401, 0x87550, 0x8755b, 0x8756c, 0x87570, 0x87581, 0x87590, 0x87801,
+    0x878ea, 0x87939, 0x87940, 0x87981, 0x87a33, 0x87a8a, 0x87aac, 0x87ad0,
+    0x87b81, 0x87c13, 0x87c34, 0x87c50, 0x87d81, 0x87e2a, 0x87e60, 0x87f01,
+    0x87fb8, 0x88003, 0x88019, 0x881c3, 0x8823c, 0x88270, 0x88292, 0x88383,
+    0x88389, 0x8839b, 0x883a9, 0x883b0, 0x883fb, 0x88419, 0x88583, 0x885dc,
+    0x885e8, 0x885f4, 0x88613, 0x88618, 0x88681, 0x88748, 0x88782, 0x887d0,
+    0x88803, 0x88819, 0x8893b, 0x889a8, 0x889b2, 0x88a04, 0x88a21, 0x88a2b,
+    0x88a39, 0x88a40, 0x88a81, 0x88b9b, 0x88ba4, 0x88bb1, 0x88bb8, 0x88c03,
+    0x88c19, 0x88d9b, 0x88e09, 0x88e2c, 0x88e4b, 0x88e6c, 0x88e73, 0x88e82,
+    0x88ed1, 0x88edc, 0x88ee1, 0x88eec, 0x88f00, 0x88f0a, 0x88fa8, 0x89001,
+    0x89090, 0x89099, 0x89163, 0x891c4, 0x891f3, 0x891f8, 0x89401, 0x89438,
+    0x89441, 0x89448, 0x89451, 0x89470, 0x89479, 0x894f0, 0x894f9, 0x8954c,
+    0x89550, 0x89581, 0x896fb, 0x89758, 0x89782, 0x897d0, 0x89803, 0x89820,
+    0x89829, 0x89868, 0x89879, 0x89888, 0x89899, 0x89948, 0x89951, 0x89988,
+    0x89991, 0x899a0, 0x899a9, 0x899d0, 0x899db, 0x899e9, 0x899f3, 0x89a28,
+    0x89a3b, 0x89a48, 0x89a5b, 0x89a70, 0x89a81, 0x89a88, 0x89abb, 0x89ac0,
+    0x89ae9, 0x89b13, 0x89b20, 0x89b33, 0x89b68, 0x89b83, 0x89ba8, 0x8a001,
+    0x8a1ab, 0x8a239, 0x8a25c, 0x8a282, 0x8a2d4, 0x8a2e0, 0x8a2ec, 0x8a2f3,
+    0x8a2f9, 0x8a310, 0x8a401, 0x8a583, 0x8a621, 0x8a634, 0x8a639, 0x8a640,
+    0x8a682, 0x8a6d0, 0x8ac01, 0x8ad7b, 0x8adb0, 0x8adc3, 0x8ae0c, 0x8aec1,
+    0x8aee3, 0x8aef0, 0x8b001, 0x8b183, 0x8b20c, 0x8b221, 0x8b228, 0x8b282,
+    0x8b2d0, 0x8b304, 0x8b368, 0x8b401, 0x8b55b, 0x8b5c1, 0x8b5cc, 0x8b5d0,
+    0x8b602, 0x8b650, 0x8b801, 0x8b8d8, 0x8b8eb, 0x8b960, 0x8b982, 0x8b9e4,
+    0x8b9fd, 0x8ba01, 0x8ba38, 0x8c001, 0x8c163, 0x8c1dc, 0x8c1e0, 0x8c501,
+    0x8c702, 0x8c798, 0x8c7f9, 0x8c838, 0x8c849, 0x8c850, 0x8c861, 0x8c8a0,
+    0x8c8a9, 0x8c8b8, 0x8c8c1, 0x8c983, 0x8c9b0, 0x8c9bb, 0x8c9c8, 0x8c9db,
+    0x8c9f9, 0x8ca03, 0x8ca09, 0x8ca13, 0x8ca24, 0x8ca38, 0x8ca82, 0x8cad0,
+    0x8cd01, 0x8cd40, 0x8cd51, 0x8ce8b, 0x8cec0, 0x8ced3, 0x8cf09, 0x8cf14,
+    0x8cf19, 0x8cf23, 0x8cf28, 0x8d001, 0x8d00b, 0x8d059, 0x8d19b, 0x8d1d1,
+    0x8d1db, 0x8d1fc, 0x8d23b, 0x8d240, 0x8d281, 0x8d28b, 0x8d2e1, 0x8d453,
+    0x8d4d4, 0x8d4e9, 0x8d4f4, 0x8d518, 0x8d581, 0x8d7c8, 0x8e001, 0x8e048,
+    0x8e051, 0x8e17b, 0x8e1b8, 0x8e1c3, 0x8e201, 0x8e20c, 0x8e230, 0x8e282,
+    0x8e368, 0x8e384, 0x8e391, 0x8e480, 0x8e493, 0x8e540, 0x8e54b, 0x8e5b8,
+    0x8e801, 0x8e838, 0x8e841, 0x8e850, 0x8e859, 0x8e98b, 0x8e9b8, 0x8e9d3,
+    0x8e9d8, 0x8e9e3, 0x8e9f0, 0x8e9fb, 0x8ea31, 0x8ea3b, 0x8ea40, 0x8ea82,
+    0x8ead0, 0x8eb01, 0x8eb30, 0x8eb39, 0x8eb48, 0x8eb51, 0x8ec53, 0x8ec78,
+    0x8ec83, 0x8ec90, 0x8ec9b, 0x8ecc1, 0x8ecc8, 0x8ed02, 0x8ed50, 0x8f701,
+    0x8f79b, 0x8f7bc, 0x8f7c8, 0x8fd81, 0x8fd88, 0x8fe02, 0x8fead, 0x8ff90,
+    0x8fffc, 0x90001, 0x91cd0, 0x92002, 0x92378, 0x92384, 0x923a8, 0x92401,
+    0x92a20, 0x97c81, 0x97f8c, 0x97f98, 0x98001, 0x9a178, 0xa2001, 0xa3238,
+    0xb4001, 0xb51c8, 0xb5201, 0xb52f8, 0xb5302, 0xb5350, 0xb5374, 0xb5381,
+    0xb55f8, 0xb5602, 0xb5650, 0xb5681, 0xb5770, 0xb5783, 0xb57ac, 0xb57b0,
+    0xb5801, 0xb5983, 0xb59bc, 0xb59e5, 0xb5a01, 0xb5a24, 0xb5a2d, 0xb5a30,
+    0xb5a82, 0xb5ad0, 0xb5ada, 0xb5b10, 0xb5b19, 0xb5bc0, 0xb5be9, 0xb5c80,
+    0xb7201, 0xb7402, 0xb74bc, 0xb74d8, 0xb7801, 0xb7a58, 0xb7a7b, 0xb7a81,
+    0xb7a8b, 0xb7c40, 0xb7c7b, 0xb7c99, 0xb7d00, 0xb7f01, 0xb7f14, 0xb7f19,
+    0xb7f23, 0xb7f28, 0xb7f83, 0xb7f90, 0xb8001, 0xc3fc0, 0xc4001, 0xc66b0,
+    0xc6801, 0xc6848, 0xd7f81, 0xd7fa0, 0xd7fa9, 0xd7fe0, 0xd7fe9, 0xd7ff8,
+    0xd8001, 0xd8918, 0xd8a81, 0xd8a98, 0xd8b21, 0xd8b40, 0xd8b81, 0xd97e0,
+    0xde001, 0xde358, 0xde381, 0xde3e8, 0xde401, 0xde448, 0xde481, 0xde4d0,
+    0xde4e5, 0xde4eb, 0xde4fc, 0xde500, 0xe7803, 0xe7970, 0xe7983, 0xe7a38,
+    0xe7a85, 0xe7e20, 0xe8005, 0xe87b0, 0xe8805, 0xe8938, 0xe894d, 0xe8b2b,
+    0xe8b55, 0xe8b6b, 0xe8b98, 0xe8bdb, 0xe8c1d, 0xe8c2b, 0xe8c65, 0xe8d53,
+    0xe8d75, 0xe8f58, 0xe9005, 0xe9213, 0xe922d, 0xe9230, 0xe9702, 0xe97a0,
+    0xe9805, 0xe9ab8, 0xe9b02, 0xe9bc8, 0xea001, 0xea2a8, 0xea2b1, 0xea4e8,
+    0xea4f1, 0xea500, 0xea511, 0xea518, 0xea529, 0xea538, 0xea549, 0xea568,
+    0xea571, 0xea5d0, 0xea5d9, 0xea5e0, 0xea5e9, 0xea620, 0xea629, 0xea830,
+    0xea839, 0xea858, 0xea869, 0xea8a8, 0xea8b1, 0xea8e8, 0xea8f1, 0xea9d0,
+    0xea9d9, 0xea9f8, 0xeaa01, 0xeaa28, 0xeaa31, 0xeaa38, 0xeaa51, 0xeaa88,
+    0xeaa91, 0xeb530, 0xeb541, 0xeb60d, 0xeb611, 0xeb6dd, 0xeb6e1, 0xeb7dd,
+    0xeb7e1, 0xeb8ad, 0xeb8b1, 0xeb9ad, 0xeb9b1, 0xeba7d, 0xeba81, 0xebb7d,
+    0xebb81, 0xebc4d, 0xebc51, 0xebd4d, 0xebd51, 0xebe1d, 0xebe21, 0xebe60,
+    0xebe72, 0xec005, 0xed003, 0xed1bd, 0xed1db, 0xed36d, 0xed3ab, 0xed3b5,
+    0xed423, 0xed42d, 0xed43c, 0xed460, 0xed4db, 0xed500, 0xed50b, 0xed580,
+    0xef801, 0xef8f8, 0xf0003, 0xf0038, 0xf0043, 0xf00c8, 0xf00db, 0xf0110,
+    0xf011b, 0xf0128, 0xf0133, 0xf0158, 0xf0801, 0xf0968, 0xf0983, 0xf09b9,
+    0xf09f0, 0xf0a02, 0xf0a50, 0xf0a71, 0xf0a7d, 0xf0a80, 0xf1481, 0xf1573,
+    0xf1578, 0xf1601, 0xf1763, 0xf1782, 0xf17d0, 0xf17fd, 0xf1800, 0xf3f01,
+    0xf3f38, 0xf3f41, 0xf3f60, 0xf3f69, 0xf3f78, 0xf3f81, 0xf3ff8, 0xf4001,
+    0xf4628, 0xf463a, 0xf4683, 0xf46b8, 0xf4801, 0xf4a23, 0xf4a59, 0xf4a60,
+    0xf4a82, 0xf4ad0, 0xf4af4, 0xf4b00, 0xf638a, 0xf6565, 0xf656a, 0xf6585,
+    0xf658a, 0xf65a8, 0xf680a, 0xf6975, 0xf697a, 0xf69f0, 0xf7001, 0xf7020,
+    0xf7029, 0xf7100, 0xf7109, 0xf7118, 0xf7121, 0xf7128, 0xf7139, 0xf7140,
+    0xf7149, 0xf7198, 0xf71a1, 0xf71c0, 0xf71c9, 0xf71d0, 0xf71d9, 0xf71e0,
+    0xf7211, 0xf7218, 0xf7239, 0xf7240, 0xf7249, 0xf7250, 0xf7259, 0xf7260,
+    0xf7269, 0xf7280, 0xf7289, 0xf7298, 0xf72a1, 0xf72a8, 0xf72b9, 0xf72c0,
+    0xf72c9, 0xf72d0, 0xf72d9, 0xf72e0, 0xf72e9, 0xf72f0, 0xf72f9, 0xf7300,
+    0xf7309, 0xf7318, 0xf7321, 0xf7328, 0xf7339, 0xf7358, 0xf7361, 0xf7398,
+    0xf73a1, 0xf73c0, 0xf73c9, 0xf73e8, 0xf73f1, 0xf73f8, 0xf7401, 0xf7450,
+    0xf7459, 0xf74e0, 0xf7509, 0xf7520, 0xf7529, 0xf7550, 0xf7559, 0xf75e0,
+    0xf7785, 0xf7790, 0xf8005, 0xf8160, 0xf8185, 0xf84a0, 0xf8505, 0xf8578,
+    0xf858d, 0xf8600, 0xf860d, 0xf8680, 0xf868d, 0xf87b0, 0xf8802, 0xf886d,
+    0xf8d70, 0xf8f35, 0xf9018, 0xf9085, 0xf91e0, 0xf9205, 0xf9248, 0xf9285,
+    0xf9290, 0xf9305, 0xf9330, 0xf9805, 0xfb6c0, 0xfb6ed, 0xfb768, 0xfb785,
+    0xfb7e8, 0xfb805, 0xfbba0, 0xfbc05, 0xfbec8, 0xfbf05, 0xfbf60, 0xfbf85,
+    0xfbf88, 0xfc005, 0xfc060, 0xfc085, 0xfc240, 0xfc285, 0xfc2d0, 0xfc305,
+    0xfc440, 0xfc485, 0xfc570, 0xfc585, 0xfc590, 0xfc805, 0xfd2a0, 0xfd305,
+    0xfd370, 0xfd385, 0xfd3a8, 0xfd3c5, 0xfd3e8, 0xfd405, 0xfd438, 0xfd485,
+    0xfd568, 0xfd585, 0xfd5d8, 0xfd605, 0xfd630, 0xfd685, 0xfd6d0, 0xfd705,
+    0xfd740, 0xfd785, 0xfd7b8, 0xfd805, 0xfdc98, 0xfdca5, 0xfde58, 0xfdf82,
+    0xfdfd0, 0x100001, 0x153700, 0x153801, 0x15b9c8, 0x15ba01, 0x15c0f0, 0x15c101,
+    0x167510, 0x167581, 0x175f08, 0x17c001, 0x17d0f0, 0x180001, 0x189a58, 0x700803,
+    0x700f80,
+};
+static const uint32_t kDeepseekLetterRanges[84][2] = {
+    {0x41, 0x5a}, {0x61, 0x7a}, {0xb5, 0xb5}, {0xc0, 0xd6}, {0xd8, 0xf6}, {0xf8, 0x1ba},
+    {0x1bc, 0x1bf}, {0x1c4, 0x293}, {0x295, 0x2af}, {0x370, 0x373}, {0x376, 0x377}, {0x37b, 0x37d},
+    {0x37f, 0x37f}, {0x386, 0x386}, {0x388, 0x38a}, {0x38c, 0x38c}, {0x38e, 0x3a1}, {0x3a3, 0x3f5},
+    {0x3f7, 0x481}, {0x48a, 0x52f}, {0x531, 0x556}, {0x10a0, 0x10c5}, {0x13a0, 0x13f5}, {0x13f8, 0x13fd},
+    {0x1c90, 0x1cba}, {0x1cbd, 0x1cbf}, {0x1d00, 0x1d2b}, {0x1d6b, 0x1d77}, {0x1d79, 0x1d9a}, {0x1e00, 0x1f15},
+    {0x1f18, 0x1f1d}, {0x1f20, 0x1f45}, {0x1f48, 0x1f4d}, {0x1f50, 0x1f57}, {0x1f59, 0x1f59}, {0x1f5b, 0x1f5b},
+    {0x1f5d, 0x1f5d}, {0x1f5f, 0x1f7d}, {0x1f80, 0x1fb4}, {0x1fb6, 0x1fbc}, {0x1fbe, 0x1fbe}, {0x1fc2, 0x1fc4},
+    {0x1fc6, 0x1fcc}, {0x1fd0, 0x1fd3}, {0x1fd6, 0x1fdb}, {0x1fe0, 0x1fec}, {0x1ff2, 0x1ff4}, {0x1ff6, 0x1ffc},
+    {0x2102, 0x2102}, {0x2107, 0x2107}, {0x210a, 0x2113}, {0x2115, 0x2115}, {0x2119, 0x211d}, {0x2124, 0x2124},
+    {0x2126, 0x2126}, {0x2128, 0x2128}, {0x212a, 0x212d}, {0x212f, 0x2134}, {0x2139, 0x2139}, {0x213c, 0x213f},
+    {0x2145, 0x2149}, {0x214e, 0x214e}, {0x2183, 0x2184}, {0x2c00, 0x2c7b}, {0x2c7e, 0x2ce4}, {0x2ceb, 0x2cee},
+    {0x2cf2, 0x2cf3}, {0xa640, 0xa66d}, {0xa680, 0xa69b}, {0xa722, 0xa76f}, {0xa771, 0xa787}, {0xa78b, 0xa78e},
+    {0xab70, 0xabbf}, {0xfb00, 0xfb06}, {0xfb13, 0xfb17}, {0xff21, 0xff3a}, {0xff41, 0xff5a}, {0x10400, 0x1044f},
+    {0x104b0, 0x104d3}, {0x104d8, 0x104fb}, {0x10c80, 0x10cb2}, {0x10cc0, 0x10cf2}, {0x118a0, 0x118df}, {0x1e900, 0x1e943},
+};
+// <<unicode-tables
+
+inline UnicodeClass unicode_class(uint32_t cp) {
+    if (cp < 0x80) {  // ASCII fast path for the common classes
+        if ((cp | 0x20) - 'a' < 26u) return UnicodeClass::letter;
+        if (cp - '0' < 10u) return UnicodeClass::number;
+        if (cp == ' ' || cp - 9u < 5u) return UnicodeClass::space;
+    }
+    if (cp > 0x10ffff) return UnicodeClass::other;  // an invalid byte (see encode_bpe_fragment)
+    // The run holding cp is the last one that starts at or before it.
+    size_t lo = 0, hi = sizeof(kUnicodeClassRuns) / sizeof(kUnicodeClassRuns[0]);
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if ((kUnicodeClassRuns[mid] >> 3) <= cp) lo = mid; else hi = mid;
+    }
+    return (UnicodeClass)(kUnicodeClassRuns[lo] & 7);
+}
+
+inline bool deepseek_is_letter(uint32_t cp) {
+    size_t lo = 0, hi = sizeof(kDeepseekLetterRanges) / sizeof(kDeepseekLetterRanges[0]);
+    while (lo < hi) {  // first range whose end is >= cp
+        size_t mid = (lo + hi) / 2;
+        if (kDeepseekLetterRanges[mid][1] < cp) lo = mid + 1; else hi = mid;
+    }
+    return lo < sizeof(kDeepseekLetterRanges) / sizeof(kDeepseekLetterRanges[0]) && kDeepseekLetterRanges[lo][0] <= cp;
+}
+
+//--- UTF-8 --------------------------------------------------------------------------------------
+
+// The UTF-8 sequence at s[0..n), n >= 1. Returns its length (1..4) with the code point in *cp when
+// valid; 0 when s holds only the valid start of a longer sequence (more bytes may complete it);
+// -k when the first k bytes are ill-formed (k = the "maximal subpart" that one U+FFFD replaces,
+// Unicode §3.9). Overlongs, surrogates and code points above U+10FFFF are ill-formed.
+inline int utf8_sequence(const unsigned char* s, size_t n, uint32_t* cp) {
+    unsigned char b = s[0];
+    if (b < 0x80) { *cp = b; return 1; }
+    int need;
+    uint32_t v;
+    unsigned char lo = 0x80, hi = 0xbf;  // allowed range of the next byte
+    if (b >= 0xc2 && b <= 0xdf) { need = 1; v = b & 0x1fu; }
+    else if (b >= 0xe0 && b <= 0xef) { need = 2; v = b & 0x0fu; if (b == 0xe0) lo = 0xa0; if (b == 0xed) hi = 0x9f; }
+    else if (b >= 0xf0 && b <= 0xf4) { need = 3; v = b & 0x07u; if (b == 0xf0) lo = 0x90; if (b == 0xf4) hi = 0x8f; }
+    else return -1;
+    for (int i = 1; i <= need; ++i) {
+        if ((size_t)i >= n) return 0;
+        unsigned char c = s[i];
+        if (c < lo || c > hi) return -i;
+        lo = 0x80;
+        hi = 0xbf;
+        v = (v << 6) | (c & 0x3fu);
+    }
+    *cp = v;
+    return need + 1;
+}
+
+// Appends s[0..n) to *out as valid UTF-8: each ill-formed subpart becomes U+FFFD. With
+// hold_incomplete, a valid but unfinished sequence at the end is not appended; returns the number
+// of bytes consumed (n minus what is held back, at most 3 bytes).
+inline size_t utf8_append_sanitized(std::string* out, const char* s, size_t n, bool hold_incomplete) {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(s);
+    size_t i = 0;
+    while (i < n) {
+        size_t run = i;  // copy runs of valid sequences in one go
+        uint32_t cp;
+        int r = 0;
+        while (run < n && (r = utf8_sequence(p + run, n - run, &cp)) > 0) run += (size_t)r;
+        out->append(s + i, run - i);
+        i = run;
+        if (i == n) break;
+        if (r == 0) {  // a valid start cut off by the end of the buffer
+            if (hold_incomplete) return i;
+            out->append("\xef\xbf\xbd");
+            return n;
+        }
+        out->append("\xef\xbf\xbd");
+        i += (size_t)(-r);
+    }
+    return n;
+}
+
+// GPT-2's byte-level alphabet: every byte gets a printable stand-in code point, so that the BPE
+// vocabulary never holds raw control bytes or spaces. Printable Latin-1 bytes stand for themselves;
+// the other 68 bytes map, in order, to U+0100..U+0143 (so ' ' is 'Ġ' U+0120, '\n' is 'Ċ' U+010A).
+struct ByteLevelCodec {
+    char utf8[256][2];       // UTF-8 of each byte's stand-in
+    uint8_t utf8_len[256];   // 1 or 2
+    int16_t byte_of[0x144];  // stand-in code point -> byte, -1 for others
+};
+
+inline const ByteLevelCodec& byte_level_codec() {
+    static const ByteLevelCodec codec = [] {
+        ByteLevelCodec c;
+        for (int16_t& b : c.byte_of) b = -1;
+        uint32_t next_extra = 0x100;
+        for (uint32_t b = 0; b < 256; ++b) {
+            bool printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae);
+            uint32_t cp = printable ? b : next_extra++;
+            c.byte_of[cp] = (int16_t)b;
+            if (cp < 0x80) {
+                c.utf8[b][0] = (char)cp;
+                c.utf8_len[b] = 1;
+            } else {
+                c.utf8[b][0] = (char)(0xc0 | (cp >> 6));
+                c.utf8[b][1] = (char)(0x80 | (cp & 0x3f));
+                c.utf8_len[b] = 2;
+            }
+        }
+        return c;
+    }();
+    return codec;
+}
+
+// "<0x41>" -> 0x41; -1 if `text` is not a byte piece.
+inline int parse_byte_piece(const std::string& text) {
+    if (text.size() != 6 || text[0] != '<' || text[1] != '0' || text[2] != 'x' || text[5] != '>') return -1;
+    int v = 0;
+    for (int i = 3; i < 5; ++i) {
+        char c = text[(size_t)i];
+        int d = (c >= '0' && c <= '9') ? c - '0' : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+//--- Pre-tokenizers ---------------------------------------------------------------------------
+// Each splits a fragment of n code points (cp, with classes cls) into words and appends the end
+// index of every word to *ends; the words cover the fragment. Lookahead never crosses the
+// fragment's end, as with a regex run on the fragment alone. Invalid bytes have class `other`.
+
+inline bool pretok_is_space(const uint8_t* cls, size_t i) { return cls[i] == (uint8_t)UnicodeClass::space; }
+inline bool pretok_is_letter(const uint8_t* cls, size_t i) { return cls[i] == (uint8_t)UnicodeClass::letter; }
+inline bool pretok_is_number(const uint8_t* cls, size_t i) { return cls[i] == (uint8_t)UnicodeClass::number; }
+// [^\s\p{L}\p{N}]
+inline bool pretok_is_other(const uint8_t* cls, size_t i) {
+    return !pretok_is_space(cls, i) && !pretok_is_letter(cls, i) && !pretok_is_number(cls, i);
+}
+inline bool pretok_is_newline(uint32_t c) { return c == '\r' || c == '\n'; }
+inline uint32_t pretok_ascii_lower(uint32_t c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
+
+// 's 't 're 've 'm 'll 'd at i (ASCII case-insensitive when ignore_case): the match end, or i.
+inline size_t match_contraction(const uint32_t* cp, size_t i, size_t n, bool ignore_case) {
+    if (cp[i] != '\'' || i + 1 >= n) return i;
+    uint32_t a = ignore_case ? pretok_ascii_lower(cp[i + 1]) : cp[i + 1];
+    if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+    if (i + 2 >= n) return i;
+    uint32_t b = ignore_case ? pretok_ascii_lower(cp[i + 2]) : cp[i + 2];
+    if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    return i;
+}
+
+// \s+(?!\S)|\s+ at a whitespace code point i: the whole run, less its last code point when more
+// than one and followed by a non-space (which then starts the next word, e.g. " word").
+inline size_t match_space_run(const uint8_t* cls, size_t i, size_t n) {
+    size_t e = i;
+    while (e < n && pretok_is_space(cls, e)) ++e;
+    if (e < n && e - i > 1) return e - 1;
+    return e;
+}
+
+// GPT-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+inline void pretokenize_gpt2(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<uint32_t>* ends) {
+    size_t i = 0;
+    while (i < n) {
+        size_t e = match_contraction(cp, i, n, false);
+        if (e == i) {
+            size_t q = (cp[i] == ' ' && i + 1 < n) ? i + 1 : i;  // the optional leading space
+            if (pretok_is_letter(cls, q)) {
+                for (e = q + 1; e < n && pretok_is_letter(cls, e);) ++e;
+            } else if (pretok_is_number(cls, q)) {
+                for (e = q + 1; e < n && pretok_is_number(cls, e);) ++e;
+            } else if (pretok_is_other(cls, q)) {
+                for (e = q + 1; e < n && pretok_is_other(cls, e);) ++e;
+            } else {
+                e = match_space_run(cls, i, n);
+            }
+        }
+        ends->push_back((uint32_t)e);
+        i = e;
+    }
+}
+
+// Llama 3 (max_digits 3) and Qwen2 (max_digits 1):
+// (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+// \s*[\r\n]+|\s+(?!\S)|\s+
+inline void pretokenize_llama3(const uint32_t* cp, const uint8_t* cls, size_t n, size_t max_digits, std::vector<uint32_t>* ends) {
+    size_t i = 0;
+    while (i < n) {
+        size_t e = match_contraction(cp, i, n, true);
+        if (e == i) {
+            uint32_t c = cp[i];
+            size_t q = (c == ' ' && i + 1 < n) ? i + 1 : i;
+            bool letters_next = pretok_is_letter(cls, i) || (i + 1 < n && pretok_is_letter(cls, i + 1));
+            if (!pretok_is_newline(c) && !pretok_is_number(cls, i) && letters_next) {
+                // [^\r\n\p{L}\p{N}]?\p{L}+ : one optional non-letter (a space, '(', a mark...) then letters
+                for (e = i + 1; e < n && pretok_is_letter(cls, e);) ++e;
+            } else if (pretok_is_number(cls, i)) {
+                for (e = i + 1; e < n && e - i < max_digits && pretok_is_number(cls, e);) ++e;
+            } else if (pretok_is_other(cls, q)) {
+                for (e = q + 1; e < n && pretok_is_other(cls, e);) ++e;
+                while (e < n && pretok_is_newline(cp[e])) ++e;
+            } else {
+                // \s*[\r\n]+ : the whitespace run up to and including its last newline
+                size_t run = i, last_newline = 0;
+                for (; run < n && pretok_is_space(cls, run); ++run)
+                    if (pretok_is_newline(cp[run])) last_newline = run + 1;
+                e = last_newline ? last_newline : match_space_run(cls, i, n);
+            }
+        }
+        ends->push_back((uint32_t)e);
+        i = e;
+    }
+}
+
+// Splits every span of `in` at the matches of one regex (matches and the text between them both
+// become spans), as Hugging Face's Split(pattern, behavior="isolated") does. match(i, end) gives the
+// end of the match starting at i (i if none); scanning i upwards finds the leftmost match.
+struct CptSpan { uint32_t begin, end; };
+template <typename Match>
+inline void split_isolated(const std::vector<CptSpan>& in, std::vector<CptSpan>* out, Match match) {
+    out->clear();
+    for (const CptSpan& s : in) {
+        uint32_t gap = s.begin, i = s.begin;
+        while (i < s.end) {
+            uint32_t e = (uint32_t)match(i, s.end);
+            if (e > i) {
+                if (gap < i) out->push_back({gap, i});
+                out->push_back({i, e});
+                i = gap = e;
+            } else {
+                ++i;
+            }
+        }
+        if (gap < s.end) out->push_back({gap, s.end});
+    }
+}
+
+inline bool deepseek_is_punct(uint32_t c) {  // [!-/:-~！-／：-～‘-‟　-。]
+    return (c >= 0x21 && c <= 0x2f) || (c >= 0x3a && c <= 0x7e) || (c >= 0xff01 && c <= 0xff0f) ||
+           (c >= 0xff1a && c <= 0xff5e) || (c >= 0x2018 && c <= 0x201f) || (c >= 0x3000 && c <= 0x3002);
+}
+inline bool deepseek_is_cjk(uint32_t c) {  // [一-龥ࠀ-一가-퟿]
+    return (c >= 0x4e00 && c <= 0x9fa5) || (c >= 0x0800 && c <= 0x4e00) || (c >= 0xac00 && c <= 0xd7ff);
+}
+
+// DeepSeek LLM: six regexes applied one after the other, each splitting the spans of the last:
+//   [\r\n]   \s?[A-Za-zµÀ-Ö...]+   \s?[!-/:-~...]+   \s+$   [一-龥ࠀ-一가-퟿]+   \p{N}+
+inline void pretokenize_deepseek_llm(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<CptSpan>* a,
+                                     std::vector<CptSpan>* b, std::vector<uint32_t>* ends) {
+    a->assign(1, CptSpan{0, (uint32_t)n});
+    split_isolated(*a, b, [&](size_t i, size_t) { return pretok_is_newline(cp[i]) ? i + 1 : i; });
+    // \s?[class]+ : an optional whitespace code point, then a run of the class.
+    auto space_then_run = [&](size_t i, size_t end, bool (*in_class)(uint32_t)) {
+        size_t q = i;
+        if (pretok_is_space(cls, i) && i + 1 < end && in_class(cp[i + 1])) q = i + 1;
+        else if (!in_class(cp[i])) return i;
+        size_t e = q + 1;
+        while (e < end && in_class(cp[e])) ++e;
+        return e;
+    };
+    split_isolated(*b, a, [&](size_t i, size_t end) { return space_then_run(i, end, deepseek_is_letter); });
+    split_isolated(*a, b, [&](size_t i, size_t end) { return space_then_run(i, end, deepseek_is_punct); });
+    // \s+$ : the trailing whitespace of each span (its leftmost match starts where that run starts).
+    a->clear();
+    for (const CptSpan& s : *b) {
+        uint32_t t = s.end;
+        while (t > s.begin && pretok_is_space(cls, t - 1)) --t;
+        if (t > s.begin && t < s.end) {
+            a->push_back({s.begin, t});
+            a->push_back({t, s.end});
+        } else {
+            a->push_back(s);
+        }
+    }
+    auto run_of = [&](size_t i, size_t end, bool (*in_class)(uint32_t)) {
+        size_t e = i;
+        while (e < end && in_class(cp[e])) ++e;
+        return e;
+    };
+    split_isolated(*a, b, [&](size_t i, size_t end) { return run_of(i, end, deepseek_is_cjk); });
+    split_isolated(*b, a, [&](size_t i, size_t end) {
+        size_t e = i;
+        while (e < end && pretok_is_number(cls, e)) ++e;
+        return e;
+    });
+    for (const CptSpan& s : *a) ends->push_back(s.end);
+}
+
+//--- Vocabulary structures ----------------------------------------------------------------------
+
+// tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+enum class VocabTokenType : uint8_t { undefined = 0, normal = 1, unknown = 2, control = 3, user_defined = 4, unused = 5, byte = 6 };
+
+// (int32, int32) -> (rank, result), open addressing with linear probing. Holds the BPE merges keyed
+// by the token ids of the pair (the innermost lookup of encoding: one per candidate pair), and the
+// SentencePiece set of code point pairs that occur inside some piece.
+struct PairTable {
+    struct Slot {
+        uint64_t key;
+        int32_t rank;    // BPE: position in tokenizer.ggml.merges, lower merges first
+        int32_t result;  // BPE: token id of the merged pair
+    };
+    static constexpr uint64_t kEmpty = ~(uint64_t)0;  // never a key: ids are < 2^31
+    std::vector<Slot> slots;
+    size_t mask = 0;
+    size_t count = 0;
+
+    static uint64_t key(int32_t left, int32_t right) { return ((uint64_t)(uint32_t)left << 32) | (uint32_t)right; }
+    static size_t hash(uint64_t k) {
+        k *= 0x9e3779b97f4a7c15ull;
+        return (size_t)(k ^ (k >> 29));
+    }
+    // Room for n entries (it grows past that anyway).
+    void init(size_t n) {
+        size_t cap = 16;
+        while (cap < n * 2) cap <<= 1;  // load factor <= 1/2
+        slots.assign(cap, Slot{kEmpty, 0, 0});
+        mask = cap - 1;
+        count = 0;
+    }
+    // False if the pair is already present (the first, lower rank is kept).
+    bool insert(int32_t left, int32_t right, int32_t rank, int32_t result) {
+        if (slots.empty() || (count + 1) * 2 > slots.size()) {
+            std::vector<Slot> old;
+            old.swap(slots);
+            init(old.size());  // doubles: init sizes for 2x entries
+            for (const Slot& o : old)
+                if (o.key != kEmpty) place(o);
+        }
+        uint64_t k = key(left, right);
+        for (size_t i = hash(k) & mask;; i = (i + 1) & mask) {
+            if (slots[i].key == k) return false;
+            if (slots[i].key == kEmpty) {
+                slots[i] = Slot{k, rank, result};
+                ++count;
+                return true;
+            }
+        }
+    }
+    void place(const Slot& s) {
+        size_t i = hash(s.key) & mask;
+        while (slots[i].key != kEmpty) i = (i + 1) & mask;
+        slots[i] = s;
+        ++count;
+    }
+    const Slot* find(int32_t left, int32_t right) const {
+        if (slots.empty()) return nullptr;
+        uint64_t k = key(left, right);
+        for (size_t i = hash(k) & mask;; i = (i + 1) & mask) {
+            if (slots[i].key == k) return &slots[i];
+            if (slots[i].key == kEmpty) return nullptr;
+        }
+    }
+};
+
+// Token text -> id: open addressing over (hash, id) slots; the text itself is compared in `tokens`.
+// (Lighter than std::unordered_map, which allocates a node per token and slowed loading down.)
+struct TokenIndex {
+    struct Slot {
+        uint32_t hash;
+        int32_t id;  // -1: empty
+    };
+    std::vector<Slot> slots;
+    size_t mask = 0;
+
+    static uint32_t hash_text(const char* p, size_t n) {
+        uint64_t h = 0x9e3779b97f4a7c15ull ^ (n * 0xff51afd7ed558ccdull);
+        for (; n >= 8; p += 8, n -= 8) {
+            uint64_t w;
+            std::memcpy(&w, p, 8);
+            h = (h ^ w) * 0xc4ceb9fe1a85ec53ull;
+            h ^= h >> 31;
+        }
+        uint64_t w = 0;
+        if (n) std::memcpy(&w, p, n);
+        h = (h ^ w) * 0xc4ceb9fe1a85ec53ull;
+        h ^= h >> 29;
+        return (uint32_t)(h ^ (h >> 32));
+    }
+    // Later duplicates of a text replace earlier ones (llama.cpp's behaviour).
+    void build(const std::vector<std::string>& tokens) {
+        size_t cap = 16;
+        while (cap < tokens.size() * 2) cap <<= 1;  // load factor <= 1/2
+        slots.assign(cap, Slot{0, -1});
+        mask = cap - 1;
+        for (size_t id = 0; id < tokens.size(); ++id) {
+            const std::string& t = tokens[id];
+            uint32_t h = hash_text(t.data(), t.size());
+            size_t i = h & mask;
+            while (slots[i].id >= 0 && !(slots[i].hash == h && tokens[(size_t)slots[i].id] == t)) i = (i + 1) & mask;
+            slots[i] = Slot{h, (int32_t)id};
+        }
+    }
+    int32_t find(const std::vector<std::string>& tokens, std::string_view text) const {
+        if (slots.empty()) return -1;
+        uint32_t h = hash_text(text.data(), text.size());
+        for (size_t i = h & mask; slots[i].id >= 0; i = (i + 1) & mask) {
+            if (slots[i].hash != h) continue;
+            const std::string& t = tokens[(size_t)slots[i].id];
+            if (t.size() == text.size() && std::memcmp(t.data(), text.data(), text.size()) == 0) return slots[i].id;
+        }
+        return -1;
+    }
+};
+
+// Byte trie of the special tokens' texts (control, user-defined and unknown tokens), for
+// leftmost-longest matching in one pass over the text, as Hugging Face's added-token matcher does.
+struct SpecialTokenTrie {
+    struct Node {
+        int32_t token = -1;                              // the token whose text ends here
+        std::vector<std::pair<uint8_t, int32_t>> next;   // byte -> child node
+    };
+    std::vector<Node> nodes;    // nodes[0] is the root
+    int32_t root_next[256];     // the root's children, as a table: most text bytes start no token
+
+    SpecialTokenTrie() {
+        for (int32_t& r : root_next) r = -1;
+        nodes.emplace_back();
+    }
+    void add(const std::string& text, int32_t token) {
+        int32_t node = 0;
+        for (size_t i = 0; i < text.size(); ++i) {
+            uint8_t b = (uint8_t)text[i];
+            int32_t child = -1;
+            if (node == 0) {
+                child = root_next[b];
+            } else {
+                for (const auto& e : nodes[(size_t)node].next)
+                    if (e.first == b) child = e.second;
+            }
+            if (child < 0) {
+                child = (int32_t)nodes.size();
+                nodes.emplace_back();
+                if (node == 0) root_next[b] = child;
+                else nodes[(size_t)node].next.emplace_back(b, child);
+            }
+            node = child;
+        }
+        nodes[(size_t)node].token = token;  // a later duplicate text wins, as in the id lookup
+    }
+};
+
+struct TokenizerImpl {
+    enum class Model { bpe, spm };
+    enum class Pre { gpt2, llama3, qwen2, deepseek_llm };
+
+    Model model = Model::bpe;
+    Pre pre = Pre::gpt2;
+    bool ignore_merges = false;     // Llama 3: a word that is a token is taken whole
+    bool add_bos = false;
+    bool add_eos = false;
+    bool add_space_prefix = false;  // SentencePiece only
+    int32_t bos = -1, eos = -1, eot = -1, eom = -1, pad = -1, unk = -1;
+
+    std::vector<std::string> tokens;                     // (n_vocab) raw vocabulary entries
+    std::vector<uint8_t> types;                          // (n_vocab) VocabTokenType
+    std::vector<float> scores;                           // (n_vocab) SentencePiece piece scores
+    TokenIndex ids;                                      // token text -> id
+    PairTable merges;                                    // BPE: (left id, right id) -> rank, result
+    PairTable spm_pairs;                                 // SPM: code point pairs found inside pieces
+    int32_t byte_token[256];  // BPE: the token of each byte's stand-in; SPM: its <0xXX> piece; -1: none
+    SpecialTokenTrie specials;
+    bool has_specials = false;
+    bool has_user_defined = false;
+    std::vector<int32_t> eog;  // end-of-generation tokens, sorted
+    std::string chat_template;
+
+    VocabTokenType type(int32_t id) const { return (VocabTokenType)types[(size_t)id]; }
+    int32_t find(std::string_view text) const { return ids.find(tokens, text); }
+
+    Status load(const GgufFile& file);
+    void encode(const std::string& text, bool add_special, bool parse_special, std::vector<int32_t>* out) const;
+    void append_piece(int32_t token, bool render_special, std::string* out) const;
+
+    struct Scratch;  // per-call buffers of encode()
+    size_t match_special(const std::string& text, size_t pos, bool parse_special, int32_t* token) const;
+    size_t chunk_length(const char* s, size_t n) const;
+    static constexpr size_t kCacheMaxWordBytes = 64;  // longer words are not cached
+    bool cache_lookup(Scratch& sc, std::vector<int32_t>* out) const;
+    void cache_store(Scratch& sc, const std::vector<int32_t>& out, size_t first) const;
+    void encode_bpe_fragment(const char* s, size_t n, Scratch& sc, std::vector<int32_t>* out) const;
+    void encode_bpe_word(const unsigned char* s, size_t n, Scratch& sc, std::vector<int32_t>* out) const;
+    void encode_spm_fragment(const char* s, size_t n, bool space_prefix, Scratch& sc, std::vector<int32_t>* out) const;
+    void spm_merge_chunk(const std::string& text, size_t begin, size_t end, Scratch& sc, std::vector<int32_t>* out) const;
+    void spm_resegment(std::string_view piece, Scratch& sc, std::vector<int32_t>* out) const;
+    bool spm_mergeable(int32_t id) const {
+        VocabTokenType t = type(id);
+        return t == VocabTokenType::normal || t == VocabTokenType::user_defined || t == VocabTokenType::unused ||
+               t == VocabTokenType::undefined;
+    }
+};
+
+struct TokenizerImpl::Scratch {
+    // pre-tokenization of one fragment
+    std::vector<uint32_t> cpts;     // code points (invalid bytes: 0x110000 | byte)
+    std::vector<uint32_t> offsets;  // byte offset of each code point, plus the end
+    std::vector<uint8_t> cls;       // UnicodeClass of each code point
+    std::vector<uint32_t> ends;     // end (code point index) of each word
+    std::vector<CptSpan> spans_a, spans_b;
+    // word cache (BPE words, SentencePiece chunks): bytes -> (offset, count) in cache_ids
+    std::unordered_map<std::string, std::pair<uint32_t, uint32_t>> word_cache;
+    std::vector<int32_t> cache_ids;
+    std::string cache_key;
+    // BPE of one word: symbols in a doubly linked list, candidate merges in a heap
+    struct BpeCandidate { int32_t rank, left, right, left_id, right_id; };
+    std::vector<int32_t> sym_id, sym_prev, sym_next;
+    std::vector<BpeCandidate> bpe_heap;
+    std::string word;
+    // SentencePiece
+    struct SpmCandidate { float score; int32_t left, right; uint32_t size; };
+    std::string spm_text;
+    std::vector<uint32_t> sym_start, sym_len;
+    std::vector<SpmCandidate> spm_heap;
+    std::unordered_map<std::string_view, std::pair<std::string_view, std::string_view>> spm_unmerge;
+    std::vector<std::string_view> spm_stack;
+};
+
+//--- Loading ------------------------------------------------------------------------------------
+
+inline bool gguf_type_is_integer(GgufValueType t) {
+    switch (t) {
+        case GgufValueType::u8: case GgufValueType::i8: case GgufValueType::u16: case GgufValueType::i16:
+        case GgufValueType::u32: case GgufValueType::i32: case GgufValueType::u64: case GgufValueType::i64:
+            return true;
+        default:
+            return false;
+    }
+}
+
+// Optional token id `key`: absent or negative leaves *id as is / sets -1; out of range is an error.
+inline Status tokenizer_read_id(const GgufFile& file, const char* key, int32_t n_vocab, int32_t* id) {
+    const GgufKeyValue* kv = file.find(key);
+    if (!kv) return Status::ok;
+    if (!gguf_type_is_integer(kv->type)) return fail(Status::tokenizer_error, "%s is not an integer", key);
+    bool is_signed = kv->type == GgufValueType::i8 || kv->type == GgufValueType::i16 || kv->type == GgufValueType::i32 ||
+                     kv->type == GgufValueType::i64;
+    if (is_signed && (int64_t)kv->scalar_u64 < 0) {
+        *id = -1;  // some converters write -1 for "none"
+        return Status::ok;
+    }
+    if (kv->scalar_u64 >= (uint64_t)n_vocab)
+        return fail(Status::tokenizer_error, "%s = %llu is out of range (the vocabulary has %d tokens)", key,
+                    (unsigned long long)kv->scalar_u64, n_vocab);
+    *id = (int32_t)kv->scalar_u64;
+    return Status::ok;
+}
+
+inline Status tokenizer_read_flag(const GgufFile& file, const char* key, bool* value) {
+    const GgufKeyValue* kv = file.find(key);
+    if (!kv) return Status::ok;
+    if (kv->type != GgufValueType::boolean && !gguf_type_is_integer(kv->type))
+        return fail(Status::tokenizer_error, "%s is not a boolean", key);
+    *value = kv->scalar_u64 != 0;
+    return Status::ok;
+}
+
+// A required string array: missing_key when absent, a tokenizer error when of another type.
+inline Status tokenizer_read_strings(const GgufFile& file, const char* key, std::vector<std::string>* out) {
+    const GgufKeyValue* kv = file.find(key);
+    if (!kv) return fail(Status::missing_key, "missing metadata key '%s'", key);
+    if (kv->type != GgufValueType::array || kv->array_type != GgufValueType::string)
+        return fail(Status::tokenizer_error, "%s is not an array of strings", key);
+    return file.get_string_array(key, out);
+}
+
+inline bool pre_is_one_of(const std::string& pre, std::initializer_list<const char*> names) {
+    for (const char* name : names)
+        if (pre == name) return true;
+    return false;
+}
+
+inline Status TokenizerImpl::load(const GgufFile& file) {
+    Status s;
+    // Model kind.
+    const GgufKeyValue* kv = file.find("tokenizer.ggml.model");
+    if (!kv) return fail(Status::missing_key, "missing metadata key 'tokenizer.ggml.model'");
+    if (kv->type != GgufValueType::string) return fail(Status::tokenizer_error, "tokenizer.ggml.model is not a string");
+    std::string kind = kv->scalar_str.str();
+    if (kind == "gpt2") model = Model::bpe;
+    else if (kind == "llama") model = Model::spm;
+    else
+        return fail(Status::tokenizer_error, "tokenizer.ggml.model '%.64s' is not supported (this build reads 'gpt2' and 'llama')",
+                    kind.c_str());
+
+    // Vocabulary.
+    if ((s = tokenizer_read_strings(file, "tokenizer.ggml.tokens", &tokens)) != Status::ok) return s;
+    if (tokens.empty()) return fail(Status::tokenizer_error, "tokenizer.ggml.tokens is empty");
+    if (tokens.size() >= (size_t)INT32_MAX) return fail(Status::tokenizer_error, "tokenizer.ggml.tokens has too many entries");
+    const int32_t n_vocab = (int32_t)tokens.size();
+
+    types.assign(tokens.size(), (uint8_t)VocabTokenType::normal);
+    if (file.find("tokenizer.ggml.token_type")) {
+        const GgufKeyValue* tkv = file.find("tokenizer.ggml.token_type");
+        if (tkv->type != GgufValueType::array || !gguf_type_is_integer(tkv->array_type))
+            return fail(Status::tokenizer_error, "tokenizer.ggml.token_type is not an integer array");
+        std::vector<int32_t> raw;
+        if ((s = file.get_i32_array("tokenizer.ggml.token_type", &raw)) != Status::ok) return s;
+        if (raw.size() != tokens.size())
+            return fail(Status::tokenizer_error, "tokenizer.ggml.token_type has %zu entries but tokenizer.ggml.tokens has %zu",
+                        raw.size(), tokens.size());
+        for (size_t i = 0; i < raw.size(); ++i) {
+            if (raw[i] < 0 || raw[i] > (int32_t)VocabTokenType::byte)
+                return fail(Status::tokenizer_error, "tokenizer.ggml.token_type[%zu] = %d is not a token type (0..6)", i, raw[i]);
+            types[i] = (uint8_t)raw[i];
+        }
+    }
+    scores.assign(tokens.size(), 0.0f);
+    if (file.find("tokenizer.ggml.scores")) {
+        const GgufKeyValue* skv = file.find("tokenizer.ggml.scores");
+        if (skv->type != GgufValueType::array || skv->array_type == GgufValueType::string || skv->array_type == GgufValueType::array)
+            return fail(Status::tokenizer_error, "tokenizer.ggml.scores is not a numeric array");
+        if ((s = file.get_f32_array("tokenizer.ggml.scores", &scores)) != Status::ok) return s;
+        if (scores.size() != tokens.size())
+            return fail(Status::tokenizer_error, "tokenizer.ggml.scores has %zu entries but tokenizer.ggml.tokens has %zu",
+                        scores.size(), tokens.size());
+        for (size_t i = 0; i < scores.size(); ++i)
+            if (std::isnan(scores[i])) return fail(Status::tokenizer_error, "tokenizer.ggml.scores[%zu] is NaN", i);
+    }
+
+    ids.build(tokens);
+
+    // Pre-tokenizer and the per-family defaults (llama.cpp's, where the keys are absent).
+    std::string pre_name = "default";
+    if ((kv = file.find("tokenizer.ggml.pre")) != nullptr) {
+        if (kv->type != GgufValueType::string) return fail(Status::tokenizer_error, "tokenizer.ggml.pre is not a string");
+        pre_name = kv->scalar_str.str();
+    }
+    if (model == Model::spm) {
+        add_bos = true;
+        add_space_prefix = true;
+        bos = n_vocab > 1 ? 1 : -1;  // SentencePiece's conventional <unk>=0, <s>=1, </s>=2
+        eos = n_vocab > 2 ? 2 : -1;
+        unk = 0;
+    } else if (pre_is_one_of(pre_name, {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                                        "lfm2", "dbrx", "smaug-bpe"})) {
+        pre = Pre::llama3;
+        ignore_merges = true;
+        add_bos = true;
+    } else if (pre_is_one_of(pre_name, {"qwen2", "deepseek-r1-qwen", "megrez"})) {
+        pre = Pre::qwen2;
+    } else if (pre_name == "deepseek-llm") {
+        pre = Pre::deepseek_llm;
+    } else {
+        pre = Pre::gpt2;  // "gpt-2", "default" and any family without a matcher of its own
+    }
+
+    if ((s = tokenizer_read_id(file, "tokenizer.ggml.bos_token_id", n_vocab, &bos)) != Status::ok) return s;
+    if ((s = tokenizer_read_id(file, "tokenizer.ggml.eos_token_id", n_vocab, &eos)) != Status::ok) return s;
+    if ((s = tokenizer_read_id(file, "tokenizer.ggml.eot_token_id", n_vocab, &eot)) != Status::ok) return s;
+    if ((s = tokenizer_read_id(file, "tokenizer.ggml.eom_token_id", n_vocab, &eom)) != Status::ok) return s;
+    if ((s = tokenizer_read_id(file, "tokenizer.ggml.padding_token_id", n_vocab, &pad)) != Status::ok) return s;
+    if ((s = tokenizer_read_id(file, "tokenizer.ggml.unknown_token_id", n_vocab, &unk)) != Status::ok) return s;
+    if ((s = tokenizer_read_flag(file, "tokenizer.ggml.add_bos_token", &add_bos)) != Status::ok) return s;
+    if ((s = tokenizer_read_flag(file, "tokenizer.ggml.add_eos_token", &add_eos)) != Status::ok) return s;
+    if ((s = tokenizer_read_flag(file, "tokenizer.ggml.add_space_prefix", &add_space_prefix)) != Status::ok) return s;
+    if (model == Model::bpe) add_space_prefix = false;
+
+    if ((kv = file.find("tokenizer.chat_template")) != nullptr) {
+        if (kv->type != GgufValueType::string) return fail(Status::tokenizer_error, "tokenizer.chat_template is not a string");
+        chat_template = kv->scalar_str.str();
+    }
+
+    // Byte tokens.
+    for (int32_t& t : byte_token) t = -1;
+    if (model == Model::bpe) {
+        const ByteLevelCodec& codec = byte_level_codec();
+        for (int b = 0; b < 256; ++b) byte_token[b] = find(std::string_view(codec.utf8[b], codec.utf8_len[b]));
+    } else {
+        for (int32_t i = 0; i < n_vocab; ++i) {
+            if (type(i) != VocabTokenType::byte) continue;
+            int b = parse_byte_piece(tokens[(size_t)i]);
+            if (b < 0) return fail(Status::tokenizer_error, "tokenizer.ggml.tokens[%d] has type byte but is not <0xXX>", i);
+            if (byte_token[b] < 0) byte_token[b] = i;
+        }
+        for (int b = 0; b < 256; ++b)  // no <0xXX> piece: the byte itself, if it is a piece
+            if (byte_token[b] < 0) {
+                char c = (char)b;
+                byte_token[b] = find(std::string_view(&c, 1));
+            }
+    }
+
+    // SentencePiece: the code point pairs that occur inside mergeable pieces (see encode_spm_fragment).
+    if (model == Model::spm) {
+        spm_pairs.init(1024);
+        for (int32_t i = 0; i < n_vocab; ++i) {
+            if (!spm_mergeable(i)) continue;
+            const std::string& t = tokens[(size_t)i];
+            const unsigned char* p = reinterpret_cast<const unsigned char*>(t.data());
+            uint32_t prev = 0;
+            for (size_t j = 0; j < t.size();) {
+                uint32_t cp;
+                int r = utf8_sequence(p + j, t.size() - j, &cp);
+                if (r <= 0) {
+                    cp = 0x110000u | p[j];
+                    r = 1;
+                }
+                if (j > 0) spm_pairs.insert((int32_t)prev, (int32_t)cp, 0, 0);
+                prev = cp;
+                j += (size_t)r;
+            }
+        }
+    }
+
+    // Merges.
+    if (model == Model::bpe) {
+        std::vector<std::string> lines;
+        if ((s = tokenizer_read_strings(file, "tokenizer.ggml.merges", &lines)) != Status::ok) return s;
+        if (lines.size() >= (size_t)INT32_MAX) return fail(Status::tokenizer_error, "tokenizer.ggml.merges has too many entries");
+        merges.init(lines.size());
+        std::string joined;
+        for (size_t r = 0; r < lines.size(); ++r) {
+            const std::string& line = lines[r];
+            size_t space = line.find(' ', 1);  // from 1: a pair may start with a literal space
+            if (space == std::string::npos)
+                return fail(Status::tokenizer_error, "tokenizer.ggml.merges[%zu] '%.64s' is not 'left right'", r, line.c_str());
+            std::string_view left(line.data(), space), right(line.data() + space + 1, line.size() - space - 1);
+            int32_t a = find(left), b = find(right);
+            if (a < 0 || b < 0)
+                return fail(Status::tokenizer_error, "tokenizer.ggml.merges[%zu] '%.64s' names a token that is not in tokenizer.ggml.tokens",
+                            r, line.c_str());
+            joined.assign(left.data(), left.size());
+            joined.append(right.data(), right.size());
+            int32_t c = find(joined);
+            if (c < 0)
+                return fail(Status::tokenizer_error, "tokenizer.ggml.merges[%zu] '%.64s' makes a token that is not in tokenizer.ggml.tokens",
+                            r, line.c_str());
+            merges.insert(a, b, (int32_t)r, c);
+        }
+    }
+
+    // End of generation: eos/eot/eom and the end-of-turn texts that llama.cpp recognizes; those are
+    // made control tokens (never produced from plain text, not rendered by default).
+    static const char* const kEndOfGenerationTexts[] = {
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+        "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    };
+    for (const char* text : kEndOfGenerationTexts) {
+        int32_t id = find(text);
+        if (id < 0) continue;
+        eog.push_back(id);
+        types[(size_t)id] = (uint8_t)VocabTokenType::control;
+    }
+    int32_t end_of_sentence = find("</s>");
+    if (end_of_sentence >= 0 && type(end_of_sentence) == VocabTokenType::control) eog.push_back(end_of_sentence);
+    for (int32_t id : {eos, eot, eom})
+        if (id >= 0) eog.push_back(id);
+    std::sort(eog.begin(), eog.end());
+    eog.erase(std::unique(eog.begin(), eog.end()), eog.end());
+
+    // Special tokens matched verbatim in the text.
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        VocabTokenType t = type(i);
+        if (tokens[(size_t)i].empty()) continue;
+        if (t != VocabTokenType::control && t != VocabTokenType::user_defined && t != VocabTokenType::unknown) continue;
+        specials.add(tokens[(size_t)i], i);
+        has_specials = true;
+        if (t == VocabTokenType::user_defined) has_user_defined = true;
+    }
+    return Status::ok;
+}
+
+//--- Encoding -----------------------------------------------------------------------------------
+
+// The longest special token whose text starts at text[pos] (user-defined ones only, unless
+// parse_special): its length, or 0.
+inline size_t TokenizerImpl::match_special(const std::string& text, size_t pos, bool parse_special, int32_t* token) const {
+    int32_t node = specials.root_next[(uint8_t)text[pos]];
+    size_t best = 0, len = 1;
+    while (node >= 0) {
+        const SpecialTokenTrie::Node& nd = specials.nodes[(size_t)node];
+        if (nd.token >= 0 && (parse_special || type(nd.token) == VocabTokenType::user_defined)) {
+            best = len;
+            *token = nd.token;
+        }
+        if (pos + len >= text.size()) break;
+        uint8_t b = (uint8_t)text[pos + len];
+        int32_t child = -1;
+        for (const auto& e : nd.next)
+            if (e.first == b) { child = e.second; break; }
+        node = child;
+        ++len;
+    }
+    return best;
+}
+
+inline void TokenizerImpl::encode(const std::string& text, bool add_special, bool parse_special, std::vector<int32_t>* out) const {
+    if (add_special && add_bos && bos >= 0) out->push_back(bos);
+    Scratch sc;
+    bool after_special = true;  // SentencePiece: a space is prefixed to the text and after each special token
+    auto fragment = [&](size_t begin, size_t end) {
+        while (begin < end) {  // in chunks, so that the per-code-point scratch stays small
+            size_t n = chunk_length(text.data() + begin, end - begin);
+            if (model == Model::bpe) encode_bpe_fragment(text.data() + begin, n, sc, out);
+            else encode_spm_fragment(text.data() + begin, n, add_space_prefix && after_special, sc, out);
+            after_special = false;
+            begin += n;
+        }
+    };
+    size_t start = 0;
+    if (parse_special ? has_specials : has_user_defined) {
+        for (size_t pos = 0; pos < text.size();) {
+            int32_t token = -1;
+            size_t len = match_special(text, pos, parse_special, &token);
+            if (len == 0) { ++pos; continue; }
+            fragment(start, pos);
+            out->push_back(token);
+            after_special = true;
+            pos += len;
+            start = pos;
+        }
+    }
+    fragment(start, text.size());
+    if (add_special && add_eos && eos >= 0) out->push_back(eos);
+}
+
+// Length of the first chunk of a fragment of n bytes: at least kChunkBytes when the fragment is
+// longer, cut only where the tokens cannot depend on the cut (no regex here looks behind).
+// Byte-level BPE: after a '\n' between two visible ASCII characters, every pre-tokenizer here ends
+// a word (that newline is a whitespace run of its own or ends a punctuation run, and is never a
+// letter's prefix), and DeepSeek's first regex isolates each newline anyway. SentencePiece:
+// between two ASCII characters (not spaces) that are neighbours in no piece, no merge can cross.
+// Without such a place, the chunk is the whole rest.
+inline size_t TokenizerImpl::chunk_length(const char* s, size_t n) const {
+    static constexpr size_t kChunkBytes = 1 << 16;
+    for (size_t p = kChunkBytes; p < n; ++p) {
+        unsigned char a = (unsigned char)s[p - 1], b = (unsigned char)s[p];
+        if (model == Model::bpe) {
+            unsigned char before = (unsigned char)s[p - 2];
+            if (a == '\n' && b > 0x20 && b < 0x7f && before > 0x20 && before < 0x7f) return p;
+        } else if (a < 0x80 && b < 0x80 && a != ' ' && b != ' ' && !spm_pairs.find(a, b)) {
+            return p;
+        }
+    }
+    return n;
+}
+
+inline void TokenizerImpl::encode_bpe_fragment(const char* s, size_t n, Scratch& sc, std::vector<int32_t>* out) const {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(s);
+    sc.cpts.clear();
+    sc.offsets.clear();
+    sc.cls.clear();
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        int r = utf8_sequence(p + i, n - i, &cp);
+        if (r <= 0) {  // an invalid byte stays one code point of its own, class `other`
+            cp = 0x110000u | p[i];
+            r = 1;
+        }
+        sc.cpts.push_back(cp);
+        sc.offsets.push_back((uint32_t)i);
+        sc.cls.push_back((uint8_t)unicode_class(cp));
+        i += (size_t)r;
+    }
+    sc.offsets.push_back((uint32_t)n);
+    const size_t m = sc.cpts.size();
+    sc.ends.clear();
+    switch (pre) {
+        case Pre::gpt2: pretokenize_gpt2(sc.cpts.data(), sc.cls.data(), m, &sc.ends); break;
+        case Pre::llama3: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 3, &sc.ends); break;
+        case Pre::qwen2: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 1, &sc.ends); break;
+        case Pre::deepseek_llm: pretokenize_deepseek_llm(sc.cpts.data(), sc.cls.data(), m, &sc.spans_a, &sc.spans_b, &sc.ends); break;
+    }
+    uint32_t begin = 0;
+    for (uint32_t end : sc.ends) {
+        uint32_t b0 = sc.offsets[begin], b1 = sc.offsets[end];
+        begin = end;
+        size_t len = b1 - b0;
+        if (len < 2 || len > kCacheMaxWordBytes) {
+            encode_bpe_word(p + b0, len, sc, out);
+            continue;
+        }
+        sc.cache_key.assign(s + b0, len);
+        if (cache_lookup(sc, out)) continue;
+        size_t first = out->size();
+        encode_bpe_word(p + b0, len, sc, out);
+        cache_store(sc, *out, first);
+    }
+}
+
+// Natural text repeats its words: a per-call cache of word -> tokens saves most of the merging
+// (KJV: ~13k distinct words in ~1M). Bounded, and per call so that encode() stays thread-safe.
+// The key is in sc.cache_key.
+inline bool TokenizerImpl::cache_lookup(Scratch& sc, std::vector<int32_t>* out) const {
+    auto hit = sc.word_cache.find(sc.cache_key);
+    if (hit == sc.word_cache.end()) return false;
+    auto first = sc.cache_ids.begin() + hit->second.first;
+    out->insert(out->end(), first, first + hit->second.second);
+    return true;
+}
+
+inline void TokenizerImpl::cache_store(Scratch& sc, const std::vector<int32_t>& out, size_t first) const {
+    static constexpr size_t kCacheMaxEntries = 1 << 16;
+    if (sc.word_cache.size() >= kCacheMaxEntries) return;
+    sc.word_cache.emplace(sc.cache_key, std::make_pair((uint32_t)sc.cache_ids.size(), (uint32_t)(out.size() - first)));
+    sc.cache_ids.insert(sc.cache_ids.end(), out.begin() + (std::ptrdiff_t)first, out.end());
+}
+
+inline void TokenizerImpl::encode_bpe_word(const unsigned char* s, size_t n, Scratch& sc, std::vector<int32_t>* out) const {
+    if (n == 0) return;
+    auto emit = [&](int32_t id) {
+        // A byte without a stand-in token (a vocabulary lacking part of the alphabet, such as
+        // gpt-neox's) is dropped, as llama.cpp does: its <unk> may well be an end-of-text token.
+        if (id >= 0) out->push_back(id);
+    };
+    if (n == 1) { emit(byte_token[s[0]]); return; }
+    if (ignore_merges) {
+        const ByteLevelCodec& codec = byte_level_codec();
+        sc.word.clear();
+        for (size_t i = 0; i < n; ++i) sc.word.append(codec.utf8[s[i]], codec.utf8_len[s[i]]);
+        int32_t id = find(sc.word);
+        if (id >= 0) { out->push_back(id); return; }
+    }
+    // One symbol per byte, linked; merge the candidate pair of lowest rank (leftmost on ties) until
+    // no adjacent pair has a merge. Heap entries go stale when a neighbour changes; they are
+    // recognised by the ids no longer matching and skipped.
+    sc.sym_id.resize(n);
+    sc.sym_prev.resize(n);
+    sc.sym_next.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+        sc.sym_id[i] = byte_token[s[i]];
+        sc.sym_prev[i] = (int32_t)i - 1;
+        sc.sym_next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
+    }
+    using Candidate = Scratch::BpeCandidate;
+    auto lower_priority = [](const Candidate& a, const Candidate& b) {
+        return a.rank > b.rank || (a.rank == b.rank && a.left > b.left);
+    };
+    std::vector<Candidate>& heap = sc.bpe_heap;
+    heap.clear();
+    auto consider = [&](int32_t left, int32_t right) {
+        if (left < 0 || right < 0) return;
+        int32_t a = sc.sym_id[(size_t)left], b = sc.sym_id[(size_t)right];
+        if (a < 0 || b < 0) return;
+        const PairTable::Slot* m = merges.find(a, b);
+        if (!m) return;
+        heap.push_back(Candidate{m->rank, left, right, a, b});
+        std::push_heap(heap.begin(), heap.end(), lower_priority);
+    };
+    for (size_t i = 0; i + 1 < n; ++i) consider((int32_t)i, (int32_t)i + 1);
+    while (!heap.empty()) {
+        std::pop_heap(heap.begin(), heap.end(), lower_priority);
+        Candidate c = heap.back();
+        heap.pop_back();
+        size_t l = (size_t)c.left, r = (size_t)c.right;
+        // Stale: the left symbol was absorbed (prev == -2), or either side changed since.
+        if (sc.sym_prev[l] == -2 || sc.sym_next[l] != c.right || sc.sym_id[l] != c.left_id || sc.sym_id[r] != c.right_id) continue;
+        sc.sym_id[l] = merges.find(c.left_id, c.right_id)->result;
+        sc.sym_next[l] = sc.sym_next[r];
+        if (sc.sym_next[r] >= 0) sc.sym_prev[(size_t)sc.sym_next[r]] = c.left;
+        sc.sym_prev[r] = -2;
+        consider(sc.sym_prev[l], c.left);
+        consider(c.left, sc.sym_next[l]);
+    }
+    for (int32_t i = 0; i >= 0; i = sc.sym_next[(size_t)i]) emit(sc.sym_id[(size_t)i]);
+}
+
+inline void TokenizerImpl::encode_spm_fragment(const char* s, size_t n, bool space_prefix, Scratch& sc, std::vector<int32_t>* out) const {
+    static const char kSpace[] = "\xe2\x96\x81";  // U+2581 LOWER ONE EIGHTH BLOCK stands for ' '
+    std::string& text = sc.spm_text;
+    text.clear();
+    if (space_prefix) text += kSpace;
+    for (size_t i = 0; i < n; ++i) {
+        if (s[i] == ' ') text += kSpace;
+        else text.push_back(s[i]);
+    }
+    // One symbol per character (an invalid byte is a character of its own).
+    sc.sym_start.clear();
+    sc.sym_len.clear();
+    sc.cpts.clear();
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(text.data());
+    for (size_t i = 0; i < text.size();) {
+        uint32_t cp;
+        int r = utf8_sequence(p + i, text.size() - i, &cp);
+        if (r <= 0) {
+            cp = 0x110000u | p[i];
+            r = 1;
+        }
+        sc.sym_start.push_back((uint32_t)i);
+        sc.sym_len.push_back((uint32_t)r);
+        sc.cpts.push_back(cp);
+        i += (size_t)r;
+    }
+    const size_t m = sc.sym_start.size();
+    sc.sym_prev.resize(m);
+    sc.sym_next.resize(m);
+    sc.spm_unmerge.clear();
+    // A merged symbol is always a piece, so no merge can cross two neighbouring characters that occur
+    // together in no piece: the text is cut there into chunks merged independently (for English with
+    // a Llama vocabulary, about one chunk per word), which keeps the heap small.
+    // Chunks repeat like words do: they go through the same per-call cache as BPE words.
+    for (size_t begin = 0, end; begin < m; begin = end) {
+        for (end = begin + 1; end < m && spm_pairs.find((int32_t)sc.cpts[end - 1], (int32_t)sc.cpts[end]);) ++end;
+        size_t b0 = sc.sym_start[begin], b1 = end < m ? sc.sym_start[end] : text.size();
+        if (end - begin < 2 || b1 - b0 > kCacheMaxWordBytes) {
+            spm_merge_chunk(text, begin, end, sc, out);
+            continue;
+        }
+        sc.cache_key.assign(text, b0, b1 - b0);
+        if (cache_lookup(sc, out)) continue;
+        size_t first = out->size();
+        spm_merge_chunk(text, begin, end, sc, out);
+        cache_store(sc, *out, first);
+    }
+}
+
+// Merges the symbols [begin, end): the adjacent pair whose concatenation is the piece of highest
+// score goes first (leftmost on ties), until no pair forms a piece. Stale heap entries are
+// recognised by the symbols' lengths (a symbol only grows, or drops to 0 when absorbed).
+inline void TokenizerImpl::spm_merge_chunk(const std::string& text, size_t begin, size_t end, Scratch& sc, std::vector<int32_t>* out) const {
+    for (size_t i = begin; i < end; ++i) {
+        sc.sym_prev[i] = i > begin ? (int32_t)i - 1 : -1;
+        sc.sym_next[i] = i + 1 < end ? (int32_t)i + 1 : -1;
+    }
+    using Candidate = Scratch::SpmCandidate;
+    auto lower_priority = [](const Candidate& a, const Candidate& b) {
+        return a.score < b.score || (a.score == b.score && a.left > b.left);
+    };
+    std::vector<Candidate>& heap = sc.spm_heap;
+    heap.clear();
+    auto consider = [&](int32_t left, int32_t right) {
+        if (left < 0 || right < 0) return;
+        uint32_t ll = sc.sym_len[(size_t)left], rl = sc.sym_len[(size_t)right];
+        std::string_view piece(text.data() + sc.sym_start[(size_t)left], ll + rl);
+        int32_t id = find(piece);
+        if (id < 0 || !spm_mergeable(id)) return;  // control, unknown and byte pieces never come from text
+        heap.push_back(Candidate{scores[(size_t)id], left, right, ll + rl});
+        std::push_heap(heap.begin(), heap.end(), lower_priority);
+        if (type(id) == VocabTokenType::unused)  // unused pieces are split back into their halves on output
+            sc.spm_unmerge[piece] = {std::string_view(piece.data(), ll), std::string_view(piece.data() + ll, rl)};
+    };
+    for (size_t i = begin; i + 1 < end; ++i) consider((int32_t)i, (int32_t)i + 1);
+    while (!heap.empty()) {
+        std::pop_heap(heap.begin(), heap.end(), lower_priority);
+        Candidate c = heap.back();
+        heap.pop_back();
+        size_t l = (size_t)c.left, r = (size_t)c.right;
+        if (sc.sym_len[l] == 0 || sc.sym_len[r] == 0 || sc.sym_len[l] + sc.sym_len[r] != c.size) continue;
+        sc.sym_len[l] += sc.sym_len[r];
+        sc.sym_len[r] = 0;
+        sc.sym_next[l] = sc.sym_next[r];
+        if (sc.sym_next[r] >= 0) sc.sym_prev[(size_t)sc.sym_next[r]] = c.left;
+        consider(sc.sym_prev[l], c.left);
+        consider(c.left, sc.sym_next[l]);
+    }
+    for (int32_t i = (int32_t)begin; i >= 0; i = sc.sym_next[(size_t)i])
+        spm_resegment(std::string_view(text.data() + sc.sym_start[(size_t)i], sc.sym_len[(size_t)i]), sc, out);
+}
+
+// Emits a final SentencePiece symbol: its piece, or the halves it was merged from (unused pieces),
+// or its bytes as <0xXX> pieces, or <unk>.
+inline void TokenizerImpl::spm_resegment(std::string_view piece, Scratch& sc, std::vector<int32_t>* out) const {
+    sc.spm_stack.assign(1, piece);
+    while (!sc.spm_stack.empty()) {
+        std::string_view v = sc.spm_stack.back();
+        sc.spm_stack.pop_back();
+        int32_t id = find(v);
+        if (id >= 0 && type(id) != VocabTokenType::unused) {
+            out->push_back(id);
+            continue;
+        }
+        auto it = sc.spm_unmerge.find(v);
+        if (it != sc.spm_unmerge.end()) {
+            sc.spm_stack.push_back(it->second.second);  // stack: the left half comes out first
+            sc.spm_stack.push_back(it->second.first);
+            continue;
+        }
+        bool all_bytes = true;
+        for (char ch : v) all_bytes = all_bytes && byte_token[(uint8_t)ch] >= 0;
+        if (all_bytes) {
+            for (char ch : v) out->push_back(byte_token[(uint8_t)ch]);
+        } else if (unk >= 0) {
+            out->push_back(unk);
+        }
+    }
+}
+
+//--- Decoding -----------------------------------------------------------------------------------
+
+inline void TokenizerImpl::append_piece(int32_t token, bool render_special, std::string* out) const {
+    if (token < 0 || (size_t)token >= tokens.size()) return;
+    const std::string& text = tokens[(size_t)token];
+    switch (type(token)) {
+        case VocabTokenType::control:
+        case VocabTokenType::unknown:
+        case VocabTokenType::unused:
+            if (render_special) out->append(text);
+            return;
+        case VocabTokenType::user_defined:  // stored as plain text in both vocabulary kinds
+            out->append(text);
+            return;
+        case VocabTokenType::byte: {
+            int b = parse_byte_piece(text);
+            if (b >= 0) {
+                out->push_back((char)b);
+                return;
+            }
+            break;
+        }
+        default:
+            break;
+    }
+    if (model == Model::spm) {  // U+2581 -> ' '
+        for (size_t i = 0; i < text.size(); ++i) {
+            if (text.compare(i, 3, "\xe2\x96\x81") == 0) {
+                out->push_back(' ');
+                i += 2;
+            } else {
+                out->push_back(text[i]);
+            }
+        }
+        return;
+    }
+    // Byte-level: each stand-in code point back to its byte (anything else is kept as it is).
+    const ByteLevelCodec& codec = byte_level_codec();
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(text.data());
+    for (size_t i = 0; i < text.size();) {
+        uint32_t cp;
+        int r = utf8_sequence(p + i, text.size() - i, &cp);
+        if (r > 0 && cp < 0x144 && codec.byte_of[cp] >= 0) {
+            out->push_back((char)codec.byte_of[cp]);
+        } else {
+            if (r <= 0) r = 1;
+            out->append(text, i, (size_t)r);
+        }
+        i += (size_t)r;
+    }
+}
+
+}  // namespace detail
+
+//--- Public API ---------------------------------------------------------------------------------
+
+Tokenizer::Tokenizer() = default;
+Tokenizer::~Tokenizer() = default;
+Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
+Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
+
+Status Tokenizer::load(const GgufFile& file, Tokenizer* out) {
+    if (!out) return detail::fail(Status::invalid_argument, "null output");
+    std::unique_ptr<detail::TokenizerImpl> impl(new (std::nothrow) detail::TokenizerImpl());
+    if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
+    Status s = impl->load(file);
+    if (s != Status::ok) return s;
+    out->impl_ = std::move(impl);
+    return Status::ok;
+}
+
+Status Tokenizer::encode(const std::string& text, bool add_special, bool parse_special, std::vector<int32_t>* out) const {
+    if (!out) return detail::fail(Status::invalid_argument, "null output");
+    if (!impl_) return detail::fail(Status::tokenizer_error, "tokenizer not loaded");
+    // Offsets inside the encoder are 32-bit, and SentencePiece's escaping can triple a chunk.
+    if (text.size() > ((size_t)1 << 30))
+        return detail::fail(Status::invalid_argument, "text of %zu bytes is too long to encode (limit 1 GiB)", text.size());
+    impl_->encode(text, add_special, parse_special, out);
+    return Status::ok;
+}
+
+std::string Tokenizer::token_to_piece(int32_t token, bool render_special) const {
+    std::string piece;
+    if (impl_) impl_->append_piece(token, render_special, &piece);
+    return piece;
+}
+
+std::string Tokenizer::decode(const int32_t* tokens, size_t n, bool render_special) const {
+    std::string text;
+    if (!impl_ || !tokens) return text;
+    // SentencePiece prefixed a space to the text: drop it from the first piece that has any text.
+    bool strip = impl_->model == detail::TokenizerImpl::Model::spm && impl_->add_space_prefix;
+    for (size_t i = 0; i < n; ++i) {
+        size_t before = text.size();
+        impl_->append_piece(tokens[i], render_special, &text);
+        if (strip && text.size() > before) {
+            if (text[before] == ' ') text.erase(before, 1);
+            strip = false;
+        }
+    }
+    return text;
+}
+
+int32_t Tokenizer::n_vocab() const { return impl_ ? (int32_t)impl_->tokens.size() : 0; }
+int32_t Tokenizer::bos() const { return impl_ ? impl_->bos : -1; }
+int32_t Tokenizer::eos() const { return impl_ ? impl_->eos : -1; }
+
+bool Tokenizer::is_end_of_generation(int32_t token) const {
+    return impl_ && std::binary_search(impl_->eog.begin(), impl_->eog.end(), token);
+}
+
+bool Tokenizer::is_control(int32_t token) const {
+    return impl_ && token >= 0 && token < n_vocab() && impl_->type(token) == detail::VocabTokenType::control;
+}
+
+const std::string& Tokenizer::token_text(int32_t token) const {
+    static const std::string kEmpty;
+    if (!impl_ || token < 0 || token >= n_vocab()) return kEmpty;
+    return impl_->tokens[(size_t)token];
+}
+
+const std::string& Tokenizer::chat_template() const {
+    static const std::string kEmpty;
+    return impl_ ? impl_->chat_template : kEmpty;
+}
+
+bool Tokenizer::valid() const { return impl_ != nullptr; }
+
+Detokenizer::Detokenizer(const Tokenizer& tokenizer, bool render_special) : tokenizer_(&tokenizer), render_special_(render_special) {}
+
+void Detokenizer::push(int32_t token, std::string* out) {
+    std::string piece = tokenizer_->token_to_piece(token, render_special_);
+    if (first_ && !piece.empty()) {
+        piece = tokenizer_->decode(&token, 1, render_special_);  // applies the leading-space rule
+        first_ = false;
+    }
+    pending_ += piece;
+    size_t used = detail::utf8_append_sanitized(out, pending_.data(), pending_.size(), true);
+    pending_.erase(0, used);
+}
+
+void Detokenizer::flush(std::string* out) {
+    detail::utf8_append_sanitized(out, pending_.data(), pending_.size(), false);
+    pending_.clear();
+}
+
+void Detokenizer::reset() {
+    pending_.clear();
+    first_ = true;
+}
+
+}  // namespace moe
 
 //-----------------------------------------------------------------------------
 // [SECTION] MODEL LOADING

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""gen_unicode_tables.py: prints the Unicode tables of src/tokenizer.inc (the tokenizer section of
+"""gen_unicode_tables.py: prints the Unicode tables of the TOKENIZER IMPLEMENTATION section of moe_infer.h (the tokenizer section of
 moe_infer.h) from Python's unicodedata, so they can be regenerated for a newer Unicode version.
 
     python3 tools/gen_unicode_tables.py > /tmp/tables.inc   # then paste over the generated block
