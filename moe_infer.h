@@ -84,7 +84,7 @@
 
 #ifndef MOE_API
 #ifdef MOE_INFER_STATIC
-#define MOE_API static
+#define MOE_API [[maybe_unused]] static
 #else
 #define MOE_API
 #endif
