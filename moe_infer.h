@@ -2706,16 +2706,27 @@ namespace detail {
 //-----------------------------------------------------------------------------
 // [SECTION] THREAD POOL
 //-----------------------------------------------------------------------------
-// >>threads  A persistent pool: workers spin briefly on a generation counter, then sleep on a
-// condition variable. run(fn) calls fn(thread_index, n_threads) on every thread including the
-// caller and returns when all are done; kernels split their rows by (ith, nth). One pool per
-// Session, so sessions on different threads never contend.
+// >>threads  A persistent pool. run(fn) calls fn(thread_index, n_threads) on every thread including
+// the caller and returns when all are done. A forward pass is ONE run(): its phases are separated
+// by barrier(), a spin barrier (well under a microsecond), so workers never sleep inside a token;
+// they spin about a millisecond after a run, then sleep on a condition variable. Between barriers
+// threads take chunks of work from a shared counter (grab), which the barrier resets: dynamic
+// chunks absorb uneven thread speeds that a static split would turn into waiting.
+// One pool per Session, so sessions on different threads never contend.
+
+inline void cpu_relax() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_ia32_pause();
+#elif defined(__GNUC__) && defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 class ThreadPool {
 public:
     typedef void (*TaskFn)(void* ctx, int ith, int nth);
 
-    explicit ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
+    explicit ThreadPool(int n_threads) : n_threads_(MOE_DETAIL_HAS_THREADS ? std::max(1, n_threads) : 1) {
 #if MOE_DETAIL_HAS_THREADS && !MOE_DETAIL_HAS_OPENMP
         for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker(i); });
 #endif
@@ -2737,6 +2748,7 @@ public:
     int size() const { return n_threads_; }
 
     void run(TaskFn fn, void* ctx) {
+        work_next_.store(0, std::memory_order_relaxed);
         if (n_threads_ == 1) { fn(ctx, 0, 1); return; }
 #if MOE_DETAIL_HAS_OPENMP
 #pragma omp parallel num_threads(n_threads_)
@@ -2746,13 +2758,11 @@ public:
             std::lock_guard<std::mutex> lock(mutex_);
             task_ = fn; ctx_ = ctx;
             pending_.store(n_threads_ - 1);
-            generation_.fetch_add(1);
+            generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         fn(ctx, 0, n_threads_);
-        while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
-#else
-        for (int i = 0; i < n_threads_; ++i) fn(ctx, i, n_threads_);
+        while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
 #endif
     }
 
@@ -2760,14 +2770,45 @@ public:
         run([](void* c, int ith, int nth) { (*static_cast<F*>(c))(ith, nth); }, &f);
     }
 
+    // Waits until all nth threads of the current run() arrive. The last one resets the work counter.
+    void barrier(int nth) {
+        if (nth <= 1) { work_next_.store(0, std::memory_order_relaxed); return; }
+        const uint32_t phase = barrier_phase_.load(std::memory_order_acquire);
+        if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
+            barrier_count_.store(0, std::memory_order_relaxed);
+            work_next_.store(0, std::memory_order_relaxed);
+            barrier_phase_.store(phase + 1, std::memory_order_release);
+            return;
+        }
+        for (uint32_t spin = 1; barrier_phase_.load(std::memory_order_acquire) == phase; ++spin) {
+            cpu_relax();
+#if MOE_DETAIL_HAS_THREADS
+            // After ~10 us the late thread is probably descheduled (busy machine): give it the core.
+            if (spin > 512) std::this_thread::yield();
+#endif
+        }
+    }
+    // Hands out [begin, begin + chunk) of the current phase's work; begin >= total means done.
+    int64_t grab(int64_t chunk) { return work_next_.fetch_add(chunk, std::memory_order_relaxed); }
+
 private:
     int n_threads_;
+    alignas(64) std::atomic<int64_t> work_next_{0};
+    alignas(64) std::atomic<int> barrier_count_{0};
+    alignas(64) std::atomic<uint32_t> barrier_phase_{0};
 #if MOE_DETAIL_HAS_THREADS && !MOE_DETAIL_HAS_OPENMP
     void worker(int index) {
         uint64_t seen = 0;
         for (;;) {
             uint64_t gen = generation_.load(std::memory_order_acquire);
-            for (int spin = 0; gen == seen && spin < 20000; ++spin) gen = generation_.load(std::memory_order_acquire);
+            if (gen == seen) {  // spin ~1 ms (decode calls run() once per token), then sleep
+                auto start = std::chrono::steady_clock::now();
+                for (uint32_t spin = 1; gen == seen; ++spin) {
+                    cpu_relax();
+                    gen = generation_.load(std::memory_order_acquire);
+                    if ((spin & 255) == 0 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(1000)) break;
+                }
+            }
             if (gen == seen) {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, [&] { return generation_.load() != seen; });
@@ -4674,68 +4715,101 @@ const GgufFile& Model::file() const { return impl_->file; }
 //-----------------------------------------------------------------------------
 // [SECTION] FORWARD PASS
 //-----------------------------------------------------------------------------
-// >>forward  One forward() handles a chunk of B tokens (B = 1 for decode). Per layer:
-//   attn_norm -> q,k,v (one parallel matmul over their concatenated rows) -> QK-norm, RoPE, KV store
-//   -> causal GQA attention (parallel over token x head) -> attn_output (+ residual)
-//   -> ffn_norm -> router softmax + top-k -> experts: gate/up + SwiGLU (parallel over the rows of
-//   all active experts), quantize hidden, down + routing-weighted sum (parallel over output rows,
-//   so no two threads write one value) (+ residual).
-// Weights are read once per chunk whatever B is: matmuls loop rows outside, tokens inside.
-// Each input is quantized once to each activation format its consumers need.
+// >>forward  One forward() handles a chunk of B tokens (B = 1 for decode) inside ONE thread-pool
+// run; phases are separated by spin barriers. Per layer:
+//   1 attn_norm + quantize (units: token x 256-wide span)   2 q|k|v rows as one matmul (+ bias)
+//   3 QK-norm, RoPE, KV store (token x head)                 4 attention (token x KV head x KV split)
+//   5 merge the KV splits + quantize the attention output   6 attn_output rows, added into x
+//   7 ffn_norm + quantize                                    8 router rows
+//   9 softmax + top-k + grouping by expert (one thread)    10 gate/up + SwiGLU (rows of all active experts)
+//  11 quantize the hidden rows                              12 down rows + routing-weighted sum, added into x
+// Matmuls hand out chunks of rows dynamically; weights are read once per chunk of tokens whatever
+// B is (rows outside, tokens inside). Each input is quantized once to each activation format its
+// consumers need. Attention reads each KV row once for all query heads of its group, and splits
+// long caches over threads (online softmax, merged in phase 5) when heads alone cannot fill them.
 
 namespace moe {
 namespace detail {
 
-// Quantized copies of one input matrix (B rows of n floats), one per activation format, made lazily.
-struct ActCache {
-    const float* src = nullptr;
-    int64_t n = 0, rows = 0;
-    bool ready[3] = {false, false, false};
-    AlignedBuffer<uint8_t> buf[3];  // sized at session creation
+inline uint8_t fmt_bit(ActFormat f) { return (uint8_t)(1u << (int)f); }
+
+// Quantized copies of B rows of one input, one buffer per activation format; f32 reads `src`.
+struct ActRows {
+    const float* src = nullptr;  // (B, width)
+    int64_t width = 0;
+    AlignedBuffer<uint8_t> buf[3];
     size_t stride[3] = {0, 0, 0};
 
-    void reset(const float* x, int64_t n_, int64_t rows_) {
-        src = x; n = n_; rows = rows_;
-        ready[0] = ready[1] = ready[2] = false;
-    }
-    // Row r of the input in format f; quantizes all rows on first use.
-    const void* get(ActFormat f, int64_t r) {
-        int i = (int)f;
-        if (f == ActFormat::f32) return src + r * n;
-        if (!ready[i]) {
-            stride[i] = act_row_bytes(f, n);
-            for (int64_t t = 0; t < rows; ++t) quantize_act(f, buf[i].data + t * stride[i], src + t * n, n);
-            ready[i] = true;
+    bool allocate(const float* src_, int64_t width_, int64_t rows) {
+        src = src_; width = width_;
+        for (int f = 1; f < 3; ++f) {
+            stride[f] = (act_row_bytes((ActFormat)f, width) + 63) / 64 * 64;
+            if (!buf[f].allocate(std::max<size_t>(64, stride[f] * (size_t)rows))) return false;
         }
-        return buf[i].data + r * stride[i];
+        return true;
     }
+    const void* row(ActFormat f, int64_t t) const {
+        return f == ActFormat::f32 ? (const void*)(src + t * width) : (const void*)(buf[(int)f].data + (size_t)t * stride[(int)f]);
+    }
+    // Quantizes elements [i0, i0 + len) of row t, a whole number of blocks, to every format in fmts.
+    void quantize(uint8_t fmts, int64_t t, int64_t i0, int64_t len) {
+        for (int f = 1; f < 3; ++f)
+            if (fmts & (1u << f))
+                quantize_act((ActFormat)f, buf[f].data + (size_t)t * stride[f] + act_row_bytes((ActFormat)f, i0), src + t * width + i0, len);
+    }
+};
+
+// Largest activation block among fmts (1 for f32 only).
+inline int64_t act_block(uint8_t fmts) {
+    return (fmts & fmt_bit(ActFormat::q8_k)) ? kQKK : (fmts & fmt_bit(ActFormat::q8_0)) ? kQK : 1;
+}
+
+// One matrix of a matmul phase: out[(t - t0) * out_stride + r] (= or +=) W[mat] row r . in row t + bias[r].
+struct MatTask {
+    const Weight* w;
+    int64_t mat;
+    const ActRows* in;
+    float* out;
+    int64_t out_stride;
+    const float* bias;  // nullptr: none
+    bool accumulate;
 };
 
 // One (token, slot) use of an expert: the hidden row it fills and its routing weight.
 struct ExpertUse { int32_t token, slot; };
 
-}  // namespace detail
-}  // namespace moe
-
-namespace moe {
-namespace detail {
+// Activation formats each input of a layer must be quantized to.
+struct LayerFormats { uint8_t attn_in = 0, att_out = 0, ffn_in = 0; };
 
 struct SessionImpl {
+    static constexpr int kAttBlock = 64;      // KV positions scored at once (online softmax step)
+    static constexpr int kMinSplitLen = 128;  // shortest KV range worth its own thread
+
     std::shared_ptr<const ModelImpl> model;
     ThreadPool pool;
     int32_t n_ctx = 0, n_batch = 0, pos = 0, slots = 0;  // slots: FFN uses per token (top-k [+ shared] or 1)
     int64_t n_embd = 0, q_dim = 0, kv_dim = 0, max_ff = 0;
+    int group = 1;                                // query heads per KV head
 
     AlignedBuffer<float> k_cache, v_cache;       // (n_layer, n_ctx, kv_dim)
-    AlignedBuffer<float> x, xb, q, k, v, att_out, ffn_out;  // (n_batch, dim) each
-    AlignedBuffer<float> scores;                 // (n_threads, n_ctx)
+    AlignedBuffer<float> x, xb, q, k, v, att_out;  // (n_batch, dim) each
+    AlignedBuffer<float> rope_cs;                // (n_batch, n_rot / 2, 2): cos, sin per position of the chunk
+    std::vector<float> rope_inv_freq;            // (n_rot / 2)
+    AlignedBuffer<float> att_scratch;            // per thread: scores, accumulators, max, sum of one head group
+    size_t att_scratch_stride = 0;
+    AlignedBuffer<float> att_part;               // KV-split partials: (max, sum, head_dim values) per head and split
+    int32_t att_split = 1;                       // KV splits of this forward()
     AlignedBuffer<float> router_logits;          // (n_batch, n_expert)
     AlignedBuffer<float> hidden;                 // (n_batch * slots, max_ff)
+    AlignedBuffer<float> down_part;              // per thread: (n_batch * slots) down-row dot products
     AlignedBuffer<float> logits_batch;           // (n_batch, n_vocab)
     AlignedBuffer<float> logits;                 // (n_vocab)
     AlignedBuffer<uint8_t> hidden_q;             // (n_batch * slots, act row bytes of max_ff)
     size_t hidden_q_stride = 0;
-    ActCache act_in, act_att;
+    ActRows act_x, act_att;                      // quantized xb (normed input) and att_out
+    std::vector<LayerFormats> layer_formats;
+    uint8_t output_formats = 0;
+    VecDotFn dot_f32 = nullptr;                  // float . float, for attention scores
     std::vector<int32_t> slot_expert;            // (n_batch * slots): expert id, -1 dense, -2 shared
     std::vector<float> slot_weight;              // (n_batch * slots)
     std::vector<int32_t> expert_first;           // (n_expert + 2 + 1): CSR offsets of uses per expert
@@ -4744,6 +4818,8 @@ struct SessionImpl {
     std::vector<int64_t> active_row_start;       // prefix sums of their hidden rows
     std::vector<int32_t> last_experts;           // (n_layer * n_expert_used) for the last token
     std::vector<std::pair<float, int32_t>> topk_scratch;
+    const int32_t* fwd_tokens = nullptr;         // arguments of the forward() in flight
+    int32_t fwd_n = 0, fwd_first = 0;
 
     bool float_activations = false;              // SessionOptions::float_activations
 
@@ -4755,31 +4831,50 @@ struct SessionImpl {
 
     // Expert id encoding for slot_expert: >= 0 routed expert, kDense, kShared.
     static constexpr int32_t kDense = -1, kShared = -2;
-    int32_t expert_index(int32_t e) const { return e >= 0 ? e + 2 : e + 2; }  // -2 -> 0, -1 -> 1, e -> e + 2
+    int32_t expert_index(int32_t e) const { return e + 2; }  // -2 -> 0, -1 -> 1, e -> e + 2
     void ffn_weights(const LayerWeights& l, int32_t e, const Weight** g, const Weight** u, const Weight** d, int64_t* mat) const {
         if (e == kShared) { *g = &l.gate_shexp; *u = &l.up_shexp; *d = &l.down_shexp; *mat = 0; }
         else if (e == kDense) { *g = &l.gate; *u = &l.up; *d = &l.down; *mat = 0; }
         else { *g = &l.gate_exps; *u = &l.up_exps; *d = &l.down_exps; *mat = e; }
     }
-    void attention_layer(int il, int32_t n);
-    void ffn_layer(int il, int32_t n);
-    void matmul(const Weight& w, int64_t mat, ActCache& in, int32_t n, float* out, int64_t out_stride);
+    int64_t chunk_rows(int64_t total) const { return std::max<int64_t>(1, std::min<int64_t>(64, total / ((int64_t)pool.size() * 8))); }
+
+    void forward_thread(int ith, int nth);
+    void norm_phase(const float* w, int32_t t0, int32_t n, uint8_t fmts, int ith, int nth);
+    void matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n);
+    void rope_phase(int il, int32_t n, int ith, int nth);
+    void attention_phase(int il, int32_t n, int ith);
+    void att_out_phase(int32_t n, uint8_t fmts, int ith, int nth);
+    void route(int il, int32_t n);
+    void expert_up_phase(const LayerWeights& l);
+    void hidden_quantize_phase(const LayerWeights& l, int32_t n, int ith, int nth);
+    void expert_down_phase(const LayerWeights& l, int32_t n, int ith);
 };
 
+// 1 / rms(x) with double partial sums (four, so the loop pipelines).
+inline float rms_scale(const float* x, int64_t n, float eps) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += (double)x[i] * x[i]; s1 += (double)x[i + 1] * x[i + 1];
+        s2 += (double)x[i + 2] * x[i + 2]; s3 += (double)x[i + 3] * x[i + 3];
+    }
+    for (; i < n; ++i) s0 += (double)x[i] * x[i];
+    return (float)(1.0 / std::sqrt((s0 + s1 + s2 + s3) / (double)n + eps));
+}
+
 inline void rms_norm(float* out, const float* x, const float* w, int64_t n, float eps) {
-    double sum = 0;
-    for (int64_t i = 0; i < n; ++i) sum += (double)x[i] * x[i];
-    float scale = (float)(1.0 / std::sqrt(sum / (double)n + eps));
+    const float scale = rms_scale(x, n, eps);
     for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
 }
 
-// Rotates pairs of one head: NEOX pairs (i, i + n_rot/2), normal pairs (2i, 2i+1).
-inline void rope(float* head, int n_rot, int32_t pos, float freq_base, float freq_scale, bool neox) {
+// Rotates pairs of one head by the angles whose (cos, sin) are in cs: NEOX pairs (i, i + n_rot/2),
+// normal pairs (2i, 2i+1).
+inline void rope(float* head, const float* cs, int n_rot, bool neox) {
     for (int i = 0; i < n_rot / 2; ++i) {
-        float theta = (float)pos * freq_scale * std::pow(freq_base, -2.f * (float)i / (float)n_rot);
-        float c = std::cos(theta), s = std::sin(theta);
-        int a = neox ? i : 2 * i, b = neox ? i + n_rot / 2 : 2 * i + 1;
-        float x0 = head[a], x1 = head[b];
+        const float c = cs[2 * i], s = cs[2 * i + 1];
+        const int a = neox ? i : 2 * i, b = neox ? i + n_rot / 2 : 2 * i + 1;
+        const float x0 = head[a], x1 = head[b];
         head[a] = x0 * c - x1 * s;
         head[b] = x0 * s + x1 * c;
     }
@@ -4797,24 +4892,39 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     n_embd = hp.n_embd;
     q_dim = (int64_t)hp.n_head * hp.head_dim;
     kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
+    group = hp.n_head / hp.n_head_kv;
     max_ff = std::max<int64_t>(hp.n_ff, hp.n_ff_shared);
     slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;
-    const int64_t B = n_batch;
+    const int64_t B = n_batch, nth = pool.size(), hd = hp.head_dim;
     uint64_t kv_elems = (uint64_t)hp.n_layer * (uint64_t)n_ctx * (uint64_t)kv_dim;
+    // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
+    att_scratch_stride = (size_t)((group * (kAttBlock + hd + 2) + 15) / 16 * 16);
     bool ok = k_cache.allocate((size_t)kv_elems) && v_cache.allocate((size_t)kv_elems) && x.allocate((size_t)(B * n_embd)) &&
               xb.allocate((size_t)(B * n_embd)) && q.allocate((size_t)(B * q_dim)) && k.allocate((size_t)(B * kv_dim)) &&
-              v.allocate((size_t)(B * kv_dim)) && att_out.allocate((size_t)(B * q_dim)) && ffn_out.allocate((size_t)(B * n_embd)) &&
-              scores.allocate((size_t)pool.size() * (size_t)n_ctx) && router_logits.allocate((size_t)(B * std::max(1, hp.n_expert))) &&
-              hidden.allocate((size_t)(B * slots * max_ff)) && logits.allocate((size_t)hp.n_vocab) &&
-              logits_batch.allocate((size_t)(B * hp.n_vocab));
+              v.allocate((size_t)(B * kv_dim)) && att_out.allocate((size_t)(B * q_dim)) &&
+              rope_cs.allocate((size_t)(B * std::max(2, hp.n_rot))) && att_scratch.allocate(att_scratch_stride * (size_t)nth) &&
+              att_part.allocate((size_t)(4 * nth * group * (hd + 2))) && router_logits.allocate((size_t)(B * std::max(1, hp.n_expert))) &&
+              hidden.allocate((size_t)(B * slots * max_ff)) && down_part.allocate((size_t)(nth * B * slots)) &&
+              logits.allocate((size_t)hp.n_vocab) && logits_batch.allocate((size_t)(B * hp.n_vocab));
     if (!ok) return fail(Status::out_of_memory, "cannot allocate the KV cache and scratch for n_ctx %d", n_ctx);
     hidden_q_stride = std::max(act_row_bytes(ActFormat::q8_k, max_ff / kQKK * kQKK + kQKK), act_row_bytes(ActFormat::q8_0, max_ff / kQK * kQK + kQK));
     hidden_q_stride = std::max(hidden_q_stride, (size_t)max_ff * 4);
-    size_t act_rows = std::max(m->max_act_bytes_per_row, (size_t)std::max(n_embd, q_dim) * 4);
-    for (int f = 0; f < 3; ++f)
-        if (!act_in.buf[f].allocate(act_rows * (size_t)B) || !act_att.buf[f].allocate(act_rows * (size_t)B))
-            return fail(Status::out_of_memory, "cannot allocate activation buffers");
-    if (!hidden_q.allocate(hidden_q_stride * (size_t)(B * slots))) return fail(Status::out_of_memory, "cannot allocate activation buffers");
+    if (!act_x.allocate(xb.data, n_embd, B) || !act_att.allocate(att_out.data, q_dim, B) ||
+        !hidden_q.allocate(hidden_q_stride * (size_t)(B * slots)))
+        return fail(Status::out_of_memory, "cannot allocate activation buffers");
+    rope_inv_freq.resize((size_t)(hp.n_rot / 2));
+    for (int i = 0; i < hp.n_rot / 2; ++i) rope_inv_freq[(size_t)i] = std::pow(hp.rope_freq_base, -2.f * (float)i / (float)hp.n_rot);
+    auto bit = [&](const Weight& w) -> uint8_t { return w ? fmt_bit(kt(w).act) : (uint8_t)0; };
+    layer_formats.resize((size_t)hp.n_layer);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const LayerWeights& l = m->layers[(size_t)il];
+        LayerFormats& f = layer_formats[(size_t)il];
+        f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv));
+        f.att_out = bit(l.wo);
+        f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
+    }
+    output_formats = bit(m->output);
+    dot_f32 = kernel_traits((uint32_t)TensorType::f32).vec_dot;
     slot_expert.assign((size_t)(B * slots), 0);
     slot_weight.assign((size_t)(B * slots), 0.f);
     expert_first.assign((size_t)hp.n_expert + 3, 0);
@@ -4826,106 +4936,192 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     return Status::ok;
 }
 
-// out[t * out_stride + r] = W[mat] row r . in[t], for t < n, all rows; threads split the rows.
-inline void SessionImpl::matmul(const Weight& w, int64_t mat, ActCache& in, int32_t n, float* out, int64_t out_stride) {
-    const KernelTraits& k = kt(w);
-    for (int32_t t = 0; t < n; ++t) in.get(k.act, t);  // quantize before the threads start
-    pool.parallel_for([&](int ith, int nth) {
-        int64_t r0, r1;
-        split_range(w.rows, ith, nth, &r0, &r1);
-        for (int64_t r = r0; r < r1; ++r) {
-            const uint8_t* row = w.row(mat, r);
-            for (int32_t t = 0; t < n; ++t) out[t * out_stride + r] = k.vec_dot(row, in.get(k.act, t), w.cols);
-        }
-    });
+// rms_norm(x rows [t0, t0 + n)) * w into xb, quantized to fmts. Units are (token, span); every unit
+// recomputes its row's scale, which is cheaper than a barrier.
+inline void SessionImpl::norm_phase(const float* w, int32_t t0, int32_t n, uint8_t fmts, int ith, int nth) {
+    const int64_t span = n_embd % 256 == 0 ? 256 : std::max<int64_t>(act_block(fmts), n_embd % kQK == 0 ? kQK : n_embd);
+    const int64_t spans = n_embd / span;
+    int64_t u0, u1;
+    split_range((int64_t)n * spans, ith, nth, &u0, &u1);
+    int64_t row = -1;
+    float scale = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t t = t0 + u / spans, i0 = (u % spans) * span;
+        const float* xt = x.data + t * n_embd;
+        if (t != row) { scale = rms_scale(xt, n_embd, model->info.rms_eps); row = t; }
+        float* o = xb.data + t * n_embd;
+        for (int64_t i = i0; i < i0 + span; ++i) o[i] = xt[i] * scale * w[i];
+        act_x.quantize(fmts, t, i0, span);
+    }
 }
 
-inline void SessionImpl::attention_layer(int il, int32_t n) {
+inline void SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n) {
+    int64_t total = 0;
+    for (int i = 0; i < n_tasks; ++i) total += tasks[i].w->rows;
+    const int64_t chunk = chunk_rows(total);
+    for (;;) {
+        const int64_t begin = pool.grab(chunk);
+        if (begin >= total) break;
+        const int64_t end = std::min(total, begin + chunk);
+        int i = 0;
+        int64_t base = 0;
+        while (begin >= base + tasks[i].w->rows) base += tasks[i++].w->rows;
+        for (int64_t vr = begin; vr < end; ++vr) {
+            if (vr >= base + tasks[i].w->rows) base += tasks[i++].w->rows;
+            const MatTask& mt = tasks[i];
+            const int64_t r = vr - base;
+            const KernelTraits& k = kt(*mt.w);
+            const uint8_t* wrow = mt.w->row(mt.mat, r);
+            const float bias = mt.bias ? mt.bias[r] : 0.f;
+            for (int32_t t = t0; t < t0 + n; ++t) {
+                const float val = k.vec_dot(wrow, mt.in->row(k.act, t), mt.w->cols) + bias;
+                float& o = mt.out[(t - t0) * mt.out_stride + r];
+                o = mt.accumulate ? o + val : val;
+            }
+        }
+    }
+}
+
+inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
     const ModelImpl& m = *model;
     const ModelInfo& hp = m.info;
     const LayerWeights& l = m.layers[(size_t)il];
     const int hd = hp.head_dim, n_head = hp.n_head, n_kv = hp.n_head_kv;
-
-    for (int32_t t = 0; t < n; ++t) rms_norm(xb.data + t * n_embd, x.data + t * n_embd, l.attn_norm.data(), n_embd, hp.rms_eps);
-    act_in.reset(xb.data, n_embd, n);
-    matmul(l.wq, 0, act_in, n, q.data, q_dim);
-    matmul(l.wk, 0, act_in, n, k.data, kv_dim);
-    matmul(l.wv, 0, act_in, n, v.data, kv_dim);
-
-    for (int32_t t = 0; t < n; ++t) {
+    const bool whole = m.qk_norm == QkNorm::whole, per_head = m.qk_norm == QkNorm::per_head;
+    const int per_token = whole ? 1 : n_head + n_kv;
+    int64_t u0, u1;
+    split_range((int64_t)n * per_token, ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+        const int32_t t = (int32_t)(u / per_token);
+        const int unit = (int)(u % per_token);
+        const float* cs = rope_cs.data + (int64_t)t * hp.n_rot;
         float* qt = q.data + t * q_dim;
-        float* kt = k.data + t * kv_dim;
-        float* vt = v.data + t * kv_dim;
-        if (!l.bq.empty()) for (int64_t i = 0; i < q_dim; ++i) qt[i] += l.bq[(size_t)i];
-        if (!l.bk.empty()) for (int64_t i = 0; i < kv_dim; ++i) kt[i] += l.bk[(size_t)i];
-        if (!l.bv.empty()) for (int64_t i = 0; i < kv_dim; ++i) vt[i] += l.bv[(size_t)i];
-        if (m.qk_norm == QkNorm::whole) {
+        float* kt_ = k.data + t * kv_dim;
+        const size_t cache_row = ((size_t)il * (size_t)n_ctx + (size_t)(pos + t)) * (size_t)kv_dim;
+        int h0 = 0, h1 = n_head, g0 = 0, g1 = n_kv;  // query heads and KV heads of this unit
+        if (whole) {
             rms_norm(qt, qt, l.q_norm.data(), q_dim, hp.rms_eps);
-            rms_norm(kt, kt, l.k_norm.data(), kv_dim, hp.rms_eps);
-        } else if (m.qk_norm == QkNorm::per_head) {
-            for (int h = 0; h < n_head; ++h) rms_norm(qt + h * hd, qt + h * hd, l.q_norm.data(), hd, hp.rms_eps);
-            for (int h = 0; h < n_kv; ++h) rms_norm(kt + h * hd, kt + h * hd, l.k_norm.data(), hd, hp.rms_eps);
+            rms_norm(kt_, kt_, l.k_norm.data(), kv_dim, hp.rms_eps);
+        } else if (unit < n_head) {
+            h0 = unit; h1 = unit + 1; g0 = g1 = 0;
+        } else {
+            h0 = h1 = 0; g0 = unit - n_head; g1 = g0 + 1;
         }
-        int32_t p = pos + t;
-        for (int h = 0; h < n_head; ++h) rope(qt + h * hd, hp.n_rot, p, hp.rope_freq_base, hp.rope_freq_scale, hp.rope_neox);
-        for (int h = 0; h < n_kv; ++h) rope(kt + h * hd, hp.n_rot, p, hp.rope_freq_base, hp.rope_freq_scale, hp.rope_neox);
-        size_t off = ((size_t)il * (size_t)n_ctx + (size_t)p) * (size_t)kv_dim;
-        std::memcpy(k_cache.data + off, kt, (size_t)kv_dim * 4);
-        std::memcpy(v_cache.data + off, vt, (size_t)kv_dim * 4);
+        for (int h = h0; h < h1; ++h) {
+            if (per_head) rms_norm(qt + h * hd, qt + h * hd, l.q_norm.data(), hd, hp.rms_eps);
+            rope(qt + h * hd, cs, hp.n_rot, hp.rope_neox);
+        }
+        for (int h = g0; h < g1; ++h) {
+            if (per_head) rms_norm(kt_ + h * hd, kt_ + h * hd, l.k_norm.data(), hd, hp.rms_eps);
+            rope(kt_ + h * hd, cs, hp.n_rot, hp.rope_neox);
+            std::memcpy(k_cache.data + cache_row + (size_t)h * hd, kt_ + h * hd, (size_t)hd * 4);
+            std::memcpy(v_cache.data + cache_row + (size_t)h * hd, v.data + t * kv_dim + h * hd, (size_t)hd * 4);
+        }
     }
-
-    // Causal GQA attention: query head h reads KV head h / (n_head / n_kv).
-    const float scale = 1.f / std::sqrt((float)hd);
-    const int group = n_head / n_kv;
-    const float* kl = k_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
-    const float* vl = v_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
-    pool.parallel_for([&](int ith, int nth) {
-        float* sc = scores.data + (size_t)ith * (size_t)n_ctx;
-        int64_t w0, w1;
-        split_range((int64_t)n * n_head, ith, nth, &w0, &w1);
-        for (int64_t w = w0; w < w1; ++w) {
-            int32_t t = (int32_t)(w / n_head);
-            int h = (int)(w % n_head), kvh = h / group;
-            int32_t len = pos + t + 1;
-            const float* qh = q.data + t * q_dim + h * hd;
-            float mx = -INFINITY;
-            for (int32_t j = 0; j < len; ++j) {
-                const float* kj = kl + (size_t)j * (size_t)kv_dim + (size_t)kvh * hd;
-                float s = 0;
-                for (int i = 0; i < hd; ++i) s += qh[i] * kj[i];
-                sc[j] = s * scale;
-                mx = std::max(mx, sc[j]);
-            }
-            float sum = 0;
-            for (int32_t j = 0; j < len; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
-            float inv = 1.f / sum;
-            float* o = att_out.data + t * q_dim + h * hd;
-            std::fill(o, o + hd, 0.f);
-            for (int32_t j = 0; j < len; ++j) {
-                const float* vj = vl + (size_t)j * (size_t)kv_dim + (size_t)kvh * hd;
-                float a = sc[j] * inv;
-                for (int i = 0; i < hd; ++i) o[i] += a * vj[i];
-            }
-        }
-    });
-
-    act_att.reset(att_out.data, q_dim, n);
-    matmul(l.wo, 0, act_att, n, ffn_out.data, n_embd);
-    for (int32_t t = 0; t < n; ++t)
-        for (int64_t i = 0; i < n_embd; ++i) x[t * n_embd + i] += ffn_out[t * n_embd + i] + (l.bo.empty() ? 0.f : l.bo[(size_t)i]);
 }
 
-inline void SessionImpl::ffn_layer(int il, int32_t n) {
+// Causal GQA attention. A unit is (token, KV head, KV split): it scores each cached key once for all
+// `group` query heads of that KV head, with an online softmax over blocks of kAttBlock positions.
+inline void SessionImpl::attention_phase(int il, int32_t n, int ith) {
+    const ModelInfo& hp = model->info;
+    const int hd = hp.head_dim, n_kv = hp.n_head_kv, S = att_split;
+    const float scale = 1.f / std::sqrt((float)hd);
+    const float* kl = k_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
+    const float* vl = v_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
+    float* sc = att_scratch.data + (size_t)ith * att_scratch_stride;  // (group, kAttBlock)
+    float* acc = sc + group * kAttBlock;                                // (group, hd)
+    float* mx = acc + group * hd;                                       // (group)
+    float* sum = mx + group;                                            // (group)
+    const int64_t units = (int64_t)n * n_kv * S;
+    for (;;) {
+        const int64_t u = pool.grab(1);
+        if (u >= units) break;
+        const int32_t t = (int32_t)(u / ((int64_t)n_kv * S));
+        const int kvh = (int)(u / S % n_kv), split = (int)(u % S);
+        const int32_t len = pos + t + 1;
+        const int32_t j0 = (int32_t)((int64_t)len * split / S), j1 = (int32_t)((int64_t)len * (split + 1) / S);
+        const float* qg = q.data + t * q_dim + (int64_t)kvh * group * hd;
+        for (int g = 0; g < group; ++g) { mx[g] = -INFINITY; sum[g] = 0; }
+        std::fill(acc, acc + group * hd, 0.f);
+        for (int32_t jb = j0; jb < j1; jb += kAttBlock) {
+            const int nb = std::min<int32_t>(kAttBlock, j1 - jb);
+            for (int jj = 0; jj < nb; ++jj) {
+                const float* kj = kl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
+                for (int g = 0; g < group; ++g) sc[g * kAttBlock + jj] = dot_f32(qg + g * hd, kj, hd) * scale;
+            }
+            for (int g = 0; g < group; ++g) {
+                float* s = sc + g * kAttBlock;
+                const float m_new = std::max(mx[g], *std::max_element(s, s + nb));
+                const float corr = std::exp(mx[g] - m_new);
+                float add = 0;
+                for (int jj = 0; jj < nb; ++jj) { s[jj] = std::exp(s[jj] - m_new); add += s[jj]; }
+                sum[g] = sum[g] * corr + add;
+                mx[g] = m_new;
+                if (corr != 1.f) for (int i = 0; i < hd; ++i) acc[g * hd + i] *= corr;
+            }
+            for (int jj = 0; jj < nb; ++jj) {
+                const float* __restrict vj = vl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
+                for (int g = 0; g < group; ++g) {
+                    float* __restrict a = acc + g * hd;
+                    const float p = sc[g * kAttBlock + jj];
+                    for (int i = 0; i < hd; ++i) a[i] += p * vj[i];
+                }
+            }
+        }
+        for (int g = 0; g < group; ++g) {
+            const int h = kvh * group + g;
+            if (S == 1) {
+                float* o = att_out.data + t * q_dim + (int64_t)h * hd;
+                const float inv = 1.f / sum[g];
+                for (int i = 0; i < hd; ++i) o[i] = acc[g * hd + i] * inv;
+            } else {
+                float* p = att_part.data + (((size_t)t * hp.n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hd + 2);
+                p[0] = mx[g]; p[1] = sum[g];
+                std::memcpy(p + 2, acc + g * hd, (size_t)hd * 4);
+            }
+        }
+    }
+}
+
+// Merges the KV splits (when att_split > 1) and quantizes att_out; units are (token, span of whole
+// heads that is also a whole number of activation blocks).
+inline void SessionImpl::att_out_phase(int32_t n, uint8_t fmts, int ith, int nth) {
+    const int hd = model->info.head_dim, S = att_split;
+    int64_t span = hd;
+    while (span % act_block(fmts)) span += hd;  // lcm(hd, block): q_dim is a multiple of both
+    const int64_t spans = q_dim / span;
+    int64_t u0, u1;
+    split_range((int64_t)n * spans, ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t t = u / spans, i0 = (u % spans) * span;
+        if (S > 1) {
+            for (int64_t h = i0 / hd; h < (i0 + span) / hd; ++h) {
+                const float* p = att_part.data + ((size_t)t * (size_t)model->info.n_head + (size_t)h) * (size_t)S * (size_t)(hd + 2);
+                float m = -INFINITY, l = 0;
+                for (int s = 0; s < S; ++s) m = std::max(m, p[(size_t)s * (hd + 2)]);
+                float* o = att_out.data + t * q_dim + h * hd;
+                std::fill(o, o + hd, 0.f);
+                for (int s = 0; s < S; ++s) {
+                    const float* ps = p + (size_t)s * (hd + 2);
+                    const float w = std::exp(ps[0] - m);
+                    l += w * ps[1];
+                    for (int i = 0; i < hd; ++i) o[i] += w * ps[2 + i];
+                }
+                const float inv = 1.f / l;
+                for (int i = 0; i < hd; ++i) o[i] *= inv;
+            }
+        }
+        act_att.quantize(fmts, t, i0, span);
+    }
+}
+
+// Routing for every token (softmax over all experts, top-k with ties to the lower id, optional
+// renormalisation, shared-expert gate), then the uses grouped by expert so each expert row is read once.
+inline void SessionImpl::route(int il, int32_t n) {
     const ModelImpl& m = *model;
     const ModelInfo& hp = m.info;
     const LayerWeights& l = m.layers[(size_t)il];
-
-    for (int32_t t = 0; t < n; ++t) rms_norm(xb.data + t * n_embd, x.data + t * n_embd, l.ffn_norm.data(), n_embd, hp.rms_eps);
-    act_in.reset(xb.data, n_embd, n);
-
-    // Routing: softmax over all experts, top-k (ties to the lower id), optional renormalisation.
     if (hp.n_expert > 0) {
-        matmul(l.router, 0, act_in, n, router_logits.data, hp.n_expert);
         for (int32_t t = 0; t < n; ++t) {
             float* lg = router_logits.data + (int64_t)t * hp.n_expert;
             float mx = *std::max_element(lg, lg + hp.n_expert), sum = 0;
@@ -4957,8 +5153,8 @@ inline void SessionImpl::ffn_layer(int il, int32_t n) {
         for (int32_t t = 0; t < n; ++t) { slot_expert[(size_t)t] = kDense; slot_weight[(size_t)t] = 1.f; }
     }
 
-    // Group the (token, slot) uses by expert (counting sort), so each expert's rows are read once.
-    int n_ids = hp.n_expert + 2;
+    // Counting sort of the (token, slot) uses by expert.
+    const int n_ids = hp.n_expert + 2;
     std::fill(expert_first.begin(), expert_first.end(), 0);
     for (int32_t u = 0; u < n * slots; ++u) ++expert_first[(size_t)expert_index(slot_expert[(size_t)u]) + 1];
     for (int i = 0; i < n_ids; ++i) expert_first[(size_t)i + 1] += expert_first[(size_t)i];
@@ -4967,103 +5163,164 @@ inline void SessionImpl::ffn_layer(int il, int32_t n) {
     active_row_start.push_back(0);
     for (int i = 0; i < n_ids; ++i) {
         if (expert_first[(size_t)i + 1] == expert_first[(size_t)i]) continue;
-        int32_t e = i - 2;
         const Weight *g, *u, *d;
         int64_t mat;
-        ffn_weights(l, e, &g, &u, &d, &mat);
-        active.push_back(e);
+        ffn_weights(l, i - 2, &g, &u, &d, &mat);
+        active.push_back(i - 2);
         active_row_start.push_back(active_row_start.back() + g->rows);
     }
-    {
-        // Fill uses[] grouped by expert: a second pass with moving cursors (expert_first is restored after).
-        for (int32_t u = 0; u < n * slots; ++u) {
-            int idx = expert_index(slot_expert[(size_t)u]);
-            uses[(size_t)expert_first[(size_t)idx]++] = ExpertUse{u / slots, u % slots};
-        }
-        for (int i = n_ids; i > 0; --i) expert_first[(size_t)i] = expert_first[(size_t)i - 1];
-        expert_first[0] = 0;
+    for (int32_t u = 0; u < n * slots; ++u) {  // moving cursors, restored below
+        const int idx = expert_index(slot_expert[(size_t)u]);
+        uses[(size_t)expert_first[(size_t)idx]++] = ExpertUse{u / slots, u % slots};
     }
+    for (int i = n_ids; i > 0; --i) expert_first[(size_t)i] = expert_first[(size_t)i - 1];
+    expert_first[0] = 0;
+}
 
-    // Phase 1: gate/up rows of every active expert, SwiGLU into hidden[(token, slot)].
-    for (int32_t t = 0; t < n; ++t)
-        for (int32_t e : active) {
-            const Weight *g, *u, *d;
-            int64_t mat;
-            ffn_weights(l, e, &g, &u, &d, &mat);
-            act_in.get(kt(*g).act, t);
-            act_in.get(kt(*u).act, t);
-        }
-    const int64_t total_rows = active_row_start.back();
-    pool.parallel_for([&](int ith, int nth) {
-        int64_t r0, r1;
-        split_range(total_rows, ith, nth, &r0, &r1);
-        size_t a = 0;
-        for (int64_t gr = r0; gr < r1; ++gr) {
+// gate/up rows of every active expert (one virtual row range), SwiGLU into hidden[(token, slot)].
+inline void SessionImpl::expert_up_phase(const LayerWeights& l) {
+    const int64_t total = active_row_start.back(), chunk = chunk_rows(total);
+    for (;;) {
+        const int64_t begin = pool.grab(chunk);
+        if (begin >= total) break;
+        const int64_t end = std::min(total, begin + chunk);
+        size_t a = (size_t)(std::upper_bound(active_row_start.begin(), active_row_start.end(), begin) - active_row_start.begin()) - 1;
+        for (int64_t gr = begin; gr < end; ++gr) {
             while (gr >= active_row_start[a + 1]) ++a;
-            int32_t e = active[a];
-            int64_t r = gr - active_row_start[a];
+            const int32_t e = active[a];
+            const int64_t r = gr - active_row_start[a];
             const Weight *g, *u, *d;
             int64_t mat;
             ffn_weights(l, e, &g, &u, &d, &mat);
+            const KernelTraits &kg = kt(*g), &ku = kt(*u);
             const uint8_t* grow = g->row(mat, r);
             const uint8_t* urow = u->row(mat, r);
-            int idx = expert_index(e);
-            for (int32_t k = expert_first[(size_t)idx]; k < expert_first[(size_t)idx + 1]; ++k) {
-                const ExpertUse& use = uses[(size_t)k];
-                float gv = kt(*g).vec_dot(grow, act_in.get(kt(*g).act, use.token), g->cols);
-                float uv = kt(*u).vec_dot(urow, act_in.get(kt(*u).act, use.token), u->cols);
+            const int idx = expert_index(e);
+            for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
+                const ExpertUse& use = uses[(size_t)j];
+                const float gv = kg.vec_dot(grow, act_x.row(kg.act, use.token), g->cols);
+                const float uv = ku.vec_dot(urow, act_x.row(ku.act, use.token), u->cols);
                 hidden[(size_t)((use.token * slots + use.slot) * max_ff + r)] = silu(gv) * uv;
             }
         }
-    });
+    }
+}
 
-    // Phase 2: quantize each hidden row to its down projection's activation format.
-    pool.parallel_for([&](int ith, int nth) {
-        int64_t u0, u1;
-        split_range((int64_t)n * slots, ith, nth, &u0, &u1);
-        for (int64_t u = u0; u < u1; ++u) {
-            const Weight *g, *up, *d;
-            int64_t mat;
-            ffn_weights(l, slot_expert[(size_t)u], &g, &up, &d, &mat);
-            quantize_act(kt(*d).act, hidden_q.data + (size_t)u * hidden_q_stride, hidden.data + u * max_ff, d->cols);
-        }
-    });
+inline void SessionImpl::hidden_quantize_phase(const LayerWeights& l, int32_t n, int ith, int nth) {
+    int64_t u0, u1;
+    split_range((int64_t)n * slots, ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+        const Weight *g, *up, *d;
+        int64_t mat;
+        ffn_weights(l, slot_expert[(size_t)u], &g, &up, &d, &mat);
+        quantize_act(kt(*d).act, hidden_q.data + (size_t)u * hidden_q_stride, hidden.data + u * max_ff, d->cols);
+    }
+}
 
-    // Phase 3: down projections, weighted sum accumulated per output row.
-    pool.parallel_for([&](int ith, int nth) {
-        int64_t r0, r1;
-        split_range(n_embd, ith, nth, &r0, &r1);
-        for (int64_t r = r0; r < r1; ++r)
+// Down rows: for output row r, each active expert's row r meets all its uses (read once), then each
+// token sums its slots in slot order and adds into x. No two threads write one value.
+inline void SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int ith) {
+    float* part = down_part.data + (size_t)ith * (size_t)n_batch * (size_t)slots;
+    const int64_t chunk = chunk_rows(n_embd);
+    for (;;) {
+        const int64_t begin = pool.grab(chunk);
+        if (begin >= n_embd) break;
+        const int64_t end = std::min(n_embd, begin + chunk);
+        for (int64_t r = begin; r < end; ++r) {
+            for (int32_t e : active) {
+                const Weight *g, *u, *d;
+                int64_t mat;
+                ffn_weights(l, e, &g, &u, &d, &mat);
+                const KernelTraits& kd = kt(*d);
+                const uint8_t* drow = d->row(mat, r);
+                const int idx = expert_index(e);
+                for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
+                    const int32_t s = uses[(size_t)j].token * slots + uses[(size_t)j].slot;
+                    part[s] = kd.vec_dot(drow, hidden_q.data + (size_t)s * hidden_q_stride, d->cols);
+                }
+            }
             for (int32_t t = 0; t < n; ++t) {
                 float acc = 0;
-                for (int32_t s = 0; s < slots; ++s) {
-                    size_t u = (size_t)(t * slots + s);
-                    const Weight *g, *up, *d;
-                    int64_t mat;
-                    ffn_weights(l, slot_expert[u], &g, &up, &d, &mat);
-                    acc += slot_weight[u] * kt(*d).vec_dot(d->row(mat, r), hidden_q.data + u * hidden_q_stride, d->cols);
-                }
+                for (int32_t s = 0; s < slots; ++s) acc += slot_weight[(size_t)(t * slots + s)] * part[t * slots + s];
                 x[t * n_embd + r] += acc;
             }
-    });
+        }
+    }
+}
+
+inline void SessionImpl::forward_thread(int ith, int nth) {
+    const ModelImpl& m = *model;
+    const ModelInfo& hp = m.info;
+    const int32_t n = fwd_n;
+    {
+        int64_t t0, t1;
+        split_range(n, ith, nth, &t0, &t1);
+        for (int64_t t = t0; t < t1; ++t) {
+            (void)dequantize_row((TensorType)m.token_embd.type, m.token_embd.row(0, fwd_tokens[t]), x.data + t * n_embd, n_embd);
+            float* cs = rope_cs.data + t * hp.n_rot;
+            for (int i = 0; i < hp.n_rot / 2; ++i) {
+                const float theta = (float)(pos + t) * hp.rope_freq_scale * rope_inv_freq[(size_t)i];
+                cs[2 * i] = std::cos(theta);
+                cs[2 * i + 1] = std::sin(theta);
+            }
+        }
+    }
+    pool.barrier(nth);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const LayerWeights& l = m.layers[(size_t)il];
+        const LayerFormats& f = layer_formats[(size_t)il];
+        norm_phase(l.attn_norm.data(), 0, n, f.attn_in, ith, nth);
+        pool.barrier(nth);
+        const MatTask qkv[3] = {
+            {&l.wq, 0, &act_x, q.data, q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
+            {&l.wk, 0, &act_x, k.data, kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
+            {&l.wv, 0, &act_x, v.data, kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
+        matmul_phase(qkv, 3, 0, n);
+        pool.barrier(nth);
+        rope_phase(il, n, ith, nth);
+        pool.barrier(nth);
+        attention_phase(il, n, ith);
+        pool.barrier(nth);
+        if (att_split > 1 || (f.att_out & ~fmt_bit(ActFormat::f32))) {
+            att_out_phase(n, f.att_out, ith, nth);
+            pool.barrier(nth);
+        }
+        const MatTask wo{&l.wo, 0, &act_att, x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
+        matmul_phase(&wo, 1, 0, n);
+        pool.barrier(nth);
+        norm_phase(l.ffn_norm.data(), 0, n, f.ffn_in, ith, nth);
+        pool.barrier(nth);
+        if (hp.n_expert > 0) {
+            const MatTask router{&l.router, 0, &act_x, router_logits.data, hp.n_expert, nullptr, false};
+            matmul_phase(&router, 1, 0, n);
+            pool.barrier(nth);
+        }
+        if (ith == 0) route(il, n);
+        pool.barrier(nth);
+        expert_up_phase(l);
+        pool.barrier(nth);
+        hidden_quantize_phase(l, n, ith, nth);
+        pool.barrier(nth);
+        expert_down_phase(l, n, ith);
+        pool.barrier(nth);
+    }
+    // Final norm and the output head: every row when all logits are wanted, else the last only.
+    norm_phase(m.output_norm.data(), fwd_first, n - fwd_first, output_formats, ith, nth);
+    pool.barrier(nth);
+    const MatTask head{&m.output, 0, &act_x, logits_batch.data, hp.n_vocab, nullptr, false};
+    matmul_phase(&head, 1, fwd_first, n - fwd_first);
 }
 
 inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits) {
-    const ModelImpl& m = *model;
-    const ModelInfo& hp = m.info;
-    for (int32_t t = 0; t < n; ++t) {
-        Status s = dequantize_row((TensorType)m.token_embd.type, m.token_embd.row(0, tokens[t]), x.data + t * n_embd, n_embd);
-        if (s != Status::ok) return s;
-    }
-    for (int il = 0; il < hp.n_layer; ++il) {
-        attention_layer(il, n);
-        ffn_layer(il, n);
-    }
-    // Final norm and the output head: every row when all logits are wanted, else the last only.
-    int32_t first = all_logits ? 0 : n - 1;
-    for (int32_t t = first; t < n; ++t) rms_norm(xb.data + t * n_embd, x.data + t * n_embd, m.output_norm.data(), n_embd, hp.rms_eps);
-    act_in.reset(xb.data + first * n_embd, n_embd, n - first);
-    matmul(m.output, 0, act_in, n - first, logits_batch.data, hp.n_vocab);
+    const ModelInfo& hp = model->info;
+    fwd_tokens = tokens;
+    fwd_n = n;
+    fwd_first = all_logits ? 0 : n - 1;
+    // Split the KV range only when (token, KV head) units cannot keep every thread busy.
+    const int32_t units = n * hp.n_head_kv, nth = pool.size();
+    att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, (pos + n) / kMinSplitLen));
+    pool.parallel_for([this](int ith, int nth_) { forward_thread(ith, nth_); });
+    const int32_t first = fwd_first;
     if (all_logits) std::memcpy(all_logits, logits_batch.data, (size_t)n * (size_t)hp.n_vocab * 4);
     std::memcpy(logits.data, logits_batch.data + (int64_t)(n - first - 1) * hp.n_vocab, (size_t)hp.n_vocab * 4);
     pos += n;
