@@ -435,6 +435,14 @@ struct SessionOptions {
     // Dot products against float32 activations instead of quantizing each matmul input to 8 bits
     // (Q8_0/Q8_K, as llama.cpp does). Closer to a float reference (transformers), slower.
     bool float_activations = false;
+    // Accumulate the wall time of each forward-pass phase (Session::profile). Costs ~1 us/layer.
+    bool profile = false;
+};
+
+// Wall time of one forward-pass phase, summed over the eval() calls since the last reset_profile().
+struct PhaseTime {
+    const char* phase;  // e.g. "qkv", "attention", "expert_up"
+    double seconds;     // time from the end of the previous phase to the end of this one, all threads
 };
 
 // Per-sequence state: KV cache, scratch, thread pool. One Session per thread; the Model may be
@@ -463,6 +471,10 @@ public:
     const Model& model() const;
     // Experts chosen for the last evaluated token: n_layer * n_expert_used ids (layer-major).
     const int32_t* last_expert_ids() const;
+    // With SessionOptions::profile: writes up to `max` phase times and returns how many phases
+    // there are (0 when profiling is off).
+    int profile(PhaseTime* out, int max) const;
+    void reset_profile();
 
 private:
     std::unique_ptr<detail::SessionImpl> impl_;
@@ -4823,6 +4835,21 @@ struct SessionImpl {
 
     bool float_activations = false;              // SessionOptions::float_activations
 
+    // Phase timing (SessionOptions::profile): thread 0 stamps the end of every phase.
+    enum Phase { ph_embed, ph_attn_norm, ph_qkv, ph_rope, ph_attention, ph_att_out, ph_wo, ph_ffn_norm, ph_router,
+                 ph_route, ph_expert_up, ph_hidden_quant, ph_expert_down, ph_out_norm, ph_head, ph_count };
+    bool profiling = false;
+    double phase_seconds[ph_count] = {};
+    std::chrono::steady_clock::time_point phase_mark;
+    void end_phase(int ith, int nth, Phase ph) {
+        pool.barrier(nth);
+        if (profiling && ith == 0) {
+            const auto now = std::chrono::steady_clock::now();
+            phase_seconds[ph] += std::chrono::duration<double>(now - phase_mark).count();
+            phase_mark = now;
+        }
+    }
+
     explicit SessionImpl(int n_threads) : pool(n_threads) {}
     const KernelTraits& kt(const Weight& w) const { return float_activations ? w.kernel_f32 : w.kernel; }
 
@@ -4889,6 +4916,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     if (n_ctx <= 0 || n_ctx > (1 << 22)) return fail(Status::invalid_argument, "n_ctx %d is out of range", n_ctx);
     n_batch = o.n_batch > 0 ? std::min(o.n_batch, 4096) : 64;
     float_activations = o.float_activations;
+    profiling = o.profile;
     n_embd = hp.n_embd;
     q_dim = (int64_t)hp.n_head * hp.head_dim;
     kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
@@ -5265,50 +5293,51 @@ inline void SessionImpl::forward_thread(int ith, int nth) {
             }
         }
     }
-    pool.barrier(nth);
+    end_phase(ith, nth, ph_embed);
     for (int il = 0; il < hp.n_layer; ++il) {
         const LayerWeights& l = m.layers[(size_t)il];
         const LayerFormats& f = layer_formats[(size_t)il];
         norm_phase(l.attn_norm.data(), 0, n, f.attn_in, ith, nth);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_attn_norm);
         const MatTask qkv[3] = {
             {&l.wq, 0, &act_x, q.data, q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
             {&l.wk, 0, &act_x, k.data, kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
             {&l.wv, 0, &act_x, v.data, kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
         matmul_phase(qkv, 3, 0, n);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_qkv);
         rope_phase(il, n, ith, nth);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_rope);
         attention_phase(il, n, ith);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_attention);
         if (att_split > 1 || (f.att_out & ~fmt_bit(ActFormat::f32))) {
             att_out_phase(n, f.att_out, ith, nth);
-            pool.barrier(nth);
+            end_phase(ith, nth, ph_att_out);
         }
         const MatTask wo{&l.wo, 0, &act_att, x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
         matmul_phase(&wo, 1, 0, n);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_wo);
         norm_phase(l.ffn_norm.data(), 0, n, f.ffn_in, ith, nth);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_ffn_norm);
         if (hp.n_expert > 0) {
             const MatTask router{&l.router, 0, &act_x, router_logits.data, hp.n_expert, nullptr, false};
             matmul_phase(&router, 1, 0, n);
-            pool.barrier(nth);
+            end_phase(ith, nth, ph_router);
         }
         if (ith == 0) route(il, n);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_route);
         expert_up_phase(l);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_expert_up);
         hidden_quantize_phase(l, n, ith, nth);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_hidden_quant);
         expert_down_phase(l, n, ith);
-        pool.barrier(nth);
+        end_phase(ith, nth, ph_expert_down);
     }
     // Final norm and the output head: every row when all logits are wanted, else the last only.
     norm_phase(m.output_norm.data(), fwd_first, n - fwd_first, output_formats, ith, nth);
-    pool.barrier(nth);
+    end_phase(ith, nth, ph_out_norm);
     const MatTask head{&m.output, 0, &act_x, logits_batch.data, hp.n_vocab, nullptr, false};
     matmul_phase(&head, 1, fwd_first, n - fwd_first);
+    end_phase(ith, nth, ph_head);
 }
 
 inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits) {
@@ -5319,6 +5348,7 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
     // Split the KV range only when (token, KV head) units cannot keep every thread busy.
     const int32_t units = n * hp.n_head_kv, nth = pool.size();
     att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, (pos + n) / kMinSplitLen));
+    if (profiling) phase_mark = std::chrono::steady_clock::now();
     pool.parallel_for([this](int ith, int nth_) { forward_thread(ith, nth_); });
     const int32_t first = fwd_first;
     if (all_logits) std::memcpy(all_logits, logits_batch.data, (size_t)n * (size_t)hp.n_vocab * 4);
@@ -5386,6 +5416,19 @@ Status Session::truncate(int32_t n) {
 }
 const Model& Session::model() const { return *model_; }
 const int32_t* Session::last_expert_ids() const { return impl_ ? impl_->last_experts.data() : nullptr; }
+
+int Session::profile(PhaseTime* out, int max) const {
+    static const char* const names[detail::SessionImpl::ph_count] = {
+        "embed", "attn_norm", "qkv", "rope_kv", "attention", "att_out", "wo", "ffn_norm", "router",
+        "route", "expert_up", "hidden_quant", "expert_down", "out_norm", "head"};
+    if (!impl_ || !impl_->profiling) return 0;
+    for (int i = 0; i < detail::SessionImpl::ph_count && i < max; ++i)
+        if (out) out[i] = PhaseTime{names[i], impl_->phase_seconds[i]};
+    return detail::SessionImpl::ph_count;
+}
+void Session::reset_profile() {
+    if (impl_) std::fill(impl_->phase_seconds, impl_->phase_seconds + detail::SessionImpl::ph_count, 0.0);
+}
 
 }  // namespace moe
 

@@ -52,6 +52,7 @@ const char* kUsage =
     "  -r N            repetitions; medians are reported (default 3)\n"
     "  --json          print one JSON object instead of the table\n"
     "  --isa ISA       force the kernels: scalar, avx2, avx512, avx512_vnni, neon, neon_dotprod\n"
+    "  --profile       also print where decode time goes, per forward-pass phase\n"
     "  --bw GBS        skip the bandwidth measurement and use GBS (GB/s) instead\n"
     "  --bw-mib N      buffer of the bandwidth measurement (default max(1 GiB, 4 x LLC))\n"
     "  --no-prefault   do not read the weights once before the timed runs\n"
@@ -640,7 +641,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
 struct BenchOptions {
     std::string model;
     int threads = 0, n_prompt = 64, n_gen = 32, reps = 3;
-    bool json = false, prefault = true;
+    bool json = false, prefault = true, profile = false;
     std::string isa;
     double bw = 0;  // given GB/s; 0 = measure
     size_t bw_bytes = 0;
@@ -743,6 +744,11 @@ int run_bench(const BenchOptions& o) {
     so.n_threads = threads;
     so.n_ctx = std::max(16, o.n_prompt + o.n_gen + 1);
     so.n_batch = std::max(1, std::min(o.n_prompt, 512));
+    so.profile = o.profile;
+    std::vector<moe::PhaseTime> phases(32), phases_before(32);
+    std::vector<double> decode_phase_s(32, 0.0);
+    int n_phases = 0;
+    bool profile_timed = false;  // accumulate only in timed repetitions
     moe::Session session;
     if (moe::Session::create(model, so, &session) != moe::Status::ok) return fail(std::string("cannot create a session: ") + moe::last_error());
 
@@ -758,12 +764,17 @@ int run_bench(const BenchOptions& o) {
         const size_t np = o.n_prompt > 0 ? (size_t)o.n_prompt : 1;  // p == 0: one untimed start token
         if (session.eval(prompt.data(), np) != moe::Status::ok) { err = std::string("prefill failed: ") + moe::last_error(); return false; }
         double t1 = now_s();
+        if (o.profile) session.profile(phases_before.data(), (int)phases_before.size());
         int32_t tok = argmax(session.logits(), info.n_vocab);
         for (int i = 0; i < n_gen; ++i) {
             if (session.eval(&tok, 1) != moe::Status::ok) { err = std::string("decode failed: ") + moe::last_error(); return false; }
             tok = argmax(session.logits(), info.n_vocab);
         }
         double t2 = now_s();
+        if (o.profile && profile_timed) {
+            n_phases = std::min(session.profile(phases.data(), (int)phases.size()), (int)phases.size());
+            for (int i = 0; i < n_phases; ++i) decode_phase_s[(size_t)i] += phases[(size_t)i].seconds - phases_before[(size_t)i].seconds;
+        }
         *t_prefill = o.n_prompt > 0 ? t1 - t0 : 0;
         *t_decode = t2 - t1;
         return true;
@@ -772,6 +783,7 @@ int run_bench(const BenchOptions& o) {
     double tp, td;
     if (!rep(std::min(o.n_gen, 2), &tp, &td)) return fail(err);  // warm-up
     std::vector<double> pre_tps, dec_tps;
+    profile_timed = true;
     for (int r = 0; r < o.reps; ++r) {
         if (!rep(o.n_gen, &tp, &td)) return fail(err);
         if (o.n_prompt > 0) pre_tps.push_back(o.n_prompt / tp);
@@ -822,6 +834,15 @@ int run_bench(const BenchOptions& o) {
     if (o.n_gen > 0)
         std::printf("\n  decode: %.2f tok/s x %s/token = %.2f GB/s = %.1f%% of %.2f GB/s (roofline %.1f tok/s)\n", dec, fmt_bytes(active).c_str(),
                     achieved, pct, bw.gbs, roofline);
+    if (o.profile && n_phases > 0 && o.n_gen > 0) {
+        double total = 0;
+        for (int i = 0; i < n_phases; ++i) total += decode_phase_s[(size_t)i];
+        const double tokens = (double)o.n_gen * o.reps;
+        std::printf("\n  decode time per phase (thread 0's view, waiting included), per token:\n");
+        for (int i = 0; i < n_phases; ++i)
+            std::printf("  %-14s %8.3f ms  %5.1f%%\n", phases[(size_t)i].phase, 1e3 * decode_phase_s[(size_t)i] / tokens,
+                        total > 0 ? 100.0 * decode_phase_s[(size_t)i] / total : 0.0);
+    }
     return 0;
 }
 
@@ -848,6 +869,7 @@ int main(int argc, char** argv) {
         else if (a == "-n") { if (!parse_i64(value(), 0, 1 << 20, &v)) return fail("bad or missing value for -n"); o.n_gen = (int)v; }
         else if (a == "-r") { if (!parse_i64(value(), 1, 1000, &v)) return fail("bad or missing value for -r"); o.reps = (int)v; }
         else if (a == "--json") o.json = true;
+        else if (a == "--profile") o.profile = true;
         else if (a == "--isa") { if (!(s = value())) return fail("missing value after --isa"); o.isa = s; }
         else if (a == "--bw") { if (!parse_f64(value(), 1e-3, 1e6, &d)) return fail("bad or missing value for --bw (GB/s)"); o.bw = d; }
         else if (a == "--bw-mib") { if (!parse_i64(value(), 1, 1 << 24, &v)) return fail("bad or missing value for --bw-mib"); o.bw_bytes = (size_t)v << 20; }
