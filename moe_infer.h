@@ -2802,6 +2802,20 @@ public:
     }
     // Hands out [begin, begin + chunk) of the current phase's work; begin >= total means done.
     int64_t grab(int64_t chunk) { return work_next_.fetch_add(chunk, std::memory_order_relaxed); }
+    // Guided chunks of [0, total): each takes 1/(2 nth) of what is left (at least min_chunk), so the
+    // first chunks are long sequential streams and the last ones are short. False when all is taken.
+    bool grab_guided(int64_t total, int64_t min_chunk, int nth, int64_t* begin, int64_t* end) {
+        int64_t cur = work_next_.load(std::memory_order_relaxed);
+        for (;;) {
+            if (cur >= total) return false;
+            const int64_t chunk = std::max(min_chunk, (total - cur) / (2 * (int64_t)nth));
+            if (work_next_.compare_exchange_weak(cur, cur + chunk, std::memory_order_relaxed)) {
+                *begin = cur;
+                *end = std::min(total, cur + chunk);
+                return true;
+            }
+        }
+    }
 
 private:
     int n_threads_;
@@ -4811,6 +4825,7 @@ struct SessionImpl {
     size_t att_scratch_stride = 0;
     AlignedBuffer<float> att_part;               // KV-split partials: (max, sum, head_dim values) per head and split
     int32_t att_split = 1;                       // KV splits of this forward()
+    int32_t att_groups = 1;                      // query-head subgroups per KV head in this forward()
     AlignedBuffer<float> router_logits;          // (n_batch, n_expert)
     AlignedBuffer<float> hidden;                 // (n_batch * slots, max_ff)
     AlignedBuffer<float> down_part;              // per thread: (n_batch * slots) down-row dot products
@@ -4864,7 +4879,10 @@ struct SessionImpl {
         else if (e == kDense) { *g = &l.gate; *u = &l.up; *d = &l.down; *mat = 0; }
         else { *g = &l.gate_exps; *u = &l.up_exps; *d = &l.down_exps; *mat = e; }
     }
-    int64_t chunk_rows(int64_t total) const { return std::max<int64_t>(1, std::min<int64_t>(64, total / ((int64_t)pool.size() * 8))); }
+    // Next rows of a matmul phase for this thread; the smallest chunk shrinks as tokens per row grow.
+    bool next_rows(int64_t total, int32_t n_tok, int64_t* begin, int64_t* end) {
+        return pool.grab_guided(total, std::max<int64_t>(1, 8 / std::max(1, n_tok)), pool.size(), begin, end);
+    }
 
     void forward_thread(int ith, int nth);
     void norm_phase(const float* w, int32_t t0, int32_t n, uint8_t fmts, int ith, int nth);
@@ -4873,7 +4891,7 @@ struct SessionImpl {
     void attention_phase(int il, int32_t n, int ith);
     void att_out_phase(int32_t n, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
-    void expert_up_phase(const LayerWeights& l);
+    void expert_up_phase(const LayerWeights& l, int32_t n);
     void hidden_quantize_phase(const LayerWeights& l, int32_t n, int ith, int nth);
     void expert_down_phase(const LayerWeights& l, int32_t n, int ith);
 };
@@ -4986,11 +5004,8 @@ inline void SessionImpl::norm_phase(const float* w, int32_t t0, int32_t n, uint8
 inline void SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n) {
     int64_t total = 0;
     for (int i = 0; i < n_tasks; ++i) total += tasks[i].w->rows;
-    const int64_t chunk = chunk_rows(total);
-    for (;;) {
-        const int64_t begin = pool.grab(chunk);
-        if (begin >= total) break;
-        const int64_t end = std::min(total, begin + chunk);
+    int64_t begin, end;
+    while (next_rows(total, n, &begin, &end)) {
         int i = 0;
         int64_t base = 0;
         while (begin >= base + tasks[i].w->rows) base += tasks[i++].w->rows;
@@ -5048,11 +5063,12 @@ inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
     }
 }
 
-// Causal GQA attention. A unit is (token, KV head, KV split): it scores each cached key once for all
-// `group` query heads of that KV head, with an online softmax over blocks of kAttBlock positions.
+// Causal GQA attention. A unit is (token, KV head, head subgroup, KV split): it scores each cached
+// key once for all query heads of its subgroup, with an online softmax over blocks of kAttBlock
+// positions. Subgroups and splits exist only when there are fewer (token, KV head) pairs than threads.
 inline void SessionImpl::attention_phase(int il, int32_t n, int ith) {
     const ModelInfo& hp = model->info;
-    const int hd = hp.head_dim, n_kv = hp.n_head_kv, S = att_split;
+    const int hd = hp.head_dim, n_kv = hp.n_head_kv, S = att_split, G = att_groups, gsize = group / att_groups;
     const float scale = 1.f / std::sqrt((float)hd);
     const float* kl = k_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
     const float* vl = v_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
@@ -5060,24 +5076,25 @@ inline void SessionImpl::attention_phase(int il, int32_t n, int ith) {
     float* acc = sc + group * kAttBlock;                                // (group, hd)
     float* mx = acc + group * hd;                                       // (group)
     float* sum = mx + group;                                            // (group)
-    const int64_t units = (int64_t)n * n_kv * S;
+    const int64_t units = (int64_t)n * n_kv * G * S;
     for (;;) {
         const int64_t u = pool.grab(1);
         if (u >= units) break;
-        const int32_t t = (int32_t)(u / ((int64_t)n_kv * S));
-        const int kvh = (int)(u / S % n_kv), split = (int)(u % S);
+        const int32_t t = (int32_t)(u / ((int64_t)n_kv * G * S));
+        const int kvh = (int)(u / ((int64_t)G * S) % n_kv), sub = (int)(u / S % G), split = (int)(u % S);
         const int32_t len = pos + t + 1;
         const int32_t j0 = (int32_t)((int64_t)len * split / S), j1 = (int32_t)((int64_t)len * (split + 1) / S);
-        const float* qg = q.data + t * q_dim + (int64_t)kvh * group * hd;
-        for (int g = 0; g < group; ++g) { mx[g] = -INFINITY; sum[g] = 0; }
-        std::fill(acc, acc + group * hd, 0.f);
+        const int h0 = kvh * group + sub * gsize;  // first query head of the unit
+        const float* qg = q.data + t * q_dim + (int64_t)h0 * hd;
+        for (int g = 0; g < gsize; ++g) { mx[g] = -INFINITY; sum[g] = 0; }
+        std::fill(acc, acc + gsize * hd, 0.f);
         for (int32_t jb = j0; jb < j1; jb += kAttBlock) {
             const int nb = std::min<int32_t>(kAttBlock, j1 - jb);
             for (int jj = 0; jj < nb; ++jj) {
                 const float* kj = kl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
-                for (int g = 0; g < group; ++g) sc[g * kAttBlock + jj] = dot_f32(qg + g * hd, kj, hd) * scale;
+                for (int g = 0; g < gsize; ++g) sc[g * kAttBlock + jj] = dot_f32(qg + g * hd, kj, hd) * scale;
             }
-            for (int g = 0; g < group; ++g) {
+            for (int g = 0; g < gsize; ++g) {
                 float* s = sc + g * kAttBlock;
                 const float m_new = std::max(mx[g], *std::max_element(s, s + nb));
                 const float corr = std::exp(mx[g] - m_new);
@@ -5089,15 +5106,15 @@ inline void SessionImpl::attention_phase(int il, int32_t n, int ith) {
             }
             for (int jj = 0; jj < nb; ++jj) {
                 const float* __restrict vj = vl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
-                for (int g = 0; g < group; ++g) {
+                for (int g = 0; g < gsize; ++g) {
                     float* __restrict a = acc + g * hd;
                     const float p = sc[g * kAttBlock + jj];
                     for (int i = 0; i < hd; ++i) a[i] += p * vj[i];
                 }
             }
         }
-        for (int g = 0; g < group; ++g) {
-            const int h = kvh * group + g;
+        for (int g = 0; g < gsize; ++g) {
+            const int h = h0 + g;
             if (S == 1) {
                 float* o = att_out.data + t * q_dim + (int64_t)h * hd;
                 const float inv = 1.f / sum[g];
@@ -5206,12 +5223,11 @@ inline void SessionImpl::route(int il, int32_t n) {
 }
 
 // gate/up rows of every active expert (one virtual row range), SwiGLU into hidden[(token, slot)].
-inline void SessionImpl::expert_up_phase(const LayerWeights& l) {
-    const int64_t total = active_row_start.back(), chunk = chunk_rows(total);
-    for (;;) {
-        const int64_t begin = pool.grab(chunk);
-        if (begin >= total) break;
-        const int64_t end = std::min(total, begin + chunk);
+inline void SessionImpl::expert_up_phase(const LayerWeights& l, int32_t n) {
+    const int32_t n_uses = std::max(1, n * slots / std::max<int32_t>(1, (int32_t)active.size()));  // per expert, on average
+    const int64_t total = active_row_start.back();
+    int64_t begin, end;
+    while (next_rows(total, n_uses, &begin, &end)) {
         size_t a = (size_t)(std::upper_bound(active_row_start.begin(), active_row_start.end(), begin) - active_row_start.begin()) - 1;
         for (int64_t gr = begin; gr < end; ++gr) {
             while (gr >= active_row_start[a + 1]) ++a;
@@ -5249,11 +5265,8 @@ inline void SessionImpl::hidden_quantize_phase(const LayerWeights& l, int32_t n,
 // token sums its slots in slot order and adds into x. No two threads write one value.
 inline void SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int ith) {
     float* part = down_part.data + (size_t)ith * (size_t)n_batch * (size_t)slots;
-    const int64_t chunk = chunk_rows(n_embd);
-    for (;;) {
-        const int64_t begin = pool.grab(chunk);
-        if (begin >= n_embd) break;
-        const int64_t end = std::min(n_embd, begin + chunk);
+    int64_t begin, end;
+    while (next_rows(n_embd, n * slots, &begin, &end)) {
         for (int64_t r = begin; r < end; ++r) {
             for (int32_t e : active) {
                 const Weight *g, *u, *d;
@@ -5325,7 +5338,7 @@ inline void SessionImpl::forward_thread(int ith, int nth) {
         }
         if (ith == 0) route(il, n);
         end_phase(ith, nth, ph_route);
-        expert_up_phase(l);
+        expert_up_phase(l, n);
         end_phase(ith, nth, ph_expert_up);
         hidden_quantize_phase(l, n, ith, nth);
         end_phase(ith, nth, ph_hidden_quant);
@@ -5345,8 +5358,16 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
     fwd_tokens = tokens;
     fwd_n = n;
     fwd_first = all_logits ? 0 : n - 1;
-    // Split the KV range only when (token, KV head) units cannot keep every thread busy.
-    const int32_t units = n * hp.n_head_kv, nth = pool.size();
+    // Split query-head groups, then the KV range, only when (token, KV head) units cannot keep every
+    // thread busy; short caches are not split (each split must cover kMinSplitLen positions).
+    const int32_t nth = pool.size();
+    att_groups = 1;
+    while (n * hp.n_head_kv * att_groups < nth && att_groups < group) {
+        int32_t g = att_groups + 1;
+        while (group % g) ++g;  // next divisor of group
+        att_groups = g;
+    }
+    const int32_t units = n * hp.n_head_kv * att_groups;
     att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, (pos + n) / kMinSplitLen));
     if (profiling) phase_mark = std::chrono::steady_clock::now();
     pool.parallel_for([this](int ith, int nth_) { forward_thread(ith, nth_); });

@@ -312,6 +312,34 @@ TEST_P(ForwardF32, MatchesOracle) {
 INSTANTIATE_TEST_SUITE_P(Archs, ForwardF32, ::testing::ValuesIn(f32_cases()),
                          [](const ::testing::TestParamInfo<FwdCase>& i) { return std::string(i.param.name); });
 
+// Long caches with more threads than (token, KV head) pairs: decode splits each head group into
+// query-head subgroups and the KV range into pieces whose online-softmax partials are merged across
+// threads. A 300-token prompt in one call (n_batch 7: causal chunks attend to a growing cache), then
+// decode token by token past 256 positions, against the float64 oracle.
+TEST(ForwardLongContext, SplitAttentionMatchesOracle) {
+    for (int n_kv : {1, 2}) {
+        SCOPED_TRACE("n_head_kv " + std::to_string(n_kv));
+        ModelSpec s = spec("llama", 48, 6, n_kv, 8, 4, 2, 16, 300, 1);
+        const int n_tok = 300, n_prompt = 260;
+        OracleCase c = moe_test::make_oracle_case(s, n_tok, 1e-4);
+        ASSERT_TRUE(c.ok) << c.error;
+        TempModelFile f("long_ctx_" + std::to_string(n_kv));
+        moe::Model model;
+        ASSERT_TRUE(write_and_load(c.model, f, &model));
+        for (int threads : {1, 5, 16}) {
+            SCOPED_TRACE("n_threads " + std::to_string(threads));
+            moe::SessionOptions opt;
+            opt.n_ctx = n_tok;
+            opt.n_threads = threads;
+            opt.n_batch = 7;
+            EngineRun run;
+            ASSERT_TRUE(run_engine(model, opt, c.tokens, n_prompt, &run));
+            RowDiff d = diff_vs_oracle(c.ref, run.logits);
+            EXPECT_LT(d.rel(), 1e-4) << diff_msg(d);
+        }
+    }
+}
+
 //---------------------------------------------------------------------------------------------------
 // Quantized weights: the oracle runs on the dequantized weights, so the only legitimate
 // difference is the engine's activation rounding (Q8_0 / Q8_K activations for quantized weights,
