@@ -437,6 +437,8 @@ struct SessionOptions {
     bool float_activations = false;
     // Accumulate the wall time of each forward-pass phase (Session::profile). Costs ~1 us/layer.
     bool profile = false;
+    // Bytes ahead of the current weight row that matmuls prefetch; -1 = default (2048), 0 = off.
+    int32_t prefetch_distance = -1;
 };
 
 // Wall time of one forward-pass phase, summed over the eval() calls since the last reset_profile().
@@ -4837,6 +4839,19 @@ struct SessionImpl {
     std::vector<LayerFormats> layer_formats;
     uint8_t output_formats = 0;
     VecDotFn dot_f32 = nullptr;                  // float . float, for attention scores
+    // Matmuls prefetch the weights prefetch_bytes ahead of the row they compute: hardware prefetchers
+    // stop at 4 KiB page boundaries, and a core streaming alone cannot otherwise keep enough loads in
+    // flight (measured on Sapphire Rapids: decode +18% at 16 threads, +40% at 1 thread).
+    static constexpr size_t kDefaultPrefetch = 2048;
+    size_t prefetch_bytes = 0;
+    void prefetch_ahead(const uint8_t* row, size_t bytes) const {
+#if defined(__GNUC__) || defined(__clang__)
+        const uintptr_t p = reinterpret_cast<uintptr_t>(row) + prefetch_bytes;  // may pass the tensor's end: prefetches never fault
+        for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(p + o), 0, 3);
+#else
+        (void)row; (void)bytes;
+#endif
+    }
     std::vector<int32_t> slot_expert;            // (n_batch * slots): expert id, -1 dense, -2 shared
     std::vector<float> slot_weight;              // (n_batch * slots)
     std::vector<int32_t> expert_first;           // (n_expert + 2 + 1): CSR offsets of uses per expert
@@ -4971,6 +4986,10 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     }
     output_formats = bit(m->output);
     dot_f32 = kernel_traits((uint32_t)TensorType::f32).vec_dot;
+    prefetch_bytes = o.prefetch_distance < 0 ? kDefaultPrefetch : (size_t)o.prefetch_distance;
+#if !defined(__GNUC__) && !defined(__clang__)
+    prefetch_bytes = 0;
+#endif
     slot_expert.assign((size_t)(B * slots), 0);
     slot_weight.assign((size_t)(B * slots), 0.f);
     expert_first.assign((size_t)hp.n_expert + 3, 0);
@@ -5015,6 +5034,7 @@ inline void SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
             const int64_t r = vr - base;
             const KernelTraits& k = kt(*mt.w);
             const uint8_t* wrow = mt.w->row(mt.mat, r);
+            if (prefetch_bytes) prefetch_ahead(wrow, mt.w->row_bytes);
             const float bias = mt.bias ? mt.bias[r] : 0.f;
             for (int32_t t = t0; t < t0 + n; ++t) {
                 const float val = k.vec_dot(wrow, mt.in->row(k.act, t), mt.w->cols) + bias;
@@ -5239,6 +5259,7 @@ inline void SessionImpl::expert_up_phase(const LayerWeights& l, int32_t n) {
             const KernelTraits &kg = kt(*g), &ku = kt(*u);
             const uint8_t* grow = g->row(mat, r);
             const uint8_t* urow = u->row(mat, r);
+            if (prefetch_bytes) { prefetch_ahead(grow, g->row_bytes); prefetch_ahead(urow, u->row_bytes); }
             const int idx = expert_index(e);
             for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
                 const ExpertUse& use = uses[(size_t)j];
@@ -5274,6 +5295,7 @@ inline void SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int
                 ffn_weights(l, e, &g, &u, &d, &mat);
                 const KernelTraits& kd = kt(*d);
                 const uint8_t* drow = d->row(mat, r);
+                if (prefetch_bytes) prefetch_ahead(drow, d->row_bytes);
                 const int idx = expert_index(e);
                 for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
                     const int32_t s = uses[(size_t)j].token * slots + uses[(size_t)j].slot;
@@ -5400,6 +5422,8 @@ Status Session::create(const Model& model, const SessionOptions& options, Sessio
     n_threads = 1;
 #endif
     if (options.n_ctx < 0 || options.n_batch < 0) return detail::fail(Status::invalid_argument, "negative n_ctx or n_batch");
+    if (options.prefetch_distance < -1 || options.prefetch_distance > (1 << 20))
+        return detail::fail(Status::invalid_argument, "prefetch_distance %d is out of range [-1, 1 MiB]", options.prefetch_distance);
     std::unique_ptr<detail::SessionImpl> impl(new (std::nothrow) detail::SessionImpl(n_threads));
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
     Status s = impl->init(model.impl_, options);

@@ -53,6 +53,7 @@ const char* kUsage =
     "  --json          print one JSON object instead of the table\n"
     "  --isa ISA       force the kernels: scalar, avx2, avx512, avx512_vnni, neon, neon_dotprod\n"
     "  --profile       also print where decode time goes, per forward-pass phase\n"
+    "  --prefetch B    SessionOptions::prefetch_distance (bytes; -1 default, 0 off)\n"
     "  --bw GBS        skip the bandwidth measurement and use GBS (GB/s) instead\n"
     "  --bw-mib N      buffer of the bandwidth measurement (default max(1 GiB, 4 x LLC))\n"
     "  --no-prefault   do not read the weights once before the timed runs\n"
@@ -642,6 +643,7 @@ struct BenchOptions {
     std::string model;
     int threads = 0, n_prompt = 64, n_gen = 32, reps = 3;
     bool json = false, prefault = true, profile = false;
+    int prefetch = -1;
     std::string isa;
     double bw = 0;  // given GB/s; 0 = measure
     size_t bw_bytes = 0;
@@ -745,6 +747,7 @@ int run_bench(const BenchOptions& o) {
     so.n_ctx = std::max(16, o.n_prompt + o.n_gen + 1);
     so.n_batch = std::max(1, std::min(o.n_prompt, 512));
     so.profile = o.profile;
+    so.prefetch_distance = o.prefetch;
     std::vector<moe::PhaseTime> phases(32), phases_before(32);
     std::vector<double> decode_phase_s(32, 0.0);
     int n_phases = 0;
@@ -870,6 +873,7 @@ int main(int argc, char** argv) {
         else if (a == "-r") { if (!parse_i64(value(), 1, 1000, &v)) return fail("bad or missing value for -r"); o.reps = (int)v; }
         else if (a == "--json") o.json = true;
         else if (a == "--profile") o.profile = true;
+        else if (a == "--prefetch") { if (!parse_i64(value(), -1, 1 << 20, &v)) return fail("bad or missing value for --prefetch"); o.prefetch = (int)v; }
         else if (a == "--isa") { if (!(s = value())) return fail("missing value after --isa"); o.isa = s; }
         else if (a == "--bw") { if (!parse_f64(value(), 1e-3, 1e6, &d)) return fail("bad or missing value for --bw (GB/s)"); o.bw = d; }
         else if (a == "--bw-mib") { if (!parse_i64(value(), 1, 1 << 24, &v)) return fail("bad or missing value for --bw-mib"); o.bw_bytes = (size_t)v << 20; }
