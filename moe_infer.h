@@ -2740,18 +2740,16 @@ class ThreadPool {
 public:
     typedef void (*TaskFn)(void* ctx, int ith, int nth);
 
-    explicit ThreadPool(int n_threads) : n_threads_(MOE_DETAIL_HAS_THREADS ? std::max(1, n_threads) : 1) {
+    explicit ThreadPool(int n_threads) : n_threads_(MOE_DETAIL_HAS_THREADS ? std::min(kMaxThreads, std::max(1, n_threads)) : 1) {
 #if MOE_DETAIL_HAS_THREADS && !MOE_DETAIL_HAS_OPENMP
         for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker(i); });
 #endif
     }
     ~ThreadPool() {
 #if MOE_DETAIL_HAS_THREADS && !MOE_DETAIL_HAS_OPENMP
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stop_ = true;
-            generation_.fetch_add(1);
-        }
+        stop_.store(true);
+        generation_.fetch_add(1);
+        { std::lock_guard<std::mutex> lock(mutex_); }
         wake_.notify_all();
         for (std::thread& t : workers_) t.join();
 #endif
@@ -2768,13 +2766,15 @@ public:
 #pragma omp parallel num_threads(n_threads_)
         fn(ctx, omp_get_thread_num(), omp_get_num_threads());
 #elif MOE_DETAIL_HAS_THREADS
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            task_ = fn; ctx_ = ctx;
-            pending_.store(n_threads_ - 1);
-            generation_.fetch_add(1, std::memory_order_release);
+        // Spinning workers see the new generation without any lock; sleeping ones need the mutex
+        // handshake (generation and sleepers_ are seq_cst, so one side always sees the other).
+        task_ = fn; ctx_ = ctx;
+        pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+        generation_.fetch_add(1);
+        if (sleepers_.load() > 0) {
+            { std::lock_guard<std::mutex> lock(mutex_); }
+            wake_.notify_all();
         }
-        wake_.notify_all();
         fn(ctx, 0, n_threads_);
         while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
 #endif
@@ -2784,15 +2784,23 @@ public:
         run([](void* c, int ith, int nth) { (*static_cast<F*>(c))(ith, nth); }, &f);
     }
 
-    // Waits until all nth threads of the current run() arrive. The last one resets the work counter.
-    void barrier(int nth) {
+    // Waits until all nth threads of the current run() arrive; the last one resets the work counter.
+    // Two levels (groups of kBarrierGroup threads, then the groups) so that no cache line takes more
+    // than a few contended increments: measured 1.5 us with one counter at 16 threads.
+    void barrier(int ith, int nth) {
         if (nth <= 1) { work_next_.store(0, std::memory_order_relaxed); return; }
         const uint32_t phase = barrier_phase_.load(std::memory_order_acquire);
-        if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
-            barrier_count_.store(0, std::memory_order_relaxed);
-            work_next_.store(0, std::memory_order_relaxed);
-            barrier_phase_.store(phase + 1, std::memory_order_release);
-            return;
+        const int group = ith / kBarrierGroup, n_groups = (nth + kBarrierGroup - 1) / kBarrierGroup;
+        const int group_size = std::min(kBarrierGroup, nth - group * kBarrierGroup);
+        std::atomic<int>& arrived = group_arrived_[group].value;
+        if (arrived.fetch_add(1, std::memory_order_acq_rel) == group_size - 1) {
+            arrived.store(0, std::memory_order_relaxed);
+            if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) == n_groups - 1) {
+                barrier_count_.store(0, std::memory_order_relaxed);
+                work_next_.store(0, std::memory_order_relaxed);
+                barrier_phase_.store(phase + 1, std::memory_order_release);
+                return;
+            }
         }
         for (uint32_t spin = 1; barrier_phase_.load(std::memory_order_acquire) == phase; ++spin) {
             cpu_relax();
@@ -2820,7 +2828,10 @@ public:
     }
 
 private:
+    static constexpr int kMaxThreads = 512, kBarrierGroup = 4;
+    struct alignas(64) PaddedCounter { std::atomic<int> value{0}; };
     int n_threads_;
+    PaddedCounter group_arrived_[kMaxThreads / kBarrierGroup];
     alignas(64) std::atomic<int64_t> work_next_{0};
     alignas(64) std::atomic<int> barrier_count_{0};
     alignas(64) std::atomic<uint32_t> barrier_phase_{0};
@@ -2839,29 +2850,26 @@ private:
             }
             if (gen == seen) {
                 std::unique_lock<std::mutex> lock(mutex_);
+                sleepers_.fetch_add(1);
                 wake_.wait(lock, [&] { return generation_.load() != seen; });
+                sleepers_.fetch_sub(1);
                 gen = generation_.load();
             }
             seen = gen;
-            TaskFn fn;
-            void* ctx;
-            {
-                std::lock_guard<std::mutex> lock(mutex_);
-                if (stop_) return;
-                fn = task_; ctx = ctx_;
-            }
-            fn(ctx, index, n_threads_);
+            if (stop_.load()) return;
+            fn_and_run(index);
             pending_.fetch_sub(1, std::memory_order_release);
         }
     }
     std::vector<std::thread> workers_;
     std::mutex mutex_;
     std::condition_variable wake_;
+    void fn_and_run(int index) { task_(ctx_, index, n_threads_); }  // task_/ctx_ were written before generation_
     std::atomic<uint64_t> generation_{0};
-    std::atomic<int> pending_{0};
+    std::atomic<int> pending_{0}, sleepers_{0};
+    std::atomic<bool> stop_{false};
     TaskFn task_ = nullptr;
     void* ctx_ = nullptr;
-    bool stop_ = false;
 #endif
 };
 
@@ -4872,7 +4880,7 @@ struct SessionImpl {
     double phase_seconds[ph_count] = {};
     std::chrono::steady_clock::time_point phase_mark;
     void end_phase(int ith, int nth, Phase ph) {
-        pool.barrier(nth);
+        pool.barrier(ith, nth);
         if (profiling && ith == 0) {
             const auto now = std::chrono::steady_clock::now();
             phase_seconds[ph] += std::chrono::duration<double>(now - phase_mark).count();
