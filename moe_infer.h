@@ -4752,17 +4752,19 @@ const GgufFile& Model::file() const { return impl_->file; }
 // [SECTION] FORWARD PASS
 //-----------------------------------------------------------------------------
 // >>forward  One forward() handles a chunk of B tokens (B = 1 for decode) inside ONE thread-pool
-// run; phases are separated by spin barriers. Per layer:
-//   1 attn_norm + quantize (units: token x 256-wide span)   2 q|k|v rows as one matmul (+ bias)
-//   3 QK-norm, RoPE, KV store (token x head)                 4 attention (token x KV head x KV split)
-//   5 merge the KV splits + quantize the attention output   6 attn_output rows, added into x
-//   7 ffn_norm + quantize                                    8 router rows
-//   9 softmax + top-k + grouping by expert (one thread)    10 gate/up + SwiGLU (rows of all active experts)
-//  11 quantize the hidden rows                              12 down rows + routing-weighted sum, added into x
-// Matmuls hand out chunks of rows dynamically; weights are read once per chunk of tokens whatever
-// B is (rows outside, tokens inside). Each input is quantized once to each activation format its
-// consumers need. Attention reads each KV row once for all query heads of its group, and splits
-// long caches over threads (online softmax, merged in phase 5) when heads alone cannot fill them.
+// run; phases end at spin barriers. Per layer:
+//   qkv        q|k|v rows as one matmul (+ bias)        rope_kv    QK-norm, RoPE, KV store (token x head)
+//   attention  (token x KV head [x head subgroup x KV split])  att_out  merge KV splits, quantize
+//   wo         attn_output rows added into x           router     router rows; the thread finishing
+//              them does softmax + top-k + grouping by expert
+//   expert_up  gate/up + SwiGLU over the rows of all active experts; whoever completes an expert
+//              quantizes its hidden rows        expert_down  down rows + routing-weighted sum into x
+// For B <= kSerialNormTokens the thread finishing wo (down) also runs ffn_norm (the next attn_norm),
+// so decode has 8 barriers per layer (3 in the MoE part); larger B gets parallel norm phases.
+// Matmuls hand out guided chunks of rows and prefetch ahead; weights are read once per chunk of
+// tokens whatever B is (rows outside, tokens inside). Each input is quantized once to each
+// activation format its consumers need. Attention reads each KV row once per query-head subgroup
+// and splits long caches over threads (online softmax, merged in att_out) when heads cannot fill them.
 
 namespace moe {
 namespace detail {
@@ -4817,9 +4819,23 @@ struct ExpertUse { int32_t token, slot; };
 // Activation formats each input of a layer must be quantized to.
 struct LayerFormats { uint8_t attn_in = 0, att_out = 0, ffn_in = 0; };
 
+// Work finished in a phase. The thread whose piece completes the total runs the small serial step
+// the next phase needs (routing, a norm, quantizing an expert's hidden rows) instead of everyone
+// meeting at one more barrier for it.
+struct alignas(64) DoneCounter {
+    std::atomic<int64_t> n{0};
+    // Adds `amount`; true for exactly one caller, the one reaching `total` (the counter restarts).
+    bool finish(int64_t amount, int64_t total) {
+        if (n.fetch_add(amount, std::memory_order_acq_rel) + amount != total) return false;
+        n.store(0, std::memory_order_relaxed);
+        return true;
+    }
+};
+
 struct SessionImpl {
     static constexpr int kAttBlock = 64;      // KV positions scored at once (online softmax step)
     static constexpr int kMinSplitLen = 128;  // shortest KV range worth its own thread
+    static constexpr int kSerialNormTokens = 4;  // up to this many tokens one thread norms them (no barrier)
 
     std::shared_ptr<const ModelImpl> model;
     ThreadPool pool;
@@ -4845,6 +4861,8 @@ struct SessionImpl {
     size_t hidden_q_stride = 0;
     ActRows act_x, act_att;                      // quantized xb (normed input) and att_out
     std::vector<LayerFormats> layer_formats;
+    DoneCounter rows_done;                       // rows of the current matmul phase
+    std::unique_ptr<DoneCounter[]> expert_done;  // (n_expert + 2): gate/up rows done per active expert
     uint8_t output_formats = 0;
     VecDotFn dot_f32 = nullptr;                  // float . float, for attention scores
     // Matmuls prefetch the weights prefetch_bytes ahead of the row they compute: hardware prefetchers
@@ -4875,7 +4893,7 @@ struct SessionImpl {
 
     // Phase timing (SessionOptions::profile): thread 0 stamps the end of every phase.
     enum Phase { ph_embed, ph_attn_norm, ph_qkv, ph_rope, ph_attention, ph_att_out, ph_wo, ph_ffn_norm, ph_router,
-                 ph_route, ph_expert_up, ph_hidden_quant, ph_expert_down, ph_out_norm, ph_head, ph_count };
+                 ph_route, ph_expert_up, ph_expert_down, ph_out_norm, ph_head, ph_count };
     bool profiling = false;
     double phase_seconds[ph_count] = {};
     std::chrono::steady_clock::time_point phase_mark;
@@ -4909,14 +4927,15 @@ struct SessionImpl {
 
     void forward_thread(int ith, int nth);
     void norm_phase(const float* w, int32_t t0, int32_t n, uint8_t fmts, int ith, int nth);
-    void matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n);
+    bool matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n);
     void rope_phase(int il, int32_t n, int ith, int nth);
     void attention_phase(int il, int32_t n, int ith);
     void att_out_phase(int32_t n, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
     void expert_up_phase(const LayerWeights& l, int32_t n);
-    void hidden_quantize_phase(const LayerWeights& l, int32_t n, int ith, int nth);
-    void expert_down_phase(const LayerWeights& l, int32_t n, int ith);
+    bool expert_down_phase(const LayerWeights& l, int32_t n, int ith);
+    void quantize_hidden(const LayerWeights& l, int32_t e);
+    void up_row(const LayerWeights& l, size_t a, int64_t gr);
 };
 
 // 1 / rms(x) with double partial sums (four, so the loop pipelines).
@@ -5006,6 +5025,8 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     active_row_start.reserve((size_t)hp.n_expert + 3);
     last_experts.assign((size_t)hp.n_layer * (size_t)std::max(1, hp.n_expert_used), -1);
     topk_scratch.reserve((size_t)hp.n_expert);
+    expert_done.reset(new (std::nothrow) DoneCounter[(size_t)hp.n_expert + 2]);
+    if (!expert_done) return fail(Status::out_of_memory, "out of memory");
     return Status::ok;
 }
 
@@ -5028,11 +5049,13 @@ inline void SessionImpl::norm_phase(const float* w, int32_t t0, int32_t n, uint8
     }
 }
 
-inline void SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n) {
+// Returns true on the one thread that finished the phase's last rows.
+inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n) {
     int64_t total = 0;
     for (int i = 0; i < n_tasks; ++i) total += tasks[i].w->rows;
-    int64_t begin, end;
-    while (next_rows(total, n, &begin, &end)) {
+    int64_t begin = 0, end = 0;
+    bool last = false;
+    for (; next_rows(total, n, &begin, &end); last = rows_done.finish(end - begin, total)) {
         int i = 0;
         int64_t base = 0;
         while (begin >= base + tasks[i].w->rows) base += tasks[i++].w->rows;
@@ -5051,6 +5074,7 @@ inline void SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
             }
         }
     }
+    return last;
 }
 
 inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
@@ -5259,43 +5283,54 @@ inline void SessionImpl::expert_up_phase(const LayerWeights& l, int32_t n) {
         size_t a = (size_t)(std::upper_bound(active_row_start.begin(), active_row_start.end(), begin) - active_row_start.begin()) - 1;
         for (int64_t gr = begin; gr < end; ++gr) {
             while (gr >= active_row_start[a + 1]) ++a;
-            const int32_t e = active[a];
-            const int64_t r = gr - active_row_start[a];
-            const Weight *g, *u, *d;
-            int64_t mat;
-            ffn_weights(l, e, &g, &u, &d, &mat);
-            const KernelTraits &kg = kt(*g), &ku = kt(*u);
-            const uint8_t* grow = g->row(mat, r);
-            const uint8_t* urow = u->row(mat, r);
-            if (prefetch_bytes) { prefetch_ahead(grow, g->row_bytes); prefetch_ahead(urow, u->row_bytes); }
-            const int idx = expert_index(e);
-            for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
-                const ExpertUse& use = uses[(size_t)j];
-                const float gv = kg.vec_dot(grow, act_x.row(kg.act, use.token), g->cols);
-                const float uv = ku.vec_dot(urow, act_x.row(ku.act, use.token), u->cols);
-                hidden[(size_t)((use.token * slots + use.slot) * max_ff + r)] = silu(gv) * uv;
-            }
+            up_row(l, a, gr);
+            // After the chunk's last row of expert a: whoever completes the expert quantizes its hidden rows.
+            if ((gr + 1 == end || gr + 1 == active_row_start[a + 1]) &&
+                expert_done[a].finish(gr + 1 - std::max(begin, active_row_start[a]), active_row_start[a + 1] - active_row_start[a]))
+                quantize_hidden(l, active[a]);
         }
     }
 }
 
-inline void SessionImpl::hidden_quantize_phase(const LayerWeights& l, int32_t n, int ith, int nth) {
-    int64_t u0, u1;
-    split_range((int64_t)n * slots, ith, nth, &u0, &u1);
-    for (int64_t u = u0; u < u1; ++u) {
-        const Weight *g, *up, *d;
-        int64_t mat;
-        ffn_weights(l, slot_expert[(size_t)u], &g, &up, &d, &mat);
+// Row gr of the active experts' concatenated gate/up rows, for every use of its expert.
+inline void SessionImpl::up_row(const LayerWeights& l, size_t a, int64_t gr) {
+    const int32_t e = active[a];
+    const int64_t r = gr - active_row_start[a];
+    const Weight *g, *u, *d;
+    int64_t mat;
+    ffn_weights(l, e, &g, &u, &d, &mat);
+    const KernelTraits &kg = kt(*g), &ku = kt(*u);
+    const uint8_t* grow = g->row(mat, r);
+    const uint8_t* urow = u->row(mat, r);
+    if (prefetch_bytes) { prefetch_ahead(grow, g->row_bytes); prefetch_ahead(urow, u->row_bytes); }
+    const int idx = expert_index(e);
+    for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
+        const ExpertUse& use = uses[(size_t)j];
+        const float gv = kg.vec_dot(grow, act_x.row(kg.act, use.token), g->cols);
+        const float uv = ku.vec_dot(urow, act_x.row(ku.act, use.token), u->cols);
+        hidden[(size_t)((use.token * slots + use.slot) * max_ff + r)] = silu(gv) * uv;
+    }
+}
+
+// Quantizes the hidden rows of every use of expert e to its down projection's activation format.
+inline void SessionImpl::quantize_hidden(const LayerWeights& l, int32_t e) {
+    const Weight *g, *up, *d;
+    int64_t mat;
+    ffn_weights(l, e, &g, &up, &d, &mat);
+    const int idx = expert_index(e);
+    for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
+        const int64_t u = (int64_t)uses[(size_t)j].token * slots + uses[(size_t)j].slot;
         quantize_act(kt(*d).act, hidden_q.data + (size_t)u * hidden_q_stride, hidden.data + u * max_ff, d->cols);
     }
 }
 
 // Down rows: for output row r, each active expert's row r meets all its uses (read once), then each
 // token sums its slots in slot order and adds into x. No two threads write one value.
-inline void SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int ith) {
+inline bool SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int ith) {
     float* part = down_part.data + (size_t)ith * (size_t)n_batch * (size_t)slots;
-    int64_t begin, end;
-    while (next_rows(n_embd, n * slots, &begin, &end)) {
+    int64_t begin = 0, end = 0;
+    bool last = false;
+    for (; next_rows(n_embd, n * slots, &begin, &end); last = rows_done.finish(end - begin, n_embd)) {
         for (int64_t r = begin; r < end; ++r) {
             for (int32_t e : active) {
                 const Weight *g, *u, *d;
@@ -5317,6 +5352,7 @@ inline void SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int
             }
         }
     }
+    return last;
 }
 
 inline void SessionImpl::forward_thread(int ith, int nth) {
@@ -5337,11 +5373,19 @@ inline void SessionImpl::forward_thread(int ith, int nth) {
         }
     }
     end_phase(ith, nth, ph_embed);
+    // Up to kSerialNormTokens tokens, the thread finishing a phase's last rows runs the next norm.
+    const bool serial_norms = n <= kSerialNormTokens;
+    if (hp.n_layer > 0) {
+        norm_phase(m.layers[0].attn_norm.data(), 0, n, layer_formats[0].attn_in, ith, nth);
+        end_phase(ith, nth, ph_attn_norm);
+    }
     for (int il = 0; il < hp.n_layer; ++il) {
         const LayerWeights& l = m.layers[(size_t)il];
         const LayerFormats& f = layer_formats[(size_t)il];
-        norm_phase(l.attn_norm.data(), 0, n, f.attn_in, ith, nth);
-        end_phase(ith, nth, ph_attn_norm);
+        if (il > 0 && !serial_norms) {
+            norm_phase(l.attn_norm.data(), 0, n, f.attn_in, ith, nth);
+            end_phase(ith, nth, ph_attn_norm);
+        }
         const MatTask qkv[3] = {
             {&l.wq, 0, &act_x, q.data, q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
             {&l.wk, 0, &act_x, k.data, kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
@@ -5357,27 +5401,33 @@ inline void SessionImpl::forward_thread(int ith, int nth) {
             end_phase(ith, nth, ph_att_out);
         }
         const MatTask wo{&l.wo, 0, &act_att, x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
-        matmul_phase(&wo, 1, 0, n);
+        if (matmul_phase(&wo, 1, 0, n) && serial_norms) norm_phase(l.ffn_norm.data(), 0, n, f.ffn_in, 0, 1);
         end_phase(ith, nth, ph_wo);
-        norm_phase(l.ffn_norm.data(), 0, n, f.ffn_in, ith, nth);
-        end_phase(ith, nth, ph_ffn_norm);
+        if (!serial_norms) {
+            norm_phase(l.ffn_norm.data(), 0, n, f.ffn_in, ith, nth);
+            end_phase(ith, nth, ph_ffn_norm);
+        }
         if (hp.n_expert > 0) {
             const MatTask router{&l.router, 0, &act_x, router_logits.data, hp.n_expert, nullptr, false};
-            matmul_phase(&router, 1, 0, n);
+            if (matmul_phase(&router, 1, 0, n)) route(il, n);
             end_phase(ith, nth, ph_router);
+        } else {
+            if (ith == 0) route(il, n);
+            end_phase(ith, nth, ph_route);
         }
-        if (ith == 0) route(il, n);
-        end_phase(ith, nth, ph_route);
-        expert_up_phase(l, n);
+        expert_up_phase(l, n);  // also quantizes each expert's hidden rows once they are complete
         end_phase(ith, nth, ph_expert_up);
-        hidden_quantize_phase(l, n, ith, nth);
-        end_phase(ith, nth, ph_hidden_quant);
-        expert_down_phase(l, n, ith);
+        if (expert_down_phase(l, n, ith) && serial_norms) {
+            if (il + 1 < hp.n_layer) norm_phase(m.layers[(size_t)il + 1].attn_norm.data(), 0, n, layer_formats[(size_t)il + 1].attn_in, 0, 1);
+            else norm_phase(m.output_norm.data(), fwd_first, n - fwd_first, output_formats, 0, 1);
+        }
         end_phase(ith, nth, ph_expert_down);
     }
     // Final norm and the output head: every row when all logits are wanted, else the last only.
-    norm_phase(m.output_norm.data(), fwd_first, n - fwd_first, output_formats, ith, nth);
-    end_phase(ith, nth, ph_out_norm);
+    if (!serial_norms || hp.n_layer == 0) {
+        norm_phase(m.output_norm.data(), fwd_first, n - fwd_first, output_formats, ith, nth);
+        end_phase(ith, nth, ph_out_norm);
+    }
     const MatTask head{&m.output, 0, &act_x, logits_batch.data, hp.n_vocab, nullptr, false};
     matmul_phase(&head, 1, fwd_first, n - fwd_first);
     end_phase(ith, nth, ph_head);
@@ -5473,7 +5523,7 @@ const int32_t* Session::last_expert_ids() const { return impl_ ? impl_->last_exp
 int Session::profile(PhaseTime* out, int max) const {
     static const char* const names[detail::SessionImpl::ph_count] = {
         "embed", "attn_norm", "qkv", "rope_kv", "attention", "att_out", "wo", "ffn_norm", "router",
-        "route", "expert_up", "hidden_quant", "expert_down", "out_norm", "head"};
+        "route", "expert_up", "expert_down", "out_norm", "head"};
     if (!impl_ || !impl_->profiling) return 0;
     for (int i = 0; i < detail::SessionImpl::ph_count && i < max; ++i)
         if (out) out[i] = PhaseTime{names[i], impl_->phase_seconds[i]};
