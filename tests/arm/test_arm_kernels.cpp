@@ -172,8 +172,9 @@ std::vector<float> make_activations(int64_t n, ActKind kind, std::mt19937& rng) 
             case ActKind::huge: v *= 1e6f; break;
             // Every block holds 127 and values k + 0.5: with scale 127/amax = 1 each is an exact tie.
             case ActKind::ties: v = i % 32 == 5 ? 127.f : (float)((int)(v * 20) % 120) + 0.5f; break;
-            // Largest |x| appears as -A first, then +A: Q8_K must take the first one's sign.
-            case ActKind::sign_tie: v = i % 64 == 9 ? -3.f : i % 64 == 40 ? 3.f : v * 0.5f; break;
+            // Largest |x| appears as -A first, then as +A (next element, and further on): Q8_K
+            // must take the first one's sign.
+            case ActKind::sign_tie: v = i % 64 == 9 ? -3.f : i % 64 == 10 || i % 64 == 40 ? 3.f : v * 0.25f; break;
             default: break;
         }
         x[(size_t)i] = v;
