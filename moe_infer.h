@@ -2618,25 +2618,36 @@ inline QuantizeActFn x86_quantize_act(ActFormat f, int level) {
 #endif
 #endif
 
-// Already compiled for a dotprod CPU: nothing to add (and an explicit arch would lower it).
-// GCC 12 wants a whole arch string; target("+dotprod") does not enable the vdotq intrinsics.
+// The dotprod kernels need vdotq_s32 inside functions compiled for dotprod. Already compiled for
+// a dotprod CPU: nothing to add (an explicit arch would lower it). GCC takes a target attribute
+// but wants a whole arch string (GCC 12 rejects target("+dotprod") for the intrinsics). Clang's
+// arm_neon.h hides the intrinsic unless the whole translation unit targets dotprod before
+// Clang 19, so older Clang builds get the plain NEON kernels only (Apple's numbering differs,
+// and Apple CPUs are covered by __ARM_FEATURE_DOTPROD anyway).
 #if defined(__ARM_FEATURE_DOTPROD)
+#define MOE_DETAIL_ARM_DOTPROD 1
 #define MOE_DETAIL_DOTPROD
 #elif defined(__clang__)
+#if __clang_major__ >= 19 && !defined(__apple_build_version__)
+#define MOE_DETAIL_ARM_DOTPROD 1
 #define MOE_DETAIL_DOTPROD __attribute__((target("dotprod")))
 #else
+#define MOE_DETAIL_ARM_DOTPROD 0
+#endif
+#else
+#define MOE_DETAIL_ARM_DOTPROD 1
 #define MOE_DETAIL_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
 #endif
 
 namespace moe {
 namespace detail {
 
-// SDOT/UDOT usable: the compiler's own -march says so, or Linux reports HWCAP_ASIMDDP. Elsewhere
-// (no getauxval) we stay with plain NEON rather than guess.
+// SDOT usable: the compiler's own -march says so, or Linux reports HWCAP_ASIMDDP. Elsewhere (no
+// getauxval), or without dotprod kernels in this build, we stay with plain NEON rather than guess.
 inline bool arm_has_dotprod() {
 #if defined(__ARM_FEATURE_DOTPROD)
     return true;
-#elif defined(MOE_DETAIL_HAS_AUXV)
+#elif MOE_DETAIL_ARM_DOTPROD && defined(MOE_DETAIL_HAS_AUXV)
 #if defined(HWCAP_ASIMDDP)
     constexpr unsigned long kAsimdDp = HWCAP_ASIMDDP;
 #else
@@ -2672,14 +2683,18 @@ inline int32x4_t dot32_i8_neon(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16
     const int16x8_t p1 = vmlal_high_s8(vmull_s8(vget_low_s8(a1), vget_low_s8(b1)), a1, b1);
     return vpadalq_s16(vpaddlq_s16(p0), p1);
 }
+#if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline int32x4_t dot32_i8_dotprod(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
     return vdotq_s32(vdotq_s32(vdupq_n_s32(0), a0, b0), a1, b1);
 }
+#endif
 // Σ a*b over 16 int8 pairs (|a| <= 32 here: Q6_K), as 4 int32 partial sums.
 inline int32x4_t dot16_i8_neon(int8x16_t a, int8x16_t b) {
     return vpaddlq_s16(vmlal_high_s8(vmull_s8(vget_low_s8(a), vget_low_s8(b)), a, b));
 }
+#if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline int32x4_t dot16_i8_dotprod(int8x16_t a, int8x16_t b) { return vdotq_s32(vdupq_n_s32(0), a, b); }
+#endif
 
 // One Q4_0 block as 32 signed values q - 8 in element order (low nibbles: elements 0-15).
 inline void q4_0_unpack_neon(const uint8_t* qs, int8x16_t* lo, int8x16_t* hi) {
@@ -2713,28 +2728,29 @@ inline int q4k_mins_dot_neon(const uint8_t* mins, const int16_t* bsums) {
 // the n % 4 last elements, so any n works.
 //-----------------------------------------------------------------------------
 
-#define MOE_DETAIL_FLOAT_ROW_NEON(LOAD_W, SCALAR_W)                                                    \
-    float32x4_t acc0 = vdupq_n_f32(0), acc1 = vdupq_n_f32(0), acc2 = vdupq_n_f32(0), acc3 = vdupq_n_f32(0); \
-    int64_t i = 0;                                                                                     \
-    for (; i + 16 <= n; i += 16) {                                                                     \
-        acc0 = vfmaq_f32(acc0, LOAD_W(w + i), vld1q_f32(x + i));                                       \
-        acc1 = vfmaq_f32(acc1, LOAD_W(w + i + 4), vld1q_f32(x + i + 4));                               \
-        acc2 = vfmaq_f32(acc2, LOAD_W(w + i + 8), vld1q_f32(x + i + 8));                               \
-        acc3 = vfmaq_f32(acc3, LOAD_W(w + i + 12), vld1q_f32(x + i + 12));                             \
-    }                                                                                                  \
-    for (; i + 4 <= n; i += 4) acc0 = vfmaq_f32(acc0, LOAD_W(w + i), vld1q_f32(x + i));                \
-    float sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc0, acc1), vaddq_f32(acc2, acc3)));                   \
-    for (; i < n; ++i) sum += SCALAR_W(w[i]) * x[i];                                                   \
-    return sum
-
 inline float32x4_t load_f32x4(const float* p) { return vld1q_f32(p); }
 inline float32x4_t load_f16x4(const uint16_t* p) { return fp16x4_to_f32(vld1_u16(p)); }
 inline float identity_f32(float v) { return v; }
 
-inline float vec_dot_f32_f32_neon(const float* w, const float* x, int64_t n) { MOE_DETAIL_FLOAT_ROW_NEON(load_f32x4, identity_f32); }
-inline float vec_dot_f16_f32_neon(const uint16_t* w, const float* x, int64_t n) { MOE_DETAIL_FLOAT_ROW_NEON(load_f16x4, fp16_to_f32_neon); }
-inline float vec_dot_bf16_f32_neon(const uint16_t* w, const float* x, int64_t n) { MOE_DETAIL_FLOAT_ROW_NEON(bf16x4_to_f32, bf16_to_f32); }
-#undef MOE_DETAIL_FLOAT_ROW_NEON
+template <typename W, float32x4_t (*Load4)(const W*), float (*ToF32)(W)>
+inline float float_row_dot_neon(const W* w, const float* x, int64_t n) {
+    float32x4_t acc0 = vdupq_n_f32(0), acc1 = vdupq_n_f32(0), acc2 = vdupq_n_f32(0), acc3 = vdupq_n_f32(0);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = vfmaq_f32(acc0, Load4(w + i), vld1q_f32(x + i));
+        acc1 = vfmaq_f32(acc1, Load4(w + i + 4), vld1q_f32(x + i + 4));
+        acc2 = vfmaq_f32(acc2, Load4(w + i + 8), vld1q_f32(x + i + 8));
+        acc3 = vfmaq_f32(acc3, Load4(w + i + 12), vld1q_f32(x + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) acc0 = vfmaq_f32(acc0, Load4(w + i), vld1q_f32(x + i));
+    float sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc0, acc1), vaddq_f32(acc2, acc3)));
+    for (; i < n; ++i) sum += ToF32(w[i]) * x[i];
+    return sum;
+}
+
+inline float vec_dot_f32_f32_neon(const float* w, const float* x, int64_t n) { return float_row_dot_neon<float, load_f32x4, identity_f32>(w, x, n); }
+inline float vec_dot_f16_f32_neon(const uint16_t* w, const float* x, int64_t n) { return float_row_dot_neon<uint16_t, load_f16x4, fp16_to_f32_neon>(w, x, n); }
+inline float vec_dot_bf16_f32_neon(const uint16_t* w, const float* x, int64_t n) { return float_row_dot_neon<uint16_t, bf16x4_to_f32, bf16_to_f32>(w, x, n); }
 
 //-----------------------------------------------------------------------------
 // Q8_0 and Q4_0 weights against Q8_0 activations: four blocks per step, one float accumulator each,
@@ -2766,6 +2782,7 @@ inline int32x4_t block_dot_neon(const BlockQ4_0& w, const BlockQ8_0& x) {
     q4_0_unpack_neon(w.qs, &lo, &hi);
     return dot32_i8_neon(lo, hi, vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
 }
+#if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline int32x4_t block_dot_dotprod(const BlockQ8_0& w, const BlockQ8_0& x) {
     return dot32_i8_dotprod(vld1q_s8(w.qs), vld1q_s8(w.qs + 16), vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
 }
@@ -2775,14 +2792,18 @@ MOE_DETAIL_DOTPROD inline int32x4_t block_dot_dotprod(const BlockQ4_0& w, const 
     return dot32_i8_dotprod(lo, hi, vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
 }
 
+#endif
+
 inline float vec_dot_q8_0_q8_0_neon(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_Q8_0_ROW_NEON(block_dot_neon); }
 inline float vec_dot_q4_0_q8_0_neon(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_Q8_0_ROW_NEON(block_dot_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline float vec_dot_q8_0_q8_0_dotprod(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
     MOE_DETAIL_Q8_0_ROW_NEON(block_dot_dotprod);
 }
 MOE_DETAIL_DOTPROD inline float vec_dot_q4_0_q8_0_dotprod(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) {
     MOE_DETAIL_Q8_0_ROW_NEON(block_dot_dotprod);
 }
+#endif
 #undef MOE_DETAIL_Q8_0_ROW_NEON
 
 //-----------------------------------------------------------------------------
@@ -2817,9 +2838,11 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q4_0_q8_0_dotprod(const BlockQ4_0* w, co
     return sum
 
 inline float vec_dot_q4k_q8k_neon(const BlockQ4K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q4K_ROW_NEON(dot32_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline float vec_dot_q4k_q8k_dotprod(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
     MOE_DETAIL_Q4K_ROW_NEON(dot32_i8_dotprod);
 }
+#endif
 #undef MOE_DETAIL_Q4K_ROW_NEON
 
 // Q5_K: as Q4_K plus a 5th bit: element 64c+l takes bit 2c of qh[l], element 64c+32+l bit 2c+1.
@@ -2854,9 +2877,11 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q4k_q8k_dotprod(const BlockQ4K* w, const
     return sum
 
 inline float vec_dot_q5k_q8k_neon(const BlockQ5K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q5K_ROW_NEON(dot32_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline float vec_dot_q5k_q8k_dotprod(const BlockQ5K* w, const BlockQ8K* x, int64_t n) {
     MOE_DETAIL_Q5K_ROW_NEON(dot32_i8_dotprod);
 }
+#endif
 #undef MOE_DETAIL_Q5K_ROW_NEON
 
 // Q6_K: each 16-byte register of unpacked values is exactly one 16-element sub-block, so it gets
@@ -2894,9 +2919,11 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q5k_q8k_dotprod(const BlockQ5K* w, const
     return sum
 
 inline float vec_dot_q6k_q8k_neon(const BlockQ6K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q6K_ROW_NEON(dot16_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const BlockQ8K* x, int64_t n) {
     MOE_DETAIL_Q6K_ROW_NEON(dot16_i8_dotprod);
 }
+#endif
 #undef MOE_DETAIL_Q6K_ROW_NEON
 
 //---- activation quantizers (bit-identical to quantize_act_q8_0_ref and quantize_row_q8k_ref) ----
@@ -2965,22 +2992,26 @@ inline void quantize_row_q8k_neon(BlockQ8K* y, const float* x, int64_t n) {
 //-----------------------------------------------------------------------------
 
 inline VecDotFn arm_vec_dot(uint32_t type, bool dotprod) {
+#if MOE_DETAIL_ARM_DOTPROD
+    if (dotprod) {
+        switch ((TensorType)type) {
+            case TensorType::q8_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_dotprod((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
+            case TensorType::q4_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_dotprod((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
+            case TensorType::q4_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_dotprod((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
+            case TensorType::q5_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_dotprod((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
+            case TensorType::q6_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_dotprod((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
+            case TensorType::f32: case TensorType::f16: case TensorType::bf16: break;  // float rows: NEON below
+        }
+    }
+#else
+    (void)dotprod;  // never detected without dotprod kernels (arm_has_dotprod)
+#endif
     switch ((TensorType)type) {
-        case TensorType::q8_0:
-            if (dotprod) return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_dotprod((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
-            return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_neon((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
-        case TensorType::q4_0:
-            if (dotprod) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_dotprod((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
-            return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_neon((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
-        case TensorType::q4_k:
-            if (dotprod) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_dotprod((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
-            return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_neon((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
-        case TensorType::q5_k:
-            if (dotprod) return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_dotprod((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
-            return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_neon((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
-        case TensorType::q6_k:
-            if (dotprod) return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_dotprod((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
-            return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_neon((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
+        case TensorType::q8_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_neon((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
+        case TensorType::q4_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_neon((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
+        case TensorType::q4_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_neon((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
+        case TensorType::q5_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_neon((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
+        case TensorType::q6_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_neon((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
         case TensorType::f16: return [](const void* w, const void* x, int64_t n) { return vec_dot_f16_f32_neon((const uint16_t*)w, (const float*)x, n); };
         case TensorType::bf16: return [](const void* w, const void* x, int64_t n) { return vec_dot_bf16_f32_neon((const uint16_t*)w, (const float*)x, n); };
         case TensorType::f32: return [](const void* w, const void* x, int64_t n) { return vec_dot_f32_f32_neon((const float*)w, (const float*)x, n); };
@@ -3001,6 +3032,8 @@ inline QuantizeActFn arm_quantize_act(ActFormat f) {
 }  // namespace moe
 
 #undef MOE_DETAIL_DOTPROD
+#undef MOE_DETAIL_ARM_DOTPROD
+#undef MOE_DETAIL_HAS_AUXV
 #endif  // MOE_DETAIL_ARM
 
 
