@@ -2809,7 +2809,8 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q4_0_q8_0_dotprod(const BlockQ4_0* w, co
 //-----------------------------------------------------------------------------
 // K-quants against Q8_K activations. Per super-block the scaled integer sum (< 2^27 for every
 // format) is built in int32 lanes with the sub-block scale multiplied in (vmlaq_n), then scaled
-// once by d_w * d_x; the Q4_K/Q5_K mins go through the bsums, as in the _ref.
+// once by d_w * d_x; the Q4_K/Q5_K mins go through the bsums, as in the _ref. Macros for the same
+// reason as above: each dotprod variant must be compiled whole under its target attribute.
 //-----------------------------------------------------------------------------
 
 // Q4_K: in chunk c (32 bytes) the low nibbles are sub-block 2c, the high nibbles sub-block 2c+1.
