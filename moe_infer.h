@@ -63,6 +63,7 @@
        [SECTION] KERNELS: REFERENCE              >>kernels-ref
        [SECTION] KERNEL TRAITS                   >>traits
        [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86
+       [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] KERNEL DISPATCH                 >>dispatch
        [SECTION] THREAD POOL                     >>threads
        [SECTION] TOKENIZER IMPLEMENTATION        >>tokenizer
@@ -582,6 +583,16 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 #define MOE_DETAIL_X86 1
 #else
 #define MOE_DETAIL_X86 0
+#endif
+
+// AArch64 with GCC/Clang: NEON is part of the base ISA, so its kernels need no detection; the
+// dotprod ones are chosen at run time (KERNELS: ARM). Big-endian AArch64 is left to the scalar
+// kernels: the GGUF block layouts are little-endian byte streams.
+#if !defined(MOE_NO_SIMD) && !defined(MOE_NO_NEON) && defined(__aarch64__) && !defined(__AARCH64EB__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define MOE_DETAIL_ARM 1
+#else
+#define MOE_DETAIL_ARM 0
 #endif
 
 //-----------------------------------------------------------------------------
@@ -2601,14 +2612,455 @@ inline QuantizeActFn x86_quantize_act(ActFormat f, int level) {
 #undef MOE_DETAIL_AVX512VNNI
 #endif  // MOE_DETAIL_X86
 
+//-----------------------------------------------------------------------------
+// [SECTION] KERNELS: ARM (NEON, DOTPROD)
+//-----------------------------------------------------------------------------
+// >>kernels-arm  AArch64 versions of the row kernels in KERNELS: REFERENCE. As on x86, each one
+// computes exactly the integer block sums of its _ref twin (results differ only in the order of the
+// float additions) and uses unaligned loads. Plain NEON is always there on AArch64; the dotprod
+// kernels (SDOT: four int8 products summed into an int32 lane) carry a target attribute, so one
+// binary runs everywhere and arm_has_dotprod() decides at run time. No offset tricks are needed:
+// NEON multiplies signed by signed bytes, so nibbles are made signed (Q4_0's q - 8, Q6_K's q - 32)
+// before the multiply. Without dotprod, vmull/vmlal add two int8 products per int16 lane (at most
+// 2*128*127 = 32512, a stored Q8_0 -128 included) before pairwise widening to int32.
+#if MOE_DETAIL_ARM
+#include <arm_neon.h>
+#if defined(__linux__) && defined(__has_include)
+#if __has_include(<sys/auxv.h>)
+#include <sys/auxv.h>
+#define MOE_DETAIL_HAS_AUXV 1
+#endif
+#endif
+
+// The dotprod kernels need vdotq_s32 inside functions compiled for dotprod. Already compiled for
+// a dotprod CPU: nothing to add (an explicit arch would lower it). GCC takes a target attribute
+// but wants a whole arch string (GCC 12 rejects target("+dotprod") for the intrinsics). Clang's
+// arm_neon.h hides the intrinsic unless the whole translation unit targets dotprod before
+// Clang 19, so older Clang builds get the plain NEON kernels only (Apple's numbering differs,
+// and Apple CPUs are covered by __ARM_FEATURE_DOTPROD anyway).
+#if defined(__ARM_FEATURE_DOTPROD)
+#define MOE_DETAIL_ARM_DOTPROD 1
+#define MOE_DETAIL_DOTPROD
+#elif defined(__clang__)
+#if __clang_major__ >= 19 && !defined(__apple_build_version__)
+#define MOE_DETAIL_ARM_DOTPROD 1
+#define MOE_DETAIL_DOTPROD __attribute__((target("dotprod")))
+#else
+#define MOE_DETAIL_ARM_DOTPROD 0
+#endif
+#else
+#define MOE_DETAIL_ARM_DOTPROD 1
+#define MOE_DETAIL_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+namespace moe {
+namespace detail {
+
+// SDOT usable: the compiler's own -march says so, or Linux reports HWCAP_ASIMDDP. Elsewhere (no
+// getauxval), or without dotprod kernels in this build, we stay with plain NEON rather than guess.
+inline bool arm_has_dotprod() {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return true;
+#elif MOE_DETAIL_ARM_DOTPROD && defined(MOE_DETAIL_HAS_AUXV)
+#if defined(HWCAP_ASIMDDP)
+    constexpr unsigned long kAsimdDp = HWCAP_ASIMDDP;
+#else
+    constexpr unsigned long kAsimdDp = 1ul << 20;  // the kernel's AArch64 hwcap bit for ASIMDDP
+#endif
+    static const bool has = (getauxval(AT_HWCAP) & kAsimdDp) != 0;
+    return has;
+#else
+    return false;
+#endif
+}
+
+//---- shared helpers (plain NEON; they inline into the dotprod kernels too) ----
+
+inline float fp16_to_f32_neon(uint16_t h) { return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0); }
+inline float32x4_t fp16x4_to_f32(uint16x4_t h) { return vcvt_f32_f16(vreinterpret_f16_u16(h)); }  // exact, like fp16_to_f32
+// bf16 is the top half of an f32: widen each to 32 bits, shifted left by 16.
+inline float32x4_t bf16x4_to_f32(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+
+// d_w * d_x of four consecutive blocks (Q4_0 or Q8_0 weights, Q8_0 activations): the eight fp16
+// scales go through two conversions instead of eight.
+template <typename W>
+inline float32x4_t scales4_neon(const W* w, const BlockQ8_0* x) {
+    uint16x4_t hw = vdup_n_u16(w[0].d), hx = vdup_n_u16(x[0].d);
+    hw = vset_lane_u16(w[1].d, hw, 1); hw = vset_lane_u16(w[2].d, hw, 2); hw = vset_lane_u16(w[3].d, hw, 3);
+    hx = vset_lane_u16(x[1].d, hx, 1); hx = vset_lane_u16(x[2].d, hx, 2); hx = vset_lane_u16(x[3].d, hx, 3);
+    return vmulq_f32(fp16x4_to_f32(hw), fp16x4_to_f32(hx));
+}
+
+// Σ a*b over 32 int8 pairs as 4 int32 partial sums (int16 lanes hold two products, see above).
+inline int32x4_t dot32_i8_neon(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
+    const int16x8_t p0 = vmlal_high_s8(vmull_s8(vget_low_s8(a0), vget_low_s8(b0)), a0, b0);
+    const int16x8_t p1 = vmlal_high_s8(vmull_s8(vget_low_s8(a1), vget_low_s8(b1)), a1, b1);
+    return vpadalq_s16(vpaddlq_s16(p0), p1);
+}
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline int32x4_t dot32_i8_dotprod(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), a0, b0), a1, b1);
+}
+#endif
+// Σ a*b over 16 int8 pairs (|a| <= 32 here: Q6_K), as 4 int32 partial sums.
+inline int32x4_t dot16_i8_neon(int8x16_t a, int8x16_t b) {
+    return vpaddlq_s16(vmlal_high_s8(vmull_s8(vget_low_s8(a), vget_low_s8(b)), a, b));
+}
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline int32x4_t dot16_i8_dotprod(int8x16_t a, int8x16_t b) { return vdotq_s32(vdupq_n_s32(0), a, b); }
+#endif
+
+// One Q4_0 block as 32 signed values q - 8 in element order (low nibbles: elements 0-15).
+inline void q4_0_unpack_neon(const uint8_t* qs, int8x16_t* lo, int8x16_t* hi) {
+    const uint8x16_t q = vld1q_u8(qs);
+    *lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
+    *hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
+}
+
+// Q4_K/Q5_K's 12 packed scale bytes as eight 6-bit scales and eight 6-bit mins, the values
+// q4k_get_scale_min() decodes, computed four at a time in 32-bit words (little-endian lanes).
+inline void q4k_scales_mins_neon(const uint8_t* s, uint8_t* scales, uint8_t* mins) {
+    uint32_t a, b, c;  // s[0..3], s[4..7], s[8..11]
+    std::memcpy(&a, s, 4);
+    std::memcpy(&b, s + 4, 4);
+    std::memcpy(&c, s + 8, 4);
+    const uint32_t sc[2] = {a & 0x3f3f3f3fu, (c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u)};
+    const uint32_t mn[2] = {b & 0x3f3f3f3fu, ((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u)};
+    std::memcpy(scales, sc, 8);
+    std::memcpy(mins, mn, 8);
+}
+
+// Q4_K/Q5_K mins term of one super-block: Σ_j m_j * (bsums[2j] + bsums[2j+1]) (pair sums <= 4064).
+inline int q4k_mins_dot_neon(const uint8_t* mins, const int16_t* bsums) {
+    const int16x8_t pairs = vpaddq_s16(vld1q_s16(bsums), vld1q_s16(bsums + 8));
+    const int16x8_t m = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(mins)));
+    return vaddvq_s32(vmlal_high_s16(vmull_s16(vget_low_s16(pairs), vget_low_s16(m)), pairs, m));
+}
+
+//-----------------------------------------------------------------------------
+// Float rows: four independent FMA chains (16 lanes) hide the FMA latency; a scalar tail takes
+// the n % 4 last elements, so any n works.
+//-----------------------------------------------------------------------------
+
+inline float32x4_t load_f32x4(const float* p) { return vld1q_f32(p); }
+inline float32x4_t load_f16x4(const uint16_t* p) { return fp16x4_to_f32(vld1_u16(p)); }
+inline float identity_f32(float v) { return v; }
+
+template <typename W, float32x4_t (*Load4)(const W*), float (*ToF32)(W)>
+inline float float_row_dot_neon(const W* w, const float* x, int64_t n) {
+    float32x4_t acc0 = vdupq_n_f32(0), acc1 = vdupq_n_f32(0), acc2 = vdupq_n_f32(0), acc3 = vdupq_n_f32(0);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = vfmaq_f32(acc0, Load4(w + i), vld1q_f32(x + i));
+        acc1 = vfmaq_f32(acc1, Load4(w + i + 4), vld1q_f32(x + i + 4));
+        acc2 = vfmaq_f32(acc2, Load4(w + i + 8), vld1q_f32(x + i + 8));
+        acc3 = vfmaq_f32(acc3, Load4(w + i + 12), vld1q_f32(x + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) acc0 = vfmaq_f32(acc0, Load4(w + i), vld1q_f32(x + i));
+    float sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc0, acc1), vaddq_f32(acc2, acc3)));
+    for (; i < n; ++i) sum += ToF32(w[i]) * x[i];
+    return sum;
+}
+
+inline float vec_dot_f32_f32_neon(const float* w, const float* x, int64_t n) { return float_row_dot_neon<float, load_f32x4, identity_f32>(w, x, n); }
+inline float vec_dot_f16_f32_neon(const uint16_t* w, const float* x, int64_t n) { return float_row_dot_neon<uint16_t, load_f16x4, fp16_to_f32_neon>(w, x, n); }
+inline float vec_dot_bf16_f32_neon(const uint16_t* w, const float* x, int64_t n) { return float_row_dot_neon<uint16_t, bf16x4_to_f32, bf16_to_f32>(w, x, n); }
+
+//-----------------------------------------------------------------------------
+// Q8_0 and Q4_0 weights against Q8_0 activations: four blocks per step, one float accumulator each,
+// block scales applied once per block after the integer sums. A macro, not a template, because the
+// dotprod variants must be compiled (with the block dot inlined) under their own target attribute.
+//-----------------------------------------------------------------------------
+
+#define MOE_DETAIL_Q8_0_ROW_NEON(BLOCK_DOT)                                                            \
+    const int64_t nb = n / kQK;                                                                        \
+    float32x4_t acc0 = vdupq_n_f32(0), acc1 = vdupq_n_f32(0), acc2 = vdupq_n_f32(0), acc3 = vdupq_n_f32(0); \
+    int64_t b = 0;                                                                                     \
+    for (; b + 4 <= nb; b += 4) {                                                                      \
+        const float32x4_t d = scales4_neon(w + b, x + b);                                              \
+        acc0 = vfmaq_laneq_f32(acc0, vcvtq_f32_s32(BLOCK_DOT(w[b + 0], x[b + 0])), d, 0);              \
+        acc1 = vfmaq_laneq_f32(acc1, vcvtq_f32_s32(BLOCK_DOT(w[b + 1], x[b + 1])), d, 1);              \
+        acc2 = vfmaq_laneq_f32(acc2, vcvtq_f32_s32(BLOCK_DOT(w[b + 2], x[b + 2])), d, 2);              \
+        acc3 = vfmaq_laneq_f32(acc3, vcvtq_f32_s32(BLOCK_DOT(w[b + 3], x[b + 3])), d, 3);              \
+    }                                                                                                  \
+    float sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc0, acc1), vaddq_f32(acc2, acc3)));                   \
+    for (; b < nb; ++b)                                                                                \
+        sum += fp16_to_f32_neon(w[b].d) * fp16_to_f32_neon(x[b].d) * (float)vaddvq_s32(BLOCK_DOT(w[b], x[b])); \
+    return sum
+
+inline int32x4_t block_dot_neon(const BlockQ8_0& w, const BlockQ8_0& x) {
+    return dot32_i8_neon(vld1q_s8(w.qs), vld1q_s8(w.qs + 16), vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
+}
+inline int32x4_t block_dot_neon(const BlockQ4_0& w, const BlockQ8_0& x) {
+    int8x16_t lo, hi;
+    q4_0_unpack_neon(w.qs, &lo, &hi);
+    return dot32_i8_neon(lo, hi, vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
+}
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline int32x4_t block_dot_dotprod(const BlockQ8_0& w, const BlockQ8_0& x) {
+    return dot32_i8_dotprod(vld1q_s8(w.qs), vld1q_s8(w.qs + 16), vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
+}
+MOE_DETAIL_DOTPROD inline int32x4_t block_dot_dotprod(const BlockQ4_0& w, const BlockQ8_0& x) {
+    int8x16_t lo, hi;
+    q4_0_unpack_neon(w.qs, &lo, &hi);
+    return dot32_i8_dotprod(lo, hi, vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
+}
+
+#endif
+
+inline float vec_dot_q8_0_q8_0_neon(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_Q8_0_ROW_NEON(block_dot_neon); }
+inline float vec_dot_q4_0_q8_0_neon(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_Q8_0_ROW_NEON(block_dot_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline float vec_dot_q8_0_q8_0_dotprod(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_ROW_NEON(block_dot_dotprod);
+}
+MOE_DETAIL_DOTPROD inline float vec_dot_q4_0_q8_0_dotprod(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_ROW_NEON(block_dot_dotprod);
+}
+#endif
+#undef MOE_DETAIL_Q8_0_ROW_NEON
+
+//-----------------------------------------------------------------------------
+// K-quants against Q8_K activations. Per super-block the scaled integer sum (< 2^27 for every
+// format) is built in int32 lanes with the sub-block scale multiplied in (vmlaq_n), then scaled
+// once by d_w * d_x; the Q4_K/Q5_K mins go through the bsums, as in the _ref. Macros for the same
+// reason as above: each dotprod variant must be compiled whole under its target attribute.
+//-----------------------------------------------------------------------------
+
+// Q4_K: in chunk c (32 bytes) the low nibbles are sub-block 2c, the high nibbles sub-block 2c+1.
+#define MOE_DETAIL_Q4K_ROW_NEON(DOT32)                                                                 \
+    const int64_t nb = n / kQKK;                                                                       \
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);                                                            \
+    float sum = 0;                                                                                     \
+    for (int64_t b = 0; b < nb; ++b) {                                                                 \
+        uint8_t sc[8], mn[8];                                                                          \
+        q4k_scales_mins_neon(w[b].scales, sc, mn);                                                     \
+        const int mins = q4k_mins_dot_neon(mn, x[b].bsums);                                            \
+        const uint8_t* q = w[b].qs;                                                                    \
+        const int8_t* y = x[b].qs;                                                                     \
+        int32x4_t acc = vdupq_n_s32(0);                                                                \
+        for (int c = 0; c < 4; ++c) {                                                                  \
+            const uint8x16_t q0 = vld1q_u8(q + 32 * c), q1 = vld1q_u8(q + 32 * c + 16);                \
+            const int8x16_t lo0 = vreinterpretq_s8_u8(vandq_u8(q0, m4)), lo1 = vreinterpretq_s8_u8(vandq_u8(q1, m4)); \
+            const int8x16_t hi0 = vreinterpretq_s8_u8(vshrq_n_u8(q0, 4)), hi1 = vreinterpretq_s8_u8(vshrq_n_u8(q1, 4)); \
+            const int32x4_t dlo = DOT32(lo0, lo1, vld1q_s8(y + 64 * c), vld1q_s8(y + 64 * c + 16));    \
+            const int32x4_t dhi = DOT32(hi0, hi1, vld1q_s8(y + 64 * c + 32), vld1q_s8(y + 64 * c + 48)); \
+            acc = vmlaq_n_s32(acc, dlo, sc[2 * c]);                                                    \
+            acc = vmlaq_n_s32(acc, dhi, sc[2 * c + 1]);                                                \
+        }                                                                                              \
+        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)vaddvq_s32(acc) - fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)mins; \
+    }                                                                                                  \
+    return sum
+
+inline float vec_dot_q4k_q8k_neon(const BlockQ4K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q4K_ROW_NEON(dot32_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline float vec_dot_q4k_q8k_dotprod(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q4K_ROW_NEON(dot32_i8_dotprod);
+}
+#endif
+#undef MOE_DETAIL_Q4K_ROW_NEON
+
+// Q5_K: as Q4_K plus a 5th bit: element 64c+l takes bit 2c of qh[l], element 64c+32+l bit 2c+1.
+// qh is shifted right by 2 per chunk, so the two bits needed are always bits 0 and 1.
+#define MOE_DETAIL_Q5K_ROW_NEON(DOT32)                                                                 \
+    const int64_t nb = n / kQKK;                                                                       \
+    const uint8x16_t m4 = vdupq_n_u8(0x0F), bit4 = vdupq_n_u8(0x10);                                   \
+    float sum = 0;                                                                                     \
+    for (int64_t b = 0; b < nb; ++b) {                                                                 \
+        uint8_t sc[8], mn[8];                                                                          \
+        q4k_scales_mins_neon(w[b].scales, sc, mn);                                                     \
+        const int mins = q4k_mins_dot_neon(mn, x[b].bsums);                                            \
+        const uint8_t* q = w[b].qs;                                                                    \
+        const int8_t* y = x[b].qs;                                                                     \
+        uint8x16_t qh0 = vld1q_u8(w[b].qh), qh1 = vld1q_u8(w[b].qh + 16);                              \
+        int32x4_t acc = vdupq_n_s32(0);                                                                \
+        for (int c = 0; c < 4; ++c) {                                                                  \
+            const uint8x16_t q0 = vld1q_u8(q + 32 * c), q1 = vld1q_u8(q + 32 * c + 16);                \
+            const int8x16_t lo0 = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(q0, m4), vandq_u8(vshlq_n_u8(qh0, 4), bit4))); \
+            const int8x16_t lo1 = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(q1, m4), vandq_u8(vshlq_n_u8(qh1, 4), bit4))); \
+            const int8x16_t hi0 = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(q0, 4), vandq_u8(vshlq_n_u8(qh0, 3), bit4))); \
+            const int8x16_t hi1 = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(q1, 4), vandq_u8(vshlq_n_u8(qh1, 3), bit4))); \
+            qh0 = vshrq_n_u8(qh0, 2);                                                                  \
+            qh1 = vshrq_n_u8(qh1, 2);                                                                  \
+            const int32x4_t dlo = DOT32(lo0, lo1, vld1q_s8(y + 64 * c), vld1q_s8(y + 64 * c + 16));    \
+            const int32x4_t dhi = DOT32(hi0, hi1, vld1q_s8(y + 64 * c + 32), vld1q_s8(y + 64 * c + 48)); \
+            acc = vmlaq_n_s32(acc, dlo, sc[2 * c]);                                                    \
+            acc = vmlaq_n_s32(acc, dhi, sc[2 * c + 1]);                                                \
+        }                                                                                              \
+        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)vaddvq_s32(acc) - fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)mins; \
+    }                                                                                                  \
+    return sum
+
+inline float vec_dot_q5k_q8k_neon(const BlockQ5K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q5K_ROW_NEON(dot32_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline float vec_dot_q5k_q8k_dotprod(const BlockQ5K* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q5K_ROW_NEON(dot32_i8_dotprod);
+}
+#endif
+#undef MOE_DETAIL_Q5K_ROW_NEON
+
+// Q6_K: each 16-byte register of unpacked values is exactly one 16-element sub-block, so it gets
+// one scale. In half h, ql[64h..64h+31] holds the low nibbles of elements 128h+0..31 (low halves)
+// and 128h+64..95 (high halves), ql[64h+32..] those of 128h+32..63 and 128h+96..127; qh[32h+l]
+// carries the two high bits of the four elements 128h+l+32k in bits 2k, 2k+1.
+#define MOE_DETAIL_Q6K_ROW_NEON(DOT16)                                                                 \
+    const int64_t nb = n / kQKK;                                                                       \
+    const uint8x16_t m4 = vdupq_n_u8(0x0F), m30 = vdupq_n_u8(0x30);                                    \
+    const int8x16_t k32 = vdupq_n_s8(32);                                                              \
+    float sum = 0;                                                                                     \
+    for (int64_t b = 0; b < nb; ++b) {                                                                 \
+        const int8_t* sc = w[b].scales;                                                                \
+        const int8_t* y = x[b].qs;                                                                     \
+        int32x4_t acc = vdupq_n_s32(0);                                                                \
+        for (int h = 0; h < 2; ++h) {                                                                  \
+            for (int g = 0; g < 2; ++g) { /* g: l in 0..15 or 16..31 */                                \
+                const uint8x16_t la = vld1q_u8(w[b].ql + 64 * h + 16 * g);                             \
+                const uint8x16_t lb = vld1q_u8(w[b].ql + 64 * h + 32 + 16 * g);                        \
+                const uint8x16_t hb = vld1q_u8(w[b].qh + 32 * h + 16 * g);                             \
+                const int8x16_t q0 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(la, m4), vandq_u8(vshlq_n_u8(hb, 4), m30))), k32); \
+                const int8x16_t q1 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(lb, m4), vandq_u8(vshlq_n_u8(hb, 2), m30))), k32); \
+                const int8x16_t q2 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(la, 4), vandq_u8(hb, m30))), k32); \
+                const int8x16_t q3 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(lb, 4), vandq_u8(vshrq_n_u8(hb, 2), m30))), k32); \
+                const int8_t* yh = y + 128 * h + 16 * g;                                               \
+                const int s = 8 * h + g; /* sub-block of q0; q1..q3 are 2, 4, 6 further */             \
+                acc = vmlaq_n_s32(acc, DOT16(q0, vld1q_s8(yh)), sc[s]);                                \
+                acc = vmlaq_n_s32(acc, DOT16(q1, vld1q_s8(yh + 32)), sc[s + 2]);                       \
+                acc = vmlaq_n_s32(acc, DOT16(q2, vld1q_s8(yh + 64)), sc[s + 4]);                       \
+                acc = vmlaq_n_s32(acc, DOT16(q3, vld1q_s8(yh + 96)), sc[s + 6]);                       \
+            }                                                                                          \
+        }                                                                                              \
+        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)vaddvq_s32(acc);                             \
+    }                                                                                                  \
+    return sum
+
+inline float vec_dot_q6k_q8k_neon(const BlockQ6K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q6K_ROW_NEON(dot16_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q6K_ROW_NEON(dot16_i8_dotprod);
+}
+#endif
+#undef MOE_DETAIL_Q6K_ROW_NEON
+
+//---- activation quantizers (bit-identical to quantize_act_q8_0_ref and quantize_row_q8k_ref) ----
+// The scalar parts (amax / 127, 127 / amax, -127 / vmax, 1 / iscale) are the _ref's own
+// expressions. Products are one rounding each, as in the _ref; FRINTI (vrndiq) rounds in the FPCR
+// mode, which is the mode nearbyint uses (ties to even by default), and the integral result then
+// converts exactly. FMAXNM skips a quiet NaN the way std::max / `>` skip it in the _ref.
+
+// Eight vectors of 4 int32 (each in [-127, 127]) to 16 + 16 int8 in order.
+inline int8x16_t narrow_i32x16_to_i8(int32x4_t a, int32x4_t b, int32x4_t c, int32x4_t d) {
+    return vcombine_s8(vqmovn_s16(vcombine_s16(vqmovn_s32(a), vqmovn_s32(b))), vqmovn_s16(vcombine_s16(vqmovn_s32(c), vqmovn_s32(d))));
+}
+inline int32x4_t round_to_i32(float32x4_t v) { return vcvtq_s32_f32(vrndiq_f32(v)); }
+
+// Q8_0 activations: id = 127/amax, q = nearbyint(x * id); |x * id| <= 127 up to one rounding.
+inline void quantize_act_q8_0_neon(BlockQ8_0* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        float32x4_t v[8];
+        float32x4_t m = vdupq_n_f32(0);
+        for (int k = 0; k < 8; ++k) {
+            v[k] = vld1q_f32(x + 4 * k);
+            m = vmaxnmq_f32(m, vabsq_f32(v[k]));
+        }
+        const float amax = vmaxnmvq_f32(m);
+        const float id = amax != 0 ? 127.f / amax : 0.f;
+        y[b].d = f32_to_fp16(amax / 127.f);
+        int32x4_t q[8];
+        for (int k = 0; k < 8; ++k) q[k] = round_to_i32(vmulq_n_f32(v[k], id));
+        vst1q_s8(y[b].qs, narrow_i32x16_to_i8(q[0], q[1], q[2], q[3]));
+        vst1q_s8(y[b].qs + 16, narrow_i32x16_to_i8(q[4], q[5], q[6], q[7]));
+    }
+}
+
+// Q8_K: vmax is the signed value of the first element with the largest |x| (as the _ref scans);
+// q = min(127, nearbyint(iscale * x)); bsums are the 16-element sums.
+inline void quantize_row_q8k_neon(BlockQ8K* y, const float* x, int64_t n) {
+    const int32x4_t k127 = vdupq_n_s32(127);
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
+        float32x4_t m = vdupq_n_f32(0);
+        for (int j = 0; j < kQKK; j += 4) m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(x + j)));
+        const float amax = vmaxnmvq_f32(m);
+        if (amax == 0) { std::memset(&y[b], 0, sizeof y[b]); continue; }
+        int first = 0;
+        const float32x4_t amaxv = vdupq_n_f32(amax);
+        for (int j = 0; j < kQKK; j += 4) {
+            if (vmaxvq_u32(vceqq_f32(vabsq_f32(vld1q_f32(x + j)), amaxv)) == 0) continue;
+            first = j;
+            while (std::fabs(x[first]) != amax) ++first;
+            break;
+        }
+        const float iscale = -127.f / x[first];
+        for (int j = 0; j < kQKK; j += 16) {
+            int32x4_t q[4];
+            for (int k = 0; k < 4; ++k) q[k] = vminq_s32(round_to_i32(vmulq_n_f32(vld1q_f32(x + j + 4 * k), iscale)), k127);
+            vst1q_s8(y[b].qs + j, narrow_i32x16_to_i8(q[0], q[1], q[2], q[3]));
+            y[b].bsums[j / 16] = (int16_t)vaddvq_s32(vaddq_s32(vaddq_s32(q[0], q[1]), vaddq_s32(q[2], q[3])));
+        }
+        y[b].d = 1 / iscale;
+    }
+}
+
+//-----------------------------------------------------------------------------
+// Dispatch: the kernel for Isa::neon (dotprod = false) or Isa::neon_dotprod (nullptr = _ref).
+// All eight types have a NEON kernel; the integer ones (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) also a
+// dotprod one, the float ones use NEON at both levels. Both levels share the quantizers.
+//-----------------------------------------------------------------------------
+
+inline VecDotFn arm_vec_dot(uint32_t type, bool dotprod) {
+#if MOE_DETAIL_ARM_DOTPROD
+    if (dotprod) {
+        switch ((TensorType)type) {
+            case TensorType::q8_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_dotprod((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
+            case TensorType::q4_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_dotprod((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
+            case TensorType::q4_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_dotprod((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
+            case TensorType::q5_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_dotprod((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
+            case TensorType::q6_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_dotprod((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
+            case TensorType::f32: case TensorType::f16: case TensorType::bf16: break;  // float rows: NEON below
+        }
+    }
+#else
+    (void)dotprod;  // never detected without dotprod kernels (arm_has_dotprod)
+#endif
+    switch ((TensorType)type) {
+        case TensorType::q8_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_neon((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
+        case TensorType::q4_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_neon((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
+        case TensorType::q4_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_neon((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
+        case TensorType::q5_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_neon((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
+        case TensorType::q6_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_neon((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
+        case TensorType::f16: return [](const void* w, const void* x, int64_t n) { return vec_dot_f16_f32_neon((const uint16_t*)w, (const float*)x, n); };
+        case TensorType::bf16: return [](const void* w, const void* x, int64_t n) { return vec_dot_bf16_f32_neon((const uint16_t*)w, (const float*)x, n); };
+        case TensorType::f32: return [](const void* w, const void* x, int64_t n) { return vec_dot_f32_f32_neon((const float*)w, (const float*)x, n); };
+    }
+    return nullptr;
+}
+
+inline QuantizeActFn arm_quantize_act(ActFormat f) {
+    switch (f) {
+        case ActFormat::q8_0: return [](void* dst, const float* x, int64_t n) { quantize_act_q8_0_neon(static_cast<BlockQ8_0*>(dst), x, n); };
+        case ActFormat::q8_k: return [](void* dst, const float* x, int64_t n) { quantize_row_q8k_neon(static_cast<BlockQ8K*>(dst), x, n); };
+        case ActFormat::f32: break;
+    }
+    return nullptr;
+}
+
+}  // namespace detail
+}  // namespace moe
+
+#undef MOE_DETAIL_DOTPROD
+#undef MOE_DETAIL_ARM_DOTPROD
+#undef MOE_DETAIL_HAS_AUXV
+#endif  // MOE_DETAIL_ARM
+
+
 namespace moe {
 namespace detail {
 
 //-----------------------------------------------------------------------------
 // [SECTION] KERNEL DISPATCH
 //-----------------------------------------------------------------------------
-// >>dispatch  The best ISA is detected once (cpuid + xgetbv); force_isa() can lower it for tests
-// and benchmarks. A Model resolves its kernels when it is loaded, so one binary runs on any CPU.
+// >>dispatch  The best ISA is detected once (x86: cpuid + xgetbv; AArch64: NEON always, dotprod
+// from getauxval); force_isa() can lower it for tests and benchmarks. A Model resolves its kernels
+// when it is loaded, so one binary runs on any CPU.
 
 inline Isa detect_isa() {
 #if MOE_DETAIL_X86
@@ -2617,8 +3069,15 @@ inline Isa detect_isa() {
     if (level == 2) return Isa::avx512;
     if (level == 1) return Isa::avx2;
 #endif
+#if MOE_DETAIL_ARM
+    return arm_has_dotprod() ? Isa::neon_dotprod : Isa::neon;
+#else
     return Isa::scalar;
+#endif
 }
+
+inline bool is_x86_isa(Isa isa) { return isa >= Isa::avx2 && isa <= Isa::avx512_vnni; }
+inline bool is_arm_isa(Isa isa) { return isa == Isa::neon || isa == Isa::neon_dotprod; }
 
 inline std::atomic<int>& forced_isa() {
     static std::atomic<int> isa{-1};
@@ -2637,38 +3096,36 @@ inline Isa active_isa() {
 
 inline KernelTraits kernel_traits_for(uint32_t type, Isa isa) {
     KernelTraits k = kernel_traits_ref(type);
+    VecDotFn f = nullptr;
 #if MOE_DETAIL_X86
-    if (isa >= Isa::avx2 && isa <= Isa::avx512_vnni) {
-        VecDotFn f = x86_vec_dot(type, (int)isa);
-        if (f) k.vec_dot = f;
-    }
-#else
-    (void)isa;
+    if (is_x86_isa(isa)) f = x86_vec_dot(type, (int)isa);
 #endif
+#if MOE_DETAIL_ARM
+    if (is_arm_isa(isa)) f = arm_vec_dot(type, isa == Isa::neon_dotprod);
+#endif
+    (void)isa;
+    if (f) k.vec_dot = f;
     return k;
 }
 
 inline KernelTraits kernel_traits(uint32_t type) { return kernel_traits_for(type, active_isa()); }
 
-// Quantizes one activation row; SIMD versions are bit-exact with the _ref ones.
-inline void quantize_act(ActFormat f, void* dst, const float* x, int64_t n) {
+// Quantizes one activation row with the quantizer of `isa`; SIMD versions are bit-exact with the
+// _ref ones.
+inline void quantize_act_with(ActFormat f, Isa isa, void* dst, const float* x, int64_t n) {
+    QuantizeActFn q = nullptr;
 #if MOE_DETAIL_X86
-    const Isa isa = active_isa();
-    QuantizeActFn q = isa >= Isa::avx2 && isa <= Isa::avx512_vnni ? x86_quantize_act(f, (int)isa) : nullptr;
-    if (q) { q(dst, x, n); return; }
+    if (is_x86_isa(isa)) q = x86_quantize_act(f, (int)isa);
 #endif
+#if MOE_DETAIL_ARM
+    if (is_arm_isa(isa)) q = arm_quantize_act(f);
+#endif
+    (void)isa;
+    if (q) { q(dst, x, n); return; }
     quantize_act_ref(f, dst, x, n);
 }
 
-inline void quantize_act_with(ActFormat f, Isa isa, void* dst, const float* x, int64_t n) {
-#if MOE_DETAIL_X86
-    QuantizeActFn q = isa >= Isa::avx2 && isa <= Isa::avx512_vnni ? x86_quantize_act(f, (int)isa) : nullptr;
-    if (q) { q(dst, x, n); return; }
-#else
-    (void)isa;
-#endif
-    quantize_act_ref(f, dst, x, n);
-}
+inline void quantize_act(ActFormat f, void* dst, const float* x, int64_t n) { quantize_act_with(f, active_isa(), dst, x, n); }
 
 }  // namespace detail
 
