@@ -1,11 +1,12 @@
 // Self-contained kernel test for AArch64 builds, where GoogleTest is not at hand (the cross
 // toolchain has none): plain C++17 + moe_infer.h, run under qemu-aarch64 by tests/arm/run_qemu.sh.
-// It also builds and runs elsewhere; off AArch64 it checks the scalar kernels only (the x86 ones
-// are tests/test_kernels.cpp's business).
+// It also builds and runs on x86-64, where it checks scalar, avx2, avx512 and avx512_vnni as far
+// as the CPU has them: the way to test the AVX-512 kernels on a machine without GoogleTest.
 //
-//   test_arm_kernels REPO_ROOT [--expect-isa scalar|neon|neon_dotprod]
+//   test_arm_kernels REPO_ROOT [--expect-isa scalar|neon|neon_dotprod] [--threads N]
 //
-// For every ISA of the ARM family that this CPU and build have (scalar, neon, neon_dotprod):
+// For every ISA of this CPU's family that it and the build have (scalar, neon, neon_dotprod; or
+// scalar, avx2, avx512, avx512_vnni):
 //   1. vec_dot of every tensor type against the scalar _ref kernel, on many row lengths (tails and
 //      odd lengths for the float types), several seeds, Gaussian and adversarial weights and
 //      activations; and against a double-precision dot of the same quantized inputs. Tolerances are
@@ -72,14 +73,17 @@ bool is_k_quant(moe::TensorType t) { return t == moe::TensorType::q4_k || t == m
 bool has_mins(moe::TensorType t) { return t == moe::TensorType::q4_k || t == moe::TensorType::q5_k; }
 int act_block(moe::TensorType t) { return is_float_type(t) ? 1 : is_k_quant(t) ? 256 : 32; }
 
+int g_threads = 2;  // --threads: session threads of the demo-model runs
+
 bool is_arm(moe::Isa isa) { return isa == moe::Isa::neon || isa == moe::Isa::neon_dotprod; }
 
-// The ISAs to test: scalar always, then the ARM ones up to the detected level.
+// The ISAs to test: scalar always, then those of this CPU's family up to the detected level (so the
+// same program also checks the x86 kernels where gtest is not installed, e.g. the device host).
 std::vector<moe::Isa> isas_to_test() {
     std::vector<moe::Isa> out = {moe::Isa::scalar};
     const moe::Isa best = moe::detected_isa();
-    for (moe::Isa isa : {moe::Isa::neon, moe::Isa::neon_dotprod})
-        if (is_arm(best) && (int)isa <= (int)best) out.push_back(isa);
+    for (moe::Isa isa : {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod})
+        if (best != moe::Isa::scalar && is_arm(isa) == is_arm(best) && (int)isa <= (int)best) out.push_back(isa);
     return out;
 }
 
@@ -375,7 +379,7 @@ bool run_model(const std::string& root, const Reference& ref, bool float_activat
     }
     moe::SessionOptions so;
     so.n_ctx = 128;
-    so.n_threads = 2;
+    so.n_threads = g_threads;
     so.float_activations = float_activations;
     moe::Session s;
     logits->assign(ref.tokens.size() * kVocab, 0.f);
@@ -462,6 +466,7 @@ int main(int argc, char** argv) {
     const char* expect = nullptr;
     for (int i = 2; i + 1 < argc; ++i)
         if (std::strcmp(argv[i], "--expect-isa") == 0) expect = argv[i + 1];
+        else if (std::strcmp(argv[i], "--threads") == 0) g_threads = std::max(1, std::atoi(argv[i + 1]));
 
     test_detection(expect);
     const std::vector<moe::Isa> isas = isas_to_test();
