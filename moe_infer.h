@@ -483,7 +483,7 @@ public:
 
 private:
     std::unique_ptr<detail::SessionImpl> impl_;
-    const Model* model_ = nullptr;
+    Model model_;  // shares the model's weights; empty until create()
 };
 
 //-----------------------------------------------------------------------------
@@ -551,6 +551,14 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 #define MOE_ASSERT(x) assert(x)
 #endif
 
+// Out-of-class member functions of the public classes: inline under MOE_INFER_STATIC, so that
+// several translation units may each hold the implementation.
+#if defined(MOE_INFER_STATIC)
+#define MOE_DETAIL_MEMBER inline
+#else
+#define MOE_DETAIL_MEMBER
+#endif
+
 #if defined(MOE_MALLOC) != defined(MOE_FREE)
 #error "define both MOE_MALLOC and MOE_FREE, or neither"
 #endif
@@ -581,10 +589,22 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 
 #include <chrono>
 
+// x86-64 kernels are compiled with GCC/Clang target attributes (KERNELS: X86); MOE_NO_AVX2 and
+// MOE_NO_AVX512 only take their level out of dispatch (AVX-512 kernels also use AVX2 instructions).
 #if !defined(MOE_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define MOE_DETAIL_X86 1
 #else
 #define MOE_DETAIL_X86 0
+#endif
+#if MOE_DETAIL_X86 && !defined(MOE_NO_AVX2)
+#define MOE_DETAIL_HAS_AVX2 1
+#else
+#define MOE_DETAIL_HAS_AVX2 0
+#endif
+#if MOE_DETAIL_X86 && !defined(MOE_NO_AVX512)
+#define MOE_DETAIL_HAS_AVX512 1
+#else
+#define MOE_DETAIL_HAS_AVX512 0
 #endif
 
 // AArch64 with GCC/Clang: NEON is part of the base ISA, so its kernels need no detection; the
@@ -596,6 +616,7 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 #else
 #define MOE_DETAIL_ARM 0
 #endif
+#define MOE_DETAIL_HAS_NEON MOE_DETAIL_ARM
 
 //-----------------------------------------------------------------------------
 // [SECTION] UTILITIES
@@ -735,6 +756,32 @@ inline std::string& last_error_storage() {
     return message;
 }
 
+// Appends `s` with control bytes and ill-formed UTF-8 written as \xNN: messages quote names and
+// strings from files, and those must not reach a terminal or a log raw.
+inline void append_escaped(std::string* out, const char* s) {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(s);
+    while (*p) {
+        const unsigned char b = *p;
+        int len = 0;
+        unsigned char lo = 0x80, hi = 0xbf;  // allowed range of the second byte
+        if (b >= 0x20 && b < 0x7f) len = 1;
+        else if (b >= 0xc2 && b <= 0xdf) len = 2;
+        else if (b >= 0xe0 && b <= 0xef) { len = 3; if (b == 0xe0) lo = 0xa0; if (b == 0xed) hi = 0x9f; }
+        else if (b >= 0xf0 && b <= 0xf4) { len = 4; if (b == 0xf0) lo = 0x90; if (b == 0xf4) hi = 0x8f; }
+        for (int i = 1; i < len; ++i, lo = 0x80, hi = 0xbf)
+            if (p[i] < lo || p[i] > hi) len = 0;
+        if (len > 0) {
+            out->append(reinterpret_cast<const char*>(p), (size_t)len);
+            p += len;
+        } else {
+            char hex[8];
+            std::snprintf(hex, sizeof hex, "\\x%02x", b);
+            out->append(hex);
+            ++p;
+        }
+    }
+}
+
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((format(printf, 2, 3)))
 #endif
@@ -744,7 +791,9 @@ inline Status fail(Status status, const char* format, ...) {
     va_start(args, format);
     std::vsnprintf(buffer, sizeof buffer, format, args);
     va_end(args);
-    last_error_storage() = buffer;
+    std::string& message = last_error_storage();
+    message.clear();
+    append_escaped(&message, buffer);
     return status;
 }
 
@@ -902,22 +951,28 @@ inline bool gguf_is_signed(GgufValueType t) {
     return t == GgufValueType::i8 || t == GgufValueType::i16 || t == GgufValueType::i32 || t == GgufValueType::i64;
 }
 
-struct TypeTraits {
-    uint32_t id;
-    const char* name;
-    int block_elems;
-    int block_bytes;
-};
+// The per-type table: one row per tensor type this build reads, defined in TYPE TABLE after the
+// kernels it names. A new type is a block struct, its _ref functions, its SIMD kernels and one row.
+enum class ActFormat { f32, q8_0, q8_k };  // what a weight type's kernels dot against
+constexpr int kActFormatCount = 3;
+constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 
-inline const TypeTraits* type_traits(uint32_t id) {
-    static const TypeTraits table[] = {
-        {0, "F32", 1, 4},     {1, "F16", 1, 2},      {2, "Q4_0", 32, 18},   {8, "Q8_0", 32, 34},
-        {12, "Q4_K", 256, 144}, {13, "Q5_K", 256, 176}, {14, "Q6_K", 256, 210}, {30, "BF16", 1, 2},
-    };
-    for (const TypeTraits& t : table)
-        if (t.id == id) return &t;
-    return nullptr;
-}
+typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
+typedef void (*QuantizeRowFn)(const float* x, void* dst, int64_t n);     // n floats -> blocks
+typedef void (*DequantizeRowFn)(const void* src, float* y, int64_t n);  // blocks -> n floats
+
+struct QuantType {
+    TensorType type;
+    const char* name;
+    int block_elems, block_bytes;    // block_bytes = sizeof(the block struct)
+    ActFormat act;                   // activation format of the integer kernels (as llama.cpp)
+    QuantizeRowFn quantize_ref;      // file quantizer (GgufWriter, tools)
+    DequantizeRowFn dequantize_ref;
+    VecDotFn dot_f32;                // against float activations (SessionOptions::float_activations)
+    VecDotFn dot[kIsaCount];         // by Isa against `act`; nullptr: the next lower level of the family, then dot[scalar]
+};
+// Row for a raw ggml type id; nullptr for a type this build cannot read.
+inline const QuantType* quant_type(uint32_t id);
 
 struct GgufFileImpl {
     FileView view;          // owns the bytes when opened from a path
@@ -1027,7 +1082,7 @@ inline Status GgufFileImpl::parse() {
     if (!tensors.empty() && data_offset > size) return fail(Status::invalid_file, "data section starts past the end of the file");
 
     for (GgufTensorInfo& t : tensors) {
-        const TypeTraits* tt = type_traits(t.type);
+        const QuantType* tt = quant_type(t.type);
         if (!tt) return fail(Status::unsupported, "tensor '%s' has unsupported type id %u", t.name.c_str(), t.type);
         if (t.ne[0] % tt->block_elems != 0)
             return fail(Status::invalid_file, "tensor '%s': row length %lld is not a multiple of the %s block (%d)", t.name.c_str(), (long long)t.ne[0], tt->name, tt->block_elems);
@@ -1054,25 +1109,25 @@ inline Status GgufFileImpl::parse() {
 }  // namespace detail
 
 MOE_API const char* tensor_type_name(TensorType t) {
-    const detail::TypeTraits* tt = detail::type_traits((uint32_t)t);
+    const detail::QuantType* tt = detail::quant_type((uint32_t)t);
     return tt ? tt->name : "unknown";
 }
 MOE_API int tensor_type_block_elems(TensorType t) {
-    const detail::TypeTraits* tt = detail::type_traits((uint32_t)t);
+    const detail::QuantType* tt = detail::quant_type((uint32_t)t);
     return tt ? tt->block_elems : 0;
 }
 MOE_API int tensor_type_block_bytes(TensorType t) {
-    const detail::TypeTraits* tt = detail::type_traits((uint32_t)t);
+    const detail::QuantType* tt = detail::quant_type((uint32_t)t);
     return tt ? tt->block_bytes : 0;
 }
-MOE_API bool tensor_type_supported(uint32_t raw) { return detail::type_traits(raw) != nullptr; }
+MOE_API bool tensor_type_supported(uint32_t raw) { return detail::quant_type(raw) != nullptr; }
 
-GgufFile::GgufFile() = default;
-GgufFile::~GgufFile() = default;
-GgufFile::GgufFile(GgufFile&&) noexcept = default;
-GgufFile& GgufFile::operator=(GgufFile&&) noexcept = default;
+MOE_DETAIL_MEMBER GgufFile::GgufFile() = default;
+MOE_DETAIL_MEMBER GgufFile::~GgufFile() = default;
+MOE_DETAIL_MEMBER GgufFile::GgufFile(GgufFile&&) noexcept = default;
+MOE_DETAIL_MEMBER GgufFile& GgufFile::operator=(GgufFile&&) noexcept = default;
 
-Status GgufFile::open(const char* path, bool use_mmap, GgufFile* out) {
+MOE_DETAIL_MEMBER Status GgufFile::open(const char* path, bool use_mmap, GgufFile* out) {
     if (!out) return detail::fail(Status::invalid_argument, "null output");
     std::unique_ptr<detail::GgufFileImpl> impl(new (std::nothrow) detail::GgufFileImpl());
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
@@ -1089,7 +1144,7 @@ Status GgufFile::open(const char* path, bool use_mmap, GgufFile* out) {
     return Status::ok;
 }
 
-Status GgufFile::open_memory(const void* data, size_t size, GgufFile* out) {
+MOE_DETAIL_MEMBER Status GgufFile::open_memory(const void* data, size_t size, GgufFile* out) {
     if (!out || (!data && size)) return detail::fail(Status::invalid_argument, "null argument");
     std::unique_ptr<detail::GgufFileImpl> impl(new (std::nothrow) detail::GgufFileImpl());
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
@@ -1101,26 +1156,26 @@ Status GgufFile::open_memory(const void* data, size_t size, GgufFile* out) {
     return Status::ok;
 }
 
-uint32_t GgufFile::version() const { return impl_ ? impl_->version : 0; }
-uint32_t GgufFile::alignment() const { return impl_ ? impl_->alignment : 0; }
-size_t GgufFile::n_keys() const { return impl_ ? impl_->kv.size() : 0; }
-const GgufKeyValue& GgufFile::key_at(size_t i) const { return impl_->kv[i]; }
-size_t GgufFile::n_tensors() const { return impl_ ? impl_->tensors.size() : 0; }
-const GgufTensorInfo& GgufFile::tensor_at(size_t i) const { return impl_->tensors[i]; }
-size_t GgufFile::file_size() const { return impl_ ? impl_->size : 0; }
+MOE_DETAIL_MEMBER uint32_t GgufFile::version() const { return impl_ ? impl_->version : 0; }
+MOE_DETAIL_MEMBER uint32_t GgufFile::alignment() const { return impl_ ? impl_->alignment : 0; }
+MOE_DETAIL_MEMBER size_t GgufFile::n_keys() const { return impl_ ? impl_->kv.size() : 0; }
+MOE_DETAIL_MEMBER const GgufKeyValue& GgufFile::key_at(size_t i) const { return impl_->kv[i]; }
+MOE_DETAIL_MEMBER size_t GgufFile::n_tensors() const { return impl_ ? impl_->tensors.size() : 0; }
+MOE_DETAIL_MEMBER const GgufTensorInfo& GgufFile::tensor_at(size_t i) const { return impl_->tensors[i]; }
+MOE_DETAIL_MEMBER size_t GgufFile::file_size() const { return impl_ ? impl_->size : 0; }
 
-const GgufKeyValue* GgufFile::find(const char* key) const {
+MOE_DETAIL_MEMBER const GgufKeyValue* GgufFile::find(const char* key) const {
     if (!impl_ || !key) return nullptr;
     auto it = impl_->key_index.find(key);
     return it == impl_->key_index.end() ? nullptr : &impl_->kv[it->second];
 }
-const GgufTensorInfo* GgufFile::find_tensor(const char* name) const {
+MOE_DETAIL_MEMBER const GgufTensorInfo* GgufFile::find_tensor(const char* name) const {
     if (!impl_ || !name) return nullptr;
     auto it = impl_->tensor_index.find(name);
     return it == impl_->tensor_index.end() ? nullptr : &impl_->tensors[it->second];
 }
 
-Status GgufFile::get_u32(const char* key, uint32_t* out) const {
+MOE_DETAIL_MEMBER Status GgufFile::get_u32(const char* key, uint32_t* out) const {
     const GgufKeyValue* e = find(key);
     if (!e) return detail::fail(Status::missing_key, "missing metadata key '%s'", key);
     if (!detail::gguf_is_integer(e->type)) return detail::fail(Status::invalid_file, "metadata '%s' is not an integer", key);
@@ -1129,7 +1184,7 @@ Status GgufFile::get_u32(const char* key, uint32_t* out) const {
     *out = (uint32_t)e->scalar_u64;
     return Status::ok;
 }
-Status GgufFile::get_f32(const char* key, float* out) const {
+MOE_DETAIL_MEMBER Status GgufFile::get_f32(const char* key, float* out) const {
     const GgufKeyValue* e = find(key);
     if (!e) return detail::fail(Status::missing_key, "missing metadata key '%s'", key);
     if (e->type == GgufValueType::string || e->type == GgufValueType::array || e->type == GgufValueType::boolean)
@@ -1137,21 +1192,21 @@ Status GgufFile::get_f32(const char* key, float* out) const {
     *out = (float)e->scalar_f64;
     return Status::ok;
 }
-Status GgufFile::get_bool(const char* key, bool* out) const {
+MOE_DETAIL_MEMBER Status GgufFile::get_bool(const char* key, bool* out) const {
     const GgufKeyValue* e = find(key);
     if (!e) return detail::fail(Status::missing_key, "missing metadata key '%s'", key);
     if (e->type != GgufValueType::boolean && !detail::gguf_is_integer(e->type)) return detail::fail(Status::invalid_file, "metadata '%s' is not a bool", key);
     *out = e->scalar_u64 != 0;
     return Status::ok;
 }
-Status GgufFile::get_string(const char* key, std::string* out) const {
+MOE_DETAIL_MEMBER Status GgufFile::get_string(const char* key, std::string* out) const {
     const GgufKeyValue* e = find(key);
     if (!e) return detail::fail(Status::missing_key, "missing metadata key '%s'", key);
     if (e->type != GgufValueType::string) return detail::fail(Status::invalid_file, "metadata '%s' is not a string", key);
     out->assign(e->scalar_str.data, e->scalar_str.size);
     return Status::ok;
 }
-Status GgufFile::get_string_array(const char* key, std::vector<std::string>* out) const {
+MOE_DETAIL_MEMBER Status GgufFile::get_string_array(const char* key, std::vector<std::string>* out) const {
     const GgufKeyValue* e = find(key);
     if (!e) return detail::fail(Status::missing_key, "missing metadata key '%s'", key);
     if (e->type != GgufValueType::array || e->array_type != GgufValueType::string)
@@ -1168,7 +1223,7 @@ Status GgufFile::get_string_array(const char* key, std::vector<std::string>* out
     }
     return Status::ok;
 }
-Status GgufFile::get_f32_array(const char* key, std::vector<float>* out) const {
+MOE_DETAIL_MEMBER Status GgufFile::get_f32_array(const char* key, std::vector<float>* out) const {
     const GgufKeyValue* e = find(key);
     if (!e) return detail::fail(Status::missing_key, "missing metadata key '%s'", key);
     if (e->type != GgufValueType::array || e->array_type == GgufValueType::string)
@@ -1182,7 +1237,7 @@ Status GgufFile::get_f32_array(const char* key, std::vector<float>* out) const {
     }
     return Status::ok;
 }
-Status GgufFile::get_i32_array(const char* key, std::vector<int32_t>* out) const {
+MOE_DETAIL_MEMBER Status GgufFile::get_i32_array(const char* key, std::vector<int32_t>* out) const {
     const GgufKeyValue* e = find(key);
     if (!e) return detail::fail(Status::missing_key, "missing metadata key '%s'", key);
     if (e->type != GgufValueType::array || !detail::gguf_is_integer(e->array_type))
@@ -1213,7 +1268,7 @@ inline void put_string(std::vector<uint8_t>& out, const std::string& s) {
 }
 }  // namespace detail
 
-void GgufWriter::set_raw(const std::string& key, GgufValueType type, GgufValueType array_type, uint64_t count, std::vector<uint8_t> payload) {
+MOE_DETAIL_MEMBER void GgufWriter::set_raw(const std::string& key, GgufValueType type, GgufValueType array_type, uint64_t count, std::vector<uint8_t> payload) {
     for (Entry& e : entries_)
         if (e.key == key) {
             e.type = type; e.array_type = array_type; e.count = count; e.payload = std::move(payload);
@@ -1221,38 +1276,38 @@ void GgufWriter::set_raw(const std::string& key, GgufValueType type, GgufValueTy
         }
     entries_.push_back(Entry{key, type, array_type, count, std::move(payload)});
 }
-void GgufWriter::set_u32(const std::string& key, uint32_t v) { std::vector<uint8_t> p; detail::put(p, v); set_raw(key, GgufValueType::u32, GgufValueType::u8, 0, p); }
-void GgufWriter::set_i32(const std::string& key, int32_t v) { std::vector<uint8_t> p; detail::put(p, v); set_raw(key, GgufValueType::i32, GgufValueType::u8, 0, p); }
-void GgufWriter::set_f32(const std::string& key, float v) { std::vector<uint8_t> p; detail::put(p, v); set_raw(key, GgufValueType::f32, GgufValueType::u8, 0, p); }
-void GgufWriter::set_bool(const std::string& key, bool v) { std::vector<uint8_t> p; detail::put<uint8_t>(p, v ? 1 : 0); set_raw(key, GgufValueType::boolean, GgufValueType::u8, 0, p); }
-void GgufWriter::set_string(const std::string& key, const std::string& v) { std::vector<uint8_t> p; detail::put_string(p, v); set_raw(key, GgufValueType::string, GgufValueType::u8, 0, p); }
-void GgufWriter::set_string_array(const std::string& key, const std::vector<std::string>& v) {
+MOE_DETAIL_MEMBER void GgufWriter::set_u32(const std::string& key, uint32_t v) { std::vector<uint8_t> p; detail::put(p, v); set_raw(key, GgufValueType::u32, GgufValueType::u8, 0, p); }
+MOE_DETAIL_MEMBER void GgufWriter::set_i32(const std::string& key, int32_t v) { std::vector<uint8_t> p; detail::put(p, v); set_raw(key, GgufValueType::i32, GgufValueType::u8, 0, p); }
+MOE_DETAIL_MEMBER void GgufWriter::set_f32(const std::string& key, float v) { std::vector<uint8_t> p; detail::put(p, v); set_raw(key, GgufValueType::f32, GgufValueType::u8, 0, p); }
+MOE_DETAIL_MEMBER void GgufWriter::set_bool(const std::string& key, bool v) { std::vector<uint8_t> p; detail::put<uint8_t>(p, v ? 1 : 0); set_raw(key, GgufValueType::boolean, GgufValueType::u8, 0, p); }
+MOE_DETAIL_MEMBER void GgufWriter::set_string(const std::string& key, const std::string& v) { std::vector<uint8_t> p; detail::put_string(p, v); set_raw(key, GgufValueType::string, GgufValueType::u8, 0, p); }
+MOE_DETAIL_MEMBER void GgufWriter::set_string_array(const std::string& key, const std::vector<std::string>& v) {
     std::vector<uint8_t> p;
     for (const std::string& s : v) detail::put_string(p, s);
     set_raw(key, GgufValueType::array, GgufValueType::string, v.size(), p);
 }
-void GgufWriter::set_f32_array(const std::string& key, const std::vector<float>& v) {
+MOE_DETAIL_MEMBER void GgufWriter::set_f32_array(const std::string& key, const std::vector<float>& v) {
     std::vector<uint8_t> p;
     detail::put_bytes(p, v.data(), v.size() * 4);
     set_raw(key, GgufValueType::array, GgufValueType::f32, v.size(), p);
 }
-void GgufWriter::set_i32_array(const std::string& key, const std::vector<int32_t>& v) {
+MOE_DETAIL_MEMBER void GgufWriter::set_i32_array(const std::string& key, const std::vector<int32_t>& v) {
     std::vector<uint8_t> p;
     detail::put_bytes(p, v.data(), v.size() * 4);
     set_raw(key, GgufValueType::array, GgufValueType::i32, v.size(), p);
 }
 
-Status GgufWriter::add_tensor(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data) {
+MOE_DETAIL_MEMBER Status GgufWriter::add_tensor(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data) {
     if (!data) return detail::fail(Status::invalid_argument, "tensor '%s': null data", name.c_str());
     return add_tensor_impl(name, type, n_dims, ne, data);
 }
 
-Status GgufWriter::add_tensor_deferred(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne) {
+MOE_DETAIL_MEMBER Status GgufWriter::add_tensor_deferred(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne) {
     return add_tensor_impl(name, type, n_dims, ne, nullptr);
 }
 
-Status GgufWriter::add_tensor_impl(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data) {
-    const detail::TypeTraits* tt = detail::type_traits((uint32_t)type);
+MOE_DETAIL_MEMBER Status GgufWriter::add_tensor_impl(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
     if (!tt) return detail::fail(Status::unsupported, "tensor '%s': unsupported type", name.c_str());
     if (n_dims < 1 || n_dims > 4 || !ne) return detail::fail(Status::invalid_argument, "tensor '%s': bad shape", name.c_str());
     if (name.empty() || name.size() > 255) return detail::fail(Status::invalid_argument, "tensor name '%s' is empty or too long", name.c_str());
@@ -1274,8 +1329,8 @@ Status GgufWriter::add_tensor_impl(const std::string& name, TensorType type, uin
     return Status::ok;
 }
 
-Status GgufWriter::add_tensor_f32(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const float* values) {
-    const detail::TypeTraits* tt = detail::type_traits((uint32_t)type);
+MOE_DETAIL_MEMBER Status GgufWriter::add_tensor_f32(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const float* values) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
     if (!tt || n_dims < 1 || n_dims > 4 || !ne) return detail::fail(Status::invalid_argument, "tensor '%s': bad type or shape", name.c_str());
     int64_t n = 1;
     for (uint32_t d = 0; d < n_dims; ++d) n *= ne[d];
@@ -1286,7 +1341,7 @@ Status GgufWriter::add_tensor_f32(const std::string& name, TensorType type, uint
     return add_tensor(name, type, n_dims, ne, bytes.data());
 }
 
-std::vector<uint8_t> GgufWriter::header_bytes(uint32_t* alignment_out) const {
+MOE_DETAIL_MEMBER std::vector<uint8_t> GgufWriter::header_bytes(uint32_t* alignment_out) const {
     uint32_t alignment = 32;
     for (const Entry& e : entries_)
         if (e.key == "general.alignment" && e.type == GgufValueType::u32) std::memcpy(&alignment, e.payload.data(), 4);
@@ -1319,7 +1374,7 @@ std::vector<uint8_t> GgufWriter::header_bytes(uint32_t* alignment_out) const {
     return out;
 }
 
-std::vector<uint8_t> GgufWriter::to_bytes() const {
+MOE_DETAIL_MEMBER std::vector<uint8_t> GgufWriter::to_bytes() const {
     uint32_t alignment;
     std::vector<uint8_t> out = header_bytes(&alignment);
     for (const Tensor& t : tensors_) {
@@ -1330,9 +1385,9 @@ std::vector<uint8_t> GgufWriter::to_bytes() const {
     return out;
 }
 
-Status GgufWriter::write(const char* path) const { return write_streaming(path, nullptr, nullptr); }
+MOE_DETAIL_MEMBER Status GgufWriter::write(const char* path) const { return write_streaming(path, nullptr, nullptr); }
 
-Status GgufWriter::write_streaming(const char* path, FillFn fill, void* user) const {
+MOE_DETAIL_MEMBER Status GgufWriter::write_streaming(const char* path, FillFn fill, void* user) const {
     if (!path) return detail::fail(Status::invalid_argument, "null path");
     for (const Tensor& t : tensors_)
         if (t.deferred && !fill) return detail::fail(Status::invalid_argument, "tensor '%s' is deferred but no fill callback was given", t.name.c_str());
@@ -1405,6 +1460,10 @@ static_assert(sizeof(BlockQ8K) == 292, "wrong q8_K block size");
 inline int nearest_int(float x) { return (int)std::nearbyint(x); }
 
 // ---- quantize (reference) ----
+
+inline void quantize_row_f32_ref(float* y, const float* x, int64_t n) { std::memcpy(y, x, (size_t)n * 4); }
+inline void quantize_row_f16_ref(uint16_t* y, const float* x, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_fp16(x[i]); }
+inline void quantize_row_bf16_ref(uint16_t* y, const float* x, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]); }
 
 inline void quantize_row_q8_0_ref(BlockQ8_0* y, const float* x, int64_t n) {
     for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
@@ -1521,26 +1580,24 @@ inline void quantize_superblock_k(const float* x, int bits, uint16_t* d_out, uin
     }
 }
 
-inline void quantize_row_q4k_ref(BlockQ4K* y, const float* x, int64_t n) {
-    uint8_t L[kQKK];
-    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
-        quantize_superblock_k(x, 4, &y[b].d, &y[b].dmin, y[b].scales, L);
-        for (int c = 0; c < 4; ++c)
-            for (int l = 0; l < 32; ++l) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
-    }
-}
+// The fifth bit of Q5_K lives in qh: element 64c + l is bit 2c of qh[l], element 64c + 32 + l bit
+// 2c + 1. These return it in place (16 or 0); a Q4_K block has none.
+inline int qk_fifth_bit(const BlockQ4K&, int, int, int) { return 0; }
+inline int qk_fifth_bit(const BlockQ5K& blk, int c, int high_half, int l) { return ((blk.qh[l] >> (2 * c + high_half)) & 1) << 4; }
+template <typename Block> constexpr bool kHasFifthBit = std::is_same<Block, BlockQ5K>::value;
 
-inline void quantize_row_q5k_ref(BlockQ5K* y, const float* x, int64_t n) {
+// Q4_K and Q5_K: the same super-block fit, with 4 or 5 bits per value.
+template <typename Block>
+inline void quantize_row_q45k_ref(Block* y, const float* x, int64_t n) {
     uint8_t L[kQKK];
     for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
-        quantize_superblock_k(x, 5, &y[b].d, &y[b].dmin, y[b].scales, L);
-        std::memset(y[b].qh, 0, sizeof y[b].qh);
+        quantize_superblock_k(x, kHasFifthBit<Block> ? 5 : 4, &y[b].d, &y[b].dmin, y[b].scales, L);
+        if constexpr (kHasFifthBit<Block>) std::memset(y[b].qh, 0, sizeof y[b].qh);
         for (int c = 0; c < 4; ++c)
             for (int l = 0; l < 32; ++l) {
-                int lo = L[64 * c + l], hi = L[64 * c + 32 + l];
+                const int lo = L[64 * c + l], hi = L[64 * c + 32 + l];
                 y[b].qs[32 * c + l] = (uint8_t)((lo & 15) | ((hi & 15) << 4));
-                if (lo & 16) y[b].qh[l] |= (uint8_t)(1 << (2 * c));
-                if (hi & 16) y[b].qh[l] |= (uint8_t)(1 << (2 * c + 1));
+                if constexpr (kHasFifthBit<Block>) y[b].qh[l] |= (uint8_t)(((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1)));
             }
     }
 }
@@ -1600,6 +1657,10 @@ inline void quantize_row_q8k_ref(BlockQ8K* y, const float* x, int64_t n) {
 
 // ---- dequantize (reference) ----
 
+inline void dequantize_row_f32(const float* x, float* y, int64_t n) { std::memcpy(y, x, (size_t)n * 4); }
+inline void dequantize_row_f16(const uint16_t* x, float* y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = fp16_to_f32(x[i]); }
+inline void dequantize_row_bf16(const uint16_t* x, float* y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_f32(x[i]); }
+
 inline void dequantize_row_q8_0(const BlockQ8_0* x, float* y, int64_t n) {
     for (int64_t b = 0; b < n / kQK; ++b) {
         float d = fp16_to_f32(x[b].d);
@@ -1615,7 +1676,8 @@ inline void dequantize_row_q4_0(const BlockQ4_0* x, float* y, int64_t n) {
         }
     }
 }
-inline void dequantize_row_q4k(const BlockQ4K* x, float* y, int64_t n) {
+template <typename Block>
+inline void dequantize_row_q45k(const Block* x, float* y, int64_t n) {
     for (int64_t b = 0; b < n / kQKK; ++b) {
         float d = fp16_to_f32(x[b].d), dmin = fp16_to_f32(x[b].dmin);
         for (int c = 0; c < 4; ++c) {
@@ -1623,26 +1685,9 @@ inline void dequantize_row_q4k(const BlockQ4K* x, float* y, int64_t n) {
             q4k_get_scale_min(2 * c, x[b].scales, &s0, &m0);
             q4k_get_scale_min(2 * c + 1, x[b].scales, &s1, &m1);
             for (int l = 0; l < 32; ++l) {
-                uint8_t q = x[b].qs[32 * c + l];
-                y[64 * c + l] = d * s0 * (q & 15) - dmin * m0;
-                y[64 * c + 32 + l] = d * s1 * (q >> 4) - dmin * m1;
-            }
-        }
-        y += kQKK;
-    }
-}
-inline void dequantize_row_q5k(const BlockQ5K* x, float* y, int64_t n) {
-    for (int64_t b = 0; b < n / kQKK; ++b) {
-        float d = fp16_to_f32(x[b].d), dmin = fp16_to_f32(x[b].dmin);
-        for (int c = 0; c < 4; ++c) {
-            uint8_t s0, m0, s1, m1;
-            q4k_get_scale_min(2 * c, x[b].scales, &s0, &m0);
-            q4k_get_scale_min(2 * c + 1, x[b].scales, &s1, &m1);
-            for (int l = 0; l < 32; ++l) {
-                uint8_t q = x[b].qs[32 * c + l], h = x[b].qh[l];
-                int lo = (q & 15) | (((h >> (2 * c)) & 1) << 4), hi = (q >> 4) | (((h >> (2 * c + 1)) & 1) << 4);
-                y[64 * c + l] = d * s0 * lo - dmin * m0;
-                y[64 * c + 32 + l] = d * s1 * hi - dmin * m1;
+                const uint8_t q = x[b].qs[32 * c + l];
+                y[64 * c + l] = d * s0 * ((q & 15) | qk_fifth_bit(x[b], c, 0, l)) - dmin * m0;
+                y[64 * c + 32 + l] = d * s1 * ((q >> 4) | qk_fifth_bit(x[b], c, 1, l)) - dmin * m1;
             }
         }
         y += kQKK;
@@ -1671,40 +1716,6 @@ inline void dequantize_row_q6k(const BlockQ6K* x, float* y, int64_t n) {
 }
 
 }  // namespace detail
-
-MOE_API Status quantize_row(TensorType type, const float* src, void* dst, int64_t n) {
-    using namespace detail;
-    const TypeTraits* tt = type_traits((uint32_t)type);
-    if (!tt || !src || !dst || n < 0 || n % tt->block_elems) return fail(Status::invalid_argument, "quantize_row: bad type or length");
-    switch (type) {
-        case TensorType::f32: std::memcpy(dst, src, (size_t)n * 4); break;
-        case TensorType::f16: for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(dst)[i] = f32_to_fp16(src[i]); break;
-        case TensorType::bf16: for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(dst)[i] = f32_to_bf16(src[i]); break;
-        case TensorType::q8_0: quantize_row_q8_0_ref(static_cast<BlockQ8_0*>(dst), src, n); break;
-        case TensorType::q4_0: quantize_row_q4_0_ref(static_cast<BlockQ4_0*>(dst), src, n); break;
-        case TensorType::q4_k: quantize_row_q4k_ref(static_cast<BlockQ4K*>(dst), src, n); break;
-        case TensorType::q5_k: quantize_row_q5k_ref(static_cast<BlockQ5K*>(dst), src, n); break;
-        case TensorType::q6_k: quantize_row_q6k_ref(static_cast<BlockQ6K*>(dst), src, n); break;
-    }
-    return Status::ok;
-}
-
-MOE_API Status dequantize_row(TensorType type, const void* src, float* dst, int64_t n) {
-    using namespace detail;
-    const TypeTraits* tt = type_traits((uint32_t)type);
-    if (!tt || !src || !dst || n < 0 || n % tt->block_elems) return fail(Status::invalid_argument, "dequantize_row: bad type or length");
-    switch (type) {
-        case TensorType::f32: std::memcpy(dst, src, (size_t)n * 4); break;
-        case TensorType::f16: for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_f32(static_cast<const uint16_t*>(src)[i]); break;
-        case TensorType::bf16: for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(static_cast<const uint16_t*>(src)[i]); break;
-        case TensorType::q8_0: dequantize_row_q8_0(static_cast<const BlockQ8_0*>(src), dst, n); break;
-        case TensorType::q4_0: dequantize_row_q4_0(static_cast<const BlockQ4_0*>(src), dst, n); break;
-        case TensorType::q4_k: dequantize_row_q4k(static_cast<const BlockQ4K*>(src), dst, n); break;
-        case TensorType::q5_k: dequantize_row_q5k(static_cast<const BlockQ5K*>(src), dst, n); break;
-        case TensorType::q6_k: dequantize_row_q6k(static_cast<const BlockQ6K*>(src), dst, n); break;
-    }
-    return Status::ok;
-}
 
 //-----------------------------------------------------------------------------
 // [SECTION] KERNELS: REFERENCE
@@ -1749,7 +1760,8 @@ inline float vec_dot_q4_0_q8_0_ref(const BlockQ4_0* w, const BlockQ8_0* x, int64
     }
     return sum;
 }
-inline float vec_dot_q4k_q8k_ref(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
+template <typename Block>
+inline float vec_dot_q45k_q8k_ref(const Block* w, const BlockQ8K* x, int64_t n) {
     float sum = 0;
     for (int64_t b = 0; b < n / kQKK; ++b) {
         int scaled = 0, mins = 0;
@@ -1759,29 +1771,9 @@ inline float vec_dot_q4k_q8k_ref(const BlockQ4K* w, const BlockQ8K* x, int64_t n
             q4k_get_scale_min(2 * c + 1, w[b].scales, &s1, &m1);
             int lo = 0, hi = 0;
             for (int l = 0; l < 32; ++l) {
-                lo += (w[b].qs[32 * c + l] & 15) * x[b].qs[64 * c + l];
-                hi += (w[b].qs[32 * c + l] >> 4) * x[b].qs[64 * c + 32 + l];
-            }
-            scaled += s0 * lo + s1 * hi;
-            mins += m0 * (x[b].bsums[4 * c] + x[b].bsums[4 * c + 1]) + m1 * (x[b].bsums[4 * c + 2] + x[b].bsums[4 * c + 3]);
-        }
-        sum += fp16_to_f32(w[b].d) * x[b].d * (float)scaled - fp16_to_f32(w[b].dmin) * x[b].d * (float)mins;
-    }
-    return sum;
-}
-inline float vec_dot_q5k_q8k_ref(const BlockQ5K* w, const BlockQ8K* x, int64_t n) {
-    float sum = 0;
-    for (int64_t b = 0; b < n / kQKK; ++b) {
-        int scaled = 0, mins = 0;
-        for (int c = 0; c < 4; ++c) {
-            uint8_t s0, m0, s1, m1;
-            q4k_get_scale_min(2 * c, w[b].scales, &s0, &m0);
-            q4k_get_scale_min(2 * c + 1, w[b].scales, &s1, &m1);
-            int lo = 0, hi = 0;
-            for (int l = 0; l < 32; ++l) {
-                uint8_t q = w[b].qs[32 * c + l], h = w[b].qh[l];
-                lo += ((q & 15) | (((h >> (2 * c)) & 1) << 4)) * x[b].qs[64 * c + l];
-                hi += ((q >> 4) | (((h >> (2 * c + 1)) & 1) << 4)) * x[b].qs[64 * c + 32 + l];
+                const uint8_t q = w[b].qs[32 * c + l];
+                lo += ((q & 15) | qk_fifth_bit(w[b], c, 0, l)) * x[b].qs[64 * c + l];
+                hi += ((q >> 4) | qk_fifth_bit(w[b], c, 1, l)) * x[b].qs[64 * c + 32 + l];
             }
             scaled += s0 * lo + s1 * hi;
             mins += m0 * (x[b].bsums[4 * c] + x[b].bsums[4 * c + 1]) + m1 * (x[b].bsums[4 * c + 2] + x[b].bsums[4 * c + 3]);
@@ -1807,30 +1799,10 @@ inline float vec_dot_q6k_q8k_ref(const BlockQ6K* w, const BlockQ8K* x, int64_t n
 }
 
 //-----------------------------------------------------------------------------
-// [SECTION] KERNEL TRAITS
+// [SECTION] ACTIVATION FORMATS
 //-----------------------------------------------------------------------------
-// >>traits  Per weight type: the activation format it dots against, that format's row size,
-// the activation quantizer, and the row dot product. SIMD variants (a later section) replace
-// entries of this table once at start-up after CPU detection.
-
-enum class ActFormat { f32, q8_0, q8_k };
-
-typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);
-typedef void (*QuantizeActFn)(void* dst, const float* x, int64_t n);
-
-struct KernelTraits {
-    ActFormat act;
-    VecDotFn vec_dot;
-};
-
-inline size_t act_row_bytes(ActFormat f, int64_t n) {
-    switch (f) {
-        case ActFormat::f32: return (size_t)n * 4;
-        case ActFormat::q8_0: return (size_t)(n / kQK) * sizeof(BlockQ8_0);
-        case ActFormat::q8_k: return (size_t)(n / kQKK) * sizeof(BlockQ8K);
-    }
-    return 0;
-}
+// >>act  What the table rows are made of besides the kernels: the activation quantizers, the
+// float-activation dot (dequantize a block, dot it) and adapters that erase the block types.
 
 // Activation rows to Q8_0 the way llama.cpp's x86 backend does it (scale 127/amax, round half to
 // even), not with the file quantizer's 1/d and ties away from zero: the same rounding on both
@@ -1845,57 +1817,33 @@ inline void quantize_act_q8_0_ref(BlockQ8_0* y, const float* x, int64_t n) {
     }
 }
 
-inline void quantize_act_ref(ActFormat f, void* dst, const float* x, int64_t n) {
-    switch (f) {
-        case ActFormat::f32: std::memcpy(dst, x, (size_t)n * 4); break;
-        case ActFormat::q8_0: quantize_act_q8_0_ref(static_cast<BlockQ8_0*>(dst), x, n); break;
-        case ActFormat::q8_k: quantize_row_q8k_ref(static_cast<BlockQ8K*>(dst), x, n); break;
-    }
-}
-
-inline KernelTraits kernel_traits_ref(uint32_t type) {
-    switch ((TensorType)type) {
-        case TensorType::f32: return {ActFormat::f32, [](const void* w, const void* x, int64_t n) { return vec_dot_f32_f32_ref((const float*)w, (const float*)x, n); }};
-        case TensorType::f16: return {ActFormat::f32, [](const void* w, const void* x, int64_t n) { return vec_dot_f16_f32_ref((const uint16_t*)w, (const float*)x, n); }};
-        case TensorType::bf16: return {ActFormat::f32, [](const void* w, const void* x, int64_t n) { return vec_dot_bf16_f32_ref((const uint16_t*)w, (const float*)x, n); }};
-        case TensorType::q8_0: return {ActFormat::q8_0, [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_ref((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); }};
-        case TensorType::q4_0: return {ActFormat::q8_0, [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_ref((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); }};
-        case TensorType::q4_k: return {ActFormat::q8_k, [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_ref((const BlockQ4K*)w, (const BlockQ8K*)x, n); }};
-        case TensorType::q5_k: return {ActFormat::q8_k, [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_ref((const BlockQ5K*)w, (const BlockQ8K*)x, n); }};
-        case TensorType::q6_k: return {ActFormat::q8_k, [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_ref((const BlockQ6K*)w, (const BlockQ8K*)x, n); }};
-    }
-    return {ActFormat::f32, nullptr};
-}
-
-// Quantized weights against float activations: dequantize one block at a time into registers-
+// Quantized weights against float activations: dequantize one block at a time into register-
 // sized scratch and dot it. The specification of SessionOptions::float_activations.
-template <TensorType kType, int kBlockElems>
-float vec_dot_dequant_f32_ref(const void* w, const void* x, int64_t n) {
-    const int block_bytes = tensor_type_block_bytes(kType);
-    const uint8_t* wb = static_cast<const uint8_t*>(w);
-    const float* xf = static_cast<const float*>(x);
+template <typename Block, int kBlockElems, void (*Dequantize)(const Block*, float*, int64_t)>
+float vec_dot_dequant_f32_ref(const Block* w, const float* x, int64_t n) {
     float block[kBlockElems];
     float sum = 0;
     for (int64_t b = 0; b < n / kBlockElems; ++b) {
-        dequantize_row(kType, wb + b * block_bytes, block, kBlockElems);
+        Dequantize(w + b, block, kBlockElems);
         float partial = 0;
-        for (int i = 0; i < kBlockElems; ++i) partial += block[i] * xf[b * kBlockElems + i];
+        for (int i = 0; i < kBlockElems; ++i) partial += block[i] * x[b * kBlockElems + i];
         sum += partial;
     }
     return sum;
 }
 
-inline KernelTraits kernel_traits_f32(uint32_t type) {
-    switch ((TensorType)type) {
-        case TensorType::f32: case TensorType::f16: case TensorType::bf16: return kernel_traits_ref(type);
-        case TensorType::q8_0: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q8_0, kQK>};
-        case TensorType::q4_0: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q4_0, kQK>};
-        case TensorType::q4_k: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q4_k, kQKK>};
-        case TensorType::q5_k: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q5_k, kQKK>};
-        case TensorType::q6_k: return {ActFormat::f32, vec_dot_dequant_f32_ref<TensorType::q6_k, kQKK>};
-    }
-    return {ActFormat::f32, nullptr};
+// Adapters from typed kernels (const BlockQ4_0*, ...) to the table's untyped signatures.
+template <typename F> struct KernelArgs;
+template <typename W, typename X> struct KernelArgs<float (*)(const W*, const X*, int64_t)> { typedef W w; typedef X x; };
+template <typename B> struct KernelArgs<void (*)(B*, const float*, int64_t)> { typedef B out; };
+template <typename B> struct KernelArgs<void (*)(const B*, float*, int64_t)> { typedef B in; };
+
+template <auto F> float erase_dot(const void* w, const void* x, int64_t n) {
+    typedef KernelArgs<decltype(F)> A;
+    return F(static_cast<const typename A::w*>(w), static_cast<const typename A::x*>(x), n);
 }
+template <auto F> void erase_quantize(const float* x, void* y, int64_t n) { F(static_cast<typename KernelArgs<decltype(F)>::out*>(y), x, n); }
+template <auto F> void erase_dequantize(const void* x, float* y, int64_t n) { F(static_cast<const typename KernelArgs<decltype(F)>::in*>(x), y, n); }
 
 }  // namespace detail
 }  // namespace moe
@@ -1948,7 +1896,7 @@ inline int x86_detect_level() {
         if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
         if (!(b & (1u << 5))) return 0;  // AVX2
         int lvl = 1;
-#if !defined(MOE_NO_AVX512)
+#if MOE_DETAIL_HAS_AVX512
         const bool zmm_state = (xcr0_lo & 0xe0) == 0xe0;  // XCR0 bits 5-7: opmask, ZMM0-15 upper halves, ZMM16-31
         const bool f = b & (1u << 16);    // AVX512F
         const bool dq = b & (1u << 17);   // AVX512DQ
@@ -1957,7 +1905,7 @@ inline int x86_detect_level() {
         const bool vnni = c & (1u << 11); // AVX512_VNNI (vpdpbusd, vpdpwssd)
         if (zmm_state && f && dq && bw && vl) lvl = vnni ? 3 : 2;
 #endif
-#if defined(MOE_NO_AVX2)
+#if !MOE_DETAIL_HAS_AVX2
         if (lvl == 1) lvl = 0;
 #endif
         (void)xcr0_hi;
@@ -2153,36 +2101,12 @@ MOE_DETAIL_AVX2 inline float vec_dot_q8_0_q8_0_avx2(const BlockQ8_0* w, const Bl
 }
 
 // Q4_K: per 32-byte chunk c the low nibbles are sub-block 2c, the high nibbles sub-block 2c+1.
-// maddubs(q, y) gives int16 pairs (<= 2*15*127); madd with the sub-block scale sums them into int32
-// (a super-block total stays below 256*15*127*63 < 2^25). The mins go through the bsums.
-MOE_DETAIL_AVX2 inline float vec_dot_q4k_q8k_avx2(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
-    const int64_t nb = n / kQKK;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
-    alignas(32) int32_t sc2[8];
-    for (int64_t b = 0; b < nb; ++b) {
-        const __m128i sm = q4k_scales_mins(w[b].scales);
-        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].dmin) * x[b].d), _mm256_cvtepi32_ps(q4k_mins_dot(sm, x[b].bsums)), acc_m);
-        q4k_store_scale_pairs(sm, sc2);
-        const uint8_t* q = w[b].qs;
-        const int8_t* y = x[b].qs;
-        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
-        for (int c = 0; c < 4; ++c) {
-            const __m256i q4 = loadu_256(q + 32 * c);
-            const __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            const __m256i plo = _mm256_maddubs_epi16(lo, loadu_256(y + 64 * c));
-            const __m256i phi = _mm256_maddubs_epi16(hi, loadu_256(y + 64 * c + 32));
-            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, broadcast_i32(sc2 + 2 * c)));
-            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(phi, broadcast_i32(sc2 + 2 * c + 1)));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
-    }
-    return hsum_f32x8(acc) - hsum_f32x8(acc_m);
-}
-
-// Q5_K: as Q4_K plus a 5th bit: element 64c+l takes bit 2c of qh[l], element 64c+32+l bit 2c+1.
-// qh is shifted right by 2 per chunk so that the two bits needed are always bits 0 and 1.
-MOE_DETAIL_AVX2 inline float vec_dot_q5k_q8k_avx2(const BlockQ5K* w, const BlockQ8K* x, int64_t n) {
+// maddubs(q, y) gives int16 pairs (<= 2*31*127); madd with the sub-block scale sums them into int32
+// (a super-block total stays below 256*31*127*63 < 2^26). The mins go through the bsums.
+// Q5_K adds a 5th bit: element 64c+l takes bit 2c of qh[l], element 64c+32+l bit 2c+1; qh is
+// shifted right by 2 per chunk so that the two bits needed are always bits 0 and 1.
+template <typename Block>
+MOE_DETAIL_AVX2 inline float vec_dot_q45k_q8k_avx2(const Block* w, const BlockQ8K* x, int64_t n) {
     const int64_t nb = n / kQKK;
     const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
     __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
@@ -2193,13 +2117,17 @@ MOE_DETAIL_AVX2 inline float vec_dot_q5k_q8k_avx2(const BlockQ5K* w, const Block
         q4k_store_scale_pairs(sm, sc2);
         const uint8_t* q = w[b].qs;
         const int8_t* y = x[b].qs;
-        __m256i qh = loadu_256(w[b].qh);
+        __m256i qh = _mm256_setzero_si256();
+        if constexpr (kHasFifthBit<Block>) qh = loadu_256(w[b].qh);
         __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
         for (int c = 0; c < 4; ++c) {
             const __m256i q4 = loadu_256(q + 32 * c);
-            const __m256i lo = _mm256_or_si256(_mm256_and_si256(q4, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
-            qh = _mm256_srli_epi16(qh, 2);
+            __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            if constexpr (kHasFifthBit<Block>) {
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
+                qh = _mm256_srli_epi16(qh, 2);
+            }
             const __m256i plo = _mm256_maddubs_epi16(lo, loadu_256(y + 64 * c));
             const __m256i phi = _mm256_maddubs_epi16(hi, loadu_256(y + 64 * c + 32));
             sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(plo, broadcast_i32(sc2 + 2 * c)));
@@ -2532,77 +2460,6 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_q6k_q8k_avx512vnni(const BlockQ6K* w,
     return _mm512_reduce_add_ps(acc);
 }
 
-//-----------------------------------------------------------------------------
-// Dispatch: the best kernel at `level` or below (nullptr = use the _ref kernel).
-//   level 1 (AVX2):        all eight types, and both activation quantizers (used at every level)
-//   level 2 (AVX-512):     Q4_0, Q4_K, Q6_K 512-bit; Q8_0, Q5_K, F16, BF16, F32 keep AVX2
-//   level 3 (+VNNI):       Q4_0, Q4_K, Q6_K 512-bit VNNI; Q8_0 256-bit VNNI; the rest as level 2
-//-----------------------------------------------------------------------------
-
-inline VecDotFn x86_vec_dot(uint32_t type, int level) {
-    if (level < 1 || level > 3) return nullptr;  // not an x86 level (e.g. Isa::neon passed through)
-#if defined(MOE_NO_AVX512)
-    if (level > 1) level = 1;
-#endif
-#if defined(MOE_NO_AVX2)
-    if (level < 2) return nullptr;
-    const bool avx2 = false;  // AVX-512 levels still get their own kernels
-#else
-    const bool avx2 = level >= 1;
-#endif
-    switch ((TensorType)type) {
-        case TensorType::q4_0:
-            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_avx512vnni((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
-            if (level >= 2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_avx512((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_avx2((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
-            break;
-        case TensorType::q8_0:
-            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_avx512vnni((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
-            // Plain AVX-512 has nothing better for Q8_0 than AVX2's vpsignb + maddubs.
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_avx2((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
-            break;
-        case TensorType::q4_k:
-            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_avx512vnni((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
-            if (level >= 2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_avx512((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_avx2((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
-            break;
-        case TensorType::q6_k:
-            if (level >= 3) return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_avx512vnni((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
-            if (level >= 2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_avx512((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_avx2((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
-            break;
-        // No AVX-512 versions yet: the AVX2 kernel is also the best on AVX-512 CPUs.
-        case TensorType::q5_k:
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_avx2((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
-            break;
-        case TensorType::f16:
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_f16_f32_avx2((const uint16_t*)w, (const float*)x, n); };
-            break;
-        case TensorType::bf16:
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_bf16_f32_avx2((const uint16_t*)w, (const float*)x, n); };
-            break;
-        case TensorType::f32:
-            if (avx2) return [](const void* w, const void* x, int64_t n) { return vec_dot_f32_f32_avx2((const float*)w, (const float*)x, n); };
-            break;
-    }
-    return nullptr;
-}
-
-inline QuantizeActFn x86_quantize_act(ActFormat f, int level) {
-#if defined(MOE_NO_AVX2)
-    (void)f; (void)level;
-    return nullptr;
-#else
-    if (level < 1 || level > 3) return nullptr;
-    switch (f) {
-        case ActFormat::q8_0: return [](void* dst, const float* x, int64_t n) { quantize_act_q8_0_avx2(static_cast<BlockQ8_0*>(dst), x, n); };
-        case ActFormat::q8_k: return [](void* dst, const float* x, int64_t n) { quantize_row_q8k_avx2(static_cast<BlockQ8K*>(dst), x, n); };
-        case ActFormat::f32: break;
-    }
-    return nullptr;
-#endif
-}
-
 }  // namespace detail
 }  // namespace moe
 
@@ -2830,41 +2687,10 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q4_0_q8_0_dotprod(const BlockQ4_0* w, co
 //-----------------------------------------------------------------------------
 
 // Q4_K: in chunk c (32 bytes) the low nibbles are sub-block 2c, the high nibbles sub-block 2c+1.
-#define MOE_DETAIL_Q4K_ROW_NEON(DOT32)                                                                 \
-    const int64_t nb = n / kQKK;                                                                       \
-    const uint8x16_t m4 = vdupq_n_u8(0x0F);                                                            \
-    float sum = 0;                                                                                     \
-    for (int64_t b = 0; b < nb; ++b) {                                                                 \
-        uint8_t sc[8], mn[8];                                                                          \
-        q4k_scales_mins_neon(w[b].scales, sc, mn);                                                     \
-        const int mins = q4k_mins_dot_neon(mn, x[b].bsums);                                            \
-        const uint8_t* q = w[b].qs;                                                                    \
-        const int8_t* y = x[b].qs;                                                                     \
-        int32x4_t acc = vdupq_n_s32(0);                                                                \
-        for (int c = 0; c < 4; ++c) {                                                                  \
-            const uint8x16_t q0 = vld1q_u8(q + 32 * c), q1 = vld1q_u8(q + 32 * c + 16);                \
-            const int8x16_t lo0 = vreinterpretq_s8_u8(vandq_u8(q0, m4)), lo1 = vreinterpretq_s8_u8(vandq_u8(q1, m4)); \
-            const int8x16_t hi0 = vreinterpretq_s8_u8(vshrq_n_u8(q0, 4)), hi1 = vreinterpretq_s8_u8(vshrq_n_u8(q1, 4)); \
-            const int32x4_t dlo = DOT32(lo0, lo1, vld1q_s8(y + 64 * c), vld1q_s8(y + 64 * c + 16));    \
-            const int32x4_t dhi = DOT32(hi0, hi1, vld1q_s8(y + 64 * c + 32), vld1q_s8(y + 64 * c + 48)); \
-            acc = vmlaq_n_s32(acc, dlo, sc[2 * c]);                                                    \
-            acc = vmlaq_n_s32(acc, dhi, sc[2 * c + 1]);                                                \
-        }                                                                                              \
-        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)vaddvq_s32(acc) - fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)mins; \
-    }                                                                                                  \
-    return sum
-
-inline float vec_dot_q4k_q8k_neon(const BlockQ4K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q4K_ROW_NEON(dot32_i8_neon); }
-#if MOE_DETAIL_ARM_DOTPROD
-MOE_DETAIL_DOTPROD inline float vec_dot_q4k_q8k_dotprod(const BlockQ4K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q4K_ROW_NEON(dot32_i8_dotprod);
-}
-#endif
-#undef MOE_DETAIL_Q4K_ROW_NEON
-
-// Q5_K: as Q4_K plus a 5th bit: element 64c+l takes bit 2c of qh[l], element 64c+32+l bit 2c+1.
-// qh is shifted right by 2 per chunk, so the two bits needed are always bits 0 and 1.
-#define MOE_DETAIL_Q5K_ROW_NEON(DOT32)                                                                 \
+// Q5_K adds a 5th bit: element 64c+l takes bit 2c of qh[l], element 64c+32+l bit 2c+1; qh is
+// shifted right by 2 per chunk, so the two bits needed are always bits 0 and 1. Used inside
+// templates over the block type, so the Q4_K expansion drops the qh steps (if constexpr).
+#define MOE_DETAIL_Q45K_ROW_NEON(DOT32)                                                                \
     const int64_t nb = n / kQKK;                                                                       \
     const uint8x16_t m4 = vdupq_n_u8(0x0F), bit4 = vdupq_n_u8(0x10);                                   \
     float sum = 0;                                                                                     \
@@ -2874,18 +2700,22 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q4k_q8k_dotprod(const BlockQ4K* w, const
         const int mins = q4k_mins_dot_neon(mn, x[b].bsums);                                            \
         const uint8_t* q = w[b].qs;                                                                    \
         const int8_t* y = x[b].qs;                                                                     \
-        uint8x16_t qh0 = vld1q_u8(w[b].qh), qh1 = vld1q_u8(w[b].qh + 16);                              \
+        uint8x16_t qh0 = vdupq_n_u8(0), qh1 = vdupq_n_u8(0);                                           \
+        if constexpr (kHasFifthBit<Block>) { qh0 = vld1q_u8(w[b].qh); qh1 = vld1q_u8(w[b].qh + 16); } \
         int32x4_t acc = vdupq_n_s32(0);                                                                \
         for (int c = 0; c < 4; ++c) {                                                                  \
             const uint8x16_t q0 = vld1q_u8(q + 32 * c), q1 = vld1q_u8(q + 32 * c + 16);                \
-            const int8x16_t lo0 = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(q0, m4), vandq_u8(vshlq_n_u8(qh0, 4), bit4))); \
-            const int8x16_t lo1 = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(q1, m4), vandq_u8(vshlq_n_u8(qh1, 4), bit4))); \
-            const int8x16_t hi0 = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(q0, 4), vandq_u8(vshlq_n_u8(qh0, 3), bit4))); \
-            const int8x16_t hi1 = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(q1, 4), vandq_u8(vshlq_n_u8(qh1, 3), bit4))); \
-            qh0 = vshrq_n_u8(qh0, 2);                                                                  \
-            qh1 = vshrq_n_u8(qh1, 2);                                                                  \
-            const int32x4_t dlo = DOT32(lo0, lo1, vld1q_s8(y + 64 * c), vld1q_s8(y + 64 * c + 16));    \
-            const int32x4_t dhi = DOT32(hi0, hi1, vld1q_s8(y + 64 * c + 32), vld1q_s8(y + 64 * c + 48)); \
+            uint8x16_t lo0 = vandq_u8(q0, m4), lo1 = vandq_u8(q1, m4), hi0 = vshrq_n_u8(q0, 4), hi1 = vshrq_n_u8(q1, 4); \
+            if constexpr (kHasFifthBit<Block>) {                                                       \
+                lo0 = vorrq_u8(lo0, vandq_u8(vshlq_n_u8(qh0, 4), bit4));                               \
+                lo1 = vorrq_u8(lo1, vandq_u8(vshlq_n_u8(qh1, 4), bit4));                               \
+                hi0 = vorrq_u8(hi0, vandq_u8(vshlq_n_u8(qh0, 3), bit4));                               \
+                hi1 = vorrq_u8(hi1, vandq_u8(vshlq_n_u8(qh1, 3), bit4));                               \
+                qh0 = vshrq_n_u8(qh0, 2);                                                              \
+                qh1 = vshrq_n_u8(qh1, 2);                                                              \
+            }                                                                                          \
+            const int32x4_t dlo = DOT32(vreinterpretq_s8_u8(lo0), vreinterpretq_s8_u8(lo1), vld1q_s8(y + 64 * c), vld1q_s8(y + 64 * c + 16)); \
+            const int32x4_t dhi = DOT32(vreinterpretq_s8_u8(hi0), vreinterpretq_s8_u8(hi1), vld1q_s8(y + 64 * c + 32), vld1q_s8(y + 64 * c + 48)); \
             acc = vmlaq_n_s32(acc, dlo, sc[2 * c]);                                                    \
             acc = vmlaq_n_s32(acc, dhi, sc[2 * c + 1]);                                                \
         }                                                                                              \
@@ -2893,13 +2723,15 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q4k_q8k_dotprod(const BlockQ4K* w, const
     }                                                                                                  \
     return sum
 
-inline float vec_dot_q5k_q8k_neon(const BlockQ5K* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q5K_ROW_NEON(dot32_i8_neon); }
+template <typename Block>
+inline float vec_dot_q45k_q8k_neon(const Block* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_Q45K_ROW_NEON(dot32_i8_neon); }
 #if MOE_DETAIL_ARM_DOTPROD
-MOE_DETAIL_DOTPROD inline float vec_dot_q5k_q8k_dotprod(const BlockQ5K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q5K_ROW_NEON(dot32_i8_dotprod);
+template <typename Block>
+MOE_DETAIL_DOTPROD inline float vec_dot_q45k_q8k_dotprod(const Block* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q45K_ROW_NEON(dot32_i8_dotprod);
 }
 #endif
-#undef MOE_DETAIL_Q5K_ROW_NEON
+#undef MOE_DETAIL_Q45K_ROW_NEON
 
 // Q6_K: each 16-byte register of unpacked values is exactly one 16-element sub-block, so it gets
 // one scale. In half h, ql[64h..64h+31] holds the low nibbles of elements 128h+0..31 (low halves)
@@ -3002,57 +2834,125 @@ inline void quantize_row_q8k_neon(BlockQ8K* y, const float* x, int64_t n) {
     }
 }
 
-//-----------------------------------------------------------------------------
-// Dispatch: the kernel for Isa::neon (dotprod = false) or Isa::neon_dotprod (nullptr = _ref).
-// All eight types have a NEON kernel; the integer ones (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) also a
-// dotprod one, the float ones use NEON at both levels. Both levels share the quantizers.
-//-----------------------------------------------------------------------------
-
-inline VecDotFn arm_vec_dot(uint32_t type, bool dotprod) {
-#if MOE_DETAIL_ARM_DOTPROD
-    if (dotprod) {
-        switch ((TensorType)type) {
-            case TensorType::q8_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_dotprod((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
-            case TensorType::q4_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_dotprod((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
-            case TensorType::q4_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_dotprod((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
-            case TensorType::q5_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_dotprod((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
-            case TensorType::q6_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_dotprod((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
-            case TensorType::f32: case TensorType::f16: case TensorType::bf16: break;  // float rows: NEON below
-        }
-    }
-#else
-    (void)dotprod;  // never detected without dotprod kernels (arm_has_dotprod)
-#endif
-    switch ((TensorType)type) {
-        case TensorType::q8_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q8_0_q8_0_neon((const BlockQ8_0*)w, (const BlockQ8_0*)x, n); };
-        case TensorType::q4_0: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4_0_q8_0_neon((const BlockQ4_0*)w, (const BlockQ8_0*)x, n); };
-        case TensorType::q4_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q4k_q8k_neon((const BlockQ4K*)w, (const BlockQ8K*)x, n); };
-        case TensorType::q5_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q5k_q8k_neon((const BlockQ5K*)w, (const BlockQ8K*)x, n); };
-        case TensorType::q6_k: return [](const void* w, const void* x, int64_t n) { return vec_dot_q6k_q8k_neon((const BlockQ6K*)w, (const BlockQ8K*)x, n); };
-        case TensorType::f16: return [](const void* w, const void* x, int64_t n) { return vec_dot_f16_f32_neon((const uint16_t*)w, (const float*)x, n); };
-        case TensorType::bf16: return [](const void* w, const void* x, int64_t n) { return vec_dot_bf16_f32_neon((const uint16_t*)w, (const float*)x, n); };
-        case TensorType::f32: return [](const void* w, const void* x, int64_t n) { return vec_dot_f32_f32_neon((const float*)w, (const float*)x, n); };
-    }
-    return nullptr;
-}
-
-inline QuantizeActFn arm_quantize_act(ActFormat f) {
-    switch (f) {
-        case ActFormat::q8_0: return [](void* dst, const float* x, int64_t n) { quantize_act_q8_0_neon(static_cast<BlockQ8_0*>(dst), x, n); };
-        case ActFormat::q8_k: return [](void* dst, const float* x, int64_t n) { quantize_row_q8k_neon(static_cast<BlockQ8K*>(dst), x, n); };
-        case ActFormat::f32: break;
-    }
-    return nullptr;
-}
-
 }  // namespace detail
 }  // namespace moe
 
 #undef MOE_DETAIL_DOTPROD
-#undef MOE_DETAIL_ARM_DOTPROD
-#undef MOE_DETAIL_HAS_AUXV
 #endif  // MOE_DETAIL_ARM
+#if !defined(MOE_DETAIL_ARM_DOTPROD)
+#define MOE_DETAIL_ARM_DOTPROD 0
+#endif
 
+namespace moe {
+namespace detail {
+
+//-----------------------------------------------------------------------------
+// [SECTION] TYPE TABLE
+//-----------------------------------------------------------------------------
+// >>table  One row per tensor type and one per activation format: block geometry, reference
+// quantizers, and the kernel of every ISA (nullptr where an ISA has none: dispatch then takes the
+// next lower level of the same family, finally the _ref kernel). Kernels compiled out by
+// MOE_NO_SIMD / MOE_NO_AVX2 / MOE_NO_AVX512 / MOE_NO_NEON read as nullptr here.
+
+#if MOE_DETAIL_HAS_AVX2
+#define MOE_DETAIL_IF_AVX2(f) f
+#else
+#define MOE_DETAIL_IF_AVX2(f) nullptr
+#endif
+#if MOE_DETAIL_HAS_AVX512
+#define MOE_DETAIL_IF_AVX512(f) f
+#else
+#define MOE_DETAIL_IF_AVX512(f) nullptr
+#endif
+#if MOE_DETAIL_HAS_NEON
+#define MOE_DETAIL_IF_NEON(f) f
+#else
+#define MOE_DETAIL_IF_NEON(f) nullptr
+#endif
+#if MOE_DETAIL_HAS_NEON && MOE_DETAIL_ARM_DOTPROD
+#define MOE_DETAIL_IF_DOTPROD(f) f
+#else
+#define MOE_DETAIL_IF_DOTPROD(f) nullptr
+#endif
+// dot[] in Isa order: scalar, avx2, avx512, avx512_vnni, neon, neon_dotprod.
+// (a kernel the ISA lacks is written nullptr: dot_fn<nullptr> is a null entry).
+template <auto F> constexpr VecDotFn dot_fn = erase_dot<F>;
+template <> constexpr VecDotFn dot_fn<nullptr> = nullptr;
+#define MOE_DETAIL_DOTS(ref, avx2, avx512, vnni, neon, dotprod)                                     \
+    { erase_dot<ref>, MOE_DETAIL_IF_AVX2(dot_fn<avx2>), MOE_DETAIL_IF_AVX512(dot_fn<avx512>),      \
+      MOE_DETAIL_IF_AVX512(dot_fn<vnni>), MOE_DETAIL_IF_NEON(dot_fn<neon>), MOE_DETAIL_IF_DOTPROD(dot_fn<dotprod>) }
+
+inline const QuantType* quant_type(uint32_t id) {
+    // {type, name, block_elems, block_bytes, act, quantize_ref, dequantize_ref, dot_f32, dot[] by Isa}
+    // Plain AVX-512 has nothing better for Q8_0 than AVX2's vpsignb + maddubs, and Q5_K and the
+    // float types have no AVX-512 kernels: the AVX2 ones are the best there.
+    static const QuantType table[] = {
+        {TensorType::f32, "F32", 1, sizeof(float), ActFormat::f32, erase_quantize<quantize_row_f32_ref>, erase_dequantize<dequantize_row_f32>,
+         erase_dot<vec_dot_f32_f32_ref>,
+         MOE_DETAIL_DOTS(vec_dot_f32_f32_ref, vec_dot_f32_f32_avx2, nullptr, nullptr, vec_dot_f32_f32_neon, nullptr)},
+        {TensorType::f16, "F16", 1, sizeof(uint16_t), ActFormat::f32, erase_quantize<quantize_row_f16_ref>, erase_dequantize<dequantize_row_f16>,
+         erase_dot<vec_dot_f16_f32_ref>,
+         MOE_DETAIL_DOTS(vec_dot_f16_f32_ref, vec_dot_f16_f32_avx2, nullptr, nullptr, vec_dot_f16_f32_neon, nullptr)},
+        {TensorType::bf16, "BF16", 1, sizeof(uint16_t), ActFormat::f32, erase_quantize<quantize_row_bf16_ref>, erase_dequantize<dequantize_row_bf16>,
+         erase_dot<vec_dot_bf16_f32_ref>,
+         MOE_DETAIL_DOTS(vec_dot_bf16_f32_ref, vec_dot_bf16_f32_avx2, nullptr, nullptr, vec_dot_bf16_f32_neon, nullptr)},
+        {TensorType::q8_0, "Q8_0", kQK, sizeof(BlockQ8_0), ActFormat::q8_0, erase_quantize<quantize_row_q8_0_ref>, erase_dequantize<dequantize_row_q8_0>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockQ8_0, kQK, dequantize_row_q8_0>>,
+         MOE_DETAIL_DOTS(vec_dot_q8_0_q8_0_ref, vec_dot_q8_0_q8_0_avx2, nullptr, vec_dot_q8_0_q8_0_avx512vnni, vec_dot_q8_0_q8_0_neon,
+                         vec_dot_q8_0_q8_0_dotprod)},
+        {TensorType::q4_0, "Q4_0", kQK, sizeof(BlockQ4_0), ActFormat::q8_0, erase_quantize<quantize_row_q4_0_ref>, erase_dequantize<dequantize_row_q4_0>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockQ4_0, kQK, dequantize_row_q4_0>>,
+         MOE_DETAIL_DOTS(vec_dot_q4_0_q8_0_ref, vec_dot_q4_0_q8_0_avx2, vec_dot_q4_0_q8_0_avx512, vec_dot_q4_0_q8_0_avx512vnni,
+                         vec_dot_q4_0_q8_0_neon, vec_dot_q4_0_q8_0_dotprod)},
+        {TensorType::q4_k, "Q4_K", kQKK, sizeof(BlockQ4K), ActFormat::q8_k, erase_quantize<quantize_row_q45k_ref<BlockQ4K>>,
+         erase_dequantize<dequantize_row_q45k<BlockQ4K>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ4K, kQKK, dequantize_row_q45k<BlockQ4K>>>,
+         MOE_DETAIL_DOTS(vec_dot_q45k_q8k_ref<BlockQ4K>, vec_dot_q45k_q8k_avx2<BlockQ4K>, vec_dot_q4k_q8k_avx512, vec_dot_q4k_q8k_avx512vnni,
+                         vec_dot_q45k_q8k_neon<BlockQ4K>, vec_dot_q45k_q8k_dotprod<BlockQ4K>)},
+        {TensorType::q5_k, "Q5_K", kQKK, sizeof(BlockQ5K), ActFormat::q8_k, erase_quantize<quantize_row_q45k_ref<BlockQ5K>>,
+         erase_dequantize<dequantize_row_q45k<BlockQ5K>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ5K, kQKK, dequantize_row_q45k<BlockQ5K>>>,
+         MOE_DETAIL_DOTS(vec_dot_q45k_q8k_ref<BlockQ5K>, vec_dot_q45k_q8k_avx2<BlockQ5K>, nullptr, nullptr, vec_dot_q45k_q8k_neon<BlockQ5K>,
+                         vec_dot_q45k_q8k_dotprod<BlockQ5K>)},
+        {TensorType::q6_k, "Q6_K", kQKK, sizeof(BlockQ6K), ActFormat::q8_k, erase_quantize<quantize_row_q6k_ref>, erase_dequantize<dequantize_row_q6k>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockQ6K, kQKK, dequantize_row_q6k>>,
+         MOE_DETAIL_DOTS(vec_dot_q6k_q8k_ref, vec_dot_q6k_q8k_avx2, vec_dot_q6k_q8k_avx512, vec_dot_q6k_q8k_avx512vnni, vec_dot_q6k_q8k_neon,
+                         vec_dot_q6k_q8k_dotprod)},
+    };
+    for (const QuantType& t : table)
+        if ((uint32_t)t.type == id) return &t;
+    return nullptr;
+}
+
+// An activation format: its block geometry and quantizer per ISA (SIMD ones bit-exact with _ref;
+// the AVX2 quantizers serve every x86 level).
+struct ActType {
+    ActFormat format;
+    int block_elems, block_bytes;
+    QuantizeRowFn quantize[kIsaCount];  // by Isa, nullptr as in QuantType::dot
+};
+
+inline const ActType& act_type(ActFormat f) {
+    static const ActType table[kActFormatCount] = {
+        {ActFormat::f32, 1, sizeof(float), {erase_quantize<quantize_row_f32_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
+        {ActFormat::q8_0, kQK, sizeof(BlockQ8_0),
+         {erase_quantize<quantize_act_q8_0_ref>, MOE_DETAIL_IF_AVX2(erase_quantize<quantize_act_q8_0_avx2>), nullptr, nullptr,
+          MOE_DETAIL_IF_NEON(erase_quantize<quantize_act_q8_0_neon>), nullptr}},
+        {ActFormat::q8_k, kQKK, sizeof(BlockQ8K),
+         {erase_quantize<quantize_row_q8k_ref>, MOE_DETAIL_IF_AVX2(erase_quantize<quantize_row_q8k_avx2>), nullptr, nullptr,
+          MOE_DETAIL_IF_NEON(erase_quantize<quantize_row_q8k_neon>), nullptr}},
+    };
+    return table[(int)f];
+}
+
+inline size_t act_row_bytes(ActFormat f, int64_t n) { return (size_t)(n / act_type(f).block_elems) * (size_t)act_type(f).block_bytes; }
+
+#undef MOE_DETAIL_DOTS
+#undef MOE_DETAIL_IF_AVX2
+#undef MOE_DETAIL_IF_AVX512
+#undef MOE_DETAIL_IF_NEON
+#undef MOE_DETAIL_IF_DOTPROD
+
+}  // namespace detail
+}  // namespace moe
 
 namespace moe {
 namespace detail {
@@ -3078,7 +2978,6 @@ inline Isa detect_isa() {
 #endif
 }
 
-inline bool is_x86_isa(Isa isa) { return isa >= Isa::avx2 && isa <= Isa::avx512_vnni; }
 inline bool is_arm_isa(Isa isa) { return isa == Isa::neon || isa == Isa::neon_dotprod; }
 
 inline std::atomic<int>& forced_isa() {
@@ -3096,37 +2995,29 @@ inline Isa active_isa() {
 #endif
 }
 
-inline KernelTraits kernel_traits_for(uint32_t type, Isa isa) {
-    KernelTraits k = kernel_traits_ref(type);
-    VecDotFn f = nullptr;
-#if MOE_DETAIL_X86
-    if (is_x86_isa(isa)) f = x86_vec_dot(type, (int)isa);
-#endif
-#if MOE_DETAIL_ARM
-    if (is_arm_isa(isa)) f = arm_vec_dot(type, isa == Isa::neon_dotprod);
-#endif
-    (void)isa;
-    if (f) k.vec_dot = f;
-    return k;
+// The kernel a table row gives `isa`: its own slot, else the next lower level of the same family
+// (AVX-512 VNNI -> AVX-512 -> AVX2; dotprod -> NEON), else the scalar _ref kernel.
+template <typename Fn>
+inline Fn pick_for_isa(const Fn* by_isa, Isa isa) {
+    const int lowest = is_arm_isa(isa) ? (int)Isa::neon : (int)Isa::avx2;
+    for (int i = (int)isa; i >= lowest && i > 0; --i)
+        if (by_isa[i]) return by_isa[i];
+    return by_isa[0];
 }
 
-inline KernelTraits kernel_traits(uint32_t type) { return kernel_traits_for(type, active_isa()); }
+// A weight's row kernel: the activation format it reads and the dot product.
+struct RowKernel {
+    ActFormat act = ActFormat::f32;
+    VecDotFn vec_dot = nullptr;
+};
 
-// Quantizes one activation row with the quantizer of `isa`; SIMD versions are bit-exact with the
-// _ref ones.
+inline RowKernel row_kernel(const QuantType& t, Isa isa) { return {t.act, pick_for_isa(t.dot, isa)}; }
+inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32}; }
+
+// Quantizes one activation row with the quantizer of `isa` (f32: a copy).
 inline void quantize_act_with(ActFormat f, Isa isa, void* dst, const float* x, int64_t n) {
-    QuantizeActFn q = nullptr;
-#if MOE_DETAIL_X86
-    if (is_x86_isa(isa)) q = x86_quantize_act(f, (int)isa);
-#endif
-#if MOE_DETAIL_ARM
-    if (is_arm_isa(isa)) q = arm_quantize_act(f);
-#endif
-    (void)isa;
-    if (q) { q(dst, x, n); return; }
-    quantize_act_ref(f, dst, x, n);
+    pick_for_isa(act_type(f).quantize, isa)(x, dst, n);
 }
-
 inline void quantize_act(ActFormat f, void* dst, const float* x, int64_t n) { quantize_act_with(f, active_isa(), dst, x, n); }
 
 }  // namespace detail
@@ -3152,25 +3043,38 @@ MOE_API Status force_isa(Isa isa) {
 }
 
 MOE_API Status quantize_activations(TensorType weight_type, Isa isa, const float* x, int64_t n, void* dst, size_t dst_size) {
-    const detail::TypeTraits* tt = detail::type_traits((uint32_t)weight_type);
+    const detail::QuantType* tt = detail::quant_type((uint32_t)weight_type);
     if (!tt || !x || !dst || n <= 0) return detail::fail(Status::invalid_argument, "quantize_activations: bad arguments");
-    detail::ActFormat f = detail::kernel_traits_ref((uint32_t)weight_type).act;
-    int64_t block = f == detail::ActFormat::q8_k ? detail::kQKK : f == detail::ActFormat::q8_0 ? detail::kQK : 1;
-    if (n % block) return detail::fail(Status::invalid_argument, "quantize_activations: n is not a multiple of %lld", (long long)block);
-    if (dst_size < detail::act_row_bytes(f, n)) return detail::fail(Status::invalid_argument, "quantize_activations: dst too small");
-    detail::quantize_act_with(f, isa, dst, x, n);
+    const detail::ActType& at = detail::act_type(tt->act);
+    if (n % at.block_elems) return detail::fail(Status::invalid_argument, "quantize_activations: n is not a multiple of %d", at.block_elems);
+    if (dst_size < detail::act_row_bytes(tt->act, n)) return detail::fail(Status::invalid_argument, "quantize_activations: dst too small");
+    detail::quantize_act_with(tt->act, isa, dst, x, n);
     return Status::ok;
 }
 
 MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out) {
-    const detail::TypeTraits* tt = detail::type_traits((uint32_t)type);
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
     if (!tt || !weights || !x || !out || n <= 0) return detail::fail(Status::invalid_argument, "vec_dot: bad arguments");
-    detail::KernelTraits k = detail::kernel_traits_for((uint32_t)type, isa);
-    int64_t act_block = k.act == detail::ActFormat::q8_k ? detail::kQKK : k.act == detail::ActFormat::q8_0 ? detail::kQK : 1;
-    if (n % tt->block_elems || n % act_block) return detail::fail(Status::invalid_argument, "vec_dot: n is not a multiple of the block size");
+    const detail::RowKernel k = detail::row_kernel(*tt, isa);
+    if (n % tt->block_elems || n % detail::act_type(k.act).block_elems)
+        return detail::fail(Status::invalid_argument, "vec_dot: n is not a multiple of the block size");
     std::vector<uint8_t> act(detail::act_row_bytes(k.act, n) + 64);
-    detail::quantize_act_ref(k.act, act.data(), x, n);
+    detail::quantize_act_with(k.act, Isa::scalar, act.data(), x, n);
     *out = k.vec_dot(weights, act.data(), n);
+    return Status::ok;
+}
+
+MOE_API Status quantize_row(TensorType type, const float* src, void* dst, int64_t n) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
+    if (!tt || !src || !dst || n < 0 || n % tt->block_elems) return detail::fail(Status::invalid_argument, "quantize_row: bad type or length");
+    tt->quantize_ref(src, dst, n);
+    return Status::ok;
+}
+
+MOE_API Status dequantize_row(TensorType type, const void* src, float* dst, int64_t n) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
+    if (!tt || !src || !dst || n < 0 || n % tt->block_elems) return detail::fail(Status::invalid_argument, "dequantize_row: bad type or length");
+    tt->dequantize_ref(src, dst, n);
     return Status::ok;
 }
 
@@ -4366,7 +4270,7 @@ inline Status TokenizerImpl::load(const GgufFile& file) {
             const unsigned char* p = reinterpret_cast<const unsigned char*>(t.data());
             uint32_t prev = 0;
             for (size_t j = 0; j < t.size();) {
-                uint32_t cp;
+                uint32_t cp = 0;
                 int r = utf8_sequence(p + j, t.size() - j, &cp);
                 if (r <= 0) {
                     cp = 0x110000u | p[j];
@@ -4792,7 +4696,7 @@ inline void TokenizerImpl::append_piece(int32_t token, bool render_special, std:
     const ByteLevelCodec& codec = byte_level_codec();
     const unsigned char* p = reinterpret_cast<const unsigned char*>(text.data());
     for (size_t i = 0; i < text.size();) {
-        uint32_t cp;
+        uint32_t cp = 0;
         int r = utf8_sequence(p + i, text.size() - i, &cp);
         if (r > 0 && cp < 0x144 && codec.byte_of[cp] >= 0) {
             out->push_back((char)codec.byte_of[cp]);
@@ -4808,12 +4712,12 @@ inline void TokenizerImpl::append_piece(int32_t token, bool render_special, std:
 
 //--- Public API ---------------------------------------------------------------------------------
 
-Tokenizer::Tokenizer() = default;
-Tokenizer::~Tokenizer() = default;
-Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
-Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
+MOE_DETAIL_MEMBER Tokenizer::Tokenizer() = default;
+MOE_DETAIL_MEMBER Tokenizer::~Tokenizer() = default;
+MOE_DETAIL_MEMBER Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
+MOE_DETAIL_MEMBER Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-Status Tokenizer::load(const GgufFile& file, Tokenizer* out) {
+MOE_DETAIL_MEMBER Status Tokenizer::load(const GgufFile& file, Tokenizer* out) {
     if (!out) return detail::fail(Status::invalid_argument, "null output");
     std::unique_ptr<detail::TokenizerImpl> impl(new (std::nothrow) detail::TokenizerImpl());
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
@@ -4823,7 +4727,7 @@ Status Tokenizer::load(const GgufFile& file, Tokenizer* out) {
     return Status::ok;
 }
 
-Status Tokenizer::encode(const std::string& text, bool add_special, bool parse_special, std::vector<int32_t>* out) const {
+MOE_DETAIL_MEMBER Status Tokenizer::encode(const std::string& text, bool add_special, bool parse_special, std::vector<int32_t>* out) const {
     if (!out) return detail::fail(Status::invalid_argument, "null output");
     if (!impl_) return detail::fail(Status::tokenizer_error, "tokenizer not loaded");
     // Offsets inside the encoder are 32-bit, and SentencePiece's escaping can triple a chunk.
@@ -4833,13 +4737,13 @@ Status Tokenizer::encode(const std::string& text, bool add_special, bool parse_s
     return Status::ok;
 }
 
-std::string Tokenizer::token_to_piece(int32_t token, bool render_special) const {
+MOE_DETAIL_MEMBER std::string Tokenizer::token_to_piece(int32_t token, bool render_special) const {
     std::string piece;
     if (impl_) impl_->append_piece(token, render_special, &piece);
     return piece;
 }
 
-std::string Tokenizer::decode(const int32_t* tokens, size_t n, bool render_special) const {
+MOE_DETAIL_MEMBER std::string Tokenizer::decode(const int32_t* tokens, size_t n, bool render_special) const {
     std::string text;
     if (!impl_ || !tokens) return text;
     // SentencePiece prefixed a space to the text: drop it from the first piece that has any text.
@@ -4855,34 +4759,34 @@ std::string Tokenizer::decode(const int32_t* tokens, size_t n, bool render_speci
     return text;
 }
 
-int32_t Tokenizer::n_vocab() const { return impl_ ? (int32_t)impl_->tokens.size() : 0; }
-int32_t Tokenizer::bos() const { return impl_ ? impl_->bos : -1; }
-int32_t Tokenizer::eos() const { return impl_ ? impl_->eos : -1; }
+MOE_DETAIL_MEMBER int32_t Tokenizer::n_vocab() const { return impl_ ? (int32_t)impl_->tokens.size() : 0; }
+MOE_DETAIL_MEMBER int32_t Tokenizer::bos() const { return impl_ ? impl_->bos : -1; }
+MOE_DETAIL_MEMBER int32_t Tokenizer::eos() const { return impl_ ? impl_->eos : -1; }
 
-bool Tokenizer::is_end_of_generation(int32_t token) const {
+MOE_DETAIL_MEMBER bool Tokenizer::is_end_of_generation(int32_t token) const {
     return impl_ && std::binary_search(impl_->eog.begin(), impl_->eog.end(), token);
 }
 
-bool Tokenizer::is_control(int32_t token) const {
+MOE_DETAIL_MEMBER bool Tokenizer::is_control(int32_t token) const {
     return impl_ && token >= 0 && token < n_vocab() && impl_->type(token) == detail::VocabTokenType::control;
 }
 
-const std::string& Tokenizer::token_text(int32_t token) const {
+MOE_DETAIL_MEMBER const std::string& Tokenizer::token_text(int32_t token) const {
     static const std::string kEmpty;
     if (!impl_ || token < 0 || token >= n_vocab()) return kEmpty;
     return impl_->tokens[(size_t)token];
 }
 
-const std::string& Tokenizer::chat_template() const {
+MOE_DETAIL_MEMBER const std::string& Tokenizer::chat_template() const {
     static const std::string kEmpty;
     return impl_ ? impl_->chat_template : kEmpty;
 }
 
-bool Tokenizer::valid() const { return impl_ != nullptr; }
+MOE_DETAIL_MEMBER bool Tokenizer::valid() const { return impl_ != nullptr; }
 
-Detokenizer::Detokenizer(const Tokenizer& tokenizer, bool render_special) : tokenizer_(&tokenizer), render_special_(render_special) {}
+MOE_DETAIL_MEMBER Detokenizer::Detokenizer(const Tokenizer& tokenizer, bool render_special) : tokenizer_(&tokenizer), render_special_(render_special) {}
 
-void Detokenizer::push(int32_t token, std::string* out) {
+MOE_DETAIL_MEMBER void Detokenizer::push(int32_t token, std::string* out) {
     std::string piece = tokenizer_->token_to_piece(token, render_special_);
     if (first_ && !piece.empty()) {
         piece = tokenizer_->decode(&token, 1, render_special_);  // applies the leading-space rule
@@ -4893,12 +4797,12 @@ void Detokenizer::push(int32_t token, std::string* out) {
     pending_.erase(0, used);
 }
 
-void Detokenizer::flush(std::string* out) {
+MOE_DETAIL_MEMBER void Detokenizer::flush(std::string* out) {
     detail::utf8_append_sanitized(out, pending_.data(), pending_.size(), false);
     pending_.clear();
 }
 
-void Detokenizer::reset() {
+MOE_DETAIL_MEMBER void Detokenizer::reset() {
     pending_.clear();
     first_ = true;
 }
@@ -4919,10 +4823,11 @@ namespace detail {
 struct Weight {
     const uint8_t* data = nullptr;  // nullptr when the tensor is absent
     uint32_t type = 0;
+    const QuantType* qt = nullptr;  // its row of the type table
     int64_t cols = 0, rows = 0, n_mats = 1;  // ne0 (input), ne1 (output), ne2 (experts)
     size_t row_bytes = 0, mat_bytes = 0;
-    KernelTraits kernel{ActFormat::f32, nullptr};      // quantized activations (as llama.cpp)
-    KernelTraits kernel_f32{ActFormat::f32, nullptr};  // float activations
+    RowKernel kernel;      // quantized activations (as llama.cpp)
+    RowKernel kernel_f32;  // float activations
     explicit operator bool() const { return data != nullptr; }
     const uint8_t* row(int64_t mat, int64_t r) const { return data + (size_t)mat * mat_bytes + (size_t)r * row_bytes; }
 };
@@ -4940,6 +4845,31 @@ struct LayerWeights {
 
 enum class QkNorm { none, per_head, whole };
 
+inline uint8_t fmt_bit(ActFormat f) { return (uint8_t)(1u << (int)f); }
+// Largest activation block among fmts (1 for f32 only).
+inline int64_t act_block(uint8_t fmts) {
+    int64_t block = 1;
+    for (int f = 0; f < kActFormatCount; ++f)
+        if (fmts & (1u << f)) block = std::max<int64_t>(block, act_type((ActFormat)f).block_elems);
+    return block;
+}
+
+// Activation formats each input of a layer must be quantized to (bit set of ActFormat).
+struct LayerFormats { uint8_t attn_in = 0, att_out = 0, ffn_in = 0; };
+
+// The forward pass's dimensions and activation formats, fixed at load. Formats are kept for both
+// kernel choices: [0] the integer kernels (as llama.cpp), [1] float activations.
+struct ForwardPlan {
+    int64_t n_embd = 0, q_dim = 0, kv_dim = 0;
+    int64_t max_ff = 0;   // widest FFN hidden layer (routed or shared)
+    int32_t group = 1;    // query heads per KV head
+    int32_t slots = 1;    // FFN uses per token: top-k routed [+ shared], or 1 dense
+    std::vector<LayerFormats> layer_formats[2];
+    uint8_t output_formats[2] = {0, 0};
+};
+
+constexpr int32_t kMaxContext = 1 << 22;  // SessionOptions::n_ctx limit (positions)
+
 struct ModelImpl {
     GgufFile file;
     Tokenizer tokenizer;
@@ -4948,9 +4878,9 @@ struct ModelImpl {
     Weight token_embd, output;
     std::vector<float> output_norm;
     std::vector<LayerWeights> layers;
+    ForwardPlan plan;
     LogFn log = nullptr;
     void* log_user = nullptr;
-    size_t max_act_bytes_per_row = 0;  // largest quantized activation row any matmul needs
 };
 
 struct Loader {
@@ -4984,18 +4914,17 @@ struct Loader {
                             (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2], (long long)ne0, (long long)ne1, (long long)ne2);
         if (t->ne[3] != 1 || (ne2 == 0 && t->ne[2] != 1))
             return fail(Status::shape_mismatch, "tensor '%s' has too many dimensions", name.c_str());
-        const TypeTraits* tt = type_traits(t->type);
+        const QuantType* tt = quant_type(t->type);
         out->data = t->data;
         out->type = t->type;
+        out->qt = tt;
         out->cols = t->ne[0];
         out->rows = t->ne[1];
         out->n_mats = t->ne[2];
         out->row_bytes = (size_t)(t->ne[0] / tt->block_elems * tt->block_bytes);
         out->mat_bytes = out->row_bytes * (size_t)t->ne[1];
-        out->kernel = kernel_traits(t->type);
-        out->kernel_f32 = kernel_traits_f32(t->type);
-        // Activation row sizes must tile exactly: K-quant activations need 256-element rows.
-        m.max_act_bytes_per_row = std::max(m.max_act_bytes_per_row, act_row_bytes(out->kernel.act, out->cols));
+        out->kernel = row_kernel(*tt, active_isa());
+        out->kernel_f32 = row_kernel_f32(*tt);
         return Status::ok;
     }
 
@@ -5008,6 +4937,30 @@ struct Loader {
         return dequantize_row((TensorType)t->type, t->data, out->data(), n);
     }
 };
+
+// Dimensions and the activation formats each matmul input must be quantized to.
+inline void plan_forward(ModelImpl& m) {
+    const ModelInfo& hp = m.info;
+    ForwardPlan& p = m.plan;
+    p.n_embd = hp.n_embd;
+    p.q_dim = (int64_t)hp.n_head * hp.head_dim;
+    p.kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
+    p.group = hp.n_head / hp.n_head_kv;
+    p.max_ff = std::max<int64_t>(hp.n_ff, hp.n_ff_shared);
+    p.slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;
+    for (int fa = 0; fa < 2; ++fa) {
+        auto bit = [&](const Weight& w) -> uint8_t { return w ? fmt_bit(fa ? w.kernel_f32.act : w.kernel.act) : (uint8_t)0; };
+        p.layer_formats[fa].resize((size_t)hp.n_layer);
+        for (int il = 0; il < hp.n_layer; ++il) {
+            const LayerWeights& l = m.layers[(size_t)il];
+            LayerFormats& f = p.layer_formats[fa][(size_t)il];
+            f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv));
+            f.att_out = bit(l.wo);
+            f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
+        }
+        p.output_formats[fa] = bit(m.output);
+    }
+}
 
 inline Status load_model(ModelImpl& m) {
     ModelInfo& hp = m.info;
@@ -5160,6 +5113,8 @@ inline Status load_model(ModelImpl& m) {
     hp.active_bytes_per_token = total - experts - m.token_embd.mat_bytes + m.token_embd.row_bytes +
                                 (n_expert ? experts / n_expert * n_used : 0) + (m.output.data == m.token_embd.data ? m.token_embd.mat_bytes : 0);
 
+    plan_forward(m);
+
     const GgufKeyValue* tok = m.file.find("tokenizer.ggml.model");
     if (tok) {
         if ((s = Tokenizer::load(m.file, &m.tokenizer)) != Status::ok) return s;
@@ -5171,10 +5126,10 @@ inline Status load_model(ModelImpl& m) {
 
 }  // namespace detail
 
-Model::Model() = default;
-Model::~Model() = default;
-Model::Model(Model&&) noexcept = default;
-Model& Model::operator=(Model&&) noexcept = default;
+MOE_DETAIL_MEMBER Model::Model() = default;
+MOE_DETAIL_MEMBER Model::~Model() = default;
+MOE_DETAIL_MEMBER Model::Model(Model&&) noexcept = default;
+MOE_DETAIL_MEMBER Model& Model::operator=(Model&&) noexcept = default;
 
 static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const LoadOptions& options, Model* out,
                                 std::shared_ptr<const detail::ModelImpl>* slot) {
@@ -5190,7 +5145,7 @@ static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const 
     return Status::ok;
 }
 
-Status Model::load(const char* path, const LoadOptions& options, Model* out) {
+MOE_DETAIL_MEMBER Status Model::load(const char* path, const LoadOptions& options, Model* out) {
     if (!out || !path) return detail::fail(Status::invalid_argument, "null argument");
     std::unique_ptr<detail::ModelImpl> impl(new (std::nothrow) detail::ModelImpl());
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
@@ -5202,7 +5157,7 @@ Status Model::load(const char* path, const LoadOptions& options, Model* out) {
     return model_finish_load(impl, options, out, &out->impl_);
 }
 
-Status Model::load_memory(const void* data, size_t size, const LoadOptions& options, Model* out) {
+MOE_DETAIL_MEMBER Status Model::load_memory(const void* data, size_t size, const LoadOptions& options, Model* out) {
     if (!out) return detail::fail(Status::invalid_argument, "null argument");
     std::unique_ptr<detail::ModelImpl> impl(new (std::nothrow) detail::ModelImpl());
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
@@ -5211,10 +5166,17 @@ Status Model::load_memory(const void* data, size_t size, const LoadOptions& opti
     return model_finish_load(impl, options, out, &out->impl_);
 }
 
-bool Model::valid() const { return impl_ != nullptr; }
-const ModelInfo& Model::info() const { return impl_->info; }
-const Tokenizer& Model::tokenizer() const { return impl_->tokenizer; }
-const GgufFile& Model::file() const { return impl_->file; }
+// An unloaded Model answers with empty objects (zero sizes, an invalid tokenizer, no tensors).
+namespace detail {
+inline const ModelImpl& empty_model() {
+    static const ModelImpl empty;
+    return empty;
+}
+}  // namespace detail
+MOE_DETAIL_MEMBER bool Model::valid() const { return impl_ != nullptr; }
+MOE_DETAIL_MEMBER const ModelInfo& Model::info() const { return (impl_ ? *impl_ : detail::empty_model()).info; }
+MOE_DETAIL_MEMBER const Tokenizer& Model::tokenizer() const { return (impl_ ? *impl_ : detail::empty_model()).tokenizer; }
+MOE_DETAIL_MEMBER const GgufFile& Model::file() const { return (impl_ ? *impl_ : detail::empty_model()).file; }
 
 }  // namespace moe
 
@@ -5239,18 +5201,20 @@ const GgufFile& Model::file() const { return impl_->file; }
 namespace moe {
 namespace detail {
 
-inline uint8_t fmt_bit(ActFormat f) { return (uint8_t)(1u << (int)f); }
+//---- forward state: the model's plan, the KV cache, activations, routing, profile ----
+// The plan of dims and activation formats is the model's (ForwardPlan, fixed at load); a Session
+// owns the rest. Everything is sized at create(), so eval() never allocates.
 
 // Quantized copies of B rows of one input, one buffer per activation format; f32 reads `src`.
 struct ActRows {
     const float* src = nullptr;  // (B, width)
     int64_t width = 0;
-    AlignedBuffer<uint8_t> buf[3];
-    size_t stride[3] = {0, 0, 0};
+    AlignedBuffer<uint8_t> buf[kActFormatCount];
+    size_t stride[kActFormatCount] = {};
 
     bool allocate(const float* src_, int64_t width_, int64_t rows) {
         src = src_; width = width_;
-        for (int f = 1; f < 3; ++f) {
+        for (int f = 1; f < kActFormatCount; ++f) {
             stride[f] = (act_row_bytes((ActFormat)f, width) + 63) / 64 * 64;
             if (!buf[f].allocate(std::max<size_t>(64, stride[f] * (size_t)rows))) return false;
         }
@@ -5261,33 +5225,60 @@ struct ActRows {
     }
     // Quantizes elements [i0, i0 + len) of row t, a whole number of blocks, to every format in fmts.
     void quantize(uint8_t fmts, int64_t t, int64_t i0, int64_t len) {
-        for (int f = 1; f < 3; ++f)
+        for (int f = 1; f < kActFormatCount; ++f)
             if (fmts & (1u << f))
                 quantize_act((ActFormat)f, buf[f].data + (size_t)t * stride[f] + act_row_bytes((ActFormat)f, i0), src + t * width + i0, len);
     }
 };
 
-// Largest activation block among fmts (1 for f32 only).
-inline int64_t act_block(uint8_t fmts) {
-    return (fmts & fmt_bit(ActFormat::q8_k)) ? kQKK : (fmts & fmt_bit(ActFormat::q8_0)) ? kQK : 1;
-}
+// Keys and values of every layer and position, float32.
+struct KvCache {
+    AlignedBuffer<float> k, v;  // (n_layer, n_ctx, kv_dim) each
+    int32_t n_ctx = 0;          // capacity in positions
+    int32_t pos = 0;            // positions filled
+    int64_t kv_dim = 0;
 
-// One matrix of a matmul phase: out[(t - t0) * out_stride + r] (= or +=) W[mat] row r . in row t + bias[r].
-struct MatTask {
-    const Weight* w;
-    int64_t mat;
-    const ActRows* in;
-    float* out;
-    int64_t out_stride;
-    const float* bias;  // nullptr: none
-    bool accumulate;
+    bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_) {
+        n_ctx = n_ctx_; kv_dim = kv_dim_;
+        const size_t n = (size_t)n_layer * (size_t)n_ctx * (size_t)kv_dim;
+        return k.allocate(n) && v.allocate(n);
+    }
+    size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * (size_t)kv_dim; }
+    static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim) { return 2ull * 4 * (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)kv_dim; }
 };
 
-// One (token, slot) use of an expert: the hidden row it fills and its routing weight.
+// Activations of the chunk in flight (up to n_batch tokens) and per-thread scratch.
+struct Activations {
+    AlignedBuffer<float> x, xb;          // (B, n_embd): residual stream, normed input of the next matmuls
+    AlignedBuffer<float> q, k, v;        // (B, q_dim), (B, kv_dim) x2
+    AlignedBuffer<float> att_out;        // (B, q_dim)
+    AlignedBuffer<float> rope_cs;        // (B, n_rot / 2, 2): cos, sin per position of the chunk
+    std::vector<float> rope_inv_freq;    // (n_rot / 2)
+    AlignedBuffer<float> att_scratch;    // per thread: scores, accumulators, max, sum of one head group
+    size_t att_scratch_stride = 0;
+    AlignedBuffer<float> att_part;       // KV-split partials: (max, sum, head_dim values) per head and split
+    AlignedBuffer<float> router_logits;  // (B, n_expert)
+    AlignedBuffer<float> hidden;         // (B * slots, max_ff): SwiGLU output per (token, slot)
+    AlignedBuffer<uint8_t> hidden_q;     // (B * slots, hidden_q_stride): the same, quantized for down
+    size_t hidden_q_stride = 0;
+    AlignedBuffer<float> down_part;      // per thread: down-row dot products of a sub-chunk of rows
+    size_t down_part_per_thread = 0;     // max(kDownRows, B) * slots floats
+    AlignedBuffer<float> logits_batch;   // (B, n_vocab)
+    AlignedBuffer<float> logits;         // (n_vocab): after the last evaluated token
+    ActRows act_x, act_att;              // xb and att_out quantized to what their matmuls read
+};
+
+// One (token, slot) use of an FFN: the hidden row it fills and its routing weight.
 struct ExpertUse { int32_t token, slot; };
 
-// Activation formats each input of a layer must be quantized to.
-struct LayerFormats { uint8_t attn_in = 0, att_out = 0, ffn_in = 0; };
+// An FFN used by at least one token of the chunk (a routed expert, the shared expert, or the
+// dense FFN), resolved once by route() for the phases after it.
+struct ActiveExpert {
+    const Weight *gate, *up, *down;
+    int64_t mat;                   // matrix in the stacks (0 for shared and dense)
+    int32_t use_begin, use_end;    // its uses in Routing::uses
+    int64_t row_begin, row_end;    // its rows in the concatenated gate/up rows of all active experts
+};
 
 // Work finished in a phase. The thread whose piece completes the total runs the small serial step
 // the next phase needs (routing, a norm, quantizing an expert's hidden rows) instead of everyone
@@ -5302,46 +5293,100 @@ struct alignas(64) DoneCounter {
     }
 };
 
-struct SessionImpl {
-    static constexpr int kAttBlock = 64;      // KV positions scored at once (online softmax step)
-    static constexpr int kMinSplitLen = 128;  // shortest KV range worth its own thread
-    static constexpr int kSerialNormTokens = 4;  // up to this many tokens one thread norms them (no barrier)
-    static constexpr int kDownRows = 64;  // down-projection rows per expert stream before the weighted sum
-
-    std::shared_ptr<const ModelImpl> model;
-    ThreadPool pool;
-    int32_t n_ctx = 0, n_batch = 0, pos = 0, slots = 0;  // slots: FFN uses per token (top-k [+ shared] or 1)
-    int64_t n_embd = 0, q_dim = 0, kv_dim = 0, max_ff = 0;
-    int group = 1;                                // query heads per KV head
-
-    AlignedBuffer<float> k_cache, v_cache;       // (n_layer, n_ctx, kv_dim)
-    AlignedBuffer<float> x, xb, q, k, v, att_out;  // (n_batch, dim) each
-    AlignedBuffer<float> rope_cs;                // (n_batch, n_rot / 2, 2): cos, sin per position of the chunk
-    std::vector<float> rope_inv_freq;            // (n_rot / 2)
-    AlignedBuffer<float> att_scratch;            // per thread: scores, accumulators, max, sum of one head group
-    size_t att_scratch_stride = 0;
-    AlignedBuffer<float> att_part;               // KV-split partials: (max, sum, head_dim values) per head and split
-    int32_t att_split = 1;                       // KV splits of this forward()
-    int32_t att_groups = 1;                      // query-head subgroups per KV head in this forward()
-    AlignedBuffer<float> router_logits;          // (n_batch, n_expert)
-    AlignedBuffer<float> hidden;                 // (n_batch * slots, max_ff)
-    AlignedBuffer<float> down_part;              // per thread: down-row dot products of a sub-chunk of rows
-    size_t down_part_per_thread = 0;             // max(kDownRows * slots, n_batch * slots) floats
-    AlignedBuffer<float> logits_batch;           // (n_batch, n_vocab)
-    AlignedBuffer<float> logits;                 // (n_vocab)
-    AlignedBuffer<uint8_t> hidden_q;             // (n_batch * slots, act row bytes of max_ff)
-    size_t hidden_q_stride = 0;
-    ActRows act_x, act_att;                      // quantized xb (normed input) and att_out
-    std::vector<LayerFormats> layer_formats;
-    DoneCounter rows_done;                       // rows of the current matmul phase
+// Routing of the chunk in flight. Targets number the FFNs of a layer for the counting sort:
+// 0 the shared expert, 1 the dense FFN, 2 + e routed expert e.
+struct Routing {
+    static constexpr int32_t kSharedTarget = 0, kDenseTarget = 1, kFirstExpertTarget = 2;
+    std::vector<int32_t> slot_target;   // (B * slots)
+    std::vector<float> slot_weight;     // (B * slots)
+    std::vector<int32_t> target_first;  // (n_expert + 3): CSR offsets of the uses per target
+    std::vector<ExpertUse> uses;        // (B * slots), grouped by target
+    std::vector<ActiveExpert> active;   // targets with uses, in target order
     std::unique_ptr<DoneCounter[]> expert_done;  // (n_expert + 2): gate/up rows done per active expert
-    uint8_t output_formats = 0;
-    VecDotFn dot_f32 = nullptr;                  // float . float, for attention scores
+    std::vector<std::pair<float, int32_t>> topk;
+    std::vector<int32_t> last_experts;  // (n_layer * n_expert_used): experts of the last token
+    int64_t active_rows() const { return active.empty() ? 0 : active.back().row_end; }
+};
+
+// Wall time per phase (SessionOptions::profile): thread 0 stamps the end of every phase.
+struct PhaseProfile {
+    enum Phase { embed, attn_norm, qkv, rope_kv, attention, att_out, wo, ffn_norm, router, route, expert_up, expert_down,
+                 out_norm, head, count };
+    static const char* name(int ph) {
+        static const char* const names[count] = {"embed", "attn_norm", "qkv", "rope_kv", "attention", "att_out", "wo",
+                                                 "ffn_norm", "router", "route", "expert_up", "expert_down", "out_norm", "head"};
+        return names[ph];
+    }
+    bool enabled = false;
+    double seconds[count] = {};
+    std::chrono::steady_clock::time_point mark;
+    void start() { if (enabled) mark = std::chrono::steady_clock::now(); }
+    void stamp(Phase ph) {
+        const auto now = std::chrono::steady_clock::now();
+        seconds[ph] += std::chrono::duration<double>(now - mark).count();
+        mark = now;
+    }
+};
+
+// Arguments of one forward() over a chunk of tokens, shared by all threads of its pool run.
+struct ForwardCall {
+    const int32_t* tokens = nullptr;
+    int32_t n = 0;             // tokens in the chunk
+    int32_t first_logit = 0;   // first row of the output head (0 = all, n - 1 = last only)
+    int32_t att_groups = 1;    // query-head subgroups per KV head
+    int32_t att_split = 1;     // KV-range splits
+    bool serial_norms = false; // n <= kSerialNormTokens: the thread finishing a matmul runs the norm after it
+};
+
+// A norm step: rms_norm(x rows [t0, t0 + n)) * weight into xb, quantized to fmts.
+struct NormStep {
+    const float* weight;
+    int32_t t0, n;
+    uint8_t fmts;
+    PhaseProfile::Phase phase;  // its own phase when it is not folded into the previous one
+};
+
+// One matrix of a matmul phase: out[(t - t0) * out_stride + r] (= or +=) W[mat] row r . in row t + bias[r].
+struct MatTask {
+    const Weight* w;
+    int64_t mat;
+    const ActRows* in;
+    float* out;
+    int64_t out_stride;
+    const float* bias;  // nullptr: none
+    bool accumulate;
+};
+
+struct SessionImpl {
+    static constexpr int kAttBlock = 64;         // KV positions scored at once (online softmax step)
+    static constexpr int kMinSplitLen = 128;     // shortest KV range worth its own thread
+    static constexpr int kSerialNormTokens = 4;  // up to this many tokens one thread norms them (no barrier)
+    static constexpr int kDownRows = 64;         // down-projection rows per expert stream before the weighted sum
     // Matmuls prefetch the weights prefetch_bytes ahead of the row they compute: hardware prefetchers
     // stop at 4 KiB page boundaries, and a core streaming alone cannot otherwise keep enough loads in
     // flight (measured on Sapphire Rapids: decode +18% at 16 threads, +40% at 1 thread).
     static constexpr size_t kDefaultPrefetch = 2048;
+
+    std::shared_ptr<const ModelImpl> model;  // keeps the weights alive as long as the session
+    const ModelInfo* hp = nullptr;
+    const ForwardPlan* plan = nullptr;
+    ThreadPool pool;
+    int32_t n_batch = 0;
+    bool float_activations = false;  // SessionOptions::float_activations
     size_t prefetch_bytes = 0;
+    VecDotFn dot_f32 = nullptr;      // float . float, for attention scores
+    KvCache kv;
+    Activations a;
+    Routing r;
+    PhaseProfile profile;
+    DoneCounter rows_done;           // rows of the current matmul phase
+
+    explicit SessionImpl(int n_threads) : pool(n_threads) {}
+    Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
+    Status forward(const int32_t* tokens, int32_t n, float* all_logits);
+
+    const RowKernel& kt(const Weight& w) const { return float_activations ? w.kernel_f32 : w.kernel; }
+    const LayerFormats& formats(int il) const { return plan->layer_formats[float_activations][(size_t)il]; }
     void prefetch_ahead(const uint8_t* row, size_t bytes) const {
 #if defined(__GNUC__) || defined(__clang__)
         const uintptr_t p = reinterpret_cast<uintptr_t>(row) + prefetch_bytes;  // may pass the tensor's end: prefetches never fault
@@ -5350,64 +5395,28 @@ struct SessionImpl {
         (void)row; (void)bytes;
 #endif
     }
-    std::vector<int32_t> slot_expert;            // (n_batch * slots): expert id, -1 dense, -2 shared
-    std::vector<float> slot_weight;              // (n_batch * slots)
-    std::vector<int32_t> expert_first;           // (n_expert + 2 + 1): CSR offsets of uses per expert
-    std::vector<ExpertUse> uses;                 // (n_batch * slots), grouped by expert
-    std::vector<int32_t> active;                 // experts with uses, in order
-    std::vector<int64_t> active_row_start;       // prefix sums of their hidden rows
-    std::vector<int32_t> last_experts;           // (n_layer * n_expert_used) for the last token
-    std::vector<std::pair<float, int32_t>> topk_scratch;
-    const int32_t* fwd_tokens = nullptr;         // arguments of the forward() in flight
-    int32_t fwd_n = 0, fwd_first = 0;
-
-    bool float_activations = false;              // SessionOptions::float_activations
-
-    // Phase timing (SessionOptions::profile): thread 0 stamps the end of every phase.
-    enum Phase { ph_embed, ph_attn_norm, ph_qkv, ph_rope, ph_attention, ph_att_out, ph_wo, ph_ffn_norm, ph_router,
-                 ph_route, ph_expert_up, ph_expert_down, ph_out_norm, ph_head, ph_count };
-    bool profiling = false;
-    double phase_seconds[ph_count] = {};
-    std::chrono::steady_clock::time_point phase_mark;
-    void end_phase(int ith, int nth, Phase ph) {
+    void end_phase(int ith, int nth, PhaseProfile::Phase ph) {
         pool.barrier(ith, nth);
-        if (profiling && ith == 0) {
-            const auto now = std::chrono::steady_clock::now();
-            phase_seconds[ph] += std::chrono::duration<double>(now - phase_mark).count();
-            phase_mark = now;
-        }
-    }
-
-    explicit SessionImpl(int n_threads) : pool(n_threads) {}
-    const KernelTraits& kt(const Weight& w) const { return float_activations ? w.kernel_f32 : w.kernel; }
-
-    Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
-    Status forward(const int32_t* tokens, int32_t n, float* all_logits);
-
-    // Expert id encoding for slot_expert: >= 0 routed expert, kDense, kShared.
-    static constexpr int32_t kDense = -1, kShared = -2;
-    int32_t expert_index(int32_t e) const { return e + 2; }  // -2 -> 0, -1 -> 1, e -> e + 2
-    void ffn_weights(const LayerWeights& l, int32_t e, const Weight** g, const Weight** u, const Weight** d, int64_t* mat) const {
-        if (e == kShared) { *g = &l.gate_shexp; *u = &l.up_shexp; *d = &l.down_shexp; *mat = 0; }
-        else if (e == kDense) { *g = &l.gate; *u = &l.up; *d = &l.down; *mat = 0; }
-        else { *g = &l.gate_exps; *u = &l.up_exps; *d = &l.down_exps; *mat = e; }
+        if (profile.enabled && ith == 0) profile.stamp(ph);
     }
     // Next rows of a matmul phase for this thread; the smallest chunk shrinks as tokens per row grow.
     bool next_rows(int64_t total, int32_t n_tok, int64_t* begin, int64_t* end) {
         return pool.grab_guided(total, std::max<int64_t>(1, 8 / std::max(1, n_tok)), pool.size(), begin, end);
     }
 
-    void forward_thread(int ith, int nth);
-    void norm_phase(const float* w, int32_t t0, int32_t n, uint8_t fmts, int ith, int nth);
+    void forward_thread(const ForwardCall& c, int ith, int nth);
+    NormStep norm_before_layer(const ForwardCall& c, int il) const;
+    void end_phase_then_norm(const NormStep& step, bool finisher, const ForwardCall& c, int ith, int nth, PhaseProfile::Phase ph);
+    void norm_rows(const NormStep& step, int ith, int nth);
     bool matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n);
     void rope_phase(int il, int32_t n, int ith, int nth);
-    void attention_phase(int il, int32_t n, int ith);
-    void att_out_phase(int32_t n, uint8_t fmts, int ith, int nth);
+    void attention_phase(const ForwardCall& c, int il, int ith);
+    void att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
-    void expert_up_phase(const LayerWeights& l, int32_t n);
-    bool expert_down_phase(const LayerWeights& l, int32_t n, int ith);
-    void quantize_hidden(const LayerWeights& l, int32_t e);
-    void up_row(const LayerWeights& l, size_t a, int64_t gr);
+    void expert_up_phase(int32_t n);
+    void up_row(const ActiveExpert& e, int64_t r);
+    void quantize_hidden(const ActiveExpert& e);
+    bool expert_down_phase(int32_t n, int ith);
 };
 
 // 1 / rms(x) with double partial sums (four, so the loop pipelines).
@@ -5443,82 +5452,178 @@ inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
 inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o) {
     model = m;
-    const ModelInfo& hp = m->info;
-    n_ctx = o.n_ctx > 0 ? o.n_ctx : std::min(hp.n_ctx_train, 4096);
-    if (n_ctx <= 0 || n_ctx > (1 << 22)) return fail(Status::invalid_argument, "n_ctx %d is out of range", n_ctx);
+    hp = &m->info;
+    plan = &m->plan;
+    const int32_t n_ctx = o.n_ctx > 0 ? o.n_ctx : std::min(hp->n_ctx_train, 4096);
+    if (n_ctx <= 0 || n_ctx > kMaxContext)
+        return fail(Status::invalid_argument, "n_ctx %d is out of range [1, %d]", n_ctx, kMaxContext);
     n_batch = o.n_batch > 0 ? std::min(o.n_batch, 4096) : 64;
     float_activations = o.float_activations;
-    profiling = o.profile;
-    n_embd = hp.n_embd;
-    q_dim = (int64_t)hp.n_head * hp.head_dim;
-    kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
-    group = hp.n_head / hp.n_head_kv;
-    max_ff = std::max<int64_t>(hp.n_ff, hp.n_ff_shared);
-    slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;
-    const int64_t B = n_batch, nth = pool.size(), hd = hp.head_dim;
-    uint64_t kv_elems = (uint64_t)hp.n_layer * (uint64_t)n_ctx * (uint64_t)kv_dim;
+    profile.enabled = o.profile;
+    const int64_t B = n_batch, nth = pool.size(), hd = hp->head_dim, slots = plan->slots, group = plan->group;
+    if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim))
+        return fail(Status::out_of_memory, "cannot allocate the KV cache for n_ctx %d (%.1f MiB)", n_ctx,
+                    (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim) / (1 << 20));
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
-    att_scratch_stride = (size_t)((group * (kAttBlock + hd + 2) + 15) / 16 * 16);
-    down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, B) * (size_t)slots;
-    bool ok = k_cache.allocate((size_t)kv_elems) && v_cache.allocate((size_t)kv_elems) && x.allocate((size_t)(B * n_embd)) &&
-              xb.allocate((size_t)(B * n_embd)) && q.allocate((size_t)(B * q_dim)) && k.allocate((size_t)(B * kv_dim)) &&
-              v.allocate((size_t)(B * kv_dim)) && att_out.allocate((size_t)(B * q_dim)) &&
-              rope_cs.allocate((size_t)(B * std::max(2, hp.n_rot))) && att_scratch.allocate(att_scratch_stride * (size_t)nth) &&
-              att_part.allocate((size_t)(4 * nth * group * (hd + 2))) && router_logits.allocate((size_t)(B * std::max(1, hp.n_expert))) &&
-              hidden.allocate((size_t)(B * slots * max_ff)) && down_part.allocate((size_t)nth * down_part_per_thread) &&
-              logits.allocate((size_t)hp.n_vocab) && logits_batch.allocate((size_t)(B * hp.n_vocab));
-    if (!ok) return fail(Status::out_of_memory, "cannot allocate the KV cache and scratch for n_ctx %d", n_ctx);
-    hidden_q_stride = std::max(act_row_bytes(ActFormat::q8_k, max_ff / kQKK * kQKK + kQKK), act_row_bytes(ActFormat::q8_0, max_ff / kQK * kQK + kQK));
-    hidden_q_stride = std::max(hidden_q_stride, (size_t)max_ff * 4);
-    if (!act_x.allocate(xb.data, n_embd, B) || !act_att.allocate(att_out.data, q_dim, B) ||
-        !hidden_q.allocate(hidden_q_stride * (size_t)(B * slots)))
-        return fail(Status::out_of_memory, "cannot allocate activation buffers");
-    rope_inv_freq.resize((size_t)(hp.n_rot / 2));
-    for (int i = 0; i < hp.n_rot / 2; ++i) rope_inv_freq[(size_t)i] = std::pow(hp.rope_freq_base, -2.f * (float)i / (float)hp.n_rot);
-    auto bit = [&](const Weight& w) -> uint8_t { return w ? fmt_bit(kt(w).act) : (uint8_t)0; };
-    layer_formats.resize((size_t)hp.n_layer);
-    for (int il = 0; il < hp.n_layer; ++il) {
-        const LayerWeights& l = m->layers[(size_t)il];
-        LayerFormats& f = layer_formats[(size_t)il];
-        f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv));
-        f.att_out = bit(l.wo);
-        f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
-    }
-    output_formats = bit(m->output);
-    dot_f32 = kernel_traits((uint32_t)TensorType::f32).vec_dot;
+    a.att_scratch_stride = (size_t)((group * (kAttBlock + hd + 2) + 15) / 16 * 16);
+    a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, B) * (size_t)slots;
+    a.hidden_q_stride = std::max(act_row_bytes(ActFormat::q8_k, plan->max_ff / kQKK * kQKK + kQKK),
+                                 act_row_bytes(ActFormat::q8_0, plan->max_ff / kQK * kQK + kQK));
+    a.hidden_q_stride = std::max(a.hidden_q_stride, (size_t)plan->max_ff * 4);
+    const bool ok = a.x.allocate((size_t)(B * plan->n_embd)) && a.xb.allocate((size_t)(B * plan->n_embd)) &&
+                    a.q.allocate((size_t)(B * plan->q_dim)) && a.k.allocate((size_t)(B * plan->kv_dim)) &&
+                    a.v.allocate((size_t)(B * plan->kv_dim)) && a.att_out.allocate((size_t)(B * plan->q_dim)) &&
+                    a.rope_cs.allocate((size_t)(B * std::max(2, hp->n_rot))) && a.att_scratch.allocate(a.att_scratch_stride * (size_t)nth) &&
+                    a.att_part.allocate((size_t)(4 * nth * group * (hd + 2))) &&
+                    a.router_logits.allocate((size_t)(B * std::max(1, hp->n_expert))) &&
+                    a.hidden.allocate((size_t)(B * slots * plan->max_ff)) && a.hidden_q.allocate(a.hidden_q_stride * (size_t)(B * slots)) &&
+                    a.down_part.allocate((size_t)nth * a.down_part_per_thread) && a.logits.allocate((size_t)hp->n_vocab) &&
+                    a.logits_batch.allocate((size_t)(B * hp->n_vocab)) && a.act_x.allocate(a.xb.data, plan->n_embd, B) &&
+                    a.act_att.allocate(a.att_out.data, plan->q_dim, B);
+    if (!ok) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
+    a.rope_inv_freq.resize((size_t)(hp->n_rot / 2));
+    for (int i = 0; i < hp->n_rot / 2; ++i) a.rope_inv_freq[(size_t)i] = std::pow(hp->rope_freq_base, -2.f * (float)i / (float)hp->n_rot);
+    dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa()).vec_dot;
     prefetch_bytes = o.prefetch_distance < 0 ? kDefaultPrefetch : (size_t)o.prefetch_distance;
 #if !defined(__GNUC__) && !defined(__clang__)
     prefetch_bytes = 0;
 #endif
-    slot_expert.assign((size_t)(B * slots), 0);
-    slot_weight.assign((size_t)(B * slots), 0.f);
-    expert_first.assign((size_t)hp.n_expert + 3, 0);
-    uses.resize((size_t)(B * slots));
-    active.reserve((size_t)hp.n_expert + 2);
-    active_row_start.reserve((size_t)hp.n_expert + 3);
-    last_experts.assign((size_t)hp.n_layer * (size_t)std::max(1, hp.n_expert_used), -1);
-    topk_scratch.reserve((size_t)hp.n_expert);
-    expert_done.reset(new (std::nothrow) DoneCounter[(size_t)hp.n_expert + 2]);
-    if (!expert_done) return fail(Status::out_of_memory, "out of memory");
+    r.slot_target.assign((size_t)(B * slots), 0);
+    r.slot_weight.assign((size_t)(B * slots), 0.f);
+    r.target_first.assign((size_t)hp->n_expert + 3, 0);
+    r.uses.resize((size_t)(B * slots));
+    r.active.reserve((size_t)hp->n_expert + 2);
+    r.topk.reserve((size_t)hp->n_expert);
+    r.last_experts.assign((size_t)hp->n_layer * (size_t)std::max(1, hp->n_expert_used), -1);
+    r.expert_done.reset(new (std::nothrow) DoneCounter[(size_t)hp->n_expert + 2]);
+    if (!r.expert_done) return fail(Status::out_of_memory, "out of memory");
     return Status::ok;
 }
 
-// rms_norm(x rows [t0, t0 + n)) * w into xb, quantized to fmts. Units are (token, span); every unit
-// recomputes its row's scale, which is cheaper than a barrier.
-inline void SessionImpl::norm_phase(const float* w, int32_t t0, int32_t n, uint8_t fmts, int ith, int nth) {
-    const int64_t span = n_embd % 256 == 0 ? 256 : std::max<int64_t>(act_block(fmts), n_embd % kQK == 0 ? kQK : n_embd);
+//---- the forward pass of one chunk: eval() -> forward() -> forward_thread() on every thread ----
+
+inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits) {
+    ForwardCall c;
+    c.tokens = tokens;
+    c.n = n;
+    c.first_logit = all_logits ? 0 : n - 1;
+    c.serial_norms = n <= kSerialNormTokens;
+    // Split query-head groups, then the KV range, only when (token, KV head) units cannot keep every
+    // thread busy; short caches are not split (each split must cover kMinSplitLen positions).
+    const int32_t nth = pool.size(), group = plan->group;
+    while (n * hp->n_head_kv * c.att_groups < nth && c.att_groups < group) {
+        int32_t g = c.att_groups + 1;
+        while (group % g) ++g;  // next divisor of group
+        c.att_groups = g;
+    }
+    const int32_t units = n * hp->n_head_kv * c.att_groups;
+    c.att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, (kv.pos + n) / kMinSplitLen));
+    profile.start();
+    pool.parallel_for([this, &c](int ith, int nth_) { forward_thread(c, ith, nth_); });
+    if (all_logits) std::memcpy(all_logits, a.logits_batch.data, (size_t)n * (size_t)hp->n_vocab * 4);
+    std::memcpy(a.logits.data, a.logits_batch.data + (int64_t)(n - c.first_logit - 1) * hp->n_vocab, (size_t)hp->n_vocab * 4);
+    kv.pos += n;
+    return Status::ok;
+}
+
+// Per layer: attn_norm, qkv, rope_kv, attention, [att_out], wo (+= x), ffn_norm, router (+ route),
+// expert_up, expert_down (+= x). Norms run where end_phase_then_norm() puts them.
+inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) {
+    const ModelImpl& m = *model;
+    const int32_t n = c.n;
+    const int64_t n_embd = plan->n_embd;
+    {
+        int64_t t0, t1;
+        split_range(n, ith, nth, &t0, &t1);
+        for (int64_t t = t0; t < t1; ++t) {
+            m.token_embd.qt->dequantize_ref(m.token_embd.row(0, c.tokens[t]), a.x.data + t * n_embd, n_embd);
+            float* cs = a.rope_cs.data + t * hp->n_rot;
+            for (int i = 0; i < hp->n_rot / 2; ++i) {
+                const float theta = (float)(kv.pos + t) * hp->rope_freq_scale * a.rope_inv_freq[(size_t)i];
+                cs[2 * i] = std::cos(theta);
+                cs[2 * i + 1] = std::sin(theta);
+            }
+        }
+    }
+    end_phase(ith, nth, PhaseProfile::embed);
+    // The first norm has a phase of its own whatever the chunk size: nothing before it is a matmul.
+    norm_rows(norm_before_layer(c, 0), ith, nth);
+    end_phase(ith, nth, norm_before_layer(c, 0).phase);
+    for (int il = 0; il < hp->n_layer; ++il) {
+        const LayerWeights& l = m.layers[(size_t)il];
+        const LayerFormats& f = formats(il);
+        const MatTask qkv[3] = {
+            {&l.wq, 0, &a.act_x, a.q.data, plan->q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
+            {&l.wk, 0, &a.act_x, a.k.data, plan->kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
+            {&l.wv, 0, &a.act_x, a.v.data, plan->kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
+        matmul_phase(qkv, 3, 0, n);
+        end_phase(ith, nth, PhaseProfile::qkv);
+        rope_phase(il, n, ith, nth);
+        end_phase(ith, nth, PhaseProfile::rope_kv);
+        attention_phase(c, il, ith);
+        end_phase(ith, nth, PhaseProfile::attention);
+        if (c.att_split > 1 || (f.att_out & ~fmt_bit(ActFormat::f32))) {
+            att_out_phase(c, f.att_out, ith, nth);
+            end_phase(ith, nth, PhaseProfile::att_out);
+        }
+        const MatTask wo{&l.wo, 0, &a.act_att, a.x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
+        const NormStep ffn_norm{l.ffn_norm.data(), 0, n, f.ffn_in, PhaseProfile::ffn_norm};
+        end_phase_then_norm(ffn_norm, matmul_phase(&wo, 1, 0, n), c, ith, nth, PhaseProfile::wo);
+        if (hp->n_expert > 0) {
+            const MatTask router{&l.router, 0, &a.act_x, a.router_logits.data, hp->n_expert, nullptr, false};
+            if (matmul_phase(&router, 1, 0, n)) route(il, n);
+            end_phase(ith, nth, PhaseProfile::router);
+        } else {
+            if (ith == 0) route(il, n);
+            end_phase(ith, nth, PhaseProfile::route);
+        }
+        expert_up_phase(n);  // also quantizes each expert's hidden rows once they are complete
+        end_phase(ith, nth, PhaseProfile::expert_up);
+        end_phase_then_norm(norm_before_layer(c, il + 1), expert_down_phase(n, ith), c, ith, nth, PhaseProfile::expert_down);
+    }
+    // Output head: every row when all logits are wanted, else the last only.
+    const MatTask head{&m.output, 0, &a.act_x, a.logits_batch.data, hp->n_vocab, nullptr, false};
+    matmul_phase(&head, 1, c.first_logit, n - c.first_logit);
+    end_phase(ith, nth, PhaseProfile::head);
+}
+
+// The norm in front of layer il: its attn_norm, or after the last layer the output norm of the rows
+// the head will read.
+inline NormStep SessionImpl::norm_before_layer(const ForwardCall& c, int il) const {
+    if (il < hp->n_layer) return {model->layers[(size_t)il].attn_norm.data(), 0, c.n, formats(il).attn_in, PhaseProfile::attn_norm};
+    return {model->output_norm.data(), c.first_logit, c.n - c.first_logit, plan->output_formats[float_activations], PhaseProfile::out_norm};
+}
+
+// Where a norm runs (the one decision for all of them): for a few tokens (decode), the one thread
+// that finished the matmul before it (`finisher`) runs it alone before the barrier, saving a
+// barrier; for more tokens every thread takes a share in a phase of its own.
+inline void SessionImpl::end_phase_then_norm(const NormStep& step, bool finisher, const ForwardCall& c, int ith, int nth,
+                                             PhaseProfile::Phase ph) {
+    if (c.serial_norms && finisher) norm_rows(step, 0, 1);
+    end_phase(ith, nth, ph);
+    if (!c.serial_norms) {
+        norm_rows(step, ith, nth);
+        end_phase(ith, nth, step.phase);
+    }
+}
+
+// This thread's share of a norm step. Units are (token, span); every unit recomputes its row's
+// scale, which is cheaper than a barrier.
+inline void SessionImpl::norm_rows(const NormStep& step, int ith, int nth) {
+    const int64_t n_embd = plan->n_embd;
+    const int64_t span = n_embd % 256 == 0 ? 256 : std::max<int64_t>(act_block(step.fmts), n_embd % kQK == 0 ? kQK : n_embd);
     const int64_t spans = n_embd / span;
     int64_t u0, u1;
-    split_range((int64_t)n * spans, ith, nth, &u0, &u1);
+    split_range((int64_t)step.n * spans, ith, nth, &u0, &u1);
     int64_t row = -1;
     float scale = 0;
     for (int64_t u = u0; u < u1; ++u) {
-        const int64_t t = t0 + u / spans, i0 = (u % spans) * span;
-        const float* xt = x.data + t * n_embd;
-        if (t != row) { scale = rms_scale(xt, n_embd, model->info.rms_eps); row = t; }
-        float* o = xb.data + t * n_embd;
-        for (int64_t i = i0; i < i0 + span; ++i) o[i] = xt[i] * scale * w[i];
-        act_x.quantize(fmts, t, i0, span);
+        const int64_t t = step.t0 + u / spans, i0 = (u % spans) * span;
+        const float* xt = a.x.data + t * n_embd;
+        if (t != row) { scale = rms_scale(xt, n_embd, hp->rms_eps); row = t; }
+        float* o = a.xb.data + t * n_embd;
+        for (int64_t i = i0; i < i0 + span; ++i) o[i] = xt[i] * scale * step.weight[i];
+        a.act_x.quantize(step.fmts, t, i0, span);
     }
 }
 
@@ -5535,14 +5640,14 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
         for (int64_t vr = begin; vr < end; ++vr) {
             if (vr >= base + tasks[i].w->rows) base += tasks[i++].w->rows;
             const MatTask& mt = tasks[i];
-            const int64_t r = vr - base;
-            const KernelTraits& k = kt(*mt.w);
-            const uint8_t* wrow = mt.w->row(mt.mat, r);
+            const int64_t row = vr - base;
+            const RowKernel& k = kt(*mt.w);
+            const uint8_t* wrow = mt.w->row(mt.mat, row);
             if (prefetch_bytes) prefetch_ahead(wrow, mt.w->row_bytes);
-            const float bias = mt.bias ? mt.bias[r] : 0.f;
+            const float bias = mt.bias ? mt.bias[row] : 0.f;
             for (int32_t t = t0; t < t0 + n; ++t) {
                 const float val = k.vec_dot(wrow, mt.in->row(k.act, t), mt.w->cols) + bias;
-                float& o = mt.out[(t - t0) * mt.out_stride + r];
+                float& o = mt.out[(t - t0) * mt.out_stride + row];
                 o = mt.accumulate ? o + val : val;
             }
         }
@@ -5550,11 +5655,13 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
     return last;
 }
 
+// QK-norm, RoPE and the KV store; units are (token, head) (or one per token for a whole-projection
+// QK-norm, which needs the whole row).
 inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
     const ModelImpl& m = *model;
-    const ModelInfo& hp = m.info;
     const LayerWeights& l = m.layers[(size_t)il];
-    const int hd = hp.head_dim, n_head = hp.n_head, n_kv = hp.n_head_kv;
+    const int hd = hp->head_dim, n_head = hp->n_head, n_kv = hp->n_head_kv;
+    const int64_t q_dim = plan->q_dim, kv_dim = plan->kv_dim;
     const bool whole = m.qk_norm == QkNorm::whole, per_head = m.qk_norm == QkNorm::per_head;
     const int per_token = whole ? 1 : n_head + n_kv;
     int64_t u0, u1;
@@ -5562,28 +5669,28 @@ inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
     for (int64_t u = u0; u < u1; ++u) {
         const int32_t t = (int32_t)(u / per_token);
         const int unit = (int)(u % per_token);
-        const float* cs = rope_cs.data + (int64_t)t * hp.n_rot;
-        float* qt = q.data + t * q_dim;
-        float* kt_ = k.data + t * kv_dim;
-        const size_t cache_row = ((size_t)il * (size_t)n_ctx + (size_t)(pos + t)) * (size_t)kv_dim;
+        const float* cs = a.rope_cs.data + (int64_t)t * hp->n_rot;
+        float* qt = a.q.data + t * q_dim;
+        float* kt_ = a.k.data + t * kv_dim;
+        const size_t cache_row = kv.offset(il, kv.pos + t);
         int h0 = 0, h1 = n_head, g0 = 0, g1 = n_kv;  // query heads and KV heads of this unit
         if (whole) {
-            rms_norm(qt, qt, l.q_norm.data(), q_dim, hp.rms_eps);
-            rms_norm(kt_, kt_, l.k_norm.data(), kv_dim, hp.rms_eps);
+            rms_norm(qt, qt, l.q_norm.data(), q_dim, hp->rms_eps);
+            rms_norm(kt_, kt_, l.k_norm.data(), kv_dim, hp->rms_eps);
         } else if (unit < n_head) {
             h0 = unit; h1 = unit + 1; g0 = g1 = 0;
         } else {
             h0 = h1 = 0; g0 = unit - n_head; g1 = g0 + 1;
         }
         for (int h = h0; h < h1; ++h) {
-            if (per_head) rms_norm(qt + h * hd, qt + h * hd, l.q_norm.data(), hd, hp.rms_eps);
-            rope(qt + h * hd, cs, hp.n_rot, hp.rope_neox);
+            if (per_head) rms_norm(qt + h * hd, qt + h * hd, l.q_norm.data(), hd, hp->rms_eps);
+            rope(qt + h * hd, cs, hp->n_rot, hp->rope_neox);
         }
         for (int h = g0; h < g1; ++h) {
-            if (per_head) rms_norm(kt_ + h * hd, kt_ + h * hd, l.k_norm.data(), hd, hp.rms_eps);
-            rope(kt_ + h * hd, cs, hp.n_rot, hp.rope_neox);
-            std::memcpy(k_cache.data + cache_row + (size_t)h * hd, kt_ + h * hd, (size_t)hd * 4);
-            std::memcpy(v_cache.data + cache_row + (size_t)h * hd, v.data + t * kv_dim + h * hd, (size_t)hd * 4);
+            if (per_head) rms_norm(kt_ + h * hd, kt_ + h * hd, l.k_norm.data(), hd, hp->rms_eps);
+            rope(kt_ + h * hd, cs, hp->n_rot, hp->rope_neox);
+            std::memcpy(kv.k.data + cache_row + (size_t)h * hd, kt_ + h * hd, (size_t)hd * 4);
+            std::memcpy(kv.v.data + cache_row + (size_t)h * hd, a.v.data + t * kv_dim + h * hd, (size_t)hd * 4);
         }
     }
 }
@@ -5591,26 +5698,26 @@ inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
 // Causal GQA attention. A unit is (token, KV head, head subgroup, KV split): it scores each cached
 // key once for all query heads of its subgroup, with an online softmax over blocks of kAttBlock
 // positions. Subgroups and splits exist only when there are fewer (token, KV head) pairs than threads.
-inline void SessionImpl::attention_phase(int il, int32_t n, int ith) {
-    const ModelInfo& hp = model->info;
-    const int hd = hp.head_dim, n_kv = hp.n_head_kv, S = att_split, G = att_groups, gsize = group / att_groups;
+inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) {
+    const int hd = hp->head_dim, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
+    const int64_t q_dim = plan->q_dim, kv_dim = plan->kv_dim;
     const float scale = 1.f / std::sqrt((float)hd);
-    const float* kl = k_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
-    const float* vl = v_cache.data + (size_t)il * (size_t)n_ctx * (size_t)kv_dim;
-    float* sc = att_scratch.data + (size_t)ith * att_scratch_stride;  // (group, kAttBlock)
-    float* acc = sc + group * kAttBlock;                                // (group, hd)
-    float* mx = acc + group * hd;                                       // (group)
-    float* sum = mx + group;                                            // (group)
-    const int64_t units = (int64_t)n * n_kv * G * S;
+    const float* kl = kv.k.data + kv.offset(il, 0);
+    const float* vl = kv.v.data + kv.offset(il, 0);
+    float* sc = a.att_scratch.data + (size_t)ith * a.att_scratch_stride;  // (group, kAttBlock)
+    float* acc = sc + group * kAttBlock;                                    // (group, hd)
+    float* mx = acc + group * hd;                                           // (group)
+    float* sum = mx + group;                                                // (group)
+    const int64_t units = (int64_t)c.n * n_kv * G * S;
     for (;;) {
         const int64_t u = pool.grab(1);
         if (u >= units) break;
         const int32_t t = (int32_t)(u / ((int64_t)n_kv * G * S));
         const int kvh = (int)(u / ((int64_t)G * S) % n_kv), sub = (int)(u / S % G), split = (int)(u % S);
-        const int32_t len = pos + t + 1;
+        const int32_t len = kv.pos + t + 1;
         const int32_t j0 = (int32_t)((int64_t)len * split / S), j1 = (int32_t)((int64_t)len * (split + 1) / S);
         const int h0 = kvh * group + sub * gsize;  // first query head of the unit
-        const float* qg = q.data + t * q_dim + (int64_t)h0 * hd;
+        const float* qg = a.q.data + t * q_dim + (int64_t)h0 * hd;
         for (int g = 0; g < gsize; ++g) { mx[g] = -INFINITY; sum[g] = 0; }
         std::fill(acc, acc + gsize * hd, 0.f);
         for (int32_t jb = j0; jb < j1; jb += kAttBlock) {
@@ -5632,20 +5739,20 @@ inline void SessionImpl::attention_phase(int il, int32_t n, int ith) {
             for (int jj = 0; jj < nb; ++jj) {
                 const float* __restrict vj = vl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
                 for (int g = 0; g < gsize; ++g) {
-                    float* __restrict a = acc + g * hd;
+                    float* __restrict acc_g = acc + g * hd;
                     const float p = sc[g * kAttBlock + jj];
-                    for (int i = 0; i < hd; ++i) a[i] += p * vj[i];
+                    for (int i = 0; i < hd; ++i) acc_g[i] += p * vj[i];
                 }
             }
         }
         for (int g = 0; g < gsize; ++g) {
             const int h = h0 + g;
             if (S == 1) {
-                float* o = att_out.data + t * q_dim + (int64_t)h * hd;
+                float* o = a.att_out.data + t * q_dim + (int64_t)h * hd;
                 const float inv = 1.f / sum[g];
                 for (int i = 0; i < hd; ++i) o[i] = acc[g * hd + i] * inv;
             } else {
-                float* p = att_part.data + (((size_t)t * hp.n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hd + 2);
+                float* p = a.att_part.data + (((size_t)t * hp->n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hd + 2);
                 p[0] = mx[g]; p[1] = sum[g];
                 std::memcpy(p + 2, acc + g * hd, (size_t)hd * 4);
             }
@@ -5655,21 +5762,22 @@ inline void SessionImpl::attention_phase(int il, int32_t n, int ith) {
 
 // Merges the KV splits (when att_split > 1) and quantizes att_out; units are (token, span of whole
 // heads that is also a whole number of activation blocks).
-inline void SessionImpl::att_out_phase(int32_t n, uint8_t fmts, int ith, int nth) {
-    const int hd = model->info.head_dim, S = att_split;
+inline void SessionImpl::att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth) {
+    const int hd = hp->head_dim, S = c.att_split;
+    const int64_t q_dim = plan->q_dim;
     int64_t span = hd;
     while (span % act_block(fmts)) span += hd;  // lcm(hd, block): q_dim is a multiple of both
     const int64_t spans = q_dim / span;
     int64_t u0, u1;
-    split_range((int64_t)n * spans, ith, nth, &u0, &u1);
+    split_range((int64_t)c.n * spans, ith, nth, &u0, &u1);
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t t = u / spans, i0 = (u % spans) * span;
         if (S > 1) {
             for (int64_t h = i0 / hd; h < (i0 + span) / hd; ++h) {
-                const float* p = att_part.data + ((size_t)t * (size_t)model->info.n_head + (size_t)h) * (size_t)S * (size_t)(hd + 2);
+                const float* p = a.att_part.data + ((size_t)t * (size_t)hp->n_head + (size_t)h) * (size_t)S * (size_t)(hd + 2);
                 float m = -INFINITY, l = 0;
                 for (int s = 0; s < S; ++s) m = std::max(m, p[(size_t)s * (hd + 2)]);
-                float* o = att_out.data + t * q_dim + h * hd;
+                float* o = a.att_out.data + t * q_dim + h * hd;
                 std::fill(o, o + hd, 0.f);
                 for (int s = 0; s < S; ++s) {
                     const float* ps = p + (size_t)s * (hd + 2);
@@ -5681,156 +5789,148 @@ inline void SessionImpl::att_out_phase(int32_t n, uint8_t fmts, int ith, int nth
                 for (int i = 0; i < hd; ++i) o[i] *= inv;
             }
         }
-        act_att.quantize(fmts, t, i0, span);
+        a.act_att.quantize(fmts, t, i0, span);
     }
 }
 
 // Routing for every token (softmax over all experts, top-k with ties to the lower id, optional
-// renormalisation, shared-expert gate), then the uses grouped by expert so each expert row is read once.
+// renormalisation, shared-expert gate), then the uses grouped by target and each used FFN resolved
+// into r.active, so that each expert row is read once per chunk.
 inline void SessionImpl::route(int il, int32_t n) {
-    const ModelImpl& m = *model;
-    const ModelInfo& hp = m.info;
-    const LayerWeights& l = m.layers[(size_t)il];
-    if (hp.n_expert > 0) {
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int32_t slots = plan->slots, n_used = hp->n_expert_used;
+    if (hp->n_expert > 0) {
         for (int32_t t = 0; t < n; ++t) {
-            float* lg = router_logits.data + (int64_t)t * hp.n_expert;
-            float mx = *std::max_element(lg, lg + hp.n_expert), sum = 0;
-            for (int e = 0; e < hp.n_expert; ++e) { lg[e] = std::exp(lg[e] - mx); sum += lg[e]; }
-            for (int e = 0; e < hp.n_expert; ++e) lg[e] /= sum;
-            topk_scratch.clear();
-            for (int e = 0; e < hp.n_expert; ++e) topk_scratch.emplace_back(lg[e], e);
-            std::partial_sort(topk_scratch.begin(), topk_scratch.begin() + hp.n_expert_used, topk_scratch.end(),
-                              [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-                                  return a.first > b.first || (a.first == b.first && a.second < b.second);
+            float* lg = a.router_logits.data + (int64_t)t * hp->n_expert;
+            float mx = *std::max_element(lg, lg + hp->n_expert), sum = 0;
+            for (int e = 0; e < hp->n_expert; ++e) { lg[e] = std::exp(lg[e] - mx); sum += lg[e]; }
+            for (int e = 0; e < hp->n_expert; ++e) lg[e] /= sum;
+            r.topk.clear();
+            for (int e = 0; e < hp->n_expert; ++e) r.topk.emplace_back(lg[e], e);
+            std::partial_sort(r.topk.begin(), r.topk.begin() + n_used, r.topk.end(),
+                              [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+                                  return x.first > y.first || (x.first == y.first && x.second < y.second);
                               });
             float wsum = 0;
-            for (int j = 0; j < hp.n_expert_used; ++j) wsum += topk_scratch[(size_t)j].first;
-            for (int j = 0; j < hp.n_expert_used; ++j) {
-                slot_expert[(size_t)(t * slots + j)] = topk_scratch[(size_t)j].second;
-                slot_weight[(size_t)(t * slots + j)] = hp.expert_weights_norm ? topk_scratch[(size_t)j].first / wsum : topk_scratch[(size_t)j].first;
+            for (int j = 0; j < n_used; ++j) wsum += r.topk[(size_t)j].first;
+            for (int j = 0; j < n_used; ++j) {
+                r.slot_target[(size_t)(t * slots + j)] = Routing::kFirstExpertTarget + r.topk[(size_t)j].second;
+                r.slot_weight[(size_t)(t * slots + j)] = hp->expert_weights_norm ? r.topk[(size_t)j].first / wsum : r.topk[(size_t)j].first;
             }
             if (t == n - 1)
-                for (int j = 0; j < hp.n_expert_used; ++j) last_experts[(size_t)(il * hp.n_expert_used + j)] = topk_scratch[(size_t)j].second;
+                for (int j = 0; j < n_used; ++j) r.last_experts[(size_t)(il * n_used + j)] = r.topk[(size_t)j].second;
             if (l.gate_shexp) {
-                const float* xt = xb.data + t * n_embd;
+                const float* xt = a.xb.data + t * plan->n_embd;
                 float g = 0;
-                for (int64_t i = 0; i < n_embd; ++i) g += l.router_shexp[(size_t)i] * xt[i];
-                slot_expert[(size_t)(t * slots + hp.n_expert_used)] = kShared;
-                slot_weight[(size_t)(t * slots + hp.n_expert_used)] = 1.f / (1.f + std::exp(-g));
+                for (int64_t i = 0; i < plan->n_embd; ++i) g += l.router_shexp[(size_t)i] * xt[i];
+                r.slot_target[(size_t)(t * slots + n_used)] = Routing::kSharedTarget;
+                r.slot_weight[(size_t)(t * slots + n_used)] = 1.f / (1.f + std::exp(-g));
             }
         }
     } else {
-        for (int32_t t = 0; t < n; ++t) { slot_expert[(size_t)t] = kDense; slot_weight[(size_t)t] = 1.f; }
+        for (int32_t t = 0; t < n; ++t) { r.slot_target[(size_t)t] = Routing::kDenseTarget; r.slot_weight[(size_t)t] = 1.f; }
     }
 
-    // Counting sort of the (token, slot) uses by expert.
-    const int n_ids = hp.n_expert + 2;
-    std::fill(expert_first.begin(), expert_first.end(), 0);
-    for (int32_t u = 0; u < n * slots; ++u) ++expert_first[(size_t)expert_index(slot_expert[(size_t)u]) + 1];
-    for (int i = 0; i < n_ids; ++i) expert_first[(size_t)i + 1] += expert_first[(size_t)i];
-    active.clear();
-    active_row_start.clear();
-    active_row_start.push_back(0);
-    for (int i = 0; i < n_ids; ++i) {
-        if (expert_first[(size_t)i + 1] == expert_first[(size_t)i]) continue;
-        const Weight *g, *u, *d;
-        int64_t mat;
-        ffn_weights(l, i - 2, &g, &u, &d, &mat);
-        active.push_back(i - 2);
-        active_row_start.push_back(active_row_start.back() + g->rows);
+    // Counting sort of the (token, slot) uses by target.
+    const int n_targets = hp->n_expert + Routing::kFirstExpertTarget;
+    std::vector<int32_t>& first = r.target_first;
+    std::fill(first.begin(), first.end(), 0);
+    for (int32_t u = 0; u < n * slots; ++u) ++first[(size_t)r.slot_target[(size_t)u] + 1];
+    for (int i = 0; i < n_targets; ++i) first[(size_t)i + 1] += first[(size_t)i];
+    for (int32_t u = 0; u < n * slots; ++u)  // moving cursors, restored below
+        r.uses[(size_t)first[(size_t)r.slot_target[(size_t)u]]++] = ExpertUse{u / slots, u % slots};
+    for (int i = n_targets; i > 0; --i) first[(size_t)i] = first[(size_t)i - 1];
+    first[0] = 0;
+    // Each used target, resolved to its weights once.
+    r.active.clear();
+    int64_t rows = 0;
+    for (int i = 0; i < n_targets; ++i) {
+        if (first[(size_t)i + 1] == first[(size_t)i]) continue;
+        ActiveExpert e;
+        if (i == Routing::kSharedTarget) { e.gate = &l.gate_shexp; e.up = &l.up_shexp; e.down = &l.down_shexp; e.mat = 0; }
+        else if (i == Routing::kDenseTarget) { e.gate = &l.gate; e.up = &l.up; e.down = &l.down; e.mat = 0; }
+        else { e.gate = &l.gate_exps; e.up = &l.up_exps; e.down = &l.down_exps; e.mat = i - Routing::kFirstExpertTarget; }
+        e.use_begin = first[(size_t)i];
+        e.use_end = first[(size_t)i + 1];
+        e.row_begin = rows;
+        e.row_end = rows += e.gate->rows;
+        r.active.push_back(e);
     }
-    for (int32_t u = 0; u < n * slots; ++u) {  // moving cursors, restored below
-        const int idx = expert_index(slot_expert[(size_t)u]);
-        uses[(size_t)expert_first[(size_t)idx]++] = ExpertUse{u / slots, u % slots};
-    }
-    for (int i = n_ids; i > 0; --i) expert_first[(size_t)i] = expert_first[(size_t)i - 1];
-    expert_first[0] = 0;
 }
 
 // gate/up rows of every active expert (one virtual row range), SwiGLU into hidden[(token, slot)].
-inline void SessionImpl::expert_up_phase(const LayerWeights& l, int32_t n) {
-    const int32_t n_uses = std::max(1, n * slots / std::max<int32_t>(1, (int32_t)active.size()));  // per expert, on average
-    const int64_t total = active_row_start.back();
+inline void SessionImpl::expert_up_phase(int32_t n) {
+    const int32_t uses_per_expert = std::max(1, n * plan->slots / std::max<int32_t>(1, (int32_t)r.active.size()));  // on average
+    const int64_t total = r.active_rows();
     int64_t begin, end;
-    while (next_rows(total, n_uses, &begin, &end)) {
-        size_t a = (size_t)(std::upper_bound(active_row_start.begin(), active_row_start.end(), begin) - active_row_start.begin()) - 1;
+    while (next_rows(total, uses_per_expert, &begin, &end)) {
+        size_t i = (size_t)(std::upper_bound(r.active.begin(), r.active.end(), begin,
+                                             [](int64_t row, const ActiveExpert& e) { return row < e.row_end; }) - r.active.begin());
         for (int64_t gr = begin; gr < end; ++gr) {
-            while (gr >= active_row_start[a + 1]) ++a;
-            up_row(l, a, gr);
-            // After the chunk's last row of expert a: whoever completes the expert quantizes its hidden rows.
-            if ((gr + 1 == end || gr + 1 == active_row_start[a + 1]) &&
-                expert_done[a].finish(gr + 1 - std::max(begin, active_row_start[a]), active_row_start[a + 1] - active_row_start[a]))
-                quantize_hidden(l, active[a]);
+            while (gr >= r.active[i].row_end) ++i;
+            const ActiveExpert& e = r.active[i];
+            up_row(e, gr - e.row_begin);
+            // After the chunk's last row of expert i: whoever completes the expert quantizes its hidden rows.
+            if ((gr + 1 == end || gr + 1 == e.row_end) &&
+                r.expert_done[i].finish(gr + 1 - std::max(begin, e.row_begin), e.row_end - e.row_begin))
+                quantize_hidden(e);
         }
     }
 }
 
-// Row gr of the active experts' concatenated gate/up rows, for every use of its expert.
-inline void SessionImpl::up_row(const LayerWeights& l, size_t a, int64_t gr) {
-    const int32_t e = active[a];
-    const int64_t r = gr - active_row_start[a];
-    const Weight *g, *u, *d;
-    int64_t mat;
-    ffn_weights(l, e, &g, &u, &d, &mat);
-    const KernelTraits &kg = kt(*g), &ku = kt(*u);
-    const uint8_t* grow = g->row(mat, r);
-    const uint8_t* urow = u->row(mat, r);
-    if (prefetch_bytes) { prefetch_ahead(grow, g->row_bytes); prefetch_ahead(urow, u->row_bytes); }
-    const int idx = expert_index(e);
-    for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
-        const ExpertUse& use = uses[(size_t)j];
-        const float gv = kg.vec_dot(grow, act_x.row(kg.act, use.token), g->cols);
-        const float uv = ku.vec_dot(urow, act_x.row(ku.act, use.token), u->cols);
-        hidden[(size_t)((use.token * slots + use.slot) * max_ff + r)] = silu(gv) * uv;
+// Row `row` of expert e's gate and up matrices, for every use of the expert.
+inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
+    const RowKernel &kg = kt(*e.gate), &ku = kt(*e.up);
+    const uint8_t* grow = e.gate->row(e.mat, row);
+    const uint8_t* urow = e.up->row(e.mat, row);
+    if (prefetch_bytes) { prefetch_ahead(grow, e.gate->row_bytes); prefetch_ahead(urow, e.up->row_bytes); }
+    for (int32_t j = e.use_begin; j < e.use_end; ++j) {
+        const ExpertUse& use = r.uses[(size_t)j];
+        const float gv = kg.vec_dot(grow, a.act_x.row(kg.act, use.token), e.gate->cols);
+        const float uv = ku.vec_dot(urow, a.act_x.row(ku.act, use.token), e.up->cols);
+        a.hidden[(size_t)((use.token * plan->slots + use.slot) * plan->max_ff + row)] = silu(gv) * uv;
     }
 }
 
 // Quantizes the hidden rows of every use of expert e to its down projection's activation format.
-inline void SessionImpl::quantize_hidden(const LayerWeights& l, int32_t e) {
-    const Weight *g, *up, *d;
-    int64_t mat;
-    ffn_weights(l, e, &g, &up, &d, &mat);
-    const int idx = expert_index(e);
-    for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
-        const int64_t u = (int64_t)uses[(size_t)j].token * slots + uses[(size_t)j].slot;
-        quantize_act(kt(*d).act, hidden_q.data + (size_t)u * hidden_q_stride, hidden.data + u * max_ff, d->cols);
+inline void SessionImpl::quantize_hidden(const ActiveExpert& e) {
+    for (int32_t j = e.use_begin; j < e.use_end; ++j) {
+        const int64_t u = (int64_t)r.uses[(size_t)j].token * plan->slots + r.uses[(size_t)j].slot;
+        quantize_act(kt(*e.down).act, a.hidden_q.data + (size_t)u * a.hidden_q_stride, a.hidden.data + u * plan->max_ff, e.down->cols);
     }
 }
 
 // Down rows in sub-chunks of up to kDownRows rows: each active expert streams its rows of the
 // sub-chunk (one sequential read) against all its uses, then each token sums its slots in slot
 // order and adds into x. No two threads write one value.
-inline bool SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int ith) {
-    const int64_t n_uses = (int64_t)n * slots;
-    const int64_t sub_rows = std::max<int64_t>(1, std::min<int64_t>(kDownRows, down_part_per_thread / n_uses));
-    float* part = down_part.data + (size_t)ith * down_part_per_thread;  // (sub_rows, n_uses)
+inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
+    const int32_t slots = plan->slots;
+    const int64_t n_embd = plan->n_embd, n_uses = (int64_t)n * slots;
+    const int64_t sub_rows = std::max<int64_t>(1, std::min<int64_t>(kDownRows, (int64_t)a.down_part_per_thread / n_uses));
+    float* part = a.down_part.data + (size_t)ith * a.down_part_per_thread;  // (sub_rows, n_uses)
     int64_t begin = 0, end = 0;
     bool last = false;
     for (; next_rows(n_embd, (int32_t)n_uses, &begin, &end); last = rows_done.finish(end - begin, n_embd)) {
         for (int64_t r0 = begin; r0 < end; r0 += sub_rows) {
             const int64_t r1 = std::min(end, r0 + sub_rows);
-            for (int32_t e : active) {
-                const Weight *g, *u, *d;
-                int64_t mat;
-                ffn_weights(l, e, &g, &u, &d, &mat);
-                const KernelTraits& kd = kt(*d);
-                const int idx = expert_index(e);
-                for (int64_t r = r0; r < r1; ++r) {
-                    const uint8_t* drow = d->row(mat, r);
-                    if (prefetch_bytes) prefetch_ahead(drow, d->row_bytes);
-                    float* pr = part + (r - r0) * n_uses;
-                    for (int32_t j = expert_first[(size_t)idx]; j < expert_first[(size_t)idx + 1]; ++j) {
-                        const int32_t su = uses[(size_t)j].token * slots + uses[(size_t)j].slot;
-                        pr[su] = kd.vec_dot(drow, hidden_q.data + (size_t)su * hidden_q_stride, d->cols);
+            for (const ActiveExpert& e : r.active) {
+                const RowKernel& kd = kt(*e.down);
+                for (int64_t row = r0; row < r1; ++row) {
+                    const uint8_t* drow = e.down->row(e.mat, row);
+                    if (prefetch_bytes) prefetch_ahead(drow, e.down->row_bytes);
+                    float* pr = part + (row - r0) * n_uses;
+                    for (int32_t j = e.use_begin; j < e.use_end; ++j) {
+                        const int32_t su = r.uses[(size_t)j].token * slots + r.uses[(size_t)j].slot;
+                        pr[su] = kd.vec_dot(drow, a.hidden_q.data + (size_t)su * a.hidden_q_stride, e.down->cols);
                     }
                 }
             }
-            for (int64_t r = r0; r < r1; ++r) {
-                const float* pr = part + (r - r0) * n_uses;
+            for (int64_t row = r0; row < r1; ++row) {
+                const float* pr = part + (row - r0) * n_uses;
                 for (int32_t t = 0; t < n; ++t) {
                     float acc = 0;
-                    for (int32_t sl = 0; sl < slots; ++sl) acc += slot_weight[(size_t)(t * slots + sl)] * pr[t * slots + sl];
-                    x[t * n_embd + r] += acc;
+                    for (int32_t sl = 0; sl < slots; ++sl) acc += r.slot_weight[(size_t)(t * slots + sl)] * pr[t * slots + sl];
+                    a.x[(size_t)(t * n_embd + row)] += acc;
                 }
             }
         }
@@ -5838,117 +5938,14 @@ inline bool SessionImpl::expert_down_phase(const LayerWeights& l, int32_t n, int
     return last;
 }
 
-inline void SessionImpl::forward_thread(int ith, int nth) {
-    const ModelImpl& m = *model;
-    const ModelInfo& hp = m.info;
-    const int32_t n = fwd_n;
-    {
-        int64_t t0, t1;
-        split_range(n, ith, nth, &t0, &t1);
-        for (int64_t t = t0; t < t1; ++t) {
-            (void)dequantize_row((TensorType)m.token_embd.type, m.token_embd.row(0, fwd_tokens[t]), x.data + t * n_embd, n_embd);
-            float* cs = rope_cs.data + t * hp.n_rot;
-            for (int i = 0; i < hp.n_rot / 2; ++i) {
-                const float theta = (float)(pos + t) * hp.rope_freq_scale * rope_inv_freq[(size_t)i];
-                cs[2 * i] = std::cos(theta);
-                cs[2 * i + 1] = std::sin(theta);
-            }
-        }
-    }
-    end_phase(ith, nth, ph_embed);
-    // Up to kSerialNormTokens tokens, the thread finishing a phase's last rows runs the next norm.
-    const bool serial_norms = n <= kSerialNormTokens;
-    if (hp.n_layer > 0) {
-        norm_phase(m.layers[0].attn_norm.data(), 0, n, layer_formats[0].attn_in, ith, nth);
-        end_phase(ith, nth, ph_attn_norm);
-    }
-    for (int il = 0; il < hp.n_layer; ++il) {
-        const LayerWeights& l = m.layers[(size_t)il];
-        const LayerFormats& f = layer_formats[(size_t)il];
-        if (il > 0 && !serial_norms) {
-            norm_phase(l.attn_norm.data(), 0, n, f.attn_in, ith, nth);
-            end_phase(ith, nth, ph_attn_norm);
-        }
-        const MatTask qkv[3] = {
-            {&l.wq, 0, &act_x, q.data, q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
-            {&l.wk, 0, &act_x, k.data, kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
-            {&l.wv, 0, &act_x, v.data, kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
-        matmul_phase(qkv, 3, 0, n);
-        end_phase(ith, nth, ph_qkv);
-        rope_phase(il, n, ith, nth);
-        end_phase(ith, nth, ph_rope);
-        attention_phase(il, n, ith);
-        end_phase(ith, nth, ph_attention);
-        if (att_split > 1 || (f.att_out & ~fmt_bit(ActFormat::f32))) {
-            att_out_phase(n, f.att_out, ith, nth);
-            end_phase(ith, nth, ph_att_out);
-        }
-        const MatTask wo{&l.wo, 0, &act_att, x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
-        if (matmul_phase(&wo, 1, 0, n) && serial_norms) norm_phase(l.ffn_norm.data(), 0, n, f.ffn_in, 0, 1);
-        end_phase(ith, nth, ph_wo);
-        if (!serial_norms) {
-            norm_phase(l.ffn_norm.data(), 0, n, f.ffn_in, ith, nth);
-            end_phase(ith, nth, ph_ffn_norm);
-        }
-        if (hp.n_expert > 0) {
-            const MatTask router{&l.router, 0, &act_x, router_logits.data, hp.n_expert, nullptr, false};
-            if (matmul_phase(&router, 1, 0, n)) route(il, n);
-            end_phase(ith, nth, ph_router);
-        } else {
-            if (ith == 0) route(il, n);
-            end_phase(ith, nth, ph_route);
-        }
-        expert_up_phase(l, n);  // also quantizes each expert's hidden rows once they are complete
-        end_phase(ith, nth, ph_expert_up);
-        if (expert_down_phase(l, n, ith) && serial_norms) {
-            if (il + 1 < hp.n_layer) norm_phase(m.layers[(size_t)il + 1].attn_norm.data(), 0, n, layer_formats[(size_t)il + 1].attn_in, 0, 1);
-            else norm_phase(m.output_norm.data(), fwd_first, n - fwd_first, output_formats, 0, 1);
-        }
-        end_phase(ith, nth, ph_expert_down);
-    }
-    // Final norm and the output head: every row when all logits are wanted, else the last only.
-    if (!serial_norms || hp.n_layer == 0) {
-        norm_phase(m.output_norm.data(), fwd_first, n - fwd_first, output_formats, ith, nth);
-        end_phase(ith, nth, ph_out_norm);
-    }
-    const MatTask head{&m.output, 0, &act_x, logits_batch.data, hp.n_vocab, nullptr, false};
-    matmul_phase(&head, 1, fwd_first, n - fwd_first);
-    end_phase(ith, nth, ph_head);
-}
-
-inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits) {
-    const ModelInfo& hp = model->info;
-    fwd_tokens = tokens;
-    fwd_n = n;
-    fwd_first = all_logits ? 0 : n - 1;
-    // Split query-head groups, then the KV range, only when (token, KV head) units cannot keep every
-    // thread busy; short caches are not split (each split must cover kMinSplitLen positions).
-    const int32_t nth = pool.size();
-    att_groups = 1;
-    while (n * hp.n_head_kv * att_groups < nth && att_groups < group) {
-        int32_t g = att_groups + 1;
-        while (group % g) ++g;  // next divisor of group
-        att_groups = g;
-    }
-    const int32_t units = n * hp.n_head_kv * att_groups;
-    att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, (pos + n) / kMinSplitLen));
-    if (profiling) phase_mark = std::chrono::steady_clock::now();
-    pool.parallel_for([this](int ith, int nth_) { forward_thread(ith, nth_); });
-    const int32_t first = fwd_first;
-    if (all_logits) std::memcpy(all_logits, logits_batch.data, (size_t)n * (size_t)hp.n_vocab * 4);
-    std::memcpy(logits.data, logits_batch.data + (int64_t)(n - first - 1) * hp.n_vocab, (size_t)hp.n_vocab * 4);
-    pos += n;
-    return Status::ok;
-}
-
 }  // namespace detail
 
-Session::Session() = default;
-Session::~Session() = default;
-Session::Session(Session&&) noexcept = default;
-Session& Session::operator=(Session&&) noexcept = default;
+MOE_DETAIL_MEMBER Session::Session() = default;
+MOE_DETAIL_MEMBER Session::~Session() = default;
+MOE_DETAIL_MEMBER Session::Session(Session&&) noexcept = default;
+MOE_DETAIL_MEMBER Session& Session::operator=(Session&&) noexcept = default;
 
-Status Session::create(const Model& model, const SessionOptions& options, Session* out) {
+MOE_DETAIL_MEMBER Status Session::create(const Model& model, const SessionOptions& options, Session* out) {
     if (!out || !model.valid()) return detail::fail(Status::invalid_argument, "invalid model or null output");
     int n_threads = options.n_threads;
     if (n_threads <= 0) {
@@ -5958,7 +5955,7 @@ Status Session::create(const Model& model, const SessionOptions& options, Sessio
         n_threads = 1;
 #endif
     }
-    if (n_threads > 512) return detail::fail(Status::invalid_argument, "n_threads %d is out of range", n_threads);
+    if (n_threads > 512) return detail::fail(Status::invalid_argument, "n_threads %d is out of range [1, 512]", n_threads);
 #if !MOE_DETAIL_HAS_THREADS
     n_threads = 1;
 #endif
@@ -5970,18 +5967,20 @@ Status Session::create(const Model& model, const SessionOptions& options, Sessio
     Status s = impl->init(model.impl_, options);
     if (s != Status::ok) return s;
     out->impl_ = std::move(impl);
-    out->model_ = &model;
+    out->model_.impl_ = model.impl_;  // shares the weights: the caller's Model may move or go away
     return Status::ok;
 }
 
-Status Session::eval(const int32_t* tokens, size_t n, float* all_logits) {
+MOE_DETAIL_MEMBER Status Session::eval(const int32_t* tokens, size_t n, float* all_logits) {
     if (!impl_) return detail::fail(Status::invalid_argument, "session not created");
     if (!tokens || n == 0) return detail::fail(Status::invalid_argument, "no tokens to evaluate");
-    const int32_t n_vocab = impl_->model->info.n_vocab;
+    detail::KvCache& kv = impl_->kv;
+    // Sizes first: `tokens` is only known to hold n ids when n is plausible.
+    if (n > (size_t)(kv.n_ctx - kv.pos))
+        return detail::fail(Status::context_full, "%zu tokens do not fit: position %d of n_ctx %d", n, kv.pos, kv.n_ctx);
+    const int32_t n_vocab = impl_->hp->n_vocab;
     for (size_t i = 0; i < n; ++i)
         if (tokens[i] < 0 || tokens[i] >= n_vocab) return detail::fail(Status::invalid_argument, "token id %d is out of range [0, %d)", tokens[i], n_vocab);
-    if (n > (size_t)(impl_->n_ctx - impl_->pos))
-        return detail::fail(Status::context_full, "%zu tokens do not fit: position %d of n_ctx %d", n, impl_->pos, impl_->n_ctx);
     for (size_t done = 0; done < n;) {
         int32_t chunk = (int32_t)std::min<size_t>(n - done, (size_t)impl_->n_batch);
         Status s = impl_->forward(tokens + done, chunk, all_logits ? all_logits + done * (size_t)n_vocab : nullptr);
@@ -5991,29 +5990,27 @@ Status Session::eval(const int32_t* tokens, size_t n, float* all_logits) {
     return Status::ok;
 }
 
-const float* Session::logits() const { return impl_ ? impl_->logits.data : nullptr; }
-int32_t Session::position() const { return impl_ ? impl_->pos : 0; }
-int32_t Session::n_ctx() const { return impl_ ? impl_->n_ctx : 0; }
-void Session::reset() { if (impl_) impl_->pos = 0; }
-Status Session::truncate(int32_t n) {
-    if (!impl_ || n < 0 || n > impl_->pos) return detail::fail(Status::invalid_argument, "cannot truncate to %d", n);
-    impl_->pos = n;
+MOE_DETAIL_MEMBER const float* Session::logits() const { return impl_ ? impl_->a.logits.data : nullptr; }
+MOE_DETAIL_MEMBER int32_t Session::position() const { return impl_ ? impl_->kv.pos : 0; }
+MOE_DETAIL_MEMBER int32_t Session::n_ctx() const { return impl_ ? impl_->kv.n_ctx : 0; }
+MOE_DETAIL_MEMBER void Session::reset() { if (impl_) impl_->kv.pos = 0; }
+MOE_DETAIL_MEMBER Status Session::truncate(int32_t n) {
+    if (!impl_ || n < 0 || n > impl_->kv.pos) return detail::fail(Status::invalid_argument, "cannot truncate to %d", n);
+    impl_->kv.pos = n;
     return Status::ok;
 }
-const Model& Session::model() const { return *model_; }
-const int32_t* Session::last_expert_ids() const { return impl_ ? impl_->last_experts.data() : nullptr; }
+MOE_DETAIL_MEMBER const Model& Session::model() const { return model_; }
+MOE_DETAIL_MEMBER const int32_t* Session::last_expert_ids() const { return impl_ ? impl_->r.last_experts.data() : nullptr; }
 
-int Session::profile(PhaseTime* out, int max) const {
-    static const char* const names[detail::SessionImpl::ph_count] = {
-        "embed", "attn_norm", "qkv", "rope_kv", "attention", "att_out", "wo", "ffn_norm", "router",
-        "route", "expert_up", "expert_down", "out_norm", "head"};
-    if (!impl_ || !impl_->profiling) return 0;
-    for (int i = 0; i < detail::SessionImpl::ph_count && i < max; ++i)
-        if (out) out[i] = PhaseTime{names[i], impl_->phase_seconds[i]};
-    return detail::SessionImpl::ph_count;
+MOE_DETAIL_MEMBER int Session::profile(PhaseTime* out, int max) const {
+    typedef detail::PhaseProfile P;
+    if (!impl_ || !impl_->profile.enabled) return 0;
+    for (int i = 0; i < P::count && i < max; ++i)
+        if (out) out[i] = PhaseTime{P::name(i), impl_->profile.seconds[i]};
+    return P::count;
 }
-void Session::reset_profile() {
-    if (impl_) std::fill(impl_->phase_seconds, impl_->phase_seconds + detail::SessionImpl::ph_count, 0.0);
+MOE_DETAIL_MEMBER void Session::reset_profile() {
+    if (impl_) std::fill(impl_->profile.seconds, impl_->profile.seconds + detail::PhaseProfile::count, 0.0);
 }
 
 }  // namespace moe
@@ -6027,9 +6024,9 @@ void Session::reset_profile() {
 
 namespace moe {
 
-Sampler::Sampler(const SamplerOptions& options) : options_(options) { reset(); }
+MOE_DETAIL_MEMBER Sampler::Sampler(const SamplerOptions& options) : options_(options) { reset(); }
 
-void Sampler::reset() {
+MOE_DETAIL_MEMBER void Sampler::reset() {
     uint64_t z = options_.seed;
     for (uint64_t& s : rng_state_) {  // splitmix64
         z += 0x9e3779b97f4a7c15ull;
@@ -6042,7 +6039,7 @@ void Sampler::reset() {
     history_pos_ = 0;
 }
 
-double Sampler::next_uniform() {
+MOE_DETAIL_MEMBER double Sampler::next_uniform() {
     uint64_t* s = rng_state_;
     uint64_t x = s[1] * 5;
     uint64_t result = ((x << 7) | (x >> 57)) * 9;
@@ -6053,13 +6050,13 @@ double Sampler::next_uniform() {
     return (double)(result >> 11) * (1.0 / 9007199254740992.0);
 }
 
-void Sampler::accept(int32_t token) {
+MOE_DETAIL_MEMBER void Sampler::accept(int32_t token) {
     if (history_.empty()) return;
     history_[history_pos_] = token;
     history_pos_ = (history_pos_ + 1) % history_.size();
 }
 
-int32_t Sampler::sample(const float* logits, int32_t n_vocab) {
+MOE_DETAIL_MEMBER int32_t Sampler::sample(const float* logits, int32_t n_vocab) {
     if (!logits || n_vocab <= 0) return -1;
     candidates_.resize((size_t)n_vocab);
     for (int32_t i = 0; i < n_vocab; ++i) candidates_[(size_t)i] = Candidate{logits[i], i};
