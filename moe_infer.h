@@ -27,7 +27,8 @@
 
    CONFIG MACROS (define before including the implementation; all optional)
        MOE_INFER_IMPLEMENTATION   emit the implementation in this translation unit
-       MOE_INFER_STATIC           give every library function internal linkage
+       MOE_INFER_STATIC           internal linkage for the library's free functions and inline member
+                                  functions: several translation units may each hold the implementation
        MOE_API                    decoration for public functions (default: nothing)
        MOE_ASSERT(x)              programmer-error check (default: assert)
        MOE_MALLOC(sz)/MOE_FREE(p) aligned-buffer allocator (define both or neither)
@@ -63,14 +64,17 @@
        [SECTION] GGUF READER & WRITER            >>gguf
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref
-       [SECTION] KERNEL TRAITS                   >>traits
+       [SECTION] ACTIVATION FORMATS              >>act
        [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
+       [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
        [SECTION] KERNEL DISPATCH                 >>dispatch
        [SECTION] THREAD POOL                     >>threads
        [SECTION] TOKENIZER IMPLEMENTATION        >>tokenizer
        [SECTION] MODEL LOADING                   >>loader
        [SECTION] FORWARD PASS                    >>forward
+           forward state                         >>forward-state  KvCache, Activations, Routing, PhaseProfile, ForwardCall
+           the forward pass of one chunk         >>forward-chunk  eval -> forward -> forward_thread -> phases
        [SECTION] SAMPLER IMPLEMENTATION          >>sampler
        [SECTION] GENERATION IMPLEMENTATION       >>generate
 
@@ -408,6 +412,10 @@ namespace detail { struct ModelImpl; struct SessionImpl; }
 
 // Read-only weights (mapped from the file) + tokenizer. Load once; share across threads: every
 // const method is safe to call concurrently, and Sessions on several threads can use one Model.
+// A Model is a handle to shared state: Sessions keep that state alive, so the handle may be moved
+// or destroyed while they run. An unloaded Model (default-constructed, moved-from, or after a
+// failed load) has valid() == false and its accessors return empty objects (a ModelInfo of zeros,
+// a Tokenizer with valid() == false, a GgufFile without keys or tensors).
 class Model {
 public:
     Model();
@@ -432,7 +440,9 @@ private:
 };
 
 struct SessionOptions {
-    int32_t n_ctx = 0;      // KV-cache positions; 0 = min(model's training context, 4096)
+    // KV-cache positions; 0 = min(model's training context, 4096); at most 4,194,304. The cache is
+    // allocated by create(): 8 * n_layer * n_ctx * n_head_kv * head_dim bytes (float32 K and V).
+    int32_t n_ctx = 0;
     int32_t n_threads = 0;  // 0 = hardware threads (capped at 16)
     int32_t n_batch = 0;    // max tokens per internal forward chunk during prefill; 0 = 64
     // Dot products against float32 activations instead of quantizing each matmul input to 8 bits
@@ -451,7 +461,10 @@ struct PhaseTime {
 };
 
 // Per-sequence state: KV cache, scratch, thread pool. One Session per thread; the Model may be
-// shared. All scratch is sized at create(): eval() of one token never allocates.
+// shared. All scratch is sized at create(): eval() of one token never allocates. The Session holds
+// a share of the model's state, so the Model handle it was created from may be moved or destroyed
+// first. A default-constructed (not created) Session answers with empty values: logits() and
+// last_expert_ids() null, position() 0, model() an unloaded Model, eval() invalid_argument.
 class Session {
 public:
     Session();
@@ -464,8 +477,8 @@ public:
 
     // Appends `n` tokens at the current position and runs the forward pass. If `all_logits` is
     // non-null it receives n * n_vocab floats (row i = logits after tokens[i]); logits() always
-    // holds the last row. Status: invalid_argument (token id out of range, n == 0),
-    // context_full (position + n > n_ctx; nothing is evaluated then).
+    // holds the last row. Status: context_full (position + n > n_ctx; checked before `tokens` is
+    // read, and nothing is evaluated then), invalid_argument (token id out of range, n == 0).
     Status eval(const int32_t* tokens, size_t n, float* all_logits = nullptr);
     const float* logits() const;  // n_vocab floats after the last evaluated token
     int32_t position() const;     // tokens in the KV cache
@@ -473,7 +486,7 @@ public:
     void reset();                 // empties the KV cache
     // Keeps only the first `n` positions (n <= position()).
     Status truncate(int32_t n);
-    const Model& model() const;
+    const Model& model() const;  // a handle sharing the model's state (valid while the Session is)
     // Experts chosen for the last evaluated token: n_layer * n_expert_used ids (layer-major).
     const int32_t* last_expert_ids() const;
     // With SessionOptions::profile: writes up to `max` phase times and returns how many phases
@@ -592,16 +605,16 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 // x86-64 kernels are compiled with GCC/Clang target attributes (KERNELS: X86); MOE_NO_AVX2 and
 // MOE_NO_AVX512 only take their level out of dispatch (AVX-512 kernels also use AVX2 instructions).
 #if !defined(MOE_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define MOE_DETAIL_X86 1
+#define MOE_DETAIL_HAS_X86 1
 #else
-#define MOE_DETAIL_X86 0
+#define MOE_DETAIL_HAS_X86 0
 #endif
-#if MOE_DETAIL_X86 && !defined(MOE_NO_AVX2)
+#if MOE_DETAIL_HAS_X86 && !defined(MOE_NO_AVX2)
 #define MOE_DETAIL_HAS_AVX2 1
 #else
 #define MOE_DETAIL_HAS_AVX2 0
 #endif
-#if MOE_DETAIL_X86 && !defined(MOE_NO_AVX512)
+#if MOE_DETAIL_HAS_X86 && !defined(MOE_NO_AVX512)
 #define MOE_DETAIL_HAS_AVX512 1
 #else
 #define MOE_DETAIL_HAS_AVX512 0
@@ -612,11 +625,10 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 // kernels: the GGUF block layouts are little-endian byte streams.
 #if !defined(MOE_NO_SIMD) && !defined(MOE_NO_NEON) && defined(__aarch64__) && !defined(__AARCH64EB__) && \
     (defined(__GNUC__) || defined(__clang__))
-#define MOE_DETAIL_ARM 1
+#define MOE_DETAIL_HAS_NEON 1
 #else
-#define MOE_DETAIL_ARM 0
+#define MOE_DETAIL_HAS_NEON 0
 #endif
-#define MOE_DETAIL_HAS_NEON MOE_DETAIL_ARM
 
 //-----------------------------------------------------------------------------
 // [SECTION] UTILITIES
@@ -1861,7 +1873,7 @@ template <auto F> void erase_dequantize(const void* x, float* y, int64_t n) { F(
 // so unsigned nibbles go in directly and a constant offset (Q4_0's -8, Q6_K's -32) is removed
 // through the activation sums; vpdpbusd (VNNI) does the same into int32 in one instruction. No int16
 // partial can saturate: the largest is 2*63*127 = 16002 (Q6_K), with activations in [-127, 127].
-#if MOE_DETAIL_X86
+#if MOE_DETAIL_HAS_X86
 #include <cpuid.h>
 #include <immintrin.h>
 
@@ -2469,7 +2481,7 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_q6k_q8k_avx512vnni(const BlockQ6K* w,
 #undef MOE_DETAIL_AVX2
 #undef MOE_DETAIL_AVX512
 #undef MOE_DETAIL_AVX512VNNI
-#endif  // MOE_DETAIL_X86
+#endif  // MOE_DETAIL_HAS_X86
 
 //-----------------------------------------------------------------------------
 // [SECTION] KERNELS: ARM (NEON, DOTPROD)
@@ -2482,7 +2494,7 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_q6k_q8k_avx512vnni(const BlockQ6K* w,
 // NEON multiplies signed by signed bytes, so nibbles are made signed (Q4_0's q - 8, Q6_K's q - 32)
 // before the multiply. Without dotprod, vmull/vmlal add two int8 products per int16 lane (at most
 // 2*128*127 = 32512, a stored Q8_0 -128 included) before pairwise widening to int32.
-#if MOE_DETAIL_ARM
+#if MOE_DETAIL_HAS_NEON
 #include <arm_neon.h>
 #if defined(__linux__) && defined(__has_include)
 #if __has_include(<sys/auxv.h>)
@@ -2838,7 +2850,7 @@ inline void quantize_row_q8k_neon(BlockQ8K* y, const float* x, int64_t n) {
 }  // namespace moe
 
 #undef MOE_DETAIL_DOTPROD
-#endif  // MOE_DETAIL_ARM
+#endif  // MOE_DETAIL_HAS_NEON
 #if !defined(MOE_DETAIL_ARM_DOTPROD)
 #define MOE_DETAIL_ARM_DOTPROD 0
 #endif
@@ -2965,13 +2977,13 @@ namespace detail {
 // when it is loaded, so one binary runs on any CPU.
 
 inline Isa detect_isa() {
-#if MOE_DETAIL_X86
+#if MOE_DETAIL_HAS_X86
     int level = x86_detect_level();
     if (level >= 3) return Isa::avx512_vnni;
     if (level == 2) return Isa::avx512;
     if (level == 1) return Isa::avx2;
 #endif
-#if MOE_DETAIL_ARM
+#if MOE_DETAIL_HAS_NEON
     return arm_has_dotprod() ? Isa::neon_dotprod : Isa::neon;
 #else
     return Isa::scalar;
@@ -5192,7 +5204,8 @@ MOE_DETAIL_MEMBER const GgufFile& Model::file() const { return (impl_ ? *impl_ :
 //   expert_up  gate/up + SwiGLU over the rows of all active experts; whoever completes an expert
 //              quantizes its hidden rows        expert_down  down rows + routing-weighted sum into x
 // For B <= kSerialNormTokens the thread finishing wo (down) also runs ffn_norm (the next attn_norm),
-// so decode has 8 barriers per layer (3 in the MoE part); larger B gets parallel norm phases.
+// so decode has 8 barriers per layer (3 in the MoE part); larger B gets parallel norm phases
+// (end_phase_then_norm() makes that choice for every norm).
 // Matmuls hand out guided chunks of rows and prefetch ahead; weights are read once per chunk of
 // tokens whatever B is (rows outside, tokens inside). Each input is quantized once to each
 // activation format its consumers need. Attention reads each KV row once per query-head subgroup
@@ -5201,7 +5214,7 @@ MOE_DETAIL_MEMBER const GgufFile& Model::file() const { return (impl_ ? *impl_ :
 namespace moe {
 namespace detail {
 
-//---- forward state: the model's plan, the KV cache, activations, routing, profile ----
+//---- forward state: the model's plan, the KV cache, activations, routing, profile ---- >>forward-state
 // The plan of dims and activation formats is the model's (ForwardPlan, fixed at load); a Session
 // owns the rest. Everything is sized at create(), so eval() never allocates.
 
@@ -5500,7 +5513,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     return Status::ok;
 }
 
-//---- the forward pass of one chunk: eval() -> forward() -> forward_thread() on every thread ----
+//---- the forward pass of one chunk: eval() -> forward() -> forward_thread() on every thread ---- >>forward-chunk
 
 inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits) {
     ForwardCall c;
@@ -6190,6 +6203,18 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 }
 
 }  // namespace moe
+
+// Internal macros end with the implementation (MOE_STATUS_LIST and MOE_API are public).
+#undef MOE_DETAIL_MEMBER
+#undef MOE_DETAIL_HAS_MMAP
+#undef MOE_DETAIL_HAS_THREADS
+#undef MOE_DETAIL_HAS_OPENMP
+#undef MOE_DETAIL_HAS_X86
+#undef MOE_DETAIL_HAS_AVX2
+#undef MOE_DETAIL_HAS_AVX512
+#undef MOE_DETAIL_HAS_NEON
+#undef MOE_DETAIL_ARM_DOTPROD
+#undef MOE_DETAIL_HAS_AUXV
 
 #endif  // MOE_INFER_IMPLEMENTATION
 

@@ -117,7 +117,7 @@ TEST(SessionEval, ContextLimitIsStated) {
 // stays readable.
 TEST(ErrorMessages, FileBytesAreEscaped) {
     moe::GgufWriter w;
-    w.set_string("general.architecture", std::string("evil\x1b[2J\x01\xff\xc3\xa9", 11));
+    w.set_string("general.architecture", std::string("evil\x1b[2J\x01\xff\xc3\xa9", 12));
     const std::vector<uint8_t> bytes = w.to_bytes();
     moe::Model model;
     EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::unsupported);
