@@ -36,7 +36,8 @@
        MOE_NO_AVX2 / MOE_NO_AVX512 / MOE_NO_NEON   drop one SIMD path
        MOE_NO_THREADS             no std::thread: everything runs on the calling thread
        MOE_NO_OPENMP              ignore _OPENMP even when compiling with -fopenmp
-       MOE_NO_MMAP                read model files into memory instead of mapping them
+       MOE_NO_MMAP                read model files into memory instead of mapping them (mmap on
+                                  POSIX, MapViewOfFile on Windows; windows.h comes with NOMINMAX)
        MOE_USE_REFERENCE_KERNELS  force the scalar _ref kernels (for bisecting numeric bugs)
 
    SUPPORTED
@@ -585,15 +586,31 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 #else
 #define MOE_DETAIL_HAS_MMAP 0
 #endif
+// Windows (MSVC, MinGW-w64): file mapping through the Win32 API. NOMINMAX keeps windows.h from
+// defining min/max macros, which would break std::min; define it yourself if windows.h comes first.
+#if !defined(MOE_NO_MMAP) && defined(_WIN32)
+#define MOE_DETAIL_HAS_WIN32_MAP 1
+#ifndef NOMINMAX
+#define NOMINMAX
+#endif
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#include <windows.h>
+#else
+#define MOE_DETAIL_HAS_WIN32_MAP 0
+#endif
 
-#if !defined(MOE_NO_THREADS)
+// MinGW-w64's "win32" thread model has no std::thread/std::mutex before GCC 13 (libstdc++ then
+// lacks gthreads): run single-threaded there rather than fail to build; "posix" MinGW has threads.
+#if !defined(MOE_NO_THREADS) && !(defined(__GLIBCXX__) && !defined(_GLIBCXX_HAS_GTHREADS))
 #include <thread>
 #define MOE_DETAIL_HAS_THREADS 1
 #else
 #define MOE_DETAIL_HAS_THREADS 0
 #endif
 
-#if defined(_OPENMP) && !defined(MOE_NO_OPENMP) && !defined(MOE_NO_THREADS)
+#if defined(_OPENMP) && !defined(MOE_NO_OPENMP) && MOE_DETAIL_HAS_THREADS
 #include <omp.h>
 #define MOE_DETAIL_HAS_OPENMP 1
 #else
@@ -727,8 +744,8 @@ struct AlignedBuffer {
         size_t bytes = (n * sizeof(T) + 63) & ~(size_t)63;
 #if defined(MOE_MALLOC)
         void* p = MOE_MALLOC(bytes);
-#elif defined(_MSC_VER)
-        void* p = _aligned_malloc(bytes, 64);
+#elif defined(_WIN32)
+        void* p = _aligned_malloc(bytes, 64);  // MSVC and MinGW have no std::aligned_alloc
 #else
         void* p = std::aligned_alloc(64, bytes);
 #endif
@@ -742,7 +759,7 @@ struct AlignedBuffer {
         if (!data) return;
 #if defined(MOE_MALLOC)
         MOE_FREE(data);
-#elif defined(_MSC_VER)
+#elif defined(_WIN32)
         _aligned_free(data);
 #else
         std::free(data);
@@ -794,7 +811,10 @@ inline void append_escaped(std::string* out, const char* s) {
     }
 }
 
-#if defined(__GNUC__) || defined(__clang__)
+// MinGW's libstdc++ formats with its C99 printf (so %zu works); the attribute has to say so.
+#if defined(__MINGW32__)
+__attribute__((format(gnu_printf, 2, 3)))
+#elif defined(__GNUC__) || defined(__clang__)
 __attribute__((format(printf, 2, 3)))
 #endif
 inline Status fail(Status status, const char* format, ...) {
@@ -827,8 +847,8 @@ MOE_API const char* last_error() { return detail::last_error_storage().c_str(); 
 //-----------------------------------------------------------------------------
 // [SECTION] FILE MAPPING
 //-----------------------------------------------------------------------------
-// >>file  A read-only view of a whole file: mmap on POSIX (pages come in on demand and are shared
-// by processes), otherwise one read into an owned buffer.
+// >>file  A read-only view of a whole file: mmap on POSIX, MapViewOfFile on Windows (pages come
+// in on demand and are shared by processes), otherwise one read into an owned buffer.
 
 namespace moe {
 namespace detail {
@@ -845,6 +865,8 @@ struct FileView {
     ~FileView() {
 #if MOE_DETAIL_HAS_MMAP
         if (mapped && data) munmap(const_cast<uint8_t*>(data), size);
+#elif MOE_DETAIL_HAS_WIN32_MAP
+        if (mapped && data) UnmapViewOfFile(data);
 #endif
     }
 
@@ -871,6 +893,8 @@ struct FileView {
             mapped = true;
             return Status::ok;
         }
+#elif MOE_DETAIL_HAS_WIN32_MAP
+        if (use_mmap) return open_win32(path);
 #else
         (void)use_mmap;
 #endif
@@ -889,6 +913,46 @@ struct FileView {
         size = owned.size();
         return Status::ok;
     }
+
+#if MOE_DETAIL_HAS_WIN32_MAP
+    // `path` is UTF-8 (as everywhere in the API), so it goes through the wide-character calls.
+    Status open_win32(const char* path) {
+        int wide_len = MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, nullptr, 0);
+        if (wide_len <= 0) return fail(Status::io_error, "cannot open '%s': not a valid UTF-8 path", path);
+        std::vector<wchar_t> wide((size_t)wide_len);
+        MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, wide.data(), wide_len);
+        HANDLE file = CreateFileW(wide.data(), GENERIC_READ, FILE_SHARE_READ, nullptr, OPEN_EXISTING,
+                                  FILE_ATTRIBUTE_NORMAL, nullptr);
+        if (file == INVALID_HANDLE_VALUE)
+            return fail(Status::io_error, "cannot open '%s' (Windows error %lu)", path, (unsigned long)GetLastError());
+        BY_HANDLE_FILE_INFORMATION info;
+        LARGE_INTEGER file_size;
+        if (!GetFileInformationByHandle(file, &info) || (info.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) ||
+            !GetFileSizeEx(file, &file_size)) {
+            CloseHandle(file);
+            return fail(Status::io_error, "'%s' is not a regular file", path);
+        }
+        if (file_size.QuadPart == 0) {
+            CloseHandle(file);
+            return fail(Status::invalid_file, "'%s' is empty", path);
+        }
+        if ((unsigned long long)file_size.QuadPart > (unsigned long long)SIZE_MAX) {
+            CloseHandle(file);
+            return fail(Status::io_error, "'%s' is larger than the address space", path);
+        }
+        HANDLE mapping = CreateFileMappingW(file, nullptr, PAGE_READONLY, 0, 0, nullptr);
+        CloseHandle(file);  // the mapping keeps the file open
+        if (!mapping) return fail(Status::io_error, "cannot map '%s' (Windows error %lu)", path, (unsigned long)GetLastError());
+        void* p = MapViewOfFile(mapping, FILE_MAP_READ, 0, 0, 0);
+        unsigned long map_error = p ? 0ul : (unsigned long)GetLastError();
+        CloseHandle(mapping);  // the view keeps the mapping alive
+        if (!p) return fail(Status::io_error, "cannot map '%s' (Windows error %lu)", path, map_error);
+        data = static_cast<const uint8_t*>(p);
+        size = (size_t)file_size.QuadPart;
+        mapped = true;
+        return Status::ok;
+    }
+#endif
 };
 
 //-----------------------------------------------------------------------------
@@ -6207,6 +6271,7 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 // Internal macros end with the implementation (MOE_STATUS_LIST and MOE_API are public).
 #undef MOE_DETAIL_MEMBER
 #undef MOE_DETAIL_HAS_MMAP
+#undef MOE_DETAIL_HAS_WIN32_MAP
 #undef MOE_DETAIL_HAS_THREADS
 #undef MOE_DETAIL_HAS_OPENMP
 #undef MOE_DETAIL_HAS_X86

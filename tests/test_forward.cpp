@@ -196,6 +196,7 @@ struct FwdCase {
     const char* name;
     ModelSpec spec;
 };
+void PrintTo(const FwdCase& c, std::ostream* os) { *os << c.name << ": " << moe_test::describe(c.spec); }
 
 ModelSpec spec(const char* arch, int E, int H, int HKV, int hd, int NE, int K, int ff, int V, int L) {
     ModelSpec s;
@@ -361,6 +362,7 @@ struct QuantCase {
     ModelSpec spec;
     double tol;
 };
+void PrintTo(const QuantCase& c, std::ostream* os) { *os << c.name << ": " << moe_test::describe(c.spec) << ", tol " << c.tol; }
 
 ModelSpec with_type(ModelSpec s, TT t, TT fallback = TT::f32) {
     s.wtype = t;
@@ -590,6 +592,9 @@ struct LoadErrCase {
     moe::Status want;
     const char* must_mention;
 };
+void PrintTo(const LoadErrCase& c, std::ostream* os) {
+    *os << c.name << ": " << c.arch << ", expect " << moe::status_string(c.want) << " naming '" << c.must_mention << "'";
+}
 
 class LoaderErrors : public ::testing::TestWithParam<LoadErrCase> {};
 

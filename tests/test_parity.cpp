@@ -130,6 +130,7 @@ struct ParityCase {
     const char* name;
     ModelSpec spec;
 };
+void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.name << ": " << moe_test::describe(c.spec); }
 
 ModelSpec pspec(const char* arch, TT t) {
     ModelSpec s;
