@@ -441,8 +441,8 @@ private:
 };
 
 struct SessionOptions {
-    // KV-cache positions; 0 = min(model's training context, 4096); at most 4,194,304. The cache is
-    // allocated by create(): 8 * n_layer * n_ctx * n_head_kv * head_dim bytes (float32 K and V).
+    // KV-cache positions; 0 = min(model's training context, 4096); at most 4,194,304. create()
+    // reserves kv_cache_bytes() (float32 K and V); the memory is committed as positions fill.
     int32_t n_ctx = 0;
     int32_t n_threads = 0;  // 0 = hardware threads (capped at 16)
     int32_t n_batch = 0;    // max tokens per internal forward chunk during prefill; 0 = 64
@@ -454,6 +454,11 @@ struct SessionOptions {
     // Bytes ahead of the current weight row that matmuls prefetch; -1 = default (2048), 0 = off.
     int32_t prefetch_distance = -1;
 };
+
+// Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
+// 8 * n_layer * n_ctx * n_head_kv * head_dim. 0 for an unloaded model.
+MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx);
+constexpr int32_t kMaxContextLength = 1 << 22;  // SessionOptions::n_ctx limit
 
 // Wall time of one forward-pass phase, summed over the eval() calls since the last reset_profile().
 struct PhaseTime {
@@ -737,7 +742,9 @@ struct AlignedBuffer {
     AlignedBuffer(const AlignedBuffer&) = delete;
     AlignedBuffer& operator=(const AlignedBuffer&) = delete;
     ~AlignedBuffer() { release(); }
-    bool allocate(size_t n) {
+    // Zeroed unless `zero` is false: then untouched pages stay unallocated until first written
+    // (how the KV cache of a large n_ctx costs memory only as positions fill).
+    bool allocate(size_t n, bool zero = true) {
         release();
         if (n == 0) return true;
         if (n > SIZE_MAX / sizeof(T) - 64) return false;
@@ -750,7 +757,7 @@ struct AlignedBuffer {
         void* p = std::aligned_alloc(64, bytes);
 #endif
         if (!p) return false;
-        std::memset(p, 0, bytes);
+        if (zero) std::memset(p, 0, bytes);
         data = static_cast<T*>(p);
         size = n;
         return true;
@@ -4944,7 +4951,6 @@ struct ForwardPlan {
     uint8_t output_formats[2] = {0, 0};
 };
 
-constexpr int32_t kMaxContext = 1 << 22;  // SessionOptions::n_ctx limit (positions)
 
 struct ModelImpl {
     GgufFile file;
@@ -5315,10 +5321,11 @@ struct KvCache {
     int32_t pos = 0;            // positions filled
     int64_t kv_dim = 0;
 
+    // Not zeroed: attention reads only positions < pos, all written first.
     bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_) {
         n_ctx = n_ctx_; kv_dim = kv_dim_;
         const size_t n = (size_t)n_layer * (size_t)n_ctx * (size_t)kv_dim;
-        return k.allocate(n) && v.allocate(n);
+        return k.allocate(n, false) && v.allocate(n, false);
     }
     size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * (size_t)kv_dim; }
     static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim) { return 2ull * 4 * (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)kv_dim; }
@@ -5527,13 +5534,17 @@ inline void rope(float* head, const float* cs, int n_rot, bool neox) {
 
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
+inline int32_t session_n_ctx(const ModelInfo& info, int32_t requested) {
+    return requested > 0 ? requested : std::min(info.n_ctx_train, 4096);
+}
+
 inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o) {
     model = m;
     hp = &m->info;
     plan = &m->plan;
-    const int32_t n_ctx = o.n_ctx > 0 ? o.n_ctx : std::min(hp->n_ctx_train, 4096);
-    if (n_ctx <= 0 || n_ctx > kMaxContext)
-        return fail(Status::invalid_argument, "n_ctx %d is out of range [1, %d]", n_ctx, kMaxContext);
+    const int32_t n_ctx = session_n_ctx(*hp, o.n_ctx);
+    if (n_ctx <= 0 || n_ctx > kMaxContextLength)
+        return fail(Status::invalid_argument, "n_ctx %d is out of range [1, %d]", n_ctx, kMaxContextLength);
     n_batch = o.n_batch > 0 ? std::min(o.n_batch, 4096) : 64;
     float_activations = o.float_activations;
     profile.enabled = o.profile;
@@ -6016,6 +6027,12 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
 }
 
 }  // namespace detail
+
+MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx) {
+    const int32_t n = detail::session_n_ctx(info, n_ctx);
+    if (n <= 0 || info.n_layer <= 0 || info.n_head_kv <= 0 || info.head_dim <= 0) return 0;
+    return detail::KvCache::bytes(info.n_layer, n, (int64_t)info.n_head_kv * info.head_dim);
+}
 
 MOE_DETAIL_MEMBER Session::Session() = default;
 MOE_DETAIL_MEMBER Session::~Session() = default;
