@@ -49,7 +49,9 @@ const char* kUsage =
     "  --min-p X           (default 0.05; 0 = off)\n"
     "  --repeat-penalty X  (default 1.0 = off)\n"
     "  --seed N            RNG seed (default 0)\n"
-    "  --chat              interactive chat with the model's template\n"
+    "  --chat              interactive chat with the model's template; when the context is full,\n"
+    "                      the oldest turns are dropped (the system prompt stays)\n"
+    "  --system TEXT       system prompt for --chat\n"
     "  --logits-out FILE   write float32 logits, one row of n_vocab per evaluated position\n"
     "  --print-tokens      print generated token ids (comma-separated) instead of text\n"
     "  --perplexity FILE   perplexity of FILE in windows of -c tokens (first token of each unscored)\n";
@@ -148,9 +150,9 @@ uint64_t physical_memory() {
 }
 
 struct Args {
-    std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file;
+    std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file, system;
     std::string prompt_flag;  // which of -p, -f, --tokens gave the prompt ("" = none: the default prompt)
-    bool chat = false, print_tokens = false;
+    bool chat = false, print_tokens = false, have_system = false;
     long long n_predict = 64, n_threads = 0, n_ctx = 0;
     moe::SamplerOptions sampler;
 };
@@ -158,23 +160,29 @@ struct Args {
 // Options that take a value; recognised before the value is asked for.
 bool takes_value(const std::string& k) {
     static const char* const kFlags[] = {"-m", "-p", "-f", "--tokens", "-n", "-t", "-c", "--temp", "--top-k", "--top-p",
-                                         "--min-p", "--repeat-penalty", "--seed", "--logits-out", "--perplexity"};
+                                         "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity"};
     for (const char* f : kFlags)
         if (k == f) return true;
     return false;
 }
 
-// Renders one user turn with the chat template family the model's template belongs to.
-bool render_turn(const std::string& tmpl, const std::string& user, bool first, std::string* out) {
-    if (tmpl.find("<|im_start|>") != std::string::npos || tmpl.empty()) {
-        *out = (first ? std::string() : std::string("\n")) + "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n";
-        return true;
-    }
-    if (tmpl.find("[INST]") != std::string::npos) {
-        *out = "[INST] " + user + " [/INST]";
-        return true;
-    }
-    return false;
+// The chat template families --chat renders: ChatML (also the default when the model has none) and [INST].
+enum class ChatFormat { unsupported, chatml, inst };
+
+ChatFormat chat_format(const std::string& tmpl) {
+    if (tmpl.find("<|im_start|>") != std::string::npos || tmpl.empty()) return ChatFormat::chatml;
+    if (tmpl.find("[INST]") != std::string::npos) return ChatFormat::inst;
+    return ChatFormat::unsupported;
+}
+
+std::string render_system(ChatFormat f, const std::string& system) {
+    if (f == ChatFormat::chatml) return "<|im_start|>system\n" + system + "<|im_end|>\n";
+    return system + "\n\n";  // [INST] templates have no system role: plain text before the first turn
+}
+
+std::string render_user(ChatFormat f, const std::string& user) {
+    if (f == ChatFormat::chatml) return "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n";
+    return "[INST] " + user + " [/INST]";
 }
 
 void print_speed(const char* what, int n, double seconds) {
@@ -202,6 +210,7 @@ int main(int argc, char** argv) {
             a.prompt_flag = k;
             (k == "-p" ? a.prompt : k == "-f" ? a.prompt_file : a.tokens) = v;
         }
+        else if (k == "--system") { a.system = v; a.have_system = true; }
         else if (k == "--logits-out") a.logits_out = v;
         else if (k == "--perplexity") a.perplexity_file = v;
         else if (k == "-n") { if (!parse_int(v, 0, 1 << 24, &a.n_predict)) return die("-n needs an integer in [0, %d], got '%s'", 1 << 24, v); }
@@ -220,6 +229,7 @@ int main(int argc, char** argv) {
     if (mode && !a.prompt_flag.empty()) return die("%s and %s cannot be used together", a.prompt_flag.c_str(), mode);
     if (mode && !a.logits_out.empty()) return die("--logits-out and %s cannot be used together", mode);
     if (mode && a.print_tokens) return die("--print-tokens and %s cannot be used together", mode);
+    if (a.have_system && !a.chat) return die("--system needs --chat");
 
     // Input files are read before the model is loaded: a typo fails at once.
     std::string text, why;
@@ -246,8 +256,14 @@ int main(int argc, char** argv) {
         return die("the KV cache for a context of %lld needs %s, more than this machine's physical memory (%s); use a smaller -c", n_ctx,
                    format_bytes(kv_bytes).c_str(), format_bytes(phys).c_str());
 
-    // ---- prompt or perplexity text: tokenized and size-checked before anything is printed ----
+    // ---- prompt, perplexity text or chat prefix: tokenized and size-checked before anything is printed ----
     std::vector<int32_t> input;
+    // --chat: the template, the prefix (BOS, system prompt) and the tokens closing a reply.
+    ChatFormat fmt = ChatFormat::unsupported;
+    std::vector<int32_t> prefix, close_cut, close_eog;
+    const long long n_reply = a.n_predict ? a.n_predict : 256;
+    long long n_close = 0;
+    auto encode_chat = [&](const std::string& s, std::vector<int32_t>* out) { return tok.encode(s, false, true, out) == moe::Status::ok; };
     if (!a.perplexity_file.empty()) {
         if (tok.encode(text, false, false, &input) != moe::Status::ok) return die("%s", moe::last_error());
         if ((long long)input.size() < n_ctx) return die("the text has fewer tokens (%zu) than one window (-c %lld)", input.size(), n_ctx);
@@ -255,7 +271,26 @@ int main(int argc, char** argv) {
         if (phys && logits_bytes > phys)
             return die("--perplexity with -c %lld needs %s for the logits of a window, more than this machine's physical memory (%s)", n_ctx,
                        format_bytes(logits_bytes).c_str(), format_bytes(phys).c_str());
-    } else if (!mode) {
+    } else if (a.chat) {
+        fmt = chat_format(tok.chat_template());
+        if (fmt == ChatFormat::unsupported) return die("unsupported chat template (only ChatML and [INST] templates are)");
+        std::vector<int32_t> bos, empty_turn;
+        if (tok.encode("", true, true, &bos) != moe::Status::ok) return die("%s", moe::last_error());
+        if (!bos.empty() && bos[0] == tok.bos()) prefix.push_back(bos[0]);  // only BOS: an EOS would end the dialogue
+        if (a.have_system && !encode_chat(render_system(fmt, a.system), &prefix)) return die("%s", moe::last_error());
+        if (!encode_chat(render_user(fmt, ""), &empty_turn)) return die("%s", moe::last_error());
+        // What follows a reply: cut by -n, it is closed as the model would have; after the model's own
+        // end-of-turn token, only the separator.
+        if (fmt == ChatFormat::chatml) {
+            if (!encode_chat("<|im_end|>\n", &close_cut) || !encode_chat("\n", &close_eog)) return die("%s", moe::last_error());
+        } else if (tok.eos() >= 0) {
+            close_cut.push_back(tok.eos());
+        }
+        n_close = (long long)std::max(close_cut.size(), close_eog.size());
+        if ((long long)(prefix.size() + empty_turn.size()) + n_reply + n_close > n_ctx)
+            return die("no room for a message: %s%zu tokens of template + -n %lld exceed the context size %lld (use -c or a smaller -n)",
+                       a.have_system ? "the system prompt + " : "", prefix.size() + empty_turn.size(), n_reply, n_ctx);
+    } else {
         if (a.prompt_flag == "--tokens") {
             for (long long id : token_list) {
                 if (id >= info.n_vocab) return die("--tokens: %lld is not a token id of this model (n_vocab %d)", id, info.n_vocab);
@@ -315,30 +350,58 @@ int main(int argc, char** argv) {
     moe::Sampler sampler(a.sampler);
 
     // ---- interactive chat ----
+    // The cache holds the prefix (BOS, system prompt) and then whole turns: user turn + reply + its
+    // closing. Their token ids are kept so that, when the next turn would not fit, the oldest turns
+    // are dropped and the rest evaluated again after the prefix.
     if (a.chat) {
+        if (!prefix.empty() && session.eval(prefix.data(), prefix.size()) != moe::Status::ok) return die("%s", moe::last_error());
+        std::vector<std::vector<int32_t>> turns;
+
         std::string line;
-        bool first = true;
         std::fprintf(stderr, "chat with %s; an empty line or EOF ends.\n", info.name.empty() ? info.architecture.c_str() : info.name.c_str());
         while (std::fprintf(stderr, "> "), std::getline(std::cin, line) && !line.empty()) {
-            std::string turn;
-            if (!render_turn(tok.chat_template(), line, first, &turn)) return die("unsupported chat template");
-            std::vector<int32_t> ids;
-            if (tok.encode(turn, first, true, &ids) != moe::Status::ok) return die("%s", moe::last_error());
-            first = false;
+            std::vector<int32_t> turn;
+            if (!encode_chat(render_user(fmt, line), &turn)) return die("%s", moe::last_error());
+            const long long need = (long long)turn.size() + n_reply + n_close;
+            if ((long long)prefix.size() + need > n_ctx) {
+                std::fprintf(stderr, "[this message is too long for the context (%zu tokens, context %lld, %lld kept for the reply)]\n", turn.size(),
+                             n_ctx, n_reply);
+                continue;
+            }
+            if (session.position() + need > n_ctx) {
+                long long used = session.position();
+                size_t drop = 0;
+                while (used + need > n_ctx) used -= (long long)turns[drop++].size();
+                turns.erase(turns.begin(), turns.begin() + (std::ptrdiff_t)drop);
+                std::vector<int32_t> kept;
+                for (const auto& t : turns) kept.insert(kept.end(), t.begin(), t.end());
+                if (session.truncate((int32_t)prefix.size()) != moe::Status::ok) return die("%s", moe::last_error());
+                if (!kept.empty() && session.eval(kept.data(), kept.size()) != moe::Status::ok) return die("%s", moe::last_error());
+                std::fprintf(stderr, "[context full: dropped %zu oldest turn%s]\n", drop, drop == 1 ? "" : "s");
+            }
+            const int32_t start = session.position();
             moe::GenerateOptions g;
-            g.max_tokens = (int32_t)(a.n_predict ? a.n_predict : 256);
+            // The reply stops where the context would end (never the case after the check above).
+            g.max_tokens = (int32_t)std::min(n_reply, n_ctx - start - (long long)turn.size() - n_close);
             g.sampler = a.sampler;
-            g.sampler.seed = sampler.options().seed + (uint64_t)session.position();
+            g.sampler.seed = sampler.options().seed + (uint64_t)start;
             moe::GenerateResult r;
-            moe::Status s = moe::generate(session, ids, g, [](void*, int32_t, const char* t, size_t n) {
+            moe::Status s = moe::generate(session, turn, g, [](void*, int32_t, const char* t, size_t n) {
                 std::fwrite(t, 1, n, stdout);
                 std::fflush(stdout);
                 return true;
             }, nullptr, &r);
             std::printf("\n");
+            std::fflush(stdout);
             if (s != moe::Status::ok) return die("%s", moe::last_error());
-            // Put the end-of-turn token into the cache so the next turn continues the dialogue.
-            if (r.stopped_by_eog && session.eval(&r.tokens.back(), 1) != moe::Status::ok) return die("%s", moe::last_error());
+            // generate() leaves the end-of-turn token (or, at -n, the last token) unevaluated: put it
+            // and the closing into the cache so that the next turn continues the dialogue.
+            turn.insert(turn.end(), r.tokens.begin(), r.tokens.end());
+            const std::vector<int32_t>& close = r.stopped_by_eog ? close_eog : close_cut;
+            turn.insert(turn.end(), close.begin(), close.end());
+            const size_t done = (size_t)(session.position() - start);
+            if (done < turn.size() && session.eval(turn.data() + done, turn.size() - done) != moe::Status::ok) return die("%s", moe::last_error());
+            turns.push_back(std::move(turn));
         }
         return 0;
     }
