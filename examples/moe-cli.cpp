@@ -2,20 +2,28 @@
 // Shows the whole public API: Model::load, Session, Tokenizer, Detokenizer, Sampler, plus
 // --logits-out (row i = logits after input/generated token i), --perplexity and --chat.
 // Usage: moe-cli [-m FILE] [-p TEXT | -f FILE | --tokens 1,2,3] [-n N] [-t N] [sampling flags]
+// Every check (options, files, sizes, memory) runs before the first byte goes to stdout: on an
+// error stdout stays empty and stderr gets one "error: ..." line.
 #include "moe_infer.h"
 #define MOE_INFER_IMPLEMENTATION
 #include "moe_infer.h"
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 #include <string>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 
 #ifndef MOE_DEFAULT_MODEL
 #define MOE_DEFAULT_MODEL "models/demo-qwen3moe.gguf"
@@ -26,27 +34,41 @@ namespace {
 const char* kUsage =
     "usage: moe-cli [options]\n"
     "  -m FILE             model (GGUF); default: the bundled demo model\n"
-    "  -p TEXT             prompt text\n"
+    "  -p TEXT             prompt text (-p, -f, --tokens: one of them at most)\n"
     "  -f FILE             read the prompt from FILE\n"
     "  --tokens 1,2,3      prompt as token ids (tokenizer bypassed)\n"
-    "  -n N                tokens to generate (default 64; 0 = only evaluate the input)\n"
+    "  -n N                tokens to generate (default 64; 0 = only evaluate the input);\n"
+    "                      --chat: tokens per reply (0 = 256)\n"
     "  -t N                threads (default: all cores, at most 16)\n"
-    "  -c N                context size (default: min(training context, 4096); --perplexity: 256)\n"
+    "  -c N                context size in [1, 4194304] (default: min(training context, 4096);\n"
+    "                      --perplexity: 256); past the training context: a warning and the KV-cache\n"
+    "                      size; a KV cache larger than physical memory is refused\n"
     "  --temp X            temperature (default 0.8; 0 = greedy)\n"
     "  --top-k N           (default 40; 0 = off)\n"
     "  --top-p X           (default 0.95; 1 = off)\n"
     "  --min-p X           (default 0.05; 0 = off)\n"
     "  --repeat-penalty X  (default 1.0 = off)\n"
     "  --seed N            RNG seed (default 0)\n"
-    "  --chat              interactive chat with the model's template\n"
+    "  --chat              interactive chat with the model's template; when the context is full,\n"
+    "                      the oldest turns are dropped (the system prompt stays)\n"
+    "  --system TEXT       system prompt for --chat\n"
     "  --logits-out FILE   write float32 logits, one row of n_vocab per evaluated position\n"
     "  --print-tokens      print generated token ids (comma-separated) instead of text\n"
     "  --perplexity FILE   perplexity of FILE in windows of -c tokens (first token of each unscored)\n";
 
-int die(const char* fmt, const char* arg = "") {
+// SessionOptions::n_ctx's documented limit.
+constexpr long long kMaxContext = 1 << 22;
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2)))
+#endif
+int die(const char* fmt, ...) {
+    std::va_list ap;
+    va_start(ap, fmt);
     std::fprintf(stderr, "error: ");
-    std::fprintf(stderr, fmt, arg);
+    std::vfprintf(stderr, fmt, ap);
     std::fprintf(stderr, "\n");
+    va_end(ap);
     return 1;
 }
 
@@ -69,33 +91,98 @@ bool parse_float(const char* s, float* out) {
     return true;
 }
 
-bool read_file(const char* path, std::string* out) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) return false;
-    std::ostringstream ss;
-    ss << f.rdbuf();
-    *out = ss.str();
+// Reads a whole file; on failure *why says why. fopen() succeeds on a directory on POSIX, so that
+// case is checked first.
+bool read_file(const std::string& path, std::string* out, std::string* why) {
+    struct stat st;
+    if (stat(path.c_str(), &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR) { *why = "is a directory"; return false; }
+    errno = 0;
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) { *why = errno ? std::strerror(errno) : "cannot open"; return false; }
+    char buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out->append(buf, n);
+    const bool bad = std::ferror(f) != 0;
+    const int err = errno;
+    std::fclose(f);
+    if (bad) { *why = err ? std::strerror(err) : "read error"; return false; }
     return true;
 }
 
+// "1,2, 3": ids separated by commas (spaces around an id are allowed). Every item must be a number.
+bool parse_token_list(const std::string& list, std::vector<long long>* out, std::string* why) {
+    auto blank = [](char c) { return c == ' ' || c == '\t'; };
+    if (std::all_of(list.begin(), list.end(), blank)) { *why = "--tokens needs a comma-separated list of token ids, got '" + list + "'"; return false; }
+    size_t start = 0;
+    for (int item = 1;; ++item) {
+        size_t comma = list.find(',', start), end = comma == std::string::npos ? list.size() : comma;
+        size_t b = start, e = end;
+        while (b < e && blank(list[b])) ++b;
+        while (e > b && blank(list[e - 1])) --e;
+        const std::string s = list.substr(b, e - b);
+        const std::string where = "item " + std::to_string(item) + " of '" + list + "'";
+        if (s.empty()) { *why = "--tokens: " + where + " is empty"; return false; }
+        long long v;
+        if (!std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }) || !parse_int(s.c_str(), 0, 1LL << 40, &v)) {
+            *why = "--tokens: '" + s + "' (" + where + ") is not a token id";
+            return false;
+        }
+        out->push_back(v);
+        if (comma == std::string::npos) return true;
+        start = comma + 1;
+    }
+}
+
+std::string format_bytes(uint64_t n) {
+    char buf[64];
+    if (n >= (1ull << 30)) std::snprintf(buf, sizeof buf, "%.1f GiB", (double)n / (1ull << 30));
+    else std::snprintf(buf, sizeof buf, "%.1f MiB", (double)n / (1ull << 20));
+    return buf;
+}
+
+// Physical memory in bytes, 0 where unknown (then the KV-cache check is skipped).
+uint64_t physical_memory() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0) return (uint64_t)pages * (uint64_t)page;
+#endif
+    return 0;
+}
+
 struct Args {
-    std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file;
-    bool have_prompt = false, chat = false, print_tokens = false;
+    std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file, system;
+    std::string prompt_flag;  // which of -p, -f, --tokens gave the prompt ("" = none: the default prompt)
+    bool chat = false, print_tokens = false, have_system = false;
     long long n_predict = 64, n_threads = 0, n_ctx = 0;
     moe::SamplerOptions sampler;
 };
 
-// Renders one user turn with the chat template family the model's template belongs to.
-bool render_turn(const std::string& tmpl, const std::string& user, bool first, std::string* out) {
-    if (tmpl.find("<|im_start|>") != std::string::npos || tmpl.empty()) {
-        *out = (first ? std::string() : std::string("\n")) + "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n";
-        return true;
-    }
-    if (tmpl.find("[INST]") != std::string::npos) {
-        *out = "[INST] " + user + " [/INST]";
-        return true;
-    }
+// Options that take a value; recognised before the value is asked for.
+bool takes_value(const std::string& k) {
+    static const char* const kFlags[] = {"-m", "-p", "-f", "--tokens", "-n", "-t", "-c", "--temp", "--top-k", "--top-p",
+                                         "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity"};
+    for (const char* f : kFlags)
+        if (k == f) return true;
     return false;
+}
+
+// The chat template families --chat renders: ChatML (also the default when the model has none) and [INST].
+enum class ChatFormat { unsupported, chatml, inst };
+
+ChatFormat chat_format(const std::string& tmpl) {
+    if (tmpl.find("<|im_start|>") != std::string::npos || tmpl.empty()) return ChatFormat::chatml;
+    if (tmpl.find("[INST]") != std::string::npos) return ChatFormat::inst;
+    return ChatFormat::unsupported;
+}
+
+std::string render_system(ChatFormat f, const std::string& system) {
+    if (f == ChatFormat::chatml) return "<|im_start|>system\n" + system + "<|im_end|>\n";
+    return system + "\n\n";  // [INST] templates have no system role: plain text before the first turn
+}
+
+std::string render_user(ChatFormat f, const std::string& user) {
+    if (f == ChatFormat::chatml) return "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n";
+    return "[INST] " + user + " [/INST]";
 }
 
 void print_speed(const char* what, int n, double seconds) {
@@ -107,57 +194,135 @@ void print_speed(const char* what, int n, double seconds) {
 int main(int argc, char** argv) {
     Args a;
     for (int i = 1; i < argc; ++i) {
-        std::string k = argv[i];
-        auto value = [&](const char** v) -> bool {
-            if (i + 1 >= argc) return false;
-            *v = argv[++i];
-            return true;
-        };
-        const char* v = nullptr;
+        const std::string k = argv[i];
         long long iv;
         if (k == "-h" || k == "--help") { std::fputs(kUsage, stdout); return 0; }
-        else if (k == "--chat") a.chat = true;
-        else if (k == "--print-tokens") a.print_tokens = true;
-        else if (!value(&v)) return die("missing value for %s (see --help)", k.c_str());
-        else if (k == "-m") a.model = v;
-        else if (k == "-p") { a.prompt = v; a.have_prompt = true; }
-        else if (k == "-f") a.prompt_file = v;
-        else if (k == "--tokens") a.tokens = v;
+        if (k == "--chat") { a.chat = true; continue; }
+        if (k == "--print-tokens") { a.print_tokens = true; continue; }
+        // The name first: "--bogus" last on the line is an unknown option, not a missing value.
+        if (!takes_value(k))
+            return die(k.size() > 1 && k[0] == '-' ? "unknown option %s (see --help)" : "unexpected argument '%s' (see --help)", k.c_str());
+        if (i + 1 >= argc) return die("missing value for %s (see --help)", k.c_str());
+        const char* v = argv[++i];
+        if (k == "-m") a.model = v;
+        else if (k == "-p" || k == "-f" || k == "--tokens") {
+            if (!a.prompt_flag.empty() && a.prompt_flag != k) return die("%s and %s cannot be used together (one prompt source)", a.prompt_flag.c_str(), k.c_str());
+            a.prompt_flag = k;
+            (k == "-p" ? a.prompt : k == "-f" ? a.prompt_file : a.tokens) = v;
+        }
+        else if (k == "--system") { a.system = v; a.have_system = true; }
         else if (k == "--logits-out") a.logits_out = v;
         else if (k == "--perplexity") a.perplexity_file = v;
-        else if (k == "-n") { if (!parse_int(v, 0, 1 << 24, &a.n_predict)) return die("-n needs an integer >= 0, got '%s'", v); }
-        else if (k == "-t") { if (!parse_int(v, 1, 512, &a.n_threads)) return die("-t needs an integer in 1..512, got '%s'", v); }
-        else if (k == "-c") { if (!parse_int(v, 1, 1 << 22, &a.n_ctx)) return die("-c needs a positive integer, got '%s'", v); }
+        else if (k == "-n") { if (!parse_int(v, 0, 1 << 24, &a.n_predict)) return die("-n needs an integer in [0, %d], got '%s'", 1 << 24, v); }
+        else if (k == "-t") { if (!parse_int(v, 1, 512, &a.n_threads)) return die("-t needs an integer in [1, 512], got '%s'", v); }
+        else if (k == "-c") { if (!parse_int(v, 1, kMaxContext, &a.n_ctx)) return die("-c needs an integer in [1, %lld], got '%s'", kMaxContext, v); }
         else if (k == "--temp") { if (!parse_float(v, &a.sampler.temperature)) return die("--temp needs a number, got '%s'", v); }
         else if (k == "--top-k") { if (!parse_int(v, 0, 1 << 30, &iv)) return die("--top-k needs an integer >= 0, got '%s'", v); a.sampler.top_k = (int)iv; }
         else if (k == "--top-p") { if (!parse_float(v, &a.sampler.top_p) || a.sampler.top_p <= 0 || a.sampler.top_p > 1) return die("--top-p needs a number in (0, 1], got '%s'", v); }
         else if (k == "--min-p") { if (!parse_float(v, &a.sampler.min_p) || a.sampler.min_p < 0 || a.sampler.min_p > 1) return die("--min-p needs a number in [0, 1], got '%s'", v); }
         else if (k == "--repeat-penalty") { if (!parse_float(v, &a.sampler.repeat_penalty) || a.sampler.repeat_penalty <= 0) return die("--repeat-penalty needs a positive number, got '%s'", v); }
         else if (k == "--seed") { if (!parse_int(v, 0, (long long)9e18, &iv)) return die("--seed needs an integer >= 0, got '%s'", v); a.sampler.seed = (uint64_t)iv; }
-        else return die("unknown option %s (see --help)", k.c_str());
     }
+    // Modes ignore the options of the others: say so rather than silently dropping them.
+    const char* mode = a.chat ? "--chat" : !a.perplexity_file.empty() ? "--perplexity" : nullptr;
+    if (a.chat && !a.perplexity_file.empty()) return die("--chat and --perplexity cannot be used together");
+    if (mode && !a.prompt_flag.empty()) return die("%s and %s cannot be used together", a.prompt_flag.c_str(), mode);
+    if (mode && !a.logits_out.empty()) return die("--logits-out and %s cannot be used together", mode);
+    if (mode && a.print_tokens) return die("--print-tokens and %s cannot be used together", mode);
+    if (a.have_system && !a.chat) return die("--system needs --chat");
+
+    // Input files are read before the model is loaded: a typo fails at once.
+    std::string text, why;
+    if (!a.perplexity_file.empty() && !read_file(a.perplexity_file, &text, &why)) return die("cannot read '%s': %s", a.perplexity_file.c_str(), why.c_str());
+    if (!a.prompt_file.empty() && !read_file(a.prompt_file, &text, &why)) return die("cannot read '%s': %s", a.prompt_file.c_str(), why.c_str());
+    if (!a.prompt_file.empty() && text.empty()) return die("empty prompt: '%s' is empty", a.prompt_file.c_str());
+    if (a.prompt_flag == "-p") text = a.prompt;
+    if (a.prompt_flag.empty() && !mode) text = "In the beginning";
+    std::vector<long long> token_list;
+    if (a.prompt_flag == "--tokens" && !parse_token_list(a.tokens, &token_list, &why)) return die("%s", why.c_str());
 
     moe::Model model;
     if (moe::Model::load(a.model.c_str(), moe::LoadOptions{}, &model) != moe::Status::ok) return die("%s", moe::last_error());
     const moe::ModelInfo& info = model.info();
     const moe::Tokenizer& tok = model.tokenizer();
+    if (!tok.valid() && a.prompt_flag != "--tokens") return die(mode ? "the model has no tokenizer" : "the model has no tokenizer; use --tokens");
+
+    // ---- context size and KV cache: checked before anything is allocated ----
+    const long long n_ctx = a.n_ctx ? a.n_ctx : !a.perplexity_file.empty() ? 256 : std::min(info.n_ctx_train, 4096);
+    if (n_ctx <= 0) return die("the model gives no training context length; use -c");
+    const uint64_t kv_bytes = 8ull * (uint64_t)info.n_layer * (uint64_t)n_ctx * (uint64_t)info.n_head_kv * (uint64_t)info.head_dim;
+    const uint64_t phys = physical_memory();
+    if (phys && kv_bytes > phys)
+        return die("the KV cache for a context of %lld needs %s, more than this machine's physical memory (%s); use a smaller -c", n_ctx,
+                   format_bytes(kv_bytes).c_str(), format_bytes(phys).c_str());
+
+    // ---- prompt, perplexity text or chat prefix: tokenized and size-checked before anything is printed ----
+    std::vector<int32_t> input;
+    // --chat: the template, the prefix (BOS, system prompt) and the tokens closing a reply.
+    ChatFormat fmt = ChatFormat::unsupported;
+    std::vector<int32_t> prefix, close_cut, close_eog;
+    const long long n_reply = a.n_predict ? a.n_predict : 256;
+    long long n_close = 0;
+    auto encode_chat = [&](const std::string& s, std::vector<int32_t>* out) { return tok.encode(s, false, true, out) == moe::Status::ok; };
+    if (!a.perplexity_file.empty()) {
+        if (tok.encode(text, false, false, &input) != moe::Status::ok) return die("%s", moe::last_error());
+        if ((long long)input.size() < n_ctx) return die("the text has fewer tokens (%zu) than one window (-c %lld)", input.size(), n_ctx);
+        const uint64_t logits_bytes = 4ull * (uint64_t)n_ctx * (uint64_t)info.n_vocab;  // one window's logits
+        if (phys && logits_bytes > phys)
+            return die("--perplexity with -c %lld needs %s for the logits of a window, more than this machine's physical memory (%s)", n_ctx,
+                       format_bytes(logits_bytes).c_str(), format_bytes(phys).c_str());
+    } else if (a.chat) {
+        fmt = chat_format(tok.chat_template());
+        if (fmt == ChatFormat::unsupported) return die("unsupported chat template (only ChatML and [INST] templates are)");
+        std::vector<int32_t> bos, empty_turn;
+        if (tok.encode("", true, true, &bos) != moe::Status::ok) return die("%s", moe::last_error());
+        if (!bos.empty() && bos[0] == tok.bos()) prefix.push_back(bos[0]);  // only BOS: an EOS would end the dialogue
+        if (a.have_system && !encode_chat(render_system(fmt, a.system), &prefix)) return die("%s", moe::last_error());
+        if (!encode_chat(render_user(fmt, ""), &empty_turn)) return die("%s", moe::last_error());
+        // What follows a reply: cut by -n, it is closed as the model would have; after the model's own
+        // end-of-turn token, only the separator.
+        if (fmt == ChatFormat::chatml) {
+            if (!encode_chat("<|im_end|>\n", &close_cut) || !encode_chat("\n", &close_eog)) return die("%s", moe::last_error());
+        } else if (tok.eos() >= 0) {
+            close_cut.push_back(tok.eos());
+        }
+        n_close = (long long)std::max(close_cut.size(), close_eog.size());
+        if ((long long)(prefix.size() + empty_turn.size()) + n_reply + n_close > n_ctx)
+            return die("no room for a message: %s%zu tokens of template + -n %lld exceed the context size %lld (use -c or a smaller -n)",
+                       a.have_system ? "the system prompt + " : "", prefix.size() + empty_turn.size(), n_reply, n_ctx);
+    } else {
+        if (a.prompt_flag == "--tokens") {
+            for (long long id : token_list) {
+                if (id >= info.n_vocab) return die("--tokens: %lld is not a token id of this model (n_vocab %d)", id, info.n_vocab);
+                input.push_back((int32_t)id);
+            }
+        } else if (tok.encode(text, true, false, &input) != moe::Status::ok) {
+            return die("%s", moe::last_error());
+        }
+        if (input.empty()) return die("empty prompt");
+        if ((long long)input.size() + a.n_predict > n_ctx)
+            return die("the prompt (%zu tokens) + -n %lld exceed the context size %lld (use -c)", input.size(), a.n_predict, n_ctx);
+    }
+
+    // Warnings once every check has passed (an error stays the only line).
+    const bool past_training = info.n_ctx_train > 0 && n_ctx > info.n_ctx_train;
+    if (past_training)
+        std::fprintf(stderr, "warning: %s %lld exceeds the model's training context (%d); quality degrades past it\n", a.n_ctx ? "-c" : "context",
+                     n_ctx, info.n_ctx_train);
+    if (past_training || kv_bytes > (1ull << 30))
+        std::fprintf(stderr, "KV cache: %s (n_ctx %lld, float32 K and V)\n", format_bytes(kv_bytes).c_str(), n_ctx);
 
     moe::SessionOptions so;
     so.n_threads = (int32_t)a.n_threads;
-    so.n_ctx = (int32_t)(a.n_ctx ? a.n_ctx : (a.perplexity_file.empty() ? 0 : 256));
+    so.n_ctx = (int32_t)n_ctx;
     moe::Session session;
     if (moe::Session::create(model, so, &session) != moe::Status::ok) return die("%s", moe::last_error());
 
     // ---- perplexity ----
     if (!a.perplexity_file.empty()) {
-        std::string text;
-        if (!read_file(a.perplexity_file.c_str(), &text)) return die("cannot read '%s'", a.perplexity_file.c_str());
-        if (!tok.valid()) return die("the model has no tokenizer");
-        std::vector<int32_t> ids;
-        if (tok.encode(text, false, false, &ids) != moe::Status::ok) return die("%s", moe::last_error());
+        const std::vector<int32_t>& ids = input;
         const int32_t window = session.n_ctx();
         const size_t n_windows = ids.size() / (size_t)window;
-        if (n_windows == 0) return die("the text has fewer tokens than one window (-c)");
         std::vector<float> logits((size_t)window * (size_t)info.n_vocab);
         double nll = 0;
         long long count = 0;
@@ -185,59 +350,67 @@ int main(int argc, char** argv) {
     moe::Sampler sampler(a.sampler);
 
     // ---- interactive chat ----
+    // The cache holds the prefix (BOS, system prompt) and then whole turns: user turn + reply + its
+    // closing. Their token ids are kept so that, when the next turn would not fit, the oldest turns
+    // are dropped and the rest evaluated again after the prefix.
     if (a.chat) {
-        if (!tok.valid()) return die("the model has no tokenizer");
+        if (!prefix.empty() && session.eval(prefix.data(), prefix.size()) != moe::Status::ok) return die("%s", moe::last_error());
+        std::vector<std::vector<int32_t>> turns;
+
         std::string line;
-        bool first = true;
         std::fprintf(stderr, "chat with %s; an empty line or EOF ends.\n", info.name.empty() ? info.architecture.c_str() : info.name.c_str());
         while (std::fprintf(stderr, "> "), std::getline(std::cin, line) && !line.empty()) {
-            std::string turn;
-            if (!render_turn(tok.chat_template(), line, first, &turn)) return die("unsupported chat template");
-            std::vector<int32_t> ids;
-            if (tok.encode(turn, first, true, &ids) != moe::Status::ok) return die("%s", moe::last_error());
-            first = false;
+            std::vector<int32_t> turn;
+            if (!encode_chat(render_user(fmt, line), &turn)) return die("%s", moe::last_error());
+            const long long need = (long long)turn.size() + n_reply + n_close;
+            if ((long long)prefix.size() + need > n_ctx) {
+                std::fprintf(stderr, "[this message is too long for the context (%zu tokens, context %lld, %lld kept for the reply)]\n", turn.size(),
+                             n_ctx, n_reply);
+                continue;
+            }
+            if (session.position() + need > n_ctx) {
+                long long used = session.position();
+                size_t drop = 0;
+                while (used + need > n_ctx) used -= (long long)turns[drop++].size();
+                turns.erase(turns.begin(), turns.begin() + (std::ptrdiff_t)drop);
+                std::vector<int32_t> kept;
+                for (const auto& t : turns) kept.insert(kept.end(), t.begin(), t.end());
+                if (session.truncate((int32_t)prefix.size()) != moe::Status::ok) return die("%s", moe::last_error());
+                if (!kept.empty() && session.eval(kept.data(), kept.size()) != moe::Status::ok) return die("%s", moe::last_error());
+                std::fprintf(stderr, "[context full: dropped %zu oldest turn%s]\n", drop, drop == 1 ? "" : "s");
+            }
+            const int32_t start = session.position();
             moe::GenerateOptions g;
-            g.max_tokens = (int32_t)(a.n_predict ? a.n_predict : 256);
+            // The reply stops where the context would end (never the case after the check above).
+            g.max_tokens = (int32_t)std::min(n_reply, n_ctx - start - (long long)turn.size() - n_close);
             g.sampler = a.sampler;
-            g.sampler.seed = sampler.options().seed + (uint64_t)session.position();
+            g.sampler.seed = sampler.options().seed + (uint64_t)start;
             moe::GenerateResult r;
-            moe::Status s = moe::generate(session, ids, g, [](void*, int32_t, const char* t, size_t n) {
+            moe::Status s = moe::generate(session, turn, g, [](void*, int32_t, const char* t, size_t n) {
                 std::fwrite(t, 1, n, stdout);
                 std::fflush(stdout);
                 return true;
             }, nullptr, &r);
             std::printf("\n");
+            std::fflush(stdout);
             if (s != moe::Status::ok) return die("%s", moe::last_error());
-            // Put the end-of-turn token into the cache so the next turn continues the dialogue.
-            if (r.stopped_by_eog && session.eval(&r.tokens.back(), 1) != moe::Status::ok) return die("%s", moe::last_error());
+            // generate() leaves the end-of-turn token (or, at -n, the last token) unevaluated: put it
+            // and the closing into the cache so that the next turn continues the dialogue.
+            turn.insert(turn.end(), r.tokens.begin(), r.tokens.end());
+            const std::vector<int32_t>& close = r.stopped_by_eog ? close_eog : close_cut;
+            turn.insert(turn.end(), close.begin(), close.end());
+            const size_t done = (size_t)(session.position() - start);
+            if (done < turn.size() && session.eval(turn.data() + done, turn.size() - done) != moe::Status::ok) return die("%s", moe::last_error());
+            turns.push_back(std::move(turn));
         }
         return 0;
     }
 
-    // ---- prompt ----
-    std::vector<int32_t> input;
-    if (!a.tokens.empty()) {
-        std::stringstream ss(a.tokens);
-        std::string item;
-        while (std::getline(ss, item, ',')) {
-            long long id;
-            if (!parse_int(item.c_str(), 0, info.n_vocab - 1, &id)) return die("--tokens: '%s' is not a token id of this model", item.c_str());
-            input.push_back((int32_t)id);
-        }
-    } else {
-        std::string text = a.prompt;
-        if (!a.prompt_file.empty() && !read_file(a.prompt_file.c_str(), &text)) return die("cannot read '%s'", a.prompt_file.c_str());
-        if (!a.have_prompt && a.prompt_file.empty()) text = "In the beginning";
-        if (!tok.valid()) return die("the model has no tokenizer; use --tokens");
-        if (tok.encode(text, true, false, &input) != moe::Status::ok) return die("%s", moe::last_error());
-        if (!a.print_tokens) std::fwrite(text.data(), 1, text.size(), stdout);
-    }
-    if (input.empty()) return die("empty prompt");
-    if ((long long)input.size() + a.n_predict > session.n_ctx()) return die("prompt + -n exceed the context size (use -c)");
-
     std::FILE* logits_file = nullptr;
-    if (!a.logits_out.empty() && !(logits_file = std::fopen(a.logits_out.c_str(), "wb"))) return die("cannot create '%s'", a.logits_out.c_str());
+    if (!a.logits_out.empty() && !(logits_file = std::fopen(a.logits_out.c_str(), "wb")))
+        return die("cannot create '%s': %s", a.logits_out.c_str(), std::strerror(errno));
     std::vector<float> rows(logits_file ? input.size() * (size_t)info.n_vocab : 0);
+    if (a.prompt_flag != "--tokens" && !a.print_tokens) std::fwrite(text.data(), 1, text.size(), stdout);
 
     double t0 = moe::detail::now_seconds();
     if (session.eval(input.data(), input.size(), logits_file ? rows.data() : nullptr) != moe::Status::ok) return die("%s", moe::last_error());
@@ -246,7 +419,6 @@ int main(int argc, char** argv) {
     for (int32_t t : input) sampler.accept(t);
 
     moe::Detokenizer detok(tok);
-    std::string text;
     std::vector<int32_t> generated;
     for (long long i = 0; i < a.n_predict; ++i) {
         int32_t next = sampler.sample(session.logits(), info.n_vocab);
@@ -261,7 +433,7 @@ int main(int argc, char** argv) {
             std::fflush(stdout);
         }
         bool last = i + 1 == a.n_predict;
-        bool eog = tok.valid() && tok.is_end_of_generation(next) && a.tokens.empty();
+        bool eog = tok.valid() && tok.is_end_of_generation(next) && a.prompt_flag != "--tokens";
         if ((last || eog) && !logits_file) break;  // its logits are not needed
         if (session.eval(&next, 1) != moe::Status::ok) return die("%s", moe::last_error());
         if (logits_file) std::fwrite(session.logits(), sizeof(float), (size_t)info.n_vocab, logits_file);
