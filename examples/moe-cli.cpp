@@ -56,8 +56,7 @@ const char* kUsage =
     "  --print-tokens      print generated token ids (comma-separated) instead of text\n"
     "  --perplexity FILE   perplexity of FILE in windows of -c tokens (first token of each unscored)\n";
 
-// SessionOptions::n_ctx's documented limit.
-constexpr long long kMaxContext = 1 << 22;
+constexpr long long kMaxContext = moe::kMaxContextLength;
 
 #if defined(__GNUC__)
 __attribute__((format(printf, 1, 2)))
@@ -250,7 +249,7 @@ int main(int argc, char** argv) {
     // ---- context size and KV cache: checked before anything is allocated ----
     const long long n_ctx = a.n_ctx ? a.n_ctx : !a.perplexity_file.empty() ? 256 : std::min(info.n_ctx_train, 4096);
     if (n_ctx <= 0) return die("the model gives no training context length; use -c");
-    const uint64_t kv_bytes = 8ull * (uint64_t)info.n_layer * (uint64_t)n_ctx * (uint64_t)info.n_head_kv * (uint64_t)info.head_dim;
+    const uint64_t kv_bytes = moe::kv_cache_bytes(info, (int32_t)n_ctx);
     const uint64_t phys = physical_memory();
     if (phys && kv_bytes > phys)
         return die("the KV cache for a context of %lld needs %s, more than this machine's physical memory (%s); use a smaller -c", n_ctx,
