@@ -58,7 +58,9 @@ const char* kUsage =
 
 constexpr long long kMaxContext = moe::kMaxContextLength;
 
-#if defined(__GNUC__)
+#if defined(__MINGW32__)
+__attribute__((format(gnu_printf, 1, 2)))  // MinGW's libstdc++ uses its C99 printf (%zu works)
+#elif defined(__GNUC__)
 __attribute__((format(printf, 1, 2)))
 #endif
 int die(const char* fmt, ...) {
