@@ -440,6 +440,48 @@ private:
     std::shared_ptr<const detail::ModelImpl> impl_;
 };
 
+// How the router used the experts: per layer and expert, the tokens that chose it and the summed
+// routing weights they gave it (the weights the FFN applies, after any renormalisation). Kept by
+// every Session over all evaluated tokens; merge() adds sessions up for a whole run.
+struct ExpertStats {
+    int32_t n_layer = 0, n_expert = 0;
+    uint64_t tokens = 0;           // tokens routed (through every layer)
+    std::vector<uint64_t> count;   // [layer * n_expert + expert]
+    std::vector<double> weight;    // [layer * n_expert + expert]
+    void reset();                  // zeros, keeps the shape
+    // Adds `other` (same shape, or this one empty); invalid_argument otherwise.
+    Status merge(const ExpertStats& other);
+    std::string to_csv() const;    // header "layer,expert,count,weight,share"; share = count / tokens
+    std::string to_json() const;   // {"n_layer","n_expert","tokens","count":[[..]..],"weight":[[..]..]}
+    // JSON when `path` ends in ".json", else CSV. Status: io_error.
+    Status write(const char* path) const;
+};
+
+// Predicts which experts a later layer will route to, from the residual stream of an earlier one:
+// SessionOptions::predictor replaces the built-in gate look-ahead (the later layer's ffn_norm and
+// router applied to the current hidden state). One instance per Session; called on the thread
+// that routes, so it needs no locking.
+class ExpertPredictor {
+public:
+    virtual ~ExpertPredictor() = default;
+    // While layer `layer` runs (after its attention), the experts of layer `target` (> layer) for
+    // a token whose residual stream is `hidden` (n_embd floats). Writes up to `max` ids, most
+    // likely first, and returns how many.
+    virtual int predict(int layer, int target, const float* hidden, int32_t* experts, int max) = 0;
+};
+
+// Quality of the predictions (SessionOptions::predict_depth > 0), per target layer and look-ahead
+// depth d (predicted while layer target - d ran), summed over tokens.
+struct PredictionStats {
+    int32_t n_layer = 0, max_depth = 0;
+    // [(target * max_depth) + depth - 1]: experts predicted, predicted and routed, routed.
+    std::vector<uint64_t> predicted, correct, routed;
+    double recall(int target, int depth) const;     // correct / routed (recall@k at k = n_expert_used)
+    double precision(int target, int depth) const;  // correct / predicted
+    double recall(int depth) const;                 // over all layers
+    double precision(int depth) const;
+};
+
 struct SessionOptions {
     // KV-cache positions; 0 = min(model's training context, 4096); at most 4,194,304. create()
     // reserves kv_cache_bytes() (float32 K and V); the memory is committed as positions fill.
@@ -453,6 +495,12 @@ struct SessionOptions {
     bool profile = false;
     // Bytes ahead of the current weight row that matmuls prefetch; -1 = default (2048), 0 = off.
     int32_t prefetch_distance = -1;
+    // Expert prediction: while layer l runs, predict the experts of layers l+1 .. l+predict_depth
+    // (0 = off, at most 4) for each token, predict_extra more than n_expert_used per layer
+    // (over-fetch), and score them in prediction_stats(). predictor: null = gate look-ahead.
+    int32_t predict_depth = 0;
+    int32_t predict_extra = 0;
+    std::shared_ptr<ExpertPredictor> predictor;
 };
 
 // Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
@@ -499,6 +547,13 @@ public:
     // there are (0 when profiling is off).
     int profile(PhaseTime* out, int max) const;
     void reset_profile();
+    // Router statistics of every token evaluated since create() or reset_expert_stats() (not
+    // cleared by reset()). Shape n_layer x n_expert; empty for a dense model or an uncreated Session.
+    const ExpertStats& expert_stats() const;
+    void reset_expert_stats();
+    // With SessionOptions::predict_depth > 0: recall and precision of the expert predictions.
+    const PredictionStats& prediction_stats() const;
+    void reset_prediction_stats();
 
 private:
     std::unique_ptr<detail::SessionImpl> impl_;
@@ -553,6 +608,7 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <condition_variable>
 #include <cstdarg>
@@ -5412,6 +5468,17 @@ struct PhaseProfile {
     }
 };
 
+// Expert prediction inside a chunk: route(l) predicts layers l+1 .. l+depth for each token, and
+// route(target) scores what was predicted for it. Storage is sized at create().
+struct ExpertPrediction {
+    std::shared_ptr<ExpertPredictor> predictor;  // null: prediction off
+    int32_t depth = 0, per_layer = 0, batch = 0;  // per_layer = n_expert_used + predict_extra
+    std::vector<int32_t> ids;    // [((target * depth + d - 1) * batch + t) * per_layer + i]
+    std::vector<int32_t> count;  // [(target * depth + d - 1) * batch + t]: ids written
+    PredictionStats stats;
+    size_t at(int target, int d, int32_t t) const { return ((size_t)target * (size_t)depth + (size_t)(d - 1)) * (size_t)batch + (size_t)t; }
+};
+
 // Arguments of one forward() over a chunk of tokens, shared by all threads of its pool run.
 struct ForwardCall {
     const int32_t* tokens = nullptr;
@@ -5464,6 +5531,8 @@ struct SessionImpl {
     Routing r;
     PhaseProfile profile;
     DoneCounter rows_done;           // rows of the current matmul phase
+    ExpertStats stats;               // router statistics (Session::expert_stats)
+    ExpertPrediction prediction;     // SessionOptions::predict_depth > 0
 
     explicit SessionImpl(int n_threads) : pool(n_threads) {}
     Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
@@ -5497,6 +5566,7 @@ struct SessionImpl {
     void attention_phase(const ForwardCall& c, int il, int ith);
     void att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
+    void score_and_predict(int il, int32_t t);
     void expert_up_phase(int32_t n);
     void up_row(const ActiveExpert& e, int64_t r);
     void quantize_hidden(const ActiveExpert& e);
@@ -5533,6 +5603,36 @@ inline void rope(float* head, const float* cs, int n_rot, bool neox) {
 }
 
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+//---- expert statistics and prediction ---- >>experts
+
+// The built-in predictor: the target layer's ffn_norm and router applied to the current residual
+// stream ("gate look-ahead"; ~70-90% recall one layer ahead in the literature, see prefetch.md).
+class GateLookahead : public ExpertPredictor {
+public:
+    explicit GateLookahead(const ModelImpl* m) : m_(m), h_((size_t)m->info.n_embd), order_((size_t)m->info.n_expert) {}
+    int predict(int /*layer*/, int target, const float* hidden, int32_t* experts, int max) override {
+        const ModelInfo& hp = m_->info;
+        if (target < 0 || target >= hp.n_layer || hp.n_expert <= 0) return 0;
+        const LayerWeights& l = m_->layers[(size_t)target];
+        const float scale = rms_scale(hidden, hp.n_embd, hp.rms_eps);
+        for (int64_t i = 0; i < hp.n_embd; ++i) h_[(size_t)i] = hidden[i] * scale * l.ffn_norm[(size_t)i];
+        for (int e = 0; e < hp.n_expert; ++e)
+            order_[(size_t)e] = {l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd), e};
+        const int k = std::min(max, hp.n_expert);
+        std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
+                          [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+                              return x.first > y.first || (x.first == y.first && x.second < y.second);
+                          });
+        for (int i = 0; i < k; ++i) experts[i] = order_[(size_t)i].second;
+        return k;
+    }
+
+private:
+    const ModelImpl* m_;  // kept alive by the Session that owns this predictor
+    std::vector<float> h_;
+    std::vector<std::pair<float, int32_t>> order_;
+};
 
 inline int32_t session_n_ctx(const ModelInfo& info, int32_t requested) {
     return requested > 0 ? requested : std::min(info.n_ctx_train, 4096);
@@ -5585,6 +5685,27 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     r.last_experts.assign((size_t)hp->n_layer * (size_t)std::max(1, hp->n_expert_used), -1);
     r.expert_done.reset(new (std::nothrow) DoneCounter[(size_t)hp->n_expert + 2]);
     if (!r.expert_done) return fail(Status::out_of_memory, "out of memory");
+    if (hp->n_expert > 0) {
+        stats.n_layer = hp->n_layer;
+        stats.n_expert = hp->n_expert;
+        stats.count.assign((size_t)hp->n_layer * (size_t)hp->n_expert, 0);
+        stats.weight.assign((size_t)hp->n_layer * (size_t)hp->n_expert, 0.0);
+    }
+    ExpertPrediction& p = prediction;
+    p.stats.n_layer = hp->n_layer;
+    p.stats.max_depth = hp->n_expert > 0 ? std::min(o.predict_depth, hp->n_layer - 1) : 0;
+    if (p.stats.max_depth > 0) {
+        p.depth = p.stats.max_depth;
+        p.per_layer = std::min(hp->n_expert, hp->n_expert_used + o.predict_extra);
+        p.batch = (int32_t)B;
+        p.predictor = o.predictor ? o.predictor : std::make_shared<GateLookahead>(m.get());
+        const size_t cells = (size_t)hp->n_layer * (size_t)p.depth;
+        p.ids.assign(cells * (size_t)B * (size_t)p.per_layer, -1);
+        p.count.assign(cells * (size_t)B, 0);
+        p.stats.predicted.assign(cells, 0);
+        p.stats.correct.assign(cells, 0);
+        p.stats.routed.assign(cells, 0);
+    }
     return Status::ok;
 }
 
@@ -5907,6 +6028,12 @@ inline void SessionImpl::route(int il, int32_t n) {
             }
             if (t == n - 1)
                 for (int j = 0; j < n_used; ++j) r.last_experts[(size_t)(il * n_used + j)] = r.topk[(size_t)j].second;
+            for (int j = 0; j < n_used; ++j) {
+                const size_t cell = (size_t)il * (size_t)hp->n_expert + (size_t)r.topk[(size_t)j].second;
+                ++stats.count[cell];
+                stats.weight[cell] += r.slot_weight[(size_t)(t * slots + j)];
+            }
+            if (prediction.depth > 0) score_and_predict(il, t);
             if (l.gate_shexp) {
                 const float* xt = a.xb.data + t * plan->n_embd;
                 float g = 0;
@@ -5915,6 +6042,7 @@ inline void SessionImpl::route(int il, int32_t n) {
                 r.slot_weight[(size_t)(t * slots + n_used)] = 1.f / (1.f + std::exp(-g));
             }
         }
+        if (il == 0) stats.tokens += (uint64_t)n;
     } else {
         for (int32_t t = 0; t < n; ++t) { r.slot_target[(size_t)t] = Routing::kDenseTarget; r.slot_weight[(size_t)t] = 1.f; }
     }
@@ -5943,6 +6071,29 @@ inline void SessionImpl::route(int il, int32_t n) {
         e.row_begin = rows;
         e.row_end = rows += e.gate->rows;
         r.active.push_back(e);
+    }
+}
+
+// For token t at layer il (r.topk holds its ranking): scores the predictions made earlier for this
+// layer, then predicts the layers after it from the residual stream (attention done, FFN not yet).
+inline void SessionImpl::score_and_predict(int il, int32_t t) {
+    ExpertPrediction& p = prediction;
+    const int n_used = hp->n_expert_used;
+    for (int d = 1; d <= p.depth && d <= il; ++d) {
+        const size_t at = p.at(il, d, t), cell = (size_t)il * (size_t)p.depth + (size_t)(d - 1);
+        const int32_t* ids = p.ids.data() + at * (size_t)p.per_layer;
+        uint64_t hits = 0;
+        for (int32_t i = 0; i < p.count[at]; ++i)
+            for (int j = 0; j < n_used; ++j) hits += ids[i] == r.topk[(size_t)j].second;
+        p.stats.predicted[cell] += (uint64_t)p.count[at];
+        p.stats.correct[cell] += hits;
+        p.stats.routed[cell] += (uint64_t)n_used;
+    }
+    const float* hidden = a.x.data + (int64_t)t * plan->n_embd;
+    for (int d = 1; d <= p.depth && il + d < hp->n_layer; ++d) {
+        const size_t at = p.at(il + d, d, t);
+        const int got = p.predictor->predict(il, il + d, hidden, p.ids.data() + at * (size_t)p.per_layer, p.per_layer);
+        p.count[at] = std::max(0, std::min(got, p.per_layer));
     }
 }
 
@@ -6054,6 +6205,10 @@ MOE_DETAIL_MEMBER Status Session::create(const Model& model, const SessionOption
     n_threads = 1;
 #endif
     if (options.n_ctx < 0 || options.n_batch < 0) return detail::fail(Status::invalid_argument, "negative n_ctx or n_batch");
+    if (options.predict_depth < 0 || options.predict_depth > 4)
+        return detail::fail(Status::invalid_argument, "predict_depth %d is out of range [0, 4]", options.predict_depth);
+    if (options.predict_extra < 0 || options.predict_extra > 1024)
+        return detail::fail(Status::invalid_argument, "predict_extra %d is out of range [0, 1024]", options.predict_extra);
     if (options.prefetch_distance < -1 || options.prefetch_distance > (1 << 20))
         return detail::fail(Status::invalid_argument, "prefetch_distance %d is out of range [-1, 1 MiB]", options.prefetch_distance);
     std::unique_ptr<detail::SessionImpl> impl(new (std::nothrow) detail::SessionImpl(n_threads));
@@ -6105,6 +6260,107 @@ MOE_DETAIL_MEMBER int Session::profile(PhaseTime* out, int max) const {
 }
 MOE_DETAIL_MEMBER void Session::reset_profile() {
     if (impl_) std::fill(impl_->profile.seconds, impl_->profile.seconds + detail::PhaseProfile::count, 0.0);
+}
+MOE_DETAIL_MEMBER const ExpertStats& Session::expert_stats() const {
+    static const ExpertStats empty;
+    return impl_ ? impl_->stats : empty;
+}
+MOE_DETAIL_MEMBER void Session::reset_expert_stats() { if (impl_) impl_->stats.reset(); }
+MOE_DETAIL_MEMBER const PredictionStats& Session::prediction_stats() const {
+    static const PredictionStats empty;
+    return impl_ ? impl_->prediction.stats : empty;
+}
+MOE_DETAIL_MEMBER void Session::reset_prediction_stats() {
+    if (!impl_) return;
+    PredictionStats& p = impl_->prediction.stats;
+    std::fill(p.predicted.begin(), p.predicted.end(), 0);
+    std::fill(p.correct.begin(), p.correct.end(), 0);
+    std::fill(p.routed.begin(), p.routed.end(), 0);
+}
+
+MOE_DETAIL_MEMBER void ExpertStats::reset() {
+    tokens = 0;
+    std::fill(count.begin(), count.end(), 0);
+    std::fill(weight.begin(), weight.end(), 0.0);
+}
+MOE_DETAIL_MEMBER Status ExpertStats::merge(const ExpertStats& other) {
+    if (count.empty()) { *this = other; return Status::ok; }
+    if (other.n_layer != n_layer || other.n_expert != n_expert || other.count.size() != count.size() || other.weight.size() != weight.size())
+        return detail::fail(Status::invalid_argument, "expert statistics of %d x %d and %d x %d cannot be merged", n_layer, n_expert,
+                            other.n_layer, other.n_expert);
+    tokens += other.tokens;
+    for (size_t i = 0; i < count.size(); ++i) { count[i] += other.count[i]; weight[i] += other.weight[i]; }
+    return Status::ok;
+}
+MOE_DETAIL_MEMBER std::string ExpertStats::to_csv() const {
+    std::string out = "layer,expert,count,weight,share\n";
+    char line[128];
+    for (int32_t l = 0; l < n_layer; ++l)
+        for (int32_t e = 0; e < n_expert; ++e) {
+            const size_t i = (size_t)l * (size_t)n_expert + (size_t)e;
+            std::snprintf(line, sizeof line, "%d,%d,%llu,%.9g,%.6f\n", l, e, (unsigned long long)count[i], weight[i],
+                          tokens ? (double)count[i] / (double)tokens : 0.0);
+            out += line;
+        }
+    return out;
+}
+MOE_DETAIL_MEMBER std::string ExpertStats::to_json() const {
+    char num[64];
+    std::snprintf(num, sizeof num, "{\"n_layer\":%d,\"n_expert\":%d,\"tokens\":%llu,", n_layer, n_expert, (unsigned long long)tokens);
+    std::string out = num;
+    for (int pass = 0; pass < 2; ++pass) {
+        out += pass == 0 ? "\"count\":[" : ",\"weight\":[";
+        for (int32_t l = 0; l < n_layer; ++l) {
+            out += l ? ",[" : "[";
+            for (int32_t e = 0; e < n_expert; ++e) {
+                const size_t i = (size_t)l * (size_t)n_expert + (size_t)e;
+                if (pass == 0) std::snprintf(num, sizeof num, "%s%llu", e ? "," : "", (unsigned long long)count[i]);
+                else std::snprintf(num, sizeof num, "%s%.9g", e ? "," : "", weight[i]);
+                out += num;
+            }
+            out += "]";
+        }
+        out += "]";
+    }
+    return out + "}\n";
+}
+MOE_DETAIL_MEMBER Status ExpertStats::write(const char* path) const {
+    if (!path) return detail::fail(Status::invalid_argument, "null path");
+    const size_t len = std::strlen(path);
+    const bool json = len >= 5 && std::strcmp(path + len - 5, ".json") == 0;
+    const std::string text = json ? to_json() : to_csv();
+    std::FILE* f = std::fopen(path, "wb");
+    if (!f) return detail::fail(Status::io_error, "cannot create '%s': %s", path, std::strerror(errno));
+    const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    if (std::fclose(f) != 0 || !ok) return detail::fail(Status::io_error, "write error on '%s'", path);
+    return Status::ok;
+}
+
+MOE_DETAIL_MEMBER double PredictionStats::recall(int target, int depth) const {
+    if (target < 0 || target >= n_layer || depth < 1 || depth > max_depth) return 0;
+    const size_t i = (size_t)target * (size_t)max_depth + (size_t)(depth - 1);
+    return routed[i] ? (double)correct[i] / (double)routed[i] : 0;
+}
+MOE_DETAIL_MEMBER double PredictionStats::precision(int target, int depth) const {
+    if (target < 0 || target >= n_layer || depth < 1 || depth > max_depth) return 0;
+    const size_t i = (size_t)target * (size_t)max_depth + (size_t)(depth - 1);
+    return predicted[i] ? (double)correct[i] / (double)predicted[i] : 0;
+}
+MOE_DETAIL_MEMBER double PredictionStats::recall(int depth) const {
+    uint64_t c = 0, n = 0;
+    for (int l = 0; depth >= 1 && depth <= max_depth && l < n_layer; ++l) {
+        c += correct[(size_t)l * (size_t)max_depth + (size_t)(depth - 1)];
+        n += routed[(size_t)l * (size_t)max_depth + (size_t)(depth - 1)];
+    }
+    return n ? (double)c / (double)n : 0;
+}
+MOE_DETAIL_MEMBER double PredictionStats::precision(int depth) const {
+    uint64_t c = 0, n = 0;
+    for (int l = 0; depth >= 1 && depth <= max_depth && l < n_layer; ++l) {
+        c += correct[(size_t)l * (size_t)max_depth + (size_t)(depth - 1)];
+        n += predicted[(size_t)l * (size_t)max_depth + (size_t)(depth - 1)];
+    }
+    return n ? (double)c / (double)n : 0;
 }
 
 }  // namespace moe
