@@ -54,7 +54,12 @@ const char* kUsage =
     "  --system TEXT       system prompt for --chat\n"
     "  --logits-out FILE   write float32 logits, one row of n_vocab per evaluated position\n"
     "  --print-tokens      print generated token ids (comma-separated) instead of text\n"
-    "  --perplexity FILE   perplexity of FILE in windows of -c tokens (first token of each unscored)\n";
+    "  --perplexity FILE   perplexity of FILE in windows of -c tokens (first token of each unscored)\n"
+    "  --expert-stats FILE write per-layer expert counts and routing-weight sums of the run\n"
+    "                      (JSON when FILE ends in .json, else CSV)\n"
+    "  --predict N         predict each layer's experts 1..N layers ahead (N in [1, 4]) and print\n"
+    "                      the recall and precision of the predictions\n"
+    "  --predict-extra M   predict M experts more than the model routes to (over-fetch)\n";
 
 constexpr long long kMaxContext = moe::kMaxContextLength;
 
@@ -151,17 +156,18 @@ uint64_t physical_memory() {
 }
 
 struct Args {
-    std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file, system;
+    std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file, system, expert_stats;
     std::string prompt_flag;  // which of -p, -f, --tokens gave the prompt ("" = none: the default prompt)
     bool chat = false, print_tokens = false, have_system = false;
-    long long n_predict = 64, n_threads = 0, n_ctx = 0;
+    long long n_predict = 64, n_threads = 0, n_ctx = 0, predict_depth = 0, predict_extra = 0;
     moe::SamplerOptions sampler;
 };
 
 // Options that take a value; recognised before the value is asked for.
 bool takes_value(const std::string& k) {
     static const char* const kFlags[] = {"-m", "-p", "-f", "--tokens", "-n", "-t", "-c", "--temp", "--top-k", "--top-p",
-                                         "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity"};
+                                         "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity",
+                                         "--expert-stats", "--predict", "--predict-extra"};
     for (const char* f : kFlags)
         if (k == f) return true;
     return false;
@@ -214,6 +220,9 @@ int main(int argc, char** argv) {
         else if (k == "--system") { a.system = v; a.have_system = true; }
         else if (k == "--logits-out") a.logits_out = v;
         else if (k == "--perplexity") a.perplexity_file = v;
+        else if (k == "--expert-stats") a.expert_stats = v;
+        else if (k == "--predict") { if (!parse_int(v, 1, 4, &a.predict_depth)) return die("--predict needs an integer in [1, 4], got '%s'", v); }
+        else if (k == "--predict-extra") { if (!parse_int(v, 0, 1024, &a.predict_extra)) return die("--predict-extra needs an integer in [0, 1024], got '%s'", v); }
         else if (k == "-n") { if (!parse_int(v, 0, 1 << 24, &a.n_predict)) return die("-n needs an integer in [0, %d], got '%s'", 1 << 24, v); }
         else if (k == "-t") { if (!parse_int(v, 1, 512, &a.n_threads)) return die("-t needs an integer in [1, 512], got '%s'", v); }
         else if (k == "-c") { if (!parse_int(v, 1, kMaxContext, &a.n_ctx)) return die("-c needs an integer in [1, %lld], got '%s'", kMaxContext, v); }
@@ -231,6 +240,7 @@ int main(int argc, char** argv) {
     if (mode && !a.logits_out.empty()) return die("--logits-out and %s cannot be used together", mode);
     if (mode && a.print_tokens) return die("--print-tokens and %s cannot be used together", mode);
     if (a.have_system && !a.chat) return die("--system needs --chat");
+    if (a.predict_extra && !a.predict_depth) return die("--predict-extra needs --predict");
 
     // Input files are read before the model is loaded: a typo fails at once.
     std::string text, why;
@@ -313,11 +323,31 @@ int main(int argc, char** argv) {
     if (past_training || kv_bytes > (1ull << 30))
         std::fprintf(stderr, "KV cache: %s (n_ctx %lld, float32 K and V)\n", format_bytes(kv_bytes).c_str(), n_ctx);
 
+    if (!a.expert_stats.empty()) {
+        if (info.n_expert <= 0) return die("--expert-stats: the model has no experts");
+        std::FILE* f = std::fopen(a.expert_stats.c_str(), "ab");  // can it be written? (not truncated yet)
+        if (!f) return die("cannot create '%s': %s", a.expert_stats.c_str(), std::strerror(errno));
+        std::fclose(f);
+    }
+    if (a.predict_depth && info.n_expert <= 0) return die("--predict: the model has no experts");
+
     moe::SessionOptions so;
     so.n_threads = (int32_t)a.n_threads;
     so.n_ctx = (int32_t)n_ctx;
+    so.predict_depth = (int32_t)a.predict_depth;
+    so.predict_extra = (int32_t)a.predict_extra;
     moe::Session session;
     if (moe::Session::create(model, so, &session) != moe::Status::ok) return die("%s", moe::last_error());
+    // After a successful run: the expert statistics file and the prediction report.
+    auto finish = [&]() -> int {
+        if (!a.expert_stats.empty() && session.expert_stats().write(a.expert_stats.c_str()) != moe::Status::ok)
+            return die("%s", moe::last_error());
+        const moe::PredictionStats& ps = session.prediction_stats();
+        for (int d = 1; d <= ps.max_depth; ++d)
+            std::fprintf(stderr, "expert prediction %d layer%s ahead: recall %.3f, precision %.3f (%d predicted per layer, %d routed)\n", d,
+                         d > 1 ? "s" : "", ps.recall(d), ps.precision(d), info.n_expert_used + (int)a.predict_extra, info.n_expert_used);
+        return 0;
+    };
 
     // ---- perplexity ----
     if (!a.perplexity_file.empty()) {
@@ -345,7 +375,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "\n");
         std::printf("perplexity: %.6g over %lld tokens (%zu windows of %d)\n", std::exp(nll / (double)count), count, n_windows, window);
         print_speed("prompt eval", (int)(n_windows * (size_t)window), moe::detail::now_seconds() - t0);
-        return 0;
+        return finish();
     }
 
     moe::Sampler sampler(a.sampler);
@@ -404,7 +434,7 @@ int main(int argc, char** argv) {
             if (done < turn.size() && session.eval(turn.data() + done, turn.size() - done) != moe::Status::ok) return die("%s", moe::last_error());
             turns.push_back(std::move(turn));
         }
-        return 0;
+        return finish();
     }
 
     std::FILE* logits_file = nullptr;
@@ -451,5 +481,5 @@ int main(int argc, char** argv) {
     if (logits_file && std::fclose(logits_file) != 0) return die("write error on '%s'", a.logits_out.c_str());
     print_speed("prompt eval", (int)input.size(), t1 - t0);
     print_speed("decode", (int)generated.size(), t2 - t1);
-    return 0;
+    return finish();
 }

@@ -131,6 +131,18 @@ elif [ "$usage_flags" != "$readme_flags" ]; then
     fail D8 "-h and README '## moe-cli' differ: $(diff <(echo "$usage_flags") <(echo "$readme_flags") | grep '^[<>]' | tr '\n' ' ')"
 else pass; fi
 
+# ---- expert statistics and prediction (issue 9) ----
+expect_error stats "cannot create '$TMP/no/dir/s.csv'" --expert-stats "$TMP/no/dir/s.csv" -n 2
+expect_error stats "--predict needs an integer in [1, 4]" --predict 5
+run -p "In the beginning God created" -n 8 --temp 0 --expert-stats "$TMP/s.csv" --predict 2
+# Every layer routes each evaluated token to n_expert_used experts: per layer the counts sum to
+# tokens x k, and the shares to k (the demo model: 6 layers, 16 experts, top-4).
+sums=$(awk -F, 'NR > 1 { c[$1] += $3; s[$1] += $5; n++ } END { for (l in c) printf "%d:%d:%.3f ", l, c[l], s[l]; print n }' "$TMP/s.csv" 2>/dev/null)
+if [ "$rc" != 0 ] || ! head -1 "$TMP/s.csv" | grep -qx 'layer,expert,count,weight,share'; then fail stats "--expert-stats FILE should write a CSV"
+elif ! echo "$sums" | grep -qE ' 96$' || echo "$sums" | tr ' ' '\n' | grep -E '^[0-9]+:' | grep -vqE ':4\.000$'; then fail stats "--expert-stats: 6 x 16 rows whose shares sum to 4 per layer (got $sums)"
+elif ! grep -qE '^expert prediction 1 layer ahead: recall 0\.[0-9]+, precision' "$TMP/err" || ! grep -q '^expert prediction 2 layers ahead' "$TMP/err"; then fail stats "--predict 2 should report recall and precision at depths 1 and 2"
+else pass; fi
+
 # ---- the README's main command still works ----
 run -n 8 --temp 0
 if [ "$rc" = 0 ] && grep -q '^In the beginning' "$TMP/out" && grep -q '^decode: ' "$TMP/err"; then pass
