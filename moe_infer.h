@@ -213,6 +213,7 @@ public:
     const GgufTensorInfo& tensor_at(size_t i) const;
     const GgufTensorInfo* find_tensor(const char* name) const;  // nullptr if absent
     size_t file_size() const;
+    const uint8_t* data() const;  // the file's bytes (mapped or owned); tensor offsets count from here
 
     // Typed lookups: Status::missing_key when absent, invalid_file when of the wrong type.
     Status get_u32(const char* key, uint32_t* out) const;  // any non-negative integer that fits
@@ -389,10 +390,48 @@ private:
 // [SECTION] MODEL & SESSION
 //-----------------------------------------------------------------------------
 
+// A storage device on a virtual clock, for testing the expert store without disks: a read takes
+// latency_s + bytes / bytes_per_s, reads queue one after another, and every layer's compute takes
+// compute_s_per_layer. Loads then run on the calling thread and every time the store reports
+// (wait, late) is virtual, so hit/miss/late accounting is exact and repeatable.
+struct SimulatedStorage {
+    double latency_s = 100e-6;
+    double bytes_per_s = 2e9;
+    double compute_s_per_layer = 0;
+};
+
 struct LoadOptions {
     bool use_mmap = true;   // false: read the whole file into memory
     LogFn log = nullptr;    // optional; receives load diagnostics
     void* log_user = nullptr;
+    // Memory budget in bytes for the weights; 0 = none (everything is mapped, as without the
+    // store). With a budget, non-expert weights stay mapped and resident, and the routed experts'
+    // matrices are read on demand into a bounded cache of (budget - non-expert bytes): each
+    // expert's gate/up/down in one slot, all misses of a layer issued at once on io_threads
+    // threads, predicted experts (SessionOptions::predict_depth) loaded ahead. Load fails with
+    // invalid_argument, saying how much is needed, when the budget cannot hold the non-expert
+    // weights plus n_expert_used experts.
+    uint64_t mem_budget = 0;
+    int32_t io_threads = 4;   // expert-store I/O threads (0: loads run on the thread that needs them)
+    bool direct_io = false;   // O_DIRECT reads (Linux), bypassing the page cache
+    const SimulatedStorage* simulated_storage = nullptr;  // tests: virtual-clock storage (copied)
+};
+
+// What the expert store did since load (or reset_expert_store_stats()). A lookup is one (layer,
+// expert) a token needed; it is a hit when the expert was loaded and ready, a miss when it had to
+// be read then, late when a prefetch for it was still in flight.
+struct ExpertStoreStats {
+    uint64_t mem_budget_bytes = 0;  // LoadOptions::mem_budget (0: no store)
+    uint64_t resident_bytes = 0;    // non-expert weights (mapped)
+    uint64_t cache_bytes = 0;       // slots x slot bytes
+    int32_t slots = 0;              // experts the cache holds at once
+    uint64_t lookups = 0, hits = 0, misses = 0, late = 0;
+    uint64_t prefetch_hits = 0;     // hits (or late) on an expert loaded by a prediction, first use
+    uint64_t prefetches = 0;        // experts loaded ahead on a prediction
+    uint64_t prefetch_wasted = 0, prefetch_wasted_bytes = 0;  // prefetched, evicted before any use
+    uint64_t bytes_read = 0;        // all expert bytes read
+    double wait_seconds = 0;        // time the forward pass waited for experts (virtual when simulated)
+    double hit_rate() const { return lookups ? (double)hits / (double)lookups : 0; }
 };
 
 // Hyper-parameters, all read from GGUF metadata.
@@ -434,6 +473,9 @@ public:
     const ModelInfo& info() const;
     const Tokenizer& tokenizer() const;
     const GgufFile& file() const;
+    // The expert store's counters (LoadOptions::mem_budget); zeros without a budget.
+    ExpertStoreStats expert_store_stats() const;
+    void reset_expert_store_stats() const;
 
 private:
     friend class Session;
@@ -1302,6 +1344,7 @@ MOE_DETAIL_MEMBER const GgufKeyValue& GgufFile::key_at(size_t i) const { return 
 MOE_DETAIL_MEMBER size_t GgufFile::n_tensors() const { return impl_ ? impl_->tensors.size() : 0; }
 MOE_DETAIL_MEMBER const GgufTensorInfo& GgufFile::tensor_at(size_t i) const { return impl_->tensors[i]; }
 MOE_DETAIL_MEMBER size_t GgufFile::file_size() const { return impl_ ? impl_->size : 0; }
+MOE_DETAIL_MEMBER const uint8_t* GgufFile::data() const { return impl_ ? impl_->data : nullptr; }
 
 MOE_DETAIL_MEMBER const GgufKeyValue* GgufFile::find(const char* key) const {
     if (!impl_ || !key) return nullptr;
@@ -5008,6 +5051,8 @@ struct ForwardPlan {
 };
 
 
+struct ExpertStore;
+
 struct ModelImpl {
     GgufFile file;
     Tokenizer tokenizer;
@@ -5019,6 +5064,7 @@ struct ModelImpl {
     ForwardPlan plan;
     LogFn log = nullptr;
     void* log_user = nullptr;
+    std::shared_ptr<ExpertStore> store;  // LoadOptions::mem_budget; null: experts read from the mapping
 };
 
 struct Loader {
@@ -5269,11 +5315,14 @@ MOE_DETAIL_MEMBER Model::~Model() = default;
 MOE_DETAIL_MEMBER Model::Model(Model&&) noexcept = default;
 MOE_DETAIL_MEMBER Model& Model::operator=(Model&&) noexcept = default;
 
+namespace detail { inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char* path); }
+
 static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const LoadOptions& options, Model* out,
-                                std::shared_ptr<const detail::ModelImpl>* slot) {
+                                std::shared_ptr<const detail::ModelImpl>* slot, const char* path) {
     impl->log = options.log;
     impl->log_user = options.log_user;
     Status s = detail::load_model(*impl);
+    if (s == Status::ok) s = detail::attach_expert_store(*impl, options, path);
     if (s != Status::ok) {
         if (options.log) options.log(options.log_user, last_error());
         return s;
@@ -5292,7 +5341,7 @@ MOE_DETAIL_MEMBER Status Model::load(const char* path, const LoadOptions& option
         if (options.log) options.log(options.log_user, last_error());
         return s;
     }
-    return model_finish_load(impl, options, out, &out->impl_);
+    return model_finish_load(impl, options, out, &out->impl_, options.use_mmap ? path : nullptr);
 }
 
 MOE_DETAIL_MEMBER Status Model::load_memory(const void* data, size_t size, const LoadOptions& options, Model* out) {
@@ -5301,7 +5350,7 @@ MOE_DETAIL_MEMBER Status Model::load_memory(const void* data, size_t size, const
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
     Status s = GgufFile::open_memory(data, size, &impl->file);
     if (s != Status::ok) return s;
-    return model_finish_load(impl, options, out, &out->impl_);
+    return model_finish_load(impl, options, out, &out->impl_, nullptr);
 }
 
 // An unloaded Model answers with empty objects (zero sizes, an invalid tokenizer, no tensors).
@@ -5315,6 +5364,434 @@ MOE_DETAIL_MEMBER bool Model::valid() const { return impl_ != nullptr; }
 MOE_DETAIL_MEMBER const ModelInfo& Model::info() const { return (impl_ ? *impl_ : detail::empty_model()).info; }
 MOE_DETAIL_MEMBER const Tokenizer& Model::tokenizer() const { return (impl_ ? *impl_ : detail::empty_model()).tokenizer; }
 MOE_DETAIL_MEMBER const GgufFile& Model::file() const { return (impl_ ? *impl_ : detail::empty_model()).file; }
+
+}  // namespace moe
+
+//-----------------------------------------------------------------------------
+// [SECTION] EXPERT STORE
+//-----------------------------------------------------------------------------
+// >>store  LoadOptions::mem_budget: routed experts served from a bounded cache of slots, each
+// holding one (layer, expert)'s gate, up and down matrices. route() asks for a layer's experts at
+// once (acquire): hits are pinned, misses evict the coldest unpinned slot and queue a demand read;
+// predicted experts of later layers are queued behind them (prefetch) into slots that nothing
+// recent uses. Pins last until the layer's FFN is done (release). One store per Model, shared by
+// its Sessions under one mutex.
+
+namespace moe {
+namespace detail {
+
+// Where the experts' bytes come from: pread on the model file, or a copy from memory (a model
+// loaded from a buffer, or read whole without mmap).
+class ExpertSource {
+public:
+    virtual ~ExpertSource() = default;
+    // Thread-safe. Reads exactly `bytes` at `offset` (a short read only at the end of the file).
+    virtual bool read(uint64_t offset, size_t bytes, uint8_t* dst) = 0;
+};
+
+class MemorySource : public ExpertSource {
+public:
+    MemorySource(const uint8_t* base, size_t size) : base_(base), size_(size) {}
+    bool read(uint64_t offset, size_t bytes, uint8_t* dst) override {
+        if (offset > size_) return false;
+        std::memcpy(dst, base_ + offset, std::min<uint64_t>(bytes, size_ - offset));
+        return true;
+    }
+
+private:
+    const uint8_t* base_;
+    size_t size_;
+};
+
+#if MOE_DETAIL_HAS_MMAP
+class FileSource : public ExpertSource {
+public:
+    ~FileSource() override { if (fd_ >= 0) ::close(fd_); }
+    Status open(const char* path, bool direct) {
+        int flags = O_RDONLY;
+#if defined(O_DIRECT)
+        if (direct) flags |= O_DIRECT;
+#else
+        if (direct) return fail(Status::unsupported, "direct_io: O_DIRECT is not available on this system");
+#endif
+        fd_ = ::open(path, flags);
+        if (fd_ < 0) return fail(Status::io_error, "cannot open '%s' for expert reads: %s", path, std::strerror(errno));
+        return Status::ok;
+    }
+    bool read(uint64_t offset, size_t bytes, uint8_t* dst) override {
+        while (bytes > 0) {
+            const ssize_t got = ::pread(fd_, dst, bytes, (off_t)offset);
+            if (got < 0 && errno == EINTR) continue;
+            if (got < 0) return false;
+            if (got == 0) return true;  // end of file (aligned reads may ask past it)
+            dst += got; offset += (uint64_t)got; bytes -= (size_t)got;
+        }
+        return true;
+    }
+
+private:
+    int fd_ = -1;
+};
+#endif
+
+#if MOE_DETAIL_HAS_THREADS
+typedef std::mutex StoreMutex;
+#else
+struct StoreMutex { void lock() {} void unlock() {} };
+#endif
+
+// Slots pinned by one caller for one layer.
+struct ExpertPins {
+    std::vector<int32_t> slots;
+};
+
+struct ExpertPointers { const uint8_t *gate, *up, *down; };
+
+struct ExpertStore {
+    struct Piece { uint64_t offset; size_t bytes; };  // one matrix of one expert in the file
+    struct Slot {
+        enum State : uint8_t { empty, loading, ready };
+        int32_t layer = -1, expert = -1;
+        State state = empty;
+        bool prefetched = false;  // loaded on a prediction, not used since
+        bool failed = false;
+        int32_t pins = 0;
+        uint64_t last_use = 0;
+        double ready_at = 0;      // simulated storage: virtual time the read completes
+    };
+
+    int32_t n_layer = 0, n_expert = 0, n_used = 0;
+    size_t align = 64, slot_bytes = 0, piece_room[3] = {0, 0, 0};
+    std::vector<Piece> pieces;     // [((layer * n_expert + e) * 3 + m]
+    std::vector<int32_t> where;    // [layer * n_expert + e]: slot or -1
+    std::vector<uint32_t> heat;    // [layer * n_expert + e]: lookups so far (hot experts stay longer)
+    std::vector<Slot> slots;
+    AlignedBuffer<uint8_t> memory;
+    std::unique_ptr<ExpertSource> source;
+    bool simulated = false;
+    SimulatedStorage sim;
+    double now = 0, device_free = 0;  // virtual clock
+    uint64_t tick = 0;                // one per layer lookup
+    int32_t in_flight_prefetches = 0;
+    ExpertStoreStats stats;
+    bool io_failed = false;
+    mutable StoreMutex mu;
+#if MOE_DETAIL_HAS_THREADS
+    std::condition_variable changed;  // a slot became ready or was unpinned
+    std::condition_variable work;     // a read was queued
+    std::vector<int32_t> demand_queue, prefetch_queue;  // slots to read (demand first)
+    std::vector<std::thread> io;
+    bool stop = false;
+#endif
+
+    ExpertStore() = default;
+    ExpertStore(const ExpertStore&) = delete;
+    ExpertStore& operator=(const ExpertStore&) = delete;
+    ~ExpertStore() {
+#if MOE_DETAIL_HAS_THREADS
+        {
+            std::lock_guard<StoreMutex> lock(mu);
+            stop = true;
+        }
+        work.notify_all();
+        for (std::thread& t : io) t.join();
+#endif
+    }
+
+    size_t cell(int32_t layer, int32_t e) const { return (size_t)layer * (size_t)n_expert + (size_t)e; }
+    // Where piece m of the slot's expert starts in slot memory (reads are aligned down to `align`).
+    const uint8_t* piece_data(int32_t s, int m) const {
+        const Slot& sl = slots[(size_t)s];
+        const Piece& p = pieces[cell(sl.layer, sl.expert) * 3 + (size_t)m];
+        size_t at = 0;
+        for (int i = 0; i < m; ++i) at += piece_room[i];
+        return memory.data + (size_t)s * slot_bytes + at + (size_t)(p.offset % align);
+    }
+    ExpertPointers pointers(int32_t s) const { return {piece_data(s, 0), piece_data(s, 1), piece_data(s, 2)}; }
+
+    // Reads slot s's expert (outside the lock: the slot is `loading`, so nobody else touches it).
+    bool load(int32_t s, int32_t layer, int32_t e) {
+        uint8_t* base = memory.data + (size_t)s * slot_bytes;
+        bool ok = true;
+        for (int m = 0; m < 3; ++m) {
+            const Piece& p = pieces[cell(layer, e) * 3 + (size_t)m];
+            const uint64_t start = p.offset / align * align;
+            const size_t len = (size_t)((p.offset + p.bytes - start + align - 1) / align * align);
+            ok = ok && source->read(start, len, base);
+            base += piece_room[m];
+        }
+        return ok;
+    }
+    uint64_t expert_bytes(int32_t layer, int32_t e) const {
+        const size_t c = cell(layer, e) * 3;
+        return pieces[c].bytes + pieces[c + 1].bytes + pieces[c + 2].bytes;
+    }
+
+    // The slot to reuse: empty first, else the unpinned ready slot with the lowest score (last use,
+    // plus up to four tokens for a hot expert). `recent`: slots used since this tick are kept.
+    int32_t victim(uint64_t recent) const {
+        int32_t best = -1;
+        uint64_t best_score = UINT64_MAX;
+        for (size_t i = 0; i < slots.size(); ++i) {
+            const Slot& sl = slots[i];
+            if (sl.state == Slot::empty) return (int32_t)i;
+            if (sl.pins > 0 || sl.state == Slot::loading || sl.last_use >= recent) continue;
+            const uint64_t score = sl.last_use + (uint64_t)n_layer * std::min<uint32_t>(heat[cell(sl.layer, sl.expert)], 8) / 2;
+            if (score < best_score) { best_score = score; best = (int32_t)i; }
+        }
+        return best;
+    }
+    // Gives slot s to (layer, e), evicting what it held.
+    void assign(int32_t s, int32_t layer, int32_t e, bool prefetch) {
+        Slot& sl = slots[(size_t)s];
+        if (sl.state == Slot::ready) {
+            if (sl.prefetched) { ++stats.prefetch_wasted; stats.prefetch_wasted_bytes += expert_bytes(sl.layer, sl.expert); }
+            where[cell(sl.layer, sl.expert)] = -1;
+        }
+        sl.layer = layer; sl.expert = e; sl.state = Slot::loading; sl.prefetched = prefetch; sl.failed = false;
+        sl.last_use = tick;
+        where[cell(layer, e)] = s;
+        stats.bytes_read += expert_bytes(layer, e);
+    }
+    // Starts the read of slot s: inline (simulated storage, or no I/O threads) or on the I/O pool.
+    void start_read(int32_t s, bool demand, std::unique_lock<StoreMutex>& lock) {
+        Slot& sl = slots[(size_t)s];
+        if (simulated) {
+            const double start = std::max(now, device_free);
+            sl.ready_at = device_free = start + sim.latency_s + (double)expert_bytes(sl.layer, sl.expert) / sim.bytes_per_s;
+        }
+#if MOE_DETAIL_HAS_THREADS
+        if (!simulated && !io.empty()) {
+            (demand ? demand_queue : prefetch_queue).push_back(s);
+            if (!demand) ++in_flight_prefetches;
+            work.notify_one();
+            return;
+        }
+#endif
+        (void)demand;
+        const int32_t layer = sl.layer, e = sl.expert;
+        lock.unlock();
+        const bool ok = load(s, layer, e);
+        lock.lock();
+        finish_read(s, ok);
+#if MOE_DETAIL_HAS_THREADS
+        changed.notify_all();
+#endif
+    }
+    void finish_read(int32_t s, bool ok) {
+        Slot& sl = slots[(size_t)s];
+        sl.state = Slot::ready;
+        sl.failed = !ok;
+        if (!ok) io_failed = true;
+    }
+#if MOE_DETAIL_HAS_THREADS
+    void io_thread() {
+        std::unique_lock<StoreMutex> lock(mu);
+        for (;;) {
+            work.wait(lock, [this] { return stop || !demand_queue.empty() || !prefetch_queue.empty(); });
+            if (stop) return;
+            const bool demand = !demand_queue.empty();
+            std::vector<int32_t>& q = demand ? demand_queue : prefetch_queue;
+            const int32_t s = q.front();
+            q.erase(q.begin());
+            const int32_t layer = slots[(size_t)s].layer, e = slots[(size_t)s].expert;
+            lock.unlock();
+            const bool ok = load(s, layer, e);
+            lock.lock();
+            if (!demand) --in_flight_prefetches;
+            finish_read(s, ok);
+            changed.notify_all();
+        }
+    }
+#endif
+
+    // Pins the experts `ids[0..n)` (distinct) of `layer`, reading the missing ones (all issued
+    // before any wait), then queues the predictions (`predicted`: target layer, experts) behind
+    // them. Fills out[i]. All or nothing: a caller waits for free slots holding no pins, so
+    // sessions sharing the store cannot deadlock. False on a read error or a cache too small.
+    bool acquire(int32_t layer, const int32_t* ids, int n, ExpertPointers* out, ExpertPins* pins,
+                 const std::vector<std::pair<int32_t, std::vector<int32_t>>>* predicted) {
+        std::unique_lock<StoreMutex> lock(mu);
+        if (n > (int)slots.size()) return fail_locked("the expert cache (%d slots) cannot hold one layer's experts", (int)slots.size());
+        for (;;) {
+            int misses = 0, free_slots = 0;
+            for (int i = 0; i < n; ++i) misses += where[cell(layer, ids[i])] < 0;
+            for (const Slot& sl : slots)
+                free_slots += sl.state == Slot::empty || (sl.pins == 0 && sl.state == Slot::ready && sl.layer != layer);
+            for (const Slot& sl : slots)  // this layer's unpinned slots that are not asked for
+                if (sl.state == Slot::ready && sl.pins == 0 && sl.layer == layer &&
+                    std::find(ids, ids + n, sl.expert) == ids + n) ++free_slots;
+            if (free_slots >= misses) break;
+#if MOE_DETAIL_HAS_THREADS
+            if (!simulated && !io.empty()) { changed.wait(lock); continue; }
+#endif
+            return fail_locked("the expert cache (%d slots) is pinned by other sessions", (int)slots.size());
+        }
+        ++tick;
+        if (simulated) now += sim.compute_s_per_layer;
+        const double t0 = simulated ? now : now_seconds();
+        // Hits first, pinned, so that the misses cannot evict them.
+        for (int i = 0; i < n; ++i) {
+            const size_t c = cell(layer, ids[i]);
+            ++stats.lookups;
+            ++heat[c];
+            const int32_t s = where[c];
+            if (s < 0) continue;
+            Slot& sl = slots[(size_t)s];
+            const bool ready = sl.state == Slot::ready && (!simulated || sl.ready_at <= now);
+            if (ready) ++stats.hits; else ++stats.late;
+            if (sl.prefetched) { ++stats.prefetch_hits; sl.prefetched = false; }
+            sl.pins++;
+            sl.last_use = tick;
+            pins->slots.push_back(s);
+        }
+        for (int i = 0; i < n; ++i) {
+            if (where[cell(layer, ids[i])] >= 0) continue;
+            const int32_t s = victim(UINT64_MAX);  // exists: counted above
+            ++stats.misses;
+            assign(s, layer, ids[i], false);
+            slots[(size_t)s].pins++;
+            pins->slots.push_back(s);
+            start_read(s, true, lock);
+        }
+        if (predicted) prefetch_locked(*predicted, lock);
+        // Wait until every pinned slot is ready.
+        double ready = t0;
+        for (int i = 0; i < n; ++i) {
+            Slot& sl = slots[(size_t)where[cell(layer, ids[i])]];
+#if MOE_DETAIL_HAS_THREADS
+            changed.wait(lock, [&sl] { return sl.state == Slot::ready; });
+#endif
+            if (simulated) ready = std::max(ready, sl.ready_at);
+            out[i] = pointers(where[cell(layer, ids[i])]);
+        }
+        if (simulated) { stats.wait_seconds += ready - t0; now = ready; }
+        else stats.wait_seconds += now_seconds() - t0;
+        if (io_failed) return fail_locked("reading the experts of layer %d failed", layer);
+        return true;
+    }
+    bool fail_locked(const char* what, int arg) {
+        fail(Status::io_error, what, arg);
+        return false;
+    }
+    // Predicted experts go into slots nothing used since the token before, only while few
+    // prefetches are in flight: speculation never evicts what the current token needs.
+    void prefetch_locked(const std::vector<std::pair<int32_t, std::vector<int32_t>>>& predicted, std::unique_lock<StoreMutex>& lock) {
+        const uint64_t recent = tick > (uint64_t)n_layer ? tick - (uint64_t)n_layer : 0;
+        for (const auto& target : predicted)
+            for (int32_t e : target.second) {
+                if (e < 0 || e >= n_expert || where[cell(target.first, e)] >= 0) continue;
+                if (in_flight_prefetches >= 4 * n_used) return;
+                const int32_t s = victim(recent);
+                if (s < 0) return;
+                ++stats.prefetches;
+                assign(s, target.first, e, true);
+                start_read(s, false, lock);
+            }
+    }
+    void release(ExpertPins* pins) {
+        if (pins->slots.empty()) return;
+        {
+            std::lock_guard<StoreMutex> lock(mu);
+            for (int32_t s : pins->slots) --slots[(size_t)s].pins;
+        }
+        pins->slots.clear();
+#if MOE_DETAIL_HAS_THREADS
+        changed.notify_all();
+#endif
+    }
+};
+
+// Builds m.store for options.mem_budget (see LoadOptions).
+inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char* path) {
+    if (o.mem_budget == 0) return Status::ok;
+    const ModelInfo& hp = m.info;
+    if (hp.n_expert <= 0) return Status::ok;  // nothing to stream: a dense model stays mapped
+    if (o.io_threads < 0 || o.io_threads > 64) return fail(Status::invalid_argument, "io_threads %d is out of range [0, 64]", o.io_threads);
+    std::shared_ptr<ExpertStore> st = std::make_shared<ExpertStore>();
+    ExpertStore& s = *st;
+    s.n_layer = hp.n_layer;
+    s.n_expert = hp.n_expert;
+    s.n_used = hp.n_expert_used;
+    s.align = o.direct_io ? 4096 : 64;
+    const uint8_t* base = m.file.data();
+    uint64_t expert_total = 0;
+    s.pieces.resize((size_t)hp.n_layer * (size_t)hp.n_expert * 3);
+    for (int32_t l = 0; l < hp.n_layer; ++l) {
+        const LayerWeights& lw = m.layers[(size_t)l];
+        const Weight* w[3] = {&lw.gate_exps, &lw.up_exps, &lw.down_exps};
+        for (int i = 0; i < 3; ++i) {
+            expert_total += w[i]->mat_bytes * (uint64_t)w[i]->n_mats;
+            const size_t room = (w[i]->mat_bytes + 2 * s.align - 1) / s.align * s.align;
+            s.piece_room[i] = std::max(s.piece_room[i], room);
+            for (int32_t e = 0; e < hp.n_expert; ++e)
+                s.pieces[s.cell(l, e) * 3 + (size_t)i] = {(uint64_t)(w[i]->data - base) + (uint64_t)e * w[i]->mat_bytes, w[i]->mat_bytes};
+        }
+    }
+    s.slot_bytes = s.piece_room[0] + s.piece_room[1] + s.piece_room[2];
+    const uint64_t resident = hp.weight_bytes - expert_total;
+    const uint64_t need = resident + (uint64_t)hp.n_expert_used * s.slot_bytes;
+    if (o.mem_budget < need)
+        return fail(Status::invalid_argument,
+                    "mem_budget %.1f MiB is too small: the non-expert weights take %.1f MiB and one token needs %d experts of %.2f MiB "
+                    "(at least %.1f MiB)", (double)o.mem_budget / (1 << 20), (double)resident / (1 << 20), hp.n_expert_used,
+                    (double)s.slot_bytes / (1 << 20), (double)need / (1 << 20));
+    const uint64_t n_slots = std::min<uint64_t>((o.mem_budget - resident) / s.slot_bytes, (uint64_t)hp.n_layer * (uint64_t)hp.n_expert);
+    s.slots.resize((size_t)n_slots);
+    if (!s.memory.allocate((size_t)n_slots * s.slot_bytes, false))
+        return fail(Status::out_of_memory, "cannot allocate the expert cache (%.1f MiB)", (double)n_slots * (double)s.slot_bytes / (1 << 20));
+    s.where.assign((size_t)hp.n_layer * (size_t)hp.n_expert, -1);
+    s.heat.assign(s.where.size(), 0);
+    s.stats.mem_budget_bytes = o.mem_budget;
+    s.stats.resident_bytes = resident;
+    s.stats.cache_bytes = n_slots * s.slot_bytes;
+    s.stats.slots = (int32_t)n_slots;
+    if (o.simulated_storage) {
+        s.simulated = true;
+        s.sim = *o.simulated_storage;
+        if (!(s.sim.bytes_per_s > 0) || !(s.sim.latency_s >= 0) || !(s.sim.compute_s_per_layer >= 0))
+            return fail(Status::invalid_argument, "simulated_storage needs bytes_per_s > 0 and non-negative times");
+    }
+#if MOE_DETAIL_HAS_MMAP
+    if (path && !s.simulated) {
+        std::unique_ptr<FileSource> f(new FileSource());
+        Status fs = f->open(path, o.direct_io);
+        if (fs != Status::ok) return fs;
+        s.source = std::move(f);
+    }
+#else
+    (void)path;
+#endif
+    if (!s.source) {
+        if (o.direct_io && !s.simulated) return fail(Status::unsupported, "direct_io needs a model file (POSIX pread)");
+        s.source.reset(new MemorySource(base, m.file.file_size()));
+    }
+#if MOE_DETAIL_HAS_THREADS
+    if (!s.simulated)
+        for (int i = 0; i < o.io_threads; ++i) s.io.emplace_back([&s] { s.io_thread(); });
+#endif
+    m.store = st;
+    return Status::ok;
+}
+
+}  // namespace detail
+
+MOE_DETAIL_MEMBER ExpertStoreStats Model::expert_store_stats() const {
+    if (!impl_ || !impl_->store) return ExpertStoreStats{};
+    std::lock_guard<detail::StoreMutex> lock(impl_->store->mu);
+    return impl_->store->stats;
+}
+MOE_DETAIL_MEMBER void Model::reset_expert_store_stats() const {
+    if (!impl_ || !impl_->store) return;
+    detail::ExpertStore& s = *impl_->store;
+    std::lock_guard<detail::StoreMutex> lock(s.mu);
+    ExpertStoreStats fresh;
+    fresh.mem_budget_bytes = s.stats.mem_budget_bytes;
+    fresh.resident_bytes = s.stats.resident_bytes;
+    fresh.cache_bytes = s.stats.cache_bytes;
+    fresh.slots = s.stats.slots;
+    s.stats = fresh;
+}
 
 }  // namespace moe
 
@@ -5416,6 +5893,7 @@ struct ExpertUse { int32_t token, slot; };
 struct ActiveExpert {
     const Weight *gate, *up, *down;
     int64_t mat;                   // matrix in the stacks (0 for shared and dense)
+    const uint8_t *gate_mat, *up_mat, *down_mat;  // its matrices: in the mapping, or in an expert-store slot
     int32_t use_begin, use_end;    // its uses in Routing::uses
     int64_t row_begin, row_end;    // its rows in the concatenated gate/up rows of all active experts
 };
@@ -5533,6 +6011,13 @@ struct SessionImpl {
     DoneCounter rows_done;           // rows of the current matmul phase
     ExpertStats stats;               // router statistics (Session::expert_stats)
     ExpertPrediction prediction;     // SessionOptions::predict_depth > 0
+    ExpertStore* store = nullptr;    // the model's (LoadOptions::mem_budget), else null
+    ExpertPins pins;                 // store slots held for the layer in flight
+    std::vector<int32_t> store_ids;  // routed experts of the layer, for the store
+    std::vector<ExpertPointers> store_ptrs;
+    std::vector<std::pair<int32_t, std::vector<int32_t>>> store_predicted;  // (target layer, experts) to prefetch
+    bool store_failed = false;       // a read failed in this forward(): it returns io_error
+    std::string store_error;         // its message (set on a pool thread, reported on the caller's)
 
     explicit SessionImpl(int n_threads) : pool(n_threads) {}
     Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
@@ -5567,6 +6052,7 @@ struct SessionImpl {
     void att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
     void score_and_predict(int il, int32_t t);
+    void use_store(int il, int32_t n);
     void expert_up_phase(int32_t n);
     void up_row(const ActiveExpert& e, int64_t r);
     void quantize_hidden(const ActiveExpert& e);
@@ -5646,6 +6132,9 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     if (n_ctx <= 0 || n_ctx > kMaxContextLength)
         return fail(Status::invalid_argument, "n_ctx %d is out of range [1, %d]", n_ctx, kMaxContextLength);
     n_batch = o.n_batch > 0 ? std::min(o.n_batch, 4096) : 64;
+    store = m->store.get();
+    // With an expert store, a chunk's layer must fit in the cache: at most slots / k tokens.
+    if (store && hp->n_expert_used > 0) n_batch = std::max(1, std::min(n_batch, store->stats.slots / hp->n_expert_used));
     float_activations = o.float_activations;
     profile.enabled = o.profile;
     const int64_t B = n_batch, nth = pool.size(), hd = hp->head_dim, slots = plan->slots, group = plan->group;
@@ -5705,7 +6194,11 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
         p.stats.predicted.assign(cells, 0);
         p.stats.correct.assign(cells, 0);
         p.stats.routed.assign(cells, 0);
+        store_predicted.resize((size_t)p.depth);
+        for (auto& target : store_predicted) target.second.reserve((size_t)p.per_layer);
     }
+    store_ids.reserve((size_t)hp->n_expert);
+    store_ptrs.reserve((size_t)hp->n_expert);
     return Status::ok;
 }
 
@@ -5728,7 +6221,12 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
     const int32_t units = n * hp->n_head_kv * c.att_groups;
     c.att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, (kv.pos + n) / kMinSplitLen));
     profile.start();
+    store_failed = false;
     pool.parallel_for([this, &c](int ith, int nth_) { forward_thread(c, ith, nth_); });
+    if (store) {
+        store->release(&pins);
+        if (store_failed) return fail(Status::io_error, "%s", store_error.c_str());  // the chunk is not kept
+    }
     if (all_logits) std::memcpy(all_logits, a.logits_batch.data, (size_t)n * (size_t)hp->n_vocab * 4);
     std::memcpy(a.logits.data, a.logits_batch.data + (int64_t)(n - c.first_logit - 1) * hp->n_vocab, (size_t)hp->n_vocab * 4);
     kv.pos += n;
@@ -6007,6 +6505,7 @@ inline void SessionImpl::att_out_phase(const ForwardCall& c, uint8_t fmts, int i
 // into r.active, so that each expert row is read once per chunk.
 inline void SessionImpl::route(int il, int32_t n) {
     const LayerWeights& l = model->layers[(size_t)il];
+    if (store) store->release(&pins);  // the previous layer's FFN is done
     const int32_t slots = plan->slots, n_used = hp->n_expert_used;
     if (hp->n_expert > 0) {
         for (int32_t t = 0; t < n; ++t) {
@@ -6066,11 +6565,48 @@ inline void SessionImpl::route(int il, int32_t n) {
         if (i == Routing::kSharedTarget) { e.gate = &l.gate_shexp; e.up = &l.up_shexp; e.down = &l.down_shexp; e.mat = 0; }
         else if (i == Routing::kDenseTarget) { e.gate = &l.gate; e.up = &l.up; e.down = &l.down; e.mat = 0; }
         else { e.gate = &l.gate_exps; e.up = &l.up_exps; e.down = &l.down_exps; e.mat = i - Routing::kFirstExpertTarget; }
+        e.gate_mat = e.gate->row(e.mat, 0);
+        e.up_mat = e.up->row(e.mat, 0);
+        e.down_mat = e.down->row(e.mat, 0);
         e.use_begin = first[(size_t)i];
         e.use_end = first[(size_t)i + 1];
         e.row_begin = rows;
         e.row_end = rows += e.gate->rows;
         r.active.push_back(e);
+    }
+    if (store && hp->n_expert > 0) use_store(il, n);
+}
+
+// Routed experts from the store: the layer's experts pinned in slots (misses read now, all at
+// once), and in decode the predicted experts of the next layers queued behind them.
+inline void SessionImpl::use_store(int il, int32_t n) {
+    store_ids.clear();
+    for (const ActiveExpert& e : r.active)
+        if (e.gate == &model->layers[(size_t)il].gate_exps) store_ids.push_back((int32_t)e.mat);
+    for (auto& target : store_predicted) target.second.clear();
+    int n_targets = 0;
+    if (n == 1 && prediction.depth > 0)
+        for (int d = 1; d <= prediction.depth && il + d < hp->n_layer; ++d, ++n_targets) {
+            const size_t at = prediction.at(il + d, d, 0);
+            store_predicted[(size_t)n_targets].first = il + d;
+            store_predicted[(size_t)n_targets].second.assign(prediction.ids.begin() + (std::ptrdiff_t)(at * (size_t)prediction.per_layer),
+                                                             prediction.ids.begin() + (std::ptrdiff_t)(at * (size_t)prediction.per_layer) + prediction.count[at]);
+        }
+    // Until the store fills them: the mapped bytes (used only if acquire fails before pinning).
+    store_ptrs.clear();
+    for (const ActiveExpert& e : r.active)
+        if (e.gate == &model->layers[(size_t)il].gate_exps) store_ptrs.push_back({e.gate_mat, e.up_mat, e.down_mat});
+    if (!store->acquire(il, store_ids.data(), (int)store_ids.size(), store_ptrs.data(), &pins, n_targets ? &store_predicted : nullptr)) {
+        if (!store_failed) store_error = last_error();
+        store_failed = true;  // the slots hold stale bytes: forward() reports io_error
+    }
+    size_t k = 0;
+    for (ActiveExpert& e : r.active) {
+        if (e.gate != &model->layers[(size_t)il].gate_exps) continue;
+        e.gate_mat = store_ptrs[k].gate;
+        e.up_mat = store_ptrs[k].up;
+        e.down_mat = store_ptrs[k].down;
+        ++k;
     }
 }
 
@@ -6120,8 +6656,8 @@ inline void SessionImpl::expert_up_phase(int32_t n) {
 // Row `row` of expert e's gate and up matrices, for every use of the expert.
 inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
     const RowKernel &kg = kt(*e.gate), &ku = kt(*e.up);
-    const uint8_t* grow = e.gate->row(e.mat, row);
-    const uint8_t* urow = e.up->row(e.mat, row);
+    const uint8_t* grow = e.gate_mat + (size_t)row * e.gate->row_bytes;
+    const uint8_t* urow = e.up_mat + (size_t)row * e.up->row_bytes;
     if (prefetch_bytes) { prefetch_ahead(grow, e.gate->row_bytes); prefetch_ahead(urow, e.up->row_bytes); }
     for (int32_t j = e.use_begin; j < e.use_end; ++j) {
         const ExpertUse& use = r.uses[(size_t)j];
@@ -6155,7 +6691,7 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
             for (const ActiveExpert& e : r.active) {
                 const RowKernel& kd = kt(*e.down);
                 for (int64_t row = r0; row < r1; ++row) {
-                    const uint8_t* drow = e.down->row(e.mat, row);
+                    const uint8_t* drow = e.down_mat + (size_t)row * e.down->row_bytes;
                     if (prefetch_bytes) prefetch_ahead(drow, e.down->row_bytes);
                     float* pr = part + (row - r0) * n_uses;
                     for (int32_t j = e.use_begin; j < e.use_end; ++j) {

@@ -59,7 +59,11 @@ const char* kUsage =
     "                      (JSON when FILE ends in .json, else CSV)\n"
     "  --predict N         predict each layer's experts 1..N layers ahead (N in [1, 4]) and print\n"
     "                      the recall and precision of the predictions\n"
-    "  --predict-extra M   predict M experts more than the model routes to (over-fetch)\n";
+    "  --predict-extra M   predict M experts more than the model routes to (over-fetch)\n"
+    "  --mem-budget SIZE   memory budget for the weights (e.g. 8G, 512M): experts are read into a\n"
+    "                      bounded cache (with --predict, predicted experts are loaded ahead)\n"
+    "  --io-threads N      expert reads in parallel with --mem-budget (default 4)\n"
+    "  --direct-io         O_DIRECT expert reads with --mem-budget (bypass the page cache)\n";
 
 constexpr long long kMaxContext = moe::kMaxContextLength;
 
@@ -139,6 +143,24 @@ bool parse_token_list(const std::string& list, std::vector<long long>* out, std:
     }
 }
 
+// "8G", "512M", "64K" (binary units) or plain bytes; > 0.
+bool parse_size(const char* s, unsigned long long* out) {
+    if (!s || !*s) return false;
+    char* end = nullptr;
+    errno = 0;
+    const double v = std::strtod(s, &end);
+    if (errno || end == s || !(v > 0)) return false;
+    double scale = 1;
+    if (*end == 'K' || *end == 'k') scale = 1024.0, ++end;
+    else if (*end == 'M' || *end == 'm') scale = 1024.0 * 1024, ++end;
+    else if (*end == 'G' || *end == 'g') scale = 1024.0 * 1024 * 1024, ++end;
+    else if (*end == 'T' || *end == 't') scale = 1024.0 * 1024 * 1024 * 1024, ++end;
+    if (*end == 'B' || *end == 'b') ++end;
+    if (*end || v * scale > 1.8e19) return false;
+    *out = (unsigned long long)(v * scale);
+    return *out > 0;
+}
+
 std::string format_bytes(uint64_t n) {
     char buf[64];
     if (n >= (1ull << 30)) std::snprintf(buf, sizeof buf, "%.1f GiB", (double)n / (1ull << 30));
@@ -159,7 +181,9 @@ struct Args {
     std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file, system, expert_stats;
     std::string prompt_flag;  // which of -p, -f, --tokens gave the prompt ("" = none: the default prompt)
     bool chat = false, print_tokens = false, have_system = false;
-    long long n_predict = 64, n_threads = 0, n_ctx = 0, predict_depth = 0, predict_extra = 0;
+    long long n_predict = 64, n_threads = 0, n_ctx = 0, predict_depth = 0, predict_extra = 0, io_threads = 4;
+    unsigned long long mem_budget = 0;
+    bool direct_io = false;
     moe::SamplerOptions sampler;
 };
 
@@ -167,7 +191,7 @@ struct Args {
 bool takes_value(const std::string& k) {
     static const char* const kFlags[] = {"-m", "-p", "-f", "--tokens", "-n", "-t", "-c", "--temp", "--top-k", "--top-p",
                                          "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity",
-                                         "--expert-stats", "--predict", "--predict-extra"};
+                                         "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads"};
     for (const char* f : kFlags)
         if (k == f) return true;
     return false;
@@ -206,6 +230,7 @@ int main(int argc, char** argv) {
         if (k == "-h" || k == "--help") { std::fputs(kUsage, stdout); return 0; }
         if (k == "--chat") { a.chat = true; continue; }
         if (k == "--print-tokens") { a.print_tokens = true; continue; }
+        if (k == "--direct-io") { a.direct_io = true; continue; }
         // The name first: "--bogus" last on the line is an unknown option, not a missing value.
         if (!takes_value(k))
             return die(k.size() > 1 && k[0] == '-' ? "unknown option %s (see --help)" : "unexpected argument '%s' (see --help)", k.c_str());
@@ -221,6 +246,8 @@ int main(int argc, char** argv) {
         else if (k == "--logits-out") a.logits_out = v;
         else if (k == "--perplexity") a.perplexity_file = v;
         else if (k == "--expert-stats") a.expert_stats = v;
+        else if (k == "--mem-budget") { if (!parse_size(v, &a.mem_budget)) return die("--mem-budget needs a size like 8G, 512M or 100000000, got '%s'", v); }
+        else if (k == "--io-threads") { if (!parse_int(v, 0, 64, &a.io_threads)) return die("--io-threads needs an integer in [0, 64], got '%s'", v); }
         else if (k == "--predict") { if (!parse_int(v, 1, 4, &a.predict_depth)) return die("--predict needs an integer in [1, 4], got '%s'", v); }
         else if (k == "--predict-extra") { if (!parse_int(v, 0, 1024, &a.predict_extra)) return die("--predict-extra needs an integer in [0, 1024], got '%s'", v); }
         else if (k == "-n") { if (!parse_int(v, 0, 1 << 24, &a.n_predict)) return die("-n needs an integer in [0, %d], got '%s'", 1 << 24, v); }
@@ -241,6 +268,7 @@ int main(int argc, char** argv) {
     if (mode && a.print_tokens) return die("--print-tokens and %s cannot be used together", mode);
     if (a.have_system && !a.chat) return die("--system needs --chat");
     if (a.predict_extra && !a.predict_depth) return die("--predict-extra needs --predict");
+    if (a.direct_io && !a.mem_budget) return die("--direct-io needs --mem-budget");
 
     // Input files are read before the model is loaded: a typo fails at once.
     std::string text, why;
@@ -253,7 +281,11 @@ int main(int argc, char** argv) {
     if (a.prompt_flag == "--tokens" && !parse_token_list(a.tokens, &token_list, &why)) return die("%s", why.c_str());
 
     moe::Model model;
-    if (moe::Model::load(a.model.c_str(), moe::LoadOptions{}, &model) != moe::Status::ok) return die("%s", moe::last_error());
+    moe::LoadOptions lo;
+    lo.mem_budget = a.mem_budget;
+    lo.io_threads = (int32_t)a.io_threads;
+    lo.direct_io = a.direct_io;
+    if (moe::Model::load(a.model.c_str(), lo, &model) != moe::Status::ok) return die("%s", moe::last_error());
     const moe::ModelInfo& info = model.info();
     const moe::Tokenizer& tok = model.tokenizer();
     if (!tok.valid() && a.prompt_flag != "--tokens") return die(mode ? "the model has no tokenizer" : "the model has no tokenizer; use --tokens");
@@ -342,6 +374,16 @@ int main(int argc, char** argv) {
     auto finish = [&]() -> int {
         if (!a.expert_stats.empty() && session.expert_stats().write(a.expert_stats.c_str()) != moe::Status::ok)
             return die("%s", moe::last_error());
+        if (a.mem_budget) {
+            const moe::ExpertStoreStats es = model.expert_store_stats();
+            std::fprintf(stderr,
+                         "expert store: budget %s (resident %s, cache %s = %d experts): %llu lookups, hit rate %.3f, %llu misses, "
+                         "%llu late; %llu prefetched (%llu used, %llu wasted); %s read; waited %.3f s\n",
+                         format_bytes(es.mem_budget_bytes).c_str(), format_bytes(es.resident_bytes).c_str(), format_bytes(es.cache_bytes).c_str(),
+                         es.slots, (unsigned long long)es.lookups, es.hit_rate(), (unsigned long long)es.misses, (unsigned long long)es.late,
+                         (unsigned long long)es.prefetches, (unsigned long long)es.prefetch_hits, (unsigned long long)es.prefetch_wasted,
+                         format_bytes(es.bytes_read).c_str(), es.wait_seconds);
+        }
         const moe::PredictionStats& ps = session.prediction_stats();
         for (int d = 1; d <= ps.max_depth; ++d)
             std::fprintf(stderr, "expert prediction %d layer%s ahead: recall %.3f, precision %.3f (%d predicted per layer, %d routed)\n", d,
