@@ -1,0 +1,213 @@
+// The expert store (LoadOptions::mem_budget): greedy tokens identical to the mapped model with any
+// budget, prediction on or off, I/O threads or not; hit/miss/late accounting checked on the
+// simulated storage (virtual clock) against counts derived independently from the routing.
+#include "moe_infer.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+std::string model_path() { return std::string(MOE_SOURCE_DIR) + "/models/demo-qwen3moe.gguf"; }
+
+const std::vector<int32_t> kPrompt = {40, 77, 258, 2306, 391, 3447};  // "In the beginning ..." ids of the demo vocabulary
+
+moe::Model load(const moe::LoadOptions& o, moe::Status want = moe::Status::ok) {
+    moe::Model m;
+    EXPECT_EQ(moe::Model::load(model_path().c_str(), o, &m), want) << moe::last_error();
+    return m;
+}
+
+// Greedy tokens token by token (decode, where prediction and prefetch act), plus the routing of
+// every evaluated token, layer-major.
+struct GreedyRun {
+    std::vector<int32_t> tokens;
+    std::vector<std::vector<int32_t>> routing;  // per evaluated token: n_layer * k experts
+};
+GreedyRun greedy(const moe::Model& m, int n, int predict_depth, int prompt_chunk = 0) {
+    moe::SessionOptions so;
+    so.n_threads = 2;
+    so.n_ctx = 128;
+    so.predict_depth = predict_depth;
+    moe::Session s;
+    EXPECT_EQ(moe::Session::create(m, so, &s), moe::Status::ok) << moe::last_error();
+    GreedyRun run;
+    const int nk = m.info().n_layer * m.info().n_expert_used;
+    if (prompt_chunk) {
+        EXPECT_EQ(s.eval(kPrompt.data(), kPrompt.size()), moe::Status::ok) << moe::last_error();
+    } else {
+        for (int32_t t : kPrompt) {
+            EXPECT_EQ(s.eval(&t, 1), moe::Status::ok) << moe::last_error();
+            run.routing.emplace_back(s.last_expert_ids(), s.last_expert_ids() + nk);
+        }
+    }
+    for (int i = 0; i < n; ++i) {
+        const float* lg = s.logits();
+        int32_t best = 0;
+        for (int32_t v = 1; v < m.info().n_vocab; ++v)
+            if (lg[v] > lg[best]) best = v;
+        run.tokens.push_back(best);
+        EXPECT_EQ(s.eval(&best, 1), moe::Status::ok) << moe::last_error();
+        run.routing.emplace_back(s.last_expert_ids(), s.last_expert_ids() + nk);
+    }
+    return run;
+}
+
+// Non-expert bytes and bytes per expert slot, read off a store that holds everything.
+struct Geometry {
+    uint64_t resident = 0, slot = 0, all_experts = 0;
+};
+Geometry geometry() {
+    moe::LoadOptions o;
+    o.mem_budget = 1ull << 40;
+    moe::Model m = load(o);
+    const moe::ExpertStoreStats st = m.expert_store_stats();
+    Geometry g;
+    g.resident = st.resident_bytes;
+    g.slot = st.cache_bytes / (uint64_t)st.slots;
+    g.all_experts = (uint64_t)m.info().n_layer * (uint64_t)m.info().n_expert;
+    EXPECT_EQ((uint64_t)st.slots, g.all_experts);  // capped at every expert
+    return g;
+}
+
+TEST(ExpertStore, GreedyTokensIdenticalWithAnyBudget) {
+    const GreedyRun reference = greedy(load(moe::LoadOptions{}), 24, 0);
+    const Geometry g = geometry();
+    for (double fraction : {0.25, 0.5, 1.0})
+        for (int predict : {0, 2})
+            for (int io : {0, 4}) {
+                moe::LoadOptions o;
+                o.mem_budget = g.resident + (uint64_t)(fraction * (double)g.all_experts) * g.slot;
+                o.io_threads = io;
+                moe::Model m = load(o);
+                const moe::ExpertStoreStats st = m.expert_store_stats();
+                EXPECT_LE(st.resident_bytes + st.cache_bytes, o.mem_budget);
+                EXPECT_EQ((uint64_t)st.slots, (uint64_t)(fraction * (double)g.all_experts));
+                const GreedyRun run = greedy(m, 24, predict);
+                EXPECT_EQ(run.tokens, reference.tokens) << "budget " << fraction << " of the experts, predict " << predict << ", io " << io;
+                EXPECT_EQ(run.routing, reference.routing);
+                const moe::ExpertStoreStats after = m.expert_store_stats();
+                EXPECT_EQ(after.lookups, after.hits + after.misses + after.late);
+                if (predict == 0) {
+                    EXPECT_EQ(after.prefetches, 0u);
+                }
+                // Prefill chunks are split to fit the cache (at most slots / k tokens per layer).
+                EXPECT_EQ(greedy(m, 8, predict, /*prompt_chunk=*/1).tokens,
+                          std::vector<int32_t>(reference.tokens.begin(), reference.tokens.begin() + 8));
+            }
+}
+
+TEST(ExpertStore, BudgetTooSmallSaysWhatIsNeeded) {
+    const Geometry g = geometry();
+    moe::LoadOptions o;
+    o.mem_budget = g.resident + 3 * g.slot;  // top-4 needs four slots
+    load(o, moe::Status::invalid_argument);
+    EXPECT_NE(std::string(moe::last_error()).find("at least"), std::string::npos) << moe::last_error();
+    o.mem_budget = g.resident + 4 * g.slot;
+    moe::Model m = load(o);
+    EXPECT_EQ(m.expert_store_stats().slots, 4);
+    EXPECT_EQ(greedy(m, 6, 0).tokens, greedy(load(moe::LoadOptions{}), 6, 0).tokens);
+    o.io_threads = -1;
+    load(o, moe::Status::invalid_argument);
+}
+
+// Everything fits: each (layer, expert) is read once, at its first use; with compute time 0 and
+// an idle device, each layer waits for its misses one after another.
+TEST(ExpertStore, SimulatedAccountingWhenEverythingFits) {
+    const Geometry g = geometry();
+    moe::SimulatedStorage sim;
+    sim.latency_s = 1e-4;
+    sim.bytes_per_s = 1e9;
+    moe::LoadOptions o;
+    o.mem_budget = g.resident + g.all_experts * g.slot;
+    o.simulated_storage = &sim;
+    moe::Model m = load(o);
+    const GreedyRun run = greedy(m, 16, 0);
+    std::set<std::pair<int, int32_t>> distinct;
+    uint64_t lookups = 0;
+    const int k = m.info().n_expert_used;
+    for (const auto& token : run.routing)
+        for (size_t i = 0; i < token.size(); ++i) {
+            distinct.insert({(int)(i / (size_t)k), token[i]});
+            ++lookups;
+        }
+    const moe::ExpertStoreStats st = m.expert_store_stats();
+    EXPECT_EQ(st.lookups, lookups);
+    EXPECT_EQ(st.misses, distinct.size());
+    EXPECT_EQ(st.hits, lookups - distinct.size());
+    EXPECT_EQ(st.late, 0u);
+    const double per_read = sim.latency_s + (double)(st.bytes_read / st.misses) / sim.bytes_per_s;
+    EXPECT_EQ(st.bytes_read % st.misses, 0u);  // every expert has the same size here
+    EXPECT_NEAR(st.wait_seconds, (double)st.misses * per_read, 1e-9 * st.wait_seconds);
+    m.reset_expert_store_stats();
+    EXPECT_EQ(m.expert_store_stats().lookups, 0u);
+    EXPECT_EQ(m.expert_store_stats().slots, st.slots);
+}
+
+// Half the experts fit. With compute much slower than reads every prefetch is ready in time (no
+// late lookups) and prediction removes misses; with instant compute the prefetches are in flight
+// when their layer comes (late), and the wait is never shorter than the device time of the misses.
+TEST(ExpertStore, SimulatedPrefetchTiming) {
+    const Geometry g = geometry();
+    moe::SimulatedStorage slow_compute, instant_compute;
+    slow_compute.compute_s_per_layer = 1.0;
+    instant_compute.compute_s_per_layer = 0;
+    instant_compute.bytes_per_s = 1e8;
+    moe::LoadOptions o;
+    o.mem_budget = g.resident + g.all_experts / 2 * g.slot;
+    o.simulated_storage = &slow_compute;
+    moe::Model off = load(o), on = load(o);
+    const GreedyRun r_off = greedy(off, 32, 0), r_on = greedy(on, 32, 1);
+    EXPECT_EQ(r_off.tokens, r_on.tokens);
+    const moe::ExpertStoreStats s_off = off.expert_store_stats(), s_on = on.expert_store_stats();
+    EXPECT_EQ(s_on.late, 0u);
+    EXPECT_GT(s_on.prefetch_hits, 0u);
+    EXPECT_LT(s_on.misses, s_off.misses);
+    EXPECT_LE(s_on.prefetch_hits + s_on.prefetch_wasted, s_on.prefetches);
+    // Without prediction, a wait is exactly the misses' reads (the device is idle after a second of compute).
+    const double per_read = slow_compute.latency_s + (double)(s_off.bytes_read / s_off.misses) / slow_compute.bytes_per_s;
+    EXPECT_NEAR(s_off.wait_seconds, (double)s_off.misses * per_read, 1e-9 * s_off.wait_seconds);
+
+    o.simulated_storage = &instant_compute;
+    moe::Model busy = load(o);
+    const GreedyRun r_busy = greedy(busy, 32, 1);
+    EXPECT_EQ(r_busy.tokens, r_off.tokens);
+    const moe::ExpertStoreStats s_busy = busy.expert_store_stats();
+    EXPECT_GT(s_busy.late, 0u);
+    EXPECT_LE(s_busy.late, s_busy.prefetch_hits);  // only prefetched experts can be late
+    const double per_read_busy = instant_compute.latency_s + (double)(s_busy.bytes_read / (s_busy.misses + s_busy.prefetches)) / instant_compute.bytes_per_s;
+    EXPECT_GE(s_busy.wait_seconds, (double)s_busy.misses * per_read_busy * (1 - 1e-9));
+}
+
+// Several sessions on one store, on their own threads, with a cache that cannot hold everything:
+// no deadlock, and each session's tokens are those it makes alone.
+TEST(ExpertStore, SessionsShareOneStore) {
+    const Geometry g = geometry();
+    const GreedyRun reference = greedy(load(moe::LoadOptions{}), 16, 0);
+    moe::LoadOptions o;
+    o.mem_budget = g.resident + 12 * g.slot;
+    o.io_threads = 2;
+    moe::Model m = load(o);
+    std::vector<GreedyRun> runs(3);
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < runs.size(); ++i) threads.emplace_back([&, i] { runs[i] = greedy(m, 16, (int)i % 2); });
+    for (std::thread& t : threads) t.join();
+    for (const GreedyRun& r : runs) EXPECT_EQ(r.tokens, reference.tokens);
+}
+
+TEST(ExpertStore, NoBudgetNoStore) {
+    moe::Model m = load(moe::LoadOptions{});
+    const moe::ExpertStoreStats st = m.expert_store_stats();
+    EXPECT_EQ(st.mem_budget_bytes, 0u);
+    EXPECT_EQ(st.slots, 0);
+    moe::Model empty;
+    EXPECT_EQ(empty.expert_store_stats().slots, 0);
+    empty.reset_expert_store_stats();
+}
+
+}  // namespace
