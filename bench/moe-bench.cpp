@@ -33,6 +33,7 @@
 #include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -58,6 +59,11 @@ const char* kUsage =
     "  --bw-mib N      buffer of the bandwidth measurement (default max(1 GiB, 4 x LLC))\n"
     "  --no-prefault   do not read the weights once before the timed runs\n"
     "  --seed N        seed of the random prompt (default 1234)\n"
+    "  --mem-budget SIZE  expert store with this memory budget (e.g. 8G; implies --no-prefault)\n"
+    "  --predict N     predict experts N layers ahead (and prefetch them with --mem-budget)\n"
+    "  --io-threads N  expert-store read threads (default 4)\n"
+    "  --direct-io     O_DIRECT expert reads\n"
+    "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
     "\n"
     "synthetic model options:\n"
     "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
@@ -648,7 +654,39 @@ struct BenchOptions {
     double bw = 0;  // given GB/s; 0 = measure
     size_t bw_bytes = 0;
     uint64_t seed = 1234;
+    uint64_t mem_budget = 0;
+    int predict = 0, io_threads = 4;
+    bool direct_io = false, drop_cache = false;
 };
+
+// "8G", "512M", "64K" or bytes.
+bool parse_size(const char* s, uint64_t* out) {
+    if (!s || !*s) return false;
+    char* end = nullptr;
+    const double v = std::strtod(s, &end);
+    if (end == s || !(v > 0)) return false;
+    double scale = 1;
+    if (*end == 'K' || *end == 'k') scale = 1024.0, ++end;
+    else if (*end == 'M' || *end == 'm') scale = 1048576.0, ++end;
+    else if (*end == 'G' || *end == 'g') scale = 1073741824.0, ++end;
+    if (*end) return false;
+    *out = (uint64_t)(v * scale);
+    return *out > 0;
+}
+
+// Drops the file's pages from the page cache (no root needed); false where unsupported.
+bool drop_page_cache(const std::string& path) {
+#if defined(__linux__)
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0) return false;
+    const int rc = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+    return rc == 0;
+#else
+    (void)path;
+    return false;
+#endif
+}
 
 bool parse_isa(const std::string& s, moe::Isa* out) {
     static const struct { const char* name; moe::Isa isa; } table[] = {
@@ -737,10 +775,14 @@ int run_bench(const BenchOptions& o) {
     double t_load = now_s();
     moe::Model model;
     moe::LoadOptions lo;
+    lo.mem_budget = o.mem_budget;
+    lo.io_threads = o.io_threads;
+    lo.direct_io = o.direct_io;
+    if (o.drop_cache && !drop_page_cache(o.model)) return fail("--drop-cache: posix_fadvise failed on " + o.model);
     if (moe::Model::load(o.model.c_str(), lo, &model) != moe::Status::ok) return fail("cannot load " + o.model + ": " + moe::last_error());
     t_load = now_s() - t_load;
     const moe::ModelInfo& info = model.info();
-    double t_prefault = o.prefault ? prefault(model.file(), threads) : 0;
+    double t_prefault = o.prefault && !o.mem_budget ? prefault(model.file(), threads) : 0;
 
     moe::SessionOptions so;
     so.n_threads = threads;
@@ -748,6 +790,7 @@ int run_bench(const BenchOptions& o) {
     so.n_batch = std::max(1, std::min(o.n_prompt, 512));
     so.profile = o.profile;
     so.prefetch_distance = o.prefetch;
+    so.predict_depth = o.predict;
     std::vector<moe::PhaseTime> phases(32), phases_before(32);
     std::vector<double> decode_phase_s(32, 0.0);
     int n_phases = 0;
@@ -785,6 +828,8 @@ int run_bench(const BenchOptions& o) {
 
     double tp, td;
     if (!rep(std::min(o.n_gen, 2), &tp, &td)) return fail(err);  // warm-up
+    model.reset_expert_store_stats();  // the store's counters cover the timed repetitions
+    session.reset_prediction_stats();
     std::vector<double> pre_tps, dec_tps;
     profile_timed = true;
     for (int r = 0; r < o.reps; ++r) {
@@ -803,6 +848,21 @@ int run_bench(const BenchOptions& o) {
     const double roofline = active > 0 ? bw.gbs * 1e9 / active : 0;
     const std::string mix = weight_mix(model.file());
     const char* isa = moe::isa_name(moe::current_isa());
+    const moe::ExpertStoreStats es = model.expert_store_stats();
+    const moe::PredictionStats& ps = session.prediction_stats();
+    double timed_s = 0;
+    for (double v : pre_tps) timed_s += o.n_prompt / v;
+    for (double v : dec_tps) timed_s += o.n_gen / v;
+    const double read_gbs = timed_s > 0 ? (double)es.bytes_read / timed_s / 1e9 : 0;
+    char store_json[512];
+    std::snprintf(store_json, sizeof store_json,
+                  "\"mem_budget_bytes\": %llu, \"expert_cache_bytes\": %llu, \"expert_slots\": %d, \"expert_hit_rate\": %.4f, "
+                  "\"expert_misses\": %llu, \"expert_late\": %llu, \"prefetches\": %llu, \"prefetch_hits\": %llu, \"prefetch_recall\": %.4f, "
+                  "\"prefetch_wasted_bytes\": %llu, \"expert_read_bytes\": %llu, \"expert_read_gbs\": %.3f, \"expert_wait_s\": %.3f, ",
+                  (unsigned long long)es.mem_budget_bytes, (unsigned long long)es.cache_bytes, es.slots, es.hit_rate(),
+                  (unsigned long long)es.misses, (unsigned long long)es.late, (unsigned long long)es.prefetches,
+                  (unsigned long long)es.prefetch_hits, ps.max_depth ? ps.recall(1) : 0.0, (unsigned long long)es.prefetch_wasted_bytes,
+                  (unsigned long long)es.bytes_read, read_gbs, es.wait_seconds);
 
     if (o.json) {
         auto arr = [](const std::vector<double>& v) {
@@ -811,13 +871,13 @@ int run_bench(const BenchOptions& o) {
             return s + "]";
         };
         std::printf(
-            "{\"program\": \"moe-bench\", \"model\": \"%s\", \"arch\": \"%s\", \"weights\": \"%s\", \"n_layer\": %d, \"n_expert\": %d, "
+            "{\"program\": \"moe-bench\", %s\"model\": \"%s\", \"arch\": \"%s\", \"weights\": \"%s\", \"n_layer\": %d, \"n_expert\": %d, "
             "\"n_expert_used\": %d, \"threads\": %d, \"isa\": \"%s\", \"n_prompt\": %d, \"n_gen\": %d, \"reps\": %d, "
             "\"bandwidth_gbs\": %.3f, \"bandwidth_median_gbs\": %.3f, \"bandwidth_buffer_bytes\": %zu, \"bandwidth_given\": %s, "
             "\"weight_bytes\": %llu, \"active_bytes_per_token\": %llu, \"prefill_tps\": %.4f, \"decode_tps\": %.4f, \"prefill_tps_best\": %.4f, \"decode_tps_best\": %.4f, "
             "\"achieved_gbs\": %.3f, \"pct_bandwidth\": %.2f, \"roofline_tps\": %.3f, \"load_s\": %.3f, \"prefault_s\": %.3f, "
             "\"prefill_tps_all\": %s, \"decode_tps_all\": %s}\n",
-            json_escape(o.model).c_str(), json_escape(info.architecture).c_str(), mix.c_str(), info.n_layer, info.n_expert, info.n_expert_used,
+            store_json, json_escape(o.model).c_str(), json_escape(info.architecture).c_str(), mix.c_str(), info.n_layer, info.n_expert, info.n_expert_used,
             threads, isa, o.n_prompt, o.n_gen, o.reps, bw.gbs, bw.median_gbs, bw.bytes, o.bw > 0 ? "true" : "false",
             (unsigned long long)info.weight_bytes, (unsigned long long)info.active_bytes_per_token, pre, dec, pre_best, dec_best, achieved, pct, roofline, t_load,
             t_prefault, arr(pre_tps).c_str(), arr(dec_tps).c_str());
@@ -837,6 +897,14 @@ int run_bench(const BenchOptions& o) {
     if (o.n_gen > 0)
         std::printf("\n  decode: %.2f tok/s x %s/token = %.2f GB/s = %.1f%% of %.2f GB/s (roofline %.1f tok/s)\n", dec, fmt_bytes(active).c_str(),
                     achieved, pct, bw.gbs, roofline);
+    if (o.mem_budget)
+        std::printf("\n  expert store: budget %s (resident %s, cache %s = %d experts); hit rate %.3f, %llu misses, %llu late, "
+                    "%llu prefetched (%llu used, %s wasted), prediction recall %.3f; read %s = %.2f GB/s; waited %.2f s\n",
+                    fmt_bytes((double)es.mem_budget_bytes).c_str(), fmt_bytes((double)es.resident_bytes).c_str(),
+                    fmt_bytes((double)es.cache_bytes).c_str(), es.slots, es.hit_rate(), (unsigned long long)es.misses,
+                    (unsigned long long)es.late, (unsigned long long)es.prefetches, (unsigned long long)es.prefetch_hits,
+                    fmt_bytes((double)es.prefetch_wasted_bytes).c_str(), ps.max_depth ? ps.recall(1) : 0.0,
+                    fmt_bytes((double)es.bytes_read).c_str(), read_gbs, es.wait_seconds);
     if (o.profile && n_phases > 0 && o.n_gen > 0) {
         double total = 0;
         for (int i = 0; i < n_phases; ++i) total += decode_phase_s[(size_t)i];
@@ -878,6 +946,11 @@ int main(int argc, char** argv) {
         else if (a == "--bw") { if (!parse_f64(value(), 1e-3, 1e6, &d)) return fail("bad or missing value for --bw (GB/s)"); o.bw = d; }
         else if (a == "--bw-mib") { if (!parse_i64(value(), 1, 1 << 24, &v)) return fail("bad or missing value for --bw-mib"); o.bw_bytes = (size_t)v << 20; }
         else if (a == "--no-prefault") o.prefault = false;
+        else if (a == "--mem-budget") { if (!parse_size(value(), &o.mem_budget)) return fail("bad or missing value for --mem-budget (e.g. 8G)"); }
+        else if (a == "--predict") { if (!parse_i64(value(), 0, 4, &v)) return fail("bad or missing value for --predict (0..4)"); o.predict = (int)v; }
+        else if (a == "--io-threads") { if (!parse_i64(value(), 0, 64, &v)) return fail("bad or missing value for --io-threads"); o.io_threads = (int)v; }
+        else if (a == "--direct-io") o.direct_io = true;
+        else if (a == "--drop-cache") o.drop_cache = true;
         else if (a == "--seed") { if (!parse_i64(value(), 0, INT64_MAX, &v)) return fail("bad or missing value for --seed"); o.seed = (uint64_t)v; }
         else if (a == "--synthetic") { if (!(s = value())) return fail("missing value after --synthetic"); synthetic = s; }
         else if (a == "--quant") { if (!(s = value())) return fail("missing value after --quant"); quant = s; }
