@@ -5467,6 +5467,7 @@ struct ExpertStore {
     std::vector<uint32_t> heat;    // [layer * n_expert + e]: lookups so far (hot experts stay longer)
     std::vector<Slot> slots;
     AlignedBuffer<uint8_t> memory;
+    uint8_t* slot_base = nullptr;  // memory aligned up to `align` (O_DIRECT wants 4 KiB-aligned buffers)
     std::unique_ptr<ExpertSource> source;
     bool simulated = false;
     SimulatedStorage sim;
@@ -5505,13 +5506,13 @@ struct ExpertStore {
         const Piece& p = pieces[cell(sl.layer, sl.expert) * 3 + (size_t)m];
         size_t at = 0;
         for (int i = 0; i < m; ++i) at += piece_room[i];
-        return memory.data + (size_t)s * slot_bytes + at + (size_t)(p.offset % align);
+        return slot_base + (size_t)s * slot_bytes + at + (size_t)(p.offset % align);
     }
     ExpertPointers pointers(int32_t s) const { return {piece_data(s, 0), piece_data(s, 1), piece_data(s, 2)}; }
 
     // Reads slot s's expert (outside the lock: the slot is `loading`, so nobody else touches it).
     bool load(int32_t s, int32_t layer, int32_t e) {
-        uint8_t* base = memory.data + (size_t)s * slot_bytes;
+        uint8_t* base = slot_base + (size_t)s * slot_bytes;
         bool ok = true;
         for (int m = 0; m < 3; ++m) {
             const Piece& p = pieces[cell(layer, e) * 3 + (size_t)m];
@@ -5730,16 +5731,18 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
     }
     s.slot_bytes = s.piece_room[0] + s.piece_room[1] + s.piece_room[2];
     const uint64_t resident = hp.weight_bytes - expert_total;
-    const uint64_t need = resident + (uint64_t)hp.n_expert_used * s.slot_bytes;
+    const size_t pad = s.align > 64 ? s.align : 0;  // AlignedBuffer gives 64-byte alignment, O_DIRECT wants more
+    const uint64_t need = resident + (uint64_t)hp.n_expert_used * s.slot_bytes + pad;
     if (o.mem_budget < need)
         return fail(Status::invalid_argument,
                     "mem_budget %.1f MiB is too small: the non-expert weights take %.1f MiB and one token needs %d experts of %.2f MiB "
                     "(at least %.1f MiB)", (double)o.mem_budget / (1 << 20), (double)resident / (1 << 20), hp.n_expert_used,
                     (double)s.slot_bytes / (1 << 20), (double)need / (1 << 20));
-    const uint64_t n_slots = std::min<uint64_t>((o.mem_budget - resident) / s.slot_bytes, (uint64_t)hp.n_layer * (uint64_t)hp.n_expert);
+    const uint64_t n_slots = std::min<uint64_t>((o.mem_budget - resident - pad) / s.slot_bytes, (uint64_t)hp.n_layer * (uint64_t)hp.n_expert);
     s.slots.resize((size_t)n_slots);
-    if (!s.memory.allocate((size_t)n_slots * s.slot_bytes, false))
+    if (!s.memory.allocate((size_t)n_slots * s.slot_bytes + pad, false))
         return fail(Status::out_of_memory, "cannot allocate the expert cache (%.1f MiB)", (double)n_slots * (double)s.slot_bytes / (1 << 20));
+    s.slot_base = s.memory.data + (s.align - (size_t)(reinterpret_cast<uintptr_t>(s.memory.data) % s.align)) % s.align;
     s.where.assign((size_t)hp.n_layer * (size_t)hp.n_expert, -1);
     s.heat.assign(s.where.size(), 0);
     s.stats.mem_budget_bytes = o.mem_budget;

@@ -102,6 +102,21 @@ TEST(ExpertStore, GreedyTokensIdenticalWithAnyBudget) {
             }
 }
 
+// O_DIRECT reads (4 KiB-aligned ranges into 4 KiB-aligned slots) give the same tokens; skipped on
+// file systems without O_DIRECT (tmpfs).
+TEST(ExpertStore, DirectIo) {
+    const Geometry g = geometry();
+    moe::LoadOptions o;
+    o.mem_budget = g.resident + g.all_experts / 3 * g.slot;
+    o.direct_io = true;
+    moe::Model m;
+    const moe::Status st = moe::Model::load(model_path().c_str(), o, &m);
+    if (st != moe::Status::ok) GTEST_SKIP() << "no O_DIRECT here: " << moe::last_error();
+    EXPECT_LE(m.expert_store_stats().resident_bytes + m.expert_store_stats().cache_bytes, o.mem_budget);
+    EXPECT_EQ(greedy(m, 24, 1).tokens, greedy(load(moe::LoadOptions{}), 24, 0).tokens);
+    EXPECT_GT(m.expert_store_stats().misses, 0u);
+}
+
 TEST(ExpertStore, BudgetTooSmallSaysWhatIsNeeded) {
     const Geometry g = geometry();
     moe::LoadOptions o;
