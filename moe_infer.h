@@ -5747,7 +5747,7 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
     s.heat.assign(s.where.size(), 0);
     s.stats.mem_budget_bytes = o.mem_budget;
     s.stats.resident_bytes = resident;
-    s.stats.cache_bytes = n_slots * s.slot_bytes;
+    s.stats.cache_bytes = n_slots * s.slot_bytes + pad;
     s.stats.slots = (int32_t)n_slots;
     if (o.simulated_storage) {
         s.simulated = true;

@@ -79,7 +79,7 @@ std::string llama_error() {
 struct Options {
     std::string model;
     int threads = 0, n_prompt = 64, n_gen = 32, reps = 3;
-    bool json = false, no_repack = false;
+    bool json = false, no_repack = false, random_decode = false;
     double bw = 0;
     size_t bw_bytes = 0;
     uint64_t seed = 1234;
@@ -99,6 +99,7 @@ const char* kUsage =
     "  --bw-mib N       buffer of the bandwidth measurement (default max(1 GiB, 4 x LLC))\n"
     "  --seed N         seed of the random prompt (default 1234, as moe-bench)\n"
     "  --no-repack      use_extra_bufts = false (no CPU weight repacking)\n"
+    "  --random-decode  decode inputs are random ids (seeded, as moe-bench --random-decode)\n"
     "  --fa auto|on|off flash attention (default auto, llama.cpp's default)\n"
     "  --backend-dir D  where libggml-cpu-*.so live (default: the lib dir it was built against)\n"
     "  --cpu-variant V  load libggml-cpu-V.so (haswell, skylakex, icelake, sapphirerapids, zen4, ...)\n"
@@ -134,6 +135,7 @@ Options parse_args(int argc, char** argv) {
         else if (a == "--bw-mib") o.bw_bytes = (size_t)parse_int(value(), "--bw-mib", 1, 1 << 24) << 20;
         else if (a == "--seed") o.seed = (uint64_t)parse_int(value(), "--seed", 0, INT64_MAX);
         else if (a == "--no-repack") o.no_repack = true;
+        else if (a == "--random-decode") o.random_decode = true;
         else if (a == "--fa") {
             const char* v = value();
             if (!v || (std::strcmp(v, "auto") && std::strcmp(v, "on") && std::strcmp(v, "off"))) throw Error("--fa takes auto, on or off");
@@ -324,6 +326,8 @@ int run(const Options& o) {
     std::vector<llama_token> prompt((size_t)std::max(1, o.n_prompt));
     Rng rng(o.seed);
     for (llama_token& t : prompt) t = (llama_token)(rng.next() % (uint64_t)n_vocab);
+    std::vector<llama_token> decode_ids((size_t)std::max(1, o.n_gen));
+    for (llama_token& t : decode_ids) t = (llama_token)(rng.next() % (uint64_t)n_vocab);
     llama_batch batch = llama_batch_init((int32_t)prompt.size(), 0, 1);
     struct BatchGuard { llama_batch& b; ~BatchGuard() { llama_batch_free(b); } } guard{batch};
 
@@ -349,7 +353,10 @@ int run(const Options& o) {
         double t0 = now_s();
         llama_token tok = decode(prompt.data(), np, 0);
         double t1 = now_s();
-        for (int i = 0; i < n_gen; ++i) tok = decode(&tok, 1, np + i);
+        for (int i = 0; i < n_gen; ++i) {
+            if (o.random_decode) tok = decode_ids[(size_t)i];
+            tok = decode(&tok, 1, np + i);
+        }
         double t2 = now_s();
         *t_prefill = o.n_prompt > 0 ? t1 - t0 : 0;
         *t_decode = t2 - t1;

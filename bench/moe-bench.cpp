@@ -64,6 +64,8 @@ const char* kUsage =
     "  --io-threads N  expert-store read threads (default 4)\n"
     "  --direct-io     O_DIRECT expert reads\n"
     "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
+    "  --random-decode decode inputs are random ids (seeded, as llama_bench_peer) instead of the\n"
+    "                  argmax: random-weight models repeat one token greedily, which hides routing\n"
     "\n"
     "synthetic model options:\n"
     "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
@@ -203,7 +205,7 @@ const Shape* find_shape(const std::string& name) {
     return nullptr;
 }
 
-enum class Fill { weights, norm, router };
+enum class Fill { weights, norm, router, embedding, output_proj };
 
 struct TensorSpec {
     std::string name;
@@ -268,7 +270,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
     const int64_t E = s.n_embd, H = (int64_t)s.n_head * s.head_dim, KV = (int64_t)s.n_head_kv * s.head_dim, F = s.n_ff_exp;
     const int64_t V = s.n_vocab, X = s.n_expert;
 
-    add("token_embd.weight", base, {E, V}, Fill::weights);
+    add("token_embd.weight", base, {E, V}, Fill::embedding);
     for (int il = 0; il < n_layer; ++il) {
         const std::string b = "blk." + std::to_string(il) + ".";
         const bool more = q.k_mix && more_bits_layer(il, n_layer);
@@ -276,7 +278,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
         add(b + "attn_q.weight", base, {E, H}, Fill::weights);
         add(b + "attn_k.weight", base, {E, KV}, Fill::weights);
         add(b + "attn_v.weight", more ? T::q6_k : base, {E, KV}, Fill::weights);
-        add(b + "attn_output.weight", base, {H, E}, Fill::weights);
+        add(b + "attn_output.weight", base, {H, E}, Fill::output_proj);
         if (s.qk == QkNorm::per_head) {
             add(b + "attn_q_norm.weight", T::f32, {s.head_dim}, Fill::norm);
             add(b + "attn_k_norm.weight", T::f32, {s.head_dim}, Fill::norm);
@@ -288,7 +290,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
         add(b + "ffn_gate_inp.weight", T::f32, {E, X}, Fill::router);
         add(b + "ffn_gate_exps.weight", base, {E, F, X}, Fill::weights);
         add(b + "ffn_up_exps.weight", base, {E, F, X}, Fill::weights);
-        add(b + "ffn_down_exps.weight", more ? T::q6_k : base, {F, E, X}, Fill::weights);
+        add(b + "ffn_down_exps.weight", more ? T::q6_k : base, {F, E, X}, Fill::output_proj);
     }
     add("output_norm.weight", T::f32, {E}, Fill::norm);
     add("output.weight", out_type, {E, V}, Fill::weights);
@@ -297,13 +299,20 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
 
 // ---- random block bytes: fp16 scales in the normal range, values |w| <~ 0.12, no NaN/Inf --------
 
-void gen_q4_0(uint8_t* p, size_t nb, Rng& r) {  // 18 B: d, 16 B of nibbles; |w| <= 8 d
+// Nibble 0 (w = -8 d) becomes 8 (w = 0): values symmetric in [-7, 7] d with mean 0. With uniform
+// nibbles the mean is -d/2, every matmul output gets a common offset, and routing collapses onto the
+// same experts for every token.
+void gen_q4_0(uint8_t* p, size_t nb, Rng& r) {  // 18 B: d, 16 B of nibbles; |w| <= 7 d
     for (size_t b = 0; b < nb; ++b, p += 18) {
         uint16_t d = to_fp16(r.uniform(0.002f, 0.012f));
         std::memcpy(p, &d, 2);
         uint64_t a = r.next(), c = r.next();
         std::memcpy(p + 2, &a, 8);
         std::memcpy(p + 10, &c, 8);
+        for (int j = 2; j < 18; ++j) {
+            if ((p[j] & 0x0f) == 0) p[j] |= 0x08;
+            if ((p[j] & 0xf0) == 0) p[j] |= 0x80;
+        }
     }
 }
 
@@ -388,6 +397,34 @@ void gen_f32(uint8_t* p, size_t n, Rng& r, Fill fill) {
     }
 }
 
+// Multiplies the fp16 scales of nb blocks by `factor`. Token embeddings get 64x the weights' scale
+// and the projections back into the residual (attn_output, ffn_down) 1/16: with every matrix at
+// the same scale, the residual stream after layer 0 is dominated by attention and expert outputs
+// that hardly depend on the token, and every token routes to the same experts from layer 1 on
+// (a 100% expert-cache hit rate on random input). Real models keep token identity in the
+// residual; so does this. Speed is unaffected (same types, same bytes).
+void scale_blocks(moe::TensorType type, uint8_t* p, size_t nb, float factor) {
+    using T = moe::TensorType;
+    auto scale16 = [&](uint8_t* at) {
+        uint16_t h;
+        std::memcpy(&h, at, 2);
+        h = to_fp16(moe::detail::fp16_to_f32(h) * factor);
+        std::memcpy(at, &h, 2);
+    };
+    const int bb = moe::tensor_type_block_bytes(type);
+    for (size_t b = 0; b < nb; ++b) {
+        uint8_t* blk = p + b * (size_t)bb;
+        switch (type) {
+            case T::q4_0: case T::q8_0: scale16(blk); break;
+            case T::q4_k: scale16(blk); scale16(blk + 2); break;
+            case T::q6_k: scale16(blk + 208); break;
+            case T::f16: scale16(blk); break;
+            case T::f32: { float v; std::memcpy(&v, blk, 4); v *= factor; std::memcpy(blk, &v, 4); break; }
+            default: break;
+        }
+    }
+}
+
 // Fills [elem0, elem0 + n_elems) of a tensor (block-aligned) from its own seed.
 void gen_range(const TensorSpec& t, uint8_t* dst, uint64_t elem0, uint64_t n_elems, uint64_t seed) {
     using T = moe::TensorType;
@@ -404,6 +441,8 @@ void gen_range(const TensorSpec& t, uint8_t* dst, uint64_t elem0, uint64_t n_ele
         case T::f32: gen_f32(p, nb, r, t.fill); break;
         default: std::memset(p, 0, nb * (size_t)bb); break;
     }
+    if (t.fill == Fill::embedding) scale_blocks(t.type, p, nb, 64.f);
+    if (t.fill == Fill::output_proj) scale_blocks(t.type, p, nb, 1.f / 16);
 }
 
 // ---- tokenizer -------------------------------------------------------------------------------
@@ -656,7 +695,7 @@ struct BenchOptions {
     uint64_t seed = 1234;
     uint64_t mem_budget = 0;
     int predict = 0, io_threads = 4;
-    bool direct_io = false, drop_cache = false;
+    bool direct_io = false, drop_cache = false, random_decode = false;
 };
 
 // "8G", "512M", "64K" or bytes.
@@ -801,6 +840,8 @@ int run_bench(const BenchOptions& o) {
     std::vector<int32_t> prompt((size_t)std::max(1, o.n_prompt));
     Rng rng(o.seed);
     for (int32_t& t : prompt) t = (int32_t)(rng.next() % (uint64_t)info.n_vocab);
+    std::vector<int32_t> decode_ids((size_t)std::max(1, o.n_gen));
+    for (int32_t& t : decode_ids) t = (int32_t)(rng.next() % (uint64_t)info.n_vocab);
 
     std::string err;
     // One repetition; returns false on error. Times in seconds (prefill 0 when p == 0).
@@ -813,6 +854,7 @@ int run_bench(const BenchOptions& o) {
         if (o.profile) session.profile(phases_before.data(), (int)phases_before.size());
         int32_t tok = argmax(session.logits(), info.n_vocab);
         for (int i = 0; i < n_gen; ++i) {
+            if (o.random_decode) tok = decode_ids[(size_t)i];
             if (session.eval(&tok, 1) != moe::Status::ok) { err = std::string("decode failed: ") + moe::last_error(); return false; }
             tok = argmax(session.logits(), info.n_vocab);
         }
@@ -951,6 +993,7 @@ int main(int argc, char** argv) {
         else if (a == "--io-threads") { if (!parse_i64(value(), 0, 64, &v)) return fail("bad or missing value for --io-threads"); o.io_threads = (int)v; }
         else if (a == "--direct-io") o.direct_io = true;
         else if (a == "--drop-cache") o.drop_cache = true;
+        else if (a == "--random-decode") o.random_decode = true;
         else if (a == "--seed") { if (!parse_i64(value(), 0, INT64_MAX, &v)) return fail("bad or missing value for --seed"); o.seed = (uint64_t)v; }
         else if (a == "--synthetic") { if (!(s = value())) return fail("missing value after --synthetic"); synthetic = s; }
         else if (a == "--quant") { if (!(s = value())) return fail("missing value after --quant"); quant = s; }

@@ -40,7 +40,7 @@ run() {
 drop
 disk=$(dd if="$MODEL" of=/dev/null bs=4M count=1024 iflag=direct 2>&1 | tail -1)
 echo "{\"disk_sequential_direct_read\": \"$disk\", \"limit\": \"$LIMIT\", \"budget_bytes\": $BUDGET_B, \"threads\": $THREADS}"
-COMMON=(-m "$MODEL" -t "$THREADS" -p "$P" -n "$N" -r "$R" --bw 10 --json)
+COMMON=(-m "$MODEL" -t "$THREADS" -p "$P" -n "$N" -r "$R" --bw 10 --json --random-decode)
 run moe_predict_off "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B"
 run moe_predict_on "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B" --predict 1
 run moe_predict_on_direct "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B" --predict 1 --direct-io
