@@ -63,7 +63,8 @@ const char* kUsage =
     "  --mem-budget SIZE   memory budget for the weights (e.g. 8G, 512M): experts are read into a\n"
     "                      bounded cache (with --predict, predicted experts are loaded ahead)\n"
     "  --io-threads N      expert reads in parallel with --mem-budget (default 4)\n"
-    "  --direct-io         O_DIRECT expert reads with --mem-budget (bypass the page cache)\n";
+    "  --buffered-io       with --mem-budget: read experts through the page cache (default: O_DIRECT\n"
+    "                      where the file system allows it)\n";
 
 constexpr long long kMaxContext = moe::kMaxContextLength;
 
@@ -183,7 +184,7 @@ struct Args {
     bool chat = false, print_tokens = false, have_system = false;
     long long n_predict = 64, n_threads = 0, n_ctx = 0, predict_depth = 0, predict_extra = 0, io_threads = 4;
     unsigned long long mem_budget = 0;
-    bool direct_io = false;
+    bool buffered_io = false;
     moe::SamplerOptions sampler;
 };
 
@@ -230,7 +231,7 @@ int main(int argc, char** argv) {
         if (k == "-h" || k == "--help") { std::fputs(kUsage, stdout); return 0; }
         if (k == "--chat") { a.chat = true; continue; }
         if (k == "--print-tokens") { a.print_tokens = true; continue; }
-        if (k == "--direct-io") { a.direct_io = true; continue; }
+        if (k == "--buffered-io") { a.buffered_io = true; continue; }
         // The name first: "--bogus" last on the line is an unknown option, not a missing value.
         if (!takes_value(k))
             return die(k.size() > 1 && k[0] == '-' ? "unknown option %s (see --help)" : "unexpected argument '%s' (see --help)", k.c_str());
@@ -268,7 +269,7 @@ int main(int argc, char** argv) {
     if (mode && a.print_tokens) return die("--print-tokens and %s cannot be used together", mode);
     if (a.have_system && !a.chat) return die("--system needs --chat");
     if (a.predict_extra && !a.predict_depth) return die("--predict-extra needs --predict");
-    if (a.direct_io && !a.mem_budget) return die("--direct-io needs --mem-budget");
+    if (a.buffered_io && !a.mem_budget) return die("--buffered-io needs --mem-budget");
 
     // Input files are read before the model is loaded: a typo fails at once.
     std::string text, why;
@@ -284,7 +285,7 @@ int main(int argc, char** argv) {
     moe::LoadOptions lo;
     lo.mem_budget = a.mem_budget;
     lo.io_threads = (int32_t)a.io_threads;
-    lo.direct_io = a.direct_io;
+    lo.direct_io = !a.buffered_io;
     if (moe::Model::load(a.model.c_str(), lo, &model) != moe::Status::ok) return die("%s", moe::last_error());
     const moe::ModelInfo& info = model.info();
     const moe::Tokenizer& tok = model.tokenizer();
@@ -377,10 +378,10 @@ int main(int argc, char** argv) {
         if (a.mem_budget) {
             const moe::ExpertStoreStats es = model.expert_store_stats();
             std::fprintf(stderr,
-                         "expert store: budget %s (resident %s, cache %s = %d experts): %llu lookups, hit rate %.3f, %llu misses, "
+                         "expert store: budget %s (resident %s, cache %s = %d experts, %s reads): %llu lookups, hit rate %.3f, %llu misses, "
                          "%llu late; %llu prefetched (%llu used, %llu wasted); %s read; waited %.3f s\n",
                          format_bytes(es.mem_budget_bytes).c_str(), format_bytes(es.resident_bytes).c_str(), format_bytes(es.cache_bytes).c_str(),
-                         es.slots, (unsigned long long)es.lookups, es.hit_rate(), (unsigned long long)es.misses, (unsigned long long)es.late,
+                         es.slots, es.direct_io ? "O_DIRECT" : "buffered", (unsigned long long)es.lookups, es.hit_rate(), (unsigned long long)es.misses, (unsigned long long)es.late,
                          (unsigned long long)es.prefetches, (unsigned long long)es.prefetch_hits, (unsigned long long)es.prefetch_wasted,
                          format_bytes(es.bytes_read).c_str(), es.wait_seconds);
         }
