@@ -48,6 +48,9 @@
        NEON dotprod kernels picked at run time.
        tokenizers: byte-level BPE ("gpt2": qwen2, llama-bpe, gpt-2, deepseek-llm pre-tokenizers...)
        and SentencePiece ("llama").
+       models larger than memory: LoadOptions::mem_budget keeps the routed experts in a bounded
+       cache (O_DIRECT reads on I/O threads), SessionOptions::predict_depth loads predicted experts
+       ahead; Session::expert_stats / prediction_stats, Model::expert_store_stats report.
 
    INDEX OF THIS FILE
        [SECTION] VERSION & API MACROS
@@ -73,8 +76,10 @@
        [SECTION] THREAD POOL                     >>threads
        [SECTION] TOKENIZER IMPLEMENTATION        >>tokenizer
        [SECTION] MODEL LOADING                   >>loader
+       [SECTION] EXPERT STORE                    >>store     LoadOptions::mem_budget: experts in a bounded cache
        [SECTION] FORWARD PASS                    >>forward
            forward state                         >>forward-state  KvCache, Activations, Routing, PhaseProfile, ForwardCall
+           expert statistics and prediction      >>experts        GateLookahead (ExpertPredictor)
            the forward pass of one chunk         >>forward-chunk  eval -> forward -> forward_thread -> phases
        [SECTION] SAMPLER IMPLEMENTATION          >>sampler
        [SECTION] GENERATION IMPLEMENTATION       >>generate
