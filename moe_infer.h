@@ -547,8 +547,9 @@ struct SessionOptions {
     // Bytes ahead of the current weight row that matmuls prefetch; -1 = default (2048), 0 = off.
     int32_t prefetch_distance = -1;
     // Expert prediction: while layer l runs, predict the experts of layers l+1 .. l+predict_depth
-    // (0 = off, at most 4) for each token, predict_extra more than n_expert_used per layer
-    // (over-fetch), and score them in prediction_stats(). predictor: null = gate look-ahead.
+    // (0 = off, at most 4) for each decoded token (eval() of at most 4 tokens; a prompt batch
+    // touches most experts anyway), predict_extra more than n_expert_used per layer (over-fetch),
+    // and score them in prediction_stats(). predictor: null = gate look-ahead.
     int32_t predict_depth = 0;
     int32_t predict_extra = 0;
     std::shared_ptr<ExpertPredictor> predictor;
@@ -6555,7 +6556,7 @@ inline void SessionImpl::route(int il, int32_t n) {
                 ++stats.count[cell];
                 stats.weight[cell] += r.slot_weight[(size_t)(t * slots + j)];
             }
-            if (prediction.depth > 0) score_and_predict(il, t);
+            if (prediction.depth > 0 && n <= kSerialNormTokens) score_and_predict(il, t);
             if (l.gate_shexp) {
                 const float* xt = a.xb.data + t * plan->n_embd;
                 float g = 0;
