@@ -5495,7 +5495,6 @@ struct ExpertStore {
     uint64_t tick = 0;                // one per layer lookup
     int32_t in_flight_prefetches = 0;
     ExpertStoreStats stats;
-    bool io_failed = false;
     mutable StoreMutex mu;
 #if MOE_DETAIL_HAS_THREADS
     std::condition_variable changed;  // a slot became ready or was unpinned
@@ -5602,8 +5601,7 @@ struct ExpertStore {
     void finish_read(int32_t s, bool ok) {
         Slot& sl = slots[(size_t)s];
         sl.state = Slot::ready;
-        sl.failed = !ok;
-        if (!ok) io_failed = true;
+        sl.failed = !ok;  // reported to the caller waiting for it; read again at the next lookup
     }
 #if MOE_DETAIL_HAS_THREADS
     void io_thread() {
@@ -5634,6 +5632,14 @@ struct ExpertStore {
                  const std::vector<std::pair<int32_t, std::vector<int32_t>>>* predicted) {
         std::unique_lock<StoreMutex> lock(mu);
         if (n > (int)slots.size()) return fail_locked("the expert cache (%d slots) cannot hold one layer's experts", (int)slots.size());
+        for (int i = 0; i < n; ++i) {  // a slot whose read failed is a miss now (unless someone still holds it)
+            const int32_t s = where[cell(layer, ids[i])];
+            if (s >= 0 && slots[(size_t)s].failed && slots[(size_t)s].pins == 0 && slots[(size_t)s].state == Slot::ready) {
+                slots[(size_t)s].state = Slot::empty;
+                slots[(size_t)s].failed = false;
+                where[cell(layer, ids[i])] = -1;
+            }
+        }
         for (;;) {
             int misses = 0, free_slots = 0;
             for (int i = 0; i < n; ++i) misses += where[cell(layer, ids[i])] < 0;
@@ -5644,7 +5650,7 @@ struct ExpertStore {
                     std::find(ids, ids + n, sl.expert) == ids + n) ++free_slots;
             if (free_slots >= misses) break;
 #if MOE_DETAIL_HAS_THREADS
-            if (!simulated && !io.empty()) { changed.wait(lock); continue; }
+            if (!simulated) { changed.wait(lock); continue; }  // reads in flight or other sessions' pins end
 #endif
             return fail_locked("the expert cache (%d slots) is pinned by other sessions", (int)slots.size());
         }
@@ -5678,17 +5684,19 @@ struct ExpertStore {
         if (predicted) prefetch_locked(*predicted, lock);
         // Wait until every pinned slot is ready.
         double ready = t0;
+        bool failed = false;
         for (int i = 0; i < n; ++i) {
             Slot& sl = slots[(size_t)where[cell(layer, ids[i])]];
 #if MOE_DETAIL_HAS_THREADS
             changed.wait(lock, [&sl] { return sl.state == Slot::ready; });
 #endif
             if (simulated) ready = std::max(ready, sl.ready_at);
+            failed = failed || sl.failed;
             out[i] = pointers(where[cell(layer, ids[i])]);
         }
         if (simulated) { stats.wait_seconds += ready - t0; now = ready; }
         else stats.wait_seconds += now_seconds() - t0;
-        if (io_failed) return fail_locked("reading the experts of layer %d failed", layer);
+        if (failed) return fail_locked("reading the experts of layer %d from the model file failed", layer);
         return true;
     }
     bool fail_locked(const char* what, int arg) {
