@@ -405,6 +405,17 @@ struct SimulatedStorage {
     double compute_s_per_layer = 0;
 };
 
+// Where the expert store (LoadOptions::mem_budget) keeps experts and how it loads them.
+//   direct    pread with O_DIRECT into slots of its own, where the file system allows it (else as
+//             buffered): the page cache stays free for the mapped non-expert weights. Fastest
+//             measured (bench/RESULTS.md, "models larger than memory").
+//   buffered  pread through the page cache into slots of its own.
+//   mapped    no slots of its own: experts are used in place in the file mapping; a load is
+//             posix_fadvise(WILLNEED) + madvise(MADV_POPULATE_READ) of its range, an eviction
+//             madvise(MADV_DONTNEED) + posix_fadvise(DONTNEED). Needs a mapped file (use_mmap).
+enum class ExpertReads : uint8_t { direct, buffered, mapped };
+MOE_API const char* expert_reads_name(ExpertReads r);  // "direct", "buffered", "mapped"
+
 struct LoadOptions {
     bool use_mmap = true;   // false: read the whole file into memory
     LogFn log = nullptr;    // optional; receives load diagnostics
@@ -418,10 +429,8 @@ struct LoadOptions {
     // weights plus n_expert_used experts.
     uint64_t mem_budget = 0;
     int32_t io_threads = 4;   // expert-store I/O threads (0: loads run on the thread that needs them)
-    // O_DIRECT expert reads where the file system allows them (else buffered pread): measured 3.3x
-    // faster decode with an 8 GB budget on a 17 GB model (bench/RESULTS.md), since buffered reads
-    // fill the page cache that the mapped non-expert weights need.
-    bool direct_io = true;
+    // How the store's experts get into memory (see ExpertReads).
+    ExpertReads expert_reads = ExpertReads::direct;
     const SimulatedStorage* simulated_storage = nullptr;  // tests: virtual-clock storage (copied)
 };
 
@@ -433,7 +442,7 @@ struct ExpertStoreStats {
     uint64_t resident_bytes = 0;    // non-expert weights (mapped)
     uint64_t cache_bytes = 0;       // slots x slot bytes
     int32_t slots = 0;              // experts the cache holds at once
-    bool direct_io = false;         // reads bypass the page cache (O_DIRECT)
+    ExpertReads reads = ExpertReads::direct;  // as used (direct falls back to buffered where refused)
     uint64_t lookups = 0, hits = 0, misses = 0, late = 0;
     uint64_t prefetch_hits = 0;     // hits (or late) on an expert loaded by a prediction, first use
     uint64_t prefetches = 0;        // experts loaded ahead on a prediction
@@ -5351,6 +5360,12 @@ MOE_DETAIL_MEMBER Status Model::load(const char* path, const LoadOptions& option
         if (options.log) options.log(options.log_user, last_error());
         return s;
     }
+#if MOE_DETAIL_HAS_MMAP
+    // With an expert store, page faults must not read megabytes around them (read_ahead_kb):
+    // that would pull experts into the page cache outside the budget (attach_expert_store).
+    if (options.mem_budget && options.use_mmap)
+        (void)madvise(const_cast<uint8_t*>(impl->file.data()), impl->file.file_size(), MADV_RANDOM);
+#endif
     return model_finish_load(impl, options, out, &out->impl_, options.use_mmap ? path : nullptr);
 }
 
@@ -5488,6 +5503,10 @@ struct ExpertStore {
     std::vector<Slot> slots;
     AlignedBuffer<uint8_t> memory;
     uint8_t* slot_base = nullptr;  // memory aligned up to `align` (O_DIRECT wants 4 KiB-aligned buffers)
+    // ExpertReads::mapped: experts are used in place in the file mapping (no slot memory); a slot
+    // only stands for the page-cache share of one resident expert. advise_fd: the file, for fadvise.
+    const uint8_t* mapped_base = nullptr;
+    int advise_fd = -1;
     std::unique_ptr<ExpertSource> source;
     bool simulated = false;
     SimulatedStorage sim;
@@ -5516,6 +5535,9 @@ struct ExpertStore {
         work.notify_all();
         for (std::thread& t : io) t.join();
 #endif
+#if MOE_DETAIL_HAS_MMAP
+        if (advise_fd >= 0) ::close(advise_fd);
+#endif
     }
 
     size_t cell(int32_t layer, int32_t e) const { return (size_t)layer * (size_t)n_expert + (size_t)e; }
@@ -5523,6 +5545,7 @@ struct ExpertStore {
     const uint8_t* piece_data(int32_t s, int m) const {
         const Slot& sl = slots[(size_t)s];
         const Piece& p = pieces[cell(sl.layer, sl.expert) * 3 + (size_t)m];
+        if (mapped_base) return mapped_base + p.offset;
         size_t at = 0;
         for (int i = 0; i < m; ++i) at += piece_room[i];
         return slot_base + (size_t)s * slot_bytes + at + (size_t)(p.offset % align);
@@ -5531,6 +5554,7 @@ struct ExpertStore {
 
     // Reads slot s's expert (outside the lock: the slot is `loading`, so nobody else touches it).
     bool load(int32_t s, int32_t layer, int32_t e) {
+        if (mapped_base) return map_in(layer, e);
         uint8_t* base = slot_base + (size_t)s * slot_bytes;
         bool ok = true;
         for (int m = 0; m < 3; ++m) {
@@ -5541,6 +5565,49 @@ struct ExpertStore {
             base += piece_room[m];
         }
         return ok;
+    }
+    // ExpertReads::mapped. All three ranges are asked for at once (WILLNEED starts the reads in
+    // large requests), then mapped in; MADV_POPULATE_READ (Linux 5.14) reports a read error where
+    // touching the pages would raise SIGBUS, so pages are touched only on older kernels.
+    bool map_in(int32_t layer, int32_t e) {
+#if MOE_DETAIL_HAS_MMAP
+        uint64_t start[3], end[3];
+        for (int m = 0; m < 3; ++m) {
+            const Piece& p = pieces[cell(layer, e) * 3 + (size_t)m];
+            start[m] = p.offset / align * align;
+            end[m] = (p.offset + p.bytes + align - 1) / align * align;
+            (void)posix_fadvise(advise_fd, (off_t)start[m], (off_t)(end[m] - start[m]), POSIX_FADV_WILLNEED);
+        }
+        for (int m = 0; m < 3; ++m) {
+            void* at = const_cast<uint8_t*>(mapped_base + start[m]);
+#if defined(MADV_POPULATE_READ)
+            if (madvise(at, (size_t)(end[m] - start[m]), MADV_POPULATE_READ) == 0) continue;
+            if (errno != EINVAL) return false;
+#endif
+            volatile uint8_t sink = 0;
+            for (uint64_t q = start[m]; q < end[m]; q += align) sink = (uint8_t)(sink ^ mapped_base[q]);
+            (void)at;
+        }
+        return true;
+#else
+        (void)layer; (void)e;
+        return false;
+#endif
+    }
+    // ExpertReads::mapped: gives an evicted expert's pages back (only whole pages inside its
+    // ranges: a neighbour in use keeps the pages it shares).
+    void map_out(int32_t layer, int32_t e) {
+#if MOE_DETAIL_HAS_MMAP
+        for (int m = 0; m < 3; ++m) {
+            const Piece& p = pieces[cell(layer, e) * 3 + (size_t)m];
+            const uint64_t start = (p.offset + align - 1) / align * align, end = (p.offset + p.bytes) / align * align;
+            if (end <= start) continue;
+            (void)madvise(const_cast<uint8_t*>(mapped_base + start), (size_t)(end - start), MADV_DONTNEED);
+            (void)posix_fadvise(advise_fd, (off_t)start, (off_t)(end - start), POSIX_FADV_DONTNEED);
+        }
+#else
+        (void)layer; (void)e;
+#endif
     }
     uint64_t expert_bytes(int32_t layer, int32_t e) const {
         const size_t c = cell(layer, e) * 3;
@@ -5567,6 +5634,7 @@ struct ExpertStore {
         if (sl.state == Slot::ready) {
             if (sl.prefetched) { ++stats.prefetch_wasted; stats.prefetch_wasted_bytes += expert_bytes(sl.layer, sl.expert); }
             where[cell(sl.layer, sl.expert)] = -1;
+            if (mapped_base) map_out(sl.layer, sl.expert);
         }
         sl.layer = layer; sl.expert = e; sl.state = Slot::loading; sl.prefetched = prefetch; sl.failed = false;
         sl.last_use = tick;
@@ -5749,10 +5817,19 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
             return fail(Status::invalid_argument, "simulated_storage needs bytes_per_s > 0 and non-negative times");
     }
     bool direct = false;
+    const uint8_t* base = m.file.data();
+    if (o.expert_reads != ExpertReads::direct && o.expert_reads != ExpertReads::buffered && o.expert_reads != ExpertReads::mapped)
+        return fail(Status::invalid_argument, "expert_reads %d is not an ExpertReads value", (int)o.expert_reads);
 #if MOE_DETAIL_HAS_MMAP
-    if (path && !s.simulated) {
+    if (o.expert_reads == ExpertReads::mapped) {
+        if (!path || !o.use_mmap)
+            return fail(Status::invalid_argument, "expert_reads = mapped needs a model file loaded with use_mmap");
+        s.advise_fd = ::open(path, O_RDONLY);
+        if (s.advise_fd < 0) return fail(Status::io_error, "cannot open '%s' for expert reads: %s", path, std::strerror(errno));
+        s.mapped_base = base;
+    } else if (path && !s.simulated) {
         std::unique_ptr<FileSource> f(new FileSource());
-        Status fs = o.direct_io ? f->open(path, true) : Status::io_error;
+        Status fs = o.expert_reads == ExpertReads::direct ? f->open(path, true) : Status::io_error;
         direct = fs == Status::ok;
         if (!direct) fs = f->open(path, false);  // no O_DIRECT here (tmpfs...): buffered reads
         if (fs != Status::ok) return fs;
@@ -5760,9 +5837,14 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
     }
 #else
     (void)path;
+    if (o.expert_reads == ExpertReads::mapped)
+        return fail(Status::unsupported, "expert_reads = mapped needs mmap/madvise, which this build does not have");
 #endif
-    s.align = direct ? 4096 : 64;
-    const uint8_t* base = m.file.data();
+    size_t page = 4096;
+#if MOE_DETAIL_HAS_MMAP
+    if (s.mapped_base) page = std::max<size_t>(page, (size_t)sysconf(_SC_PAGESIZE));
+#endif
+    s.align = direct ? 4096 : s.mapped_base ? page : 64;
     uint64_t expert_total = 0;
     s.pieces.resize((size_t)hp.n_layer * (size_t)hp.n_expert * 3);
     for (int32_t l = 0; l < hp.n_layer; ++l) {
@@ -5777,8 +5859,37 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
         }
     }
     s.slot_bytes = s.piece_room[0] + s.piece_room[1] + s.piece_room[2];
+#if MOE_DETAIL_HAS_MMAP
+    if (path && o.use_mmap && !s.simulated) {
+        // The mapping has no read-around (Model::load), so the resident weights (everything but
+        // the expert stacks) are read now in large requests, and expert pages that the header
+        // reads pulled in before that are given back: the page cache of this file stays within
+        // the budget too.
+        const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        const size_t mapped_size = m.file.file_size();
+        std::vector<std::pair<uint64_t, uint64_t>> stacks;  // [start, end) of each expert stack
+        for (const LayerWeights& lw : m.layers)
+            for (const Weight* w : {&lw.gate_exps, &lw.up_exps, &lw.down_exps})
+                stacks.push_back({(uint64_t)(w->data - base), (uint64_t)(w->data - base) + w->mat_bytes * (uint64_t)w->n_mats});
+        std::sort(stacks.begin(), stacks.end());
+        const int fd = ::open(path, O_RDONLY);
+        uint64_t from = 0;
+        stacks.push_back({mapped_size, mapped_size});
+        for (const auto& range : stacks) {
+            const uint64_t start = from / page * page, end = std::min<uint64_t>((range.first + page - 1) / page * page, mapped_size);
+            if (end > start) (void)madvise(const_cast<uint8_t*>(base + start), (size_t)(end - start), MADV_WILLNEED);
+            const uint64_t drop_start = end, drop_end = range.second / page * page;  // whole pages of the stack
+            if (drop_end > drop_start) {
+                (void)madvise(const_cast<uint8_t*>(base + drop_start), (size_t)(drop_end - drop_start), MADV_DONTNEED);
+                if (fd >= 0) (void)posix_fadvise(fd, (off_t)drop_start, (off_t)(drop_end - drop_start), POSIX_FADV_DONTNEED);
+            }
+            from = std::max(from, range.second);
+        }
+        if (fd >= 0) ::close(fd);
+    }
+#endif
     const uint64_t resident = hp.weight_bytes - expert_total;
-    const size_t pad = s.align > 64 ? s.align : 0;  // AlignedBuffer gives 64-byte alignment, O_DIRECT wants more
+    const size_t pad = s.align > 64 && !s.mapped_base ? s.align : 0;  // AlignedBuffer gives 64-byte alignment, O_DIRECT wants more
     const uint64_t need = resident + (uint64_t)hp.n_expert_used * s.slot_bytes + pad;
     if (o.mem_budget < need)
         return fail(Status::invalid_argument,
@@ -5787,9 +5898,11 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
                     (double)s.slot_bytes / (1 << 20), (double)need / (1 << 20));
     const uint64_t n_slots = std::min<uint64_t>((o.mem_budget - resident - pad) / s.slot_bytes, (uint64_t)hp.n_layer * (uint64_t)hp.n_expert);
     s.slots.resize((size_t)n_slots);
-    if (!s.memory.allocate((size_t)n_slots * s.slot_bytes + pad, false))
-        return fail(Status::out_of_memory, "cannot allocate the expert cache (%.1f MiB)", (double)n_slots * (double)s.slot_bytes / (1 << 20));
-    s.slot_base = s.memory.data + (s.align - (size_t)(reinterpret_cast<uintptr_t>(s.memory.data) % s.align)) % s.align;
+    if (!s.mapped_base) {
+        if (!s.memory.allocate((size_t)n_slots * s.slot_bytes + pad, false))
+            return fail(Status::out_of_memory, "cannot allocate the expert cache (%.1f MiB)", (double)n_slots * (double)s.slot_bytes / (1 << 20));
+        s.slot_base = s.memory.data + (s.align - (size_t)(reinterpret_cast<uintptr_t>(s.memory.data) % s.align)) % s.align;
+    }
     s.where.assign((size_t)hp.n_layer * (size_t)hp.n_expert, -1);
     s.heat.assign(s.where.size(), 0);
     s.stats.mem_budget_bytes = o.mem_budget;
@@ -5797,7 +5910,7 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
     s.stats.cache_bytes = n_slots * s.slot_bytes + pad;
     s.stats.slots = (int32_t)n_slots;
     if (!s.source) s.source.reset(new MemorySource(base, m.file.file_size()));  // a buffer, or no pread here
-    s.stats.direct_io = direct;
+    s.stats.reads = s.mapped_base ? ExpertReads::mapped : direct ? ExpertReads::direct : ExpertReads::buffered;
 #if MOE_DETAIL_HAS_THREADS
     if (!s.simulated)
         for (int i = 0; i < o.io_threads; ++i) s.io.emplace_back([&s] { s.io_thread(); });
@@ -5822,7 +5935,17 @@ MOE_DETAIL_MEMBER void Model::reset_expert_store_stats() const {
     fresh.resident_bytes = s.stats.resident_bytes;
     fresh.cache_bytes = s.stats.cache_bytes;
     fresh.slots = s.stats.slots;
+    fresh.reads = s.stats.reads;
     s.stats = fresh;
+}
+
+MOE_API const char* expert_reads_name(ExpertReads r) {
+    switch (r) {
+        case ExpertReads::direct: return "direct";
+        case ExpertReads::buffered: return "buffered";
+        case ExpertReads::mapped: return "mapped";
+    }
+    return "unknown";
 }
 
 }  // namespace moe

@@ -62,7 +62,9 @@ const char* kUsage =
     "  --mem-budget SIZE  expert store with this memory budget (e.g. 8G; implies --no-prefault)\n"
     "  --predict N     predict experts N layers ahead (and prefetch them with --mem-budget)\n"
     "  --io-threads N  expert-store read threads (default 4)\n"
-    "  --buffered-io   expert reads through the page cache (default: O_DIRECT where possible)\n"
+    "  --expert-reads M  direct (default: O_DIRECT where possible), buffered (page cache) or mapped\n"
+    "                  (experts used in place in the file mapping, loaded with madvise)\n"
+    "  --buffered-io   the same as --expert-reads buffered\n"
     "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
     "  --random-decode decode inputs are random ids (seeded, as llama_bench_peer) instead of the\n"
     "                  argmax: random-weight models repeat one token greedily, which hides routing\n"
@@ -695,7 +697,8 @@ struct BenchOptions {
     uint64_t seed = 1234;
     uint64_t mem_budget = 0;
     int predict = 0, io_threads = 4;
-    bool buffered_io = false, drop_cache = false, random_decode = false;
+    moe::ExpertReads expert_reads = moe::ExpertReads::direct;
+    bool drop_cache = false, random_decode = false;
 };
 
 // "8G", "512M", "64K" or bytes.
@@ -816,7 +819,7 @@ int run_bench(const BenchOptions& o) {
     moe::LoadOptions lo;
     lo.mem_budget = o.mem_budget;
     lo.io_threads = o.io_threads;
-    lo.direct_io = !o.buffered_io;
+    lo.expert_reads = o.expert_reads;
     if (o.drop_cache && !drop_page_cache(o.model)) return fail("--drop-cache: posix_fadvise failed on " + o.model);
     if (moe::Model::load(o.model.c_str(), lo, &model) != moe::Status::ok) return fail("cannot load " + o.model + ": " + moe::last_error());
     t_load = now_s() - t_load;
@@ -898,10 +901,10 @@ int run_bench(const BenchOptions& o) {
     const double read_gbs = timed_s > 0 ? (double)es.bytes_read / timed_s / 1e9 : 0;
     char store_json[512];
     std::snprintf(store_json, sizeof store_json,
-                  "\"mem_budget_bytes\": %llu, \"expert_direct_io\": %s, \"expert_cache_bytes\": %llu, \"expert_slots\": %d, \"expert_hit_rate\": %.4f, "
+                  "\"mem_budget_bytes\": %llu, \"expert_reads\": \"%s\", \"expert_cache_bytes\": %llu, \"expert_slots\": %d, \"expert_hit_rate\": %.4f, "
                   "\"expert_misses\": %llu, \"expert_late\": %llu, \"prefetches\": %llu, \"prefetch_hits\": %llu, \"prefetch_recall\": %.4f, "
                   "\"prefetch_wasted_bytes\": %llu, \"expert_read_bytes\": %llu, \"expert_read_gbs\": %.3f, \"expert_wait_s\": %.3f, ",
-                  (unsigned long long)es.mem_budget_bytes, es.direct_io ? "true" : "false", (unsigned long long)es.cache_bytes, es.slots, es.hit_rate(),
+                  (unsigned long long)es.mem_budget_bytes, moe::expert_reads_name(es.reads), (unsigned long long)es.cache_bytes, es.slots, es.hit_rate(),
                   (unsigned long long)es.misses, (unsigned long long)es.late, (unsigned long long)es.prefetches,
                   (unsigned long long)es.prefetch_hits, ps.max_depth ? ps.recall(1) : 0.0, (unsigned long long)es.prefetch_wasted_bytes,
                   (unsigned long long)es.bytes_read, read_gbs, es.wait_seconds);
@@ -991,7 +994,14 @@ int main(int argc, char** argv) {
         else if (a == "--mem-budget") { if (!parse_size(value(), &o.mem_budget)) return fail("bad or missing value for --mem-budget (e.g. 8G)"); }
         else if (a == "--predict") { if (!parse_i64(value(), 0, 4, &v)) return fail("bad or missing value for --predict (0..4)"); o.predict = (int)v; }
         else if (a == "--io-threads") { if (!parse_i64(value(), 0, 64, &v)) return fail("bad or missing value for --io-threads"); o.io_threads = (int)v; }
-        else if (a == "--buffered-io") o.buffered_io = true;
+        else if (a == "--buffered-io") o.expert_reads = moe::ExpertReads::buffered;
+        else if (a == "--expert-reads") {
+            const std::string m = (s = value()) ? s : "";
+            if (m == "direct") o.expert_reads = moe::ExpertReads::direct;
+            else if (m == "buffered") o.expert_reads = moe::ExpertReads::buffered;
+            else if (m == "mapped") o.expert_reads = moe::ExpertReads::mapped;
+            else return fail("bad or missing value for --expert-reads (direct, buffered or mapped)");
+        }
         else if (a == "--drop-cache") o.drop_cache = true;
         else if (a == "--random-decode") o.random_decode = true;
         else if (a == "--seed") { if (!parse_i64(value(), 0, INT64_MAX, &v)) return fail("bad or missing value for --seed"); o.seed = (uint64_t)v; }

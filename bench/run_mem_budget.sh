@@ -2,7 +2,7 @@
 # run_mem_budget.sh MODEL [LIMIT] [BUDGET] [THREADS]
 #
 # Decode of a model that does not fit in memory: moe_infer's expert store (prediction off and on,
-# O_DIRECT and buffered reads) and llama.cpp (mmap, no repacking: a repacked copy would not fit) on the same file,
+# O_DIRECT, buffered and mapped/madvise reads) and llama.cpp (mmap, no repacking: a repacked copy would not fit) on the same file,
 # each inside the same cgroup-v1 memory limit (LIMIT, default 8G; RSS and page cache are both
 # charged to it), each after posix_fadvise(DONTNEED) on the file (a cold page cache, no root
 # needed for that part). moe_infer gets LoadOptions::mem_budget = BUDGET (default LIMIT - 512M:
@@ -45,4 +45,6 @@ run moe_predict_off "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_
 run moe_predict_on "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B" --predict 1
 run moe_predict_off_buffered "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B" --buffered-io
 run moe_predict_on_buffered "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B" --predict 1 --buffered-io
+run moe_predict_off_mapped "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B" --expert-reads mapped
+run moe_predict_on_mapped "$BUILD_DIR/moe-bench" "${COMMON[@]}" --mem-budget "$BUDGET_B" --predict 1 --expert-reads mapped
 run llama_mmap "$BUILD_DIR/llama_bench_peer" "${COMMON[@]}" --no-repack

@@ -63,8 +63,10 @@ const char* kUsage =
     "  --mem-budget SIZE   memory budget for the weights (e.g. 8G, 512M): experts are read into a\n"
     "                      bounded cache (with --predict, predicted experts are loaded ahead)\n"
     "  --io-threads N      expert reads in parallel with --mem-budget (default 4)\n"
-    "  --buffered-io       with --mem-budget: read experts through the page cache (default: O_DIRECT\n"
-    "                      where the file system allows it)\n";
+    "  --expert-reads M    with --mem-budget, how experts are read: direct (default: O_DIRECT where the\n"
+    "                      file system allows it), buffered (through the page cache) or mapped (used in\n"
+    "                      place in the file mapping, loaded with madvise)\n"
+    "  --buffered-io       the same as --expert-reads buffered\n";
 
 constexpr long long kMaxContext = moe::kMaxContextLength;
 
@@ -184,7 +186,7 @@ struct Args {
     bool chat = false, print_tokens = false, have_system = false;
     long long n_predict = 64, n_threads = 0, n_ctx = 0, predict_depth = 0, predict_extra = 0, io_threads = 4;
     unsigned long long mem_budget = 0;
-    bool buffered_io = false;
+    std::string expert_reads;
     moe::SamplerOptions sampler;
 };
 
@@ -192,7 +194,7 @@ struct Args {
 bool takes_value(const std::string& k) {
     static const char* const kFlags[] = {"-m", "-p", "-f", "--tokens", "-n", "-t", "-c", "--temp", "--top-k", "--top-p",
                                          "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity",
-                                         "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads"};
+                                         "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads", "--expert-reads"};
     for (const char* f : kFlags)
         if (k == f) return true;
     return false;
@@ -231,7 +233,7 @@ int main(int argc, char** argv) {
         if (k == "-h" || k == "--help") { std::fputs(kUsage, stdout); return 0; }
         if (k == "--chat") { a.chat = true; continue; }
         if (k == "--print-tokens") { a.print_tokens = true; continue; }
-        if (k == "--buffered-io") { a.buffered_io = true; continue; }
+        if (k == "--buffered-io") { a.expert_reads = "buffered"; continue; }
         // The name first: "--bogus" last on the line is an unknown option, not a missing value.
         if (!takes_value(k))
             return die(k.size() > 1 && k[0] == '-' ? "unknown option %s (see --help)" : "unexpected argument '%s' (see --help)", k.c_str());
@@ -248,6 +250,7 @@ int main(int argc, char** argv) {
         else if (k == "--perplexity") a.perplexity_file = v;
         else if (k == "--expert-stats") a.expert_stats = v;
         else if (k == "--mem-budget") { if (!parse_size(v, &a.mem_budget)) return die("--mem-budget needs a size like 8G, 512M or 100000000, got '%s'", v); }
+        else if (k == "--expert-reads") a.expert_reads = v;
         else if (k == "--io-threads") { if (!parse_int(v, 0, 64, &a.io_threads)) return die("--io-threads needs an integer in [0, 64], got '%s'", v); }
         else if (k == "--predict") { if (!parse_int(v, 1, 4, &a.predict_depth)) return die("--predict needs an integer in [1, 4], got '%s'", v); }
         else if (k == "--predict-extra") { if (!parse_int(v, 0, 1024, &a.predict_extra)) return die("--predict-extra needs an integer in [0, 1024], got '%s'", v); }
@@ -269,7 +272,13 @@ int main(int argc, char** argv) {
     if (mode && a.print_tokens) return die("--print-tokens and %s cannot be used together", mode);
     if (a.have_system && !a.chat) return die("--system needs --chat");
     if (a.predict_extra && !a.predict_depth) return die("--predict-extra needs --predict");
-    if (a.buffered_io && !a.mem_budget) return die("--buffered-io needs --mem-budget");
+    moe::ExpertReads expert_reads = moe::ExpertReads::direct;
+    if (!a.expert_reads.empty()) {
+        if (!a.mem_budget) return die("--expert-reads and --buffered-io need --mem-budget");
+        if (a.expert_reads == "buffered") expert_reads = moe::ExpertReads::buffered;
+        else if (a.expert_reads == "mapped") expert_reads = moe::ExpertReads::mapped;
+        else if (a.expert_reads != "direct") return die("--expert-reads: '%s' is not direct, buffered or mapped", a.expert_reads.c_str());
+    }
 
     // Input files are read before the model is loaded: a typo fails at once.
     std::string text, why;
@@ -285,7 +294,7 @@ int main(int argc, char** argv) {
     moe::LoadOptions lo;
     lo.mem_budget = a.mem_budget;
     lo.io_threads = (int32_t)a.io_threads;
-    lo.direct_io = !a.buffered_io;
+    lo.expert_reads = expert_reads;
     if (moe::Model::load(a.model.c_str(), lo, &model) != moe::Status::ok) return die("%s", moe::last_error());
     const moe::ModelInfo& info = model.info();
     const moe::Tokenizer& tok = model.tokenizer();
@@ -381,7 +390,7 @@ int main(int argc, char** argv) {
                          "expert store: budget %s (resident %s, cache %s = %d experts, %s reads): %llu lookups, hit rate %.3f, %llu misses, "
                          "%llu late; %llu prefetched (%llu used, %llu wasted); %s read; waited %.3f s\n",
                          format_bytes(es.mem_budget_bytes).c_str(), format_bytes(es.resident_bytes).c_str(), format_bytes(es.cache_bytes).c_str(),
-                         es.slots, es.direct_io ? "O_DIRECT" : "buffered", (unsigned long long)es.lookups, es.hit_rate(), (unsigned long long)es.misses, (unsigned long long)es.late,
+                         es.slots, moe::expert_reads_name(es.reads), (unsigned long long)es.lookups, es.hit_rate(), (unsigned long long)es.misses, (unsigned long long)es.late,
                          (unsigned long long)es.prefetches, (unsigned long long)es.prefetch_hits, (unsigned long long)es.prefetch_wasted,
                          format_bytes(es.bytes_read).c_str(), es.wait_seconds);
         }

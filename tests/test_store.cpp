@@ -11,6 +11,12 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 namespace {
 
 std::string model_path() { return std::string(MOE_SOURCE_DIR) + "/models/demo-qwen3moe.gguf"; }
@@ -19,8 +25,8 @@ const std::vector<int32_t> kPrompt = {40, 77, 258, 2306, 391, 3447};  // "In the
 
 // Buffered reads (64-byte slot alignment) unless a test asks for O_DIRECT: the budgets below are
 // computed from slot sizes, which O_DIRECT rounds to 4 KiB.
-moe::Model load(moe::LoadOptions o, moe::Status want = moe::Status::ok, bool direct = false) {
-    o.direct_io = direct;
+moe::Model load(moe::LoadOptions o, moe::Status want = moe::Status::ok, moe::ExpertReads reads = moe::ExpertReads::buffered) {
+    o.expert_reads = reads;
     moe::Model m;
     EXPECT_EQ(moe::Model::load(model_path().c_str(), o, &m), want) << moe::last_error();
     return m;
@@ -111,12 +117,94 @@ TEST(ExpertStore, DirectIo) {
     const Geometry g = geometry();
     moe::LoadOptions o;
     o.mem_budget = g.resident + g.all_experts / 3 * g.slot;
-    moe::Model m = load(o, moe::Status::ok, /*direct=*/true);
-    if (!m.expert_store_stats().direct_io) GTEST_SKIP() << "no O_DIRECT on this file system (buffered reads were used)";
+    moe::Model m = load(o, moe::Status::ok, moe::ExpertReads::direct);
+    if (m.expert_store_stats().reads != moe::ExpertReads::direct) GTEST_SKIP() << "no O_DIRECT on this file system (buffered reads were used)";
     EXPECT_LE(m.expert_store_stats().resident_bytes + m.expert_store_stats().cache_bytes, o.mem_budget);
     EXPECT_EQ(greedy(m, 24, 1).tokens, greedy(load(moe::LoadOptions{}), 24, 0).tokens);
     EXPECT_GT(m.expert_store_stats().misses, 0u);
 }
+
+// ExpertReads::mapped: experts used in place in the mapping give the same tokens; a model read
+// into memory cannot use it.
+TEST(ExpertStore, MappedReads) {
+    const Geometry g = geometry();
+    moe::LoadOptions o;
+    o.mem_budget = g.resident + g.all_experts / 3 * g.slot;
+    moe::Model m = load(o, moe::Status::ok, moe::ExpertReads::mapped);
+    ASSERT_EQ(m.expert_store_stats().reads, moe::ExpertReads::mapped);
+    EXPECT_LE(m.expert_store_stats().resident_bytes + m.expert_store_stats().cache_bytes, o.mem_budget);
+    EXPECT_EQ(greedy(m, 24, 1).tokens, greedy(load(moe::LoadOptions{}), 24, 0).tokens);
+    EXPECT_GT(m.expert_store_stats().misses, 0u);
+    o.use_mmap = false;
+    load(o, moe::Status::invalid_argument, moe::ExpertReads::mapped);
+    EXPECT_NE(std::string(moe::last_error()).find("use_mmap"), std::string::npos) << moe::last_error();
+    o.use_mmap = true;
+    o.expert_reads = static_cast<moe::ExpertReads>(7);
+    moe::Model bad;
+    EXPECT_EQ(moe::Model::load(model_path().c_str(), o, &bad), moe::Status::invalid_argument);
+}
+
+#if defined(__linux__)
+// ExpertReads::mapped keeps the page cache within the budget: evicted experts' pages are dropped.
+// Checked with mincore() on a private copy of the model whose page cache starts empty.
+TEST(ExpertStore, MappedReadsDropEvictedPages) {
+    const std::string copy = "store_mapped_copy." + std::to_string((long)getpid()) + ".gguf";
+    {
+        std::FILE* in = std::fopen(model_path().c_str(), "rb");
+        std::FILE* out = std::fopen(copy.c_str(), "wb");
+        ASSERT_TRUE(in && out);
+        char buf[1 << 16];
+        size_t got;
+        while ((got = std::fread(buf, 1, sizeof buf, in)) > 0) ASSERT_EQ(std::fwrite(buf, 1, got, out), got);
+        std::fclose(in);
+        ASSERT_EQ(std::fflush(out), 0);
+        ASSERT_EQ(fsync(fileno(out)), 0);
+        ASSERT_EQ(posix_fadvise(fileno(out), 0, 0, POSIX_FADV_DONTNEED), 0);
+        std::fclose(out);
+    }
+    struct Cleanup { std::string path; ~Cleanup() { std::remove(path.c_str()); } } cleanup{copy};
+    const long page = sysconf(_SC_PAGESIZE);
+    moe::GgufFile file;
+    ASSERT_EQ(moe::GgufFile::open(copy.c_str(), true, &file), moe::Status::ok);
+    // Resident bytes of the expert tensors' whole pages, by mincore on the file's pages.
+    auto resident_expert_bytes = [&]() {
+        uint64_t bytes = 0;
+        std::vector<unsigned char> vec;
+        for (size_t i = 0; i < file.n_tensors(); ++i) {
+            const moe::GgufTensorInfo& t = file.tensor_at(i);
+            if (t.name.find("_exps.") == std::string::npos) continue;
+            const uint64_t off = (uint64_t)(t.data - file.data());
+            const uint64_t start = (off + page - 1) / page * page, end = (off + t.n_bytes) / page * page;
+            if (end <= start) continue;
+            vec.assign((size_t)((end - start) / page), 0);
+            EXPECT_EQ(mincore(const_cast<uint8_t*>(file.data() + start), (size_t)(end - start), vec.data()), 0);
+            for (unsigned char v : vec) bytes += (v & 1) ? (uint64_t)page : 0;
+        }
+        return bytes;
+    };
+    if (resident_expert_bytes() > 0) GTEST_SKIP() << "the page cache keeps this file (tmpfs?): nothing to measure";
+    uint64_t all_expert_bytes = 0;
+    for (size_t i = 0; i < file.n_tensors(); ++i)
+        if (file.tensor_at(i).name.find("_exps.") != std::string::npos) all_expert_bytes += file.tensor_at(i).n_bytes;
+
+    const Geometry g = geometry();
+    moe::LoadOptions o;
+    o.mem_budget = g.resident + g.all_experts / 4 * g.slot;
+    o.expert_reads = moe::ExpertReads::mapped;
+    moe::Model m;
+    ASSERT_EQ(moe::Model::load(copy.c_str(), o, &m), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(resident_expert_bytes(), 0u) << "loading read experts";
+    const GreedyRun run = greedy(m, 32, 1);
+    const moe::ExpertStoreStats st = m.expert_store_stats();
+    ASSERT_GT(st.bytes_read, st.cache_bytes);  // experts were evicted
+    // Pages two experts share (at most two per matrix) may stay when one of them is evicted.
+    const uint64_t shared_pages = (uint64_t)g.all_experts * 3 * 2 * (uint64_t)page;
+    const uint64_t resident = resident_expert_bytes();
+    EXPECT_LE(resident, st.cache_bytes + std::min(shared_pages, all_expert_bytes / 8))
+        << "cache " << st.cache_bytes << " of " << all_expert_bytes << " expert bytes";
+    EXPECT_GT(resident, 0u);
+}
+#endif
 
 TEST(ExpertStore, BudgetTooSmallSaysWhatIsNeeded) {
     const Geometry g = geometry();

@@ -143,6 +143,18 @@ elif ! echo "$sums" | grep -qE ' 96$' || echo "$sums" | tr ' ' '\n' | grep -E '^
 elif ! grep -qE '^expert prediction 1 layer ahead: recall 0\.[0-9]+, precision' "$TMP/err" || ! grep -q '^expert prediction 2 layers ahead' "$TMP/err"; then fail stats "--predict 2 should report recall and precision at depths 1 and 2"
 else pass; fi
 
+# ---- expert store (issue 9): every read mode gives the tokens of the fully mapped model ----
+expect_error store "--expert-reads: 'bogus' is not direct, buffered or mapped" --mem-budget 64M --expert-reads bogus
+expect_error store "--expert-reads and --buffered-io need --mem-budget" --expert-reads mapped
+run -p "In the beginning God created" -n 12 --temp 0
+cp "$TMP/out" "$TMP/unbudgeted"
+for mode in direct buffered mapped; do
+    run -p "In the beginning God created" -n 12 --temp 0 --mem-budget 7M --expert-reads $mode --predict 1
+    if [ "$rc" != 0 ] || ! cmp -s "$TMP/out" "$TMP/unbudgeted"; then fail store "--mem-budget 7M --expert-reads $mode should print the unbudgeted text"
+    elif ! grep -qE "^expert store: .*(reads\)|read)" "$TMP/err" || ! grep -q "expert store: .*hit rate" "$TMP/err"; then fail store "--mem-budget should report the expert store"
+    else pass; fi
+done
+
 # ---- the README's main command still works ----
 run -n 8 --temp 0
 if [ "$rc" = 0 ] && grep -q '^In the beginning' "$TMP/out" && grep -q '^decode: ' "$TMP/err"; then pass
