@@ -152,7 +152,7 @@ typedef void (*LogFn)(void* user, const char* message);
 // file, and a writer used by tests, tools and quantization.
 
 enum class TensorType : uint32_t {
-    f32 = 0, f16 = 1, q4_0 = 2, q8_0 = 8, q4_k = 12, q5_k = 13, q6_k = 14, bf16 = 30,
+    f32 = 0, f16 = 1, q4_0 = 2, q8_0 = 8, q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, bf16 = 30,
 };
 // Name ("Q4_K") for a supported type, "unknown" otherwise.
 MOE_API const char* tensor_type_name(TensorType t);
@@ -1645,6 +1645,15 @@ static_assert(sizeof(BlockQ8_0) == 34, "wrong q8_0 block size");
 // Q4_0: x = d * (q - 8), q in [0, 15]; byte j: element j (low nibble), j + 16 (high). 4.5 bpw.
 struct BlockQ4_0 { uint16_t d; uint8_t qs[kQK / 2]; };
 static_assert(sizeof(BlockQ4_0) == 18, "wrong q4_0 block size");
+// Q2_K and Q3_K share Q6_K's element order: element 128h + 32j + l (h < 2, j < 4, l < 32) is in
+// bits 2j..2j+1 of qs[32h + l], and its 16-element sub-block is 8h + 2j + l / 16.
+// Q2_K: x = d * (sc & 15) * q - dmin * (sc >> 4) per sub-block, q 2-bit. 2.625 bpw.
+struct BlockQ2K { uint8_t scales[kQKK / 16]; uint8_t qs[kQKK / 4]; uint16_t d, dmin; };
+static_assert(sizeof(BlockQ2K) == 84, "wrong q2_K block size");
+// Q3_K: x = d * (sc - 32) * q, q in [-4, 3]: the low 2 bits in qs, and bit h*4 + j of hmask[l]
+// set means +4 (q = low - 4 when clear); the 16 6-bit scales packed in 12 bytes. 3.4375 bpw.
+struct BlockQ3K { uint8_t hmask[kQKK / 8]; uint8_t qs[kQKK / 4]; uint8_t scales[12]; uint16_t d; };
+static_assert(sizeof(BlockQ3K) == 110, "wrong q3_K block size");
 // Q4_K: 8 sub-blocks of 32 with 6-bit scale/min: x = d * sc * q - dmin * m. 4.5 bpw.
 struct BlockQ4K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[kQKK / 2]; };
 static_assert(sizeof(BlockQ4K) == 144, "wrong q4_K block size");
@@ -1800,6 +1809,150 @@ inline void quantize_row_q45k_ref(Block* y, const float* x, int64_t n) {
                 y[b].qs[32 * c + l] = (uint8_t)((lo & 15) | ((hi & 15) << 4));
                 if constexpr (kHasFifthBit<Block>) y[b].qh[l] |= (uint8_t)(((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1)));
             }
+    }
+}
+
+// Q3_K scale s (0..15): low 4 bits in byte s % 8 (low nibble for s < 8, else high), high 2 bits
+// in byte 8 + s % 4 at bit 2 * (s / 4); stored with +32.
+inline int q3k_scale(const uint8_t* packed, int s) {
+    const int low = s < 8 ? packed[s] & 15 : packed[s - 8] >> 4;
+    const int high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
+    return (low | (high << 4)) - 32;
+}
+// Unpacks a Q2_K block's 2-bit values (0..3) or a Q3_K block's values (-4..3) in element order.
+inline void q2k_unpack(const BlockQ2K& blk, int8_t* q) {
+    for (int i = 0; i < kQKK; ++i) q[i] = (int8_t)((blk.qs[32 * (i / 128) + i % 32] >> (2 * (i / 32 % 4))) & 3);
+}
+inline void q3k_unpack(const BlockQ3K& blk, int8_t* q) {
+    for (int i = 0; i < kQKK; ++i) {
+        const int low = (blk.qs[32 * (i / 128) + i % 32] >> (2 * (i / 32 % 4))) & 3;
+        const int high = (blk.hmask[i % 32] >> (i / 32)) & 1;  // bit 4h + j = i / 32
+        q[i] = (int8_t)(low + 4 * high - 4);
+    }
+}
+// Packs 256 values (2-bit codes for Q2_K, 0..7 = q + 4 for Q3_K) into qs (and hmask).
+inline void q23k_pack(const uint8_t* codes, uint8_t* qs, uint8_t* hmask) {
+    std::memset(qs, 0, kQKK / 4);
+    if (hmask) std::memset(hmask, 0, kQKK / 8);
+    for (int i = 0; i < kQKK; ++i) {
+        qs[32 * (i / 128) + i % 32] |= (uint8_t)((codes[i] & 3) << (2 * (i / 32 % 4)));
+        if (hmask) hmask[i % 32] |= (uint8_t)(((codes[i] >> 2) & 1) << (i / 32));
+    }
+}
+// Best scale (and offset) for 16 values on the integer grid [qmin, qmax]: candidate grids from
+// a sweep of the inverse scale, each refit by least squares (x ~ s*q + o, o <= 0 when `affine`,
+// else o = 0); the fit with the least squared error wins. Unweighted (no importance matrix yet).
+inline void fit_grid16(const float* x, int qmin, int qmax, bool affine, float* scale, float* offset) {
+    float lo = 0, hi = 0, amax = 0, vmax = 0;
+    for (int i = 0; i < 16; ++i) {
+        lo = std::min(lo, x[i]);
+        hi = std::max(hi, x[i]);
+        if (std::fabs(x[i]) > amax) { amax = std::fabs(x[i]); vmax = x[i]; }
+    }
+    *scale = 0;
+    *offset = 0;
+    if (amax == 0) return;
+    double best = 0;
+    for (int i = 0; i < 16; ++i) best += (double)x[i] * x[i];  // all zero
+    for (int t = -10; t <= 10; ++t) {
+        // affine: the range [lo, hi] over (qmax - qmin) steps; symmetric: the extreme on qmin.
+        const float step = affine ? (hi - lo) / ((float)(qmax - qmin) + 0.1f * (float)t) : vmax / ((float)qmin + 0.1f * (float)t);
+        if (!(step != 0) || (affine && step < 0)) continue;
+        const float base = affine ? lo : 0.f;
+        int q[16];
+        double sq = 0, sx = 0, sqq = 0, sqx = 0;
+        for (int i = 0; i < 16; ++i) {
+            q[i] = std::max(qmin, std::min(qmax, nearest_int((x[i] - base) / step)));
+            sq += q[i]; sx += x[i]; sqq += (double)q[i] * q[i]; sqx += (double)q[i] * x[i];
+        }
+        double s_fit = 0, o_fit = 0;
+        if (affine) {
+            const double det = 16 * sqq - sq * sq;
+            if (det > 0) { s_fit = (16 * sqx - sq * sx) / det; o_fit = (sx - s_fit * sq) / 16; }
+            if (o_fit > 0 || det <= 0) { o_fit = 0; s_fit = sqq > 0 ? sqx / sqq : 0; }
+        } else {
+            s_fit = sqq > 0 ? sqx / sqq : 0;
+        }
+        if (s_fit <= 0 && affine) continue;
+        double err = 0;
+        for (int i = 0; i < 16; ++i) {
+            const double e = x[i] - (s_fit * q[i] + o_fit);
+            err += e * e;
+        }
+        if (err < best) { best = err; *scale = (float)s_fit; *offset = (float)o_fit; }
+    }
+}
+// Q2_K: each sub-block fit as x ~ s*q - m (q 0..3, m >= 0), then s and m to 4 bits against the
+// block's largest, and q again against the stored ones.
+inline void quantize_row_q2k_ref(BlockQ2K* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
+        float scale[16], mins[16], max_scale = 0, max_min = 0;
+        for (int s = 0; s < 16; ++s) {
+            float offset;
+            fit_grid16(x + 16 * s, 0, 3, true, &scale[s], &offset);
+            mins[s] = -offset;
+            max_scale = std::max(max_scale, scale[s]);
+            max_min = std::max(max_min, mins[s]);
+        }
+        BlockQ2K& blk = y[b];
+        blk.d = f32_to_fp16(max_scale / 15);
+        blk.dmin = f32_to_fp16(max_min / 15);
+        const float d = fp16_to_f32(blk.d), dmin = fp16_to_f32(blk.dmin);
+        uint8_t codes[kQKK];
+        for (int s = 0; s < 16; ++s) {
+            const int sc = d > 0 ? std::min(15, nearest_int(scale[s] / d)) : 0;
+            const int m = dmin > 0 ? std::min(15, nearest_int(mins[s] / dmin)) : 0;
+            blk.scales[s] = (uint8_t)(sc | (m << 4));
+            const float dl = d * (float)sc, ml = dmin * (float)m;
+            for (int i = 0; i < 16; ++i)
+                codes[16 * s + i] = (uint8_t)(dl > 0 ? std::max(0, std::min(3, nearest_int((x[16 * s + i] + ml) / dl))) : 0);
+        }
+        q23k_pack(codes, blk.qs, nullptr);
+    }
+}
+// Q3_K: each sub-block fit as x ~ s*q (q -4..3), the scales to 6 signed bits against the largest,
+// and q again against the stored scales.
+inline void quantize_row_q3k_ref(BlockQ3K* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
+        float scale[16], max_abs = 0, max_scale = 0;
+        for (int s = 0; s < 16; ++s) {
+            float unused;
+            fit_grid16(x + 16 * s, -4, 3, false, &scale[s], &unused);
+            if (std::fabs(scale[s]) > max_abs) { max_abs = std::fabs(scale[s]); max_scale = scale[s]; }
+        }
+        BlockQ3K& blk = y[b];
+        std::memset(blk.scales, 0, sizeof blk.scales);
+        const float iscale = max_abs > 0 ? -32.f / max_scale : 0;
+        blk.d = f32_to_fp16(max_abs > 0 ? 1 / iscale : 0.f);
+        const float d = fp16_to_f32(blk.d);
+        uint8_t codes[kQKK];
+        for (int s = 0; s < 16; ++s) {
+            const int sc = std::max(-32, std::min(31, nearest_int(iscale * scale[s])));
+            const int v = sc + 32;
+            blk.scales[s % 8] |= (uint8_t)((v & 15) << (s < 8 ? 0 : 4));
+            blk.scales[8 + s % 4] |= (uint8_t)((v >> 4) << (2 * (s / 4)));
+            const float dl = d * (float)sc;
+            for (int i = 0; i < 16; ++i)
+                codes[16 * s + i] = (uint8_t)((dl != 0 ? std::max(-4, std::min(3, nearest_int(x[16 * s + i] / dl))) : 0) + 4);
+        }
+        q23k_pack(codes, blk.qs, blk.hmask);
+    }
+}
+inline void dequantize_row_q2k(const BlockQ2K* x, float* y, int64_t n) {
+    int8_t q[kQKK];
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        q2k_unpack(x[b], q);
+        const float d = fp16_to_f32(x[b].d), dmin = fp16_to_f32(x[b].dmin);
+        for (int i = 0; i < kQKK; ++i)
+            y[b * kQKK + i] = d * (float)(x[b].scales[i / 16] & 15) * (float)q[i] - dmin * (float)(x[b].scales[i / 16] >> 4);
+    }
+}
+inline void dequantize_row_q3k(const BlockQ3K* x, float* y, int64_t n) {
+    int8_t q[kQKK];
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        q3k_unpack(x[b], q);
+        const float d = fp16_to_f32(x[b].d);
+        for (int i = 0; i < kQKK; ++i) y[b * kQKK + i] = d * (float)q3k_scale(x[b].scales, i / 16) * (float)q[i];
     }
 }
 
@@ -1980,6 +2133,37 @@ inline float vec_dot_q45k_q8k_ref(const Block* w, const BlockQ8K* x, int64_t n) 
             mins += m0 * (x[b].bsums[4 * c] + x[b].bsums[4 * c + 1]) + m1 * (x[b].bsums[4 * c + 2] + x[b].bsums[4 * c + 3]);
         }
         sum += fp16_to_f32(w[b].d) * x[b].d * (float)scaled - fp16_to_f32(w[b].dmin) * x[b].d * (float)mins;
+    }
+    return sum;
+}
+inline float vec_dot_q2k_q8k_ref(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
+    float sum = 0;
+    int8_t q[kQKK];
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        q2k_unpack(w[b], q);
+        int scaled = 0, mins = 0;
+        for (int s = 0; s < 16; ++s) {
+            int sub = 0;
+            for (int i = 0; i < 16; ++i) sub += q[16 * s + i] * x[b].qs[16 * s + i];
+            scaled += (w[b].scales[s] & 15) * sub;
+            mins += (w[b].scales[s] >> 4) * x[b].bsums[s];
+        }
+        sum += fp16_to_f32(w[b].d) * x[b].d * (float)scaled - fp16_to_f32(w[b].dmin) * x[b].d * (float)mins;
+    }
+    return sum;
+}
+inline float vec_dot_q3k_q8k_ref(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
+    float sum = 0;
+    int8_t q[kQKK];
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        q3k_unpack(w[b], q);
+        int isum = 0;
+        for (int s = 0; s < 16; ++s) {
+            int sub = 0;
+            for (int i = 0; i < 16; ++i) sub += q[16 * s + i] * x[b].qs[16 * s + i];
+            isum += q3k_scale(w[b].scales, s) * sub;
+        }
+        sum += fp16_to_f32(w[b].d) * x[b].d * (float)isum;
     }
     return sum;
 }
@@ -2370,6 +2554,54 @@ MOE_DETAIL_AVX2 inline float vec_dot_q6k_q8k_avx2(const BlockQ6K* w, const Block
             sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p3, _mm256_shuffle_epi8(scales, splat16_ctrl(6, 7))));
         }
         const __m256i isum = _mm256_sub_epi32(_mm256_add_epi32(sum0, sum1), _mm256_slli_epi32(corr, 5));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    return hsum_f32x8(acc);
+}
+
+// Q2_K / Q3_K: register j of half h holds elements 128h + 32j + 0..31 = sub-blocks 8h + 2j (low
+// lane) and 8h + 2j + 1 (high lane), as in Q6_K. The codes are unsigned (Q3_K: q + 4 in 0..7, so
+// Σ sc*q*y = Σ sc*(q+4)*y - 4 Σ sc*bsum), which is what maddubs wants.
+MOE_DETAIL_AVX2 inline __m256i q23k_scaled_sums(const uint8_t* qs, const __m256i* high, const int8_t* y, __m128i sc16lo, __m128i sc16hi) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i sum = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {
+        const __m256i bits = loadu_256(qs + 32 * h);
+        const __m256i scales = _mm256_broadcastsi128_si256(h ? sc16hi : sc16lo);  // the half's 8 scales, both lanes
+        for (int j = 0; j < 4; ++j) {
+            __m256i q = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), m3);
+            if (high) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(*high, 4 * h + j), _mm256_set1_epi8(1)), 2));
+            const __m256i p = _mm256_maddubs_epi16(q, loadu_256(y + 128 * h + 32 * j));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_shuffle_epi8(scales, splat16_ctrl(2 * j, 2 * j + 1))));
+        }
+    }
+    return sum;
+}
+MOE_DETAIL_AVX2 inline float vec_dot_q2k_q8k_avx2(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[b].scales));
+        const __m128i scales = _mm_and_si128(sc8, _mm_set1_epi8(15));
+        const __m128i mins = _mm_and_si128(_mm_srli_epi16(sc8, 4), _mm_set1_epi8(15));
+        const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepu8_epi16(mins));
+        const __m256i isum = q23k_scaled_sums(w[b].qs, nullptr, x[b].qs, _mm_cvtepu8_epi16(scales), _mm_cvtepu8_epi16(_mm_srli_si128(scales, 8)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].dmin) * x[b].d), _mm256_cvtepi32_ps(corr), acc_m);
+    }
+    return hsum_f32x8(acc) - hsum_f32x8(acc_m);
+}
+MOE_DETAIL_AVX2 inline float vec_dot_q3k_q8k_avx2(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
+    const int64_t nb = n / kQKK;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        alignas(16) int8_t sc[16];
+        for (int s = 0; s < 16; ++s) sc[s] = (int8_t)q3k_scale(w[b].scales, s);
+        const __m128i sc8 = _mm_load_si128(reinterpret_cast<const __m128i*>(sc));
+        const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepi8_epi16(sc8));
+        const __m256i high = loadu_256(w[b].hmask);
+        const __m256i sums = q23k_scaled_sums(w[b].qs, &high, x[b].qs, _mm_cvtepi8_epi16(sc8), _mm_cvtepi8_epi16(_mm_srli_si128(sc8, 8)));
+        const __m256i isum = _mm256_sub_epi32(sums, _mm256_slli_epi32(corr, 2));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
     }
     return hsum_f32x8(acc);
@@ -2976,6 +3208,58 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const
 #endif
 #undef MOE_DETAIL_Q6K_ROW_NEON
 
+// Q2_K / Q3_K: each 16-byte register is one 16-element sub-block (order as Q6_K): in half h,
+// qs[32h + 16g ..] holds sub-blocks 8h + 2j + g in bits 2j..2j+1; Q3_K's high bit for sub-block
+// (h, j, g) is bit 4h + j of hmask[16g ..].
+#define MOE_DETAIL_Q23K_ROW_NEON(DOT16, HMASK, SCALE, MIN_TERM)                                       \
+    const int64_t nb = n / kQKK;                                                                       \
+    const uint8x16_t m3 = vdupq_n_u8(3), m1 = vdupq_n_u8(1);                                           \
+    float sum = 0;                                                                                     \
+    for (int64_t b = 0; b < nb; ++b) {                                                                 \
+        const int8_t* y = x[b].qs;                                                                     \
+        const uint8_t* hm = HMASK;                                                                     \
+        int32x4_t acc = vdupq_n_s32(0);                                                                \
+        for (int h = 0; h < 2; ++h)                                                                    \
+            for (int g = 0; g < 2; ++g) {                                                              \
+                const uint8x16_t bits = vld1q_u8(w[b].qs + 32 * h + 16 * g);                           \
+                for (int j = 0; j < 4; ++j) {                                                          \
+                    const uint8x16_t q = vandq_u8(vshlq_u8(bits, vdupq_n_s8((int8_t)(-2 * j))), m3);   \
+                    int8x16_t v = vreinterpretq_s8_u8(q);                                              \
+                    if (hm) {                                                                          \
+                        const uint8x16_t hb = vandq_u8(vshlq_u8(vld1q_u8(hm + 16 * g), vdupq_n_s8((int8_t)(-(4 * h + j)))), m1); \
+                        v = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(q, vshlq_n_u8(hb, 2))), vdupq_n_s8(4)); \
+                    }                                                                                  \
+                    const int s = 8 * h + 2 * j + g;                                                   \
+                    acc = vmlaq_n_s32(acc, DOT16(v, vld1q_s8(y + 128 * h + 32 * j + 16 * g)), SCALE);  \
+                }                                                                                      \
+            }                                                                                          \
+        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)vaddvq_s32(acc) - (MIN_TERM);               \
+    }                                                                                                  \
+    return sum
+
+inline int q2k_min_sum(const BlockQ2K& w, const BlockQ8K& x) {
+    int mins = 0;
+    for (int s = 0; s < 16; ++s) mins += (w.scales[s] >> 4) * x.bsums[s];
+    return mins;
+}
+inline float vec_dot_q2k_q8k_neon(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (w[b].scales[s] & 15),
+                             fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
+}
+inline float vec_dot_q3k_q8k_neon(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, w[b].hmask, q3k_scale(w[b].scales, s), 0.f);
+}
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline float vec_dot_q2k_q8k_dotprod(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, (const uint8_t*)nullptr, (w[b].scales[s] & 15),
+                             fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
+}
+MOE_DETAIL_DOTPROD inline float vec_dot_q3k_q8k_dotprod(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, w[b].hmask, q3k_scale(w[b].scales, s), 0.f);
+}
+#endif
+#undef MOE_DETAIL_Q23K_ROW_NEON
+
 //---- activation quantizers (bit-identical to quantize_act_q8_0_ref and quantize_row_q8k_ref) ----
 // The scalar parts (amax / 127, 127 / amax, -127 / vmax, 1 / iscale) are the _ref's own
 // expressions. Products are one rounding each, as in the _ref; FRINTI (vrndiq) rounds in the FPCR
@@ -3105,6 +3389,12 @@ inline const QuantType* quant_type(uint32_t id) {
          erase_dot<vec_dot_dequant_f32_ref<BlockQ4_0, kQK, dequantize_row_q4_0>>,
          MOE_DETAIL_DOTS(vec_dot_q4_0_q8_0_ref, vec_dot_q4_0_q8_0_avx2, vec_dot_q4_0_q8_0_avx512, vec_dot_q4_0_q8_0_avx512vnni,
                          vec_dot_q4_0_q8_0_neon, vec_dot_q4_0_q8_0_dotprod)},
+        {TensorType::q2_k, "Q2_K", kQKK, sizeof(BlockQ2K), ActFormat::q8_k, erase_quantize<quantize_row_q2k_ref>, erase_dequantize<dequantize_row_q2k>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockQ2K, kQKK, dequantize_row_q2k>>,
+         MOE_DETAIL_DOTS(vec_dot_q2k_q8k_ref, vec_dot_q2k_q8k_avx2, nullptr, nullptr, vec_dot_q2k_q8k_neon, vec_dot_q2k_q8k_dotprod)},
+        {TensorType::q3_k, "Q3_K", kQKK, sizeof(BlockQ3K), ActFormat::q8_k, erase_quantize<quantize_row_q3k_ref>, erase_dequantize<dequantize_row_q3k>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockQ3K, kQKK, dequantize_row_q3k>>,
+         MOE_DETAIL_DOTS(vec_dot_q3k_q8k_ref, vec_dot_q3k_q8k_avx2, nullptr, nullptr, vec_dot_q3k_q8k_neon, vec_dot_q3k_q8k_dotprod)},
         {TensorType::q4_k, "Q4_K", kQKK, sizeof(BlockQ4K), ActFormat::q8_k, erase_quantize<quantize_row_q45k_ref<BlockQ4K>>,
          erase_dequantize<dequantize_row_q45k<BlockQ4K>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ4K, kQKK, dequantize_row_q45k<BlockQ4K>>>,
          MOE_DETAIL_DOTS(vec_dot_q45k_q8k_ref<BlockQ4K>, vec_dot_q45k_q8k_avx2<BlockQ4K>, vec_dot_q4k_q8k_avx512, vec_dot_q4k_q8k_avx512vnni,
@@ -5360,12 +5650,6 @@ MOE_DETAIL_MEMBER Status Model::load(const char* path, const LoadOptions& option
         if (options.log) options.log(options.log_user, last_error());
         return s;
     }
-#if MOE_DETAIL_HAS_MMAP
-    // With an expert store, page faults must not read megabytes around them (read_ahead_kb):
-    // that would pull experts into the page cache outside the budget (attach_expert_store).
-    if (options.mem_budget && options.use_mmap)
-        (void)madvise(const_cast<uint8_t*>(impl->file.data()), impl->file.file_size(), MADV_RANDOM);
-#endif
     return model_finish_load(impl, options, out, &out->impl_, options.use_mmap ? path : nullptr);
 }
 
@@ -5861,10 +6145,11 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
     s.slot_bytes = s.piece_room[0] + s.piece_room[1] + s.piece_room[2];
 #if MOE_DETAIL_HAS_MMAP
     if (path && o.use_mmap && !s.simulated) {
-        // The mapping has no read-around (Model::load), so the resident weights (everything but
-        // the expert stacks) are read now in large requests, and expert pages that the header
-        // reads pulled in before that are given back: the page cache of this file stays within
-        // the budget too.
+        // The kernel reads megabytes around a page fault (read_ahead_kb), which pulled experts
+        // into the page cache while the loader read the header and small tensors. So: the
+        // resident weights (everything but the expert stacks) are read now in large requests,
+        // expert pages already cached are given back, and faults inside the stacks (mapped
+        // reads) read no more than asked: the page cache of this file stays within the budget.
         const size_t page = (size_t)sysconf(_SC_PAGESIZE);
         const size_t mapped_size = m.file.file_size();
         std::vector<std::pair<uint64_t, uint64_t>> stacks;  // [start, end) of each expert stack
@@ -5880,6 +6165,7 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
             if (end > start) (void)madvise(const_cast<uint8_t*>(base + start), (size_t)(end - start), MADV_WILLNEED);
             const uint64_t drop_start = end, drop_end = range.second / page * page;  // whole pages of the stack
             if (drop_end > drop_start) {
+                (void)madvise(const_cast<uint8_t*>(base + drop_start), (size_t)(drop_end - drop_start), MADV_RANDOM);
                 (void)madvise(const_cast<uint8_t*>(base + drop_start), (size_t)(drop_end - drop_start), MADV_DONTNEED);
                 if (fd >= 0) (void)posix_fadvise(fd, (off_t)drop_start, (off_t)(drop_end - drop_start), POSIX_FADV_DONTNEED);
             }

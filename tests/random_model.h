@@ -153,7 +153,8 @@ inline std::vector<std::string> byte_level_tokens() {
 }
 
 inline bool is_kquant(moe::TensorType t) {
-    return t == moe::TensorType::q4_k || t == moe::TensorType::q5_k || t == moe::TensorType::q6_k;
+    return t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
+           t == moe::TensorType::q6_k;
 }
 
 }  // namespace detail_rm

@@ -34,12 +34,16 @@ constexpr double kUnitRoundoff = 1.0 / (1 << 24);  // float: 2^-24
 constexpr int kPerTermSlack = 16;                  // scale products, conversions, final reductions
 
 const moe::TensorType kTypes[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0,
-                                  moe::TensorType::q4_0, moe::TensorType::q4_k, moe::TensorType::q5_k, moe::TensorType::q6_k};
+                                  moe::TensorType::q4_0, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
+                                  moe::TensorType::q5_k, moe::TensorType::q6_k};
 const moe::Isa kSimdIsas[] = {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod};
 
 bool is_float_type(moe::TensorType t) { return t == moe::TensorType::f32 || t == moe::TensorType::f16 || t == moe::TensorType::bf16; }
-bool is_k_quant(moe::TensorType t) { return t == moe::TensorType::q4_k || t == moe::TensorType::q5_k || t == moe::TensorType::q6_k; }
-bool has_mins(moe::TensorType t) { return t == moe::TensorType::q4_k || t == moe::TensorType::q5_k; }
+bool is_k_quant(moe::TensorType t) {
+    return t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
+           t == moe::TensorType::q6_k;
+}
+bool has_mins(moe::TensorType t) { return t == moe::TensorType::q2_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k; }
 
 // Elements per activation block: the kernels' row length must be a multiple of it.
 int act_block(moe::TensorType t) { return is_float_type(t) ? 1 : is_k_quant(t) ? 256 : 32; }
@@ -63,22 +67,29 @@ uint16_t float_to_half(float f) {
     return h;
 }
 
-// Byte offsets of the fp16 scale fields in one block (formats.md 2.2-2.3): {d, dmin or -1}.
+// Byte offsets of the fp16 scale fields in one block (formats.md 2.2-2.3, ggml-common.h): {d, dmin or -1}.
 void scale_offsets(moe::TensorType t, int* d, int* dmin) {
     *dmin = -1;
-    *d = t == moe::TensorType::q6_k ? 208 : 0;
-    if (has_mins(t)) *dmin = 2;
+    *d = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80 : 0;
+    if (has_mins(t)) *dmin = t == moe::TensorType::q2_k ? 82 : 2;
 }
 
-// dmin * m_j for the eight sub-blocks of a Q4_K/Q5_K block (6-bit mins packed as in formats.md 2.3).
-void k_quant_mins(const uint8_t* blk, float* out) {
+// dmin * m for each of the 256 elements of a Q2_K/Q4_K/Q5_K block: Q4_K/Q5_K have 6-bit mins of
+// 32-element sub-blocks packed as in formats.md 2.3, Q2_K a 4-bit min per 16 in scales[i] >> 4.
+void k_quant_mins(moe::TensorType t, const uint8_t* blk, float* out) {
     uint16_t h;
-    std::memcpy(&h, blk + 2, 2);
+    std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : 2), 2);
     const float dmin = half_to_float(h);
-    const uint8_t* s = blk + 4;
-    for (int j = 0; j < 8; ++j) {
-        const int m = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-        out[j] = dmin * (float)m;
+    for (int i = 0; i < 256; ++i) {
+        int m;
+        if (t == moe::TensorType::q2_k) {
+            m = blk[i / 16] >> 4;
+        } else {
+            const uint8_t* s = blk + 4;
+            const int j = i / 32;
+            m = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        }
+        out[i] = dmin * (float)m;
     }
 }
 
@@ -194,9 +205,9 @@ double magnitude(moe::TensorType t, const uint8_t* w, const std::vector<float>& 
     if (has_mins(t)) {
         const int bb = moe::tensor_type_block_bytes(t);
         for (int64_t b = 0; b < n / 256; ++b) {
-            float mins[8];
-            k_quant_mins(w + b * bb, mins);
-            for (int i = 0; i < 256; ++i) wabs[(size_t)(b * 256 + i)] += std::fabs((double)mins[i / 32]);
+            float mins[256];
+            k_quant_mins(t, w + b * bb, mins);
+            for (int i = 0; i < 256; ++i) wabs[(size_t)(b * 256 + i)] += std::fabs((double)mins[i]);
         }
     }
     const int ab = act_block(t);

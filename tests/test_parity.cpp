@@ -11,6 +11,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -173,6 +175,15 @@ std::vector<ParityCase> parity_cases() {
         s.n_ff = 160;
         c.push_back({q ? "llama_dense_Q8_0" : "llama_dense_F32", s});
     }
+    // K-quants (issue 12): every matrix whose rows are a multiple of 256 in the type (n_embd 256),
+    // the rest (ffn_down_exps, 64-wide rows) Q8_0: the mixes llama-quantize writes.
+    for (TT t : {TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k, TT::q6_k}) {
+        ModelSpec s = pspec("qwen3moe", t);
+        s.n_embd = 256;
+        s.fallback_type = TT::q8_0;
+        static const char* const kNames[] = {"qwen3moe_Q2_K", "qwen3moe_Q3_K", "qwen3moe_Q4_K", "qwen3moe_Q5_K", "qwen3moe_Q6_K"};
+        c.push_back({kNames[(int)t - (int)TT::q2_k], s});
+    }
     return c;
 }
 
@@ -219,22 +230,32 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
     const double tol_first = f32 ? 1e-4 : 2e-3, tol_all = f32 ? 1e-4 : 1e-1;
     const double near_tie = f32 ? 1e-4 : 3e-2;  // accepted top-2 gap at a divergence (see below)
     const int rows = kPrompt + (diverge < 0 ? kGen : diverge);  // row i: logits after token i of the common sequence
+    //  - with quantized activations, a row whose token meets a routing near-tie (the oracle's
+    //    k-th and (k+1)-th router logits within 0.03 in some layer) may route differently after
+    //    such a one-step difference: it is left out of the 0.1 bound and counted.
+    std::vector<double> route_margin;
+    if (!f32) {
+        std::vector<int32_t> seq = prompt;
+        seq.insert(seq.end(), theirs.generated.begin(), theirs.generated.begin() + (rows - kPrompt));
+        route_margin = moe_test::Oracle(rm).run(seq).route_margin;
+    }
     RowDiff first, all;
-    int exact_rows = 0;
+    int exact_rows = 0, tie_rows = 0;
     first.add(0, std::vector<double>(theirs.logits.begin(), theirs.logits.begin() + V).data(), ours.logits.data(), V);
     for (int i = 0; i < rows; ++i) {
         std::vector<double> ref(theirs.logits.begin() + (ptrdiff_t)i * V, theirs.logits.begin() + (ptrdiff_t)(i + 1) * V);
         RowDiff one;
         one.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
         if (one.rel() < 1e-5) ++exact_rows;
+        if (!f32 && i > 0 && one.rel() >= 3e-2 && route_margin[(size_t)i] < 3e-2) { ++tie_rows; continue; }
         all.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
     }
     EXPECT_LT(first.rel(), tol_first) << "first position: max|d| " << first.max_abs << " at token " << first.worst_col;
     EXPECT_LT(all.rel(), tol_all) << "rows 0.." << rows - 1 << ": max|d| " << all.max_abs << " at position " << all.worst_row << " token "
                               << all.worst_col << " (rms rel " << all.rel_rms() << ")";
-    std::printf("[ parity   ] %-24s tokens %s; logits max|d|/max|ref|: first row %.2e, all %d rows %.2e, rows within 1e-5: %d\n",
+    std::printf("[ parity   ] %-24s tokens %s; logits max|d|/max|ref|: first row %.2e, all %d rows %.2e, rows within 1e-5: %d%s\n",
                 tc.name, diverge < 0 ? "identical (64)" : ("diverge at " + std::to_string(diverge)).c_str(), first.rel(), rows,
-                all.rel(), exact_rows);
+                all.rel(), exact_rows, tie_rows ? (", routing near-tie rows left out: " + std::to_string(tie_rows)).c_str() : "");
 
     if (std::getenv("MOE_PARITY_VERBOSE")) {  // per-row differences next to the oracle's router margins
         std::vector<int32_t> seq = prompt;
@@ -295,6 +316,48 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
             }
         }
     }
+}
+
+// Blocks written by ggml's own quantizer (the peer's libggml-base, through tiny_gguf
+// --ggml-blocks) dequantize to exactly what ggml's dequantizer gives, for every quantized type
+// both sides know: the layouts are ggml's, not a private reading of them.
+TEST(GgmlBlocks, DequantizeLikeGgml) {
+#ifndef MOE_TINY_GGUF
+    GTEST_SKIP() << "tiny_gguf not built (configure with -DMOE_PEER_DIR=...)";
+#else
+    const std::string tool = MOE_TINY_GGUF;
+    if (access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "tiny_gguf not built at " << tool;
+    for (TT t : {TT::q8_0, TT::q4_0, TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k, TT::q6_k}) {
+        const int n = 256 * 40;
+        const std::string out = tmp_dir() + "/ggml_blocks_" + std::to_string((long)getpid()) + "_" + moe::tensor_type_name(t) + ".bin";
+        struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{out};
+        std::string name = moe::tensor_type_name(t);
+        for (char& ch : name) ch = (char)std::tolower((unsigned char)ch);
+        if (name.size() == 4 && name[1] != '8' && name[3] == 'k') name[3] = 'K';  // ggml spells the K-quants "q4_K"
+        const std::string cmd = "'" + tool + "' --ggml-blocks " + name + " " + std::to_string(n) + " '" + out + "'";
+        ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+        std::FILE* f = std::fopen(out.c_str(), "rb");
+        ASSERT_NE(f, nullptr);
+        int32_t head[2] = {0, 0};
+        uint64_t bytes = 0;
+        ASSERT_EQ(std::fread(head, sizeof head, 1, f), 1u);
+        ASSERT_EQ(std::fread(&bytes, sizeof bytes, 1, f), 1u);
+        EXPECT_EQ(head[0], (int32_t)t);
+        ASSERT_EQ(head[1], n);
+        ASSERT_EQ(bytes, (uint64_t)(n / moe::tensor_type_block_elems(t) * moe::tensor_type_block_bytes(t)));
+        std::vector<uint8_t> blocks((size_t)bytes);
+        std::vector<float> want((size_t)n), got((size_t)n);
+        ASSERT_EQ(std::fread(blocks.data(), 1, blocks.size(), f), blocks.size());
+        ASSERT_EQ(std::fread(want.data(), sizeof(float), want.size(), f), want.size());
+        std::fclose(f);
+        ASSERT_EQ(moe::dequantize_row(t, blocks.data(), got.data(), n), moe::Status::ok);
+        int differ = 0, first = -1;
+        for (int i = 0; i < n; ++i)
+            if (got[(size_t)i] != want[(size_t)i] && differ++ == 0) first = i;
+        EXPECT_EQ(differ, 0) << moe::tensor_type_name(t) << ": first at " << first << ": ours " << got[(size_t)std::max(first, 0)]
+                             << ", ggml " << want[(size_t)std::max(first, 0)];
+    }
+#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(Archs, LlamaParity, ::testing::ValuesIn(parity_cases()),

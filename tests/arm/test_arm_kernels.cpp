@@ -66,11 +66,15 @@ std::string fmt(const char* f, ...) {
 }
 
 const moe::TensorType kTypes[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0,
-                                  moe::TensorType::q4_0, moe::TensorType::q4_k, moe::TensorType::q5_k, moe::TensorType::q6_k};
+                                  moe::TensorType::q4_0, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
+                                  moe::TensorType::q5_k, moe::TensorType::q6_k};
 
 bool is_float_type(moe::TensorType t) { return t == moe::TensorType::f32 || t == moe::TensorType::f16 || t == moe::TensorType::bf16; }
-bool is_k_quant(moe::TensorType t) { return t == moe::TensorType::q4_k || t == moe::TensorType::q5_k || t == moe::TensorType::q6_k; }
-bool has_mins(moe::TensorType t) { return t == moe::TensorType::q4_k || t == moe::TensorType::q5_k; }
+bool is_k_quant(moe::TensorType t) {
+    return t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
+           t == moe::TensorType::q6_k;
+}
+bool has_mins(moe::TensorType t) { return t == moe::TensorType::q2_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k; }
 int act_block(moe::TensorType t) { return is_float_type(t) ? 1 : is_k_quant(t) ? 256 : 32; }
 
 int g_threads = 2;  // --threads: session threads of the demo-model runs
@@ -129,7 +133,9 @@ std::vector<uint8_t> make_weights(moe::TensorType t, int64_t n, WeightKind kind,
         if (moe::quantize_row(t, f.data(), w.data(), n) != moe::Status::ok) check(false, "quantize_row failed");
         return w;
     }
-    const int d_off = t == moe::TensorType::q6_k ? 208 : 0, dmin_off = has_mins(t) ? 2 : -1;
+    // fp16 d (and dmin) offsets: Q6_K 208, Q3_K 108, Q2_K 80 (dmin 82), the others 0 (dmin 2).
+    const int d_off = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80 : 0;
+    const int dmin_off = !has_mins(t) ? -1 : t == moe::TensorType::q2_k ? 82 : 2;
     for (int64_t b = 0; b < nblocks; ++b) {
         uint8_t* blk = w.data() + b * bb;
         uint16_t d = float_to_half(1.f), dmin = float_to_half(0.5f);
@@ -220,15 +226,16 @@ std::vector<double> dequantized_activations(moe::TensorType t, const std::vector
     return out;
 }
 
-// dmin * m_j of the eight sub-blocks of a Q4_K/Q5_K block (6-bit mins, packed as in QUANT FORMATS).
-void k_quant_mins(const uint8_t* blk, double* out) {
+// dmin * m for each of the 256 elements of a Q2_K/Q4_K/Q5_K block (mins packed as in QUANT FORMATS).
+void k_quant_mins(moe::TensorType t, const uint8_t* blk, double* out) {
     uint16_t h;
-    std::memcpy(&h, blk + 2, 2);
+    std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : 2), 2);
     const double dmin = half_to_float(h);
-    const uint8_t* s = blk + 4;
-    for (int j = 0; j < 8; ++j) {
-        const int m = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-        out[j] = dmin * m;
+    for (int i = 0; i < 256; ++i) {  // Q2_K: a 4-bit min per 16 (scales[i] >> 4); Q4_K/Q5_K: 6-bit per 32
+        const uint8_t* s = blk + 4;
+        const int j = i / 32;
+        const int m = t == moe::TensorType::q2_k ? blk[i / 16] >> 4 : j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        out[i] = dmin * m;
     }
 }
 
@@ -245,9 +252,9 @@ Oracle oracle(moe::TensorType t, const uint8_t* w, const std::vector<float>& x, 
     for (int64_t i = 0; i < n; ++i) {
         double wabs = std::fabs((double)wf[(size_t)i]);
         if (has_mins(t)) {
-            double mins[8];
-            k_quant_mins(w + (i / 256) * moe::tensor_type_block_bytes(t), mins);
-            wabs += std::fabs(mins[(i % 256) / 32]);
+            double mins[256];
+            k_quant_mins(t, w + (i / 256) * moe::tensor_type_block_bytes(t), mins);
+            wabs += std::fabs(mins[i % 256]);
         }
         o.exact += (double)wf[(size_t)i] * xd[(size_t)i];
         o.magnitude += wabs * std::fabs(xd[(size_t)i]);

@@ -3,6 +3,7 @@
 // model that was not written by moe_infer.h itself. Tokenizer: the tokenizer.* keys of any
 // llama.cpp vocab GGUF (e.g. ggml-vocab-llama-spm.gguf from the bundle's models/).
 //
+//   tiny_gguf --ggml-blocks TYPE N OUT.bin   (ggml's quantizer and dequantizer on N values; see below)
 //   tiny_gguf OUT.gguf --vocab VOCAB.gguf [--type f32|f16|q8_0] [--seed N]
 //             [--layers 2] [--embd 64] [--heads 4] [--kv-heads 2] [--head-dim 16]
 //             [--experts 8] [--experts-used 2] [--ff 32]
@@ -200,8 +201,43 @@ int run(const Cfg & c) {
 
 }  // namespace
 
+// --ggml-blocks TYPE N OUT: N Gaussian values (seeded as the weights above, sigma 1, every 7th
+// block scaled by 1e-3 and every 11th by 1e3) quantized by ggml_quantize_chunk (no importance
+// matrix), then dequantized by ggml's to_float. OUT: int32 type id, int32 N, uint64 byte count,
+// the blocks, then N floats: what moe_infer.h's dequantizer must reproduce.
+int ggml_blocks(const std::string & type_name, int n, const std::string & out) {
+    ggml_type type = GGML_TYPE_COUNT;
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * name = ggml_type_name((ggml_type) t);
+        if (name && type_name == name) type = (ggml_type) t;
+    }
+    if (type == GGML_TYPE_COUNT) throw Error("unknown ggml type '" + type_name + "'");
+    const int64_t be = ggml_blck_size(type);
+    if (n % be) throw Error("N must be a multiple of the block size");
+    Rng rng{42};
+    std::vector<float> x((size_t) n), y((size_t) n);
+    for (int i = 0; i < n; ++i) {
+        const int64_t blk = i / 256;
+        x[(size_t) i] = (float) rng.normal() * (blk % 7 == 3 ? 1e-3f : blk % 11 == 5 ? 1e3f : 1.f);
+    }
+    std::vector<uint8_t> q(ggml_row_size(type, n));
+    ggml_quantize_init(type);
+    ggml_quantize_chunk(type, x.data(), q.data(), 0, 1, n, nullptr);
+    ggml_get_type_traits(type)->to_float(q.data(), y.data(), n);
+    std::FILE * f = std::fopen(out.c_str(), "wb");
+    if (!f) throw Error("cannot write " + out);
+    const int32_t head[2] = {(int32_t) type, n};
+    const uint64_t bytes = q.size();
+    bool ok = std::fwrite(head, sizeof head, 1, f) == 1 && std::fwrite(&bytes, sizeof bytes, 1, f) == 1 &&
+              std::fwrite(q.data(), 1, q.size(), f) == q.size() && std::fwrite(y.data(), sizeof(float), y.size(), f) == y.size();
+    ok = std::fclose(f) == 0 && ok;
+    if (!ok) throw Error("write error on " + out);
+    return 0;
+}
+
 int main(int argc, char ** argv) {
     try {
+        if (argc == 5 && std::string(argv[1]) == "--ggml-blocks") return ggml_blocks(argv[2], to_int(argv[3], "N"), argv[4]);
         return run(parse(argc, argv));
     } catch (const std::exception & e) {
         std::fprintf(stderr, "error: %s\n", e.what());
