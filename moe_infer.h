@@ -43,7 +43,8 @@
    SUPPORTED
        architectures: qwen3moe, olmoe, qwen2moe (shared expert + sigmoid gate), llama (Mixtral-style
        ffn_*_exps, and dense llama), all hyper-parameters from GGUF metadata.
-       tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K (ggml block layouts, bit-exact).
+       tensor types: F32, F16, BF16, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (ggml block layouts,
+       bit-exact).
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
        tokenizers: byte-level BPE ("gpt2": qwen2, llama-bpe, gpt-2, deepseek-llm pre-tokenizers...)
@@ -5721,7 +5722,7 @@ public:
 #if defined(O_DIRECT)
         if (direct) flags |= O_DIRECT;
 #else
-        if (direct) return fail(Status::unsupported, "direct_io: O_DIRECT is not available on this system");
+        if (direct) return fail(Status::unsupported, "expert_reads = direct: O_DIRECT is not available on this system");
 #endif
         fd_ = ::open(path, flags);
         if (fd_ < 0) return fail(Status::io_error, "cannot open '%s' for expert reads: %s", path, std::strerror(errno));
