@@ -43,8 +43,8 @@
    SUPPORTED
        architectures: qwen3moe, olmoe, qwen2moe (shared expert + sigmoid gate), llama (Mixtral-style
        ffn_*_exps, and dense llama), all hyper-parameters from GGUF metadata.
-       tensor types: F32, F16, BF16, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (ggml block layouts,
-       bit-exact).
+       tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_K,
+       Q5_K, Q6_K (ggml block layouts, bit-exact).
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
        tokenizers: byte-level BPE ("gpt2": qwen2, llama-bpe, gpt-2, deepseek-llm pre-tokenizers...)
@@ -153,7 +153,7 @@ typedef void (*LogFn)(void* user, const char* message);
 // file, and a writer used by tests, tools and quantization.
 
 enum class TensorType : uint32_t {
-    f32 = 0, f16 = 1, q4_0 = 2, q8_0 = 8, q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, bf16 = 30,
+    f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, iq4_nl = 20, iq4_xs = 23, bf16 = 30,
 };
 // Name ("Q4_K") for a supported type, "unknown" otherwise.
 MOE_API const char* tensor_type_name(TensorType t);
@@ -681,6 +681,7 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
 #include <limits>
 #include <mutex>
 #include <new>
+#include <type_traits>
 #include <unordered_map>
 
 #ifndef MOE_ASSERT
@@ -1154,8 +1155,8 @@ inline bool gguf_is_signed(GgufValueType t) {
 
 // The per-type table: one row per tensor type this build reads, defined in TYPE TABLE after the
 // kernels it names. A new type is a block struct, its _ref functions, its SIMD kernels and one row.
-enum class ActFormat { f32, q8_0, q8_k };  // what a weight type's kernels dot against
-constexpr int kActFormatCount = 3;
+enum class ActFormat { f32, q8_0, q8_k, q8_1 };  // what a weight type's kernels dot against
+constexpr int kActFormatCount = 4;
 constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 
 typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
@@ -1646,6 +1647,27 @@ static_assert(sizeof(BlockQ8_0) == 34, "wrong q8_0 block size");
 // Q4_0: x = d * (q - 8), q in [0, 15]; byte j: element j (low nibble), j + 16 (high). 4.5 bpw.
 struct BlockQ4_0 { uint16_t d; uint8_t qs[kQK / 2]; };
 static_assert(sizeof(BlockQ4_0) == 18, "wrong q4_0 block size");
+// Q4_1: x = d * q + m, q in [0, 15], nibbles ordered as Q4_0. 5 bpw.
+struct BlockQ4_1 { uint16_t d, m; uint8_t qs[kQK / 2]; };
+static_assert(sizeof(BlockQ4_1) == 20, "wrong q4_1 block size");
+// Q5_0: x = d * (q - 16), q 5-bit: the Q4_0 nibble plus bit j of qh (little-endian 32 bits) as
+// the fifth bit of element j. 5.5 bpw.
+struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[kQK / 2]; };
+static_assert(sizeof(BlockQ5_0) == 22, "wrong q5_0 block size");
+// Q5_1: x = d * q + m with Q5_0's q. 6 bpw.
+struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[kQK / 2]; };
+static_assert(sizeof(BlockQ5_1) == 24, "wrong q5_1 block size");
+// IQ4_NL: x = d * kIq4Values[code], codes in Q4_0's nibble order. 4.5 bpw.
+struct BlockIQ4NL { uint16_t d; uint8_t qs[kQK / 2]; };
+static_assert(sizeof(BlockIQ4NL) == 18, "wrong iq4_nl block size");
+// IQ4_XS: 8 sub-blocks of 32, x = d * (ls - 32) * kIq4Values[code]; ls of sub-block i: its low 4
+// bits are nibble i of scales_l (low nibble first), its high 2 bits bits 2i..2i+1 of scales_h;
+// sub-block i's codes are qs[16i..16i+15] in Q4_0's nibble order. 4.25 bpw.
+struct BlockIQ4XS { uint16_t d, scales_h; uint8_t scales_l[kQKK / 64]; uint8_t qs[kQKK / 2]; };
+static_assert(sizeof(BlockIQ4XS) == 136, "wrong iq4_xs block size");
+// The IQ4 codebook: a non-uniform 4-bit grid, part of the format (ggml-common.h, MIT).
+alignas(16) constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
 // Q2_K and Q3_K share Q6_K's element order: element 128h + 32j + l (h < 2, j < 4, l < 32) is in
 // bits 2j..2j+1 of qs[32h + l], and its 16-element sub-block is 8h + 2j + l / 16.
 // Q2_K: x = d * (sc & 15) * q - dmin * (sc >> 4) per sub-block, q 2-bit. 2.625 bpw.
@@ -1664,6 +1686,11 @@ static_assert(sizeof(BlockQ5K) == 176, "wrong q5_K block size");
 // Q6_K: 16 sub-blocks of 16, x = d * scale_i * (q - 32), q 6-bit. 6.5625 bpw.
 struct BlockQ6K { uint8_t ql[kQKK / 2]; uint8_t qh[kQKK / 4]; int8_t scales[kQKK / 16]; uint16_t d; };
 static_assert(sizeof(BlockQ6K) == 210, "wrong q6_K block size");
+// Q8_1 (activations of Q4_1/Q5_1, like ggml's): Q8_0 plus s = d * Σ qs from the unrounded d,
+// rounded to fp16 as ggml stores it, so that the offset term m * s matches llama.cpp to the bit;
+// kept as a float so that where fp16 would overflow (ggml: inf) it stays the exact value.
+struct BlockQ8_1 { float s; uint16_t d; int8_t qs[kQK]; uint8_t pad[2]; };
+static_assert(sizeof(BlockQ8_1) == 40, "wrong q8_1 block size");
 // Q8_K (activations only): d is f32 and may be negative; bsums[i] = sum of qs[16i..16i+15].
 struct BlockQ8K { float d; int8_t qs[kQKK]; int16_t bsums[kQKK / 16]; };
 static_assert(sizeof(BlockQ8K) == 292, "wrong q8_K block size");
@@ -1810,6 +1837,159 @@ inline void quantize_row_q45k_ref(Block* y, const float* x, int64_t n) {
                 y[b].qs[32 * c + l] = (uint8_t)((lo & 15) | ((hi & 15) << 4));
                 if constexpr (kHasFifthBit<Block>) y[b].qh[l] |= (uint8_t)(((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1)));
             }
+    }
+}
+
+// Code j (0..31) of a 32-element Q5_0/Q5_1 block.
+inline int q5_code(const uint8_t* qs, const uint8_t* qh, int j) {
+    const int nibble = j < 16 ? qs[j] & 15 : qs[j - 16] >> 4;
+    return nibble | (((qh[j / 8] >> (j % 8)) & 1) << 4);
+}
+inline void q5_pack(const int* codes, uint8_t* qs, uint8_t* qh) {
+    std::memset(qh, 0, 4);
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)((codes[j] & 15) | ((codes[j + 16] & 15) << 4));
+    for (int j = 0; j < 32; ++j) qh[j / 8] |= (uint8_t)(((codes[j] >> 4) & 1) << (j % 8));
+}
+// Q4_1/Q5_1: the block's [min, max] in 15 or 31 steps, against the stored fp16 d and m.
+template <typename Block, int kMaxCode>
+inline void quantize_row_affine_ref(Block* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        float lo = x[0], hi = x[0];
+        for (int j = 1; j < kQK; ++j) { lo = std::min(lo, x[j]); hi = std::max(hi, x[j]); }
+        y[b].d = f32_to_fp16((hi - lo) / kMaxCode);
+        y[b].m = f32_to_fp16(lo);
+        const float d = fp16_to_f32(y[b].d), m = fp16_to_f32(y[b].m);
+        int codes[kQK];
+        for (int j = 0; j < kQK; ++j) codes[j] = d > 0 ? std::max(0, std::min(kMaxCode, nearest_int((x[j] - m) / d))) : 0;
+        if constexpr (kMaxCode == 15) {
+            for (int j = 0; j < 16; ++j) y[b].qs[j] = (uint8_t)(codes[j] | (codes[j + 16] << 4));
+        } else {
+            q5_pack(codes, y[b].qs, y[b].qh);
+        }
+    }
+}
+// Q5_0: symmetric as Q4_0, the extreme value on code 0 (q - 16 = -16).
+inline void quantize_row_q5_0_ref(BlockQ5_0* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        float amax = 0, vmax = 0;
+        for (int j = 0; j < kQK; ++j)
+            if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); vmax = x[j]; }
+        y[b].d = f32_to_fp16(vmax / -16.f);
+        const float d = fp16_to_f32(y[b].d);
+        int codes[kQK];
+        for (int j = 0; j < kQK; ++j) codes[j] = d != 0 ? std::max(0, std::min(31, nearest_int(x[j] / d) + 16)) : 16;
+        q5_pack(codes, y[b].qs, y[b].qh);
+    }
+}
+template <typename Block>
+inline void dequantize_row_affine(const Block* x, float* y, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        const float d = fp16_to_f32(x[b].d), m = fp16_to_f32(x[b].m);
+        for (int j = 0; j < kQK; ++j) {
+            int q;
+            if constexpr (std::is_same<Block, BlockQ4_1>::value) q = j < 16 ? x[b].qs[j] & 15 : x[b].qs[j - 16] >> 4;
+            else q = q5_code(x[b].qs, x[b].qh, j);
+            y[b * kQK + j] = d * (float)q + m;
+        }
+    }
+}
+inline void dequantize_row_q5_0(const BlockQ5_0* x, float* y, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        const float d = fp16_to_f32(x[b].d);
+        for (int j = 0; j < kQK; ++j) y[b * kQK + j] = d * (float)(q5_code(x[b].qs, x[b].qh, j) - 16);
+    }
+}
+// Nearest IQ4 code to v (the grid is sorted).
+inline int iq4_nearest(float v) {
+    int best = 0;
+    for (int c = 1; c < 16; ++c)
+        if (std::fabs(v - (float)kIq4Values[c]) < std::fabs(v - (float)kIq4Values[best])) best = c;
+    return best;
+}
+// Best scale for 32 values on the IQ4 grid: candidates from a sweep that puts the extreme value
+// near the grid's ends, each refit by least squares over its codes; least squared error wins.
+inline float iq4_fit32(const float* x) {
+    float amax = 0, vmax = 0;
+    for (int j = 0; j < kQK; ++j)
+        if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); vmax = x[j]; }
+    if (amax == 0) return 0;
+    double best_err = 0;
+    for (int j = 0; j < kQK; ++j) best_err += (double)x[j] * x[j];
+    float best = 0;
+    for (int t = -10; t <= 10; ++t) {
+        const float d = vmax / ((float)kIq4Values[0] + 2.5f * (float)t);
+        double sxq = 0, sqq = 0;
+        int codes[kQK];
+        for (int j = 0; j < kQK; ++j) {
+            codes[j] = iq4_nearest(x[j] / d);
+            sxq += (double)x[j] * kIq4Values[codes[j]];
+            sqq += (double)kIq4Values[codes[j]] * kIq4Values[codes[j]];
+        }
+        const double fit = sqq > 0 ? sxq / sqq : 0;
+        double err = 0;
+        for (int j = 0; j < kQK; ++j) {
+            const double e = x[j] - fit * kIq4Values[codes[j]];
+            err += e * e;
+        }
+        if (err < best_err) { best_err = err; best = (float)fit; }
+    }
+    return best;
+}
+inline void iq4_codes(const float* x, float d, uint8_t* qs) {
+    int codes[kQK];
+    for (int j = 0; j < kQK; ++j) codes[j] = d != 0 ? iq4_nearest(x[j] / d) : iq4_nearest(0);
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)(codes[j] | (codes[j + 16] << 4));
+}
+inline void quantize_row_iq4nl_ref(BlockIQ4NL* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        y[b].d = f32_to_fp16(iq4_fit32(x));
+        iq4_codes(x, fp16_to_f32(y[b].d), y[b].qs);
+    }
+}
+// IQ4_XS: each sub-block's scale fit as for IQ4_NL, then to 6 signed bits against the largest.
+inline void quantize_row_iq4xs_ref(BlockIQ4XS* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
+        float scale[8], max_abs = 0, max_scale = 0;
+        for (int i = 0; i < 8; ++i) {
+            scale[i] = iq4_fit32(x + 32 * i);
+            if (std::fabs(scale[i]) > max_abs) { max_abs = std::fabs(scale[i]); max_scale = scale[i]; }
+        }
+        BlockIQ4XS& blk = y[b];
+        blk.d = f32_to_fp16(max_abs > 0 ? max_scale / -32.f : 0.f);
+        const float d = fp16_to_f32(blk.d);
+        blk.scales_h = 0;
+        std::memset(blk.scales_l, 0, sizeof blk.scales_l);
+        for (int i = 0; i < 8; ++i) {
+            const int ls = (d != 0 ? std::max(-32, std::min(31, nearest_int(scale[i] / d))) : 0) + 32;
+            blk.scales_l[i / 2] |= (uint8_t)((ls & 15) << (4 * (i % 2)));
+            blk.scales_h = (uint16_t)(blk.scales_h | ((ls >> 4) << (2 * i)));
+            iq4_codes(x + 32 * i, d * (float)(ls - 32), blk.qs + 16 * i);
+        }
+    }
+}
+inline int iq4xs_scale(const BlockIQ4XS& blk, int i) {
+    return (((blk.scales_l[i / 2] >> (4 * (i % 2))) & 15) | (((blk.scales_h >> (2 * i)) & 3) << 4)) - 32;
+}
+inline void dequantize_row_iq4nl(const BlockIQ4NL* x, float* y, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        const float d = fp16_to_f32(x[b].d);
+        for (int j = 0; j < 16; ++j) {
+            y[b * kQK + j] = d * (float)kIq4Values[x[b].qs[j] & 15];
+            y[b * kQK + j + 16] = d * (float)kIq4Values[x[b].qs[j] >> 4];
+        }
+    }
+}
+inline void dequantize_row_iq4xs(const BlockIQ4XS* x, float* y, int64_t n) {
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        const float d = fp16_to_f32(x[b].d);
+        for (int i = 0; i < 8; ++i) {
+            const float dl = d * (float)iq4xs_scale(x[b], i);
+            const uint8_t* qs = x[b].qs + 16 * i;
+            for (int j = 0; j < 16; ++j) {
+                y[b * kQKK + 32 * i + j] = dl * (float)kIq4Values[qs[j] & 15];
+                y[b * kQKK + 32 * i + j + 16] = dl * (float)kIq4Values[qs[j] >> 4];
+            }
+        }
     }
 }
 
@@ -2137,6 +2317,55 @@ inline float vec_dot_q45k_q8k_ref(const Block* w, const BlockQ8K* x, int64_t n) 
     }
     return sum;
 }
+// Q4_1/Q5_1 against Q8_1: Σ (d*q + m) * d8*y = d*d8 * Σ q*y + m * s (s = d8 * Σ y, stored).
+template <typename Block>
+inline float vec_dot_affine_q8_1_ref(const Block* w, const BlockQ8_1* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int qy = 0;
+        for (int j = 0; j < kQK; ++j) {
+            int q;
+            if constexpr (std::is_same<Block, BlockQ4_1>::value) q = j < 16 ? w[b].qs[j] & 15 : w[b].qs[j - 16] >> 4;
+            else q = q5_code(w[b].qs, w[b].qh, j);
+            qy += q * x[b].qs[j];
+        }
+        sum += fp16_to_f32(w[b].d) * fp16_to_f32(x[b].d) * (float)qy + fp16_to_f32(w[b].m) * x[b].s;
+    }
+    return sum;
+}
+inline float vec_dot_q5_0_q8_0_ref(const BlockQ5_0* w, const BlockQ8_0* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int isum = 0;
+        for (int j = 0; j < kQK; ++j) isum += (q5_code(w[b].qs, w[b].qh, j) - 16) * x[b].qs[j];
+        sum += fp16_to_f32(w[b].d) * fp16_to_f32(x[b].d) * (float)isum;
+    }
+    return sum;
+}
+inline float vec_dot_iq4nl_q8_0_ref(const BlockIQ4NL* w, const BlockQ8_0* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int isum = 0;
+        for (int j = 0; j < 16; ++j) isum += kIq4Values[w[b].qs[j] & 15] * x[b].qs[j] + kIq4Values[w[b].qs[j] >> 4] * x[b].qs[j + 16];
+        sum += fp16_to_f32(w[b].d) * fp16_to_f32(x[b].d) * (float)isum;
+    }
+    return sum;
+}
+inline float vec_dot_iq4xs_q8k_ref(const BlockIQ4XS* w, const BlockQ8K* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        int isum = 0;
+        for (int i = 0; i < 8; ++i) {
+            const uint8_t* qs = w[b].qs + 16 * i;
+            const int8_t* y = x[b].qs + 32 * i;
+            int sub = 0;
+            for (int j = 0; j < 16; ++j) sub += kIq4Values[qs[j] & 15] * y[j] + kIq4Values[qs[j] >> 4] * y[j + 16];
+            isum += iq4xs_scale(w[b], i) * sub;
+        }
+        sum += fp16_to_f32(w[b].d) * x[b].d * (float)isum;
+    }
+    return sum;
+}
 inline float vec_dot_q2k_q8k_ref(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
     float sum = 0;
     int8_t q[kQKK];
@@ -2200,6 +2429,23 @@ inline void quantize_act_q8_0_ref(BlockQ8_0* y, const float* x, int64_t n) {
         float id = amax != 0 ? 127.f / amax : 0.f;
         y[b].d = f32_to_fp16(amax / 127.f);
         for (int j = 0; j < kQK; ++j) y[b].qs[j] = (int8_t)std::nearbyint(x[j] * id);
+    }
+}
+
+inline void quantize_act_q8_1_ref(BlockQ8_1* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        float amax = 0;
+        for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
+        const float d = amax / 127.f, id = amax != 0 ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < kQK; ++j) {
+            y[b].qs[j] = (int8_t)std::nearbyint(x[j] * id);
+            sum += y[b].qs[j];
+        }
+        y[b].d = f32_to_fp16(d);
+        const float s = d * (float)sum;
+        y[b].s = std::fabs(s) <= 65504.f ? fp16_to_f32(f32_to_fp16(s)) : s;
+        y[b].pad[0] = y[b].pad[1] = 0;
     }
 }
 
@@ -2484,6 +2730,68 @@ MOE_DETAIL_AVX2 inline float vec_dot_q4_0_q8_0_avx2(const BlockQ4_0* w, const Bl
 }
 MOE_DETAIL_AVX2 inline float vec_dot_q8_0_q8_0_avx2(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
     MOE_DETAIL_Q8_0_BLOCKS_LOOP(block_dot_avx2);
+}
+
+// A Q5_0/Q5_1 block's 32 codes in element order: the Q4_0 nibbles plus 0x10 where bit j of qh is
+// set (byte j gets qh byte j / 8, tested against bit j % 8).
+MOE_DETAIL_AVX2 inline __m256i q5_codes_avx2(const uint8_t* qs, const uint8_t* qh) {
+    uint32_t bits;
+    std::memcpy(&bits, qh, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(q4_0_nibbles_avx2(qs), high);
+}
+// An IQ4_NL block's codes through the codebook: 32 signed weights in element order.
+MOE_DETAIL_AVX2 inline __m256i iq4_weights_avx2(const uint8_t* qs) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(loadu_128(kIq4Values)), q4_0_nibbles_avx2(qs));
+}
+// Σ a*y for signed a (|a| <= 127) as 8 int32 sums: a's sign moved onto y, as for Q8_0.
+MOE_DETAIL_AVX2 inline __m256i signed_dot_avx2(__m256i a, __m256i y) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(y, a)), _mm256_set1_epi16(1));
+}
+MOE_DETAIL_AVX2 inline __m256i block_dot_avx2(const BlockQ5_0& w, const BlockQ8_0& x) {
+    const __m256i y = loadu_256(x.qs);
+    const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(q5_codes_avx2(w.qs, w.qh), y), _mm256_maddubs_epi16(_mm256_set1_epi8(16), y));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+MOE_DETAIL_AVX2 inline __m256i block_dot_avx2(const BlockIQ4NL& w, const BlockQ8_0& x) { return signed_dot_avx2(iq4_weights_avx2(w.qs), loadu_256(x.qs)); }
+MOE_DETAIL_AVX2 inline float vec_dot_q5_0_q8_0_avx2(const BlockQ5_0* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_BLOCKS_LOOP(block_dot_avx2);
+}
+MOE_DETAIL_AVX2 inline float vec_dot_iq4nl_q8_0_avx2(const BlockIQ4NL* w, const BlockQ8_0* x, int64_t n) {
+    MOE_DETAIL_Q8_0_BLOCKS_LOOP(block_dot_avx2);
+}
+// Q4_1/Q5_1 against Q8_1: d*d8 * Σ q*y + m * s (codes unsigned, so maddubs takes them directly).
+template <typename Block>
+MOE_DETAIL_AVX2 inline float vec_dot_affine_q8_1_avx2(const Block* w, const BlockQ8_1* x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0;
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        __m256i q;
+        if constexpr (std::is_same<Block, BlockQ4_1>::value) q = q4_0_nibbles_avx2(w[b].qs);
+        else q = q5_codes_avx2(w[b].qs, w[b].qh);
+        const __m256i qy = _mm256_madd_epi16(_mm256_maddubs_epi16(q, loadu_256(x[b].qs)), _mm256_set1_epi16(1));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d)), _mm256_cvtepi32_ps(qy), acc);
+        offsets += _cvtsh_ss(w[b].m) * x[b].s;
+    }
+    return hsum_f32x8(acc) + offsets;
+}
+// IQ4_XS: per 32-element sub-block the codebook lookup and a signed dot; maddubs' int16 pairs
+// (<= 2*127*127) times the sub-block scale through madd (int32, < 2^22 per sub-block).
+MOE_DETAIL_AVX2 inline float vec_dot_iq4xs_q8k_avx2(const BlockIQ4XS* w, const BlockQ8K* x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        __m256i sum = _mm256_setzero_si256();
+        for (int i = 0; i < 8; ++i) {
+            const __m256i a = iq4_weights_avx2(w[b].qs + 16 * i), y = loadu_256(x[b].qs + 32 * i);
+            const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(y, a));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_set1_epi16((short)iq4xs_scale(w[b], i))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum_f32x8(acc);
 }
 
 // Q4_K: per 32-byte chunk c the low nibbles are sub-block 2c, the high nibbles sub-block 2c+1.
@@ -3111,6 +3419,66 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q4_0_q8_0_dotprod(const BlockQ4_0* w, co
     MOE_DETAIL_Q8_0_ROW_NEON(block_dot_dotprod);
 }
 #endif
+
+// Q5_0/Q5_1 codes (0..31) of one block in element order: nibbles plus 0x10 where bit j of qh is set.
+inline void q5_codes_neon(const uint8_t* qs, const uint8_t* qh, int8x16_t* lo, int8x16_t* hi) {
+    static const uint8_t kBits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t bits = vld1q_u8(kBits), m10 = vdupq_n_u8(0x10);
+    const uint8x16_t h0 = vcombine_u8(vdup_n_u8(qh[0]), vdup_n_u8(qh[1])), h1 = vcombine_u8(vdup_n_u8(qh[2]), vdup_n_u8(qh[3]));
+    const uint8x16_t q = vld1q_u8(qs);
+    *lo = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(q, vdupq_n_u8(0x0F)), vandq_u8(vtstq_u8(h0, bits), m10)));
+    *hi = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(q, 4), vandq_u8(vtstq_u8(h1, bits), m10)));
+}
+inline void iq4_weights_neon(const uint8_t* qs, int8x16_t* lo, int8x16_t* hi) {
+    const int8x16_t table = vld1q_s8(kIq4Values);
+    const uint8x16_t q = vld1q_u8(qs);
+    *lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0F)));
+    *hi = vqtbl1q_s8(table, vshrq_n_u8(q, 4));
+}
+inline int32x4_t block_dot_neon(const BlockQ5_0& w, const BlockQ8_0& x) {
+    int8x16_t lo, hi;
+    q5_codes_neon(w.qs, w.qh, &lo, &hi);
+    const int8x16_t k16 = vdupq_n_s8(16);
+    return dot32_i8_neon(vsubq_s8(lo, k16), vsubq_s8(hi, k16), vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
+}
+inline int32x4_t block_dot_neon(const BlockIQ4NL& w, const BlockQ8_0& x) {
+    int8x16_t lo, hi;
+    iq4_weights_neon(w.qs, &lo, &hi);
+    return dot32_i8_neon(lo, hi, vld1q_s8(x.qs), vld1q_s8(x.qs + 16));
+}
+inline float vec_dot_q5_0_q8_0_neon(const BlockQ5_0* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_Q8_0_ROW_NEON(block_dot_neon); }
+inline float vec_dot_iq4nl_q8_0_neon(const BlockIQ4NL* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_Q8_0_ROW_NEON(block_dot_neon); }
+template <typename Block>
+inline float vec_dot_affine_q8_1_neon(const Block* w, const BlockQ8_1* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int8x16_t lo, hi;
+        if constexpr (std::is_same<Block, BlockQ4_1>::value) {
+            const uint8x16_t q = vld1q_u8(w[b].qs);
+            lo = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F)));
+            hi = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
+        } else {
+            q5_codes_neon(w[b].qs, w[b].qh, &lo, &hi);
+        }
+        const int qy = vaddvq_s32(dot32_i8_neon(lo, hi, vld1q_s8(x[b].qs), vld1q_s8(x[b].qs + 16)));
+        sum += fp16_to_f32_neon(w[b].d) * fp16_to_f32_neon(x[b].d) * (float)qy + fp16_to_f32_neon(w[b].m) * x[b].s;
+    }
+    return sum;
+}
+inline float vec_dot_iq4xs_q8k_neon(const BlockIQ4XS* w, const BlockQ8K* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        int32x4_t acc = vdupq_n_s32(0);
+        for (int i = 0; i < 8; ++i) {
+            int8x16_t lo, hi;
+            iq4_weights_neon(w[b].qs + 16 * i, &lo, &hi);
+            const int8_t* y = x[b].qs + 32 * i;
+            acc = vmlaq_n_s32(acc, dot32_i8_neon(lo, hi, vld1q_s8(y), vld1q_s8(y + 16)), iq4xs_scale(w[b], i));
+        }
+        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)vaddvq_s32(acc);
+    }
+    return sum;
+}
 #undef MOE_DETAIL_Q8_0_ROW_NEON
 
 //-----------------------------------------------------------------------------
@@ -3390,6 +3758,23 @@ inline const QuantType* quant_type(uint32_t id) {
          erase_dot<vec_dot_dequant_f32_ref<BlockQ4_0, kQK, dequantize_row_q4_0>>,
          MOE_DETAIL_DOTS(vec_dot_q4_0_q8_0_ref, vec_dot_q4_0_q8_0_avx2, vec_dot_q4_0_q8_0_avx512, vec_dot_q4_0_q8_0_avx512vnni,
                          vec_dot_q4_0_q8_0_neon, vec_dot_q4_0_q8_0_dotprod)},
+        {TensorType::q4_1, "Q4_1", kQK, sizeof(BlockQ4_1), ActFormat::q8_1, erase_quantize<quantize_row_affine_ref<BlockQ4_1, 15>>,
+         erase_dequantize<dequantize_row_affine<BlockQ4_1>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ4_1, kQK, dequantize_row_affine<BlockQ4_1>>>,
+         MOE_DETAIL_DOTS(vec_dot_affine_q8_1_ref<BlockQ4_1>, vec_dot_affine_q8_1_avx2<BlockQ4_1>, nullptr, nullptr,
+                         vec_dot_affine_q8_1_neon<BlockQ4_1>, nullptr)},
+        {TensorType::q5_0, "Q5_0", kQK, sizeof(BlockQ5_0), ActFormat::q8_0, erase_quantize<quantize_row_q5_0_ref>, erase_dequantize<dequantize_row_q5_0>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockQ5_0, kQK, dequantize_row_q5_0>>,
+         MOE_DETAIL_DOTS(vec_dot_q5_0_q8_0_ref, vec_dot_q5_0_q8_0_avx2, nullptr, nullptr, vec_dot_q5_0_q8_0_neon, nullptr)},
+        {TensorType::q5_1, "Q5_1", kQK, sizeof(BlockQ5_1), ActFormat::q8_1, erase_quantize<quantize_row_affine_ref<BlockQ5_1, 31>>,
+         erase_dequantize<dequantize_row_affine<BlockQ5_1>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ5_1, kQK, dequantize_row_affine<BlockQ5_1>>>,
+         MOE_DETAIL_DOTS(vec_dot_affine_q8_1_ref<BlockQ5_1>, vec_dot_affine_q8_1_avx2<BlockQ5_1>, nullptr, nullptr,
+                         vec_dot_affine_q8_1_neon<BlockQ5_1>, nullptr)},
+        {TensorType::iq4_nl, "IQ4_NL", kQK, sizeof(BlockIQ4NL), ActFormat::q8_0, erase_quantize<quantize_row_iq4nl_ref>,
+         erase_dequantize<dequantize_row_iq4nl>, erase_dot<vec_dot_dequant_f32_ref<BlockIQ4NL, kQK, dequantize_row_iq4nl>>,
+         MOE_DETAIL_DOTS(vec_dot_iq4nl_q8_0_ref, vec_dot_iq4nl_q8_0_avx2, nullptr, nullptr, vec_dot_iq4nl_q8_0_neon, nullptr)},
+        {TensorType::iq4_xs, "IQ4_XS", kQKK, sizeof(BlockIQ4XS), ActFormat::q8_k, erase_quantize<quantize_row_iq4xs_ref>,
+         erase_dequantize<dequantize_row_iq4xs>, erase_dot<vec_dot_dequant_f32_ref<BlockIQ4XS, kQKK, dequantize_row_iq4xs>>,
+         MOE_DETAIL_DOTS(vec_dot_iq4xs_q8k_ref, vec_dot_iq4xs_q8k_avx2, nullptr, nullptr, vec_dot_iq4xs_q8k_neon, nullptr)},
         {TensorType::q2_k, "Q2_K", kQKK, sizeof(BlockQ2K), ActFormat::q8_k, erase_quantize<quantize_row_q2k_ref>, erase_dequantize<dequantize_row_q2k>,
          erase_dot<vec_dot_dequant_f32_ref<BlockQ2K, kQKK, dequantize_row_q2k>>,
          MOE_DETAIL_DOTS(vec_dot_q2k_q8k_ref, vec_dot_q2k_q8k_avx2, nullptr, nullptr, vec_dot_q2k_q8k_neon, vec_dot_q2k_q8k_dotprod)},
@@ -3431,6 +3816,8 @@ inline const ActType& act_type(ActFormat f) {
         {ActFormat::q8_k, kQKK, sizeof(BlockQ8K),
          {erase_quantize<quantize_row_q8k_ref>, MOE_DETAIL_IF_AVX2(erase_quantize<quantize_row_q8k_avx2>), nullptr, nullptr,
           MOE_DETAIL_IF_NEON(erase_quantize<quantize_row_q8k_neon>), nullptr}},
+        // Scalar only: an activation row is quantized once per matrix, far below the matmul's cost.
+        {ActFormat::q8_1, kQK, sizeof(BlockQ8_1), {erase_quantize<quantize_act_q8_1_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
     };
     return table[(int)f];
 }
@@ -6586,9 +6973,11 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
     a.att_scratch_stride = (size_t)((group * (kAttBlock + hd + 2) + 15) / 16 * 16);
     a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, B) * (size_t)slots;
-    a.hidden_q_stride = std::max(act_row_bytes(ActFormat::q8_k, plan->max_ff / kQKK * kQKK + kQKK),
-                                 act_row_bytes(ActFormat::q8_0, plan->max_ff / kQK * kQK + kQK));
-    a.hidden_q_stride = std::max(a.hidden_q_stride, (size_t)plan->max_ff * 4);
+    a.hidden_q_stride = (size_t)plan->max_ff * 4;  // f32, and every quantized format's row (+ one block)
+    for (int f = 1; f < kActFormatCount; ++f) {
+        const int64_t be = act_type((ActFormat)f).block_elems;
+        a.hidden_q_stride = std::max(a.hidden_q_stride, act_row_bytes((ActFormat)f, plan->max_ff / be * be + be));
+    }
     const bool ok = a.x.allocate((size_t)(B * plan->n_embd)) && a.xb.allocate((size_t)(B * plan->n_embd)) &&
                     a.q.allocate((size_t)(B * plan->q_dim)) && a.k.allocate((size_t)(B * plan->kv_dim)) &&
                     a.v.allocate((size_t)(B * plan->kv_dim)) && a.att_out.allocate((size_t)(B * plan->q_dim)) &&

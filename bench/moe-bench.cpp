@@ -71,7 +71,7 @@ const char* kUsage =
     "\n"
     "synthetic model options:\n"
     "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
-    "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16\n"
+    "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs\n"
     "  -o FILE         output path\n"
     "  --layers N      keep only the first N layers (quick tests)\n"
     "  --pure          every matrix in T (default: the output matrix is Q6_K for 4-bit T)\n"
@@ -246,6 +246,9 @@ bool make_plan(const std::string& q, QuantPlan* p) {
     else if (q == "q4_k") { p->base = T::q4_k; p->file_type = 14; }
     else if (q == "q6_k") { p->base = T::q6_k; p->file_type = 18; }
     else if (q == "f16") { p->base = T::f16; p->file_type = 1; }
+    else if (q == "q2_k") { p->base = T::q2_k; p->file_type = 10; }
+    else if (q == "q3_k") { p->base = T::q3_k; p->file_type = 11; }
+    else if (q == "iq4_xs") { p->base = T::iq4_xs; p->file_type = 30; }
     else return false;
     return true;
 }
@@ -379,6 +382,33 @@ void gen_q6_k(uint8_t* p, size_t nb, Rng& r) {
     }
 }
 
+// Q2_K (84 B), Q3_K (110 B), IQ4_XS (136 B): random codes and sub-block scales; the fp16 super-
+// scales (d @80 and dmin @82, d @108, d @0) set so that |w| stays near the other types' range.
+void gen_low_bit(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
+    using T = moe::TensorType;
+    const int bb = moe::tensor_type_block_bytes(type);
+    for (size_t b = 0; b < nb; ++b, p += bb) {
+        for (int k = 0; k + 8 <= bb; k += 8) {
+            uint64_t a = r.next();
+            std::memcpy(p + k, &a, 8);
+        }
+        for (int k = bb / 8 * 8; k < bb; ++k) p[k] = (uint8_t)r.next();
+        uint16_t d;
+        if (type == T::q2_k) {
+            d = to_fp16(r.uniform(1e-3f, 2e-3f));
+            std::memcpy(p + 80, &d, 2);
+            d = to_fp16(r.uniform(1e-3f, 2e-3f));
+            std::memcpy(p + 82, &d, 2);
+        } else if (type == T::q3_k) {
+            d = to_fp16(r.uniform(2e-4f, 4e-4f));
+            std::memcpy(p + 108, &d, 2);
+        } else {  // IQ4_XS: d * (ls - 32) * kvalue, |kvalue| <= 127
+            d = to_fp16(r.uniform(2e-5f, 4e-5f));
+            std::memcpy(p, &d, 2);
+        }
+    }
+}
+
 // fp16 values with |w| in [2^-9, 2^-3): exponent field 6..11, random mantissa and sign.
 void gen_f16(uint8_t* p, size_t n, Rng& r) {
     for (size_t i = 0; i < n;) {
@@ -420,6 +450,9 @@ void scale_blocks(moe::TensorType type, uint8_t* p, size_t nb, float factor) {
             case T::q4_0: case T::q8_0: scale16(blk); break;
             case T::q4_k: scale16(blk); scale16(blk + 2); break;
             case T::q6_k: scale16(blk + 208); break;
+            case T::q2_k: scale16(blk + 80); scale16(blk + 82); break;
+            case T::q3_k: scale16(blk + 108); break;
+            case T::iq4_xs: scale16(blk); break;
             case T::f16: scale16(blk); break;
             case T::f32: { float v; std::memcpy(&v, blk, 4); v *= factor; std::memcpy(blk, &v, 4); break; }
             default: break;
@@ -439,6 +472,7 @@ void gen_range(const TensorSpec& t, uint8_t* dst, uint64_t elem0, uint64_t n_ele
         case T::q8_0: gen_q8_0(p, nb, r); break;
         case T::q4_k: gen_q4_k(p, nb, r); break;
         case T::q6_k: gen_q6_k(p, nb, r); break;
+        case T::q2_k: case T::q3_k: case T::iq4_xs: gen_low_bit(t.type, p, nb, r); break;
         case T::f16: gen_f16(p, nb, r); break;
         case T::f32: gen_f32(p, nb, r, t.fill); break;
         default: std::memset(p, 0, nb * (size_t)bb); break;
@@ -587,7 +621,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     }
     const Shape& s = *sp;
     QuantPlan plan;
-    if (!make_plan(quant, &plan)) return fail("unknown quant type '" + quant + "' (known: q4_0, q8_0, q4_k_m, q4_k, q6_k, f16)");
+    if (!make_plan(quant, &plan)) return fail("unknown quant type '" + quant + "' (known: q4_0, q8_0, q4_k_m, q4_k, q6_k, f16, q2_k, q3_k, iq4_xs)");
     if (out.empty()) return fail("--synthetic needs -o FILE");
     const int n_layer = layers > 0 ? layers : s.n_layer;
     if (n_layer > s.n_layer) return fail("--layers " + std::to_string(layers) + " exceeds the shape's " + std::to_string(s.n_layer) + " layers");

@@ -83,7 +83,7 @@ struct Bytes {
 constexpr uint32_t T_U8 = 0, T_I8 = 1, T_U16 = 2, T_I16 = 3, T_U32 = 4, T_I32 = 5, T_F32 = 6, T_BOOL = 7, T_STRING = 8,
                    T_ARRAY = 9, T_U64 = 10, T_I64 = 11, T_F64 = 12;
 // ggml type ids (formats.md §1.3).
-constexpr uint32_t G_F32 = 0, G_F16 = 1, G_Q4_0 = 2, G_Q4_1 = 3, G_Q8_0 = 8, G_Q4_K = 12, G_Q5_K = 13, G_Q6_K = 14,
+constexpr uint32_t G_F32 = 0, G_F16 = 1, G_Q4_0 = 2, G_Q8_0 = 8, G_Q4_K = 12, G_Q5_K = 13, G_Q6_K = 14,
                    G_Q8_K = 15, G_MXFP4 = 39;
 
 // Header: magic, version, n_tensors, n_kv.
@@ -198,8 +198,9 @@ Status open_bytes(const std::vector<uint8_t>& bytes, GgufFile* f) { return GgufF
 
 size_t type_bytes(TensorType t, int64_t n) { return (size_t)(n / moe::tensor_type_block_elems(t) * moe::tensor_type_block_bytes(t)); }
 
-const TensorType kAllTypes[] = {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0,
-                                TensorType::q4_0, TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
+const TensorType kAllTypes[] = {TensorType::f32,    TensorType::f16,    TensorType::bf16, TensorType::q8_0, TensorType::q4_0,
+                                TensorType::q4_1,   TensorType::q5_0,   TensorType::q5_1, TensorType::iq4_nl, TensorType::iq4_xs,
+                                TensorType::q2_k,   TensorType::q3_k,   TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
 
 std::vector<float> pseudo_random(size_t n, uint64_t seed) {
     std::mt19937_64 g(seed);
@@ -1036,8 +1037,8 @@ TEST(GgufHostile, TensorShapes) {
 }
 
 TEST(GgufHostile, UnknownTensorTypes) {
-    // Q4_1, retired 4, Q8_K (activation only), MXFP4, ik_llama ids, garbage.
-    for (uint32_t t : {G_Q4_1, 4u, 5u, G_Q8_K, G_MXFP4, 40u, 41u, 100u, 0xffffffffu}) {
+    // Retired 4 and 5, Q8_K (activation only), IQ2_XXS (not yet), MXFP4, ik_llama ids, garbage.
+    for (uint32_t t : {4u, 5u, G_Q8_K, 16u, G_MXFP4, 40u, 41u, 100u, 0xffffffffu}) {
         expect_reject(make_gguf(0, Bytes(), {{"strange.weight", {256}, t, 0}}, 4096), Status::unsupported,
                       {"strange.weight"});
     }
@@ -1129,8 +1130,8 @@ TEST(GgufWriter, RejectsBadTensors) {
     EXPECT_EQ(w.add_tensor("n", TensorType::f32, 1, neg, v.data()), Status::invalid_argument);
     EXPECT_EQ(w.add_tensor("d0", TensorType::f32, 0, ok, v.data()), Status::invalid_argument);
     EXPECT_EQ(w.add_tensor("d5", TensorType::f32, 5, ok, v.data()), Status::invalid_argument);
-    EXPECT_NE(w.add_tensor("u", (TensorType)3, 1, ok, v.data()), Status::ok);
-    EXPECT_NE(w.add_tensor_f32("u", (TensorType)3, 1, ok, v.data()), Status::ok);
+    EXPECT_NE(w.add_tensor("u", (TensorType)4, 1, ok, v.data()), Status::ok);
+    EXPECT_NE(w.add_tensor_f32("u", (TensorType)4, 1, ok, v.data()), Status::ok);
     EXPECT_EQ(w.add_tensor("a", TensorType::f32, 2, ok, v.data()), Status::ok);
     EXPECT_EQ(w.add_tensor("a", TensorType::f32, 2, ok, v.data()), Status::invalid_argument);
     EXPECT_TRUE(contains_ci(moe::last_error(), "a"));

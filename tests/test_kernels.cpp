@@ -34,16 +34,21 @@ constexpr double kUnitRoundoff = 1.0 / (1 << 24);  // float: 2^-24
 constexpr int kPerTermSlack = 16;                  // scale products, conversions, final reductions
 
 const moe::TensorType kTypes[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0,
-                                  moe::TensorType::q4_0, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
+                                  moe::TensorType::q4_0, moe::TensorType::q4_1, moe::TensorType::q5_0, moe::TensorType::q5_1,
+                                  moe::TensorType::iq4_nl, moe::TensorType::iq4_xs, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
                                   moe::TensorType::q5_k, moe::TensorType::q6_k};
 const moe::Isa kSimdIsas[] = {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod};
 
 bool is_float_type(moe::TensorType t) { return t == moe::TensorType::f32 || t == moe::TensorType::f16 || t == moe::TensorType::bf16; }
+// Types with 256-element blocks and Q8_K activations (K-quants and IQ4_XS).
 bool is_k_quant(moe::TensorType t) {
-    return t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
+    return t == moe::TensorType::iq4_xs || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
            t == moe::TensorType::q6_k;
 }
-bool has_mins(moe::TensorType t) { return t == moe::TensorType::q2_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k; }
+bool has_mins(moe::TensorType t) {
+    return t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1 || t == moe::TensorType::q2_k || t == moe::TensorType::q4_k ||
+           t == moe::TensorType::q5_k;
+}
 
 // Elements per activation block: the kernels' row length must be a multiple of it.
 int act_block(moe::TensorType t) { return is_float_type(t) ? 1 : is_k_quant(t) ? 256 : 32; }
@@ -74,12 +79,17 @@ void scale_offsets(moe::TensorType t, int* d, int* dmin) {
     if (has_mins(t)) *dmin = t == moe::TensorType::q2_k ? 82 : 2;
 }
 
-// dmin * m for each of the 256 elements of a Q2_K/Q4_K/Q5_K block: Q4_K/Q5_K have 6-bit mins of
+// The offset term of each element of one block (of tensor_type_block_elems(t) elements): Q4_1/Q5_1
+// add the fp16 m @2 to every element; K-quants subtract dmin * m, Q4_K/Q5_K with 6-bit mins of
 // 32-element sub-blocks packed as in formats.md 2.3, Q2_K a 4-bit min per 16 in scales[i] >> 4.
 void k_quant_mins(moe::TensorType t, const uint8_t* blk, float* out) {
     uint16_t h;
     std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : 2), 2);
     const float dmin = half_to_float(h);
+    if (t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1) {
+        for (int i = 0; i < 32; ++i) out[i] = dmin;
+        return;
+    }
     for (int i = 0; i < 256; ++i) {
         int m;
         if (t == moe::TensorType::q2_k) {
@@ -203,11 +213,11 @@ double magnitude(moe::TensorType t, const uint8_t* w, const std::vector<float>& 
     std::vector<double> wabs((size_t)n);
     for (int64_t i = 0; i < n; ++i) wabs[(size_t)i] = std::fabs((double)wf[(size_t)i]);
     if (has_mins(t)) {
-        const int bb = moe::tensor_type_block_bytes(t);
-        for (int64_t b = 0; b < n / 256; ++b) {
+        const int bb = moe::tensor_type_block_bytes(t), be = moe::tensor_type_block_elems(t);
+        for (int64_t b = 0; b < n / be; ++b) {
             float mins[256];
             k_quant_mins(t, w + b * bb, mins);
-            for (int i = 0; i < 256; ++i) wabs[(size_t)(b * 256 + i)] += std::fabs((double)mins[i]);
+            for (int i = 0; i < be; ++i) wabs[(size_t)(b * be + i)] += std::fabs((double)mins[i]);
         }
     }
     const int ab = act_block(t);
@@ -224,7 +234,7 @@ double magnitude(moe::TensorType t, const uint8_t* w, const std::vector<float>& 
 // Float terms the scalar kernel adds for a row of n elements (see the top comment).
 int64_t float_terms(moe::TensorType t, int64_t n) {
     if (is_float_type(t)) return n;
-    return is_k_quant(t) ? 2 * (n / 256) : n / 32;
+    return is_k_quant(t) ? 2 * (n / 256) : has_mins(t) ? 2 * (n / 32) : n / 32;
 }
 
 // Row lengths: for quantized types in units of the activation block (1 block, odd counts, long

@@ -175,6 +175,17 @@ std::vector<ParityCase> parity_cases() {
         s.n_ff = 160;
         c.push_back({q ? "llama_dense_Q8_0" : "llama_dense_F32", s});
     }
+    // Legacy and IQ4 types (issue 12): every matrix in the type (rows are multiples of 32).
+    for (TT t : {TT::q4_1, TT::q5_0, TT::q5_1, TT::iq4_nl}) {
+        ModelSpec s = pspec("qwen3moe", t);
+        c.push_back({t == TT::q4_1 ? "qwen3moe_Q4_1" : t == TT::q5_0 ? "qwen3moe_Q5_0" : t == TT::q5_1 ? "qwen3moe_Q5_1" : "qwen3moe_IQ4_NL", s});
+    }
+    {
+        ModelSpec s = pspec("qwen3moe", TT::iq4_xs);
+        s.n_embd = 256;
+        s.fallback_type = TT::iq4_nl;  // as llama-quantize's IQ4_XS mix: 32-multiple rows in IQ4_NL
+        c.push_back({"qwen3moe_IQ4_XS", s});
+    }
     // K-quants (issue 12): every matrix whose rows are a multiple of 256 in the type (n_embd 256),
     // the rest (ffn_down_exps, 64-wide rows) Q8_0: the mixes llama-quantize writes.
     for (TT t : {TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k, TT::q6_k}) {
@@ -327,13 +338,14 @@ TEST(GgmlBlocks, DequantizeLikeGgml) {
 #else
     const std::string tool = MOE_TINY_GGUF;
     if (access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "tiny_gguf not built at " << tool;
-    for (TT t : {TT::q8_0, TT::q4_0, TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k, TT::q6_k}) {
+    for (TT t : {TT::q8_0, TT::q4_0, TT::q4_1, TT::q5_0, TT::q5_1, TT::iq4_nl, TT::iq4_xs, TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k,
+                 TT::q6_k}) {
         const int n = 256 * 40;
         const std::string out = tmp_dir() + "/ggml_blocks_" + std::to_string((long)getpid()) + "_" + moe::tensor_type_name(t) + ".bin";
         struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{out};
         std::string name = moe::tensor_type_name(t);
         for (char& ch : name) ch = (char)std::tolower((unsigned char)ch);
-        if (name.size() == 4 && name[1] != '8' && name[3] == 'k') name[3] = 'K';  // ggml spells the K-quants "q4_K"
+        if (name.size() == 4 && name[3] == 'k') name[3] = 'K';  // ggml spells the K-quants "q4_K"
         const std::string cmd = "'" + tool + "' --ggml-blocks " + name + " " + std::to_string(n) + " '" + out + "'";
         ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
         std::FILE* f = std::fopen(out.c_str(), "rb");

@@ -26,10 +26,12 @@ namespace {
 using moe::Status;
 using moe::TensorType;
 
-const TensorType kQuantTypes[] = {TensorType::q8_0, TensorType::q4_0, TensorType::q2_k, TensorType::q3_k,
-                                  TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
-const TensorType kAllTypes[] = {TensorType::f32,  TensorType::f16,  TensorType::bf16, TensorType::q8_0, TensorType::q4_0,
-                                TensorType::q2_k, TensorType::q3_k, TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
+const TensorType kQuantTypes[] = {TensorType::q8_0,   TensorType::q4_0,   TensorType::q4_1, TensorType::q5_0,
+                                  TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs, TensorType::q2_k,
+                                  TensorType::q3_k,   TensorType::q4_k,   TensorType::q5_k, TensorType::q6_k};
+const TensorType kAllTypes[] = {TensorType::f32,  TensorType::f16,  TensorType::bf16,   TensorType::q8_0,   TensorType::q4_0,
+                                TensorType::q4_1, TensorType::q5_0, TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs,
+                                TensorType::q2_k, TensorType::q3_k, TensorType::q4_k,   TensorType::q5_k,   TensorType::q6_k};
 
 int blk(TensorType t) { return moe::tensor_type_block_elems(t); }
 int blk_bytes(TensorType t) { return moe::tensor_type_block_bytes(t); }
@@ -365,6 +367,47 @@ std::vector<double> spec_decode_block(TensorType t, const uint8_t* b, std::vecto
             }
             break;
         }
+        case TensorType::q4_1:
+        case TensorType::q5_0:
+        case TensorType::q5_1: {
+            // Q4_1: d @0, m @2, qs[16] @4. Q5_0: d @0, qh[4] @2, qs[16] @6. Q5_1: d @0, m @2, qh[4] @4,
+            // qs[16] @8. Element j < 16: low nibble of qs[j], else high nibble of qs[j - 16]; the
+            // fifth bit of element j is bit j of qh read as a little-endian uint32.
+            const bool five = t != TensorType::q4_1, offset = t != TensorType::q5_0;
+            const double d = h2d(b), m = offset ? h2d(b + 2) : 0;
+            const uint8_t* qh = b + (offset ? 4 : 2);
+            const uint8_t* qs = b + (t == TensorType::q4_1 ? 4 : t == TensorType::q5_0 ? 6 : 8);
+            const uint32_t high = (uint32_t)qh[0] | ((uint32_t)qh[1] << 8) | ((uint32_t)qh[2] << 16) | ((uint32_t)qh[3] << 24);
+            for (int j = 0; j < 32; ++j) {
+                int q = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
+                if (five) q += 16 * (int)((high >> j) & 1);
+                const double v = offset ? d * q + m : d * (q - 16);
+                y.push_back(v);
+                mag->push_back(offset ? std::fabs(d * q) + std::fabs(m) : std::fabs(v));
+            }
+            break;
+        }
+        case TensorType::iq4_nl:
+        case TensorType::iq4_xs: {
+            // The codebook (ggml-common.h kvalues_iq4nl). IQ4_NL: d @0, qs[16] @2, codes in Q4_0's
+            // nibble order. IQ4_XS: d @0, scales_h u16 @2, scales_l[4] @4, qs[128] @8; eight runs of
+            // 32 with ls = (scales_l nibble) | (2 bits of scales_h) << 4, value d*(ls-32)*kv[code].
+            static const int kv[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+            const double d = h2d(b);
+            const bool xs = t == TensorType::iq4_xs;
+            const int runs = xs ? 8 : 1;
+            const unsigned scales_h = xs ? (unsigned)(b[2] | (b[3] << 8)) : 0;
+            for (int r = 0; r < runs; ++r) {
+                const int ls = xs ? (int)(((b[4 + r / 2] >> (4 * (r % 2))) & 15) | (((scales_h >> (2 * r)) & 3) << 4)) - 32 : 1;
+                const uint8_t* qs = b + (xs ? 8 + 16 * r : 2);
+                for (int j = 0; j < 32; ++j) {
+                    const int code = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
+                    y.push_back(d * ls * kv[code]);
+                    mag->push_back(std::fabs(y.back()));
+                }
+            }
+            break;
+        }
         case TensorType::q2_k:
         case TensorType::q3_k: {
             // Written as ggml-common.h's layout reads, walking the output in order: two halves of
@@ -473,6 +516,9 @@ TEST(QuantLayout, RandomBlocksMatchTheSpecDecoder) {
                 put16(p + 208);
             } else if (t == TensorType::q3_k) {
                 put16(p + 108);
+            } else if (t == TensorType::q4_1 || t == TensorType::q5_1) {
+                put16(p);
+                put16(p + 2);
             } else if (t == TensorType::q2_k) {
                 put16(p + 80);
                 put16(p + 82);
@@ -699,6 +745,9 @@ const ErrBound kErr[] = {
     // an importance matrix, 2^18 N(0,1) samples) measured 0.1509/0.1253 and 0.2977/0.2393; ours
     // fit each sub-block by least squares over a scale sweep and come out below those.
     {TensorType::q3_k, 0.1509, 0.1253}, {TensorType::q2_k, 0.2977, 0.2393},
+    // Measured the same way for ggml's Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS quantizers.
+    {TensorType::q4_1, 0.0785, 0.0650}, {TensorType::q5_0, 0.0428, 0.0357}, {TensorType::q5_1, 0.0380, 0.0314},
+    {TensorType::iq4_nl, 0.0763, 0.0642}, {TensorType::iq4_xs, 0.0769, 0.0646},
 };
 
 TEST(Quantize, GaussianRoundTripError) {
@@ -900,8 +949,8 @@ TEST(Quantize, BadLengthsAndArguments) {
         EXPECT_EQ(moe::dequantize_row(t, nullptr, y.data(), blk(t)), Status::invalid_argument);
         EXPECT_EQ(moe::dequantize_row(t, q.data(), nullptr, blk(t)), Status::invalid_argument);
     }
-    // Types this build does not support (Q4_1, Q8_K, MXFP4, garbage).
-    for (uint32_t raw : {3u, 15u, 39u, 12345u}) {
+    // Types this build does not support (IQ2_XXS, Q8_K, MXFP4, garbage).
+    for (uint32_t raw : {16u, 15u, 39u, 12345u}) {
         EXPECT_NE(moe::quantize_row((TensorType)raw, x.data(), q.data(), 256), Status::ok) << raw;
         EXPECT_NE(moe::dequantize_row((TensorType)raw, q.data(), y.data(), 256), Status::ok) << raw;
         EXPECT_FALSE(moe::tensor_type_supported(raw));
@@ -913,14 +962,17 @@ TEST(QuantTypes, TraitsMatchTheSpecTable) {
     // formats.md §1.3: id, block elements, bytes per block.
     struct Row { uint32_t id; int elems, bytes; const char* name; };
     const Row rows[] = {{0, 1, 4, "F32"},      {1, 1, 2, "F16"},      {30, 1, 2, "BF16"},     {2, 32, 18, "Q4_0"},
-                        {8, 32, 34, "Q8_0"},   {12, 256, 144, "Q4_K"}, {13, 256, 176, "Q5_K"}, {14, 256, 210, "Q6_K"}};
+                        {8, 32, 34, "Q8_0"},   {12, 256, 144, "Q4_K"}, {13, 256, 176, "Q5_K"}, {14, 256, 210, "Q6_K"},
+                        {3, 32, 20, "Q4_1"},   {6, 32, 22, "Q5_0"},    {7, 32, 24, "Q5_1"},    {10, 256, 84, "Q2_K"},
+                        {11, 256, 110, "Q3_K"}, {20, 32, 18, "IQ4_NL"}, {23, 256, 136, "IQ4_XS"}};
     for (const Row& r : rows) {
         EXPECT_TRUE(moe::tensor_type_supported(r.id));
         EXPECT_EQ(moe::tensor_type_block_elems((TensorType)r.id), r.elems);
         EXPECT_EQ(moe::tensor_type_block_bytes((TensorType)r.id), r.bytes);
         EXPECT_STREQ(moe::tensor_type_name((TensorType)r.id), r.name);
     }
-    EXPECT_STREQ(moe::tensor_type_name((TensorType)3), "unknown");
+    EXPECT_STREQ(moe::tensor_type_name((TensorType)16), "unknown");  // IQ2_XXS: not yet
+    EXPECT_FALSE(moe::tensor_type_supported(16));
 }
 
 // Any bytes decode without reading outside the row (ASan) - including NaN/inf scales.

@@ -66,15 +66,20 @@ std::string fmt(const char* f, ...) {
 }
 
 const moe::TensorType kTypes[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0,
-                                  moe::TensorType::q4_0, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
+                                  moe::TensorType::q4_0, moe::TensorType::q4_1, moe::TensorType::q5_0, moe::TensorType::q5_1,
+                                  moe::TensorType::iq4_nl, moe::TensorType::iq4_xs, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
                                   moe::TensorType::q5_k, moe::TensorType::q6_k};
 
 bool is_float_type(moe::TensorType t) { return t == moe::TensorType::f32 || t == moe::TensorType::f16 || t == moe::TensorType::bf16; }
+// Types with 256-element blocks and Q8_K activations (K-quants and IQ4_XS).
 bool is_k_quant(moe::TensorType t) {
-    return t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
+    return t == moe::TensorType::iq4_xs || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
            t == moe::TensorType::q6_k;
 }
-bool has_mins(moe::TensorType t) { return t == moe::TensorType::q2_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k; }
+bool has_mins(moe::TensorType t) {
+    return t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1 || t == moe::TensorType::q2_k || t == moe::TensorType::q4_k ||
+           t == moe::TensorType::q5_k;
+}
 int act_block(moe::TensorType t) { return is_float_type(t) ? 1 : is_k_quant(t) ? 256 : 32; }
 
 int g_threads = 2;  // --threads: session threads of the demo-model runs
@@ -194,9 +199,13 @@ std::vector<float> make_activations(int64_t n, ActKind kind, std::mt19937& rng) 
 
 //---- oracles ----
 
+bool has_offset(moe::TensorType t) { return t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1; }
+
 // Dequantizes what vec_dot multiplies the weights by: the activation row as the scalar quantizer
-// makes it (layouts: Q8_0 = fp16 d + 32 int8; Q8_K = f32 d + 256 int8 + 16 int16 bsums).
-std::vector<double> dequantized_activations(moe::TensorType t, const std::vector<float>& x, int64_t n) {
+// makes it (layouts: Q8_0 = fp16 d + 32 int8; Q8_1 (Q4_1/Q5_1) = f32 s, fp16 d, 32 int8, 2 pad;
+// Q8_K = f32 d + 256 int8 + 16 int16 bsums). `sums`: Q8_1's stored s per block.
+std::vector<double> dequantized_activations(moe::TensorType t, const std::vector<float>& x, int64_t n,
+                                            std::vector<double>* sums = nullptr) {
     std::vector<double> out((size_t)n);
     if (is_float_type(t)) {
         for (int64_t i = 0; i < n; ++i) out[(size_t)i] = x[(size_t)i];
@@ -207,30 +216,40 @@ std::vector<double> dequantized_activations(moe::TensorType t, const std::vector
         check(false, "quantize_activations(scalar) failed");
         return out;
     }
-    const int ab = act_block(t), bytes = ab == 32 ? 34 : 292;
+    const int ab = act_block(t), bytes = ab == 32 ? (has_offset(t) ? 40 : 34) : 292;
     for (int64_t b = 0; b < n / ab; ++b) {
         const uint8_t* blk = q.data() + b * bytes;
         double d;
         if (ab == 32) {
             uint16_t h;
-            std::memcpy(&h, blk, 2);
+            std::memcpy(&h, blk + (has_offset(t) ? 4 : 0), 2);
             d = half_to_float(h);
+            if (sums && has_offset(t)) {
+                float f;
+                std::memcpy(&f, blk, 4);
+                sums->push_back(f);
+            }
         } else {
             float f;
             std::memcpy(&f, blk, 4);
             d = f;
         }
-        const int8_t* qs = reinterpret_cast<const int8_t*>(blk + (ab == 32 ? 2 : 4));
+        const int8_t* qs = reinterpret_cast<const int8_t*>(blk + (ab != 32 ? 4 : has_offset(t) ? 6 : 2));
         for (int i = 0; i < ab; ++i) out[(size_t)(b * ab + i)] = d * qs[i];
     }
     return out;
 }
 
-// dmin * m for each of the 256 elements of a Q2_K/Q4_K/Q5_K block (mins packed as in QUANT FORMATS).
+// The offset term of each element of one block: Q4_1/Q5_1's m (fp16 @2, 32 elements), or dmin * m
+// for the 256 elements of a Q2_K/Q4_K/Q5_K block (mins packed as in QUANT FORMATS).
 void k_quant_mins(moe::TensorType t, const uint8_t* blk, double* out) {
     uint16_t h;
     std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : 2), 2);
     const double dmin = half_to_float(h);
+    if (t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1) {
+        for (int i = 0; i < 32; ++i) out[i] = dmin;
+        return;
+    }
     for (int i = 0; i < 256; ++i) {  // Q2_K: a 4-bit min per 16 (scales[i] >> 4); Q4_K/Q5_K: 6-bit per 32
         const uint8_t* s = blk + 4;
         const int j = i / 32;
@@ -248,23 +267,34 @@ Oracle oracle(moe::TensorType t, const uint8_t* w, const std::vector<float>& x, 
     Oracle o;
     std::vector<float> wf((size_t)n);
     if (moe::dequantize_row(t, w, wf.data(), n) != moe::Status::ok) check(false, "dequantize_row failed");
-    const std::vector<double> xd = dequantized_activations(t, x, n);
+    std::vector<double> sums;
+    const std::vector<double> xd = dequantized_activations(t, x, n, &sums);
     for (int64_t i = 0; i < n; ++i) {
         double wabs = std::fabs((double)wf[(size_t)i]);
         if (has_mins(t)) {
+            const int be = moe::tensor_type_block_elems(t);
             double mins[256];
-            k_quant_mins(t, w + (i / 256) * moe::tensor_type_block_bytes(t), mins);
-            wabs += std::fabs(mins[i % 256]);
+            k_quant_mins(t, w + (i / be) * moe::tensor_type_block_bytes(t), mins);
+            wabs += std::fabs(mins[i % be]);
         }
         o.exact += (double)wf[(size_t)i] * xd[(size_t)i];
         o.magnitude += wabs * std::fabs(xd[(size_t)i]);
+    }
+    if (has_offset(t)) {  // the kernels take m * s (s as stored) for m * Σ x: swap the terms
+        const int bb = moe::tensor_type_block_bytes(t);
+        for (int64_t b = 0; b < n / 32; ++b) {
+            double m[256], sx = 0;
+            k_quant_mins(t, w + b * bb, m);
+            for (int i = 0; i < 32; ++i) sx += xd[(size_t)(b * 32 + i)];
+            o.exact += m[0] * (sums[(size_t)b] - sx);
+        }
     }
     return o;
 }
 
 int64_t float_terms(moe::TensorType t, int64_t n) {
     if (is_float_type(t)) return n;
-    return is_k_quant(t) ? 2 * (n / 256) : n / 32;
+    return is_k_quant(t) ? 2 * (n / 256) : has_mins(t) ? 2 * (n / 32) : n / 32;
 }
 
 std::vector<int64_t> row_lengths(moe::TensorType t) {
