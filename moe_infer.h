@@ -2000,6 +2000,19 @@ inline int q3k_scale(const uint8_t* packed, int s) {
     const int high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
     return (low | (high << 4)) - 32;
 }
+// All 16 Q3_K scales at once (values q3k_scale gives), 32 bits at a time: byte s of word s / 4
+// gathers its low nibble and its two high bits. Little-endian (as the file format).
+inline void q3k_scales16(const uint8_t* packed, int8_t* out) {
+    uint32_t w[4];
+    std::memcpy(w, packed, 12);
+    const uint32_t high = w[2], m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
+    w[3] = ((w[1] >> 4) & m4) | (((high >> 6) & m2) << 4);
+    w[2] = ((w[0] >> 4) & m4) | (((high >> 4) & m2) << 4);
+    w[1] = (w[1] & m4) | (((high >> 2) & m2) << 4);
+    w[0] = (w[0] & m4) | ((high & m2) << 4);
+    std::memcpy(out, w, 16);
+    for (int i = 0; i < 16; ++i) out[i] = (int8_t)(out[i] - 32);
+}
 // Unpacks a Q2_K block's 2-bit values (0..3) or a Q3_K block's values (-4..3) in element order.
 inline void q2k_unpack(const BlockQ2K& blk, int8_t* q) {
     for (int i = 0; i < kQKK; ++i) q[i] = (int8_t)((blk.qs[32 * (i / 128) + i % 32] >> (2 * (i / 32 % 4))) & 3);
@@ -2879,7 +2892,11 @@ MOE_DETAIL_AVX2 inline __m256i q23k_scaled_sums(const uint8_t* qs, const __m256i
         const __m256i scales = _mm256_broadcastsi128_si256(h ? sc16hi : sc16lo);  // the half's 8 scales, both lanes
         for (int j = 0; j < 4; ++j) {
             __m256i q = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), m3);
-            if (high) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(*high, 4 * h + j), _mm256_set1_epi8(1)), 2));
+            if (high) {  // bit 4h + j of each hmask byte to bit 2 of the code (one shift, one and)
+                const int shift = 4 * h + j - 2;
+                const __m256i moved = shift >= 0 ? _mm256_srli_epi16(*high, shift) : _mm256_slli_epi16(*high, -shift);
+                q = _mm256_or_si256(q, _mm256_and_si256(moved, _mm256_set1_epi8(4)));
+            }
             const __m256i p = _mm256_maddubs_epi16(q, loadu_256(y + 128 * h + 32 * j));
             sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_shuffle_epi8(scales, splat16_ctrl(2 * j, 2 * j + 1))));
         }
@@ -2905,7 +2922,7 @@ MOE_DETAIL_AVX2 inline float vec_dot_q3k_q8k_avx2(const BlockQ3K* w, const Block
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         alignas(16) int8_t sc[16];
-        for (int s = 0; s < 16; ++s) sc[s] = (int8_t)q3k_scale(w[b].scales, s);
+        q3k_scales16(w[b].scales, sc);
         const __m128i sc8 = _mm_load_si128(reinterpret_cast<const __m128i*>(sc));
         const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepi8_epi16(sc8));
         const __m256i high = loadu_256(w[b].hmask);
@@ -3173,6 +3190,62 @@ MOE_DETAIL_AVX512 inline float vec_dot_q6k_q8k_avx512(const BlockQ6K* w, const B
             sum1 = _mm512_add_epi32(sum1, _mm512_madd_epi16(p23, q6k_quad_scales(scales, 8 * h + 4)));
         }
         const __m512i isum = _mm512_sub_epi32(_mm512_add_epi32(sum0, sum1), _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// Q2_K / Q3_K: one register holds elements 128h + 64p + 0..63 (j = 2p in the low 256 bits, 2p + 1
+// in the high), i.e. sub-blocks 8h + 4p + lane; per-lane scales as for Q6_K. A 64-bit variable
+// shift moves bits 2j..2j+1 down; what it drags in from the next byte is masked off.
+template <bool kHigh>
+MOE_DETAIL_AVX512 inline __m512i q23k_scaled_sums_avx512(const uint8_t* qs, const uint8_t* hmask, const int8_t* y, __m512i scales) {
+    const __m512i m3 = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+    __m512i sum = _mm512_setzero_si512();
+    const __m512i high = kHigh ? _mm512_broadcast_i64x4(loadu_256(hmask)) : _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+        const __m512i bits = _mm512_broadcast_i64x4(loadu_256(qs + 32 * h));
+        for (int p = 0; p < 2; ++p) {
+            const long long lo = 4 * p, hi = 4 * p + 2;
+            __m512i q = _mm512_and_si512(_mm512_srlv_epi64(bits, _mm512_set_epi64(hi, hi, hi, hi, lo, lo, lo, lo)), m3);
+            if (kHigh) {  // bit 4h + j of hmask[l] becomes bit 2 of the code
+                const long long hl = 4 * h + 2 * p, hh = 4 * h + 2 * p + 1;
+                const __m512i hb = _mm512_and_si512(_mm512_srlv_epi64(high, _mm512_set_epi64(hh, hh, hh, hh, hl, hl, hl, hl)), one);
+                q = _mm512_or_si512(q, _mm512_slli_epi64(hb, 2));
+            }
+            const __m512i prod = _mm512_maddubs_epi16(q, loadu_512(y + 128 * h + 64 * p));
+            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(prod, q6k_quad_scales(scales, 8 * h + 4 * p)));
+        }
+    }
+    return sum;
+}
+// Sixteen 8-bit scales as int16 pairs per 32-bit lane (the layout q6k_quad_scales permutes).
+MOE_DETAIL_AVX512 inline __m512i scale_pairs_avx512(__m512i s32) {
+    return _mm512_or_si512(_mm512_and_si512(s32, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(s32, 16));
+}
+MOE_DETAIL_AVX512 inline float vec_dot_q2k_q8k_avx512(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    __m256 acc_m = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        const __m128i sc8 = loadu_128(w[b].scales);
+        const __m128i scales = _mm_and_si128(sc8, _mm_set1_epi8(15));
+        const __m128i mins = _mm_and_si128(_mm_srli_epi16(sc8, 4), _mm_set1_epi8(15));
+        const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepu8_epi16(mins));
+        const __m512i isum = q23k_scaled_sums_avx512<false>(w[b].qs, nullptr, x[b].qs, scale_pairs_avx512(_mm512_cvtepu8_epi32(scales)));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm512_cvtepi32_ps(isum), acc);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].dmin) * x[b].d), _mm256_cvtepi32_ps(corr), acc_m);
+    }
+    return _mm512_reduce_add_ps(acc) - hsum_f32x8(acc_m);
+}
+MOE_DETAIL_AVX512 inline float vec_dot_q3k_q8k_avx512(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        alignas(16) int8_t sc[16];
+        q3k_scales16(w[b].scales, sc);
+        const __m128i sc8 = _mm_load_si128(reinterpret_cast<const __m128i*>(sc));
+        const __m256i corr = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_cvtepi8_epi16(sc8));
+        const __m512i sums = q23k_scaled_sums_avx512<true>(w[b].qs, w[b].hmask, x[b].qs, scale_pairs_avx512(_mm512_cvtepi8_epi32(sc8)));
+        const __m512i isum = _mm512_sub_epi32(sums, _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 2)));
         acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm512_cvtepi32_ps(isum), acc);
     }
     return _mm512_reduce_add_ps(acc);
@@ -3587,6 +3660,8 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const
     for (int64_t b = 0; b < nb; ++b) {                                                                 \
         const int8_t* y = x[b].qs;                                                                     \
         const uint8_t* hm = HMASK;                                                                     \
+        int8_t sc3[16];                                                                                \
+        if (hm) q3k_scales16(w[b].scales, sc3);                                                        \
         int32x4_t acc = vdupq_n_s32(0);                                                                \
         for (int h = 0; h < 2; ++h)                                                                    \
             for (int g = 0; g < 2; ++g) {                                                              \
@@ -3616,7 +3691,7 @@ inline float vec_dot_q2k_q8k_neon(const BlockQ2K* w, const BlockQ8K* x, int64_t 
                              fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
 }
 inline float vec_dot_q3k_q8k_neon(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, w[b].hmask, q3k_scale(w[b].scales, s), 0.f);
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, w[b].hmask, sc3[s], 0.f);
 }
 #if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline float vec_dot_q2k_q8k_dotprod(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
@@ -3624,7 +3699,7 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q2k_q8k_dotprod(const BlockQ2K* w, const
                              fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
 }
 MOE_DETAIL_DOTPROD inline float vec_dot_q3k_q8k_dotprod(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, w[b].hmask, q3k_scale(w[b].scales, s), 0.f);
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, w[b].hmask, sc3[s], 0.f);
 }
 #endif
 #undef MOE_DETAIL_Q23K_ROW_NEON
@@ -3777,10 +3852,12 @@ inline const QuantType* quant_type(uint32_t id) {
          MOE_DETAIL_DOTS(vec_dot_iq4xs_q8k_ref, vec_dot_iq4xs_q8k_avx2, nullptr, nullptr, vec_dot_iq4xs_q8k_neon, nullptr)},
         {TensorType::q2_k, "Q2_K", kQKK, sizeof(BlockQ2K), ActFormat::q8_k, erase_quantize<quantize_row_q2k_ref>, erase_dequantize<dequantize_row_q2k>,
          erase_dot<vec_dot_dequant_f32_ref<BlockQ2K, kQKK, dequantize_row_q2k>>,
-         MOE_DETAIL_DOTS(vec_dot_q2k_q8k_ref, vec_dot_q2k_q8k_avx2, nullptr, nullptr, vec_dot_q2k_q8k_neon, vec_dot_q2k_q8k_dotprod)},
+         MOE_DETAIL_DOTS(vec_dot_q2k_q8k_ref, vec_dot_q2k_q8k_avx2, vec_dot_q2k_q8k_avx512, nullptr, vec_dot_q2k_q8k_neon,
+                         vec_dot_q2k_q8k_dotprod)},
         {TensorType::q3_k, "Q3_K", kQKK, sizeof(BlockQ3K), ActFormat::q8_k, erase_quantize<quantize_row_q3k_ref>, erase_dequantize<dequantize_row_q3k>,
          erase_dot<vec_dot_dequant_f32_ref<BlockQ3K, kQKK, dequantize_row_q3k>>,
-         MOE_DETAIL_DOTS(vec_dot_q3k_q8k_ref, vec_dot_q3k_q8k_avx2, nullptr, nullptr, vec_dot_q3k_q8k_neon, vec_dot_q3k_q8k_dotprod)},
+         MOE_DETAIL_DOTS(vec_dot_q3k_q8k_ref, vec_dot_q3k_q8k_avx2, vec_dot_q3k_q8k_avx512, nullptr, vec_dot_q3k_q8k_neon,
+                         vec_dot_q3k_q8k_dotprod)},
         {TensorType::q4_k, "Q4_K", kQKK, sizeof(BlockQ4K), ActFormat::q8_k, erase_quantize<quantize_row_q45k_ref<BlockQ4K>>,
          erase_dequantize<dequantize_row_q45k<BlockQ4K>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ4K, kQKK, dequantize_row_q45k<BlockQ4K>>>,
          MOE_DETAIL_DOTS(vec_dot_q45k_q8k_ref<BlockQ4K>, vec_dot_q45k_q8k_avx2<BlockQ4K>, vec_dot_q4k_q8k_avx512, vec_dot_q4k_q8k_avx512vnni,
