@@ -44,7 +44,7 @@
        architectures: qwen3moe, olmoe, qwen2moe (shared expert + sigmoid gate), llama (Mixtral-style
        ffn_*_exps, and dense llama), all hyper-parameters from GGUF metadata.
        tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_K,
-       Q5_K, Q6_K (ggml block layouts, bit-exact).
+       Q5_K, Q6_K, TQ1_0, TQ2_0 (ggml block layouts, bit-exact).
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
        tokenizers: byte-level BPE ("gpt2": qwen2, llama-bpe, gpt-2, deepseek-llm pre-tokenizers...)
@@ -153,7 +153,7 @@ typedef void (*LogFn)(void* user, const char* message);
 // file, and a writer used by tests, tools and quantization.
 
 enum class TensorType : uint32_t {
-    f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, iq4_nl = 20, iq4_xs = 23, bf16 = 30,
+    f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, iq4_nl = 20, iq4_xs = 23, bf16 = 30, tq1_0 = 34, tq2_0 = 35,
 };
 // Name ("Q4_K") for a supported type, "unknown" otherwise.
 MOE_API const char* tensor_type_name(TensorType t);
@@ -1668,6 +1668,17 @@ static_assert(sizeof(BlockIQ4XS) == 136, "wrong iq4_xs block size");
 // The IQ4 codebook: a non-uniform 4-bit grid, part of the format (ggml-common.h, MIT).
 alignas(16) constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
+// Ternary (values d * {-1, 0, 1}, BitNet-style). TQ2_0: 2 bits per trit (code t in 0..2 = value
+// + 1), Q2_K's element order. 2.0625 bpw.
+struct BlockTQ2 { uint8_t qs[kQKK / 4]; uint16_t d; };
+static_assert(sizeof(BlockTQ2) == 66, "wrong tq2_0 block size");
+// TQ1_0: five trits per byte as a base-3 fraction: byte = ceil(v * 256 / 243) with v the trits
+// read as a base-3 number (first trit most significant), so trit n of byte q is
+// ((uint8_t)(q * 3^n) * 3) >> 8. qs[0..31] hold elements 32n + m (n < 5), qs[32..47] elements
+// 160 + 16n + m, qh[0..3] four trits each: elements 240 + 4n + m. 1.6875 bpw.
+struct BlockTQ1 { uint8_t qs[48]; uint8_t qh[4]; uint16_t d; };
+static_assert(sizeof(BlockTQ1) == 54, "wrong tq1_0 block size");
+
 // Q2_K and Q3_K share Q6_K's element order: element 128h + 32j + l (h < 2, j < 4, l < 32) is in
 // bits 2j..2j+1 of qs[32h + l], and its 16-element sub-block is 8h + 2j + l / 16.
 // Q2_K: x = d * (sc & 15) * q - dmin * (sc >> 4) per sub-block, q 2-bit. 2.625 bpw.
@@ -2132,6 +2143,75 @@ inline void quantize_row_q3k_ref(BlockQ3K* y, const float* x, int64_t n) {
         q23k_pack(codes, blk.qs, blk.hmask);
     }
 }
+// The 256 trit codes (0..2) of a TQ1_0 or TQ2_0 block in element order.
+inline void tq1_unpack(const BlockTQ1& blk, uint8_t* t) {
+    static const uint8_t kPow3[5] = {1, 3, 9, 27, 81};
+    for (int n = 0; n < 5; ++n) {
+        for (int m = 0; m < 32; ++m) t[32 * n + m] = (uint8_t)(((uint8_t)(blk.qs[m] * kPow3[n]) * 3) >> 8);
+        for (int m = 0; m < 16; ++m) t[160 + 16 * n + m] = (uint8_t)(((uint8_t)(blk.qs[32 + m] * kPow3[n]) * 3) >> 8);
+    }
+    for (int n = 0; n < 4; ++n)
+        for (int m = 0; m < 4; ++m) t[240 + 4 * n + m] = (uint8_t)(((uint8_t)(blk.qh[m] * kPow3[n]) * 3) >> 8);
+}
+inline void tq2_unpack(const BlockTQ2& blk, uint8_t* t) {
+    for (int i = 0; i < kQKK; ++i) t[i] = (uint8_t)((blk.qs[32 * (i / 128) + i % 32] >> (2 * (i / 32 % 4))) & 3);
+}
+// Ternary quantizers: d = max |x|, code = round(x / d) + 1.
+inline void ternary_codes(const float* x, uint16_t* d_out, uint8_t* codes) {
+    float amax = 0;
+    for (int i = 0; i < kQKK; ++i) amax = std::max(amax, std::fabs(x[i]));
+    *d_out = f32_to_fp16(amax);
+    const float id = amax > 0 ? 1 / amax : 0;
+    for (int i = 0; i < kQKK; ++i) codes[i] = (uint8_t)(std::max(-1, std::min(1, nearest_int(x[i] * id))) + 1);
+}
+inline uint8_t tq1_pack_byte(const uint8_t* trits, int count, int stride) {
+    int v = 0;
+    for (int n = 0; n < 5; ++n) v = v * 3 + (n < count ? trits[n * stride] : 0);
+    return (uint8_t)((v * 256 + 242) / 243);
+}
+inline void quantize_row_tq1_ref(BlockTQ1* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
+        uint8_t t[kQKK];
+        ternary_codes(x, &y[b].d, t);
+        for (int m = 0; m < 32; ++m) y[b].qs[m] = tq1_pack_byte(t + m, 5, 32);
+        for (int m = 0; m < 16; ++m) y[b].qs[32 + m] = tq1_pack_byte(t + 160 + m, 5, 16);
+        for (int m = 0; m < 4; ++m) y[b].qh[m] = tq1_pack_byte(t + 240 + m, 4, 4);
+    }
+}
+inline void quantize_row_tq2_ref(BlockTQ2* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
+        uint8_t t[kQKK];
+        ternary_codes(x, &y[b].d, t);
+        q23k_pack(t, y[b].qs, nullptr);
+    }
+}
+template <typename Block, void (*Unpack)(const Block&, uint8_t*)>
+inline void dequantize_row_ternary(const Block* x, float* y, int64_t n) {
+    uint8_t t[kQKK];
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        Unpack(x[b], t);
+        const float d = fp16_to_f32(x[b].d);
+        for (int i = 0; i < kQKK; ++i) y[b * kQKK + i] = d * (float)((int)t[i] - 1);
+    }
+}
+// Σ (t - 1) * y over the unpacked codes.
+template <typename Block, void (*Unpack)(const Block&, uint8_t*)>
+inline float vec_dot_ternary_q8k_ref(const Block* w, const BlockQ8K* x, int64_t n) {
+    float sum = 0;
+    uint8_t t[kQKK];
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        Unpack(w[b], t);
+        int isum = 0;
+        for (int i = 0; i < kQKK; ++i) isum += ((int)t[i] - 1) * x[b].qs[i];
+        sum += fp16_to_f32(w[b].d) * x[b].d * (float)isum;
+    }
+    return sum;
+}
+inline void dequantize_row_tq1(const BlockTQ1* x, float* y, int64_t n) { dequantize_row_ternary<BlockTQ1, tq1_unpack>(x, y, n); }
+inline void dequantize_row_tq2(const BlockTQ2* x, float* y, int64_t n) { dequantize_row_ternary<BlockTQ2, tq2_unpack>(x, y, n); }
+inline float vec_dot_tq1_q8k_ref(const BlockTQ1* w, const BlockQ8K* x, int64_t n) { return vec_dot_ternary_q8k_ref<BlockTQ1, tq1_unpack>(w, x, n); }
+inline float vec_dot_tq2_q8k_ref(const BlockTQ2* w, const BlockQ8K* x, int64_t n) { return vec_dot_ternary_q8k_ref<BlockTQ2, tq2_unpack>(w, x, n); }
+
 inline void dequantize_row_q2k(const BlockQ2K* x, float* y, int64_t n) {
     int8_t q[kQKK];
     for (int64_t b = 0; b < n / kQKK; ++b) {
@@ -2932,6 +3012,56 @@ MOE_DETAIL_AVX2 inline float vec_dot_q3k_q8k_avx2(const BlockQ3K* w, const Block
     }
     return hsum_f32x8(acc);
 }
+// TQ2_0: Σ (t - 1) * y = Σ t*y - Σ bsums, Q2_K's layout with every scale 1.
+MOE_DETAIL_AVX2 inline float vec_dot_tq2_q8k_avx2(const BlockTQ2* w, const BlockQ8K* x, int64_t n) {
+    const __m128i ones = _mm_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        const __m256i ysum = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_set1_epi16(1));
+        const __m256i isum = _mm256_sub_epi32(q23k_scaled_sums(w[b].qs, nullptr, x[b].qs, ones, ones), ysum);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    return hsum_f32x8(acc);
+}
+// TQ1_0: trit n of byte q is ((q * 3^n mod 256) * 3) >> 8, computed in 16-bit lanes with a
+// multiplier per lane (mul_lo for the bytes unpacklo takes, mul_hi for unpackhi), packed back.
+MOE_DETAIL_AVX2 inline __m256i tq1_trits_avx2(__m256i bytes, __m256i mul_lo, __m256i mul_hi) {
+    const __m256i zero = _mm256_setzero_si256(), low8 = _mm256_set1_epi16(0xFF), three = _mm256_set1_epi16(3);
+    const __m256i lo = _mm256_and_si256(_mm256_mullo_epi16(_mm256_unpacklo_epi8(bytes, zero), mul_lo), low8);
+    const __m256i hi = _mm256_and_si256(_mm256_mullo_epi16(_mm256_unpackhi_epi8(bytes, zero), mul_hi), low8);
+    return _mm256_packus_epi16(_mm256_srli_epi16(_mm256_mullo_epi16(lo, three), 8), _mm256_srli_epi16(_mm256_mullo_epi16(hi, three), 8));
+}
+MOE_DETAIL_AVX2 inline float vec_dot_tq1_q8k_avx2(const BlockTQ1* w, const BlockQ8K* x, int64_t n) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / kQKK; ++b) {
+        const int8_t* y = x[b].qs;
+        __m256i sum = _mm256_setzero_si256();
+        const __m256i a = loadu_256(w[b].qs);
+        short pow3 = 1;
+        for (int k = 0; k < 5; ++k, pow3 = (short)(pow3 * 3)) {  // elements 32k + m
+            const __m256i mul = _mm256_set1_epi16(pow3);
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(tq1_trits_avx2(a, mul, mul), loadu_256(y + 32 * k)), ones));
+        }
+        const __m256i bq = _mm256_broadcastsi128_si256(loadu_128(w[b].qs + 32));
+        for (int k = 0; k < 4; k += 2) {  // elements 160 + 16k + m (low lane) and 160 + 16(k+1) + m
+            const short p0 = k == 0 ? 1 : 9, p1 = k == 0 ? 3 : 27;
+            const __m256i mul = _mm256_setr_epi16(p0, p0, p0, p0, p0, p0, p0, p0, p1, p1, p1, p1, p1, p1, p1, p1);
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(tq1_trits_avx2(bq, mul, mul), loadu_256(y + 160 + 16 * k)), ones));
+        }
+        // Elements 224..239 (qs[32..47], trit 4) and 240..255 (qh[m], trit n at 240 + 4n + m).
+        uint32_t qh;
+        std::memcpy(&qh, w[b].qh, 4);
+        const __m128i spread = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)qh), _mm_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3));
+        const __m256i last = _mm256_inserti128_si256(_mm256_castsi128_si256(loadu_128(w[b].qs + 32)), spread, 1);
+        const __m256i mul_lo = _mm256_setr_epi16(81, 81, 81, 81, 81, 81, 81, 81, 1, 1, 1, 1, 3, 3, 3, 3);
+        const __m256i mul_hi = _mm256_setr_epi16(81, 81, 81, 81, 81, 81, 81, 81, 9, 9, 9, 9, 27, 27, 27, 27);
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(tq1_trits_avx2(last, mul_lo, mul_hi), loadu_256(y + 224)), ones));
+        const __m256i isum = _mm256_sub_epi32(sum, _mm256_madd_epi16(loadu_256(x[b].bsums), ones));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    return hsum_f32x8(acc);
+}
 
 //---- activation quantizers (bit-identical to quantize_act_ref: quantize_act_q8_0_ref, quantize_row_q8k_ref) ----
 
@@ -3653,7 +3783,7 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const
 // Q2_K / Q3_K: each 16-byte register is one 16-element sub-block (order as Q6_K): in half h,
 // qs[32h + 16g ..] holds sub-blocks 8h + 2j + g in bits 2j..2j+1; Q3_K's high bit for sub-block
 // (h, j, g) is bit 4h + j of hmask[16g ..].
-#define MOE_DETAIL_Q23K_ROW_NEON(DOT16, HMASK, SCALE, MIN_TERM)                                       \
+#define MOE_DETAIL_Q23K_ROW_NEON(DOT16, HMASK, PREP, SCALE, MIN_TERM)                                 \
     const int64_t nb = n / kQKK;                                                                       \
     const uint8x16_t m3 = vdupq_n_u8(3), m1 = vdupq_n_u8(1);                                           \
     float sum = 0;                                                                                     \
@@ -3661,7 +3791,7 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const
         const int8_t* y = x[b].qs;                                                                     \
         const uint8_t* hm = HMASK;                                                                     \
         int8_t sc3[16];                                                                                \
-        if (hm) q3k_scales16(w[b].scales, sc3);                                                        \
+        PREP;                                                                                          \
         int32x4_t acc = vdupq_n_s32(0);                                                                \
         for (int h = 0; h < 2; ++h)                                                                    \
             for (int g = 0; g < 2; ++g) {                                                              \
@@ -3687,19 +3817,27 @@ inline int q2k_min_sum(const BlockQ2K& w, const BlockQ8K& x) {
     return mins;
 }
 inline float vec_dot_q2k_q8k_neon(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (w[b].scales[s] & 15),
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (void)sc3, (w[b].scales[s] & 15),
                              fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
 }
+inline int bsum_total(const BlockQ8K& x) {
+    int s = 0;
+    for (int i = 0; i < 16; ++i) s += x.bsums[i];
+    return s;
+}
+inline float vec_dot_tq2_q8k_neon(const BlockTQ2* w, const BlockQ8K* x, int64_t n) {
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (void)sc3, 1, fp16_to_f32_neon(w[b].d) * x[b].d * (float)bsum_total(x[b]));
+}
 inline float vec_dot_q3k_q8k_neon(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, w[b].hmask, sc3[s], 0.f);
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, w[b].hmask, q3k_scales16(w[b].scales, sc3), sc3[s], 0.f);
 }
 #if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline float vec_dot_q2k_q8k_dotprod(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, (const uint8_t*)nullptr, (w[b].scales[s] & 15),
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, (const uint8_t*)nullptr, (void)sc3, (w[b].scales[s] & 15),
                              fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
 }
 MOE_DETAIL_DOTPROD inline float vec_dot_q3k_q8k_dotprod(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, w[b].hmask, sc3[s], 0.f);
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, w[b].hmask, q3k_scales16(w[b].scales, sc3), sc3[s], 0.f);
 }
 #endif
 #undef MOE_DETAIL_Q23K_ROW_NEON
@@ -3870,6 +4008,12 @@ inline const QuantType* quant_type(uint32_t id) {
          erase_dot<vec_dot_dequant_f32_ref<BlockQ6K, kQKK, dequantize_row_q6k>>,
          MOE_DETAIL_DOTS(vec_dot_q6k_q8k_ref, vec_dot_q6k_q8k_avx2, vec_dot_q6k_q8k_avx512, vec_dot_q6k_q8k_avx512vnni, vec_dot_q6k_q8k_neon,
                          vec_dot_q6k_q8k_dotprod)},
+        {TensorType::tq1_0, "TQ1_0", kQKK, sizeof(BlockTQ1), ActFormat::q8_k, erase_quantize<quantize_row_tq1_ref>, erase_dequantize<dequantize_row_tq1>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockTQ1, kQKK, dequantize_row_tq1>>,
+         MOE_DETAIL_DOTS(vec_dot_tq1_q8k_ref, vec_dot_tq1_q8k_avx2, nullptr, nullptr, nullptr, nullptr)},
+        {TensorType::tq2_0, "TQ2_0", kQKK, sizeof(BlockTQ2), ActFormat::q8_k, erase_quantize<quantize_row_tq2_ref>, erase_dequantize<dequantize_row_tq2>,
+         erase_dot<vec_dot_dequant_f32_ref<BlockTQ2, kQKK, dequantize_row_tq2>>,
+         MOE_DETAIL_DOTS(vec_dot_tq2_q8k_ref, vec_dot_tq2_q8k_avx2, nullptr, nullptr, vec_dot_tq2_q8k_neon, nullptr)},
     };
     for (const QuantType& t : table)
         if ((uint32_t)t.type == id) return &t;

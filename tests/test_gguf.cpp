@@ -200,6 +200,7 @@ size_t type_bytes(TensorType t, int64_t n) { return (size_t)(n / moe::tensor_typ
 
 const TensorType kAllTypes[] = {TensorType::f32,    TensorType::f16,    TensorType::bf16, TensorType::q8_0, TensorType::q4_0,
                                 TensorType::q4_1,   TensorType::q5_0,   TensorType::q5_1, TensorType::iq4_nl, TensorType::iq4_xs,
+                                TensorType::tq1_0,  TensorType::tq2_0,
                                 TensorType::q2_k,   TensorType::q3_k,   TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
 
 std::vector<float> pseudo_random(size_t n, uint64_t seed) {

@@ -35,14 +35,14 @@ constexpr int kPerTermSlack = 16;                  // scale products, conversion
 
 const moe::TensorType kTypes[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0,
                                   moe::TensorType::q4_0, moe::TensorType::q4_1, moe::TensorType::q5_0, moe::TensorType::q5_1,
-                                  moe::TensorType::iq4_nl, moe::TensorType::iq4_xs, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
+                                  moe::TensorType::iq4_nl, moe::TensorType::iq4_xs, moe::TensorType::tq1_0, moe::TensorType::tq2_0, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
                                   moe::TensorType::q5_k, moe::TensorType::q6_k};
 const moe::Isa kSimdIsas[] = {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod};
 
 bool is_float_type(moe::TensorType t) { return t == moe::TensorType::f32 || t == moe::TensorType::f16 || t == moe::TensorType::bf16; }
 // Types with 256-element blocks and Q8_K activations (K-quants and IQ4_XS).
 bool is_k_quant(moe::TensorType t) {
-    return t == moe::TensorType::iq4_xs || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
+    return t == moe::TensorType::iq4_xs || t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
            t == moe::TensorType::q6_k;
 }
 bool has_mins(moe::TensorType t) {
@@ -75,7 +75,8 @@ uint16_t float_to_half(float f) {
 // Byte offsets of the fp16 scale fields in one block (formats.md 2.2-2.3, ggml-common.h): {d, dmin or -1}.
 void scale_offsets(moe::TensorType t, int* d, int* dmin) {
     *dmin = -1;
-    *d = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80 : 0;
+    *d = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80
+       : t == moe::TensorType::tq2_0 ? 64 : t == moe::TensorType::tq1_0 ? 52 : 0;
     if (has_mins(t)) *dmin = t == moe::TensorType::q2_k ? 82 : 2;
 }
 

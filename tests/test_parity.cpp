@@ -186,6 +186,13 @@ std::vector<ParityCase> parity_cases() {
         s.fallback_type = TT::iq4_nl;  // as llama-quantize's IQ4_XS mix: 32-multiple rows in IQ4_NL
         c.push_back({"qwen3moe_IQ4_XS", s});
     }
+    // Ternary types (issue 12), with Q8_0 where rows are not a multiple of 256.
+    for (TT t : {TT::tq1_0, TT::tq2_0}) {
+        ModelSpec s = pspec("qwen3moe", t);
+        s.n_embd = 256;
+        s.fallback_type = TT::q8_0;
+        c.push_back({t == TT::tq1_0 ? "qwen3moe_TQ1_0" : "qwen3moe_TQ2_0", s});
+    }
     // K-quants (issue 12): every matrix whose rows are a multiple of 256 in the type (n_embd 256),
     // the rest (ffn_down_exps, 64-wide rows) Q8_0: the mixes llama-quantize writes.
     for (TT t : {TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k, TT::q6_k}) {
@@ -338,8 +345,8 @@ TEST(GgmlBlocks, DequantizeLikeGgml) {
 #else
     const std::string tool = MOE_TINY_GGUF;
     if (access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "tiny_gguf not built at " << tool;
-    for (TT t : {TT::q8_0, TT::q4_0, TT::q4_1, TT::q5_0, TT::q5_1, TT::iq4_nl, TT::iq4_xs, TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k,
-                 TT::q6_k}) {
+    for (TT t : {TT::q8_0, TT::q4_0, TT::q4_1, TT::q5_0, TT::q5_1, TT::iq4_nl, TT::iq4_xs, TT::tq1_0, TT::tq2_0, TT::q2_k, TT::q3_k,
+                 TT::q4_k, TT::q5_k, TT::q6_k}) {
         const int n = 256 * 40;
         const std::string out = tmp_dir() + "/ggml_blocks_" + std::to_string((long)getpid()) + "_" + moe::tensor_type_name(t) + ".bin";
         struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{out};

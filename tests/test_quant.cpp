@@ -27,10 +27,12 @@ using moe::Status;
 using moe::TensorType;
 
 const TensorType kQuantTypes[] = {TensorType::q8_0,   TensorType::q4_0,   TensorType::q4_1, TensorType::q5_0,
-                                  TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs, TensorType::q2_k,
+                                  TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs, TensorType::tq1_0,
+                                  TensorType::tq2_0,  TensorType::q2_k,
                                   TensorType::q3_k,   TensorType::q4_k,   TensorType::q5_k, TensorType::q6_k};
 const TensorType kAllTypes[] = {TensorType::f32,  TensorType::f16,  TensorType::bf16,   TensorType::q8_0,   TensorType::q4_0,
                                 TensorType::q4_1, TensorType::q5_0, TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs,
+                                TensorType::tq1_0, TensorType::tq2_0,
                                 TensorType::q2_k, TensorType::q3_k, TensorType::q4_k,   TensorType::q5_k,   TensorType::q6_k};
 
 int blk(TensorType t) { return moe::tensor_type_block_elems(t); }
@@ -408,6 +410,32 @@ std::vector<double> spec_decode_block(TensorType t, const uint8_t* b, std::vecto
             }
             break;
         }
+        case TensorType::tq1_0:
+        case TensorType::tq2_0: {
+            // Ternary, value (code - 1) * d. TQ2_0: qs[64] @0, d @64; element 128a + 32l + m is
+            // bits 2l..2l+1 of qs[32a + m]. TQ1_0: qs[48] @0, qh[4] @48, d @52; a byte holds trits
+            // as a base-3 fraction, trit n = ((byte * 3^n mod 256) * 3) >> 8; qs[0..31] give
+            // elements 32n + m (n < 5), qs[32..47] 160 + 16n + m, qh[m] 240 + 4n + m (n < 4).
+            y.assign(256, 0);
+            mag->assign(256, 0);
+            const bool one = t == TensorType::tq1_0;
+            const double d = h2d(b + (one ? 52 : 64));
+            auto trit = [](unsigned byte, int n) { unsigned p = 1; for (int i = 0; i < n; ++i) p *= 3; return (int)((((byte * p) & 255u) * 3u) >> 8); };
+            auto put = [&](int i, int code) { y[(size_t)i] = d * (code - 1); (*mag)[(size_t)i] = std::fabs(y[(size_t)i]); };
+            if (one) {
+                for (int n = 0; n < 5; ++n) {
+                    for (int m = 0; m < 32; ++m) put(32 * n + m, trit(b[m], n));
+                    for (int m = 0; m < 16; ++m) put(160 + 16 * n + m, trit(b[32 + m], n));
+                }
+                for (int n = 0; n < 4; ++n)
+                    for (int m = 0; m < 4; ++m) put(240 + 4 * n + m, trit(b[48 + m], n));
+            } else {
+                for (int a = 0; a < 2; ++a)
+                    for (int l = 0; l < 4; ++l)
+                        for (int m = 0; m < 32; ++m) put(128 * a + 32 * l + m, (b[32 * a + m] >> (2 * l)) & 3);
+            }
+            break;
+        }
         case TensorType::q2_k:
         case TensorType::q3_k: {
             // Written as ggml-common.h's layout reads, walking the output in order: two halves of
@@ -516,6 +544,8 @@ TEST(QuantLayout, RandomBlocksMatchTheSpecDecoder) {
                 put16(p + 208);
             } else if (t == TensorType::q3_k) {
                 put16(p + 108);
+            } else if (t == TensorType::tq2_0 || t == TensorType::tq1_0) {
+                put16(p + (t == TensorType::tq2_0 ? 64 : 52));
             } else if (t == TensorType::q4_1 || t == TensorType::q5_1) {
                 put16(p);
                 put16(p + 2);
@@ -748,6 +778,9 @@ const ErrBound kErr[] = {
     // Measured the same way for ggml's Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS quantizers.
     {TensorType::q4_1, 0.0785, 0.0650}, {TensorType::q5_0, 0.0428, 0.0357}, {TensorType::q5_1, 0.0380, 0.0314},
     {TensorType::iq4_nl, 0.0763, 0.0642}, {TensorType::iq4_xs, 0.0769, 0.0646},
+    // Ternary formats (d = max |x|, as ggml) are for ternary-trained weights: on Gaussian data
+    // ggml's TQ1_0 and TQ2_0 quantizers both measured 0.8092 / 0.6812.
+    {TensorType::tq1_0, 0.8092, 0.6812}, {TensorType::tq2_0, 0.8092, 0.6812},
 };
 
 TEST(Quantize, GaussianRoundTripError) {
@@ -964,7 +997,8 @@ TEST(QuantTypes, TraitsMatchTheSpecTable) {
     const Row rows[] = {{0, 1, 4, "F32"},      {1, 1, 2, "F16"},      {30, 1, 2, "BF16"},     {2, 32, 18, "Q4_0"},
                         {8, 32, 34, "Q8_0"},   {12, 256, 144, "Q4_K"}, {13, 256, 176, "Q5_K"}, {14, 256, 210, "Q6_K"},
                         {3, 32, 20, "Q4_1"},   {6, 32, 22, "Q5_0"},    {7, 32, 24, "Q5_1"},    {10, 256, 84, "Q2_K"},
-                        {11, 256, 110, "Q3_K"}, {20, 32, 18, "IQ4_NL"}, {23, 256, 136, "IQ4_XS"}};
+                        {11, 256, 110, "Q3_K"}, {20, 32, 18, "IQ4_NL"}, {23, 256, 136, "IQ4_XS"}, {34, 256, 54, "TQ1_0"},
+                        {35, 256, 66, "TQ2_0"}};
     for (const Row& r : rows) {
         EXPECT_TRUE(moe::tensor_type_supported(r.id));
         EXPECT_EQ(moe::tensor_type_block_elems((TensorType)r.id), r.elems);

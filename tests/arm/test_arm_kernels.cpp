@@ -67,13 +67,13 @@ std::string fmt(const char* f, ...) {
 
 const moe::TensorType kTypes[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0,
                                   moe::TensorType::q4_0, moe::TensorType::q4_1, moe::TensorType::q5_0, moe::TensorType::q5_1,
-                                  moe::TensorType::iq4_nl, moe::TensorType::iq4_xs, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
+                                  moe::TensorType::iq4_nl, moe::TensorType::iq4_xs, moe::TensorType::tq1_0, moe::TensorType::tq2_0, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
                                   moe::TensorType::q5_k, moe::TensorType::q6_k};
 
 bool is_float_type(moe::TensorType t) { return t == moe::TensorType::f32 || t == moe::TensorType::f16 || t == moe::TensorType::bf16; }
 // Types with 256-element blocks and Q8_K activations (K-quants and IQ4_XS).
 bool is_k_quant(moe::TensorType t) {
-    return t == moe::TensorType::iq4_xs || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
+    return t == moe::TensorType::iq4_xs || t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
            t == moe::TensorType::q6_k;
 }
 bool has_mins(moe::TensorType t) {
@@ -138,8 +138,9 @@ std::vector<uint8_t> make_weights(moe::TensorType t, int64_t n, WeightKind kind,
         if (moe::quantize_row(t, f.data(), w.data(), n) != moe::Status::ok) check(false, "quantize_row failed");
         return w;
     }
-    // fp16 d (and dmin) offsets: Q6_K 208, Q3_K 108, Q2_K 80 (dmin 82), the others 0 (dmin 2).
-    const int d_off = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80 : 0;
+    // fp16 d (and dmin) offsets: Q6_K 208, Q3_K 108, Q2_K 80 (dmin 82), TQ2_0 64, TQ1_0 52, the others 0 (dmin 2).
+    const int d_off = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80
+                    : t == moe::TensorType::tq2_0 ? 64 : t == moe::TensorType::tq1_0 ? 52 : 0;
     const int dmin_off = !has_mins(t) ? -1 : t == moe::TensorType::q2_k ? 82 : 2;
     for (int64_t b = 0; b < nblocks; ++b) {
         uint8_t* blk = w.data() + b * bb;
