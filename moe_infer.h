@@ -2369,24 +2369,27 @@ inline float vec_dot_bf16_f32_ref(const uint16_t* w, const float* x, int64_t n) 
     for (int64_t i = 0; i < n; ++i) sum += bf16_to_f32(w[i]) * x[i];
     return sum;
 }
-inline float vec_dot_q8_0_q8_0_ref(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
+// 32-element blocks whose element j is d * Value(block, j) (an integer), against Q8_0:
+// d * d8 * Σ Value * y per block.
+template <typename Block, int (*Value)(const Block&, int)>
+inline float vec_dot_sym32_q8_0_ref(const Block* w, const BlockQ8_0* x, int64_t n) {
     float sum = 0;
     for (int64_t b = 0; b < n / kQK; ++b) {
         int isum = 0;
-        for (int j = 0; j < kQK; ++j) isum += w[b].qs[j] * x[b].qs[j];
+        for (int j = 0; j < kQK; ++j) isum += Value(w[b], j) * x[b].qs[j];
         sum += fp16_to_f32(w[b].d) * fp16_to_f32(x[b].d) * (float)isum;
     }
     return sum;
 }
+// Nibble j of a 32-element block (elements 0-15 in the low nibbles, 16-31 in the high ones).
+inline int q4_nibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 15 : qs[j - 16] >> 4; }
+inline int q8_0_value(const BlockQ8_0& blk, int j) { return blk.qs[j]; }
+inline int q4_0_value(const BlockQ4_0& blk, int j) { return q4_nibble(blk.qs, j) - 8; }
+inline float vec_dot_q8_0_q8_0_ref(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
+    return vec_dot_sym32_q8_0_ref<BlockQ8_0, q8_0_value>(w, x, n);
+}
 inline float vec_dot_q4_0_q8_0_ref(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) {
-    float sum = 0;
-    for (int64_t b = 0; b < n / kQK; ++b) {
-        int isum = 0;
-        for (int j = 0; j < kQK / 2; ++j)
-            isum += ((w[b].qs[j] & 15) - 8) * x[b].qs[j] + ((w[b].qs[j] >> 4) - 8) * x[b].qs[j + 16];
-        sum += fp16_to_f32(w[b].d) * fp16_to_f32(x[b].d) * (float)isum;
-    }
-    return sum;
+    return vec_dot_sym32_q8_0_ref<BlockQ4_0, q4_0_value>(w, x, n);
 }
 template <typename Block>
 inline float vec_dot_q45k_q8k_ref(const Block* w, const BlockQ8K* x, int64_t n) {
@@ -2426,23 +2429,13 @@ inline float vec_dot_affine_q8_1_ref(const Block* w, const BlockQ8_1* x, int64_t
     }
     return sum;
 }
+inline int q5_0_value(const BlockQ5_0& blk, int j) { return q5_code(blk.qs, blk.qh, j) - 16; }
+inline int iq4nl_value(const BlockIQ4NL& blk, int j) { return kIq4Values[q4_nibble(blk.qs, j)]; }
 inline float vec_dot_q5_0_q8_0_ref(const BlockQ5_0* w, const BlockQ8_0* x, int64_t n) {
-    float sum = 0;
-    for (int64_t b = 0; b < n / kQK; ++b) {
-        int isum = 0;
-        for (int j = 0; j < kQK; ++j) isum += (q5_code(w[b].qs, w[b].qh, j) - 16) * x[b].qs[j];
-        sum += fp16_to_f32(w[b].d) * fp16_to_f32(x[b].d) * (float)isum;
-    }
-    return sum;
+    return vec_dot_sym32_q8_0_ref<BlockQ5_0, q5_0_value>(w, x, n);
 }
 inline float vec_dot_iq4nl_q8_0_ref(const BlockIQ4NL* w, const BlockQ8_0* x, int64_t n) {
-    float sum = 0;
-    for (int64_t b = 0; b < n / kQK; ++b) {
-        int isum = 0;
-        for (int j = 0; j < 16; ++j) isum += kIq4Values[w[b].qs[j] & 15] * x[b].qs[j] + kIq4Values[w[b].qs[j] >> 4] * x[b].qs[j + 16];
-        sum += fp16_to_f32(w[b].d) * fp16_to_f32(x[b].d) * (float)isum;
-    }
-    return sum;
+    return vec_dot_sym32_q8_0_ref<BlockIQ4NL, iq4nl_value>(w, x, n);
 }
 inline float vec_dot_iq4xs_q8k_ref(const BlockIQ4XS* w, const BlockQ8K* x, int64_t n) {
     float sum = 0;
@@ -2475,35 +2468,30 @@ inline float vec_dot_q2k_q8k_ref(const BlockQ2K* w, const BlockQ8K* x, int64_t n
     }
     return sum;
 }
-inline float vec_dot_q3k_q8k_ref(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
+// Q3_K and Q6_K: 16 sub-blocks of 16 with one signed scale each, d * d8 * Σ_s scale_s Σ q*y.
+template <typename Block, void (*Unpack)(const Block&, int8_t*), int (*Scale)(const Block&, int)>
+inline float vec_dot_sub16_q8k_ref(const Block* w, const BlockQ8K* x, int64_t n) {
     float sum = 0;
     int8_t q[kQKK];
     for (int64_t b = 0; b < n / kQKK; ++b) {
-        q3k_unpack(w[b], q);
+        Unpack(w[b], q);
         int isum = 0;
         for (int s = 0; s < 16; ++s) {
             int sub = 0;
             for (int i = 0; i < 16; ++i) sub += q[16 * s + i] * x[b].qs[16 * s + i];
-            isum += q3k_scale(w[b].scales, s) * sub;
+            isum += Scale(w[b], s) * sub;
         }
         sum += fp16_to_f32(w[b].d) * x[b].d * (float)isum;
     }
     return sum;
 }
+inline int q3k_block_scale(const BlockQ3K& blk, int s) { return q3k_scale(blk.scales, s); }
+inline int q6k_block_scale(const BlockQ6K& blk, int s) { return blk.scales[s]; }
+inline float vec_dot_q3k_q8k_ref(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
+    return vec_dot_sub16_q8k_ref<BlockQ3K, q3k_unpack, q3k_block_scale>(w, x, n);
+}
 inline float vec_dot_q6k_q8k_ref(const BlockQ6K* w, const BlockQ8K* x, int64_t n) {
-    float sum = 0;
-    int8_t q[kQKK];
-    for (int64_t b = 0; b < n / kQKK; ++b) {
-        q6k_unpack(w[b], q);
-        int isum = 0;
-        for (int s = 0; s < 16; ++s) {
-            int sub = 0;
-            for (int i = 0; i < 16; ++i) sub += q[16 * s + i] * x[b].qs[16 * s + i];
-            isum += w[b].scales[s] * sub;
-        }
-        sum += fp16_to_f32(w[b].d) * x[b].d * (float)isum;
-    }
-    return sum;
+    return vec_dot_sub16_q8k_ref<BlockQ6K, q6k_unpack, q6k_block_scale>(w, x, n);
 }
 
 //-----------------------------------------------------------------------------
@@ -3783,7 +3771,7 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const
 // Q2_K / Q3_K: each 16-byte register is one 16-element sub-block (order as Q6_K): in half h,
 // qs[32h + 16g ..] holds sub-blocks 8h + 2j + g in bits 2j..2j+1; Q3_K's high bit for sub-block
 // (h, j, g) is bit 4h + j of hmask[16g ..].
-#define MOE_DETAIL_Q23K_ROW_NEON(DOT16, HMASK, PREP, SCALE, MIN_TERM)                                 \
+#define MOE_DETAIL_Q23K_ROW_NEON(DOT16, HMASK, PREP, SCALE, INT_TERM, MIN_TERM)                       \
     const int64_t nb = n / kQKK;                                                                       \
     const uint8x16_t m3 = vdupq_n_u8(3), m1 = vdupq_n_u8(1);                                           \
     float sum = 0;                                                                                     \
@@ -3804,10 +3792,11 @@ MOE_DETAIL_DOTPROD inline float vec_dot_q6k_q8k_dotprod(const BlockQ6K* w, const
                         v = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(q, vshlq_n_u8(hb, 2))), vdupq_n_s8(4)); \
                     }                                                                                  \
                     const int s = 8 * h + 2 * j + g;                                                   \
+                    (void)s; /* TQ2_0's scale is 1 */                                                  \
                     acc = vmlaq_n_s32(acc, DOT16(v, vld1q_s8(y + 128 * h + 32 * j + 16 * g)), SCALE);  \
                 }                                                                                      \
             }                                                                                          \
-        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)vaddvq_s32(acc) - (MIN_TERM);               \
+        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)(vaddvq_s32(acc) - (INT_TERM)) - (MIN_TERM); \
     }                                                                                                  \
     return sum
 
@@ -3817,7 +3806,7 @@ inline int q2k_min_sum(const BlockQ2K& w, const BlockQ8K& x) {
     return mins;
 }
 inline float vec_dot_q2k_q8k_neon(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (void)sc3, (w[b].scales[s] & 15),
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (void)sc3, (w[b].scales[s] & 15), 0,
                              fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
 }
 inline int bsum_total(const BlockQ8K& x) {
@@ -3826,18 +3815,18 @@ inline int bsum_total(const BlockQ8K& x) {
     return s;
 }
 inline float vec_dot_tq2_q8k_neon(const BlockTQ2* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (void)sc3, 1, fp16_to_f32_neon(w[b].d) * x[b].d * (float)bsum_total(x[b]));
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (void)sc3, 1, bsum_total(x[b]), 0.f);
 }
 inline float vec_dot_q3k_q8k_neon(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, w[b].hmask, q3k_scales16(w[b].scales, sc3), sc3[s], 0.f);
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, w[b].hmask, q3k_scales16(w[b].scales, sc3), sc3[s], 0, 0.f);
 }
 #if MOE_DETAIL_ARM_DOTPROD
 MOE_DETAIL_DOTPROD inline float vec_dot_q2k_q8k_dotprod(const BlockQ2K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, (const uint8_t*)nullptr, (void)sc3, (w[b].scales[s] & 15),
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, (const uint8_t*)nullptr, (void)sc3, (w[b].scales[s] & 15), 0,
                              fp16_to_f32_neon(w[b].dmin) * x[b].d * (float)q2k_min_sum(w[b], x[b]));
 }
 MOE_DETAIL_DOTPROD inline float vec_dot_q3k_q8k_dotprod(const BlockQ3K* w, const BlockQ8K* x, int64_t n) {
-    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, w[b].hmask, q3k_scales16(w[b].scales, sc3), sc3[s], 0.f);
+    MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_dotprod, w[b].hmask, q3k_scales16(w[b].scales, sc3), sc3[s], 0, 0.f);
 }
 #endif
 #undef MOE_DETAIL_Q23K_ROW_NEON
@@ -6298,6 +6287,18 @@ MOE_DETAIL_MEMBER const GgufFile& Model::file() const { return (impl_ ? *impl_ :
 namespace moe {
 namespace detail {
 
+#if MOE_DETAIL_HAS_MMAP
+// posix_fadvise on a byte range where the system has it (Linux, BSDs; not macOS, where only the
+// madvise half of the expert store's hints applies).
+inline void fadvise_range(int fd, uint64_t offset, uint64_t length, bool will_need) {
+#if defined(POSIX_FADV_WILLNEED) && defined(POSIX_FADV_DONTNEED)
+    if (fd >= 0) (void)posix_fadvise(fd, (off_t)offset, (off_t)length, will_need ? POSIX_FADV_WILLNEED : POSIX_FADV_DONTNEED);
+#else
+    (void)fd; (void)offset; (void)length; (void)will_need;
+#endif
+}
+#endif
+
 // Where the experts' bytes come from: pread on the model file, or a copy from memory (a model
 // loaded from a buffer, or read whole without mmap).
 class ExpertSource {
@@ -6469,7 +6470,7 @@ struct ExpertStore {
             const Piece& p = pieces[cell(layer, e) * 3 + (size_t)m];
             start[m] = p.offset / align * align;
             end[m] = (p.offset + p.bytes + align - 1) / align * align;
-            (void)posix_fadvise(advise_fd, (off_t)start[m], (off_t)(end[m] - start[m]), POSIX_FADV_WILLNEED);
+            fadvise_range(advise_fd, start[m], end[m] - start[m], true);
         }
         for (int m = 0; m < 3; ++m) {
             void* at = const_cast<uint8_t*>(mapped_base + start[m]);
@@ -6496,7 +6497,7 @@ struct ExpertStore {
             const uint64_t start = (p.offset + align - 1) / align * align, end = (p.offset + p.bytes) / align * align;
             if (end <= start) continue;
             (void)madvise(const_cast<uint8_t*>(mapped_base + start), (size_t)(end - start), MADV_DONTNEED);
-            (void)posix_fadvise(advise_fd, (off_t)start, (off_t)(end - start), POSIX_FADV_DONTNEED);
+            fadvise_range(advise_fd, start, end - start, false);
         }
 #else
         (void)layer; (void)e;
@@ -6776,7 +6777,7 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
             if (drop_end > drop_start) {
                 (void)madvise(const_cast<uint8_t*>(base + drop_start), (size_t)(drop_end - drop_start), MADV_RANDOM);
                 (void)madvise(const_cast<uint8_t*>(base + drop_start), (size_t)(drop_end - drop_start), MADV_DONTNEED);
-                if (fd >= 0) (void)posix_fadvise(fd, (off_t)drop_start, (off_t)(drop_end - drop_start), POSIX_FADV_DONTNEED);
+                fadvise_range(fd, drop_start, drop_end - drop_start, false);
             }
             from = std::max(from, range.second);
         }
