@@ -3000,18 +3000,16 @@ MOE_DETAIL_AVX2 inline float vec_dot_q3k_q8k_avx2(const BlockQ3K* w, const Block
     }
     return hsum_f32x8(acc);
 }
-// TQ2_0: Σ (t - 1) * y = Σ t*y - Σ bsums, Q2_K's layout with every scale 1. The two sums land in
-// different lanes, so each block's total is formed in integers first (zero weights with spiky
-// activations would otherwise leave float residues where the true sum is exactly 0).
+// TQ2_0: Σ (t - 1) * y = Σ t*y - Σ bsums, Q2_K's layout with every scale 1.
 MOE_DETAIL_AVX2 inline float vec_dot_tq2_q8k_avx2(const BlockTQ2* w, const BlockQ8K* x, int64_t n) {
     const __m128i ones = _mm_set1_epi16(1);
-    float sum = 0;
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / kQKK; ++b) {
         const __m256i ysum = _mm256_madd_epi16(loadu_256(x[b].bsums), _mm256_set1_epi16(1));
-        const int isum = hsum_i32x8(_mm256_sub_epi32(q23k_scaled_sums(w[b].qs, nullptr, x[b].qs, ones, ones), ysum));
-        sum += _cvtsh_ss(w[b].d) * x[b].d * (float)isum;
+        const __m256i isum = _mm256_sub_epi32(q23k_scaled_sums(w[b].qs, nullptr, x[b].qs, ones, ones), ysum);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
     }
-    return sum;
+    return hsum_f32x8(acc);
 }
 // TQ1_0: trit n of byte q is ((q * 3^n mod 256) * 3) >> 8, computed in 16-bit lanes with a
 // multiplier per lane (mul_lo for the bytes unpacklo takes, mul_hi for unpackhi), packed back.
@@ -3023,7 +3021,7 @@ MOE_DETAIL_AVX2 inline __m256i tq1_trits_avx2(__m256i bytes, __m256i mul_lo, __m
 }
 MOE_DETAIL_AVX2 inline float vec_dot_tq1_q8k_avx2(const BlockTQ1* w, const BlockQ8K* x, int64_t n) {
     const __m256i ones = _mm256_set1_epi16(1);
-    float total = 0;
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / kQKK; ++b) {
         const int8_t* y = x[b].qs;
         __m256i sum = _mm256_setzero_si256();
@@ -3047,10 +3045,10 @@ MOE_DETAIL_AVX2 inline float vec_dot_tq1_q8k_avx2(const BlockTQ1* w, const Block
         const __m256i mul_lo = _mm256_setr_epi16(81, 81, 81, 81, 81, 81, 81, 81, 1, 1, 1, 1, 3, 3, 3, 3);
         const __m256i mul_hi = _mm256_setr_epi16(81, 81, 81, 81, 81, 81, 81, 81, 9, 9, 9, 9, 27, 27, 27, 27);
         sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(tq1_trits_avx2(last, mul_lo, mul_hi), loadu_256(y + 224)), ones));
-        const int isum = hsum_i32x8(_mm256_sub_epi32(sum, _mm256_madd_epi16(loadu_256(x[b].bsums), ones)));  // see TQ2_0
-        total += _cvtsh_ss(w[b].d) * x[b].d * (float)isum;
+        const __m256i isum = _mm256_sub_epi32(sum, _mm256_madd_epi16(loadu_256(x[b].bsums), ones));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d) * x[b].d), _mm256_cvtepi32_ps(isum), acc);
     }
-    return total;
+    return hsum_f32x8(acc);
 }
 
 //---- activation quantizers (bit-identical to quantize_act_ref: quantize_act_q8_0_ref, quantize_row_q8k_ref) ----
