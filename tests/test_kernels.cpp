@@ -45,8 +45,10 @@ bool is_k_quant(moe::TensorType t) {
     return t == moe::TensorType::iq4_xs || t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
            t == moe::TensorType::q6_k;
 }
+// Types whose kernels add an offset term per element (Q4_1/Q5_1's m, the K-quants' mins, the
+// ternary types' -1 taken out as d * Σ y): it enters the round-off magnitude.
 bool has_mins(moe::TensorType t) {
-    return t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1 || t == moe::TensorType::q2_k || t == moe::TensorType::q4_k ||
+    return t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1 || t == moe::TensorType::q2_k || t == moe::TensorType::q4_k ||
            t == moe::TensorType::q5_k;
 }
 
@@ -77,7 +79,7 @@ void scale_offsets(moe::TensorType t, int* d, int* dmin) {
     *dmin = -1;
     *d = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80
        : t == moe::TensorType::tq2_0 ? 64 : t == moe::TensorType::tq1_0 ? 52 : 0;
-    if (has_mins(t)) *dmin = t == moe::TensorType::q2_k ? 82 : 2;
+    if (has_mins(t) && t != moe::TensorType::tq1_0 && t != moe::TensorType::tq2_0) *dmin = t == moe::TensorType::q2_k ? 82 : 2;
 }
 
 // The offset term of each element of one block (of tensor_type_block_elems(t) elements): Q4_1/Q5_1
@@ -85,8 +87,13 @@ void scale_offsets(moe::TensorType t, int* d, int* dmin) {
 // 32-element sub-blocks packed as in formats.md 2.3, Q2_K a 4-bit min per 16 in scales[i] >> 4.
 void k_quant_mins(moe::TensorType t, const uint8_t* blk, float* out) {
     uint16_t h;
-    std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : 2), 2);
+    const bool ternary = t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0;
+    std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : t == moe::TensorType::tq1_0 ? 52 : t == moe::TensorType::tq2_0 ? 64 : 2), 2);
     const float dmin = half_to_float(h);
+    if (ternary) {  // d per element
+        for (int i = 0; i < 256; ++i) out[i] = dmin;
+        return;
+    }
     if (t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1) {
         for (int i = 0; i < 32; ++i) out[i] = dmin;
         return;

@@ -76,8 +76,10 @@ bool is_k_quant(moe::TensorType t) {
     return t == moe::TensorType::iq4_xs || t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
            t == moe::TensorType::q6_k;
 }
+// Types whose kernels add an offset term per element (Q4_1/Q5_1's m, the K-quants' mins, the
+// ternary types' -1 taken out as d * Σ y): it enters the round-off magnitude.
 bool has_mins(moe::TensorType t) {
-    return t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1 || t == moe::TensorType::q2_k || t == moe::TensorType::q4_k ||
+    return t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1 || t == moe::TensorType::q2_k || t == moe::TensorType::q4_k ||
            t == moe::TensorType::q5_k;
 }
 int act_block(moe::TensorType t) { return is_float_type(t) ? 1 : is_k_quant(t) ? 256 : 32; }
@@ -141,7 +143,7 @@ std::vector<uint8_t> make_weights(moe::TensorType t, int64_t n, WeightKind kind,
     // fp16 d (and dmin) offsets: Q6_K 208, Q3_K 108, Q2_K 80 (dmin 82), TQ2_0 64, TQ1_0 52, the others 0 (dmin 2).
     const int d_off = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80
                     : t == moe::TensorType::tq2_0 ? 64 : t == moe::TensorType::tq1_0 ? 52 : 0;
-    const int dmin_off = !has_mins(t) ? -1 : t == moe::TensorType::q2_k ? 82 : 2;
+    const int dmin_off = !has_mins(t) || t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 ? -1 : t == moe::TensorType::q2_k ? 82 : 2;
     for (int64_t b = 0; b < nblocks; ++b) {
         uint8_t* blk = w.data() + b * bb;
         uint16_t d = float_to_half(1.f), dmin = float_to_half(0.5f);
@@ -245,8 +247,13 @@ std::vector<double> dequantized_activations(moe::TensorType t, const std::vector
 // for the 256 elements of a Q2_K/Q4_K/Q5_K block (mins packed as in QUANT FORMATS).
 void k_quant_mins(moe::TensorType t, const uint8_t* blk, double* out) {
     uint16_t h;
-    std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : 2), 2);
+    const bool ternary = t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0;
+    std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : t == moe::TensorType::tq1_0 ? 52 : t == moe::TensorType::tq2_0 ? 64 : 2), 2);
     const double dmin = half_to_float(h);
+    if (ternary) {  // d per element
+        for (int i = 0; i < 256; ++i) out[i] = dmin;
+        return;
+    }
     if (t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1) {
         for (int i = 0; i < 32; ++i) out[i] = dmin;
         return;
