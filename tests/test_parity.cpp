@@ -8,6 +8,7 @@
 // who is right: the message reports its logits for the two competing tokens.
 #include "moe_infer.h"
 #include "oracle.h"
+#include "kernel_cases.h"
 
 #include <gtest/gtest.h>
 
@@ -17,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -345,8 +347,9 @@ TEST(GgmlBlocks, DequantizeLikeGgml) {
 #else
     const std::string tool = MOE_TINY_GGUF;
     if (access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "tiny_gguf not built at " << tool;
-    for (TT t : {TT::q8_0, TT::q4_0, TT::q4_1, TT::q5_0, TT::q5_1, TT::iq4_nl, TT::iq4_xs, TT::tq1_0, TT::tq2_0, TT::q2_k, TT::q3_k,
-                 TT::q4_k, TT::q5_k, TT::q6_k}) {
+    for (TT t : {TT::q8_0, TT::q4_0, TT::q4_1, TT::q5_0, TT::q5_1, TT::q1_0, TT::q2_0, TT::iq4_nl, TT::iq4_xs, TT::iq3_s, TT::iq3_xxs,
+                 TT::iq2_s, TT::iq2_xs, TT::iq2_xxs, TT::iq1_m, TT::iq1_s, TT::tq1_0, TT::tq2_0, TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k,
+                 TT::q6_k}) {
         const int n = 256 * 40;
         const std::string out = tmp_dir() + "/ggml_blocks_" + std::to_string((long)getpid()) + "_" + moe::tensor_type_name(t) + ".bin";
         struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{out};
@@ -375,6 +378,54 @@ TEST(GgmlBlocks, DequantizeLikeGgml) {
             if (got[(size_t)i] != want[(size_t)i] && differ++ == 0) first = i;
         EXPECT_EQ(differ, 0) << moe::tensor_type_name(t) << ": first at " << first << ": ours " << got[(size_t)std::max(first, 0)]
                              << ", ggml " << want[(size_t)std::max(first, 0)];
+    }
+#endif
+}
+
+// Random bytes as blocks (fp16 scales made finite) dequantize as ggml dequantizes them: with 4096
+// blocks every grid entry of the IQ types is looked up (IQ1's 2048 entries ~300 times each on
+// average), so the tables of QUANT FORMATS are proven entry by entry, not only where ggml's
+// quantizer happened to go.
+TEST(GgmlBlocks, RandomBlocksDequantizeLikeGgml) {
+#ifndef MOE_TINY_GGUF
+    GTEST_SKIP() << "tiny_gguf not built (configure with -DMOE_PEER_DIR=...)";
+#else
+    const std::string tool = MOE_TINY_GGUF;
+    if (access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "tiny_gguf not built at " << tool;
+    std::mt19937 rng(99);
+    for (TT t : {TT::q1_0, TT::q2_0, TT::iq4_nl, TT::iq4_xs, TT::iq3_s, TT::iq3_xxs, TT::iq2_s, TT::iq2_xs, TT::iq2_xxs, TT::iq1_m, TT::iq1_s,
+                 TT::tq1_0, TT::tq2_0, TT::q2_k, TT::q3_k}) {
+        const int blocks = 4096, bb = moe::tensor_type_block_bytes(t), be = moe::tensor_type_block_elems(t);
+        std::vector<uint8_t> q((size_t)blocks * (size_t)bb);
+        for (auto& b : q) b = (uint8_t)(rng() & 255);
+        int d_off, dmin_off;
+        kernel_cases::scale_offsets(t, &d_off, &dmin_off);
+        for (int b = 0; b < blocks; ++b) {  // finite scales: clear the top exponent bit
+            kernel_cases::set_block_d(t, q.data() + (size_t)b * bb, (uint16_t)(rng() & 0xbfff));
+            if (dmin_off >= 0) q[(size_t)b * bb + dmin_off + 1] &= 0xbf;
+        }
+        std::string name = moe::tensor_type_name(t);
+        for (char& ch : name) ch = (char)std::tolower((unsigned char)ch);
+        if (name.size() == 4 && name[3] == 'k') name[3] = 'K';
+        const std::string base = tmp_dir() + "/ggml_dequant_" + std::to_string((long)getpid()) + "_" + name;
+        struct Cleanup { std::string a, b; ~Cleanup() { std::remove(a.c_str()); std::remove(b.c_str()); } } cleanup{base + ".in", base + ".out"};
+        std::FILE* f = std::fopen((base + ".in").c_str(), "wb");
+        ASSERT_NE(f, nullptr);
+        ASSERT_EQ(std::fwrite(q.data(), 1, q.size(), f), q.size());
+        std::fclose(f);
+        const std::string cmd = "'" + tool + "' --ggml-dequant " + name + " '" + base + ".in' '" + base + ".out'";
+        ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+        const size_t n = (size_t)blocks * (size_t)be;
+        std::vector<float> want(n), got(n);
+        f = std::fopen((base + ".out").c_str(), "rb");
+        ASSERT_NE(f, nullptr);
+        ASSERT_EQ(std::fread(want.data(), sizeof(float), n, f), n);
+        std::fclose(f);
+        ASSERT_EQ(moe::dequantize_row(t, q.data(), got.data(), (int64_t)n), moe::Status::ok);
+        size_t differ = 0, first = 0;
+        for (size_t i = 0; i < n; ++i)
+            if (std::memcmp(&got[i], &want[i], 4) != 0 && !(std::isnan(got[i]) && std::isnan(want[i])) && differ++ == 0) first = i;
+        EXPECT_EQ(differ, 0u) << moe::tensor_type_name(t) << ": first at " << first << ": ours " << got[first] << ", ggml " << want[first];
     }
 #endif
 }

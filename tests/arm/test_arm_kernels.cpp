@@ -22,6 +22,7 @@
 // Prints what failed; the last line is "N passed, N failed"; exit status 1 on any failure.
 #define MOE_INFER_IMPLEMENTATION
 #include "../../moe_infer.h"
+#include "../kernel_cases.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,8 +38,6 @@
 
 namespace {
 
-constexpr double kUnitRoundoff = 1.0 / (1 << 24);
-constexpr int kPerTermSlack = 16;
 constexpr double kNearTie = 0.25;         // test_demo_model.cpp
 constexpr double kMedianTop20Tol = 0.1;   // test_demo_model.cpp
 constexpr double kFloatLogitTol = 2e-4;   // test_demo_model.cpp
@@ -65,24 +64,7 @@ std::string fmt(const char* f, ...) {
     return buf;
 }
 
-const moe::TensorType kTypes[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0,
-                                  moe::TensorType::q4_0, moe::TensorType::q4_1, moe::TensorType::q5_0, moe::TensorType::q5_1,
-                                  moe::TensorType::iq4_nl, moe::TensorType::iq4_xs, moe::TensorType::tq1_0, moe::TensorType::tq2_0, moe::TensorType::q2_k, moe::TensorType::q3_k, moe::TensorType::q4_k,
-                                  moe::TensorType::q5_k, moe::TensorType::q6_k};
-
-bool is_float_type(moe::TensorType t) { return t == moe::TensorType::f32 || t == moe::TensorType::f16 || t == moe::TensorType::bf16; }
-// Types with 256-element blocks and Q8_K activations (K-quants and IQ4_XS).
-bool is_k_quant(moe::TensorType t) {
-    return t == moe::TensorType::iq4_xs || t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q2_k || t == moe::TensorType::q3_k || t == moe::TensorType::q4_k || t == moe::TensorType::q5_k ||
-           t == moe::TensorType::q6_k;
-}
-// Types whose kernels add an offset term per element (Q4_1/Q5_1's m, the K-quants' mins, the
-// ternary types' -1 taken out as d * Σ y): it enters the round-off magnitude.
-bool has_mins(moe::TensorType t) {
-    return t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 || t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1 || t == moe::TensorType::q2_k || t == moe::TensorType::q4_k ||
-           t == moe::TensorType::q5_k;
-}
-int act_block(moe::TensorType t) { return is_float_type(t) ? 1 : is_k_quant(t) ? 256 : 32; }
+using namespace kernel_cases;
 
 int g_threads = 2;  // --threads: session threads of the demo-model runs
 
@@ -95,221 +77,6 @@ std::vector<moe::Isa> isas_to_test() {
     const moe::Isa best = moe::detected_isa();
     for (moe::Isa isa : {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod})
         if (best != moe::Isa::scalar && is_arm(isa) == is_arm(best) && (int)isa <= (int)best) out.push_back(isa);
-    return out;
-}
-
-float half_to_float(uint16_t h) {
-    float f = 0;
-    moe::dequantize_row(moe::TensorType::f16, &h, &f, 1);
-    return f;
-}
-uint16_t float_to_half(float f) {
-    uint16_t h = 0;
-    moe::quantize_row(moe::TensorType::f16, &f, &h, 1);
-    return h;
-}
-
-//---- inputs ----
-
-enum class WeightKind { gaussian, all_ones_bits, all_zero_bits, random_bytes, extreme_scales, count };
-const char* kWeightKindNames[] = {"gaussian", "all-0xFF", "all-0x00", "random-bytes", "extreme-scales"};
-
-// One weight row of n elements as stored bytes. Raw kinds write block bytes directly (any bit
-// pattern is a valid block once its fp16 scales are finite) and then set the scales.
-std::vector<uint8_t> make_weights(moe::TensorType t, int64_t n, WeightKind kind, std::mt19937& rng) {
-    const int be = moe::tensor_type_block_elems(t), bb = moe::tensor_type_block_bytes(t);
-    const int64_t nblocks = n / be;
-    std::vector<uint8_t> w((size_t)(nblocks * bb));
-    std::normal_distribution<float> gauss(0.f, 1.f);
-    std::uniform_int_distribution<int> byte(0, 255);
-    std::vector<float> f((size_t)n);
-    if (is_float_type(t) || kind == WeightKind::gaussian) {
-        for (int64_t i = 0; i < n; ++i) {
-            float v = gauss(rng);
-            if (is_float_type(t)) {
-                switch (kind) {
-                    case WeightKind::all_ones_bits: v = (i % 2 ? -1.f : 1.f) * 60000.f; break;
-                    case WeightKind::all_zero_bits: v = 0.f; break;
-                    case WeightKind::random_bytes: v *= 1e-5f; break;  // f16 subnormals
-                    case WeightKind::extreme_scales: v *= i % 3 ? 1e-3f : 1e3f; break;
-                    default: break;
-                }
-            }
-            f[(size_t)i] = v;
-        }
-        if (moe::quantize_row(t, f.data(), w.data(), n) != moe::Status::ok) check(false, "quantize_row failed");
-        return w;
-    }
-    // fp16 d (and dmin) offsets: Q6_K 208, Q3_K 108, Q2_K 80 (dmin 82), TQ2_0 64, TQ1_0 52, the others 0 (dmin 2).
-    const int d_off = t == moe::TensorType::q6_k ? 208 : t == moe::TensorType::q3_k ? 108 : t == moe::TensorType::q2_k ? 80
-                    : t == moe::TensorType::tq2_0 ? 64 : t == moe::TensorType::tq1_0 ? 52 : 0;
-    const int dmin_off = !has_mins(t) || t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0 ? -1 : t == moe::TensorType::q2_k ? 82 : 2;
-    for (int64_t b = 0; b < nblocks; ++b) {
-        uint8_t* blk = w.data() + b * bb;
-        uint16_t d = float_to_half(1.f), dmin = float_to_half(0.5f);
-        switch (kind) {
-            case WeightKind::all_ones_bits: std::memset(blk, 0xFF, (size_t)bb); break;
-            case WeightKind::all_zero_bits:
-                std::memset(blk, 0x00, (size_t)bb);
-                if (t == moe::TensorType::q6_k) std::memset(blk + 192, 0x80, 16);  // scales -128
-                if (has_mins(t)) std::memset(blk + 4, 0xFF, 12);                  // scales and mins 63
-                break;
-            case WeightKind::random_bytes:
-                for (int i = 0; i < bb; ++i) blk[i] = (uint8_t)byte(rng);
-                d = float_to_half((byte(rng) & 1 ? -1.f : 1.f) * std::ldexp(1.f, byte(rng) % 20 - 14));
-                dmin = float_to_half(std::ldexp(1.f, byte(rng) % 20 - 14));
-                break;
-            case WeightKind::extreme_scales:
-                for (int i = 0; i < bb; ++i) blk[i] = (uint8_t)byte(rng);
-                if (t == moe::TensorType::q8_0)
-                    for (int i = 2; i < bb; ++i) blk[i] = 0x80;  // q = -128, the one value with |q| = 128
-                d = b % 2 ? float_to_half(65504.f) : (uint16_t)0x0001;
-                dmin = b % 2 ? (uint16_t)0x0001 : float_to_half(65504.f);
-                break;
-            default: break;
-        }
-        std::memcpy(blk + d_off, &d, 2);
-        if (dmin_off >= 0) std::memcpy(blk + dmin_off, &dmin, 2);
-    }
-    return w;
-}
-
-enum class ActKind { gaussian, zeros, spikes, saturating, huge, ties, sign_tie, count };
-const char* kActKindNames[] = {"gaussian", "zeros", "spikes", "saturating", "huge", "ties", "sign-tie"};
-
-std::vector<float> make_activations(int64_t n, ActKind kind, std::mt19937& rng) {
-    std::vector<float> x((size_t)n);
-    std::normal_distribution<float> gauss(0.f, 1.f);
-    for (int64_t i = 0; i < n; ++i) {
-        float v = gauss(rng);
-        switch (kind) {
-            case ActKind::gaussian: break;
-            case ActKind::zeros: v = 0.f; break;
-            case ActKind::spikes: v = i % 37 == 3 ? (i % 2 ? -1e4f : 1e4f) : v * 1e-3f; break;
-            case ActKind::saturating: v = i % 3 ? 2.5f : -2.5f; break;
-            case ActKind::huge: v *= 1e6f; break;
-            // Every block holds 127 and values k + 0.5: with scale 127/amax = 1 each is an exact tie.
-            case ActKind::ties: v = i % 32 == 5 ? 127.f : (float)((int)(v * 20) % 120) + 0.5f; break;
-            // Largest |x| appears as -A first, then as +A (next element, and further on): Q8_K
-            // must take the first one's sign.
-            case ActKind::sign_tie: v = i % 64 == 9 ? -3.f : i % 64 == 10 || i % 64 == 40 ? 3.f : v * 0.25f; break;
-            default: break;
-        }
-        x[(size_t)i] = v;
-    }
-    return x;
-}
-
-//---- oracles ----
-
-bool has_offset(moe::TensorType t) { return t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1; }
-
-// Dequantizes what vec_dot multiplies the weights by: the activation row as the scalar quantizer
-// makes it (layouts: Q8_0 = fp16 d + 32 int8; Q8_1 (Q4_1/Q5_1) = f32 s, fp16 d, 32 int8, 2 pad;
-// Q8_K = f32 d + 256 int8 + 16 int16 bsums). `sums`: Q8_1's stored s per block.
-std::vector<double> dequantized_activations(moe::TensorType t, const std::vector<float>& x, int64_t n,
-                                            std::vector<double>* sums = nullptr) {
-    std::vector<double> out((size_t)n);
-    if (is_float_type(t)) {
-        for (int64_t i = 0; i < n; ++i) out[(size_t)i] = x[(size_t)i];
-        return out;
-    }
-    std::vector<uint8_t> q((size_t)n * 2 + 64);
-    if (moe::quantize_activations(t, moe::Isa::scalar, x.data(), n, q.data(), q.size()) != moe::Status::ok) {
-        check(false, "quantize_activations(scalar) failed");
-        return out;
-    }
-    const int ab = act_block(t), bytes = ab == 32 ? (has_offset(t) ? 40 : 34) : 292;
-    for (int64_t b = 0; b < n / ab; ++b) {
-        const uint8_t* blk = q.data() + b * bytes;
-        double d;
-        if (ab == 32) {
-            uint16_t h;
-            std::memcpy(&h, blk + (has_offset(t) ? 4 : 0), 2);
-            d = half_to_float(h);
-            if (sums && has_offset(t)) {
-                float f;
-                std::memcpy(&f, blk, 4);
-                sums->push_back(f);
-            }
-        } else {
-            float f;
-            std::memcpy(&f, blk, 4);
-            d = f;
-        }
-        const int8_t* qs = reinterpret_cast<const int8_t*>(blk + (ab != 32 ? 4 : has_offset(t) ? 6 : 2));
-        for (int i = 0; i < ab; ++i) out[(size_t)(b * ab + i)] = d * qs[i];
-    }
-    return out;
-}
-
-// The offset term of each element of one block: Q4_1/Q5_1's m (fp16 @2, 32 elements), or dmin * m
-// for the 256 elements of a Q2_K/Q4_K/Q5_K block (mins packed as in QUANT FORMATS).
-void k_quant_mins(moe::TensorType t, const uint8_t* blk, double* out) {
-    uint16_t h;
-    const bool ternary = t == moe::TensorType::tq1_0 || t == moe::TensorType::tq2_0;
-    std::memcpy(&h, blk + (t == moe::TensorType::q2_k ? 82 : t == moe::TensorType::tq1_0 ? 52 : t == moe::TensorType::tq2_0 ? 64 : 2), 2);
-    const double dmin = half_to_float(h);
-    if (ternary) {  // d per element
-        for (int i = 0; i < 256; ++i) out[i] = dmin;
-        return;
-    }
-    if (t == moe::TensorType::q4_1 || t == moe::TensorType::q5_1) {
-        for (int i = 0; i < 32; ++i) out[i] = dmin;
-        return;
-    }
-    for (int i = 0; i < 256; ++i) {  // Q2_K: a 4-bit min per 16 (scales[i] >> 4); Q4_K/Q5_K: 6-bit per 32
-        const uint8_t* s = blk + 4;
-        const int j = i / 32;
-        const int m = t == moe::TensorType::q2_k ? blk[i / 16] >> 4 : j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-        out[i] = dmin * m;
-    }
-}
-
-struct Oracle {
-    double exact = 0;      // Σ w·x in double over the dequantized weights and activations
-    double magnitude = 0;  // M = Σ (|w| + |dmin·m|)·|x|
-};
-
-Oracle oracle(moe::TensorType t, const uint8_t* w, const std::vector<float>& x, int64_t n) {
-    Oracle o;
-    std::vector<float> wf((size_t)n);
-    if (moe::dequantize_row(t, w, wf.data(), n) != moe::Status::ok) check(false, "dequantize_row failed");
-    std::vector<double> sums;
-    const std::vector<double> xd = dequantized_activations(t, x, n, &sums);
-    for (int64_t i = 0; i < n; ++i) {
-        double wabs = std::fabs((double)wf[(size_t)i]);
-        if (has_mins(t)) {
-            const int be = moe::tensor_type_block_elems(t);
-            double mins[256];
-            k_quant_mins(t, w + (i / be) * moe::tensor_type_block_bytes(t), mins);
-            wabs += std::fabs(mins[i % be]);
-        }
-        o.exact += (double)wf[(size_t)i] * xd[(size_t)i];
-        o.magnitude += wabs * std::fabs(xd[(size_t)i]);
-    }
-    if (has_offset(t)) {  // the kernels take m * s (s as stored) for m * Σ x: swap the terms
-        const int bb = moe::tensor_type_block_bytes(t);
-        for (int64_t b = 0; b < n / 32; ++b) {
-            double m[256], sx = 0;
-            k_quant_mins(t, w + b * bb, m);
-            for (int i = 0; i < 32; ++i) sx += xd[(size_t)(b * 32 + i)];
-            o.exact += m[0] * (sums[(size_t)b] - sx);
-        }
-    }
-    return o;
-}
-
-int64_t float_terms(moe::TensorType t, int64_t n) {
-    if (is_float_type(t)) return n;
-    return is_k_quant(t) ? 2 * (n / 256) : has_mins(t) ? 2 * (n / 32) : n / 32;
-}
-
-std::vector<int64_t> row_lengths(moe::TensorType t) {
-    if (is_float_type(t)) return {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 19, 31, 32, 33, 63, 64, 65, 100, 255, 256, 1000, 4096};
-    std::vector<int64_t> out;
-    for (int64_t blocks : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64}) out.push_back(blocks * act_block(t));
-    if (!is_k_quant(t)) out.push_back(128 * act_block(t));
     return out;
 }
 
@@ -326,6 +93,10 @@ void test_vec_dot(moe::Isa isa) {
             for (int64_t n : row_lengths(t)) {
                 for (int wk = 0; wk < (int)WeightKind::count; ++wk) {
                     const std::vector<uint8_t> w = make_weights(t, n, (WeightKind)wk, rng);
+                    if (w.empty()) {
+                        check(false, fmt("quantize_row %s failed: %s", moe::tensor_type_name(t), moe::last_error()));
+                        continue;
+                    }
                     std::vector<uint8_t> storage(w.size() + 64 + misalign);
                     uint8_t* base = storage.data() + (64 - (uintptr_t)storage.data() % 64) % 64 + misalign;
                     std::memcpy(base, w.data(), w.size());
@@ -338,6 +109,7 @@ void test_vec_dot(moe::Isa isa) {
                             continue;
                         }
                         const Oracle o = oracle(t, base, x, n);
+                        if (!o.ok) check(false, "dequantize_row or quantize_activations failed");
                         const int64_t terms = float_terms(t, n);
                         const double tol = (2.0 * (double)terms + kPerTermSlack) * kUnitRoundoff * o.magnitude;
                         const bool ok = std::isfinite(ref) && std::fabs((double)got - (double)ref) <= tol &&

@@ -4,6 +4,7 @@
 // llama.cpp vocab GGUF (e.g. ggml-vocab-llama-spm.gguf from the bundle's models/).
 //
 //   tiny_gguf --ggml-blocks TYPE N OUT.bin   (ggml's quantizer and dequantizer on N values; see below)
+//   tiny_gguf --ggml-dequant TYPE IN.bin OUT.f32   (ggml's dequantizer on raw blocks)
 //   tiny_gguf OUT.gguf --vocab VOCAB.gguf [--type f32|f16|q8_0] [--seed N]
 //             [--layers 2] [--embd 64] [--heads 4] [--kv-heads 2] [--head-dim 16]
 //             [--experts 8] [--experts-used 2] [--ff 32]
@@ -202,8 +203,8 @@ int run(const Cfg & c) {
 }  // namespace
 
 // --ggml-blocks TYPE N OUT: N Gaussian values (seeded as the weights above, sigma 1, every 7th
-// block scaled by 1e-3 and every 11th by 1e3) quantized by ggml_quantize_chunk (no importance
-// matrix), then dequantized by ggml's to_float. OUT: int32 type id, int32 N, uint64 byte count,
+// block scaled by 1e-3 and every 11th by 1e3) quantized by ggml_quantize_chunk (an importance
+// matrix for the IQ types only), then dequantized by ggml's to_float. OUT: int32 type id, int32 N, uint64 byte count,
 // the blocks, then N floats: what moe_infer.h's dequantizer must reproduce.
 int ggml_blocks(const std::string & type_name, int n, const std::string & out) {
     ggml_type type = GGML_TYPE_COUNT;
@@ -221,8 +222,13 @@ int ggml_blocks(const std::string & type_name, int n, const std::string & out) {
         x[(size_t) i] = (float) rng.normal() * (blk % 7 == 3 ? 1e-3f : blk % 11 == 5 ? 1e3f : 1.f);
     }
     std::vector<uint8_t> q(ggml_row_size(type, n));
+    // The IQ types are quantized under an importance matrix, as llama-quantize does (three of them
+    // require one): a fixed positive weight per column.
+    std::vector<float> imatrix((size_t) n);
+    for (int i = 0; i < n; ++i) imatrix[(size_t) i] = 0.5f + (float) ((i * 37) % 101) / 101.f;
+    const bool iq = type_name.compare(0, 2, "iq") == 0;
     ggml_quantize_init(type);
-    ggml_quantize_chunk(type, x.data(), q.data(), 0, 1, n, nullptr);
+    ggml_quantize_chunk(type, x.data(), q.data(), 0, 1, n, iq ? imatrix.data() : nullptr);
     ggml_get_type_traits(type)->to_float(q.data(), y.data(), n);
     std::FILE * f = std::fopen(out.c_str(), "wb");
     if (!f) throw Error("cannot write " + out);
@@ -235,9 +241,37 @@ int ggml_blocks(const std::string & type_name, int n, const std::string & out) {
     return 0;
 }
 
+// --ggml-dequant TYPE IN OUT: ggml's to_float on the raw blocks of IN (any bytes), floats to OUT.
+int ggml_dequant(const std::string & type_name, const std::string & in, const std::string & out) {
+    ggml_type type = GGML_TYPE_COUNT;
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * name = ggml_type_name((ggml_type) t);
+        if (name && type_name == name) type = (ggml_type) t;
+    }
+    if (type == GGML_TYPE_COUNT || !ggml_get_type_traits(type)->to_float) throw Error("unknown ggml type '" + type_name + "'");
+    std::FILE * f = std::fopen(in.c_str(), "rb");
+    if (!f) throw Error("cannot read " + in);
+    std::vector<uint8_t> q;
+    uint8_t buf[4096];
+    for (size_t got; (got = std::fread(buf, 1, sizeof buf, f)) > 0;) q.insert(q.end(), buf, buf + got);
+    std::fclose(f);
+    const size_t bs = ggml_type_size(type);
+    if (q.empty() || q.size() % bs) throw Error("input is not a whole number of blocks");
+    const int64_t n = (int64_t) (q.size() / bs) * ggml_blck_size(type);
+    std::vector<float> y((size_t) n);
+    ggml_get_type_traits(type)->to_float(q.data(), y.data(), n);
+    f = std::fopen(out.c_str(), "wb");
+    if (!f) throw Error("cannot write " + out);
+    bool ok = std::fwrite(y.data(), sizeof(float), y.size(), f) == y.size();
+    ok = std::fclose(f) == 0 && ok;
+    if (!ok) throw Error("write error on " + out);
+    return 0;
+}
+
 int main(int argc, char ** argv) {
     try {
         if (argc == 5 && std::string(argv[1]) == "--ggml-blocks") return ggml_blocks(argv[2], to_int(argv[3], "N"), argv[4]);
+        if (argc == 5 && std::string(argv[1]) == "--ggml-dequant") return ggml_dequant(argv[2], argv[3], argv[4]);
         return run(parse(argc, argv));
     } catch (const std::exception & e) {
         std::fprintf(stderr, "error: %s\n", e.what());
