@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <sstream>
 #include <string>
@@ -209,30 +210,43 @@ std::vector<ParityCase> parity_cases() {
 
 class LlamaParity : public ::testing::TestWithParam<ParityCase> {};
 
-TEST_P(LlamaParity, GreedyTokensAndLogits) {
-    const std::string peer = peer_path();
-    if (peer.empty() || access(peer.c_str(), X_OK) != 0)
-        GTEST_SKIP() << "llama_peer not available (set MOE_LLAMA_PEER or configure with -DMOE_PEER_DIR=...)";
-    const ParityCase& tc = GetParam();
-    const ModelSpec& s = tc.spec;
-    SCOPED_TRACE(moe_test::describe(s));
-    moe_test::RandomModel rm = moe_test::make_random_model(s);
-    ASSERT_TRUE(rm.ok()) << rm.error;
-    const std::string base = tmp_dir() + "/moe_parity_" + std::to_string((long)getpid()) + "_" + tc.name;
-    const std::string path = base + ".gguf";
-    ASSERT_EQ(rm.write(path), moe::Status::ok) << moe::last_error();
-    struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{path};
-
-    const std::vector<int32_t> prompt = moe_test::random_tokens(kPrompt, s.n_vocab, 3);
-    PeerResult theirs;
-    ASSERT_TRUE(run_peer(peer, path, prompt, kGen, s.n_vocab, base + ".logits", &theirs));
-    OurResult ours;
-    ASSERT_TRUE(run_ours(path, prompt, kGen, &ours));
-
+// Both engines on the model file `path` whose weights (after dequantization) are rm's: greedy
+// tokens and logits compared, the float64 oracle on rm judging divergences.
+void compare_with_peer(const std::string& peer, const char* name, const moe_test::RandomModel& rm, bool f32, const std::string& path,
+                       const std::string& base) {
+    const ModelSpec& s = rm.spec;
     const int V = s.n_vocab;
-    int diverge = -1;  // first generated index that differs
-    for (int k = 0; k < kGen; ++k)
-        if (ours.generated[(size_t)k] != theirs.generated[(size_t)k]) { diverge = k; break; }
+    std::vector<int32_t> prompt;
+    PeerResult theirs;
+    OurResult ours;
+    int diverge = -1;      // first generated index that differs
+    int rows = 0;          // rows compared: row i holds the logits after token i of the common sequence
+    int first_flip = -1;   // first row routed differently at a near-tie (see below)
+    std::vector<double> route_margin;
+    for (int attempt = 0;; ++attempt) {
+        prompt = moe_test::random_tokens(kPrompt, s.n_vocab, 3 + 2 * (uint64_t)attempt);
+        ASSERT_TRUE(run_peer(peer, path, prompt, kGen, s.n_vocab, base + ".logits", &theirs));
+        ours = OurResult{};
+        ASSERT_TRUE(run_ours(path, prompt, kGen, &ours));
+        diverge = -1;
+        for (int k = 0; k < kGen; ++k)
+            if (ours.generated[(size_t)k] != theirs.generated[(size_t)k]) { diverge = k; break; }
+        rows = kPrompt + (diverge < 0 ? kGen : diverge);
+        first_flip = -1;
+        if (f32) break;
+        std::vector<int32_t> seq = prompt;
+        seq.insert(seq.end(), theirs.generated.begin(), theirs.generated.begin() + (rows - kPrompt));
+        route_margin = moe_test::Oracle(rm).run(seq).route_margin;
+        for (int i = 1; i < rows && first_flip < 0; ++i) {
+            RowDiff one;
+            std::vector<double> ref(theirs.logits.begin() + (ptrdiff_t)i * V, theirs.logits.begin() + (ptrdiff_t)(i + 1) * V);
+            one.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
+            if (one.rel() >= 3e-2 && route_margin[(size_t)i] < 3e-2) first_flip = i;
+        }
+        if (first_flip < 0 || first_flip >= kPrompt || attempt == 2) break;
+        std::printf("[ parity   ] %-24s prompt %d: routing near-tie flip at row %d, before %d rows could be compared: next prompt\n", name,
+                    attempt, first_flip, kPrompt);
+    }
 
     // Logits on identical inputs: every prompt row and every generated row up to the divergence.
     // F32: both engines accumulate in float: ~1e-6 apart (measured 5e-7..1e-6); bound 1e-4.
@@ -246,21 +260,17 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
     //    quantizer shows there, a flip within the very first token is unlikely (~1%);
     //  - all rows up to the divergence within 0.1 (a wrong scale, nibble order or expert is O(1));
     //  - the count of rows within 1e-5 is printed as a finer signal.
-    const bool f32 = s.wtype == TT::f32;
-    const double tol_first = f32 ? 1e-4 : 2e-3, tol_all = f32 ? 1e-4 : 1e-1;
-    const double near_tie = f32 ? 1e-4 : 3e-2;  // accepted top-2 gap at a divergence (see below)
-    const int rows = kPrompt + (diverge < 0 ? kGen : diverge);  // row i: logits after token i of the common sequence
     //  - with quantized activations, a row whose token meets a routing near-tie (the oracle's
     //    k-th and (k+1)-th router logits within 0.03 in some layer) may route differently after
-    //    such a one-step difference: it is left out of the 0.1 bound and counted.
-    std::vector<double> route_margin;
-    if (!f32) {
-        std::vector<int32_t> seq = prompt;
-        seq.insert(seq.end(), theirs.generated.begin(), theirs.generated.begin() + (rows - kPrompt));
-        route_margin = moe_test::Oracle(rm).run(seq).route_margin;
-    }
+    //    such a one-step difference: it is left out of the 0.1 bound and counted. Its keys and
+    //    values then differ in both engines' caches, so every later row attends to different
+    //    inputs (measured: 2-3e-2 apart, and routing margins of 0.07 flipped further on): rows
+    //    after the first such flip are counted, not bounded. At least the 12 prompt rows must come
+    //    before it; otherwise the next of up to three prompts is tried.
+    const double tol_first = f32 ? 1e-4 : 2e-3, tol_all = f32 ? 1e-4 : 1e-1;
+    const double near_tie = f32 ? 1e-4 : 3e-2;  // accepted top-2 gap at a divergence (see below)
     RowDiff first, all;
-    int exact_rows = 0, tie_rows = 0;
+    int exact_rows = 0, tie_rows = 0, after_flip = 0;
     first.add(0, std::vector<double>(theirs.logits.begin(), theirs.logits.begin() + V).data(), ours.logits.data(), V);
     for (int i = 0; i < rows; ++i) {
         std::vector<double> ref(theirs.logits.begin() + (ptrdiff_t)i * V, theirs.logits.begin() + (ptrdiff_t)(i + 1) * V);
@@ -268,14 +278,16 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
         one.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
         if (one.rel() < 1e-5) ++exact_rows;
         if (!f32 && i > 0 && one.rel() >= 3e-2 && route_margin[(size_t)i] < 3e-2) { ++tie_rows; continue; }
+        if (first_flip >= 0 && i > first_flip) { ++after_flip; continue; }
         all.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
     }
     EXPECT_LT(first.rel(), tol_first) << "first position: max|d| " << first.max_abs << " at token " << first.worst_col;
     EXPECT_LT(all.rel(), tol_all) << "rows 0.." << rows - 1 << ": max|d| " << all.max_abs << " at position " << all.worst_row << " token "
                               << all.worst_col << " (rms rel " << all.rel_rms() << ")";
     std::printf("[ parity   ] %-24s tokens %s; logits max|d|/max|ref|: first row %.2e, all %d rows %.2e, rows within 1e-5: %d%s\n",
-                tc.name, diverge < 0 ? "identical (64)" : ("diverge at " + std::to_string(diverge)).c_str(), first.rel(), rows,
+                name, diverge < 0 ? "identical (64)" : ("diverge at " + std::to_string(diverge)).c_str(), first.rel(), rows,
                 all.rel(), exact_rows, tie_rows ? (", routing near-tie rows left out: " + std::to_string(tie_rows)).c_str() : "");
+    if (first_flip >= 0) std::printf("[ parity   ] %-24s first routing flip at row %d; %d later rows not bounded\n", name, first_flip, after_flip);
 
     if (std::getenv("MOE_PARITY_VERBOSE")) {  // per-row differences next to the oracle's router margins
         std::vector<int32_t> seq = prompt;
@@ -316,8 +328,10 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
             << "\n  ours:   [" << a << "] " << lo[a] << ", [" << b << "] " << lo[b] << " (gap " << gap_ours << " of max|logit|)"
             << "\n  theirs: [" << a << "] " << lt[a] << ", [" << b << "] " << lt[b] << " (gap " << gap_theirs << " of max|logit|)"
             << "\n  ours:   " << join(ours.generated) << "\n  theirs: " << join(theirs.generated);
-        if (gap_ours < near_tie && gap_theirs < near_tie) {
-            std::printf("[ parity   ] %-24s near-tie divergence accepted: %s\n", tc.name, msg.str().c_str());
+        if (first_flip >= 0 && first_flip <= row) {
+            std::printf("[ parity   ] %-24s divergence after the routing flip at row %d accepted: %s\n", name, first_flip, msg.str().c_str());
+        } else if (gap_ours < near_tie && gap_theirs < near_tie) {
+            std::printf("[ parity   ] %-24s near-tie divergence accepted: %s\n", name, msg.str().c_str());
         } else {
             ADD_FAILURE() << msg.str();
         }
@@ -325,7 +339,7 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
 
     // Three-way check at F32: the oracle's greedy choice agrees with the common sequence wherever
     // its top-2 gap is clear of float noise.
-    if (s.wtype == TT::f32 && diverge < 0) {
+    if (f32 && diverge < 0) {
         std::vector<int32_t> seq = prompt;
         seq.insert(seq.end(), theirs.generated.begin(), theirs.generated.end() - 1);
         const moe_test::OracleResult ref = moe_test::Oracle(rm).run(seq);
@@ -337,6 +351,100 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
         }
     }
 }
+
+TEST_P(LlamaParity, GreedyTokensAndLogits) {
+    const std::string peer = peer_path();
+    if (peer.empty() || access(peer.c_str(), X_OK) != 0)
+        GTEST_SKIP() << "llama_peer not available (set MOE_LLAMA_PEER or configure with -DMOE_PEER_DIR=...)";
+    const ParityCase& tc = GetParam();
+    const ModelSpec& s = tc.spec;
+    SCOPED_TRACE(moe_test::describe(s));
+    moe_test::RandomModel rm = moe_test::make_random_model(s);
+    ASSERT_TRUE(rm.ok()) << rm.error;
+    const std::string base = tmp_dir() + "/moe_parity_" + std::to_string((long)getpid()) + "_" + tc.name;
+    const std::string path = base + ".gguf";
+    ASSERT_EQ(rm.write(path), moe::Status::ok) << moe::last_error();
+    struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{path};
+    compare_with_peer(peer, tc.name, rm, s.wtype == TT::f32, path, base);
+}
+
+// Every llama-quantize ftype of issue 12: an F32 random model quantized by llama.cpp's own
+// llama_model_quantize (llama_peer --quantize; with an importance matrix where the mix needs one),
+// so each file holds the type mix llama-quantize picks (K-quant attention, Q6_K output, IQ4_NL
+// fallbacks...). The oracle runs on the file's weights (dequantized; the dequantizers are proven
+// bit-exact against ggml by GgmlBlocks below).
+struct FtypeCase {
+    const char* name;
+    int ftype;  // llama_ftype
+    bool imatrix;
+};
+void PrintTo(const FtypeCase& c, std::ostream* os) { *os << c.name << " (llama_ftype " << c.ftype << ")"; }
+
+// rm's weights replaced by the dequantized tensors of the file at `path` (same names and shapes).
+::testing::AssertionResult load_file_weights(const std::string& path, moe_test::RandomModel* rm, std::string* types) {
+    moe::GgufFile f;
+    if (moe::GgufFile::open(path.c_str(), false, &f) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
+    std::vector<std::pair<std::string, std::vector<float>*>> fields = {
+        {"token_embd.weight", &rm->tok_embd}, {"output_norm.weight", &rm->output_norm}, {"output.weight", &rm->output}};
+    for (size_t il = 0; il < rm->layers.size(); ++il) {
+        moe_test::LayerWeights& L = rm->layers[il];
+        const std::string b = "blk." + std::to_string(il) + ".";
+        for (auto& kv : std::vector<std::pair<const char*, std::vector<float>*>>{
+                 {"attn_norm", &L.attn_norm}, {"attn_q", &L.wq}, {"attn_k", &L.wk}, {"attn_v", &L.wv}, {"attn_output", &L.wo},
+                 {"attn_q_norm", &L.q_norm}, {"attn_k_norm", &L.k_norm}, {"ffn_norm", &L.ffn_norm}, {"ffn_gate_inp", &L.gate_inp},
+                 {"ffn_gate_exps", &L.gate_exps}, {"ffn_up_exps", &L.up_exps}, {"ffn_down_exps", &L.down_exps}})
+            fields.push_back({b + kv.first + ".weight", kv.second});
+    }
+    std::map<std::string, int> count;
+    for (auto& fv : fields) {
+        if (fv.second->empty()) continue;
+        const moe::GgufTensorInfo* t = f.find_tensor(fv.first.c_str());
+        if (!t) return ::testing::AssertionFailure() << "quantized file lacks " << fv.first;
+        if ((size_t)t->n_elements() != fv.second->size()) return ::testing::AssertionFailure() << fv.first << ": element count changed";
+        if (moe::dequantize_row((TT)t->type, t->data, fv.second->data(), t->n_elements()) != moe::Status::ok)
+            return ::testing::AssertionFailure() << fv.first << ": " << moe::last_error();
+        ++count[moe::tensor_type_name((TT)t->type)];
+        if (std::getenv("MOE_PARITY_VERBOSE")) std::printf("  %s: %s\n", fv.first.c_str(), moe::tensor_type_name((TT)t->type));
+    }
+    types->clear();
+    for (auto& c : count) *types += (types->empty() ? "" : " ") + c.first + "x" + std::to_string(c.second);
+    return ::testing::AssertionSuccess();
+}
+
+class LlamaQuantizeParity : public ::testing::TestWithParam<FtypeCase> {};
+
+TEST_P(LlamaQuantizeParity, GreedyTokensAndLogits) {
+    const std::string peer = peer_path();
+    if (peer.empty() || access(peer.c_str(), X_OK) != 0)
+        GTEST_SKIP() << "llama_peer not available (set MOE_LLAMA_PEER or configure with -DMOE_PEER_DIR=...)";
+    const FtypeCase& tc = GetParam();
+    ModelSpec s = pspec("qwen3moe", TT::f32);
+    s.n_embd = 256;  // rows of 256 everywhere: the K/IQ types apply to every matrix
+    s.n_ff = 256;
+    moe_test::RandomModel rm = moe_test::make_random_model(s);
+    ASSERT_TRUE(rm.ok()) << rm.error;
+    const std::string base = tmp_dir() + "/moe_ftype_" + std::to_string((long)getpid()) + "_" + tc.name;
+    const std::string f32_path = base + ".f32.gguf", path = base + ".gguf";
+    struct Cleanup { std::string a, b; ~Cleanup() { std::remove(a.c_str()); std::remove(b.c_str()); } } cleanup{f32_path, path};
+    ASSERT_EQ(rm.write(f32_path), moe::Status::ok) << moe::last_error();
+    const std::string cmd = shell_quote(peer) + " --quantize " + shell_quote(f32_path) + " " + shell_quote(path) + " " +
+                            std::to_string(tc.ftype) + (tc.imatrix ? " --imatrix" : "") + " 2>&1";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    std::string types;
+    ASSERT_TRUE(load_file_weights(path, &rm, &types));
+    std::printf("[ ftype    ] %-8s tensor types: %s\n", tc.name, types.c_str());
+    compare_with_peer(peer, tc.name, rm, false, path, base);
+}
+
+std::vector<FtypeCase> ftype_cases() {
+    return {{"Q4_1", 3, false},    {"Q5_0", 8, false},    {"Q5_1", 9, false},    {"Q2_K", 10, false},   {"Q2_K_S", 21, true},
+            {"Q3_K_S", 11, false}, {"Q3_K_M", 12, false}, {"Q3_K_L", 13, false}, {"Q4_K_M", 15, false}, {"IQ4_NL", 25, false},
+            {"IQ4_XS", 30, false}, {"IQ3_XXS", 23, true}, {"IQ3_XS", 22, true},  {"IQ3_S", 26, true},   {"IQ3_M", 27, true},
+            {"IQ2_XXS", 19, true}, {"IQ2_XS", 20, true},  {"IQ2_S", 28, true},   {"IQ2_M", 29, true},   {"IQ1_S", 24, true},
+            {"IQ1_M", 31, true},   {"TQ1_0", 36, false},  {"TQ2_0", 37, false},  {"Q1_0", 40, false},   {"Q2_0", 41, false}};
+}
+INSTANTIATE_TEST_SUITE_P(Ftypes, LlamaQuantizeParity, ::testing::ValuesIn(ftype_cases()),
+                         [](const ::testing::TestParamInfo<FtypeCase>& i) { return std::string(i.param.name); });
 
 // Blocks written by ggml's own quantizer (the peer's libggml-base, through tiny_gguf
 // --ggml-blocks) dequantize to exactly what ggml's dequantizer gives, for every quantized type

@@ -8,7 +8,12 @@
 //   llama_peer -m MODEL.gguf (--prompt TEXT | --prompt-file FILE) --tokenize-only [--add-special]
 //   llama_peer -m MODEL.gguf --tokenize-cases FILE.inp [--add-special] [--no-parse-special]
 //   llama_peer --version
+//   llama_peer --quantize IN.gguf OUT.gguf FTYPE [--imatrix]
 //
+// --quantize: llama.cpp's own llama_model_quantize (what llama-quantize runs) with llama_ftype
+//   FTYPE (its number, e.g. 12 = Q3_K_M), one thread. --imatrix passes an importance matrix: for
+//   every 2-D/3-D tensor a fixed positive weight per column (and expert), which the IQ2/IQ1 ftypes
+//   require; its values only steer the quantizer's search.
 // stdout: the generated (or, with --tokenize-only, the prompt's) token ids, comma-separated, one line;
 //   --tokenize-cases: one such line per case of a llama.cpp vocab test file (cases separated by
 //   "\n__ggml_vocab_test__\n"), for tokenizer cross-checks in one process.
@@ -21,6 +26,7 @@
 #include "llama.h"
 #include "ggml.h"
 #include "ggml-backend.h"
+#include "gguf.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -437,10 +443,50 @@ int run(const Options & o) {
     return 0;
 }
 
+int run_quantize(int argc, char ** argv) {
+    if (argc != 5 && !(argc == 6 && std::string(argv[5]) == "--imatrix")) {
+        throw Error("usage: llama_peer --quantize IN.gguf OUT.gguf FTYPE [--imatrix]");
+    }
+    const std::string in = argv[2], out = argv[3];
+    llama_log_set(log_cb, nullptr);
+    llama_backend_init();
+    llama_model_quantize_params params = llama_model_quantize_default_params();
+    params.nthread = 1;
+    params.ftype = (llama_ftype) parse_int(argv[4], "FTYPE", 0, 1000);
+    std::vector<std::string> names;
+    std::vector<std::vector<float>> values;
+    std::vector<llama_model_imatrix_data> imatrix;
+    if (argc == 6) {
+        ggml_context * meta = nullptr;
+        gguf_init_params gp = {true, &meta};
+        gguf_context * g = gguf_init_from_file(in.c_str(), gp);
+        if (!g) throw Error("cannot read " + in);
+        for (int64_t i = 0; i < gguf_get_n_tensors(g); ++i) {
+            const ggml_tensor * t = ggml_get_tensor(meta, gguf_get_tensor_name(g, i));
+            if (!t || ggml_n_dims(t) < 2) continue;
+            const int64_t n = t->ne[0] * t->ne[2];  // one row of weights per expert
+            std::vector<float> v((size_t) n);
+            for (int64_t j = 0; j < n; ++j) v[(size_t) j] = 0.5f + (float) ((j * 37) % 101) / 101.f;
+            names.emplace_back(t->name);
+            values.push_back(std::move(v));
+        }
+        gguf_free(g);
+        ggml_free(meta);
+        for (size_t i = 0; i < names.size(); ++i) imatrix.push_back({names[i].c_str(), values[i].data(), values[i].size()});
+        imatrix.push_back({nullptr, nullptr, 0});
+        params.imatrix = imatrix.data();
+    }
+    const uint32_t rc = llama_model_quantize(in.c_str(), out.c_str(), &params);
+    llama_backend_free();
+    if (rc != 0) throw Error("llama_model_quantize failed (" + std::to_string(rc) + ")");
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
     try {
+        if (argc >= 2 && std::string(argv[1]) == "--quantize") return run_quantize(argc, argv);
         Options o = parse_args(argc, argv);
         if (o.version) {
             llama_log_set(log_cb, nullptr);
