@@ -19,6 +19,10 @@
 #   OUT_DIR=$BUILD_DIR/results  each run writes OUT_DIR/<model>-t<T>-<time>/{moe.json,llama.json,summary.md,*.log}
 #   SYNTH=SHAPE:QUANT[:LAYERS]  if MODEL does not exist, write it first with moe-bench --synthetic
 #                        (e.g. SYNTH=qwen3-30b-a3b:q4_0)
+#   LLAMA_FTYPE=N        with SYNTH (QUANT f16): quantize that F16 file with llama.cpp's own
+#                        llama_model_quantize (tests/peer/llama_peer --quantize, importance matrix,
+#                        all cores) to llama_ftype N, e.g. 23 = IQ3_XXS, 12 = Q3_K_M: the type mixes
+#                        of llama-quantize, including the IQ types moe-bench cannot write
 #   MOE_ARGS, LLAMA_ARGS extra arguments for moe-bench / llama_bench_peer (e.g. LLAMA_ARGS=--no-repack)
 #   BW=GBS               skip the bandwidth measurements and use GBS for both (default: each program
 #                        probes right before its run; the summary uses the larger probe for both)
@@ -125,6 +129,14 @@ if [ -n "$PEER_LIB" ]; then
     fi
     HAVE_LLAMA=1
 fi
+QUANTIZE_BIN=$BUILD_DIR/llama_peer
+if [ -n "${LLAMA_FTYPE:-}" ] && [ -n "$PEER_LIB" ] && newer "$QUANTIZE_BIN" "$ROOT/tests/peer/llama_peer.cpp"; then
+    log "building llama_peer (for llama_model_quantize) against $PEER_LIB"
+    "$CXX" -O2 -std=c++17 -pthread -isystem "$PEER_INC" -DMOE_PEER_LIB_DIR="\"$PEER_LIB\"" \
+        "$ROOT/tests/peer/llama_peer.cpp" -o "$QUANTIZE_BIN.tmp" "${PEER_LIBS[@]}" \
+        -Wl,-rpath,"$PEER_LIB" || die "cannot build llama_peer"
+    mv "$QUANTIZE_BIN.tmp" "$QUANTIZE_BIN"
+fi
 [ "${1:-}" = "--build-only" ] && { log "built $MOE_BENCH${PEER_LIB:+ and $LLAMA_PEER_BIN}"; exit 0; }
 
 # ---- model -----------------------------------------------------------------------------------
@@ -136,8 +148,17 @@ if [ ! -f "$MODEL" ]; then
     [ -n "${SYNTH:-}" ] || die "$MODEL does not exist (set SYNTH=SHAPE:QUANT[:LAYERS] to generate it)"
     IFS=: read -r s_shape s_quant s_layers <<< "$SYNTH"
     mkdir -p "$(dirname "$MODEL")"
-    log "generating $MODEL ($SYNTH)"
-    "$MOE_BENCH" --synthetic "$s_shape" --quant "$s_quant" -o "$MODEL" ${s_layers:+--layers "$s_layers"} || die "cannot generate $MODEL"
+    log "generating $MODEL ($SYNTH${LLAMA_FTYPE:+, then llama_ftype $LLAMA_FTYPE})"
+    if [ -n "${LLAMA_FTYPE:-}" ]; then
+        [ -x "$QUANTIZE_BIN" ] || die "LLAMA_FTYPE needs the llama.cpp peer (PEER_DIR)"
+        "$MOE_BENCH" --synthetic "$s_shape" --quant "$s_quant" -o "$MODEL.src.gguf" ${s_layers:+--layers "$s_layers"} || die "cannot generate $MODEL.src.gguf"
+        t0=$(date +%s)
+        "$QUANTIZE_BIN" --quantize "$MODEL.src.gguf" "$MODEL" "$LLAMA_FTYPE" --imatrix --threads "$(nproc)" || die "llama_model_quantize failed"
+        log "llama_model_quantize: $(( $(date +%s) - t0 )) s"
+        rm -f "$MODEL.src.gguf"
+    else
+        "$MOE_BENCH" --synthetic "$s_shape" --quant "$s_quant" -o "$MODEL" ${s_layers:+--layers "$s_layers"} || die "cannot generate $MODEL"
+    fi
 fi
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)

@@ -8,10 +8,10 @@
 //   llama_peer -m MODEL.gguf (--prompt TEXT | --prompt-file FILE) --tokenize-only [--add-special]
 //   llama_peer -m MODEL.gguf --tokenize-cases FILE.inp [--add-special] [--no-parse-special]
 //   llama_peer --version
-//   llama_peer --quantize IN.gguf OUT.gguf FTYPE [--imatrix]
+//   llama_peer --quantize IN.gguf OUT.gguf FTYPE [--imatrix] [--threads N]
 //
 // --quantize: llama.cpp's own llama_model_quantize (what llama-quantize runs) with llama_ftype
-//   FTYPE (its number, e.g. 12 = Q3_K_M), one thread. --imatrix passes an importance matrix: for
+//   FTYPE (its number, e.g. 12 = Q3_K_M), one thread unless --threads. --imatrix passes an importance matrix: for
 //   every 2-D/3-D tensor a fixed positive weight per column (and expert), which the IQ2/IQ1 ftypes
 //   require; its values only steer the quantizer's search.
 // stdout: the generated (or, with --tokenize-only, the prompt's) token ids, comma-separated, one line;
@@ -444,19 +444,26 @@ int run(const Options & o) {
 }
 
 int run_quantize(int argc, char ** argv) {
-    if (argc != 5 && !(argc == 6 && std::string(argv[5]) == "--imatrix")) {
-        throw Error("usage: llama_peer --quantize IN.gguf OUT.gguf FTYPE [--imatrix]");
-    }
+    const char * const usage_text = "usage: llama_peer --quantize IN.gguf OUT.gguf FTYPE [--imatrix] [--threads N]";
+    if (argc < 5) throw Error(usage_text);
     const std::string in = argv[2], out = argv[3];
+    bool with_imatrix = false;
+    int threads = 1;
+    for (int i = 5; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--imatrix") with_imatrix = true;
+        else if (a == "--threads" && i + 1 < argc) threads = (int) parse_int(argv[++i], "--threads", 1, 1024);
+        else throw Error(usage_text);
+    }
     llama_log_set(log_cb, nullptr);
     llama_backend_init();
     llama_model_quantize_params params = llama_model_quantize_default_params();
-    params.nthread = 1;
+    params.nthread = threads;
     params.ftype = (llama_ftype) parse_int(argv[4], "FTYPE", 0, 1000);
     std::vector<std::string> names;
     std::vector<std::vector<float>> values;
     std::vector<llama_model_imatrix_data> imatrix;
-    if (argc == 6) {
+    if (with_imatrix) {
         ggml_context * meta = nullptr;
         gguf_init_params gp = {true, &meta};
         gguf_context * g = gguf_init_from_file(in.c_str(), gp);
