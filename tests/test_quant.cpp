@@ -33,7 +33,11 @@ const TensorType kQuantTypes[] = {TensorType::q8_0,   TensorType::q4_0,   Tensor
 const TensorType kAllTypes[] = {TensorType::f32,  TensorType::f16,  TensorType::bf16,   TensorType::q8_0,   TensorType::q4_0,
                                 TensorType::q4_1, TensorType::q5_0, TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs,
                                 TensorType::tq1_0, TensorType::tq2_0,
-                                TensorType::q2_k, TensorType::q3_k, TensorType::q4_k,   TensorType::q5_k,   TensorType::q6_k};
+                                TensorType::q2_k, TensorType::q3_k, TensorType::q4_k,   TensorType::q5_k,   TensorType::q6_k,
+                                TensorType::q1_0, TensorType::q2_0};
+// The IQ grid types: dequantize-only (no quantizer in the library).
+const TensorType kDequantizeOnlyTypes[] = {TensorType::iq3_s,  TensorType::iq3_xxs, TensorType::iq2_s, TensorType::iq2_xs,
+                                           TensorType::iq2_xxs, TensorType::iq1_m,  TensorType::iq1_s};
 
 int blk(TensorType t) { return moe::tensor_type_block_elems(t); }
 int blk_bytes(TensorType t) { return moe::tensor_type_block_bytes(t); }
@@ -499,6 +503,17 @@ std::vector<double> spec_decode_block(TensorType t, const uint8_t* b, std::vecto
                         (*mag)[(size_t)i] = std::fabs(y[(size_t)i]);
                     }
                 }
+            }
+            break;
+        }
+        case TensorType::q1_0:    // d:f16 @0, qs[16] @2: bit j % 8 of qs[j / 8] set -> +d, clear -> -d (128 elements)
+        case TensorType::q2_0: {  // d:f16 @0, qs[16] @2: (qs[j / 4] >> 2 (j % 4)) & 3, minus 1, times d (64 elements)
+            const double d = h2d(b);
+            const bool one = t == TensorType::q1_0;
+            for (int j = 0; j < (one ? 128 : 64); ++j) {
+                const int q = one ? ((b[2 + j / 8] >> (j % 8)) & 1 ? 1 : -1) : ((b[2 + j / 4] >> (2 * (j % 4))) & 3) - 1;
+                y.push_back(q * d);
+                mag->push_back(std::fabs(y.back()));
             }
             break;
         }
@@ -974,6 +989,14 @@ TEST(Quantize, BadLengthsAndArguments) {
         EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), -1), Status::invalid_argument);
         EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), 3), Status::ok);  // block size 1: any n
     }
+    for (TensorType t : kDequantizeOnlyTypes) {  // a clear refusal naming the type, whatever the length
+        for (int64_t n : {0, 256}) {
+            EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), n), Status::unsupported) << moe::tensor_type_name(t);
+            EXPECT_NE(std::string(moe::last_error()).find(moe::tensor_type_name(t)), std::string::npos) << moe::last_error();
+        }
+        EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), 0), Status::ok) << moe::tensor_type_name(t);
+        EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), 100), Status::invalid_argument) << moe::tensor_type_name(t);
+    }
     for (TensorType t : kAllTypes) {
         EXPECT_EQ(moe::quantize_row(t, x.data(), q.data(), 0), Status::ok) << moe::tensor_type_name(t);
         EXPECT_EQ(moe::dequantize_row(t, q.data(), y.data(), 0), Status::ok) << moe::tensor_type_name(t);
@@ -982,8 +1005,8 @@ TEST(Quantize, BadLengthsAndArguments) {
         EXPECT_EQ(moe::dequantize_row(t, nullptr, y.data(), blk(t)), Status::invalid_argument);
         EXPECT_EQ(moe::dequantize_row(t, q.data(), nullptr, blk(t)), Status::invalid_argument);
     }
-    // Types this build does not support (IQ2_XXS, Q8_K, MXFP4, garbage).
-    for (uint32_t raw : {16u, 15u, 39u, 12345u}) {
+    // Types this build does not support (Q8_K, I8, MXFP4, NVFP4, garbage).
+    for (uint32_t raw : {15u, 24u, 39u, 40u, 12345u}) {
         EXPECT_NE(moe::quantize_row((TensorType)raw, x.data(), q.data(), 256), Status::ok) << raw;
         EXPECT_NE(moe::dequantize_row((TensorType)raw, q.data(), y.data(), 256), Status::ok) << raw;
         EXPECT_FALSE(moe::tensor_type_supported(raw));
@@ -998,21 +1021,25 @@ TEST(QuantTypes, TraitsMatchTheSpecTable) {
                         {8, 32, 34, "Q8_0"},   {12, 256, 144, "Q4_K"}, {13, 256, 176, "Q5_K"}, {14, 256, 210, "Q6_K"},
                         {3, 32, 20, "Q4_1"},   {6, 32, 22, "Q5_0"},    {7, 32, 24, "Q5_1"},    {10, 256, 84, "Q2_K"},
                         {11, 256, 110, "Q3_K"}, {20, 32, 18, "IQ4_NL"}, {23, 256, 136, "IQ4_XS"}, {34, 256, 54, "TQ1_0"},
-                        {35, 256, 66, "TQ2_0"}};
+                        {35, 256, 66, "TQ2_0"},   {41, 128, 18, "Q1_0"},  {42, 64, 18, "Q2_0"},   {16, 256, 66, "IQ2_XXS"},
+                        {17, 256, 74, "IQ2_XS"},  {22, 256, 82, "IQ2_S"}, {18, 256, 98, "IQ3_XXS"}, {21, 256, 110, "IQ3_S"},
+                        {19, 256, 50, "IQ1_S"},   {29, 256, 56, "IQ1_M"}};
     for (const Row& r : rows) {
         EXPECT_TRUE(moe::tensor_type_supported(r.id));
         EXPECT_EQ(moe::tensor_type_block_elems((TensorType)r.id), r.elems);
         EXPECT_EQ(moe::tensor_type_block_bytes((TensorType)r.id), r.bytes);
         EXPECT_STREQ(moe::tensor_type_name((TensorType)r.id), r.name);
     }
-    EXPECT_STREQ(moe::tensor_type_name((TensorType)16), "unknown");  // IQ2_XXS: not yet
-    EXPECT_FALSE(moe::tensor_type_supported(16));
+    EXPECT_STREQ(moe::tensor_type_name((TensorType)39), "unknown");  // MXFP4: not yet
+    EXPECT_FALSE(moe::tensor_type_supported(39));
 }
 
 // Any bytes decode without reading outside the row (ASan) - including NaN/inf scales.
 TEST(QuantLayout, ArbitraryBytesDecodeInBounds) {
     std::mt19937_64 g(99);
-    for (TensorType t : kAllTypes) {
+    std::vector<TensorType> types(std::begin(kAllTypes), std::end(kAllTypes));
+    types.insert(types.end(), std::begin(kDequantizeOnlyTypes), std::end(kDequantizeOnlyTypes));
+    for (TensorType t : types) {
         for (int rep = 0; rep < 20; ++rep) {
             int64_t n = (int64_t)std::max(blk(t), 1) * (1 + (int64_t)(g() % 4));
             size_t bytes = row_bytes(t, n);
