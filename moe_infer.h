@@ -2140,6 +2140,8 @@ template <> constexpr int iq_divisor<BlockIQ3S>() { return 1; }
 // IQ1 groups: grid values as int8 bytes (-1, 0, 1), the shift of each 8 weights in 1/8 (+1 or -1),
 // the scales of the two halves; d per super-block.
 struct Iq1Group { uint64_t grid[4]; int delta[4]; int ls[2]; };
+// v (-128..127) in each byte of a uint64.
+inline uint64_t repeat_byte(int v) { return (uint64_t)(uint8_t)(int8_t)v * 0x0101010101010101ull; }
 inline Iq1Group iq1_group(const BlockIQ1S& b, int g) {
     const int qh = b.qh[g];
     Iq1Group r;
@@ -3534,8 +3536,8 @@ MOE_DETAIL_AVX2 inline float vec_dot_iq1_q8k_avx2(const Block* w, const BlockQ8K
         for (int g = 0; g < 8; ++g) {
             const Iq1Group q = iq1_group(w[b], g);
             const __m256i grid = _mm256_set_epi64x((long long)q.grid[3], (long long)q.grid[2], (long long)q.grid[1], (long long)q.grid[0]);
-            const __m256i delta = _mm256_set_epi64x(q.delta[3] * 0x0101010101010101ll, q.delta[2] * 0x0101010101010101ll,
-                                                    q.delta[1] * 0x0101010101010101ll, q.delta[0] * 0x0101010101010101ll);
+            const __m256i delta = _mm256_set_epi64x((long long)repeat_byte(q.delta[3]), (long long)repeat_byte(q.delta[2]),
+                                                    (long long)repeat_byte(q.delta[1]), (long long)repeat_byte(q.delta[0]));
             const __m256i y = loadu_256(x[b].qs + 32 * g);
             const __m256i gy = _mm256_maddubs_epi16(ones, _mm256_sign_epi8(y, grid));
             const __m256i dy = _mm256_maddubs_epi16(ones, _mm256_sign_epi8(y, delta));
@@ -4560,7 +4562,6 @@ inline int8x16_t s8x16_from_u64(uint64_t lo, uint64_t hi) { return vreinterpretq
     }                                                                                                     \
     return sum / (float)iq_divisor<Block>()
 #define MOE_DETAIL_IQ1_ROW_NEON(DOT16)                                                                    \
-    const uint64_t kBytes = 0x0101010101010101ull;                                                        \
     float sum = 0;                                                                                        \
     for (int64_t b = 0; b < n / kQKK; ++b) {                                                              \
         int32x4_t acc = vdupq_n_s32(0);                                                                   \
@@ -4568,9 +4569,9 @@ inline int8x16_t s8x16_from_u64(uint64_t lo, uint64_t hi) { return vreinterpretq
             const Iq1Group q = iq1_group(w[b], g);                                                        \
             const int8_t* y = x[b].qs + 32 * g;                                                           \
             const int8x16_t v0 = vaddq_s8(vshlq_n_s8(s8x16_from_u64(q.grid[0], q.grid[1]), 3),            \
-                                          s8x16_from_u64(q.delta[0] * kBytes, q.delta[1] * kBytes));      \
+                                          s8x16_from_u64(repeat_byte(q.delta[0]), repeat_byte(q.delta[1])));\
             const int8x16_t v1 = vaddq_s8(vshlq_n_s8(s8x16_from_u64(q.grid[2], q.grid[3]), 3),            \
-                                          s8x16_from_u64(q.delta[2] * kBytes, q.delta[3] * kBytes));      \
+                                          s8x16_from_u64(repeat_byte(q.delta[2]), repeat_byte(q.delta[3])));\
             acc = vmlaq_n_s32(acc, DOT16(v0, vld1q_s8(y)), q.ls[0]);                                      \
             acc = vmlaq_n_s32(acc, DOT16(v1, vld1q_s8(y + 16)), q.ls[1]);                                 \
         }                                                                                                 \
