@@ -71,7 +71,8 @@ const char* kUsage =
     "\n"
     "synthetic model options:\n"
     "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
-    "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs\n"
+    "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs | q3_k_m | iq3_xxs\n"
+    "                  (q4_k_m, q3_k_m, iq3_xxs: llama-quantize's type mixes; iq3_xxs as random grid codes)\n"
     "  -o FILE         output path\n"
     "  --layers N      keep only the first N layers (quick tests)\n"
     "  --pure          every matrix in T (default: the output matrix is Q6_K for 4-bit T)\n"
@@ -229,20 +230,26 @@ uint64_t tensor_bytes(moe::TensorType t, const int64_t* ne, uint32_t n_dims) {
 // last eighth of the layers and every third layer in between (our rendering of that rule).
 bool more_bits_layer(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
 
+// llama-quantize's mixtures as it applies them to an MoE model with GQA >= 4 and more than 8
+// experts (llama-quant.cpp of llama.cpp 0.5.0, read, not copied): which tensors get other types.
+enum class Mix { none, q4_k_m, q3_k_m, iq3_xxs };
+
 struct QuantPlan {
     std::string label;     // what was asked
     moe::TensorType base;  // most matrices
     uint32_t file_type;    // general.file_type (llama_ftype)
-    bool k_mix;            // q4_k_m mixture
+    Mix mix;
 };
 
 bool make_plan(const std::string& q, QuantPlan* p) {
     using T = moe::TensorType;
     p->label = q;
-    p->k_mix = false;
+    p->mix = Mix::none;
     if (q == "q4_0") { p->base = T::q4_0; p->file_type = 2; }
     else if (q == "q8_0") { p->base = T::q8_0; p->file_type = 7; }
-    else if (q == "q4_k_m") { p->base = T::q4_k; p->file_type = 15; p->k_mix = true; }
+    else if (q == "q4_k_m") { p->base = T::q4_k; p->file_type = 15; p->mix = Mix::q4_k_m; }
+    else if (q == "q3_k_m") { p->base = T::q3_k; p->file_type = 12; p->mix = Mix::q3_k_m; }
+    else if (q == "iq3_xxs") { p->base = T::iq3_xxs; p->file_type = 23; p->mix = Mix::iq3_xxs; }
     else if (q == "q4_k") { p->base = T::q4_k; p->file_type = 14; }
     else if (q == "q6_k") { p->base = T::q6_k; p->file_type = 18; }
     else if (q == "f16") { p->base = T::f16; p->file_type = 1; }
@@ -271,19 +278,25 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
     };
     const T base = q.base;
     const bool four_bit = base == T::q4_0 || base == T::q4_k;
-    const T out_type = q.k_mix ? T::q6_k : (four_bit && !pure ? T::q6_k : base);
+    const bool k_mix = q.mix == Mix::q4_k_m;
+    const T out_type = q.mix == Mix::iq3_xxs ? T::q5_k : q.mix != Mix::none ? T::q6_k : (four_bit && !pure ? T::q6_k : base);
     const int64_t E = s.n_embd, H = (int64_t)s.n_head * s.head_dim, KV = (int64_t)s.n_head_kv * s.head_dim, F = s.n_ff_exp;
     const int64_t V = s.n_vocab, X = s.n_expert;
 
-    add("token_embd.weight", base, {E, V}, Fill::embedding);
+    add("token_embd.weight", q.mix == Mix::iq3_xxs ? T::iq3_s : base, {E, V}, Fill::embedding);
     for (int il = 0; il < n_layer; ++il) {
         const std::string b = "blk." + std::to_string(il) + ".";
-        const bool more = q.k_mix && more_bits_layer(il, n_layer);
+        const bool more = k_mix && more_bits_layer(il, n_layer);
+        // Q3_K_M: attn_v Q5_K in the first two layers, else Q4_K; ffn_down Q5_K in the first
+        // sixteenth, else Q4_K; attn_output Q4_K. IQ3_XXS: attn_v Q4_K, attn_output IQ3_S.
+        const T v_type = more ? T::q6_k : q.mix == Mix::q3_k_m ? (il < 2 ? T::q5_k : T::q4_k) : q.mix == Mix::iq3_xxs ? T::q4_k : base;
+        const T o_type = q.mix == Mix::q3_k_m ? T::q4_k : q.mix == Mix::iq3_xxs ? T::iq3_s : base;
+        const T down_type = more ? T::q6_k : q.mix == Mix::q3_k_m ? (il < n_layer / 16 ? T::q5_k : T::q4_k) : base;
         add(b + "attn_norm.weight", T::f32, {E}, Fill::norm);
         add(b + "attn_q.weight", base, {E, H}, Fill::weights);
         add(b + "attn_k.weight", base, {E, KV}, Fill::weights);
-        add(b + "attn_v.weight", more ? T::q6_k : base, {E, KV}, Fill::weights);
-        add(b + "attn_output.weight", base, {H, E}, Fill::output_proj);
+        add(b + "attn_v.weight", v_type, {E, KV}, Fill::weights);
+        add(b + "attn_output.weight", o_type, {H, E}, Fill::output_proj);
         if (s.qk == QkNorm::per_head) {
             add(b + "attn_q_norm.weight", T::f32, {s.head_dim}, Fill::norm);
             add(b + "attn_k_norm.weight", T::f32, {s.head_dim}, Fill::norm);
@@ -295,7 +308,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
         add(b + "ffn_gate_inp.weight", T::f32, {E, X}, Fill::router);
         add(b + "ffn_gate_exps.weight", base, {E, F, X}, Fill::weights);
         add(b + "ffn_up_exps.weight", base, {E, F, X}, Fill::weights);
-        add(b + "ffn_down_exps.weight", more ? T::q6_k : base, {F, E, X}, Fill::output_proj);
+        add(b + "ffn_down_exps.weight", down_type, {F, E, X}, Fill::output_proj);
     }
     add("output_norm.weight", T::f32, {E}, Fill::norm);
     add("output.weight", out_type, {E, V}, Fill::weights);
@@ -336,10 +349,12 @@ void gen_q8_0(uint8_t* p, size_t nb, Rng& r) {  // 34 B: d, 32 x int8 in [-127, 
 
 // 144 B: d, dmin, 12 B of 6-bit (scale, min) pairs, 128 B of nibbles. w = d*sc*q - dmin*m with
 // sc in [32, 63], m = sc/2 and dmin = 15 d: each sub-block is centred on zero, |w| <~ 0.12.
-void gen_q4_k(uint8_t* p, size_t nb, Rng& r) {
-    for (size_t b = 0; b < nb; ++b, p += 144) {
-        float d = r.uniform(8e-5f, 2.5e-4f);
-        uint16_t hd = to_fp16(d), hm = to_fp16(15.f * d);
+// Q5_K (176 B): the same with q in [0, 31] (random fifth bits in qh), dmin = 31 d, d halved.
+void gen_q45_k(uint8_t* p, size_t nb, Rng& r, bool five) {
+    const size_t bb = five ? 176 : 144;
+    for (size_t b = 0; b < nb; ++b, p += bb) {
+        float d = r.uniform(8e-5f, 2.5e-4f) * (five ? 0.5f : 1.f);
+        uint16_t hd = to_fp16(d), hm = to_fp16((five ? 31.f : 15.f) * d);
         std::memcpy(p, &hd, 2);
         std::memcpy(p + 2, &hm, 2);
         uint8_t sc[8], mn[8];
@@ -354,7 +369,7 @@ void gen_q4_k(uint8_t* p, size_t nb, Rng& r) {
             s[j + 4] = (uint8_t)((mn[j] & 63) | ((mn[j + 4] >> 4) << 6));
             s[j + 8] = (uint8_t)((sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4));
         }
-        for (int k = 0; k < 16; ++k) {
+        for (int k = 0; k < (five ? 20 : 16); ++k) {
             uint64_t a = r.next();
             std::memcpy(p + 16 + 8 * k, &a, 8);
         }
@@ -382,8 +397,9 @@ void gen_q6_k(uint8_t* p, size_t nb, Rng& r) {
     }
 }
 
-// Q2_K (84 B), Q3_K (110 B), IQ4_XS (136 B): random codes and sub-block scales; the fp16 super-
-// scales (d @80 and dmin @82, d @108, d @0) set so that |w| stays near the other types' range.
+// Q2_K (84 B), Q3_K (110 B), IQ4_XS (136 B), IQ3_XXS (98 B), IQ3_S (110 B): random codes, grid
+// indices, signs and sub-block scales; the fp16 super-scales (d @80 and dmin @82, d @108, d @0)
+// set so that |w| stays near the other types' range.
 void gen_low_bit(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
     using T = moe::TensorType;
     const int bb = moe::tensor_type_block_bytes(type);
@@ -402,8 +418,11 @@ void gen_low_bit(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
         } else if (type == T::q3_k) {
             d = to_fp16(r.uniform(2e-4f, 4e-4f));
             std::memcpy(p + 108, &d, 2);
-        } else {  // IQ4_XS: d * (ls - 32) * kvalue, |kvalue| <= 127
+        } else if (type == T::iq4_xs) {  // d * (ls - 32) * kvalue, |kvalue| <= 127
             d = to_fp16(r.uniform(2e-5f, 4e-5f));
+            std::memcpy(p, &d, 2);
+        } else {  // IQ3_XXS: d * ls / 4 * grid (<= 62); IQ3_S: d * ls * grid (<= 15); ls odd <= 31
+            d = to_fp16(type == T::iq3_xxs ? r.uniform(1e-4f, 2e-4f) : r.uniform(2.5e-5f, 5e-5f));
             std::memcpy(p, &d, 2);
         }
     }
@@ -452,7 +471,8 @@ void scale_blocks(moe::TensorType type, uint8_t* p, size_t nb, float factor) {
             case T::q6_k: scale16(blk + 208); break;
             case T::q2_k: scale16(blk + 80); scale16(blk + 82); break;
             case T::q3_k: scale16(blk + 108); break;
-            case T::iq4_xs: scale16(blk); break;
+            case T::iq4_xs: case T::iq3_xxs: case T::iq3_s: scale16(blk); break;
+            case T::q5_k: scale16(blk); scale16(blk + 2); break;
             case T::f16: scale16(blk); break;
             case T::f32: { float v; std::memcpy(&v, blk, 4); v *= factor; std::memcpy(blk, &v, 4); break; }
             default: break;
@@ -470,9 +490,10 @@ void gen_range(const TensorSpec& t, uint8_t* dst, uint64_t elem0, uint64_t n_ele
     switch (t.type) {
         case T::q4_0: gen_q4_0(p, nb, r); break;
         case T::q8_0: gen_q8_0(p, nb, r); break;
-        case T::q4_k: gen_q4_k(p, nb, r); break;
+        case T::q4_k: gen_q45_k(p, nb, r, false); break;
+        case T::q5_k: gen_q45_k(p, nb, r, true); break;
         case T::q6_k: gen_q6_k(p, nb, r); break;
-        case T::q2_k: case T::q3_k: case T::iq4_xs: gen_low_bit(t.type, p, nb, r); break;
+        case T::q2_k: case T::q3_k: case T::iq4_xs: case T::iq3_xxs: case T::iq3_s: gen_low_bit(t.type, p, nb, r); break;
         case T::f16: gen_f16(p, nb, r); break;
         case T::f32: gen_f32(p, nb, r, t.fill); break;
         default: std::memset(p, 0, nb * (size_t)bb); break;
@@ -621,7 +642,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     }
     const Shape& s = *sp;
     QuantPlan plan;
-    if (!make_plan(quant, &plan)) return fail("unknown quant type '" + quant + "' (known: q4_0, q8_0, q4_k_m, q4_k, q6_k, f16, q2_k, q3_k, iq4_xs)");
+    if (!make_plan(quant, &plan)) return fail("unknown quant type '" + quant + "' (known: q4_0, q8_0, q4_k_m, q4_k, q6_k, f16, q2_k, q3_k, iq4_xs, q3_k_m, iq3_xxs)");
     if (out.empty()) return fail("--synthetic needs -o FILE");
     const int n_layer = layers > 0 ? layers : s.n_layer;
     if (n_layer > s.n_layer) return fail("--layers " + std::to_string(layers) + " exceeds the shape's " + std::to_string(s.n_layer) + " layers");
