@@ -1,0 +1,64 @@
+// row_kernels: one thread's throughput of each tensor type's row dot kernel, per ISA of this CPU,
+// on rows that miss the caches (16 MiB of weights per type, read once per repetition). What a
+// decode matmul costs per byte when it is compute-bound (the 2-core case): a kernel well below the
+// machine's per-core read bandwidth here is the bottleneck.
+//
+//   g++ -O3 -std=c++17 -pthread -I. bench/row_kernels.cpp -o build/row_kernels
+//   build/row_kernels [COLS]          (row length, default 2048; 768 = Qwen3-30B-A3B's ffn_down rows)
+//
+// Weights: random block bytes with finite scales (tests/kernel_cases.h); the kernels' cost does
+// not depend on the values. Output: GB/s of weight bytes, best of 7 repetitions.
+#define MOE_INFER_IMPLEMENTATION
+#include "moe_infer.h"
+#include "../tests/kernel_cases.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+int main(int argc, char** argv) {
+    using namespace moe::detail;
+    const int64_t cols = argc > 1 ? std::atoll(argv[1]) : 2048;
+    if (cols <= 0 || cols % 256) {
+        std::fprintf(stderr, "COLS must be a positive multiple of 256\n");
+        return 1;
+    }
+    std::vector<moe::Isa> isas = {moe::Isa::scalar};
+    for (moe::Isa isa : kernel_cases::kSimdIsas)
+        if (moe::force_isa(isa) == moe::Status::ok) isas.push_back(isa);
+    moe::force_isa(moe::detected_isa());
+    std::printf("row_kernels: %lld columns, 1 thread, GB/s of weights (best of 7)\n| type |", (long long)cols);
+    for (moe::Isa isa : isas) std::printf(" %s |", moe::isa_name(isa));
+    std::printf("\n|---|");
+    for (size_t i = 0; i < isas.size(); ++i) std::printf("---:|");
+    std::printf("\n");
+    std::mt19937 rng(7);
+    for (moe::TensorType t : kernel_cases::kTypes) {
+        if (kernel_cases::is_float_type(t)) continue;
+        const QuantType* qt = quant_type((uint32_t)t);
+        const int64_t row_bytes = cols / qt->block_elems * qt->block_bytes;
+        const int64_t rows = (16 << 20) / row_bytes;
+        const std::vector<uint8_t> w = kernel_cases::make_weights(t, rows * cols, kernel_cases::WeightKind::random_bytes, rng);
+        const std::vector<float> x = kernel_cases::make_activations(cols, kernel_cases::ActKind::gaussian, rng);
+        std::vector<uint8_t> act(act_row_bytes(qt->act, cols) + 64);
+        quantize_act_with(qt->act, moe::Isa::scalar, act.data(), x.data(), cols);
+        std::printf("| %s |", qt->name);
+        for (moe::Isa isa : isas) {
+            const RowKernel k = row_kernel(*qt, isa);
+            double best = 1e30;
+            volatile float sink = 0;
+            for (int rep = 0; rep < 7; ++rep) {
+                const auto t0 = std::chrono::steady_clock::now();
+                float s = 0;
+                for (int64_t r = 0; r < rows; ++r) s += k.vec_dot(w.data() + r * row_bytes, act.data(), cols);
+                sink = sink + s;
+                best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            }
+            std::printf(" %.2f |", (double)w.size() / best / 1e9);
+        }
+        std::printf("\n");
+    }
+    return 0;
+}
