@@ -4530,6 +4530,38 @@ inline int bsum_total(const BlockQ8K& x) {
     for (int i = 0; i < 16; ++i) s += x.bsums[i];
     return s;
 }
+// TQ1_0: trit n of byte q is ((uint8_t)(q * 3^n) * 3) >> 8 (a widening multiply, the high byte);
+// Σ t * y over the 256 trits (0..2), minus Σ y for the offset.
+inline int8x16_t tq1_trits_neon(uint8x16_t q, uint8x16_t pow3) {
+    const uint8x16_t v = vmulq_u8(q, pow3), three = vdupq_n_u8(3);
+    return vreinterpretq_s8_u8(vcombine_u8(vshrn_n_u16(vmull_u8(vget_low_u8(v), vget_low_u8(three)), 8), vshrn_n_u16(vmull_high_u8(v, three), 8)));
+}
+#define MOE_DETAIL_TQ1_ROW_NEON(DOT16)                                                                    \
+    static const uint8_t kLastPow3[16] = {1, 1, 1, 1, 3, 3, 3, 3, 9, 9, 9, 9, 27, 27, 27, 27};           \
+    float sum = 0;                                                                                        \
+    for (int64_t b = 0; b < n / kQKK; ++b) {                                                              \
+        const int8_t* y = x[b].qs;                                                                        \
+        const uint8x16_t a0 = vld1q_u8(w[b].qs), a1 = vld1q_u8(w[b].qs + 16), a2 = vld1q_u8(w[b].qs + 32); \
+        int32x4_t acc = vdupq_n_s32(0);                                                                   \
+        uint8_t pow3 = 1;                                                                                 \
+        for (int k = 0; k < 5; ++k, pow3 = (uint8_t)(pow3 * 3)) { /* elements 32k + m, 160 + 16k + m */   \
+            const uint8x16_t p = vdupq_n_u8(pow3);                                                        \
+            acc = vaddq_s32(acc, DOT16(tq1_trits_neon(a0, p), vld1q_s8(y + 32 * k)));                     \
+            acc = vaddq_s32(acc, DOT16(tq1_trits_neon(a1, p), vld1q_s8(y + 32 * k + 16)));                \
+            acc = vaddq_s32(acc, DOT16(tq1_trits_neon(a2, p), vld1q_s8(y + 160 + 16 * k)));               \
+        }                                                                                                 \
+        uint32_t qh;                                                                                      \
+        std::memcpy(&qh, w[b].qh, 4);                                                                     \
+        const uint8x16_t last = vreinterpretq_u8_u32(vdupq_n_u32(qh)); /* qh[m] at lane 4n + m */         \
+        acc = vaddq_s32(acc, DOT16(tq1_trits_neon(last, vld1q_u8(kLastPow3)), vld1q_s8(y + 240)));        \
+        sum += fp16_to_f32_neon(w[b].d) * x[b].d * (float)(vaddvq_s32(acc) - bsum_total(x[b]));          \
+    }                                                                                                     \
+    return sum
+inline float vec_dot_tq1_q8k_neon(const BlockTQ1* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_TQ1_ROW_NEON(dot16_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline float vec_dot_tq1_q8k_dotprod(const BlockTQ1* w, const BlockQ8K* x, int64_t n) { MOE_DETAIL_TQ1_ROW_NEON(dot16_i8_dotprod); }
+#endif
+#undef MOE_DETAIL_TQ1_ROW_NEON
 inline float vec_dot_tq2_q8k_neon(const BlockTQ2* w, const BlockQ8K* x, int64_t n) {
     MOE_DETAIL_Q23K_ROW_NEON(dot16_i8_neon, (const uint8_t*)nullptr, (void)sc3, 1, bsum_total(x[b]), 0.f);
 }
@@ -4800,7 +4832,7 @@ inline const QuantType* quant_type(uint32_t id) {
                          vec_dot_q6k_q8k_dotprod)},
         {TensorType::tq1_0, "TQ1_0", kQKK, sizeof(BlockTQ1), ActFormat::q8_k, erase_quantize<quantize_row_tq1_ref>, erase_dequantize<dequantize_row_tq1>,
          erase_dot<vec_dot_dequant_f32_ref<BlockTQ1, kQKK, dequantize_row_tq1>>,
-         MOE_DETAIL_DOTS(vec_dot_tq1_q8k_ref, vec_dot_tq1_q8k_avx2, nullptr, nullptr, nullptr, nullptr)},
+         MOE_DETAIL_DOTS(vec_dot_tq1_q8k_ref, vec_dot_tq1_q8k_avx2, nullptr, nullptr, vec_dot_tq1_q8k_neon, vec_dot_tq1_q8k_dotprod)},
         {TensorType::tq2_0, "TQ2_0", kQKK, sizeof(BlockTQ2), ActFormat::q8_k, erase_quantize<quantize_row_tq2_ref>, erase_dequantize<dequantize_row_tq2>,
          erase_dot<vec_dot_dequant_f32_ref<BlockTQ2, kQKK, dequantize_row_tq2>>,
          MOE_DETAIL_DOTS(vec_dot_tq2_q8k_ref, vec_dot_tq2_q8k_avx2, nullptr, nullptr, vec_dot_tq2_q8k_neon, nullptr)},
