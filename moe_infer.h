@@ -4843,34 +4843,20 @@ inline const QuantType* quant_type(uint32_t id) {
          erase_dot<vec_dot_dequant_f32_ref<BlockQ2_0, kQK2, dequantize_row_q2_0>>,
          MOE_DETAIL_DOTS(vec_dot_q2_0_q8_0_ref, vec_dot_q2_0_q8_0_avx2, nullptr, nullptr, vec_dot_q2_0_q8_0_neon, vec_dot_q2_0_q8_0_dotprod)},
         // The IQ grid types have no quantizer here: ggml's search their grids under an importance matrix.
-        {TensorType::iq2_xxs, "IQ2_XXS", kQKK, sizeof(BlockIQ2XXS), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_iqgrid<BlockIQ2XXS>>,
-         erase_dot<vec_dot_dequant_f32_ref<BlockIQ2XXS, kQKK, dequantize_row_iqgrid<BlockIQ2XXS>>>,
-         MOE_DETAIL_DOTS(vec_dot_iqgrid_q8k_ref<BlockIQ2XXS>, vec_dot_iqgrid_q8k_avx2<BlockIQ2XXS>, nullptr, nullptr, vec_dot_iqgrid_q8k_neon<BlockIQ2XXS>,
-                         vec_dot_iqgrid_q8k_dotprod<BlockIQ2XXS>)},
-        {TensorType::iq2_xs, "IQ2_XS", kQKK, sizeof(BlockIQ2XS), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_iqgrid<BlockIQ2XS>>,
-         erase_dot<vec_dot_dequant_f32_ref<BlockIQ2XS, kQKK, dequantize_row_iqgrid<BlockIQ2XS>>>,
-         MOE_DETAIL_DOTS(vec_dot_iqgrid_q8k_ref<BlockIQ2XS>, vec_dot_iqgrid_q8k_avx2<BlockIQ2XS>, nullptr, nullptr, vec_dot_iqgrid_q8k_neon<BlockIQ2XS>,
-                         vec_dot_iqgrid_q8k_dotprod<BlockIQ2XS>)},
-        {TensorType::iq2_s, "IQ2_S", kQKK, sizeof(BlockIQ2S), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_iqgrid<BlockIQ2S>>,
-         erase_dot<vec_dot_dequant_f32_ref<BlockIQ2S, kQKK, dequantize_row_iqgrid<BlockIQ2S>>>,
-         MOE_DETAIL_DOTS(vec_dot_iqgrid_q8k_ref<BlockIQ2S>, vec_dot_iqgrid_q8k_avx2<BlockIQ2S>, nullptr, nullptr, vec_dot_iqgrid_q8k_neon<BlockIQ2S>,
-                         vec_dot_iqgrid_q8k_dotprod<BlockIQ2S>)},
-        {TensorType::iq3_xxs, "IQ3_XXS", kQKK, sizeof(BlockIQ3XXS), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_iqgrid<BlockIQ3XXS>>,
-         erase_dot<vec_dot_dequant_f32_ref<BlockIQ3XXS, kQKK, dequantize_row_iqgrid<BlockIQ3XXS>>>,
-         MOE_DETAIL_DOTS(vec_dot_iqgrid_q8k_ref<BlockIQ3XXS>, vec_dot_iqgrid_q8k_avx2<BlockIQ3XXS>, nullptr, nullptr, vec_dot_iqgrid_q8k_neon<BlockIQ3XXS>,
-                         vec_dot_iqgrid_q8k_dotprod<BlockIQ3XXS>)},
-        {TensorType::iq3_s, "IQ3_S", kQKK, sizeof(BlockIQ3S), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_iqgrid<BlockIQ3S>>,
-         erase_dot<vec_dot_dequant_f32_ref<BlockIQ3S, kQKK, dequantize_row_iqgrid<BlockIQ3S>>>,
-         MOE_DETAIL_DOTS(vec_dot_iqgrid_q8k_ref<BlockIQ3S>, vec_dot_iqgrid_q8k_avx2<BlockIQ3S>, nullptr, nullptr, vec_dot_iqgrid_q8k_neon<BlockIQ3S>,
-                         vec_dot_iqgrid_q8k_dotprod<BlockIQ3S>)},
-        {TensorType::iq1_s, "IQ1_S", kQKK, sizeof(BlockIQ1S), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_iq1<BlockIQ1S>>,
-         erase_dot<vec_dot_dequant_f32_ref<BlockIQ1S, kQKK, dequantize_row_iq1<BlockIQ1S>>>,
-         MOE_DETAIL_DOTS(vec_dot_iq1_q8k_ref<BlockIQ1S>, vec_dot_iq1_q8k_avx2<BlockIQ1S>, nullptr, nullptr, vec_dot_iq1_q8k_neon<BlockIQ1S>,
-                         vec_dot_iq1_q8k_dotprod<BlockIQ1S>)},
-        {TensorType::iq1_m, "IQ1_M", kQKK, sizeof(BlockIQ1M), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_iq1<BlockIQ1M>>,
-         erase_dot<vec_dot_dequant_f32_ref<BlockIQ1M, kQKK, dequantize_row_iq1<BlockIQ1M>>>,
-         MOE_DETAIL_DOTS(vec_dot_iq1_q8k_ref<BlockIQ1M>, vec_dot_iq1_q8k_avx2<BlockIQ1M>, nullptr, nullptr, vec_dot_iq1_q8k_neon<BlockIQ1M>,
-                         vec_dot_iq1_q8k_dotprod<BlockIQ1M>)},
+        // FAMILY: iqgrid (magnitudes and signs) or iq1 (-1/0/1 grid and shifts), the generic kernels.
+#define MOE_DETAIL_IQ_ROW(tt, NAME, Block, FAMILY)                                                                           \
+        {TensorType::tt, NAME, kQKK, sizeof(Block), ActFormat::q8_k, nullptr, erase_dequantize<dequantize_row_##FAMILY<Block>>, \
+         erase_dot<vec_dot_dequant_f32_ref<Block, kQKK, dequantize_row_##FAMILY<Block>>>,                                   \
+         MOE_DETAIL_DOTS(vec_dot_##FAMILY##_q8k_ref<Block>, vec_dot_##FAMILY##_q8k_avx2<Block>, nullptr, nullptr,           \
+                         vec_dot_##FAMILY##_q8k_neon<Block>, vec_dot_##FAMILY##_q8k_dotprod<Block>)}
+        MOE_DETAIL_IQ_ROW(iq2_xxs, "IQ2_XXS", BlockIQ2XXS, iqgrid),
+        MOE_DETAIL_IQ_ROW(iq2_xs, "IQ2_XS", BlockIQ2XS, iqgrid),
+        MOE_DETAIL_IQ_ROW(iq2_s, "IQ2_S", BlockIQ2S, iqgrid),
+        MOE_DETAIL_IQ_ROW(iq3_xxs, "IQ3_XXS", BlockIQ3XXS, iqgrid),
+        MOE_DETAIL_IQ_ROW(iq3_s, "IQ3_S", BlockIQ3S, iqgrid),
+        MOE_DETAIL_IQ_ROW(iq1_s, "IQ1_S", BlockIQ1S, iq1),
+        MOE_DETAIL_IQ_ROW(iq1_m, "IQ1_M", BlockIQ1M, iq1),
+#undef MOE_DETAIL_IQ_ROW
     };
     for (const QuantType& t : table)
         if ((uint32_t)t.type == id) return &t;

@@ -446,6 +446,14 @@ std::vector<FtypeCase> ftype_cases() {
 INSTANTIATE_TEST_SUITE_P(Ftypes, LlamaQuantizeParity, ::testing::ValuesIn(ftype_cases()),
                          [](const ::testing::TestParamInfo<FtypeCase>& i) { return std::string(i.param.name); });
 
+// ggml's name of a type, as its type traits spell it ("q4_K", "iq2_xxs").
+std::string ggml_type_name_of(TT t) {
+    std::string name = moe::tensor_type_name(t);
+    for (char& ch : name) ch = (char)std::tolower((unsigned char)ch);
+    if (name.size() == 4 && name[3] == 'k') name[3] = 'K';  // the K-quants: "q4_K"
+    return name;
+}
+
 // Blocks written by ggml's own quantizer (the peer's libggml-base, through tiny_gguf
 // --ggml-blocks) dequantize to exactly what ggml's dequantizer gives, for every quantized type
 // both sides know: the layouts are ggml's, not a private reading of them.
@@ -461,9 +469,7 @@ TEST(GgmlBlocks, DequantizeLikeGgml) {
         const int n = 256 * 40;
         const std::string out = tmp_dir() + "/ggml_blocks_" + std::to_string((long)getpid()) + "_" + moe::tensor_type_name(t) + ".bin";
         struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{out};
-        std::string name = moe::tensor_type_name(t);
-        for (char& ch : name) ch = (char)std::tolower((unsigned char)ch);
-        if (name.size() == 4 && name[3] == 'k') name[3] = 'K';  // ggml spells the K-quants "q4_K"
+        const std::string name = ggml_type_name_of(t);
         const std::string cmd = "'" + tool + "' --ggml-blocks " + name + " " + std::to_string(n) + " '" + out + "'";
         ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
         std::FILE* f = std::fopen(out.c_str(), "rb");
@@ -512,9 +518,7 @@ TEST(GgmlBlocks, RandomBlocksDequantizeLikeGgml) {
             kernel_cases::set_block_d(t, q.data() + (size_t)b * bb, (uint16_t)(rng() & 0xbfff));
             if (dmin_off >= 0) q[(size_t)b * bb + dmin_off + 1] &= 0xbf;
         }
-        std::string name = moe::tensor_type_name(t);
-        for (char& ch : name) ch = (char)std::tolower((unsigned char)ch);
-        if (name.size() == 4 && name[3] == 'k') name[3] = 'K';
+        const std::string name = ggml_type_name_of(t);
         const std::string base = tmp_dir() + "/ggml_dequant_" + std::to_string((long)getpid()) + "_" + name;
         struct Cleanup { std::string a, b; ~Cleanup() { std::remove(a.c_str()); std::remove(b.c_str()); } } cleanup{base + ".in", base + ".out"};
         std::FILE* f = std::fopen((base + ".in").c_str(), "wb");
