@@ -156,7 +156,15 @@ typedef void (*LogFn)(void* user, const char* message);
 enum class TensorType : uint32_t {
     f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, iq4_nl = 20, iq4_xs = 23, bf16 = 30, tq1_0 = 34, tq2_0 = 35,
     iq2_xxs = 16, iq2_xs = 17, iq3_xxs = 18, iq1_s = 19, iq3_s = 21, iq2_s = 22, iq1_m = 29, q1_0 = 41, q2_0 = 42,
+    mxfp4 = 39, nvfp4 = 40,
+    // moe_infer's own types: ids far above ggml's and ik_llama.cpp's (< 256). A file that holds them
+    // names each in the string array `moe_infer.custom_types` ("ID:NAME"; GgufWriter adds it), and a
+    // reader refuses an id whose name there differs from its own.
+    tq3 = 0x4D4F0001, tq4 = 0x4D4F0002,
+    affine3_g32 = 0x4D4F0011, affine3_g64 = 0x4D4F0012, affine3_g128 = 0x4D4F0013,
+    affine4_g32 = 0x4D4F0021, affine4_g64 = 0x4D4F0022, affine4_g128 = 0x4D4F0023,
 };
+constexpr uint32_t kCustomTypeBase = 0x4D4F0000;
 // Name ("Q4_K") for a supported type, "unknown" otherwise.
 MOE_API const char* tensor_type_name(TensorType t);
 // Elements per block and bytes per block; 0 for an unsupported type id.
@@ -1157,8 +1165,9 @@ inline bool gguf_is_signed(GgufValueType t) {
 
 // The per-type table: one row per tensor type this build reads, defined in TYPE TABLE after the
 // kernels it names. A new type is a block struct, its _ref functions, its SIMD kernels and one row.
-enum class ActFormat { f32, q8_0, q8_k, q8_1 };  // what a weight type's kernels dot against
-constexpr int kActFormatCount = 4;
+// q8_0_rot: Q8_0 of the activation rotated per 128 (TQ3/TQ4).
+enum class ActFormat { f32, q8_0, q8_k, q8_1, q8_0_rot };  // what a weight type's kernels dot against
+constexpr int kActFormatCount = 5;
 constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 
 typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
@@ -2968,6 +2977,389 @@ inline void dequantize_row_q6k(const BlockQ6K* x, float* y, int64_t n) {
     }
 }
 
+// Nibble j of a 32-element block (elements 0-15 in the low nibbles, 16-31 in the high ones).
+inline int q4_nibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 15 : qs[j - 16] >> 4; }
+
+// ---- FP4 (MXFP4, NVFP4), affine (MLX) and rotated-codebook (TQ3, TQ4) formats ----
+// Layouts and decode rules: ../shared/formats.md sections 2.5, 2.6, 4 and 5.
+
+// E2M1 values doubled, as ggml keeps them (an integer table): code c (bit 3 the sign) is
+// kFp4Values[c] / 2, so the block scales below are taken at half their value.
+alignas(16) constexpr int8_t kFp4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// MXFP4 (ggml type 39): 32 elements, x = kFp4Values[code] * 2^(e - 128) (E8M0 scale e, halved),
+// codes in Q4_0's nibble order. 4.25 bpw.
+struct BlockMXFP4 { uint8_t e; uint8_t qs[kQK / 2]; };
+static_assert(sizeof(BlockMXFP4) == 17, "wrong mxfp4 block size");
+// NVFP4 (ggml type 40): 64 elements in four sub-blocks of 16, x = kFp4Values[code] * ue4m3(d[s]) / 2;
+// sub-block s's codes are qs[8s..8s+7], element 16s + j in the low nibble of byte j, 16s + 8 + j in
+// the high one. A tensor may come with an F32 `<name>.scale` ({1} or one per expert) that
+// multiplies its matmul outputs. 4.5 bpw.
+constexpr int kQNV = 64;
+struct BlockNVFP4 { uint8_t d[4]; uint8_t qs[kQNV / 2]; };
+static_assert(sizeof(BlockNVFP4) == 36, "wrong nvfp4 block size");
+
+// 2^(e - 128) built from bits (e = 0 and 1 are the subnormals 2^-128 and 2^-127).
+inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+// Unsigned E4M3 (bias 7, subnormal step 2^-9) at half its value; 0x00 and 0x7F read as 0, and bit 7
+// is ignored otherwise (as ggml decodes it).
+inline float ue4m3_half(uint8_t x) {
+    if (x == 0 || x == 0x7F) return 0.f;
+    const int e = (x >> 3) & 15, m = x & 7;
+    return e == 0 ? std::ldexp((float)m, -10) : std::ldexp(1.f + (float)m / 8.f, e - 8);
+}
+// ggml's encoder: mantissa rounded half up (bit 19 of the float), subnormals as round-half-up of
+// x * 512 capped at 7, anything at or above 2^8 * 1.875 to 0x7E (448); x <= 0 (and NaN) to 0.
+inline uint8_t f32_to_ue4m3(float x) {
+    if (!(x > 0.f)) return 0;
+    x = std::min(x, 448.f);
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    int e = (int)((bits >> 23) & 0xFF) - 127 + 7;
+    if (e <= 0) {
+        const int m = (int)(x * 512.f + 0.5f);
+        return m < 1 ? 0 : (uint8_t)std::min(m, 7);
+    }
+    int m = (int)((bits >> 20) & 7) + (int)((bits >> 19) & 1);
+    if (m > 7) { m = 0; ++e; }
+    if (e >= 15) return 0x7E;
+    return (uint8_t)((e << 3) | m);
+}
+// The E2M1 code nearest to x / d: table order, strict '<' (ties keep the earlier, smaller
+// magnitude), errors in float exactly as ggml computes them.
+inline uint8_t fp4_nearest(float x, float d) {
+    uint8_t best = 0;
+    float best_err = std::fabs((float)kFp4Values[0] * d - x);
+    for (int i = 1; i < 16; ++i) {
+        const float err = std::fabs((float)kFp4Values[i] * d - x);
+        if (err < best_err) { best = (uint8_t)i; best_err = err; }
+    }
+    return best;
+}
+// Importance-weighted error of coding x (n values) with half-scale d.
+inline double fp4_weighted_err(const float* x, const float* w, int n, float d) {
+    double err = 0;
+    for (int j = 0; j < n; ++j) {
+        const double e = (double)x[j] - (double)kFp4Values[fp4_nearest(x[j], d)] * d;
+        err += (w ? w[j] : 1.0) * e * e;
+    }
+    return err;
+}
+// MXFP4: e = floor(log2 amax) - 2 + 127 (ggml's and the OCP rule; clamped to the E8M0 range). With
+// an importance vector `w` the exponents e - 1 and e + 1 are tried too, keeping the least weighted error.
+inline void quantize_row_mxfp4_weighted(BlockMXFP4* y, const float* x, int64_t n, const float* w) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        float amax = 0;
+        for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
+        int e = 0;
+        if (amax > 0) {
+            int k;
+            std::frexp(amax, &k);  // amax = m * 2^k, m in [0.5, 1): floor(log2 amax) = k - 1
+            e = std::max(0, std::min(254, k - 1 - 2 + 127));
+        }
+        if (w && amax > 0) {
+            int best = e;
+            double best_err = fp4_weighted_err(x, w + b * kQK, kQK, e8m0_half((uint8_t)e));
+            for (int c : {e - 1, e + 1}) {
+                if (c < 0 || c > 254) continue;
+                const double err = fp4_weighted_err(x, w + b * kQK, kQK, e8m0_half((uint8_t)c));
+                if (err < best_err) { best_err = err; best = c; }
+            }
+            e = best;
+        }
+        y[b].e = (uint8_t)e;
+        const float d = e8m0_half(y[b].e);
+        for (int j = 0; j < kQK / 2; ++j) y[b].qs[j] = (uint8_t)(fp4_nearest(x[j], d) | (fp4_nearest(x[j + kQK / 2], d) << 4));
+    }
+}
+inline void quantize_row_mxfp4_ref(BlockMXFP4* y, const float* x, int64_t n) { quantize_row_mxfp4_weighted(y, x, n, nullptr); }
+// NVFP4: per 16, d = ue4m3(amax / 6) as ggml (no tensor scale: a writer that wants NVIDIA's two-level
+// rule divides the row by its tensor scale first and stores `.scale`). Weighted: the four UE4M3 codes
+// around that one are tried.
+inline void quantize_row_nvfp4_weighted(BlockNVFP4* y, const float* x, int64_t n, const float* w) {
+    for (int64_t b = 0; b < n / kQNV; ++b) {
+        for (int s = 0; s < 4; ++s) {
+            const float* xs = x + b * kQNV + 16 * s;
+            float amax = 0;
+            for (int j = 0; j < 16; ++j) amax = std::max(amax, std::fabs(xs[j]));
+            uint8_t ue = f32_to_ue4m3(amax / 6.0f);
+            if (w && amax > 0) {
+                const float* ws = w + b * kQNV + 16 * s;
+                double best_err = fp4_weighted_err(xs, ws, 16, ue4m3_half(ue));
+                const int base = ue;
+                for (int c = std::max(1, base - 2); c <= std::min(0x7E, base + 2); ++c) {
+                    const double err = fp4_weighted_err(xs, ws, 16, ue4m3_half((uint8_t)c));
+                    if (err < best_err) { best_err = err; ue = (uint8_t)c; }
+                }
+            }
+            y[b].d[s] = ue;
+            const float d = ue4m3_half(ue);
+            for (int j = 0; j < 8; ++j) y[b].qs[8 * s + j] = (uint8_t)(fp4_nearest(xs[j], d) | (fp4_nearest(xs[j + 8], d) << 4));
+        }
+    }
+}
+inline void quantize_row_nvfp4_ref(BlockNVFP4* y, const float* x, int64_t n) { quantize_row_nvfp4_weighted(y, x, n, nullptr); }
+inline void dequantize_row_mxfp4(const BlockMXFP4* x, float* y, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, y += kQK) {
+        const float d = e8m0_half(x[b].e);
+        for (int j = 0; j < kQK; ++j) y[j] = (float)kFp4Values[q4_nibble(x[b].qs, j)] * d;
+    }
+}
+inline int nvfp4_code(const BlockNVFP4& blk, int i) {  // element i (0..63)
+    const uint8_t q = blk.qs[8 * (i / 16) + (i % 8)];
+    return (i % 16) < 8 ? q & 15 : q >> 4;
+}
+inline void dequantize_row_nvfp4(const BlockNVFP4* x, float* y, int64_t n) {
+    for (int64_t b = 0; b < n / kQNV; ++b, y += kQNV)
+        for (int i = 0; i < kQNV; ++i) y[i] = (float)kFp4Values[nvfp4_code(x[b], i)] * ue4m3_half(x[b].d[i / 16]);
+}
+
+// Affine, MLX semantics: groups of G (32, 64, 128) with x = scale * q + bias, q in [0, 2^Bits - 1],
+// scale and bias fp16 (ours: type ids above ggml's, see kCustomTypeBase). Codes per 32 elements:
+// 4-bit as Q4_0's nibbles (16 bytes); 3-bit as 8 bytes of 2-bit fields (element 8k + j at bits
+// 2k..2k+1 of byte j) then the third bits as a little-endian u32 (bit j: element j). 4-bit:
+// 5.0 / 4.5 / 4.25 bpw, 3-bit: 4.0 / 3.5 / 3.25 bpw at G = 32 / 64 / 128.
+template <int Bits, int G>
+struct BlockAffine {
+    static constexpr int kBits = Bits, kGroup = G, kChunkBytes = 32 * Bits / 8;
+    uint16_t scale, bias;
+    uint8_t qs[G * Bits / 8];
+};
+typedef BlockAffine<3, 32> BlockAffine3G32;
+typedef BlockAffine<3, 64> BlockAffine3G64;
+typedef BlockAffine<3, 128> BlockAffine3G128;
+typedef BlockAffine<4, 32> BlockAffine4G32;
+typedef BlockAffine<4, 64> BlockAffine4G64;
+typedef BlockAffine<4, 128> BlockAffine4G128;
+static_assert(sizeof(BlockAffine3G64) == 28 && sizeof(BlockAffine4G128) == 68, "wrong affine block size");
+template <typename Block>
+inline int affine_code(const Block& blk, int i) {  // element i of the group
+    const uint8_t* c = blk.qs + (i / 32) * Block::kChunkBytes;
+    const int j = i % 32;
+    if constexpr (Block::kBits == 4) {
+        return q4_nibble(c, j);
+    } else {
+        uint32_t hi;
+        std::memcpy(&hi, c + 8, 4);
+        return ((c[j % 8] >> (2 * (j / 8))) & 3) | (int)(((hi >> j) & 1) << 2);
+    }
+}
+template <typename Block>
+inline void affine_store_codes(Block* blk, const uint8_t* q) {
+    std::memset(blk->qs, 0, sizeof blk->qs);
+    for (int c = 0; c < Block::kGroup / 32; ++c) {
+        uint8_t* p = blk->qs + c * Block::kChunkBytes;
+        const uint8_t* qc = q + 32 * c;
+        if constexpr (Block::kBits == 4) {
+            for (int j = 0; j < 16; ++j) p[j] = (uint8_t)(qc[j] | (qc[j + 16] << 4));
+        } else {
+            uint32_t hi = 0;
+            for (int j = 0; j < 32; ++j) {
+                p[j % 8] = (uint8_t)(p[j % 8] | ((qc[j] & 3) << (2 * (j / 8))));
+                hi |= (uint32_t)(qc[j] >> 2) << j;
+            }
+            std::memcpy(p + 8, &hi, 4);
+        }
+    }
+}
+// Codes for given (scale, bias) and the importance-weighted squared error they leave.
+inline double affine_codes(const float* x, const float* w, int g, int nmax, float s, float bias, uint8_t* q) {
+    double err = 0;
+    for (int j = 0; j < g; ++j) {
+        const float t = s != 0 ? (x[j] - bias) / s : 0.f;
+        q[j] = (uint8_t)std::max(0, std::min(nmax, nearest_int(t)));
+        const double e = (double)x[j] - ((double)s * q[j] + bias);
+        err += (w ? w[j] : 1.0) * e * e;
+    }
+    return err;
+}
+// MLX's rule: the larger-magnitude extreme is exact and 0 falls on a grid point (formats.md 4),
+// codes computed with the fp16-rounded scale and bias. With an importance vector `w`, a few
+// shrunken ranges and weighted least-squares refits of (scale, bias) are tried as well.
+template <typename Block>
+inline void quantize_row_affine_mlx_weighted(Block* y, const float* x, int64_t n, const float* w) {
+    constexpr int G = Block::kGroup, nmax = (1 << Block::kBits) - 1;
+    uint8_t q[G], best_q[G];
+    for (int64_t b = 0; b < n / G; ++b, x += G) {
+        const float* wg = w ? w + b * G : nullptr;
+        float mn = x[0], mx = x[0];
+        for (int j = 1; j < G; ++j) { mn = std::min(mn, x[j]); mx = std::max(mx, x[j]); }
+        auto mlx_params = [&](float lo, float hi, float* s_out, float* b_out) {
+            float s = std::max((hi - lo) / (float)nmax, 1e-7f), edge = lo;
+            if (!(std::fabs(lo) > std::fabs(hi))) { edge = hi; s = -s; }
+            const float q0 = std::nearbyint(edge / s);
+            float bias = 0;
+            if (q0 != 0) { s = edge / q0; bias = edge; }
+            *s_out = fp16_to_f32(f32_to_fp16(s));
+            *b_out = fp16_to_f32(f32_to_fp16(bias));
+        };
+        float s, bias;
+        mlx_params(mn, mx, &s, &bias);
+        double best = affine_codes(x, wg, G, nmax, s, bias, best_q);
+        float best_s = s, best_b = bias;
+        if (wg) {
+            for (int t = 0; t < 6; ++t) {
+                const float shrink = 0.03f * (float)t, mid = 0.5f * (mn + mx), half = 0.5f * (mx - mn) * (1.f - shrink);
+                mlx_params(mid - half, mid + half, &s, &bias);
+                for (int it = 0; it < 3; ++it) {
+                    const double err = affine_codes(x, wg, G, nmax, s, bias, q);
+                    if (err < best) { best = err; best_s = s; best_b = bias; std::memcpy(best_q, q, G); }
+                    double sw = 0, swq = 0, swqq = 0, swx = 0, swqx = 0;  // weighted LSQ of x ~ s*q + b
+                    for (int j = 0; j < G; ++j) {
+                        sw += wg[j]; swq += wg[j] * q[j]; swqq += wg[j] * q[j] * q[j]; swx += wg[j] * x[j]; swqx += wg[j] * q[j] * x[j];
+                    }
+                    const double det = sw * swqq - swq * swq;
+                    if (!(det > 0)) break;
+                    s = fp16_to_f32(f32_to_fp16((float)((sw * swqx - swq * swx) / det)));
+                    bias = fp16_to_f32(f32_to_fp16((float)((swqq * swx - swq * swqx) / det)));
+                }
+            }
+        }
+        y[b].scale = f32_to_fp16(best_s);
+        y[b].bias = f32_to_fp16(best_b);
+        affine_store_codes(&y[b], best_q);
+    }
+}
+template <typename Block>
+inline void quantize_row_affine_mlx_ref(Block* y, const float* x, int64_t n) { quantize_row_affine_mlx_weighted(y, x, n, nullptr); }
+template <typename Block>
+inline void dequantize_row_affine_mlx(const Block* x, float* y, int64_t n) {
+    for (int64_t b = 0; b < n / Block::kGroup; ++b, y += Block::kGroup) {
+        const float s = fp16_to_f32(x[b].scale), bias = fp16_to_f32(x[b].bias);
+        for (int i = 0; i < Block::kGroup; ++i) y[i] = s * (float)affine_code(x[b], i) + bias;
+    }
+}
+
+// TQ3 / TQ4: groups of 128 coded in a rotated basis. R = D2 H D1 / sqrt(128) (H the Sylvester
+// Walsh-Hadamard matrix, D1, D2 fixed random signs) spreads each group over all coordinates, which
+// then look Gaussian, so one scalar Lloyd-Max codebook fits every group: x = d * R^T c[code] with
+// c the int8 codebook below and d (fp16) = ||x|| / ||c[codes]|| (norm-preserving, the TurboQuant
+// "shape-gain" correction). The dot product rotates the activation instead (c . R y, once per
+// input vector, shared by every matrix reading it: ActFormat::q8_0_rot).
+// The signs are those of turboquant-vllm (MT19937 seeded 42, outputs 0..127 for D1 and 128..255 for
+// D2, +1 when odd; bit i of a mask is element i). The codebooks are its Lloyd-Max levels for N(0,1)
+// (100 iterations, formats.md 5.2) scaled to int8 so the kernels stay integer: +-{0.245, 0.756,
+// 1.344, 2.152} * 127 / 2.152 for TQ3, the 16 TQ4 levels * 127 / 2.717.
+// Layout: TQ3 per group: d, 2-bit fields qs[32] (element 32k + j at bits 2k of byte j), third bits
+// qh[16] (element 32k + j at bit k + 4 * (j / 16) of byte j % 16): 3.125 bpw. TQ4: d, four 16-byte
+// Q4_0-ordered nibble runs (elements 32k..32k+31): 4.125 bpw.
+constexpr int kQTQ = 128;
+constexpr uint64_t kTqSigns1[2] = {0x01ab7c173fd74222ull, 0x656b5fe7ff4abaf6ull};  // {bits 0-63, 64-127}
+constexpr uint64_t kTqSigns2[2] = {0x2440e65ca821d007ull, 0x1425bfcbc501d238ull};
+alignas(16) constexpr int8_t kTq3Values[16] = {-127, -79, -45, -14, 14, 45, 79, 127, 0, 0, 0, 0, 0, 0, 0, 0};
+alignas(16) constexpr int8_t kTq4Values[16] = {-127, -96, -75, -58, -43, -30, -18, -6, 6, 18, 30, 43, 58, 75, 96, 127};
+struct BlockTQ3 { uint16_t d; uint8_t qs[32]; uint8_t qh[16]; };
+static_assert(sizeof(BlockTQ3) == 50, "wrong tq3 block size");
+struct BlockTQ4 { uint16_t d; uint8_t qs[64]; };
+static_assert(sizeof(BlockTQ4) == 66, "wrong tq4 block size");
+template <typename Block> struct TqTraits;
+template <> struct TqTraits<BlockTQ3> { static constexpr int kLevels = 8; static constexpr float kMaxSigma = 2.151945f; static constexpr const int8_t* values = kTq3Values; };
+template <> struct TqTraits<BlockTQ4> { static constexpr int kLevels = 16; static constexpr float kMaxSigma = 2.717137f; static constexpr const int8_t* values = kTq4Values; };
+
+inline float tq_sign(const uint64_t* mask, int i) { return (mask[i / 64] >> (i % 64)) & 1 ? 1.f : -1.f; }
+// In-place unnormalised Walsh-Hadamard transform of 128 values (butterflies at distance 1, 2, 4...).
+template <typename T>
+inline void fwht128(T* v) {
+    for (int h = 1; h < kQTQ; h *= 2)
+        for (int i = 0; i < kQTQ; i += 2 * h)
+            for (int j = i; j < i + h; ++j) {
+                const T a = v[j], b = v[j + h];
+                v[j] = a + b;
+                v[j + h] = a - b;
+            }
+}
+// y = R x for one group (forward rotation: activations, and weights before coding).
+inline void tq_rotate(const float* x, float* y) {
+    for (int i = 0; i < kQTQ; ++i) y[i] = x[i] * tq_sign(kTqSigns1, i);
+    fwht128(y);
+    const float inv_sqrt = 0.08838834764831845f;  // 1/sqrt(128)
+    for (int i = 0; i < kQTQ; ++i) y[i] *= tq_sign(kTqSigns2, i) * inv_sqrt;
+}
+// y = R^T c (inverse rotation: dequantization).
+inline void tq_unrotate(const float* c, float* y) {
+    for (int i = 0; i < kQTQ; ++i) y[i] = c[i] * tq_sign(kTqSigns2, i);
+    fwht128(y);
+    const float inv_sqrt = 0.08838834764831845f;
+    for (int i = 0; i < kQTQ; ++i) y[i] *= tq_sign(kTqSigns1, i) * inv_sqrt;
+}
+inline int tq3_code(const BlockTQ3& blk, int i) {
+    const int k = i / 32, j = i % 32;
+    return ((blk.qs[j] >> (2 * k)) & 3) | (((blk.qh[j % 16] >> (k + 4 * (j / 16))) & 1) << 2);
+}
+inline int tq4_code(const BlockTQ4& blk, int i) { return q4_nibble(blk.qs + 16 * (i / 32), i % 32); }
+inline int tq_code(const BlockTQ3& blk, int i) { return tq3_code(blk, i); }
+inline int tq_code(const BlockTQ4& blk, int i) { return tq4_code(blk, i); }
+inline void tq_store_codes(BlockTQ3* blk, const uint8_t* q) {
+    std::memset(blk->qs, 0, sizeof blk->qs);
+    std::memset(blk->qh, 0, sizeof blk->qh);
+    for (int i = 0; i < kQTQ; ++i) {
+        const int k = i / 32, j = i % 32;
+        blk->qs[j] = (uint8_t)(blk->qs[j] | ((q[i] & 3) << (2 * k)));
+        blk->qh[j % 16] = (uint8_t)(blk->qh[j % 16] | ((q[i] >> 2) << (k + 4 * (j / 16))));
+    }
+}
+inline void tq_store_codes(BlockTQ4* blk, const uint8_t* q) {
+    for (int k = 0; k < 4; ++k)
+        for (int j = 0; j < 16; ++j) blk->qs[16 * k + j] = (uint8_t)(q[32 * k + j] | (q[32 * k + j + 16] << 4));
+}
+// Rotate, pick the nearest level (ties to the lower), store the norm-preserving d. With an
+// importance vector `w`, d is the weighted least-squares gain of the chosen codes instead.
+template <typename Block>
+inline void quantize_row_tq_weighted(Block* y, const float* x, int64_t n, const float* w) {
+    constexpr int L = TqTraits<Block>::kLevels;
+    const int8_t* c = TqTraits<Block>::values;
+    float mid[L - 1];
+    for (int k = 0; k + 1 < L; ++k) mid[k] = 0.5f * ((float)c[k] + (float)c[k + 1]);
+    const float c_max = (float)c[L - 1];
+    float r[kQTQ], cf[kQTQ], v[kQTQ];
+    uint8_t q[kQTQ];
+    for (int64_t b = 0; b < n / kQTQ; ++b, x += kQTQ) {
+        double norm2 = 0;
+        for (int i = 0; i < kQTQ; ++i) norm2 += (double)x[i] * x[i];
+        const float norm = (float)std::sqrt(norm2);
+        tq_rotate(x, r);
+        // Unit-variance coordinates (x / ||x|| * sqrt(128)) in codebook units (level L-1 = c_max).
+        const float to_levels = norm > 0 ? 11.313708498984761f / norm * c_max / TqTraits<Block>::kMaxSigma : 0.f;
+        double cc = 0;
+        for (int i = 0; i < kQTQ; ++i) {
+            const float t = r[i] * to_levels;
+            int k = 0;
+            while (k < L - 1 && mid[k] < t) ++k;
+            q[i] = (uint8_t)k;
+            cf[i] = (float)c[k];
+            cc += (double)cf[i] * cf[i];
+        }
+        float d = norm > 0 && cc > 0 ? (float)(norm / std::sqrt(cc)) : 0.f;
+        if (w && d > 0) {
+            tq_unrotate(cf, v);
+            double wxv = 0, wvv = 0;
+            for (int i = 0; i < kQTQ; ++i) { wxv += (double)w[b * kQTQ + i] * x[i] * v[i]; wvv += (double)w[b * kQTQ + i] * v[i] * v[i]; }
+            if (wvv > 0 && wxv > 0) d = (float)(wxv / wvv);
+        }
+        y[b].d = f32_to_fp16(d);
+        tq_store_codes(&y[b], q);
+    }
+}
+template <typename Block>
+inline void quantize_row_tq_ref(Block* y, const float* x, int64_t n) { quantize_row_tq_weighted(y, x, n, nullptr); }
+template <typename Block>
+inline void dequantize_row_tq(const Block* x, float* y, int64_t n) {
+    float cf[kQTQ];
+    for (int64_t b = 0; b < n / kQTQ; ++b, y += kQTQ) {
+        const float d = fp16_to_f32(x[b].d);
+        for (int i = 0; i < kQTQ; ++i) cf[i] = (float)TqTraits<Block>::values[tq_code(x[b], i)];
+        tq_unrotate(cf, y);
+        for (int i = 0; i < kQTQ; ++i) y[i] *= d;
+    }
+}
+// ActFormat::q8_0_rot (activations of TQ3/TQ4): each 128 elements rotated by R, then four Q8_0 blocks.
+struct BlockQ8Rot { BlockQ8_0 q[4]; };
+static_assert(sizeof(BlockQ8Rot) == 136, "wrong q8_0_rot block size");
+
 }  // namespace detail
 
 //-----------------------------------------------------------------------------
@@ -3006,8 +3398,6 @@ inline float vec_dot_sym32_q8_0_ref(const Block* w, const BlockQ8_0* x, int64_t 
     }
     return sum;
 }
-// Nibble j of a 32-element block (elements 0-15 in the low nibbles, 16-31 in the high ones).
-inline int q4_nibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 15 : qs[j - 16] >> 4; }
 inline int q8_0_value(const BlockQ8_0& blk, int j) { return blk.qs[j]; }
 inline int q4_0_value(const BlockQ4_0& blk, int j) { return q4_nibble(blk.qs, j) - 8; }
 inline float vec_dot_q8_0_q8_0_ref(const BlockQ8_0* w, const BlockQ8_0* x, int64_t n) {
@@ -3119,6 +3509,60 @@ inline float vec_dot_q6k_q8k_ref(const BlockQ6K* w, const BlockQ8K* x, int64_t n
     return vec_dot_sub16_q8k_ref<BlockQ6K, q6k_unpack, q6k_block_scale>(w, x, n);
 }
 
+// MXFP4 against Q8_0: e8m0_half(e) * d8 * Σ kFp4Values[code] * y per block.
+inline float vec_dot_mxfp4_q8_0_ref(const BlockMXFP4* w, const BlockQ8_0* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int isum = 0;
+        for (int j = 0; j < kQK; ++j) isum += kFp4Values[q4_nibble(w[b].qs, j)] * x[b].qs[j];
+        sum += e8m0_half(w[b].e) * fp16_to_f32(x[b].d) * (float)isum;
+    }
+    return sum;
+}
+// NVFP4 against Q8_0 (a block spans two Q8_0 blocks): ue4m3_half(d[s]) * d8 * Σ over each 16.
+inline float vec_dot_nvfp4_q8_0_ref(const BlockNVFP4* w, const BlockQ8_0* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQNV; ++b)
+        for (int s = 0; s < 4; ++s) {
+            const BlockQ8_0& a = x[2 * b + s / 2];
+            int isum = 0;
+            for (int i = 0; i < 16; ++i) isum += kFp4Values[nvfp4_code(w[b], 16 * s + i)] * a.qs[16 * (s % 2) + i];
+            sum += ue4m3_half(w[b].d[s]) * fp16_to_f32(a.d) * (float)isum;
+        }
+    return sum;
+}
+// MLX affine against Q8_1, per 32: scale * d8 * Σ q * y + bias * s (s = d8 * Σ y, stored).
+template <typename Block>
+inline float vec_dot_affine_mlx_q8_1_ref(const Block* w, const BlockQ8_1* x, int64_t n) {
+    constexpr int kChunks = Block::kGroup / 32;
+    float sum = 0;
+    for (int64_t b = 0; b < n / Block::kGroup; ++b) {
+        const float s = fp16_to_f32(w[b].scale), bias = fp16_to_f32(w[b].bias);
+        for (int c = 0; c < kChunks; ++c) {
+            const BlockQ8_1& a = x[b * kChunks + c];
+            int isum = 0;
+            for (int j = 0; j < 32; ++j) isum += affine_code(w[b], 32 * c + j) * a.qs[j];
+            sum += s * fp16_to_f32(a.d) * (float)isum + bias * a.s;
+        }
+    }
+    return sum;
+}
+// TQ3/TQ4 against the rotated activation: d * Σ_k d8_k * Σ c[code] * y over the four Q8_0 blocks.
+template <typename Block>
+inline float vec_dot_tq_q8_0_rot_ref(const Block* w, const BlockQ8Rot* x, int64_t n) {
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQTQ; ++b) {
+        float part = 0;
+        for (int k = 0; k < 4; ++k) {
+            int isum = 0;
+            for (int j = 0; j < 32; ++j) isum += TqTraits<Block>::values[tq_code(w[b], 32 * k + j)] * x[b].q[k].qs[j];
+            part += fp16_to_f32(x[b].q[k].d) * (float)isum;
+        }
+        sum += fp16_to_f32(w[b].d) * part;
+    }
+    return sum;
+}
+
 //-----------------------------------------------------------------------------
 // [SECTION] ACTIVATION FORMATS
 //-----------------------------------------------------------------------------
@@ -3152,6 +3596,14 @@ inline void quantize_act_q8_1_ref(BlockQ8_1* y, const float* x, int64_t n) {
         const float s = d * (float)sum;
         y[b].s = std::fabs(s) <= 65504.f ? fp16_to_f32(f32_to_fp16(s)) : s;
         y[b].pad[0] = y[b].pad[1] = 0;
+    }
+}
+// TQ3/TQ4's activations: R x per 128 (the weights' rotation), then Q8_0.
+inline void quantize_act_q8_0_rot_ref(BlockQ8Rot* y, const float* x, int64_t n) {
+    float r[kQTQ];
+    for (int64_t b = 0; b < n / kQTQ; ++b, x += kQTQ) {
+        tq_rotate(x, r);
+        quantize_act_q8_0_ref(y[b].q, r, kQTQ);
     }
 }
 
@@ -3483,6 +3935,109 @@ MOE_DETAIL_AVX2 inline float vec_dot_affine_q8_1_avx2(const Block* w, const Bloc
         offsets += _cvtsh_ss(w[b].m) * x[b].s;
     }
     return hsum_f32x8(acc) + offsets;
+}
+// MXFP4: IQ4_NL's kernel with the FP4 table and the E8M0 scale; two blocks per step.
+MOE_DETAIL_AVX2 inline float vec_dot_mxfp4_q8_0_avx2(const BlockMXFP4* w, const BlockQ8_0* x, int64_t n) {
+    const __m256i table = _mm256_broadcastsi128_si256(loadu_128(kFp4Values));
+    const int64_t nb = n / kQK;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m256i s0 = signed_dot_avx2(_mm256_shuffle_epi8(table, q4_0_nibbles_avx2(w[b].qs)), loadu_256(x[b].qs));
+        const __m256i s1 = signed_dot_avx2(_mm256_shuffle_epi8(table, q4_0_nibbles_avx2(w[b + 1].qs)), loadu_256(x[b + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(e8m0_half(w[b].e) * _cvtsh_ss(x[b].d)), _mm256_cvtepi32_ps(s0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(e8m0_half(w[b + 1].e) * _cvtsh_ss(x[b + 1].d)), _mm256_cvtepi32_ps(s1), acc1);
+    }
+    for (; b < nb; ++b) {
+        const __m256i s0 = signed_dot_avx2(_mm256_shuffle_epi8(table, q4_0_nibbles_avx2(w[b].qs)), loadu_256(x[b].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(e8m0_half(w[b].e) * _cvtsh_ss(x[b].d)), _mm256_cvtepi32_ps(s0), acc0);
+    }
+    return hsum_f32x8(_mm256_add_ps(acc0, acc1));
+}
+// NVFP4: each Q8_0 block meets two 16-element sub-blocks (8 code bytes each). Their nibbles are
+// put in element order per 128-bit lane, the eight int32 sums split 4 + 4 between the two
+// sub-blocks, and each half takes its own scale.
+MOE_DETAIL_AVX2 inline float vec_dot_nvfp4_q8_0_avx2(const BlockNVFP4* w, const BlockQ8_0* x, int64_t n) {
+    const __m256i table = _mm256_broadcastsi128_si256(loadu_128(kFp4Values));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / kQNV; ++b) {
+        for (int t = 0; t < 2; ++t) {
+            const __m128i q = loadu_128(w[b].qs + 16 * t);
+            const __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+            const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
+            const BlockQ8_0& a = x[2 * b + t];
+            const __m256i s = signed_dot_avx2(_mm256_shuffle_epi8(table, codes), loadu_256(a.qs));
+            const float d8 = _cvtsh_ss(a.d);
+            const __m256 sc = _mm256_set_m128(_mm_set1_ps(ue4m3_half(w[b].d[2 * t + 1]) * d8), _mm_set1_ps(ue4m3_half(w[b].d[2 * t]) * d8));
+            if (t == 0) acc0 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(s), acc0);
+            else acc1 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(s), acc1);
+        }
+    }
+    return hsum_f32x8(_mm256_add_ps(acc0, acc1));
+}
+// 32 three-bit codes (affine 3-bit chunk: 8 bytes of 2-bit fields, then a u32 of third bits).
+MOE_DETAIL_AVX2 inline __m256i affine3_codes_avx2(const uint8_t* c) {
+    uint64_t lo;
+    uint32_t hi;
+    std::memcpy(&lo, c, 8);
+    std::memcpy(&hi, c + 8, 4);
+    const __m256i low = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)lo), _mm256_set_epi64x(6, 4, 2, 0)), _mm256_set1_epi8(3));
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)hi),
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_or_si256(low, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(4)));
+}
+// MLX affine against Q8_1: unsigned codes straight into maddubs; the bias term as bias * s.
+template <typename Block>
+MOE_DETAIL_AVX2 inline float vec_dot_affine_mlx_q8_1_avx2(const Block* w, const BlockQ8_1* x, int64_t n) {
+    constexpr int kChunks = Block::kGroup / 32;
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0;
+    for (int64_t b = 0; b < n / Block::kGroup; ++b) {
+        const float s = _cvtsh_ss(w[b].scale), bias = _cvtsh_ss(w[b].bias);
+        for (int c = 0; c < kChunks; ++c) {
+            const uint8_t* p = w[b].qs + c * Block::kChunkBytes;
+            const BlockQ8_1& a = x[b * kChunks + c];
+            __m256i q;
+            if constexpr (Block::kBits == 4) q = q4_0_nibbles_avx2(p);
+            else q = affine3_codes_avx2(p);
+            const __m256i qy = _mm256_madd_epi16(_mm256_maddubs_epi16(q, loadu_256(a.qs)), _mm256_set1_epi16(1));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s * _cvtsh_ss(a.d)), _mm256_cvtepi32_ps(qy), acc);
+            offsets += bias * a.s;
+        }
+    }
+    return hsum_f32x8(acc) + offsets;
+}
+// TQ3/TQ4 against the rotated Q8_0 row: codes through the int8 codebook (pshufb), signed dot per
+// 32, the activation scales inside the group, the group's d once.
+template <typename Block>
+MOE_DETAIL_AVX2 inline float vec_dot_tq_q8_0_rot_avx2(const Block* w, const BlockQ8Rot* x, int64_t n) {
+    const __m256i table = _mm256_broadcastsi128_si256(loadu_128(TqTraits<Block>::values));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / kQTQ; ++b) {
+        __m256 part0 = _mm256_setzero_ps(), part1 = _mm256_setzero_ps();
+        __m256i codes[4];
+        if constexpr (std::is_same<Block, BlockTQ4>::value) {
+            for (int k = 0; k < 4; ++k) codes[k] = q4_0_nibbles_avx2(w[b].qs + 16 * k);
+        } else {
+            const __m256i q = loadu_256(w[b].qs), m3 = _mm256_set1_epi8(3);
+            const __m256i qh = _mm256_broadcastsi128_si256(loadu_128(w[b].qh));
+            for (int k = 0; k < 4; ++k) {
+                const __m256i low = _mm256_and_si256(_mm256_srli_epi16(q, 2 * k), m3);
+                const __m256i bit = _mm256_set_m128i(_mm_set1_epi8((char)(1 << (k + 4))), _mm_set1_epi8((char)(1 << k)));
+                codes[k] = _mm256_or_si256(low, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), _mm256_set1_epi8(4)));
+            }
+        }
+        for (int k = 0; k < 4; k += 2) {
+            const __m256i s0 = signed_dot_avx2(_mm256_shuffle_epi8(table, codes[k]), loadu_256(x[b].q[k].qs));
+            const __m256i s1 = signed_dot_avx2(_mm256_shuffle_epi8(table, codes[k + 1]), loadu_256(x[b].q[k + 1].qs));
+            part0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(x[b].q[k].d)), _mm256_cvtepi32_ps(s0), part0);
+            part1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(x[b].q[k + 1].d)), _mm256_cvtepi32_ps(s1), part1);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d)), _mm256_add_ps(part0, part1), acc);
+    }
+    return hsum_f32x8(acc);
 }
 // IQ4_XS: per 32-element sub-block the codebook lookup and a signed dot; maddubs' int16 pairs
 // (<= 2*127*127) times the sub-block scale through madd (int32, < 2^22 per sub-block).
@@ -4372,6 +4927,89 @@ inline float vec_dot_affine_q8_1_neon(const Block* w, const BlockQ8_1* x, int64_
     }
     return sum;
 }
+inline float vec_dot_mxfp4_q8_0_neon(const BlockMXFP4* w, const BlockQ8_0* x, int64_t n) {
+    const int8x16_t table = vld1q_s8(kFp4Values);
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        const uint8x16_t q = vld1q_u8(w[b].qs);
+        const int8x16_t lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0F))), hi = vqtbl1q_s8(table, vshrq_n_u8(q, 4));
+        sum += e8m0_half(w[b].e) * fp16_to_f32_neon(x[b].d) * (float)vaddvq_s32(dot32_i8_neon(lo, hi, vld1q_s8(x[b].qs), vld1q_s8(x[b].qs + 16)));
+    }
+    return sum;
+}
+inline float vec_dot_nvfp4_q8_0_neon(const BlockNVFP4* w, const BlockQ8_0* x, int64_t n) {
+    const int8x16_t table = vld1q_s8(kFp4Values);
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQNV; ++b)
+        for (int s = 0; s < 4; ++s) {
+            const uint8x8_t q = vld1_u8(w[b].qs + 8 * s);
+            const int8x16_t v = vqtbl1q_s8(table, vcombine_u8(vand_u8(q, vdup_n_u8(0x0F)), vshr_n_u8(q, 4)));
+            const BlockQ8_0& a = x[2 * b + s / 2];
+            const int8x16_t y = vld1q_s8(a.qs + 16 * (s % 2));
+            const int32x4_t p = vpaddlq_s16(vmlal_high_s8(vmull_s8(vget_low_s8(v), vget_low_s8(y)), v, y));
+            sum += ue4m3_half(w[b].d[s]) * fp16_to_f32_neon(a.d) * (float)vaddvq_s32(p);
+        }
+    return sum;
+}
+// 32 codes of an affine chunk as two int8x16 halves (elements 0-15, 16-31).
+template <int Bits>
+inline void affine_codes_neon(const uint8_t* c, int8x16_t* lo, int8x16_t* hi) {
+    if constexpr (Bits == 4) {
+        const uint8x16_t q = vld1q_u8(c);
+        *lo = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F)));
+        *hi = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
+    } else {
+        static const uint8_t kBits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+        const uint8x8_t q = vld1_u8(c), m3 = vdup_n_u8(3);
+        const uint8x16_t l0 = vcombine_u8(vand_u8(q, m3), vand_u8(vshr_n_u8(q, 2), m3));
+        const uint8x16_t l1 = vcombine_u8(vand_u8(vshr_n_u8(q, 4), m3), vshr_n_u8(q, 6));
+        const uint8x16_t bits = vld1q_u8(kBits), m4 = vdupq_n_u8(4);
+        const uint8x16_t h0 = vcombine_u8(vdup_n_u8(c[8]), vdup_n_u8(c[9])), h1 = vcombine_u8(vdup_n_u8(c[10]), vdup_n_u8(c[11]));
+        *lo = vreinterpretq_s8_u8(vorrq_u8(l0, vandq_u8(vtstq_u8(h0, bits), m4)));
+        *hi = vreinterpretq_s8_u8(vorrq_u8(l1, vandq_u8(vtstq_u8(h1, bits), m4)));
+    }
+}
+template <typename Block>
+inline float vec_dot_affine_mlx_q8_1_neon(const Block* w, const BlockQ8_1* x, int64_t n) {
+    constexpr int kChunks = Block::kGroup / 32;
+    float sum = 0;
+    for (int64_t b = 0; b < n / Block::kGroup; ++b) {
+        const float s = fp16_to_f32_neon(w[b].scale), bias = fp16_to_f32_neon(w[b].bias);
+        for (int c = 0; c < kChunks; ++c) {
+            int8x16_t lo, hi;
+            affine_codes_neon<Block::kBits>(w[b].qs + c * Block::kChunkBytes, &lo, &hi);
+            const BlockQ8_1& a = x[b * kChunks + c];
+            const int qy = vaddvq_s32(dot32_i8_neon(lo, hi, vld1q_s8(a.qs), vld1q_s8(a.qs + 16)));
+            sum += s * fp16_to_f32_neon(a.d) * (float)qy + bias * a.s;
+        }
+    }
+    return sum;
+}
+template <typename Block>
+inline float vec_dot_tq_q8_0_rot_neon(const Block* w, const BlockQ8Rot* x, int64_t n) {
+    const int8x16_t table = vld1q_s8(TqTraits<Block>::values);
+    float sum = 0;
+    for (int64_t b = 0; b < n / kQTQ; ++b) {
+        float part = 0;
+        for (int k = 0; k < 4; ++k) {
+            uint8x16_t c0, c1;
+            if constexpr (std::is_same<Block, BlockTQ4>::value) {
+                const uint8x16_t q = vld1q_u8(w[b].qs + 16 * k);
+                c0 = vandq_u8(q, vdupq_n_u8(0x0F));
+                c1 = vshrq_n_u8(q, 4);
+            } else {
+                const int8x16_t sh = vdupq_n_s8((int8_t)(-2 * k));
+                const uint8x16_t m3 = vdupq_n_u8(3), m4 = vdupq_n_u8(4), qh = vld1q_u8(w[b].qh);
+                c0 = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(w[b].qs), sh), m3), vandq_u8(vtstq_u8(qh, vdupq_n_u8((uint8_t)(1 << k))), m4));
+                c1 = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(w[b].qs + 16), sh), m3), vandq_u8(vtstq_u8(qh, vdupq_n_u8((uint8_t)(1 << (k + 4)))), m4));
+            }
+            const int8x16_t lo = vqtbl1q_s8(table, c0), hi = vqtbl1q_s8(table, c1);
+            part += fp16_to_f32_neon(x[b].q[k].d) * (float)vaddvq_s32(dot32_i8_neon(lo, hi, vld1q_s8(x[b].q[k].qs), vld1q_s8(x[b].q[k].qs + 16)));
+        }
+        sum += fp16_to_f32_neon(w[b].d) * part;
+    }
+    return sum;
+}
 inline float vec_dot_iq4xs_q8k_neon(const BlockIQ4XS* w, const BlockQ8K* x, int64_t n) {
     float sum = 0;
     for (int64_t b = 0; b < n / kQKK; ++b) {
@@ -4857,6 +5495,35 @@ inline const QuantType* quant_type(uint32_t id) {
         MOE_DETAIL_IQ_ROW(iq1_s, "IQ1_S", BlockIQ1S, iq1),
         MOE_DETAIL_IQ_ROW(iq1_m, "IQ1_M", BlockIQ1M, iq1),
 #undef MOE_DETAIL_IQ_ROW
+        // FP4 (ggml): the AVX2 kernels serve every x86 level, NEON the dotprod level.
+        {TensorType::mxfp4, "MXFP4", kQK, sizeof(BlockMXFP4), ActFormat::q8_0, erase_quantize<quantize_row_mxfp4_ref>,
+         erase_dequantize<dequantize_row_mxfp4>, erase_dot<vec_dot_dequant_f32_ref<BlockMXFP4, kQK, dequantize_row_mxfp4>>,
+         MOE_DETAIL_DOTS(vec_dot_mxfp4_q8_0_ref, vec_dot_mxfp4_q8_0_avx2, nullptr, nullptr, vec_dot_mxfp4_q8_0_neon, nullptr)},
+        {TensorType::nvfp4, "NVFP4", kQNV, sizeof(BlockNVFP4), ActFormat::q8_0, erase_quantize<quantize_row_nvfp4_ref>,
+         erase_dequantize<dequantize_row_nvfp4>, erase_dot<vec_dot_dequant_f32_ref<BlockNVFP4, kQNV, dequantize_row_nvfp4>>,
+         MOE_DETAIL_DOTS(vec_dot_nvfp4_q8_0_ref, vec_dot_nvfp4_q8_0_avx2, nullptr, nullptr, vec_dot_nvfp4_q8_0_neon, nullptr)},
+        // moe_infer's own: rotated codebook (TQ) and MLX affine, one generic kernel set each.
+#define MOE_DETAIL_TQ_ROW(tt, NAME, Block)                                                                                    \
+        {TensorType::tt, NAME, kQTQ, sizeof(Block), ActFormat::q8_0_rot, erase_quantize<quantize_row_tq_ref<Block>>,          \
+         erase_dequantize<dequantize_row_tq<Block>>, erase_dot<vec_dot_dequant_f32_ref<Block, kQTQ, dequantize_row_tq<Block>>>, \
+         MOE_DETAIL_DOTS(vec_dot_tq_q8_0_rot_ref<Block>, vec_dot_tq_q8_0_rot_avx2<Block>, nullptr, nullptr,                 \
+                         vec_dot_tq_q8_0_rot_neon<Block>, nullptr)}
+        MOE_DETAIL_TQ_ROW(tq3, "TQ3", BlockTQ3),
+        MOE_DETAIL_TQ_ROW(tq4, "TQ4", BlockTQ4),
+#undef MOE_DETAIL_TQ_ROW
+#define MOE_DETAIL_AFFINE_ROW(tt, NAME, Block)                                                                                 \
+        {TensorType::tt, NAME, Block::kGroup, sizeof(Block), ActFormat::q8_1, erase_quantize<quantize_row_affine_mlx_ref<Block>>, \
+         erase_dequantize<dequantize_row_affine_mlx<Block>>,                                                                    \
+         erase_dot<vec_dot_dequant_f32_ref<Block, Block::kGroup, dequantize_row_affine_mlx<Block>>>,                             \
+         MOE_DETAIL_DOTS(vec_dot_affine_mlx_q8_1_ref<Block>, vec_dot_affine_mlx_q8_1_avx2<Block>, nullptr, nullptr,             \
+                         vec_dot_affine_mlx_q8_1_neon<Block>, nullptr)}
+        MOE_DETAIL_AFFINE_ROW(affine3_g32, "AFFINE3_G32", BlockAffine3G32),
+        MOE_DETAIL_AFFINE_ROW(affine3_g64, "AFFINE3_G64", BlockAffine3G64),
+        MOE_DETAIL_AFFINE_ROW(affine3_g128, "AFFINE3_G128", BlockAffine3G128),
+        MOE_DETAIL_AFFINE_ROW(affine4_g32, "AFFINE4_G32", BlockAffine4G32),
+        MOE_DETAIL_AFFINE_ROW(affine4_g64, "AFFINE4_G64", BlockAffine4G64),
+        MOE_DETAIL_AFFINE_ROW(affine4_g128, "AFFINE4_G128", BlockAffine4G128),
+#undef MOE_DETAIL_AFFINE_ROW
     };
     for (const QuantType& t : table)
         if ((uint32_t)t.type == id) return &t;
@@ -4882,6 +5549,7 @@ inline const ActType& act_type(ActFormat f) {
           MOE_DETAIL_IF_NEON(erase_quantize<quantize_row_q8k_neon>), nullptr}},
         // Scalar only: an activation row is quantized once per matrix, far below the matmul's cost.
         {ActFormat::q8_1, kQK, sizeof(BlockQ8_1), {erase_quantize<quantize_act_q8_1_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
+        {ActFormat::q8_0_rot, kQTQ, sizeof(BlockQ8Rot), {erase_quantize<quantize_act_q8_0_rot_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
     };
     return table[(int)f];
 }
