@@ -1199,7 +1199,29 @@ struct GgufFileImpl {
     std::unordered_map<std::string, size_t> key_index, tensor_index;
 
     Status parse();
+    Status check_custom_type(const GgufTensorInfo& t, const QuantType& tt) const;
 };
+
+// A tensor of one of our own type ids must be named identically in `moe_infer.custom_types`
+// ("ID:NAME" strings): an id reused for another layout by some other writer is refused, not misread.
+inline Status GgufFileImpl::check_custom_type(const GgufTensorInfo& t, const QuantType& tt) const {
+    const auto it = key_index.find("moe_infer.custom_types");
+    const GgufKeyValue* kv = it == key_index.end() ? nullptr : &this->kv[it->second];
+    const std::string want = std::to_string(t.type) + ":" + tt.name;
+    if (kv && kv->type == GgufValueType::array && kv->array_type == GgufValueType::string) {
+        Cursor c{kv->array_data, size - (size_t)(kv->array_data - data)};
+        for (uint64_t i = 0; i < kv->array_count; ++i) {
+            GgufString str;
+            if (!c.string(&str)) break;
+            const std::string entry = str.str();
+            if (entry == want) return Status::ok;
+            if (entry.compare(0, entry.find(':'), std::to_string(t.type)) == 0)
+                return fail(Status::unsupported, "tensor '%s': type id %u is '%s' in this file but '%s' in this build", t.name.c_str(), t.type,
+                            entry.c_str() + entry.find(':') + 1, tt.name);
+        }
+    }
+    return fail(Status::invalid_file, "tensor '%s' has moe_infer type id %u but the file's moe_infer.custom_types does not name it", t.name.c_str(), t.type);
+}
 
 inline Status GgufFileImpl::parse() {
     Cursor c{data, size};
@@ -1296,7 +1318,11 @@ inline Status GgufFileImpl::parse() {
 
     for (GgufTensorInfo& t : tensors) {
         const QuantType* tt = quant_type(t.type);
-        if (!tt) return fail(Status::unsupported, "tensor '%s' has unsupported type id %u", t.name.c_str(), t.type);
+        if (!tt) return fail(Status::unsupported, "tensor '%s' has unsupported type id %u (0x%x)", t.name.c_str(), t.type, t.type);
+        if (t.type >= kCustomTypeBase) {
+            Status s = check_custom_type(t, *tt);
+            if (s != Status::ok) return s;
+        }
         if (t.ne[0] % tt->block_elems != 0)
             return fail(Status::invalid_file, "tensor '%s': row length %lld is not a multiple of the %s block (%d)", t.name.c_str(), (long long)t.ne[0], tt->name, tt->block_elems);
         uint64_t rows = (uint64_t)t.ne[1] * (uint64_t)t.ne[2] * (uint64_t)t.ne[3];  // bounded by the 2^42 element cap
@@ -1539,6 +1565,17 @@ MOE_DETAIL_MEMBER Status GgufWriter::add_tensor_impl(const std::string& name, Te
     if (detail::mul_overflows(rows, (uint64_t)(t.ne[0] / tt->block_elems * tt->block_bytes), &t.n_bytes) || t.n_bytes > SIZE_MAX / 2)
         return detail::fail(Status::invalid_argument, "tensor '%s': too large", name.c_str());
     if (data) t.data.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + t.n_bytes);
+    if (t.type >= kCustomTypeBase) {  // name our own type ids in the file (see TensorType)
+        std::vector<std::string> names;
+        tensors_.push_back(std::move(t));
+        for (const Tensor& other : tensors_) {
+            if (other.type < kCustomTypeBase) continue;
+            const std::string e = std::to_string(other.type) + ":" + detail::quant_type(other.type)->name;
+            if (std::find(names.begin(), names.end(), e) == names.end()) names.push_back(e);
+        }
+        set_string_array("moe_infer.custom_types", names);
+        return Status::ok;
+    }
     tensors_.push_back(std::move(t));
     return Status::ok;
 }
@@ -7441,7 +7478,10 @@ struct Weight {
     size_t row_bytes = 0, mat_bytes = 0;
     RowKernel kernel;      // quantized activations (as llama.cpp)
     RowKernel kernel_f32;  // float activations
+    std::vector<float> out_scale;  // `<name>.scale` (NVFP4 tensor scale): one per matrix, or empty
     explicit operator bool() const { return data != nullptr; }
+    bool scaled() const { return !out_scale.empty(); }
+    float scale(int64_t mat) const { return out_scale[out_scale.size() == 1 ? 0 : (size_t)mat]; }
     const uint8_t* row(int64_t mat, int64_t r) const { return data + (size_t)mat * mat_bytes + (size_t)r * row_bytes; }
 };
 
@@ -7540,6 +7580,20 @@ struct Loader {
         out->mat_bytes = out->row_bytes * (size_t)t->ne[1];
         out->kernel = row_kernel(*tt, active_isa());
         out->kernel_f32 = row_kernel_f32(*tt);
+        // A second-level output scale (NVFP4 from ModelOpt, or moe-quantize's): {1} or one per matrix.
+        const size_t dot = name.rfind(".weight");
+        const GgufTensorInfo* sc = dot == std::string::npos ? nullptr : m.file.find_tensor((name.substr(0, dot) + ".scale").c_str());
+        if (sc) {
+            const int64_t k = sc->n_elements();
+            if ((k != 1 && k != t->ne[2]) || sc->ne[0] != k)
+                return fail(Status::shape_mismatch, "tensor '%s.scale' has %lld elements, expected 1 or %lld", name.substr(0, dot).c_str(), (long long)k,
+                            (long long)t->ne[2]);
+            out->out_scale.resize((size_t)k);
+            Status s = dequantize_row((TensorType)sc->type, sc->data, out->out_scale.data(), k);
+            if (s != Status::ok) return s;
+            for (float v : out->out_scale)
+                if (!std::isfinite(v)) return fail(Status::invalid_file, "tensor '%s.scale' holds a non-finite value", name.substr(0, dot).c_str());
+        }
         return Status::ok;
     }
 
@@ -8679,7 +8733,7 @@ public:
         const float scale = rms_scale(hidden, hp.n_embd, hp.rms_eps);
         for (int64_t i = 0; i < hp.n_embd; ++i) h_[(size_t)i] = hidden[i] * scale * l.ffn_norm[(size_t)i];
         for (int e = 0; e < hp.n_expert; ++e)
-            order_[(size_t)e] = {l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd), e};
+            order_[(size_t)e] = {l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd) * (l.router.scaled() ? l.router.scale(0) : 1.f), e};
         const int k = std::min(max, hp.n_expert);
         std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
                           [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
@@ -8821,6 +8875,8 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         split_range(n, ith, nth, &t0, &t1);
         for (int64_t t = t0; t < t1; ++t) {
             m.token_embd.qt->dequantize_ref(m.token_embd.row(0, c.tokens[t]), a.x.data + t * n_embd, n_embd);
+            if (m.token_embd.scaled())
+                for (int64_t i = 0; i < n_embd; ++i) a.x[(size_t)(t * n_embd + i)] *= m.token_embd.scale(0);
             float* cs = a.rope_cs.data + t * hp->n_rot;
             for (int i = 0; i < hp->n_rot / 2; ++i) {
                 const float theta = (float)(kv.pos + t) * hp->rope_freq_scale * a.rope_inv_freq[(size_t)i];
@@ -8930,7 +8986,9 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
             if (prefetch_bytes) prefetch_ahead(wrow, mt.w->row_bytes);
             const float bias = mt.bias ? mt.bias[row] : 0.f;
             for (int32_t t = t0; t < t0 + n; ++t) {
-                const float val = k.vec_dot(wrow, mt.in->row(k.act, t), mt.w->cols) + bias;
+                float val = k.vec_dot(wrow, mt.in->row(k.act, t), mt.w->cols);
+                if (mt.w->scaled()) val *= mt.w->scale(mt.mat);
+                val += bias;
                 float& o = mt.out[(t - t0) * mt.out_stride + row];
                 o = mt.accumulate ? o + val : val;
             }
@@ -9238,8 +9296,10 @@ inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
     if (prefetch_bytes) { prefetch_ahead(grow, e.gate->row_bytes); prefetch_ahead(urow, e.up->row_bytes); }
     for (int32_t j = e.use_begin; j < e.use_end; ++j) {
         const ExpertUse& use = r.uses[(size_t)j];
-        const float gv = kg.vec_dot(grow, a.act_x.row(kg.act, use.token), e.gate->cols);
-        const float uv = ku.vec_dot(urow, a.act_x.row(ku.act, use.token), e.up->cols);
+        float gv = kg.vec_dot(grow, a.act_x.row(kg.act, use.token), e.gate->cols);
+        float uv = ku.vec_dot(urow, a.act_x.row(ku.act, use.token), e.up->cols);
+        if (e.gate->scaled()) gv *= e.gate->scale(e.mat);
+        if (e.up->scaled()) uv *= e.up->scale(e.mat);
         a.hidden[(size_t)((use.token * plan->slots + use.slot) * plan->max_ff + row)] = silu(gv) * uv;
     }
 }
@@ -9274,6 +9334,7 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
                     for (int32_t j = e.use_begin; j < e.use_end; ++j) {
                         const int32_t su = r.uses[(size_t)j].token * slots + r.uses[(size_t)j].slot;
                         pr[su] = kd.vec_dot(drow, a.hidden_q.data + (size_t)su * a.hidden_q_stride, e.down->cols);
+                        if (e.down->scaled()) pr[su] *= e.down->scale(e.mat);
                     }
                 }
             }
