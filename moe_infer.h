@@ -300,6 +300,13 @@ MOE_API Status quantize_activations(TensorType weight_type, Isa isa, const float
 // (n / block_elems * block_bytes bytes) and back. For tests, tools and GgufWriter.
 MOE_API Status quantize_row(TensorType type, const float* src, void* dst, int64_t n);
 MOE_API Status dequantize_row(TensorType type, const void* src, float* dst, int64_t n);
+// quantize_row weighing element i's squared error by importance[i] (an importance matrix: per-
+// column activation energy from a calibration text, repeated per row). Used by the quantizers that
+// can weigh their error (Q4_K, Q5_K, MXFP4, NVFP4, TQ3, TQ4, AFFINE*); the others ignore it.
+// importance == nullptr is quantize_row.
+MOE_API Status quantize_row_weighted(TensorType type, const float* src, void* dst, int64_t n, const float* importance);
+// True when quantize_row_weighted uses the importance vector for `type`.
+MOE_API bool quantize_uses_importance(TensorType type);
 
 //-----------------------------------------------------------------------------
 // [SECTION] TOKENIZER
@@ -553,6 +560,14 @@ struct PredictionStats {
     double precision(int depth) const;
 };
 
+// The rows a layer's matmuls read, shown to SessionOptions::observe_inputs (importance matrices:
+// moe-quantize --calib). attn_in: attention input (normed); attn_out: input of attn_output;
+// ffn_in: FFN input (normed; router, dense and shared gate/up); expert_in: the same row once per
+// routed expert it goes to (`expert` set); expert_hidden / shared_hidden / dense_hidden: the input
+// of that FFN's down projection.
+enum class MatInput { attn_in, attn_out, ffn_in, expert_in, expert_hidden, shared_hidden, dense_hidden };
+typedef void (*InputObserverFn)(void* user, int32_t layer, MatInput what, int32_t expert, const float* row, int64_t n);
+
 struct SessionOptions {
     // KV-cache positions; 0 = min(model's training context, 4096); at most 4,194,304. create()
     // reserves kv_cache_bytes() (float32 K and V); the memory is committed as positions fill.
@@ -573,6 +588,10 @@ struct SessionOptions {
     int32_t predict_depth = 0;
     int32_t predict_extra = 0;
     std::shared_ptr<ExpertPredictor> predictor;
+    // Called with every matmul input row (see MatInput), from one thread at a time, tokens in
+    // order; costs two extra barriers per phase while set. For calibration, not for serving.
+    InputObserverFn observe_inputs = nullptr;
+    void* observe_user = nullptr;
 };
 
 // Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
@@ -1173,6 +1192,7 @@ constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
 typedef void (*QuantizeRowFn)(const float* x, void* dst, int64_t n);     // n floats -> blocks
 typedef void (*DequantizeRowFn)(const void* src, float* y, int64_t n);  // blocks -> n floats
+typedef void (*QuantizeWeightedFn)(const float* x, void* dst, int64_t n, const float* importance);
 
 struct QuantType {
     TensorType type;
@@ -1183,6 +1203,7 @@ struct QuantType {
     DequantizeRowFn dequantize_ref;
     VecDotFn dot_f32;                // against float activations (SessionOptions::float_activations)
     VecDotFn dot[kIsaCount];         // by Isa against `act`; nullptr: the next lower level of the family, then dot[scalar]
+    QuantizeWeightedFn quantize_weighted = nullptr;  // with an importance vector; nullptr: quantize_ref ignores it
 };
 // Row for a raw ggml type id; nullptr for a type this build cannot read.
 inline const QuantType* quant_type(uint32_t id);
@@ -2336,14 +2357,18 @@ inline float fit_affine(int n, int nmax, const float* x, const float* w, uint8_t
 }
 
 // Q4_K and Q5_K share the scale/min packing; `bits` is 4 or 5.
-inline void quantize_superblock_k(const float* x, int bits, uint16_t* d_out, uint16_t* dmin_out, uint8_t* scales, uint8_t* L) {
+// With an importance vector `imp` the weights are imp * sqrt(2 * mean(x^2) + x^2) (ggml's with an
+// importance matrix) instead of rms + |x|.
+inline void quantize_superblock_k(const float* x, int bits, uint16_t* d_out, uint16_t* dmin_out, uint8_t* scales, uint8_t* L,
+                                  const float* imp = nullptr) {
     int nmax = (1 << bits) - 1;
     float sc[8], mn[8], w[32], max_sc = 0, max_mn = 0;
     float sum_x2 = 0;
     for (int i = 0; i < kQKK; ++i) sum_x2 += x[i] * x[i];
     float av_x = std::sqrt(sum_x2 / kQKK);
     for (int j = 0; j < 8; ++j) {
-        for (int i = 0; i < 32; ++i) w[i] = av_x + std::fabs(x[32 * j + i]);
+        for (int i = 0; i < 32; ++i)
+            w[i] = imp ? imp[32 * j + i] * std::sqrt(2.f * av_x * av_x + x[32 * j + i] * x[32 * j + i]) : av_x + std::fabs(x[32 * j + i]);
         sc[j] = fit_affine(32, nmax, x + 32 * j, w, L + 32 * j, &mn[j]);
         max_sc = std::max(max_sc, sc[j]); max_mn = std::max(max_mn, mn[j]);
     }
@@ -2377,10 +2402,10 @@ template <typename Block> constexpr bool kHasFifthBit = std::is_same<Block, Bloc
 
 // Q4_K and Q5_K: the same super-block fit, with 4 or 5 bits per value.
 template <typename Block>
-inline void quantize_row_q45k_ref(Block* y, const float* x, int64_t n) {
+inline void quantize_row_q45k_weighted(Block* y, const float* x, int64_t n, const float* imp) {
     uint8_t L[kQKK];
     for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK) {
-        quantize_superblock_k(x, kHasFifthBit<Block> ? 5 : 4, &y[b].d, &y[b].dmin, y[b].scales, L);
+        quantize_superblock_k(x, kHasFifthBit<Block> ? 5 : 4, &y[b].d, &y[b].dmin, y[b].scales, L, imp ? imp + b * kQKK : nullptr);
         if constexpr (kHasFifthBit<Block>) std::memset(y[b].qh, 0, sizeof y[b].qh);
         for (int c = 0; c < 4; ++c)
             for (int l = 0; l < 32; ++l) {
@@ -2390,6 +2415,8 @@ inline void quantize_row_q45k_ref(Block* y, const float* x, int64_t n) {
             }
     }
 }
+template <typename Block>
+inline void quantize_row_q45k_ref(Block* y, const float* x, int64_t n) { quantize_row_q45k_weighted(y, x, n, nullptr); }
 
 // Code j (0..31) of a 32-element Q5_0/Q5_1 block.
 inline int q5_code(const uint8_t* qs, const uint8_t* qh, int j) {
@@ -3664,12 +3691,16 @@ template <typename F> struct KernelArgs;
 template <typename W, typename X> struct KernelArgs<float (*)(const W*, const X*, int64_t)> { typedef W w; typedef X x; };
 template <typename B> struct KernelArgs<void (*)(B*, const float*, int64_t)> { typedef B out; };
 template <typename B> struct KernelArgs<void (*)(const B*, float*, int64_t)> { typedef B in; };
+template <typename B> struct KernelArgs<void (*)(B*, const float*, int64_t, const float*)> { typedef B out; };
 
 template <auto F> float erase_dot(const void* w, const void* x, int64_t n) {
     typedef KernelArgs<decltype(F)> A;
     return F(static_cast<const typename A::w*>(w), static_cast<const typename A::x*>(x), n);
 }
 template <auto F> void erase_quantize(const float* x, void* y, int64_t n) { F(static_cast<typename KernelArgs<decltype(F)>::out*>(y), x, n); }
+template <auto F> void erase_quantize_weighted(const float* x, void* y, int64_t n, const float* w) {
+    F(static_cast<typename KernelArgs<decltype(F)>::out*>(y), x, n, w);
+}
 template <auto F> void erase_dequantize(const void* x, float* y, int64_t n) { F(static_cast<const typename KernelArgs<decltype(F)>::in*>(x), y, n); }
 
 }  // namespace detail
@@ -5496,11 +5527,13 @@ inline const QuantType* quant_type(uint32_t id) {
         {TensorType::q4_k, "Q4_K", kQKK, sizeof(BlockQ4K), ActFormat::q8_k, erase_quantize<quantize_row_q45k_ref<BlockQ4K>>,
          erase_dequantize<dequantize_row_q45k<BlockQ4K>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ4K, kQKK, dequantize_row_q45k<BlockQ4K>>>,
          MOE_DETAIL_DOTS(vec_dot_q45k_q8k_ref<BlockQ4K>, vec_dot_q45k_q8k_avx2<BlockQ4K>, vec_dot_q4k_q8k_avx512, vec_dot_q4k_q8k_avx512vnni,
-                         vec_dot_q45k_q8k_neon<BlockQ4K>, vec_dot_q45k_q8k_dotprod<BlockQ4K>)},
+                         vec_dot_q45k_q8k_neon<BlockQ4K>, vec_dot_q45k_q8k_dotprod<BlockQ4K>),
+         erase_quantize_weighted<quantize_row_q45k_weighted<BlockQ4K>>},
         {TensorType::q5_k, "Q5_K", kQKK, sizeof(BlockQ5K), ActFormat::q8_k, erase_quantize<quantize_row_q45k_ref<BlockQ5K>>,
          erase_dequantize<dequantize_row_q45k<BlockQ5K>>, erase_dot<vec_dot_dequant_f32_ref<BlockQ5K, kQKK, dequantize_row_q45k<BlockQ5K>>>,
          MOE_DETAIL_DOTS(vec_dot_q45k_q8k_ref<BlockQ5K>, vec_dot_q45k_q8k_avx2<BlockQ5K>, nullptr, nullptr, vec_dot_q45k_q8k_neon<BlockQ5K>,
-                         vec_dot_q45k_q8k_dotprod<BlockQ5K>)},
+                         vec_dot_q45k_q8k_dotprod<BlockQ5K>),
+         erase_quantize_weighted<quantize_row_q45k_weighted<BlockQ5K>>},
         {TensorType::q6_k, "Q6_K", kQKK, sizeof(BlockQ6K), ActFormat::q8_k, erase_quantize<quantize_row_q6k_ref>, erase_dequantize<dequantize_row_q6k>,
          erase_dot<vec_dot_dequant_f32_ref<BlockQ6K, kQKK, dequantize_row_q6k>>,
          MOE_DETAIL_DOTS(vec_dot_q6k_q8k_ref, vec_dot_q6k_q8k_avx2, vec_dot_q6k_q8k_avx512, vec_dot_q6k_q8k_avx512vnni, vec_dot_q6k_q8k_neon,
@@ -5535,16 +5568,19 @@ inline const QuantType* quant_type(uint32_t id) {
         // FP4 (ggml): the AVX2 kernels serve every x86 level, NEON the dotprod level.
         {TensorType::mxfp4, "MXFP4", kQK, sizeof(BlockMXFP4), ActFormat::q8_0, erase_quantize<quantize_row_mxfp4_ref>,
          erase_dequantize<dequantize_row_mxfp4>, erase_dot<vec_dot_dequant_f32_ref<BlockMXFP4, kQK, dequantize_row_mxfp4>>,
-         MOE_DETAIL_DOTS(vec_dot_mxfp4_q8_0_ref, vec_dot_mxfp4_q8_0_avx2, nullptr, nullptr, vec_dot_mxfp4_q8_0_neon, nullptr)},
+         MOE_DETAIL_DOTS(vec_dot_mxfp4_q8_0_ref, vec_dot_mxfp4_q8_0_avx2, nullptr, nullptr, vec_dot_mxfp4_q8_0_neon, nullptr),
+         erase_quantize_weighted<quantize_row_mxfp4_weighted>},
         {TensorType::nvfp4, "NVFP4", kQNV, sizeof(BlockNVFP4), ActFormat::q8_0, erase_quantize<quantize_row_nvfp4_ref>,
          erase_dequantize<dequantize_row_nvfp4>, erase_dot<vec_dot_dequant_f32_ref<BlockNVFP4, kQNV, dequantize_row_nvfp4>>,
-         MOE_DETAIL_DOTS(vec_dot_nvfp4_q8_0_ref, vec_dot_nvfp4_q8_0_avx2, nullptr, nullptr, vec_dot_nvfp4_q8_0_neon, nullptr)},
+         MOE_DETAIL_DOTS(vec_dot_nvfp4_q8_0_ref, vec_dot_nvfp4_q8_0_avx2, nullptr, nullptr, vec_dot_nvfp4_q8_0_neon, nullptr),
+         erase_quantize_weighted<quantize_row_nvfp4_weighted>},
         // moe_infer's own: rotated codebook (TQ) and MLX affine, one generic kernel set each.
 #define MOE_DETAIL_TQ_ROW(tt, NAME, Block)                                                                                    \
         {TensorType::tt, NAME, kQTQ, sizeof(Block), ActFormat::q8_0_rot, erase_quantize<quantize_row_tq_ref<Block>>,          \
          erase_dequantize<dequantize_row_tq<Block>>, erase_dot<vec_dot_dequant_f32_ref<Block, kQTQ, dequantize_row_tq<Block>>>, \
          MOE_DETAIL_DOTS(vec_dot_tq_q8_0_rot_ref<Block>, vec_dot_tq_q8_0_rot_avx2<Block>, nullptr, nullptr,                 \
-                         vec_dot_tq_q8_0_rot_neon<Block>, nullptr)}
+                         vec_dot_tq_q8_0_rot_neon<Block>, nullptr),                                            \
+         erase_quantize_weighted<quantize_row_tq_weighted<Block>>}
         MOE_DETAIL_TQ_ROW(tq3, "TQ3", BlockTQ3),
         MOE_DETAIL_TQ_ROW(tq4, "TQ4", BlockTQ4),
 #undef MOE_DETAIL_TQ_ROW
@@ -5553,7 +5589,8 @@ inline const QuantType* quant_type(uint32_t id) {
          erase_dequantize<dequantize_row_affine_mlx<Block>>,                                                                    \
          erase_dot<vec_dot_dequant_f32_ref<Block, Block::kGroup, dequantize_row_affine_mlx<Block>>>,                             \
          MOE_DETAIL_DOTS(vec_dot_affine_mlx_q8_1_ref<Block>, vec_dot_affine_mlx_q8_1_avx2<Block>, nullptr, nullptr,             \
-                         vec_dot_affine_mlx_q8_1_neon<Block>, nullptr)}
+                         vec_dot_affine_mlx_q8_1_neon<Block>, nullptr),                                        \
+         erase_quantize_weighted<quantize_row_affine_mlx_weighted<Block>>}
         MOE_DETAIL_AFFINE_ROW(affine3_g32, "AFFINE3_G32", BlockAffine3G32),
         MOE_DETAIL_AFFINE_ROW(affine3_g64, "AFFINE3_G64", BlockAffine3G64),
         MOE_DETAIL_AFFINE_ROW(affine3_g128, "AFFINE3_G128", BlockAffine3G128),
@@ -5719,6 +5756,22 @@ MOE_API Status quantize_row(TensorType type, const float* src, void* dst, int64_
         return detail::fail(Status::unsupported, "quantize_row: %s is dequantize-only here (quantize it with llama-quantize and an importance matrix)", tt->name);
     tt->quantize_ref(src, dst, n);
     return Status::ok;
+}
+
+MOE_API Status quantize_row_weighted(TensorType type, const float* src, void* dst, int64_t n, const float* importance) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
+    if (!importance || !tt || !tt->quantize_weighted) return quantize_row(type, src, dst, n);
+    if (!src || !dst || n < 0 || n % tt->block_elems) return detail::fail(Status::invalid_argument, "quantize_row_weighted: bad type or length");
+    for (int64_t i = 0; i < n; ++i)
+        if (!(importance[i] >= 0) || !std::isfinite(importance[i]))
+            return detail::fail(Status::invalid_argument, "quantize_row_weighted: importance[%lld] is negative or not finite", (long long)i);
+    tt->quantize_weighted(src, dst, n, importance);
+    return Status::ok;
+}
+
+MOE_API bool quantize_uses_importance(TensorType type) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
+    return tt && tt->quantize_weighted;
 }
 
 MOE_API Status dequantize_row(TensorType type, const void* src, float* dst, int64_t n) {
@@ -8631,6 +8684,8 @@ struct SessionImpl {
     ThreadPool pool;
     int32_t n_batch = 0;
     bool float_activations = false;  // SessionOptions::float_activations
+    InputObserverFn observer = nullptr;  // SessionOptions::observe_inputs
+    void* observer_user = nullptr;
     size_t prefetch_bytes = 0;
     VecDotFn dot_f32 = nullptr;      // float . float, for attention scores
     KvCache kv;
@@ -8672,6 +8727,7 @@ struct SessionImpl {
     }
 
     void forward_thread(const ForwardCall& c, int ith, int nth);
+    void observe(int il, MatInput what, int32_t n, int ith, int nth);
     NormStep norm_before_layer(const ForwardCall& c, int il) const;
     void end_phase_then_norm(const NormStep& step, bool finisher, const ForwardCall& c, int ith, int nth, PhaseProfile::Phase ph);
     void norm_rows(const NormStep& step, int ith, int nth);
@@ -8765,6 +8821,8 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     // With an expert store, a chunk's layer must fit in the cache: at most slots / k tokens.
     if (store && hp->n_expert_used > 0) n_batch = std::max(1, std::min(n_batch, store->stats.slots / hp->n_expert_used));
     float_activations = o.float_activations;
+    observer = o.observe_inputs;
+    observer_user = o.observe_user;
     profile.enabled = o.profile;
     const int64_t B = n_batch, nth = pool.size(), hd = hp->head_dim, slots = plan->slots, group = plan->group;
     if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim))
@@ -8896,6 +8954,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             {&l.wq, 0, &a.act_x, a.q.data, plan->q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
             {&l.wk, 0, &a.act_x, a.k.data, plan->kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
             {&l.wv, 0, &a.act_x, a.v.data, plan->kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
+        if (observer) observe(il, MatInput::attn_in, n, ith, nth);
         matmul_phase(qkv, 3, 0, n);
         end_phase(ith, nth, PhaseProfile::qkv);
         rope_phase(il, n, ith, nth);
@@ -8906,9 +8965,11 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             att_out_phase(c, f.att_out, ith, nth);
             end_phase(ith, nth, PhaseProfile::att_out);
         }
+        if (observer) observe(il, MatInput::attn_out, n, ith, nth);
         const MatTask wo{&l.wo, 0, &a.act_att, a.x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
         const NormStep ffn_norm{l.ffn_norm.data(), 0, n, f.ffn_in, PhaseProfile::ffn_norm};
         end_phase_then_norm(ffn_norm, matmul_phase(&wo, 1, 0, n), c, ith, nth, PhaseProfile::wo);
+        if (observer) observe(il, MatInput::ffn_in, n, ith, nth);
         if (hp->n_expert > 0) {
             const MatTask router{&l.router, 0, &a.act_x, a.router_logits.data, hp->n_expert, nullptr, false};
             if (matmul_phase(&router, 1, 0, n)) route(il, n);
@@ -8919,12 +8980,40 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         }
         expert_up_phase(n);  // also quantizes each expert's hidden rows once they are complete
         end_phase(ith, nth, PhaseProfile::expert_up);
+        if (observer) observe(il, MatInput::expert_hidden, n, ith, nth);
         end_phase_then_norm(norm_before_layer(c, il + 1), expert_down_phase(n, ith), c, ith, nth, PhaseProfile::expert_down);
     }
     // Output head: every row when all logits are wanted, else the last only.
     const MatTask head{&m.output, 0, &a.act_x, a.logits_batch.data, hp->n_vocab, nullptr, false};
     matmul_phase(&head, 1, c.first_logit, n - c.first_logit);
     end_phase(ith, nth, PhaseProfile::head);
+}
+
+// SessionOptions::observe_inputs: thread 0 shows the complete rows, between two barriers.
+// expert_hidden covers every FFN of the layer (routed, shared, dense) and, first, each routed
+// expert's input rows (expert_in, from the same routing).
+inline void SessionImpl::observe(int il, MatInput what, int32_t n, int ith, int nth) {
+    pool.barrier(ith, nth);
+    if (ith == 0) {
+        const int64_t n_embd = plan->n_embd;
+        if (what == MatInput::attn_in || what == MatInput::ffn_in)
+            for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, a.xb.data + t * n_embd, n_embd);
+        else if (what == MatInput::attn_out)
+            for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, a.att_out.data + t * plan->q_dim, plan->q_dim);
+        else {
+            const LayerWeights& l = model->layers[(size_t)il];
+            for (const ActiveExpert& e : r.active)
+                for (int32_t j = e.use_begin; j < e.use_end; ++j) {
+                    const ExpertUse& use = r.uses[(size_t)j];
+                    const bool routed = e.down == &l.down_exps;
+                    if (routed) observer(observer_user, il, MatInput::expert_in, (int32_t)e.mat, a.xb.data + use.token * n_embd, n_embd);
+                    const MatInput kind = routed ? MatInput::expert_hidden : e.down == &l.down_shexp ? MatInput::shared_hidden : MatInput::dense_hidden;
+                    observer(observer_user, il, kind, routed ? (int32_t)e.mat : -1,
+                             a.hidden.data + (use.token * plan->slots + use.slot) * plan->max_ff, e.down->cols);
+                }
+        }
+    }
+    pool.barrier(ith, nth);
 }
 
 // The norm in front of layer il: its attn_norm, or after the last layer the output norm of the rows
