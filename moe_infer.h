@@ -256,6 +256,9 @@ public:
     void set_string_array(const std::string& key, const std::vector<std::string>& v);
     void set_f32_array(const std::string& key, const std::vector<float>& v);
     void set_i32_array(const std::string& key, const std::vector<int32_t>& v);
+    // Copies one metadata entry of an opened file (any type, arrays included), e.g. when
+    // rewriting a model; replaces an entry of the same key.
+    void copy_key(const GgufKeyValue& kv);
     // `data` holds the tensor in `type`'s layout (n_bytes from the shape); it is copied.
     // ne[0] must be a multiple of the type's block size; n_dims in 1..4.
     Status add_tensor(const std::string& name, TensorType type, uint32_t n_dims, const int64_t* ne, const void* data);
@@ -1546,6 +1549,31 @@ MOE_DETAIL_MEMBER void GgufWriter::set_string_array(const std::string& key, cons
     std::vector<uint8_t> p;
     for (const std::string& s : v) detail::put_string(p, s);
     set_raw(key, GgufValueType::array, GgufValueType::string, v.size(), p);
+}
+MOE_DETAIL_MEMBER void GgufWriter::copy_key(const GgufKeyValue& kv) {
+    std::vector<uint8_t> p;
+    if (kv.type == GgufValueType::string) {
+        detail::put_string(p, kv.scalar_str.str());
+    } else if (kv.type == GgufValueType::array) {
+        if (kv.array_type == GgufValueType::string) {
+            const uint8_t* q = kv.array_data;  // validated by the reader: u64 length + bytes each
+            for (uint64_t i = 0; i < kv.array_count; ++i) {
+                uint64_t n;
+                std::memcpy(&n, q, 8);
+                detail::put_bytes(p, q, (size_t)(8 + n));
+                q += 8 + n;
+            }
+        } else {
+            detail::put_bytes(p, kv.array_data, (size_t)(kv.array_count * detail::gguf_scalar_size(kv.array_type)));
+        }
+    } else {
+        const size_t n = detail::gguf_scalar_size(kv.type);
+        uint64_t bits = kv.scalar_u64;
+        if (kv.type == GgufValueType::f32) { const float f = (float)kv.scalar_f64; std::memcpy(&bits, &f, 4); }
+        if (kv.type == GgufValueType::f64) std::memcpy(&bits, &kv.scalar_f64, 8);
+        detail::put_bytes(p, &bits, n);  // little-endian: the low n bytes
+    }
+    set_raw(kv.key, kv.type, kv.array_type, kv.type == GgufValueType::array ? kv.array_count : 0, std::move(p));
 }
 MOE_DETAIL_MEMBER void GgufWriter::set_f32_array(const std::string& key, const std::vector<float>& v) {
     std::vector<uint8_t> p;
