@@ -30,7 +30,9 @@ constexpr int kPerTermSlack = 16;                  // scale products, conversion
 
 const TT kTypes[] = {TT::f32,    TT::f16,    TT::bf16,  TT::q8_0,   TT::q4_0,   TT::q4_1,    TT::q5_0,  TT::q5_1,  TT::q1_0,
                      TT::q2_0,   TT::iq4_nl, TT::iq4_xs, TT::iq3_s, TT::iq3_xxs, TT::iq2_s,  TT::iq2_xs, TT::iq2_xxs, TT::iq1_m,
-                     TT::iq1_s,  TT::tq1_0,  TT::tq2_0, TT::q2_k,   TT::q3_k,   TT::q4_k,    TT::q5_k,  TT::q6_k};
+                     TT::iq1_s,  TT::tq1_0,  TT::tq2_0, TT::q2_k,   TT::q3_k,   TT::q4_k,    TT::q5_k,  TT::q6_k,
+                     TT::mxfp4,  TT::nvfp4,  TT::tq3,   TT::tq4,    TT::affine3_g32, TT::affine3_g64, TT::affine3_g128,
+                     TT::affine4_g32, TT::affine4_g64, TT::affine4_g128};
 const moe::Isa kSimdIsas[] = {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod};
 
 inline bool is_float_type(TT t) { return t == TT::f32 || t == TT::f16 || t == TT::bf16; }
@@ -38,11 +40,20 @@ inline bool is_float_type(TT t) { return t == TT::f32 || t == TT::f16 || t == TT
 inline bool uses_q8k(TT t) { return !is_float_type(t) && moe::tensor_type_block_elems(t) == 256; }
 inline bool is_iq1(TT t) { return t == TT::iq1_s || t == TT::iq1_m; }
 inline bool is_ternary(TT t) { return t == TT::tq1_0 || t == TT::tq2_0; }
+// MLX affine (scale + bias per group of 32/64/128, Q8_1 activations).
+inline bool is_affine_mlx(TT t) {
+    return t == TT::affine3_g32 || t == TT::affine3_g64 || t == TT::affine3_g128 || t == TT::affine4_g32 || t == TT::affine4_g64 ||
+           t == TT::affine4_g128;
+}
+// TQ3/TQ4: the kernels see the activation rotated per 128 (R = D2 H D1 / sqrt(128)).
+inline bool is_tq(TT t) { return t == TT::tq3 || t == TT::tq4; }
 // Types whose kernels add an offset term per element (Q4_1/Q5_1's m, the K-quants' mins, the
 // ternary types' -1 taken out as d * Σ y): it enters the round-off magnitude.
-inline bool has_mins(TT t) { return is_ternary(t) || t == TT::q4_1 || t == TT::q5_1 || t == TT::q2_k || t == TT::q4_k || t == TT::q5_k; }
-// Q4_1/Q5_1: the offset m per 32 with Q8_1 activations (their stored sum s).
-inline bool has_offset(TT t) { return t == TT::q4_1 || t == TT::q5_1; }
+inline bool has_mins(TT t) {
+    return is_ternary(t) || is_affine_mlx(t) || t == TT::q4_1 || t == TT::q5_1 || t == TT::q2_k || t == TT::q4_k || t == TT::q5_k;
+}
+// Q4_1/Q5_1 and MLX affine: the offset (m, bias) per block with Q8_1 activations (their stored sum s).
+inline bool has_offset(TT t) { return t == TT::q4_1 || t == TT::q5_1 || is_affine_mlx(t); }
 // Elements per activation block.
 inline int act_block(TT t) { return is_float_type(t) ? 1 : uses_q8k(t) ? 256 : 32; }
 
@@ -89,7 +100,7 @@ inline void k_quant_mins(TT t, const uint8_t* blk, double* out) {
         return;
     }
     if (has_offset(t)) {
-        for (int i = 0; i < 32; ++i) out[i] = dmin;
+        for (int i = 0; i < moe::tensor_type_block_elems(t); ++i) out[i] = dmin;
         return;
     }
     for (int i = 0; i < 256; ++i) {  // Q2_K: a 4-bit min per 16 (scales[i] >> 4); Q4_K/Q5_K: 6-bit per 32
@@ -160,6 +171,11 @@ inline std::vector<uint8_t> make_weights(TT t, int64_t n, WeightKind kind, std::
                 break;
             default: break;
         }
+        if (t == TT::mxfp4) {  // E8M0 byte: keep 2^(e-128) * 12 * 127 * n finite in float
+            blk[0] = kind == WeightKind::extreme_scales ? (b % 2 ? 200 : 1) : kind == WeightKind::gaussian ? 122 : (uint8_t)(100 + blk[0] % 50);
+            continue;
+        }
+        if (t == TT::nvfp4) continue;  // any UE4M3 byte decodes to at most 240
         set_block_d(t, blk, d);
         if (dmin_off >= 0) std::memcpy(blk + dmin_off, &dmin, 2);
     }
@@ -203,7 +219,7 @@ inline bool dequantized_activations(TT t, const std::vector<float>& x, int64_t n
     }
     std::vector<uint8_t> q((size_t)n * 2 + 64);
     if (moe::quantize_activations(t, moe::Isa::scalar, x.data(), n, q.data(), q.size()) != moe::Status::ok) return false;
-    const int ab = act_block(t), bytes = ab == 32 ? (has_offset(t) ? 40 : 34) : 292;
+    const int ab = act_block(t), bytes = ab == 32 ? (has_offset(t) ? 40 : 34) : 292;  // TQ: four Q8_0 per 128
     for (int64_t b = 0; b < n / ab; ++b) {
         const uint8_t* blk = q.data() + b * bytes;
         double d;
@@ -231,7 +247,27 @@ struct Oracle {
     bool ok = false;
     double exact = 0;      // Σ w·x in double over the dequantized weights and activations
     double magnitude = 0;  // M = Σ (|w| + |offset|)·|x|
+    double exact_slack = 0;  // TQ: the oracle's own rotation of float weights (added to exact's bound)
 };
+
+// Signs of the TQ rotation derived here independently of the header: MT19937 seeded 42, outputs
+// 0..127 for D1 and 128..255 for D2, +1 when odd (turboquant-vllm's torch.randint draws).
+inline void tq_signs(double* s1, double* s2) {
+    std::mt19937 g(42);
+    for (int i = 0; i < 128; ++i) s1[i] = g() & 1 ? 1.0 : -1.0;
+    for (int i = 0; i < 128; ++i) s2[i] = g() & 1 ? 1.0 : -1.0;
+}
+// y = D2 H D1 x / sqrt(128) per 128, in double (H: Sylvester Walsh-Hadamard, (-1)^popcount(i & k)).
+inline void tq_rotate_double(const float* x, double* y, int64_t n) {
+    double s1[128], s2[128];
+    tq_signs(s1, s2);
+    for (int64_t g = 0; g < n / 128; ++g)
+        for (int i = 0; i < 128; ++i) {
+            double acc = 0;
+            for (int k = 0; k < 128; ++k) acc += (__builtin_popcount(i & k) & 1 ? -1.0 : 1.0) * s1[k] * x[g * 128 + k];
+            y[g * 128 + i] = s2[i] * acc / std::sqrt(128.0);
+        }
+}
 
 inline Oracle oracle(TT t, const uint8_t* w, const std::vector<float>& x, int64_t n) {
     Oracle o;
@@ -239,20 +275,28 @@ inline Oracle oracle(TT t, const uint8_t* w, const std::vector<float>& x, int64_
     std::vector<double> xd, sums;
     if (moe::dequantize_row(t, w, wf.data(), n) != moe::Status::ok || !dequantized_activations(t, x, n, &xd, &sums)) return o;
     const int be = moe::tensor_type_block_elems(t), bb = moe::tensor_type_block_bytes(t);
+    std::vector<double> wd(wf.begin(), wf.end());
+    if (is_tq(t)) {  // the kernels work in the rotated basis: compare there (R is orthonormal)
+        tq_rotate_double(wf.data(), wd.data(), n);
+        double ww = 0, xx = 0;
+        for (int64_t i = 0; i < n; ++i) { ww += wd[(size_t)i] * wd[(size_t)i]; xx += xd[(size_t)i] * xd[(size_t)i]; }
+        o.exact_slack = 16 * kUnitRoundoff * std::sqrt(ww * xx);
+    }
     std::vector<double> mins(256);
     for (int64_t i = 0; i < n; ++i) {
-        double wabs = std::fabs((double)wf[(size_t)i]);
+        const double wv = wd[(size_t)i];
+        double wabs = std::fabs(wv);
         if (has_mins(t)) {
             if (i % be == 0) k_quant_mins(t, w + (i / be) * bb, mins.data());
             wabs += std::fabs(mins[(size_t)(i % be)]);
         }
-        o.exact += (double)wf[(size_t)i] * xd[(size_t)i];
+        o.exact += wv * xd[(size_t)i];
         o.magnitude += wabs * std::fabs(xd[(size_t)i]);
     }
     if (has_offset(t)) {  // the kernels take m * s (s as stored) for m * Σ x: swap the terms
         for (int64_t b = 0; b < n / 32; ++b) {
             double sx = 0;
-            k_quant_mins(t, w + b * bb, mins.data());
+            k_quant_mins(t, w + (b * 32 / be) * bb, mins.data());
             for (int i = 0; i < 32; ++i) sx += xd[(size_t)(b * 32 + i)];
             o.exact += mins[0] * (sums[(size_t)b] - sx);
         }
@@ -265,6 +309,8 @@ inline Oracle oracle(TT t, const uint8_t* w, const std::vector<float>& x, int64_
 // element for float types, two per 256-element super-block, one per 32 (two with an offset) else.
 inline int64_t float_terms(TT t, int64_t n) {
     if (is_float_type(t)) return n;
+    if (t == TT::nvfp4) return n / 16;        // one term per 16-element sub-block
+    if (is_tq(t)) return n / 32 + n / 128;    // four per group into its partial, one per group
     return uses_q8k(t) ? 2 * (n / 256) : has_mins(t) ? 2 * (n / 32) : n / 32;
 }
 

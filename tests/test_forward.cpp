@@ -396,6 +396,14 @@ std::vector<QuantCase> quant_cases() {
     c.push_back({"qwen3moe_Q5_K_mixed", with_type(spec("qwen3moe", 256, 2, 1, 128, 3, 2, 64, 300, 2), TT::q5_k, TT::q8_0), 5e-2});
     c.push_back({"qwen3moe_Q6_K_mixed", with_type(spec("qwen3moe", 256, 4, 2, 64, 3, 1, 64, 300, 2), TT::q6_k, TT::q8_0), 5e-2});
     c.push_back({"mixtral_Q4_K_mixed", with_type(spec("llama", 256, 4, 2, 64, 4, 2, 96, 300, 1), TT::q4_k, TT::q8_0), 5e-2});
+    // The seed formats: FP4 (ggml), MLX affine, and TQ (its kernels read the rotated activation, so
+    // this also proves the rotation is the one the weights were coded in). Odd widths fall back.
+    c.push_back({"olmoe_MXFP4", with_type(spec("olmoe", 64, 4, 4, 16, 8, 3, 32, 300, 2), TT::mxfp4), 5e-2});
+    c.push_back({"qwen3moe_NVFP4_mixed", with_type(spec("qwen3moe", 128, 4, 2, 32, 5, 2, 96, 300, 2), TT::nvfp4, TT::q8_0), 5e-2});
+    c.push_back({"qwen3moe_TQ3", with_type(spec("qwen3moe", 128, 4, 2, 32, 4, 2, 128, 300, 2), TT::tq3), 5e-2});
+    c.push_back({"qwen3moe_TQ4_mixed", with_type(spec("qwen3moe", 128, 4, 2, 48, 5, 2, 96, 300, 2), TT::tq4, TT::q8_0), 5e-2});
+    c.push_back({"qwen3moe_AFFINE3_G64", with_type(spec("qwen3moe", 128, 4, 2, 32, 4, 2, 64, 300, 2), TT::affine3_g64), 5e-2});
+    c.push_back({"mixtral_AFFINE4_G128_mixed", with_type(spec("llama", 128, 4, 2, 32, 4, 2, 96, 300, 1), TT::affine4_g128, TT::affine4_g32), 5e-2});
     return c;
 }
 

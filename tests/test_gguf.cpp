@@ -203,7 +203,9 @@ const TensorType kAllTypes[] = {TensorType::f32,    TensorType::f16,    TensorTy
                                 TensorType::tq1_0,  TensorType::tq2_0,
                                 TensorType::q2_k,   TensorType::q3_k,   TensorType::q4_k, TensorType::q5_k, TensorType::q6_k,
                                 TensorType::q1_0,   TensorType::q2_0,   TensorType::iq3_s, TensorType::iq3_xxs, TensorType::iq2_s,
-                                TensorType::iq2_xs, TensorType::iq2_xxs, TensorType::iq1_m, TensorType::iq1_s};
+                                TensorType::iq2_xs, TensorType::iq2_xxs, TensorType::iq1_m, TensorType::iq1_s,
+                                TensorType::mxfp4,  TensorType::nvfp4,   TensorType::tq3,   TensorType::tq4,
+                                TensorType::affine3_g64, TensorType::affine4_g32};
 
 std::vector<float> pseudo_random(size_t n, uint64_t seed) {
     std::mt19937_64 g(seed);
@@ -571,6 +573,68 @@ TEST(GgufReader, Version2IsReadLikeVersion3) {
 }
 
 // The writer's bytes must equal a layout built independently from formats.md §1.1.
+// Our own type ids are named in the file (moe_infer.custom_types, written by GgufWriter), and a
+// file that names an id differently, or not at all, is refused with a message naming the tensor.
+TEST(GgufWriter, CustomTypesAreNamedAndChecked) {
+    std::vector<float> v(256, 0.5f);
+    const int64_t ne[2] = {128, 2};
+    auto make = [&](const std::vector<std::string>* override_names) {
+        GgufWriter w;
+        w.set_string("general.name", "custom");
+        EXPECT_EQ(w.add_tensor_f32("a", TensorType::tq3, 2, ne, v.data()), Status::ok);
+        EXPECT_EQ(w.add_tensor_f32("b", TensorType::q8_0, 2, ne, v.data()), Status::ok);
+        EXPECT_EQ(w.add_tensor_f32("c", TensorType::affine4_g64, 2, ne, v.data()), Status::ok);
+        EXPECT_EQ(w.add_tensor_f32("d", TensorType::tq3, 2, ne, v.data()), Status::ok);
+        if (override_names) w.set_string_array("moe_infer.custom_types", *override_names);
+        return w.to_bytes();
+    };
+    {
+        const std::vector<uint8_t> bytes = make(nullptr);
+        GgufFile f;
+        ASSERT_EQ(open_bytes(bytes, &f), Status::ok) << moe::last_error();
+        const moe::GgufKeyValue* kv = f.find("moe_infer.custom_types");
+        ASSERT_NE(kv, nullptr);
+        EXPECT_EQ(kv->array_count, 2u);  // TQ3 once, AFFINE4_G64
+        std::vector<std::string> names;
+        ASSERT_EQ(f.get_string_array("moe_infer.custom_types", &names), Status::ok);
+        EXPECT_EQ(names, (std::vector<std::string>{std::to_string(0x4D4F0001) + ":TQ3", std::to_string(0x4D4F0022) + ":AFFINE4_G64"}));
+        EXPECT_EQ(f.find_tensor("a")->type, (uint32_t)TensorType::tq3);
+    }
+    {
+        const std::vector<std::string> wrong = {std::to_string(0x4D4F0001) + ":TQ9", std::to_string(0x4D4F0022) + ":AFFINE4_G64"};
+        const std::vector<uint8_t> bytes = make(&wrong);
+        GgufFile f;
+        EXPECT_EQ(open_bytes(bytes, &f), Status::unsupported);
+        EXPECT_NE(std::string(moe::last_error()).find("TQ9"), std::string::npos) << moe::last_error();
+    }
+    {
+        const std::vector<std::string> missing = {std::to_string(0x4D4F0022) + ":AFFINE4_G64"};
+        const std::vector<uint8_t> bytes = make(&missing);
+        GgufFile f;
+        EXPECT_EQ(open_bytes(bytes, &f), Status::invalid_file);
+        EXPECT_NE(std::string(moe::last_error()).find("'a'"), std::string::npos) << moe::last_error();
+    }
+}
+
+// copy_key reproduces every kind of entry (the way moe-quantize copies a model's metadata).
+TEST(GgufWriter, CopyKeyRoundTrip) {
+    GgufWriter w;
+    w.set_u32("u32", 4000000000u);
+    w.set_i32("i32", -7);
+    w.set_f32("f32", -2.5f);
+    w.set_bool("b", true);
+    w.set_string("s", "h\xc3\xa9");
+    w.set_string_array("sa", {"x", "", "yz"});
+    w.set_f32_array("fa", {1.f, -3.25f});
+    w.set_i32_array("ia", {INT32_MIN, 5});
+    const std::vector<uint8_t> first = w.to_bytes();
+    GgufFile f;
+    ASSERT_EQ(open_bytes(first, &f), Status::ok);
+    GgufWriter copy;
+    for (size_t i = 0; i < f.n_keys(); ++i) copy.copy_key(f.key_at(i));
+    EXPECT_EQ(copy.to_bytes(), first);
+}
+
 TEST(GgufWriter, BytesMatchTheSpecLayout) {
     std::vector<float> a = {1.f, 2.f, 3.f, 4.f, 5.f};  // 20 bytes: padded to 32
     std::vector<uint16_t> b(64);                       // f16, 128 bytes: no padding

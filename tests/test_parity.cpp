@@ -205,6 +205,14 @@ std::vector<ParityCase> parity_cases() {
         static const char* const kNames[] = {"qwen3moe_Q2_K", "qwen3moe_Q3_K", "qwen3moe_Q4_K", "qwen3moe_Q5_K", "qwen3moe_Q6_K"};
         c.push_back({kNames[(int)t - (int)TT::q2_k], s});
     }
+    // FP4 (issue 10): our MXFP4/NVFP4 blocks are ggml's own (GgmlBlocks proves the quantizers
+    // byte for byte). llama-quantize 0.5.0 writes MXFP4_MOE (LlamaQuantizeParity) but has no NVFP4
+    // ftype, so the NVFP4 file is ours; every matrix in the type (rows multiples of 64).
+    for (TT t : {TT::mxfp4, TT::nvfp4}) {
+        ModelSpec s = pspec("qwen3moe", t);
+        s.fallback_type = TT::q8_0;
+        c.push_back({t == TT::mxfp4 ? "qwen3moe_MXFP4" : "qwen3moe_NVFP4", s});
+    }
     return c;
 }
 
@@ -441,7 +449,8 @@ std::vector<FtypeCase> ftype_cases() {
             {"Q3_K_S", 11, false}, {"Q3_K_M", 12, false}, {"Q3_K_L", 13, false}, {"Q4_K_M", 15, false}, {"IQ4_NL", 25, false},
             {"IQ4_XS", 30, false}, {"IQ3_XXS", 23, true}, {"IQ3_XS", 22, true},  {"IQ3_S", 26, true},   {"IQ3_M", 27, true},
             {"IQ2_XXS", 19, true}, {"IQ2_XS", 20, true},  {"IQ2_S", 28, true},   {"IQ2_M", 29, true},   {"IQ1_S", 24, true},
-            {"IQ1_M", 31, true},   {"TQ1_0", 36, false},  {"TQ2_0", 37, false},  {"Q1_0", 40, false},   {"Q2_0", 41, false}};
+            {"IQ1_M", 31, true},   {"TQ1_0", 36, false},  {"TQ2_0", 37, false},  {"Q1_0", 40, false},   {"Q2_0", 41, false},
+            {"MXFP4_MOE", 38, false}};  // NVFP4 (39) is declared but not mapped by llama_model_quantize 0.5.0
 }
 INSTANTIATE_TEST_SUITE_P(Ftypes, LlamaQuantizeParity, ::testing::ValuesIn(ftype_cases()),
                          [](const ::testing::TestParamInfo<FtypeCase>& i) { return std::string(i.param.name); });
@@ -465,7 +474,7 @@ TEST(GgmlBlocks, DequantizeLikeGgml) {
     if (access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "tiny_gguf not built at " << tool;
     for (TT t : {TT::q8_0, TT::q4_0, TT::q4_1, TT::q5_0, TT::q5_1, TT::q1_0, TT::q2_0, TT::iq4_nl, TT::iq4_xs, TT::iq3_s, TT::iq3_xxs,
                  TT::iq2_s, TT::iq2_xs, TT::iq2_xxs, TT::iq1_m, TT::iq1_s, TT::tq1_0, TT::tq2_0, TT::q2_k, TT::q3_k, TT::q4_k, TT::q5_k,
-                 TT::q6_k}) {
+                 TT::q6_k, TT::mxfp4, TT::nvfp4}) {
         const int n = 256 * 40;
         const std::string out = tmp_dir() + "/ggml_blocks_" + std::to_string((long)getpid()) + "_" + moe::tensor_type_name(t) + ".bin";
         struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{out};
@@ -485,13 +494,22 @@ TEST(GgmlBlocks, DequantizeLikeGgml) {
         std::vector<float> want((size_t)n), got((size_t)n);
         ASSERT_EQ(std::fread(blocks.data(), 1, blocks.size(), f), blocks.size());
         ASSERT_EQ(std::fread(want.data(), sizeof(float), want.size(), f), want.size());
-        std::fclose(f);
         ASSERT_EQ(moe::dequantize_row(t, blocks.data(), got.data(), n), moe::Status::ok);
         int differ = 0, first = -1;
         for (int i = 0; i < n; ++i)
             if (got[(size_t)i] != want[(size_t)i] && differ++ == 0) first = i;
         EXPECT_EQ(differ, 0) << moe::tensor_type_name(t) << ": first at " << first << ": ours " << got[(size_t)std::max(first, 0)]
                              << ", ggml " << want[(size_t)std::max(first, 0)];
+        if (t == TT::mxfp4 || t == TT::nvfp4) {  // quantizers that follow ggml's rule: the same blocks
+            std::vector<float> x((size_t)n);
+            ASSERT_EQ(std::fread(x.data(), sizeof(float), x.size(), f), x.size());
+            std::vector<uint8_t> ours(blocks.size());
+            ASSERT_EQ(moe::quantize_row(t, x.data(), ours.data(), n), moe::Status::ok);
+            size_t bad = 0;
+            for (size_t i = 0; i < ours.size(); ++i) bad += ours[i] != blocks[i];
+            EXPECT_EQ(bad, 0u) << moe::tensor_type_name(t) << ": quantized bytes differ from ggml's";
+        }
+        std::fclose(f);
     }
 #endif
 }
@@ -508,7 +526,7 @@ TEST(GgmlBlocks, RandomBlocksDequantizeLikeGgml) {
     if (access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "tiny_gguf not built at " << tool;
     std::mt19937 rng(99);
     for (TT t : {TT::q1_0, TT::q2_0, TT::iq4_nl, TT::iq4_xs, TT::iq3_s, TT::iq3_xxs, TT::iq2_s, TT::iq2_xs, TT::iq2_xxs, TT::iq1_m, TT::iq1_s,
-                 TT::tq1_0, TT::tq2_0, TT::q2_k, TT::q3_k}) {
+                 TT::tq1_0, TT::tq2_0, TT::q2_k, TT::q3_k, TT::mxfp4, TT::nvfp4}) {
         const int blocks = 4096, bb = moe::tensor_type_block_bytes(t), be = moe::tensor_type_block_elems(t);
         std::vector<uint8_t> q((size_t)blocks * (size_t)bb);
         for (auto& b : q) b = (uint8_t)(rng() & 255);

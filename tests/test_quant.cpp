@@ -29,12 +29,17 @@ using moe::TensorType;
 const TensorType kQuantTypes[] = {TensorType::q8_0,   TensorType::q4_0,   TensorType::q4_1, TensorType::q5_0,
                                   TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs, TensorType::tq1_0,
                                   TensorType::tq2_0,  TensorType::q2_k,
-                                  TensorType::q3_k,   TensorType::q4_k,   TensorType::q5_k, TensorType::q6_k};
+                                  TensorType::q3_k,   TensorType::q4_k,   TensorType::q5_k, TensorType::q6_k,
+                                  TensorType::mxfp4,  TensorType::nvfp4,  TensorType::tq3,  TensorType::tq4,
+                                  TensorType::affine3_g32, TensorType::affine3_g64, TensorType::affine3_g128,
+                                  TensorType::affine4_g32, TensorType::affine4_g64, TensorType::affine4_g128};
 const TensorType kAllTypes[] = {TensorType::f32,  TensorType::f16,  TensorType::bf16,   TensorType::q8_0,   TensorType::q4_0,
                                 TensorType::q4_1, TensorType::q5_0, TensorType::q5_1,   TensorType::iq4_nl, TensorType::iq4_xs,
                                 TensorType::tq1_0, TensorType::tq2_0,
                                 TensorType::q2_k, TensorType::q3_k, TensorType::q4_k,   TensorType::q5_k,   TensorType::q6_k,
-                                TensorType::q1_0, TensorType::q2_0};
+                                TensorType::q1_0, TensorType::q2_0, TensorType::mxfp4, TensorType::nvfp4, TensorType::tq3, TensorType::tq4,
+                                TensorType::affine3_g32, TensorType::affine3_g64, TensorType::affine3_g128,
+                                TensorType::affine4_g32, TensorType::affine4_g64, TensorType::affine4_g128};
 // The IQ grid types: dequantize-only (no quantizer in the library).
 const TensorType kDequantizeOnlyTypes[] = {TensorType::iq3_s,  TensorType::iq3_xxs, TensorType::iq2_s, TensorType::iq2_xs,
                                            TensorType::iq2_xxs, TensorType::iq1_m,  TensorType::iq1_s};
@@ -517,6 +522,77 @@ std::vector<double> spec_decode_block(TensorType t, const uint8_t* b, std::vecto
             }
             break;
         }
+        case TensorType::mxfp4:    // e (E8M0) @0, qs[16] @1 in Q4_0's nibble order; E2M1 value * 2^(e-127)
+        case TensorType::nvfp4: {  // d[4] (UE4M3) @0, qs[32] @4: sub-block s bytes 8s..8s+7, low nibble j, high j+8
+            static const double e2m1[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+            auto fp4 = [](int code) { return (code & 8 ? -1.0 : 1.0) * e2m1[code & 7]; };
+            if (t == TensorType::mxfp4) {
+                const double scale = std::ldexp(1.0, (int)b[0] - 127);
+                for (int j = 0; j < 32; ++j) y.push_back(fp4(j < 16 ? (b[1 + j] & 15) : (b[1 + j - 16] >> 4)) * scale);
+            } else {
+                for (int i = 0; i < 64; ++i) {
+                    const int s = i / 16, j = i % 16, x = b[s];
+                    const int e = (x >> 3) & 15, m = x & 7;  // E4M3 without sign; 0x7F reads as 0 in ggml
+                    const double scale = x == 0x7F ? 0.0 : e == 0 ? std::ldexp((double)m, -9) : std::ldexp(1.0 + m / 8.0, e - 7);
+                    const uint8_t q = b[4 + 8 * s + j % 8];
+                    y.push_back(fp4(j < 8 ? (q & 15) : (q >> 4)) * scale);
+                }
+            }
+            for (double v : y) mag->push_back(std::fabs(v));
+            break;
+        }
+        case TensorType::affine3_g32: case TensorType::affine3_g64: case TensorType::affine3_g128:
+        case TensorType::affine4_g32: case TensorType::affine4_g64: case TensorType::affine4_g128: {
+            // scale:f16 @0, bias:f16 @2, then per 32 elements: 4-bit: 16 bytes in Q4_0's nibble
+            // order; 3-bit: 8 bytes of 2-bit fields (element 8k + j: bits 2k of byte j) and a
+            // little-endian u32 of third bits (bit j: element j). value = scale * q + bias.
+            const int bits = moe::tensor_type_name(t)[6] == '4' ? 4 : 3, g = blk(t);
+            const double sc = h2d(b), bias = h2d(b + 2);
+            for (int i = 0; i < g; ++i) {
+                const uint8_t* c = b + 4 + (i / 32) * 4 * bits;
+                const int j = i % 32;
+                int q;
+                if (bits == 4) {
+                    q = j < 16 ? (c[j] & 15) : (c[j - 16] >> 4);
+                } else {
+                    const uint32_t hi = (uint32_t)c[8] | ((uint32_t)c[9] << 8) | ((uint32_t)c[10] << 16) | ((uint32_t)c[11] << 24);
+                    q = ((c[j % 8] >> (2 * (j / 8))) & 3) | (int)(((hi >> j) & 1) << 2);
+                }
+                y.push_back(sc * q + bias);
+                mag->push_back(std::fabs(sc * q) + std::fabs(bias));
+            }
+            break;
+        }
+        case TensorType::tq3:
+        case TensorType::tq4: {
+            // d:f16 @0; TQ3: qs[32] @2 (element 32k + j: bits 2k of byte j), qh[16] @34 (third bit:
+            // bit k + 4 (j / 16) of byte j % 16); TQ4: qs[64] @2, four Q4_0-ordered runs of 32.
+            // value = d * (R^T c[code]) with R = D2 H D1 / sqrt(128), signs from MT19937(42) (odd:
+            // +1; first 128 draws D1, next 128 D2), c the int8 Lloyd-Max levels.
+            static const int c3[8] = {-127, -79, -45, -14, 14, 45, 79, 127};
+            static const int c4[16] = {-127, -96, -75, -58, -43, -30, -18, -6, 6, 18, 30, 43, 58, 75, 96, 127};
+            double s1[128], s2[128], c[128];
+            std::mt19937 mt(42);
+            for (double& v : s1) v = mt() & 1 ? 1.0 : -1.0;
+            for (double& v : s2) v = mt() & 1 ? 1.0 : -1.0;
+            const double d = h2d(b);
+            for (int i = 0; i < 128; ++i) {
+                const int k = i / 32, j = i % 32;
+                if (t == TensorType::tq3) {
+                    c[i] = c3[((b[2 + j] >> (2 * k)) & 3) | (((b[34 + j % 16] >> (k + 4 * (j / 16))) & 1) << 2)];
+                } else {
+                    const uint8_t* run = b + 2 + 16 * k;
+                    c[i] = c4[j < 16 ? (run[j] & 15) : (run[j - 16] >> 4)];
+                }
+            }
+            for (int i = 0; i < 128; ++i) {
+                double acc = 0;
+                for (int k = 0; k < 128; ++k) acc += (__builtin_popcount((unsigned)(i & k)) & 1 ? -1.0 : 1.0) * s2[k] * c[k];
+                y.push_back(d * s1[i] * acc / std::sqrt(128.0));
+                mag->push_back(std::fabs(y.back()));
+            }
+            break;
+        }
         default:
             ADD_FAILURE() << "no spec decoder";
     }
@@ -567,9 +643,13 @@ TEST(QuantLayout, RandomBlocksMatchTheSpecDecoder) {
             } else if (t == TensorType::q2_k) {
                 put16(p + 80);
                 put16(p + 82);
+            } else if (t == TensorType::mxfp4) {
+                p[0] = (uint8_t)(100 + g() % 60);  // E8M0: keep 2^(e-127) * 6 well inside float
+            } else if (t == TensorType::nvfp4) {
+                // any UE4M3 byte is a finite scale (at most 240 in ggml's reading)
             } else {
                 put16(p);
-                if (t == TensorType::q4_k || t == TensorType::q5_k) put16(p + 2);
+                if (t == TensorType::q4_k || t == TensorType::q5_k || moe::tensor_type_name(t)[0] == 'A') put16(p + 2);  // affine bias
             }
         }
         expect_matches_spec(t, bytes, "random");
@@ -790,6 +870,13 @@ const ErrBound kErr[] = {
     // an importance matrix, 2^18 N(0,1) samples) measured 0.1509/0.1253 and 0.2977/0.2393; ours
     // fit each sub-block by least squares over a scale sweep and come out below those.
     {TensorType::q3_k, 0.1509, 0.1253}, {TensorType::q2_k, 0.2977, 0.2393},
+    // The seed formats: formats.md section 6 (its own NumPy re-implementations of each rule; MXFP4
+    // = the OCP/ggml rule, NVFP4 = block scale only, the larger of its sigma = 1 / 0.02 figures;
+    // TQ with the float Lloyd-Max codebook, ours is rounded to int8).
+    {TensorType::mxfp4, 0.1148, 0.0860}, {TensorType::nvfp4, 0.1030, 0.0776},
+    {TensorType::tq4, 0.0959, 0.0763},   {TensorType::tq3, 0.1840, 0.1465},
+    {TensorType::affine4_g32, 0.0809, 0.0676}, {TensorType::affine4_g64, 0.0908, 0.0770}, {TensorType::affine4_g128, 0.0997, 0.0852},
+    {TensorType::affine3_g32, 0.1712, 0.1427}, {TensorType::affine3_g64, 0.1903, 0.1609}, {TensorType::affine3_g128, 0.2067, 0.1762},
     // Measured the same way for ggml's Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS quantizers.
     {TensorType::q4_1, 0.0785, 0.0650}, {TensorType::q5_0, 0.0428, 0.0357}, {TensorType::q5_1, 0.0380, 0.0314},
     {TensorType::iq4_nl, 0.0763, 0.0642}, {TensorType::iq4_xs, 0.0769, 0.0646},
@@ -1005,8 +1092,8 @@ TEST(Quantize, BadLengthsAndArguments) {
         EXPECT_EQ(moe::dequantize_row(t, nullptr, y.data(), blk(t)), Status::invalid_argument);
         EXPECT_EQ(moe::dequantize_row(t, q.data(), nullptr, blk(t)), Status::invalid_argument);
     }
-    // Types this build does not support (Q8_K, I8, MXFP4, NVFP4, garbage).
-    for (uint32_t raw : {15u, 24u, 39u, 40u, 12345u}) {
+    // Types this build does not support (Q8_K, I8, a retired id, an unassigned id of ours, garbage).
+    for (uint32_t raw : {15u, 24u, 31u, 0x4D4F0003u, 12345u}) {
         EXPECT_NE(moe::quantize_row((TensorType)raw, x.data(), q.data(), 256), Status::ok) << raw;
         EXPECT_NE(moe::dequantize_row((TensorType)raw, q.data(), y.data(), 256), Status::ok) << raw;
         EXPECT_FALSE(moe::tensor_type_supported(raw));
@@ -1023,15 +1110,19 @@ TEST(QuantTypes, TraitsMatchTheSpecTable) {
                         {11, 256, 110, "Q3_K"}, {20, 32, 18, "IQ4_NL"}, {23, 256, 136, "IQ4_XS"}, {34, 256, 54, "TQ1_0"},
                         {35, 256, 66, "TQ2_0"},   {41, 128, 18, "Q1_0"},  {42, 64, 18, "Q2_0"},   {16, 256, 66, "IQ2_XXS"},
                         {17, 256, 74, "IQ2_XS"},  {22, 256, 82, "IQ2_S"}, {18, 256, 98, "IQ3_XXS"}, {21, 256, 110, "IQ3_S"},
-                        {19, 256, 50, "IQ1_S"},   {29, 256, 56, "IQ1_M"}};
+                        {19, 256, 50, "IQ1_S"},   {29, 256, 56, "IQ1_M"},  {39, 32, 17, "MXFP4"},  {40, 64, 36, "NVFP4"},
+                        // ours (TensorType): rotated codebook and MLX affine
+                        {0x4D4F0001, 128, 50, "TQ3"}, {0x4D4F0002, 128, 66, "TQ4"}, {0x4D4F0011, 32, 16, "AFFINE3_G32"},
+                        {0x4D4F0012, 64, 28, "AFFINE3_G64"}, {0x4D4F0013, 128, 52, "AFFINE3_G128"}, {0x4D4F0021, 32, 20, "AFFINE4_G32"},
+                        {0x4D4F0022, 64, 36, "AFFINE4_G64"}, {0x4D4F0023, 128, 68, "AFFINE4_G128"}};
     for (const Row& r : rows) {
         EXPECT_TRUE(moe::tensor_type_supported(r.id));
         EXPECT_EQ(moe::tensor_type_block_elems((TensorType)r.id), r.elems);
         EXPECT_EQ(moe::tensor_type_block_bytes((TensorType)r.id), r.bytes);
         EXPECT_STREQ(moe::tensor_type_name((TensorType)r.id), r.name);
     }
-    EXPECT_STREQ(moe::tensor_type_name((TensorType)39), "unknown");  // MXFP4: not yet
-    EXPECT_FALSE(moe::tensor_type_supported(39));
+    EXPECT_STREQ(moe::tensor_type_name((TensorType)43), "unknown");
+    EXPECT_FALSE(moe::tensor_type_supported(43));
 }
 
 // Any bytes decode without reading outside the row (ASan) - including NaN/inf scales.
@@ -1047,6 +1138,65 @@ TEST(QuantLayout, ArbitraryBytesDecodeInBounds) {
             for (size_t i = 0; i < bytes; ++i) q[i] = (uint8_t)g();
             std::unique_ptr<float[]> y(new float[(size_t)n]);
             ASSERT_EQ(moe::dequantize_row(t, q.get(), y.get(), n), Status::ok);
+        }
+    }
+}
+
+}  // namespace
+
+namespace {
+
+// An importance vector (per-column activation energy) is used by the quantizers that can weigh
+// their error, and never makes the weighted error worse in aggregate: each of them keeps its
+// unweighted choice among its candidates (MXFP4, NVFP4, affine), or only refits the gain (TQ), or
+// weighs its K-quant scale fit. Others ignore it and give quantize_row's bytes.
+TEST(Quantize, ImportanceLowersTheWeightedError) {
+    const int64_t cols = 512, rows = 48;
+    std::vector<float> x = Gauss(77).vec((size_t)(cols * rows), 0.02);
+    std::mt19937_64 g(5);
+    std::vector<float> imp((size_t)cols);
+    for (float& v : imp) v = (float)std::exp((double)(g() % 1000) / 1000.0 * 8.0 - 4.0);  // e^-4 .. e^4
+    std::vector<float> imp_rows((size_t)(cols * rows));
+    for (int64_t i = 0; i < cols * rows; ++i) imp_rows[(size_t)i] = imp[(size_t)(i % cols)];
+    for (TensorType t : kQuantTypes) {
+        std::vector<uint8_t> plain(row_bytes(t, cols * rows)), weighted(plain.size());
+        ASSERT_EQ(moe::quantize_row(t, x.data(), plain.data(), cols * rows), Status::ok);
+        ASSERT_EQ(moe::quantize_row_weighted(t, x.data(), weighted.data(), cols * rows, imp_rows.data()), Status::ok) << moe::last_error();
+        if (!moe::quantize_uses_importance(t)) {
+            EXPECT_EQ(plain, weighted) << moe::tensor_type_name(t);
+            continue;
+        }
+        const std::vector<float> yp = dequant(t, plain, cols * rows), yw = dequant(t, weighted, cols * rows);
+        double ep = 0, ew = 0;
+        for (int64_t i = 0; i < cols * rows; ++i) {
+            ep += imp_rows[(size_t)i] * ((double)yp[(size_t)i] - x[(size_t)i]) * ((double)yp[(size_t)i] - x[(size_t)i]);
+            ew += imp_rows[(size_t)i] * ((double)yw[(size_t)i] - x[(size_t)i]) * ((double)yw[(size_t)i] - x[(size_t)i]);
+        }
+        RecordProperty(std::string(moe::tensor_type_name(t)) + "_weighted_err_ratio", std::to_string(ew / ep));
+        EXPECT_LT(ew, ep) << moe::tensor_type_name(t) << ": weighted " << ew << " plain " << ep;
+    }
+    for (TensorType t : {TensorType::q4_k, TensorType::q5_k, TensorType::mxfp4, TensorType::nvfp4, TensorType::tq3, TensorType::tq4,
+                         TensorType::affine3_g64, TensorType::affine4_g128})
+        EXPECT_TRUE(moe::quantize_uses_importance(t)) << moe::tensor_type_name(t);
+    EXPECT_FALSE(moe::quantize_uses_importance(TensorType::q4_0));
+    std::vector<uint8_t> q(row_bytes(TensorType::tq3, cols));
+    imp[3] = -1.f;
+    EXPECT_EQ(moe::quantize_row_weighted(TensorType::tq3, x.data(), q.data(), cols, imp.data()), Status::invalid_argument);
+    imp[3] = NAN;
+    EXPECT_EQ(moe::quantize_row_weighted(TensorType::tq3, x.data(), q.data(), cols, imp.data()), Status::invalid_argument);
+}
+
+// TQ codes a group in a rotated basis and stores d = ||x|| / ||c[codes]||: the reconstruction
+// keeps the group's norm (up to d's fp16 rounding), whatever the distribution.
+TEST(Quantize, TqPreservesGroupNorms) {
+    std::vector<float> x = Gauss(8).vec(128 * 64, 1.0);
+    for (int i = 0; i < 128 * 64; i += 97) x[(size_t)i] *= 40.f;  // outliers
+    for (TensorType t : {TensorType::tq3, TensorType::tq4}) {
+        const std::vector<float> y = dequant(t, quant(t, x), (int64_t)x.size());
+        for (int gi = 0; gi < 64; ++gi) {
+            double nx = 0, ny = 0;
+            for (int i = 0; i < 128; ++i) { nx += (double)x[(size_t)(gi * 128 + i)] * x[(size_t)(gi * 128 + i)]; ny += (double)y[(size_t)(gi * 128 + i)] * y[(size_t)(gi * 128 + i)]; }
+            EXPECT_NEAR(std::sqrt(ny), std::sqrt(nx), std::sqrt(nx) * 1e-3) << moe::tensor_type_name(t) << " group " << gi;
         }
     }
 }

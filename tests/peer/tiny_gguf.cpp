@@ -205,7 +205,8 @@ int run(const Cfg & c) {
 // --ggml-blocks TYPE N OUT: N Gaussian values (seeded as the weights above, sigma 1, every 7th
 // block scaled by 1e-3 and every 11th by 1e3) quantized by ggml_quantize_chunk (an importance
 // matrix for the IQ types only), then dequantized by ggml's to_float. OUT: int32 type id, int32 N, uint64 byte count,
-// the blocks, then N floats: what moe_infer.h's dequantizer must reproduce.
+// the blocks, then N floats: what moe_infer.h's dequantizer must reproduce, then the N input floats
+// (for quantizers that claim ggml's exact blocks).
 int ggml_blocks(const std::string & type_name, int n, const std::string & out) {
     ggml_type type = GGML_TYPE_COUNT;
     for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
@@ -235,7 +236,8 @@ int ggml_blocks(const std::string & type_name, int n, const std::string & out) {
     const int32_t head[2] = {(int32_t) type, n};
     const uint64_t bytes = q.size();
     bool ok = std::fwrite(head, sizeof head, 1, f) == 1 && std::fwrite(&bytes, sizeof bytes, 1, f) == 1 &&
-              std::fwrite(q.data(), 1, q.size(), f) == q.size() && std::fwrite(y.data(), sizeof(float), y.size(), f) == y.size();
+              std::fwrite(q.data(), 1, q.size(), f) == q.size() && std::fwrite(y.data(), sizeof(float), y.size(), f) == y.size() &&
+              std::fwrite(x.data(), sizeof(float), x.size(), f) == x.size();
     ok = std::fclose(f) == 0 && ok;
     if (!ok) throw Error("write error on " + out);
     return 0;
