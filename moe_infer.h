@@ -3099,11 +3099,19 @@ inline float e8m0_half(uint8_t e) {
 }
 // Unsigned E4M3 (bias 7, subnormal step 2^-9) at half its value; 0x00 and 0x7F read as 0, and bit 7
 // is ignored otherwise (as ggml decodes it).
-inline float ue4m3_half(uint8_t x) {
-    if (x == 0 || x == 0x7F) return 0.f;
-    const int e = (x >> 3) & 15, m = x & 7;
-    return e == 0 ? std::ldexp((float)m, -10) : std::ldexp(1.f + (float)m / 8.f, e - 8);
-}
+struct Ue4m3HalfTable {
+    float v[256];
+    constexpr Ue4m3HalfTable() : v() {
+        for (int x = 0; x < 256; ++x) {
+            const int e = (x >> 3) & 15, m = x & 7;
+            float f = e == 0 ? (float)m / 1024.f : (1.f + (float)m / 8.f) / 256.f;  // exact: powers of two
+            for (int i = 0; i < e; ++i) f *= 2.f;
+            v[x] = x == 0x7F ? 0.f : f;
+        }
+    }
+};
+constexpr Ue4m3HalfTable kUe4m3Half{};  // a table: the kernels read two scales per 32 elements
+inline float ue4m3_half(uint8_t x) { return kUe4m3Half.v[x]; }
 // ggml's encoder: mantissa rounded half up (bit 19 of the float), subnormals as round-half-up of
 // x * 512 capped at 7, anything at or above 2^8 * 1.875 to 0x7E (448); x <= 0 (and NaN) to 0.
 inline uint8_t f32_to_ue4m3(float x) {

@@ -71,7 +71,8 @@ const char* kUsage =
     "\n"
     "synthetic model options:\n"
     "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
-    "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs | q3_k_m | iq3_xxs\n"
+    "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs | q3_k_m | iq3_xxs |\n"
+    "                  mxfp4 | nvfp4 | tq3 | tq4 | affine3 | affine4 (g64)\n"
     "                  (q4_k_m, q3_k_m, iq3_xxs: llama-quantize's type mixes; iq3_xxs as random grid codes)\n"
     "  -o FILE         output path\n"
     "  --layers N      keep only the first N layers (quick tests)\n"
@@ -256,6 +257,14 @@ bool make_plan(const std::string& q, QuantPlan* p) {
     else if (q == "q2_k") { p->base = T::q2_k; p->file_type = 10; }
     else if (q == "q3_k") { p->base = T::q3_k; p->file_type = 11; }
     else if (q == "iq4_xs") { p->base = T::iq4_xs; p->file_type = 30; }
+    // The seed formats: every matrix in the type (general.file_type: MXFP4_MOE / NVFP4 as
+    // llama.cpp numbers them; ours have no llama_ftype, ALL_F32 = 0 is written as a placeholder).
+    else if (q == "mxfp4") { p->base = T::mxfp4; p->file_type = 38; }
+    else if (q == "nvfp4") { p->base = T::nvfp4; p->file_type = 39; }
+    else if (q == "tq3") { p->base = T::tq3; p->file_type = 0; }
+    else if (q == "tq4") { p->base = T::tq4; p->file_type = 0; }
+    else if (q == "affine3") { p->base = T::affine3_g64; p->file_type = 0; }
+    else if (q == "affine4") { p->base = T::affine4_g64; p->file_type = 0; }
     else return false;
     return true;
 }
@@ -428,6 +437,34 @@ void gen_low_bit(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
     }
 }
 
+// The seed formats: random codes, scales set for |w| of about 0.01-0.02 like the other types.
+// MXFP4: E8M0 2^(e-128) with e 118..120; NVFP4: UE4M3 subnormal codes 1..7 (m * 2^-10 halved);
+// TQ3/TQ4: d ~ 3e-4 (|w| ~ d * 50); affine: scale ~ 1.5e-3 and bias -scale * nmax / 2.
+void gen_seed_format(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
+    using T = moe::TensorType;
+    const int bb = moe::tensor_type_block_bytes(type);
+    for (size_t b = 0; b < nb; ++b, p += bb) {
+        for (int k = 0; k + 8 <= bb; k += 8) {
+            uint64_t a = r.next();
+            std::memcpy(p + k, &a, 8);
+        }
+        for (int k = bb / 8 * 8; k < bb; ++k) p[k] = (uint8_t)r.next();
+        if (type == T::mxfp4) {
+            p[0] = (uint8_t)(118 + r.next() % 3);
+        } else if (type == T::nvfp4) {
+            for (int s = 0; s < 4; ++s) p[s] = (uint8_t)(1 + r.next() % 7);
+        } else if (type == T::tq3 || type == T::tq4) {
+            const uint16_t d = to_fp16(r.uniform(2e-4f, 4e-4f));
+            std::memcpy(p, &d, 2);
+        } else {  // affine
+            const float sc = r.uniform(1e-3f, 2e-3f), nmax = type == T::affine4_g64 ? 15.f : 7.f;
+            const uint16_t a = to_fp16(sc), c = to_fp16(-sc * nmax / 2);
+            std::memcpy(p, &a, 2);
+            std::memcpy(p + 2, &c, 2);
+        }
+    }
+}
+
 // fp16 values with |w| in [2^-9, 2^-3): exponent field 6..11, random mantissa and sign.
 void gen_f16(uint8_t* p, size_t n, Rng& r) {
     for (size_t i = 0; i < n;) {
@@ -473,6 +510,9 @@ void scale_blocks(moe::TensorType type, uint8_t* p, size_t nb, float factor) {
             case T::q3_k: scale16(blk + 108); break;
             case T::iq4_xs: case T::iq3_xxs: case T::iq3_s: scale16(blk); break;
             case T::q5_k: scale16(blk); scale16(blk + 2); break;
+            case T::tq3: case T::tq4: scale16(blk); break;
+            case T::affine3_g64: case T::affine4_g64: scale16(blk); scale16(blk + 2); break;
+            case T::mxfp4: blk[0] = (uint8_t)std::max(1, std::min(254, (int)blk[0] + (int)std::lround(std::log2(factor)))); break;
             case T::f16: scale16(blk); break;
             case T::f32: { float v; std::memcpy(&v, blk, 4); v *= factor; std::memcpy(blk, &v, 4); break; }
             default: break;
@@ -496,6 +536,7 @@ void gen_range(const TensorSpec& t, uint8_t* dst, uint64_t elem0, uint64_t n_ele
         case T::q2_k: case T::q3_k: case T::iq4_xs: case T::iq3_xxs: case T::iq3_s: gen_low_bit(t.type, p, nb, r); break;
         case T::f16: gen_f16(p, nb, r); break;
         case T::f32: gen_f32(p, nb, r, t.fill); break;
+        case T::mxfp4: case T::nvfp4: case T::tq3: case T::tq4: case T::affine3_g64: case T::affine4_g64: gen_seed_format(t.type, p, nb, r); break;
         default: std::memset(p, 0, nb * (size_t)bb); break;
     }
     if (t.fill == Fill::embedding) scale_blocks(t.type, p, nb, 64.f);
@@ -642,7 +683,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     }
     const Shape& s = *sp;
     QuantPlan plan;
-    if (!make_plan(quant, &plan)) return fail("unknown quant type '" + quant + "' (known: q4_0, q8_0, q4_k_m, q4_k, q6_k, f16, q2_k, q3_k, iq4_xs, q3_k_m, iq3_xxs)");
+    if (!make_plan(quant, &plan)) return fail("unknown quant type '" + quant + "' (known: q4_0, q8_0, q4_k_m, q4_k, q6_k, f16, q2_k, q3_k, iq4_xs, q3_k_m, iq3_xxs, mxfp4, nvfp4, tq3, tq4, affine3, affine4)");
     if (out.empty()) return fail("--synthetic needs -o FILE");
     const int n_layer = layers > 0 ? layers : s.n_layer;
     if (n_layer > s.n_layer) return fail("--layers " + std::to_string(layers) + " exceeds the shape's " + std::to_string(s.n_layer) + " layers");
