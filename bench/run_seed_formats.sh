@@ -14,9 +14,9 @@ DIR=${MODEL_DIR:-/tmp}
 for q in "$@"; do
     f="$DIR/seed_${q}.gguf"
     case "$q" in
-        q4_0|q8_0|mxfp4|nvfp4|q4_k|q6_k) peer=${PEER_DIR:-} ;;
-        *) peer=/nonexistent ;;  # llama.cpp cannot read our own type ids
+        q4_0|q8_0|mxfp4|nvfp4|q4_k|q6_k) no_peer= ;;
+        *) no_peer=1 ;;  # llama.cpp cannot read our own type ids
     esac
-    PEER_DIR=$peer SYNTH=qwen3-30b-a3b:$q bash "$ROOT/bench/run_side_by_side.sh" "$f" "$T" || echo "[seed_formats] $q failed" >&2
+    NO_PEER=$no_peer SYNTH=qwen3-30b-a3b:$q bash "$ROOT/bench/run_side_by_side.sh" "$f" "$T" || echo "[seed_formats] $q failed" >&2
     rm -f "$f"
 done

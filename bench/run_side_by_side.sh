@@ -19,6 +19,7 @@
 #   OUT_DIR=$BUILD_DIR/results  each run writes OUT_DIR/<model>-t<T>-<time>/{moe.json,llama.json,summary.md,*.log}
 #   SYNTH=SHAPE:QUANT[:LAYERS]  if MODEL does not exist, write it first with moe-bench --synthetic
 #                        (e.g. SYNTH=qwen3-30b-a3b:q4_0)
+#   NO_PEER=1            run moe-bench only (e.g. our own tensor types, which llama.cpp cannot read)
 #   LLAMA_FTYPE=N        with SYNTH (QUANT f16): quantize that F16 file with llama.cpp's own
 #                        llama_model_quantize (tests/peer/llama_peer --quantize, importance matrix,
 #                        all cores) to llama_ftype N, e.g. 23 = IQ3_XXS, 12 = Q3_K_M: the type mixes
@@ -109,8 +110,9 @@ fi
 
 LLAMA_PEER_BIN=$BUILD_DIR/llama_bench_peer
 HAVE_LLAMA=0
+[ -z "${NO_PEER:-}" ] || PEER_DIR=/nonexistent  # NO_PEER=1: moe-bench only (files llama.cpp cannot read)
 if ! peer_locate; then
-    if command -v npm >/dev/null 2>&1; then
+    if [ -z "${NO_PEER:-}" ] && command -v npm >/dev/null 2>&1; then
         log "no peer in $PEER_DIR: fetching it (tests/peer/fetch_llama.sh)"
         bash "$ROOT/tests/peer/fetch_llama.sh" "$PEER_DIR" >/dev/null || log "fetch failed"
     fi
