@@ -1106,9 +1106,9 @@ TEST(GgufHostile, TensorShapes) {
 }
 
 TEST(GgufHostile, UnknownTensorTypes) {
-    // Retired 4 and 5, Q8_K (activation only), I8, F64, MXFP4, NVFP4 (not yet), past ggml's count,
-    // ik_llama ids, garbage.
-    for (uint32_t t : {4u, 5u, G_Q8_K, 24u, 28u, G_MXFP4, 40u, 43u, 100u, 0xffffffffu}) {
+    // Retired 4 and 5, Q8_K (activation only), I8, F64, past ggml's count, ik_llama ids, an
+    // unassigned id of ours, garbage.
+    for (uint32_t t : {4u, 5u, G_Q8_K, 24u, 28u, 43u, 100u, 0x4D4F0003u, 0xffffffffu}) {
         expect_reject(make_gguf(0, Bytes(), {{"strange.weight", {256}, t, 0}}, 4096), Status::unsupported,
                       {"strange.weight"});
     }
