@@ -44,8 +44,9 @@
        architectures: qwen3moe, olmoe, qwen2moe (shared expert + sigmoid gate), llama (Mixtral-style
        ffn_*_exps, and dense llama), all hyper-parameters from GGUF metadata.
        tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q1_0, Q2_0, IQ4_NL, IQ4_XS, IQ3_S,
-       IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, TQ1_0, TQ2_0 (ggml
-       block layouts, bit-exact; the IQ grid types are dequantize-only: no quantizer).
+       IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, TQ1_0, TQ2_0, MXFP4,
+       NVFP4 (ggml block layouts, bit-exact; the IQ grid types are dequantize-only: no quantizer);
+       our own TQ3, TQ4 (rotated codebook) and AFFINE3/AFFINE4 (MLX affine, groups 32/64/128).
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
        tokenizers: byte-level BPE ("gpt2": qwen2, llama-bpe, gpt-2, deepseek-llm pre-tokenizers...)
