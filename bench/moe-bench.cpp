@@ -406,6 +406,15 @@ void gen_q6_k(uint8_t* p, size_t nb, Rng& r) {
     }
 }
 
+// bb random bytes (a block's codes; its scales are set afterwards).
+void random_bytes(uint8_t* p, int bb, Rng& r) {
+    for (int k = 0; k + 8 <= bb; k += 8) {
+        uint64_t a = r.next();
+        std::memcpy(p + k, &a, 8);
+    }
+    for (int k = bb / 8 * 8; k < bb; ++k) p[k] = (uint8_t)r.next();
+}
+
 // Q2_K (84 B), Q3_K (110 B), IQ4_XS (136 B), IQ3_XXS (98 B), IQ3_S (110 B): random codes, grid
 // indices, signs and sub-block scales; the fp16 super-scales (d @80 and dmin @82, d @108, d @0)
 // set so that |w| stays near the other types' range.
@@ -413,11 +422,7 @@ void gen_low_bit(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
     using T = moe::TensorType;
     const int bb = moe::tensor_type_block_bytes(type);
     for (size_t b = 0; b < nb; ++b, p += bb) {
-        for (int k = 0; k + 8 <= bb; k += 8) {
-            uint64_t a = r.next();
-            std::memcpy(p + k, &a, 8);
-        }
-        for (int k = bb / 8 * 8; k < bb; ++k) p[k] = (uint8_t)r.next();
+        random_bytes(p, bb, r);
         uint16_t d;
         if (type == T::q2_k) {
             d = to_fp16(r.uniform(1e-3f, 2e-3f));
@@ -444,11 +449,7 @@ void gen_seed_format(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
     using T = moe::TensorType;
     const int bb = moe::tensor_type_block_bytes(type);
     for (size_t b = 0; b < nb; ++b, p += bb) {
-        for (int k = 0; k + 8 <= bb; k += 8) {
-            uint64_t a = r.next();
-            std::memcpy(p + k, &a, 8);
-        }
-        for (int k = bb / 8 * 8; k < bb; ++k) p[k] = (uint8_t)r.next();
+        random_bytes(p, bb, r);
         if (type == T::mxfp4) {
             p[0] = (uint8_t)(118 + r.next() % 3);
         } else if (type == T::nvfp4) {
