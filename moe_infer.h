@@ -4769,6 +4769,176 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_q6k_q8k_avx512vnni(const BlockQ6K* w,
     return _mm512_reduce_add_ps(acc);
 }
 
+// ---- The seed formats with VNNI: 64 codes per register into vpdpbusd ----
+// vpdpbusd multiplies unsigned by signed bytes, so a signed codebook goes in offset by 128 (the
+// pshufb table holds c + 128) and 128 * Σy per lane comes off again (one more vpdpbusd). Every lane
+// sum stays exact (|Σ| < 4 * 255 * 128). A row's last odd chunk or group runs through the AVX2 kernel.
+
+// Chunks a and b (16 bytes of Q4_0-ordered nibbles each) as 64 codes in element order.
+MOE_DETAIL_AVX512 inline __m512i nibbles2_avx512(const uint8_t* a, const uint8_t* b) {
+    const __m512i ab = concat_256(_mm256_broadcastsi128_si256(loadu_128(a)), _mm256_broadcastsi128_si256(loadu_128(b)));
+    return _mm512_and_si512(_mm512_srlv_epi64(ab, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)), _mm512_set1_epi8(0x0F));
+}
+// A 16-entry int8 codebook as the unsigned bytes c + 128, in all four lanes.
+MOE_DETAIL_AVX512 inline __m512i offset_table_avx512(const int8_t* values) {
+    return _mm512_broadcast_i32x4(_mm_xor_si128(loadu_128(values), _mm_set1_epi8((char)0x80)));
+}
+// Σ c * y per 4 bytes for offset codebook bytes u = c + 128.
+MOE_DETAIL_AVX512VNNI inline __m512i offset_dot_avx512vnni(__m512i u, __m512i y) {
+    const __m512i zero = _mm512_setzero_si512();
+    return _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u, y), _mm512_dpbusd_epi32(zero, _mm512_set1_epi8((char)0x80), y));
+}
+// Lanes 0-7 = a, lanes 8-15 = b.
+MOE_DETAIL_AVX512 inline __m512 halves_ps_avx512(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+
+// Four E8M0 scales at half value, as e8m0_half: 2^(e - 128) is the float with exponent field e - 1,
+// e = 0 and 1 are the subnormals 2^-128 and 2^-127.
+MOE_DETAIL_AVX512 inline __m128 e8m0_half4(__m128i e) {
+    const __m128i normal = _mm_slli_epi32(_mm_sub_epi32(e, _mm_set1_epi32(1)), 23);
+    const __m128i subnormal = _mm_sllv_epi32(_mm_set1_epi32(0x00200000), e);
+    return _mm_castsi128_ps(_mm_blendv_epi8(normal, subnormal, _mm_cmplt_epi32(e, _mm_set1_epi32(2))));
+}
+// MXFP4: four blocks per step (two registers), the activation scales picked out of the 34-byte
+// blocks as in scales4_avx512.
+MOE_DETAIL_AVX512VNNI inline float vec_dot_mxfp4_q8_0_avx512vnni(const BlockMXFP4* w, const BlockQ8_0* x, int64_t n) {
+    const __m512i table = offset_table_avx512(kFp4Values);
+    constexpr short xs = (short)(sizeof(BlockQ8_0) / 2);
+    const __m512i pick = _mm512_zextsi128_si512(_mm_setr_epi16(0, xs, 2 * xs, 3 * xs, 0, 0, 0, 0));
+    const int64_t nb = n / kQK;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        const char* xp = reinterpret_cast<const char*>(x + b);
+        const __m128 xd = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(loadu_512(xp), pick, loadu_512(xp + 64))));
+        const __m128 s = _mm_mul_ps(xd, e8m0_half4(_mm_setr_epi32(w[b].e, w[b + 1].e, w[b + 2].e, w[b + 3].e)));
+        const __m512i u0 = _mm512_shuffle_epi8(table, nibbles2_avx512(w[b].qs, w[b + 1].qs));
+        const __m512i u1 = _mm512_shuffle_epi8(table, nibbles2_avx512(w[b + 2].qs, w[b + 3].qs));
+        acc0 = _mm512_fmadd_ps(scale_pair_avx512(s, 0), _mm512_cvtepi32_ps(offset_dot_avx512vnni(u0, q8_0_load2(x + b))), acc0);
+        acc1 = _mm512_fmadd_ps(scale_pair_avx512(s, 2), _mm512_cvtepi32_ps(offset_dot_avx512vnni(u1, q8_0_load2(x + b + 2))), acc1);
+    }
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    if (b < nb) sum += vec_dot_mxfp4_q8_0_avx2(w + b, x + b, (nb - b) * kQK);
+    return sum;
+}
+
+// NVFP4: one block (four sub-blocks of 16) per register. Sub-block s's 8 code bytes go to lane s
+// twice, the copy shifted by 4 holds elements 8..15; int32 lane i covers elements 4i..4i+3, so it
+// takes sub-block scale i / 4 and activation scale i / 8.
+MOE_DETAIL_AVX512VNNI inline float vec_dot_nvfp4_q8_0_avx512vnni(const BlockNVFP4* w, const BlockQ8_0* x, int64_t n) {
+    const __m512i table = offset_table_avx512(kFp4Values);
+    const __m512i spread = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0), shifts = _mm512_set_epi64(4, 0, 4, 0, 4, 0, 4, 0);
+    const __m512i lane_sub = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / kQNV; ++b) {
+        const __m512i q = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(loadu_256(w[b].qs)));
+        const __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(q, shifts), _mm512_set1_epi8(0x0F));
+        const __m512i dot = offset_dot_avx512vnni(_mm512_shuffle_epi8(table, codes), q8_0_load2(x + 2 * b));
+        const float d0 = _cvtsh_ss(x[2 * b].d), d1 = _cvtsh_ss(x[2 * b + 1].d);
+        const __m128 s = _mm_setr_ps(ue4m3_half(w[b].d[0]) * d0, ue4m3_half(w[b].d[1]) * d0, ue4m3_half(w[b].d[2]) * d1,
+                                     ue4m3_half(w[b].d[3]) * d1);
+        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane_sub, _mm512_castps128_ps512(s)), _mm512_cvtepi32_ps(dot), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// TQ3 codes of chunks k and k + 1 (k even): the 2-bit fields of both chunks from one broadcast of
+// qs (shifted by 2k and 2k + 2), the third bits tested in qh (bit k + 4 * (j / 16) of byte j % 16).
+MOE_DETAIL_AVX512 inline __m512i tq_codes2_avx512(const BlockTQ3& w, int k) {
+    const __m512i q = _mm512_broadcast_i64x4(loadu_256(w.qs));
+    const long long s0 = 2 * k, s1 = 2 * k + 2;
+    const __m512i low = _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(s1, s1, s1, s1, s0, s0, s0, s0)), _mm512_set1_epi8(3));
+    const int b0 = 0x01010101 << k;
+    const __m512i bits = _mm512_set_epi32(b0 << 5, b0 << 5, b0 << 5, b0 << 5, b0 << 1, b0 << 1, b0 << 1, b0 << 1,
+                                          b0 << 4, b0 << 4, b0 << 4, b0 << 4, b0, b0, b0, b0);
+    const __mmask64 third = _mm512_test_epi8_mask(_mm512_broadcast_i32x4(loadu_128(w.qh)), bits);
+    return _mm512_mask_add_epi8(low, third, low, _mm512_set1_epi8(4));
+}
+MOE_DETAIL_AVX512 inline __m512i tq_codes2_avx512(const BlockTQ4& w, int k) { return nibbles2_avx512(w.qs + 16 * k, w.qs + 16 * k + 16); }
+
+// TQ3/TQ4 against the rotated Q8_0 row: per group two registers of 64 codes, the four activation
+// scales (words 0, 17, 34, 51 of the group's 136 bytes) converted at once and times d.
+template <typename Block>
+MOE_DETAIL_AVX512VNNI inline float vec_dot_tq_q8_0_rot_avx512vnni(const Block* w, const BlockQ8Rot* x, int64_t n) {
+    const __m512i table = offset_table_avx512(TqTraits<Block>::values);
+    constexpr short xs = (short)(sizeof(BlockQ8_0) / 2);
+    const __m512i pick = _mm512_zextsi128_si512(_mm_setr_epi16(0, xs, 2 * xs, 3 * xs, 0, 0, 0, 0));
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / kQTQ; ++b) {
+        const char* xp = reinterpret_cast<const char*>(x + b);
+        const __m512i d16 = _mm512_permutex2var_epi16(loadu_512(xp), pick, loadu_512(xp + 64));
+        const __m128 s = _mm_mul_ps(_mm_cvtph_ps(_mm512_castsi512_si128(d16)), _mm_set1_ps(_cvtsh_ss(w[b].d)));
+        const __m512i dot0 = offset_dot_avx512vnni(_mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 0)), q8_0_load2(x[b].q));
+        const __m512i dot1 = offset_dot_avx512vnni(_mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 2)), q8_0_load2(x[b].q + 2));
+        acc0 = _mm512_fmadd_ps(scale_pair_avx512(s, 0), _mm512_cvtepi32_ps(dot0), acc0);
+        acc1 = _mm512_fmadd_ps(scale_pair_avx512(s, 2), _mm512_cvtepi32_ps(dot1), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// MLX affine against Q8_1: unsigned codes go into vpdpbusd as they are; two 32-element chunks
+// (of one group, or of two groups at G = 32) per register; the bias term as bias * s.
+template <typename Block>
+MOE_DETAIL_AVX512 inline __m512i affine_codes2_avx512(const uint8_t* a, const uint8_t* b) {
+    if constexpr (Block::kBits == 4) {
+        return nibbles2_avx512(a, b);
+    } else {  // 8 bytes of 2-bit fields (element j: byte j % 8, bits 2 * (j / 8)), then the third bits
+        uint64_t la, lb;
+        uint32_t ha, hb;
+        std::memcpy(&la, a, 8);
+        std::memcpy(&lb, b, 8);
+        std::memcpy(&ha, a + 8, 4);
+        std::memcpy(&hb, b + 8, 4);
+        const __m512i q = _mm512_inserti64x4(_mm512_set1_epi64((long long)la), _mm256_set1_epi64x((long long)lb), 1);
+        const __m512i low = _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(6, 4, 2, 0, 6, 4, 2, 0)), _mm512_set1_epi8(3));
+        return _mm512_mask_add_epi8(low, (__mmask64)ha | (__mmask64)hb << 32, low, _mm512_set1_epi8(4));
+    }
+}
+template <typename Block>
+MOE_DETAIL_AVX512 inline const uint8_t* affine_chunk(const Block* w, int64_t c) {
+    constexpr int kChunks = Block::kGroup / 32;
+    return w[c / kChunks].qs + (c % kChunks) * Block::kChunkBytes;
+}
+// Four chunks per step. Their activation scales d (words 2, 22, 42, 62) and sums s (dwords 0, 10,
+// 20, 30) lie in the first 128 of their 160 bytes: two permutes pick them out; the groups' scales
+// and biases come four at a time (one group at G = 128, two at 64, four at 32).
+template <typename Block>
+MOE_DETAIL_AVX512VNNI inline float vec_dot_affine_mlx_q8_1_avx512vnni(const Block* w, const BlockQ8_1* x, int64_t n) {
+    constexpr int kChunks = Block::kGroup / 32;
+    constexpr short xw = (short)(sizeof(BlockQ8_1) / 2);
+    const __m512i pick_d = _mm512_zextsi128_si512(_mm_setr_epi16(2, 2 + xw, 2 + 2 * xw, 2 + 3 * xw, 0, 0, 0, 0));
+    const __m512i pick_s = _mm512_zextsi128_si512(_mm_setr_epi32(0, xw / 2, xw, 3 * xw / 2));
+    const __m512i zero = _mm512_setzero_si512();
+    const int64_t nc = n / 32;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m128 offsets = _mm_setzero_ps();
+    int64_t c = 0;
+    for (; c + 4 <= nc; c += 4) {
+        const char* xp = reinterpret_cast<const char*>(x + c);
+        const __m512i lo = loadu_512(xp), hi = loadu_512(xp + 64);
+        const __m128 xd = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(lo, pick_d, hi)));
+        const __m128 xsum = _mm512_castps512_ps128(_mm512_permutex2var_ps(_mm512_castsi512_ps(lo), pick_s, _mm512_castsi512_ps(hi)));
+        const Block* g = w + c / kChunks;
+        __m128i sb;  // scales in words 0-3, biases in 4-7
+        if constexpr (kChunks == 1) sb = _mm_setr_epi16(g[0].scale, g[1].scale, g[2].scale, g[3].scale, g[0].bias, g[1].bias, g[2].bias, g[3].bias);
+        else if constexpr (kChunks == 2) sb = _mm_setr_epi16(g[0].scale, g[0].scale, g[1].scale, g[1].scale, g[0].bias, g[0].bias, g[1].bias, g[1].bias);
+        else sb = _mm_setr_epi16(g[0].scale, g[0].scale, g[0].scale, g[0].scale, g[0].bias, g[0].bias, g[0].bias, g[0].bias);
+        const __m256 sbf = _mm256_cvtph_ps(sb);
+        const __m128 s = _mm_mul_ps(_mm256_castps256_ps128(sbf), xd);
+        offsets = _mm_fmadd_ps(_mm256_extractf128_ps(sbf, 1), xsum, offsets);
+        const __m512i q01 = affine_codes2_avx512<Block>(affine_chunk(w, c), affine_chunk(w, c + 1));
+        const __m512i q23 = affine_codes2_avx512<Block>(affine_chunk(w, c + 2), affine_chunk(w, c + 3));
+        const __m512i d01 = _mm512_dpbusd_epi32(zero, q01, concat_256(loadu_256(x[c].qs), loadu_256(x[c + 1].qs)));
+        const __m512i d23 = _mm512_dpbusd_epi32(zero, q23, concat_256(loadu_256(x[c + 2].qs), loadu_256(x[c + 3].qs)));
+        acc0 = _mm512_fmadd_ps(scale_pair_avx512(s, 0), _mm512_cvtepi32_ps(d01), acc0);
+        acc1 = _mm512_fmadd_ps(scale_pair_avx512(s, 2), _mm512_cvtepi32_ps(d23), acc1);
+    }
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum_f32x8(_mm256_insertf128_ps(_mm256_setzero_ps(), offsets, 0));
+    if (c < nc) sum += vec_dot_affine_mlx_q8_1_avx2(w + c / kChunks, x + c, n - c * 32);  // whole groups: c % kChunks == 0
+    return sum;
+}
+
 }  // namespace detail
 }  // namespace moe
 
@@ -5032,30 +5202,30 @@ inline float vec_dot_affine_q8_1_neon(const Block* w, const BlockQ8_1* x, int64_
     }
     return sum;
 }
-inline float vec_dot_mxfp4_q8_0_neon(const BlockMXFP4* w, const BlockQ8_0* x, int64_t n) {
-    const int8x16_t table = vld1q_s8(kFp4Values);
-    float sum = 0;
-    for (int64_t b = 0; b < n / kQK; ++b) {
-        const uint8x16_t q = vld1q_u8(w[b].qs);
-        const int8x16_t lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0F))), hi = vqtbl1q_s8(table, vshrq_n_u8(q, 4));
-        sum += e8m0_half(w[b].e) * fp16_to_f32_neon(x[b].d) * (float)vaddvq_s32(dot32_i8_neon(lo, hi, vld1q_s8(x[b].qs), vld1q_s8(x[b].qs + 16)));
-    }
-    return sum;
-}
-inline float vec_dot_nvfp4_q8_0_neon(const BlockNVFP4* w, const BlockQ8_0* x, int64_t n) {
-    const int8x16_t table = vld1q_s8(kFp4Values);
-    float sum = 0;
-    for (int64_t b = 0; b < n / kQNV; ++b)
-        for (int s = 0; s < 4; ++s) {
-            const uint8x8_t q = vld1_u8(w[b].qs + 8 * s);
-            const int8x16_t v = vqtbl1q_s8(table, vcombine_u8(vand_u8(q, vdup_n_u8(0x0F)), vshr_n_u8(q, 4)));
-            const BlockQ8_0& a = x[2 * b + s / 2];
-            const int8x16_t y = vld1q_s8(a.qs + 16 * (s % 2));
-            const int32x4_t p = vpaddlq_s16(vmlal_high_s8(vmull_s8(vget_low_s8(v), vget_low_s8(y)), v, y));
-            sum += ue4m3_half(w[b].d[s]) * fp16_to_f32_neon(a.d) * (float)vaddvq_s32(p);
-        }
-    return sum;
-}
+// The seed formats' row loops, written once for the two dot products (DOT32: 32 pairs, DOT16: 16).
+#define MOE_DETAIL_MXFP4_ROW_NEON(DOT32)                                                                          \
+    const int8x16_t table = vld1q_s8(kFp4Values);                                                                 \
+    float sum = 0;                                                                                                \
+    for (int64_t b = 0; b < n / kQK; ++b) {                                                                       \
+        const uint8x16_t q = vld1q_u8(w[b].qs);                                                                   \
+        const int8x16_t lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0F))), hi = vqtbl1q_s8(table, vshrq_n_u8(q, 4)); \
+        sum += e8m0_half(w[b].e) * fp16_to_f32_neon(x[b].d) * (float)vaddvq_s32(DOT32(lo, hi, vld1q_s8(x[b].qs), vld1q_s8(x[b].qs + 16))); \
+    }                                                                                                             \
+    return sum
+inline float vec_dot_mxfp4_q8_0_neon(const BlockMXFP4* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_MXFP4_ROW_NEON(dot32_i8_neon); }
+#define MOE_DETAIL_NVFP4_ROW_NEON(DOT16)                                                                          \
+    const int8x16_t table = vld1q_s8(kFp4Values);                                                                 \
+    float sum = 0;                                                                                                \
+    for (int64_t b = 0; b < n / kQNV; ++b)                                                                        \
+        for (int s = 0; s < 4; ++s) {                                                                             \
+            const uint8x8_t q = vld1_u8(w[b].qs + 8 * s);                                                         \
+            const int8x16_t v = vqtbl1q_s8(table, vcombine_u8(vand_u8(q, vdup_n_u8(0x0F)), vshr_n_u8(q, 4)));     \
+            const BlockQ8_0& a = x[2 * b + s / 2];                                                                \
+            const int32x4_t p = DOT16(v, vld1q_s8(a.qs + 16 * (s % 2)));                                          \
+            sum += ue4m3_half(w[b].d[s]) * fp16_to_f32_neon(a.d) * (float)vaddvq_s32(p);                          \
+        }                                                                                                         \
+    return sum
+inline float vec_dot_nvfp4_q8_0_neon(const BlockNVFP4* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_NVFP4_ROW_NEON(dot16_i8_neon); }
 // 32 codes of an affine chunk as two int8x16 halves (elements 0-15, 16-31).
 template <int Bits>
 inline void affine_codes_neon(const uint8_t* c, int8x16_t* lo, int8x16_t* hi) {
@@ -5074,47 +5244,59 @@ inline void affine_codes_neon(const uint8_t* c, int8x16_t* lo, int8x16_t* hi) {
         *hi = vreinterpretq_s8_u8(vorrq_u8(l1, vandq_u8(vtstq_u8(h1, bits), m4)));
     }
 }
+#define MOE_DETAIL_AFFINE_MLX_ROW_NEON(DOT32)                                                                     \
+    constexpr int kChunks = Block::kGroup / 32;                                                                   \
+    float sum = 0;                                                                                                \
+    for (int64_t b = 0; b < n / Block::kGroup; ++b) {                                                             \
+        const float s = fp16_to_f32_neon(w[b].scale), bias = fp16_to_f32_neon(w[b].bias);                        \
+        for (int c = 0; c < kChunks; ++c) {                                                                       \
+            int8x16_t lo, hi;                                                                                     \
+            affine_codes_neon<Block::kBits>(w[b].qs + c * Block::kChunkBytes, &lo, &hi);                          \
+            const BlockQ8_1& a = x[b * kChunks + c];                                                              \
+            const int qy = vaddvq_s32(DOT32(lo, hi, vld1q_s8(a.qs), vld1q_s8(a.qs + 16)));                        \
+            sum += s * fp16_to_f32_neon(a.d) * (float)qy + bias * a.s;                                            \
+        }                                                                                                         \
+    }                                                                                                             \
+    return sum
 template <typename Block>
-inline float vec_dot_affine_mlx_q8_1_neon(const Block* w, const BlockQ8_1* x, int64_t n) {
-    constexpr int kChunks = Block::kGroup / 32;
-    float sum = 0;
-    for (int64_t b = 0; b < n / Block::kGroup; ++b) {
-        const float s = fp16_to_f32_neon(w[b].scale), bias = fp16_to_f32_neon(w[b].bias);
-        for (int c = 0; c < kChunks; ++c) {
-            int8x16_t lo, hi;
-            affine_codes_neon<Block::kBits>(w[b].qs + c * Block::kChunkBytes, &lo, &hi);
-            const BlockQ8_1& a = x[b * kChunks + c];
-            const int qy = vaddvq_s32(dot32_i8_neon(lo, hi, vld1q_s8(a.qs), vld1q_s8(a.qs + 16)));
-            sum += s * fp16_to_f32_neon(a.d) * (float)qy + bias * a.s;
-        }
-    }
-    return sum;
-}
+inline float vec_dot_affine_mlx_q8_1_neon(const Block* w, const BlockQ8_1* x, int64_t n) { MOE_DETAIL_AFFINE_MLX_ROW_NEON(dot32_i8_neon); }
+#define MOE_DETAIL_TQ_ROW_NEON(DOT32)                                                                                 \
+    const int8x16_t table = vld1q_s8(TqTraits<Block>::values);                                                        \
+    float sum = 0;                                                                                                    \
+    for (int64_t b = 0; b < n / kQTQ; ++b) {                                                                          \
+        float part = 0;                                                                                               \
+        for (int k = 0; k < 4; ++k) {                                                                                 \
+            uint8x16_t c0, c1;                                                                                        \
+            if constexpr (std::is_same<Block, BlockTQ4>::value) {                                                     \
+                const uint8x16_t q = vld1q_u8(w[b].qs + 16 * k);                                                      \
+                c0 = vandq_u8(q, vdupq_n_u8(0x0F));                                                                   \
+                c1 = vshrq_n_u8(q, 4);                                                                                \
+            } else {                                                                                                  \
+                const int8x16_t sh = vdupq_n_s8((int8_t)(-2 * k));                                                    \
+                const uint8x16_t m3 = vdupq_n_u8(3), m4 = vdupq_n_u8(4), qh = vld1q_u8(w[b].qh);                      \
+                c0 = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(w[b].qs), sh), m3), vandq_u8(vtstq_u8(qh, vdupq_n_u8((uint8_t)(1 << k))), m4)); \
+                c1 = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(w[b].qs + 16), sh), m3), vandq_u8(vtstq_u8(qh, vdupq_n_u8((uint8_t)(1 << (k + 4)))), m4)); \
+            }                                                                                                         \
+            const int8x16_t lo = vqtbl1q_s8(table, c0), hi = vqtbl1q_s8(table, c1);                                   \
+            part += fp16_to_f32_neon(x[b].q[k].d) * (float)vaddvq_s32(DOT32(lo, hi, vld1q_s8(x[b].q[k].qs), vld1q_s8(x[b].q[k].qs + 16))); \
+        }                                                                                                             \
+        sum += fp16_to_f32_neon(w[b].d) * part;                                                                       \
+    }                                                                                                                 \
+    return sum
 template <typename Block>
-inline float vec_dot_tq_q8_0_rot_neon(const Block* w, const BlockQ8Rot* x, int64_t n) {
-    const int8x16_t table = vld1q_s8(TqTraits<Block>::values);
-    float sum = 0;
-    for (int64_t b = 0; b < n / kQTQ; ++b) {
-        float part = 0;
-        for (int k = 0; k < 4; ++k) {
-            uint8x16_t c0, c1;
-            if constexpr (std::is_same<Block, BlockTQ4>::value) {
-                const uint8x16_t q = vld1q_u8(w[b].qs + 16 * k);
-                c0 = vandq_u8(q, vdupq_n_u8(0x0F));
-                c1 = vshrq_n_u8(q, 4);
-            } else {
-                const int8x16_t sh = vdupq_n_s8((int8_t)(-2 * k));
-                const uint8x16_t m3 = vdupq_n_u8(3), m4 = vdupq_n_u8(4), qh = vld1q_u8(w[b].qh);
-                c0 = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(w[b].qs), sh), m3), vandq_u8(vtstq_u8(qh, vdupq_n_u8((uint8_t)(1 << k))), m4));
-                c1 = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(w[b].qs + 16), sh), m3), vandq_u8(vtstq_u8(qh, vdupq_n_u8((uint8_t)(1 << (k + 4)))), m4));
-            }
-            const int8x16_t lo = vqtbl1q_s8(table, c0), hi = vqtbl1q_s8(table, c1);
-            part += fp16_to_f32_neon(x[b].q[k].d) * (float)vaddvq_s32(dot32_i8_neon(lo, hi, vld1q_s8(x[b].q[k].qs), vld1q_s8(x[b].q[k].qs + 16)));
-        }
-        sum += fp16_to_f32_neon(w[b].d) * part;
-    }
-    return sum;
-}
+inline float vec_dot_tq_q8_0_rot_neon(const Block* w, const BlockQ8Rot* x, int64_t n) { MOE_DETAIL_TQ_ROW_NEON(dot32_i8_neon); }
+#if MOE_DETAIL_ARM_DOTPROD
+MOE_DETAIL_DOTPROD inline float vec_dot_mxfp4_q8_0_dotprod(const BlockMXFP4* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_MXFP4_ROW_NEON(dot32_i8_dotprod); }
+MOE_DETAIL_DOTPROD inline float vec_dot_nvfp4_q8_0_dotprod(const BlockNVFP4* w, const BlockQ8_0* x, int64_t n) { MOE_DETAIL_NVFP4_ROW_NEON(dot16_i8_dotprod); }
+template <typename Block>
+MOE_DETAIL_DOTPROD inline float vec_dot_affine_mlx_q8_1_dotprod(const Block* w, const BlockQ8_1* x, int64_t n) { MOE_DETAIL_AFFINE_MLX_ROW_NEON(dot32_i8_dotprod); }
+template <typename Block>
+MOE_DETAIL_DOTPROD inline float vec_dot_tq_q8_0_rot_dotprod(const Block* w, const BlockQ8Rot* x, int64_t n) { MOE_DETAIL_TQ_ROW_NEON(dot32_i8_dotprod); }
+#endif
+#undef MOE_DETAIL_MXFP4_ROW_NEON
+#undef MOE_DETAIL_NVFP4_ROW_NEON
+#undef MOE_DETAIL_AFFINE_MLX_ROW_NEON
+#undef MOE_DETAIL_TQ_ROW_NEON
 inline float vec_dot_iq4xs_q8k_neon(const BlockIQ4XS* w, const BlockQ8K* x, int64_t n) {
     float sum = 0;
     for (int64_t b = 0; b < n / kQKK; ++b) {
@@ -5602,21 +5784,21 @@ inline const QuantType* quant_type(uint32_t id) {
         MOE_DETAIL_IQ_ROW(iq1_s, "IQ1_S", BlockIQ1S, iq1),
         MOE_DETAIL_IQ_ROW(iq1_m, "IQ1_M", BlockIQ1M, iq1),
 #undef MOE_DETAIL_IQ_ROW
-        // FP4 (ggml): the AVX2 kernels serve every x86 level, NEON the dotprod level.
+        // FP4 (ggml): the AVX2 kernel serves plain AVX-512 (VNNI's vpdpbusd is what the 512-bit ones need).
         {TensorType::mxfp4, "MXFP4", kQK, sizeof(BlockMXFP4), ActFormat::q8_0, erase_quantize<quantize_row_mxfp4_ref>,
          erase_dequantize<dequantize_row_mxfp4>, erase_dot<vec_dot_dequant_f32_ref<BlockMXFP4, kQK, dequantize_row_mxfp4>>,
-         MOE_DETAIL_DOTS(vec_dot_mxfp4_q8_0_ref, vec_dot_mxfp4_q8_0_avx2, nullptr, nullptr, vec_dot_mxfp4_q8_0_neon, nullptr),
+         MOE_DETAIL_DOTS(vec_dot_mxfp4_q8_0_ref, vec_dot_mxfp4_q8_0_avx2, nullptr, vec_dot_mxfp4_q8_0_avx512vnni, vec_dot_mxfp4_q8_0_neon, vec_dot_mxfp4_q8_0_dotprod),
          erase_quantize_weighted<quantize_row_mxfp4_weighted>},
         {TensorType::nvfp4, "NVFP4", kQNV, sizeof(BlockNVFP4), ActFormat::q8_0, erase_quantize<quantize_row_nvfp4_ref>,
          erase_dequantize<dequantize_row_nvfp4>, erase_dot<vec_dot_dequant_f32_ref<BlockNVFP4, kQNV, dequantize_row_nvfp4>>,
-         MOE_DETAIL_DOTS(vec_dot_nvfp4_q8_0_ref, vec_dot_nvfp4_q8_0_avx2, nullptr, nullptr, vec_dot_nvfp4_q8_0_neon, nullptr),
+         MOE_DETAIL_DOTS(vec_dot_nvfp4_q8_0_ref, vec_dot_nvfp4_q8_0_avx2, nullptr, vec_dot_nvfp4_q8_0_avx512vnni, vec_dot_nvfp4_q8_0_neon, vec_dot_nvfp4_q8_0_dotprod),
          erase_quantize_weighted<quantize_row_nvfp4_weighted>},
-        // moe_infer's own: rotated codebook (TQ) and MLX affine, one generic kernel set each.
+        // moe_infer's own: rotated codebook (TQ) and MLX affine, one generic kernel set each (AVX2 serves plain AVX-512).
 #define MOE_DETAIL_TQ_ROW(tt, NAME, Block)                                                                                    \
         {TensorType::tt, NAME, kQTQ, sizeof(Block), ActFormat::q8_0_rot, erase_quantize<quantize_row_tq_ref<Block>>,          \
          erase_dequantize<dequantize_row_tq<Block>>, erase_dot<vec_dot_dequant_f32_ref<Block, kQTQ, dequantize_row_tq<Block>>>, \
-         MOE_DETAIL_DOTS(vec_dot_tq_q8_0_rot_ref<Block>, vec_dot_tq_q8_0_rot_avx2<Block>, nullptr, nullptr,                 \
-                         vec_dot_tq_q8_0_rot_neon<Block>, nullptr),                                            \
+         MOE_DETAIL_DOTS(vec_dot_tq_q8_0_rot_ref<Block>, vec_dot_tq_q8_0_rot_avx2<Block>, nullptr, vec_dot_tq_q8_0_rot_avx512vnni<Block>,                 \
+                         vec_dot_tq_q8_0_rot_neon<Block>, vec_dot_tq_q8_0_rot_dotprod<Block>),                                            \
          erase_quantize_weighted<quantize_row_tq_weighted<Block>>}
         MOE_DETAIL_TQ_ROW(tq3, "TQ3", BlockTQ3),
         MOE_DETAIL_TQ_ROW(tq4, "TQ4", BlockTQ4),
@@ -5625,8 +5807,8 @@ inline const QuantType* quant_type(uint32_t id) {
         {TensorType::tt, NAME, Block::kGroup, sizeof(Block), ActFormat::q8_1, erase_quantize<quantize_row_affine_mlx_ref<Block>>, \
          erase_dequantize<dequantize_row_affine_mlx<Block>>,                                                                    \
          erase_dot<vec_dot_dequant_f32_ref<Block, Block::kGroup, dequantize_row_affine_mlx<Block>>>,                             \
-         MOE_DETAIL_DOTS(vec_dot_affine_mlx_q8_1_ref<Block>, vec_dot_affine_mlx_q8_1_avx2<Block>, nullptr, nullptr,             \
-                         vec_dot_affine_mlx_q8_1_neon<Block>, nullptr),                                        \
+         MOE_DETAIL_DOTS(vec_dot_affine_mlx_q8_1_ref<Block>, vec_dot_affine_mlx_q8_1_avx2<Block>, nullptr, vec_dot_affine_mlx_q8_1_avx512vnni<Block>,             \
+                         vec_dot_affine_mlx_q8_1_neon<Block>, vec_dot_affine_mlx_q8_1_dotprod<Block>),                                        \
          erase_quantize_weighted<quantize_row_affine_mlx_weighted<Block>>}
         MOE_DETAIL_AFFINE_ROW(affine3_g32, "AFFINE3_G32", BlockAffine3G32),
         MOE_DETAIL_AFFINE_ROW(affine3_g64, "AFFINE3_G64", BlockAffine3G64),
