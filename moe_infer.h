@@ -3458,8 +3458,10 @@ inline void dequantize_row_tq(const Block* x, float* y, int64_t n) {
     }
 }
 // ActFormat::q8_0_rot (activations of TQ3/TQ4): each 128 elements rotated by R, then four Q8_0 blocks.
-struct BlockQ8Rot { BlockQ8_0 q[4]; };
-static_assert(sizeof(BlockQ8Rot) == 136, "wrong q8_0_rot block size");
+// s = Σ_k d_k Σ_j q_k[j] in float: lets a kernel feed codebook bytes offset by 128 to an unsigned x
+// signed product (VNNI) and take 128 * d * s off once per group.
+struct BlockQ8Rot { BlockQ8_0 q[4]; float s; };
+static_assert(sizeof(BlockQ8Rot) == 140, "wrong q8_0_rot block size");
 
 }  // namespace detail
 
@@ -3705,6 +3707,13 @@ inline void quantize_act_q8_0_rot_ref(BlockQ8Rot* y, const float* x, int64_t n) 
     for (int64_t b = 0; b < n / kQTQ; ++b, x += kQTQ) {
         tq_rotate(x, r);
         quantize_act_q8_0_ref(y[b].q, r, kQTQ);
+        float sum = 0;
+        for (const BlockQ8_0& q : y[b].q) {
+            int qsum = 0;
+            for (int8_t v : q.qs) qsum += v;
+            sum += fp16_to_f32(q.d) * (float)qsum;
+        }
+        y[b].s = sum;
     }
 }
 
@@ -4857,24 +4866,28 @@ MOE_DETAIL_AVX512 inline __m512i tq_codes2_avx512(const BlockTQ3& w, int k) {
 }
 MOE_DETAIL_AVX512 inline __m512i tq_codes2_avx512(const BlockTQ4& w, int k) { return nibbles2_avx512(w.qs + 16 * k, w.qs + 16 * k + 16); }
 
-// TQ3/TQ4 against the rotated Q8_0 row: per group two registers of 64 codes, the four activation
-// scales (words 0, 17, 34, 51 of the group's 136 bytes) converted at once and times d.
+// TQ3/TQ4 against the rotated Q8_0 row: per group two registers of 64 codes (offset by 128), the
+// four activation scales (words 0, 17, 34, 51 of the group) converted at once and times d; the
+// offset comes off at the end as 128 * Σ d * s (the activation's precomputed sums).
 template <typename Block>
 MOE_DETAIL_AVX512VNNI inline float vec_dot_tq_q8_0_rot_avx512vnni(const Block* w, const BlockQ8Rot* x, int64_t n) {
-    const __m512i table = offset_table_avx512(TqTraits<Block>::values);
+    const __m512i table = offset_table_avx512(TqTraits<Block>::values), zero = _mm512_setzero_si512();
     constexpr short xs = (short)(sizeof(BlockQ8_0) / 2);
     const __m512i pick = _mm512_zextsi128_si512(_mm_setr_epi16(0, xs, 2 * xs, 3 * xs, 0, 0, 0, 0));
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    float offset = 0;
     for (int64_t b = 0; b < n / kQTQ; ++b) {
         const char* xp = reinterpret_cast<const char*>(x + b);
+        const float d = _cvtsh_ss(w[b].d);
         const __m512i d16 = _mm512_permutex2var_epi16(loadu_512(xp), pick, loadu_512(xp + 64));
-        const __m128 s = _mm_mul_ps(_mm_cvtph_ps(_mm512_castsi512_si128(d16)), _mm_set1_ps(_cvtsh_ss(w[b].d)));
-        const __m512i dot0 = offset_dot_avx512vnni(_mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 0)), q8_0_load2(x[b].q));
-        const __m512i dot1 = offset_dot_avx512vnni(_mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 2)), q8_0_load2(x[b].q + 2));
+        const __m128 s = _mm_mul_ps(_mm_cvtph_ps(_mm512_castsi512_si128(d16)), _mm_set1_ps(d));
+        const __m512i dot0 = _mm512_dpbusd_epi32(zero, _mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 0)), q8_0_load2(x[b].q));
+        const __m512i dot1 = _mm512_dpbusd_epi32(zero, _mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 2)), q8_0_load2(x[b].q + 2));
         acc0 = _mm512_fmadd_ps(scale_pair_avx512(s, 0), _mm512_cvtepi32_ps(dot0), acc0);
         acc1 = _mm512_fmadd_ps(scale_pair_avx512(s, 2), _mm512_cvtepi32_ps(dot1), acc1);
+        offset += d * x[b].s;
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 128.f * offset;
 }
 
 // MLX affine against Q8_1: unsigned codes go into vpdpbusd as they are; two 32-element chunks

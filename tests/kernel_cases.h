@@ -219,9 +219,10 @@ inline bool dequantized_activations(TT t, const std::vector<float>& x, int64_t n
     }
     std::vector<uint8_t> q((size_t)n * 2 + 64);
     if (moe::quantize_activations(t, moe::Isa::scalar, x.data(), n, q.data(), q.size()) != moe::Status::ok) return false;
-    const int ab = act_block(t), bytes = ab == 32 ? (has_offset(t) ? 40 : 34) : 292;  // TQ: four Q8_0 per 128
+    const int ab = act_block(t), bytes = ab == 32 ? (has_offset(t) ? 40 : 34) : 292;
     for (int64_t b = 0; b < n / ab; ++b) {
-        const uint8_t* blk = q.data() + b * bytes;
+        // TQ: per 128 four Q8_0 blocks, then a float (their sum, which this decoder does not need)
+        const uint8_t* blk = q.data() + (is_tq(t) ? (b / 4) * 140 + (b % 4) * 34 : b * bytes);
         double d;
         if (ab == 32) {
             uint16_t h;
