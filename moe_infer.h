@@ -7776,6 +7776,17 @@ struct LayerWeights {
     Weight router;                  // (n_expert, n_embd)
     Weight gate_exps, up_exps;      // (n_expert, n_ff, n_embd)
     Weight down_exps;               // (n_expert, n_embd, n_ff)
+    // Hot/cold files (moe-quantize --recipe hotcold): the hot experts' matrices in a second stack of
+    // their own type, the _exps stacks holding the others. expert_mat[e]: e's matrix in the _exps
+    // stacks (>= 0) or -1 - its matrix in the hot ones; empty in plain files.
+    Weight gate_hot, up_hot, down_hot;
+    std::vector<int32_t> expert_mat;
+    struct ExpertMats { const Weight *gate, *up, *down; int64_t mat; };
+    ExpertMats expert(int32_t e) const {
+        const int32_t m = expert_mat.empty() ? e : expert_mat[(size_t)e];
+        if (m >= 0) return {&gate_exps, &up_exps, &down_exps, m};
+        return {&gate_hot, &up_hot, &down_hot, -1 - (int64_t)m};
+    }
     Weight gate, up, down;          // dense FFN (n_ff, n_embd), (n_embd, n_ff)
     Weight gate_shexp, up_shexp, down_shexp;  // qwen2moe shared expert
     std::vector<float> router_shexp;          // (n_embd) sigmoid gate of the shared expert
@@ -7910,10 +7921,35 @@ inline void plan_forward(ModelImpl& m) {
             LayerFormats& f = p.layer_formats[fa][(size_t)il];
             f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv));
             f.att_out = bit(l.wo);
-            f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
+            f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate_hot) | bit(l.up_hot) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
         }
         p.output_formats[fa] = bit(m.output);
     }
+}
+
+// Layer il's hot experts (a hot/cold file): the next n_hot ids of `moe_infer.hot_experts` (the layers'
+// lists one after another, each ascending) become expert_mat, the map from expert to matrix.
+constexpr const char* kHotExpertsKey = "moe_infer.hot_experts";
+inline Status hot_experts(const std::vector<int32_t>* list, uint32_t il, int64_t n_hot, uint32_t n_expert, size_t* cursor,
+                          std::vector<int32_t>* expert_mat) {
+    if (!list) return fail(Status::invalid_file, "layer %u has hot expert tensors but the file has no %s list", il, kHotExpertsKey);
+    const std::vector<int32_t>& ids = *list;
+    if (n_hot <= 0 || n_hot >= (int64_t)n_expert)
+        return fail(Status::shape_mismatch, "layer %u has %lld hot experts of %u (expected 1 to %u)", il, (long long)n_hot, n_expert, n_expert - 1);
+    if ((int64_t)(ids.size() - *cursor) < n_hot)
+        return fail(Status::invalid_file, "%s has %zu ids, too few for layer %u's %lld hot experts", kHotExpertsKey, ids.size(), il, (long long)n_hot);
+    expert_mat->assign(n_expert, 0);
+    for (int64_t j = 0; j < n_hot; ++j) {
+        const int32_t e = ids[*cursor + (size_t)j];
+        if (e < 0 || e >= (int32_t)n_expert || (j > 0 && e <= ids[*cursor + (size_t)j - 1]))
+            return fail(Status::invalid_file, "%s: layer %u's hot expert ids must ascend within 0..%u (got %d)", kHotExpertsKey, il, n_expert - 1, e);
+        (*expert_mat)[(size_t)e] = (int32_t)(-1 - j);
+    }
+    int32_t cold = 0;
+    for (int32_t& mat : *expert_mat)
+        if (mat == 0) mat = cold++;
+    *cursor += (size_t)n_hot;
+    return Status::ok;
 }
 
 inline Status load_model(ModelImpl& m) {
@@ -8012,6 +8048,10 @@ inline Status load_model(ModelImpl& m) {
 
     m.layers.resize(n_layer);
     char name[128];
+    std::vector<int32_t> hot_list;
+    const bool has_hot_list = m.file.find(kHotExpertsKey) != nullptr;
+    if (has_hot_list && (s = m.file.get_i32_array(kHotExpertsKey, &hot_list)) != Status::ok) return s;
+    size_t hot_cursor = 0;  // into hot_list
     for (uint32_t il = 0; il < n_layer; ++il) {
         LayerWeights& l = m.layers[il];
         auto N = [&](const char* suffix) { std::snprintf(name, sizeof name, "blk.%u.%s", il, suffix); return std::string(name); };
@@ -8035,9 +8075,17 @@ inline Status load_model(ModelImpl& m) {
         if ((s = L.vector(N("ffn_norm.weight"), E, true, &l.ffn_norm)) != Status::ok) return s;
         if (n_expert > 0) {
             if ((s = L.weight(N("ffn_gate_inp.weight"), E, n_expert, 0, true, &l.router)) != Status::ok) return s;
-            if ((s = L.weight(N("ffn_gate_exps.weight"), E, F, n_expert, true, &l.gate_exps)) != Status::ok) return s;
-            if ((s = L.weight(N("ffn_up_exps.weight"), E, F, n_expert, true, &l.up_exps)) != Status::ok) return s;
-            if ((s = L.weight(N("ffn_down_exps.weight"), F, E, n_expert, true, &l.down_exps)) != Status::ok) return s;
+            int64_t n_hot = 0;
+            if (const GgufTensorInfo* hot = m.file.find_tensor(N("ffn_gate_hot_exps.weight").c_str())) {
+                n_hot = hot->ne[2];
+                if ((s = hot_experts(has_hot_list ? &hot_list : nullptr, il, n_hot, n_expert, &hot_cursor, &l.expert_mat)) != Status::ok) return s;
+                if ((s = L.weight(N("ffn_gate_hot_exps.weight"), E, F, n_hot, true, &l.gate_hot)) != Status::ok) return s;
+                if ((s = L.weight(N("ffn_up_hot_exps.weight"), E, F, n_hot, true, &l.up_hot)) != Status::ok) return s;
+                if ((s = L.weight(N("ffn_down_hot_exps.weight"), F, E, n_hot, true, &l.down_hot)) != Status::ok) return s;
+            }
+            if ((s = L.weight(N("ffn_gate_exps.weight"), E, F, n_expert - n_hot, true, &l.gate_exps)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_up_exps.weight"), E, F, n_expert - n_hot, true, &l.up_exps)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_down_exps.weight"), F, E, n_expert - n_hot, true, &l.down_exps)) != Status::ok) return s;
             if (is_qwen2moe && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
                 int64_t FS = n_ff_sh ? (int64_t)n_ff_sh : 0;
                 if ((s = L.weight(N("ffn_gate_shexp.weight"), E, FS, 0, true, &l.gate_shexp)) != Status::ok) return s;
@@ -8052,6 +8100,8 @@ inline Status load_model(ModelImpl& m) {
             if ((s = L.weight(N("ffn_down.weight"), F, E, 0, true, &l.down)) != Status::ok) return s;
         }
     }
+    if (hot_cursor != hot_list.size())
+        return fail(Status::invalid_file, "%s lists %zu ids but the hot expert tensors hold %zu experts", kHotExpertsKey, hot_list.size(), hot_cursor);
     // K-quant activations are built in 256-element blocks, legacy ones in 32: every matmul input
     // length must tile (the file's block sizes guarantee it for ne0, checked above).
 
@@ -8606,13 +8656,15 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
     s.pieces.resize((size_t)hp.n_layer * (size_t)hp.n_expert * 3);
     for (int32_t l = 0; l < hp.n_layer; ++l) {
         const LayerWeights& lw = m.layers[(size_t)l];
-        const Weight* w[3] = {&lw.gate_exps, &lw.up_exps, &lw.down_exps};
-        for (int i = 0; i < 3; ++i) {
-            expert_total += w[i]->mat_bytes * (uint64_t)w[i]->n_mats;
-            const size_t room = (w[i]->mat_bytes + 2 * s.align - 1) / s.align * s.align;
-            s.piece_room[i] = std::max(s.piece_room[i], room);
-            for (int32_t e = 0; e < hp.n_expert; ++e)
-                s.pieces[s.cell(l, e) * 3 + (size_t)i] = {(uint64_t)(w[i]->data - base) + (uint64_t)e * w[i]->mat_bytes, w[i]->mat_bytes};
+        for (int32_t e = 0; e < hp.n_expert; ++e) {
+            const LayerWeights::ExpertMats em = lw.expert(e);
+            const Weight* w[3] = {em.gate, em.up, em.down};
+            for (int i = 0; i < 3; ++i) {
+                expert_total += w[i]->mat_bytes;
+                const size_t room = (w[i]->mat_bytes + 2 * s.align - 1) / s.align * s.align;
+                s.piece_room[i] = std::max(s.piece_room[i], room);
+                s.pieces[s.cell(l, e) * 3 + (size_t)i] = {(uint64_t)(w[i]->data - base) + (uint64_t)em.mat * w[i]->mat_bytes, w[i]->mat_bytes};
+            }
         }
     }
     s.slot_bytes = s.piece_room[0] + s.piece_room[1] + s.piece_room[2];
@@ -8627,8 +8679,8 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
         const size_t mapped_size = m.file.file_size();
         std::vector<std::pair<uint64_t, uint64_t>> stacks;  // [start, end) of each expert stack
         for (const LayerWeights& lw : m.layers)
-            for (const Weight* w : {&lw.gate_exps, &lw.up_exps, &lw.down_exps})
-                stacks.push_back({(uint64_t)(w->data - base), (uint64_t)(w->data - base) + w->mat_bytes * (uint64_t)w->n_mats});
+            for (const Weight* w : {&lw.gate_exps, &lw.up_exps, &lw.down_exps, &lw.gate_hot, &lw.up_hot, &lw.down_hot})
+                if (*w) stacks.push_back({(uint64_t)(w->data - base), (uint64_t)(w->data - base) + w->mat_bytes * (uint64_t)w->n_mats});
         std::sort(stacks.begin(), stacks.end());
         const int fd = ::open(path, O_RDONLY);
         uint64_t from = 0;
@@ -8807,6 +8859,7 @@ struct ExpertUse { int32_t token, slot; };
 struct ActiveExpert {
     const Weight *gate, *up, *down;
     int64_t mat;                   // matrix in the stacks (0 for shared and dense)
+    int32_t expert;                // routed expert id; -1 for shared and dense
     const uint8_t *gate_mat, *up_mat, *down_mat;  // its matrices: in the mapping, or in an expert-store slot
     int32_t use_begin, use_end;    // its uses in Routing::uses
     int64_t row_begin, row_end;    // its rows in the concatenated gate/up rows of all active experts
@@ -9237,10 +9290,10 @@ inline void SessionImpl::observe(int il, MatInput what, int32_t n, int ith, int 
             for (const ActiveExpert& e : r.active)
                 for (int32_t j = e.use_begin; j < e.use_end; ++j) {
                     const ExpertUse& use = r.uses[(size_t)j];
-                    const bool routed = e.down == &l.down_exps;
-                    if (routed) observer(observer_user, il, MatInput::expert_in, (int32_t)e.mat, a.xb.data + use.token * n_embd, n_embd);
+                    const bool routed = e.expert >= 0;
+                    if (routed) observer(observer_user, il, MatInput::expert_in, e.expert, a.xb.data + use.token * n_embd, n_embd);
                     const MatInput kind = routed ? MatInput::expert_hidden : e.down == &l.down_shexp ? MatInput::shared_hidden : MatInput::dense_hidden;
-                    observer(observer_user, il, kind, routed ? (int32_t)e.mat : -1,
+                    observer(observer_user, il, kind, e.expert,
                              a.hidden.data + (use.token * plan->slots + use.slot) * plan->max_ff, e.down->cols);
                 }
         }
@@ -9518,9 +9571,15 @@ inline void SessionImpl::route(int il, int32_t n) {
     for (int i = 0; i < n_targets; ++i) {
         if (first[(size_t)i + 1] == first[(size_t)i]) continue;
         ActiveExpert e;
-        if (i == Routing::kSharedTarget) { e.gate = &l.gate_shexp; e.up = &l.up_shexp; e.down = &l.down_shexp; e.mat = 0; }
-        else if (i == Routing::kDenseTarget) { e.gate = &l.gate; e.up = &l.up; e.down = &l.down; e.mat = 0; }
-        else { e.gate = &l.gate_exps; e.up = &l.up_exps; e.down = &l.down_exps; e.mat = i - Routing::kFirstExpertTarget; }
+        e.mat = 0;
+        e.expert = -1;
+        if (i == Routing::kSharedTarget) { e.gate = &l.gate_shexp; e.up = &l.up_shexp; e.down = &l.down_shexp; }
+        else if (i == Routing::kDenseTarget) { e.gate = &l.gate; e.up = &l.up; e.down = &l.down; }
+        else {
+            e.expert = i - Routing::kFirstExpertTarget;
+            const LayerWeights::ExpertMats em = l.expert(e.expert);
+            e.gate = em.gate; e.up = em.up; e.down = em.down; e.mat = em.mat;
+        }
         e.gate_mat = e.gate->row(e.mat, 0);
         e.up_mat = e.up->row(e.mat, 0);
         e.down_mat = e.down->row(e.mat, 0);
@@ -9538,7 +9597,7 @@ inline void SessionImpl::route(int il, int32_t n) {
 inline void SessionImpl::use_store(int il, int32_t n) {
     store_ids.clear();
     for (const ActiveExpert& e : r.active)
-        if (e.gate == &model->layers[(size_t)il].gate_exps) store_ids.push_back((int32_t)e.mat);
+        if (e.expert >= 0) store_ids.push_back(e.expert);
     for (auto& target : store_predicted) target.second.clear();
     int n_targets = 0;
     if (n == 1 && prediction.depth > 0)
@@ -9551,14 +9610,14 @@ inline void SessionImpl::use_store(int il, int32_t n) {
     // Until the store fills them: the mapped bytes (used only if acquire fails before pinning).
     store_ptrs.clear();
     for (const ActiveExpert& e : r.active)
-        if (e.gate == &model->layers[(size_t)il].gate_exps) store_ptrs.push_back({e.gate_mat, e.up_mat, e.down_mat});
+        if (e.expert >= 0) store_ptrs.push_back({e.gate_mat, e.up_mat, e.down_mat});
     if (!store->acquire(il, store_ids.data(), (int)store_ids.size(), store_ptrs.data(), &pins, n_targets ? &store_predicted : nullptr)) {
         if (!store_failed) store_error = last_error();
         store_failed = true;  // the slots hold stale bytes: forward() reports io_error
     }
     size_t k = 0;
     for (ActiveExpert& e : r.active) {
-        if (e.gate != &model->layers[(size_t)il].gate_exps) continue;
+        if (e.expert < 0) continue;
         e.gate_mat = store_ptrs[k].gate;
         e.up_mat = store_ptrs[k].up;
         e.down_mat = store_ptrs[k].down;

@@ -20,6 +20,7 @@
 
 #include "moe_infer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -59,6 +60,11 @@ struct ModelSpec {
     std::vector<std::pair<std::string, moe::TensorType>> type_overrides;
     // Scale of the router weights (router logits have std ~ router_scale).
     double router_scale = 2.0;
+    // Hot/cold experts (moe-quantize --recipe hotcold): these experts' matrices are stored in the
+    // ffn_*_hot_exps stacks as hot_type and listed (same ids in every layer) in moe_infer.hot_experts;
+    // the ffn_*_exps stacks keep the others. The weights drawn are the same as without the split.
+    std::vector<int> hot_experts;
+    moe::TensorType hot_type = moe::TensorType::f32;
     // Fault injection for loader tests.
     std::string omit_tensor;        // this tensor is not written
     std::string misshape_tensor;    // this tensor is written with ne[1] + 1 (ne[0] + 1 if 1-D)
@@ -260,14 +266,13 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
 
     // ---- tensors ---------------------------------------------------------------------------
     // gen: values ~ N(mean, std^2); `big`: stored as wtype (else F32). Returns the read-back floats.
-    auto add = [&](const std::string& name, std::vector<int64_t> ne, double mean, double std, bool big) -> std::vector<float> {
-        int64_t n = 1;
-        for (int64_t d : ne) n *= d;
-        std::vector<float> vals((size_t)n);
-        for (float& v : vals) v = (float)(mean + std * rng.normal());  // drawn even if omitted: same weights
+    // store: writes `vals` as `name` (type as below, or `forced`) and returns the read-back floats.
+    auto store = [&](const std::string& name, std::vector<int64_t> ne, std::vector<float> vals, bool big, const TensorType* forced) -> std::vector<float> {
         if (!m.ok() || name == spec.omit_tensor) return vals;
         TensorType t = TensorType::f32;
-        if (big) {
+        if (forced) {
+            t = *forced;
+        } else if (big) {
             t = spec.wtype;
             for (const auto& ov : spec.type_overrides)
                 if (name.find(ov.first) != std::string::npos) { t = ov.second; break; }
@@ -297,6 +302,46 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         if (name != spec.misshape_tensor) vals = file_vals;
         return vals;
     };
+    auto draw = [&](std::vector<int64_t> ne, double mean, double std) {
+        int64_t n = 1;
+        for (int64_t d : ne) n *= d;
+        std::vector<float> vals((size_t)n);
+        for (float& v : vals) v = (float)(mean + std * rng.normal());  // drawn even if omitted: same weights
+        return vals;
+    };
+    auto add = [&](const std::string& name, std::vector<int64_t> ne, double mean, double std, bool big) {
+        return store(name, ne, draw(ne, mean, std), big, nullptr);
+    };
+    // An expert stack {ne0, ne1, n_expert}, split into cold and hot stacks when spec.hot_experts is set.
+    auto add_experts = [&](const std::string& b, const std::string& what, std::vector<int64_t> ne, double std) {
+        std::vector<float> vals = draw(ne, 0, std);
+        if (spec.hot_experts.empty()) return store(b + "ffn_" + what + "_exps.weight", ne, vals, true, nullptr);
+        const size_t per = (size_t)(ne[0] * ne[1]);
+        std::vector<float> cold, hot;
+        for (int64_t e = 0; e < ne[2]; ++e) {
+            const bool is_hot = std::find(spec.hot_experts.begin(), spec.hot_experts.end(), (int)e) != spec.hot_experts.end();
+            (is_hot ? hot : cold).insert((is_hot ? hot : cold).end(), vals.begin() + (std::ptrdiff_t)(e * per), vals.begin() + (std::ptrdiff_t)((e + 1) * per));
+        }
+        const int64_t n_hot = (int64_t)(hot.size() / per);
+        cold = store(b + "ffn_" + what + "_exps.weight", {ne[0], ne[1], ne[2] - n_hot}, cold, true, nullptr);
+        hot = store(b + "ffn_" + what + "_hot_exps.weight", {ne[0], ne[1], n_hot}, hot, true, &spec.hot_type);
+        size_t ci = 0, hi = 0;
+        for (int64_t e = 0; e < ne[2]; ++e) {
+            const bool is_hot = std::find(spec.hot_experts.begin(), spec.hot_experts.end(), (int)e) != spec.hot_experts.end();
+            const std::vector<float>& src = is_hot ? hot : cold;
+            size_t& at = is_hot ? hi : ci;
+            std::copy(src.begin() + (std::ptrdiff_t)(at * per), src.begin() + (std::ptrdiff_t)((at + 1) * per), vals.begin() + (std::ptrdiff_t)(e * per));
+            ++at;
+        }
+        return vals;
+    };
+    if (m.moe && !spec.hot_experts.empty() && key_ok("moe_infer.hot_experts")) {
+        std::vector<int32_t> ids(spec.hot_experts.begin(), spec.hot_experts.end());
+        std::sort(ids.begin(), ids.end());
+        std::vector<int32_t> all;
+        for (int il = 0; il < spec.n_layer; ++il) all.insert(all.end(), ids.begin(), ids.end());
+        w.set_i32_array("moe_infer.hot_experts", all);
+    }
 
     const double emb_std = spec.tied ? 2.5 / std::sqrt((double)E) : 1.0;
     m.tok_embd = add("token_embd.weight", {E, V}, 0, emb_std, true);
@@ -328,9 +373,9 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         L.ffn_norm = add(b + "ffn_norm.weight", {E}, 1.0, 0.1, false);
         if (m.moe) {
             L.gate_inp = add(b + "ffn_gate_inp.weight", {E, NE}, 0, spec.router_scale * s_in, false);
-            L.gate_exps = add(b + "ffn_gate_exps.weight", {E, NF, NE}, 0, s_in, true);
-            L.up_exps = add(b + "ffn_up_exps.weight", {E, NF, NE}, 0, s_in, true);
-            L.down_exps = add(b + "ffn_down_exps.weight", {NF, E, NE}, 0, 1.0 / std::sqrt((double)NF), true);
+            L.gate_exps = add_experts(b, "gate", {E, NF, NE}, s_in);
+            L.up_exps = add_experts(b, "up", {E, NF, NE}, s_in);
+            L.down_exps = add_experts(b, "down", {NF, E, NE}, 1.0 / std::sqrt((double)NF));
             if (is_qwen2) {
                 L.gate_inp_shexp = add(b + "ffn_gate_inp_shexp.weight", {E}, 0, s_in, false);
                 L.gate_shexp = add(b + "ffn_gate_shexp.weight", {E, NFS}, 0, s_in, true);

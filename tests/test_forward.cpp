@@ -404,6 +404,17 @@ std::vector<QuantCase> quant_cases() {
     c.push_back({"qwen3moe_TQ4_mixed", with_type(spec("qwen3moe", 128, 4, 2, 48, 5, 2, 96, 300, 2), TT::tq4, TT::q8_0), 5e-2});
     c.push_back({"qwen3moe_AFFINE3_G64", with_type(spec("qwen3moe", 128, 4, 2, 32, 4, 2, 64, 300, 2), TT::affine3_g64), 5e-2});
     c.push_back({"mixtral_AFFINE4_G128_mixed", with_type(spec("llama", 128, 4, 2, 32, 4, 2, 96, 300, 1), TT::affine4_g128, TT::affine4_g32), 5e-2});
+    // Hot/cold experts: some experts' matrices in a second stack of another type (and activation format).
+    {
+        ModelSpec s = with_type(spec("qwen3moe", 128, 4, 2, 32, 6, 2, 128, 300, 2), TT::tq3);
+        s.hot_experts = {1, 4};
+        s.hot_type = TT::q8_0;
+        c.push_back({"qwen3moe_hotcold_Q8_0_TQ3", s, 5e-2});
+        ModelSpec o = with_type(spec("olmoe", 64, 4, 4, 16, 8, 3, 32, 300, 2), TT::q4_0);
+        o.hot_experts = {0, 2, 7};
+        o.hot_type = TT::mxfp4;
+        c.push_back({"olmoe_hotcold_MXFP4_Q4_0", o, 5e-2});
+    }
     return c;
 }
 
@@ -646,5 +657,103 @@ INSTANTIATE_TEST_SUITE_P(
         LoadErrCase{"missing_embd_len", "qwen3moe", "", "", "qwen3moe.embedding_length", moe::Status::missing_key, "qwen3moe.embedding_length"},
         LoadErrCase{"missing_block_count", "llama", "", "", "llama.block_count", moe::Status::missing_key, "llama.block_count"}),
     [](const ::testing::TestParamInfo<LoadErrCase>& i) { return std::string(i.param.name); });
+
+//---------------------------------------------------------------------------------------------------
+// Hot/cold expert files: the same weights split into two stacks give the same logits, bit for bit;
+// a broken hot expert list is refused with its name
+//---------------------------------------------------------------------------------------------------
+
+std::vector<float> logits_of(const moe_test::RandomModel& rm, const char* name, const std::vector<int32_t>& tokens) {
+    TempModelFile f(name);
+    moe::Model model;
+    if (!write_and_load(rm, f, &model)) return {};
+    moe::SessionOptions opt;
+    opt.n_ctx = 32;
+    opt.n_threads = 2;
+    EngineRun run;
+    if (!run_engine(model, opt, tokens, 4, &run)) return {};
+    return run.logits;
+}
+
+TEST(HotColdExperts, SplitStacksGiveIdenticalLogits) {
+    ModelSpec s = with_type(spec("qwen3moe", 64, 4, 2, 16, 6, 2, 32, 300, 3), TT::q8_0);
+    const std::vector<int32_t> tokens = {5, 77, 200, 13, 42, 99, 7, 150, 3, 260};
+    const std::vector<float> plain = logits_of(moe_test::make_random_model(s), "hotcold_plain", tokens);
+    s.hot_experts = {0, 3, 5};
+    s.hot_type = TT::q8_0;
+    moe_test::RandomModel split = moe_test::make_random_model(s);
+    ASSERT_TRUE(split.ok()) << split.error;
+    bool has_hot = false;
+    for (const auto& t : split.tensor_types) has_hot |= t.first == "blk.2.ffn_down_hot_exps.weight";
+    ASSERT_TRUE(has_hot);
+    const std::vector<float> hotcold = logits_of(split, "hotcold_split", tokens);
+    ASSERT_FALSE(plain.empty());
+    ASSERT_EQ(plain.size(), hotcold.size());
+    EXPECT_EQ(0, std::memcmp(plain.data(), hotcold.data(), plain.size() * sizeof(float)));
+}
+
+// The expert store serves hot and cold experts alike (slots sized for the larger), same logits.
+TEST(HotColdExperts, ExpertStoreWithABudget) {
+    ModelSpec s = with_type(spec("qwen3moe", 64, 4, 2, 16, 6, 2, 32, 300, 3), TT::q4_0);
+    s.hot_experts = {2, 3};
+    s.hot_type = TT::q8_0;
+    moe_test::RandomModel rm = moe_test::make_random_model(s);
+    TempModelFile f("hotcold_store");
+    moe::Model plain;
+    ASSERT_TRUE(write_and_load(rm, f, &plain));
+    const std::vector<int32_t> tokens = {5, 77, 200, 13, 42, 99, 7, 150, 3, 260, 11, 12};
+    moe::SessionOptions opt;
+    opt.n_ctx = 32;
+    opt.n_threads = 2;
+    EngineRun want;
+    ASSERT_TRUE(run_engine(plain, opt, tokens, 0, &want));
+    moe::LoadOptions all;
+    all.mem_budget = 1ull << 40;
+    all.expert_reads = moe::ExpertReads::buffered;
+    moe::Model full;
+    ASSERT_EQ(moe::Model::load(f.path.c_str(), all, &full), moe::Status::ok) << moe::last_error();
+    const moe::ExpertStoreStats st = full.expert_store_stats();
+    ASSERT_EQ(st.slots, 3 * 6);
+    moe::LoadOptions some = all;
+    some.mem_budget = st.resident_bytes + st.cache_bytes / 3;  // a third of the experts
+    moe::Model part;
+    ASSERT_EQ(moe::Model::load(f.path.c_str(), some, &part), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(part.expert_store_stats().slots, 6);
+    for (const moe::Model* m : {&full, &part}) {
+        EngineRun got;
+        ASSERT_TRUE(run_engine(*m, opt, tokens, 0, &got));
+        EXPECT_EQ(0, std::memcmp(want.logits.data(), got.logits.data(), want.logits.size() * sizeof(float)));
+    }
+    EXPECT_GT(part.expert_store_stats().misses, 0u);
+}
+
+TEST(HotColdExperts, BadHotListIsRefused) {
+    ModelSpec s = with_type(spec("qwen3moe", 64, 4, 2, 16, 6, 2, 32, 300, 2), TT::q8_0);
+    s.hot_experts = {1, 4};
+    const struct { std::vector<int32_t> ids; const char* mention; } cases[] = {
+        {{1, 4, 1}, "hot experts"},         // one layer's ids short
+        {{1, 4, 1, 4, 2}, "lists 5 ids"},    // one too many
+        {{4, 1, 1, 4}, "must ascend"},
+        {{1, 4, 1, 6}, "must ascend"},       // out of range (6 experts)
+        {{1, 4, -1, 4}, "must ascend"},
+    };
+    for (const auto& c : cases) {
+        moe_test::RandomModel rm = moe_test::make_random_model(s);
+        ASSERT_TRUE(rm.ok()) << rm.error;
+        rm.writer.set_i32_array("moe_infer.hot_experts", c.ids);
+        const std::vector<uint8_t> bytes = rm.bytes();
+        moe::Model model;
+        EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::invalid_file) << c.mention;
+        EXPECT_NE(std::string(moe::last_error()).find(c.mention), std::string::npos) << moe::last_error();
+    }
+    // the list missing altogether
+    s.omit_key = "moe_infer.hot_experts";
+    moe_test::RandomModel no_list = moe_test::make_random_model(s);
+    ASSERT_TRUE(no_list.ok()) << no_list.error;
+    const std::vector<uint8_t> bytes = no_list.bytes();
+    moe::Model model;
+    EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::invalid_file);
+    EXPECT_NE(std::string(moe::last_error()).find("no moe_infer.hot_experts list"), std::string::npos) << moe::last_error();
+}
 
 }  // namespace
