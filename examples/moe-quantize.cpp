@@ -49,6 +49,11 @@ const char* kUsage =
     "  --recipe R          uniform (default): every matrix gets TYPE;\n"
     "                      mixed[:N] (N default 2): the first and last N layers, attention, token_embd\n"
     "                      and output get a larger type (3-bit -> 4-bit, 4-bit -> q6_k, 5/6-bit -> q8_0)\n"
+    "                      hotcold[:P] (P default 25, needs --calib): in each layer the P% of the routed\n"
+    "                      experts that took the most routing weight on the calibration text are hot and\n"
+    "                      get the larger type, the others TYPE; matrices outside the experts get the\n"
+    "                      larger type (they are read for every token). The hot experts go to their\n"
+    "                      own stacks (ffn_*_hot_exps), listed in moe_infer.hot_experts\n"
     "  --calib FILE        text for an importance matrix (per-column activation energy of every matmul\n"
     "                      input), given to the quantizers that can weigh their error\n"
     "  --calib-tokens N    calibration tokens (default 8192)\n"
@@ -319,6 +324,8 @@ std::string role_of(const std::string& name) {
     return b > a ? name.substr(a, b - a) : "";
 }
 
+bool is_expert_stack(const std::string& role) { return role == "ffn_gate_exps" || role == "ffn_up_exps" || role == "ffn_down_exps"; }
+
 bool is_attention(const std::string& role) {
     return role == "attn_q" || role == "attn_k" || role == "attn_v" || role == "attn_output" || role == "attn_qkv";
 }
@@ -339,6 +346,7 @@ struct Calibration {
     int32_t n_layer = 0, n_expert = 0;
     std::vector<InputStats> stats;  // [(layer * kMatInputs + what) * (n_expert + 1) + expert + 1]
     uint64_t tokens = 0;
+    moe::ExpertStats stats_of_run;  // the router's choices on the calibration text
 
     void init(int32_t layers, int32_t experts) {
         n_layer = layers;
@@ -437,6 +445,7 @@ struct TensorPlan {
     int64_t ne[4] = {1, 1, 1, 1};
     uint32_t n_dims = 1;
     bool quantized = false;  // a weight matrix (counted in the bits per weight)
+    std::vector<int64_t> mats;  // hotcold: the source matrix of each output matrix (empty: the same)
     bool fallback = false;   // TYPE's block does not divide ne[0]
     std::vector<float> src_scale;                  // the source's `<name>.scale`, folded into the values
     std::vector<std::vector<float>> importance;    // see tensor_importance
@@ -482,13 +491,14 @@ struct Converter {
         for (std::thread& t : threads) t.join();
     }
 
-    // Source rows [begin, end) of `p` as floats (the source's own `.scale` applied) in `rows`.
+    // Output rows [begin, end) of `p` as floats (the source's own `.scale` applied) in `rows`.
     bool read_rows(const TensorPlan& p, int64_t begin, int64_t end, float* rows) {
         const moe::GgufTensorInfo& t = *p.src;
         const int64_t cols = t.ne[0];
         const size_t src_row = t.n_bytes / (size_t)(t.n_elements() / cols);
-        for (int64_t r = begin; r < end; ++r) {
-            float* x = rows + (r - begin) * cols;
+        for (int64_t out_r = begin; out_r < end; ++out_r) {
+            const int64_t r = p.mats.empty() ? out_r : p.mats[(size_t)(out_r / t.ne[1])] * t.ne[1] + out_r % t.ne[1];  // source row
+            float* x = rows + (out_r - begin) * cols;
             if (moe::dequantize_row((moe::TensorType)t.type, t.data + (size_t)r * src_row, x, cols) != moe::Status::ok) {
                 fail("cannot read tensor '" + t.name + "': " + moe::last_error());
                 return false;
@@ -508,8 +518,8 @@ struct Converter {
 
     bool convert(TensorPlan& p, uint8_t* dst) {
         const moe::GgufTensorInfo& t = *p.src;
-        const int64_t cols = t.ne[0], n_rows = t.n_elements() / cols, rows_per_mat = t.ne[1], n_mats = t.ne[2];
-        const size_t src_row = t.n_bytes / (size_t)n_rows;
+        const int64_t cols = t.ne[0], n_rows = p.ne[1] * p.ne[2] * p.ne[3], rows_per_mat = p.ne[1], n_mats = p.ne[2];
+        const size_t src_row = t.n_bytes / (size_t)(t.n_elements() / cols);
         const size_t out_row = (size_t)(cols / moe::tensor_type_block_elems(p.out) * moe::tensor_type_block_bytes(p.out));
         const bool nvfp4 = p.out == moe::TensorType::nvfp4;
         if (nvfp4) {
@@ -544,7 +554,8 @@ struct Converter {
                 const size_t mat = (size_t)((r / rows_per_mat) % n_mats);
                 if (nvfp4)
                     for (int64_t i = 0; i < cols; ++i) row[i] /= p.out_scale[mat];
-                const float* imp = p.importance.empty() ? nullptr : p.importance[p.importance.size() == 1 ? 0 : mat].data();
+                const size_t src_mat = p.mats.empty() ? mat : (size_t)p.mats[mat];
+                const float* imp = p.importance.empty() ? nullptr : p.importance[p.importance.size() == 1 ? 0 : src_mat].data();
                 if (moe::quantize_row_weighted(p.out, row, dst + (size_t)r * out_row, cols, imp) != moe::Status::ok) {
                     fail("cannot quantize tensor '" + t.name + "' to " + type_label(p.out) + ": " + moe::last_error());
                     return;
@@ -640,22 +651,23 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "error: unknown type '%s'; the types are:%s\n", a.type_arg.c_str(), list.c_str());
         return 2;
     }
-    bool mixed = false;
-    long long mixed_layers = 2;
+    bool mixed = false, hotcold = false;
+    long long mixed_layers = 2, hot_percent = 25;
     if (a.recipe == "hotcold" || a.recipe.compare(0, 8, "hotcold:") == 0) {
-        std::fprintf(stderr,
-                     "error: --recipe %s is not supported by the library yet: it would give hot and cold experts of a layer different types, but a GGUF "
-                     "tensor has one type and the loader reads a layer's routed experts only as its stacked ffn_*_exps tensors\n",
-                     a.recipe.c_str());
-        return 2;
-    }
-    if (a.recipe == "mixed" || a.recipe.compare(0, 6, "mixed:") == 0) {
+        hotcold = true;
+        if (a.recipe.size() > 7 && !parse_int(a.recipe.c_str() + 8, 1, 99, &hot_percent))
+            return usage_error("--recipe hotcold:P needs a percentage P in [1, 99], got '%s'", a.recipe.c_str());
+        if (a.calib.empty()) return usage_error("--recipe hotcold needs --calib FILE: the hot experts are those the calibration text routes to most");
+        if (larger_type(type) == type) return usage_error("--recipe hotcold: %s has no larger type for the hot experts", type_label(type).c_str());
+        a.recipe = "hotcold:" + std::to_string(hot_percent);
+        mixed_layers = 0;
+    } else if (a.recipe == "mixed" || a.recipe.compare(0, 6, "mixed:") == 0) {
         mixed = true;
         if (a.recipe.size() > 5 && !parse_int(a.recipe.c_str() + 6, 0, 1 << 20, &mixed_layers))
             return usage_error("--recipe mixed:N needs an integer N >= 0, got '%s'", a.recipe.c_str());
         a.recipe = "mixed:" + std::to_string(mixed_layers);
     } else if (a.recipe != "uniform") {
-        return usage_error("unknown recipe '%s' (uniform, mixed, mixed:N)", a.recipe.c_str());
+        return usage_error("unknown recipe '%s' (uniform, mixed, mixed:N, hotcold, hotcold:P)", a.recipe.c_str());
     }
     const int n_threads = (int)(a.n_threads ? a.n_threads : std::max(1u, std::min(16u, std::thread::hardware_concurrency())));
     const double t_start = now_seconds();
@@ -670,6 +682,8 @@ int main(int argc, char** argv) {
     }
     std::string arch;
     src.get_string("general.architecture", &arch);
+    if (hotcold && src.find("moe_infer.hot_experts"))
+        return die("'%s' already has hot and cold experts (moe_infer.hot_experts): make the hot/cold file from the original model", a.in.c_str());
     uint32_t n_layer = 0;
     if (mixed && src.get_u32((arch + ".block_count").c_str(), &n_layer) != moe::Status::ok)
         return die("--recipe mixed needs the layer count '%s.block_count' of '%s': %s", arch.c_str(), a.in.c_str(), moe::last_error());
@@ -710,6 +724,7 @@ int main(int argc, char** argv) {
             const bool sensitive = is_attention(role) || t.name == "output.weight" || t.name == "token_embd.weight" ||
                                    (layer >= 0 && (layer < mixed_layers || layer >= (long long)n_layer - mixed_layers));
             p.out = mixed && sensitive ? larger_type(type) : type;
+            if (hotcold) p.out = is_expert_stack(role) && t.n_dims == 3 ? type : larger_type(type);
             p.quantized = true;
             if (t.ne[0] % moe::tensor_type_block_elems(p.out)) {
                 p.out = t.ne[0] % moe::tensor_type_block_elems(moe::TensorType::q8_0) == 0 ? moe::TensorType::q8_0 : moe::TensorType::f16;
@@ -727,15 +742,6 @@ int main(int argc, char** argv) {
         p.out_bytes = (uint64_t)(t.n_elements() / moe::tensor_type_block_elems(p.out)) * (uint64_t)moe::tensor_type_block_bytes(p.out);
         total_src += t.n_bytes;
         plans.push_back(std::move(p));
-        if (plans.back().quantized && plans.back().out == moe::TensorType::nvfp4) {
-            TensorPlan s;
-            s.kind = Kind::scale;
-            s.name = t.name.substr(0, t.name.size() - 7) + ".scale";
-            s.ne[0] = t.ne[2];
-            s.of = plans.size() - 1;
-            s.out_bytes = (uint64_t)t.ne[2] * sizeof(float);
-            plans.push_back(std::move(s));
-        }
     }
     if (!requantized.empty()) {
         std::string list;
@@ -807,10 +813,74 @@ int main(int argc, char** argv) {
             progress.add(n);
         }
         progress.finish();
+        calib.stats_of_run = session.expert_stats();
         const char* base = std::strrchr(a.calib.c_str(), '/');
         calib_label = std::string(base ? base + 1 : a.calib.c_str()) + " (" + std::to_string(calib.tokens) + " tokens)";
         calib_seconds = now_seconds() - t0;
     }
+    // ---- hotcold: each layer's hot experts, and its expert stacks split in two ----
+    std::vector<int32_t> hot_list;  // moe_infer.hot_experts: the layers' hot ids, one layer after another
+    int n_hot_total = 0, n_expert_total = 0;
+    if (hotcold) {
+        std::map<int, std::vector<int64_t>> hot_of_layer;  // ascending ids
+        std::vector<TensorPlan> split;
+        for (TensorPlan& p : plans) {
+            const int layer = layer_of(p.name);
+            if (!p.quantized || !is_expert_stack(role_of(p.name)) || p.n_dims != 3 || layer < 0 || layer >= calib.n_layer || p.ne[2] != calib.n_expert) {
+                split.push_back(std::move(p));
+                continue;
+            }
+            std::vector<int64_t>& hot = hot_of_layer[layer];
+            const int64_t n_expert = p.ne[2];
+            if (hot.empty()) {  // by routing weight, then by count, then by id
+                const moe::ExpertStats& st = calib.stats_of_run;
+                std::vector<int64_t> order((size_t)n_expert);
+                for (int64_t e = 0; e < n_expert; ++e) order[(size_t)e] = e;
+                auto at = [&](int64_t e) { return (size_t)layer * (size_t)n_expert + (size_t)e; };
+                std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+                    if (st.weight[at(x)] != st.weight[at(y)]) return st.weight[at(x)] > st.weight[at(y)];
+                    return st.count[at(x)] > st.count[at(y)];
+                });
+                const int64_t n_hot = std::max<int64_t>(1, std::min<int64_t>(n_expert - 1, (n_expert * hot_percent + 50) / 100));
+                hot.assign(order.begin(), order.begin() + n_hot);
+                std::sort(hot.begin(), hot.end());
+                n_hot_total += (int)n_hot;
+                n_expert_total += (int)n_expert;
+            }
+            TensorPlan cold = p, hot_plan = p;
+            for (int64_t e = 0, h = 0; e < n_expert; ++e) {
+                if (h < (int64_t)hot.size() && hot[(size_t)h] == e) { hot_plan.mats.push_back(e); ++h; }
+                else cold.mats.push_back(e);
+            }
+            const std::string stack = role_of(p.name);  // ffn_gate_exps -> ffn_gate_hot_exps
+            hot_plan.name = "blk." + std::to_string(layer) + "." + stack.substr(0, stack.size() - 4) + "hot_exps.weight";
+            hot_plan.out = larger_type(type);
+            if (p.fallback || p.ne[0] % moe::tensor_type_block_elems(hot_plan.out)) hot_plan.out = p.out;  // the cold one's fallback
+            cold.ne[2] = (int64_t)cold.mats.size();
+            hot_plan.ne[2] = (int64_t)hot_plan.mats.size();
+            for (TensorPlan* q : {&cold, &hot_plan})
+                q->out_bytes = (uint64_t)(q->ne[0] * q->ne[1] * q->ne[2] / moe::tensor_type_block_elems(q->out)) * (uint64_t)moe::tensor_type_block_bytes(q->out);
+            split.push_back(std::move(cold));
+            split.push_back(std::move(hot_plan));
+        }
+        plans = std::move(split);
+        if (hot_of_layer.empty()) return die("--recipe hotcold: '%s' has no routed expert stacks to split", a.in.c_str());
+        for (const auto& l : hot_of_layer)
+            for (int64_t e : l.second) hot_list.push_back((int32_t)e);
+    }
+    // NVFP4 matrices get their `<name>.scale` right after them.
+    for (size_t i = 0; i < plans.size(); ++i)
+        if (plans[i].quantized && plans[i].out == moe::TensorType::nvfp4) {
+            TensorPlan sc;
+            sc.kind = Kind::scale;
+            sc.name = plans[i].name.substr(0, plans[i].name.size() - 7) + ".scale";
+            sc.ne[0] = plans[i].ne[2];
+            sc.of = i;
+            sc.out_bytes = (uint64_t)plans[i].ne[2] * sizeof(float);
+            plans.insert(plans.begin() + (std::ptrdiff_t)i + 1, std::move(sc));
+            ++i;
+        }
+
     int n_importance = 0;  // tensors quantized with an importance vector
     if (calib.tokens)
         for (TensorPlan& p : plans)
@@ -829,6 +899,7 @@ int main(int argc, char** argv) {
     w.set_string("moe_infer.quantize.type", type_label(type));
     w.set_string("moe_infer.quantize.recipe", a.recipe);
     w.set_string("moe_infer.quantize.calib", calib_label);
+    if (!hot_list.empty()) w.set_i32_array("moe_infer.hot_experts", hot_list);
     for (const TensorPlan& p : plans)
         if (w.add_tensor_deferred(p.name, p.out, p.n_dims, p.ne) != moe::Status::ok)
             return die("cannot add tensor '%s' (%s): %s", p.name.c_str(), type_label(p.out).c_str(), moe::last_error());
@@ -863,7 +934,7 @@ int main(int argc, char** argv) {
         ++e.first;
         e.second += p.out_bytes;
         out_bytes += p.out_bytes;
-        if (p.quantized) { q_bits += p.out_bytes * 8; q_weights += (uint64_t)p.src->n_elements(); }
+        if (p.quantized) { q_bits += p.out_bytes * 8; q_weights += (uint64_t)(p.ne[0] * p.ne[1] * p.ne[2] * p.ne[3]); }
         if (p.fallback && listed++ < 8) fallbacks += (fallbacks.empty() ? "" : ", ") + p.name + " -> " + type_label(p.out);
     }
     if (listed > 8) fallbacks += " and " + std::to_string(listed - 8) + " more";
@@ -878,6 +949,8 @@ int main(int argc, char** argv) {
                  ec ? "?" : format_size((uint64_t)out_file).c_str(), (unsigned long long)q_weights, q_weights ? (double)q_bits / (double)q_weights : 0.0);
     std::fprintf(stderr, "  block-size fallbacks: %d%s%s\n", n_fallback, n_fallback ? ": " : "", fallbacks.c_str());
     if (calib.tokens) std::fprintf(stderr, "  importance matrix used by %d tensors\n", n_importance);
+    if (hotcold)
+        std::fprintf(stderr, "  hot experts: %d of %d (%s), cold: %s\n", n_hot_total, n_expert_total, type_label(larger_type(type)).c_str(), type_label(type).c_str());
     std::fprintf(stderr, "  time: %s (calibration %s, writing %s)\n", format_seconds(t_end - t_start).c_str(), format_seconds(calib_seconds).c_str(),
                  format_seconds(t_end - t_write).c_str());
     return 0;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # moe-quantize on the bundled demo model: every quantized file loads, generates and keeps a sane
-# perplexity; sizes follow the bits per weight; --recipe mixed, --calib, -t, and the errors.
+# perplexity; sizes follow the bits per weight; --recipe mixed and hotcold, --calib, -t, and the errors.
 # Usage: test_quantize.sh BUILD_DIR [REPO_ROOT]
 #    or: test_quantize.sh MOE_QUANTIZE MOE_CLI [REPO_ROOT]   (REPO_ROOT defaults to two levels above)
 # The calibration text is $MOE_SHARED_DIR/data/kjv.txt (default REPO_ROOT/../shared); without it the
@@ -108,6 +108,20 @@ if [ -f "$KJV" ]; then
     else pass; fi
     generates calib "$TMP/tq3_calib.gguf"
     check_ppl calib "$TMP/tq3_calib.gguf"
+
+    # ---- 4b. --recipe hotcold: the most-routed experts at tq4 in their own stacks, loads and runs ----
+    quant "$MODEL" "$TMP/tq3_hotcold.gguf" tq3 --recipe hotcold:25 --calib "$KJV" --calib-tokens 2048 --ctx 256 -t 2
+    s_hc=$(size "$TMP/tq3_hotcold.gguf" 2>/dev/null || echo 0); s_tq4=$(size "$TMP/tq4.gguf")
+    if [ "$rc" != 0 ] || ! grep -qE '^  hot experts: [1-9][0-9]* of [1-9][0-9]* \(tq4\), cold: tq3$' "$TMP/err"; then fail hotcold "--recipe hotcold:25 should report its hot (tq4) and cold (tq3) experts"
+    elif [ "$s_hc" -le "$s_tq3" ] || [ "$s_hc" -ge "$s_tq4" ]; then fail hotcold "hotcold ($s_hc) should lie between uniform tq3 ($s_tq3) and tq4 ($s_tq4) bytes"
+    else pass; fi
+    generates hotcold "$TMP/tq3_hotcold.gguf"
+    check_ppl hotcold "$TMP/tq3_hotcold.gguf"
+    quant "$TMP/tq3_hotcold.gguf" "$TMP/x.gguf" tq3 --recipe hotcold --calib "$KJV" --calib-tokens 256
+    if [ "$rc" = 1 ] && grep -q 'already has hot and cold experts' "$TMP/err" && [ ! -e "$TMP/x.gguf" ]; then pass
+    else fail hotcold "--recipe hotcold on a hot/cold file should exit 1 and say so"; fi
+    quant "$TMP/tq3_hotcold.gguf" "$TMP/hc_q8.gguf" q8_0 -t 2  # uniform keeps the split (and its list)
+    generates hotcold_requant "$TMP/hc_q8.gguf"
 else
     echo "skip [calib] no calibration text at $KJV"
 fi
@@ -120,8 +134,11 @@ quant "$TMP/missing.gguf" "$TMP/x.gguf" tq3
 if [ "$rc" = 1 ] && grep -q "^error: .*$TMP/missing.gguf" "$TMP/err" && [ ! -e "$TMP/x.gguf" ] && [ ! -e "$TMP/x.gguf.tmp" ]; then pass
 else fail errors "a missing IN should exit 1 with a message naming it and create no OUT"; fi
 quant "$MODEL" "$TMP/x.gguf" tq3 --recipe hotcold
-if [ "$rc" = 2 ] && grep -q '^error: --recipe hotcold is not supported' "$TMP/err" && grep -q 'one type' "$TMP/err" && [ ! -e "$TMP/x.gguf" ]; then pass
-else fail errors "--recipe hotcold should exit 2 saying why it is not supported"; fi
+if [ "$rc" = 2 ] && grep -q '^error: --recipe hotcold needs --calib FILE' "$TMP/err" && [ ! -e "$TMP/x.gguf" ]; then pass
+else fail errors "--recipe hotcold without --calib should exit 2 saying it needs one"; fi
+quant "$MODEL" "$TMP/x.gguf" tq3 --recipe hotcold:0 --calib "$TMP"
+if [ "$rc" = 2 ] && grep -q 'percentage P in \[1, 99\]' "$TMP/err" && [ ! -e "$TMP/x.gguf" ]; then pass
+else fail errors "--recipe hotcold:0 should exit 2"; fi
 quant "$MODEL" "$TMP/no/such/dir/x.gguf" tq3
 if [ "$rc" = 1 ] && grep -q "cannot create '$TMP/no/such/dir/x.gguf.tmp'" "$TMP/err" && [ ! -e "$TMP/no" ] && ! ls "$TMP" | grep -q '\.tmp$'; then pass
 else fail errors "OUT in a missing directory should exit 1 and leave no .tmp"; fi
@@ -133,8 +150,8 @@ else fail errors "a failing run should exit 1 and leave an existing OUT as it wa
 # ---- the numbers ----
 printf '%-8s %10s %10s\n' type bytes perplexity
 printf '%-8s %10s %10s\n' source "$(size "$MODEL")" "${REF_PPL:--}"
-for t in $TYPES mixed calib; do
-    f=$TMP/$t.gguf; [ "$t" = mixed ] && f=$TMP/tq3_mixed.gguf; [ "$t" = calib ] && f=$TMP/tq3_calib.gguf
+for t in $TYPES mixed calib hotcold; do
+    f=$TMP/$t.gguf; [ "$t" = mixed ] && f=$TMP/tq3_mixed.gguf; [ "$t" = calib ] && f=$TMP/tq3_calib.gguf; [ "$t" = hotcold ] && f=$TMP/tq3_hotcold.gguf
     [ -f "$f" ] && printf '%-8s %10s %10s\n' "$t" "$(size "$f")" "${PPL[$t]:--}"
 done
 
