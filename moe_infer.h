@@ -629,6 +629,17 @@ public:
     // holds the last row. Status: context_full (position + n > n_ctx; checked before `tokens` is
     // read, and nothing is evaluated then), invalid_argument (token id out of range, n == 0).
     Status eval(const int32_t* tokens, size_t n, float* all_logits = nullptr);
+    // Batched decode: token i appended to sessions[i], for n distinct sessions of one Model, in
+    // passes of up to sessions[0]'s n_batch tokens on sessions[0]'s threads: an expert's weights are
+    // read once per pass for every sequence routed to it. Afterwards each session's logits() and
+    // position() and last_expert_ids() are what its own eval(&tokens[i], 1) would give, bit for bit,
+    // when the sessions share their options (sessions[0]'s threads and activation settings are the
+    // ones used), except that attention over a cache longer than 256 positions may add its KV
+    // splits in another order (last-bit differences); expert_stats() of sessions[0] counts the batch.
+    // No other thread may use these sessions meanwhile. Status: invalid_argument (a null, repeated,
+    // uncreated or other-model session, a token out of range, n == 0), context_full (a session at
+    // n_ctx; checked before anything is evaluated).
+    static Status eval_batch(Session* const* sessions, const int32_t* tokens, size_t n);
     const float* logits() const;  // n_vocab floats after the last evaluated token
     int32_t position() const;     // tokens in the KV cache
     int32_t n_ctx() const;
@@ -8890,6 +8901,8 @@ struct Routing {
     std::unique_ptr<DoneCounter[]> expert_done;  // (n_expert + 2): gate/up rows done per active expert
     std::vector<std::pair<float, int32_t>> topk;
     std::vector<int32_t> last_experts;  // (n_layer * n_expert_used): experts of the last token
+    std::vector<int32_t> token_experts; // (B, n_layer * n_expert_used): every token's (Session::eval_batch)
+    std::vector<int32_t> lead_experts;  // eval_batch: the first session's, kept while later passes run
     int64_t active_rows() const { return active.empty() ? 0 : active.back().row_end; }
 };
 
@@ -8932,6 +8945,7 @@ struct ForwardCall {
     int32_t att_groups = 1;    // query-head subgroups per KV head
     int32_t att_split = 1;     // KV-range splits
     bool serial_norms = false; // n <= kSerialNormTokens: the thread finishing a matmul runs the norm after it
+    KvCache* const* seq_kv = nullptr;  // batched decode: token t's own cache (at its position); else the session's
 };
 
 // A norm step: rms_norm(x rows [t0, t0 + n)) * weight into xb, quantized to fmts.
@@ -8987,10 +9001,14 @@ struct SessionImpl {
     std::vector<std::pair<int32_t, std::vector<int32_t>>> store_predicted;  // (target layer, experts) to prefetch
     bool store_failed = false;       // a read failed in this forward(): it returns io_error
     std::string store_error;         // its message (set on a pool thread, reported on the caller's)
+    std::vector<KvCache*> batch_kv;  // Session::eval_batch: each token's cache
 
     explicit SessionImpl(int n_threads) : pool(n_threads) {}
     Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
-    Status forward(const int32_t* tokens, int32_t n, float* all_logits);
+    Status forward(const int32_t* tokens, int32_t n, float* all_logits, KvCache* const* seq_kv = nullptr);
+    // Token t of the chunk: its cache and position.
+    KvCache& kv_of(const ForwardCall& c, int32_t t) { return c.seq_kv ? *c.seq_kv[t] : kv; }
+    int32_t pos_of(const ForwardCall& c, int32_t t) const { return c.seq_kv ? c.seq_kv[t]->pos : kv.pos + t; }
 
     const RowKernel& kt(const Weight& w) const { return float_activations ? w.kernel_f32 : w.kernel; }
     const LayerFormats& formats(int il) const { return plan->layer_formats[float_activations][(size_t)il]; }
@@ -9017,7 +9035,7 @@ struct SessionImpl {
     void end_phase_then_norm(const NormStep& step, bool finisher, const ForwardCall& c, int ith, int nth, PhaseProfile::Phase ph);
     void norm_rows(const NormStep& step, int ith, int nth);
     bool matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n);
-    void rope_phase(int il, int32_t n, int ith, int nth);
+    void rope_phase(const ForwardCall& c, int il, int ith, int nth);
     void attention_phase(const ForwardCall& c, int il, int ith);
     void att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
@@ -9146,6 +9164,8 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     r.active.reserve((size_t)hp->n_expert + 2);
     r.topk.reserve((size_t)hp->n_expert);
     r.last_experts.assign((size_t)hp->n_layer * (size_t)std::max(1, hp->n_expert_used), -1);
+    r.token_experts.assign((size_t)B * r.last_experts.size(), -1);
+    r.lead_experts.assign(r.last_experts.size(), -1);
     r.expert_done.reset(new (std::nothrow) DoneCounter[(size_t)hp->n_expert + 2]);
     if (!r.expert_done) return fail(Status::out_of_memory, "out of memory");
     if (hp->n_expert > 0) {
@@ -9178,11 +9198,15 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
 
 //---- the forward pass of one chunk: eval() -> forward() -> forward_thread() on every thread ---- >>forward-chunk
 
-inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits) {
+inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits, KvCache* const* seq_kv) {
     ForwardCall c;
     c.tokens = tokens;
     c.n = n;
-    c.first_logit = all_logits ? 0 : n - 1;
+    c.first_logit = all_logits || seq_kv ? 0 : n - 1;
+    c.seq_kv = seq_kv;
+    int32_t longest = kv.pos + n;  // attention length of the last token
+    if (seq_kv)
+        for (int32_t t = 0; t < n; ++t) longest = std::max(longest, seq_kv[t]->pos + 1);
     c.serial_norms = n <= kSerialNormTokens;
     // Split query-head groups, then the KV range, only when (token, KV head) units cannot keep every
     // thread busy; short caches are not split (each split must cover kMinSplitLen positions).
@@ -9193,7 +9217,7 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
         c.att_groups = g;
     }
     const int32_t units = n * hp->n_head_kv * c.att_groups;
-    c.att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, (kv.pos + n) / kMinSplitLen));
+    c.att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, longest / kMinSplitLen));
     profile.start();
     store_failed = false;
     pool.parallel_for([this, &c](int ith, int nth_) { forward_thread(c, ith, nth_); });
@@ -9202,6 +9226,10 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
         if (store_failed) return fail(Status::io_error, "%s", store_error.c_str());  // the chunk is not kept
     }
     if (all_logits) std::memcpy(all_logits, a.logits_batch.data, (size_t)n * (size_t)hp->n_vocab * 4);
+    if (seq_kv) {  // the caller hands each row to its session
+        for (int32_t t = 0; t < n; ++t) ++seq_kv[t]->pos;
+        return Status::ok;
+    }
     std::memcpy(a.logits.data, a.logits_batch.data + (int64_t)(n - c.first_logit - 1) * hp->n_vocab, (size_t)hp->n_vocab * 4);
     kv.pos += n;
     return Status::ok;
@@ -9222,7 +9250,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
                 for (int64_t i = 0; i < n_embd; ++i) a.x[(size_t)(t * n_embd + i)] *= m.token_embd.scale(0);
             float* cs = a.rope_cs.data + t * hp->n_rot;
             for (int i = 0; i < hp->n_rot / 2; ++i) {
-                const float theta = (float)(kv.pos + t) * hp->rope_freq_scale * a.rope_inv_freq[(size_t)i];
+                const float theta = (float)pos_of(c, (int32_t)t) * hp->rope_freq_scale * a.rope_inv_freq[(size_t)i];
                 cs[2 * i] = std::cos(theta);
                 cs[2 * i + 1] = std::sin(theta);
             }
@@ -9242,7 +9270,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         if (observer) observe(il, MatInput::attn_in, n, ith, nth);
         matmul_phase(qkv, 3, 0, n);
         end_phase(ith, nth, PhaseProfile::qkv);
-        rope_phase(il, n, ith, nth);
+        rope_phase(c, il, ith, nth);
         end_phase(ith, nth, PhaseProfile::rope_kv);
         attention_phase(c, il, ith);
         end_phase(ith, nth, PhaseProfile::attention);
@@ -9373,7 +9401,8 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
 
 // QK-norm, RoPE and the KV store; units are (token, head) (or one per token for a whole-projection
 // QK-norm, which needs the whole row).
-inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
+inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int nth) {
+    const int32_t n = c.n;
     const ModelImpl& m = *model;
     const LayerWeights& l = m.layers[(size_t)il];
     const int hd = hp->head_dim, n_head = hp->n_head, n_kv = hp->n_head_kv;
@@ -9388,7 +9417,8 @@ inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
         const float* cs = a.rope_cs.data + (int64_t)t * hp->n_rot;
         float* qt = a.q.data + t * q_dim;
         float* kt_ = a.k.data + t * kv_dim;
-        const size_t cache_row = kv.offset(il, kv.pos + t);
+        KvCache& cache = kv_of(c, t);
+        const size_t cache_row = cache.offset(il, pos_of(c, t));
         int h0 = 0, h1 = n_head, g0 = 0, g1 = n_kv;  // query heads and KV heads of this unit
         if (whole) {
             rms_norm(qt, qt, l.q_norm.data(), q_dim, hp->rms_eps);
@@ -9405,8 +9435,8 @@ inline void SessionImpl::rope_phase(int il, int32_t n, int ith, int nth) {
         for (int h = g0; h < g1; ++h) {
             if (per_head) rms_norm(kt_ + h * hd, kt_ + h * hd, l.k_norm.data(), hd, hp->rms_eps);
             rope(kt_ + h * hd, cs, hp->n_rot, hp->rope_neox);
-            std::memcpy(kv.k.data + cache_row + (size_t)h * hd, kt_ + h * hd, (size_t)hd * 4);
-            std::memcpy(kv.v.data + cache_row + (size_t)h * hd, a.v.data + t * kv_dim + h * hd, (size_t)hd * 4);
+            std::memcpy(cache.k.data + cache_row + (size_t)h * hd, kt_ + h * hd, (size_t)hd * 4);
+            std::memcpy(cache.v.data + cache_row + (size_t)h * hd, a.v.data + t * kv_dim + h * hd, (size_t)hd * 4);
         }
     }
 }
@@ -9418,8 +9448,6 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
     const int hd = hp->head_dim, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
     const int64_t q_dim = plan->q_dim, kv_dim = plan->kv_dim;
     const float scale = 1.f / std::sqrt((float)hd);
-    const float* kl = kv.k.data + kv.offset(il, 0);
-    const float* vl = kv.v.data + kv.offset(il, 0);
     float* sc = a.att_scratch.data + (size_t)ith * a.att_scratch_stride;  // (group, kAttBlock)
     float* acc = sc + group * kAttBlock;                                    // (group, hd)
     float* mx = acc + group * hd;                                           // (group)
@@ -9430,7 +9458,10 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
         if (u >= units) break;
         const int32_t t = (int32_t)(u / ((int64_t)n_kv * G * S));
         const int kvh = (int)(u / ((int64_t)G * S) % n_kv), sub = (int)(u / S % G), split = (int)(u % S);
-        const int32_t len = kv.pos + t + 1;
+        const KvCache& cache = kv_of(c, t);
+        const float* kl = cache.k.data + cache.offset(il, 0);
+        const float* vl = cache.v.data + cache.offset(il, 0);
+        const int32_t len = pos_of(c, t) + 1;
         const int32_t j0 = (int32_t)((int64_t)len * split / S), j1 = (int32_t)((int64_t)len * (split + 1) / S);
         const int h0 = kvh * group + sub * gsize;  // first query head of the unit
         const float* qg = a.q.data + t * q_dim + (int64_t)h0 * hd;
@@ -9534,6 +9565,7 @@ inline void SessionImpl::route(int il, int32_t n) {
                 r.slot_target[(size_t)(t * slots + j)] = Routing::kFirstExpertTarget + r.topk[(size_t)j].second;
                 r.slot_weight[(size_t)(t * slots + j)] = hp->expert_weights_norm ? r.topk[(size_t)j].first / wsum : r.topk[(size_t)j].first;
             }
+            for (int j = 0; j < n_used; ++j) r.token_experts[((size_t)t * (size_t)hp->n_layer + (size_t)il) * (size_t)n_used + (size_t)j] = r.topk[(size_t)j].second;
             if (t == n - 1)
                 for (int j = 0; j < n_used; ++j) r.last_experts[(size_t)(il * n_used + j)] = r.topk[(size_t)j].second;
             for (int j = 0; j < n_used; ++j) {
@@ -9790,6 +9822,45 @@ MOE_DETAIL_MEMBER Status Session::eval(const int32_t* tokens, size_t n, float* a
         if (s != Status::ok) return s;
         done += (size_t)chunk;
     }
+    return Status::ok;
+}
+
+MOE_DETAIL_MEMBER Status Session::eval_batch(Session* const* sessions, const int32_t* tokens, size_t n) {
+    if (!sessions || !tokens || n == 0) return detail::fail(Status::invalid_argument, "no sessions or tokens to evaluate");
+    if (n > (1u << 20)) return detail::fail(Status::invalid_argument, "%zu sessions in one batch is too many", n);
+    if (!sessions[0] || !sessions[0]->impl_) return detail::fail(Status::invalid_argument, "session 0 is null or not created");
+    detail::SessionImpl& lead = *sessions[0]->impl_;
+    std::vector<detail::KvCache*>& caches = lead.batch_kv;  // grows once, reused by later calls
+    caches.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+        const Session* s = sessions[i];
+        if (!s || !s->impl_) return detail::fail(Status::invalid_argument, "session %zu is null or not created", i);
+        if (s->impl_->model != lead.model) return detail::fail(Status::invalid_argument, "session %zu belongs to another model than session 0", i);
+        for (size_t j = 0; j < i; ++j)
+            if (sessions[j] == s) return detail::fail(Status::invalid_argument, "session %zu appears twice (also at %zu)", i, j);
+        detail::KvCache& kv = s->impl_->kv;
+        if (kv.pos >= kv.n_ctx) return detail::fail(Status::context_full, "session %zu is full: position %d of n_ctx %d", i, kv.pos, kv.n_ctx);
+        if (tokens[i] < 0 || tokens[i] >= lead.hp->n_vocab)
+            return detail::fail(Status::invalid_argument, "token id %d (session %zu) is out of range [0, %d)", tokens[i], i, lead.hp->n_vocab);
+        caches[i] = &kv;
+    }
+    const size_t n_vocab = (size_t)lead.hp->n_vocab;
+    for (size_t done = 0; done < n;) {
+        const int32_t chunk = (int32_t)std::min<size_t>(n - done, (size_t)lead.n_batch);
+        Status st = lead.forward(tokens + done, chunk, nullptr, caches.data() + done);
+        if (st != Status::ok) return st;
+        const size_t per_token = lead.r.last_experts.size();
+        for (int32_t t = 0; t < chunk; ++t) {
+            detail::SessionImpl& si = *sessions[done + (size_t)t]->impl_;
+            std::memcpy(si.a.logits.data, lead.a.logits_batch.data + (size_t)t * n_vocab, n_vocab * 4);
+            if (lead.hp->n_expert > 0)  // the first session's own routing is rewritten by later passes
+                std::copy(lead.r.token_experts.begin() + (std::ptrdiff_t)((size_t)t * per_token),
+                          lead.r.token_experts.begin() + (std::ptrdiff_t)((size_t)(t + 1) * per_token),
+                          done + (size_t)t == 0 ? lead.r.lead_experts.begin() : si.r.last_experts.begin());
+        }
+        done += (size_t)chunk;
+    }
+    if (lead.hp->n_expert > 0) std::copy(lead.r.lead_experts.begin(), lead.r.lead_experts.end(), lead.r.last_experts.begin());
     return Status::ok;
 }
 

@@ -68,6 +68,9 @@ const char* kUsage =
     "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
     "  --random-decode decode inputs are random ids (seeded, as llama_bench_peer) instead of the\n"
     "                  argmax: random-weight models repeat one token greedily, which hides routing\n"
+    "  --batch LIST    also batched decode (Session::eval_batch) of B sequences for each B in LIST\n"
+    "                  (e.g. 1,2,4,8,16): each its own random p-token prompt, then n steps of one token\n"
+    "                  per sequence; aggregate and per-sequence tok/s, medians of -r repetitions\n"
     "\n"
     "synthetic model options:\n"
     "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
@@ -796,6 +799,7 @@ struct BenchOptions {
     int predict = 0, io_threads = 4;
     moe::ExpertReads expert_reads = moe::ExpertReads::direct;
     bool drop_cache = false, random_decode = false;
+    std::vector<int> batch;  // --batch
 };
 
 // "8G", "512M", "64K" or bytes.
@@ -927,6 +931,7 @@ int run_bench(const BenchOptions& o) {
     so.n_threads = threads;
     so.n_ctx = std::max(16, o.n_prompt + o.n_gen + 1);
     so.n_batch = std::max(1, std::min(o.n_prompt, 512));
+    for (int b : o.batch) so.n_batch = std::max(so.n_batch, b);  // one pass per batched step
     so.profile = o.profile;
     so.prefetch_distance = o.prefetch;
     so.predict_depth = o.predict;
@@ -981,6 +986,55 @@ int run_bench(const BenchOptions& o) {
         if (!o.json) std::fprintf(stderr, "[moe-bench] rep %d/%d: prefill %.2f tok/s, decode %.2f tok/s\n", r + 1, o.reps,
                                   o.n_prompt > 0 ? o.n_prompt / tp : 0.0, o.n_gen > 0 ? o.n_gen / td : 0.0);
     }
+    // --batch: B sessions, each prefilled with its own prompt once; per repetition n steps of
+    // eval_batch (greedy, or the seeded random ids), then every session truncated back to its prompt.
+    struct BatchResult { int b; double aggregate, per_seq; std::vector<double> all; };
+    std::vector<BatchResult> batch_results;
+    for (int B : o.batch) {
+        std::vector<moe::Session> seqs((size_t)B);
+        std::vector<moe::Session*> ptrs;
+        std::vector<std::vector<float>> first_logits((size_t)B);
+        const size_t np = o.n_prompt > 0 ? (size_t)o.n_prompt : 1;
+        for (int i = 0; i < B; ++i) {
+            if (moe::Session::create(model, so, &seqs[(size_t)i]) != moe::Status::ok) return fail(std::string("cannot create a session: ") + moe::last_error());
+            std::vector<int32_t> p(np);
+            for (int32_t& t : p) t = (int32_t)(rng.next() % (uint64_t)info.n_vocab);
+            if (seqs[(size_t)i].eval(p.data(), p.size()) != moe::Status::ok) return fail(std::string("prefill failed: ") + moe::last_error());
+            first_logits[(size_t)i].assign(seqs[(size_t)i].logits(), seqs[(size_t)i].logits() + info.n_vocab);
+            ptrs.push_back(&seqs[(size_t)i]);
+        }
+        std::vector<int32_t> toks((size_t)B);
+        auto batch_rep = [&](int n_gen, double* t) -> bool {
+            for (int i = 0; i < B; ++i) {
+                seqs[(size_t)i].truncate((int32_t)np);
+                toks[(size_t)i] = argmax(first_logits[(size_t)i].data(), info.n_vocab);
+            }
+            const double t0 = now_s();
+            for (int k = 0; k < n_gen; ++k) {
+                if (o.random_decode)
+                    for (int i = 0; i < B; ++i) toks[(size_t)i] = decode_ids[(size_t)((k + i) % (int)decode_ids.size())];
+                if (moe::Session::eval_batch(ptrs.data(), toks.data(), (size_t)B) != moe::Status::ok) {
+                    err = std::string("batched decode failed: ") + moe::last_error();
+                    return false;
+                }
+                for (int i = 0; i < B; ++i) toks[(size_t)i] = argmax(seqs[(size_t)i].logits(), info.n_vocab);
+            }
+            *t = now_s() - t0;
+            return true;
+        };
+        double t;
+        if (!batch_rep(std::min(o.n_gen, 2), &t)) return fail(err);  // warm-up
+        BatchResult br{B, 0, 0, {}};
+        for (int r = 0; r < o.reps && o.n_gen > 0; ++r) {
+            if (!batch_rep(o.n_gen, &t)) return fail(err);
+            br.all.push_back((double)B * o.n_gen / t);
+            if (!o.json) std::fprintf(stderr, "[moe-bench] batch %d rep %d/%d: %.2f tok/s in all\n", B, r + 1, o.reps, br.all.back());
+        }
+        br.aggregate = median(br.all);
+        br.per_seq = br.aggregate / B;
+        batch_results.push_back(br);
+    }
+
     const double pre = median(pre_tps), dec = median(dec_tps);
     const double pre_best = pre_tps.empty() ? 0 : *std::max_element(pre_tps.begin(), pre_tps.end());
     const double dec_best = dec_tps.empty() ? 0 : *std::max_element(dec_tps.begin(), dec_tps.end());
@@ -1012,17 +1066,25 @@ int run_bench(const BenchOptions& o) {
             for (size_t i = 0; i < v.size(); ++i) { char b[32]; std::snprintf(b, sizeof b, "%s%.4f", i ? ", " : "", v[i]); s += b; }
             return s + "]";
         };
+        std::string batch_json = "[";
+        for (const BatchResult& b : batch_results) {
+            char buf[160];
+            std::snprintf(buf, sizeof buf, "%s{\"b\": %d, \"aggregate_tps\": %.4f, \"per_seq_tps\": %.4f, \"aggregate_tps_all\": ", batch_json.size() > 1 ? ", " : "",
+                          b.b, b.aggregate, b.per_seq);
+            batch_json += buf + arr(b.all) + "}";
+        }
+        batch_json += "]";
         std::printf(
             "{\"program\": \"moe-bench\", %s\"model\": \"%s\", \"arch\": \"%s\", \"weights\": \"%s\", \"n_layer\": %d, \"n_expert\": %d, "
             "\"n_expert_used\": %d, \"threads\": %d, \"isa\": \"%s\", \"n_prompt\": %d, \"n_gen\": %d, \"reps\": %d, "
             "\"bandwidth_gbs\": %.3f, \"bandwidth_median_gbs\": %.3f, \"bandwidth_buffer_bytes\": %zu, \"bandwidth_given\": %s, "
             "\"weight_bytes\": %llu, \"active_bytes_per_token\": %llu, \"prefill_tps\": %.4f, \"decode_tps\": %.4f, \"prefill_tps_best\": %.4f, \"decode_tps_best\": %.4f, "
             "\"achieved_gbs\": %.3f, \"pct_bandwidth\": %.2f, \"roofline_tps\": %.3f, \"load_s\": %.3f, \"prefault_s\": %.3f, "
-            "\"prefill_tps_all\": %s, \"decode_tps_all\": %s}\n",
+            "\"prefill_tps_all\": %s, \"decode_tps_all\": %s, \"batch\": %s}\n",
             store_json, json_escape(o.model).c_str(), json_escape(info.architecture).c_str(), mix.c_str(), info.n_layer, info.n_expert, info.n_expert_used,
             threads, isa, o.n_prompt, o.n_gen, o.reps, bw.gbs, bw.median_gbs, bw.bytes, o.bw > 0 ? "true" : "false",
             (unsigned long long)info.weight_bytes, (unsigned long long)info.active_bytes_per_token, pre, dec, pre_best, dec_best, achieved, pct, roofline, t_load,
-            t_prefault, arr(pre_tps).c_str(), arr(dec_tps).c_str());
+            t_prefault, arr(pre_tps).c_str(), arr(dec_tps).c_str(), batch_json.c_str());
         return 0;
     }
     std::printf("moe-bench: %s\n", o.model.c_str());
@@ -1039,6 +1101,18 @@ int run_bench(const BenchOptions& o) {
     if (o.n_gen > 0)
         std::printf("\n  decode: %.2f tok/s x %s/token = %.2f GB/s = %.1f%% of %.2f GB/s (roofline %.1f tok/s)\n", dec, fmt_bytes(active).c_str(),
                     achieved, pct, bw.gbs, roofline);
+    if (!batch_results.empty()) {
+        std::printf("\n  batched decode (Session::eval_batch), %d steps, median of %d:\n  | B  | tok/s in all | per sequence | vs B=1 |\n  |----|--------------|--------------|--------|\n",
+                    o.n_gen, o.reps);
+        double one = 0;
+        for (const BatchResult& b : batch_results)
+            if (b.b == 1) one = b.aggregate;
+        for (const BatchResult& b : batch_results) {
+            char ratio[16] = "-";
+            if (one > 0) std::snprintf(ratio, sizeof ratio, "%.2fx", b.aggregate / one);
+            std::printf("  | %-2d | %12.2f | %12.2f | %6s |\n", b.b, b.aggregate, b.per_seq, ratio);
+        }
+    }
     if (o.mem_budget)
         std::printf("\n  expert store: budget %s (resident %s, cache %s = %d experts); hit rate %.3f, %llu misses, %llu late, "
                     "%llu prefetched (%llu used, %s wasted), prediction recall %.3f; read %s = %.2f GB/s; waited %.2f s\n",
@@ -1101,6 +1175,17 @@ int main(int argc, char** argv) {
         }
         else if (a == "--drop-cache") o.drop_cache = true;
         else if (a == "--random-decode") o.random_decode = true;
+        else if (a == "--batch") {
+            const char* list = value();
+            if (!list || !*list) return fail("missing value after --batch");
+            for (const char* q = list; *q;) {
+                char* end = nullptr;
+                const long b = std::strtol(q, &end, 10);
+                if (end == q || b < 1 || b > 256 || (*end && *end != ',')) return fail(std::string("bad --batch list '") + list + "' (sizes 1..256, comma-separated)");
+                o.batch.push_back((int)b);
+                q = *end ? end + 1 : end;
+            }
+        }
         else if (a == "--seed") { if (!parse_i64(value(), 0, INT64_MAX, &v)) return fail("bad or missing value for --seed"); o.seed = (uint64_t)v; }
         else if (a == "--synthetic") { if (!(s = value())) return fail("missing value after --synthetic"); synthetic = s; }
         else if (a == "--quant") { if (!(s = value())) return fail("missing value after --quant"); quant = s; }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -168,3 +169,107 @@ TEST(ErrorMessages, FileBytesAreEscaped) {
 }
 
 }  // namespace
+
+//---------------------------------------------------------------------------------------------------
+// Batched decode (Session::eval_batch): each sequence's logits and experts equal its solo run
+//---------------------------------------------------------------------------------------------------
+
+namespace {
+
+int32_t argmax(const float* v, int32_t n) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; ++i)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+// Greedy decode of each prompt alone: the logits and experts after every decoded token.
+struct SoloRun {
+    std::vector<std::vector<float>> logits;
+    std::vector<std::vector<int32_t>> experts;
+};
+SoloRun solo(const moe::Model& model, const moe::SessionOptions& so, const std::vector<int32_t>& prompt, int steps) {
+    moe::Session s;
+    EXPECT_EQ(moe::Session::create(model, so, &s), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(s.eval(prompt.data(), prompt.size()), moe::Status::ok) << moe::last_error();
+    const int32_t V = model.info().n_vocab, nk = model.info().n_layer * model.info().n_expert_used;
+    SoloRun r;
+    for (int i = 0; i < steps; ++i) {
+        const int32_t next = argmax(s.logits(), V);
+        EXPECT_EQ(s.eval(&next, 1), moe::Status::ok) << moe::last_error();
+        r.logits.emplace_back(s.logits(), s.logits() + V);
+        r.experts.emplace_back(s.last_expert_ids(), s.last_expert_ids() + nk);
+    }
+    return r;
+}
+
+}  // namespace
+
+TEST(BatchedDecode, EachSequenceMatchesItsSoloRun) {
+    const moe::Model model = load_demo();
+    const int32_t V = model.info().n_vocab, nk = model.info().n_layer * model.info().n_expert_used;
+    // Prompts of different lengths (different positions in one batch), two of them equal.
+    const std::vector<std::vector<int32_t>> prompts = {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {300}, {40, 77, 258}, {9, 8, 7, 6, 5, 4, 3, 2, 1, 99, 98}};
+    const int steps = 12;
+    for (int n_batch : {0, 2}) {  // 2: the batch of 5 runs as three passes
+        moe::SessionOptions so;
+        so.n_threads = 2;
+        so.n_ctx = 64;
+        so.n_batch = n_batch;
+        const size_t B = prompts.size();
+        std::vector<moe::Session> sessions(B);
+        std::vector<moe::Session*> ptrs;
+        std::vector<SoloRun> want;
+        for (size_t i = 0; i < B; ++i) {
+            ASSERT_EQ(moe::Session::create(model, so, &sessions[i]), moe::Status::ok) << moe::last_error();
+            ASSERT_EQ(sessions[i].eval(prompts[i].data(), prompts[i].size()), moe::Status::ok) << moe::last_error();
+            ptrs.push_back(&sessions[i]);
+            want.push_back(solo(model, so, prompts[i], steps));
+        }
+        std::vector<int32_t> next(B);
+        for (int step = 0; step < steps; ++step) {
+            for (size_t i = 0; i < B; ++i) next[i] = argmax(sessions[i].logits(), V);
+            ASSERT_EQ(moe::Session::eval_batch(ptrs.data(), next.data(), B), moe::Status::ok) << moe::last_error();
+            for (size_t i = 0; i < B; ++i) {
+                SCOPED_TRACE("n_batch " + std::to_string(n_batch) + ", sequence " + std::to_string(i) + ", step " + std::to_string(step));
+                EXPECT_EQ(sessions[i].position(), (int32_t)(prompts[i].size() + (size_t)step + 1));
+                EXPECT_EQ(0, std::memcmp(sessions[i].logits(), want[i].logits[(size_t)step].data(), (size_t)V * sizeof(float)));
+                EXPECT_EQ(std::vector<int32_t>(sessions[i].last_expert_ids(), sessions[i].last_expert_ids() + nk), want[i].experts[(size_t)step]);
+            }
+        }
+    }
+}
+
+TEST(BatchedDecode, BadBatchesAreRefusedBeforeAnythingRuns) {
+    const moe::Model model = load_demo();
+    const moe::Model other = load_demo();
+    moe::SessionOptions so;
+    so.n_threads = 2;
+    so.n_ctx = 8;
+    moe::Session a, b, c, full, empty;
+    for (moe::Session* s : {&a, &b, &full}) ASSERT_EQ(moe::Session::create(model, so, s), moe::Status::ok);
+    ASSERT_EQ(moe::Session::create(other, so, &c), moe::Status::ok);
+    const std::vector<int32_t> eight(8, 5);
+    ASSERT_EQ(full.eval(eight.data(), eight.size()), moe::Status::ok);
+    const int32_t tok[3] = {1, 2, 3};
+    struct Case { std::vector<moe::Session*> s; std::vector<int32_t> t; moe::Status want; const char* mention; };
+    const Case cases[] = {
+        {{&a, &a}, {1, 2}, moe::Status::invalid_argument, "appears twice"},
+        {{&a, &c}, {1, 2}, moe::Status::invalid_argument, "another model"},
+        {{&a, nullptr}, {1, 2}, moe::Status::invalid_argument, "session 1 is null"},
+        {{&a, &empty}, {1, 2}, moe::Status::invalid_argument, "session 1 is null or not created"},
+        {{&a, &b, &full}, {1, 2, 3}, moe::Status::context_full, "session 2 is full"},
+        {{&a, &b}, {1, model.info().n_vocab}, moe::Status::invalid_argument, "out of range"},
+    };
+    for (const Case& k : cases) {
+        EXPECT_EQ(moe::Session::eval_batch(k.s.data(), k.t.data(), k.s.size()), k.want) << k.mention;
+        EXPECT_NE(std::string(moe::last_error()).find(k.mention), std::string::npos) << moe::last_error();
+        EXPECT_EQ(a.position(), 0);
+        EXPECT_EQ(b.position(), 0);
+    }
+    EXPECT_EQ(moe::Session::eval_batch(nullptr, tok, 1), moe::Status::invalid_argument);
+    moe::Session* one[1] = {&a};
+    EXPECT_EQ(moe::Session::eval_batch(one, tok, 0), moe::Status::invalid_argument);
+    EXPECT_EQ(moe::Session::eval_batch(one, tok, 1), moe::Status::ok);
+    EXPECT_EQ(a.position(), 1);
+}
