@@ -694,6 +694,17 @@ typedef bool (*StreamFn)(void* user, int32_t token, const char* text, size_t siz
 MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, const GenerateOptions& options,
                         StreamFn on_token, void* user, GenerateResult* result);
 
+// Batched generation: prompts[i] continues sessions[i] (distinct sessions of one Model) with its own
+// sampler (options[i], or options[0] for all). Each prompt is evaluated on its session, then every
+// step samples one token per unfinished sequence and decodes them all in one Session::eval_batch
+// pass on sessions[0]'s threads; a sequence leaves the batch when it stops. Each result (and the
+// text streamed for it) is what generate() on that session alone would give. on_token gets the
+// sequence index; results may be null. decode_seconds is the batch's wall time. Status: as
+// generate(); after a failed pass (e.g. context_full) every unfinished sequence ends with it.
+typedef bool (*BatchStreamFn)(void* user, size_t seq, int32_t token, const char* text, size_t size);
+MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::vector<int32_t>>& prompts, const std::vector<GenerateOptions>& options,
+                              BatchStreamFn on_token, void* user, std::vector<GenerateResult>* results);
+
 }  // namespace moe
 
 #endif  // MOE_INFER_H
@@ -10096,6 +10107,69 @@ MOE_DETAIL_MEMBER int32_t Sampler::sample(const float* logits, int32_t n_vocab) 
 
 namespace moe {
 
+namespace detail {
+// One sequence being generated: its sampler, detokenizer and stop-string hold-back.
+struct Generation {
+    const GenerateOptions& options;
+    const Tokenizer& tok;
+    GenerateResult& res;
+    Sampler sampler;
+    Detokenizer detok;
+    std::string pending;  // decoded but not yet streamed (possible stop-string prefix)
+    int32_t steps = 0;
+    bool done = false;
+
+    Generation(const GenerateOptions& o, const Tokenizer& t, GenerateResult& r) : options(o), tok(t), res(r), sampler(o.sampler), detok(t) {}
+
+    // Streams pending[0, n); false when the callback asks to stop.
+    template <typename Emit>
+    bool emit(int32_t token, size_t n, Emit&& call) {
+        if (n == 0) return true;
+        res.text.append(pending, 0, n);
+        const bool go_on = call(token, pending.data(), n);
+        pending.erase(0, n);
+        if (!go_on) res.stopped_by_callback = true;
+        return go_on;
+    }
+    // Samples from `logits` and streams what is safe to show. Returns the token to evaluate next,
+    // or -1 when the sequence is done (then finish() has run).
+    template <typename Emit>
+    int32_t step(const float* logits, int32_t n_vocab, Emit&& call) {
+        const int32_t token = sampler.sample(logits, n_vocab);
+        sampler.accept(token);
+        res.tokens.push_back(token);
+        ++steps;
+        if (options.stop_at_end_of_generation && tok.valid() && tok.is_end_of_generation(token)) { res.stopped_by_eog = true; return finish(call); }
+        if (tok.valid()) detok.push(token, &pending);
+        // Stop strings: cut at the first match; otherwise stream all but a possible match prefix.
+        size_t cut = std::string::npos;
+        for (const std::string& s : options.stop)
+            if (!s.empty()) cut = std::min(cut, pending.find(s));
+        if (cut != std::string::npos) {
+            emit(token, cut, call);
+            res.stopped_by_string = true;
+            return finish(call);
+        }
+        size_t hold = 0;
+        for (const std::string& s : options.stop)
+            for (size_t k = std::min(s.size() - 1, pending.size()); k > hold; --k)
+                if (pending.compare(pending.size() - k, k, s, 0, k) == 0) { hold = k; break; }
+        if (!emit(token, pending.size() - hold, call)) return finish(call);
+        if (steps == options.max_tokens) return finish(call);  // the last token needs no forward pass
+        return token;
+    }
+    template <typename Emit>
+    int32_t finish(Emit&& call) {
+        if (!res.stopped_by_string && !res.stopped_by_callback) {
+            if (tok.valid()) detok.flush(&pending);
+            emit(res.tokens.empty() ? -1 : res.tokens.back(), pending.size(), call);
+        }
+        done = true;
+        return -1;
+    }
+};
+}  // namespace detail
+
 MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, const GenerateOptions& options, StreamFn on_token, void* user,
                         GenerateResult* result) {
     GenerateResult local;
@@ -10104,10 +10178,9 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
     if (!session.logits()) return detail::fail(Status::invalid_argument, "session not created");
     if (options.max_tokens < 0) return detail::fail(Status::invalid_argument, "max_tokens must be >= 0");
     const Model& model = session.model();
-    const Tokenizer& tok = model.tokenizer();
     const int32_t n_vocab = model.info().n_vocab;
-    Sampler sampler(options.sampler);
-    for (int32_t t : prompt) sampler.accept(t);
+    detail::Generation g(options, model.tokenizer(), res);
+    for (int32_t t : prompt) g.sampler.accept(t);
 
     double t0 = detail::now_seconds();
     if (!prompt.empty()) {
@@ -10120,48 +10193,82 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
     double t1 = detail::now_seconds();
     res.prompt_seconds = t1 - t0;
 
-    Detokenizer detok(tok);
-    std::string pending;  // decoded but not yet streamed (possible stop-string prefix)
-    auto emit = [&](int32_t token, size_t n) -> bool {
-        if (n == 0) return true;
-        res.text.append(pending, 0, n);
-        bool go_on = !on_token || on_token(user, token, pending.data(), n);
-        pending.erase(0, n);
-        if (!go_on) res.stopped_by_callback = true;
-        return go_on;
-    };
-
+    auto call = [&](int32_t token, const char* text, size_t n) { return !on_token || on_token(user, token, text, n); };
     Status status = Status::ok;
-    for (int32_t i = 0; i < options.max_tokens; ++i) {
-        int32_t token = sampler.sample(session.logits(), n_vocab);
-        sampler.accept(token);
-        res.tokens.push_back(token);
-        if (options.stop_at_end_of_generation && tok.valid() && tok.is_end_of_generation(token)) { res.stopped_by_eog = true; break; }
-        if (tok.valid()) detok.push(token, &pending);
-        // Stop strings: cut at the first match; otherwise stream all but a possible match prefix.
-        size_t cut = std::string::npos;
-        for (const std::string& s : options.stop)
-            if (!s.empty()) cut = std::min(cut, pending.find(s));
-        if (cut != std::string::npos) {
-            emit(token, cut);
-            res.stopped_by_string = true;
-            break;
-        }
-        size_t hold = 0;
-        for (const std::string& s : options.stop)
-            for (size_t k = std::min(s.size() - 1, pending.size()); k > hold; --k)
-                if (pending.compare(pending.size() - k, k, s, 0, k) == 0) { hold = k; break; }
-        if (!emit(token, pending.size() - hold)) break;
-        if (i + 1 == options.max_tokens) break;  // the last token needs no forward pass
+    if (options.max_tokens == 0) g.finish(call);
+    while (!g.done) {
+        const int32_t token = g.step(session.logits(), n_vocab, call);
+        if (token < 0) break;
         status = session.eval(&token, 1);
-        if (status != Status::ok) break;
-    }
-    if (!res.stopped_by_string && !res.stopped_by_callback) {
-        if (tok.valid()) detok.flush(&pending);
-        emit(res.tokens.empty() ? -1 : res.tokens.back(), pending.size());
+        if (status != Status::ok) { g.finish(call); break; }
     }
     res.decode_seconds = detail::now_seconds() - t1;
     return status == Status::context_full && !res.tokens.empty() ? Status::context_full : status;
+}
+
+MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::vector<int32_t>>& prompts, const std::vector<GenerateOptions>& options,
+                              BatchStreamFn on_token, void* user, std::vector<GenerateResult>* results) {
+    const size_t n = prompts.size();
+    if (!sessions || n == 0) return detail::fail(Status::invalid_argument, "no sessions or prompts");
+    if (options.size() != 1 && options.size() != n)
+        return detail::fail(Status::invalid_argument, "%zu generate options for %zu prompts (give 1 or one per prompt)", options.size(), n);
+    std::vector<GenerateResult> local;
+    std::vector<GenerateResult>& res = results ? *results : local;
+    res.assign(n, GenerateResult{});
+    for (size_t i = 0; i < n; ++i) {
+        if (!sessions[i] || !sessions[i]->logits()) return detail::fail(Status::invalid_argument, "session %zu is null or not created", i);
+        if (options[options.size() == 1 ? 0 : i].max_tokens < 0) return detail::fail(Status::invalid_argument, "max_tokens must be >= 0 (sequence %zu)", i);
+        if (prompts[i].empty() && sessions[i]->position() == 0) return detail::fail(Status::invalid_argument, "empty prompt on an empty session (sequence %zu)", i);
+    }
+    const Model& model = sessions[0]->model();
+    const int32_t n_vocab = model.info().n_vocab;
+    std::vector<detail::Generation> gens;
+    gens.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+        gens.emplace_back(options[options.size() == 1 ? 0 : i], sessions[i]->model().tokenizer(), res[i]);
+        for (int32_t t : prompts[i]) gens.back().sampler.accept(t);
+    }
+    // The prompts, one session at a time (prefill is already batched within each).
+    for (size_t i = 0; i < n; ++i) {
+        const double t0 = detail::now_seconds();
+        if (!prompts[i].empty()) {
+            Status s = sessions[i]->eval(prompts[i].data(), prompts[i].size());
+            if (s != Status::ok) return s;
+        }
+        res[i].n_prompt = (int32_t)prompts[i].size();
+        res[i].prompt_seconds = detail::now_seconds() - t0;
+    }
+    const double t1 = detail::now_seconds();
+    std::vector<Session*> batch;
+    std::vector<int32_t> tokens;
+    std::vector<size_t> seq_of;
+    batch.reserve(n); tokens.reserve(n); seq_of.reserve(n);
+    Status status = Status::ok;
+    for (size_t i = 0; i < n; ++i)
+        if (gens[i].options.max_tokens == 0) gens[i].finish([](int32_t, const char*, size_t) { return true; });
+    for (;;) {
+        batch.clear(); tokens.clear(); seq_of.clear();
+        for (size_t i = 0; i < n; ++i) {
+            if (gens[i].done) continue;
+            auto call = [&](int32_t token, const char* text, size_t len) { return !on_token || on_token(user, i, token, text, len); };
+            const int32_t token = gens[i].step(sessions[i]->logits(), n_vocab, call);
+            if (token < 0) continue;
+            batch.push_back(sessions[i]); tokens.push_back(token); seq_of.push_back(i);
+        }
+        if (batch.empty()) break;
+        Status s = Session::eval_batch(batch.data(), tokens.data(), batch.size());
+        if (s != Status::ok) {  // e.g. a full context: every unfinished sequence ends here
+            status = s;
+            for (size_t k = 0; k < seq_of.size(); ++k) {
+                const size_t i = seq_of[k];
+                gens[i].finish([&](int32_t token, const char* text, size_t len) { return !on_token || on_token(user, i, token, text, len); });
+            }
+            break;
+        }
+    }
+    const double t2 = detail::now_seconds();
+    for (GenerateResult& r : res) r.decode_seconds = t2 - t1;
+    return status;
 }
 
 }  // namespace moe

@@ -273,3 +273,53 @@ TEST(BatchedDecode, BadBatchesAreRefusedBeforeAnythingRuns) {
     EXPECT_EQ(moe::Session::eval_batch(one, tok, 1), moe::Status::ok);
     EXPECT_EQ(a.position(), 1);
 }
+
+// generate_batch: every sequence's tokens, text and stop reason as generate() alone gives them,
+// with per-sequence samplers (greedy, seeded sampling, a stop string, different lengths).
+TEST(BatchedDecode, GenerateBatchMatchesGenerate) {
+    const moe::Model model = load_demo();
+    moe::SessionOptions so;
+    so.n_threads = 2;
+    so.n_ctx = 96;
+    std::vector<int32_t> kjv;
+    ASSERT_EQ(model.tokenizer().encode("In the beginning God created the heaven and the earth.", true, false, &kjv), moe::Status::ok);
+    const std::vector<std::vector<int32_t>> prompts = {kjv, {1, 2, 3, 4}, std::vector<int32_t>(kjv.begin(), kjv.begin() + 3), kjv};
+    std::vector<moe::GenerateOptions> opts(4);
+    opts[0].max_tokens = 24; opts[0].sampler.temperature = 0;
+    opts[1].max_tokens = 9;  opts[1].sampler.temperature = 0.8f; opts[1].sampler.seed = 7;
+    opts[2].max_tokens = 30; opts[2].sampler.temperature = 0; opts[2].stop = {"the"};
+    opts[3].max_tokens = 24; opts[3].sampler.temperature = 1.0f; opts[3].sampler.seed = 99;
+    std::vector<moe::GenerateResult> want(4);
+    for (size_t i = 0; i < 4; ++i) {
+        moe::Session s;
+        ASSERT_EQ(moe::Session::create(model, so, &s), moe::Status::ok);
+        ASSERT_EQ(moe::generate(s, prompts[i], opts[i], nullptr, nullptr, &want[i]), moe::Status::ok) << moe::last_error();
+    }
+    std::vector<moe::Session> sessions(4);
+    std::vector<moe::Session*> ptrs;
+    for (moe::Session& s : sessions) {
+        ASSERT_EQ(moe::Session::create(model, so, &s), moe::Status::ok);
+        ptrs.push_back(&s);
+    }
+    struct Streamed { std::vector<std::string> text = std::vector<std::string>(4); } streamed;
+    auto on_token = [](void* user, size_t seq, int32_t, const char* text, size_t size) {
+        static_cast<Streamed*>(user)->text.at(seq).append(text, size);
+        return true;
+    };
+    std::vector<moe::GenerateResult> got;
+    ASSERT_EQ(moe::generate_batch(ptrs.data(), prompts, opts, on_token, &streamed, &got), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(got.size(), 4u);
+    for (size_t i = 0; i < 4; ++i) {
+        SCOPED_TRACE("sequence " + std::to_string(i));
+        EXPECT_EQ(got[i].tokens, want[i].tokens);
+        EXPECT_EQ(got[i].text, want[i].text);
+        EXPECT_EQ(streamed.text[i], want[i].text);
+        EXPECT_EQ(got[i].stopped_by_string, want[i].stopped_by_string);
+        EXPECT_EQ(got[i].stopped_by_eog, want[i].stopped_by_eog);
+        EXPECT_EQ(sessions[i].position(), (int32_t)(prompts[i].size() + want[i].tokens.size() - 1));
+    }
+    EXPECT_TRUE(want[2].stopped_by_string);  // the stop string is exercised
+    EXPECT_LT(want[2].tokens.size(), 30u);
+    // one options entry for all; a mismatched count is refused
+    EXPECT_EQ(moe::generate_batch(ptrs.data(), prompts, std::vector<moe::GenerateOptions>(2), nullptr, nullptr, nullptr), moe::Status::invalid_argument);
+}
