@@ -86,6 +86,7 @@ struct Options {
     std::string fa = "auto";
     std::string backend_dir = LLAMA_BENCH_PEER_LIB_DIR;
     std::string cpu_variant;
+    std::vector<int> batch;  // --batch
 };
 
 const char* kUsage =
@@ -103,6 +104,9 @@ const char* kUsage =
     "  --fa auto|on|off flash attention (default auto, llama.cpp's default)\n"
     "  --backend-dir D  where libggml-cpu-*.so live (default: the lib dir it was built against)\n"
     "  --cpu-variant V  load libggml-cpu-V.so (haswell, skylakex, icelake, sapphirerapids, zen4, ...)\n"
+    "  --batch LIST     also parallel decode of B sequences for each B in LIST (as moe-bench --batch:\n"
+    "                   one context with n_seq_max = B, each sequence its own random prompt, then n\n"
+    "                   steps of one llama_decode holding one token per sequence)\n"
     "  -v               show llama.cpp's log\n";
 
 long long parse_int(const char* s, const char* what, long long lo, long long hi) {
@@ -136,6 +140,17 @@ Options parse_args(int argc, char** argv) {
         else if (a == "--seed") o.seed = (uint64_t)parse_int(value(), "--seed", 0, INT64_MAX);
         else if (a == "--no-repack") o.no_repack = true;
         else if (a == "--random-decode") o.random_decode = true;
+        else if (a == "--batch") {
+            const char* v = value();
+            if (!v || !*v) throw Error("missing value after --batch");
+            for (const char* q = v; *q;) {
+                char* end = nullptr;
+                const long b = std::strtol(q, &end, 10);
+                if (end == q || b < 1 || b > 256 || (*end && *end != ',')) throw Error(std::string("bad --batch list '") + v + "'");
+                o.batch.push_back((int)b);
+                q = *end ? end + 1 : end;
+            }
+        }
         else if (a == "--fa") {
             const char* v = value();
             if (!v || (std::strcmp(v, "auto") && std::strcmp(v, "on") && std::strcmp(v, "off"))) throw Error("--fa takes auto, on or off");
@@ -373,6 +388,68 @@ int run(const Options& o) {
             std::fprintf(stderr, "[llama_bench_peer] rep %d/%d: prefill %.2f tok/s, decode %.2f tok/s\n", i + 1, o.reps,
                          o.n_prompt > 0 ? o.n_prompt / tp : 0.0, o.n_gen > 0 ? o.n_gen / td : 0.0);
     }
+    // --batch: llama.cpp's parallel-sequence decode (what llama-batched-bench measures), per B.
+    struct BatchResult { int b; double aggregate; std::vector<double> all; };
+    std::vector<BatchResult> batch_results;
+    for (int B : o.batch) {
+        const int32_t np = (int32_t)prompt.size();
+        llama_context_params bp = cp;
+        bp.n_seq_max = (uint32_t)B;
+        bp.n_ctx = (uint32_t)(B * std::max(256, np + o.n_gen + 16));
+        bp.n_batch = bp.n_ubatch = (uint32_t)std::max(np, B);
+        g_first_error.clear();
+        llama_context* bctx = llama_init_from_model(r.model, bp);
+        if (!bctx) throw Error("cannot create a llama.cpp context for " + std::to_string(B) + " sequences" + llama_error());
+        struct CtxGuard { llama_context* c; ~CtxGuard() { llama_free(c); } } ctx_guard{bctx};
+        llama_batch bb = llama_batch_init(std::max(np, B), 0, 1);
+        struct Guard { llama_batch& b; ~Guard() { llama_batch_free(b); } } bguard{bb};
+        std::vector<std::vector<llama_token>> prompts((size_t)B, std::vector<llama_token>((size_t)np));
+        for (auto& p : prompts)
+            for (llama_token& t : p) t = (llama_token)(rng.next() % (uint64_t)n_vocab);
+        std::vector<llama_token> toks((size_t)B);
+        auto run_decode = [&](int n_tok) {
+            bb.n_tokens = n_tok;
+            g_first_error.clear();
+            const int32_t rc = llama_decode(bctx, bb);
+            if (rc != 0) throw Error("llama_decode failed (rc=" + std::to_string(rc) + ")" + llama_error());
+        };
+        auto batch_rep = [&](int n_gen) {
+            llama_memory_clear(llama_get_memory(bctx), true);
+            for (int s = 0; s < B; ++s) {  // prompts, one sequence per llama_decode (not timed)
+                for (int32_t i = 0; i < np; ++i) {
+                    bb.token[i] = prompts[(size_t)s][(size_t)i];
+                    bb.pos[i] = i;
+                    bb.n_seq_id[i] = 1;
+                    bb.seq_id[i][0] = s;
+                    bb.logits[i] = i == np - 1;
+                }
+                run_decode(np);
+                toks[(size_t)s] = argmax(llama_get_logits_ith(bctx, np - 1), n_vocab);
+            }
+            const double t0 = now_s();
+            for (int k = 0; k < n_gen; ++k) {
+                for (int s = 0; s < B; ++s) {
+                    bb.token[s] = o.random_decode ? decode_ids[(size_t)((k + s) % (int)decode_ids.size())] : toks[(size_t)s];
+                    bb.pos[s] = np + k;
+                    bb.n_seq_id[s] = 1;
+                    bb.seq_id[s][0] = s;
+                    bb.logits[s] = true;
+                }
+                run_decode(B);
+                for (int s = 0; s < B; ++s) toks[(size_t)s] = argmax(llama_get_logits_ith(bctx, s), n_vocab);
+            }
+            return now_s() - t0;
+        };
+        batch_rep(std::min(o.n_gen, 2));  // warm-up
+        BatchResult br{B, 0, {}};
+        for (int i = 0; i < o.reps && o.n_gen > 0; ++i) {
+            br.all.push_back((double)B * o.n_gen / batch_rep(o.n_gen));
+            if (!o.json) std::fprintf(stderr, "[llama_bench_peer] batch %d rep %d/%d: %.2f tok/s in all\n", B, i + 1, o.reps, br.all.back());
+        }
+        br.aggregate = median(br.all);
+        batch_results.push_back(br);
+    }
+
     const double pre = median(pre_tps), dec = median(dec_tps);
     const double pre_best = pre_tps.empty() ? 0 : *std::max_element(pre_tps.begin(), pre_tps.end());
     const double dec_best = dec_tps.empty() ? 0 : *std::max_element(dec_tps.begin(), dec_tps.end());
@@ -389,18 +466,26 @@ int run(const Options& o) {
             for (size_t i = 0; i < v.size(); ++i) { char b[32]; std::snprintf(b, sizeof b, "%s%.4f", i ? ", " : "", v[i]); s += b; }
             return s + "]";
         };
+        std::string batch_json = "[";
+        for (const BatchResult& b : batch_results) {
+            char buf[160];
+            std::snprintf(buf, sizeof buf, "%s{\"b\": %d, \"aggregate_tps\": %.4f, \"per_seq_tps\": %.4f, \"aggregate_tps_all\": ", batch_json.size() > 1 ? ", " : "",
+                          b.b, b.aggregate, b.aggregate / b.b);
+            batch_json += buf + arr(b.all) + "}";
+        }
+        batch_json += "]";
         std::printf(
             "{\"program\": \"llama_bench_peer\", \"model\": \"%s\", \"arch\": \"%s\", \"weights\": \"%s\", \"n_layer\": %u, \"n_expert\": %u, "
             "\"n_expert_used\": %u, \"threads\": %d, \"llama_version\": \"%s\", \"repack\": %s, \"flash_attn\": \"%s\", \"n_prompt\": %d, "
             "\"n_gen\": %d, \"reps\": %d, \"bandwidth_gbs\": %.3f, \"bandwidth_median_gbs\": %.3f, \"bandwidth_buffer_bytes\": %zu, "
             "\"bandwidth_given\": %s, \"weight_bytes\": %llu, \"active_bytes_per_token\": %llu, \"prefill_tps\": %.4f, \"decode_tps\": %.4f, \"prefill_tps_best\": %.4f, \"decode_tps_best\": %.4f, "
             "\"achieved_gbs\": %.3f, \"pct_bandwidth\": %.2f, \"roofline_tps\": %.3f, \"load_s\": %.3f, \"prefill_tps_all\": %s, "
-            "\"decode_tps_all\": %s, \"cpu_backend\": \"%s\", \"system_info\": \"%s\"}\n",
+            "\"decode_tps_all\": %s, \"cpu_backend\": \"%s\", \"system_info\": \"%s\", \"batch\": %s}\n",
             json_escape(o.model).c_str(), json_escape(facts.arch).c_str(), facts.weights.c_str(), facts.n_layer, facts.n_expert, facts.n_used,
             threads, json_escape(llama_version()).c_str(), o.no_repack ? "false" : "true", o.fa.c_str(), o.n_prompt, o.n_gen, o.reps, bw.gbs,
             bw.median_gbs, bw.bytes, o.bw > 0 ? "true" : "false", (unsigned long long)facts.weight_bytes,
             (unsigned long long)facts.active_bytes, pre, dec, pre_best, dec_best, achieved, pct, roofline, t_load, arr(pre_tps).c_str(), arr(dec_tps).c_str(),
-            json_escape(g_cpu_backend).c_str(), json_escape(sysinfo).c_str());
+            json_escape(g_cpu_backend).c_str(), json_escape(sysinfo).c_str(), batch_json.c_str());
         return 0;
     }
     std::printf("llama_bench_peer: %s\n", o.model.c_str());
@@ -418,6 +503,11 @@ int run(const Options& o) {
     if (o.n_gen > 0)
         std::printf("\n  decode: %.2f tok/s x %s/token = %.2f GB/s = %.1f%% of %.2f GB/s (roofline %.1f tok/s)\n", dec, fmt_bytes(active).c_str(),
                     achieved, pct, bw.gbs, roofline);
+    if (!batch_results.empty()) {
+        std::printf("\n  parallel decode (n_seq_max = B), %d steps, median of %d:\n  | B  | tok/s in all | per sequence |\n  |----|--------------|--------------|\n",
+                    o.n_gen, o.reps);
+        for (const BatchResult& b : batch_results) std::printf("  | %-2d | %12.2f | %12.2f |\n", b.b, b.aggregate, b.aggregate / b.b);
+    }
     return 0;
 }
 

@@ -25,6 +25,9 @@
 #                        all cores) to llama_ftype N, e.g. 23 = IQ3_XXS, 12 = Q3_K_M: the type mixes
 #                        of llama-quantize, including the IQ types moe-bench cannot write
 #   MOE_ARGS, LLAMA_ARGS extra arguments for moe-bench / llama_bench_peer (e.g. LLAMA_ARGS=--no-repack)
+#   BATCH=LIST           also batched decode of B sequences for each B in LIST (e.g. 1,2,4,8,16):
+#                        moe-bench --batch (Session::eval_batch) and llama_bench_peer --batch
+#                        (n_seq_max = B, one llama_decode per step), aggregate tok/s side by side
 #   BW=GBS               skip the bandwidth measurements and use GBS for both (default: each program
 #                        probes right before its run; the summary uses the larger probe for both)
 #   QUIET_LOAD=X         before each engine, wait (at most QUIET_WAIT=600 s) until the 1-minute load
@@ -195,7 +198,7 @@ run_moe() {
     wait_quiet
     log "moe-bench -m $MODEL -t $THREADS -p $P -n $N -r $R ${BW_ARG[*]} ${MOE_ARGS:-} (load $(cut -d' ' -f1 /proc/loadavg))"
     # shellcheck disable=SC2086
-    "$MOE_BENCH" -m "$MODEL" -t "$THREADS" -p "$P" -n "$N" -r "$R" --json "${BW_ARG[@]}" ${MOE_ARGS:-} \
+    "$MOE_BENCH" -m "$MODEL" -t "$THREADS" -p "$P" -n "$N" -r "$R" --json "${BW_ARG[@]}" ${BATCH:+--batch "$BATCH"} ${MOE_ARGS:-} \
         > "$RUN_DIR/moe.json" 2> "$RUN_DIR/moe.log" || { cat "$RUN_DIR/moe.log" >&2; die "moe-bench failed"; }
 }
 run_llama() {
@@ -203,7 +206,7 @@ run_llama() {
     wait_quiet
     log "llama_bench_peer -m $MODEL -t $THREADS -p $P -n $N -r $R ${BW_ARG[*]} ${LLAMA_ARGS:-} (load $(cut -d' ' -f1 /proc/loadavg))"
     # shellcheck disable=SC2086
-    "$LLAMA_PEER_BIN" -m "$MODEL" -t "$THREADS" -p "$P" -n "$N" -r "$R" --json "${BW_ARG[@]}" ${LLAMA_ARGS:-} \
+    "$LLAMA_PEER_BIN" -m "$MODEL" -t "$THREADS" -p "$P" -n "$N" -r "$R" --json "${BW_ARG[@]}" ${BATCH:+--batch "$BATCH"} ${LLAMA_ARGS:-} \
         > "$RUN_DIR/llama.json" 2> "$RUN_DIR/llama.log" || { cat "$RUN_DIR/llama.log" >&2; die "llama_bench_peer failed"; }
 }
 load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?")
@@ -260,6 +263,21 @@ BWV=$(awk -v a="$BW_MOE" -v b="$BW_LLAMA" 'BEGIN { printf "%.2f", (a > b ? a : b
     echo
     echo "per-rep decode tok/s: moe $(sed -n 's/.*"decode_tps_all": \(\[[^]]*\]\).*/\1/p' "$M")$( [ "$HAVE_LLAMA" = 1 ] && echo ", llama $(sed -n 's/.*"decode_tps_all": \(\[[^]]*\]\).*/\1/p' "$L")")"
     echo "per-rep prefill tok/s: moe $(sed -n 's/.*"prefill_tps_all": \(\[[^]]*\]\).*/\1/p' "$M")$( [ "$HAVE_LLAMA" = 1 ] && echo ", llama $(sed -n 's/.*"prefill_tps_all": \(\[[^]]*\]\).*/\1/p' "$L")")"
+    if [ -n "${BATCH:-}" ]; then
+        # "b": B, "aggregate_tps": X pairs of each JSON's "batch" array
+        batch_pairs() { grep -o '"b": [0-9]*, "aggregate_tps": [0-9.]*' "$1" 2>/dev/null | sed 's/"b": \([0-9]*\), "aggregate_tps": \([0-9.]*\)/\1 \2/'; }
+        echo
+        echo "batched decode ($N steps per sequence, medians of $R; tok/s of all sequences together):"
+        echo
+        echo "| B | moe_infer tok/s | per sequence | vs B=1 | llama.cpp tok/s | ratio moe/llama |"
+        echo "|---:|---:|---:|---:|---:|---:|"
+        batch_pairs "$M" > "$RUN_DIR/batch_moe.txt"
+        if [ "$HAVE_LLAMA" = 1 ]; then batch_pairs "$L" > "$RUN_DIR/batch_llama.txt"; else : > "$RUN_DIR/batch_llama.txt"; fi
+        awk 'NR == FNR { l[$1] = $2; next } { m[$1] = $2; order[++n] = $1 }
+             END { one = m[1]; for (i = 1; i <= n; ++i) { b = order[i]; printf "| %d | %.2f | %.2f | %s | %s | %s |\n", b, m[b], m[b] / b,
+                   (one > 0 ? sprintf("%.2fx", m[b] / one) : "-"), (b in l ? sprintf("%.2f", l[b]) : "-"), (b in l && l[b] > 0 ? sprintf("**%.2fx**", m[b] / l[b]) : "-") } }' \
+            "$RUN_DIR/batch_llama.txt" "$RUN_DIR/batch_moe.txt"
+    fi
     echo "wall time: $(( $(date +%s) - t_start )) s; raw results: $RUN_DIR"
 } > "$RUN_DIR/summary.md"
 cat "$RUN_DIR/summary.md"
