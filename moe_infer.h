@@ -3480,10 +3480,13 @@ inline void dequantize_row_tq(const Block* x, float* y, int64_t n) {
     }
 }
 // ActFormat::q8_0_rot (activations of TQ3/TQ4): each 128 elements rotated by R, then four Q8_0 blocks.
-// s = Σ_k d_k Σ_j q_k[j] in float: lets a kernel feed codebook bytes offset by 128 to an unsigned x
-// signed product (VNNI) and take 128 * d * s off once per group.
-struct BlockQ8Rot { BlockQ8_0 q[4]; float s; };
-static_assert(sizeof(BlockQ8Rot) == 140, "wrong q8_0_rot block size");
+// The quants of chunk k (32 elements) are qs[32k..32k+31], quantized as Q8_0 (d rounded to fp16);
+// d[8k..8k+7] all hold that chunk's d as a float, so that SIMD kernels load a chunk's scale across
+// its eight int32 lanes instead of converting and broadcasting it. s = Σ_k d_k Σ_j qs[32k + j] lets
+// a kernel feed codebook bytes offset by 128 to an unsigned x signed product (VNNI) and take
+// 128 * s off once per group.
+struct BlockQ8Rot { int8_t qs[128]; float d[32]; float s; };
+static_assert(sizeof(BlockQ8Rot) == 260, "wrong q8_0_rot block size");
 
 }  // namespace detail
 
@@ -3680,8 +3683,8 @@ inline float vec_dot_tq_q8_0_rot_ref(const Block* w, const BlockQ8Rot* x, int64_
         float part = 0;
         for (int k = 0; k < 4; ++k) {
             int isum = 0;
-            for (int j = 0; j < 32; ++j) isum += TqTraits<Block>::values[tq_code(w[b], 32 * k + j)] * x[b].q[k].qs[j];
-            part += fp16_to_f32(x[b].q[k].d) * (float)isum;
+            for (int j = 0; j < 32; ++j) isum += TqTraits<Block>::values[tq_code(w[b], 32 * k + j)] * x[b].qs[32 * k + j];
+            part += x[b].d[8 * k] * (float)isum;
         }
         sum += fp16_to_f32(w[b].d) * part;
     }
@@ -3728,12 +3731,16 @@ inline void quantize_act_q8_0_rot_ref(BlockQ8Rot* y, const float* x, int64_t n) 
     float r[kQTQ];
     for (int64_t b = 0; b < n / kQTQ; ++b, x += kQTQ) {
         tq_rotate(x, r);
-        quantize_act_q8_0_ref(y[b].q, r, kQTQ);
+        BlockQ8_0 q[4];
+        quantize_act_q8_0_ref(q, r, kQTQ);
         float sum = 0;
-        for (const BlockQ8_0& q : y[b].q) {
+        for (int k = 0; k < 4; ++k) {
+            const float d = fp16_to_f32(q[k].d);
             int qsum = 0;
-            for (int8_t v : q.qs) qsum += v;
-            sum += fp16_to_f32(q.d) * (float)qsum;
+            for (int j = 0; j < 32; ++j) qsum += q[k].qs[j];
+            std::memcpy(y[b].qs + 32 * k, q[k].qs, 32);
+            for (int i = 0; i < 8; ++i) y[b].d[8 * k + i] = d;
+            sum += d * (float)qsum;
         }
         y[b].s = sum;
     }
@@ -4166,10 +4173,10 @@ MOE_DETAIL_AVX2 inline float vec_dot_tq_q8_0_rot_avx2(const Block* w, const Bloc
             }
         }
         for (int k = 0; k < 4; k += 2) {
-            const __m256i s0 = signed_dot_avx2(_mm256_shuffle_epi8(table, codes[k]), loadu_256(x[b].q[k].qs));
-            const __m256i s1 = signed_dot_avx2(_mm256_shuffle_epi8(table, codes[k + 1]), loadu_256(x[b].q[k + 1].qs));
-            part0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(x[b].q[k].d)), _mm256_cvtepi32_ps(s0), part0);
-            part1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(x[b].q[k + 1].d)), _mm256_cvtepi32_ps(s1), part1);
+            const __m256i s0 = signed_dot_avx2(_mm256_shuffle_epi8(table, codes[k]), loadu_256(x[b].qs + 32 * k));
+            const __m256i s1 = signed_dot_avx2(_mm256_shuffle_epi8(table, codes[k + 1]), loadu_256(x[b].qs + 32 * k + 32));
+            part0 = _mm256_fmadd_ps(_mm256_loadu_ps(x[b].d + 8 * k), _mm256_cvtepi32_ps(s0), part0);
+            part1 = _mm256_fmadd_ps(_mm256_loadu_ps(x[b].d + 8 * k + 8), _mm256_cvtepi32_ps(s1), part1);
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[b].d)), _mm256_add_ps(part0, part1), acc);
     }
@@ -4888,28 +4895,24 @@ MOE_DETAIL_AVX512 inline __m512i tq_codes2_avx512(const BlockTQ3& w, int k) {
 }
 MOE_DETAIL_AVX512 inline __m512i tq_codes2_avx512(const BlockTQ4& w, int k) { return nibbles2_avx512(w.qs + 16 * k, w.qs + 16 * k + 16); }
 
-// TQ3/TQ4 against the rotated Q8_0 row: per group two registers of 64 codes (offset by 128), the
-// four activation scales (words 0, 17, 34, 51 of the group) converted at once and times d; the
-// offset comes off at the end as 128 * Σ d * s (the activation's precomputed sums).
+// TQ3/TQ4 against the rotated Q8_0 row: per group two registers of 64 codes (offset by 128) and
+// the activation's lane-ready scales; d once per group, and the offset off at the end as
+// 128 * Σ d * s (the activation's precomputed sums).
 template <typename Block>
 MOE_DETAIL_AVX512VNNI inline float vec_dot_tq_q8_0_rot_avx512vnni(const Block* w, const BlockQ8Rot* x, int64_t n) {
     const __m512i table = offset_table_avx512(TqTraits<Block>::values), zero = _mm512_setzero_si512();
-    constexpr short xs = (short)(sizeof(BlockQ8_0) / 2);
-    const __m512i pick = _mm512_zextsi128_si512(_mm_setr_epi16(0, xs, 2 * xs, 3 * xs, 0, 0, 0, 0));
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps();
     float offset = 0;
     for (int64_t b = 0; b < n / kQTQ; ++b) {
-        const char* xp = reinterpret_cast<const char*>(x + b);
         const float d = _cvtsh_ss(w[b].d);
-        const __m512i d16 = _mm512_permutex2var_epi16(loadu_512(xp), pick, loadu_512(xp + 64));
-        const __m128 s = _mm_mul_ps(_mm_cvtph_ps(_mm512_castsi512_si128(d16)), _mm_set1_ps(d));
-        const __m512i dot0 = _mm512_dpbusd_epi32(zero, _mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 0)), q8_0_load2(x[b].q));
-        const __m512i dot1 = _mm512_dpbusd_epi32(zero, _mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 2)), q8_0_load2(x[b].q + 2));
-        acc0 = _mm512_fmadd_ps(scale_pair_avx512(s, 0), _mm512_cvtepi32_ps(dot0), acc0);
-        acc1 = _mm512_fmadd_ps(scale_pair_avx512(s, 2), _mm512_cvtepi32_ps(dot1), acc1);
+        const __m512i dot0 = _mm512_dpbusd_epi32(zero, _mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 0)), loadu_512(x[b].qs));
+        const __m512i dot1 = _mm512_dpbusd_epi32(zero, _mm512_shuffle_epi8(table, tq_codes2_avx512(w[b], 2)), loadu_512(x[b].qs + 64));
+        const __m512 part = _mm512_fmadd_ps(_mm512_loadu_ps(x[b].d + 16), _mm512_cvtepi32_ps(dot1),
+                                            _mm512_mul_ps(_mm512_loadu_ps(x[b].d), _mm512_cvtepi32_ps(dot0)));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), part, acc);
         offset += d * x[b].s;
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 128.f * offset;
+    return _mm512_reduce_add_ps(acc) - 128.f * offset;
 }
 
 // MLX affine against Q8_1: unsigned codes go into vpdpbusd as they are; two 32-element chunks
@@ -5313,7 +5316,7 @@ inline float vec_dot_affine_mlx_q8_1_neon(const Block* w, const BlockQ8_1* x, in
                 c1 = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(w[b].qs + 16), sh), m3), vandq_u8(vtstq_u8(qh, vdupq_n_u8((uint8_t)(1 << (k + 4)))), m4)); \
             }                                                                                                         \
             const int8x16_t lo = vqtbl1q_s8(table, c0), hi = vqtbl1q_s8(table, c1);                                   \
-            part += fp16_to_f32_neon(x[b].q[k].d) * (float)vaddvq_s32(DOT32(lo, hi, vld1q_s8(x[b].q[k].qs), vld1q_s8(x[b].q[k].qs + 16))); \
+            part += x[b].d[8 * k] * (float)vaddvq_s32(DOT32(lo, hi, vld1q_s8(x[b].qs + 32 * k), vld1q_s8(x[b].qs + 32 * k + 16))); \
         }                                                                                                             \
         sum += fp16_to_f32_neon(w[b].d) * part;                                                                       \
     }                                                                                                                 \

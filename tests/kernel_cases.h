@@ -217,12 +217,22 @@ inline bool dequantized_activations(TT t, const std::vector<float>& x, int64_t n
         for (int64_t i = 0; i < n; ++i) (*out)[(size_t)i] = x[(size_t)i];
         return true;
     }
-    std::vector<uint8_t> q((size_t)n * 2 + 64);
+    std::vector<uint8_t> q((size_t)n * 3 + 64);
     if (moe::quantize_activations(t, moe::Isa::scalar, x.data(), n, q.data(), q.size()) != moe::Status::ok) return false;
     const int ab = act_block(t), bytes = ab == 32 ? (has_offset(t) ? 40 : 34) : 292;
+    if (is_tq(t)) {  // per 128: 128 int8, then float d[32] (chunk k's scale at 8k), then their sum
+        for (int64_t g = 0; g < n / 128; ++g) {
+            const uint8_t* blk = q.data() + g * 260;
+            for (int i = 0; i < 128; ++i) {
+                float d;
+                std::memcpy(&d, blk + 128 + 4 * (8 * (i / 32)), 4);
+                (*out)[(size_t)(g * 128 + i)] = (double)d * (int8_t)blk[i];
+            }
+        }
+        return true;
+    }
     for (int64_t b = 0; b < n / ab; ++b) {
-        // TQ: per 128 four Q8_0 blocks, then a float (their sum, which this decoder does not need)
-        const uint8_t* blk = q.data() + (is_tq(t) ? (b / 4) * 140 + (b % 4) * 34 : b * bytes);
+        const uint8_t* blk = q.data() + b * bytes;
         double d;
         if (ab == 32) {
             uint16_t h;
