@@ -273,7 +273,7 @@ BWV=$(awk -v a="$BW_MOE" -v b="$BW_LLAMA" 'BEGIN { printf "%.2f", (a > b ? a : b
         echo "|---:|---:|---:|---:|---:|---:|"
         batch_pairs "$M" > "$RUN_DIR/batch_moe.txt"
         if [ "$HAVE_LLAMA" = 1 ]; then batch_pairs "$L" > "$RUN_DIR/batch_llama.txt"; else : > "$RUN_DIR/batch_llama.txt"; fi
-        awk 'NR == FNR { l[$1] = $2; next } { m[$1] = $2; order[++n] = $1 }
+        awk 'FILENAME == ARGV[1] { l[$1] = $2; next } { m[$1] = $2; order[++n] = $1 }
              END { one = m[1]; for (i = 1; i <= n; ++i) { b = order[i]; printf "| %d | %.2f | %.2f | %s | %s | %s |\n", b, m[b], m[b] / b,
                    (one > 0 ? sprintf("%.2fx", m[b] / one) : "-"), (b in l ? sprintf("%.2f", l[b]) : "-"), (b in l && l[b] > 0 ? sprintf("**%.2fx**", m[b] / l[b]) : "-") } }' \
             "$RUN_DIR/batch_llama.txt" "$RUN_DIR/batch_moe.txt"
