@@ -4809,8 +4809,9 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_q6k_q8k_avx512vnni(const BlockQ6K* w,
 
 // ---- The seed formats with VNNI: 64 codes per register into vpdpbusd ----
 // vpdpbusd multiplies unsigned by signed bytes, so a signed codebook goes in offset by 128 (the
-// pshufb table holds c + 128) and 128 * Σy per lane comes off again (one more vpdpbusd). Every lane
-// sum stays exact (|Σ| < 4 * 255 * 128). A row's last odd chunk or group runs through the AVX2 kernel.
+// pshufb table holds c + 128) and 128 * Σy comes off again: per lane through one more vpdpbusd
+// (FP4), or once per group from the activation's stored sums (TQ). Every lane sum stays exact
+// (|Σ| < 4 * 255 * 128). A row's last odd chunk or group runs through the AVX2 kernel.
 
 // Chunks a and b (16 bytes of Q4_0-ordered nibbles each) as 64 codes in element order.
 MOE_DETAIL_AVX512 inline __m512i nibbles2_avx512(const uint8_t* a, const uint8_t* b) {
@@ -4887,9 +4888,9 @@ MOE_DETAIL_AVX512 inline __m512i tq_codes2_avx512(const BlockTQ3& w, int k) {
     const __m512i q = _mm512_broadcast_i64x4(loadu_256(w.qs));
     const long long s0 = 2 * k, s1 = 2 * k + 2;
     const __m512i low = _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(s1, s1, s1, s1, s0, s0, s0, s0)), _mm512_set1_epi8(3));
-    const int b0 = 0x01010101 << k;
-    const __m512i bits = _mm512_set_epi32(b0 << 5, b0 << 5, b0 << 5, b0 << 5, b0 << 1, b0 << 1, b0 << 1, b0 << 1,
-                                          b0 << 4, b0 << 4, b0 << 4, b0 << 4, b0, b0, b0, b0);
+    const uint32_t b0 = 0x01010101u << k;
+    const int l0 = (int)b0, l1 = (int)(b0 << 4), l2 = (int)(b0 << 1), l3 = (int)(b0 << 5);  // per 16-byte lane
+    const __m512i bits = _mm512_set_epi32(l3, l3, l3, l3, l2, l2, l2, l2, l1, l1, l1, l1, l0, l0, l0, l0);
     const __mmask64 third = _mm512_test_epi8_mask(_mm512_broadcast_i32x4(loadu_128(w.qh)), bits);
     return _mm512_mask_add_epi8(low, third, low, _mm512_set1_epi8(4));
 }
