@@ -596,6 +596,11 @@ struct SessionOptions {
     // order; costs two extra barriers per phase while set. For calibration, not for serving.
     InputObserverFn observe_inputs = nullptr;
     void* observe_user = nullptr;
+    // Called by eval() after each chunk of at most n_batch tokens, with the tokens of this call
+    // evaluated so far and its total; returning false stops eval() there (Status::cancelled; the
+    // chunks done stay in the KV cache). On the thread that called eval().
+    bool (*progress)(void* user, size_t done, size_t total) = nullptr;
+    void* progress_user = nullptr;
 };
 
 // Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
@@ -640,6 +645,11 @@ public:
     // uncreated or other-model session, a token out of range, n == 0), context_full (a session at
     // n_ctx; checked before anything is evaluated).
     static Status eval_batch(Session* const* sessions, const int32_t* tokens, size_t n);
+    // Asks the eval() (or eval_batch() led by this session) running on another thread to stop: it
+    // looks between layers, drops the chunk in flight (position() stays at the last complete chunk,
+    // logits() unchanged) and returns Status::cancelled. Safe from any thread; a request made while
+    // no eval() runs stops the next one.
+    void cancel();
     const float* logits() const;  // n_vocab floats after the last evaluated token
     int32_t position() const;     // tokens in the KV cache
     int32_t n_ctx() const;
@@ -9017,6 +9027,10 @@ struct SessionImpl {
     bool store_failed = false;       // a read failed in this forward(): it returns io_error
     std::string store_error;         // its message (set on a pool thread, reported on the caller's)
     std::vector<KvCache*> batch_kv;  // Session::eval_batch: each token's cache
+    std::atomic<bool> cancel_requested{false};  // Session::cancel
+    bool stop_layers = false;        // written by thread 0 before a barrier, read by all after it
+    bool (*progress)(void* user, size_t done, size_t total) = nullptr;
+    void* progress_user = nullptr;
 
     explicit SessionImpl(int n_threads) : pool(n_threads) {}
     Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
@@ -9141,6 +9155,8 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     float_activations = o.float_activations;
     observer = o.observe_inputs;
     observer_user = o.observe_user;
+    progress = o.progress;
+    progress_user = o.progress_user;
     profile.enabled = o.profile;
     const int64_t B = n_batch, nth = pool.size(), hd = hp->head_dim, slots = plan->slots, group = plan->group;
     if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim))
@@ -9235,10 +9251,15 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
     c.att_split = units >= 2 * nth ? 1 : std::max(1, std::min((2 * nth + units - 1) / units, longest / kMinSplitLen));
     profile.start();
     store_failed = false;
+    stop_layers = false;
     pool.parallel_for([this, &c](int ith, int nth_) { forward_thread(c, ith, nth_); });
     if (store) {
         store->release(&pins);
         if (store_failed) return fail(Status::io_error, "%s", store_error.c_str());  // the chunk is not kept
+    }
+    if (stop_layers) {  // the chunk is not kept
+        cancel_requested.store(false);
+        return fail(Status::cancelled, "evaluation cancelled (Session::cancel) at position %d", kv.pos);
     }
     if (all_logits) std::memcpy(all_logits, a.logits_batch.data, (size_t)n * (size_t)hp->n_vocab * 4);
     if (seq_kv) {  // the caller hands each row to its session
@@ -9309,7 +9330,9 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         expert_up_phase(n);  // also quantizes each expert's hidden rows once they are complete
         end_phase(ith, nth, PhaseProfile::expert_up);
         if (observer) observe(il, MatInput::expert_hidden, n, ith, nth);
+        if (ith == 0) stop_layers = cancel_requested.load(std::memory_order_relaxed);
         end_phase_then_norm(norm_before_layer(c, il + 1), expert_down_phase(n, ith), c, ith, nth, PhaseProfile::expert_down);
+        if (stop_layers) return;  // Session::cancel: every thread saw thread 0's value after the barrier
     }
     // Output head: every row when all logits are wanted, else the last only.
     const MatTask head{&m.output, 0, &a.act_x, a.logits_batch.data, hp->n_vocab, nullptr, false};
@@ -9836,6 +9859,8 @@ MOE_DETAIL_MEMBER Status Session::eval(const int32_t* tokens, size_t n, float* a
         Status s = impl_->forward(tokens + done, chunk, all_logits ? all_logits + done * (size_t)n_vocab : nullptr);
         if (s != Status::ok) return s;
         done += (size_t)chunk;
+        if (impl_->progress && !impl_->progress(impl_->progress_user, done, n))
+            return done < n ? detail::fail(Status::cancelled, "evaluation stopped by the progress callback after %zu of %zu tokens", done, n) : Status::ok;
     }
     return Status::ok;
 }
@@ -9877,6 +9902,10 @@ MOE_DETAIL_MEMBER Status Session::eval_batch(Session* const* sessions, const int
     }
     if (lead.hp->n_expert > 0) std::copy(lead.r.lead_experts.begin(), lead.r.lead_experts.end(), lead.r.last_experts.begin());
     return Status::ok;
+}
+
+MOE_DETAIL_MEMBER void Session::cancel() {
+    if (impl_) impl_->cancel_requested.store(true);
 }
 
 MOE_DETAIL_MEMBER const float* Session::logits() const { return impl_ ? impl_->a.logits.data : nullptr; }
