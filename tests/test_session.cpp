@@ -361,18 +361,24 @@ std::vector<float> fresh_logits(const moe::Model& model, moe::SessionOptions so,
     return std::vector<float>(s.logits(), s.logits() + model.info().n_vocab);
 }
 
+// Chunks of 64 tokens, each reported to `log`.
+moe::SessionOptions chunked_options(ProgressLog* log) {
+    moe::SessionOptions so;
+    so.n_threads = 2;
+    so.n_ctx = 256;
+    so.n_batch = 64;
+    so.progress = log_progress;
+    so.progress_user = log;
+    return so;
+}
+
 }  // namespace
 
 TEST(SessionControl, ProgressReportsEachChunkAndCanStop) {
     const moe::Model model = load_demo();
     const std::vector<int32_t> prompt = ids(150);
     ProgressLog log;
-    moe::SessionOptions so;
-    so.n_threads = 2;
-    so.n_ctx = 256;
-    so.n_batch = 64;
-    so.progress = log_progress;
-    so.progress_user = &log;
+    const moe::SessionOptions so = chunked_options(&log);
     moe::Session s;
     ASSERT_EQ(moe::Session::create(model, so, &s), moe::Status::ok);
     ASSERT_EQ(s.eval(prompt.data(), prompt.size()), moe::Status::ok);
@@ -395,12 +401,7 @@ TEST(SessionControl, CancelDropsTheChunkInFlight) {
     const moe::Model model = load_demo();
     const std::vector<int32_t> prompt = ids(150);
     ProgressLog log;
-    moe::SessionOptions so;
-    so.n_threads = 2;
-    so.n_ctx = 256;
-    so.n_batch = 64;
-    so.progress = log_progress;
-    so.progress_user = &log;
+    const moe::SessionOptions so = chunked_options(&log);
     moe::Session s;
     ASSERT_EQ(moe::Session::create(model, so, &s), moe::Status::ok);
     // cancel() during the call (from the progress callback, after the first chunk): the second
