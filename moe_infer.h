@@ -72,6 +72,7 @@
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref
        [SECTION] ACTIVATION FORMATS              >>act
+       [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens
        [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
@@ -585,6 +586,12 @@ struct SessionOptions {
     bool profile = false;
     // Bytes ahead of the current weight row that matmuls prefetch; -1 = default (2048), 0 = off.
     int32_t prefetch_distance = -1;
+    // Chunks of many tokens (prefill) multiply a matrix by all the tokens that read it at once
+    // (int8 panels, where the CPU and the weight type have a panel kernel) when at least this many
+    // tokens read it; 0 = default (8), -1 = never (row kernels only: a token's results then do not
+    // depend on how the prompt was split into chunks). Single-token decode and eval_batch always use
+    // the row kernels.
+    int32_t gemm_min_tokens = 0;
     // Expert prediction: while layer l runs, predict the experts of layers l+1 .. l+predict_depth
     // (0 = off, at most 4) for each decoded token (eval() of at most 4 tokens; a prompt batch
     // touches most experts anyway), predict_extra more than n_expert_used per layer (over-fetch),
@@ -1221,8 +1228,10 @@ inline bool gguf_is_signed(GgufValueType t) {
 // The per-type table: one row per tensor type this build reads, defined in TYPE TABLE after the
 // kernels it names. A new type is a block struct, its _ref functions, its SIMD kernels and one row.
 // q8_0_rot: Q8_0 of the activation rotated per 128 (TQ3/TQ4).
-enum class ActFormat { f32, q8_0, q8_k, q8_1, q8_0_rot };  // what a weight type's kernels dot against
-constexpr int kActFormatCount = 5;
+// q8_gemm / q8_gemm_k: the panel kernels' activations (GEMM PANELS) with the codes and scales of
+// q8_0 and q8_1 / of q8_k, used for chunks of many tokens.
+enum class ActFormat { f32, q8_0, q8_k, q8_1, q8_0_rot, q8_gemm, q8_gemm_k };  // what a weight type's kernels dot against
+constexpr int kActFormatCount = 7;
 constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 
 typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
@@ -3788,6 +3797,249 @@ template <auto F> void erase_quantize_weighted(const float* x, void* y, int64_t 
 }
 template <auto F> void erase_dequantize(const void* x, float* y, int64_t n) { F(static_cast<const typename KernelArgs<decltype(F)>::in*>(x), y, n); }
 
+//-----------------------------------------------------------------------------
+// [SECTION] GEMM PANELS (PREFILL)
+//-----------------------------------------------------------------------------
+// >>gemm  Prefill and big chunks multiply each weight row by many tokens. The row kernels would
+// decode a row's blocks again for every token and reduce every (row, token) sum horizontally; here
+// a tile of kGemmRows rows is decoded once into a panel of int8 codes, 4-column groups of the 16
+// rows interleaved so one 64-byte vector holds the same 4 columns of every row, and multiplied by up
+// to kGemmTokens tokens at a time: each int32 lane is one (row, token) sum (vpdpbusd), scaled per
+// 32-column block in float. It serves every type whose values are int8 codes times a scale per 32
+// columns, plus an optional offset per 32 (`min`, taken through the activation block sums).
+// Activations come as BlockQ8G: codes stored +128 for vpdpbusd's unsigned operand; the panel's
+// per-block `bias` (-128 x the block's code sum) takes that offset back exactly.
+constexpr int kGemmRows = 16, kGemmTokens = 8;
+
+// A panel activation block: scale d, s = d x (sum of the codes) for offsets, codes stored + 128.
+// The codes and scales are those of the row kernels' format (q8_0/q8_1, or q8_k with its scale
+// repeated in each block of 32), so panels and row kernels compute the same products and differ
+// only in the order of the float additions (and keep llama.cpp's rounding).
+struct BlockQ8G { float d, s; uint8_t qs[kQK]; };
+static_assert(sizeof(BlockQ8G) == 40, "wrong q8_gemm block size");
+
+// ActFormat::q8_gemm: quantize_act_q8_0_ref's codes and fp16 scale, quantize_act_q8_1_ref's s.
+inline void quantize_act_q8g_ref(BlockQ8G* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
+        float amax = 0;
+        for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
+        const float d = amax / 127.f, id = amax != 0 ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < kQK; ++j) {
+            const int q = (int)std::nearbyint(x[j] * id);
+            sum += q;
+            y[b].qs[j] = (uint8_t)(q + 128);
+        }
+        y[b].d = fp16_to_f32(f32_to_fp16(d));
+        const float s = d * (float)sum;
+        y[b].s = std::fabs(s) <= 65504.f ? fp16_to_f32(f32_to_fp16(s)) : s;
+    }
+}
+// ActFormat::q8_gemm_k: quantize_row_q8k_ref's codes and scale, 8 blocks per 256.
+inline void quantize_act_q8gk_ref(BlockQ8G* y, const float* x, int64_t n) {
+    for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK, y += kQKK / kQK) {
+        float amax = 0, vmax = 0;
+        for (int j = 0; j < kQKK; ++j)
+            if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); vmax = x[j]; }
+        const float iscale = amax != 0 ? -127.f / vmax : 0.f, d = amax != 0 ? 1 / iscale : 0.f;
+        for (int c = 0; c < kQKK / kQK; ++c) {
+            int sum = 0;
+            for (int j = 0; j < kQK; ++j) {
+                const int q = std::min(127, nearest_int(iscale * x[kQK * c + j]));
+                sum += q;
+                y[c].qs[j] = (uint8_t)(q + 128);
+            }
+            y[c].d = d;
+            y[c].s = d * (float)sum;
+        }
+    }
+}
+
+// A weight row as int8 codes q[K], scale[K / 32] and (types with offsets) min[K / 32]:
+// element j = scale[j / 32] * q[j] + min[j / 32], exactly as the type's dequantizer computes it.
+typedef void (*GemmDecodeFn)(const void* row, int64_t n, int8_t* q, float* scale, float* min);
+struct GemmType {
+    GemmDecodeFn decode = nullptr;  // nullptr: the type has no panel form (row kernels only)
+    bool has_min = false;
+};
+
+inline void gemm_decode_q4_0(const BlockQ4_0* x, int64_t n, int8_t* q, float* scale, float*) {
+    for (int64_t b = 0; b < n / kQK; ++b, q += kQK) {
+        scale[b] = fp16_to_f32(x[b].d);
+        for (int j = 0; j < kQK; ++j) q[j] = (int8_t)(q4_nibble(x[b].qs, j) - 8);
+    }
+}
+inline void gemm_decode_q4_1(const BlockQ4_1* x, int64_t n, int8_t* q, float* scale, float* min) {
+    for (int64_t b = 0; b < n / kQK; ++b, q += kQK) {
+        scale[b] = fp16_to_f32(x[b].d);
+        min[b] = fp16_to_f32(x[b].m);
+        for (int j = 0; j < kQK; ++j) q[j] = (int8_t)q4_nibble(x[b].qs, j);
+    }
+}
+inline void gemm_decode_q5_0(const BlockQ5_0* x, int64_t n, int8_t* q, float* scale, float*) {
+    for (int64_t b = 0; b < n / kQK; ++b, q += kQK) {
+        scale[b] = fp16_to_f32(x[b].d);
+        for (int j = 0; j < kQK; ++j) q[j] = (int8_t)(q5_code(x[b].qs, x[b].qh, j) - 16);
+    }
+}
+inline void gemm_decode_q5_1(const BlockQ5_1* x, int64_t n, int8_t* q, float* scale, float* min) {
+    for (int64_t b = 0; b < n / kQK; ++b, q += kQK) {
+        scale[b] = fp16_to_f32(x[b].d);
+        min[b] = fp16_to_f32(x[b].m);
+        for (int j = 0; j < kQK; ++j) q[j] = (int8_t)q5_code(x[b].qs, x[b].qh, j);
+    }
+}
+inline void gemm_decode_q8_0(const BlockQ8_0* x, int64_t n, int8_t* q, float* scale, float*) {
+    for (int64_t b = 0; b < n / kQK; ++b, q += kQK) {
+        scale[b] = fp16_to_f32(x[b].d);
+        std::memcpy(q, x[b].qs, kQK);
+    }
+}
+inline void gemm_decode_iq4nl(const BlockIQ4NL* x, int64_t n, int8_t* q, float* scale, float*) {
+    for (int64_t b = 0; b < n / kQK; ++b, q += kQK) {
+        scale[b] = fp16_to_f32(x[b].d);
+        for (int j = 0; j < kQK; ++j) q[j] = kIq4Values[q4_nibble(x[b].qs, j)];
+    }
+}
+inline void gemm_decode_mxfp4(const BlockMXFP4* x, int64_t n, int8_t* q, float* scale, float*) {
+    for (int64_t b = 0; b < n / kQK; ++b, q += kQK) {
+        scale[b] = e8m0_half(x[b].e);
+        for (int j = 0; j < kQK; ++j) q[j] = kFp4Values[q4_nibble(x[b].qs, j)];
+    }
+}
+// Q4_K / Q5_K: sub-block i of 32 is d * sc_i * q - dmin * m_i.
+template <typename Block>
+inline void gemm_decode_q45k(const Block* x, int64_t n, int8_t* q, float* scale, float* min) {
+    for (int64_t b = 0; b < n / kQKK; ++b, q += kQKK, scale += 8, min += 8) {
+        const float d = fp16_to_f32(x[b].d), dmin = fp16_to_f32(x[b].dmin);
+        for (int c = 0; c < 4; ++c) {
+            for (int h = 0; h < 2; ++h) {
+                uint8_t sc, m;
+                q4k_get_scale_min(2 * c + h, x[b].scales, &sc, &m);
+                scale[2 * c + h] = d * sc;
+                min[2 * c + h] = -(dmin * m);
+            }
+            for (int l = 0; l < 32; ++l) {
+                const uint8_t v = x[b].qs[32 * c + l];
+                q[64 * c + l] = (int8_t)((v & 15) | qk_fifth_bit(x[b], c, 0, l));
+                q[64 * c + 32 + l] = (int8_t)((v >> 4) | qk_fifth_bit(x[b], c, 1, l));
+            }
+        }
+    }
+}
+template <typename Block>
+inline void gemm_decode_affine(const Block* x, int64_t n, int8_t* q, float* scale, float* min) {
+    for (int64_t b = 0; b < n / Block::kGroup; ++b) {
+        const float s = fp16_to_f32(x[b].scale), bias = fp16_to_f32(x[b].bias);
+        for (int i = 0; i < Block::kGroup; ++i) q[i] = (int8_t)affine_code(x[b], i);
+        for (int c = 0; c < Block::kGroup / kQK; ++c) { scale[c] = s; min[c] = bias; }
+        q += Block::kGroup; scale += Block::kGroup / kQK; min += Block::kGroup / kQK;
+    }
+}
+
+template <typename B> struct KernelArgs<void (*)(const B*, int64_t, int8_t*, float*, float*)> { typedef B w; };
+template <auto F> void erase_gemm_decode(const void* row, int64_t n, int8_t* q, float* scale, float* min) {
+    F(static_cast<const typename KernelArgs<decltype(F)>::w*>(row), n, q, scale, min);
+}
+
+inline GemmType gemm_type(TensorType t) {
+    switch (t) {
+        case TensorType::q4_0: return {erase_gemm_decode<gemm_decode_q4_0>, false};
+        case TensorType::q4_1: return {erase_gemm_decode<gemm_decode_q4_1>, true};
+        case TensorType::q5_0: return {erase_gemm_decode<gemm_decode_q5_0>, false};
+        case TensorType::q5_1: return {erase_gemm_decode<gemm_decode_q5_1>, true};
+        case TensorType::q8_0: return {erase_gemm_decode<gemm_decode_q8_0>, false};
+        case TensorType::iq4_nl: return {erase_gemm_decode<gemm_decode_iq4nl>, false};
+        case TensorType::mxfp4: return {erase_gemm_decode<gemm_decode_mxfp4>, false};
+        case TensorType::q4_k: return {erase_gemm_decode<gemm_decode_q45k<BlockQ4K>>, true};
+        case TensorType::q5_k: return {erase_gemm_decode<gemm_decode_q45k<BlockQ5K>>, true};
+        case TensorType::affine3_g32: return {erase_gemm_decode<gemm_decode_affine<BlockAffine3G32>>, true};
+        case TensorType::affine3_g64: return {erase_gemm_decode<gemm_decode_affine<BlockAffine3G64>>, true};
+        case TensorType::affine3_g128: return {erase_gemm_decode<gemm_decode_affine<BlockAffine3G128>>, true};
+        case TensorType::affine4_g32: return {erase_gemm_decode<gemm_decode_affine<BlockAffine4G32>>, true};
+        case TensorType::affine4_g64: return {erase_gemm_decode<gemm_decode_affine<BlockAffine4G64>>, true};
+        case TensorType::affine4_g128: return {erase_gemm_decode<gemm_decode_affine<BlockAffine4G128>>, true};
+        default: return {};
+    }
+}
+
+// Up to kGemmRows rows of K columns in panel form (rows past `rows` are zero):
+// q[((b * 8 + g) * 16 + r) * 4 + k] = code of row r, column 32 b + 4 g + k.
+struct GemmPanel {
+    int8_t* q = nullptr;      // (K / 32, 8, 16, 4)
+    int32_t* bias = nullptr;  // (K / 32, 16): -128 x the block's code sum
+    float* scale = nullptr;   // (K / 32, 16)
+    float* min = nullptr;     // (K / 32, 16); unused unless has_min
+    bool has_min = false;
+    int64_t nb = 0;           // blocks of 32 columns
+};
+
+// A panel and the decode buffers of one thread, for rows of up to `max_k` columns.
+struct GemmScratch {
+    GemmPanel panel;
+    int8_t* row_q = nullptr;
+    float *row_scale = nullptr, *row_min = nullptr;
+    static size_t bytes(int64_t max_k) {
+        const size_t nb = (size_t)(max_k / kQK);
+        return nb * kQK * kGemmRows + nb * kGemmRows * 12 + (size_t)max_k + nb * 8 + 256;
+    }
+    // Carves a panel and its decode buffers out of `base` (64-byte aligned, bytes(max_k) long).
+    void carve(uint8_t* base, int64_t max_k) {
+        const size_t nb = (size_t)(max_k / kQK);
+        panel.q = reinterpret_cast<int8_t*>(base);
+        panel.bias = reinterpret_cast<int32_t*>(base + nb * kQK * kGemmRows);
+        panel.scale = reinterpret_cast<float*>(panel.bias + nb * kGemmRows);
+        panel.min = panel.scale + nb * kGemmRows;
+        row_scale = panel.min + nb * kGemmRows;
+        row_min = row_scale + nb;
+        row_q = reinterpret_cast<int8_t*>(row_min + nb);
+    }
+};
+
+// Decodes `rows` (<= kGemmRows) rows, `row_bytes` apart, into s's panel.
+inline void gemm_pack(const GemmType& gt, const uint8_t* w, size_t row_bytes, int rows, int64_t k, GemmScratch* s) {
+    GemmPanel& p = s->panel;
+    p.nb = k / kQK;
+    p.has_min = gt.has_min;
+    for (int r = 0; r < kGemmRows; ++r) {
+        if (r < rows) {
+            gt.decode(w + (size_t)r * row_bytes, k, s->row_q, s->row_scale, s->row_min);
+        } else {
+            std::memset(s->row_q, 0, (size_t)k);
+            for (int64_t b = 0; b < p.nb; ++b) s->row_scale[b] = s->row_min[b] = 0;
+        }
+        for (int64_t b = 0; b < p.nb; ++b) {
+            const int8_t* src = s->row_q + b * kQK;
+            int32_t sum = 0;
+            for (int j = 0; j < kQK; ++j) sum += src[j];
+            for (int g = 0; g < kQK / 4; ++g) std::memcpy(p.q + ((b * 8 + g) * kGemmRows + r) * 4, src + 4 * g, 4);
+            p.bias[b * kGemmRows + r] = -128 * sum;
+            p.scale[b * kGemmRows + r] = s->row_scale[b];
+            p.min[b * kGemmRows + r] = gt.has_min ? s->row_min[b] : 0.f;
+        }
+    }
+}
+
+// out[t * 16 + r] = row r of the panel . token t (x[t]: K / 32 blocks), t < nt <= kGemmTokens. The
+// order of the float operations is the specification: per block, the int32 sum converted, times
+// (scale x d) fused into the accumulator; with offsets, that product fused onto min x s and the
+// block's total added (the two terms largely cancel: adding their sum loses less).
+inline void gemm_tile_ref(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r < kGemmRows; ++r) {
+            float acc = 0;
+            for (int64_t b = 0; b < p.nb; ++b) {
+                const BlockQ8G& xb = x[t][b];
+                int32_t sum = p.bias[b * kGemmRows + r];
+                for (int j = 0; j < kQK; ++j) sum += (int32_t)xb.qs[j] * p.q[((b * 8 + j / 4) * kGemmRows + r) * 4 + j % 4];
+                if (p.has_min) acc += std::fma(p.scale[b * kGemmRows + r] * xb.d, (float)sum, p.min[b * kGemmRows + r] * xb.s);
+                else acc = std::fma(p.scale[b * kGemmRows + r] * xb.d, (float)sum, acc);
+            }
+            out[t * kGemmRows + r] = acc;
+        }
+}
+typedef void (*GemmTileFn)(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out);
+
 }  // namespace detail
 }  // namespace moe
 
@@ -4988,6 +5240,59 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_affine_mlx_q8_1_avx512vnni(const Bloc
     return sum;
 }
 
+// GEMM panel tile (GEMM PANELS): 16 rows x NT tokens in 2 x NT registers, one vpdpbusd per (4
+// columns, token) with the token's 4 codes broadcast; the float steps are gemm_tile_ref's, lane-wise.
+template <int NT, bool kMin>
+MOE_DETAIL_AVX512VNNI inline void gemm_tile_nt_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
+    __m512 acc[NT];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < p.nb; ++b) {
+        const __m512i bias = _mm512_load_si512(p.bias + b * kGemmRows);
+        const int8_t* q = p.q + b * kQK * kGemmRows;
+        __m512i s[NT];
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) s[t] = bias;
+#pragma GCC unroll 8
+        for (int g = 0; g < kQK / 4; ++g) {
+            const __m512i w = _mm512_load_si512(q + 64 * g);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; ++t) s[t] = _mm512_dpbusd_epi32(s[t], _mm512_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w);
+        }
+        const __m512 sc = _mm512_load_ps(p.scale + b * kGemmRows);
+        if constexpr (kMin) {
+            const __m512 mn = _mm512_load_ps(p.min + b * kGemmRows);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; ++t)
+                acc[t] = _mm512_add_ps(acc[t], _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(x[t][b].d)), _mm512_cvtepi32_ps(s[t]),
+                                                               _mm512_mul_ps(mn, _mm512_set1_ps(x[t][b].s))));
+        } else {
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(x[t][b].d)), _mm512_cvtepi32_ps(s[t]), acc[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * kGemmRows, acc[t]);
+}
+template <bool kMin>
+MOE_DETAIL_AVX512VNNI inline void gemm_tile_min_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    switch (nt) {
+        case 1: return gemm_tile_nt_avx512vnni<1, kMin>(p, x, out);
+        case 2: return gemm_tile_nt_avx512vnni<2, kMin>(p, x, out);
+        case 3: return gemm_tile_nt_avx512vnni<3, kMin>(p, x, out);
+        case 4: return gemm_tile_nt_avx512vnni<4, kMin>(p, x, out);
+        case 5: return gemm_tile_nt_avx512vnni<5, kMin>(p, x, out);
+        case 6: return gemm_tile_nt_avx512vnni<6, kMin>(p, x, out);
+        case 7: return gemm_tile_nt_avx512vnni<7, kMin>(p, x, out);
+        default: return gemm_tile_nt_avx512vnni<8, kMin>(p, x, out);
+    }
+}
+static_assert(kGemmTokens == 8, "gemm_tile_min_avx512vnni dispatches 1..8 tokens");
+MOE_DETAIL_AVX512VNNI inline void gemm_tile_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    if (p.has_min) gemm_tile_min_avx512vnni<true>(p, x, nt, out);
+    else gemm_tile_min_avx512vnni<false>(p, x, nt, out);
+}
+
 }  // namespace detail
 }  // namespace moe
 
@@ -5892,6 +6197,9 @@ inline const ActType& act_type(ActFormat f) {
         // Scalar only: an activation row is quantized once per matrix, far below the matmul's cost.
         {ActFormat::q8_1, kQK, sizeof(BlockQ8_1), {erase_quantize<quantize_act_q8_1_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
         {ActFormat::q8_0_rot, kQTQ, sizeof(BlockQ8Rot), {erase_quantize<quantize_act_q8_0_rot_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
+        {ActFormat::q8_gemm, kQK, sizeof(BlockQ8G), {erase_quantize<quantize_act_q8g_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
+        {ActFormat::q8_gemm_k, kQKK, (int)sizeof(BlockQ8G) * (kQKK / kQK),
+         {erase_quantize<quantize_act_q8gk_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
     };
     return table[(int)f];
 }
@@ -5958,14 +6266,40 @@ inline Fn pick_for_isa(const Fn* by_isa, Isa isa) {
     return by_isa[0];
 }
 
-// A weight's row kernel: the activation format it reads and the dot product.
+// The panel kernel of `isa` (GEMM PANELS), or nullptr where it has none: the row kernels then
+// serve chunks of every size.
+inline GemmTileFn gemm_tile_kernel(Isa isa) {
+#if MOE_DETAIL_HAS_AVX512
+    if (isa == Isa::avx512_vnni) return gemm_tile_avx512vnni;
+#endif
+    (void)isa;
+    return nullptr;
+}
+
+// A weight's row kernel: the activation format it reads and the dot product; and, where the type
+// and the ISA have one, its panel form for chunks of many tokens (activations in q8_gemm).
 struct RowKernel {
     ActFormat act = ActFormat::f32;
     VecDotFn vec_dot = nullptr;
+    GemmType gemm;                  // decode == nullptr: no panel form
+    GemmTileFn gemm_tile = nullptr;
+    ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
+    bool has_gemm() const { return gemm_tile != nullptr; }
 };
 
-inline RowKernel row_kernel(const QuantType& t, Isa isa) { return {t.act, pick_for_isa(t.dot, isa)}; }
-inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32}; }
+inline RowKernel row_kernel(const QuantType& t, Isa isa) {
+    RowKernel k{t.act, pick_for_isa(t.dot, isa), {}, nullptr, ActFormat::q8_gemm};
+    const GemmTileFn tile = gemm_tile_kernel(isa);
+    const GemmType g = gemm_type(t.type);
+    const bool same_codes = t.act == ActFormat::q8_0 || t.act == ActFormat::q8_1 || t.act == ActFormat::q8_k;
+    if (tile && g.decode && same_codes) {
+        k.gemm = g;
+        k.gemm_tile = tile;
+        k.gemm_act = t.act == ActFormat::q8_k ? ActFormat::q8_gemm_k : ActFormat::q8_gemm;
+    }
+    return k;
+}
+inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32, {}, nullptr, ActFormat::q8_gemm}; }
 
 // Quantizes one activation row with the quantizer of `isa` (f32: a copy).
 inline void quantize_act_with(ActFormat f, Isa isa, void* dst, const float* x, int64_t n) {
@@ -8881,7 +9215,7 @@ struct Activations {
     AlignedBuffer<uint8_t> hidden_q;     // (B * slots, hidden_q_stride): the same, quantized for down
     size_t hidden_q_stride = 0;
     AlignedBuffer<float> down_part;      // per thread: down-row dot products of a sub-chunk of rows
-    size_t down_part_per_thread = 0;     // max(kDownRows, B) * slots floats
+    size_t down_part_per_thread = 0;     // max(kDownRows, kGemmRows * B) * slots floats
     AlignedBuffer<float> logits_batch;   // (B, n_vocab)
     AlignedBuffer<float> logits;         // (n_vocab): after the last evaluated token
     ActRows act_x, act_att;              // xb and att_out quantized to what their matmuls read
@@ -8898,7 +9232,10 @@ struct ActiveExpert {
     int32_t expert;                // routed expert id; -1 for shared and dense
     const uint8_t *gate_mat, *up_mat, *down_mat;  // its matrices: in the mapping, or in an expert-store slot
     int32_t use_begin, use_end;    // its uses in Routing::uses
-    int64_t row_begin, row_end;    // its rows in the concatenated gate/up rows of all active experts
+    // Its gate/up work units (rows, or kGemmRows-row tiles when gemm_up) in the concatenated units
+    // of all active experts.
+    int64_t unit_begin, unit_end;
+    bool gemm_up, gemm_down;       // its gate/up, its down projection run as panels (GEMM PANELS)
 };
 
 // Work finished in a phase. The thread whose piece completes the total runs the small serial step
@@ -8928,7 +9265,8 @@ struct Routing {
     std::vector<int32_t> last_experts;  // (n_layer * n_expert_used): experts of the last token
     std::vector<int32_t> token_experts; // (B, n_layer * n_expert_used): every token's (Session::eval_batch)
     std::vector<int32_t> lead_experts;  // eval_batch: the first session's, kept while later passes run
-    int64_t active_rows() const { return active.empty() ? 0 : active.back().row_end; }
+    bool down_tiles = false;            // some active expert's down projection runs as panels
+    int64_t active_units() const { return active.empty() ? 0 : active.back().unit_end; }
 };
 
 // Wall time per phase (SessionOptions::profile): thread 0 stamps the end of every phase.
@@ -8997,6 +9335,7 @@ struct SessionImpl {
     static constexpr int kMinSplitLen = 128;     // shortest KV range worth its own thread
     static constexpr int kSerialNormTokens = 4;  // up to this many tokens one thread norms them (no barrier)
     static constexpr int kDownRows = 64;         // down-projection rows per expert stream before the weighted sum
+    static constexpr int kDefaultGemmMinTokens = 8;  // SessionOptions::gemm_min_tokens = 0
     // Matmuls prefetch the weights prefetch_bytes ahead of the row they compute: hardware prefetchers
     // stop at 4 KiB page boundaries, and a core streaming alone cannot otherwise keep enough loads in
     // flight (measured on Sapphire Rapids: decode +18% at 16 threads, +40% at 1 thread).
@@ -9031,6 +9370,10 @@ struct SessionImpl {
     bool stop_layers = false;        // written by thread 0 before a barrier, read by all after it
     bool (*progress)(void* user, size_t done, size_t total) = nullptr;
     void* progress_user = nullptr;
+    int32_t gemm_min_tokens = 0;     // SessionOptions::gemm_min_tokens resolved; 0 = never
+    bool gemm_chunk = false;         // the chunk in flight may use panels (set by forward())
+    AlignedBuffer<uint8_t> gemm_buf;
+    std::vector<GemmScratch> gemm_scratch;  // two per thread (gate and up)
 
     explicit SessionImpl(int n_threads) : pool(n_threads) {}
     Status init(const std::shared_ptr<const ModelImpl>& m, const SessionOptions& o);
@@ -9059,19 +9402,29 @@ struct SessionImpl {
     }
 
     void forward_thread(const ForwardCall& c, int ith, int nth);
+    bool panels_for(const Weight& w, int64_t tokens) const { return gemm_chunk && tokens >= gemm_min_tokens && kt(w).has_gemm(); }
+    // The panel formats of an input quantized to `base` (what its row kernels read), for this chunk.
+    uint8_t gemm_fmts(uint8_t base) const {
+        if (!gemm_chunk) return 0;
+        return (uint8_t)((base & (fmt_bit(ActFormat::q8_0) | fmt_bit(ActFormat::q8_1)) ? fmt_bit(ActFormat::q8_gemm) : 0) |
+                         (base & fmt_bit(ActFormat::q8_k) ? fmt_bit(ActFormat::q8_gemm_k) : 0));
+    }
     void observe(int il, MatInput what, int32_t n, int ith, int nth);
     NormStep norm_before_layer(const ForwardCall& c, int il) const;
     void end_phase_then_norm(const NormStep& step, bool finisher, const ForwardCall& c, int ith, int nth, PhaseProfile::Phase ph);
     void norm_rows(const NormStep& step, int ith, int nth);
-    bool matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n);
+    bool matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith);
+    void matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith);
     void rope_phase(const ForwardCall& c, int il, int ith, int nth);
     void attention_phase(const ForwardCall& c, int il, int ith);
     void att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
     void score_and_predict(int il, int32_t t);
     void use_store(int il, int32_t n);
-    void expert_up_phase(int32_t n);
+    void expert_up_phase(int32_t n, int ith);
     void up_row(const ActiveExpert& e, int64_t r);
+    void up_tile(const ActiveExpert& e, int64_t row0, int ith);
+    void down_tile(const ActiveExpert& e, int64_t row0, int rows, float* part_rows, int64_t n_uses, int ith);
     void quantize_hidden(const ActiveExpert& e);
     bool expert_down_phase(int32_t n, int ith);
 };
@@ -9164,12 +9517,13 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
                     (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim) / (1 << 20));
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
     a.att_scratch_stride = (size_t)((group * (kAttBlock + hd + 2) + 15) / 16 * 16);
-    a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, B) * (size_t)slots;
+    a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, kGemmRows * B) * (size_t)slots;
     a.hidden_q_stride = (size_t)plan->max_ff * 4;  // f32, and every quantized format's row (+ one block)
     for (int f = 1; f < kActFormatCount; ++f) {
         const int64_t be = act_type((ActFormat)f).block_elems;
         a.hidden_q_stride = std::max(a.hidden_q_stride, act_row_bytes((ActFormat)f, plan->max_ff / be * be + be));
     }
+    a.hidden_q_stride = (a.hidden_q_stride + 63) / 64 * 64;  // rows aligned for every block type
     const bool ok = a.x.allocate((size_t)(B * plan->n_embd)) && a.xb.allocate((size_t)(B * plan->n_embd)) &&
                     a.q.allocate((size_t)(B * plan->q_dim)) && a.k.allocate((size_t)(B * plan->kv_dim)) &&
                     a.v.allocate((size_t)(B * plan->kv_dim)) && a.att_out.allocate((size_t)(B * plan->q_dim)) &&
@@ -9184,6 +9538,17 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     a.rope_inv_freq.resize((size_t)(hp->n_rot / 2));
     for (int i = 0; i < hp->n_rot / 2; ++i) a.rope_inv_freq[(size_t)i] = std::pow(hp->rope_freq_base, -2.f * (float)i / (float)hp->n_rot);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa()).vec_dot;
+    gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
+                      : o.gemm_min_tokens == 0 ? kDefaultGemmMinTokens : o.gemm_min_tokens;
+    if (gemm_min_tokens > 0 && n_batch >= gemm_min_tokens) {
+        const int64_t max_k = std::max(std::max(plan->n_embd, plan->q_dim), plan->max_ff);
+        const size_t per = (GemmScratch::bytes(max_k) + 63) / 64 * 64;
+        if (!gemm_buf.allocate(per * 2 * (size_t)nth)) return fail(Status::out_of_memory, "cannot allocate the prefill panels");
+        gemm_scratch.resize(2 * (size_t)nth);
+        for (size_t i = 0; i < gemm_scratch.size(); ++i) gemm_scratch[i].carve(gemm_buf.data + i * per, max_k);
+    } else {
+        gemm_min_tokens = 0;
+    }
     prefetch_bytes = o.prefetch_distance < 0 ? kDefaultPrefetch : (size_t)o.prefetch_distance;
 #if !defined(__GNUC__) && !defined(__clang__)
     prefetch_bytes = 0;
@@ -9239,6 +9604,8 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
     if (seq_kv)
         for (int32_t t = 0; t < n; ++t) longest = std::max(longest, seq_kv[t]->pos + 1);
     c.serial_norms = n <= kSerialNormTokens;
+    // Panels only for one session's chunk: eval_batch stays bit-identical to each session's solo decode.
+    gemm_chunk = gemm_min_tokens > 0 && !seq_kv && n >= gemm_min_tokens;
     // Split query-head groups, then the KV range, only when (token, KV head) units cannot keep every
     // thread busy; short caches are not split (each split must cover kMinSplitLen positions).
     const int32_t nth = pool.size(), group = plan->group;
@@ -9304,30 +9671,31 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             {&l.wk, 0, &a.act_x, a.k.data, plan->kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
             {&l.wv, 0, &a.act_x, a.v.data, plan->kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
         if (observer) observe(il, MatInput::attn_in, n, ith, nth);
-        matmul_phase(qkv, 3, 0, n);
+        matmul_phase(qkv, 3, 0, n, ith);
         end_phase(ith, nth, PhaseProfile::qkv);
         rope_phase(c, il, ith, nth);
         end_phase(ith, nth, PhaseProfile::rope_kv);
         attention_phase(c, il, ith);
         end_phase(ith, nth, PhaseProfile::attention);
-        if (c.att_split > 1 || (f.att_out & ~fmt_bit(ActFormat::f32))) {
-            att_out_phase(c, f.att_out, ith, nth);
+        const uint8_t att_fmts = f.att_out | gemm_fmts(f.att_out);
+        if (c.att_split > 1 || (att_fmts & ~fmt_bit(ActFormat::f32))) {
+            att_out_phase(c, att_fmts, ith, nth);
             end_phase(ith, nth, PhaseProfile::att_out);
         }
         if (observer) observe(il, MatInput::attn_out, n, ith, nth);
         const MatTask wo{&l.wo, 0, &a.act_att, a.x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
-        const NormStep ffn_norm{l.ffn_norm.data(), 0, n, f.ffn_in, PhaseProfile::ffn_norm};
-        end_phase_then_norm(ffn_norm, matmul_phase(&wo, 1, 0, n), c, ith, nth, PhaseProfile::wo);
+        const NormStep ffn_norm{l.ffn_norm.data(), 0, n, (uint8_t)(f.ffn_in | gemm_fmts(f.ffn_in)), PhaseProfile::ffn_norm};
+        end_phase_then_norm(ffn_norm, matmul_phase(&wo, 1, 0, n, ith), c, ith, nth, PhaseProfile::wo);
         if (observer) observe(il, MatInput::ffn_in, n, ith, nth);
         if (hp->n_expert > 0) {
             const MatTask router{&l.router, 0, &a.act_x, a.router_logits.data, hp->n_expert, nullptr, false};
-            if (matmul_phase(&router, 1, 0, n)) route(il, n);
+            if (matmul_phase(&router, 1, 0, n, ith)) route(il, n);
             end_phase(ith, nth, PhaseProfile::router);
         } else {
             if (ith == 0) route(il, n);
             end_phase(ith, nth, PhaseProfile::route);
         }
-        expert_up_phase(n);  // also quantizes each expert's hidden rows once they are complete
+        expert_up_phase(n, ith);  // also quantizes each expert's hidden rows once they are complete
         end_phase(ith, nth, PhaseProfile::expert_up);
         if (observer) observe(il, MatInput::expert_hidden, n, ith, nth);
         if (ith == 0) stop_layers = cancel_requested.load(std::memory_order_relaxed);
@@ -9336,7 +9704,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
     }
     // Output head: every row when all logits are wanted, else the last only.
     const MatTask head{&m.output, 0, &a.act_x, a.logits_batch.data, hp->n_vocab, nullptr, false};
-    matmul_phase(&head, 1, c.first_logit, n - c.first_logit);
+    matmul_phase(&head, 1, c.first_logit, n - c.first_logit, ith);
     end_phase(ith, nth, PhaseProfile::head);
 }
 
@@ -9370,8 +9738,10 @@ inline void SessionImpl::observe(int il, MatInput what, int32_t n, int ith, int 
 // The norm in front of layer il: its attn_norm, or after the last layer the output norm of the rows
 // the head will read.
 inline NormStep SessionImpl::norm_before_layer(const ForwardCall& c, int il) const {
-    if (il < hp->n_layer) return {model->layers[(size_t)il].attn_norm.data(), 0, c.n, formats(il).attn_in, PhaseProfile::attn_norm};
-    return {model->output_norm.data(), c.first_logit, c.n - c.first_logit, plan->output_formats[float_activations], PhaseProfile::out_norm};
+    if (il < hp->n_layer)
+        return {model->layers[(size_t)il].attn_norm.data(), 0, c.n, (uint8_t)(formats(il).attn_in | gemm_fmts(formats(il).attn_in)), PhaseProfile::attn_norm};
+    return {model->output_norm.data(), c.first_logit, c.n - c.first_logit, (uint8_t)(plan->output_formats[float_activations] | gemm_fmts(plan->output_formats[float_activations])),
+            PhaseProfile::out_norm};
 }
 
 // Where a norm runs (the one decision for all of them): for a few tokens (decode), the one thread
@@ -9407,20 +9777,26 @@ inline void SessionImpl::norm_rows(const NormStep& step, int ith, int nth) {
     }
 }
 
-// Returns true on the one thread that finished the phase's last rows.
-inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n) {
+// Returns true on the one thread that finished the phase's last rows. Work units are rows, or
+// tiles of kGemmRows rows for a matrix that runs as panels.
+inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith) {
+    auto units = [&](const MatTask& mt) { return panels_for(*mt.w, n) ? (mt.w->rows + kGemmRows - 1) / kGemmRows : mt.w->rows; };
     int64_t total = 0;
-    for (int i = 0; i < n_tasks; ++i) total += tasks[i].w->rows;
+    for (int i = 0; i < n_tasks; ++i) total += units(tasks[i]);
     int64_t begin = 0, end = 0;
     bool last = false;
     for (; next_rows(total, n, &begin, &end); last = rows_done.finish(end - begin, total)) {
         int i = 0;
         int64_t base = 0;
-        while (begin >= base + tasks[i].w->rows) base += tasks[i++].w->rows;
-        for (int64_t vr = begin; vr < end; ++vr) {
-            if (vr >= base + tasks[i].w->rows) base += tasks[i++].w->rows;
+        while (begin >= base + units(tasks[i])) base += units(tasks[i++]);
+        for (int64_t vu = begin; vu < end; ++vu) {
+            if (vu >= base + units(tasks[i])) base += units(tasks[i++]);
             const MatTask& mt = tasks[i];
-            const int64_t row = vr - base;
+            if (panels_for(*mt.w, n)) {
+                matmul_tile(mt, (vu - base) * kGemmRows, t0, n, ith);
+                continue;
+            }
+            const int64_t row = vu - base;
             const RowKernel& k = kt(*mt.w);
             const uint8_t* wrow = mt.w->row(mt.mat, row);
             if (prefetch_bytes) prefetch_ahead(wrow, mt.w->row_bytes);
@@ -9435,6 +9811,31 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
         }
     }
     return last;
+}
+
+// Rows [row0, row0 + kGemmRows) of one matrix of a matmul phase as a panel, for tokens t0 .. t0 + n.
+inline void SessionImpl::matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith) {
+    const RowKernel& k = kt(*mt.w);
+    GemmScratch& s = gemm_scratch[2 * (size_t)ith];
+    const int rows = (int)std::min<int64_t>(kGemmRows, mt.w->rows - row0);
+    gemm_pack(k.gemm, mt.w->row(mt.mat, row0), mt.w->row_bytes, rows, mt.w->cols, &s);
+    const float scale = mt.w->scaled() ? mt.w->scale(mt.mat) : 1.f;
+    const BlockQ8G* x[kGemmTokens];
+    alignas(64) float out[kGemmTokens * kGemmRows];
+    for (int32_t t = t0; t < t0 + n; t += kGemmTokens) {
+        const int nt = std::min<int>(kGemmTokens, t0 + n - t);
+        for (int j = 0; j < nt; ++j) x[j] = static_cast<const BlockQ8G*>(mt.in->row(k.gemm_act, t + j));
+        k.gemm_tile(s.panel, x, nt, out);
+        for (int j = 0; j < nt; ++j) {
+            float* o = mt.out + (t + j - t0) * mt.out_stride + row0;
+            for (int r = 0; r < rows; ++r) {
+                float val = out[j * kGemmRows + r];
+                if (mt.w->scaled()) val *= scale;
+                if (mt.bias) val += mt.bias[row0 + r];
+                o[r] = mt.accumulate ? o[r] + val : val;
+            }
+        }
+    }
 }
 
 // QK-norm, RoPE and the KV store; units are (token, head) (or one per token for a whole-projection
@@ -9637,7 +10038,8 @@ inline void SessionImpl::route(int il, int32_t n) {
     first[0] = 0;
     // Each used target, resolved to its weights once.
     r.active.clear();
-    int64_t rows = 0;
+    r.down_tiles = false;
+    int64_t units = 0;
     for (int i = 0; i < n_targets; ++i) {
         if (first[(size_t)i + 1] == first[(size_t)i]) continue;
         ActiveExpert e;
@@ -9655,8 +10057,12 @@ inline void SessionImpl::route(int il, int32_t n) {
         e.down_mat = e.down->row(e.mat, 0);
         e.use_begin = first[(size_t)i];
         e.use_end = first[(size_t)i + 1];
-        e.row_begin = rows;
-        e.row_end = rows += e.gate->rows;
+        const int32_t n_uses = e.use_end - e.use_begin;
+        e.gemm_up = panels_for(*e.gate, n_uses) && panels_for(*e.up, n_uses);
+        e.gemm_down = panels_for(*e.down, n_uses);
+        r.down_tiles = r.down_tiles || e.gemm_down;
+        e.unit_begin = units;
+        e.unit_end = units += e.gemm_up ? (e.gate->rows + kGemmRows - 1) / kGemmRows : e.gate->rows;
         r.active.push_back(e);
     }
     if (store && hp->n_expert > 0) use_store(il, n);
@@ -9718,21 +10124,23 @@ inline void SessionImpl::score_and_predict(int il, int32_t t) {
     }
 }
 
-// gate/up rows of every active expert (one virtual row range), SwiGLU into hidden[(token, slot)].
-inline void SessionImpl::expert_up_phase(int32_t n) {
+// gate/up rows of every active expert (one range of work units: rows, or tiles of an expert that
+// runs as panels), SwiGLU into hidden[(token, slot)].
+inline void SessionImpl::expert_up_phase(int32_t n, int ith) {
     const int32_t uses_per_expert = std::max(1, n * plan->slots / std::max<int32_t>(1, (int32_t)r.active.size()));  // on average
-    const int64_t total = r.active_rows();
+    const int64_t total = r.active_units();
     int64_t begin, end;
     while (next_rows(total, uses_per_expert, &begin, &end)) {
         size_t i = (size_t)(std::upper_bound(r.active.begin(), r.active.end(), begin,
-                                             [](int64_t row, const ActiveExpert& e) { return row < e.row_end; }) - r.active.begin());
-        for (int64_t gr = begin; gr < end; ++gr) {
-            while (gr >= r.active[i].row_end) ++i;
+                                             [](int64_t unit, const ActiveExpert& e) { return unit < e.unit_end; }) - r.active.begin());
+        for (int64_t gu = begin; gu < end; ++gu) {
+            while (gu >= r.active[i].unit_end) ++i;
             const ActiveExpert& e = r.active[i];
-            up_row(e, gr - e.row_begin);
-            // After the chunk's last row of expert i: whoever completes the expert quantizes its hidden rows.
-            if ((gr + 1 == end || gr + 1 == e.row_end) &&
-                r.expert_done[i].finish(gr + 1 - std::max(begin, e.row_begin), e.row_end - e.row_begin))
+            if (e.gemm_up) up_tile(e, (gu - e.unit_begin) * kGemmRows, ith);
+            else up_row(e, gu - e.unit_begin);
+            // After the chunk's last unit of expert i: whoever completes the expert quantizes its hidden rows.
+            if ((gu + 1 == end || gu + 1 == e.unit_end) &&
+                r.expert_done[i].finish(gu + 1 - std::max(begin, e.unit_begin), e.unit_end - e.unit_begin))
                 quantize_hidden(e);
         }
     }
@@ -9754,28 +10162,70 @@ inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
     }
 }
 
-// Quantizes the hidden rows of every use of expert e to its down projection's activation format.
+// Rows [row0, row0 + kGemmRows) of expert e's gate and up matrices as panels, for every use.
+inline void SessionImpl::up_tile(const ActiveExpert& e, int64_t row0, int ith) {
+    const RowKernel &kg = kt(*e.gate), &ku = kt(*e.up);
+    GemmScratch &sg = gemm_scratch[2 * (size_t)ith], &su = gemm_scratch[2 * (size_t)ith + 1];
+    const int rows = (int)std::min<int64_t>(kGemmRows, e.gate->rows - row0);
+    gemm_pack(kg.gemm, e.gate_mat + (size_t)row0 * e.gate->row_bytes, e.gate->row_bytes, rows, e.gate->cols, &sg);
+    gemm_pack(ku.gemm, e.up_mat + (size_t)row0 * e.up->row_bytes, e.up->row_bytes, rows, e.up->cols, &su);
+    const float gs = e.gate->scaled() ? e.gate->scale(e.mat) : 1.f, us = e.up->scaled() ? e.up->scale(e.mat) : 1.f;
+    const BlockQ8G *xg[kGemmTokens], *xu[kGemmTokens];
+    alignas(64) float g[kGemmTokens * kGemmRows], u[kGemmTokens * kGemmRows];
+    for (int32_t j = e.use_begin; j < e.use_end; j += kGemmTokens) {
+        const int nt = std::min<int>(kGemmTokens, e.use_end - j);
+        for (int k = 0; k < nt; ++k) {
+            xg[k] = static_cast<const BlockQ8G*>(a.act_x.row(kg.gemm_act, r.uses[(size_t)(j + k)].token));
+            xu[k] = static_cast<const BlockQ8G*>(a.act_x.row(ku.gemm_act, r.uses[(size_t)(j + k)].token));
+        }
+        kg.gemm_tile(sg.panel, xg, nt, g);
+        ku.gemm_tile(su.panel, xu, nt, u);
+        for (int k = 0; k < nt; ++k) {
+            const ExpertUse& use = r.uses[(size_t)(j + k)];
+            float* h = a.hidden.data + (use.token * plan->slots + use.slot) * plan->max_ff + row0;
+            for (int rr = 0; rr < rows; ++rr) {
+                float gv = g[k * kGemmRows + rr], uv = u[k * kGemmRows + rr];
+                if (e.gate->scaled()) gv *= gs;
+                if (e.up->scaled()) uv *= us;
+                h[rr] = silu(gv) * uv;
+            }
+        }
+    }
+}
+
+// Quantizes the hidden rows of every use of expert e to its down projection's activation format
+// (q8_gemm when the down projection runs as panels).
 inline void SessionImpl::quantize_hidden(const ActiveExpert& e) {
+    const ActFormat f = e.gemm_down ? kt(*e.down).gemm_act : kt(*e.down).act;
     for (int32_t j = e.use_begin; j < e.use_end; ++j) {
         const int64_t u = (int64_t)r.uses[(size_t)j].token * plan->slots + r.uses[(size_t)j].slot;
-        quantize_act(kt(*e.down).act, a.hidden_q.data + (size_t)u * a.hidden_q_stride, a.hidden.data + u * plan->max_ff, e.down->cols);
+        quantize_act(f, a.hidden_q.data + (size_t)u * a.hidden_q_stride, a.hidden.data + u * plan->max_ff, e.down->cols);
     }
 }
 
 // Down rows in sub-chunks of up to kDownRows rows: each active expert streams its rows of the
-// sub-chunk (one sequential read) against all its uses, then each token sums its slots in slot
-// order and adds into x. No two threads write one value.
+// sub-chunk (one sequential read, or panels of kGemmRows rows) against all its uses, then each
+// token sums its slots in slot order and adds into x. No two threads write one value. While some
+// expert runs as panels, threads take whole tiles of kGemmRows rows.
 inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
     const int32_t slots = plan->slots;
     const int64_t n_embd = plan->n_embd, n_uses = (int64_t)n * slots;
-    const int64_t sub_rows = std::max<int64_t>(1, std::min<int64_t>(kDownRows, (int64_t)a.down_part_per_thread / n_uses));
+    const int64_t unit = r.down_tiles ? kGemmRows : 1, n_units = (n_embd + unit - 1) / unit;
+    int64_t sub_rows = std::max<int64_t>(1, std::min<int64_t>(kDownRows, (int64_t)a.down_part_per_thread / n_uses));
+    if (r.down_tiles) sub_rows = std::max<int64_t>(kGemmRows, sub_rows / kGemmRows * kGemmRows);  // the buffer holds kGemmRows * B * slots
     float* part = a.down_part.data + (size_t)ith * a.down_part_per_thread;  // (sub_rows, n_uses)
-    int64_t begin = 0, end = 0;
+    int64_t ub = 0, ue = 0;
     bool last = false;
-    for (; next_rows(n_embd, (int32_t)n_uses, &begin, &end); last = rows_done.finish(end - begin, n_embd)) {
+    for (; next_rows(n_units, (int32_t)n_uses, &ub, &ue); last = rows_done.finish(ue - ub, n_units)) {
+        const int64_t begin = ub * unit, end = std::min(n_embd, ue * unit);
         for (int64_t r0 = begin; r0 < end; r0 += sub_rows) {
             const int64_t r1 = std::min(end, r0 + sub_rows);
             for (const ActiveExpert& e : r.active) {
+                if (e.gemm_down) {
+                    for (int64_t row = r0; row < r1; row += kGemmRows)
+                        down_tile(e, row, (int)std::min<int64_t>(kGemmRows, r1 - row), part + (row - r0) * n_uses, n_uses, ith);
+                    continue;
+                }
                 const RowKernel& kd = kt(*e.down);
                 for (int64_t row = r0; row < r1; ++row) {
                     const uint8_t* drow = e.down_mat + (size_t)row * e.down->row_bytes;
@@ -9799,6 +10249,31 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
         }
     }
     return last;
+}
+
+// Down rows [row0, row0 + rows) of expert e as a panel: part_rows[(row - row0) * n_uses + use].
+inline void SessionImpl::down_tile(const ActiveExpert& e, int64_t row0, int rows, float* part_rows, int64_t n_uses, int ith) {
+    const RowKernel& kd = kt(*e.down);
+    GemmScratch& s = gemm_scratch[2 * (size_t)ith];
+    gemm_pack(kd.gemm, e.down_mat + (size_t)row0 * e.down->row_bytes, e.down->row_bytes, rows, e.down->cols, &s);
+    const float ds = e.down->scaled() ? e.down->scale(e.mat) : 1.f;
+    const BlockQ8G* x[kGemmTokens];
+    int32_t su[kGemmTokens];
+    alignas(64) float out[kGemmTokens * kGemmRows];
+    for (int32_t j = e.use_begin; j < e.use_end; j += kGemmTokens) {
+        const int nt = std::min<int>(kGemmTokens, e.use_end - j);
+        for (int k = 0; k < nt; ++k) {
+            su[k] = r.uses[(size_t)(j + k)].token * plan->slots + r.uses[(size_t)(j + k)].slot;
+            x[k] = reinterpret_cast<const BlockQ8G*>(a.hidden_q.data + (size_t)su[k] * a.hidden_q_stride);
+        }
+        kd.gemm_tile(s.panel, x, nt, out);
+        for (int k = 0; k < nt; ++k)
+            for (int rr = 0; rr < rows; ++rr) {
+                float v = out[k * kGemmRows + rr];
+                if (e.down->scaled()) v *= ds;
+                part_rows[rr * n_uses + su[k]] = v;
+            }
+    }
 }
 
 }  // namespace detail

@@ -103,7 +103,8 @@ struct PeerResult {
 
 struct OurResult {
     std::vector<int32_t> generated;
-    std::vector<float> logits;
+    std::vector<float> logits;        // row kernels throughout (gemm_min_tokens = -1)
+    std::vector<float> panel_prompt;  // the prompt's logits with every matrix as panels (gemm_min_tokens = 1)
 };
 
 ::testing::AssertionResult run_ours(const std::string& path, const std::vector<int32_t>& prompt, int n_gen, OurResult* out) {
@@ -113,6 +114,20 @@ struct OurResult {
     moe::SessionOptions opt;
     opt.n_ctx = 128;
     opt.n_threads = 1;  // parity does not need threads; spinning pools on a loaded 2-core box crawl
+    // The prompt through the panel kernels (prefill GEMM), whose products equal the row kernels' up to
+    // the order of float additions: compared on the first row below. Near-tie routing amplifies
+    // that order (measured: Q4_1 first row 3e-7 apart, a route flip 36 positions on), so the
+    // token-by-token parity runs on the row kernels.
+    {
+        opt.gemm_min_tokens = 1;
+        moe::Session panel;
+        s = moe::Session::create(model, opt, &panel);
+        if (s != moe::Status::ok) return ::testing::AssertionFailure() << "Session::create: " << moe::last_error();
+        out->panel_prompt.assign(prompt.size() * (size_t)model.info().n_vocab, 0.f);
+        s = panel.eval(prompt.data(), prompt.size(), out->panel_prompt.data());
+        if (s != moe::Status::ok) return ::testing::AssertionFailure() << "eval(prompt, panels): " << moe::last_error();
+        opt.gemm_min_tokens = -1;
+    }
     moe::Session sess;
     s = moe::Session::create(model, opt, &sess);
     if (s != moe::Status::ok) return ::testing::AssertionFailure() << "Session::create: " << moe::last_error();
@@ -280,6 +295,9 @@ void compare_with_peer(const std::string& peer, const char* name, const moe_test
     RowDiff first, all;
     int exact_rows = 0, tie_rows = 0, after_flip = 0;
     first.add(0, std::vector<double>(theirs.logits.begin(), theirs.logits.begin() + V).data(), ours.logits.data(), V);
+    RowDiff panel_first;
+    panel_first.add(0, std::vector<double>(theirs.logits.begin(), theirs.logits.begin() + V).data(), ours.panel_prompt.data(), V);
+    EXPECT_LT(panel_first.rel(), tol_first) << "first position through the panel kernels: max|d| " << panel_first.max_abs;
     for (int i = 0; i < rows; ++i) {
         std::vector<double> ref(theirs.logits.begin() + (ptrdiff_t)i * V, theirs.logits.begin() + (ptrdiff_t)(i + 1) * V);
         RowDiff one;
