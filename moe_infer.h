@@ -297,6 +297,12 @@ MOE_API Status force_isa(Isa isa);
 // One weight row (`n` elements of `type`) dotted with float activations `x`, through the kernel of
 // `isa` (x is first quantized to the type's activation format, as the forward pass does). For tests.
 MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out);
+// The prefill panel kernel of `isa` (Isa::scalar: its _ref) on `rows` (1..16) weight rows of `n`
+// elements, `row_bytes` apart, and `n_tokens` (1..8) float rows of x (n apart, quantized as the
+// panels' activations): out[t * rows + r] = row r . x row t. Status::unsupported where the type or
+// the ISA has no panel form. For tests.
+MOE_API Status gemm_tile(TensorType type, Isa isa, const void* weights, size_t row_bytes, int rows, const float* x, int n_tokens,
+                         int64_t n, float* out);
 // The activation row `type`'s kernels dot against (Q8_0 / Q8_K blocks, or float), made with the
 // quantizer of `isa`; dst_size >= its size. SIMD quantizers are bit-exact with the scalar ones.
 MOE_API Status quantize_activations(TensorType weight_type, Isa isa, const float* x, int64_t n, void* dst, size_t dst_size);
@@ -3858,9 +3864,13 @@ inline void quantize_act_q8gk_ref(BlockQ8G* y, const float* x, int64_t n) {
 // A weight row as int8 codes q[K], scale[K / 32] and (types with offsets) min[K / 32]:
 // element j = scale[j / 32] * q[j] + min[j / 32], exactly as the type's dequantizer computes it.
 typedef void (*GemmDecodeFn)(const void* row, int64_t n, int8_t* q, float* scale, float* min);
+struct GemmPanel;
+// Writes a weight row straight into panel row r (the common types: no row buffer, no per-element loop).
+typedef void (*GemmPackRowFn)(const void* row, int64_t n, int r, GemmPanel* p);
 struct GemmType {
     GemmDecodeFn decode = nullptr;  // nullptr: the type has no panel form (row kernels only)
     bool has_min = false;
+    GemmPackRowFn pack_row = nullptr;  // optional, the same result as decode + gemm_pack's scatter
 };
 
 inline void gemm_decode_q4_0(const BlockQ4_0* x, int64_t n, int8_t* q, float* scale, float*) {
@@ -3942,13 +3952,64 @@ template <auto F> void erase_gemm_decode(const void* row, int64_t n, int8_t* q, 
     F(static_cast<const typename KernelArgs<decltype(F)>::w*>(row), n, q, scale, min);
 }
 
+
+// Up to kGemmRows rows of K columns in panel form (rows past `rows` are zero):
+// q[((b * 8 + g) * 16 + r) * 4 + k] = code of row r, column 32 b + 4 g + k.
+struct GemmPanel {
+    int8_t* q = nullptr;      // (K / 32, 8, 16, 4)
+    int32_t* bias = nullptr;  // (K / 32, 16): -128 x the block's code sum
+    float* scale = nullptr;   // (K / 32, 16)
+    float* min = nullptr;     // (K / 32, 16); unused unless has_min
+    bool has_min = false;
+    int64_t nb = 0;           // blocks of 32 columns
+};
+
+// Q4_0 and Q8_0 rows 4 codes at a time (SWAR). Q4_0: a code is nibble - 8, made bytewise as
+// ((nibble | 0x80) - 8) ^ 0x80 (no borrow crosses a byte); code sums from byte sums by multiply.
+inline void store_u32(void* p, uint32_t v) { std::memcpy(p, &v, 4); }
+inline void gemm_pack_row_q4_0(const BlockQ4_0* x, int64_t n, int r, GemmPanel* p) {
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int8_t* q = p->q + (b * 8 * kGemmRows + r) * 4;
+        uint32_t nibble_sum = 0;
+        for (int g = 0; g < 4; ++g) {
+            const uint32_t v = load_u32(x[b].qs + 4 * g), lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+            nibble_sum += ((lo + hi) * 0x01010101u) >> 24;  // 4 bytes of at most 30
+            store_u32(q + g * kGemmRows * 4, ((lo | 0x80808080u) - 0x08080808u) ^ 0x80808080u);
+            store_u32(q + (g + 4) * kGemmRows * 4, ((hi | 0x80808080u) - 0x08080808u) ^ 0x80808080u);
+        }
+        p->bias[b * kGemmRows + r] = -128 * ((int32_t)nibble_sum - 8 * kQK);
+        p->scale[b * kGemmRows + r] = fp16_to_f32(x[b].d);
+        p->min[b * kGemmRows + r] = 0.f;
+    }
+}
+inline void gemm_pack_row_q8_0(const BlockQ8_0* x, int64_t n, int r, GemmPanel* p) {
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int8_t* q = p->q + (b * 8 * kGemmRows + r) * 4;
+        int32_t biased_sum = 0;  // codes + 128
+        for (int g = 0; g < 8; ++g) {
+            const uint32_t v = load_u32(x[b].qs + 4 * g), u = v ^ 0x80808080u;
+            const uint32_t pairs = (u & 0x00FF00FFu) + ((u >> 8) & 0x00FF00FFu);
+            biased_sum += (int32_t)((pairs + (pairs >> 16)) & 0xFFFFu);
+            store_u32(q + g * kGemmRows * 4, v);
+        }
+        p->bias[b * kGemmRows + r] = -128 * (biased_sum - 128 * kQK);
+        p->scale[b * kGemmRows + r] = fp16_to_f32(x[b].d);
+        p->min[b * kGemmRows + r] = 0.f;
+    }
+}
+template <typename B> struct PackArgs;
+template <typename B> struct PackArgs<void (*)(const B*, int64_t, int, GemmPanel*)> { typedef B w; };
+template <auto F> void erase_gemm_pack_row(const void* row, int64_t n, int r, GemmPanel* p) {
+    F(static_cast<const typename PackArgs<decltype(F)>::w*>(row), n, r, p);
+}
+
 inline GemmType gemm_type(TensorType t) {
     switch (t) {
-        case TensorType::q4_0: return {erase_gemm_decode<gemm_decode_q4_0>, false};
+        case TensorType::q4_0: return {erase_gemm_decode<gemm_decode_q4_0>, false, erase_gemm_pack_row<gemm_pack_row_q4_0>};
         case TensorType::q4_1: return {erase_gemm_decode<gemm_decode_q4_1>, true};
         case TensorType::q5_0: return {erase_gemm_decode<gemm_decode_q5_0>, false};
         case TensorType::q5_1: return {erase_gemm_decode<gemm_decode_q5_1>, true};
-        case TensorType::q8_0: return {erase_gemm_decode<gemm_decode_q8_0>, false};
+        case TensorType::q8_0: return {erase_gemm_decode<gemm_decode_q8_0>, false, erase_gemm_pack_row<gemm_pack_row_q8_0>};
         case TensorType::iq4_nl: return {erase_gemm_decode<gemm_decode_iq4nl>, false};
         case TensorType::mxfp4: return {erase_gemm_decode<gemm_decode_mxfp4>, false};
         case TensorType::q4_k: return {erase_gemm_decode<gemm_decode_q45k<BlockQ4K>>, true};
@@ -3962,17 +4023,6 @@ inline GemmType gemm_type(TensorType t) {
         default: return {};
     }
 }
-
-// Up to kGemmRows rows of K columns in panel form (rows past `rows` are zero):
-// q[((b * 8 + g) * 16 + r) * 4 + k] = code of row r, column 32 b + 4 g + k.
-struct GemmPanel {
-    int8_t* q = nullptr;      // (K / 32, 8, 16, 4)
-    int32_t* bias = nullptr;  // (K / 32, 16): -128 x the block's code sum
-    float* scale = nullptr;   // (K / 32, 16)
-    float* min = nullptr;     // (K / 32, 16); unused unless has_min
-    bool has_min = false;
-    int64_t nb = 0;           // blocks of 32 columns
-};
 
 // A panel and the decode buffers of one thread, for rows of up to `max_k` columns.
 struct GemmScratch {
@@ -4002,6 +4052,10 @@ inline void gemm_pack(const GemmType& gt, const uint8_t* w, size_t row_bytes, in
     p.nb = k / kQK;
     p.has_min = gt.has_min;
     for (int r = 0; r < kGemmRows; ++r) {
+        if (r < rows && gt.pack_row) {
+            gt.pack_row(w + (size_t)r * row_bytes, k, r, &p);
+            continue;
+        }
         if (r < rows) {
             gt.decode(w + (size_t)r * row_bytes, k, s->row_q, s->row_scale, s->row_min);
         } else {
@@ -6287,16 +6341,19 @@ struct RowKernel {
     bool has_gemm() const { return gemm_tile != nullptr; }
 };
 
-inline RowKernel row_kernel(const QuantType& t, Isa isa) {
-    RowKernel k{t.act, pick_for_isa(t.dot, isa), {}, nullptr, ActFormat::q8_gemm};
-    const GemmTileFn tile = gemm_tile_kernel(isa);
+// Gives k the panel form of type t with panel kernel `tile` (if t has one: its codes are int8 times
+// a scale per 32, and its row kernels read q8_0, q8_1 or q8_k, whose codes the panels reuse).
+inline void set_panel_form(const QuantType& t, GemmTileFn tile, RowKernel* k) {
     const GemmType g = gemm_type(t.type);
     const bool same_codes = t.act == ActFormat::q8_0 || t.act == ActFormat::q8_1 || t.act == ActFormat::q8_k;
-    if (tile && g.decode && same_codes) {
-        k.gemm = g;
-        k.gemm_tile = tile;
-        k.gemm_act = t.act == ActFormat::q8_k ? ActFormat::q8_gemm_k : ActFormat::q8_gemm;
-    }
+    if (!tile || !g.decode || !same_codes) return;
+    k->gemm = g;
+    k->gemm_tile = tile;
+    k->gemm_act = t.act == ActFormat::q8_k ? ActFormat::q8_gemm_k : ActFormat::q8_gemm;
+}
+inline RowKernel row_kernel(const QuantType& t, Isa isa) {
+    RowKernel k{t.act, pick_for_isa(t.dot, isa), {}, nullptr, ActFormat::q8_gemm};
+    set_panel_form(t, gemm_tile_kernel(isa), &k);
     return k;
 }
 inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32, {}, nullptr, ActFormat::q8_gemm}; }
@@ -6348,6 +6405,35 @@ MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const floa
     std::vector<uint8_t> act(detail::act_row_bytes(k.act, n) + 64);
     detail::quantize_act_with(k.act, Isa::scalar, act.data(), x, n);
     *out = k.vec_dot(weights, act.data(), n);
+    return Status::ok;
+}
+
+MOE_API Status gemm_tile(TensorType type, Isa isa, const void* weights, size_t row_bytes, int rows, const float* x, int n_tokens,
+                         int64_t n, float* out) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
+    if (!tt || !weights || !x || !out || n <= 0 || rows < 1 || rows > detail::kGemmRows || n_tokens < 1 || n_tokens > detail::kGemmTokens)
+        return detail::fail(Status::invalid_argument, "gemm_tile: bad arguments");
+    if (n % tt->block_elems) return detail::fail(Status::invalid_argument, "gemm_tile: n is not a multiple of the block size");
+    detail::RowKernel k = detail::row_kernel(*tt, isa);
+    if (isa == Isa::scalar) detail::set_panel_form(*tt, detail::gemm_tile_ref, &k);  // the _ref tile: any CPU
+    if (!k.has_gemm()) return detail::fail(Status::unsupported, "gemm_tile: no panel kernel for %s on %s", tt->name, isa_name(isa));
+    if (n % detail::act_type(k.gemm_act).block_elems) return detail::fail(Status::invalid_argument, "gemm_tile: bad n");
+    const size_t act_bytes = detail::act_row_bytes(k.gemm_act, n);
+    std::vector<uint8_t> act(act_bytes * (size_t)n_tokens + 64);
+    const detail::BlockQ8G* rows_x[detail::kGemmTokens];
+    for (int t = 0; t < n_tokens; ++t) {
+        detail::quantize_act_with(k.gemm_act, Isa::scalar, act.data() + act_bytes * (size_t)t, x + n * t, n);
+        rows_x[t] = reinterpret_cast<const detail::BlockQ8G*>(act.data() + act_bytes * (size_t)t);
+    }
+    detail::AlignedBuffer<uint8_t> buf;
+    if (!buf.allocate(detail::GemmScratch::bytes(n))) return detail::fail(Status::out_of_memory, "out of memory");
+    detail::GemmScratch scratch;
+    scratch.carve(buf.data, n);
+    detail::gemm_pack(k.gemm, static_cast<const uint8_t*>(weights), row_bytes, rows, n, &scratch);
+    float tile[detail::kGemmTokens * detail::kGemmRows];
+    k.gemm_tile(scratch.panel, rows_x, n_tokens, tile);
+    for (int t = 0; t < n_tokens; ++t)
+        for (int r = 0; r < rows; ++r) out[t * rows + r] = tile[t * detail::kGemmRows + r];
     return Status::ok;
 }
 

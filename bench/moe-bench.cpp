@@ -55,6 +55,7 @@ const char* kUsage =
     "  --isa ISA       force the kernels: scalar, avx2, avx512, avx512_vnni, neon, neon_dotprod\n"
     "  --profile       also print where decode time goes, per forward-pass phase\n"
     "  --prefetch B    SessionOptions::prefetch_distance (bytes; -1 default, 0 off)\n"
+    "  --gemm-min N    SessionOptions::gemm_min_tokens (0 default, -1 = row kernels only)\n"
     "  --bw GBS        skip the bandwidth measurement and use GBS (GB/s) instead\n"
     "  --bw-mib N      buffer of the bandwidth measurement (default max(1 GiB, 4 x LLC))\n"
     "  --no-prefault   do not read the weights once before the timed runs\n"
@@ -790,6 +791,7 @@ struct BenchOptions {
     std::string model;
     int threads = 0, n_prompt = 64, n_gen = 32, reps = 3;
     bool json = false, prefault = true, profile = false;
+    int gemm_min = 0;
     int prefetch = -1;
     std::string isa;
     double bw = 0;  // given GB/s; 0 = measure
@@ -934,6 +936,7 @@ int run_bench(const BenchOptions& o) {
     for (int b : o.batch) so.n_batch = std::max(so.n_batch, b);  // one pass per batched step
     so.profile = o.profile;
     so.prefetch_distance = o.prefetch;
+    so.gemm_min_tokens = o.gemm_min;
     so.predict_depth = o.predict;
     std::vector<moe::PhaseTime> phases(32), phases_before(32);
     std::vector<double> decode_phase_s(32, 0.0);
@@ -1157,6 +1160,7 @@ int main(int argc, char** argv) {
         else if (a == "-r") { if (!parse_i64(value(), 1, 1000, &v)) return fail("bad or missing value for -r"); o.reps = (int)v; }
         else if (a == "--json") o.json = true;
         else if (a == "--profile") o.profile = true;
+        else if (a == "--gemm-min") { if (!parse_i64(value(), -1, 1 << 20, &v)) return fail("bad or missing value for --gemm-min"); o.gemm_min = (int)v; }
         else if (a == "--prefetch") { if (!parse_i64(value(), -1, 1 << 20, &v)) return fail("bad or missing value for --prefetch"); o.prefetch = (int)v; }
         else if (a == "--isa") { if (!(s = value())) return fail("missing value after --isa"); o.isa = s; }
         else if (a == "--bw") { if (!parse_f64(value(), 1e-3, 1e6, &d)) return fail("bad or missing value for --bw (GB/s)"); o.bw = d; }

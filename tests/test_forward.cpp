@@ -449,8 +449,9 @@ TEST_P(ForwardQuant, MatchesOracleOnStoredWeights) {
     EXPECT_EQ(clear.argmax_agree, clear.argmax_checked) << diff_msg(clear);
     EXPECT_GE(d.argmax_agree, (kTokens * 3) / 4) << "argmax agrees on too few positions: " << diff_msg(d);
 
-    // 2. prompt in one call (the prefill path), then decode; 3 threads
+    // 2. prompt in one call (the prefill path, row kernels), then decode; 3 threads
     opt.n_threads = 3;
+    opt.gemm_min_tokens = -1;
     EngineRun pre;
     ASSERT_TRUE(run_engine(model, opt, c.tokens, kPrompt, &pre));
     RowDiff d2 = diff_vs_oracle(ref, pre.logits);
@@ -459,6 +460,14 @@ TEST_P(ForwardQuant, MatchesOracleOnStoredWeights) {
     // is expected; report the difference, bound it by the oracle tolerance.
     const double self = rel_diff(tbt.logits, pre.logits);
     EXPECT_LT(self, tc.tol) << "prefill vs token by token";
+    // 3. the same with every matrix of the prompt as panels (prefill GEMM; experts of one use too,
+    //    where the CPU has a panel kernel): the same products summed in another order.
+    opt.gemm_min_tokens = 1;
+    EngineRun panels;
+    ASSERT_TRUE(run_engine(model, opt, c.tokens, kPrompt, &panels));
+    RowDiff d3 = diff_vs_oracle(ref, panels.logits);
+    EXPECT_LT(d3.rel(), tc.tol) << "prefill through panels + decode: " << diff_msg(d3);
+    EXPECT_LT(rel_diff(pre.logits, panels.logits), tc.tol) << "panels vs row kernels";
     std::printf("[ quant    ] %-22s vs oracle: token-by-token %.2e (rms %.2e), prefill %.2e; prefill vs tbt %.2e; "
                 "argmax %d/%d; routing flips %d\n",
                 tc.name, d.rel(), d.rel_rms(), d2.rel(), self, d.argmax_agree, d.argmax_checked, flips);

@@ -169,3 +169,66 @@ TEST(ActivationQuantizers, BitExactWithScalar) {
             }
     }
 }
+
+// Prefill panels (GEMM PANELS in moe_infer.h) through moe::gemm_tile: each ISA's panel kernel
+// bit-identical to the scalar _ref tile (the same float steps, lane-wise), and the _ref tile equal
+// to the scalar row kernel of every (row, token) up to the order of the float additions (both
+// quantize the activations to the same codes and scales and form the same integer block sums).
+TEST(PanelGemm, MatchesRowKernelsAndRef) {
+    using moe::TensorType;
+    const TensorType panel_types[] = {TensorType::q4_0, TensorType::q4_1, TensorType::q5_0, TensorType::q5_1, TensorType::q8_0,
+                                      TensorType::iq4_nl, TensorType::mxfp4, TensorType::q4_k, TensorType::q5_k,
+                                      TensorType::affine3_g64, TensorType::affine4_g128};
+    std::mt19937 rng(42);
+    std::normal_distribution<float> gauss;
+    for (TensorType type : panel_types) {
+        const int blk = moe::tensor_type_block_elems(type);
+        for (int64_t n : {256, 768}) {
+            if (n % blk) continue;
+            const size_t row_bytes = (size_t)(n / blk) * (size_t)moe::tensor_type_block_bytes(type);
+            for (int rows : {1, 5, 16})
+                for (int tokens : {1, 3, 8}) {
+                    SCOPED_TRACE(std::string(moe::tensor_type_name(type)) + " n=" + std::to_string(n) + " rows=" + std::to_string(rows) +
+                                 " tokens=" + std::to_string(tokens));
+                    std::vector<float> wf((size_t)(rows * n)), x((size_t)(tokens * n)), deq((size_t)n);
+                    for (float& v : wf) v = gauss(rng);
+                    for (int t = 0; t < tokens; ++t)
+                        for (int64_t j = 0; j < n; ++j) x[(size_t)(t * n + j)] = t == 1 ? 0.f : gauss(rng) * (t == 2 ? 1e-3f : 1.f);
+                    std::vector<uint8_t> w(row_bytes * (size_t)rows);
+                    for (int r = 0; r < rows; ++r)
+                        ASSERT_EQ(moe::quantize_row(type, wf.data() + r * n, w.data() + row_bytes * (size_t)r, n), moe::Status::ok);
+                    std::vector<float> ref((size_t)(rows * tokens));
+                    ASSERT_EQ(moe::gemm_tile(type, moe::Isa::scalar, w.data(), row_bytes, rows, x.data(), tokens, n, ref.data()),
+                              moe::Status::ok) << moe::last_error();
+                    for (int r = 0; r < rows; ++r) {
+                        ASSERT_EQ(moe::dequantize_row(type, w.data() + row_bytes * (size_t)r, deq.data(), n), moe::Status::ok);
+                        for (int t = 0; t < tokens; ++t) {
+                            float row_dot = 0;
+                            ASSERT_EQ(moe::vec_dot(type, moe::Isa::scalar, w.data() + row_bytes * (size_t)r, x.data() + t * n, n, &row_dot),
+                                      moe::Status::ok);
+                            double magnitude = 0;  // sum |w_j x_j|: the scale of the float round-off
+                            for (int64_t j = 0; j < n; ++j) magnitude += std::fabs((double)deq[(size_t)j] * x[(size_t)(t * n + j)]);
+                            EXPECT_NEAR(ref[(size_t)(t * rows + r)], row_dot, 1e-5 * magnitude + 1e-6) << "row " << r << " token " << t;
+                        }
+                    }
+                    for (moe::Isa isa : {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod}) {
+                        if (!isa_available(isa)) continue;
+                        std::vector<float> got((size_t)(rows * tokens));
+                        const moe::Status st = moe::gemm_tile(type, isa, w.data(), row_bytes, rows, x.data(), tokens, n, got.data());
+                        if (st == moe::Status::unsupported) continue;  // this ISA has no panel kernel: row kernels serve
+                        ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
+                        EXPECT_EQ(0, std::memcmp(got.data(), ref.data(), got.size() * sizeof(float))) << moe::isa_name(isa);
+                    }
+                }
+        }
+    }
+    // Types without a panel form, and bad arguments.
+    std::vector<uint8_t> w(4096);
+    std::vector<float> x(256, 1.f), out(16);
+    for (TensorType type : {TensorType::q6_k, TensorType::tq3, TensorType::nvfp4, TensorType::f32})
+        EXPECT_EQ(moe::gemm_tile(type, moe::Isa::scalar, w.data(), 256, 1, x.data(), 1, 256, out.data()), moe::Status::unsupported)
+            << moe::tensor_type_name(type);
+    EXPECT_EQ(moe::gemm_tile(TensorType::q4_0, moe::Isa::scalar, w.data(), 144, 17, x.data(), 1, 256, out.data()), moe::Status::invalid_argument);
+    EXPECT_EQ(moe::gemm_tile(TensorType::q4_0, moe::Isa::scalar, w.data(), 144, 1, x.data(), 9, 256, out.data()), moe::Status::invalid_argument);
+    EXPECT_EQ(moe::gemm_tile(TensorType::q4_0, moe::Isa::scalar, w.data(), 144, 1, x.data(), 1, 250, out.data()), moe::Status::invalid_argument);
+}
