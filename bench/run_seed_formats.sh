@@ -15,7 +15,7 @@ DIR=${MODEL_DIR:-/tmp}
 for q in "$@"; do
     f="$DIR/seed_${q}.gguf"
     case "$q" in
-        q4_0|q8_0|mxfp4|nvfp4|q4_k|q6_k) no_peer= ;;
+        q4_0|q8_0|mxfp4|nvfp4|q4_k|q6_k|q4_k_m) no_peer= ;;
         *) no_peer=1 ;;  # llama.cpp cannot read our own type ids
     esac
     NO_PEER=$no_peer SYNTH=${SHAPE:-qwen3-30b-a3b}:$q${LAYERS:+:$LAYERS} bash "$ROOT/bench/run_side_by_side.sh" "$f" "$T" || echo "[seed_formats] $q failed" >&2
