@@ -49,6 +49,8 @@
        our own TQ3, TQ4 (rotated codebook) and AFFINE3/AFFINE4 (MLX affine, groups 32/64/128).
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
+       prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI; Q4_0..Q8_0, IQ4_NL,
+       MXFP4, Q4_K, Q5_K, AFFINE), SessionOptions::gemm_min_tokens.
        tokenizers: byte-level BPE ("gpt2": qwen2, llama-bpe, gpt-2, deepseek-llm pre-tokenizers...)
        and SentencePiece ("llama").
        models larger than memory: LoadOptions::mem_budget keeps the routed experts in a bounded
