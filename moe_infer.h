@@ -3826,21 +3826,14 @@ constexpr int kGemmRows = 16, kGemmTokens = 8;
 struct BlockQ8G { float d, s; uint8_t qs[kQK]; };
 static_assert(sizeof(BlockQ8G) == 40, "wrong q8_gemm block size");
 
-// ActFormat::q8_gemm: quantize_act_q8_0_ref's codes and fp16 scale, quantize_act_q8_1_ref's s.
+// ActFormat::q8_gemm: quantize_act_q8_1_ref's block (Q8_0's codes and fp16 scale, and s), re-laid.
 inline void quantize_act_q8g_ref(BlockQ8G* y, const float* x, int64_t n) {
     for (int64_t b = 0; b < n / kQK; ++b, x += kQK) {
-        float amax = 0;
-        for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
-        const float d = amax / 127.f, id = amax != 0 ? 127.f / amax : 0.f;
-        int sum = 0;
-        for (int j = 0; j < kQK; ++j) {
-            const int q = (int)std::nearbyint(x[j] * id);
-            sum += q;
-            y[b].qs[j] = (uint8_t)(q + 128);
-        }
-        y[b].d = fp16_to_f32(f32_to_fp16(d));
-        const float s = d * (float)sum;
-        y[b].s = std::fabs(s) <= 65504.f ? fp16_to_f32(f32_to_fp16(s)) : s;
+        BlockQ8_1 q;
+        quantize_act_q8_1_ref(&q, x, kQK);
+        y[b].d = fp16_to_f32(q.d);
+        y[b].s = q.s;
+        for (int j = 0; j < kQK; ++j) y[b].qs[j] = (uint8_t)(q.qs[j] + 128);
     }
 }
 // ActFormat::q8_gemm_k: quantize_row_q8k_ref's codes and scale, 8 blocks per 256.
