@@ -9413,6 +9413,7 @@ struct MatTask {
 
 struct SessionImpl {
     static constexpr int kAttBlock = 64;         // KV positions scored at once (online softmax step)
+    static constexpr int kAttTokens = 8;         // prefill tokens per attention unit (one cache read for all)
     static constexpr int kMinSplitLen = 128;     // shortest KV range worth its own thread
     static constexpr int kSerialNormTokens = 4;  // up to this many tokens one thread norms them (no barrier)
     static constexpr int kDownRows = 64;         // down-projection rows per expert stream before the weighted sum
@@ -9597,7 +9598,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
         return fail(Status::out_of_memory, "cannot allocate the KV cache for n_ctx %d (%.1f MiB)", n_ctx,
                     (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim) / (1 << 20));
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
-    a.att_scratch_stride = (size_t)((group * (kAttBlock + hd + 2) + 15) / 16 * 16);
+    a.att_scratch_stride = (size_t)((kAttTokens * group * (kAttBlock + hd + 2) + 15) / 16 * 16);
     a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, kGemmRows * B) * (size_t)slots;
     a.hidden_q_stride = (size_t)plan->max_ff * 4;  // f32, and every quantized format's row (+ one block)
     for (int f = 1; f < kActFormatCount; ++f) {
@@ -9961,67 +9962,92 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
     }
 }
 
-// Causal GQA attention. A unit is (token, KV head, head subgroup, KV split): it scores each cached
+// Causal GQA attention. A unit is (tokens, KV head, head subgroup, KV split): it scores each cached
 // key once for all query heads of its subgroup, with an online softmax over blocks of kAttBlock
-// positions. Subgroups and splits exist only when there are fewer (token, KV head) pairs than threads.
+// positions. Subgroups and splits exist only when there are fewer (token, KV head) pairs than
+// threads. In a chunk of one sequence without splits a unit takes kAttTokens consecutive tokens,
+// which share their cache: each key and value row is read once for all of them (prefill would
+// otherwise stream the cache from L2/L3 once per token). Each token's arithmetic is the same as
+// when it is alone in its unit.
 inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) {
     const int hd = hp->head_dim, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
     const int64_t q_dim = plan->q_dim, kv_dim = plan->kv_dim;
     const float scale = 1.f / std::sqrt((float)hd);
-    float* sc = a.att_scratch.data + (size_t)ith * a.att_scratch_stride;  // (group, kAttBlock)
-    float* acc = sc + group * kAttBlock;                                    // (group, hd)
-    float* mx = acc + group * hd;                                           // (group)
-    float* sum = mx + group;                                                // (group)
-    const int64_t units = (int64_t)c.n * n_kv * G * S;
+    const int T = c.seq_kv || S > 1 ? 1 : kAttTokens;
+    float* sc = a.att_scratch.data + (size_t)ith * a.att_scratch_stride;  // (T, group, kAttBlock)
+    float* acc = sc + T * group * kAttBlock;                                // (T, group, hd)
+    float* mx = acc + T * group * hd;                                       // (T, group)
+    float* sum = mx + T * group;                                            // (T, group)
+    const int64_t units = ((int64_t)c.n + T - 1) / T * n_kv * G * S;
     for (;;) {
         const int64_t u = pool.grab(1);
         if (u >= units) break;
-        const int32_t t = (int32_t)(u / ((int64_t)n_kv * G * S));
+        const int32_t t0 = (int32_t)(u / ((int64_t)n_kv * G * S)) * T, nt = std::min<int32_t>(T, c.n - t0);
         const int kvh = (int)(u / ((int64_t)G * S) % n_kv), sub = (int)(u / S % G), split = (int)(u % S);
-        const KvCache& cache = kv_of(c, t);
+        const KvCache& cache = kv_of(c, t0);  // shared by the unit's tokens (T > 1 only without seq_kv)
         const float* kl = cache.k.data + cache.offset(il, 0);
         const float* vl = cache.v.data + cache.offset(il, 0);
-        const int32_t len = pos_of(c, t) + 1;
-        const int32_t j0 = (int32_t)((int64_t)len * split / S), j1 = (int32_t)((int64_t)len * (split + 1) / S);
+        int32_t j0 = 0, j1[kAttTokens];  // with T > 1 there are no splits: every token starts at 0
+        for (int k = 0; k < nt; ++k) {
+            const int32_t len = pos_of(c, t0 + k) + 1;
+            j0 = (int32_t)((int64_t)len * split / S);
+            j1[k] = (int32_t)((int64_t)len * (split + 1) / S);
+        }
+        const int32_t j_end = j1[nt - 1];  // positions grow with t
         const int h0 = kvh * group + sub * gsize;  // first query head of the unit
-        const float* qg = a.q.data + t * q_dim + (int64_t)h0 * hd;
-        for (int g = 0; g < gsize; ++g) { mx[g] = -INFINITY; sum[g] = 0; }
-        std::fill(acc, acc + gsize * hd, 0.f);
-        for (int32_t jb = j0; jb < j1; jb += kAttBlock) {
-            const int nb = std::min<int32_t>(kAttBlock, j1 - jb);
-            for (int jj = 0; jj < nb; ++jj) {
+        for (int k = 0; k < nt; ++k)
+            for (int g = 0; g < gsize; ++g) { mx[k * group + g] = -INFINITY; sum[k * group + g] = 0; }
+        std::fill(acc, acc + (size_t)T * group * hd, 0.f);
+        for (int32_t jb = j0; jb < j_end; jb += kAttBlock) {
+            const int nb_max = std::min<int32_t>(kAttBlock, j_end - jb);
+            for (int jj = 0; jj < nb_max; ++jj) {
                 const float* kj = kl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
-                for (int g = 0; g < gsize; ++g) sc[g * kAttBlock + jj] = dot_f32(qg + g * hd, kj, hd) * scale;
+                for (int k = 0; k < nt; ++k) {
+                    if (jb + jj >= j1[k]) continue;
+                    const float* qg = a.q.data + (t0 + k) * q_dim + (int64_t)h0 * hd;
+                    for (int g = 0; g < gsize; ++g) sc[(k * group + g) * kAttBlock + jj] = dot_f32(qg + g * hd, kj, hd) * scale;
+                }
             }
-            for (int g = 0; g < gsize; ++g) {
-                float* s = sc + g * kAttBlock;
-                const float m_new = std::max(mx[g], *std::max_element(s, s + nb));
-                const float corr = std::exp(mx[g] - m_new);
-                float add = 0;
-                for (int jj = 0; jj < nb; ++jj) { s[jj] = std::exp(s[jj] - m_new); add += s[jj]; }
-                sum[g] = sum[g] * corr + add;
-                mx[g] = m_new;
-                if (corr != 1.f) for (int i = 0; i < hd; ++i) acc[g * hd + i] *= corr;
-            }
-            for (int jj = 0; jj < nb; ++jj) {
-                const float* __restrict vj = vl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
+            for (int k = 0; k < nt; ++k) {
+                const int nb = std::min<int32_t>(kAttBlock, j1[k] - jb);
+                if (nb <= 0) continue;
                 for (int g = 0; g < gsize; ++g) {
-                    float* __restrict acc_g = acc + g * hd;
-                    const float p = sc[g * kAttBlock + jj];
-                    for (int i = 0; i < hd; ++i) acc_g[i] += p * vj[i];
+                    const int kg = k * group + g;
+                    float* s = sc + kg * kAttBlock;
+                    const float m_new = std::max(mx[kg], *std::max_element(s, s + nb));
+                    const float corr = std::exp(mx[kg] - m_new);
+                    float add = 0;
+                    for (int jj = 0; jj < nb; ++jj) { s[jj] = std::exp(s[jj] - m_new); add += s[jj]; }
+                    sum[kg] = sum[kg] * corr + add;
+                    mx[kg] = m_new;
+                    if (corr != 1.f) for (int i = 0; i < hd; ++i) acc[kg * hd + i] *= corr;
+                }
+            }
+            for (int jj = 0; jj < nb_max; ++jj) {
+                const float* __restrict vj = vl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
+                for (int k = 0; k < nt; ++k) {
+                    if (jb + jj >= j1[k]) continue;
+                    for (int g = 0; g < gsize; ++g) {
+                        float* __restrict acc_g = acc + (k * group + g) * hd;
+                        const float p = sc[(k * group + g) * kAttBlock + jj];
+                        for (int i = 0; i < hd; ++i) acc_g[i] += p * vj[i];
+                    }
                 }
             }
         }
-        for (int g = 0; g < gsize; ++g) {
-            const int h = h0 + g;
-            if (S == 1) {
-                float* o = a.att_out.data + t * q_dim + (int64_t)h * hd;
-                const float inv = 1.f / sum[g];
-                for (int i = 0; i < hd; ++i) o[i] = acc[g * hd + i] * inv;
-            } else {
-                float* p = a.att_part.data + (((size_t)t * hp->n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hd + 2);
-                p[0] = mx[g]; p[1] = sum[g];
-                std::memcpy(p + 2, acc + g * hd, (size_t)hd * 4);
+        for (int k = 0; k < nt; ++k) {
+            const int32_t t = t0 + k;
+            for (int g = 0; g < gsize; ++g) {
+                const int h = h0 + g, kg = k * group + g;
+                if (S == 1) {
+                    float* o = a.att_out.data + t * q_dim + (int64_t)h * hd;
+                    const float inv = 1.f / sum[kg];
+                    for (int i = 0; i < hd; ++i) o[i] = acc[kg * hd + i] * inv;
+                } else {
+                    float* p = a.att_part.data + (((size_t)t * hp->n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hd + 2);
+                    p[0] = mx[kg]; p[1] = sum[kg];
+                    std::memcpy(p + 2, acc + kg * hd, (size_t)hd * 4);
+                }
             }
         }
     }
