@@ -299,6 +299,9 @@ MOE_API Status force_isa(Isa isa);
 // One weight row (`n` elements of `type`) dotted with float activations `x`, through the kernel of
 // `isa` (x is first quantized to the type's activation format, as the forward pass does). For tests.
 MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out);
+// The scalar _ref twin of the kernel vec_dot(type, isa) runs for rows of n elements: the same
+// activation format (some ISAs' kernels read another one than the type's own), scalar code. For tests.
+MOE_API Status vec_dot_ref(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out);
 // The prefill panel kernel of `isa` (Isa::scalar: its _ref) on `rows` (1..16) weight rows of `n`
 // elements, `row_bytes` apart, and `n_tokens` (1..8) float rows of x (n apart, quantized as the
 // panels' activations): out[t * rows + r] = row r . x row t. Status::unsupported where the type or
@@ -1238,8 +1241,10 @@ inline bool gguf_is_signed(GgufValueType t) {
 // q8_0_rot: Q8_0 of the activation rotated per 128 (TQ3/TQ4).
 // q8_gemm / q8_gemm_k: the panel kernels' activations (GEMM PANELS) with the codes and scales of
 // q8_0 and q8_1 / of q8_k, used for chunks of many tokens.
-enum class ActFormat { f32, q8_0, q8_k, q8_1, q8_0_rot, q8_gemm, q8_gemm_k };  // what a weight type's kernels dot against
-constexpr int kActFormatCount = 7;
+// q8_0_split: Q8_0 re-laid per 4 blocks in the nibble order of 4-bit blocks (the AVX-512 VNNI
+// kernels of Q4_0 and its kin: no shuffles to put nibbles in element order).
+enum class ActFormat { f32, q8_0, q8_k, q8_1, q8_0_rot, q8_gemm, q8_gemm_k, q8_0_split };  // what a weight type's kernels dot against
+constexpr int kActFormatCount = 8;  // at most 8: sets of formats are uint8_t bit sets
 constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 
 typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
@@ -1791,6 +1796,12 @@ constexpr int kQKK = 256;  // elements per K-quant super-block
 // Q8_0: x = d * q, q in [-127, 127]. 8.5 bits per weight.
 struct BlockQ8_0 { uint16_t d; int8_t qs[kQK]; };
 static_assert(sizeof(BlockQ8_0) == 34, "wrong q8_0 block size");
+// ActFormat::q8_0_split: four Q8_0 blocks k = 0..3 (128 elements) as lo[16k + j] = element j and
+// hi[16k + j] = element j + 16 of block k - the order in which a 4-bit block's 16 bytes hold low and
+// high nibbles - with each block's scale (as float) and minus its code sum, at 32-bit lane 4k
+// (d in lanes 4k..4k+3; neg_sum in lane 4k, zeros beside it): the layout of one 512-bit register.
+struct BlockQ8Split { int8_t lo[64]; int8_t hi[64]; float d[16]; int32_t neg_sum[16]; };
+static_assert(sizeof(BlockQ8Split) == 256, "wrong q8_0_split block size");
 // Q4_0: x = d * (q - 8), q in [0, 15]; byte j: element j (low nibble), j + 16 (high). 4.5 bpw.
 struct BlockQ4_0 { uint16_t d; uint8_t qs[kQK / 2]; };
 static_assert(sizeof(BlockQ4_0) == 18, "wrong q4_0 block size");
@@ -3561,6 +3572,37 @@ inline float vec_dot_q8_0_q8_0_ref(const BlockQ8_0* w, const BlockQ8_0* x, int64
 inline float vec_dot_q4_0_q8_0_ref(const BlockQ4_0* w, const BlockQ8_0* x, int64_t n) {
     return vec_dot_sym32_q8_0_ref<BlockQ4_0, q4_0_value>(w, x, n);
 }
+// 4-bit blocks in Q4_0's nibble order (Q4_0, IQ4_NL, MXFP4) against q8_0_split activations (n a
+// multiple of 128): the block sums and scale products of their q8_0 kernels. The code u of nibble c
+// is value(c) + kOffset, unsigned as vpdpbusd wants it; the offset comes off through the stored sums.
+template <typename Block, int kOffset, int (*Value)(int), float (*Scale)(const Block&)>
+inline float vec_dot_nib4_q8_split_ref(const Block* w, const BlockQ8Split* x, int64_t n) {
+    float sum = 0;
+    for (int64_t g = 0; g < n / 128; ++g)
+        for (int k = 0; k < 4; ++k) {
+            const Block& b = w[4 * g + k];
+            int isum = 0;
+            for (int i = 0; i < 4; ++i) isum += kOffset * x[g].neg_sum[4 * k + i];
+            for (int j = 0; j < 16; ++j)
+                isum += (Value(b.qs[j] & 15) + kOffset) * x[g].lo[16 * k + j] + (Value(b.qs[j] >> 4) + kOffset) * x[g].hi[16 * k + j];
+            sum += Scale(b) * x[g].d[4 * k] * (float)isum;
+        }
+    return sum;
+}
+inline int q4_0_code_value(int c) { return c - 8; }
+inline int iq4nl_code_value(int c) { return kIq4Values[c]; }
+inline int mxfp4_code_value(int c) { return kFp4Values[c]; }
+template <typename Block> inline float fp16_block_scale(const Block& b) { return fp16_to_f32(b.d); }
+inline float mxfp4_block_scale(const BlockMXFP4& b) { return e8m0_half(b.e); }
+inline float vec_dot_q4_0_q8_split_ref(const BlockQ4_0* w, const BlockQ8Split* x, int64_t n) {
+    return vec_dot_nib4_q8_split_ref<BlockQ4_0, 8, q4_0_code_value, fp16_block_scale<BlockQ4_0>>(w, x, n);
+}
+inline float vec_dot_iq4nl_q8_split_ref(const BlockIQ4NL* w, const BlockQ8Split* x, int64_t n) {
+    return vec_dot_nib4_q8_split_ref<BlockIQ4NL, 128, iq4nl_code_value, fp16_block_scale<BlockIQ4NL>>(w, x, n);
+}
+inline float vec_dot_mxfp4_q8_split_ref(const BlockMXFP4* w, const BlockQ8Split* x, int64_t n) {
+    return vec_dot_nib4_q8_split_ref<BlockMXFP4, 128, mxfp4_code_value, mxfp4_block_scale>(w, x, n);
+}
 template <typename Block>
 inline float vec_dot_q45k_q8k_ref(const Block* w, const BlockQ8K* x, int64_t n) {
     float sum = 0;
@@ -3753,6 +3795,30 @@ inline void quantize_act_q8_1_ref(BlockQ8_1* y, const float* x, int64_t n) {
         y[b].pad[0] = y[b].pad[1] = 0;
     }
 }
+// ActFormat::q8_0_split from a Q8_0 quantizer's blocks (the _ref's or a bit-exact SIMD one), re-laid.
+// Lane 4k + i of neg_sum is minus the codes that lane's vpdpbusd pair multiplies (lo and hi bytes
+// 4i..4i+3 of block k), so each 32-bit lane of a kernel holds a true partial sum of its block.
+template <void (*QuantizeQ8_0)(BlockQ8_0*, const float*, int64_t)>
+inline void quantize_act_q8_split(BlockQ8Split* y, const float* x, int64_t n) {
+    for (int64_t g = 0; g < n / 128; ++g, x += 128) {
+        BlockQ8_0 q[4];
+        QuantizeQ8_0(q, x, 128);
+        for (int k = 0; k < 4; ++k) {
+            for (int j = 0; j < 16; ++j) {
+                y[g].lo[16 * k + j] = q[k].qs[j];
+                y[g].hi[16 * k + j] = q[k].qs[j + 16];
+            }
+            for (int i = 0; i < 4; ++i) {
+                int sum = 0;
+                for (int j = 4 * i; j < 4 * i + 4; ++j) sum += q[k].qs[j] + q[k].qs[j + 16];
+                y[g].neg_sum[4 * k + i] = -sum;
+                y[g].d[4 * k + i] = fp16_to_f32(q[k].d);
+            }
+        }
+    }
+}
+inline void quantize_act_q8_split_ref(BlockQ8Split* y, const float* x, int64_t n) { quantize_act_q8_split<quantize_act_q8_0_ref>(y, x, n); }
+
 // TQ3/TQ4's activations: R x per 128 (the weights' rotation), then Q8_0.
 inline void quantize_act_q8_0_rot_ref(BlockQ8Rot* y, const float* x, int64_t n) {
     float r[kQTQ];
@@ -4943,6 +5009,7 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_q4_0_q8_0_avx512vnni(const BlockQ4_0*
 }
 #undef MOE_DETAIL_Q8_0_PAIRS_LOOP
 
+
 // Q4_K with 512-bit registers: chunk c (32 bytes) is broadcast to both halves and the upper half
 // shifted right by 4, so one register holds sub-blocks 2c and 2c+1 in the activation's order.
 MOE_DETAIL_AVX512 inline __m512i q4k_chunk_avx512(const uint8_t* qs) {
@@ -5171,6 +5238,76 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_mxfp4_q8_0_avx512vnni(const BlockMXFP
     float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     if (b < nb) sum += vec_dot_mxfp4_q8_0_avx2(w + b, x + b, (nb - b) * kQK);
     return sum;
+}
+
+// 4-bit blocks x q8_0_split, four blocks per step: the blocks' 16-byte code runs side by side in
+// one register, low nibbles against lo and high nibbles against hi (one vpdpbusd each, no
+// shuffles to element order), the offset as offset x the stored negated code sums (the
+// accumulator's start: a shift), the scales per lane. Codebook types look their nibbles up in a
+// table of value + 128.
+template <typename Block>
+MOE_DETAIL_AVX512 inline __m512i nib4_codes4_avx512(const Block* w) {
+    __m512i q = _mm512_zextsi128_si512(loadu_128(w[0].qs));
+    q = _mm512_inserti32x4(q, loadu_128(w[1].qs), 1);
+    q = _mm512_inserti32x4(q, loadu_128(w[2].qs), 2);
+    return _mm512_inserti32x4(q, loadu_128(w[3].qs), 3);
+}
+// The scales of four consecutive blocks, each in four lanes. fp16 d at the block start (Q4_0,
+// IQ4_NL: one 64-byte load reaches the fourth at bytes 54-55); MXFP4's E8M0 bytes at 0, 17, 34, 51
+// come from the words holding them (8 and 25 in their high bytes).
+template <typename Block>
+MOE_DETAIL_AVX512 inline __m512 nib4_scales4_avx512(const Block* w) {
+    constexpr short s = (short)(sizeof(Block) / 2);
+    static_assert(3 * sizeof(Block) + 2 <= 64 && sizeof(Block) % 2 == 0, "fp16 scales of 4 blocks within 64 bytes");
+    const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3 * s, 3 * s, 3 * s, 3 * s, 2 * s, 2 * s, 2 * s,
+                                         2 * s, s, s, s, s, 0, 0, 0, 0);
+    return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx, loadu_512(w))));
+}
+template <>
+MOE_DETAIL_AVX512 inline __m512 nib4_scales4_avx512<BlockMXFP4>(const BlockMXFP4* w) {
+    const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 25, 25, 25, 25, 17, 17, 17, 17, 8, 8, 8, 8, 0, 0, 0, 0);
+    const __m512i shift = _mm512_set_epi32(8, 8, 8, 8, 0, 0, 0, 0, 8, 8, 8, 8, 0, 0, 0, 0);
+    const __m512i words = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx, loadu_512(w))));
+    const __m512i e = _mm512_and_si512(_mm512_srlv_epi32(words, shift), _mm512_set1_epi32(0xFF));
+    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    const __m512i subnormal = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), normal, subnormal));
+}
+template <typename Block, int kOffsetShift>
+MOE_DETAIL_AVX512VNNI inline __m512 nib4_split_group_avx512vnni(const Block* w, const BlockQ8Split& x, __m512i table, __m512 acc) {
+    const __m512i q = nib4_codes4_avx512(w), m4 = _mm512_set1_epi8(0x0F);
+    __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+    if constexpr (kOffsetShift == 7) {
+        lo = _mm512_shuffle_epi8(table, lo);
+        hi = _mm512_shuffle_epi8(table, hi);
+    }
+    __m512i s = _mm512_slli_epi32(loadu_512(x.neg_sum), kOffsetShift);
+    s = _mm512_dpbusd_epi32(s, lo, loadu_512(x.lo));
+    s = _mm512_dpbusd_epi32(s, hi, loadu_512(x.hi));
+    return _mm512_fmadd_ps(_mm512_mul_ps(nib4_scales4_avx512(w), _mm512_loadu_ps(x.d)), _mm512_cvtepi32_ps(s), acc);
+}
+template <typename Block, int kOffsetShift, const int8_t* kTable>
+MOE_DETAIL_AVX512VNNI inline float vec_dot_nib4_q8_split_avx512vnni(const Block* w, const BlockQ8Split* x, int64_t n) {
+    __m512i table = _mm512_setzero_si512();
+    if constexpr (kOffsetShift == 7) table = offset_table_avx512(kTable);
+    const int64_t ng = n / 128;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= ng; g += 2) {
+        acc0 = nib4_split_group_avx512vnni<Block, kOffsetShift>(w + 4 * g, x[g], table, acc0);
+        acc1 = nib4_split_group_avx512vnni<Block, kOffsetShift>(w + 4 * g + 4, x[g + 1], table, acc1);
+    }
+    if (g < ng) acc0 = nib4_split_group_avx512vnni<Block, kOffsetShift>(w + 4 * g, x[g], table, acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+MOE_DETAIL_AVX512VNNI inline float vec_dot_q4_0_q8_split_avx512vnni(const BlockQ4_0* w, const BlockQ8Split* x, int64_t n) {
+    return vec_dot_nib4_q8_split_avx512vnni<BlockQ4_0, 3, nullptr>(w, x, n);
+}
+MOE_DETAIL_AVX512VNNI inline float vec_dot_iq4nl_q8_split_avx512vnni(const BlockIQ4NL* w, const BlockQ8Split* x, int64_t n) {
+    return vec_dot_nib4_q8_split_avx512vnni<BlockIQ4NL, 7, kIq4Values>(w, x, n);
+}
+MOE_DETAIL_AVX512VNNI inline float vec_dot_mxfp4_q8_split_avx512vnni(const BlockMXFP4* w, const BlockQ8Split* x, int64_t n) {
+    return vec_dot_nib4_q8_split_avx512vnni<BlockMXFP4, 7, kFp4Values>(w, x, n);
 }
 
 // NVFP4: one block (four sub-blocks of 16) per register. Sub-block s's 8 code bytes go to lane s
@@ -6249,11 +6386,37 @@ inline const ActType& act_type(ActFormat f) {
         {ActFormat::q8_gemm, kQK, sizeof(BlockQ8G), {erase_quantize<quantize_act_q8g_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
         {ActFormat::q8_gemm_k, kQKK, (int)sizeof(BlockQ8G) * (kQKK / kQK),
          {erase_quantize<quantize_act_q8gk_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
+        {ActFormat::q8_0_split, 128, sizeof(BlockQ8Split),
+         {erase_quantize<quantize_act_q8_split_ref>, MOE_DETAIL_IF_AVX2(erase_quantize<quantize_act_q8_split<quantize_act_q8_0_avx2>>), nullptr,
+          nullptr, nullptr, nullptr}},
     };
     return table[(int)f];
 }
 
 inline size_t act_row_bytes(ActFormat f, int64_t n) { return (size_t)(n / act_type(f).block_elems) * (size_t)act_type(f).block_bytes; }
+
+// Row kernels of one ISA that read another activation format than their type's row (the format's
+// block must divide the row length): {type, isa, format, kernel, its scalar _ref twin}. Bound by
+// row_kernel().
+struct AltRowKernel {
+    TensorType type;
+    Isa isa;
+    ActFormat act;
+    VecDotFn dot, ref;
+};
+inline const std::vector<AltRowKernel>& alt_row_kernels() {
+    static const std::vector<AltRowKernel> table = {
+#if MOE_DETAIL_HAS_AVX512
+        {TensorType::q4_0, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_q4_0_q8_split_avx512vnni>,
+         erase_dot<vec_dot_q4_0_q8_split_ref>},
+        {TensorType::iq4_nl, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_iq4nl_q8_split_avx512vnni>,
+         erase_dot<vec_dot_iq4nl_q8_split_ref>},
+        {TensorType::mxfp4, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_mxfp4_q8_split_avx512vnni>,
+         erase_dot<vec_dot_mxfp4_q8_split_ref>},
+#endif
+    };
+    return table;
+}
 
 #undef MOE_DETAIL_DOTS
 #undef MOE_DETAIL_IF_AVX2
@@ -6346,8 +6509,18 @@ inline void set_panel_form(const QuantType& t, GemmTileFn tile, RowKernel* k) {
     k->gemm_tile = tile;
     k->gemm_act = t.act == ActFormat::q8_k ? ActFormat::q8_gemm_k : ActFormat::q8_gemm;
 }
-inline RowKernel row_kernel(const QuantType& t, Isa isa) {
+inline const AltRowKernel* alt_row_kernel(const QuantType& t, Isa isa, int64_t cols) {
+    for (const AltRowKernel& alt : alt_row_kernels())
+        if (alt.type == t.type && alt.isa == isa && cols % act_type(alt.act).block_elems == 0) return &alt;
+    return nullptr;
+}
+// The kernel for rows of `cols` elements of type t on `isa`.
+inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
     RowKernel k{t.act, pick_for_isa(t.dot, isa), {}, nullptr, ActFormat::q8_gemm};
+    if (const AltRowKernel* alt = alt_row_kernel(t, isa, cols)) {
+        k.act = alt->act;
+        k.vec_dot = alt->dot;
+    }
     set_panel_form(t, gemm_tile_kernel(isa), &k);
     return k;
 }
@@ -6394,12 +6567,25 @@ MOE_API Status quantize_activations(TensorType weight_type, Isa isa, const float
 MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out) {
     const detail::QuantType* tt = detail::quant_type((uint32_t)type);
     if (!tt || !weights || !x || !out || n <= 0) return detail::fail(Status::invalid_argument, "vec_dot: bad arguments");
-    const detail::RowKernel k = detail::row_kernel(*tt, isa);
+    const detail::RowKernel k = detail::row_kernel(*tt, isa, n);
     if (n % tt->block_elems || n % detail::act_type(k.act).block_elems)
         return detail::fail(Status::invalid_argument, "vec_dot: n is not a multiple of the block size");
     std::vector<uint8_t> act(detail::act_row_bytes(k.act, n) + 64);
     detail::quantize_act_with(k.act, Isa::scalar, act.data(), x, n);
     *out = k.vec_dot(weights, act.data(), n);
+    return Status::ok;
+}
+
+MOE_API Status vec_dot_ref(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
+    if (!tt || !weights || !x || !out || n <= 0) return detail::fail(Status::invalid_argument, "vec_dot_ref: bad arguments");
+    const detail::AltRowKernel* alt = detail::alt_row_kernel(*tt, isa, n);
+    const detail::ActFormat f = alt ? alt->act : tt->act;
+    if (n % tt->block_elems || n % detail::act_type(f).block_elems)
+        return detail::fail(Status::invalid_argument, "vec_dot_ref: n is not a multiple of the block size");
+    std::vector<uint8_t> act(detail::act_row_bytes(f, n) + 64);
+    detail::quantize_act_with(f, Isa::scalar, act.data(), x, n);
+    *out = (alt ? alt->ref : tt->dot[0])(weights, act.data(), n);
     return Status::ok;
 }
 
@@ -6409,7 +6595,7 @@ MOE_API Status gemm_tile(TensorType type, Isa isa, const void* weights, size_t r
     if (!tt || !weights || !x || !out || n <= 0 || rows < 1 || rows > detail::kGemmRows || n_tokens < 1 || n_tokens > detail::kGemmTokens)
         return detail::fail(Status::invalid_argument, "gemm_tile: bad arguments");
     if (n % tt->block_elems) return detail::fail(Status::invalid_argument, "gemm_tile: n is not a multiple of the block size");
-    detail::RowKernel k = detail::row_kernel(*tt, isa);
+    detail::RowKernel k = detail::row_kernel(*tt, isa, n);
     if (isa == Isa::scalar) detail::set_panel_form(*tt, detail::gemm_tile_ref, &k);  // the _ref tile: any CPU
     if (!k.has_gemm()) return detail::fail(Status::unsupported, "gemm_tile: no panel kernel for %s on %s", tt->name, isa_name(isa));
     if (n % detail::act_type(k.gemm_act).block_elems) return detail::fail(Status::invalid_argument, "gemm_tile: bad n");
@@ -8325,7 +8511,7 @@ struct Loader {
         out->n_mats = t->ne[2];
         out->row_bytes = (size_t)(t->ne[0] / tt->block_elems * tt->block_bytes);
         out->mat_bytes = out->row_bytes * (size_t)t->ne[1];
-        out->kernel = row_kernel(*tt, active_isa());
+        out->kernel = row_kernel(*tt, active_isa(), t->ne[0]);
         out->kernel_f32 = row_kernel_f32(*tt);
         // A second-level output scale (NVFP4 from ModelOpt, or moe-quantize's): {1} or one per matrix.
         const size_t dot = name.rfind(".weight");
@@ -9488,7 +9674,7 @@ struct SessionImpl {
     // The panel formats of an input quantized to `base` (what its row kernels read), for this chunk.
     uint8_t gemm_fmts(uint8_t base) const {
         if (!gemm_chunk) return 0;
-        return (uint8_t)((base & (fmt_bit(ActFormat::q8_0) | fmt_bit(ActFormat::q8_1)) ? fmt_bit(ActFormat::q8_gemm) : 0) |
+        return (uint8_t)((base & (fmt_bit(ActFormat::q8_0) | fmt_bit(ActFormat::q8_1) | fmt_bit(ActFormat::q8_0_split)) ? fmt_bit(ActFormat::q8_gemm) : 0) |
                          (base & fmt_bit(ActFormat::q8_k) ? fmt_bit(ActFormat::q8_gemm_k) : 0));
     }
     void observe(int il, MatInput what, int32_t n, int ith, int nth);
@@ -9619,7 +9805,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     if (!ok) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
     a.rope_inv_freq.resize((size_t)(hp->n_rot / 2));
     for (int i = 0; i < hp->n_rot / 2; ++i) a.rope_inv_freq[(size_t)i] = std::pow(hp->rope_freq_base, -2.f * (float)i / (float)hp->n_rot);
-    dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa()).vec_dot;
+    dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
     gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
                       : o.gemm_min_tokens == 0 ? kDefaultGemmMinTokens : o.gemm_min_tokens;
     if (gemm_min_tokens > 0 && n_batch >= gemm_min_tokens) {

@@ -42,11 +42,11 @@ int main(int argc, char** argv) {
         const int64_t rows = (16 << 20) / row_bytes;
         const std::vector<uint8_t> w = kernel_cases::make_weights(t, rows * cols, kernel_cases::WeightKind::random_bytes, rng);
         const std::vector<float> x = kernel_cases::make_activations(cols, kernel_cases::ActKind::gaussian, rng);
-        std::vector<uint8_t> act(act_row_bytes(qt->act, cols) + 64);
-        quantize_act_with(qt->act, moe::Isa::scalar, act.data(), x.data(), cols);
         std::printf("| %s |", qt->name);
         for (moe::Isa isa : isas) {
-            const RowKernel k = row_kernel(*qt, isa);
+            const RowKernel k = row_kernel(*qt, isa, cols);  // the activation format may differ per ISA
+            std::vector<uint8_t> act(act_row_bytes(k.act, cols) + 64);
+            quantize_act_with(k.act, moe::Isa::scalar, act.data(), x.data(), cols);
             double best = 1e30;
             volatile float sink = 0;
             for (int rep = 0; rep < 7; ++rep) {

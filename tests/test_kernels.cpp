@@ -63,9 +63,13 @@ TEST_P(KernelVsRef, MatchesScalarWithinRoundoff) {
             std::memcpy(base, w.data(), w.size());
             for (int ak = 0; ak < (int)ActKind::count; ++ak) {
                 const std::vector<float> x = make_activations(n, (ActKind)ak, rng);
-                float ref = 0, simd = 0;
+                float ref = 0, simd = 0, twin = 0;
                 ASSERT_EQ(moe::vec_dot(t, moe::Isa::scalar, base, x.data(), n, &ref), moe::Status::ok);
                 ASSERT_EQ(moe::vec_dot(t, isa, base, x.data(), n, &simd), moe::Status::ok);
+                // The SIMD kernel's own _ref twin: where it reads another activation layout (Q4_0-like
+                // types on VNNI), the twin forms the same block sums and float products as the type's
+                // q8_0 _ref, so it must equal it bit for bit.
+                ASSERT_EQ(moe::vec_dot_ref(t, isa, base, x.data(), n, &twin), moe::Status::ok);
                 const Oracle o = oracle(t, base, x, n);
                 ASSERT_TRUE(o.ok);
                 const int64_t terms = float_terms(t, n);
@@ -74,6 +78,7 @@ TEST_P(KernelVsRef, MatchesScalarWithinRoundoff) {
                                          " weights=" + kWeightKindNames[wk] + " x=" + kActKindNames[ak];
                 ASSERT_TRUE(std::isfinite(ref)) << what;
                 EXPECT_LE(std::fabs((double)simd - (double)ref), tol) << what << ": scalar " << ref << " simd " << simd << " M " << o.magnitude;
+                EXPECT_EQ(twin, ref) << what << ": the kernel's _ref twin differs from the type's _ref";
                 EXPECT_LE(std::fabs((double)ref - o.exact), tol + o.exact_slack) << what << ": scalar " << ref << " exact " << o.exact;
                 if (is_float_type(t)) {  // long float rows: SIMD partial sums add at most T/8 terms each
                     const double tol_exact = ((double)terms / 8 + kPerTermSlack) * kUnitRoundoff * o.magnitude;
@@ -101,27 +106,28 @@ INSTANTIATE_TEST_SUITE_P(AllTypesAllIsas, KernelVsRef, testing::ValuesIn(all_cas
 // with a 127 in every block).
 TEST(Kernels, ExactOnSmallIntegers) {
     const moe::TensorType types[] = {moe::TensorType::f32, moe::TensorType::f16, moe::TensorType::bf16, moe::TensorType::q8_0, moe::TensorType::q4_0};
-    const int64_t n = 32 * 9;
-    for (moe::TensorType t : types) {
-        std::vector<float> wf((size_t)n), x((size_t)n);
-        for (int64_t i = 0; i < n; ++i) {
-            const int j = (int)(i % 32);
-            if (t == moe::TensorType::q4_0) wf[(size_t)i] = j == 0 ? -8.f : (float)((int)((i * 7) % 15) - 7);
-            else wf[(size_t)i] = j == 0 ? 127.f : (float)((int)((i * 37) % 255) - 127);
-            x[(size_t)i] = j == 0 ? 127.f : (float)((int)((i * 11) % 255) - 127);
-        }
-        std::vector<uint8_t> w((size_t)(n / moe::tensor_type_block_elems(t) * moe::tensor_type_block_bytes(t)));
-        ASSERT_EQ(moe::quantize_row(t, wf.data(), w.data(), n), moe::Status::ok);
-        double exact = 0;
-        for (int64_t i = 0; i < n; ++i) exact += (double)wf[(size_t)i] * (double)x[(size_t)i];
-        float ref = 0;
-        ASSERT_EQ(moe::vec_dot(t, moe::Isa::scalar, w.data(), x.data(), n, &ref), moe::Status::ok);
-        EXPECT_EQ((double)ref, exact) << moe::tensor_type_name(t);
-        for (moe::Isa isa : kSimdIsas) {
-            if (!isa_available(isa)) continue;
-            float simd = 0;
-            ASSERT_EQ(moe::vec_dot(t, isa, w.data(), x.data(), n, &simd), moe::Status::ok);
-            EXPECT_EQ(simd, ref) << moe::tensor_type_name(t) << " " << moe::isa_name(isa);
+    for (int64_t n : {32 * 9, 32 * 12}) {  // 12 blocks: whole groups of 4 (the q8_0_split kernels)
+        for (moe::TensorType t : types) {
+            std::vector<float> wf((size_t)n), x((size_t)n);
+            for (int64_t i = 0; i < n; ++i) {
+                const int j = (int)(i % 32);
+                if (t == moe::TensorType::q4_0) wf[(size_t)i] = j == 0 ? -8.f : (float)((int)((i * 7) % 15) - 7);
+                else wf[(size_t)i] = j == 0 ? 127.f : (float)((int)((i * 37) % 255) - 127);
+                x[(size_t)i] = j == 0 ? 127.f : (float)((int)((i * 11) % 255) - 127);
+            }
+            std::vector<uint8_t> w((size_t)(n / moe::tensor_type_block_elems(t) * moe::tensor_type_block_bytes(t)));
+            ASSERT_EQ(moe::quantize_row(t, wf.data(), w.data(), n), moe::Status::ok);
+            double exact = 0;
+            for (int64_t i = 0; i < n; ++i) exact += (double)wf[(size_t)i] * (double)x[(size_t)i];
+            float ref = 0;
+            ASSERT_EQ(moe::vec_dot(t, moe::Isa::scalar, w.data(), x.data(), n, &ref), moe::Status::ok);
+            EXPECT_EQ((double)ref, exact) << moe::tensor_type_name(t) << " n=" << n;
+            for (moe::Isa isa : kSimdIsas) {
+                if (!isa_available(isa)) continue;
+                float simd = 0;
+                ASSERT_EQ(moe::vec_dot(t, isa, w.data(), x.data(), n, &simd), moe::Status::ok);
+                EXPECT_EQ(simd, ref) << moe::tensor_type_name(t) << " " << moe::isa_name(isa) << " n=" << n;
+            }
         }
     }
 }
