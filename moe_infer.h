@@ -113,6 +113,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moe {
@@ -388,19 +389,50 @@ private:
 //-----------------------------------------------------------------------------
 // [SECTION] SAMPLER
 //-----------------------------------------------------------------------------
-// A fixed chain: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
-// temperature <= 0 means greedy (argmax; ties go to the lowest id). A value type: copy it to
-// fork the RNG state; the same seed and logits give the same tokens on every platform.
+// A fixed chain, in llama.cpp's default order: logit bias -> penalties (repetition, frequency,
+// presence) -> DRY -> top-n-sigma -> top-k -> typical-p -> top-p -> min-p -> XTC -> temperature ->
+// draw; with mirostat = 2 the truncation steps after DRY are replaced by temperature -> mirostat v2.
+// temperature <= 0 means greedy (argmax after bias, penalties and DRY; ties go to the lowest id).
+// Every step's "off" value is its default except top-k/top-p/min-p (llama.cpp's defaults). A value
+// type: copy it to fork the RNG and mirostat state; the same seed and logits give the same tokens
+// on every platform. check_sampler_options() says what is out of range; the Sampler clamps it.
 
 struct SamplerOptions {
     float temperature = 0.8f;
     int top_k = 40;                // 0 = off
     float top_p = 0.95f;           // 1 = off
     float min_p = 0.05f;           // 0 = off
-    float repeat_penalty = 1.0f;   // 1 = off (llama.cpp semantics: divide positive logits, multiply negative)
-    int repeat_last_n = 64;        // how many recent tokens the penalty looks at
+    float typical_p = 1.0f;        // 1 = off: keep the tokens whose surprise is closest to the entropy, up to this mass
+    float top_n_sigma = 0.0f;      // <= 0 = off: keep logits >= max - top_n_sigma * (std dev of the logits)
+    // Penalties over the last repeat_last_n accepted tokens (llama.cpp semantics): repetition divides a
+    // positive logit and multiplies a negative one; then logit -= count * frequency + (count > 0) * presence.
+    float repeat_penalty = 1.0f;   // 1 = off
+    float frequency_penalty = 0.0f;
+    float presence_penalty = 0.0f;
+    int repeat_last_n = 64;
+    // XTC ("exclude top choices"): with probability xtc_probability, of the tokens with probability
+    // >= xtc_threshold all but the least likely are removed (when there are at least two).
+    float xtc_probability = 0.0f;  // 0 = off
+    float xtc_threshold = 0.1f;
+    // DRY ("don't repeat yourself"): a token that would extend a repeat of a sequence seen in the last
+    // dry_last_n tokens by length L >= dry_allowed_length loses dry_multiplier * dry_base^(L - allowed).
+    // Matches stop at tokens whose text contains a sequence breaker (needs set_vocabulary()).
+    float dry_multiplier = 0.0f;   // 0 = off
+    float dry_base = 1.75f;
+    int dry_allowed_length = 2;
+    int dry_last_n = 1024;
+    std::vector<std::string> dry_sequence_breakers = {"\n", ":", "\"", "*"};
+    // Mirostat v2 (0 = off, 2 = on): keeps the surprise of the drawn tokens near mirostat_tau bits.
+    int mirostat = 0;
+    float mirostat_tau = 5.0f;
+    float mirostat_eta = 0.1f;
+    std::vector<std::pair<int32_t, float>> logit_bias;  // added to those tokens' logits first
     uint64_t seed = 0;
 };
+
+// Status::invalid_argument naming the first option out of range (n_vocab > 0 also checks the ids
+// of logit_bias). generate() and generate_batch() refuse such options.
+MOE_API Status check_sampler_options(const SamplerOptions& options, int32_t n_vocab = 0);
 
 class Sampler {
 public:
@@ -409,20 +441,32 @@ public:
     // Picks a token from `logits` (n_vocab floats; not modified). Allocates only on the first
     // call or when n_vocab grows.
     int32_t sample(const float* logits, int32_t n_vocab);
-    // Records a token (prompt or generated) for the repetition penalty.
+    // The candidates and probabilities sample() would draw from now, most likely first, without
+    // drawing (no RNG or mirostat state is used: XTC is left out, mirostat truncates at its current mu).
+    void distribution(const float* logits, int32_t n_vocab, std::vector<std::pair<int32_t, float>>* out);
+    // Records a token (prompt or generated) for the penalties and DRY.
     void accept(int32_t token);
-    void reset();  // forgets history and re-seeds
+    // Marks DRY's sequence breakers: the tokens whose text contains one of dry_sequence_breakers.
+    void set_vocabulary(const Tokenizer& tokenizer);
+    void reset();  // forgets history and mirostat state and re-seeds
     const SamplerOptions& options() const { return options_; }
 
 private:
     struct Candidate { float logit; int32_t id; };
     double next_uniform();  // [0, 1)
+    size_t filter(int32_t n_vocab, const float* logits, bool draw_steps);  // the chain up to the draw
+    void apply_penalties(int32_t n_vocab);
+    void apply_dry(int32_t n_vocab);
     SamplerOptions options_;
     uint64_t rng_state_[4] = {0, 0, 0, 0};
-    std::vector<int32_t> history_;
-    size_t history_pos_ = 0;
+    std::vector<int32_t> history_;      // ring of the last max(repeat_last_n, dry_last_n) tokens
+    size_t history_pos_ = 0, history_len_ = 0;
+    float mirostat_mu_ = 0;
+    std::vector<uint8_t> breaker_;      // per token id: its text holds a DRY sequence breaker
     std::vector<Candidate> candidates_;
     std::vector<double> probs_;
+    std::vector<int32_t> scratch_, scratch2_;  // penalties' counts, DRY's reversed history and Z array
+    std::vector<float> dry_penalty_;          // per token id, reset after use
 };
 
 //-----------------------------------------------------------------------------
@@ -10805,13 +10849,47 @@ MOE_DETAIL_MEMBER double PredictionStats::precision(int depth) const {
 //-----------------------------------------------------------------------------
 // [SECTION] SAMPLER IMPLEMENTATION
 //-----------------------------------------------------------------------------
-// >>sampler  Chain order as llama.cpp's default: penalties -> top-k -> top-p -> min-p ->
-// temperature -> draw. top-p and min-p look at the untempered distribution. The RNG is
-// xoshiro256** seeded through splitmix64, so a seed means the same stream everywhere.
+// >>sampler  Chain order as llama.cpp's default sampler list (see SamplerOptions). Probabilities
+// are computed in double from max-subtracted logits. The RNG is xoshiro256** seeded through
+// splitmix64, so a seed means the same stream everywhere; XTC draws from it only when enabled.
 
 namespace moe {
 
-MOE_DETAIL_MEMBER Sampler::Sampler(const SamplerOptions& options) : options_(options) { reset(); }
+MOE_API Status check_sampler_options(const SamplerOptions& o, int32_t n_vocab) {
+    auto bad = [](const char* what) { return detail::fail(Status::invalid_argument, "sampler option %s is out of range", what); };
+    auto finite = [](float v) { return std::isfinite(v); };
+    if (!finite(o.temperature)) return bad("temperature (not finite)");
+    if (o.top_k < 0) return bad("top_k (< 0)");
+    if (!(o.top_p > 0 && o.top_p <= 1)) return bad("top_p (not in (0, 1])");
+    if (!(o.min_p >= 0 && o.min_p <= 1)) return bad("min_p (not in [0, 1])");
+    if (!(o.typical_p > 0 && o.typical_p <= 1)) return bad("typical_p (not in (0, 1])");
+    if (!finite(o.top_n_sigma)) return bad("top_n_sigma (not finite)");
+    if (!(o.repeat_penalty > 0) || !finite(o.repeat_penalty)) return bad("repeat_penalty (not > 0)");
+    if (!finite(o.frequency_penalty) || !finite(o.presence_penalty)) return bad("frequency_penalty / presence_penalty (not finite)");
+    if (o.repeat_last_n < 0 || o.repeat_last_n > (1 << 20)) return bad("repeat_last_n (not in [0, 1048576])");
+    if (!(o.xtc_probability >= 0 && o.xtc_probability <= 1)) return bad("xtc_probability (not in [0, 1])");
+    if (!(o.xtc_threshold >= 0 && o.xtc_threshold <= 1)) return bad("xtc_threshold (not in [0, 1])");
+    if (!(o.dry_multiplier >= 0) || !finite(o.dry_multiplier)) return bad("dry_multiplier (not >= 0)");
+    if (!(o.dry_base >= 1) || !finite(o.dry_base)) return bad("dry_base (not >= 1)");
+    if (o.dry_allowed_length < 1) return bad("dry_allowed_length (< 1)");
+    if (o.dry_last_n < 0 || o.dry_last_n > (1 << 20)) return bad("dry_last_n (not in [0, 1048576])");
+    if (o.mirostat != 0 && o.mirostat != 2) return bad("mirostat (only 0 = off and 2 = v2)");
+    if (!(o.mirostat_tau >= 0) || !finite(o.mirostat_tau) || !(o.mirostat_eta >= 0) || !finite(o.mirostat_eta))
+        return bad("mirostat_tau / mirostat_eta (not >= 0)");
+    for (const auto& lb : o.logit_bias) {
+        if (std::isnan(lb.second)) return bad("logit_bias (NaN bias)");
+        if (lb.first < 0 || (n_vocab > 0 && lb.first >= n_vocab))
+            return detail::fail(Status::invalid_argument, "logit_bias token %d is not in the vocabulary (0..%d)", (int)lb.first, (int)n_vocab - 1);
+    }
+    return Status::ok;
+}
+
+MOE_DETAIL_MEMBER Sampler::Sampler(const SamplerOptions& options) : options_(options) {
+    options_.repeat_last_n = std::min(std::max(0, options_.repeat_last_n), 1 << 20);
+    options_.dry_last_n = std::min(std::max(0, options_.dry_last_n), 1 << 20);
+    options_.dry_allowed_length = std::max(1, options_.dry_allowed_length);
+    reset();
+}
 
 MOE_DETAIL_MEMBER void Sampler::reset() {
     uint64_t z = options_.seed;
@@ -10822,8 +10900,10 @@ MOE_DETAIL_MEMBER void Sampler::reset() {
         t = (t ^ (t >> 27)) * 0x94d049bb133111ebull;
         s = t ^ (t >> 31);
     }
-    history_.assign((size_t)std::max(0, options_.repeat_last_n), -1);
-    history_pos_ = 0;
+    const int keep = std::max(options_.repeat_last_n, options_.dry_multiplier > 0 ? options_.dry_last_n : 0);
+    history_.assign((size_t)keep, -1);
+    history_pos_ = history_len_ = 0;
+    mirostat_mu_ = 2 * options_.mirostat_tau;
 }
 
 MOE_DETAIL_MEMBER double Sampler::next_uniform() {
@@ -10841,61 +10921,229 @@ MOE_DETAIL_MEMBER void Sampler::accept(int32_t token) {
     if (history_.empty()) return;
     history_[history_pos_] = token;
     history_pos_ = (history_pos_ + 1) % history_.size();
+    history_len_ = std::min(history_len_ + 1, history_.size());
+}
+
+MOE_DETAIL_MEMBER void Sampler::set_vocabulary(const Tokenizer& tokenizer) {
+    const int32_t n = tokenizer.n_vocab();
+    breaker_.assign((size_t)std::max(0, n), 0);
+    for (int32_t t = 0; t < n; ++t) {
+        const std::string piece = tokenizer.token_to_piece(t);
+        for (const std::string& b : options_.dry_sequence_breakers)
+            if (!b.empty() && piece.find(b) != std::string::npos) { breaker_[(size_t)t] = 1; break; }
+    }
+}
+
+// Repetition, frequency and presence penalties over the last repeat_last_n tokens, once per
+// distinct token (counts from a sorted copy of the window).
+MOE_DETAIL_MEMBER void Sampler::apply_penalties(int32_t n_vocab) {
+    const SamplerOptions& o = options_;
+    if (o.repeat_last_n == 0 || (o.repeat_penalty == 1.f && o.frequency_penalty == 0.f && o.presence_penalty == 0.f)) return;
+    const size_t n = std::min(history_len_, (size_t)o.repeat_last_n), cap = history_.size();
+    scratch_.clear();
+    for (size_t k = 1; k <= n; ++k) scratch_.push_back(history_[(history_pos_ + cap - k) % cap]);
+    std::sort(scratch_.begin(), scratch_.end());
+    for (size_t i = 0; i < scratch_.size();) {
+        size_t j = i;
+        while (j < scratch_.size() && scratch_[j] == scratch_[i]) ++j;
+        const int32_t tok = scratch_[i];
+        if (tok >= 0 && tok < n_vocab) {
+            float& lg = candidates_[(size_t)tok].logit;
+            lg = lg <= 0 ? lg * o.repeat_penalty : lg / o.repeat_penalty;
+            lg -= (float)(j - i) * o.frequency_penalty + o.presence_penalty;
+        }
+        i = j;
+    }
+}
+
+// DRY: the reversed window r (r[0] = the last token) up to the first sequence breaker; the Z array
+// of r gives, for each earlier position, how many tokens before it repeat the window's end; the
+// token that followed there would extend that repeat.
+MOE_DETAIL_MEMBER void Sampler::apply_dry(int32_t n_vocab) {
+    const SamplerOptions& o = options_;
+    if (o.dry_multiplier <= 0 || o.dry_last_n == 0) return;
+    const size_t n = std::min(history_len_, (size_t)o.dry_last_n), cap = history_.size();
+    if (n < 2) return;
+    auto is_breaker = [&](int32_t t) { return t >= 0 && (size_t)t < breaker_.size() && breaker_[(size_t)t]; };
+    std::vector<int32_t>& r = scratch_;
+    std::vector<int32_t>& z = scratch2_;
+    r.resize(n);
+    for (size_t k = 0; k < n; ++k) r[k] = history_[(history_pos_ + cap - 1 - k) % cap];
+    size_t tail = 0;  // tokens at the end before a breaker: no repeat may reach past it
+    while (tail < n && !is_breaker(r[tail])) ++tail;
+    if (tail == 0) return;
+    z.assign(n, 0);
+    for (size_t i = 1, left = 0, right = 0; i < n; ++i) {  // Z algorithm: z[i] = longest common prefix of r and r[i..]
+        size_t len = i < right ? std::min(right - i, (size_t)z[i - left]) : 0;
+        while (i + len < n && r[len] == r[i + len]) ++len;
+        z[i] = (int32_t)len;
+        if (i + len > right) { left = i; right = i + len; }
+    }
+    dry_penalty_.assign((size_t)n_vocab, 0.f);
+    bool any = false;
+    // r[i] ends a sequence that repeats the last z[i] tokens; the token after it is r[i - 1].
+    for (size_t i = 1; i < n; ++i) {
+        const size_t len = std::min((size_t)z[i], tail);
+        const int32_t next = r[i - 1];
+        if (len < (size_t)o.dry_allowed_length || next < 0 || next >= n_vocab) continue;
+        const double exponent = std::min<double>((double)(len - (size_t)o.dry_allowed_length), 4096.0);
+        const double penalty = std::min<double>((double)o.dry_multiplier * std::pow((double)o.dry_base, exponent), 3.0e38);
+        float& p = dry_penalty_[(size_t)next];
+        if ((float)penalty > p) { p = (float)penalty; any = true; }
+    }
+    if (!any) return;
+    for (int32_t t = 0; t < n_vocab; ++t) candidates_[(size_t)t].logit -= dry_penalty_[(size_t)t];
+}
+
+// Everything before the draw; returns how many candidates survive, sorted most likely first in
+// candidates_[0, n) with their (untempered, unnormalised) probabilities in probs_ - except with
+// temperature <= 0 (returns 1: the argmax) and mirostat (returns the truncated set, probs_ at
+// temperature). draw_steps: also the steps that use the RNG (XTC).
+MOE_DETAIL_MEMBER size_t Sampler::filter(int32_t n_vocab, const float* logits, bool draw_steps) {
+    const SamplerOptions& o = options_;
+    candidates_.resize((size_t)n_vocab);
+    for (int32_t i = 0; i < n_vocab; ++i) candidates_[(size_t)i] = Candidate{logits[i], i};
+    for (const auto& lb : o.logit_bias)
+        if (lb.first >= 0 && lb.first < n_vocab) candidates_[(size_t)lb.first].logit += lb.second;
+    apply_penalties(n_vocab);
+    apply_dry(n_vocab);
+    auto better = [](const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
+    if (o.temperature <= 0) {
+        candidates_[0] = *std::min_element(candidates_.begin(), candidates_.end(), better);
+        probs_.assign(1, 1.0);
+        return 1;
+    }
+    size_t n = candidates_.size();
+    auto probabilities = [&](size_t count, double temperature) {  // probs_[0, count) of the sorted prefix
+        const double max_logit = candidates_[0].logit;
+        probs_.resize(count);
+        double sum = 0;
+        for (size_t i = 0; i < count; ++i) sum += probs_[i] = std::exp(((double)candidates_[i].logit - max_logit) / temperature);
+        return sum;
+    };
+    if (o.mirostat == 2) {
+        std::sort(candidates_.begin(), candidates_.end(), better);
+        const double sum = probabilities(n, o.temperature);
+        size_t keep = 0;  // tokens whose surprise -log2 p is at most mu (at least one)
+        while (keep < n && -std::log2(probs_[keep] / sum) <= (double)mirostat_mu_) ++keep;
+        n = std::max<size_t>(1, keep);
+        probs_.resize(n);
+        return n;
+    }
+    if (o.top_n_sigma > 0) {  // over the finite logits
+        double max_logit = -INFINITY, sum = 0, sum2 = 0;
+        size_t finite = 0;
+        for (const Candidate& c : candidates_)
+            if (std::isfinite(c.logit)) { max_logit = std::max(max_logit, (double)c.logit); sum += c.logit; ++finite; }
+        if (finite > 0) {
+            const double mean = sum / (double)finite;
+            for (const Candidate& c : candidates_)
+                if (std::isfinite(c.logit)) sum2 += ((double)c.logit - mean) * ((double)c.logit - mean);
+            const double floor = max_logit - (double)o.top_n_sigma * std::sqrt(sum2 / (double)finite);
+            n = (size_t)(std::partition(candidates_.begin(), candidates_.end(), [&](const Candidate& c) { return (double)c.logit >= floor; }) -
+                         candidates_.begin());
+            n = std::max<size_t>(1, n);
+        }
+    }
+    if (o.top_k > 0 && (size_t)o.top_k < n) {
+        std::partial_sort(candidates_.begin(), candidates_.begin() + o.top_k, candidates_.begin() + (ptrdiff_t)n, better);
+        n = (size_t)o.top_k;
+    } else {
+        std::sort(candidates_.begin(), candidates_.begin() + (ptrdiff_t)n, better);
+    }
+    double sum = probabilities(n, 1.0);
+    if (o.typical_p < 1.f && n > 1) {
+        // Keep the tokens whose surprise is closest to the entropy until their mass reaches typical_p.
+        double entropy = 0;
+        for (size_t i = 0; i < n; ++i) {
+            const double p = probs_[i] / sum;
+            if (p > 0) entropy -= p * std::log(p);
+        }
+        std::vector<int32_t>& order = scratch_;
+        order.resize(n);
+        for (size_t i = 0; i < n; ++i) order[i] = (int32_t)i;
+        auto shift = [&](int32_t i) { return std::fabs(-std::log(probs_[(size_t)i] / sum) - entropy); };
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return shift(a) < shift(b); });
+        double cum = 0;
+        size_t keep = n;
+        for (size_t k = 0; k < n; ++k) {
+            cum += probs_[(size_t)order[k]] / sum;
+            if (cum >= o.typical_p) { keep = k + 1; break; }
+        }
+        if (keep < n) {
+            std::sort(order.begin(), order.begin() + (ptrdiff_t)keep);  // back to logit order
+            for (size_t k = 0; k < keep; ++k) candidates_[k] = candidates_[(size_t)order[k]];
+            n = keep;
+            sum = probabilities(n, 1.0);
+        }
+    }
+    if (o.top_p < 1.f) {
+        double cum = 0;
+        size_t keep = n;
+        for (size_t i = 0; i < n; ++i) {
+            cum += probs_[i] / sum;
+            if (cum >= o.top_p) { keep = i + 1; break; }
+        }
+        n = std::max<size_t>(1, keep);
+    }
+    if (o.min_p > 0) {
+        size_t keep = 1;
+        while (keep < n && probs_[keep] >= o.min_p * probs_[0]) ++keep;
+        n = keep;
+    }
+    if (draw_steps && o.xtc_probability > 0 && n > 1 && next_uniform() < o.xtc_probability) {
+        sum = 0;
+        for (size_t i = 0; i < n; ++i) sum += probs_[i];
+        size_t above = 0;
+        while (above < n && probs_[above] / sum >= o.xtc_threshold) ++above;
+        if (above >= 2) {  // drop all but the least likely of them
+            candidates_.erase(candidates_.begin(), candidates_.begin() + (ptrdiff_t)(above - 1));
+            n -= above - 1;
+            probabilities(n, 1.0);
+        }
+    }
+    probs_.resize(n);
+    return n;
 }
 
 MOE_DETAIL_MEMBER int32_t Sampler::sample(const float* logits, int32_t n_vocab) {
     if (!logits || n_vocab <= 0) return -1;
-    candidates_.resize((size_t)n_vocab);
-    for (int32_t i = 0; i < n_vocab; ++i) candidates_[(size_t)i] = Candidate{logits[i], i};
-    if (options_.repeat_penalty != 1.f && options_.repeat_penalty > 0) {
-        // Penalise each distinct recent token once.
-        for (size_t h = 0; h < history_.size(); ++h) {
-            int32_t tok = history_[h];
-            if (tok < 0 || tok >= n_vocab) continue;
-            bool seen_before = false;
-            for (size_t j = 0; j < h; ++j) seen_before |= history_[j] == tok;
-            if (seen_before) continue;
-            float& lg = candidates_[(size_t)tok].logit;
-            lg = lg > 0 ? lg / options_.repeat_penalty : lg * options_.repeat_penalty;
-        }
-    }
-    auto better = [](const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
-    if (options_.temperature <= 0) return std::min_element(candidates_.begin(), candidates_.end(), better)->id;
-
-    size_t n = candidates_.size();
-    if (options_.top_k > 0 && (size_t)options_.top_k < n) {
-        std::partial_sort(candidates_.begin(), candidates_.begin() + options_.top_k, candidates_.end(), better);
-        n = (size_t)options_.top_k;
-    } else {
-        std::sort(candidates_.begin(), candidates_.end(), better);
-    }
-    // Probabilities of the survivors (sorted, so [0] is the max).
-    double max_logit = candidates_[0].logit, sum = 0;
+    const size_t n = filter(n_vocab, logits, true);
+    if (options_.temperature <= 0) return candidates_[0].id;
     std::vector<double>& p = probs_;
-    p.resize(n);
-    for (size_t i = 0; i < n; ++i) { p[i] = std::exp((double)candidates_[i].logit - max_logit); sum += p[i]; }
-    if (options_.top_p < 1.f) {
-        double cum = 0;
-        size_t keep = n;
-        for (size_t i = 0; i < n; ++i) {
-            cum += p[i] / sum;
-            if (cum >= options_.top_p) { keep = i + 1; break; }
-        }
-        n = std::max<size_t>(1, keep);
+    double sum = 0;
+    if (options_.mirostat == 2) {
+        for (size_t i = 0; i < n; ++i) sum += p[i];  // at temperature already
+    } else {
+        const double max_logit = candidates_[0].logit;
+        for (size_t i = 0; i < n; ++i) sum += p[i] = std::exp(((double)candidates_[i].logit - max_logit) / options_.temperature);
     }
-    if (options_.min_p > 0) {
-        size_t keep = 1;
-        while (keep < n && p[keep] >= options_.min_p * p[0]) ++keep;
-        n = keep;
-    }
-    sum = 0;
-    for (size_t i = 0; i < n; ++i) { p[i] = std::exp(((double)candidates_[i].logit - max_logit) / options_.temperature); sum += p[i]; }
     double r = next_uniform() * sum;
+    size_t pick = n - 1;
     for (size_t i = 0; i < n; ++i) {
         r -= p[i];
-        if (r < 0) return candidates_[i].id;
+        if (r < 0) { pick = i; break; }
     }
-    return candidates_[n - 1].id;
+    if (options_.mirostat == 2) {  // move mu by eta x (observed surprise - tau)
+        const double surprise = -std::log2(p[pick] / sum);
+        mirostat_mu_ -= options_.mirostat_eta * (float)(surprise - (double)options_.mirostat_tau);
+    }
+    return candidates_[pick].id;
+}
+
+MOE_DETAIL_MEMBER void Sampler::distribution(const float* logits, int32_t n_vocab, std::vector<std::pair<int32_t, float>>* out) {
+    if (!out) return;
+    out->clear();
+    if (!logits || n_vocab <= 0) return;
+    const size_t n = filter(n_vocab, logits, false);
+    if (options_.temperature <= 0) { out->push_back({candidates_[0].id, 1.f}); return; }
+    const double max_logit = candidates_[0].logit;
+    double sum = 0;
+    std::vector<double>& p = probs_;
+    if (options_.mirostat != 2)
+        for (size_t i = 0; i < n; ++i) p[i] = std::exp(((double)candidates_[i].logit - max_logit) / options_.temperature);
+    for (size_t i = 0; i < n; ++i) sum += p[i];
+    for (size_t i = 0; i < n; ++i) out->push_back({candidates_[i].id, (float)(p[i] / sum)});
 }
 
 }  // namespace moe
@@ -10920,7 +11168,9 @@ struct Generation {
     int32_t steps = 0;
     bool done = false;
 
-    Generation(const GenerateOptions& o, const Tokenizer& t, GenerateResult& r) : options(o), tok(t), res(r), sampler(o.sampler), detok(t) {}
+    Generation(const GenerateOptions& o, const Tokenizer& t, GenerateResult& r) : options(o), tok(t), res(r), sampler(o.sampler), detok(t) {
+        if (o.sampler.dry_multiplier > 0 && t.valid()) sampler.set_vocabulary(t);
+    }
 
     // Streams pending[0, n); false when the callback asks to stop.
     template <typename Emit>
@@ -10980,6 +11230,7 @@ MOE_API Status generate(Session& session, const std::vector<int32_t>& prompt, co
     if (options.max_tokens < 0) return detail::fail(Status::invalid_argument, "max_tokens must be >= 0");
     const Model& model = session.model();
     const int32_t n_vocab = model.info().n_vocab;
+    if (Status s = check_sampler_options(options.sampler, n_vocab); s != Status::ok) return s;
     detail::Generation g(options, model.tokenizer(), res);
     for (int32_t t : prompt) g.sampler.accept(t);
 
@@ -11023,6 +11274,8 @@ MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::v
     }
     const Model& model = sessions[0]->model();
     const int32_t n_vocab = model.info().n_vocab;
+    for (const GenerateOptions& o : options)
+        if (Status s = check_sampler_options(o.sampler, n_vocab); s != Status::ok) return s;
     std::vector<detail::Generation> gens;
     gens.reserve(n);
     for (size_t i = 0; i < n; ++i) {

@@ -48,6 +48,21 @@ const char* kUsage =
     "  --top-p X           (default 0.95; 1 = off)\n"
     "  --min-p X           (default 0.05; 0 = off)\n"
     "  --repeat-penalty X  (default 1.0 = off)\n"
+    "  --presence-penalty X   (default 0 = off) over the last --repeat-last-n tokens\n"
+    "  --frequency-penalty X  (default 0 = off) times each token's count there\n"
+    "  --repeat-last-n N   tokens the penalties look at (default 64)\n"
+    "  --typical X         locally typical sampling (default 1 = off)\n"
+    "  --top-nsigma X      keep logits >= max - X standard deviations (default 0 = off)\n"
+    "  --xtc-probability X XTC: how often the top choices are excluded (default 0 = off)\n"
+    "  --xtc-threshold X   XTC: probability that makes a top choice (default 0.1)\n"
+    "  --dry-multiplier X  DRY repetition penalty (default 0 = off)\n"
+    "  --dry-base X        DRY: penalty growth per repeated token (default 1.75)\n"
+    "  --dry-allowed-length N  DRY: repeats up to N tokens are free (default 2)\n"
+    "  --dry-penalty-last-n N  DRY: tokens searched for repeats (default 1024)\n"
+    "  --mirostat N        2 = mirostat v2 instead of top-k/p etc. (default 0 = off)\n"
+    "  --mirostat-ent X    mirostat target surprise tau in bits (default 5)\n"
+    "  --mirostat-lr X     mirostat learning rate eta (default 0.1)\n"
+    "  --logit-bias ID+X   add X to token ID's logit (ID-X subtracts; X may be inf); repeatable\n"
     "  --seed N            RNG seed (default 0)\n"
     "  --chat              interactive chat with the model's template; when the context is full,\n"
     "                      the oldest turns are dropped (the system prompt stays)\n"
@@ -194,7 +209,10 @@ struct Args {
 bool takes_value(const std::string& k) {
     static const char* const kFlags[] = {"-m", "-p", "-f", "--tokens", "-n", "-t", "-c", "--temp", "--top-k", "--top-p",
                                          "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity",
-                                         "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads", "--expert-reads"};
+                                         "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads", "--expert-reads",
+                                         "--presence-penalty", "--frequency-penalty", "--repeat-last-n", "--typical", "--top-nsigma",
+                                         "--xtc-probability", "--xtc-threshold", "--dry-multiplier", "--dry-base", "--dry-allowed-length",
+                                         "--dry-penalty-last-n", "--mirostat", "--mirostat-ent", "--mirostat-lr", "--logit-bias"};
     for (const char* f : kFlags)
         if (k == f) return true;
     return false;
@@ -263,7 +281,33 @@ int main(int argc, char** argv) {
         else if (k == "--min-p") { if (!parse_float(v, &a.sampler.min_p) || a.sampler.min_p < 0 || a.sampler.min_p > 1) return die("--min-p needs a number in [0, 1], got '%s'", v); }
         else if (k == "--repeat-penalty") { if (!parse_float(v, &a.sampler.repeat_penalty) || a.sampler.repeat_penalty <= 0) return die("--repeat-penalty needs a positive number, got '%s'", v); }
         else if (k == "--seed") { if (!parse_int(v, 0, (long long)9e18, &iv)) return die("--seed needs an integer >= 0, got '%s'", v); a.sampler.seed = (uint64_t)iv; }
+        else if (k == "--presence-penalty") { if (!parse_float(v, &a.sampler.presence_penalty)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--frequency-penalty") { if (!parse_float(v, &a.sampler.frequency_penalty)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--typical") { if (!parse_float(v, &a.sampler.typical_p)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--top-nsigma") { if (!parse_float(v, &a.sampler.top_n_sigma)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--xtc-probability") { if (!parse_float(v, &a.sampler.xtc_probability)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--xtc-threshold") { if (!parse_float(v, &a.sampler.xtc_threshold)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--dry-multiplier") { if (!parse_float(v, &a.sampler.dry_multiplier)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--dry-base") { if (!parse_float(v, &a.sampler.dry_base)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--mirostat-ent") { if (!parse_float(v, &a.sampler.mirostat_tau)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--mirostat-lr") { if (!parse_float(v, &a.sampler.mirostat_eta)) return die("%s needs a number, got '%s'", k.c_str(), v); }
+        else if (k == "--repeat-last-n") { if (!parse_int(v, 0, 1 << 20, &iv)) return die("%s needs an integer in [0, %d], got '%s'", k.c_str(), 1 << 20, v); a.sampler.repeat_last_n = (int)iv; }
+        else if (k == "--dry-allowed-length") { if (!parse_int(v, 1, 1 << 20, &iv)) return die("%s needs an integer in [1, %d], got '%s'", k.c_str(), 1 << 20, v); a.sampler.dry_allowed_length = (int)iv; }
+        else if (k == "--dry-penalty-last-n") { if (!parse_int(v, 0, 1 << 20, &iv)) return die("%s needs an integer in [0, %d], got '%s'", k.c_str(), 1 << 20, v); a.sampler.dry_last_n = (int)iv; }
+        else if (k == "--mirostat") { if (!parse_int(v, 0, 2, &iv) || iv == 1) return die("--mirostat needs 0 (off) or 2 (v2), got '%s'", v); a.sampler.mirostat = (int)iv; }
+        else if (k == "--logit-bias") {
+            const std::string sv = v;
+            const size_t sign = sv.find_first_of("+-", 1);
+            float bias = 0;
+            const std::string amount = sign == std::string::npos ? "" : sv.substr(sign + 1);
+            if (sign == std::string::npos || !parse_int(sv.substr(0, sign).c_str(), 0, INT32_MAX, &iv) ||
+                !(amount == "inf" || parse_float(amount.c_str(), &bias)))
+                return die("--logit-bias needs TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1.5, 2-inf), got '%s'", v);
+            if (amount == "inf") bias = INFINITY;
+            a.sampler.logit_bias.push_back({(int32_t)iv, sv[sign] == '-' ? -bias : bias});
+        }
     }
+    if (moe::check_sampler_options(a.sampler) != moe::Status::ok) return die("%s", moe::last_error());  // before the model loads
     // Modes ignore the options of the others: say so rather than silently dropping them.
     const char* mode = a.chat ? "--chat" : !a.perplexity_file.empty() ? "--perplexity" : nullptr;
     if (a.chat && !a.perplexity_file.empty()) return die("--chat and --perplexity cannot be used together");
@@ -430,7 +474,9 @@ int main(int argc, char** argv) {
         return finish();
     }
 
+    if (moe::check_sampler_options(a.sampler, info.n_vocab) != moe::Status::ok) return die("%s", moe::last_error());
     moe::Sampler sampler(a.sampler);
+    if (a.sampler.dry_multiplier > 0) sampler.set_vocabulary(model.tokenizer());
 
     // ---- interactive chat ----
     // The cache holds the prefix (BOS, system prompt) and then whole turns: user turn + reply + its

@@ -155,6 +155,23 @@ for mode in direct buffered mapped; do
     else pass; fi
 done
 
+# ---- samplers (issue 14): bad values refused before the model loads, a bias the greedy pick follows ----
+expect_error sampler "typical_p" --typical 1.5
+expect_error sampler "--mirostat needs 0 (off) or 2 (v2)" --mirostat 1
+expect_error sampler "--logit-bias needs TOKEN_ID+BIAS" --logit-bias 12x
+expect_error sampler "logit_bias token 99999999 is not in the vocabulary" --logit-bias 99999999+1 -n 2
+run -p "In the beginning God created" -n 4 --temp 0 --print-tokens
+first=$(tr ',' '\n' <"$TMP/out" | head -1)
+run -p "In the beginning God created" -n 4 --temp 0 --print-tokens --logit-bias 7+inf
+if [ "$rc" != 0 ] || [ "$(tr ',' '\n' <"$TMP/out" | sort -u | tr -d '[:space:]')" != 7 ]; then fail sampler "--logit-bias 7+inf should make greedy decoding pick token 7 every step"
+else pass; fi
+run -p "In the beginning God created" -n 4 --temp 0 --print-tokens --logit-bias "$first-inf"
+if [ "$rc" != 0 ] || [ "$(tr ',' '\n' <"$TMP/out" | head -1)" = "$first" ]; then fail sampler "--logit-bias ID-inf should keep greedy decoding from picking ID"
+else pass; fi
+run -p "In the beginning God created" -n 16 --seed 5 --dry-multiplier 0.8 --typical 0.95 --top-nsigma 2 --xtc-probability 0.5 --presence-penalty 0.3 --frequency-penalty 0.2
+if [ "$rc" != 0 ] || ! grep -q '^decode: ' "$TMP/err"; then fail sampler "the extended sampler chain should generate"
+else pass; fi
+
 # ---- the README's main command still works ----
 run -n 8 --temp 0
 if [ "$rc" = 0 ] && grep -q '^In the beginning' "$TMP/out" && grep -q '^decode: ' "$TMP/err"; then pass
