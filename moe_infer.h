@@ -449,6 +449,10 @@ public:
     // Marks DRY's sequence breakers: the tokens whose text contains one of dry_sequence_breakers.
     void set_vocabulary(const Tokenizer& tokenizer);
     void reset();  // forgets history and mirostat state and re-seeds
+    // The dynamic state (RNG, token history, mirostat's mu) as bytes, and back into a sampler whose
+    // options keep as many history tokens (Status::invalid_argument otherwise, or for bad bytes).
+    void save_state(std::vector<uint8_t>* out) const;
+    Status load_state(const uint8_t* data, size_t size);
     const SamplerOptions& options() const { return options_; }
 
 private:
@@ -718,6 +722,24 @@ public:
     void reset();                 // empties the KV cache
     // Keeps only the first `n` positions (n <= position()).
     Status truncate(int32_t n);
+    // The token at each position 0 .. position() - 1 (null for an uncreated Session).
+    const int32_t* tokens() const;
+    // Prefix reuse: makes the cache hold exactly tokens[0, n). Keeps the longest prefix the cache
+    // shares with them (at most n - 1 positions, so the last token is evaluated and logits() is its
+    // row), drops the rest and evaluates the remainder; *reused (may be null) gets the positions
+    // kept. With SessionOptions::gemm_min_tokens = -1 the result is bit-identical to reset() + eval().
+    // Status: as eval().
+    Status eval_prompt(const int32_t* tokens, size_t n, size_t* reused = nullptr);
+    // The session's state: position, the tokens and KV-cache rows of positions 0 .. position() - 1,
+    // the last logits, and (if given) a sampler's state (Sampler::save_state), to a file or a buffer
+    // (native byte order). Loading needs a session of the same model - checked against a fingerprint
+    // of the GGUF header (metadata and tensor layout) - whose n_ctx holds the saved position; a
+    // continuation after loading is identical to one without the round trip. Status: io_error,
+    // invalid_file (not a state file, truncated, another model), context_full, invalid_argument.
+    Status save_state(const char* path, const Sampler* sampler = nullptr) const;
+    Status load_state(const char* path, Sampler* sampler = nullptr);
+    Status save_state(std::vector<uint8_t>* out, const Sampler* sampler = nullptr) const;
+    Status load_state(const uint8_t* data, size_t size, Sampler* sampler = nullptr);
     const Model& model() const;  // a handle sharing the model's state (valid while the Session is)
     // Experts chosen for the last evaluated token: n_layer * n_expert_used ids (layer-major).
     const int32_t* last_expert_ids() const;
@@ -979,6 +1001,37 @@ inline bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
     return false;
 }
 
+// Native-byte-order serialisation of plain values (session and sampler state).
+struct ByteWriter {
+    std::vector<uint8_t>* out;
+    explicit ByteWriter(std::vector<uint8_t>* o) : out(o) {}
+    void bytes(const void* p, size_t n) {
+        if (n) out->insert(out->end(), static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + n);
+    }
+    template <typename T> void put(T v) { bytes(&v, sizeof v); }
+};
+// Reads refuse to step past the end (a truncated or hostile buffer gives false, never a bad read).
+struct ByteReader {
+    const uint8_t* p;
+    size_t n;
+    ByteReader(const uint8_t* data, size_t size) : p(data), n(data ? size : 0) {}
+    template <typename T> bool get(T* v) {
+        if (n < sizeof(T)) return false;
+        std::memcpy(v, p, sizeof(T));
+        p += sizeof(T);
+        n -= sizeof(T);
+        return true;
+    }
+    size_t left() const { return n; }
+    bool at_end() const { return n == 0; }
+    const uint8_t* skip(size_t k) {  // caller checked left() >= k
+        const uint8_t* at = p;
+        p += k;
+        n -= k;
+        return at;
+    }
+};
+
 // 64-byte aligned float/byte buffer, allocated once (session scratch, KV cache).
 template <typename T>
 struct AlignedBuffer {
@@ -1105,6 +1158,14 @@ MOE_API const char* last_error() { return detail::last_error_storage().c_str(); 
 
 namespace moe {
 namespace detail {
+
+inline Status write_whole_file(const char* path, const void* data, size_t size) {
+    std::FILE* f = std::fopen(path, "wb");
+    if (!f) return fail(Status::io_error, "cannot create '%s': %s", path, std::strerror(errno));
+    const bool ok = std::fwrite(data, 1, size, f) == size;
+    if (std::fclose(f) != 0 || !ok) return fail(Status::io_error, "write error on '%s'", path);
+    return Status::ok;
+}
 
 struct FileView {
     const uint8_t* data = nullptr;
@@ -9497,6 +9558,7 @@ struct ActRows {
 // Keys and values of every layer and position, float32.
 struct KvCache {
     AlignedBuffer<float> k, v;  // (n_layer, n_ctx, kv_dim) each
+    AlignedBuffer<int32_t> tokens;  // (n_ctx): the token at each filled position (prefix reuse, state files)
     int32_t n_ctx = 0;          // capacity in positions
     int32_t pos = 0;            // positions filled
     int64_t kv_dim = 0;
@@ -9505,7 +9567,7 @@ struct KvCache {
     bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_) {
         n_ctx = n_ctx_; kv_dim = kv_dim_;
         const size_t n = (size_t)n_layer * (size_t)n_ctx * (size_t)kv_dim;
-        return k.allocate(n, false) && v.allocate(n, false);
+        return k.allocate(n, false) && v.allocate(n, false) && tokens.allocate((size_t)n_ctx_, false);
     }
     size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * (size_t)kv_dim; }
     static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim) { return 2ull * 4 * (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)kv_dim; }
@@ -9942,10 +10004,11 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
     }
     if (all_logits) std::memcpy(all_logits, a.logits_batch.data, (size_t)n * (size_t)hp->n_vocab * 4);
     if (seq_kv) {  // the caller hands each row to its session
-        for (int32_t t = 0; t < n; ++t) ++seq_kv[t]->pos;
+        for (int32_t t = 0; t < n; ++t) seq_kv[t]->tokens.data[seq_kv[t]->pos++] = tokens[t];
         return Status::ok;
     }
     std::memcpy(a.logits.data, a.logits_batch.data + (int64_t)(n - c.first_logit - 1) * hp->n_vocab, (size_t)hp->n_vocab * 4);
+    std::memcpy(kv.tokens.data + kv.pos, tokens, (size_t)n * 4);
     kv.pos += n;
     return Status::ok;
 }
@@ -10729,6 +10792,132 @@ MOE_DETAIL_MEMBER Status Session::truncate(int32_t n) {
     impl_->kv.pos = n;
     return Status::ok;
 }
+MOE_DETAIL_MEMBER const int32_t* Session::tokens() const { return impl_ ? impl_->kv.tokens.data : nullptr; }
+
+MOE_DETAIL_MEMBER Status Session::eval_prompt(const int32_t* tokens, size_t n, size_t* reused) {
+    if (reused) *reused = 0;
+    if (!impl_) return detail::fail(Status::invalid_argument, "session not created");
+    if (!tokens || n == 0) return detail::fail(Status::invalid_argument, "no tokens to evaluate");
+    if (n > (size_t)impl_->kv.n_ctx)
+        return detail::fail(Status::context_full, "%zu tokens do not fit: n_ctx %d", n, impl_->kv.n_ctx);
+    const detail::KvCache& kv = impl_->kv;
+    size_t keep = 0;
+    while (keep + 1 < n && keep < (size_t)kv.pos && kv.tokens.data[keep] == tokens[keep]) ++keep;
+    impl_->kv.pos = (int32_t)keep;
+    if (reused) *reused = keep;
+    return eval(tokens + keep, n - keep);
+}
+
+namespace detail {
+// FNV-1a of the GGUF header (everything before the first tensor's data: metadata, tensor names,
+// types, shapes and offsets): a session state belongs to the model it was computed with.
+inline uint64_t model_fingerprint(const ModelImpl& m) {
+    const GgufFile& f = m.file;
+    size_t header = f.file_size();
+    for (size_t i = 0; i < f.n_tensors(); ++i) header = std::min(header, (size_t)(f.tensor_at(i).data - f.data()));
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < header; ++i) h = (h ^ f.data()[i]) * 0x100000001b3ull;
+    return h;
+}
+constexpr uint64_t kStateMagic = 0x4554415453454f4dull;  // "MOESTATE"
+constexpr uint32_t kStateVersion = 1;
+}  // namespace detail
+
+MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sampler* sampler) const {
+    if (!impl_ || !out) return detail::fail(Status::invalid_argument, "save_state: session not created or no output");
+    const detail::SessionImpl& si = *impl_;
+    const detail::KvCache& kv = si.kv;
+    const int32_t n_layer = si.hp->n_layer, n_vocab = si.hp->n_vocab;
+    std::vector<uint8_t> sampler_bytes;
+    if (sampler) sampler->save_state(&sampler_bytes);
+    out->clear();
+    const size_t row = (size_t)kv.kv_dim * 4, rows = (size_t)n_layer * (size_t)kv.pos;
+    out->reserve(64 + (size_t)kv.pos * 4 + 2 * rows * row + (size_t)n_vocab * 4 + sampler_bytes.size());
+    detail::ByteWriter w(out);
+    w.put(detail::kStateMagic);
+    w.put(detail::kStateVersion);
+    w.put(detail::model_fingerprint(*si.model));
+    w.put<int32_t>(n_layer);
+    w.put<int64_t>(kv.kv_dim);
+    w.put<int32_t>(n_vocab);
+    w.put<int32_t>(kv.pos);
+    w.bytes(kv.tokens.data, (size_t)kv.pos * 4);
+    for (int il = 0; il < n_layer; ++il) {
+        w.bytes(kv.k.data + kv.offset(il, 0), (size_t)kv.pos * row);
+        w.bytes(kv.v.data + kv.offset(il, 0), (size_t)kv.pos * row);
+    }
+    w.bytes(si.a.logits.data, (size_t)n_vocab * 4);
+    w.put<uint64_t>(sampler_bytes.size());
+    w.bytes(sampler_bytes.data(), sampler_bytes.size());
+    return Status::ok;
+}
+
+MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, Sampler* sampler) {
+    if (!impl_ || (!data && size)) return detail::fail(Status::invalid_argument, "load_state: session not created or no data");
+    detail::SessionImpl& si = *impl_;
+    detail::KvCache& kv = si.kv;
+    const int32_t n_layer = si.hp->n_layer, n_vocab = si.hp->n_vocab;
+    detail::ByteReader r(data, size);
+    uint64_t magic = 0, fingerprint = 0, sampler_size = 0;
+    uint32_t version = 0;
+    int32_t layers = 0, vocab = 0, pos = 0;
+    int64_t kv_dim = 0;
+    if (!r.get(&magic) || magic != detail::kStateMagic) return detail::fail(Status::invalid_file, "not a moe_infer session state");
+    if (!r.get(&version) || version != detail::kStateVersion)
+        return detail::fail(Status::invalid_file, "session state version %u (this build reads %u)", version, detail::kStateVersion);
+    if (!r.get(&fingerprint) || !r.get(&layers) || !r.get(&kv_dim) || !r.get(&vocab) || !r.get(&pos))
+        return detail::fail(Status::invalid_file, "truncated session state");
+    if (fingerprint != detail::model_fingerprint(*si.model) || layers != n_layer || kv_dim != kv.kv_dim || vocab != n_vocab)
+        return detail::fail(Status::invalid_file, "the session state was saved with another model");
+    if (pos < 0) return detail::fail(Status::invalid_file, "corrupt session state (position %d)", pos);
+    if (pos > kv.n_ctx) return detail::fail(Status::context_full, "the session state holds %d positions, n_ctx is %d", pos, kv.n_ctx);
+    const size_t row = (size_t)kv.kv_dim * 4;
+    const size_t need = (size_t)pos * 4 + 2 * (size_t)n_layer * (size_t)pos * row + (size_t)n_vocab * 4 + 8;
+    if (r.left() < need) return detail::fail(Status::invalid_file, "truncated session state");
+    // Validated before anything is overwritten: the tokens, then the sampler part's size.
+    const uint8_t* token_bytes = r.skip((size_t)pos * 4);
+    for (int32_t i = 0; i < pos; ++i) {
+        int32_t t;
+        std::memcpy(&t, token_bytes + (size_t)i * 4, 4);
+        if (t < 0 || t >= n_vocab) return detail::fail(Status::invalid_file, "corrupt session state (token %d at position %d)", t, i);
+    }
+    const uint8_t* kv_bytes = r.skip(2 * (size_t)n_layer * (size_t)pos * row);
+    const uint8_t* logit_bytes = r.skip((size_t)n_vocab * 4);
+    if (!r.get(&sampler_size) || sampler_size != r.left()) return detail::fail(Status::invalid_file, "corrupt session state (sampler part)");
+    const uint8_t* sampler_bytes = r.skip((size_t)sampler_size);
+    if (sampler) {
+        if (sampler_size == 0) return detail::fail(Status::invalid_argument, "the session state holds no sampler state");
+        Status s = sampler->load_state(sampler_bytes, (size_t)sampler_size);
+        if (s != Status::ok) return s;
+    }
+    std::memcpy(kv.tokens.data, token_bytes, (size_t)pos * 4);
+    for (int il = 0; il < n_layer; ++il) {
+        std::memcpy(kv.k.data + kv.offset(il, 0), kv_bytes, (size_t)pos * row);
+        kv_bytes += (size_t)pos * row;
+        std::memcpy(kv.v.data + kv.offset(il, 0), kv_bytes, (size_t)pos * row);
+        kv_bytes += (size_t)pos * row;
+    }
+    std::memcpy(si.a.logits.data, logit_bytes, (size_t)n_vocab * 4);
+    kv.pos = pos;
+    return Status::ok;
+}
+
+MOE_DETAIL_MEMBER Status Session::save_state(const char* path, const Sampler* sampler) const {
+    if (!path) return detail::fail(Status::invalid_argument, "save_state: null path");
+    std::vector<uint8_t> bytes;
+    Status s = save_state(&bytes, sampler);
+    if (s != Status::ok) return s;
+    return detail::write_whole_file(path, bytes.data(), bytes.size());
+}
+
+MOE_DETAIL_MEMBER Status Session::load_state(const char* path, Sampler* sampler) {
+    if (!path) return detail::fail(Status::invalid_argument, "load_state: null path");
+    detail::FileView view;
+    Status s = view.open(path, false);
+    if (s != Status::ok) return s;
+    return load_state(view.data, view.size, sampler);
+}
+
 MOE_DETAIL_MEMBER const Model& Session::model() const { return model_; }
 MOE_DETAIL_MEMBER const int32_t* Session::last_expert_ids() const { return impl_ ? impl_->r.last_experts.data() : nullptr; }
 
@@ -10810,11 +10999,7 @@ MOE_DETAIL_MEMBER Status ExpertStats::write(const char* path) const {
     const size_t len = std::strlen(path);
     const bool json = len >= 5 && std::strcmp(path + len - 5, ".json") == 0;
     const std::string text = json ? to_json() : to_csv();
-    std::FILE* f = std::fopen(path, "wb");
-    if (!f) return detail::fail(Status::io_error, "cannot create '%s': %s", path, std::strerror(errno));
-    const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
-    if (std::fclose(f) != 0 || !ok) return detail::fail(Status::io_error, "write error on '%s'", path);
-    return Status::ok;
+    return detail::write_whole_file(path, text.data(), text.size());
 }
 
 MOE_DETAIL_MEMBER double PredictionStats::recall(int target, int depth) const {
@@ -10904,6 +11089,42 @@ MOE_DETAIL_MEMBER void Sampler::reset() {
     history_.assign((size_t)keep, -1);
     history_pos_ = history_len_ = 0;
     mirostat_mu_ = 2 * options_.mirostat_tau;
+}
+
+MOE_DETAIL_MEMBER void Sampler::save_state(std::vector<uint8_t>* out) const {
+    if (!out) return;
+    out->clear();
+    detail::ByteWriter w(out);
+    w.put<uint32_t>(0x4c504d53u);  // "SMPL"
+    for (uint64_t v : rng_state_) w.put(v);
+    w.put<uint64_t>(history_.size());
+    w.put<uint64_t>(history_pos_);
+    w.put<uint64_t>(history_len_);
+    for (int32_t t : history_) w.put(t);
+    w.put(mirostat_mu_);
+}
+
+MOE_DETAIL_MEMBER Status Sampler::load_state(const uint8_t* data, size_t size) {
+    detail::ByteReader r(data, size);
+    uint32_t magic = 0;
+    uint64_t rng[4], cap = 0, pos = 0, len = 0;
+    if (!r.get(&magic) || magic != 0x4c504d53u || !r.get(&rng[0]) || !r.get(&rng[1]) || !r.get(&rng[2]) || !r.get(&rng[3]) || !r.get(&cap) ||
+        !r.get(&pos) || !r.get(&len))
+        return detail::fail(Status::invalid_argument, "not a sampler state");
+    if (cap != history_.size())
+        return detail::fail(Status::invalid_argument, "sampler state keeps %llu history tokens, this sampler's options %zu", (unsigned long long)cap, history_.size());
+    if ((cap && (pos >= cap || len > cap)) || (!cap && (pos || len))) return detail::fail(Status::invalid_argument, "corrupt sampler state");
+    std::vector<int32_t> hist((size_t)cap);
+    for (int32_t& t : hist)
+        if (!r.get(&t)) return detail::fail(Status::invalid_argument, "truncated sampler state");
+    float mu = 0;
+    if (!r.get(&mu) || !r.at_end()) return detail::fail(Status::invalid_argument, "sampler state has the wrong size");
+    std::memcpy(rng_state_, rng, sizeof rng_state_);
+    history_.swap(hist);
+    history_pos_ = (size_t)pos;
+    history_len_ = (size_t)len;
+    mirostat_mu_ = mu;
+    return Status::ok;
 }
 
 MOE_DETAIL_MEMBER double Sampler::next_uniform() {
