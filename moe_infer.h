@@ -634,13 +634,16 @@ typedef void (*InputObserverFn)(void* user, int32_t layer, MatInput what, int32_
 
 struct SessionOptions {
     // KV-cache positions; 0 = min(model's training context, 4096); at most 4,194,304. create()
-    // reserves kv_cache_bytes() (float32 K and V); the memory is committed as positions fill.
+    // reserves kv_cache_bytes() (K and V of kv_type); the memory is committed as positions fill.
     int32_t n_ctx = 0;
     int32_t n_threads = 0;  // 0 = hardware threads (capped at 16)
     int32_t n_batch = 0;    // max tokens per internal forward chunk during prefill; 0 = 64
     // Dot products against float32 activations instead of quantizing each matmul input to 8 bits
     // (Q8_0/Q8_K, as llama.cpp does). Closer to a float reference (transformers), slower.
     bool float_activations = false;
+    // KV-cache element type: F32, or Q8_0 (head_dim a multiple of 32; 3.8x smaller; queries are
+    // quantized to Q8_0 for the scores, as llama.cpp does with a q8_0 cache).
+    TensorType kv_type = TensorType::f32;
     // Accumulate the wall time of each forward-pass phase (Session::profile). Costs ~1 us/layer.
     bool profile = false;
     // Bytes ahead of the current weight row that matmuls prefetch; -1 = default (2048), 0 = off.
@@ -670,8 +673,8 @@ struct SessionOptions {
 };
 
 // Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
-// 8 * n_layer * n_ctx * n_head_kv * head_dim. 0 for an unloaded model.
-MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx);
+// 8 * n_layer * n_ctx * n_head_kv * head_dim for F32, 34/32 of that / 4 for Q8_0. 0 for an unloaded model.
+MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType kv_type = TensorType::f32);
 constexpr int32_t kMaxContextLength = 1 << 22;  // SessionOptions::n_ctx limit
 
 // Wall time of one forward-pass phase, summed over the eval() calls since the last reset_profile().
@@ -9556,21 +9559,31 @@ struct ActRows {
 };
 
 // Keys and values of every layer and position, float32.
+// Keys and values of every layer and position: float32, or Q8_0 (SessionOptions::kv_type; blocks
+// of 32 within each head, so head_dim must be a multiple of 32).
 struct KvCache {
-    AlignedBuffer<float> k, v;  // (n_layer, n_ctx, kv_dim) each
+    AlignedBuffer<uint8_t> k, v;    // (n_layer, n_ctx, row_bytes) each
     AlignedBuffer<int32_t> tokens;  // (n_ctx): the token at each filled position (prefix reuse, state files)
     int32_t n_ctx = 0;          // capacity in positions
     int32_t pos = 0;            // positions filled
     int64_t kv_dim = 0;
+    bool q8 = false;            // rows of BlockQ8_0 instead of floats
+    size_t row_bytes = 0;
 
+    static size_t row_size(int64_t kv_dim, bool q8) { return q8 ? (size_t)(kv_dim / kQK) * sizeof(BlockQ8_0) : (size_t)kv_dim * 4; }
     // Not zeroed: attention reads only positions < pos, all written first.
-    bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_) {
-        n_ctx = n_ctx_; kv_dim = kv_dim_;
-        const size_t n = (size_t)n_layer * (size_t)n_ctx * (size_t)kv_dim;
+    bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_, bool q8_) {
+        n_ctx = n_ctx_; kv_dim = kv_dim_; q8 = q8_;
+        row_bytes = row_size(kv_dim, q8);
+        const size_t n = (size_t)n_layer * (size_t)n_ctx * row_bytes;
         return k.allocate(n, false) && v.allocate(n, false) && tokens.allocate((size_t)n_ctx_, false);
     }
-    size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * (size_t)kv_dim; }
-    static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim) { return 2ull * 4 * (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)kv_dim; }
+    size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * row_bytes; }  // bytes
+    const float* k_f32(int il, int32_t p) const { return reinterpret_cast<const float*>(k.data + offset(il, p)); }
+    const float* v_f32(int il, int32_t p) const { return reinterpret_cast<const float*>(v.data + offset(il, p)); }
+    static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim, bool q8) {
+        return 2ull * (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)row_size(kv_dim, q8);
+    }
 };
 
 // Activations of the chunk in flight (up to n_batch tokens) and per-thread scratch.
@@ -9725,6 +9738,7 @@ struct SessionImpl {
     void* observer_user = nullptr;
     size_t prefetch_bytes = 0;
     VecDotFn dot_f32 = nullptr;      // float . float, for attention scores
+    VecDotFn dot_q8 = nullptr;       // Q8_0 . Q8_0, for scores against a Q8_0 KV cache
     KvCache kv;
     Activations a;
     Routing r;
@@ -9886,11 +9900,18 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     progress_user = o.progress_user;
     profile.enabled = o.profile;
     const int64_t B = n_batch, nth = pool.size(), hd = hp->head_dim, slots = plan->slots, group = plan->group;
-    if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim))
+    if (o.kv_type != TensorType::f32 && o.kv_type != TensorType::q8_0)
+        return fail(Status::invalid_argument, "kv_type %s: the KV cache is F32 or Q8_0", tensor_type_name(o.kv_type));
+    const bool kv_q8 = o.kv_type == TensorType::q8_0;
+    if (kv_q8 && hp->head_dim % kQK)
+        return fail(Status::invalid_argument, "a Q8_0 KV cache needs head_dim to be a multiple of %d (the model has %d)", kQK, hp->head_dim);
+    if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim, kv_q8))
         return fail(Status::out_of_memory, "cannot allocate the KV cache for n_ctx %d (%.1f MiB)", n_ctx,
-                    (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim) / (1 << 20));
+                    (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim, kv_q8) / (1 << 20));
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
-    a.att_scratch_stride = (size_t)((kAttTokens * group * (kAttBlock + hd + 2) + 15) / 16 * 16);
+    // + with a Q8_0 cache: the unit's queries as Q8_0 and one dequantized value row.
+    const int64_t q8_floats = kv_q8 ? (kAttTokens * group * (hd / kQK) * (int64_t)sizeof(BlockQ8_0) + 3) / 4 + hd : 0;
+    a.att_scratch_stride = (size_t)((kAttTokens * group * (kAttBlock + hd + 2) + q8_floats + 15) / 16 * 16);
     a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, kGemmRows * B) * (size_t)slots;
     a.hidden_q_stride = (size_t)plan->max_ff * 4;  // f32, and every quantized format's row (+ one block)
     for (int f = 1; f < kActFormatCount; ++f) {
@@ -9912,6 +9933,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     a.rope_inv_freq.resize((size_t)(hp->n_rot / 2));
     for (int i = 0; i < hp->n_rot / 2; ++i) a.rope_inv_freq[(size_t)i] = std::pow(hp->rope_freq_base, -2.f * (float)i / (float)hp->n_rot);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
+    dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
     gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
                       : o.gemm_min_tokens == 0 ? kDefaultGemmMinTokens : o.gemm_min_tokens;
     if (gemm_min_tokens > 0 && n_batch >= gemm_min_tokens) {
@@ -10249,8 +10271,14 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
         for (int h = g0; h < g1; ++h) {
             if (per_head) rms_norm(kt_ + h * hd, kt_ + h * hd, l.k_norm.data(), hd, hp->rms_eps);
             rope(kt_ + h * hd, cs, hp->n_rot, hp->rope_neox);
-            std::memcpy(cache.k.data + cache_row + (size_t)h * hd, kt_ + h * hd, (size_t)hd * 4);
-            std::memcpy(cache.v.data + cache_row + (size_t)h * hd, a.v.data + t * kv_dim + h * hd, (size_t)hd * 4);
+            if (cache.q8) {
+                const size_t at = cache_row + (size_t)(h * hd / kQK) * sizeof(BlockQ8_0);
+                quantize_row_q8_0_ref(reinterpret_cast<BlockQ8_0*>(cache.k.data + at), kt_ + h * hd, hd);
+                quantize_row_q8_0_ref(reinterpret_cast<BlockQ8_0*>(cache.v.data + at), a.v.data + t * kv_dim + h * hd, hd);
+            } else {
+                std::memcpy(cache.k.data + cache_row + (size_t)h * hd * 4, kt_ + h * hd, (size_t)hd * 4);
+                std::memcpy(cache.v.data + cache_row + (size_t)h * hd * 4, a.v.data + t * kv_dim + h * hd, (size_t)hd * 4);
+            }
         }
     }
 }
@@ -10264,13 +10292,16 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
 // when it is alone in its unit.
 inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) {
     const int hd = hp->head_dim, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
-    const int64_t q_dim = plan->q_dim, kv_dim = plan->kv_dim;
+    const int64_t q_dim = plan->q_dim;
     const float scale = 1.f / std::sqrt((float)hd);
     const int T = c.seq_kv || S > 1 ? 1 : kAttTokens;
     float* sc = a.att_scratch.data + (size_t)ith * a.att_scratch_stride;  // (T, group, kAttBlock)
     float* acc = sc + T * group * kAttBlock;                                // (T, group, hd)
     float* mx = acc + T * group * hd;                                       // (T, group)
     float* sum = mx + T * group;                                            // (T, group)
+    const int nbh = hd / kQK;  // Q8_0 blocks per head (Q8_0 cache only)
+    BlockQ8_0* q8_queries = reinterpret_cast<BlockQ8_0*>(sum + T * group);  // (T, group, nbh)
+    float* v_row = sum + T * group + ((size_t)T * group * nbh * sizeof(BlockQ8_0) + 3) / 4;  // (hd)
     const int64_t units = ((int64_t)c.n + T - 1) / T * n_kv * G * S;
     for (;;) {
         const int64_t u = pool.grab(1);
@@ -10278,8 +10309,9 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
         const int32_t t0 = (int32_t)(u / ((int64_t)n_kv * G * S)) * T, nt = std::min<int32_t>(T, c.n - t0);
         const int kvh = (int)(u / ((int64_t)G * S) % n_kv), sub = (int)(u / S % G), split = (int)(u % S);
         const KvCache& cache = kv_of(c, t0);  // shared by the unit's tokens (T > 1 only without seq_kv)
-        const float* kl = cache.k.data + cache.offset(il, 0);
-        const float* vl = cache.v.data + cache.offset(il, 0);
+        const uint8_t* kl = cache.k.data + cache.offset(il, 0);
+        const uint8_t* vl = cache.v.data + cache.offset(il, 0);
+        const size_t rb = cache.row_bytes, head_at = cache.q8 ? (size_t)(kvh * hd / kQK) * sizeof(BlockQ8_0) : (size_t)kvh * hd * 4;
         int32_t j0 = 0, j1[kAttTokens];  // with T > 1 there are no splits: every token starts at 0
         for (int k = 0; k < nt; ++k) {
             const int32_t len = pos_of(c, t0 + k) + 1;
@@ -10290,15 +10322,21 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
         const int h0 = kvh * group + sub * gsize;  // first query head of the unit
         for (int k = 0; k < nt; ++k)
             for (int g = 0; g < gsize; ++g) { mx[k * group + g] = -INFINITY; sum[k * group + g] = 0; }
+        if (cache.q8)  // the unit's queries in Q8_0 (scores through the Q8_0 row kernel)
+            for (int k = 0; k < nt; ++k)
+                for (int g = 0; g < gsize; ++g)
+                    quantize_act(ActFormat::q8_0, q8_queries + (size_t)(k * group + g) * nbh, a.q.data + (t0 + k) * q_dim + (int64_t)(h0 + g) * hd, hd);
         std::fill(acc, acc + (size_t)T * group * hd, 0.f);
         for (int32_t jb = j0; jb < j_end; jb += kAttBlock) {
             const int nb_max = std::min<int32_t>(kAttBlock, j_end - jb);
             for (int jj = 0; jj < nb_max; ++jj) {
-                const float* kj = kl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
+                const uint8_t* kj = kl + (size_t)(jb + jj) * rb + head_at;
                 for (int k = 0; k < nt; ++k) {
                     if (jb + jj >= j1[k]) continue;
                     const float* qg = a.q.data + (t0 + k) * q_dim + (int64_t)h0 * hd;
-                    for (int g = 0; g < gsize; ++g) sc[(k * group + g) * kAttBlock + jj] = dot_f32(qg + g * hd, kj, hd) * scale;
+                    for (int g = 0; g < gsize; ++g)
+                        sc[(k * group + g) * kAttBlock + jj] =
+                            (cache.q8 ? dot_q8(kj, q8_queries + (size_t)(k * group + g) * nbh, hd) : dot_f32(qg + g * hd, kj, hd)) * scale;
                 }
             }
             for (int k = 0; k < nt; ++k) {
@@ -10317,7 +10355,11 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                 }
             }
             for (int jj = 0; jj < nb_max; ++jj) {
-                const float* __restrict vj = vl + (size_t)(jb + jj) * (size_t)kv_dim + (size_t)kvh * hd;
+                const float* __restrict vj = reinterpret_cast<const float*>(vl + (size_t)(jb + jj) * rb + head_at);
+                if (cache.q8) {
+                    dequantize_row_q8_0(reinterpret_cast<const BlockQ8_0*>(vl + (size_t)(jb + jj) * rb + head_at), v_row, hd);
+                    vj = v_row;
+                }
                 for (int k = 0; k < nt; ++k) {
                     if (jb + jj >= j1[k]) continue;
                     for (int g = 0; g < gsize; ++g) {
@@ -10678,10 +10720,10 @@ inline void SessionImpl::down_tile(const ActiveExpert& e, int64_t row0, int rows
 
 }  // namespace detail
 
-MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx) {
+MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType kv_type) {
     const int32_t n = detail::session_n_ctx(info, n_ctx);
     if (n <= 0 || info.n_layer <= 0 || info.n_head_kv <= 0 || info.head_dim <= 0) return 0;
-    return detail::KvCache::bytes(info.n_layer, n, (int64_t)info.n_head_kv * info.head_dim);
+    return detail::KvCache::bytes(info.n_layer, n, (int64_t)info.n_head_kv * info.head_dim, kv_type == TensorType::q8_0);
 }
 
 MOE_DETAIL_MEMBER Session::Session() = default;
@@ -10754,6 +10796,7 @@ MOE_DETAIL_MEMBER Status Session::eval_batch(Session* const* sessions, const int
         for (size_t j = 0; j < i; ++j)
             if (sessions[j] == s) return detail::fail(Status::invalid_argument, "session %zu appears twice (also at %zu)", i, j);
         detail::KvCache& kv = s->impl_->kv;
+        if (kv.q8 != lead.kv.q8) return detail::fail(Status::invalid_argument, "session %zu has another KV-cache type than session 0", i);
         if (kv.pos >= kv.n_ctx) return detail::fail(Status::context_full, "session %zu is full: position %d of n_ctx %d", i, kv.pos, kv.n_ctx);
         if (tokens[i] < 0 || tokens[i] >= lead.hp->n_vocab)
             return detail::fail(Status::invalid_argument, "token id %d (session %zu) is out of range [0, %d)", tokens[i], i, lead.hp->n_vocab);
@@ -10831,7 +10874,7 @@ MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sa
     std::vector<uint8_t> sampler_bytes;
     if (sampler) sampler->save_state(&sampler_bytes);
     out->clear();
-    const size_t row = (size_t)kv.kv_dim * 4, rows = (size_t)n_layer * (size_t)kv.pos;
+    const size_t row = kv.row_bytes, rows = (size_t)n_layer * (size_t)kv.pos;
     out->reserve(64 + (size_t)kv.pos * 4 + 2 * rows * row + (size_t)n_vocab * 4 + sampler_bytes.size());
     detail::ByteWriter w(out);
     w.put(detail::kStateMagic);
@@ -10840,6 +10883,7 @@ MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sa
     w.put<int32_t>(n_layer);
     w.put<int64_t>(kv.kv_dim);
     w.put<int32_t>(n_vocab);
+    w.put<int32_t>((int32_t)(kv.q8 ? TensorType::q8_0 : TensorType::f32));
     w.put<int32_t>(kv.pos);
     w.bytes(kv.tokens.data, (size_t)kv.pos * 4);
     for (int il = 0; il < n_layer; ++il) {
@@ -10860,18 +10904,22 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     detail::ByteReader r(data, size);
     uint64_t magic = 0, fingerprint = 0, sampler_size = 0;
     uint32_t version = 0;
-    int32_t layers = 0, vocab = 0, pos = 0;
+    int32_t layers = 0, vocab = 0, kv_type = 0, pos = 0;
     int64_t kv_dim = 0;
     if (!r.get(&magic) || magic != detail::kStateMagic) return detail::fail(Status::invalid_file, "not a moe_infer session state");
     if (!r.get(&version) || version != detail::kStateVersion)
         return detail::fail(Status::invalid_file, "session state version %u (this build reads %u)", version, detail::kStateVersion);
-    if (!r.get(&fingerprint) || !r.get(&layers) || !r.get(&kv_dim) || !r.get(&vocab) || !r.get(&pos))
+    if (!r.get(&fingerprint) || !r.get(&layers) || !r.get(&kv_dim) || !r.get(&vocab) || !r.get(&kv_type) || !r.get(&pos))
         return detail::fail(Status::invalid_file, "truncated session state");
     if (fingerprint != detail::model_fingerprint(*si.model) || layers != n_layer || kv_dim != kv.kv_dim || vocab != n_vocab)
         return detail::fail(Status::invalid_file, "the session state was saved with another model");
+    const int32_t own_type = (int32_t)(kv.q8 ? TensorType::q8_0 : TensorType::f32);
+    if (kv_type != own_type)
+        return detail::fail(Status::invalid_argument, "the session state has a %s KV cache, this session %s",
+                            tensor_type_name((TensorType)kv_type), tensor_type_name((TensorType)own_type));
     if (pos < 0) return detail::fail(Status::invalid_file, "corrupt session state (position %d)", pos);
     if (pos > kv.n_ctx) return detail::fail(Status::context_full, "the session state holds %d positions, n_ctx is %d", pos, kv.n_ctx);
-    const size_t row = (size_t)kv.kv_dim * 4;
+    const size_t row = kv.row_bytes;
     const size_t need = (size_t)pos * 4 + 2 * (size_t)n_layer * (size_t)pos * row + (size_t)n_vocab * 4 + 8;
     if (r.left() < need) return detail::fail(Status::invalid_file, "truncated session state");
     // Validated before anything is overwritten: the tokens, then the sampler part's size.

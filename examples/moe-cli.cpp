@@ -43,6 +43,7 @@ const char* kUsage =
     "  -c N                context size in [1, 4194304] (default: min(training context, 4096);\n"
     "                      --perplexity: 256); past the training context: a warning and the KV-cache\n"
     "                      size; a KV cache larger than physical memory is refused\n"
+    "  --kv-type T         KV-cache type: f32 (default) or q8_0 (3.8x smaller)\n"
     "  --temp X            temperature (default 0.8; 0 = greedy)\n"
     "  --top-k N           (default 40; 0 = off)\n"
     "  --top-p X           (default 0.95; 1 = off)\n"
@@ -203,6 +204,7 @@ struct Args {
     unsigned long long mem_budget = 0;
     std::string expert_reads;
     moe::SamplerOptions sampler;
+    moe::TensorType kv_type = moe::TensorType::f32;
 };
 
 // Options that take a value; recognised before the value is asked for.
@@ -212,7 +214,7 @@ bool takes_value(const std::string& k) {
                                          "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads", "--expert-reads",
                                          "--presence-penalty", "--frequency-penalty", "--repeat-last-n", "--typical", "--top-nsigma",
                                          "--xtc-probability", "--xtc-threshold", "--dry-multiplier", "--dry-base", "--dry-allowed-length",
-                                         "--dry-penalty-last-n", "--mirostat", "--mirostat-ent", "--mirostat-lr", "--logit-bias"};
+                                         "--dry-penalty-last-n", "--mirostat", "--mirostat-ent", "--mirostat-lr", "--logit-bias", "--kv-type"};
     for (const char* f : kFlags)
         if (k == f) return true;
     return false;
@@ -269,6 +271,11 @@ int main(int argc, char** argv) {
         else if (k == "--expert-stats") a.expert_stats = v;
         else if (k == "--mem-budget") { if (!parse_size(v, &a.mem_budget)) return die("--mem-budget needs a size like 8G, 512M or 100000000, got '%s'", v); }
         else if (k == "--expert-reads") a.expert_reads = v;
+        else if (k == "--kv-type") {
+            if (std::strcmp(v, "f32") == 0) a.kv_type = moe::TensorType::f32;
+            else if (std::strcmp(v, "q8_0") == 0) a.kv_type = moe::TensorType::q8_0;
+            else return die("--kv-type needs f32 or q8_0, got '%s'", v);
+        }
         else if (k == "--io-threads") { if (!parse_int(v, 0, 64, &a.io_threads)) return die("--io-threads needs an integer in [0, 64], got '%s'", v); }
         else if (k == "--predict") { if (!parse_int(v, 1, 4, &a.predict_depth)) return die("--predict needs an integer in [1, 4], got '%s'", v); }
         else if (k == "--predict-extra") { if (!parse_int(v, 0, 1024, &a.predict_extra)) return die("--predict-extra needs an integer in [0, 1024], got '%s'", v); }
@@ -347,7 +354,7 @@ int main(int argc, char** argv) {
     // ---- context size and KV cache: checked before anything is allocated ----
     const long long n_ctx = a.n_ctx ? a.n_ctx : !a.perplexity_file.empty() ? 256 : std::min(info.n_ctx_train, 4096);
     if (n_ctx <= 0) return die("the model gives no training context length; use -c");
-    const uint64_t kv_bytes = moe::kv_cache_bytes(info, (int32_t)n_ctx);
+    const uint64_t kv_bytes = moe::kv_cache_bytes(info, (int32_t)n_ctx, a.kv_type);
     const uint64_t phys = physical_memory();
     if (phys && kv_bytes > phys)
         return die("the KV cache for a context of %lld needs %s, more than this machine's physical memory (%s); use a smaller -c", n_ctx,
@@ -420,6 +427,7 @@ int main(int argc, char** argv) {
     moe::SessionOptions so;
     so.n_threads = (int32_t)a.n_threads;
     so.n_ctx = (int32_t)n_ctx;
+    so.kv_type = a.kv_type;
     so.predict_depth = (int32_t)a.predict_depth;
     so.predict_extra = (int32_t)a.predict_extra;
     moe::Session session;

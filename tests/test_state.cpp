@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -137,11 +139,11 @@ TEST(SessionState, BadStatesAreRefusedAndChangeNothing) {
     EXPECT_NE(std::string(moe::last_error()).find("another model"), std::string::npos) << moe::last_error();
     bad = good;
     const int32_t huge = 1 << 30;
-    std::memcpy(bad.data() + 8 + 4 + 8 + 4 + 8 + 4, &huge, 4);  // position
+    std::memcpy(bad.data() + 8 + 4 + 8 + 4 + 8 + 4 + 4, &huge, 4);  // position
     EXPECT_EQ(b.load_state(bad.data(), bad.size()), moe::Status::context_full);
     bad = good;
     const int32_t bad_token = -5;
-    std::memcpy(bad.data() + 8 + 4 + 8 + 4 + 8 + 4 + 4, &bad_token, 4);  // first token
+    std::memcpy(bad.data() + 8 + 4 + 8 + 4 + 8 + 4 + 4 + 4, &bad_token, 4);  // first token
     EXPECT_EQ(b.load_state(bad.data(), bad.size()), moe::Status::invalid_file);
     bad = good;
     bad.push_back(0);  // trailing byte
@@ -204,6 +206,90 @@ TEST(SessionState, EvalPromptReusesTheSharedPrefix) {
     std::vector<int32_t> too_long(300, 1);
     EXPECT_EQ(s.eval_prompt(too_long.data(), too_long.size(), &reused), moe::Status::context_full);
     EXPECT_EQ(s.eval_prompt(nullptr, 0, &reused), moe::Status::invalid_argument);
+}
+
+// Q8_0 KV cache: the same forward pass within the round-off of 8-bit keys, values and queries
+// (relative L2 of every position's logits vs the F32 cache), 34/128 of the bytes, its own state
+// files, and clear refusals (head_dim not a multiple of 32; mixed cache types in one batch).
+TEST(KvCacheQ8, CloseToF32AndSmaller) {
+    const moe::Model model = load_demo();
+    const int32_t V = model.info().n_vocab;
+    const std::vector<int32_t> prompt = prompt_tokens(model, "Jas1:1 James, a servant of God and of the Lord Jesus Christ, to the twelve tribes which are scattered abroad, greeting. Jas1:2 My brethren, count it all joy");
+    moe::SessionOptions so;
+    so.n_threads = 2;
+    so.n_ctx = 256;
+    moe::Session f32, q8;
+    ASSERT_EQ(moe::Session::create(model, so, &f32), moe::Status::ok);
+    so.kv_type = moe::TensorType::q8_0;
+    ASSERT_EQ(moe::Session::create(model, so, &q8), moe::Status::ok) << moe::last_error();
+    std::vector<float> la(prompt.size() * (size_t)V), lb(la.size());
+    ASSERT_EQ(f32.eval(prompt.data(), prompt.size(), la.data()), moe::Status::ok);
+    ASSERT_EQ(q8.eval(prompt.data(), prompt.size(), lb.data()), moe::Status::ok);
+    std::vector<double> rel;
+    double differ = 0;
+    for (size_t t = 0; t < prompt.size(); ++t) {
+        double num = 0, den = 0;
+        for (int32_t i = 0; i < V; ++i) {
+            const double d = (double)la[t * V + i] - lb[t * V + i];
+            num += d * d;
+            den += (double)la[t * V + i] * la[t * V + i];
+            differ += d != 0;
+        }
+        rel.push_back(std::sqrt(num / den));
+    }
+    std::sort(rel.begin(), rel.end());
+    // Typically 0.5%; a near-tie in an expert choice moves a few positions by a few percent.
+    EXPECT_LT(rel[rel.size() / 2], 0.01) << "Q8_0 cache logits too far from the F32 cache's (median)";
+    EXPECT_LT(rel.back(), 0.1) << "Q8_0 cache logits too far from the F32 cache's (worst position)";
+    EXPECT_GT(differ, 0) << "the Q8_0 cache changed nothing: is it used?";
+    // Layer 0's keys and values have the same inputs in both sessions: the Q8_0 rows must be
+    // moe::quantize_row(Q8_0) of the F32 rows, byte for byte (read from the two state files).
+    std::vector<uint8_t> sf, sq;
+    ASSERT_EQ(f32.save_state(&sf), moe::Status::ok);
+    ASSERT_EQ(q8.save_state(&sq), moe::Status::ok);
+    const size_t header = 8 + 4 + 8 + 4 + 8 + 4 + 4 + 4 + prompt.size() * 4, P = prompt.size();
+    const int64_t kv_dim = (int64_t)model.info().n_head_kv * model.info().head_dim;
+    const size_t row_f = (size_t)kv_dim * 4, row_q = (size_t)kv_dim / 32 * 34;
+    std::vector<uint8_t> want(row_q);
+    for (int part = 0; part < 2; ++part)  // K rows, then V rows of layer 0
+        for (size_t p = 0; p < P; ++p) {
+            const float* f = reinterpret_cast<const float*>(sf.data() + header + (part * P + p) * row_f);
+            ASSERT_EQ(moe::quantize_row(moe::TensorType::q8_0, f, want.data(), kv_dim), moe::Status::ok);
+            ASSERT_EQ(std::memcmp(sq.data() + header + (part * P + p) * row_q, want.data(), row_q), 0) << (part ? "V" : "K") << " row " << p;
+        }
+    EXPECT_EQ(moe::kv_cache_bytes(model.info(), 256, moe::TensorType::q8_0) * 128, moe::kv_cache_bytes(model.info(), 256) * 34);
+
+    // Its state round trip continues identically; an F32 session refuses a Q8_0 state.
+    std::vector<uint8_t> bytes;
+    ASSERT_EQ(q8.save_state(&bytes), moe::Status::ok);
+    moe::Session q8b;
+    ASSERT_EQ(moe::Session::create(model, so, &q8b), moe::Status::ok);
+    ASSERT_EQ(q8b.load_state(bytes.data(), bytes.size()), moe::Status::ok) << moe::last_error();
+    const int32_t next = 42;
+    ASSERT_EQ(q8.eval(&next, 1), moe::Status::ok);
+    ASSERT_EQ(q8b.eval(&next, 1), moe::Status::ok);
+    EXPECT_EQ(std::memcmp(q8.logits(), q8b.logits(), (size_t)V * 4), 0);
+    EXPECT_EQ(f32.load_state(bytes.data(), bytes.size()), moe::Status::invalid_argument);
+
+    moe::Session* mixed[2] = {&f32, &q8};
+    const int32_t toks[2] = {3, 4};
+    EXPECT_EQ(moe::Session::eval_batch(mixed, toks, 2), moe::Status::invalid_argument);
+    so.kv_type = moe::TensorType::q4_0;
+    moe::Session bad;
+    EXPECT_EQ(moe::Session::create(model, so, &bad), moe::Status::invalid_argument);
+
+    moe_test::ModelSpec spec;
+    spec.head_dim = 16;  // not a multiple of 32
+    moe_test::RandomModel rm = moe_test::make_random_model(spec);
+    ASSERT_TRUE(rm.ok()) << rm.error;
+    const std::string path = temp_path("kv_q8_hd16.gguf");
+    ASSERT_EQ(rm.write(path), moe::Status::ok);
+    moe::Model small;
+    ASSERT_EQ(moe::Model::load(path.c_str(), moe::LoadOptions{}, &small), moe::Status::ok);
+    so.kv_type = moe::TensorType::q8_0;
+    EXPECT_EQ(moe::Session::create(small, so, &bad), moe::Status::invalid_argument);
+    EXPECT_NE(std::string(moe::last_error()).find("head_dim"), std::string::npos) << moe::last_error();
+    std::remove(path.c_str());
 }
 
 }  // namespace
