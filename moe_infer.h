@@ -11136,6 +11136,8 @@ MOE_DETAIL_MEMBER void Sampler::reset() {
     const int keep = std::max(options_.repeat_last_n, options_.dry_multiplier > 0 ? options_.dry_last_n : 0);
     history_.assign((size_t)keep, -1);
     history_pos_ = history_len_ = 0;
+    scratch_.reserve((size_t)keep);  // the penalties' and DRY's window copies never grow while decoding
+    scratch2_.reserve((size_t)keep);
     mirostat_mu_ = 2 * options_.mirostat_tau;
 }
 
@@ -11271,6 +11273,9 @@ MOE_DETAIL_MEMBER void Sampler::apply_dry(int32_t n_vocab) {
 MOE_DETAIL_MEMBER size_t Sampler::filter(int32_t n_vocab, const float* logits, bool draw_steps) {
     const SamplerOptions& o = options_;
     candidates_.resize((size_t)n_vocab);
+    probs_.reserve((size_t)n_vocab);  // sized once: later steps only shrink within these
+    scratch_.reserve(std::max(scratch_.capacity(), (size_t)n_vocab));
+    if (o.dry_multiplier > 0) dry_penalty_.reserve((size_t)n_vocab);
     for (int32_t i = 0; i < n_vocab; ++i) candidates_[(size_t)i] = Candidate{logits[i], i};
     for (const auto& lb : o.logit_bias)
         if (lb.first >= 0 && lb.first < n_vocab) candidates_[(size_t)lb.first].logit += lb.second;
@@ -11332,7 +11337,10 @@ MOE_DETAIL_MEMBER size_t Sampler::filter(int32_t n_vocab, const float* logits, b
         order.resize(n);
         for (size_t i = 0; i < n; ++i) order[i] = (int32_t)i;
         auto shift = [&](int32_t i) { return std::fabs(-std::log(probs_[(size_t)i] / sum) - entropy); };
-        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return shift(a) < shift(b); });
+        std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {  // stable by rank; std::stable_sort would allocate
+            const double sa = shift(a), sb = shift(b);
+            return sa < sb || (sa == sb && a < b);
+        });
         double cum = 0;
         size_t keep = n;
         for (size_t k = 0; k < n; ++k) {

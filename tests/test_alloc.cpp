@@ -38,7 +38,9 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
-void check_no_allocation(const moe_test::ModelSpec& spec, int n_threads) {
+// extended: a Q8_0 KV cache and every sampler step that keeps state or scratch (penalties, DRY,
+// typical-p, top-n-sigma, XTC, logit bias) - or mirostat v2.
+void check_no_allocation(const moe_test::ModelSpec& spec, int n_threads, int extended = 0) {
     moe_test::RandomModel rm = moe_test::make_random_model(spec);
     ASSERT_TRUE(rm.ok()) << rm.error;
     std::vector<uint8_t> bytes = rm.bytes();
@@ -47,11 +49,18 @@ void check_no_allocation(const moe_test::ModelSpec& spec, int n_threads) {
     moe::SessionOptions so;
     so.n_ctx = 64;
     so.n_threads = n_threads;
+    if (extended) so.kv_type = moe::TensorType::q8_0;
     moe::Session session;
     ASSERT_EQ(moe::Session::create(model, so, &session), moe::Status::ok) << moe::last_error();
     moe::SamplerOptions sopt;
     sopt.temperature = 0.8f;
     sopt.repeat_penalty = 1.1f;
+    if (extended == 1) {
+        sopt.presence_penalty = 0.2f; sopt.frequency_penalty = 0.1f; sopt.dry_multiplier = 0.8f; sopt.typical_p = 0.9f;
+        sopt.top_n_sigma = 2.f; sopt.xtc_probability = 0.5f; sopt.logit_bias = {{1, 0.5f}};
+    } else if (extended == 2) {
+        sopt.mirostat = 2;
+    }
     moe::Sampler sampler(sopt);
     std::vector<int32_t> prompt = moe_test::random_tokens(8, spec.n_vocab, 3);
     ASSERT_EQ(session.eval(prompt.data(), prompt.size()), moe::Status::ok);
@@ -81,6 +90,10 @@ TEST(DecodeLoop, DoesNotAllocate) {
     dense.arch = "llama";
     dense.dense = true;
     check_no_allocation(dense, 2);
+    moe_test::ModelSpec wide;  // head_dim 32: a Q8_0 KV cache
+    wide.n_embd = 128;
+    check_no_allocation(wide, 2, 1);
+    check_no_allocation(wide, 1, 2);
 }
 
 }  // namespace
