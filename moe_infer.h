@@ -392,6 +392,8 @@ private:
 // A fixed chain, in llama.cpp's default order: logit bias -> penalties (repetition, frequency,
 // presence) -> DRY -> top-n-sigma -> top-k -> typical-p -> top-p -> min-p -> XTC -> temperature ->
 // draw; with mirostat = 2 the truncation steps after DRY are replaced by temperature -> mirostat v2.
+// A GBNF grammar (SamplerOptions::grammar) masks what it refuses: the chain draws once unmasked and,
+// when that token is refused, again from the masked logits (grammar sampling allocates: parse stacks).
 // temperature <= 0 means greedy (argmax after bias, penalties and DRY; ties go to the lowest id).
 // Every step's "off" value is its default except top-k/top-p/min-p (llama.cpp's defaults). A value
 // type: copy it to fork the RNG and mirostat state; the same seed and logits give the same tokens
@@ -427,6 +429,10 @@ struct SamplerOptions {
     float mirostat_tau = 5.0f;
     float mirostat_eta = 0.1f;
     std::vector<std::pair<int32_t, float>> logit_bias;  // added to those tokens' logits first
+    // A GBNF grammar (llama.cpp's format, start rule `root`): only tokens that keep the text a prefix
+    // of a sentence of the grammar are drawn, and end-of-generation only once it is a whole one.
+    // Needs Sampler::set_vocabulary() (generate() calls it). Empty = none.
+    std::string grammar;
     uint64_t seed = 0;
 };
 
@@ -434,20 +440,31 @@ struct SamplerOptions {
 // of logit_bias). generate() and generate_batch() refuse such options.
 MOE_API Status check_sampler_options(const SamplerOptions& options, int32_t n_vocab = 0);
 
+namespace detail { class GrammarMatcher; struct SamplerVocab; }
+
 class Sampler {
 public:
     Sampler() : Sampler(SamplerOptions{}) {}
     explicit Sampler(const SamplerOptions& options);
+    Sampler(const Sampler& other);  // copies the grammar's state too
+    Sampler& operator=(const Sampler& other);
+    Sampler(Sampler&&) noexcept;
+    Sampler& operator=(Sampler&&) noexcept;
+    ~Sampler();
     // Picks a token from `logits` (n_vocab floats; not modified). Allocates only on the first
     // call or when n_vocab grows.
     int32_t sample(const float* logits, int32_t n_vocab);
     // The candidates and probabilities sample() would draw from now, most likely first, without
     // drawing (no RNG or mirostat state is used: XTC is left out, mirostat truncates at its current mu).
     void distribution(const float* logits, int32_t n_vocab, std::vector<std::pair<int32_t, float>>* out);
-    // Records a token (prompt or generated) for the penalties and DRY.
+    // Records a token (prompt or generated) for the penalties and DRY; the grammar moves on with the
+    // token the last sample() returned.
     void accept(int32_t token);
-    // Marks DRY's sequence breakers: the tokens whose text contains one of dry_sequence_breakers.
+    // The token texts the grammar matches, and DRY's sequence breakers (tokens whose text contains
+    // one of dry_sequence_breakers).
     void set_vocabulary(const Tokenizer& tokenizer);
+    // With a grammar: whether the text so far is a whole sentence of it.
+    bool grammar_complete() const;
     void reset();  // forgets history and mirostat state and re-seeds
     // The dynamic state (RNG, token history, mirostat's mu) as bytes, and back into a sampler whose
     // options keep as many history tokens (Status::invalid_argument otherwise, or for bad bytes).
@@ -471,6 +488,13 @@ private:
     std::vector<double> probs_;
     std::vector<int32_t> scratch_, scratch2_;  // penalties' counts, DRY's reversed history and Z array
     std::vector<float> dry_penalty_;          // per token id, reset after use
+    std::unique_ptr<detail::GrammarMatcher> grammar_;     // null: no grammar (or an invalid one)
+    std::shared_ptr<const detail::SamplerVocab> vocab_;  // token texts and end-of-generation flags
+    std::vector<float> masked_;                          // logits with the grammar's refusals at -inf
+    int32_t grammar_pending_ = -1;                       // the token sample() returned, for accept()
+    bool grammar_allows(int32_t token) const;
+    int32_t sample_free(const float* logits, int32_t n_vocab);  // the chain without the grammar
+    const float* apply_grammar(const float* logits, int32_t n_vocab);  // masked_ (or logits when all pass)
 };
 
 //-----------------------------------------------------------------------------
@@ -829,6 +853,7 @@ MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::v
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <cctype>
 #include <functional>
 #include <limits>
 #include <mutex>
@@ -11087,6 +11112,480 @@ MOE_DETAIL_MEMBER double PredictionStats::precision(int depth) const {
 // splitmix64, so a seed means the same stream everywhere; XTC draws from it only when enabled.
 
 namespace moe {
+namespace detail {
+
+// The code points a UTF-8 sequence of `len` bytes may encode (shorter forms and surrogates are
+// invalid UTF-8: a token spelling '{' as E0 81 BB must not pass for '{').
+inline bool utf8_valid_code_point(uint32_t cp, size_t len) {
+    return len == 1 ? cp < 0x80 : len == 2 ? cp >= 0x80 && cp < 0x800 : len == 3 ? cp >= 0x800 && cp < 0x10000 && (cp < 0xD800 || cp > 0xDFFF)
+                                                                   : cp >= 0x10000 && cp <= 0x10FFFF;
+}
+inline void utf8_clamp_range(size_t len, uint32_t* lo, uint32_t* hi) {
+    *lo = std::max(*lo, len == 2 ? 0x80u : len == 3 ? 0x800u : 0x10000u);
+    *hi = std::min(*hi, len == 2 ? 0x7FFu : len == 3 ? 0xFFFFu : 0x10FFFFu);
+}
+
+struct GrammarElement {
+    bool is_rule = false;   // a reference to rules[rule]; else a character class
+    bool negated = false;   // [^...]
+    int32_t rule = -1;
+    std::vector<std::pair<uint32_t, uint32_t>> ranges;  // inclusive code-point ranges
+    bool matches(uint32_t c) const {
+        bool in = false;
+        for (const auto& r : ranges) in = in || (c >= r.first && c <= r.second);
+        return in != negated;
+    }
+    // Whether some code point in [lo, hi] matches (for a token that ends inside a UTF-8 sequence).
+    bool matches_some(uint32_t lo, uint32_t hi) const {
+        if (negated) {
+            for (const auto& r : ranges)
+                if (r.first <= lo && r.second >= hi) return false;
+            return true;
+        }
+        for (const auto& r : ranges)
+            if (r.first <= hi && r.second >= lo) return true;
+        return false;
+    }
+};
+typedef std::vector<GrammarElement> GrammarSequence;
+
+struct Grammar {
+    std::vector<std::vector<GrammarSequence>> rules;  // rule -> alternatives
+    std::vector<std::string> names;
+    int32_t root = -1;
+};
+
+// Recursive-descent GBNF parser. Repetitions become helper rules (x* -> r ::= x r | ; x+ -> x x*;
+// x? -> r ::= x | ; x{m,n} -> m copies then optional ones).
+class GbnfParser {
+public:
+    explicit GbnfParser(const std::string& src) : s_(src) {}
+    Status parse(Grammar* g) {
+        g_ = g;
+        skip_space(true);
+        while (p_ < s_.size()) {
+            const std::string name = parse_name();
+            if (name.empty()) return error("expected a rule name");
+            skip_space(false);
+            if (s_.compare(p_, 3, "::=") != 0) return error("expected '::=' after '" + name + "'");
+            p_ += 3;
+            const int32_t id = rule_id(name);
+            if (defined_.size() <= (size_t)id) defined_.resize((size_t)id + 1, false);
+            if (defined_[(size_t)id]) return error("rule '" + name + "' is defined twice");
+            defined_[(size_t)id] = true;
+            std::vector<GrammarSequence> alts;
+            if (!parse_alternatives(&alts, false)) return status_;
+            g_->rules[(size_t)id] = std::move(alts);
+            skip_space(true);
+        }
+        for (size_t i = 0; i < g_->names.size(); ++i)
+            if (!(i < defined_.size() && defined_[i]) && !helper_[i]) return fail(Status::invalid_argument, "grammar: rule '%s' is used but not defined", g_->names[i].c_str());
+        const auto root = std::find(g_->names.begin(), g_->names.end(), "root");
+        if (root == g_->names.end()) return fail(Status::invalid_argument, "grammar: no 'root' rule");
+        g_->root = (int32_t)(root - g_->names.begin());
+        return check_left_recursion();
+    }
+
+private:
+    Status error(const std::string& what) {
+        size_t line = 1;
+        for (size_t i = 0; i < p_ && i < s_.size(); ++i) line += s_[i] == '\n';
+        status_ = fail(Status::invalid_argument, "grammar line %zu: %s", line, what.c_str());
+        return status_;
+    }
+    // Spaces and comments; newlines too when `newlines` (between rules, or inside parentheses).
+    void skip_space(bool newlines) {
+        while (p_ < s_.size()) {
+            const char c = s_[p_];
+            if (c == '#') { while (p_ < s_.size() && s_[p_] != '\n') ++p_; }
+            else if (c == ' ' || c == '\t' || c == '\r' || (newlines && c == '\n')) ++p_;
+            else break;
+        }
+    }
+    std::string parse_name() {
+        const size_t b = p_;
+        while (p_ < s_.size() && (std::isalnum((unsigned char)s_[p_]) || s_[p_] == '-' || s_[p_] == '_')) ++p_;
+        return s_.substr(b, p_ - b);
+    }
+    int32_t rule_id(const std::string& name) {
+        for (size_t i = 0; i < g_->names.size(); ++i)
+            if (g_->names[i] == name) return (int32_t)i;
+        g_->names.push_back(name);
+        g_->rules.emplace_back();
+        helper_.push_back(false);
+        return (int32_t)g_->names.size() - 1;
+    }
+    int32_t new_helper(std::vector<GrammarSequence> alts) {
+        const int32_t id = rule_id("(group " + std::to_string(g_->names.size()) + ")");  // not a GBNF name: no clash
+        helper_[(size_t)id] = true;
+        g_->rules[(size_t)id] = std::move(alts);
+        return id;
+    }
+    static GrammarElement ref(int32_t rule) {
+        GrammarElement e;
+        e.is_rule = true;
+        e.rule = rule;
+        return e;
+    }
+    // One UTF-8 code point or escape of a literal or class; false at a bad escape.
+    bool parse_char(uint32_t* out) {
+        if (p_ >= s_.size()) return false;
+        const unsigned char c = (unsigned char)s_[p_];
+        if (c == '\\') {
+            if (++p_ >= s_.size()) return false;
+            const char e = s_[p_++];
+            switch (e) {
+                case 'n': *out = '\n'; return true;
+                case 't': *out = '\t'; return true;
+                case 'r': *out = '\r'; return true;
+                case '\\': case '"': case '[': case ']': case '-': case '^': *out = (uint32_t)e; return true;
+                case 'x': case 'u': case 'U': {
+                    const int digits = e == 'x' ? 2 : e == 'u' ? 4 : 8;
+                    uint32_t v = 0;
+                    for (int i = 0; i < digits; ++i, ++p_) {
+                        if (p_ >= s_.size() || !std::isxdigit((unsigned char)s_[p_])) return false;
+                        const char h = s_[p_];
+                        v = v * 16 + (uint32_t)(h <= '9' ? h - '0' : (h | 0x20) - 'a' + 10);
+                    }
+                    if (v > 0x10FFFF) return false;
+                    *out = v;
+                    return true;
+                }
+                default: return false;
+            }
+        }
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        if (!len || p_ + len > s_.size()) return false;
+        uint32_t v = len == 1 ? c : c & (0x7F >> len);
+        for (size_t i = 1; i < len; ++i) {
+            const unsigned char cc = (unsigned char)s_[p_ + i];
+            if ((cc & 0xC0) != 0x80) return false;
+            v = (v << 6) | (cc & 0x3F);
+        }
+        if (!utf8_valid_code_point(v, len)) return false;
+        p_ += len;
+        *out = v;
+        return true;
+    }
+    bool parse_alternatives(std::vector<GrammarSequence>* alts, bool nested) {
+        for (;;) {
+            GrammarSequence seq;
+            if (!parse_sequence(&seq, nested)) return false;
+            alts->push_back(std::move(seq));
+            skip_space(nested);
+            if (p_ < s_.size() && s_[p_] == '|') { ++p_; skip_space(true); continue; }
+            return true;
+        }
+    }
+    bool parse_sequence(GrammarSequence* seq, bool nested) {
+        for (;;) {
+            skip_space(nested);
+            if (p_ >= s_.size() || s_[p_] == '|' || s_[p_] == ')' || s_[p_] == '\n') {
+                if (p_ < s_.size() && s_[p_] == ')' && !nested) { error("unmatched ')'"); return false; }
+                return true;
+            }
+            if (++depth_ > 256) { error("nesting too deep"); return false; }
+            GrammarSequence item;  // one primary: a literal's characters, or one element
+            const char c = s_[p_];
+            if (c == '"') {
+                ++p_;
+                while (p_ < s_.size() && s_[p_] != '"') {
+                    uint32_t ch;
+                    if (!parse_char(&ch)) { error("bad character or escape in a string"); return false; }
+                    GrammarElement e;
+                    e.ranges.push_back({ch, ch});
+                    item.push_back(e);
+                }
+                if (p_ >= s_.size()) { error("unterminated string"); return false; }
+                ++p_;
+            } else if (c == '[') {
+                ++p_;
+                GrammarElement e;
+                if (p_ < s_.size() && s_[p_] == '^') { e.negated = true; ++p_; }
+                while (p_ < s_.size() && s_[p_] != ']') {
+                    uint32_t lo, hi;
+                    if (!parse_char(&lo)) { error("bad character or escape in a class"); return false; }
+                    hi = lo;
+                    if (p_ + 1 < s_.size() && s_[p_] == '-' && s_[p_ + 1] != ']') {
+                        ++p_;
+                        if (!parse_char(&hi) || hi < lo) { error("bad range in a class"); return false; }
+                    }
+                    e.ranges.push_back({lo, hi});
+                }
+                if (p_ >= s_.size()) { error("unterminated character class"); return false; }
+                ++p_;
+                item.push_back(e);
+            } else if (c == '.') {
+                ++p_;
+                GrammarElement e;
+                e.negated = true;  // no ranges, negated: any code point
+                item.push_back(e);
+            } else if (c == '(') {
+                ++p_;
+                skip_space(true);
+                std::vector<GrammarSequence> alts;
+                if (!parse_alternatives(&alts, true)) return false;
+                skip_space(true);
+                if (p_ >= s_.size() || s_[p_] != ')') { error("expected ')'"); return false; }
+                ++p_;
+                item.push_back(ref(new_helper(std::move(alts))));
+            } else if (std::isalnum((unsigned char)c) || c == '-' || c == '_') {
+                const size_t at = p_;
+                const std::string name = parse_name();
+                skip_space(false);
+                if (s_.compare(p_, 3, "::=") == 0) { p_ = at; error("missing newline before rule '" + name + "'"); return false; }
+                item.push_back(ref(rule_id(name)));
+            } else {
+                error(std::string("unexpected character '") + c + "'");
+                return false;
+            }
+            --depth_;
+            if (!parse_repetition(item, seq)) return false;
+        }
+    }
+    // Appends `item` to seq, repeated as a following *, +, ?, {m}, {m,}, {m,n} says.
+    bool parse_repetition(const GrammarSequence& item, GrammarSequence* seq) {
+        const char op = p_ < s_.size() ? s_[p_] : 0;
+        if (op != '*' && op != '+' && op != '?' && op != '{') {
+            seq->insert(seq->end(), item.begin(), item.end());
+            return true;
+        }
+        ++p_;
+        long lo = 0, hi = -1;  // -1: unbounded
+        if (op == '+') lo = 1;
+        else if (op == '?') hi = 1;
+        else if (op == '{') {
+            auto number = [&](long* v) {
+                skip_space(false);
+                const size_t b = p_;
+                while (p_ < s_.size() && std::isdigit((unsigned char)s_[p_]) && p_ - b < 6) ++p_;
+                if (p_ == b) return false;
+                *v = std::atol(s_.substr(b, p_ - b).c_str());
+                skip_space(false);
+                return true;
+            };
+            if (!number(&lo)) { error("expected a number after '{'"); return false; }
+            hi = lo;
+            if (p_ < s_.size() && s_[p_] == ',') {
+                ++p_;
+                skip_space(false);
+                hi = -1;
+                if (p_ < s_.size() && s_[p_] != '}' && !number(&hi)) { error("expected a number or '}'"); return false; }
+            }
+            if (p_ >= s_.size() || s_[p_] != '}') { error("expected '}'"); return false; }
+            ++p_;
+            if ((hi >= 0 && hi < lo) || lo > 1000 || hi > 1000) { error("bad repetition bounds (at most 1000)"); return false; }
+        }
+        if (item.empty()) return true;  // "" repeated is still nothing
+        const GrammarElement one = item.size() == 1 ? item[0] : ref(new_helper({item}));
+        for (long i = 0; i < lo; ++i) seq->push_back(one);
+        if (hi < 0) {  // r ::= one r |
+            const int32_t id = new_helper({});
+            g_->rules[(size_t)id] = {{one, ref(id)}, {}};
+            seq->push_back(ref(id));
+        } else {  // t_k ::= one t_(k-1) | : at most hi - lo more
+            int32_t tail = -1;
+            for (long i = lo; i < hi; ++i) {
+                GrammarSequence more{one};
+                if (tail >= 0) more.push_back(ref(tail));
+                tail = new_helper({more, {}});
+            }
+            if (tail >= 0) seq->push_back(ref(tail));
+        }
+        return true;
+    }
+    // Left recursion would make the recognizer expand forever: refused up front.
+    Status check_left_recursion() {
+        const size_t n = g_->rules.size();
+        std::vector<uint8_t> nullable(n, 0);
+        for (bool changed = true; changed;) {
+            changed = false;
+            for (size_t r = 0; r < n; ++r) {
+                if (nullable[r]) continue;
+                for (const GrammarSequence& alt : g_->rules[r]) {
+                    bool all = true;
+                    for (const GrammarElement& e : alt) all = all && e.is_rule && nullable[(size_t)e.rule];
+                    if (all) { nullable[r] = 1; changed = true; break; }
+                }
+            }
+        }
+        std::vector<uint8_t> state(n, 0);  // 0 new, 1 on the path, 2 done
+        std::function<bool(size_t)> visit = [&](size_t r) {
+            if (state[r] == 1) return false;
+            if (state[r] == 2) return true;
+            state[r] = 1;
+            for (const GrammarSequence& alt : g_->rules[r])
+                for (const GrammarElement& e : alt) {
+                    if (!e.is_rule) break;
+                    if (!visit((size_t)e.rule)) return false;
+                    if (!nullable[(size_t)e.rule]) break;
+                }
+            state[r] = 2;
+            return true;
+        };
+        for (size_t r = 0; r < n; ++r)
+            if (!visit(r)) return fail(Status::invalid_argument, "grammar: rule '%s' is left-recursive", g_->names[r].c_str());
+        return Status::ok;
+    }
+
+    const std::string& s_;
+    size_t p_ = 0;
+    int depth_ = 0;
+    Grammar* g_ = nullptr;
+    std::vector<bool> defined_, helper_;
+    Status status_ = Status::ok;
+};
+
+
+// One parse position: the next element of alternative `alt` of `rule`.
+struct GrammarFrame {
+    int32_t rule, alt, pos;
+    bool operator<(const GrammarFrame& o) const { return rule != o.rule ? rule < o.rule : alt != o.alt ? alt < o.alt : pos < o.pos; }
+    bool operator==(const GrammarFrame& o) const { return rule == o.rule && alt == o.alt && pos == o.pos; }
+};
+typedef std::vector<GrammarFrame> GrammarStack;  // return positions below, the current one on top
+
+// The recognizer: every stack whose top is a character class is a way the text so far can go on;
+// an empty stack means the text so far is a complete sentence. Tokens are UTF-8 pieces: a piece may
+// end inside a code point, whose bytes are carried to the next one.
+class GrammarMatcher {
+public:
+    explicit GrammarMatcher(std::shared_ptr<const Grammar> g) : g_(std::move(g)) { reset(); }
+    void reset() {
+        stacks_.clear();
+        partial_.clear();
+        for (int32_t a = 0; a < (int32_t)g_->rules[(size_t)g_->root].size(); ++a) expand({{g_->root, a, 0}}, &stacks_);
+        dedupe(&stacks_);
+    }
+    bool complete() const {
+        for (const GrammarStack& s : stacks_)
+            if (s.empty()) return true;
+        return false;
+    }
+    // Whether `piece` can follow (it may end inside a code point); with `commit`, moves there.
+    bool accept(const std::string& piece, bool commit) {
+        std::vector<GrammarStack> cur = stacks_, next;
+        const std::string bytes = partial_ + piece;
+        size_t i = 0;
+        while (i < bytes.size()) {
+            const unsigned char c = (unsigned char)bytes[i];
+            const size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+            if (!len) return false;
+            if (i + len > bytes.size()) break;  // a code point the next piece completes
+            uint32_t cp = len == 1 ? c : c & (0x7Fu >> len);
+            for (size_t k = 1; k < len; ++k) {
+                const unsigned char cc = (unsigned char)bytes[i + k];
+                if ((cc & 0xC0) != 0x80) return false;
+                cp = (cp << 6) | (cc & 0x3F);
+            }
+            if (!utf8_valid_code_point(cp, len)) return false;
+            next.clear();
+            for (const GrammarStack& s : cur) {
+                if (s.empty()) continue;
+                const GrammarFrame& f = s.back();
+                if (!g_->rules[(size_t)f.rule][(size_t)f.alt][(size_t)f.pos].matches(cp)) continue;
+                GrammarStack t = s;
+                ++t.back().pos;
+                expand(std::move(t), &next);
+            }
+            if (next.empty()) return false;
+            dedupe(&next);
+            cur.swap(next);
+            i += len;
+        }
+        if (i < bytes.size()) {  // an incomplete code point: some stack must accept one it can become
+            const unsigned char c = (unsigned char)bytes[i];
+            const size_t len = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4, have = bytes.size() - i;
+            uint32_t lo = c & (0x7Fu >> len);
+            for (size_t k = 1; k < have; ++k) {
+                if (((unsigned char)bytes[i + k] & 0xC0) != 0x80) return false;
+                lo = (lo << 6) | ((unsigned char)bytes[i + k] & 0x3F);
+            }
+            const size_t missing = len - have;
+            uint32_t hi = (lo << (6 * missing)) | ((1u << (6 * missing)) - 1);
+            lo <<= 6 * missing;
+            utf8_clamp_range(len, &lo, &hi);
+            if (lo > hi) return false;
+            bool some = false;
+            for (const GrammarStack& s : cur)
+                if (!s.empty() && g_->rules[(size_t)s.back().rule][(size_t)s.back().alt][(size_t)s.back().pos].matches_some(lo, hi)) some = true;
+            if (!some) return false;
+        }
+        if (commit) {
+            stacks_.swap(cur);
+            partial_ = bytes.substr(i);
+        }
+        return true;
+    }
+
+    // ok[b]: whether some piece starting with byte b can follow (false for no byte at all only when a
+    // code point is pending: then every byte is let through to accept()). Prunes the vocabulary scan.
+    void first_bytes(bool ok[256]) const {
+        for (int b = 0; b < 256; ++b) {
+            ok[b] = !partial_.empty();
+            if (ok[b]) continue;
+            uint32_t lo, hi;
+            if (b < 0x80) lo = hi = (uint32_t)b;
+            else if ((b >> 5) == 6) { lo = (uint32_t)(b & 0x1F) << 6; hi = lo | 0x3F; }
+            else if ((b >> 4) == 14) { lo = (uint32_t)(b & 0x0F) << 12; hi = lo | 0xFFF; }
+            else if ((b >> 3) == 30) { lo = (uint32_t)(b & 0x07) << 18; hi = lo | 0x3FFFF; }
+            else continue;  // a continuation byte or 0xF8.. cannot start a piece
+            if (b >= 0x80) utf8_clamp_range(b < 0xE0 ? 2 : b < 0xF0 ? 3 : 4, &lo, &hi);
+            if (lo > hi) continue;
+            for (const GrammarStack& st : stacks_)
+                if (!st.empty() && g_->rules[(size_t)st.back().rule][(size_t)st.back().alt][(size_t)st.back().pos].matches_some(lo, hi)) { ok[b] = true; break; }
+        }
+    }
+
+private:
+    // Follows rule references until every stack's top is a character class (or the stack is empty).
+    void expand(GrammarStack s, std::vector<GrammarStack>* out, int depth = 0) const {
+        for (;;) {
+            while (!s.empty() && s.back().pos == (int32_t)g_->rules[(size_t)s.back().rule][(size_t)s.back().alt].size()) s.pop_back();
+            if (s.empty() || !g_->rules[(size_t)s.back().rule][(size_t)s.back().alt][(size_t)s.back().pos].is_rule) {
+                out->push_back(std::move(s));
+                return;
+            }
+            if (depth > 1024 || s.size() > 4096 || out->size() > 65536) return;  // hostile grammars stay bounded
+            const int32_t rule = g_->rules[(size_t)s.back().rule][(size_t)s.back().alt][(size_t)s.back().pos].rule;
+            ++s.back().pos;  // the caller resumes after the reference; a finished caller is dropped (tail call)
+            while (!s.empty() && s.back().pos == (int32_t)g_->rules[(size_t)s.back().rule][(size_t)s.back().alt].size()) s.pop_back();
+            const int32_t n_alt = (int32_t)g_->rules[(size_t)rule].size();
+            for (int32_t a = 0; a + 1 < n_alt; ++a) {
+                GrammarStack t = s;
+                t.push_back({rule, a, 0});
+                expand(std::move(t), out, depth + 1);
+            }
+            if (n_alt == 0) return;
+            s.push_back({rule, n_alt - 1, 0});
+            ++depth;
+        }
+    }
+    static void dedupe(std::vector<GrammarStack>* v) {
+        std::sort(v->begin(), v->end());
+        v->erase(std::unique(v->begin(), v->end()), v->end());
+    }
+    std::shared_ptr<const Grammar> g_;
+    std::vector<GrammarStack> stacks_;
+    std::string partial_;
+};
+
+inline Status parse_gbnf(const std::string& src, std::shared_ptr<const Grammar>* out) {
+    auto g = std::make_shared<Grammar>();
+    GbnfParser parser(src);
+    Status s = parser.parse(g.get());
+    if (s != Status::ok) return s;
+    *out = std::move(g);
+    return Status::ok;
+}
+
+
+// What a grammar needs of the vocabulary: each token's bytes and whether it ends generation.
+struct SamplerVocab {
+    std::vector<std::string> pieces;
+    std::vector<uint8_t> end_of_generation;
+};
+}  // namespace detail
 
 MOE_API Status check_sampler_options(const SamplerOptions& o, int32_t n_vocab) {
     auto bad = [](const char* what) { return detail::fail(Status::invalid_argument, "sampler option %s is out of range", what); };
@@ -11109,6 +11608,11 @@ MOE_API Status check_sampler_options(const SamplerOptions& o, int32_t n_vocab) {
     if (o.mirostat != 0 && o.mirostat != 2) return bad("mirostat (only 0 = off and 2 = v2)");
     if (!(o.mirostat_tau >= 0) || !finite(o.mirostat_tau) || !(o.mirostat_eta >= 0) || !finite(o.mirostat_eta))
         return bad("mirostat_tau / mirostat_eta (not >= 0)");
+    if (!o.grammar.empty()) {
+        std::shared_ptr<const detail::Grammar> g;
+        Status s = detail::parse_gbnf(o.grammar, &g);
+        if (s != Status::ok) return s;
+    }
     for (const auto& lb : o.logit_bias) {
         if (std::isnan(lb.second)) return bad("logit_bias (NaN bias)");
         if (lb.first < 0 || (n_vocab > 0 && lb.first >= n_vocab))
@@ -11121,7 +11625,52 @@ MOE_DETAIL_MEMBER Sampler::Sampler(const SamplerOptions& options) : options_(opt
     options_.repeat_last_n = std::min(std::max(0, options_.repeat_last_n), 1 << 20);
     options_.dry_last_n = std::min(std::max(0, options_.dry_last_n), 1 << 20);
     options_.dry_allowed_length = std::max(1, options_.dry_allowed_length);
+    std::shared_ptr<const detail::Grammar> g;
+    if (!options_.grammar.empty() && detail::parse_gbnf(options_.grammar, &g) == Status::ok) grammar_.reset(new detail::GrammarMatcher(g));
     reset();
+}
+MOE_DETAIL_MEMBER Sampler::Sampler(const Sampler& o)
+    : options_(o.options_), history_(o.history_), history_pos_(o.history_pos_), history_len_(o.history_len_), mirostat_mu_(o.mirostat_mu_),
+      breaker_(o.breaker_), grammar_(o.grammar_ ? new detail::GrammarMatcher(*o.grammar_) : nullptr), vocab_(o.vocab_),
+      grammar_pending_(o.grammar_pending_) {
+    std::memcpy(rng_state_, o.rng_state_, sizeof rng_state_);
+    scratch_.reserve(o.scratch_.capacity());
+    scratch2_.reserve(o.scratch2_.capacity());
+}
+MOE_DETAIL_MEMBER Sampler& Sampler::operator=(const Sampler& o) {
+    if (this != &o) {
+        Sampler copy(o);
+        *this = std::move(copy);
+    }
+    return *this;
+}
+MOE_DETAIL_MEMBER Sampler::Sampler(Sampler&&) noexcept = default;
+MOE_DETAIL_MEMBER Sampler& Sampler::operator=(Sampler&&) noexcept = default;
+MOE_DETAIL_MEMBER Sampler::~Sampler() = default;
+
+MOE_DETAIL_MEMBER bool Sampler::grammar_complete() const { return grammar_ && grammar_->complete(); }
+
+MOE_DETAIL_MEMBER bool Sampler::grammar_allows(int32_t token) const {
+    if (!grammar_ || !vocab_) return true;
+    if (token < 0 || (size_t)token >= vocab_->pieces.size()) return false;
+    if (vocab_->end_of_generation[(size_t)token]) return grammar_->complete();
+    const std::string& piece = vocab_->pieces[(size_t)token];
+    return !piece.empty() && grammar_->accept(piece, false);
+}
+
+// The logits with every token the grammar refuses at -inf (a copy; the caller's are left alone).
+MOE_DETAIL_MEMBER const float* Sampler::apply_grammar(const float* logits, int32_t n_vocab) {
+    masked_.assign(logits, logits + n_vocab);
+    bool first_ok[256];
+    grammar_->first_bytes(first_ok);
+    const bool complete = grammar_->complete();
+    for (int32_t t = 0; t < n_vocab; ++t) {
+        const bool eog = (size_t)t < vocab_->end_of_generation.size() && vocab_->end_of_generation[(size_t)t];
+        const std::string* piece = (size_t)t < vocab_->pieces.size() ? &vocab_->pieces[(size_t)t] : nullptr;
+        const bool ok = eog ? complete : piece && !piece->empty() && first_ok[(unsigned char)(*piece)[0]] && grammar_->accept(*piece, false);
+        if (!ok) masked_[(size_t)t] = -INFINITY;
+    }
+    return masked_.data();
 }
 
 MOE_DETAIL_MEMBER void Sampler::reset() {
@@ -11136,6 +11685,8 @@ MOE_DETAIL_MEMBER void Sampler::reset() {
     const int keep = std::max(options_.repeat_last_n, options_.dry_multiplier > 0 ? options_.dry_last_n : 0);
     history_.assign((size_t)keep, -1);
     history_pos_ = history_len_ = 0;
+    if (grammar_) grammar_->reset();
+    grammar_pending_ = -1;
     scratch_.reserve((size_t)keep);  // the penalties' and DRY's window copies never grow while decoding
     scratch2_.reserve((size_t)keep);
     mirostat_mu_ = 2 * options_.mirostat_tau;
@@ -11189,6 +11740,10 @@ MOE_DETAIL_MEMBER double Sampler::next_uniform() {
 }
 
 MOE_DETAIL_MEMBER void Sampler::accept(int32_t token) {
+    if (grammar_ && vocab_ && token == grammar_pending_ && token >= 0 && (size_t)token < vocab_->pieces.size() &&
+        !vocab_->end_of_generation[(size_t)token])
+        grammar_->accept(vocab_->pieces[(size_t)token], true);
+    grammar_pending_ = -1;
     if (history_.empty()) return;
     history_[history_pos_] = token;
     history_pos_ = (history_pos_ + 1) % history_.size();
@@ -11196,13 +11751,19 @@ MOE_DETAIL_MEMBER void Sampler::accept(int32_t token) {
 }
 
 MOE_DETAIL_MEMBER void Sampler::set_vocabulary(const Tokenizer& tokenizer) {
-    const int32_t n = tokenizer.n_vocab();
-    breaker_.assign((size_t)std::max(0, n), 0);
+    const int32_t n = std::max(0, tokenizer.n_vocab());
+    breaker_.assign((size_t)n, 0);
+    auto vocab = std::make_shared<detail::SamplerVocab>();
+    vocab->pieces.resize((size_t)n);
+    vocab->end_of_generation.resize((size_t)n);
     for (int32_t t = 0; t < n; ++t) {
-        const std::string piece = tokenizer.token_to_piece(t);
+        std::string& piece = vocab->pieces[(size_t)t];
+        piece = tokenizer.token_to_piece(t);
+        vocab->end_of_generation[(size_t)t] = tokenizer.is_end_of_generation(t);
         for (const std::string& b : options_.dry_sequence_breakers)
             if (!b.empty() && piece.find(b) != std::string::npos) { breaker_[(size_t)t] = 1; break; }
     }
+    vocab_ = std::move(vocab);
 }
 
 // Repetition, frequency and presence penalties over the last repeat_last_n tokens, once per
@@ -11282,6 +11843,11 @@ MOE_DETAIL_MEMBER size_t Sampler::filter(int32_t n_vocab, const float* logits, b
     apply_penalties(n_vocab);
     apply_dry(n_vocab);
     auto better = [](const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
+    // Tokens at -inf (a grammar's refusals, a -inf logit bias) are out, unless nothing else is left.
+    size_t live = (size_t)(std::partition(candidates_.begin(), candidates_.end(), [](const Candidate& c) { return c.logit != -INFINITY; }) -
+                           candidates_.begin());
+    if (live == 0) live = candidates_.size();
+    candidates_.resize(live);
     if (o.temperature <= 0) {
         candidates_[0] = *std::min_element(candidates_.begin(), candidates_.end(), better);
         probs_.assign(1, 1.0);
@@ -11385,6 +11951,28 @@ MOE_DETAIL_MEMBER size_t Sampler::filter(int32_t n_vocab, const float* logits, b
 
 MOE_DETAIL_MEMBER int32_t Sampler::sample(const float* logits, int32_t n_vocab) {
     if (!logits || n_vocab <= 0) return -1;
+    if (grammar_ && vocab_) {
+        // Try the unconstrained draw first (usually allowed: cheap); else draw again from the
+        // logits with every refused token masked. The first draw's RNG use is kept either way;
+        // mirostat's mu moves only with the draw that counts.
+        const float mu = mirostat_mu_;
+        const int32_t t = sample_free(logits, n_vocab);
+        if (grammar_allows(t)) {
+            grammar_pending_ = t;
+            return t;
+        }
+        mirostat_mu_ = mu;
+        const float* masked = apply_grammar(logits, n_vocab);
+        bool any = false;
+        for (int32_t i = 0; i < n_vocab && !any; ++i) any = masked[i] != -INFINITY;
+        if (!any) return -1;  // the grammar allows nothing here (it cannot end, and no token continues it)
+        grammar_pending_ = sample_free(masked, n_vocab);
+        return grammar_pending_;
+    }
+    return sample_free(logits, n_vocab);
+}
+
+MOE_DETAIL_MEMBER int32_t Sampler::sample_free(const float* logits, int32_t n_vocab) {
     const size_t n = filter(n_vocab, logits, true);
     if (options_.temperature <= 0) return candidates_[0].id;
     std::vector<double>& p = probs_;
@@ -11412,6 +12000,7 @@ MOE_DETAIL_MEMBER void Sampler::distribution(const float* logits, int32_t n_voca
     if (!out) return;
     out->clear();
     if (!logits || n_vocab <= 0) return;
+    if (grammar_ && vocab_) logits = apply_grammar(logits, n_vocab);
     const size_t n = filter(n_vocab, logits, false);
     if (options_.temperature <= 0) { out->push_back({candidates_[0].id, 1.f}); return; }
     const double max_logit = candidates_[0].logit;
@@ -11446,7 +12035,7 @@ struct Generation {
     bool done = false;
 
     Generation(const GenerateOptions& o, const Tokenizer& t, GenerateResult& r) : options(o), tok(t), res(r), sampler(o.sampler), detok(t) {
-        if (o.sampler.dry_multiplier > 0 && t.valid()) sampler.set_vocabulary(t);
+        if ((o.sampler.dry_multiplier > 0 || !o.sampler.grammar.empty()) && t.valid()) sampler.set_vocabulary(t);
     }
 
     // Streams pending[0, n); false when the callback asks to stop.

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <map>
 #include <random>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -370,6 +371,118 @@ TEST(Sampler, OptionsOutOfRangeAreRefused) {
     o.logit_bias = {{100, 1.f}};
     EXPECT_EQ(moe::check_sampler_options(o, 100), moe::Status::invalid_argument);
     EXPECT_NE(std::string(moe::last_error()).find("100"), std::string::npos);
+}
+
+// ---- GBNF grammars: generation on the demo model, checked with std::regex (an independent
+// recognizer of the same regular languages) ----
+
+moe::Model& demo_model() {
+    static moe::Model model;
+    if (!model.valid())
+        EXPECT_EQ(moe::Model::load((std::string(MOE_SOURCE_DIR) + "/models/demo-qwen3moe.gguf").c_str(), moe::LoadOptions{}, &model), moe::Status::ok);
+    return model;
+}
+
+TEST(Grammar, BadGrammarsAreRefusedWithTheReason) {
+    auto refused = [](const char* gbnf, const char* why) {
+        moe::SamplerOptions o;
+        o.grammar = gbnf;
+        const bool bad = moe::check_sampler_options(o) == moe::Status::invalid_argument;
+        const std::string msg = moe::last_error();
+        EXPECT_TRUE(bad) << gbnf;
+        EXPECT_NE(msg.find(why), std::string::npos) << gbnf << ": " << msg;
+    };
+    refused("root ::= foo", "rule 'foo' is used but not defined");
+    refused("start ::= \"a\"", "no 'root' rule");
+    refused("root ::= root \"a\"", "left-recursive");
+    refused("root ::= x\nx ::= y \"b\"\ny ::= \"\"? x", "left-recursive");
+    refused("root ::= \"abc", "line 1: unterminated string");
+    refused("root ::= \"a\"\n\nx ::= [a-", "line 3: ");
+    refused("root ::= \"\\q\"", "bad character or escape");
+    refused("root ::= (\"a\" | \"b\"", "expected ')'");
+    refused("root ::= \"a\"{3,1}", "bad repetition bounds");
+    refused("root ::= \"a\"\nroot ::= \"b\"", "defined twice");
+    refused("root ::= \"a\" x ::= \"b\"", "missing newline");
+    moe::SamplerOptions ok;
+    ok.grammar = "# comment\nroot ::= item+ # trailing\nitem ::= [a-z] | \"\\u00e9\" | (\n  \"x\" \"y\"\n)\n";
+    EXPECT_EQ(moe::check_sampler_options(ok), moe::Status::ok) << moe::last_error();
+}
+
+struct GrammarCase {
+    const char* gbnf;
+    const char* regex;  // the same language
+};
+
+// Bounded languages: the model must reach a whole sentence, after which only end-of-generation is
+// allowed, so every run ends by EOG with text the regex matches in full.
+TEST(Grammar, GenerationStaysInTheLanguage) {
+    moe::Model& model = demo_model();
+    ASSERT_TRUE(model.valid());
+    const GrammarCase cases[] = {
+        {"root ::= (\"yes\" | \"no\") \".\"", "(yes|no)\\."},
+        {"root ::= [0-9]{1,3} \",\" [a-z]{2,4} \".\"", "[0-9]{1,3},[a-z]{2,4}\\."},
+        {"root ::= \"{\\\"n\\\": \" [1-9] [0-9]? \", \\\"ok\\\": \" (\"true\" | \"false\") \"}\"", "\\{\"n\": [1-9][0-9]?, \"ok\": (true|false)\\}"},
+        {"root ::= \" \" name (\", \" name){0,2} \".\"\nname ::= [A-Z] [a-z]{1,6}", " [A-Z][a-z]{1,6}(, [A-Z][a-z]{1,6}){0,2}\\."},
+    };
+    moe::SessionOptions so;
+    so.n_threads = 2;
+    so.n_ctx = 256;
+    moe::Session session;
+    ASSERT_EQ(moe::Session::create(model, so, &session), moe::Status::ok);
+    std::vector<int32_t> prompt;
+    ASSERT_EQ(model.tokenizer().encode("And the LORD said", true, false, &prompt), moe::Status::ok);
+    int runs = 0;
+    for (const GrammarCase& gc : cases)
+        for (uint64_t seed = 0; seed < 8; ++seed) {
+            session.reset();
+            moe::GenerateOptions g;
+            g.max_tokens = 64;
+            g.sampler.seed = seed;
+            g.sampler.temperature = 1.0f;
+            g.sampler.grammar = gc.gbnf;
+            moe::GenerateResult r;
+            ASSERT_EQ(moe::generate(session, prompt, g, nullptr, nullptr, &r), moe::Status::ok) << moe::last_error();
+            EXPECT_TRUE(r.stopped_by_eog) << gc.gbnf << " seed " << seed << ": '" << r.text << "'";
+            EXPECT_TRUE(std::regex_match(r.text, std::regex(gc.regex))) << gc.gbnf << " seed " << seed << ": '" << r.text << "'";
+            ++runs;
+        }
+    EXPECT_EQ(runs, 32);
+}
+
+// distribution() shows only allowed tokens; a copied sampler carries the grammar's state.
+TEST(Grammar, DistributionAndCopiesFollowTheGrammar) {
+    moe::Model& model = demo_model();
+    ASSERT_TRUE(model.valid());
+    const moe::Tokenizer& tok = model.tokenizer();
+    const int32_t V = model.info().n_vocab;
+    moe::SamplerOptions o;
+    o.temperature = 1; o.top_k = 0; o.top_p = 1; o.min_p = 0; o.seed = 4;
+    o.grammar = "root ::= \"yes\" | \"no\"";
+    moe::Sampler s(o);
+    s.set_vocabulary(tok);
+    std::vector<float> logits((size_t)V, 0.f);
+    std::vector<std::pair<int32_t, float>> d;
+    s.distribution(logits.data(), V, &d);
+    ASSERT_FALSE(d.empty());
+    for (const auto& c : d) {
+        const std::string piece = tok.token_to_piece(c.first);
+        EXPECT_TRUE(std::string("yes").compare(0, piece.size(), piece) == 0 || std::string("no").compare(0, piece.size(), piece) == 0) << "'" << piece << "'";
+    }
+    EXPECT_FALSE(s.grammar_complete());
+    // Drive both a sampler and its copy through the same logits: the same tokens, to the end.
+    const int32_t first = s.sample(logits.data(), V);
+    s.accept(first);
+    moe::Sampler copy(s);
+    std::string text_a = tok.token_to_piece(first), text_b = text_a;
+    for (int i = 0; i < 8 && !s.grammar_complete(); ++i) {
+        const int32_t a = s.sample(logits.data(), V), b = copy.sample(logits.data(), V);
+        ASSERT_EQ(a, b);
+        s.accept(a);
+        copy.accept(b);
+        text_a += tok.token_to_piece(a);
+    }
+    EXPECT_TRUE(s.grammar_complete());
+    EXPECT_TRUE(text_a == "yes" || text_a == "no") << text_a;
 }
 
 TEST(Status, StringsAndLastError) {
