@@ -65,6 +65,7 @@
        [SECTION] SAMPLER
        [SECTION] MODEL & SESSION
        [SECTION] GENERATION
+       [SECTION] CHAT TEMPLATES
        --- implementation ---
        [SECTION] CONFIG DEFAULTS & PLATFORM      >>config
        [SECTION] UTILITIES                       >>util
@@ -89,6 +90,7 @@
            the forward pass of one chunk         >>forward-chunk  eval -> forward -> forward_thread -> phases
        [SECTION] SAMPLER IMPLEMENTATION          >>sampler
        [SECTION] GENERATION IMPLEMENTATION       >>generate
+       [SECTION] CHAT TEMPLATES & JSON IMPLEMENTATION  >>chat  JSON, a Jinja subset, JSON Schema -> GBNF
 
    LICENSE: MIT, see the end of the file.
 */
@@ -826,6 +828,34 @@ typedef bool (*BatchStreamFn)(void* user, size_t seq, int32_t token, const char*
 MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::vector<int32_t>>& prompts, const std::vector<GenerateOptions>& options,
                               BatchStreamFn on_token, void* user, std::vector<GenerateResult>* results);
 
+//-----------------------------------------------------------------------------
+// [SECTION] CHAT TEMPLATES
+//-----------------------------------------------------------------------------
+
+struct ChatTemplateOptions {
+    bool add_generation_prompt = true;
+    int enable_thinking = -1;          // -1: not defined in the template context; 0 / 1: false / true
+    std::string tools_json;            // JSON array of tool definitions (OpenAI format); empty = no `tools` variable
+    std::string bos_token, eos_token;  // the template's bos_token / eos_token strings
+    std::string extra_context_json;    // JSON object whose keys become extra template variables; empty = none
+    int64_t strftime_now_time = -1;    // what strftime_now() formats: seconds since the Unix epoch, as UTC;
+                                       // -1: the current local time (reproducible prompts and tests pin it)
+};
+
+// Renders a Jinja chat template for `messages_json`, a JSON array of OpenAI-style messages
+// ({"role", "content", optional "tool_calls", "reasoning_content", "name", "tool_call_id"}).
+// Status::invalid_argument for bad JSON, a template syntax error, a runtime error or
+// raise_exception(); Status::unsupported naming the construct (filter, test, statement, method)
+// the template uses that this renderer lacks. last_error() says what and where (line).
+MOE_API Status render_chat_template(const std::string& template_source, const std::string& messages_json,
+                                    const ChatTemplateOptions& options, std::string* out);
+
+// A GBNF grammar (for SamplerOptions::grammar) accepting the JSON documents `schema_json` (a JSON
+// Schema) describes: type, properties (in their order; required ones always), additionalProperties,
+// items, minItems/maxItems, minLength/maxLength, enum, const, anyOf/oneOf, $ref to #/$defs/...
+// Keywords it cannot express (pattern, format, minimum, ...) give Status::unsupported naming them.
+MOE_API Status json_schema_to_grammar(const std::string& schema_json, std::string* gbnf);
+
 }  // namespace moe
 
 #endif  // MOE_INFER_H
@@ -853,6 +883,7 @@ MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::v
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <cctype>
 #include <functional>
 #include <limits>
@@ -12205,6 +12236,3513 @@ MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::v
 #undef MOE_DETAIL_HAS_NEON
 #undef MOE_DETAIL_ARM_DOTPROD
 #undef MOE_DETAIL_HAS_AUXV
+
+
+//-----------------------------------------------------------------------------
+// [SECTION] CHAT TEMPLATES & JSON IMPLEMENTATION
+//-----------------------------------------------------------------------------
+// >>chat  A JSON value type and parser (TplValue: also the template interpreter's values), an
+// interpreter for the Jinja subset HuggingFace chat templates use (lexer, parser to an AST,
+// evaluator with limits against hostile templates), and JSON Schema -> GBNF.
+
+namespace moe {
+
+namespace detail {
+
+// Limits against hostile templates and JSON.
+constexpr int kJsonMaxDepth = 512;
+constexpr int kTemplateMaxExprDepth = 256;       // AST depth, so evaluation recursion stays shallow
+constexpr int kTemplateMaxBlockDepth = 128;      // nested statements and parser recursion
+constexpr int kTemplateMaxCallDepth = 100;       // macro calls (jinja2 itself stops near here)
+constexpr int kTemplateMaxValueDepth = 600;      // nesting of lists/dicts kept in namespaces
+constexpr size_t kTemplateMaxOutput = 64u << 20;  // bytes of any rendered or built string
+constexpr uint64_t kTemplateMaxSteps = 2000000;  // loop iterations + macro calls + range items
+
+//--- UTF-8 -------------------------------------------------------------------
+
+// Length of the well-formed UTF-8 sequence at s[i], 0 if ill-formed.
+inline size_t utf8_sequence_length(const std::string& s, size_t i) {
+    const unsigned char b = (unsigned char)s[i];
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (b < 0x80) return 1;
+    if (b >= 0xc2 && b <= 0xdf) len = 2;
+    else if (b >= 0xe0 && b <= 0xef) { len = 3; if (b == 0xe0) lo = 0xa0; if (b == 0xed) hi = 0x9f; }
+    else if (b >= 0xf0 && b <= 0xf4) { len = 4; if (b == 0xf0) lo = 0x90; if (b == 0xf4) hi = 0x8f; }
+    else return 0;
+    if (i + len > s.size()) return 0;
+    for (size_t k = 1; k < len; ++k, lo = 0x80, hi = 0xbf) {
+        const unsigned char c = (unsigned char)s[i + k];
+        if (c < lo || c > hi) return 0;
+    }
+    return len;
+}
+
+// Offset of the first ill-formed byte, or npos.
+inline size_t utf8_invalid_offset(const std::string& s) {
+    for (size_t i = 0; i < s.size();) {
+        const size_t len = utf8_sequence_length(s, i);
+        if (len == 0) return i;
+        i += len;
+    }
+    return std::string::npos;
+}
+
+inline void append_utf8(std::string* out, uint32_t cp) {
+    if (cp < 0x80) {
+        out->push_back((char)cp);
+    } else if (cp < 0x800) {
+        out->push_back((char)(0xc0 | (cp >> 6)));
+        out->push_back((char)(0x80 | (cp & 0x3f)));
+    } else if (cp < 0x10000) {
+        out->push_back((char)(0xe0 | (cp >> 12)));
+        out->push_back((char)(0x80 | ((cp >> 6) & 0x3f)));
+        out->push_back((char)(0x80 | (cp & 0x3f)));
+    } else {
+        out->push_back((char)(0xf0 | (cp >> 18)));
+        out->push_back((char)(0x80 | ((cp >> 12) & 0x3f)));
+        out->push_back((char)(0x80 | ((cp >> 6) & 0x3f)));
+        out->push_back((char)(0x80 | (cp & 0x3f)));
+    }
+}
+
+// Template strings are always well-formed UTF-8 (inputs are validated), so decoding is simple.
+inline std::vector<uint32_t> utf8_decode(const std::string& s) {
+    std::vector<uint32_t> cps;
+    cps.reserve(s.size());
+    for (size_t i = 0; i < s.size();) {
+        const unsigned char b = (unsigned char)s[i];
+        size_t len = b < 0x80 ? 1 : b < 0xe0 ? 2 : b < 0xf0 ? 3 : 4;
+        if (i + len > s.size()) len = s.size() - i;
+        uint32_t cp = len == 1 ? b : len == 2 ? (b & 0x1fu) : len == 3 ? (b & 0x0fu) : (b & 0x07u);
+        for (size_t k = 1; k < len; ++k) cp = (cp << 6) | ((unsigned char)s[i + k] & 0x3fu);
+        cps.push_back(cp);
+        i += len;
+    }
+    return cps;
+}
+
+inline std::string utf8_encode(const uint32_t* cps, size_t n) {
+    std::string s;
+    s.reserve(n);
+    for (size_t i = 0; i < n; ++i) append_utf8(&s, cps[i]);
+    return s;
+}
+
+inline size_t utf8_length(const std::string& s) {
+    size_t n = 0;
+    for (char c : s) n += ((unsigned char)c & 0xc0) != 0x80;
+    return n;
+}
+
+// Python's str.isspace() set.
+inline bool is_python_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20) || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
+}
+
+//--- Values ------------------------------------------------------------------
+
+enum class TplKind : uint8_t { undefined, none, boolean, integer, floating, string, list, dict, loop, macro, function };
+
+struct TplList;
+struct TplDict;
+struct TplLoop;
+struct TplMacro;
+
+// A template value (also what the JSON parser produces). Lists and dicts are shared, like
+// Python objects: only namespaces are ever mutated after construction.
+struct TplValue {
+    TplKind kind = TplKind::undefined;
+    bool boolean = false;
+    int64_t integer = 0;
+    double floating = 0;
+    std::string text;  // string; undefined: the missing name (for messages); function: its name
+    std::shared_ptr<TplList> list;
+    std::shared_ptr<TplDict> dict;
+    std::shared_ptr<TplLoop> loop;
+    std::shared_ptr<TplMacro> macro;
+};
+
+// What Python object a list value stands for: jinja2's select/map/... filters return lazy
+// generators (always truthy, no len(), not subscriptable), dict.items() etc. return views.
+enum class ListFlavor : uint8_t { plain, iterator, dict_keys, dict_values, dict_items };
+
+struct TplList {
+    std::vector<TplValue> items;
+    bool is_tuple = false;
+    ListFlavor flavor = ListFlavor::plain;
+    int depth = 1;
+    bool holds_reference = false;
+};
+
+struct TplDict {
+    std::vector<std::pair<std::string, TplValue>> entries;  // insertion order, like Python dicts
+    bool is_namespace = false;
+    int depth = 1;
+    bool holds_reference = false;
+
+    const TplValue* find(const std::string& key) const {
+        for (const auto& e : entries)
+            if (e.first == key) return &e.second;
+        return nullptr;
+    }
+    void set(const std::string& key, TplValue value) {
+        for (auto& e : entries)
+            if (e.first == key) { e.second = std::move(value); return; }
+        entries.emplace_back(key, std::move(value));
+    }
+};
+
+struct TplLoop {
+    std::shared_ptr<TplList> items;
+    size_t index = 0;
+};
+
+inline TplValue tpl_undefined(const std::string& name = std::string()) {
+    TplValue v;
+    v.text = name;
+    return v;
+}
+inline TplValue tpl_none() { TplValue v; v.kind = TplKind::none; return v; }
+inline TplValue tpl_bool(bool b) { TplValue v; v.kind = TplKind::boolean; v.boolean = b; return v; }
+inline TplValue tpl_int(int64_t i) { TplValue v; v.kind = TplKind::integer; v.integer = i; return v; }
+inline TplValue tpl_float(double f) { TplValue v; v.kind = TplKind::floating; v.floating = f; return v; }
+inline TplValue tpl_string(std::string s) { TplValue v; v.kind = TplKind::string; v.text = std::move(s); return v; }
+
+inline int tpl_depth(const TplValue& v) { return v.list ? v.list->depth : v.dict ? v.dict->depth : 0; }
+// Namespaces and macros must not be stored in namespaces: that is how reference cycles (leaks,
+// endless printing) and macros outliving their scope would arise.
+inline bool tpl_holds_reference(const TplValue& v) {
+    return v.kind == TplKind::macro || (v.list && v.list->holds_reference) ||
+           (v.dict && (v.dict->is_namespace || v.dict->holds_reference));
+}
+
+inline TplValue tpl_list(std::vector<TplValue> items, bool is_tuple = false) {
+    TplValue v;
+    v.kind = TplKind::list;
+    v.list = std::make_shared<TplList>();
+    v.list->is_tuple = is_tuple;
+    for (const TplValue& item : items) {
+        v.list->depth = std::max(v.list->depth, tpl_depth(item) + 1);
+        v.list->holds_reference = v.list->holds_reference || tpl_holds_reference(item);
+    }
+    v.list->items = std::move(items);
+    return v;
+}
+
+inline TplValue tpl_flavored(TplValue list, ListFlavor flavor) {
+    list.list->flavor = flavor;
+    return list;
+}
+inline bool tpl_plain_list(const TplValue& v) { return v.kind == TplKind::list && v.list->flavor == ListFlavor::plain; }
+
+inline TplValue tpl_dict(std::vector<std::pair<std::string, TplValue>> entries, bool is_namespace = false) {
+    TplValue v;
+    v.kind = TplKind::dict;
+    v.dict = std::make_shared<TplDict>();
+    v.dict->is_namespace = is_namespace;
+    for (auto& e : entries) {
+        v.dict->depth = std::max(v.dict->depth, tpl_depth(e.second) + 1);
+        v.dict->holds_reference = v.dict->holds_reference || tpl_holds_reference(e.second);
+        v.dict->set(e.first, std::move(e.second));  // a repeated key keeps its first position, last value
+    }
+    return v;
+}
+
+inline bool tpl_is_number(const TplValue& v) {
+    return v.kind == TplKind::integer || v.kind == TplKind::floating || v.kind == TplKind::boolean;
+}
+
+// Python's type names, for messages.
+inline const char* tpl_type_name(const TplValue& v) {
+    switch (v.kind) {
+        case TplKind::undefined: return "Undefined";
+        case TplKind::none: return "NoneType";
+        case TplKind::boolean: return "bool";
+        case TplKind::integer: return "int";
+        case TplKind::floating: return "float";
+        case TplKind::string: return "str";
+        case TplKind::list:
+            switch (v.list->flavor) {
+                case ListFlavor::iterator: return "generator";
+                case ListFlavor::dict_keys: return "dict_keys";
+                case ListFlavor::dict_values: return "dict_values";
+                case ListFlavor::dict_items: return "dict_items";
+                default: return v.list->is_tuple ? "tuple" : "list";
+            }
+        case TplKind::dict: return v.dict->is_namespace ? "Namespace" : "dict";
+        case TplKind::loop: return "LoopContext";
+        case TplKind::macro: return "Macro";
+        case TplKind::function: return "function";
+    }
+    return "object";
+}
+
+inline bool tpl_truthy(const TplValue& v) {
+    switch (v.kind) {
+        case TplKind::undefined: case TplKind::none: return false;
+        case TplKind::boolean: return v.boolean;
+        case TplKind::integer: return v.integer != 0;
+        case TplKind::floating: return v.floating != 0;
+        case TplKind::string: return !v.text.empty();
+        case TplKind::list: return v.list->flavor == ListFlavor::iterator || !v.list->items.empty();
+        case TplKind::dict: return v.dict->is_namespace || !v.dict->entries.empty();
+        default: return true;
+    }
+}
+
+// Python's repr(float): the shortest digits that round-trip, scientific outside [1e-4, 1e16).
+inline std::string python_float_repr(double v) {
+    if (std::isnan(v)) return "nan";
+    if (std::isinf(v)) return v < 0 ? "-inf" : "inf";
+    if (v == 0) return std::signbit(v) ? "-0.0" : "0.0";
+    char buf[48];
+    for (int precision = 1; precision <= 17; ++precision) {
+        std::snprintf(buf, sizeof buf, "%.*e", precision - 1, v);
+        if (std::strtod(buf, nullptr) == v) break;
+    }
+    const char* p = buf;
+    std::string sign;
+    if (*p == '-') { sign = "-"; ++p; }
+    std::string digits;
+    for (; *p && *p != 'e'; ++p)
+        if (*p >= '0' && *p <= '9') digits.push_back(*p);
+    const int exponent = *p == 'e' ? std::atoi(p + 1) : 0;
+    while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+    std::string out = sign;
+    if (exponent < -4 || exponent >= 16) {
+        out += digits[0];
+        if (digits.size() > 1) out += "." + digits.substr(1);
+        char e[16];
+        std::snprintf(e, sizeof e, "e%c%02d", exponent < 0 ? '-' : '+', exponent < 0 ? -exponent : exponent);
+        out += e;
+    } else if (exponent >= 0) {
+        const size_t int_len = (size_t)exponent + 1;
+        if (digits.size() <= int_len) out += digits + std::string(int_len - digits.size(), '0') + ".0";
+        else out += digits.substr(0, int_len) + "." + digits.substr(int_len);
+    } else {
+        out += "0." + std::string((size_t)(-exponent - 1), '0') + digits;
+    }
+    return out;
+}
+
+// Python's repr(str): single quotes unless the text has ' and no ".
+inline void python_string_repr(const std::string& s, std::string* out) {
+    const bool has_single = s.find('\'') != std::string::npos, has_double = s.find('"') != std::string::npos;
+    const char quote = has_single && !has_double ? '"' : '\'';
+    out->push_back(quote);
+    for (size_t i = 0; i < s.size(); ++i) {
+        const unsigned char c = (unsigned char)s[i];
+        if (c == '\\') *out += "\\\\";
+        else if (c == (unsigned char)quote) { out->push_back('\\'); out->push_back(quote); }
+        else if (c == '\n') *out += "\\n";
+        else if (c == '\r') *out += "\\r";
+        else if (c == '\t') *out += "\\t";
+        else if (c < 0x20 || c == 0x7f) {
+            char hex[8];
+            std::snprintf(hex, sizeof hex, "\\x%02x", c);
+            *out += hex;
+        } else if (c == 0xc2 && i + 1 < s.size() && (unsigned char)s[i + 1] <= 0xa0) {
+            char hex[8];  // C1 controls and U+00A0 are not printable for Python
+            std::snprintf(hex, sizeof hex, "\\x%02x", (unsigned char)s[i + 1]);
+            *out += hex;
+            ++i;
+        } else {
+            out->push_back((char)c);
+        }
+    }
+    out->push_back(quote);
+}
+
+// Python's str(); `repr` selects repr() (used for list and dict items).
+inline void tpl_to_string(const TplValue& v, std::string* out, bool repr = false) {
+    switch (v.kind) {
+        case TplKind::undefined:
+            if (repr) *out += "Undefined";
+            return;
+        case TplKind::none: *out += "None"; return;
+        case TplKind::boolean: *out += v.boolean ? "True" : "False"; return;
+        case TplKind::integer: *out += std::to_string(v.integer); return;
+        case TplKind::floating: *out += python_float_repr(v.floating); return;
+        case TplKind::string:
+            if (repr) python_string_repr(v.text, out);
+            else *out += v.text;
+            return;
+        case TplKind::list: {
+            if (v.list->flavor == ListFlavor::iterator) { *out += "<generator object>"; return; }
+            if (v.list->flavor != ListFlavor::plain) *out += std::string(tpl_type_name(v)) + "(";
+            *out += v.list->is_tuple ? "(" : "[";
+            for (size_t i = 0; i < v.list->items.size(); ++i) {
+                if (i) *out += ", ";
+                tpl_to_string(v.list->items[i], out, true);
+            }
+            if (v.list->is_tuple && v.list->items.size() == 1) *out += ",";
+            *out += v.list->is_tuple ? ")" : "]";
+            if (v.list->flavor != ListFlavor::plain) *out += ")";
+            return;
+        }
+        case TplKind::dict: {
+            *out += v.dict->is_namespace ? "<Namespace {" : "{";
+            bool first = true;
+            for (const auto& e : v.dict->entries) {
+                if (!first) *out += ", ";
+                first = false;
+                python_string_repr(e.first, out);
+                *out += ": ";
+                tpl_to_string(e.second, out, true);
+            }
+            *out += v.dict->is_namespace ? "}>" : "}";
+            return;
+        }
+        case TplKind::loop: *out += "<LoopContext>"; return;
+        case TplKind::macro: *out += "<Macro>"; return;
+        case TplKind::function: *out += "<function " + v.text + ">"; return;
+    }
+}
+
+inline std::string tpl_str(const TplValue& v) {
+    std::string s;
+    tpl_to_string(v, &s);
+    return s;
+}
+
+//--- JSON --------------------------------------------------------------------
+
+class JsonParser {
+public:
+    explicit JsonParser(const std::string& text) : text_(text) {}
+
+    // Strict RFC 8259: one value, nothing but whitespace after it.
+    bool parse(TplValue* out, std::string* error) {
+        skip_space();
+        if (!parse_value(out, 0)) { *error = error_; return false; }
+        skip_space();
+        if (pos_ != text_.size()) { *error = message("unexpected trailing characters"); return false; }
+        return true;
+    }
+
+private:
+    const std::string& text_;
+    size_t pos_ = 0;
+    std::string error_;
+
+    std::string message(const char* what) const {
+        return std::string(what) + " at byte offset " + std::to_string(pos_);
+    }
+    bool error(const char* what) {
+        if (error_.empty()) error_ = message(what);
+        return false;
+    }
+    void skip_space() {
+        while (pos_ < text_.size() &&
+               (text_[pos_] == ' ' || text_[pos_] == '\t' || text_[pos_] == '\n' || text_[pos_] == '\r'))
+            ++pos_;
+    }
+    bool literal(const char* word) {
+        const size_t n = std::strlen(word);
+        if (text_.compare(pos_, n, word) != 0) return error("invalid literal");
+        pos_ += n;
+        return true;
+    }
+
+    bool parse_value(TplValue* out, int depth) {
+        if (pos_ >= text_.size()) return error("unexpected end of input");
+        const char c = text_[pos_];
+        if (c == '{' || c == '[') {
+            if (depth >= kJsonMaxDepth) return error("nesting deeper than 512");
+            return c == '{' ? parse_object(out, depth + 1) : parse_array(out, depth + 1);
+        }
+        if (c == '"') {
+            std::string s;
+            if (!parse_string(&s)) return false;
+            *out = tpl_string(std::move(s));
+            return true;
+        }
+        if (c == 't') { if (!literal("true")) return false; *out = tpl_bool(true); return true; }
+        if (c == 'f') { if (!literal("false")) return false; *out = tpl_bool(false); return true; }
+        if (c == 'n') { if (!literal("null")) return false; *out = tpl_none(); return true; }
+        if (c == '-' || (c >= '0' && c <= '9')) return parse_number(out);
+        return error("unexpected character");
+    }
+
+    bool parse_object(TplValue* out, int depth) {
+        ++pos_;
+        std::vector<std::pair<std::string, TplValue>> entries;
+        skip_space();
+        if (pos_ < text_.size() && text_[pos_] == '}') { ++pos_; *out = tpl_dict(std::move(entries)); return true; }
+        for (;;) {
+            skip_space();
+            if (pos_ >= text_.size() || text_[pos_] != '"') return error("expected a string key");
+            std::string key;
+            if (!parse_string(&key)) return false;
+            skip_space();
+            if (pos_ >= text_.size() || text_[pos_] != ':') return error("expected ':'");
+            ++pos_;
+            skip_space();
+            TplValue value;
+            if (!parse_value(&value, depth)) return false;
+            entries.emplace_back(std::move(key), std::move(value));
+            skip_space();
+            if (pos_ < text_.size() && text_[pos_] == ',') { ++pos_; continue; }
+            if (pos_ < text_.size() && text_[pos_] == '}') { ++pos_; break; }
+            return error("expected ',' or '}'");
+        }
+        *out = tpl_dict(std::move(entries));
+        return true;
+    }
+
+    bool parse_array(TplValue* out, int depth) {
+        ++pos_;
+        std::vector<TplValue> items;
+        skip_space();
+        if (pos_ < text_.size() && text_[pos_] == ']') { ++pos_; *out = tpl_list(std::move(items)); return true; }
+        for (;;) {
+            skip_space();
+            TplValue value;
+            if (!parse_value(&value, depth)) return false;
+            items.push_back(std::move(value));
+            skip_space();
+            if (pos_ < text_.size() && text_[pos_] == ',') { ++pos_; continue; }
+            if (pos_ < text_.size() && text_[pos_] == ']') { ++pos_; break; }
+            return error("expected ',' or ']'");
+        }
+        *out = tpl_list(std::move(items));
+        return true;
+    }
+
+    bool parse_hex4(uint32_t* out) {
+        if (pos_ + 4 > text_.size()) return error("truncated \\u escape");
+        uint32_t v = 0;
+        for (int i = 0; i < 4; ++i) {
+            const char c = text_[pos_ + (size_t)i];
+            v <<= 4;
+            if (c >= '0' && c <= '9') v |= (uint32_t)(c - '0');
+            else if (c >= 'a' && c <= 'f') v |= (uint32_t)(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') v |= (uint32_t)(c - 'A' + 10);
+            else return error("bad hex digit in \\u escape");
+        }
+        pos_ += 4;
+        *out = v;
+        return true;
+    }
+
+    bool parse_string(std::string* out) {
+        ++pos_;  // opening quote
+        for (;;) {
+            if (pos_ >= text_.size()) return error("unterminated string");
+            const unsigned char c = (unsigned char)text_[pos_];
+            if (c == '"') { ++pos_; return true; }
+            if (c < 0x20) return error("control character in string");
+            if (c != '\\') {
+                const size_t len = utf8_sequence_length(text_, pos_);
+                if (len == 0) return error("invalid UTF-8 in string");
+                out->append(text_, pos_, len);
+                pos_ += len;
+                continue;
+            }
+            if (++pos_ >= text_.size()) return error("unterminated escape");
+            const char e = text_[pos_++];
+            switch (e) {
+                case '"': out->push_back('"'); break;
+                case '\\': out->push_back('\\'); break;
+                case '/': out->push_back('/'); break;
+                case 'b': out->push_back('\b'); break;
+                case 'f': out->push_back('\f'); break;
+                case 'n': out->push_back('\n'); break;
+                case 'r': out->push_back('\r'); break;
+                case 't': out->push_back('\t'); break;
+                case 'u': {
+                    uint32_t cp = 0;
+                    if (!parse_hex4(&cp)) return false;
+                    if (cp >= 0xdc00 && cp <= 0xdfff) return error("lone low surrogate in \\u escape");
+                    if (cp >= 0xd800 && cp <= 0xdbff) {
+                        uint32_t low = 0;
+                        if (text_.compare(pos_, 2, "\\u") != 0) return error("lone high surrogate in \\u escape");
+                        pos_ += 2;
+                        if (!parse_hex4(&low)) return false;
+                        if (low < 0xdc00 || low > 0xdfff) return error("high surrogate not followed by a low one");
+                        cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+                    }
+                    append_utf8(out, cp);
+                    break;
+                }
+                default: --pos_; return error("invalid escape");
+            }
+        }
+    }
+
+    bool parse_number(TplValue* out) {
+        const size_t start = pos_;
+        bool is_float = false;
+        if (text_[pos_] == '-') ++pos_;
+        auto digit = [&]() { return pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9'; };
+        if (!digit()) return error("expected a digit");
+        if (text_[pos_] == '0') {
+            ++pos_;
+            if (digit()) return error("leading zero in number");
+        } else {
+            while (digit()) ++pos_;
+        }
+        if (pos_ < text_.size() && text_[pos_] == '.') {
+            ++pos_;
+            is_float = true;
+            if (!digit()) return error("expected a digit after '.'");
+            while (digit()) ++pos_;
+        }
+        if (pos_ < text_.size() && (text_[pos_] == 'e' || text_[pos_] == 'E')) {
+            ++pos_;
+            is_float = true;
+            if (pos_ < text_.size() && (text_[pos_] == '+' || text_[pos_] == '-')) ++pos_;
+            if (!digit()) return error("expected a digit in the exponent");
+            while (digit()) ++pos_;
+        }
+        const std::string token = text_.substr(start, pos_ - start);
+        if (!is_float) {
+            errno = 0;
+            char* end = nullptr;
+            const long long v = std::strtoll(token.c_str(), &end, 10);
+            if (errno == 0 && end && *end == 0) { *out = tpl_int((int64_t)v); return true; }
+            // Beyond int64: kept as a float (Python would keep the exact integer).
+        }
+        const double d = std::strtod(token.c_str(), nullptr);
+        if (!std::isfinite(d)) { pos_ = start; return error("number out of range"); }
+        *out = tpl_float(d);
+        return true;
+    }
+};
+
+inline bool parse_json(const std::string& text, TplValue* out, std::string* error) {
+    return JsonParser(text).parse(out, error);
+}
+
+// json.dumps formatting options.
+struct JsonStyle {
+    int indent = -1;  // < 0: one line
+    std::string item_separator = ", ";
+    std::string key_separator = ": ";
+    bool sort_keys = false;
+    bool ensure_ascii = false;
+};
+
+inline void json_escape_string(const std::string& s, bool ensure_ascii, std::string* out) {
+    out->push_back('"');
+    char hex[16];
+    for (size_t i = 0; i < s.size(); ++i) {
+        const unsigned char c = (unsigned char)s[i];
+        switch (c) {
+            case '"': *out += "\\\""; continue;
+            case '\\': *out += "\\\\"; continue;
+            case '\n': *out += "\\n"; continue;
+            case '\r': *out += "\\r"; continue;
+            case '\t': *out += "\\t"; continue;
+            case '\b': *out += "\\b"; continue;
+            case '\f': *out += "\\f"; continue;
+            default: break;
+        }
+        if (c < 0x20 || (ensure_ascii && c == 0x7f)) {
+            std::snprintf(hex, sizeof hex, "\\u%04x", c);
+            *out += hex;
+        } else if (c >= 0x80 && ensure_ascii) {
+            const size_t len = std::max<size_t>(1, utf8_sequence_length(s, i));
+            const std::vector<uint32_t> cp = utf8_decode(s.substr(i, len));
+            const uint32_t v = cp.empty() ? 0xfffd : cp[0];
+            if (v >= 0x10000) {
+                std::snprintf(hex, sizeof hex, "\\u%04x\\u%04x", 0xd800 + ((v - 0x10000) >> 10),
+                              0xdc00 + ((v - 0x10000) & 0x3ff));
+            } else {
+                std::snprintf(hex, sizeof hex, "\\u%04x", v);
+            }
+            *out += hex;
+            i += len - 1;
+        } else {
+            out->push_back((char)c);
+        }
+    }
+    out->push_back('"');
+}
+
+// json.dumps(value, ...). False with *error set for values JSON cannot hold.
+inline bool json_dump(const TplValue& v, const JsonStyle& style, int level, std::string* out, std::string* error) {
+    auto newline = [&](int at) {
+        if (style.indent < 0) return;
+        out->push_back('\n');
+        out->append((size_t)style.indent * (size_t)at, ' ');
+    };
+    switch (v.kind) {
+        case TplKind::none: *out += "null"; return true;
+        case TplKind::boolean: *out += v.boolean ? "true" : "false"; return true;
+        case TplKind::integer: *out += std::to_string(v.integer); return true;
+        case TplKind::floating:
+            if (std::isnan(v.floating)) *out += "NaN";
+            else if (std::isinf(v.floating)) *out += v.floating < 0 ? "-Infinity" : "Infinity";
+            else *out += python_float_repr(v.floating);
+            return true;
+        case TplKind::string: json_escape_string(v.text, style.ensure_ascii, out); return true;
+        case TplKind::list: {
+            if (v.list->flavor != ListFlavor::plain) break;
+            if (v.list->items.empty()) { *out += "[]"; return true; }
+            out->push_back('[');
+            for (size_t i = 0; i < v.list->items.size(); ++i) {
+                if (i) *out += style.item_separator;
+                newline(level + 1);
+                if (!json_dump(v.list->items[i], style, level + 1, out, error)) return false;
+            }
+            newline(level);
+            out->push_back(']');
+            return true;
+        }
+        case TplKind::dict: {
+            if (v.dict->is_namespace) break;
+            if (v.dict->entries.empty()) { *out += "{}"; return true; }
+            std::vector<const std::pair<std::string, TplValue>*> entries;
+            for (const auto& e : v.dict->entries) entries.push_back(&e);
+            if (style.sort_keys)
+                std::stable_sort(entries.begin(), entries.end(),
+                                 [](const std::pair<std::string, TplValue>* a,
+                                    const std::pair<std::string, TplValue>* b) { return a->first < b->first; });
+            out->push_back('{');
+            for (size_t i = 0; i < entries.size(); ++i) {
+                if (i) *out += style.item_separator;
+                newline(level + 1);
+                json_escape_string(entries[i]->first, style.ensure_ascii, out);
+                *out += style.key_separator;
+                if (!json_dump(entries[i]->second, style, level + 1, out, error)) return false;
+            }
+            newline(level);
+            out->push_back('}');
+            return true;
+        }
+        default: break;
+    }
+    *error = std::string("Object of type ") + tpl_type_name(v) + " is not JSON serializable";
+    return false;
+}
+
+//--- Template lexer ----------------------------------------------------------
+
+enum class TokKind : uint8_t { text, var_begin, var_end, block_begin, block_end, name, string, integer, floating, op, end };
+
+struct TplToken {
+    TokKind kind = TokKind::end;
+    std::string text;  // text, name, string value or operator
+    int64_t integer = 0;
+    double floating = 0;
+    int line = 1;
+};
+
+// Splits a template into text and tag tokens, applying whitespace control the way jinja2 does
+// with trim_blocks=True and lstrip_blocks=True.
+class TemplateLexer {
+public:
+    explicit TemplateLexer(const std::string& source) {
+        // jinja2 normalizes newlines and drops one trailing newline.
+        src_.reserve(source.size());
+        for (size_t i = 0; i < source.size(); ++i) {
+            if (source[i] == '\r') {
+                src_.push_back('\n');
+                if (i + 1 < source.size() && source[i + 1] == '\n') ++i;
+            } else {
+                src_.push_back(source[i]);
+            }
+        }
+        if (!src_.empty() && src_.back() == '\n') src_.pop_back();
+    }
+
+    bool tokenize(std::vector<TplToken>* out, std::string* error, int* error_line) {
+        tokens_ = out;
+        bool line_starting = true;  // the previous tag ended at the start of a line
+        while (pos_ < src_.size()) {
+            size_t tag = src_.find('{', pos_);
+            while (tag != std::string::npos && tag + 1 < src_.size() && src_[tag + 1] != '{' &&
+                   src_[tag + 1] != '%' && src_[tag + 1] != '#')
+                tag = src_.find('{', tag + 1);
+            if (tag == std::string::npos || tag + 1 >= src_.size()) {
+                emit_text(src_.substr(pos_));
+                pos_ = src_.size();
+                break;
+            }
+            const char type = src_[tag + 1];
+            const char modifier = tag + 2 < src_.size() ? src_[tag + 2] : 0;
+            std::string text = src_.substr(pos_, tag - pos_);
+            if (modifier == '-') {
+                size_t n = text.size();
+                while (n > 0 && is_space(text[n - 1])) --n;
+                text.resize(n);
+            } else if (type != '{' && modifier != '+') {
+                const size_t line_start = text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1;
+                if (line_start > 0 || line_starting) {
+                    bool blank = true;
+                    for (size_t i = line_start; i < text.size(); ++i) blank = blank && (text[i] == ' ' || text[i] == '\t');
+                    if (blank) text.resize(line_start);
+                }
+            }
+            emit_text(text);
+            line_ += count_newlines(pos_, tag);
+            pos_ = tag + 2 + (modifier == '-' || modifier == '+' ? 1 : 0);
+            bool ok = type == '#' ? lex_comment() : lex_tag(type == '{');
+            if (!ok) {
+                *error = error_;
+                *error_line = line_;
+                return false;
+            }
+            line_starting = pos_ > 0 && src_[pos_ - 1] == '\n';
+        }
+        TplToken end;
+        end.kind = TokKind::end;
+        end.line = line_;
+        out->push_back(end);
+        return true;
+    }
+
+private:
+    std::string src_;
+    size_t pos_ = 0;
+    int line_ = 1;
+    std::vector<TplToken>* tokens_ = nullptr;
+    std::string error_;
+
+    static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+    int count_newlines(size_t from, size_t to) const {
+        return (int)std::count(src_.begin() + (std::ptrdiff_t)from, src_.begin() + (std::ptrdiff_t)to, '\n');
+    }
+    void emit_text(const std::string& text) {
+        if (text.empty()) return;
+        TplToken t;
+        t.kind = TokKind::text;
+        t.text = text;
+        t.line = line_;
+        tokens_->push_back(std::move(t));
+    }
+    void push(TokKind kind, std::string text = std::string()) {
+        TplToken t;
+        t.kind = kind;
+        t.text = std::move(text);
+        t.line = line_;
+        tokens_->push_back(std::move(t));
+    }
+    // After a tag's closing delimiter: '-' eats all following whitespace, otherwise trim_blocks
+    // eats one newline after block tags and comments.
+    void after_tag_end(char modifier, bool trim_newline) {
+        if (modifier == '-') {
+            while (pos_ < src_.size() && is_space(src_[pos_])) { line_ += src_[pos_] == '\n'; ++pos_; }
+        } else if (trim_newline && modifier != '+' && pos_ < src_.size() && src_[pos_] == '\n') {
+            ++line_;
+            ++pos_;
+        }
+    }
+
+    bool lex_comment() {
+        const size_t close = src_.find("#}", pos_);
+        if (close == std::string::npos) { error_ = "unterminated comment"; return false; }
+        const char modifier = close > pos_ && (src_[close - 1] == '-' || src_[close - 1] == '+') ? src_[close - 1] : 0;
+        line_ += count_newlines(pos_, close);
+        pos_ = close + 2;
+        after_tag_end(modifier, true);
+        return true;
+    }
+
+    bool lex_tag(bool is_var) {
+        const size_t first_token = tokens_->size();
+        push(is_var ? TokKind::var_begin : TokKind::block_begin);
+        const char close_char = is_var ? '}' : '%';
+        for (;;) {
+            while (pos_ < src_.size() && is_space(src_[pos_])) { line_ += src_[pos_] == '\n'; ++pos_; }
+            if (pos_ >= src_.size()) { error_ = is_var ? "unterminated '{{'" : "unterminated '{%'"; return false; }
+            const char c = src_[pos_];
+            const bool closes = (c == close_char && pos_ + 1 < src_.size() && src_[pos_ + 1] == '}');
+            const bool closes_mod = ((c == '-' || c == '+') && pos_ + 2 < src_.size() && src_[pos_ + 1] == close_char &&
+                                     src_[pos_ + 2] == '}');
+            if (closes || closes_mod) {
+                const char modifier = closes_mod ? c : 0;
+                pos_ += closes_mod ? 3 : 2;
+                push(is_var ? TokKind::var_end : TokKind::block_end);
+                // {% raw %}: everything up to {% endraw %} is text.
+                if (!is_var && tokens_->size() == first_token + 3 && (*tokens_)[first_token + 1].kind == TokKind::name &&
+                    (*tokens_)[first_token + 1].text == "raw") {
+                    tokens_->resize(first_token);
+                    if (modifier == '-') after_tag_end('-', false);
+                    return lex_raw_body();
+                }
+                after_tag_end(modifier, !is_var);
+                return true;
+            }
+            if (!lex_expression_token()) return false;
+        }
+    }
+
+    bool lex_raw_body() {
+        size_t search = pos_;
+        for (;;) {
+            const size_t open = src_.find("{%", search);
+            if (open == std::string::npos) { error_ = "missing {% endraw %}"; return false; }
+            size_t p = open + 2;
+            const char open_mod = p < src_.size() && (src_[p] == '-' || src_[p] == '+') ? src_[p] : 0;
+            if (open_mod) ++p;
+            while (p < src_.size() && is_space(src_[p])) ++p;
+            if (src_.compare(p, 6, "endraw") != 0) { search = open + 2; continue; }
+            p += 6;
+            while (p < src_.size() && is_space(src_[p])) ++p;
+            char close_mod = 0;
+            if (p < src_.size() && (src_[p] == '-' || src_[p] == '+')) close_mod = src_[p++];
+            if (src_.compare(p, 2, "%}") != 0) { search = open + 2; continue; }
+            std::string body = src_.substr(pos_, open - pos_);
+            if (open_mod == '-') {
+                size_t n = body.size();
+                while (n > 0 && is_space(body[n - 1])) --n;
+                body.resize(n);
+            }
+            emit_text(body);
+            line_ += count_newlines(pos_, p + 2);
+            pos_ = p + 2;
+            after_tag_end(close_mod, true);
+            return true;
+        }
+    }
+
+    static bool is_name_start(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
+    static bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+    bool lex_expression_token() {
+        const char c = src_[pos_];
+        if (is_name_start(c)) {
+            size_t end = pos_;
+            while (end < src_.size() && (is_name_start(src_[end]) || is_digit(src_[end]))) ++end;
+            push(TokKind::name, src_.substr(pos_, end - pos_));
+            pos_ = end;
+            return true;
+        }
+        if (is_digit(c)) return lex_number();
+        if (c == '\'' || c == '"') return lex_string(c);
+        static const char* const kOps[] = {"//", "**", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "~", "<",
+                                           ">", "=", "(", ")", "[", "]", "{", "}", ",", ".", ":", "|"};
+        for (const char* op : kOps) {
+            const size_t n = std::strlen(op);
+            if (src_.compare(pos_, n, op) == 0) {
+                push(TokKind::op, op);
+                pos_ += n;
+                return true;
+            }
+        }
+        error_ = std::string("unexpected character '") + c + "'";
+        return false;
+    }
+
+    bool lex_number() {
+        std::string digits;
+        bool is_float = false;
+        auto take_digits = [&]() {
+            while (pos_ < src_.size() && (is_digit(src_[pos_]) || (src_[pos_] == '_' && pos_ + 1 < src_.size() && is_digit(src_[pos_ + 1])))) {
+                if (src_[pos_] != '_') digits.push_back(src_[pos_]);
+                ++pos_;
+            }
+        };
+        take_digits();
+        if (pos_ + 1 < src_.size() && src_[pos_] == '.' && is_digit(src_[pos_ + 1])) {
+            is_float = true;
+            digits.push_back('.');
+            ++pos_;
+            take_digits();
+        }
+        if (pos_ < src_.size() && (src_[pos_] == 'e' || src_[pos_] == 'E')) {
+            size_t p = pos_ + 1;
+            if (p < src_.size() && (src_[p] == '+' || src_[p] == '-')) ++p;
+            if (p < src_.size() && is_digit(src_[p])) {
+                is_float = true;
+                digits.append(src_, pos_, p - pos_);
+                pos_ = p;
+                take_digits();
+            }
+        }
+        TplToken t;
+        t.line = line_;
+        if (!is_float) {
+            errno = 0;
+            const long long v = std::strtoll(digits.c_str(), nullptr, 10);
+            if (errno == 0) {
+                t.kind = TokKind::integer;
+                t.integer = (int64_t)v;
+                tokens_->push_back(std::move(t));
+                return true;
+            }
+        }
+        t.kind = TokKind::floating;  // integers beyond int64 become floats
+        t.floating = std::strtod(digits.c_str(), nullptr);
+        tokens_->push_back(std::move(t));
+        return true;
+    }
+
+    bool lex_string(char quote) {
+        std::string value;
+        size_t p = pos_ + 1;
+        for (;;) {
+            if (p >= src_.size()) { error_ = "unterminated string literal"; return false; }
+            const char c = src_[p];
+            if (c == quote) break;
+            if (c != '\\' || p + 1 >= src_.size()) { line_ += c == '\n'; value.push_back(c); ++p; continue; }
+            const char e = src_[p + 1];
+            p += 2;
+            switch (e) {
+                case 'n': value.push_back('\n'); break;
+                case 't': value.push_back('\t'); break;
+                case 'r': value.push_back('\r'); break;
+                case 'b': value.push_back('\b'); break;
+                case 'f': value.push_back('\f'); break;
+                case 'v': value.push_back('\v'); break;
+                case 'a': value.push_back('\a'); break;
+                case '0': value.push_back('\0'); break;
+                case '\\': value.push_back('\\'); break;
+                case '\'': value.push_back('\''); break;
+                case '"': value.push_back('"'); break;
+                case '\n': ++line_; break;  // line continuation
+                case 'x': case 'u': case 'U': {
+                    const size_t n = e == 'x' ? 2 : e == 'u' ? 4 : 8;
+                    uint32_t cp = 0;
+                    bool ok = p + n <= src_.size();
+                    for (size_t i = 0; ok && i < n; ++i) {
+                        const char h = src_[p + i];
+                        cp <<= 4;
+                        if (is_digit(h)) cp |= (uint32_t)(h - '0');
+                        else if (h >= 'a' && h <= 'f') cp |= (uint32_t)(h - 'a' + 10);
+                        else if (h >= 'A' && h <= 'F') cp |= (uint32_t)(h - 'A' + 10);
+                        else ok = false;
+                    }
+                    if (!ok || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+                        error_ = "bad escape in string literal";
+                        return false;
+                    }
+                    append_utf8(&value, cp);
+                    p += n;
+                    break;
+                }
+                default: value.push_back('\\'); value.push_back(e); break;  // Python keeps unknown escapes
+            }
+        }
+        push(TokKind::string, value);
+        pos_ = p + 1;
+        return true;
+    }
+};
+
+//--- Template AST ------------------------------------------------------------
+
+enum class ExprKind : uint8_t {
+    literal, name, list, tuple, dict, attribute, subscript, slice, call, filter, test,
+    negate, plus, not_, binary, compare, and_, or_, conditional
+};
+
+// Child layout by kind: list/tuple: items; dict: key0, value0, ...; attribute: object (name =
+// attribute); subscript: object, index; slice: object, start, stop, step (null when omitted);
+// call: callee, arguments; filter/test: input, arguments (name = filter/test); negate/plus/not_:
+// operand; binary: left, right (name = operator); compare: operands (arg_names = operators);
+// and_/or_: left, right; conditional: value, condition, else value (null when omitted).
+struct TplExpr {
+    ExprKind kind = ExprKind::literal;
+    int line = 0;
+    int depth = 1;
+    TplValue literal;
+    std::string name;
+    std::vector<std::unique_ptr<TplExpr>> args;
+    std::vector<std::string> arg_names;  // call/filter/test keywords ("" = positional); compare operators
+    bool negated = false;                // "is not"
+};
+using ExprPtr = std::unique_ptr<TplExpr>;
+
+enum class StmtKind : uint8_t { text, output, if_, for_, set, set_block, macro, break_, continue_, block };
+
+// if: exprs = conditions, bodies = branches (one more when there is an else); for: names =
+// targets, exprs = iterable, filter (nullable), bodies = body, else; set: names = targets (or
+// the namespace when `attribute` is set), exprs = value; set_block: names = target, bodies = body;
+// macro: text = name, names = parameters, exprs = defaults (nullable), bodies = body; block
+// ({% generation %}, which HuggingFace uses to mark assistant text): bodies = body.
+struct TplStmt {
+    StmtKind kind = StmtKind::text;
+    int line = 0;
+    std::string text;
+    std::string attribute;
+    std::vector<std::string> names;
+    std::vector<ExprPtr> exprs;
+    std::vector<std::vector<std::unique_ptr<TplStmt>>> bodies;
+};
+using StmtPtr = std::unique_ptr<TplStmt>;
+using StmtList = std::vector<StmtPtr>;
+
+//--- Template parser ---------------------------------------------------------
+
+// Recursive descent over the token stream, following jinja2's grammar and operator precedence.
+class TemplateParser {
+public:
+    explicit TemplateParser(const std::vector<TplToken>& tokens) : tokens_(tokens) {}
+
+    Status status = Status::ok;
+    std::string error;
+    int error_line = 0;
+
+    bool parse(StmtList* out) {
+        std::string stopped_at;
+        parse_body(out, {}, &stopped_at);
+        return status == Status::ok;
+    }
+
+private:
+    const std::vector<TplToken>& tokens_;
+    size_t pos_ = 0;
+    int nesting_ = 0;     // parser recursion
+    int loop_depth_ = 0;  // for break / continue
+
+    struct NestingGuard {
+        TemplateParser* parser;
+        explicit NestingGuard(TemplateParser* p) : parser(p) { ++parser->nesting_; }
+        ~NestingGuard() { --parser->nesting_; }
+        bool too_deep() const { return parser->nesting_ > kTemplateMaxBlockDepth; }
+    };
+
+    bool failed() const { return status != Status::ok; }
+    std::nullptr_t fail_at(int line, Status s, const std::string& message) {
+        if (!failed()) {
+            status = s;
+            error = message;
+            error_line = line;
+        }
+        return nullptr;
+    }
+    std::nullptr_t syntax_error(const std::string& message) {
+        return fail_at(peek().line, Status::invalid_argument, "syntax error: " + message);
+    }
+
+    const TplToken& peek(size_t ahead = 0) const {
+        const size_t i = std::min(pos_ + ahead, tokens_.size() - 1);
+        return tokens_[i];
+    }
+    const TplToken& next() {
+        const TplToken& t = peek();
+        if (pos_ < tokens_.size() - 1) ++pos_;
+        return t;
+    }
+    bool at_op(const char* op, size_t ahead = 0) const {
+        return peek(ahead).kind == TokKind::op && peek(ahead).text == op;
+    }
+    bool at_name(const char* name, size_t ahead = 0) const {
+        return peek(ahead).kind == TokKind::name && peek(ahead).text == name;
+    }
+    bool accept_op(const char* op) {
+        if (!at_op(op)) return false;
+        next();
+        return true;
+    }
+    bool accept_name(const char* name) {
+        if (!at_name(name)) return false;
+        next();
+        return true;
+    }
+    bool expect_op(const char* op) {
+        if (accept_op(op)) return true;
+        syntax_error(std::string("expected '") + op + "' but found " + describe(peek()));
+        return false;
+    }
+    bool expect_block_end() {
+        if (peek().kind == TokKind::block_end) { next(); return true; }
+        syntax_error("expected '%}' but found " + describe(peek()));
+        return false;
+    }
+    static std::string describe(const TplToken& t) {
+        switch (t.kind) {
+            case TokKind::text: return "text";
+            case TokKind::var_begin: return "'{{'";
+            case TokKind::var_end: return "'}}'";
+            case TokKind::block_begin: return "'{%'";
+            case TokKind::block_end: return "'%}'";
+            case TokKind::name: return "'" + t.text + "'";
+            case TokKind::string: return "a string";
+            case TokKind::integer: case TokKind::floating: return "a number";
+            case TokKind::op: return "'" + t.text + "'";
+            case TokKind::end: return "the end of the template";
+        }
+        return "?";
+    }
+
+    ExprPtr node(ExprKind kind, int line) {
+        ExprPtr e(new TplExpr());
+        e->kind = kind;
+        e->line = line;
+        return e;
+    }
+    // Appends a child, tracking depth so evaluation recursion stays bounded.
+    bool add(TplExpr* parent, ExprPtr child) {
+        if (child) parent->depth = std::max(parent->depth, child->depth + 1);
+        parent->args.push_back(std::move(child));
+        if (parent->depth > kTemplateMaxExprDepth) {
+            fail_at(parent->line, Status::invalid_argument, "expression nested too deeply");
+            return false;
+        }
+        return true;
+    }
+
+    //--- statements ---
+
+    // Parses statements until a block whose keyword is in `terminators` (consumed up to the
+    // keyword; *stopped_at names it) or the end of the template.
+    void parse_body(StmtList* body, std::initializer_list<const char*> terminators, std::string* stopped_at) {
+        NestingGuard guard(this);
+        if (guard.too_deep()) { syntax_error("blocks nested too deeply"); return; }
+        const int open_line = peek().line;
+        while (!failed()) {
+            const TplToken& t = peek();
+            if (t.kind == TokKind::end) {
+                if (terminators.size() != 0)
+                    fail_at(t.line, Status::invalid_argument,
+                            std::string("syntax error: missing '") + *terminators.begin() + "' for the block opened at line " +
+                                std::to_string(open_line));
+                return;
+            }
+            if (t.kind == TokKind::text) {
+                StmtPtr s(new TplStmt());
+                s->kind = StmtKind::text;
+                s->line = t.line;
+                s->text = t.text;
+                body->push_back(std::move(s));
+                next();
+                continue;
+            }
+            if (t.kind == TokKind::var_begin) {
+                next();
+                StmtPtr s(new TplStmt());
+                s->kind = StmtKind::output;
+                s->line = t.line;
+                ExprPtr e = parse_tuple(true);
+                if (!e) return;
+                s->exprs.push_back(std::move(e));
+                if (peek().kind != TokKind::var_end) { syntax_error("expected '}}' but found " + describe(peek())); return; }
+                next();
+                body->push_back(std::move(s));
+                continue;
+            }
+            if (t.kind != TokKind::block_begin) { syntax_error("unexpected " + describe(t)); return; }
+            next();
+            const TplToken& keyword = peek();
+            if (keyword.kind != TokKind::name) { syntax_error("expected a statement name"); return; }
+            for (const char* term : terminators) {
+                if (keyword.text == term) {
+                    *stopped_at = keyword.text;
+                    next();
+                    return;
+                }
+            }
+            StmtPtr s = parse_statement();
+            if (!s) return;
+            body->push_back(std::move(s));
+        }
+    }
+
+    StmtPtr parse_statement() {
+        const TplToken& keyword = next();
+        const int line = keyword.line;
+        const std::string& k = keyword.text;
+        if (k == "if") return parse_if(line);
+        if (k == "for") return parse_for(line);
+        if (k == "set") return parse_set(line);
+        if (k == "macro") return parse_macro(line);
+        if (k == "generation") {
+            StmtPtr s(new TplStmt());
+            s->kind = StmtKind::block;
+            s->line = line;
+            s->bodies.emplace_back();
+            std::string stop;
+            if (!expect_block_end()) return nullptr;
+            parse_body(&s->bodies[0], {"endgeneration"}, &stop);
+            if (failed() || !expect_block_end()) return nullptr;
+            return s;
+        }
+        if (k == "break" || k == "continue") {
+            if (loop_depth_ == 0) return syntax_error("'" + k + "' outside of a loop");
+            StmtPtr s(new TplStmt());
+            s->kind = k == "break" ? StmtKind::break_ : StmtKind::continue_;
+            s->line = line;
+            if (!expect_block_end()) return nullptr;
+            return s;
+        }
+        static const char* const kEnds[] = {"endif", "endfor", "endmacro", "endset", "else", "elif", "endraw", "endgeneration"};
+        for (const char* end : kEnds)
+            if (k == end) return fail_at(line, Status::invalid_argument, "syntax error: unexpected '" + k + "'");
+        return fail_at(line, Status::unsupported, "unsupported statement '" + k + "'");
+    }
+
+    StmtPtr parse_if(int line) {
+        StmtPtr s(new TplStmt());
+        s->kind = StmtKind::if_;
+        s->line = line;
+        for (;;) {
+            ExprPtr cond = parse_tuple(true);
+            if (!cond || !expect_block_end()) return nullptr;
+            s->exprs.push_back(std::move(cond));
+            s->bodies.emplace_back();
+            std::string stop;
+            parse_body(&s->bodies.back(), {"endif", "elif", "else"}, &stop);
+            if (failed()) return nullptr;
+            if (stop == "elif") continue;
+            if (stop == "else") {
+                if (!expect_block_end()) return nullptr;
+                s->bodies.emplace_back();
+                parse_body(&s->bodies.back(), {"endif"}, &stop);
+                if (failed()) return nullptr;
+            }
+            if (!expect_block_end()) return nullptr;
+            return s;
+        }
+    }
+
+    bool parse_targets(std::vector<std::string>* names) {
+        const bool parenthesized = accept_op("(");
+        do {
+            if (peek().kind != TokKind::name) { syntax_error("expected a variable name"); return false; }
+            names->push_back(next().text);
+        } while (accept_op(","));
+        if (parenthesized && !expect_op(")")) return false;
+        return true;
+    }
+
+    StmtPtr parse_for(int line) {
+        StmtPtr s(new TplStmt());
+        s->kind = StmtKind::for_;
+        s->line = line;
+        if (!parse_targets(&s->names)) return nullptr;
+        if (!accept_name("in")) return syntax_error("expected 'in' in for loop");
+        ExprPtr iterable = parse_tuple(false);
+        if (!iterable) return nullptr;
+        s->exprs.push_back(std::move(iterable));
+        ExprPtr filter;
+        if (accept_name("if")) {
+            filter = parse_expression(true);
+            if (!filter) return nullptr;
+        }
+        s->exprs.push_back(std::move(filter));
+        if (at_name("recursive")) return fail_at(line, Status::unsupported, "unsupported recursive for loop");
+        if (!expect_block_end()) return nullptr;
+        s->bodies.resize(2);
+        std::string stop;
+        ++loop_depth_;
+        parse_body(&s->bodies[0], {"endfor", "else"}, &stop);
+        --loop_depth_;
+        if (failed()) return nullptr;
+        if (stop == "else") {
+            if (!expect_block_end()) return nullptr;
+            parse_body(&s->bodies[1], {"endfor"}, &stop);
+            if (failed()) return nullptr;
+        }
+        if (!expect_block_end()) return nullptr;
+        return s;
+    }
+
+    StmtPtr parse_set(int line) {
+        StmtPtr s(new TplStmt());
+        s->kind = StmtKind::set;
+        s->line = line;
+        if (peek().kind == TokKind::name && at_op(".", 1)) {
+            s->names.push_back(next().text);
+            next();
+            if (peek().kind != TokKind::name) return syntax_error("expected an attribute name");
+            s->attribute = next().text;
+        } else if (!parse_targets(&s->names)) {
+            return nullptr;
+        }
+        if (accept_op("=")) {
+            ExprPtr value = parse_tuple(true);
+            if (!value || !expect_block_end()) return nullptr;
+            s->exprs.push_back(std::move(value));
+            return s;
+        }
+        if (s->names.size() != 1 || !s->attribute.empty()) return syntax_error("expected '='");
+        if (at_op("|")) return fail_at(line, Status::unsupported, "unsupported filter on a block set");
+        if (!expect_block_end()) return nullptr;
+        s->kind = StmtKind::set_block;
+        s->bodies.emplace_back();
+        std::string stop;
+        parse_body(&s->bodies[0], {"endset"}, &stop);
+        if (failed() || !expect_block_end()) return nullptr;
+        return s;
+    }
+
+    StmtPtr parse_macro(int line) {
+        StmtPtr s(new TplStmt());
+        s->kind = StmtKind::macro;
+        s->line = line;
+        if (peek().kind != TokKind::name) return syntax_error("expected a macro name");
+        s->text = next().text;
+        if (!expect_op("(")) return nullptr;
+        while (!at_op(")")) {
+            if (peek().kind != TokKind::name) return syntax_error("expected a parameter name");
+            s->names.push_back(next().text);
+            ExprPtr default_value;
+            if (accept_op("=")) {
+                default_value = parse_expression(true);
+                if (!default_value) return nullptr;
+            } else if (!s->exprs.empty() && s->exprs.back()) {
+                return syntax_error("non-default parameter follows a default parameter");
+            }
+            s->exprs.push_back(std::move(default_value));
+            if (!accept_op(",")) break;
+        }
+        if (!expect_op(")") || !expect_block_end()) return nullptr;
+        s->bodies.emplace_back();
+        std::string stop;
+        const int saved_loop_depth = loop_depth_;
+        loop_depth_ = 0;
+        parse_body(&s->bodies[0], {"endmacro"}, &stop);
+        loop_depth_ = saved_loop_depth;
+        if (failed()) return nullptr;
+        if (peek().kind == TokKind::name) next();  // {% endmacro name %}
+        if (!expect_block_end()) return nullptr;
+        return s;
+    }
+
+    //--- expressions ---
+
+    // A bare tuple "a, b" or a single expression.
+    ExprPtr parse_tuple(bool with_condexpr) {
+        const int line = peek().line;
+        ExprPtr first = parse_expression(with_condexpr);
+        if (!first || !at_op(",")) return first;
+        ExprPtr tuple = node(ExprKind::tuple, line);
+        if (!add(tuple.get(), std::move(first))) return nullptr;
+        while (accept_op(",")) {
+            if (peek().kind == TokKind::var_end || peek().kind == TokKind::block_end || at_op(")")) break;
+            ExprPtr item = parse_expression(with_condexpr);
+            if (!item || !add(tuple.get(), std::move(item))) return nullptr;
+        }
+        return tuple;
+    }
+
+    ExprPtr parse_expression(bool with_condexpr) {
+        NestingGuard guard(this);
+        if (guard.too_deep()) return syntax_error("expression nested too deeply");
+        return with_condexpr ? parse_conditional() : parse_or();
+    }
+
+    ExprPtr parse_conditional() {
+        ExprPtr value = parse_or();
+        while (value && at_name("if")) {
+            const int line = next().line;
+            ExprPtr cond = parse_or();
+            if (!cond) return nullptr;
+            ExprPtr otherwise;
+            if (accept_name("else")) {
+                otherwise = parse_conditional();
+                if (!otherwise) return nullptr;
+            }
+            ExprPtr e = node(ExprKind::conditional, line);
+            if (!add(e.get(), std::move(value)) || !add(e.get(), std::move(cond)) || !add(e.get(), std::move(otherwise)))
+                return nullptr;
+            value = std::move(e);
+        }
+        return value;
+    }
+
+    ExprPtr binary_node(ExprKind kind, const std::string& op, int line, ExprPtr left, ExprPtr right) {
+        ExprPtr e = node(kind, line);
+        e->name = op;
+        if (!add(e.get(), std::move(left)) || !add(e.get(), std::move(right))) return nullptr;
+        return e;
+    }
+
+    ExprPtr parse_or() {
+        ExprPtr left = parse_and();
+        while (left && at_name("or")) {
+            const int line = next().line;
+            ExprPtr right = parse_and();
+            if (!right) return nullptr;
+            left = binary_node(ExprKind::or_, "or", line, std::move(left), std::move(right));
+        }
+        return left;
+    }
+
+    ExprPtr parse_and() {
+        ExprPtr left = parse_not();
+        while (left && at_name("and")) {
+            const int line = next().line;
+            ExprPtr right = parse_not();
+            if (!right) return nullptr;
+            left = binary_node(ExprKind::and_, "and", line, std::move(left), std::move(right));
+        }
+        return left;
+    }
+
+    ExprPtr parse_not() {
+        if (at_name("not")) {
+            NestingGuard guard(this);
+            if (guard.too_deep()) return syntax_error("expression nested too deeply");
+            const int line = next().line;
+            ExprPtr operand = parse_not();
+            if (!operand) return nullptr;
+            ExprPtr e = node(ExprKind::not_, line);
+            if (!add(e.get(), std::move(operand))) return nullptr;
+            return e;
+        }
+        return parse_compare();
+    }
+
+    ExprPtr parse_compare() {
+        const int line = peek().line;
+        ExprPtr first = parse_math1();
+        if (!first) return nullptr;
+        ExprPtr cmp;
+        for (;;) {
+            std::string op;
+            if (peek().kind == TokKind::op && (peek().text == "==" || peek().text == "!=" || peek().text == "<" ||
+                                               peek().text == "<=" || peek().text == ">" || peek().text == ">=")) {
+                op = next().text;
+            } else if (at_name("in")) {
+                next();
+                op = "in";
+            } else if (at_name("not") && at_name("in", 1)) {
+                next();
+                next();
+                op = "not in";
+            } else {
+                break;
+            }
+            ExprPtr right = parse_math1();
+            if (!right) return nullptr;
+            if (!cmp) {
+                cmp = node(ExprKind::compare, line);
+                if (!add(cmp.get(), std::move(first))) return nullptr;
+            }
+            cmp->arg_names.push_back(op);
+            if (!add(cmp.get(), std::move(right))) return nullptr;
+        }
+        return cmp ? std::move(cmp) : std::move(first);
+    }
+
+    ExprPtr parse_math1() {
+        ExprPtr left = parse_concat();
+        while (left && (at_op("+") || at_op("-"))) {
+            const TplToken& op = next();
+            ExprPtr right = parse_concat();
+            if (!right) return nullptr;
+            left = binary_node(ExprKind::binary, op.text, op.line, std::move(left), std::move(right));
+        }
+        return left;
+    }
+
+    ExprPtr parse_concat() {
+        ExprPtr left = parse_math2();
+        while (left && at_op("~")) {
+            const int line = next().line;
+            ExprPtr right = parse_math2();
+            if (!right) return nullptr;
+            left = binary_node(ExprKind::binary, "~", line, std::move(left), std::move(right));
+        }
+        return left;
+    }
+
+    ExprPtr parse_math2() {
+        ExprPtr left = parse_pow();
+        while (left && (at_op("*") || at_op("/") || at_op("//") || at_op("%"))) {
+            const TplToken& op = next();
+            ExprPtr right = parse_pow();
+            if (!right) return nullptr;
+            left = binary_node(ExprKind::binary, op.text, op.line, std::move(left), std::move(right));
+        }
+        return left;
+    }
+
+    ExprPtr parse_pow() {
+        ExprPtr left = parse_unary(true);
+        while (left && at_op("**")) {
+            const int line = next().line;
+            ExprPtr right = parse_unary(true);
+            if (!right) return nullptr;
+            left = binary_node(ExprKind::binary, "**", line, std::move(left), std::move(right));
+        }
+        return left;
+    }
+
+    ExprPtr parse_unary(bool with_filter) {
+        NestingGuard guard(this);
+        if (guard.too_deep()) return syntax_error("expression nested too deeply");
+        ExprPtr e;
+        if (at_op("-") || at_op("+")) {
+            const TplToken& op = next();
+            ExprPtr operand = parse_unary(false);
+            if (!operand) return nullptr;
+            e = node(op.text == "-" ? ExprKind::negate : ExprKind::plus, op.line);
+            if (!add(e.get(), std::move(operand))) return nullptr;
+        } else {
+            e = parse_primary();
+            if (e) e = parse_postfix(std::move(e));
+        }
+        if (e && with_filter) e = parse_filters_and_tests(std::move(e));
+        return e;
+    }
+
+    ExprPtr parse_primary() {
+        const TplToken& t = peek();
+        if (t.kind == TokKind::name) {
+            next();
+            ExprPtr e = node(ExprKind::literal, t.line);
+            if (t.text == "true" || t.text == "True") e->literal = tpl_bool(true);
+            else if (t.text == "false" || t.text == "False") e->literal = tpl_bool(false);
+            else if (t.text == "none" || t.text == "None") e->literal = tpl_none();
+            else { e->kind = ExprKind::name; e->name = t.text; }
+            return e;
+        }
+        if (t.kind == TokKind::string) {
+            ExprPtr e = node(ExprKind::literal, t.line);
+            std::string s;
+            while (peek().kind == TokKind::string) s += next().text;  // adjacent literals concatenate
+            e->literal = tpl_string(std::move(s));
+            return e;
+        }
+        if (t.kind == TokKind::integer || t.kind == TokKind::floating) {
+            next();
+            ExprPtr e = node(ExprKind::literal, t.line);
+            e->literal = t.kind == TokKind::integer ? tpl_int(t.integer) : tpl_float(t.floating);
+            return e;
+        }
+        if (at_op("(")) {
+            next();
+            if (accept_op(")")) return node(ExprKind::tuple, t.line);
+            ExprPtr inner = parse_expression(true);
+            if (!inner) return nullptr;
+            if (at_op(",")) {
+                ExprPtr tuple = node(ExprKind::tuple, t.line);
+                if (!add(tuple.get(), std::move(inner))) return nullptr;
+                while (accept_op(",")) {
+                    if (at_op(")")) break;
+                    ExprPtr item = parse_expression(true);
+                    if (!item || !add(tuple.get(), std::move(item))) return nullptr;
+                }
+                inner = std::move(tuple);
+            }
+            if (!expect_op(")")) return nullptr;
+            return inner;
+        }
+        if (at_op("[")) {
+            next();
+            ExprPtr list = node(ExprKind::list, t.line);
+            while (!at_op("]")) {
+                ExprPtr item = parse_expression(true);
+                if (!item || !add(list.get(), std::move(item))) return nullptr;
+                if (!accept_op(",")) break;
+            }
+            if (!expect_op("]")) return nullptr;
+            return list;
+        }
+        if (at_op("{")) {
+            next();
+            ExprPtr dict = node(ExprKind::dict, t.line);
+            while (!at_op("}")) {
+                ExprPtr key = parse_expression(true);
+                if (!key || !expect_op(":")) return nullptr;
+                ExprPtr value = parse_expression(true);
+                if (!value || !add(dict.get(), std::move(key)) || !add(dict.get(), std::move(value))) return nullptr;
+                if (!accept_op(",")) break;
+            }
+            if (!expect_op("}")) return nullptr;
+            return dict;
+        }
+        return syntax_error("unexpected " + describe(t));
+    }
+
+    // Call arguments after '(' up to and including ')'.
+    bool parse_call_args(TplExpr* e) {
+        while (!at_op(")")) {
+            if (at_op("*") || at_op("**")) {
+                fail_at(peek().line, Status::unsupported, "unsupported *args / **kwargs in a call");
+                return false;
+            }
+            std::string keyword;
+            if (peek().kind == TokKind::name && at_op("=", 1)) {
+                keyword = next().text;
+                next();
+            } else if (!e->arg_names.empty() && !e->arg_names.back().empty()) {
+                syntax_error("positional argument follows keyword argument");
+                return false;
+            }
+            ExprPtr value = parse_expression(true);
+            if (!value || !add(e, std::move(value))) return false;
+            e->arg_names.push_back(keyword);
+            if (!accept_op(",")) break;
+        }
+        return expect_op(")");
+    }
+
+    ExprPtr parse_postfix(ExprPtr e) {
+        while (e) {
+            const int line = peek().line;
+            if (at_op(".")) {
+                next();
+                if (peek().kind == TokKind::integer) {
+                    ExprPtr index = node(ExprKind::literal, line);
+                    index->literal = tpl_int(next().integer);
+                    ExprPtr sub = node(ExprKind::subscript, line);
+                    if (!add(sub.get(), std::move(e)) || !add(sub.get(), std::move(index))) return nullptr;
+                    e = std::move(sub);
+                    continue;
+                }
+                if (peek().kind != TokKind::name) return syntax_error("expected an attribute name after '.'");
+                ExprPtr attr = node(ExprKind::attribute, line);
+                attr->name = next().text;
+                if (!add(attr.get(), std::move(e))) return nullptr;
+                e = std::move(attr);
+            } else if (at_op("[")) {
+                next();
+                e = parse_subscript(std::move(e), line);
+            } else if (at_op("(")) {
+                next();
+                ExprPtr call = node(ExprKind::call, line);
+                if (!add(call.get(), std::move(e)) || !parse_call_args(call.get())) return nullptr;
+                e = std::move(call);
+            } else {
+                break;
+            }
+        }
+        return e;
+    }
+
+    ExprPtr parse_subscript(ExprPtr object, int line) {
+        ExprPtr parts[3];
+        bool is_slice = false;
+        for (int i = 0; i < 3; ++i) {
+            if (!at_op(":") && !at_op("]")) {
+                parts[i] = parse_expression(true);
+                if (!parts[i]) return nullptr;
+            }
+            if (i < 2 && accept_op(":")) { is_slice = true; continue; }
+            break;
+        }
+        if (!is_slice && parts[0] && at_op(",")) {  // x[a, b]: a tuple key
+            ExprPtr tuple = node(ExprKind::tuple, line);
+            if (!add(tuple.get(), std::move(parts[0]))) return nullptr;
+            while (accept_op(",") && !at_op("]")) {
+                ExprPtr item = parse_expression(true);
+                if (!item || !add(tuple.get(), std::move(item))) return nullptr;
+            }
+            parts[0] = std::move(tuple);
+        }
+        if (!expect_op("]")) return nullptr;
+        ExprPtr e = node(is_slice ? ExprKind::slice : ExprKind::subscript, line);
+        if (!add(e.get(), std::move(object))) return nullptr;
+        if (!is_slice) {
+            if (!parts[0]) return syntax_error("empty subscript");
+            if (!add(e.get(), std::move(parts[0]))) return nullptr;
+            return e;
+        }
+        for (auto& part : parts)
+            if (!add(e.get(), std::move(part))) return nullptr;
+        return e;
+    }
+
+    ExprPtr parse_filters_and_tests(ExprPtr e) {
+        while (e) {
+            const int line = peek().line;
+            if (at_op("|")) {
+                next();
+                if (peek().kind != TokKind::name) return syntax_error("expected a filter name after '|'");
+                ExprPtr f = node(ExprKind::filter, line);
+                f->name = next().text;
+                if (!add(f.get(), std::move(e))) return nullptr;
+                if (accept_op("(") && !parse_call_args(f.get())) return nullptr;
+                e = std::move(f);
+            } else if (at_name("is")) {
+                next();
+                ExprPtr t = node(ExprKind::test, line);
+                t->negated = accept_name("not");
+                if (peek().kind != TokKind::name) return syntax_error("expected a test name after 'is'");
+                t->name = next().text;
+                if (!add(t.get(), std::move(e))) return nullptr;
+                if (accept_op("(")) {
+                    if (!parse_call_args(t.get())) return nullptr;
+                } else {
+                    const TplToken& n = peek();
+                    const bool starts_operand = n.kind == TokKind::name || n.kind == TokKind::string ||
+                                                n.kind == TokKind::integer || n.kind == TokKind::floating ||
+                                                at_op("[") || at_op("{");
+                    if (starts_operand && !at_name("else") && !at_name("or") && !at_name("and") && !at_name("if") &&
+                        !at_name("is") && !at_name("in") && !at_name("not")) {
+                        ExprPtr arg = parse_primary();
+                        if (arg) arg = parse_postfix(std::move(arg));
+                        if (!arg || !add(t.get(), std::move(arg))) return nullptr;
+                        t->arg_names.push_back(std::string());
+                    }
+                }
+                e = std::move(t);
+            } else if (at_op("(")) {
+                next();
+                ExprPtr call = node(ExprKind::call, line);
+                if (!add(call.get(), std::move(e)) || !parse_call_args(call.get())) return nullptr;
+                e = std::move(call);
+            } else {
+                break;
+            }
+        }
+        return e;
+    }
+};
+
+//--- Template evaluation -----------------------------------------------------
+
+struct TplFrame {
+    TplFrame* parent = nullptr;
+    std::vector<std::pair<std::string, TplValue>> vars;
+
+    TplValue* find(const std::string& name) {
+        for (TplFrame* f = this; f; f = f->parent)
+            for (auto& v : f->vars)
+                if (v.first == name) return &v.second;
+        return nullptr;
+    }
+    void set(const std::string& name, TplValue value) {
+        for (auto& v : vars)
+            if (v.first == name) { v.second = std::move(value); return; }
+        vars.emplace_back(name, std::move(value));
+    }
+};
+
+// A macro sees the scope it was defined in; that frame outlives every use of the macro because
+// macros cannot be stored in namespaces (the only values that outlive a frame).
+struct TplMacro {
+    const TplStmt* definition = nullptr;
+    TplFrame* scope = nullptr;
+};
+
+struct TplArgs {
+    std::vector<TplValue> positional;
+    std::vector<std::pair<std::string, TplValue>> keywords;
+
+    // Python-style lookup of parameter `index` / `keyword`; null when not passed.
+    const TplValue* get(size_t index, const char* keyword) const {
+        if (index < positional.size()) return &positional[index];
+        for (const auto& k : keywords)
+            if (k.first == keyword) return &k.second;
+        return nullptr;
+    }
+};
+
+// Python slice semantics: the selected indices of a sequence of `length` items.
+inline std::vector<size_t> slice_indices(int64_t length, const TplValue& start_v, const TplValue& stop_v, int64_t step) {
+    std::vector<size_t> out;
+    auto given = [](const TplValue& v) { return v.kind == TplKind::integer || v.kind == TplKind::boolean; };
+    auto value = [](const TplValue& v) { return v.kind == TplKind::boolean ? (int64_t)v.boolean : v.integer; };
+    auto clamp = [&](int64_t i, int64_t lo, int64_t hi) {
+        if (i < 0) i += length;
+        return std::min(std::max(i, lo), hi);
+    };
+    if (step > 0) {
+        const int64_t start = given(start_v) ? clamp(value(start_v), 0, length) : 0;
+        const int64_t stop = given(stop_v) ? clamp(value(stop_v), 0, length) : length;
+        for (int64_t i = start; i < stop; i += step) out.push_back((size_t)i);
+    } else {
+        const int64_t start = given(start_v) ? clamp(value(start_v), -1, length - 1) : length - 1;
+        const int64_t stop = given(stop_v) ? clamp(value(stop_v), -1, length - 1) : -1;
+        for (int64_t i = start; i > stop; i += step) out.push_back((size_t)i);
+    }
+    return out;
+}
+
+// Simple case mapping for ASCII, Latin-1, Latin Extended-A, Greek and Cyrillic: what Python's
+// str.upper / str.lower do there, less a few one-to-many cases. Other scripts stay as they are.
+inline bool latin_a_odd_is_upper(uint32_t c) { return (c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17e); }
+inline uint32_t upper_cp(uint32_t c) {
+    if (c < 0x80) return c >= 'a' && c <= 'z' ? c - 32 : c;
+    if (c >= 0xe0 && c <= 0xfe && c != 0xf7) return c - 0x20;
+    if (c == 0xff) return 0x178;
+    if (c == 0xb5) return 0x39c;
+    if (c == 0x131) return 'I';
+    if (c == 0x17f) return 'S';
+    if (c >= 0x100 && c <= 0x17e && c != 0x130 && c != 0x138 && c != 0x149 && c != 0x178)
+        return (c & 1u) == (latin_a_odd_is_upper(c) ? 0u : 1u) ? c - 1 : c;
+    if (c >= 0x3b1 && c <= 0x3c9) return c == 0x3c2 ? 0x3a3 : c - 0x20;
+    if (c >= 0x430 && c <= 0x44f) return c - 0x20;
+    if (c >= 0x450 && c <= 0x45f) return c - 0x50;
+    return c;
+}
+inline uint32_t lower_cp(uint32_t c) {
+    if (c < 0x80) return c >= 'A' && c <= 'Z' ? c + 32 : c;
+    if (c >= 0xc0 && c <= 0xde && c != 0xd7) return c + 0x20;
+    if (c == 0x178) return 0xff;
+    if (c >= 0x100 && c <= 0x17e && c != 0x130 && c != 0x131 && c != 0x138 && c != 0x149)
+        return (c & 1u) == (latin_a_odd_is_upper(c) ? 1u : 0u) ? c + 1 : c;
+    if (c >= 0x391 && c <= 0x3a9 && c != 0x3a2) return c + 0x20;
+    if (c >= 0x410 && c <= 0x42f) return c + 0x20;
+    if (c >= 0x400 && c <= 0x40f) return c + 0x50;
+    return c;
+}
+inline bool is_cased(uint32_t c) { return c == 0xdf || upper_cp(c) != c || lower_cp(c) != c; }
+inline void append_upper(std::string* out, uint32_t c) {
+    if (c == 0xdf) *out += "SS";                // German sharp s
+    else if (c == 0x149) *out += "\xca\xbcN";  // n preceded by apostrophe
+    else append_utf8(out, upper_cp(c));
+}
+// Lower-cases cps[i]; a capital sigma ending a word becomes the final sigma, as in Python.
+inline void append_lower(std::string* out, const std::vector<uint32_t>& cps, size_t i) {
+    if (cps[i] == 0x3a3 && i > 0 && is_cased(cps[i - 1]) && (i + 1 == cps.size() || !is_cased(cps[i + 1])))
+        append_utf8(out, 0x3c2);
+    else
+        append_utf8(out, lower_cp(cps[i]));
+}
+inline std::string text_upper(const std::string& s) {
+    std::string out;
+    for (uint32_t c : utf8_decode(s)) append_upper(&out, c);
+    return out;
+}
+inline std::string text_lower(const std::string& s) {
+    std::string out;
+    const std::vector<uint32_t> cps = utf8_decode(s);
+    for (size_t i = 0; i < cps.size(); ++i) append_lower(&out, cps, i);
+    return out;
+}
+// Upper-cases the first letter of each word and lower-cases the rest; a word starts after a
+// character for which `separates` holds (Python's str.title: any uncased character).
+template <typename Separates>
+inline std::string text_title(const std::string& s, Separates separates) {
+    std::string out;
+    bool word_start = true;
+    const std::vector<uint32_t> cps = utf8_decode(s);
+    for (size_t i = 0; i < cps.size(); ++i) {
+        if (word_start) append_upper(&out, cps[i]);
+        else append_lower(&out, cps, i);
+        word_start = separates(cps[i]);
+    }
+    return out;
+}
+inline bool ascii_alpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+
+// str.strip / lstrip / rstrip; `chars` null or none: whitespace.
+inline std::string py_strip(const std::string& s, const TplValue* chars, bool left, bool right) {
+    const std::vector<uint32_t> cps = utf8_decode(s);
+    std::vector<uint32_t> set;
+    const bool whitespace = !chars || chars->kind != TplKind::string;
+    if (!whitespace) set = utf8_decode(chars->text);
+    auto strip_it = [&](uint32_t c) {
+        return whitespace ? is_python_space(c) : std::find(set.begin(), set.end(), c) != set.end();
+    };
+    size_t b = 0, e = cps.size();
+    if (left) while (b < e && strip_it(cps[b])) ++b;
+    if (right) while (e > b && strip_it(cps[e - 1])) --e;
+    return utf8_encode(cps.data() + b, e - b);
+}
+
+// str.split / str.rsplit (rsplit = split of the reversed text, reversed back).
+inline std::vector<std::string> py_split(const std::string& s, const std::string* sep, int64_t maxsplit, bool from_right) {
+    std::vector<uint32_t> text = utf8_decode(s), separator;
+    if (sep) separator = utf8_decode(*sep);
+    if (from_right) {
+        std::reverse(text.begin(), text.end());
+        std::reverse(separator.begin(), separator.end());
+    }
+    std::vector<std::vector<uint32_t>> parts;
+    size_t i = 0;
+    if (!sep) {
+        for (;;) {
+            while (i < text.size() && is_python_space(text[i])) ++i;
+            if (i >= text.size()) break;
+            if (maxsplit >= 0 && (int64_t)parts.size() == maxsplit) {  // the rest, trailing space kept
+                parts.emplace_back(text.begin() + (std::ptrdiff_t)i, text.end());
+                break;
+            }
+            const size_t start = i;
+            while (i < text.size() && !is_python_space(text[i])) ++i;
+            parts.emplace_back(text.begin() + (std::ptrdiff_t)start, text.begin() + (std::ptrdiff_t)i);
+        }
+    } else {
+        for (;;) {
+            auto hit = text.end();
+            if (maxsplit < 0 || (int64_t)parts.size() < maxsplit)
+                hit = std::search(text.begin() + (std::ptrdiff_t)i, text.end(), separator.begin(), separator.end());
+            if (hit == text.end()) {
+                parts.emplace_back(text.begin() + (std::ptrdiff_t)i, text.end());
+                break;
+            }
+            parts.emplace_back(text.begin() + (std::ptrdiff_t)i, hit);
+            i = (size_t)(hit - text.begin()) + separator.size();
+        }
+    }
+    std::vector<std::string> out;
+    for (auto& p : parts) {
+        if (from_right) std::reverse(p.begin(), p.end());
+        out.push_back(utf8_encode(p.data(), p.size()));
+    }
+    if (from_right) std::reverse(out.begin(), out.end());
+    return out;
+}
+
+inline std::string py_replace(const std::string& s, const std::string& old_text, const std::string& new_text, int64_t count) {
+    std::string out;
+    if (old_text.empty()) {  // Python inserts between every character
+        const std::vector<uint32_t> cps = utf8_decode(s);
+        int64_t done = 0;
+        for (size_t i = 0; i <= cps.size(); ++i) {
+            if (count < 0 || done < count) { out += new_text; ++done; }
+            if (i < cps.size()) append_utf8(&out, cps[i]);
+        }
+        return out;
+    }
+    size_t pos = 0;
+    int64_t done = 0;
+    for (;;) {
+        const size_t hit = (count < 0 || done < count) ? s.find(old_text, pos) : std::string::npos;
+        if (hit == std::string::npos) break;
+        out.append(s, pos, hit - pos);
+        out += new_text;
+        pos = hit + old_text.size();
+        ++done;
+    }
+    out.append(s, pos, std::string::npos);
+    return out;
+}
+
+enum class Flow { normal, break_, continue_, error };
+
+class TemplateRenderer {
+public:
+    int64_t pinned_time = -1;  // ChatTemplateOptions::strftime_now_time
+    Status status = Status::ok;
+    std::string error;
+    int error_line = 0;
+
+    bool failed() const { return status != Status::ok; }
+
+    Flow exec(const StmtList& body, TplFrame& frame, std::string* out) {
+        for (const StmtPtr& s : body) {
+            Flow flow = exec_statement(*s, frame, out);
+            if (failed()) return Flow::error;
+            if (flow != Flow::normal) return flow;
+        }
+        return Flow::normal;
+    }
+
+private:
+    uint64_t steps_ = 0;
+    int call_depth_ = 0;
+
+    TplValue fail_at(int line, Status s, const std::string& message) {
+        if (!failed()) {
+            status = s;
+            error = message;
+            error_line = line;
+        }
+        return TplValue();
+    }
+    TplValue runtime_error(int line, const std::string& message) { return fail_at(line, Status::invalid_argument, message); }
+    TplValue undefined_error(int line, const TplValue& v) {
+        return runtime_error(line, v.text.empty() ? std::string("value is undefined") : "'" + v.text + "' is undefined");
+    }
+    bool step(int line) {
+        if (++steps_ > kTemplateMaxSteps) { runtime_error(line, "too many loop iterations or calls"); return false; }
+        return true;
+    }
+    bool check_size(size_t bytes, int line) {
+        if (bytes <= kTemplateMaxOutput) return true;
+        runtime_error(line, "output larger than 64 MiB");
+        return false;
+    }
+    void append(std::string* out, const std::string& text, int line) {
+        if (!check_size(out->size() + text.size(), line)) return;
+        *out += text;
+    }
+
+    //--- statements ---
+
+    Flow exec_statement(const TplStmt& s, TplFrame& frame, std::string* out) {
+        switch (s.kind) {
+            case StmtKind::text: append(out, s.text, s.line); return Flow::normal;
+            case StmtKind::output: {
+                const TplValue v = eval(*s.exprs[0], frame);
+                if (failed()) return Flow::error;
+                if (v.kind == TplKind::string) append(out, v.text, s.line);
+                else append(out, tpl_str(v), s.line);
+                return Flow::normal;
+            }
+            case StmtKind::if_:
+                for (size_t i = 0; i < s.exprs.size(); ++i) {
+                    const TplValue cond = eval(*s.exprs[i], frame);
+                    if (failed()) return Flow::error;
+                    if (tpl_truthy(cond)) return exec(s.bodies[i], frame, out);
+                }
+                if (s.bodies.size() > s.exprs.size()) return exec(s.bodies.back(), frame, out);
+                return Flow::normal;
+            case StmtKind::for_: return exec_for(s, frame, out);
+            case StmtKind::set: {
+                TplValue v = eval(*s.exprs[0], frame);
+                if (failed()) return Flow::error;
+                if (!s.attribute.empty()) {
+                    TplValue* target = frame.find(s.names[0]);
+                    if (!target || target->kind != TplKind::dict || !target->dict->is_namespace) {
+                        runtime_error(s.line, "cannot assign attribute on non-namespace object '" + s.names[0] + "'");
+                        return Flow::error;
+                    }
+                    if (tpl_holds_reference(v)) {
+                        fail_at(s.line, Status::unsupported, "unsupported: storing a namespace or macro inside a namespace");
+                        return Flow::error;
+                    }
+                    if (tpl_depth(v) + 1 > kTemplateMaxValueDepth) {
+                        runtime_error(s.line, "value nested too deeply");
+                        return Flow::error;
+                    }
+                    target->dict->set(s.attribute, std::move(v));
+                    return Flow::normal;
+                }
+                bind_targets(s.names, v, frame, s.line);
+                return failed() ? Flow::error : Flow::normal;
+            }
+            case StmtKind::set_block: {
+                std::string captured;
+                const Flow flow = exec(s.bodies[0], frame, &captured);
+                if (failed()) return Flow::error;
+                frame.set(s.names[0], tpl_string(std::move(captured)));
+                return flow;
+            }
+            case StmtKind::macro: {
+                TplValue m;
+                m.kind = TplKind::macro;
+                m.macro = std::make_shared<TplMacro>();
+                m.macro->definition = &s;
+                m.macro->scope = &frame;
+                frame.set(s.text, std::move(m));
+                return Flow::normal;
+            }
+            case StmtKind::block: return exec(s.bodies[0], frame, out);
+            case StmtKind::break_: return Flow::break_;
+            case StmtKind::continue_: return Flow::continue_;
+        }
+        return Flow::normal;
+    }
+
+    void bind_targets(const std::vector<std::string>& names, const TplValue& v, TplFrame& frame, int line) {
+        if (names.size() == 1) { frame.set(names[0], v); return; }
+        std::vector<TplValue> items;
+        if (!iterate(v, &items, line)) return;
+        if (items.size() != names.size()) {
+            runtime_error(line, items.size() < names.size() ? "not enough values to unpack" : "too many values to unpack");
+            return;
+        }
+        for (size_t i = 0; i < names.size(); ++i) frame.set(names[i], items[i]);
+    }
+
+    Flow exec_for(const TplStmt& s, TplFrame& frame, std::string* out) {
+        const TplValue iterable = eval(*s.exprs[0], frame);
+        if (failed()) return Flow::error;
+        auto items = std::make_shared<TplList>();
+        if (!iterate(iterable, &items->items, s.line)) return Flow::error;
+        if (s.exprs[1]) {
+            std::vector<TplValue> kept;
+            for (TplValue& item : items->items) {
+                if (!step(s.line)) return Flow::error;
+                TplFrame scope;
+                scope.parent = &frame;
+                bind_targets(s.names, item, scope, s.line);
+                const TplValue keep = failed() ? TplValue() : eval(*s.exprs[1], scope);
+                if (failed()) return Flow::error;
+                if (tpl_truthy(keep)) kept.push_back(std::move(item));
+            }
+            items->items = std::move(kept);
+        }
+        if (items->items.empty()) {
+            TplFrame scope;
+            scope.parent = &frame;
+            return exec(s.bodies[1], scope, out);
+        }
+        for (size_t i = 0; i < items->items.size(); ++i) {
+            if (!step(s.line)) return Flow::error;
+            TplFrame scope;
+            scope.parent = &frame;
+            bind_targets(s.names, items->items[i], scope, s.line);
+            TplValue loop;
+            loop.kind = TplKind::loop;
+            loop.loop = std::make_shared<TplLoop>();
+            loop.loop->items = items;
+            loop.loop->index = i;
+            scope.set("loop", std::move(loop));
+            if (failed()) return Flow::error;
+            const Flow flow = exec(s.bodies[0], scope, out);
+            if (flow == Flow::error) return flow;
+            if (flow == Flow::break_) break;
+        }
+        return Flow::normal;
+    }
+
+    // The items a for loop or filter sees: list items, dict keys, string characters.
+    bool iterate(const TplValue& v, std::vector<TplValue>* items, int line) {
+        switch (v.kind) {
+            case TplKind::undefined: return true;
+            case TplKind::list: *items = v.list->items; return true;
+            case TplKind::dict:
+                if (v.dict->is_namespace) break;
+                for (const auto& e : v.dict->entries) items->push_back(tpl_string(e.first));
+                return true;
+            case TplKind::string:
+                for (uint32_t cp : utf8_decode(v.text)) {
+                    std::string c;
+                    append_utf8(&c, cp);
+                    items->push_back(tpl_string(std::move(c)));
+                }
+                return true;
+            default: break;
+        }
+        runtime_error(line, std::string("'") + tpl_type_name(v) + "' object is not iterable");
+        return false;
+    }
+
+    //--- expressions ---
+
+    TplArgs eval_args(const TplExpr& e, TplFrame& frame) {
+        TplArgs args;
+        for (size_t i = 1; i < e.args.size(); ++i) {
+            TplValue v = eval(*e.args[i], frame);
+            const std::string& keyword = e.arg_names[i - 1];
+            if (keyword.empty()) args.positional.push_back(std::move(v));
+            else args.keywords.emplace_back(keyword, std::move(v));
+        }
+        return args;
+    }
+
+    TplValue eval(const TplExpr& e, TplFrame& frame) {
+        if (failed()) return TplValue();
+        switch (e.kind) {
+            case ExprKind::literal: return e.literal;
+            case ExprKind::name: {
+                if (const TplValue* v = frame.find(e.name)) return *v;
+                static const char* const kGlobals[] = {"range", "namespace", "dict", "raise_exception", "strftime_now",
+                                                       "cycler", "joiner", "lipsum"};  // the last three: unsupported
+                for (const char* g : kGlobals)
+                    if (e.name == g) {
+                        TplValue f;
+                        f.kind = TplKind::function;
+                        f.text = g;
+                        return f;
+                    }
+                return tpl_undefined(e.name);
+            }
+            case ExprKind::list: case ExprKind::tuple: {
+                std::vector<TplValue> items;
+                for (const ExprPtr& item : e.args) items.push_back(eval(*item, frame));
+                return tpl_list(std::move(items), e.kind == ExprKind::tuple);
+            }
+            case ExprKind::dict: {
+                std::vector<std::pair<std::string, TplValue>> entries;
+                for (size_t i = 0; i + 1 < e.args.size(); i += 2) {
+                    const TplValue key = eval(*e.args[i], frame);
+                    TplValue value = eval(*e.args[i + 1], frame);
+                    if (failed()) return TplValue();
+                    if (key.kind != TplKind::string)
+                        return fail_at(e.line, Status::unsupported, "unsupported dict key of type '" +
+                                                                        std::string(tpl_type_name(key)) + "'");
+                    entries.emplace_back(key.text, std::move(value));
+                }
+                return tpl_dict(std::move(entries));
+            }
+            case ExprKind::attribute: {
+                const TplValue object = eval(*e.args[0], frame);
+                if (failed()) return TplValue();
+                return get_attribute(object, e.name, e.line);
+            }
+            case ExprKind::subscript: {
+                const TplValue object = eval(*e.args[0], frame);
+                const TplValue key = eval(*e.args[1], frame);
+                if (failed()) return TplValue();
+                return get_item(object, key, e.line);
+            }
+            case ExprKind::slice: return eval_slice(e, frame);
+            case ExprKind::call: {
+                if (e.args[0]->kind == ExprKind::attribute) {
+                    const TplValue object = eval(*e.args[0]->args[0], frame);
+                    TplArgs args = eval_args(e, frame);
+                    if (failed()) return TplValue();
+                    return call_method(object, e.args[0]->name, args, e.line);
+                }
+                const TplValue callee = eval(*e.args[0], frame);
+                TplArgs args = eval_args(e, frame);
+                if (failed()) return TplValue();
+                return call_value(callee, args, e.line);
+            }
+            case ExprKind::filter: {
+                const TplValue input = eval(*e.args[0], frame);
+                TplArgs args = eval_args(e, frame);
+                if (failed()) return TplValue();
+                return apply_filter(e.name, input, args, e.line);
+            }
+            case ExprKind::test: {
+                const TplValue input = eval(*e.args[0], frame);
+                TplArgs args = eval_args(e, frame);
+                if (failed()) return TplValue();
+                bool result = false;
+                if (!apply_test(e.name, input, args, e.line, &result)) return TplValue();
+                return tpl_bool(result != e.negated);
+            }
+            case ExprKind::negate: case ExprKind::plus: {
+                const TplValue v = eval(*e.args[0], frame);
+                if (failed()) return TplValue();
+                if (v.kind == TplKind::undefined) return undefined_error(e.line, v);
+                if (!tpl_is_number(v))
+                    return runtime_error(e.line, std::string("bad operand type for unary ") +
+                                                     (e.kind == ExprKind::negate ? "-" : "+") + ": '" + tpl_type_name(v) + "'");
+                if (e.kind == ExprKind::plus) return v.kind == TplKind::boolean ? tpl_int(v.boolean) : v;
+                if (v.kind == TplKind::floating) return tpl_float(-v.floating);
+                const int64_t i = v.kind == TplKind::boolean ? (int64_t)v.boolean : v.integer;
+                if (i == std::numeric_limits<int64_t>::min()) return tpl_float(-(double)i);
+                return tpl_int(-i);
+            }
+            case ExprKind::not_: {
+                const TplValue v = eval(*e.args[0], frame);
+                return tpl_bool(!tpl_truthy(v));
+            }
+            case ExprKind::and_: {
+                TplValue left = eval(*e.args[0], frame);
+                if (failed() || !tpl_truthy(left)) return left;
+                return eval(*e.args[1], frame);
+            }
+            case ExprKind::or_: {
+                TplValue left = eval(*e.args[0], frame);
+                if (failed() || tpl_truthy(left)) return left;
+                return eval(*e.args[1], frame);
+            }
+            case ExprKind::conditional: {
+                const TplValue cond = eval(*e.args[1], frame);
+                if (failed()) return TplValue();
+                if (tpl_truthy(cond)) return eval(*e.args[0], frame);
+                return e.args[2] ? eval(*e.args[2], frame) : TplValue();
+            }
+            case ExprKind::binary: {
+                const TplValue left = eval(*e.args[0], frame);
+                const TplValue right = eval(*e.args[1], frame);
+                if (failed()) return TplValue();
+                return binary_op(e.name, left, right, e.line);
+            }
+            case ExprKind::compare: {
+                TplValue left = eval(*e.args[0], frame);
+                for (size_t i = 1; i < e.args.size(); ++i) {
+                    TplValue right = eval(*e.args[i], frame);
+                    if (failed()) return TplValue();
+                    bool result = false;
+                    if (!compare(e.arg_names[i - 1], left, right, e.line, &result)) return TplValue();
+                    if (!result) return tpl_bool(false);
+                    left = std::move(right);
+                }
+                return tpl_bool(true);
+            }
+        }
+        return TplValue();
+    }
+
+    TplValue eval_slice(const TplExpr& e, TplFrame& frame) {
+        const TplValue object = eval(*e.args[0], frame);
+        TplValue bounds[3];
+        for (int i = 0; i < 3; ++i)
+            if (e.args[(size_t)i + 1]) bounds[i] = eval(*e.args[(size_t)i + 1], frame);
+        if (failed()) return TplValue();
+        for (const TplValue& b : bounds)
+            if (b.kind != TplKind::undefined && b.kind != TplKind::none && b.kind != TplKind::integer && b.kind != TplKind::boolean)
+                return runtime_error(e.line, "slice indices must be integers or None");
+        const int64_t step = bounds[2].kind == TplKind::integer ? bounds[2].integer : 1;
+        if (step == 0) return runtime_error(e.line, "slice step cannot be zero");
+        if (object.kind == TplKind::undefined) return undefined_error(e.line, object);
+        if (tpl_plain_list(object)) {
+            std::vector<TplValue> items;
+            for (size_t i : slice_indices((int64_t)object.list->items.size(), bounds[0], bounds[1], step))
+                items.push_back(object.list->items[i]);
+            return tpl_list(std::move(items), object.list->is_tuple);
+        }
+        if (object.kind == TplKind::string) {
+            const std::vector<uint32_t> cps = utf8_decode(object.text);
+            std::string s;
+            for (size_t i : slice_indices((int64_t)cps.size(), bounds[0], bounds[1], step)) append_utf8(&s, cps[i]);
+            return tpl_string(std::move(s));
+        }
+        return runtime_error(e.line, std::string("'") + tpl_type_name(object) + "' object is not subscriptable");
+    }
+
+    TplValue loop_attribute(const TplLoop& loop, const std::string& name) {
+        const size_t n = loop.items->items.size(), i = loop.index;
+        if (name == "index") return tpl_int((int64_t)i + 1);
+        if (name == "index0") return tpl_int((int64_t)i);
+        if (name == "revindex") return tpl_int((int64_t)(n - i));
+        if (name == "revindex0") return tpl_int((int64_t)(n - i - 1));
+        if (name == "first") return tpl_bool(i == 0);
+        if (name == "last") return tpl_bool(i + 1 == n);
+        if (name == "length") return tpl_int((int64_t)n);
+        if (name == "depth") return tpl_int(1);
+        if (name == "depth0") return tpl_int(0);
+        if (name == "previtem") return i > 0 ? loop.items->items[i - 1] : tpl_undefined("previtem");
+        if (name == "nextitem") return i + 1 < n ? loop.items->items[i + 1] : tpl_undefined("nextitem");
+        return tpl_undefined(name);
+    }
+
+    TplValue get_attribute(const TplValue& object, const std::string& name, int line) {
+        switch (object.kind) {
+            case TplKind::undefined: return undefined_error(line, object);
+            case TplKind::dict: {
+                if (const TplValue* v = object.dict->find(name)) return *v;
+                static const char* const kDictMethods[] = {"items", "keys", "values", "get"};
+                for (const char* m : kDictMethods)
+                    if (!object.dict->is_namespace && name == m) {  // like jinja2: a bound method, truthy
+                        TplValue f;
+                        f.kind = TplKind::function;
+                        f.text = std::string("dict.") + m;
+                        return f;
+                    }
+                return tpl_undefined(name);
+            }
+            case TplKind::loop: return loop_attribute(*object.loop, name);
+            default: return tpl_undefined(name);
+        }
+    }
+
+    TplValue get_item(const TplValue& object, const TplValue& key, int line) {
+        switch (object.kind) {
+            case TplKind::undefined: return undefined_error(line, object);
+            case TplKind::dict:
+            case TplKind::loop:
+                if (key.kind == TplKind::string) return get_attribute(object, key.text, line);
+                return tpl_undefined();
+            case TplKind::list:
+            case TplKind::string: {
+                if (key.kind != TplKind::integer && key.kind != TplKind::boolean) return tpl_undefined();
+                if (object.kind == TplKind::list && !tpl_plain_list(object)) return tpl_undefined();
+                int64_t i = key.kind == TplKind::boolean ? (int64_t)key.boolean : key.integer;
+                if (object.kind == TplKind::list) {
+                    const int64_t n = (int64_t)object.list->items.size();
+                    if (i < 0) i += n;
+                    if (i < 0 || i >= n) return tpl_undefined();
+                    return object.list->items[(size_t)i];
+                }
+                const std::vector<uint32_t> cps = utf8_decode(object.text);
+                const int64_t n = (int64_t)cps.size();
+                if (i < 0) i += n;
+                if (i < 0 || i >= n) return tpl_undefined();
+                std::string c;
+                append_utf8(&c, cps[(size_t)i]);
+                return tpl_string(std::move(c));
+            }
+            default: return tpl_undefined();
+        }
+    }
+
+    //--- operators ---
+
+    struct Number {
+        bool is_int = true;
+        int64_t i = 0;
+        double f = 0;
+        double as_double() const { return is_int ? (double)i : f; }
+    };
+    static Number to_number(const TplValue& v) {
+        Number n;
+        if (v.kind == TplKind::floating) { n.is_int = false; n.f = v.floating; }
+        else n.i = v.kind == TplKind::boolean ? (int64_t)v.boolean : v.integer;
+        return n;
+    }
+
+    TplValue type_error(int line, const char* op, const TplValue& a, const TplValue& b) {
+        return runtime_error(line, std::string("unsupported operand type(s) for ") + op + ": '" + tpl_type_name(a) + "' and '" +
+                                       tpl_type_name(b) + "'");
+    }
+
+    TplValue binary_op(const std::string& op, const TplValue& a, const TplValue& b, int line) {
+        if (op == "~") {
+            std::string s = tpl_str(a);
+            if (!check_size(s.size() + b.text.size(), line)) return TplValue();
+            s += tpl_str(b);
+            if (!check_size(s.size(), line)) return TplValue();
+            return tpl_string(std::move(s));
+        }
+        if (a.kind == TplKind::undefined) return undefined_error(line, a);
+        if (b.kind == TplKind::undefined) return undefined_error(line, b);
+        if (op == "+") {
+            if (a.kind == TplKind::string && b.kind == TplKind::string) {
+                if (!check_size(a.text.size() + b.text.size(), line)) return TplValue();
+                return tpl_string(a.text + b.text);
+            }
+            if (tpl_plain_list(a) && tpl_plain_list(b) && a.list->is_tuple == b.list->is_tuple) {
+                if (!check_size((a.list->items.size() + b.list->items.size()) * sizeof(TplValue), line)) return TplValue();
+                std::vector<TplValue> items = a.list->items;
+                items.insert(items.end(), b.list->items.begin(), b.list->items.end());
+                return tpl_list(std::move(items), a.list->is_tuple);
+            }
+        }
+        if (op == "*") {
+            const TplValue* seq = a.kind == TplKind::string || tpl_plain_list(a) ? &a : &b;
+            const TplValue* count = seq == &a ? &b : &a;
+            if ((seq->kind == TplKind::string || tpl_plain_list(*seq)) &&
+                (count->kind == TplKind::integer || count->kind == TplKind::boolean)) {
+                const int64_t n = std::max<int64_t>(0, to_number(*count).i);
+                const size_t unit = seq->kind == TplKind::string ? seq->text.size() : seq->list->items.size() * sizeof(TplValue);
+                if (unit > 0 && (uint64_t)n > kTemplateMaxOutput / unit) { check_size(kTemplateMaxOutput + 1, line); return TplValue(); }
+                if (seq->kind == TplKind::string) {
+                    std::string s;
+                    for (int64_t k = 0; k < n; ++k) s += seq->text;
+                    return tpl_string(std::move(s));
+                }
+                std::vector<TplValue> items;
+                for (int64_t k = 0; k < n; ++k) items.insert(items.end(), seq->list->items.begin(), seq->list->items.end());
+                return tpl_list(std::move(items), seq->list->is_tuple);
+            }
+        }
+        if (op == "%" && a.kind == TplKind::string)
+            return fail_at(line, Status::unsupported, "unsupported operator: string % formatting");
+        if (!tpl_is_number(a) || !tpl_is_number(b)) return type_error(line, op.c_str(), a, b);
+        const Number x = to_number(a), y = to_number(b);
+        const bool ints = x.is_int && y.is_int;
+        if (op == "/") {
+            if (y.as_double() == 0) return runtime_error(line, "division by zero");
+            return tpl_float(x.as_double() / y.as_double());
+        }
+        if (ints) {
+            const int64_t p = x.i, q = y.i;
+            const int64_t lo = std::numeric_limits<int64_t>::min(), hi = std::numeric_limits<int64_t>::max();
+            if (op == "+") {
+                if ((q > 0 && p > hi - q) || (q < 0 && p < lo - q)) return tpl_float((double)p + (double)q);
+                return tpl_int(p + q);
+            }
+            if (op == "-") {
+                if ((q < 0 && p > hi + q) || (q > 0 && p < lo + q)) return tpl_float((double)p - (double)q);
+                return tpl_int(p - q);
+            }
+            if (op == "*") {
+                const double d = (double)p * (double)q;
+                if (d >= 9.2e18 || d <= -9.2e18) return tpl_float(d);  // past int64: a float, never overflow
+                return tpl_int(p * q);
+            }
+            if (op == "//" || op == "%") {
+                if (q == 0) return runtime_error(line, "integer division or modulo by zero");
+                if (p == lo && q == -1) return op == "//" ? tpl_float(-(double)lo) : tpl_int(0);
+                int64_t quotient = p / q, remainder = p % q;
+                if (remainder != 0 && ((remainder < 0) != (q < 0))) { --quotient; remainder += q; }
+                return tpl_int(op == "//" ? quotient : remainder);
+            }
+            if (op == "**") {
+                if (q < 0) {
+                    if (p == 0) return runtime_error(line, "0.0 cannot be raised to a negative power");
+                    return tpl_float(std::pow((double)p, (double)q));
+                }
+                int64_t result = 1;
+                for (int64_t k = 0; k < q; ++k) {
+                    const double d = (double)result * (double)p;
+                    if (d >= 9.2e18 || d <= -9.2e18) return tpl_float(std::pow((double)p, (double)q));
+                    result *= p;
+                    if (result == 0 || result == 1) break;
+                    if (result == -1) { result = (q - k - 1) % 2 == 0 ? -1 : 1; break; }
+                }
+                return tpl_int(result);
+            }
+        } else {
+            const double p = x.as_double(), q = y.as_double();
+            if (op == "+") return tpl_float(p + q);
+            if (op == "-") return tpl_float(p - q);
+            if (op == "*") return tpl_float(p * q);
+            if (op == "//" || op == "%") {
+                if (q == 0) return runtime_error(line, "float division or modulo by zero");
+                double remainder = std::fmod(p, q);
+                if (remainder != 0 && ((remainder < 0) != (q < 0))) remainder += q;
+                if (op == "%") return tpl_float(remainder);
+                return tpl_float(std::floor((p - remainder) / q + 0.5));
+            }
+            if (op == "**") {
+                if (p == 0 && q < 0) return runtime_error(line, "0.0 cannot be raised to a negative power");
+                return tpl_float(std::pow(p, q));
+            }
+        }
+        return type_error(line, op.c_str(), a, b);
+    }
+
+    static bool values_equal(const TplValue& a, const TplValue& b) {
+        if (tpl_is_number(a) && tpl_is_number(b)) {
+            const Number x = to_number(a), y = to_number(b);
+            return x.is_int && y.is_int ? x.i == y.i : x.as_double() == y.as_double();
+        }
+        if (a.kind != b.kind) return false;
+        switch (a.kind) {
+            case TplKind::undefined: case TplKind::none: return true;
+            case TplKind::string: return a.text == b.text;
+            case TplKind::list:
+                if (a.list->is_tuple != b.list->is_tuple || a.list->flavor != b.list->flavor ||
+                    a.list->items.size() != b.list->items.size())
+                    return false;
+                for (size_t i = 0; i < a.list->items.size(); ++i)
+                    if (!values_equal(a.list->items[i], b.list->items[i])) return false;
+                return true;
+            case TplKind::dict:
+                if (a.dict == b.dict) return true;
+                if (a.dict->is_namespace || b.dict->is_namespace || a.dict->entries.size() != b.dict->entries.size()) return false;
+                for (const auto& entry : a.dict->entries) {
+                    const TplValue* other = b.dict->find(entry.first);
+                    if (!other || !values_equal(entry.second, *other)) return false;
+                }
+                return true;
+            case TplKind::macro: return a.macro == b.macro;
+            case TplKind::loop: return a.loop == b.loop;
+            case TplKind::function: return a.text == b.text;
+            default: return false;
+        }
+    }
+
+    // -1 / 0 / 1; false when the types have no order.
+    static bool order(const TplValue& a, const TplValue& b, int* result) {
+        if (tpl_is_number(a) && tpl_is_number(b)) {
+            const Number x = to_number(a), y = to_number(b);
+            if (x.is_int && y.is_int) *result = x.i < y.i ? -1 : x.i > y.i ? 1 : 0;
+            else *result = x.as_double() < y.as_double() ? -1 : x.as_double() > y.as_double() ? 1 : 0;
+            return true;
+        }
+        if (a.kind == TplKind::string && b.kind == TplKind::string) {
+            const int c = a.text.compare(b.text);
+            *result = c < 0 ? -1 : c > 0 ? 1 : 0;
+            return true;
+        }
+        if (a.kind == TplKind::list && b.kind == TplKind::list && a.list->is_tuple == b.list->is_tuple) {
+            for (size_t i = 0; i < a.list->items.size() && i < b.list->items.size(); ++i) {
+                if (values_equal(a.list->items[i], b.list->items[i])) continue;
+                return order(a.list->items[i], b.list->items[i], result);
+            }
+            const size_t n = a.list->items.size(), m = b.list->items.size();
+            *result = n < m ? -1 : n > m ? 1 : 0;
+            return true;
+        }
+        return false;
+    }
+
+    bool contains(const TplValue& container, const TplValue& item, int line, bool* result) {
+        switch (container.kind) {
+            case TplKind::undefined: *result = false; return true;
+            case TplKind::string:
+                if (item.kind != TplKind::string) {
+                    runtime_error(line, std::string("'in <string>' requires string as left operand, not ") + tpl_type_name(item));
+                    return false;
+                }
+                *result = container.text.find(item.text) != std::string::npos;
+                return true;
+            case TplKind::list:
+                *result = false;
+                for (const TplValue& v : container.list->items)
+                    if (values_equal(v, item)) { *result = true; break; }
+                return true;
+            case TplKind::dict:
+                *result = item.kind == TplKind::string && container.dict->find(item.text) != nullptr;
+                return true;
+            default:
+                runtime_error(line, std::string("argument of type '") + tpl_type_name(container) + "' is not iterable");
+                return false;
+        }
+    }
+
+    bool compare(const std::string& op, const TplValue& a, const TplValue& b, int line, bool* result) {
+        if (op == "==") { *result = values_equal(a, b); return true; }
+        if (op == "!=") { *result = !values_equal(a, b); return true; }
+        if (op == "in" || op == "not in") {
+            if (!contains(b, a, line, result)) return false;
+            if (op == "not in") *result = !*result;
+            return true;
+        }
+        int c = 0;
+        if (!order(a, b, &c)) {
+            if (a.kind == TplKind::undefined) { undefined_error(line, a); return false; }
+            if (b.kind == TplKind::undefined) { undefined_error(line, b); return false; }
+            runtime_error(line, "'" + op + "' not supported between instances of '" + tpl_type_name(a) + "' and '" +
+                                    tpl_type_name(b) + "'");
+            return false;
+        }
+        *result = op == "<" ? c < 0 : op == "<=" ? c <= 0 : op == ">" ? c > 0 : c >= 0;
+        return true;
+    }
+
+    //--- calls ---
+
+    TplValue call_value(const TplValue& callee, const TplArgs& args, int line) {
+        if (callee.kind == TplKind::macro) return call_macro(*callee.macro, args, line);
+        if (callee.kind == TplKind::undefined) return undefined_error(line, callee);
+        if (callee.kind != TplKind::function)
+            return runtime_error(line, std::string("'") + tpl_type_name(callee) + "' object is not callable");
+        const std::string& name = callee.text;
+        if (name == "raise_exception") {
+            const TplValue* message = args.get(0, "message");
+            return runtime_error(line, "raise_exception: " + (message ? tpl_str(*message) : std::string()));
+        }
+        if (name == "range") {
+            int64_t bounds[3] = {0, 0, 1};
+            const size_t n = args.positional.size();
+            if (n < 1 || n > 3 || !args.keywords.empty()) return runtime_error(line, "range expects 1 to 3 integer arguments");
+            for (size_t i = 0; i < n; ++i) {
+                const TplValue& v = args.positional[i];
+                if (v.kind != TplKind::integer && v.kind != TplKind::boolean) return runtime_error(line, "range expects integers");
+                bounds[n == 1 ? 1 : i] = to_number(v).i;
+            }
+            if (bounds[2] == 0) return runtime_error(line, "range() arg 3 must not be zero");
+            const double count = std::ceil(((double)bounds[1] - (double)bounds[0]) / (double)bounds[2]);
+            if (count > (double)(1 << 20)) return runtime_error(line, "range too large");
+            std::vector<TplValue> items;
+            for (int64_t v = bounds[0]; bounds[2] > 0 ? v < bounds[1] : v > bounds[1]; v += bounds[2]) {
+                if (!step(line)) return TplValue();
+                items.push_back(tpl_int(v));
+            }
+            return tpl_list(std::move(items));
+        }
+        if (name == "namespace" || name == "dict") {
+            std::vector<std::pair<std::string, TplValue>> entries;
+            for (const TplValue& p : args.positional) {
+                if (p.kind != TplKind::dict) return runtime_error(line, name + "() positional argument must be a dict");
+                entries.insert(entries.end(), p.dict->entries.begin(), p.dict->entries.end());
+            }
+            entries.insert(entries.end(), args.keywords.begin(), args.keywords.end());
+            return tpl_dict(std::move(entries), name == "namespace");
+        }
+        if (name == "strftime_now") {
+            const TplValue* format = args.get(0, "format");
+            if (!format || format->kind != TplKind::string || format->text.size() > 200)
+                return runtime_error(line, "strftime_now expects a format string");
+            std::tm tm{};
+            const int64_t pinned = pinned_time;
+            const std::time_t t = pinned >= 0 ? (std::time_t)pinned : std::time(nullptr);
+#if defined(_WIN32)
+            if (pinned >= 0) gmtime_s(&tm, &t); else localtime_s(&tm, &t);
+#else
+            if (pinned >= 0) gmtime_r(&t, &tm); else localtime_r(&t, &tm);
+#endif
+            char buffer[1024];
+            const size_t n = format->text.empty() ? 0 : std::strftime(buffer, sizeof buffer, format->text.c_str(), &tm);
+            return tpl_string(std::string(buffer, n));
+        }
+        if (name.compare(0, 5, "dict.") == 0) return runtime_error(line, "unbound dict method " + name);
+        return fail_at(line, Status::unsupported, "unsupported function '" + name + "'");
+    }
+
+    TplValue call_macro(const TplMacro& macro, const TplArgs& args, int line) {
+        const TplStmt& def = *macro.definition;
+        if (call_depth_ >= kTemplateMaxCallDepth) return runtime_error(line, "macro calls nested too deeply");
+        if (!step(line)) return TplValue();
+        if (args.positional.size() > def.names.size())
+            return runtime_error(line, "macro '" + def.text + "' takes not more than " + std::to_string(def.names.size()) +
+                                           " argument(s)");
+        for (const auto& k : args.keywords)
+            if (std::find(def.names.begin(), def.names.end(), k.first) == def.names.end())
+                return runtime_error(line, "macro '" + def.text + "' takes no keyword argument '" + k.first + "'");
+        TplFrame frame;
+        frame.parent = macro.scope;
+        for (size_t i = 0; i < def.names.size(); ++i) {
+            const TplValue* passed = args.get(i, def.names[i].c_str());
+            if (passed) frame.set(def.names[i], *passed);
+            else if (def.exprs[i]) frame.set(def.names[i], eval(*def.exprs[i], frame));
+            else frame.set(def.names[i], tpl_undefined(def.names[i]));
+        }
+        std::string out;
+        ++call_depth_;
+        exec(def.bodies[0], frame, &out);
+        --call_depth_;
+        if (failed()) return TplValue();
+        return tpl_string(std::move(out));
+    }
+
+    static bool is_int_arg(const TplValue* v) { return v && (v->kind == TplKind::integer || v->kind == TplKind::boolean); }
+
+    TplValue call_method(const TplValue& object, const std::string& name, const TplArgs& args, int line) {
+        if (object.kind == TplKind::undefined) return undefined_error(line, object);
+        if (object.kind == TplKind::string) return string_method(object.text, name, args, line);
+        if (object.kind == TplKind::dict && !object.dict->is_namespace) {
+            const TplDict& d = *object.dict;
+            if (name == "items" || name == "keys" || name == "values") {
+                std::vector<TplValue> items;
+                for (const auto& e : d.entries) {
+                    if (name == "keys") items.push_back(tpl_string(e.first));
+                    else if (name == "values") items.push_back(e.second);
+                    else items.push_back(tpl_list({tpl_string(e.first), e.second}, true));
+                }
+                return tpl_flavored(tpl_list(std::move(items)), name == "keys"     ? ListFlavor::dict_keys
+                                                                : name == "values" ? ListFlavor::dict_values
+                                                                                   : ListFlavor::dict_items);
+            }
+            if (name == "get") {
+                const TplValue* key = args.get(0, "key");
+                if (!key) return runtime_error(line, "get expected at least 1 argument");
+                const TplValue* found = key->kind == TplKind::string ? d.find(key->text) : nullptr;
+                if (found) return *found;
+                const TplValue* fallback = args.get(1, "default");
+                return fallback ? *fallback : tpl_none();
+            }
+        }
+        if (object.kind == TplKind::loop && name == "cycle") {
+            if (args.positional.empty()) return runtime_error(line, "no items for cycling given");
+            return args.positional[object.loop->index % args.positional.size()];
+        }
+        const TplValue attribute = get_attribute(object, name, line);
+        if (failed()) return TplValue();
+        if (attribute.kind == TplKind::macro) return call_value(attribute, args, line);
+        return fail_at(line, Status::unsupported,
+                       std::string("unsupported method '") + name + "' of '" + tpl_type_name(object) + "'");
+    }
+
+    TplValue string_method(const std::string& s, const std::string& name, const TplArgs& args, int line) {
+        const TplValue* a0 = args.get(0, "");
+        if (name == "strip" || name == "lstrip" || name == "rstrip")
+            return tpl_string(py_strip(s, a0, name != "rstrip", name != "lstrip"));
+        if (name == "upper") return tpl_string(text_upper(s));
+        if (name == "lower") return tpl_string(text_lower(s));
+        if (name == "capitalize") {
+            bool first = true;
+            return tpl_string(text_title(s, [&](uint32_t) { first = false; return first; }));
+        }
+        if (name == "title") return tpl_string(text_title(s, [](uint32_t c) { return !is_cased(c); }));
+        if (name == "split" || name == "rsplit") {
+            const TplValue* sep = args.get(0, "sep");
+            const TplValue* maxsplit = args.get(1, "maxsplit");
+            if (sep && sep->kind != TplKind::none && sep->kind != TplKind::string)
+                return runtime_error(line, "split separator must be a string or None");
+            if (sep && sep->kind == TplKind::string && sep->text.empty()) return runtime_error(line, "empty separator");
+            const bool has_sep = sep && sep->kind == TplKind::string;
+            std::vector<TplValue> items;
+            for (std::string& part : py_split(s, has_sep ? &sep->text : nullptr, is_int_arg(maxsplit) ? to_number(*maxsplit).i : -1,
+                                              name == "rsplit"))
+                items.push_back(tpl_string(std::move(part)));
+            return tpl_list(std::move(items));
+        }
+        if (name == "startswith" || name == "endswith") {
+            if (!a0) return runtime_error(line, name + " takes at least 1 argument");
+            std::vector<TplValue> candidates;
+            if (a0->kind == TplKind::list) candidates = a0->list->items;
+            else candidates.push_back(*a0);
+            for (const TplValue& c : candidates) {
+                if (c.kind != TplKind::string) return runtime_error(line, name + " argument must be a string or a tuple of strings");
+                if (c.text.size() > s.size()) continue;
+                if (name == "startswith" ? s.compare(0, c.text.size(), c.text) == 0
+                                         : s.compare(s.size() - c.text.size(), c.text.size(), c.text) == 0)
+                    return tpl_bool(true);
+            }
+            return tpl_bool(false);
+        }
+        if (name == "replace") {
+            const TplValue* old_text = args.get(0, "old");
+            const TplValue* new_text = args.get(1, "new");
+            const TplValue* count = args.get(2, "count");
+            if (!old_text || !new_text || old_text->kind != TplKind::string || new_text->kind != TplKind::string)
+                return runtime_error(line, "replace expects two strings");
+            std::string out = py_replace(s, old_text->text, new_text->text, is_int_arg(count) ? to_number(*count).i : -1);
+            if (!check_size(out.size(), line)) return TplValue();
+            return tpl_string(std::move(out));
+        }
+        if (name == "find" || name == "rfind" || name == "count") {
+            if (!a0 || a0->kind != TplKind::string) return runtime_error(line, name + " expects a string");
+            if (name == "count") {
+                if (a0->text.empty()) return tpl_int((int64_t)utf8_length(s) + 1);
+                int64_t n = 0;
+                for (size_t p = s.find(a0->text); p != std::string::npos; p = s.find(a0->text, p + a0->text.size())) ++n;
+                return tpl_int(n);
+            }
+            const size_t hit = name == "find" ? s.find(a0->text) : s.rfind(a0->text);
+            return tpl_int(hit == std::string::npos ? -1 : (int64_t)utf8_length(s.substr(0, hit)));
+        }
+        if (name == "removeprefix" || name == "removesuffix") {
+            if (!a0 || a0->kind != TplKind::string) return runtime_error(line, name + " expects a string");
+            const std::string& x = a0->text;
+            if (name == "removeprefix") return tpl_string(s.compare(0, x.size(), x) == 0 ? s.substr(x.size()) : s);
+            if (x.size() <= s.size() && s.compare(s.size() - x.size(), x.size(), x) == 0) return tpl_string(s.substr(0, s.size() - x.size()));
+            return tpl_string(s);
+        }
+        if (name == "isdigit" || name == "isalpha" || name == "isalnum" || name == "isspace" || name == "islower" ||
+            name == "isupper") {
+            bool result = !s.empty(), any_cased = false;
+            for (char c : s) {
+                const bool digit = c >= '0' && c <= '9', alpha = ascii_alpha(c);
+                if (name == "isdigit") result = result && digit;
+                else if (name == "isalpha") result = result && alpha;
+                else if (name == "isalnum") result = result && (digit || alpha);
+                else if (name == "isspace") result = result && is_python_space((unsigned char)c);
+                else if (alpha) { any_cased = true; result = result && (name == "islower" ? c >= 'a' : c <= 'Z'); }
+            }
+            if (name == "islower" || name == "isupper") result = result && any_cased;
+            return tpl_bool(result);
+        }
+        if (name == "join") {
+            if (!a0) return runtime_error(line, "join takes exactly one argument");
+            std::vector<TplValue> items;
+            if (!iterate(*a0, &items, line)) return TplValue();
+            std::string out;
+            for (size_t i = 0; i < items.size(); ++i) {
+                if (items[i].kind != TplKind::string) return runtime_error(line, "sequence item " + std::to_string(i) + ": expected str instance");
+                if (i) out += s;
+                out += items[i].text;
+                if (!check_size(out.size(), line)) return TplValue();
+            }
+            return tpl_string(std::move(out));
+        }
+        if (name == "format") return string_format(s, args, line);
+        return fail_at(line, Status::unsupported, "unsupported string method '" + name + "'");
+    }
+
+    // str.format with {} / {0} / {name} fields (no format specs).
+    TplValue string_format(const std::string& s, const TplArgs& args, int line) {
+        std::string out;
+        size_t auto_index = 0;
+        for (size_t i = 0; i < s.size(); ++i) {
+            const char c = s[i];
+            if (c == '}' ) {
+                if (i + 1 < s.size() && s[i + 1] == '}') ++i;
+                out.push_back('}');
+                continue;
+            }
+            if (c != '{') { out.push_back(c); continue; }
+            if (i + 1 < s.size() && s[i + 1] == '{') { out.push_back('{'); ++i; continue; }
+            const size_t close = s.find('}', i);
+            if (close == std::string::npos) return runtime_error(line, "single '{' encountered in format string");
+            const std::string field = s.substr(i + 1, close - i - 1);
+            if (field.find_first_of(":!.[") != std::string::npos)
+                return fail_at(line, Status::unsupported, "unsupported format field '{" + field + "}'");
+            const TplValue* v = nullptr;
+            if (field.empty()) v = auto_index < args.positional.size() ? &args.positional[auto_index++] : nullptr;
+            else if (field.find_first_not_of("0123456789") == std::string::npos) {
+                const size_t index = (size_t)std::strtoul(field.c_str(), nullptr, 10);
+                v = index < args.positional.size() ? &args.positional[index] : nullptr;
+            } else {
+                for (const auto& k : args.keywords)
+                    if (k.first == field) v = &k.second;
+            }
+            if (!v) return runtime_error(line, "format field '{" + field + "}' has no argument");
+            out += tpl_str(*v);
+            i = close;
+        }
+        return tpl_string(std::move(out));
+    }
+
+    //--- filters ---
+
+    TplValue apply_filter(const std::string& name, const TplValue& input, const TplArgs& args, int line) {
+        const TplValue* a0 = args.get(0, "");
+        if (name == "safe") return input.kind == TplKind::string ? input : tpl_string(tpl_str(input));  // Markup(str(x))
+        if (name == "length" || name == "count") {
+            switch (input.kind) {
+                case TplKind::undefined: return tpl_int(0);
+                case TplKind::string: return tpl_int((int64_t)utf8_length(input.text));
+                case TplKind::list:
+                    if (input.list->flavor == ListFlavor::iterator) return runtime_error(line, "object of type 'generator' has no len()");
+                    return tpl_int((int64_t)input.list->items.size());
+                case TplKind::dict: return tpl_int((int64_t)input.dict->entries.size());
+                default: return runtime_error(line, std::string("object of type '") + tpl_type_name(input) + "' has no len()");
+            }
+        }
+        if (name == "tojson") {
+            JsonStyle style;
+            const TplValue* indent = args.get(0, "indent");
+            if (indent && indent->kind != TplKind::none) {
+                if (!is_int_arg(indent)) return fail_at(line, Status::unsupported, "unsupported tojson indent (only integers)");
+                style.indent = (int)std::min<int64_t>(std::max<int64_t>(to_number(*indent).i, 0), 64);
+                style.item_separator = ",";
+            }
+            if (const TplValue* separators = args.get(99, "separators")) {
+                if (separators->kind != TplKind::none) {
+                    if (separators->kind != TplKind::list || separators->list->items.size() != 2 ||
+                        separators->list->items[0].kind != TplKind::string || separators->list->items[1].kind != TplKind::string)
+                        return runtime_error(line, "tojson separators must be a pair of strings");
+                    style.item_separator = separators->list->items[0].text;
+                    style.key_separator = separators->list->items[1].text;
+                }
+            }
+            if (const TplValue* sort_keys = args.get(99, "sort_keys")) style.sort_keys = tpl_truthy(*sort_keys);
+            if (const TplValue* ensure_ascii = args.get(99, "ensure_ascii")) style.ensure_ascii = tpl_truthy(*ensure_ascii);
+            std::string out, why;
+            if (!json_dump(input, style, 0, &out, &why)) return runtime_error(line, "tojson: " + why);
+            if (!check_size(out.size(), line)) return TplValue();
+            return tpl_string(std::move(out));
+        }
+        if (name == "string") return input.kind == TplKind::string ? input : tpl_string(tpl_str(input));
+        if (name == "trim") return tpl_string(py_strip(tpl_str(input), args.get(0, "chars"), true, true));
+        if (name == "upper") return tpl_string(text_upper(tpl_str(input)));
+        if (name == "lower") return tpl_string(text_lower(tpl_str(input)));
+        if (name == "capitalize") return string_method(tpl_str(input), "capitalize", TplArgs(), line);
+        if (name == "title")  // jinja2 starts words after whitespace, '-' and opening brackets
+            return tpl_string(text_title(tpl_str(input), [](uint32_t c) {
+                return is_python_space(c) || c == '-' || c == '(' || c == '{' || c == '[' || c == '<';
+            }));
+        if (name == "default" || name == "d") {
+            const TplValue* fallback = args.get(0, "default_value");
+            const TplValue* boolean = args.get(1, "boolean");
+            const bool use_fallback = input.kind == TplKind::undefined || (boolean && tpl_truthy(*boolean) && !tpl_truthy(input));
+            if (!use_fallback) return input;
+            return fallback ? *fallback : tpl_string("");
+        }
+        if (name == "items") {
+            if (input.kind == TplKind::undefined) return tpl_flavored(tpl_list({}), ListFlavor::iterator);
+            if (input.kind != TplKind::dict) return runtime_error(line, "Can only get item pairs from a mapping.");
+            return tpl_flavored(call_method(input, "items", TplArgs(), line), ListFlavor::iterator);
+        }
+        if (name == "abs") {
+            if (!tpl_is_number(input)) return runtime_error(line, std::string("bad operand type for abs(): '") + tpl_type_name(input) + "'");
+            if (input.kind == TplKind::floating) return tpl_float(std::fabs(input.floating));
+            const int64_t i = to_number(input).i;
+            if (i == std::numeric_limits<int64_t>::min()) return tpl_float(-(double)i);
+            return tpl_int(i < 0 ? -i : i);
+        }
+        if ((name == "int" || name == "float") && input.kind == TplKind::undefined) return undefined_error(line, input);
+        if (name == "int") {
+            const TplValue* fallback = args.get(0, "default");
+            if (input.kind == TplKind::integer) return input;
+            if (input.kind == TplKind::boolean) return tpl_int(input.boolean);
+            if (input.kind == TplKind::floating && std::isfinite(input.floating) && std::fabs(input.floating) < 9.2e18)
+                return tpl_int((int64_t)input.floating);
+            if (input.kind == TplKind::string) {
+                const std::string t = py_strip(input.text, nullptr, true, true);
+                char* end = nullptr;
+                errno = 0;
+                const long long v = std::strtoll(t.c_str(), &end, 10);
+                if (!t.empty() && errno == 0 && end && *end == 0) return tpl_int((int64_t)v);
+                const double d = std::strtod(t.c_str(), &end);
+                if (!t.empty() && end && *end == 0 && std::isfinite(d) && std::fabs(d) < 9.2e18) return tpl_int((int64_t)d);
+            }
+            return fallback ? *fallback : tpl_int(0);
+        }
+        if (name == "float") {
+            const TplValue* fallback = args.get(0, "default");
+            if (input.kind == TplKind::floating) return input;
+            if (input.kind == TplKind::integer || input.kind == TplKind::boolean) return tpl_float((double)to_number(input).i);
+            if (input.kind == TplKind::string) {
+                const std::string t = py_strip(input.text, nullptr, true, true);
+                char* end = nullptr;
+                const double d = std::strtod(t.c_str(), &end);
+                if (!t.empty() && end && *end == 0) return tpl_float(d);
+            }
+            return fallback ? *fallback : tpl_float(0);
+        }
+        if (name == "round") {
+            const TplValue* precision = args.get(0, "precision");
+            const TplValue* method = args.get(1, "method");
+            if (!tpl_is_number(input)) return runtime_error(line, "round expects a number");
+            const std::string how = method && method->kind == TplKind::string ? method->text : "common";
+            const int64_t digits = is_int_arg(precision) ? std::min<int64_t>(std::max<int64_t>(to_number(*precision).i, -20), 20) : 0;
+            if (input.kind != TplKind::floating && how == "common") return tpl_int(to_number(input).i);
+            const double scale = std::pow(10.0, (double)digits);
+            const double x = to_number(input).as_double() * scale;
+            double r = how == "floor" ? std::floor(x) : how == "ceil" ? std::ceil(x) : std::nearbyint(x);
+            return tpl_float(r / scale);
+        }
+        if (name == "replace") {
+            const TplValue* count = args.get(2, "count");
+            if (!a0 || a0->kind != TplKind::string || !args.get(1, "new") || args.get(1, "new")->kind != TplKind::string)
+                return runtime_error(line, "replace expects two strings");
+            std::string out = py_replace(tpl_str(input), a0->text, args.get(1, "new")->text, is_int_arg(count) ? to_number(*count).i : -1);
+            if (!check_size(out.size(), line)) return TplValue();
+            return tpl_string(std::move(out));
+        }
+        if (name == "indent") {
+            if (input.kind != TplKind::string) return runtime_error(line, std::string("indent expects a string, not '") + tpl_type_name(input) + "'");
+            const TplValue* width = args.get(0, "width");
+            const TplValue* first = args.get(1, "first");
+            const TplValue* blank = args.get(2, "blank");
+            const std::string pad = width && width->kind == TplKind::string ? width->text
+                                    : std::string((size_t)std::min<int64_t>(std::max<int64_t>(is_int_arg(width) ? to_number(*width).i : 4, 0), 256), ' ');
+            std::vector<std::string> lines;  // str.splitlines() of text + "\n", like jinja2
+            const std::string text = tpl_str(input) + "\n";
+            size_t start = 0;
+            for (size_t i = 0; i < text.size(); ++i) {
+                if (text[i] != '\n' && text[i] != '\r') continue;
+                lines.push_back(text.substr(start, i - start));
+                if (text[i] == '\r' && i + 1 < text.size() && text[i + 1] == '\n') ++i;
+                start = i + 1;
+            }
+            std::string out;
+            for (size_t i = 0; i < lines.size(); ++i) {
+                if (i) out += "\n";
+                if (i > 0 && (!lines[i].empty() || (blank && tpl_truthy(*blank)))) out += pad;
+                out += lines[i];
+                if (!check_size(out.size(), line)) return TplValue();
+            }
+            if (first && tpl_truthy(*first)) out = pad + out;
+            return tpl_string(std::move(out));
+        }
+        if (name == "dictsort") {
+            if (input.kind != TplKind::dict || input.dict->is_namespace) return runtime_error(line, "dictsort expects a mapping");
+            const TplValue* case_sensitive = args.get(0, "case_sensitive");
+            const TplValue* by = args.get(1, "by");
+            const TplValue* reverse = args.get(2, "reverse");
+            const bool exact = case_sensitive && tpl_truthy(*case_sensitive);
+            const bool by_value = by && by->kind == TplKind::string && by->text == "value";
+            std::vector<TplValue> pairs;
+            for (const auto& e : input.dict->entries) pairs.push_back(tpl_list({tpl_string(e.first), e.second}, true));
+            bool ok = true;
+            std::stable_sort(pairs.begin(), pairs.end(), [&](const TplValue& a, const TplValue& b) {
+                TplValue ka = a.list->items[by_value ? 1 : 0], kb = b.list->items[by_value ? 1 : 0];
+                if (!exact && ka.kind == TplKind::string) ka = tpl_string(text_lower(ka.text));
+                if (!exact && kb.kind == TplKind::string) kb = tpl_string(text_lower(kb.text));
+                int c = 0;
+                if (!order(ka, kb, &c)) ok = false;
+                return c < 0;
+            });
+            if (!ok) return runtime_error(line, "dictsort: values cannot be ordered");
+            if (reverse && tpl_truthy(*reverse)) std::reverse(pairs.begin(), pairs.end());
+            return tpl_list(std::move(pairs));
+        }
+        // The rest work on the items of a sequence.
+        static const char* const kSequenceFilters[] = {"join", "first", "last", "list", "map", "select", "reject",
+                                                        "selectattr", "rejectattr", "unique", "reverse", "sort",
+                                                        "min", "max", "sum"};
+        bool sequence_filter = false;
+        for (const char* f : kSequenceFilters) sequence_filter = sequence_filter || name == f;
+        if (!sequence_filter) return fail_at(line, Status::unsupported, "unsupported filter '" + name + "'");
+        if (name == "reverse" && input.kind == TplKind::string) {
+            std::vector<uint32_t> cps = utf8_decode(input.text);
+            std::reverse(cps.begin(), cps.end());
+            return tpl_string(utf8_encode(cps.data(), cps.size()));
+        }
+        std::vector<TplValue> items;
+        if (!iterate(input, &items, line)) return TplValue();
+        if (name == "first") return items.empty() ? tpl_undefined() : items.front();
+        if (name == "last") {
+            if (input.kind == TplKind::list && input.list->flavor == ListFlavor::iterator)
+                return runtime_error(line, std::string("'") + tpl_type_name(input) + "' object is not reversible");
+            return items.empty() ? tpl_undefined() : items.back();
+        }
+        if (name == "list") return tpl_list(std::move(items));
+        if (name == "reverse") {
+            std::reverse(items.begin(), items.end());
+            return tpl_flavored(tpl_list(std::move(items)), ListFlavor::iterator);
+        }
+        if (name == "join") {
+            const TplValue* separator = args.get(0, "d");
+            const TplValue* attribute = args.get(1, "attribute");
+            std::string out;
+            for (size_t i = 0; i < items.size(); ++i) {
+                if (i && separator) out += tpl_str(*separator);
+                out += tpl_str(attribute ? get_item(items[i], *attribute, line) : items[i]);
+                if (!check_size(out.size(), line)) return TplValue();
+            }
+            return tpl_string(std::move(out));
+        }
+        if (name == "unique") {
+            const TplValue* case_sensitive = args.get(0, "case_sensitive");
+            const bool exact = case_sensitive && tpl_truthy(*case_sensitive);
+            std::vector<TplValue> kept, keys;
+            for (const TplValue& item : items) {
+                const TplValue key = item.kind == TplKind::string && !exact ? tpl_string(text_lower(item.text)) : item;
+                bool seen = false;
+                for (const TplValue& k : keys) seen = seen || values_equal(k, key);
+                if (seen) continue;
+                keys.push_back(key);
+                kept.push_back(item);
+            }
+            return tpl_flavored(tpl_list(std::move(kept)), ListFlavor::iterator);
+        }
+        if (name == "min" || name == "max") {
+            const TplValue* case_sensitive = args.get(0, "case_sensitive");
+            const TplValue* attribute = args.get(1, "attribute");
+            const bool exact = case_sensitive && tpl_truthy(*case_sensitive);
+            const TplValue* best = nullptr;
+            TplValue best_key;
+            for (const TplValue& item : items) {
+                TplValue key = attribute ? get_item(item, *attribute, line) : item;
+                if (!exact && key.kind == TplKind::string) key = tpl_string(text_lower(key.text));
+                int c = 0;
+                if (best && !order(key, best_key, &c)) return runtime_error(line, name + ": values cannot be ordered");
+                if (!best || (name == "min" ? c < 0 : c > 0)) { best = &item; best_key = key; }
+            }
+            return best ? *best : tpl_undefined();
+        }
+        if (name == "sum") {
+            const TplValue* attribute = args.get(0, "attribute");
+            const TplValue* start = args.get(1, "start");
+            TplValue total = start ? *start : tpl_int(0);
+            for (const TplValue& item : items) {
+                total = binary_op("+", total, attribute ? get_item(item, *attribute, line) : item, line);
+                if (failed()) return TplValue();
+            }
+            return total;
+        }
+        if (name == "sort") {
+            const TplValue* reverse = args.get(0, "reverse");
+            const TplValue* attribute = args.get(2, "attribute");
+            std::vector<std::pair<TplValue, TplValue>> keyed;
+            for (const TplValue& item : items) keyed.emplace_back(attribute ? get_item(item, *attribute, line) : item, item);
+            bool ok = true;
+            std::stable_sort(keyed.begin(), keyed.end(), [&](const std::pair<TplValue, TplValue>& a, const std::pair<TplValue, TplValue>& b) {
+                int c = 0;
+                const TplValue ka = a.first.kind == TplKind::string ? tpl_string(text_lower(a.first.text)) : a.first;
+                const TplValue kb = b.first.kind == TplKind::string ? tpl_string(text_lower(b.first.text)) : b.first;
+                if (!order(ka, kb, &c)) ok = false;
+                return c < 0;
+            });
+            if (!ok) return runtime_error(line, "sort: values cannot be ordered");
+            std::vector<TplValue> sorted;
+            for (auto& k : keyed) sorted.push_back(std::move(k.second));
+            if (reverse && tpl_truthy(*reverse)) std::reverse(sorted.begin(), sorted.end());
+            return tpl_list(std::move(sorted));
+        }
+        if (name == "map") {
+            std::vector<TplValue> mapped;
+            if (const TplValue* attribute = args.get(99, "attribute")) {
+                const TplValue* fallback = args.get(99, "default");
+                for (const TplValue& item : items) {
+                    TplValue v = get_item(item, *attribute, line);
+                    if (v.kind == TplKind::undefined && fallback) v = *fallback;
+                    mapped.push_back(std::move(v));
+                }
+            } else {
+                if (!a0 || a0->kind != TplKind::string) return runtime_error(line, "map expects a filter name or attribute=");
+                TplArgs rest;
+                rest.positional.assign(args.positional.begin() + 1, args.positional.end());
+                rest.keywords = args.keywords;
+                for (const TplValue& item : items) {
+                    mapped.push_back(apply_filter(a0->text, item, rest, line));
+                    if (failed()) return TplValue();
+                }
+            }
+            if (failed()) return TplValue();
+            return tpl_flavored(tpl_list(std::move(mapped)), ListFlavor::iterator);
+        }
+        // select / reject / selectattr / rejectattr
+        const bool by_attribute = name == "selectattr" || name == "rejectattr";
+        const bool keep_matches = name == "select" || name == "selectattr";
+        const size_t test_index = by_attribute ? 1 : 0;
+        if (by_attribute && (!a0 || a0->kind != TplKind::string)) return runtime_error(line, name + " expects an attribute name");
+        const TplValue* test_name = test_index < args.positional.size() ? &args.positional[test_index] : nullptr;
+        if (test_name && test_name->kind != TplKind::string) return runtime_error(line, name + " expects a test name");
+        TplArgs test_args;
+        if (test_name) test_args.positional.assign(args.positional.begin() + (std::ptrdiff_t)test_index + 1, args.positional.end());
+        std::vector<TplValue> kept;
+        for (const TplValue& item : items) {
+            const TplValue subject = by_attribute ? get_item(item, *a0, line) : item;
+            if (failed()) return TplValue();
+            bool match = tpl_truthy(subject);
+            if (test_name && !apply_test(test_name->text, subject, test_args, line, &match)) return TplValue();
+            if (match == keep_matches) kept.push_back(item);
+        }
+        return tpl_flavored(tpl_list(std::move(kept)), ListFlavor::iterator);
+    }
+
+    //--- tests ---
+
+    bool apply_test(const std::string& name, const TplValue& v, const TplArgs& args, int line, bool* result) {
+        const TplValue* a0 = args.get(0, "");
+        const TplKind k = v.kind;
+        if (name == "defined") *result = k != TplKind::undefined;
+        else if (name == "undefined") *result = k == TplKind::undefined;
+        else if (name == "none") *result = k == TplKind::none;
+        else if (name == "string") *result = k == TplKind::string;
+        else if (name == "number") *result = tpl_is_number(v);
+        else if (name == "integer") *result = k == TplKind::integer;
+        else if (name == "float") *result = k == TplKind::floating;
+        else if (name == "boolean") *result = k == TplKind::boolean;
+        else if (name == "true") *result = k == TplKind::boolean && v.boolean;
+        else if (name == "false") *result = k == TplKind::boolean && !v.boolean;
+        else if (name == "mapping") *result = k == TplKind::dict && !v.dict->is_namespace;
+        else if (name == "sequence")  // jinja2's Undefined has __len__ and __getitem__
+            *result = k == TplKind::string || k == TplKind::undefined || tpl_plain_list(v) || (k == TplKind::dict && !v.dict->is_namespace);
+        else if (name == "iterable") *result = k == TplKind::string || k == TplKind::list || k == TplKind::undefined || (k == TplKind::dict && !v.dict->is_namespace);
+        else if (name == "callable") *result = k == TplKind::macro || k == TplKind::function;
+        else if (name == "lower") *result = k == TplKind::string && text_lower(v.text) == v.text;
+        else if (name == "upper") *result = k == TplKind::string && text_upper(v.text) == v.text;
+        else if (name == "odd" || name == "even" || name == "divisibleby") {  // value % n == 0, as jinja2 does
+            const TplValue divisor = name == "divisibleby" ? (a0 ? *a0 : TplValue()) : tpl_int(2);
+            const TplValue remainder = binary_op("%", v, divisor, line);
+            if (failed()) return false;
+            *result = values_equal(remainder, tpl_int(name == "odd" ? 1 : 0));
+        } else if (name == "sameas") {
+            *result = a0 && (k == a0->kind) &&
+                      (k == TplKind::none || k == TplKind::undefined || (k == TplKind::boolean && v.boolean == a0->boolean) ||
+                       (k == TplKind::list && v.list == a0->list) || (k == TplKind::dict && v.dict == a0->dict));
+        } else {
+            static const char* const kCompareTests[][2] = {{"equalto", "=="}, {"eq", "=="}, {"==", "=="}, {"ne", "!="}, {"!=", "!="},
+                                                           {"lt", "<"}, {"lessthan", "<"}, {"<", "<"}, {"le", "<="}, {"<=", "<="},
+                                                           {"gt", ">"}, {"greaterthan", ">"}, {">", ">"}, {"ge", ">="}, {">=", ">="},
+                                                           {"in", "in"}};
+            for (const auto& t : kCompareTests)
+                if (name == t[0]) {
+                    if (!a0) { runtime_error(line, "test '" + name + "' expects an argument"); return false; }
+                    return compare(t[1], v, *a0, line, result);
+                }
+            fail_at(line, Status::unsupported, "unsupported test '" + name + "'");
+            return false;
+        }
+        return true;
+    }
+};
+
+}  // namespace detail
+
+MOE_API Status render_chat_template(const std::string& template_source, const std::string& messages_json,
+                                    const ChatTemplateOptions& options, std::string* out) {
+    using namespace detail;
+    if (!out) return fail(Status::invalid_argument, "render_chat_template: out is null");
+    out->clear();
+    TplValue messages, tools, extra;
+    std::string why;
+    if (!parse_json(messages_json, &messages, &why))
+        return fail(Status::invalid_argument, "chat messages: invalid JSON: %s", why.c_str());
+    if (messages.kind != TplKind::list) return fail(Status::invalid_argument, "chat messages: expected a JSON array");
+    if (!options.tools_json.empty()) {
+        if (!parse_json(options.tools_json, &tools, &why)) return fail(Status::invalid_argument, "chat tools: invalid JSON: %s", why.c_str());
+        if (tools.kind != TplKind::list) return fail(Status::invalid_argument, "chat tools: expected a JSON array");
+    }
+    if (!options.extra_context_json.empty()) {
+        if (!parse_json(options.extra_context_json, &extra, &why))
+            return fail(Status::invalid_argument, "chat template context: invalid JSON: %s", why.c_str());
+        if (extra.kind != TplKind::dict) return fail(Status::invalid_argument, "chat template context: expected a JSON object");
+    }
+    const size_t bad = utf8_invalid_offset(template_source);
+    if (bad != std::string::npos)
+        return fail(Status::invalid_argument, "chat template: invalid UTF-8 at byte offset %llu", (unsigned long long)bad);
+    if (utf8_invalid_offset(options.bos_token) != std::string::npos || utf8_invalid_offset(options.eos_token) != std::string::npos)
+        return fail(Status::invalid_argument, "chat template: bos/eos token is not valid UTF-8");
+
+    std::vector<TplToken> tokens;
+    int line = 0;
+    if (!TemplateLexer(template_source).tokenize(&tokens, &why, &line))
+        return fail(Status::invalid_argument, "chat template line %d: syntax error: %s", line, why.c_str());
+    StmtList program;
+    TemplateParser parser(tokens);
+    if (!parser.parse(&program))
+        return fail(parser.status, "chat template line %d: %s", parser.error_line, parser.error.c_str());
+
+    TplFrame globals;
+    globals.set("messages", messages);
+    globals.set("add_generation_prompt", tpl_bool(options.add_generation_prompt));
+    globals.set("bos_token", tpl_string(options.bos_token));
+    globals.set("eos_token", tpl_string(options.eos_token));
+    if (!options.tools_json.empty()) globals.set("tools", tools);
+    if (options.enable_thinking >= 0) globals.set("enable_thinking", tpl_bool(options.enable_thinking != 0));
+    if (extra.kind == TplKind::dict)
+        for (const auto& e : extra.dict->entries) globals.set(e.first, e.second);
+
+    TemplateRenderer renderer;
+    renderer.pinned_time = options.strftime_now_time;
+    std::string rendered;
+    renderer.exec(program, globals, &rendered);
+    if (renderer.failed())
+        return fail(renderer.status, "chat template line %d: %s", renderer.error_line, renderer.error.c_str());
+    *out = std::move(rendered);
+    return Status::ok;
+}
+
+}  // namespace moe
+
+namespace moe {
+namespace detail {
+
+// Builds GBNF rules for a JSON Schema subset: type (object, array, string, number, integer, boolean,
+// null, or a list of them), properties/required/additionalProperties, items/minItems/maxItems,
+// enum, const, anyOf/oneOf, $ref into #/$defs or #/definitions, minLength/maxLength. Anything
+// else that constrains values (pattern, format, minimum, ...) is refused by name rather than
+// silently ignored.
+class JsonSchemaConverter {
+public:
+    Status convert(const TplValue& schema, std::string* gbnf) {
+        root_ = &schema;
+        rules_.clear();
+        std::string body;
+        if (!visit(schema, "value", 0, &body)) return status_;
+        std::string out = "root ::= " + body + "\n";
+        for (const auto& r : rules_) out += r.first + " ::= " + r.second + "\n";
+        out += "ws ::= [ \\t\\n]{0,20}\n";
+        out += "json-string ::= \"\\\"\" ( [^\"\\\\\\x00-\\x1f] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4}) )* \"\\\"\"\n";
+        out += "json-number ::= \"-\"? (\"0\" | [1-9] [0-9]{0,15}) (\".\" [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})?\n";
+        out += "json-integer ::= \"-\"? (\"0\" | [1-9] [0-9]{0,15})\n";
+        out += "json-value ::= json-object | json-array | json-string | json-number | \"true\" | \"false\" | \"null\"\n";
+        out += "json-object ::= \"{\" ws ( json-string ws \":\" ws json-value ws ( \",\" ws json-string ws \":\" ws json-value ws )* )? \"}\"\n";
+        out += "json-array ::= \"[\" ws ( json-value ws ( \",\" ws json-value ws )* )? \"]\"\n";
+        *gbnf = out;
+        return Status::ok;
+    }
+
+private:
+    bool error(const std::string& what) {
+        status_ = fail(Status::unsupported, "JSON schema: %s", what.c_str());
+        return false;
+    }
+    static std::string literal(const std::string& s) {  // a GBNF string literal
+        std::string out = "\"";
+        for (unsigned char c : s) {
+            if (c == '"' || c == '\\') { out += '\\'; out += (char)c; }
+            else if (c == '\n') out += "\\n";
+            else if (c < 0x20) { char buf[8]; std::snprintf(buf, sizeof buf, "\\x%02x", c); out += buf; }
+            else out += (char)c;
+        }
+        return out + "\"";
+    }
+    static std::string json_literal(const TplValue& v) {  // a JSON value as the exact text to emit
+        std::string text, err;
+        JsonStyle style;
+        style.item_separator = ",";
+        style.key_separator = ":";
+        json_dump(v, style, 0, &text, &err);
+        return literal(text);
+    }
+    std::string add_rule(const std::string& hint, const std::string& body) {
+        std::string name;
+        for (char c : hint) name += std::isalnum((unsigned char)c) ? c : '-';
+        if (name.empty() || !std::isalpha((unsigned char)name[0])) name = "r-" + name;
+        std::string unique = name;
+        for (int k = 2; std::any_of(rules_.begin(), rules_.end(), [&](const std::pair<std::string, std::string>& r) { return r.first == unique; }); ++k)
+            unique = name + "-" + std::to_string(k);
+        rules_.push_back({unique, body});
+        return unique;
+    }
+    const TplValue* resolve(const std::string& ref) {
+        for (const char* prefix : {"#/$defs/", "#/definitions/"}) {
+            const std::string p = prefix;
+            if (ref.compare(0, p.size(), p) != 0) continue;
+            const TplValue* defs = root_->kind == TplKind::dict ? root_->dict->find(p.substr(2, p.size() - 3)) : nullptr;
+            if (defs && defs->kind == TplKind::dict) return defs->dict->find(ref.substr(p.size()));
+        }
+        return nullptr;
+    }
+    // The GBNF expression for `schema` (rules for its parts added under `hint`).
+    bool visit(const TplValue& schema, const std::string& hint, int depth, std::string* out) {
+        if (depth > 64) return error("nesting deeper than 64 (or a $ref cycle)");
+        if (schema.kind == TplKind::boolean) { *out = schema.boolean ? "json-value" : "\"\""; if (!schema.boolean) return error("'false' schema"); return true; }
+        if (schema.kind != TplKind::dict) return error("a schema must be an object");
+        const TplDict& d = *schema.dict;
+        static const char* kRefused[] = {"pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+                                         "patternProperties", "allOf", "not", "if", "dependentRequired", "uniqueItems", "contains",
+                                         "prefixItems", "minProperties", "maxProperties"};
+        for (const char* k : kRefused)
+            if (d.find(k)) return error(std::string("'") + k + "' is not supported");
+        if (const TplValue* ref = d.find("$ref")) {
+            if (ref->kind != TplKind::string) return error("'$ref' must be a string");
+            const TplValue* target = resolve(ref->text);
+            if (!target) return error("cannot resolve $ref '" + ref->text + "' (only #/$defs/NAME and #/definitions/NAME)");
+            return visit(*target, hint, depth + 1, out);
+        }
+        if (const TplValue* c = d.find("const")) { *out = json_literal(*c); return true; }
+        if (const TplValue* e = d.find("enum")) {
+            if (e->kind != TplKind::list || e->list->items.empty()) return error("'enum' must be a non-empty array");
+            std::string alts;
+            for (const TplValue& v : e->list->items) alts += (alts.empty() ? "" : " | ") + json_literal(v);
+            *out = "(" + alts + ")";
+            return true;
+        }
+        for (const char* key : {"anyOf", "oneOf"})
+            if (const TplValue* any = d.find(key)) {
+                if (any->kind != TplKind::list || any->list->items.empty()) return error(std::string("'") + key + "' must be a non-empty array");
+                std::string alts;
+                for (size_t i = 0; i < any->list->items.size(); ++i) {
+                    std::string part;
+                    if (!visit(any->list->items[i], hint + "-" + std::to_string(i), depth + 1, &part)) return false;
+                    alts += (alts.empty() ? "" : " | ") + part;
+                }
+                *out = add_rule(hint, alts);
+                return true;
+            }
+        const TplValue* type = d.find("type");
+        if (!type) {
+            if (d.find("properties")) return visit_object(d, hint, depth, out);
+            *out = "json-value";  // {} accepts any JSON value
+            return true;
+        }
+        if (type->kind == TplKind::list) {
+            std::string alts;
+            for (const TplValue& t : type->list->items) {
+                if (t.kind != TplKind::string) return error("'type' entries must be strings");
+                std::string part;
+                if (!visit_type(t.text, d, hint + "-" + t.text, depth, &part)) return false;
+                alts += (alts.empty() ? "" : " | ") + part;
+            }
+            if (alts.empty()) return error("'type' is an empty array");
+            *out = "(" + alts + ")";
+            return true;
+        }
+        if (type->kind != TplKind::string) return error("'type' must be a string or an array");
+        return visit_type(type->text, d, hint, depth, out);
+    }
+    bool visit_type(const std::string& type, const TplDict& d, const std::string& hint, int depth, std::string* out) {
+        if (type == "object") return visit_object(d, hint, depth, out);
+        if (type == "array") return visit_array(d, hint, depth, out);
+        if (type == "number") { *out = "json-number"; return true; }
+        if (type == "integer") { *out = "json-integer"; return true; }
+        if (type == "boolean") { *out = "(\"true\" | \"false\")"; return true; }
+        if (type == "null") { *out = "\"null\""; return true; }
+        if (type == "string") {
+            long lo = 0, hi = -1;
+            if (!bound(d, "minLength", &lo) || !bound(d, "maxLength", &hi)) return false;
+            if (lo == 0 && hi < 0) { *out = "json-string"; return true; }
+            if (hi >= 0 && hi < lo) return error("maxLength < minLength");
+            const std::string ch = "( [^\"\\\\\\x00-\\x1f] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4}) )";
+            *out = add_rule(hint + "-string", "\"\\\"\" " + ch + "{" + std::to_string(lo) + "," + (hi >= 0 ? std::to_string(hi) : "") + "} \"\\\"\"");
+            return true;
+        }
+        return error("unknown type '" + type + "'");
+    }
+    bool bound(const TplDict& d, const char* key, long* out) {
+        const TplValue* v = d.find(key);
+        if (!v) return true;
+        if (v->kind != TplKind::integer || v->integer < 0 || v->integer > 1000) return error(std::string("'") + key + "' must be an integer in [0, 1000]");
+        *out = (long)v->integer;
+        return true;
+    }
+    // Properties in their declared order; required ones always, optional ones each maybe. Extra
+    // properties only with "additionalProperties": true or a schema.
+    bool visit_object(const TplDict& d, const std::string& hint, int depth, std::string* out) {
+        const TplValue* props = d.find("properties");
+        const TplValue* required = d.find("required");
+        const TplValue* extra = d.find("additionalProperties");
+        if (props && props->kind != TplKind::dict) return error("'properties' must be an object");
+        auto is_required = [&](const std::string& k) {
+            if (!required || required->kind != TplKind::list) return false;
+            for (const TplValue& r : required->list->items)
+                if (r.kind == TplKind::string && r.text == k) return true;
+            return false;
+        };
+        std::vector<std::pair<std::string, bool>> items;  // (key-value expression, required)
+        if (props)
+            for (const auto& kv : props->dict->entries) {
+                std::string value;
+                if (!visit(kv.second, hint + "-" + kv.first, depth + 1, &value)) return false;
+                std::string key_text;
+                json_escape_string(kv.first, false, &key_text);
+                items.push_back({literal(key_text) + " ws \":\" ws " + value, is_required(kv.first)});
+            }
+        std::string extra_kv;
+        if (extra && !(extra->kind == TplKind::boolean && !extra->boolean)) {
+            std::string value = "json-value";
+            if (extra->kind == TplKind::dict && !visit(*extra, hint + "-extra", depth + 1, &value)) return false;
+            extra_kv = "json-string ws \":\" ws " + value;
+        } else if (!props) {
+            extra_kv = "json-string ws \":\" ws json-value";  // {"type": "object"}: any members
+        }
+        // A chain: each property in order, optional ones skippable; commas between present members.
+        // rest_i = what may follow once something was emitted, from property i on.
+        std::string rest = extra_kv.empty() ? "" : add_rule(hint + "-more", "( \",\" ws " + extra_kv + " ws )*");
+        std::string first = extra_kv.empty() ? "\"\"" : "( " + extra_kv + " ws " + rest + " )?";
+        for (size_t i = items.size(); i-- > 0;) {
+            const std::string& kv = items[i].first;
+            const std::string after = rest.empty() ? "" : " " + rest;
+            const std::string rest_here = add_rule(hint + "-after-" + std::to_string(i),
+                                                   items[i].second ? "\",\" ws " + kv + " ws" + after
+                                                                   : "( \",\" ws " + kv + " ws )?" + after);
+            const std::string first_here = items[i].second ? kv + " ws" + after : "( " + kv + " ws" + after + " | " + first + " )";
+            rest = rest_here;
+            first = first_here;
+        }
+        *out = add_rule(hint.empty() ? "object" : hint, "\"{\" ws " + first + " \"}\"");
+        return true;
+    }
+    bool visit_array(const TplDict& d, const std::string& hint, int depth, std::string* out) {
+        std::string item = "json-value";
+        if (const TplValue* items = d.find("items"))
+            if (!visit(*items, hint + "-item", depth + 1, &item)) return false;
+        long lo = 0, hi = -1;
+        if (!bound(d, "minItems", &lo) || !bound(d, "maxItems", &hi)) return false;
+        if (hi >= 0 && hi < lo) return error("maxItems < minItems");
+        const std::string more = "( \",\" ws " + item + " ws )";
+        std::string body;
+        if (hi == 0) body = "\"[\" ws \"]\"";
+        else {
+            const std::string tail = more + "{" + std::to_string(lo > 0 ? lo - 1 : 0) + "," + (hi >= 0 ? std::to_string(hi - 1) : "") + "}";
+            const std::string some = item + " ws " + tail;
+            body = "\"[\" ws " + (lo > 0 ? some : "( " + some + " )?") + " \"]\"";
+        }
+        *out = add_rule(hint + "-array", body);
+        return true;
+    }
+
+    const TplValue* root_ = nullptr;
+    std::vector<std::pair<std::string, std::string>> rules_;
+    Status status_ = Status::ok;
+};
+
+}  // namespace detail
+
+MOE_API Status json_schema_to_grammar(const std::string& schema_json, std::string* gbnf) {
+    if (!gbnf) return detail::fail(Status::invalid_argument, "json_schema_to_grammar: null output");
+    detail::TplValue schema;
+    std::string error;
+    if (!detail::parse_json(schema_json, &schema, &error)) return detail::fail(Status::invalid_argument, "JSON schema: invalid JSON: %s", error.c_str());
+    detail::JsonSchemaConverter converter;
+    return converter.convert(schema, gbnf);
+}
+
+}  // namespace moe
 
 #endif  // MOE_INFER_IMPLEMENTATION
 

@@ -64,10 +64,16 @@ const char* kUsage =
     "  --mirostat-ent X    mirostat target surprise tau in bits (default 5)\n"
     "  --mirostat-lr X     mirostat learning rate eta (default 0.1)\n"
     "  --logit-bias ID+X   add X to token ID's logit (ID-X subtracts; X may be inf); repeatable\n"
+    "  --grammar GBNF      constrain the output to a GBNF grammar (llama.cpp's format, rule root)\n"
+    "  --grammar-file FILE the same, read from FILE\n"
     "  --seed N            RNG seed (default 0)\n"
     "  --chat              interactive chat with the model's template; when the context is full,\n"
     "                      the oldest turns are dropped (the system prompt stays)\n"
     "  --system TEXT       system prompt for --chat\n"
+    "  --chat-template FILE  a Jinja chat template instead of the model's (--chat, --render-chat)\n"
+    "  --render-chat FILE  print the prompt the chat template renders for FILE: a JSON array of\n"
+    "                      messages, or {\"messages\": [...], \"tools\": [...], \"add_generation_prompt\": true,\n"
+    "                      \"enable_thinking\": false}\n"
     "  --logits-out FILE   write float32 logits, one row of n_vocab per evaluated position\n"
     "  --print-tokens      print generated token ids (comma-separated) instead of text\n"
     "  --perplexity FILE   perplexity of FILE in windows of -c tokens (first token of each unscored)\n"
@@ -198,6 +204,7 @@ uint64_t physical_memory() {
 
 struct Args {
     std::string model = MOE_DEFAULT_MODEL, prompt, prompt_file, tokens, logits_out, perplexity_file, system, expert_stats;
+    std::string chat_template_file, render_chat_file, grammar_file;
     std::string prompt_flag;  // which of -p, -f, --tokens gave the prompt ("" = none: the default prompt)
     bool chat = false, print_tokens = false, have_system = false;
     long long n_predict = 64, n_threads = 0, n_ctx = 0, predict_depth = 0, predict_extra = 0, io_threads = 4;
@@ -214,19 +221,34 @@ bool takes_value(const std::string& k) {
                                          "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads", "--expert-reads",
                                          "--presence-penalty", "--frequency-penalty", "--repeat-last-n", "--typical", "--top-nsigma",
                                          "--xtc-probability", "--xtc-threshold", "--dry-multiplier", "--dry-base", "--dry-allowed-length",
-                                         "--dry-penalty-last-n", "--mirostat", "--mirostat-ent", "--mirostat-lr", "--logit-bias", "--kv-type"};
+                                         "--dry-penalty-last-n", "--mirostat", "--mirostat-ent", "--mirostat-lr", "--logit-bias", "--kv-type",
+                                         "--chat-template", "--render-chat", "--grammar", "--grammar-file"};
     for (const char* f : kFlags)
         if (k == f) return true;
     return false;
 }
 
-// The chat template families --chat renders: ChatML (also the default when the model has none) and [INST].
-enum class ChatFormat { unsupported, chatml, inst };
+// How --chat renders turns: ChatML (also the default when the model has none) and [INST] turn by turn;
+// any other template (or --chat-template) through the Jinja renderer, the whole conversation each turn.
+enum class ChatFormat { jinja, chatml, inst };
 
 ChatFormat chat_format(const std::string& tmpl) {
     if (tmpl.find("<|im_start|>") != std::string::npos || tmpl.empty()) return ChatFormat::chatml;
     if (tmpl.find("[INST]") != std::string::npos) return ChatFormat::inst;
-    return ChatFormat::unsupported;
+    return ChatFormat::jinja;
+}
+
+// A JSON array of {"role", "content"} objects.
+std::string messages_json(const std::vector<std::pair<std::string, std::string>>& messages) {
+    std::string out = "[";
+    for (size_t i = 0; i < messages.size(); ++i) {
+        out += i ? ", {\"role\": " : "{\"role\": ";
+        moe::detail::json_escape_string(messages[i].first, false, &out);
+        out += ", \"content\": ";
+        moe::detail::json_escape_string(messages[i].second, false, &out);
+        out += "}";
+    }
+    return out + "]";
 }
 
 std::string render_system(ChatFormat f, const std::string& system) {
@@ -271,6 +293,10 @@ int main(int argc, char** argv) {
         else if (k == "--expert-stats") a.expert_stats = v;
         else if (k == "--mem-budget") { if (!parse_size(v, &a.mem_budget)) return die("--mem-budget needs a size like 8G, 512M or 100000000, got '%s'", v); }
         else if (k == "--expert-reads") a.expert_reads = v;
+        else if (k == "--chat-template") a.chat_template_file = v;
+        else if (k == "--grammar") a.sampler.grammar = v;
+        else if (k == "--grammar-file") a.grammar_file = v;
+        else if (k == "--render-chat") a.render_chat_file = v;
         else if (k == "--kv-type") {
             if (std::strcmp(v, "f32") == 0) a.kv_type = moe::TensorType::f32;
             else if (std::strcmp(v, "q8_0") == 0) a.kv_type = moe::TensorType::q8_0;
@@ -314,10 +340,17 @@ int main(int argc, char** argv) {
             a.sampler.logit_bias.push_back({(int32_t)iv, sv[sign] == '-' ? -bias : bias});
         }
     }
+    if (!a.grammar_file.empty()) {
+        std::string why;
+        if (!a.sampler.grammar.empty()) return die("--grammar and --grammar-file cannot be used together");
+        if (!read_file(a.grammar_file, &a.sampler.grammar, &why)) return die("cannot read '%s': %s", a.grammar_file.c_str(), why.c_str());
+    }
     if (moe::check_sampler_options(a.sampler) != moe::Status::ok) return die("%s", moe::last_error());  // before the model loads
     // Modes ignore the options of the others: say so rather than silently dropping them.
-    const char* mode = a.chat ? "--chat" : !a.perplexity_file.empty() ? "--perplexity" : nullptr;
+    const char* mode = a.chat ? "--chat" : !a.perplexity_file.empty() ? "--perplexity" : !a.render_chat_file.empty() ? "--render-chat" : nullptr;
     if (a.chat && !a.perplexity_file.empty()) return die("--chat and --perplexity cannot be used together");
+    if (!a.render_chat_file.empty() && (a.chat || !a.perplexity_file.empty())) return die("--render-chat and %s cannot be used together", a.chat ? "--chat" : "--perplexity");
+    if (!a.chat_template_file.empty() && !a.chat && a.render_chat_file.empty()) return die("--chat-template needs --chat or --render-chat");
     if (mode && !a.prompt_flag.empty()) return die("%s and %s cannot be used together", a.prompt_flag.c_str(), mode);
     if (mode && !a.logits_out.empty()) return die("--logits-out and %s cannot be used together", mode);
     if (mode && a.print_tokens) return die("--print-tokens and %s cannot be used together", mode);
@@ -336,6 +369,11 @@ int main(int argc, char** argv) {
     if (!a.perplexity_file.empty() && !read_file(a.perplexity_file, &text, &why)) return die("cannot read '%s': %s", a.perplexity_file.c_str(), why.c_str());
     if (!a.prompt_file.empty() && !read_file(a.prompt_file, &text, &why)) return die("cannot read '%s': %s", a.prompt_file.c_str(), why.c_str());
     if (!a.prompt_file.empty() && text.empty()) return die("empty prompt: '%s' is empty", a.prompt_file.c_str());
+    std::string chat_template, render_request;
+    if (!a.chat_template_file.empty() && !read_file(a.chat_template_file, &chat_template, &why))
+        return die("cannot read '%s': %s", a.chat_template_file.c_str(), why.c_str());
+    if (!a.render_chat_file.empty() && !read_file(a.render_chat_file, &render_request, &why))
+        return die("cannot read '%s': %s", a.render_chat_file.c_str(), why.c_str());
     if (a.prompt_flag == "-p") text = a.prompt;
     if (a.prompt_flag.empty() && !mode) text = "In the beginning";
     std::vector<long long> token_list;
@@ -350,6 +388,34 @@ int main(int argc, char** argv) {
     const moe::ModelInfo& info = model.info();
     const moe::Tokenizer& tok = model.tokenizer();
     if (!tok.valid() && a.prompt_flag != "--tokens") return die(mode ? "the model has no tokenizer" : "the model has no tokenizer; use --tokens");
+    if (chat_template.empty()) chat_template = tok.chat_template();
+    moe::ChatTemplateOptions chat_options;
+    if (tok.bos() >= 0) chat_options.bos_token = tok.token_text(tok.bos());
+    if (tok.eos() >= 0) chat_options.eos_token = tok.token_text(tok.eos());
+
+    // ---- --render-chat: the rendered prompt on stdout ----
+    if (!a.render_chat_file.empty()) {
+        if (chat_template.empty()) return die("the model has no chat template (tokenizer.chat_template); give one with --chat-template");
+        moe::detail::TplValue request;
+        std::string error, messages = render_request;
+        if (!moe::detail::parse_json(render_request, &request, &error)) return die("%s: invalid JSON: %s", a.render_chat_file.c_str(), error.c_str());
+        if (request.kind == moe::detail::TplKind::dict) {  // {"messages": [...], "tools": [...], flags}
+            const moe::detail::TplDict& d = *request.dict;
+            const moe::detail::TplValue* m = d.find("messages");
+            if (!m || m->kind != moe::detail::TplKind::list) return die("%s: the object needs a \"messages\" array", a.render_chat_file.c_str());
+            messages.clear();
+            moe::detail::json_dump(*m, moe::detail::JsonStyle{}, 0, &messages, &error);
+            if (const moe::detail::TplValue* t = d.find("tools")) moe::detail::json_dump(*t, moe::detail::JsonStyle{}, 0, &chat_options.tools_json, &error);
+            if (const moe::detail::TplValue* g = d.find("add_generation_prompt")) chat_options.add_generation_prompt = g->kind == moe::detail::TplKind::boolean && g->boolean;
+            if (const moe::detail::TplValue* e = d.find("enable_thinking")) chat_options.enable_thinking = e->kind == moe::detail::TplKind::boolean && e->boolean ? 1 : 0;
+        } else if (request.kind != moe::detail::TplKind::list) {
+            return die("%s: expected a JSON array of messages or an object with \"messages\"", a.render_chat_file.c_str());
+        }
+        std::string rendered;
+        if (moe::render_chat_template(chat_template, messages, chat_options, &rendered) != moe::Status::ok) return die("%s", moe::last_error());
+        std::fwrite(rendered.data(), 1, rendered.size(), stdout);
+        return 0;
+    }
 
     // ---- context size and KV cache: checked before anything is allocated ----
     const long long n_ctx = a.n_ctx ? a.n_ctx : !a.perplexity_file.empty() ? 256 : std::min(info.n_ctx_train, 4096);
@@ -363,7 +429,7 @@ int main(int argc, char** argv) {
     // ---- prompt, perplexity text or chat prefix: tokenized and size-checked before anything is printed ----
     std::vector<int32_t> input;
     // --chat: the template, the prefix (BOS, system prompt) and the tokens closing a reply.
-    ChatFormat fmt = ChatFormat::unsupported;
+    ChatFormat fmt = ChatFormat::chatml;
     std::vector<int32_t> prefix, close_cut, close_eog;
     const long long n_reply = a.n_predict ? a.n_predict : 256;
     long long n_close = 0;
@@ -375,9 +441,10 @@ int main(int argc, char** argv) {
         if (phys && logits_bytes > phys)
             return die("--perplexity with -c %lld needs %s for the logits of a window, more than this machine's physical memory (%s)", n_ctx,
                        format_bytes(logits_bytes).c_str(), format_bytes(phys).c_str());
+    } else if (a.chat && (!a.chat_template_file.empty() || chat_format(chat_template) == ChatFormat::jinja)) {
+        fmt = ChatFormat::jinja;  // checked when the first message is rendered
     } else if (a.chat) {
-        fmt = chat_format(tok.chat_template());
-        if (fmt == ChatFormat::unsupported) return die("unsupported chat template (only ChatML and [INST] templates are)");
+        fmt = chat_format(chat_template);
         std::vector<int32_t> bos, empty_turn;
         if (tok.encode("", true, true, &bos) != moe::Status::ok) return die("%s", moe::last_error());
         if (!bos.empty() && bos[0] == tok.bos()) prefix.push_back(bos[0]);  // only BOS: an EOS would end the dialogue
@@ -484,12 +551,59 @@ int main(int argc, char** argv) {
 
     if (moe::check_sampler_options(a.sampler, info.n_vocab) != moe::Status::ok) return die("%s", moe::last_error());
     moe::Sampler sampler(a.sampler);
-    if (a.sampler.dry_multiplier > 0) sampler.set_vocabulary(model.tokenizer());
+    if (a.sampler.dry_multiplier > 0 || !a.sampler.grammar.empty()) sampler.set_vocabulary(model.tokenizer());
 
     // ---- interactive chat ----
     // The cache holds the prefix (BOS, system prompt) and then whole turns: user turn + reply + its
     // closing. Their token ids are kept so that, when the next turn would not fit, the oldest turns
     // are dropped and the rest evaluated again after the prefix.
+    // With a Jinja template the whole conversation is rendered each turn; Session::eval_prompt keeps
+    // the cached prefix it shares with the previous turn's, and the oldest exchanges are dropped
+    // (the system prompt kept) when the prompt and -n would not fit.
+    if (a.chat && fmt == ChatFormat::jinja) {
+        std::vector<std::pair<std::string, std::string>> messages;
+        if (a.have_system) messages.push_back({"system", a.system});
+        const size_t first = messages.size();
+        std::string line;
+        std::fprintf(stderr, "chat with %s; an empty line or EOF ends.\n", info.name.empty() ? info.architecture.c_str() : info.name.c_str());
+        while (std::fprintf(stderr, "> "), std::getline(std::cin, line) && !line.empty()) {
+            messages.push_back({"user", line});
+            std::vector<int32_t> ids;
+            size_t dropped = 0;
+            for (;;) {
+                std::string rendered;
+                if (moe::render_chat_template(chat_template, messages_json(messages), chat_options, &rendered) != moe::Status::ok)
+                    return die("%s", moe::last_error());
+                ids.clear();
+                if (!encode_chat(rendered, &ids)) return die("%s", moe::last_error());
+                if ((long long)ids.size() + n_reply <= n_ctx || messages.size() - first <= 1) break;
+                messages.erase(messages.begin() + (std::ptrdiff_t)first, messages.begin() + (std::ptrdiff_t)std::min(first + 2, messages.size() - 1));
+                ++dropped;
+            }
+            if ((long long)ids.size() + n_reply > n_ctx) {
+                std::fprintf(stderr, "[this message is too long for the context (%zu tokens, context %lld, %lld kept for the reply)]\n", ids.size(), n_ctx, n_reply);
+                messages.pop_back();
+                continue;
+            }
+            if (dropped) std::fprintf(stderr, "[context full: dropped %zu oldest exchange%s]\n", dropped, dropped == 1 ? "" : "s");
+            if (session.eval_prompt(ids.data(), ids.size()) != moe::Status::ok) return die("%s", moe::last_error());
+            moe::GenerateOptions g;
+            g.max_tokens = (int32_t)std::min(n_reply, n_ctx - session.position());
+            g.sampler = a.sampler;
+            g.sampler.seed = sampler.options().seed + (uint64_t)messages.size();
+            moe::GenerateResult r;
+            moe::Status s = moe::generate(session, {}, g, [](void*, int32_t, const char* t, size_t n) {
+                std::fwrite(t, 1, n, stdout);
+                std::fflush(stdout);
+                return true;
+            }, nullptr, &r);
+            std::printf("\n");
+            std::fflush(stdout);
+            if (s != moe::Status::ok) return die("%s", moe::last_error());
+            messages.push_back({"assistant", r.text});
+        }
+        return finish();
+    }
     if (a.chat) {
         if (!prefix.empty() && session.eval(prefix.data(), prefix.size()) != moe::Status::ok) return die("%s", moe::last_error());
         std::vector<std::vector<int32_t>> turns;

@@ -172,6 +172,23 @@ run -p "In the beginning God created" -n 16 --seed 5 --dry-multiplier 0.8 --typi
 if [ "$rc" != 0 ] || ! grep -q '^decode: ' "$TMP/err"; then fail sampler "the extended sampler chain should generate"
 else pass; fi
 
+# ---- chat templates (issue 14): --render-chat against jinja2's renderings, --chat through a Jinja template ----
+CHAT="$ROOT/tests/data/chat"
+printf '{"messages": [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name a prime number."}], "add_generation_prompt": true}' >"$TMP/sys.json"
+for t in qwen2 qwen3 glm-4.5; do
+    run --chat-template "$CHAT/$t.jinja" --render-chat "$TMP/sys.json"
+    if [ "$rc" != 0 ] || ! cmp -s "$TMP/out" "$CHAT/expected/${t}__system.txt"; then fail chat "--render-chat with $t.jinja should print jinja2's rendering (tests/data/chat/expected/${t}__system.txt)"
+    else pass; fi
+done
+expect_error chat "no chat template" --render-chat "$TMP/sys.json"
+expect_error chat "Conversation roles must alternate" --chat-template "$CHAT/mixtral.jinja" --render-chat "$TMP/sys.json"
+expect_error chat "--chat-template needs --chat or --render-chat" --chat-template "$CHAT/qwen2.jinja"
+printf '[{"role": "user"' >"$TMP/bad.json"
+expect_error chat "invalid JSON" --chat-template "$CHAT/qwen2.jinja" --render-chat "$TMP/bad.json"
+printf 'Hello there\nWho are you?\n' | "$CLI" -t 2 --chat --chat-template "$CHAT/phi-3.jinja" -n 8 --temp 0 -c 128 >"$TMP/out" 2>&1; rc=$?
+if [ "$rc" != 0 ] || [ "$(chat_turns "$TMP/out")" != "3 2" ]; then fail chat "--chat with a Jinja template should answer both messages (got $(chat_turns "$TMP/out"))"
+else pass; fi
+
 # ---- the README's main command still works ----
 run -n 8 --temp 0
 if [ "$rc" = 0 ] && grep -q '^In the beginning' "$TMP/out" && grep -q '^decode: ' "$TMP/err"; then pass
