@@ -394,12 +394,16 @@ private:
 // A fixed chain, in llama.cpp's default order: logit bias -> penalties (repetition, frequency,
 // presence) -> DRY -> top-n-sigma -> top-k -> typical-p -> top-p -> min-p -> XTC -> temperature ->
 // draw; with mirostat = 2 the truncation steps after DRY are replaced by temperature -> mirostat v2.
-// A GBNF grammar (SamplerOptions::grammar) masks what it refuses: the chain draws once unmasked and,
-// when that token is refused, again from the masked logits (grammar sampling allocates: parse stacks).
+// A GBNF grammar (SamplerOptions::grammar) keeps what it refuses from being drawn: the chain draws
+// once unmasked; a refused token makes it draw again among the candidates the chain kept that the
+// grammar allows, or, when it allows none of them, from the whole vocabulary with every refused
+// token masked (a scan of the vocabulary: ~130 ms per step for 152k tokens; grammar sampling
+// allocates its parse stacks).
 // temperature <= 0 means greedy (argmax after bias, penalties and DRY; ties go to the lowest id).
 // Every step's "off" value is its default except top-k/top-p/min-p (llama.cpp's defaults). A value
 // type: copy it to fork the RNG and mirostat state; the same seed and logits give the same tokens
-// on every platform. check_sampler_options() says what is out of range; the Sampler clamps it.
+// on every platform. check_sampler_options() says what is out of range (generate() refuses such
+// options; a Sampler built from them anyway may give meaningless draws or ignore a bad grammar).
 
 struct SamplerOptions {
     float temperature = 0.8f;
@@ -457,7 +461,8 @@ public:
     // call or when n_vocab grows.
     int32_t sample(const float* logits, int32_t n_vocab);
     // The candidates and probabilities sample() would draw from now, most likely first, without
-    // drawing (no RNG or mirostat state is used: XTC is left out, mirostat truncates at its current mu).
+    // drawing (no RNG or mirostat state is used: XTC is left out, mirostat truncates at its current mu;
+    // a grammar masks the whole vocabulary first, as sample()'s last resort does).
     void distribution(const float* logits, int32_t n_vocab, std::vector<std::pair<int32_t, float>>* out);
     // Records a token (prompt or generated) for the penalties and DRY; the grammar moves on with the
     // token the last sample() returned.
@@ -470,6 +475,7 @@ public:
     void reset();  // forgets history and mirostat state and re-seeds
     // The dynamic state (RNG, token history, mirostat's mu) as bytes, and back into a sampler whose
     // options keep as many history tokens (Status::invalid_argument otherwise, or for bad bytes).
+    // A grammar's parse state is not part of it: loading restarts the grammar at its beginning.
     void save_state(std::vector<uint8_t>* out) const;
     Status load_state(const uint8_t* data, size_t size);
     const SamplerOptions& options() const { return options_; }
@@ -496,6 +502,7 @@ private:
     int32_t grammar_pending_ = -1;                       // the token sample() returned, for accept()
     bool grammar_allows(int32_t token) const;
     int32_t sample_free(const float* logits, int32_t n_vocab);  // the chain without the grammar
+    int32_t draw(size_t n);                                      // the last step of the chain
     const float* apply_grammar(const float* logits, int32_t n_vocab);  // masked_ (or logits when all pass)
 };
 
@@ -757,7 +764,7 @@ public:
     // shares with them (at most n - 1 positions, so the last token is evaluated and logits() is its
     // row), drops the rest and evaluates the remainder; *reused (may be null) gets the positions
     // kept. With SessionOptions::gemm_min_tokens = -1 the result is bit-identical to reset() + eval().
-    // Status: as eval().
+    // Status: as eval(); after a failure the cache holds the kept prefix and the chunks evaluated.
     Status eval_prompt(const int32_t* tokens, size_t n, size_t* reused = nullptr);
     // The session's state: position, the tokens and KV-cache rows of positions 0 .. position() - 1,
     // the last logits, and (if given) a sampler's state (Sampler::save_state), to a file or a buffer
@@ -806,6 +813,7 @@ struct GenerateResult {
     int32_t n_prompt = 0;
     double prompt_seconds = 0, decode_seconds = 0;
     bool stopped_by_eog = false, stopped_by_string = false, stopped_by_callback = false;
+    bool stopped_by_grammar = false;  // the grammar allowed no token (it can neither go on nor end)
 };
 
 // Called with each newly complete piece of text (UTF-8 boundaries respected; text that might be
@@ -891,6 +899,7 @@ MOE_API Status json_schema_to_grammar(const std::string& schema_json, std::strin
 #include <new>
 #include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 
 #ifndef MOE_ASSERT
 #include <cassert>
@@ -10987,6 +10996,11 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     }
     const uint8_t* kv_bytes = r.skip(2 * (size_t)n_layer * (size_t)pos * row);
     const uint8_t* logit_bytes = r.skip((size_t)n_vocab * 4);
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        float v;
+        std::memcpy(&v, logit_bytes + (size_t)i * 4, 4);
+        if (!std::isfinite(v)) return detail::fail(Status::invalid_file, "corrupt session state (logit %d is not finite)", i);
+    }
     if (!r.get(&sampler_size) || sampler_size != r.left()) return detail::fail(Status::invalid_file, "corrupt session state (sampler part)");
     const uint8_t* sampler_bytes = r.skip((size_t)sampler_size);
     if (sampler) {
@@ -11156,6 +11170,11 @@ inline void utf8_clamp_range(size_t len, uint32_t* lo, uint32_t* hi) {
     *hi = std::min(*hi, len == 2 ? 0x7FFu : len == 3 ? 0xFFFFu : 0x10FFFFu);
 }
 
+// Bounds against hostile grammars: rules after desugaring, and the recognizer's parse stacks (how
+// many ways the text so far can be read, and how deep each is). Legitimate grammars (JSON, lists,
+// code) stay far below: tens of stacks, tens of frames.
+constexpr size_t kMaxGrammarRules = 20000, kMaxGrammarStacks = 2048, kMaxGrammarDepth = 512;
+
 struct GrammarElement {
     bool is_rule = false;   // a reference to rules[rule]; else a character class
     bool negated = false;   // [^...]
@@ -11207,6 +11226,7 @@ public:
             std::vector<GrammarSequence> alts;
             if (!parse_alternatives(&alts, false)) return status_;
             g_->rules[(size_t)id] = std::move(alts);
+            if (g_->rules.size() > kMaxGrammarRules) return error("more than " + std::to_string(kMaxGrammarRules) + " rules (with repetitions)");
             skip_space(true);
         }
         for (size_t i = 0; i < g_->names.size(); ++i)
@@ -11239,12 +11259,14 @@ private:
         return s_.substr(b, p_ - b);
     }
     int32_t rule_id(const std::string& name) {
-        for (size_t i = 0; i < g_->names.size(); ++i)
-            if (g_->names[i] == name) return (int32_t)i;
+        const auto it = ids_.find(name);
+        if (it != ids_.end()) return it->second;
+        const int32_t id = (int32_t)g_->names.size();
+        ids_.emplace(name, id);
         g_->names.push_back(name);
         g_->rules.emplace_back();
         helper_.push_back(false);
-        return (int32_t)g_->names.size() - 1;
+        return id;
     }
     int32_t new_helper(std::vector<GrammarSequence> alts) {
         const int32_t id = rule_id("(group " + std::to_string(g_->names.size()) + ")");  // not a GBNF name: no clash
@@ -11440,22 +11462,37 @@ private:
                 }
             }
         }
+        // Depth-first over "can start with" edges, with an explicit stack (a chain of 10^5 rules
+        // must not overflow the call stack): a rule reached again while on the path is left-recursive.
         std::vector<uint8_t> state(n, 0);  // 0 new, 1 on the path, 2 done
-        std::function<bool(size_t)> visit = [&](size_t r) {
-            if (state[r] == 1) return false;
-            if (state[r] == 2) return true;
-            state[r] = 1;
+        std::vector<std::vector<int32_t>> starts(n);  // rules each rule can begin with
+        for (size_t r = 0; r < n; ++r)
             for (const GrammarSequence& alt : g_->rules[r])
                 for (const GrammarElement& e : alt) {
                     if (!e.is_rule) break;
-                    if (!visit((size_t)e.rule)) return false;
+                    starts[r].push_back(e.rule);
                     if (!nullable[(size_t)e.rule]) break;
                 }
-            state[r] = 2;
-            return true;
-        };
-        for (size_t r = 0; r < n; ++r)
-            if (!visit(r)) return fail(Status::invalid_argument, "grammar: rule '%s' is left-recursive", g_->names[r].c_str());
+        std::vector<std::pair<size_t, size_t>> path;  // (rule, next edge)
+        for (size_t r0 = 0; r0 < n; ++r0) {
+            if (state[r0]) continue;
+            path.push_back({r0, 0});
+            state[r0] = 1;
+            while (!path.empty()) {
+                auto& top = path.back();
+                if (top.second == starts[top.first].size()) {
+                    state[top.first] = 2;
+                    path.pop_back();
+                    continue;
+                }
+                const size_t next = (size_t)starts[top.first][top.second++];
+                if (state[next] == 1) return fail(Status::invalid_argument, "grammar: rule '%s' is left-recursive", g_->names[next].c_str());
+                if (state[next] == 0) {
+                    state[next] = 1;
+                    path.push_back({next, 0});
+                }
+            }
+        }
         return Status::ok;
     }
 
@@ -11464,6 +11501,7 @@ private:
     int depth_ = 0;
     Grammar* g_ = nullptr;
     std::vector<bool> defined_, helper_;
+    std::unordered_map<std::string, int32_t> ids_;
     Status status_ = Status::ok;
 };
 
@@ -11485,9 +11523,12 @@ public:
     void reset() {
         stacks_.clear();
         partial_.clear();
-        for (int32_t a = 0; a < (int32_t)g_->rules[(size_t)g_->root].size(); ++a) expand({{g_->root, a, 0}}, &stacks_);
+        bool ok = true;
+        for (int32_t a = 0; a < (int32_t)g_->rules[(size_t)g_->root].size(); ++a) ok = ok && expand({{g_->root, a, 0}}, &stacks_);
+        if (!ok) stacks_.clear();  // beyond the bounds: nothing is allowed (check_sampler_options says why)
         dedupe(&stacks_);
     }
+    bool dead() const { return stacks_.empty(); }
     bool complete() const {
         for (const GrammarStack& s : stacks_)
             if (s.empty()) return true;
@@ -11495,7 +11536,8 @@ public:
     }
     // Whether `piece` can follow (it may end inside a code point); with `commit`, moves there.
     bool accept(const std::string& piece, bool commit) {
-        std::vector<GrammarStack> cur = stacks_, next;
+        std::vector<GrammarStack> cur, next;
+        const std::vector<GrammarStack>* from = &stacks_;  // copied only as far as a code point matches
         const std::string bytes = partial_ + piece;
         size_t i = 0;
         while (i < bytes.size()) {
@@ -11511,17 +11553,18 @@ public:
             }
             if (!utf8_valid_code_point(cp, len)) return false;
             next.clear();
-            for (const GrammarStack& s : cur) {
+            for (const GrammarStack& s : *from) {
                 if (s.empty()) continue;
                 const GrammarFrame& f = s.back();
                 if (!g_->rules[(size_t)f.rule][(size_t)f.alt][(size_t)f.pos].matches(cp)) continue;
                 GrammarStack t = s;
                 ++t.back().pos;
-                expand(std::move(t), &next);
+                if (!expand(std::move(t), &next)) return false;  // past the bounds: refused
             }
             if (next.empty()) return false;
             dedupe(&next);
             cur.swap(next);
+            from = &cur;
             i += len;
         }
         if (i < bytes.size()) {  // an incomplete code point: some stack must accept one it can become
@@ -11538,12 +11581,12 @@ public:
             utf8_clamp_range(len, &lo, &hi);
             if (lo > hi) return false;
             bool some = false;
-            for (const GrammarStack& s : cur)
+            for (const GrammarStack& s : *from)
                 if (!s.empty() && g_->rules[(size_t)s.back().rule][(size_t)s.back().alt][(size_t)s.back().pos].matches_some(lo, hi)) some = true;
             if (!some) return false;
         }
         if (commit) {
-            stacks_.swap(cur);
+            if (from != &stacks_) stacks_.swap(cur);
             partial_ = bytes.substr(i);
         }
         return true;
@@ -11570,14 +11613,16 @@ public:
 
 private:
     // Follows rule references until every stack's top is a character class (or the stack is empty).
-    void expand(GrammarStack s, std::vector<GrammarStack>* out, int depth = 0) const {
+    // False when the result would pass kMaxGrammarStacks stacks or kMaxGrammarDepth frames.
+    bool expand(GrammarStack s, std::vector<GrammarStack>* out, int depth = 0) const {
         for (;;) {
             while (!s.empty() && s.back().pos == (int32_t)g_->rules[(size_t)s.back().rule][(size_t)s.back().alt].size()) s.pop_back();
             if (s.empty() || !g_->rules[(size_t)s.back().rule][(size_t)s.back().alt][(size_t)s.back().pos].is_rule) {
+                if (out->size() >= kMaxGrammarStacks) return false;
                 out->push_back(std::move(s));
-                return;
+                return true;
             }
-            if (depth > 1024 || s.size() > 4096 || out->size() > 65536) return;  // hostile grammars stay bounded
+            if (depth > (int)kMaxGrammarDepth || s.size() > kMaxGrammarDepth) return false;
             const int32_t rule = g_->rules[(size_t)s.back().rule][(size_t)s.back().alt][(size_t)s.back().pos].rule;
             ++s.back().pos;  // the caller resumes after the reference; a finished caller is dropped (tail call)
             while (!s.empty() && s.back().pos == (int32_t)g_->rules[(size_t)s.back().rule][(size_t)s.back().alt].size()) s.pop_back();
@@ -11585,9 +11630,9 @@ private:
             for (int32_t a = 0; a + 1 < n_alt; ++a) {
                 GrammarStack t = s;
                 t.push_back({rule, a, 0});
-                expand(std::move(t), out, depth + 1);
+                if (!expand(std::move(t), out, depth + 1)) return false;
             }
-            if (n_alt == 0) return;
+            if (n_alt == 0) return true;
             s.push_back({rule, n_alt - 1, 0});
             ++depth;
         }
@@ -11643,6 +11688,9 @@ MOE_API Status check_sampler_options(const SamplerOptions& o, int32_t n_vocab) {
         std::shared_ptr<const detail::Grammar> g;
         Status s = detail::parse_gbnf(o.grammar, &g);
         if (s != Status::ok) return s;
+        if (detail::GrammarMatcher(g).dead())
+            return detail::fail(Status::invalid_argument, "grammar: its start has more than %zu readings or nests deeper than %zu rules",
+                                detail::kMaxGrammarStacks, detail::kMaxGrammarDepth);
     }
     for (const auto& lb : o.logit_bias) {
         if (std::isnan(lb.second)) return bad("logit_bias (NaN bias)");
@@ -11756,6 +11804,8 @@ MOE_DETAIL_MEMBER Status Sampler::load_state(const uint8_t* data, size_t size) {
     history_pos_ = (size_t)pos;
     history_len_ = (size_t)len;
     mirostat_mu_ = mu;
+    if (grammar_) grammar_->reset();
+    grammar_pending_ = -1;
     return Status::ok;
 }
 
@@ -11874,7 +11924,14 @@ MOE_DETAIL_MEMBER size_t Sampler::filter(int32_t n_vocab, const float* logits, b
     apply_penalties(n_vocab);
     apply_dry(n_vocab);
     auto better = [](const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
-    // Tokens at -inf (a grammar's refusals, a -inf logit bias) are out, unless nothing else is left.
+    // Tokens at +inf (a +inf logit bias) are the only candidates, as equals; tokens at -inf (a
+    // grammar's refusals, a -inf bias) are out, unless nothing else is left.
+    const size_t forced = (size_t)(std::partition(candidates_.begin(), candidates_.end(), [](const Candidate& c) { return c.logit == INFINITY; }) -
+                                   candidates_.begin());
+    if (forced > 0) {
+        candidates_.resize(forced);
+        for (Candidate& c : candidates_) c.logit = 0;
+    }
     size_t live = (size_t)(std::partition(candidates_.begin(), candidates_.end(), [](const Candidate& c) { return c.logit != -INFINITY; }) -
                            candidates_.begin());
     if (live == 0) live = candidates_.size();
@@ -11983,16 +12040,29 @@ MOE_DETAIL_MEMBER size_t Sampler::filter(int32_t n_vocab, const float* logits, b
 MOE_DETAIL_MEMBER int32_t Sampler::sample(const float* logits, int32_t n_vocab) {
     if (!logits || n_vocab <= 0) return -1;
     if (grammar_ && vocab_) {
-        // Try the unconstrained draw first (usually allowed: cheap); else draw again from the
-        // logits with every refused token masked. The first draw's RNG use is kept either way;
-        // mirostat's mu moves only with the draw that counts.
+        // The chain's own draw first (usually allowed: cheap). Refused: the candidates the chain
+        // kept that the grammar allows, if any (their probabilities renormalised); else the chain
+        // again on the whole vocabulary with every refused token masked. mirostat's mu moves only
+        // with the draw that counts; the RNG draws of a refused try stay used.
         const float mu = mirostat_mu_;
-        const int32_t t = sample_free(logits, n_vocab);
+        const size_t n = filter(n_vocab, logits, true);
+        const int32_t t = draw(n);
         if (grammar_allows(t)) {
             grammar_pending_ = t;
             return t;
         }
         mirostat_mu_ = mu;
+        size_t kept = 0;
+        for (size_t i = 0; i < n; ++i)
+            if (grammar_allows(candidates_[i].id)) {
+                candidates_[kept] = candidates_[i];
+                if (i < probs_.size()) probs_[kept] = probs_[i];
+                ++kept;
+            }
+        if (kept > 0 && options_.temperature > 0) {
+            grammar_pending_ = draw(kept);
+            return grammar_pending_;
+        }
         const float* masked = apply_grammar(logits, n_vocab);
         bool any = false;
         for (int32_t i = 0; i < n_vocab && !any; ++i) any = masked[i] != -INFINITY;
@@ -12003,8 +12073,10 @@ MOE_DETAIL_MEMBER int32_t Sampler::sample(const float* logits, int32_t n_vocab) 
     return sample_free(logits, n_vocab);
 }
 
-MOE_DETAIL_MEMBER int32_t Sampler::sample_free(const float* logits, int32_t n_vocab) {
-    const size_t n = filter(n_vocab, logits, true);
+MOE_DETAIL_MEMBER int32_t Sampler::sample_free(const float* logits, int32_t n_vocab) { return draw(filter(n_vocab, logits, true)); }
+
+// Draws from candidates_[0, n) (sorted, most likely first; filter() left mirostat's probabilities in probs_).
+MOE_DETAIL_MEMBER int32_t Sampler::draw(size_t n) {
     if (options_.temperature <= 0) return candidates_[0].id;
     std::vector<double>& p = probs_;
     double sum = 0;
@@ -12084,6 +12156,10 @@ struct Generation {
     template <typename Emit>
     int32_t step(const float* logits, int32_t n_vocab, Emit&& call) {
         const int32_t token = sampler.sample(logits, n_vocab);
+        if (token < 0) {  // a grammar that allows no token here: the sequence ends
+            res.stopped_by_grammar = true;
+            return finish(call);
+        }
         sampler.accept(token);
         res.tokens.push_back(token);
         ++steps;
@@ -15520,8 +15596,10 @@ public:
     Status convert(const TplValue& schema, std::string* gbnf) {
         root_ = &schema;
         rules_.clear();
+        for (const char* fixed : {"root", "ws", "json-string", "json-number", "json-integer", "json-value", "json-object", "json-array"}) names_.insert(fixed);
         std::string body;
         if (!visit(schema, "value", 0, &body)) return status_;
+        if (grammar_bytes_ > (1u << 20)) return fail(Status::unsupported, "JSON schema: the grammar would exceed 1 MiB");
         std::string out = "root ::= " + body + "\n";
         for (const auto& r : rules_) out += r.first + " ::= " + r.second + "\n";
         out += "ws ::= [ \\t\\n]{0,20}\n";
@@ -15563,8 +15641,9 @@ private:
         for (char c : hint) name += std::isalnum((unsigned char)c) ? c : '-';
         if (name.empty() || !std::isalpha((unsigned char)name[0])) name = "r-" + name;
         std::string unique = name;
-        for (int k = 2; std::any_of(rules_.begin(), rules_.end(), [&](const std::pair<std::string, std::string>& r) { return r.first == unique; }); ++k)
-            unique = name + "-" + std::to_string(k);
+        for (int k = 2; names_.count(unique); ++k) unique = name + "-" + std::to_string(k);
+        names_.insert(unique);
+        grammar_bytes_ += unique.size() + body.size();
         rules_.push_back({unique, body});
         return unique;
     }
@@ -15579,7 +15658,8 @@ private:
     }
     // The GBNF expression for `schema` (rules for its parts added under `hint`).
     bool visit(const TplValue& schema, const std::string& hint, int depth, std::string* out) {
-        if (depth > 64) return error("nesting deeper than 64 (or a $ref cycle)");
+        if (depth > 64) return error("nesting deeper than 64");
+        if (grammar_bytes_ > (1u << 20)) return error("the grammar would exceed 1 MiB");
         if (schema.kind == TplKind::boolean) { *out = schema.boolean ? "json-value" : "\"\""; if (!schema.boolean) return error("'false' schema"); return true; }
         if (schema.kind != TplKind::dict) return error("a schema must be an object");
         const TplDict& d = *schema.dict;
@@ -15590,9 +15670,18 @@ private:
             if (d.find(k)) return error(std::string("'") + k + "' is not supported");
         if (const TplValue* ref = d.find("$ref")) {
             if (ref->kind != TplKind::string) return error("'$ref' must be a string");
+            const auto done = ref_rules_.find(ref->text);
+            if (done != ref_rules_.end()) { *out = done->second; return true; }  // one rule per target: no re-expansion
             const TplValue* target = resolve(ref->text);
             if (!target) return error("cannot resolve $ref '" + ref->text + "' (only #/$defs/NAME and #/definitions/NAME)");
-            return visit(*target, hint, depth + 1, out);
+            const std::string name = add_rule("ref-" + ref->text.substr(ref->text.rfind('/') + 1), "\"\"");
+            ref_rules_[ref->text] = name;  // before the visit: recursive schemas refer to the rule
+            std::string body;
+            if (!visit(*target, name, depth + 1, &body)) return false;
+            for (auto& r : rules_)
+                if (r.first == name) r.second = body;
+            *out = name;
+            return true;
         }
         if (const TplValue* c = d.find("const")) { *out = json_literal(*c); return true; }
         if (const TplValue* e = d.find("enum")) {
@@ -15728,6 +15817,9 @@ private:
 
     const TplValue* root_ = nullptr;
     std::vector<std::pair<std::string, std::string>> rules_;
+    std::unordered_set<std::string> names_;
+    std::unordered_map<std::string, std::string> ref_rules_;  // $ref target -> its rule
+    size_t grammar_bytes_ = 0;
     Status status_ = Status::ok;
 };
 
@@ -15739,7 +15831,11 @@ MOE_API Status json_schema_to_grammar(const std::string& schema_json, std::strin
     std::string error;
     if (!detail::parse_json(schema_json, &schema, &error)) return detail::fail(Status::invalid_argument, "JSON schema: invalid JSON: %s", error.c_str());
     detail::JsonSchemaConverter converter;
-    return converter.convert(schema, gbnf);
+    Status s = converter.convert(schema, gbnf);
+    if (s != Status::ok) return s;
+    SamplerOptions check;  // e.g. a $ref cycle that starts with itself is a left-recursive grammar
+    check.grammar = *gbnf;
+    return check_sampler_options(check);
 }
 
 }  // namespace moe

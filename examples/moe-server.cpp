@@ -132,15 +132,20 @@ private:
     void end_slot(Slot& s) {
         const moe::GenerateResult& r = *s.result;
         s.job->n_generated = (int)r.tokens.size();  // read by the connection thread after `done`
-        finish(*s.job, s.job->cancelled.load() ? "cancelled" : r.stopped_by_string || r.stopped_by_eog ? "stop" : "length");
-        s.job.reset();
-        s.gen.reset();
+        finish(*s.job, s.job->cancelled.load() ? "cancelled" : r.stopped_by_string || r.stopped_by_eog || r.stopped_by_grammar ? "stop" : "length");
+        s.gen.reset();  // holds references into the job and the result: first
         s.result.reset();
+        s.job.reset();
         s.next = -1;
     }
     // Starts a job on a free slot: prompt (reusing the slot's cached prefix), then its first token.
     void begin(Slot& s) {
         Job& job = *s.job;
+        if (job.cancelled.load()) {  // the client left while the request waited for a slot
+            finish(job, "cancelled");
+            s.job.reset();
+            return;
+        }
         size_t reused = 0;
         moe::Status st = s.session.eval_prompt(job.prompt.data(), job.prompt.size(), &reused);
         job.n_reused = (int)reused;
@@ -342,7 +347,7 @@ bool parse_chat_request(const std::string& body, const moe::Model& model, const 
     if (!number_of(d, "top_k", &v) || v < 0 || v > 1e9) { *why = "'top_k' must be a number >= 0"; return false; }
     so.top_k = (int)v;
     v = 0;
-    if (!number_of(d, "seed", &v) || v < 0) { *why = "'seed' must be a number >= 0"; return false; }
+    if (!number_of(d, "seed", &v) || !(v >= 0 && v < 9.2e18)) { *why = "'seed' must be a number in [0, 2^63)"; return false; }
     so.seed = (uint64_t)v;
     v = (double)cfg.max_tokens;
     if (!number_of(d, "max_tokens", &v) || !number_of(d, "max_completion_tokens", &v) || v < 0) { *why = "'max_tokens' must be a number >= 0"; return false; }
@@ -352,7 +357,7 @@ bool parse_chat_request(const std::string& body, const moe::Model& model, const 
             char* end = nullptr;
             const long id = std::strtol(e.first.c_str(), &end, 10);
             double b = 0;
-            if (end == e.first.c_str() || *end || (e.second.kind != TplKind::integer && e.second.kind != TplKind::floating)) {
+            if (end == e.first.c_str() || *end || id < 0 || id > INT32_MAX || (e.second.kind != TplKind::integer && e.second.kind != TplKind::floating)) {
                 *why = "'logit_bias' maps token ids to numbers";
                 return false;
             }
@@ -434,10 +439,12 @@ void serve_chat(int fd, const Request& req, const moe::Model& model, const Confi
         bool done;
         {
             std::unique_lock<std::mutex> lock(job->mu);
-            job->cv.wait(lock, [&] { return job->done || !job->pieces.empty(); });
+            job->cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return job->done || !job->pieces.empty(); });
             pieces.swap(job->pieces);
             done = job->done;
         }
+        char probe;  // a closed connection reads as end of file: the client went away
+        if (client_ok && ::recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT) == 0) client_ok = false;
         for (const std::string& p : pieces) {
             text += p;
             if (stream && client_ok) client_ok = send_all(fd, chunk("{\"content\": " + json_string(p) + "}", nullptr));
@@ -464,8 +471,9 @@ void serve_chat(int fd, const Request& req, const moe::Model& model, const Confi
 std::atomic<int> g_connections{0};
 
 void handle(int fd, const moe::Model& model, const Config& cfg, Scheduler& sched) {
-    timeval tv{30, 0};  // a client that stalls mid-request is dropped
+    timeval tv{30, 0};  // a client that stalls mid-request, or stops reading the reply, is dropped
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     Request req;
     const int rc = read_request(fd, cfg.max_body, &req);
     if (rc == 413) respond_error(fd, 413, "request too large (header 16 KiB, body " + std::to_string(cfg.max_body) + " bytes at most)");
@@ -555,9 +563,9 @@ int main(int argc, char** argv) {
     signal(SIGPIPE, SIG_IGN);
     for (;;) {
         const int fd = ::accept(listener, nullptr, nullptr);
-        if (fd < 0) {
-            if (errno == EINTR) continue;
-            break;
+        if (fd < 0) {  // out of descriptors or a connection error passed on: wait a little, go on serving
+            if (errno != EINTR) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            continue;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (g_connections.load() >= cfg.max_connections) {
@@ -568,6 +576,4 @@ int main(int argc, char** argv) {
         ++g_connections;
         std::thread(handle, fd, std::cref(model), std::cref(cfg), std::ref(sched)).detach();
     }
-    sched.stop();
-    return 0;
 }

@@ -533,7 +533,37 @@ TEST(Grammar, JsonSchemaConstrainsGeneration) {
     EXPECT_EQ(moe::json_schema_to_grammar(R"({"$ref": "#/$defs/missing"})", &gbnf), moe::Status::unsupported);
     EXPECT_EQ(moe::json_schema_to_grammar(R"({"type": "array", "minItems": 3, "maxItems": 1})", &gbnf), moe::Status::unsupported);
     EXPECT_EQ(moe::json_schema_to_grammar(R"({"type": )", &gbnf), moe::Status::invalid_argument);
-    EXPECT_EQ(moe::json_schema_to_grammar(R"({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})", &gbnf), moe::Status::unsupported);
+    EXPECT_NE(moe::json_schema_to_grammar(R"({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})", &gbnf), moe::Status::ok);
+    // A recursive schema (a list of nodes with children) is one rule referring to itself.
+    EXPECT_EQ(moe::json_schema_to_grammar(R"({"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array",
+        "items": {"$ref": "#/$defs/node"}}}}}, "$ref": "#/$defs/node"})", &gbnf), moe::Status::ok) << moe::last_error();
+    // References that fan out (each level twice to the next) stay linear: each target is one rule.
+    std::string defs;
+    for (int i = 0; i < 20; ++i)  // 2^20 expansions without the one-rule-per-target memo
+        defs += (i ? ", " : "") + std::string("\"a") + std::to_string(i) + "\": {\"anyOf\": [{\"$ref\": \"#/$defs/a" + std::to_string(i + 1) +
+                "\"}, {\"type\": \"array\", \"items\": {\"$ref\": \"#/$defs/a" + std::to_string(i + 1) + "\"}}]}";
+    defs += ", \"a20\": {\"type\": \"integer\"}";
+    ASSERT_EQ(moe::json_schema_to_grammar("{\"$defs\": {" + defs + "}, \"$ref\": \"#/$defs/a0\"}", &gbnf), moe::Status::ok) << moe::last_error();
+    EXPECT_LT(gbnf.size(), 20000u);
+    // Hostile grammars are refused, not explored: a 10^5-rule chain, and readings that double per character.
+    moe::SamplerOptions hostile;
+    hostile.grammar = "root ::= r0\n";
+    for (int i = 0; i < 100000; ++i) hostile.grammar += "r" + std::to_string(i) + " ::= r" + std::to_string(i + 1) + "\n";
+    hostile.grammar += "r100000 ::= \"x\"\n";
+    EXPECT_NE(moe::check_sampler_options(hostile), moe::Status::ok);
+    hostile.grammar = "root ::= s\ns ::= \"x\" w1 \"y\" | \"x\" w1 \"z\" | \"\"\n";
+    for (int i = 1; i < 250; ++i) hostile.grammar += "w" + std::to_string(i) + " ::= w" + std::to_string(i + 1) + " \"y\"\n";
+    hostile.grammar += "w250 ::= s \"y\"\n";
+    if (moe::check_sampler_options(hostile) == moe::Status::ok) {  // may start fine; then each step stays bounded
+        moe::Sampler sampler(hostile);
+        sampler.set_vocabulary(model.tokenizer());
+        std::vector<float> flat((size_t)model.info().n_vocab, 0.f);
+        for (int i = 0; i < 20; ++i) {
+            const int32_t t = sampler.sample(flat.data(), model.info().n_vocab);
+            if (t < 0) break;
+            sampler.accept(t);
+        }
+    }
 }
 
 TEST(Status, StringsAndLastError) {
