@@ -224,6 +224,9 @@ public:
 
     // Maps (or, with use_mmap=false or MOE_NO_MMAP, reads) the file at `path`.
     static Status open(const char* path, bool use_mmap, GgufFile* out);
+    // The same, reporting (bytes read, file size) while a file is read into memory (use_mmap false)
+    // every 64 MiB; `progress` returning false stops it (Status::cancelled).
+    static Status open(const char* path, bool use_mmap, GgufFile* out, bool (*progress)(void* user, uint64_t done, uint64_t total), void* user);
     // Parses a caller-owned buffer; `data` must outlive the GgufFile.
     static Status open_memory(const void* data, size_t size, GgufFile* out);
 
@@ -547,6 +550,11 @@ struct LoadOptions {
     // How the store's experts get into memory (see ExpertReads).
     ExpertReads expert_reads = ExpertReads::direct;
     const SimulatedStorage* simulated_storage = nullptr;  // tests: virtual-clock storage (copied)
+    // Load progress: (bytes, total) while the file is read (use_mmap false) or, mapped without a
+    // mem_budget, while the mapped weights are read in once (so the first tokens do not wait for
+    // page faults), every 64 MiB and once at the end. Returning false stops the load: Status::cancelled.
+    bool (*progress)(void* user, uint64_t done, uint64_t total) = nullptr;
+    void* progress_user = nullptr;
 };
 
 // What the expert store did since load (or reset_expert_store_stats()). A lookup is one (layer,
@@ -1252,7 +1260,7 @@ struct FileView {
 #endif
     }
 
-    Status open(const char* path, bool use_mmap) {
+    Status open(const char* path, bool use_mmap, bool (*progress)(void*, uint64_t, uint64_t) = nullptr, void* user = nullptr) {
         if (!path) return fail(Status::invalid_argument, "null path");
 #if MOE_DETAIL_HAS_MMAP
         if (use_mmap) {
@@ -1283,9 +1291,26 @@ struct FileView {
         std::FILE* f = std::fopen(path, "rb");
         if (!f) return fail(Status::io_error, "cannot open '%s'", path);
         std::vector<uint8_t> bytes;
+        uint64_t total = 0;
+        if (progress && std::fseek(f, 0, SEEK_END) == 0) {
+            const long end = std::ftell(f);
+            total = end > 0 ? (uint64_t)end : 0;
+            std::fseek(f, 0, SEEK_SET);
+            bytes.reserve((size_t)total);
+        }
         uint8_t chunk[1 << 16];
         size_t got;
-        while ((got = std::fread(chunk, 1, sizeof chunk, f)) > 0) bytes.insert(bytes.end(), chunk, chunk + got);
+        uint64_t reported = 0;
+        while ((got = std::fread(chunk, 1, sizeof chunk, f)) > 0) {
+            bytes.insert(bytes.end(), chunk, chunk + got);
+            if (progress && bytes.size() - reported >= (64u << 20)) {
+                reported = bytes.size();
+                if (!progress(user, reported, std::max<uint64_t>(total, reported))) {
+                    std::fclose(f);
+                    return fail(Status::cancelled, "loading '%s' was stopped by the progress callback", path);
+                }
+            }
+        }
         bool error = std::ferror(f) != 0;
         std::fclose(f);
         if (error) return fail(Status::io_error, "read error on '%s'", path);
@@ -1618,11 +1643,13 @@ MOE_DETAIL_MEMBER GgufFile::~GgufFile() = default;
 MOE_DETAIL_MEMBER GgufFile::GgufFile(GgufFile&&) noexcept = default;
 MOE_DETAIL_MEMBER GgufFile& GgufFile::operator=(GgufFile&&) noexcept = default;
 
-MOE_DETAIL_MEMBER Status GgufFile::open(const char* path, bool use_mmap, GgufFile* out) {
+MOE_DETAIL_MEMBER Status GgufFile::open(const char* path, bool use_mmap, GgufFile* out) { return open(path, use_mmap, out, nullptr, nullptr); }
+
+MOE_DETAIL_MEMBER Status GgufFile::open(const char* path, bool use_mmap, GgufFile* out, bool (*progress)(void*, uint64_t, uint64_t), void* user) {
     if (!out) return detail::fail(Status::invalid_argument, "null output");
     std::unique_ptr<detail::GgufFileImpl> impl(new (std::nothrow) detail::GgufFileImpl());
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
-    Status s = impl->view.open(path, use_mmap);
+    Status s = impl->view.open(path, use_mmap, progress, user);
     if (s != Status::ok) return s;
     impl->data = impl->view.data;
     impl->size = impl->view.size;
@@ -8953,6 +8980,26 @@ static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const 
     impl->log_user = options.log_user;
     Status s = detail::load_model(*impl);
     if (s == Status::ok) s = detail::attach_expert_store(*impl, options, path);
+    if (s == Status::ok && options.progress) {
+        // Mapped and without a store: read every page of the file once, reporting as it goes.
+        const uint8_t* data = impl->file.data();
+        const uint64_t total = impl->file.file_size();
+        const bool touch = options.use_mmap && !options.mem_budget;
+        uint64_t done = touch ? 0 : total;
+        volatile uint8_t sink = 0;
+        while (s == Status::ok && done < total) {
+            const uint64_t end = std::min<uint64_t>(total, done + (64u << 20));
+            uint8_t acc = 0;
+            for (uint64_t i = done; i < end; i += 4096) acc ^= data[i];
+            sink = sink ^ acc;
+            done = end;
+            if (done < total && !options.progress(options.progress_user, done, total))
+                s = detail::fail(Status::cancelled, "loading was stopped by the progress callback at %llu of %llu bytes", (unsigned long long)done,
+                                 (unsigned long long)total);
+        }
+        if (s == Status::ok && !options.progress(options.progress_user, total, total))
+            s = detail::fail(Status::cancelled, "loading was stopped by the progress callback at the end");
+    }
     if (s != Status::ok) {
         if (options.log) options.log(options.log_user, last_error());
         return s;
@@ -8966,7 +9013,7 @@ MOE_DETAIL_MEMBER Status Model::load(const char* path, const LoadOptions& option
     if (!out || !path) return detail::fail(Status::invalid_argument, "null argument");
     std::unique_ptr<detail::ModelImpl> impl(new (std::nothrow) detail::ModelImpl());
     if (!impl) return detail::fail(Status::out_of_memory, "out of memory");
-    Status s = GgufFile::open(path, options.use_mmap, &impl->file);
+    Status s = GgufFile::open(path, options.use_mmap, &impl->file, options.progress, options.progress_user);
     if (s != Status::ok) {
         if (options.log) options.log(options.log_user, last_error());
         return s;

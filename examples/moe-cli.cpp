@@ -384,6 +384,13 @@ int main(int argc, char** argv) {
     lo.mem_budget = a.mem_budget;
     lo.io_threads = (int32_t)a.io_threads;
     lo.expert_reads = expert_reads;
+#if defined(__unix__) || defined(__APPLE__)
+    if (isatty(2))  // on a terminal: how far loading (reading the weights in once) has come
+        lo.progress = [](void*, uint64_t done, uint64_t total) {
+            if (total >= (256u << 20)) std::fprintf(stderr, "\rloading: %3d%%%s", (int)(100 * done / total), done == total ? "\n" : "");
+            return true;
+        };
+#endif
     if (moe::Model::load(a.model.c_str(), lo, &model) != moe::Status::ok) return die("%s", moe::last_error());
     const moe::ModelInfo& info = model.info();
     const moe::Tokenizer& tok = model.tokenizer();

@@ -293,3 +293,45 @@ TEST(KvCacheQ8, CloseToF32AndSmaller) {
 }
 
 }  // namespace
+
+namespace {
+
+// LoadOptions::progress: (done, total) never goes back, ends at (file size, file size), and a false
+// return stops the load with Status::cancelled (mapped or read into memory).
+TEST(LoadProgress, ReportsAndCanStop) {
+    struct Seen {
+        std::vector<std::pair<uint64_t, uint64_t>> calls;
+        bool stop = false;
+    };
+    auto cb = [](void* user, uint64_t done, uint64_t total) {
+        Seen* s = static_cast<Seen*>(user);
+        s->calls.push_back({done, total});
+        return !s->stop;
+    };
+    std::FILE* f = std::fopen(demo_model_path().c_str(), "rb");
+    ASSERT_NE(f, nullptr);
+    std::fseek(f, 0, SEEK_END);
+    const uint64_t size = (uint64_t)std::ftell(f);
+    std::fclose(f);
+    for (bool mmap : {true, false}) {
+        Seen seen;
+        moe::LoadOptions lo;
+        lo.use_mmap = mmap;
+        lo.progress = cb;
+        lo.progress_user = &seen;
+        moe::Model model;
+        ASSERT_EQ(moe::Model::load(demo_model_path().c_str(), lo, &model), moe::Status::ok) << moe::last_error();
+        ASSERT_FALSE(seen.calls.empty());
+        for (size_t i = 1; i < seen.calls.size(); ++i) EXPECT_GE(seen.calls[i].first, seen.calls[i - 1].first);
+        EXPECT_EQ(seen.calls.back(), std::make_pair(size, size)) << (mmap ? "mapped" : "read");
+        Seen stop;
+        stop.stop = true;
+        lo.progress_user = &stop;
+        moe::Model stopped;
+        EXPECT_EQ(moe::Model::load(demo_model_path().c_str(), lo, &stopped), moe::Status::cancelled);
+        EXPECT_FALSE(stopped.valid());
+        EXPECT_EQ(stop.calls.size(), 1u);
+    }
+}
+
+}  // namespace
