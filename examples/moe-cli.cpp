@@ -228,15 +228,9 @@ bool takes_value(const std::string& k) {
     return false;
 }
 
-// How --chat renders turns: ChatML (also the default when the model has none) and [INST] turn by turn;
-// any other template (or --chat-template) through the Jinja renderer, the whole conversation each turn.
-enum class ChatFormat { jinja, chatml, inst };
-
-ChatFormat chat_format(const std::string& tmpl) {
-    if (tmpl.find("<|im_start|>") != std::string::npos || tmpl.empty()) return ChatFormat::chatml;
-    if (tmpl.find("[INST]") != std::string::npos) return ChatFormat::inst;
-    return ChatFormat::jinja;
-}
+// How --chat renders turns: a model's template (or --chat-template) through the Jinja renderer, the
+// whole conversation each turn; a model without one gets ChatML turn by turn.
+enum class ChatFormat { jinja, chatml };
 
 // A JSON array of {"role", "content"} objects.
 std::string messages_json(const std::vector<std::pair<std::string, std::string>>& messages) {
@@ -251,15 +245,8 @@ std::string messages_json(const std::vector<std::pair<std::string, std::string>>
     return out + "]";
 }
 
-std::string render_system(ChatFormat f, const std::string& system) {
-    if (f == ChatFormat::chatml) return "<|im_start|>system\n" + system + "<|im_end|>\n";
-    return system + "\n\n";  // [INST] templates have no system role: plain text before the first turn
-}
-
-std::string render_user(ChatFormat f, const std::string& user) {
-    if (f == ChatFormat::chatml) return "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n";
-    return "[INST] " + user + " [/INST]";
-}
+std::string render_system(const std::string& system) { return "<|im_start|>system\n" + system + "<|im_end|>\n"; }
+std::string render_user(const std::string& user) { return "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n"; }
 
 void print_speed(const char* what, int n, double seconds) {
     if (n > 0 && seconds > 0) std::fprintf(stderr, "%s: %d tokens in %.3f s = %.2f tok/s\n", what, n, seconds, n / seconds);
@@ -448,22 +435,18 @@ int main(int argc, char** argv) {
         if (phys && logits_bytes > phys)
             return die("--perplexity with -c %lld needs %s for the logits of a window, more than this machine's physical memory (%s)", n_ctx,
                        format_bytes(logits_bytes).c_str(), format_bytes(phys).c_str());
-    } else if (a.chat && (!a.chat_template_file.empty() || chat_format(chat_template) == ChatFormat::jinja)) {
+    } else if (a.chat && !chat_template.empty()) {  // the model's template (or --chat-template), rendered by the library
         fmt = ChatFormat::jinja;  // checked when the first message is rendered
     } else if (a.chat) {
-        fmt = chat_format(chat_template);
+        fmt = ChatFormat::chatml;
         std::vector<int32_t> bos, empty_turn;
         if (tok.encode("", true, true, &bos) != moe::Status::ok) return die("%s", moe::last_error());
         if (!bos.empty() && bos[0] == tok.bos()) prefix.push_back(bos[0]);  // only BOS: an EOS would end the dialogue
-        if (a.have_system && !encode_chat(render_system(fmt, a.system), &prefix)) return die("%s", moe::last_error());
-        if (!encode_chat(render_user(fmt, ""), &empty_turn)) return die("%s", moe::last_error());
+        if (a.have_system && !encode_chat(render_system(a.system), &prefix)) return die("%s", moe::last_error());
+        if (!encode_chat(render_user(""), &empty_turn)) return die("%s", moe::last_error());
         // What follows a reply: cut by -n, it is closed as the model would have; after the model's own
         // end-of-turn token, only the separator.
-        if (fmt == ChatFormat::chatml) {
-            if (!encode_chat("<|im_end|>\n", &close_cut) || !encode_chat("\n", &close_eog)) return die("%s", moe::last_error());
-        } else if (tok.eos() >= 0) {
-            close_cut.push_back(tok.eos());
-        }
+        if (!encode_chat("<|im_end|>\n", &close_cut) || !encode_chat("\n", &close_eog)) return die("%s", moe::last_error());
         n_close = (long long)std::max(close_cut.size(), close_eog.size());
         if ((long long)(prefix.size() + empty_turn.size()) + n_reply + n_close > n_ctx)
             return die("no room for a message: %s%zu tokens of template + -n %lld exceed the context size %lld (use -c or a smaller -n)",
@@ -619,7 +602,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "chat with %s; an empty line or EOF ends.\n", info.name.empty() ? info.architecture.c_str() : info.name.c_str());
         while (std::fprintf(stderr, "> "), std::getline(std::cin, line) && !line.empty()) {
             std::vector<int32_t> turn;
-            if (!encode_chat(render_user(fmt, line), &turn)) return die("%s", moe::last_error());
+            if (!encode_chat(render_user(line), &turn)) return die("%s", moe::last_error());
             const long long need = (long long)turn.size() + n_reply + n_close;
             if ((long long)prefix.size() + need > n_ctx) {
                 std::fprintf(stderr, "[this message is too long for the context (%zu tokens, context %lld, %lld kept for the reply)]\n", turn.size(),
