@@ -56,6 +56,11 @@
        models larger than memory: LoadOptions::mem_budget keeps the routed experts in a bounded
        cache (O_DIRECT reads on I/O threads), SessionOptions::predict_depth loads predicted experts
        ahead; Session::expert_stats / prediction_stats, Model::expert_store_stats report.
+       apps: Jinja chat templates (render_chat_template), GBNF grammars and JSON Schema
+       (SamplerOptions::grammar, json_schema_to_grammar), llama.cpp's sampler chain (penalties,
+       DRY, top-n-sigma, typical, XTC, mirostat v2, logit bias), session state files and prompt
+       prefix reuse (Session::save_state, eval_prompt), a Q8_0 KV cache, load/prefill progress and
+       cancellation.
 
    INDEX OF THIS FILE
        [SECTION] VERSION & API MACROS
