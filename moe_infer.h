@@ -580,14 +580,26 @@ struct ExpertStoreStats {
     double hit_rate() const { return lookups ? (double)hits / (double)lookups : 0; }
 };
 
+// How router logits become expert weights (llama.cpp's expert_gating_func): softmax over all
+// experts then top-k; sigmoid of each logit then top-k (a selection bias may steer the choice);
+// softmax_weight: top-k of the logits, then a softmax over the k chosen (gpt-oss).
+enum class ExpertGating : int32_t { softmax = 1, sigmoid = 2, softmax_weight = 3 };
+
 // Hyper-parameters, all read from GGUF metadata.
 struct ModelInfo {
-    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama"
+    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe"
     std::string name;          // general.name or ""
-    int32_t n_vocab = 0, n_embd = 0, n_layer = 0, n_ctx_train = 0;
+    int32_t n_vocab = 0, n_embd = 0, n_layer = 0, n_ctx_train = 0;  // n_layer: without NextN/MTP layers
     int32_t n_head = 0, n_head_kv = 0, head_dim = 0, n_rot = 0;
     int32_t n_expert = 0, n_expert_used = 0, n_ff = 0, n_ff_shared = 0;  // n_expert == 0: dense FFN
+    int32_t n_layer_dense_lead = 0;  // the first layers have a dense FFN of width n_ff_dense
+    int32_t n_ff_dense = 0;
+    int32_t sliding_window = 0;      // > 0: layers with ModelInfo::layer_swa attend this many positions
+    std::vector<bool> layer_swa;     // (n_layer) sliding-window layers (gpt-oss: every other one)
+    ExpertGating expert_gating = ExpertGating::softmax;
+    float expert_weights_scale = 1.f;  // routed weights are multiplied by this
     float rms_eps = 1e-6f, rope_freq_base = 10000.f, rope_freq_scale = 1.f;
+    bool rope_yarn = false;          // YaRN frequencies and magnitude (rope.scaling.type = yarn)
     bool rope_neox = true;          // NEOX (i, i+d/2) pairs vs normal (2i, 2i+1) pairs
     bool expert_weights_norm = true;  // renormalise the top-k router weights to sum 1
     uint64_t weight_bytes = 0;         // bytes of all tensors
@@ -8630,8 +8642,14 @@ struct LayerWeights {
         return {&gate_hot, &up_hot, &down_hot, -1 - (int64_t)m};
     }
     Weight gate, up, down;          // dense FFN (n_ff, n_embd), (n_embd, n_ff)
-    Weight gate_shexp, up_shexp, down_shexp;  // qwen2moe shared expert
-    std::vector<float> router_shexp;          // (n_embd) sigmoid gate of the shared expert
+    Weight gate_shexp, up_shexp, down_shexp;  // shared expert (qwen2moe, glm4moe)
+    std::vector<float> router_shexp;          // (n_embd) sigmoid gate of the shared expert; empty: weight 1
+    std::vector<float> router_bias;           // (n_expert) added to the router logits (gpt-oss)
+    std::vector<float> selection_bias;        // (n_expert) steers the top-k only (exp_probs_b)
+    std::vector<float> gate_exps_b, up_exps_b, down_exps_b;  // (n_expert, n_ff) x2, (n_expert, n_embd)
+    std::vector<float> sinks;                 // (n_head) attention sink logits (gpt-oss)
+    bool swa = false;                         // attends the last ModelInfo::sliding_window positions
+    bool moe() const { return (bool)router; }
 };
 
 enum class QkNorm { none, per_head, whole };
@@ -8662,11 +8680,32 @@ struct ForwardPlan {
 
 struct ExpertStore;
 
+// The FFN's gated activation: silu(gate) * up, or gpt-oss's clamped variant
+// min(gate, 7) * sigmoid(1.702 min(gate, 7)) * (clamp(up, -7, 7) + 1).
+enum class FfnAct { silu, swiglu_oai };
+
+// RoPE angles per pair i of a head: theta_i = pos * inv_freq[i] mixed by YaRN (ggml's rope_yarn):
+// interpolated (times freq_scale) where ramp[i] = 0, extrapolated where 1; cos and sin times mscale.
+struct RopeTable {
+    std::vector<float> inv_freq, ramp;  // (n_rot / 2)
+    float freq_scale = 1.f, mscale = 1.f;
+    void angles(int32_t pos, float* cs) const {
+        for (size_t i = 0; i < inv_freq.size(); ++i) {
+            const float extrap = (float)pos * inv_freq[i], interp = freq_scale * extrap;
+            const float theta = ramp.empty() ? interp : interp * (1 - ramp[i]) + extrap * ramp[i];
+            cs[2 * i] = std::cos(theta) * mscale;
+            cs[2 * i + 1] = std::sin(theta) * mscale;
+        }
+    }
+};
+
 struct ModelImpl {
     GgufFile file;
     Tokenizer tokenizer;
     ModelInfo info;
     QkNorm qk_norm = QkNorm::none;
+    FfnAct ffn_act = FfnAct::silu;
+    RopeTable rope;
     Weight token_embd, output;
     std::vector<float> output_norm;
     std::vector<LayerWeights> layers;
@@ -8735,13 +8774,18 @@ struct Loader {
         return Status::ok;
     }
 
-    Status vector(const std::string& name, int64_t n, bool required, std::vector<float>* out) {
+    // A vector {n} (or n_rows vectors {n, n_rows}) as floats.
+    Status vector(const std::string& name, int64_t n, bool required, std::vector<float>* out, int64_t n_rows = 1) {
         const GgufTensorInfo* t = m.file.find_tensor(name.c_str());
         if (!t) return required ? fail(Status::missing_tensor, "missing tensor '%s'", name.c_str()) : Status::ok;
-        if (t->n_elements() != n || t->ne[0] != n)
-            return fail(Status::shape_mismatch, "tensor '%s' has %lld elements, expected %lld", name.c_str(), (long long)t->n_elements(), (long long)n);
-        out->resize((size_t)n);
-        return dequantize_row((TensorType)t->type, t->data, out->data(), n);
+        if (t->n_elements() != n * n_rows || t->ne[0] != n)
+            return fail(Status::shape_mismatch, "tensor '%s' has %lld elements, expected %lld", name.c_str(), (long long)t->n_elements(), (long long)(n * n_rows));
+        out->resize((size_t)(n * n_rows));
+        Status s = dequantize_row((TensorType)t->type, t->data, out->data(), n * n_rows);
+        if (s != Status::ok) return s;
+        for (float v : *out)
+            if (!std::isfinite(v)) return fail(Status::invalid_file, "tensor '%s' holds a non-finite value", name.c_str());
+        return Status::ok;
     }
 };
 
@@ -8753,8 +8797,8 @@ inline void plan_forward(ModelImpl& m) {
     p.q_dim = (int64_t)hp.n_head * hp.head_dim;
     p.kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
     p.group = hp.n_head / hp.n_head_kv;
-    p.max_ff = std::max<int64_t>(hp.n_ff, hp.n_ff_shared);
-    p.slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;
+    p.max_ff = std::max<int64_t>(std::max(hp.n_ff, hp.n_ff_shared), hp.n_ff_dense);
+    p.slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;  // a dense layer uses slot 0
     for (int fa = 0; fa < 2; ++fa) {
         auto bit = [&](const Weight& w) -> uint8_t { return w ? fmt_bit(fa ? w.kernel_f32.act : w.kernel.act) : (uint8_t)0; };
         p.layer_formats[fa].resize((size_t)hp.n_layer);
@@ -8799,16 +8843,22 @@ inline Status load_model(ModelImpl& m) {
     Status s = m.file.get_string("general.architecture", &hp.architecture);
     if (s != Status::ok) return s;
     const std::string& arch = hp.architecture;
-    bool is_qwen3moe = arch == "qwen3moe", is_olmoe = arch == "olmoe", is_qwen2moe = arch == "qwen2moe", is_llama = arch == "llama";
-    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama)
-        return fail(Status::unsupported, "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama)", arch.c_str());
+    const bool is_qwen3moe = arch == "qwen3moe", is_olmoe = arch == "olmoe", is_qwen2moe = arch == "qwen2moe", is_llama = arch == "llama";
+    const bool is_gptoss = arch == "gpt-oss", is_glm4moe = arch == "glm4moe";
+    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe)
+        return fail(Status::unsupported, "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe)", arch.c_str());
     m.file.get_string("general.name", &hp.name);
     last_error_storage().clear();
 
     Loader L{m, arch};
-    uint32_t n_embd, n_layer, n_head, n_head_kv, n_ctx, n_expert, n_used, n_ff, n_ff_exp, n_ff_sh, key_len, val_len, n_rot;
+    uint32_t n_embd, n_layer_all, n_nextn, n_head, n_head_kv, n_ctx, n_expert, n_used, n_ff, n_ff_exp, n_ff_sh, n_shared, n_dense_lead, key_len, val_len, n_rot;
     if ((s = L.u32("embedding_length", &n_embd, true, 0)) != Status::ok) return s;
-    if ((s = L.u32("block_count", &n_layer, true, 0)) != Status::ok) return s;
+    if ((s = L.u32("block_count", &n_layer_all, true, 0)) != Status::ok) return s;
+    // NextN / multi-token-prediction layers come after the trunk and count in block_count; they
+    // only draft tokens, so they are not loaded.
+    if ((s = L.u32("nextn_predict_layers", &n_nextn, false, 0)) != Status::ok) return s;
+    if (n_nextn >= n_layer_all) return fail(Status::invalid_file, "nextn_predict_layers %u leaves no layers of %u", n_nextn, n_layer_all);
+    const uint32_t n_layer = n_layer_all - n_nextn;
     if ((s = L.u32("attention.head_count", &n_head, true, 0)) != Status::ok) return s;
     {
         // head_count_kv may be a per-layer array; we support arrays whose entries are all equal.
@@ -8830,15 +8880,18 @@ inline Status load_model(ModelImpl& m) {
     if ((s = L.u32("feed_forward_length", &n_ff, false, 0)) != Status::ok) return s;
     if ((s = L.u32("expert_feed_forward_length", &n_ff_exp, false, 0)) != Status::ok) return s;
     if ((s = L.u32("expert_shared_feed_forward_length", &n_ff_sh, false, 0)) != Status::ok) return s;
+    if ((s = L.u32("expert_shared_count", &n_shared, false, 0)) != Status::ok) return s;
+    if ((s = L.u32("leading_dense_block_count", &n_dense_lead, false, 0)) != Status::ok) return s;
     if ((s = L.f32("attention.layer_norm_rms_epsilon", &hp.rms_eps, true, 0)) != Status::ok) return s;
     if ((s = L.f32("rope.freq_base", &hp.rope_freq_base, false, 10000.f)) != Status::ok) return s;
 
     // Cap every dimension before any product is formed; real models are far below these.
     if (n_embd == 0 || n_embd > 65536 || n_layer == 0 || n_layer > 1024 || n_head == 0 || n_head > 1024 || n_head_kv == 0 ||
         n_head_kv > n_head || n_head % n_head_kv != 0 || n_expert > 4096 || n_used > n_expert || (n_expert > 0 && n_used == 0) ||
-        n_ff > 1 << 20 || n_ff_exp > 1 << 20 || n_ff_sh > 1 << 20 || n_ctx == 0)
+        n_ff > 1 << 20 || n_ff_exp > 1 << 20 || n_ff_sh > 1 << 20 || n_shared > 64 || n_ctx == 0)
         return fail(Status::invalid_file, "inconsistent hyper-parameters (n_embd %u, layers %u, heads %u/%u, experts %u/%u)", n_embd, n_layer,
                     n_head, n_head_kv, n_used, n_expert);
+    if (n_dense_lead > n_layer) return fail(Status::invalid_file, "leading_dense_block_count %u exceeds the %u layers", n_dense_lead, n_layer);
     if ((s = L.u32("attention.key_length", &key_len, false, n_embd / n_head)) != Status::ok) return s;
     if ((s = L.u32("attention.value_length", &val_len, false, key_len)) != Status::ok) return s;
     if (key_len != val_len) return fail(Status::unsupported, "key_length %u != value_length %u is not supported", key_len, val_len);
@@ -8847,39 +8900,117 @@ inline Status load_model(ModelImpl& m) {
     if (n_rot > key_len || n_rot % 2) return fail(Status::invalid_file, "rope.dimension_count %u is invalid for head size %u", n_rot, key_len);
     hp.rms_eps = std::max(hp.rms_eps, 0.f);
     if (!(hp.rope_freq_base > 0)) return fail(Status::invalid_file, "rope.freq_base must be positive");
-
-    std::string scaling;
     {
+        std::vector<int32_t> sections;  // M-RoPE (vision-language files): positions are not 1-D
+        const std::string k = L.key("rope.dimension_sections");
+        if (m.file.find(k.c_str()) && m.file.get_i32_array(k.c_str(), &sections) == Status::ok && sections.size() >= 2 && sections[0] > 0 && sections[1] > 0)
+            return fail(Status::unsupported, "multimodal rotary sections ('%s') are not supported", k.c_str());
+        last_error_storage().clear();
+    }
+
+    // RoPE scaling, as llama.cpp applies it: linear divides the angles; YaRN (ext_factor 1, beta_fast
+    // 32, beta_slow 1) interpolates the low frequencies, extrapolates the high ones and scales cos/sin
+    // by 1 + 0.1 ln(factor), also inside the original context.
+    float attn_factor = 1.f;
+    uint32_t n_ctx_orig = n_ctx;
+    {
+        std::string scaling;
         std::string k = L.key("rope.scaling.type");
         if (m.file.get_string(k.c_str(), &scaling) == Status::ok && scaling != "none") {
             float factor = 1;
             if ((s = L.f32("rope.scaling.factor", &factor, false, 1.f)) != Status::ok) return s;
-            if (scaling == "linear" && factor > 0) {
-                hp.rope_freq_scale = 1.f / factor;
-            } else if (scaling != "yarn") {
-                return fail(Status::unsupported, "rope scaling '%s' is not supported", scaling.c_str());
-            }
-            // yarn: within the original context it equals plain RoPE; longer contexts are not extended yet.
+            if (scaling != "linear" && scaling != "yarn") return fail(Status::unsupported, "rope scaling '%s' is not supported", scaling.c_str());
+            if (!(factor > 0) || !std::isfinite(factor)) return fail(Status::invalid_file, "rope.scaling.factor %g is invalid", (double)factor);
+            hp.rope_freq_scale = 1.f / factor;
+            hp.rope_yarn = scaling == "yarn";
         }
         float scale_linear = 0;
         if (L.f32("rope.scale_linear", &scale_linear, false, 0.f) == Status::ok && scale_linear > 0) hp.rope_freq_scale = 1.f / scale_linear;
+        if ((s = L.u32("rope.scaling.original_context_length", &n_ctx_orig, false, n_ctx)) != Status::ok) return s;
+        if ((s = L.f32("rope.scaling.attn_factor", &attn_factor, false, 1.f)) != Status::ok) return s;
+        if (!(attn_factor > 0) || !std::isfinite(attn_factor) || n_ctx_orig == 0) return fail(Status::invalid_file, "invalid rope scaling parameters");
         last_error_storage().clear();
     }
 
     hp.n_embd = (int32_t)n_embd; hp.n_layer = (int32_t)n_layer; hp.n_head = (int32_t)n_head; hp.n_head_kv = (int32_t)n_head_kv;
     hp.head_dim = (int32_t)key_len; hp.n_rot = (int32_t)n_rot; hp.n_ctx_train = (int32_t)n_ctx;
     hp.n_expert = (int32_t)n_expert; hp.n_expert_used = (int32_t)n_used;
-    // qwen3moe/qwen2moe keep the per-expert size in expert_feed_forward_length; olmoe/Mixtral in feed_forward_length.
+    // qwen3moe/qwen2moe/gpt-oss/glm4moe keep the per-expert size in expert_feed_forward_length (and
+    // the dense layers' in feed_forward_length); olmoe/Mixtral in feed_forward_length.
     hp.n_ff = (int32_t)(n_expert > 0 && n_ff_exp > 0 ? n_ff_exp : n_ff);
-    hp.n_ff_shared = (int32_t)n_ff_sh;
-    hp.rope_neox = !is_llama;  // llama.cpp: qwen*/olmoe use NEOX RoPE, llama uses normal RoPE
+    hp.n_ff_shared = (int32_t)(is_glm4moe ? n_ff_exp * n_shared : n_ff_sh);
+    hp.n_layer_dense_lead = n_expert > 0 ? (int32_t)n_dense_lead : (int32_t)n_layer;
+    hp.n_ff_dense = n_expert > 0 ? (n_dense_lead > 0 ? (int32_t)n_ff : 0) : hp.n_ff;
+    if (hp.n_layer_dense_lead > 0 && hp.n_ff_dense <= 0) return fail(Status::invalid_file, "missing feed_forward_length for the dense layers");
+    hp.rope_neox = !is_llama;  // llama.cpp: qwen*/olmoe/gpt-oss/glm4moe use NEOX RoPE, llama uses normal RoPE
     hp.expert_weights_norm = is_qwen3moe || is_llama;  // olmoe and qwen2moe keep the raw softmax weights
-    {
+    if (!is_gptoss) {  // gpt-oss's softmax over the chosen k is never renormalised
         bool norm = hp.expert_weights_norm;
         if (L.m.file.get_bool(L.key("expert_weights_norm").c_str(), &norm) == Status::ok) hp.expert_weights_norm = norm;
         last_error_storage().clear();
     }
+    hp.expert_gating = is_gptoss ? ExpertGating::softmax_weight : is_glm4moe ? ExpertGating::sigmoid : ExpertGating::softmax;
+    if (is_glm4moe) {
+        uint32_t g = 0;
+        if ((s = L.u32("expert_gating_func", &g, false, 0)) != Status::ok) return s;
+        if (g > 3) return fail(Status::unsupported, "expert_gating_func %u is not supported (1 softmax, 2 sigmoid, 3 softmax_weight)", g);
+        if (g) hp.expert_gating = (ExpertGating)g;
+        float scale = 0;
+        if ((s = L.f32("expert_weights_scale", &scale, false, 0.f)) != Status::ok) return s;
+        if (!std::isfinite(scale) || scale < 0) return fail(Status::invalid_file, "expert_weights_scale %g is invalid", (double)scale);
+        hp.expert_weights_scale = scale != 0 ? scale : 1.f;  // llama.cpp: 0 means none
+        if (n_expert > 0 && n_shared == 0) return fail(Status::invalid_file, "glm4moe needs expert_shared_count > 0");
+    }
+    hp.layer_swa.assign(n_layer, false);
+    if (is_gptoss) {
+        uint32_t window = 0;
+        if ((s = L.u32("attention.sliding_window", &window, true, 0)) != Status::ok) return s;
+        if (window == 0) return fail(Status::invalid_file, "attention.sliding_window must be positive");
+        hp.sliding_window = (int32_t)std::min<uint32_t>(window, 1u << 30);
+        const std::string k = L.key("attention.sliding_window_pattern");
+        const GgufKeyValue* e = m.file.find(k.c_str());
+        if (e && e->type == GgufValueType::array) {  // one flag per layer
+            if (e->array_count < n_layer || (e->array_type != GgufValueType::boolean && !gguf_is_integer(e->array_type)))
+                return fail(Status::invalid_file, "'%s' must hold a flag per layer", k.c_str());
+            const size_t es = gguf_scalar_size(e->array_type);
+            for (uint32_t il = 0; il < n_layer; ++il) {
+                uint64_t u; double f;
+                gguf_decode_scalar(e->array_type, e->array_data + il * es, &u, &f);
+                hp.layer_swa[il] = u != 0;
+            }
+        } else {  // every n-th layer attends in full: layers il % n < n - 1 slide (0: all slide)
+            uint32_t pattern = 2;
+            if ((s = L.u32("attention.sliding_window_pattern", &pattern, false, 2)) != Status::ok) return s;
+            for (uint32_t il = 0; il < n_layer; ++il) hp.layer_swa[il] = pattern == 0 || il % pattern < pattern - 1;
+        }
+        m.ffn_act = FfnAct::swiglu_oai;
+    }
     if (hp.n_ff <= 0) return fail(Status::invalid_file, "missing or zero feed-forward size for '%s'", arch.c_str());
+
+    // The RoPE table (see RopeTable).
+    {
+        RopeTable& rt = m.rope;
+        const int half = hp.n_rot / 2;
+        rt.inv_freq.resize((size_t)half);
+        for (int i = 0; i < half; ++i) rt.inv_freq[(size_t)i] = std::pow(hp.rope_freq_base, -2.f * (float)i / (float)hp.n_rot);
+        rt.freq_scale = hp.rope_freq_scale;
+        rt.mscale = attn_factor;
+        if (hp.rope_yarn) {
+            const float factor = 1.f / hp.rope_freq_scale, log_factor = std::log(factor);
+            // the attention factor llama.cpp passes cancels the magnitude ggml's YaRN adds, then ggml adds it back
+            const float yarn_attn = (factor <= 1 ? 1.f : 0.1f * log_factor + 1.f) / (1.f + 0.1f * log_factor);
+            rt.mscale = attn_factor * yarn_attn * (1.f + 0.1f * std::log(1.f / hp.rope_freq_scale));
+            auto corr_dim = [&](float n_rotations) {
+                return (float)hp.n_rot * std::log((float)n_ctx_orig / (n_rotations * 2 * 3.14159265358979f)) / (2 * std::log(hp.rope_freq_base));
+            };
+            const float low = std::max(0.f, std::floor(corr_dim(32.f))), high = std::min((float)hp.n_rot - 1, std::ceil(corr_dim(1.f)));
+            rt.ramp.resize((size_t)half);
+            for (int i = 0; i < half; ++i) {
+                const float y = ((float)i - low) / std::max(0.001f, high - low);
+                rt.ramp[(size_t)i] = 1 - std::min(1.f, std::max(0.f, y));
+            }
+        }
+    }
 
     const int64_t E = n_embd, H = (int64_t)n_head * key_len, KV = (int64_t)n_head_kv * key_len, F = hp.n_ff;
     if ((s = L.weight("token_embd.weight", E, 0, 0, true, &m.token_embd)) != Status::ok) return s;
@@ -8894,9 +9025,11 @@ inline Status load_model(ModelImpl& m) {
     const bool has_hot_list = m.file.find(kHotExpertsKey) != nullptr;
     if (has_hot_list && (s = m.file.get_i32_array(kHotExpertsKey, &hot_list)) != Status::ok) return s;
     size_t hot_cursor = 0;  // into hot_list
+    const char* ffn_norm_name = is_gptoss || is_glm4moe ? "post_attention_norm.weight" : "ffn_norm.weight";
     for (uint32_t il = 0; il < n_layer; ++il) {
         LayerWeights& l = m.layers[il];
         auto N = [&](const char* suffix) { std::snprintf(name, sizeof name, "blk.%u.%s", il, suffix); return std::string(name); };
+        l.swa = hp.layer_swa[il];
         if ((s = L.vector(N("attn_norm.weight"), E, true, &l.attn_norm)) != Status::ok) return s;
         if ((s = L.weight(N("attn_q.weight"), E, H, 0, true, &l.wq)) != Status::ok) return s;
         if ((s = L.weight(N("attn_k.weight"), E, KV, 0, true, &l.wk)) != Status::ok) return s;
@@ -8906,16 +9039,19 @@ inline Status load_model(ModelImpl& m) {
         if ((s = L.vector(N("attn_k.bias"), KV, false, &l.bk)) != Status::ok) return s;
         if ((s = L.vector(N("attn_v.bias"), KV, false, &l.bv)) != Status::ok) return s;
         if ((s = L.vector(N("attn_output.bias"), E, false, &l.bo)) != Status::ok) return s;
-        if (is_qwen3moe || is_olmoe) {
-            // qwen3moe normalises each head (weight {hd}); olmoe the whole projection (weight {n_head*hd}).
+        if (is_gptoss && (s = L.vector(N("attn_sinks.weight"), H / key_len, true, &l.sinks)) != Status::ok) return s;
+        if (is_qwen3moe || is_olmoe || is_glm4moe) {
+            // qwen3moe normalises each head (weight {hd}); olmoe the whole projection (weight {n_head*hd});
+            // glm4moe each head where the file has the weights.
             const GgufTensorInfo* qn = m.file.find_tensor(N("attn_q_norm.weight").c_str());
             m.qk_norm = qn && qn->ne[0] == H && H != key_len ? QkNorm::whole : QkNorm::per_head;
             int64_t qn_len = m.qk_norm == QkNorm::whole ? H : key_len, kn_len = m.qk_norm == QkNorm::whole ? KV : key_len;
-            if ((s = L.vector(N("attn_q_norm.weight"), qn_len, true, &l.q_norm)) != Status::ok) return s;
-            if ((s = L.vector(N("attn_k_norm.weight"), kn_len, true, &l.k_norm)) != Status::ok) return s;
+            if ((s = L.vector(N("attn_q_norm.weight"), qn_len, !is_glm4moe, &l.q_norm)) != Status::ok) return s;
+            if ((s = L.vector(N("attn_k_norm.weight"), kn_len, !is_glm4moe, &l.k_norm)) != Status::ok) return s;
+            if (l.q_norm.empty() != l.k_norm.empty()) return fail(Status::missing_tensor, "layer %u has only one of attn_q_norm / attn_k_norm", il);
         }
-        if ((s = L.vector(N("ffn_norm.weight"), E, true, &l.ffn_norm)) != Status::ok) return s;
-        if (n_expert > 0) {
+        if ((s = L.vector(N(ffn_norm_name), E, true, &l.ffn_norm)) != Status::ok) return s;
+        if (n_expert > 0 && (int32_t)il >= hp.n_layer_dense_lead) {
             if ((s = L.weight(N("ffn_gate_inp.weight"), E, n_expert, 0, true, &l.router)) != Status::ok) return s;
             int64_t n_hot = 0;
             if (const GgufTensorInfo* hot = m.file.find_tensor(N("ffn_gate_hot_exps.weight").c_str())) {
@@ -8928,18 +9064,29 @@ inline Status load_model(ModelImpl& m) {
             if ((s = L.weight(N("ffn_gate_exps.weight"), E, F, n_expert - n_hot, true, &l.gate_exps)) != Status::ok) return s;
             if ((s = L.weight(N("ffn_up_exps.weight"), E, F, n_expert - n_hot, true, &l.up_exps)) != Status::ok) return s;
             if ((s = L.weight(N("ffn_down_exps.weight"), F, E, n_expert - n_hot, true, &l.down_exps)) != Status::ok) return s;
-            if (is_qwen2moe && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
-                int64_t FS = n_ff_sh ? (int64_t)n_ff_sh : 0;
+            if (is_gptoss) {
+                if ((s = L.vector(N("ffn_gate_inp.bias"), n_expert, true, &l.router_bias)) != Status::ok) return s;
+                if ((s = L.vector(N("ffn_gate_exps.bias"), F, true, &l.gate_exps_b, n_expert)) != Status::ok) return s;
+                if ((s = L.vector(N("ffn_up_exps.bias"), F, true, &l.up_exps_b, n_expert)) != Status::ok) return s;
+                if ((s = L.vector(N("ffn_down_exps.bias"), E, true, &l.down_exps_b, n_expert)) != Status::ok) return s;
+            }
+            if (is_glm4moe && (s = L.vector(N("exp_probs_b.bias"), n_expert, true, &l.selection_bias)) != Status::ok) return s;
+            if ((is_qwen2moe || is_glm4moe) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
+                const int64_t FS = hp.n_ff_shared > 0 ? hp.n_ff_shared : 0;
                 if ((s = L.weight(N("ffn_gate_shexp.weight"), E, FS, 0, true, &l.gate_shexp)) != Status::ok) return s;
                 if ((s = L.weight(N("ffn_up_shexp.weight"), E, l.gate_shexp.rows, 0, true, &l.up_shexp)) != Status::ok) return s;
                 if ((s = L.weight(N("ffn_down_shexp.weight"), l.gate_shexp.rows, E, 0, true, &l.down_shexp)) != Status::ok) return s;
-                if ((s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
+                if (is_qwen2moe && (s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
+                if (hp.n_ff_shared > 0 && hp.n_ff_shared != l.gate_shexp.rows) return fail(Status::shape_mismatch, "layer %u's shared expert width differs", il);
                 hp.n_ff_shared = (int32_t)l.gate_shexp.rows;
+            } else if (is_glm4moe) {
+                return fail(Status::missing_tensor, "missing tensor '%s'", N("ffn_up_shexp.weight").c_str());
             }
         } else {
-            if ((s = L.weight(N("ffn_gate.weight"), E, F, 0, true, &l.gate)) != Status::ok) return s;
-            if ((s = L.weight(N("ffn_up.weight"), E, F, 0, true, &l.up)) != Status::ok) return s;
-            if ((s = L.weight(N("ffn_down.weight"), F, E, 0, true, &l.down)) != Status::ok) return s;
+            const int64_t FD = hp.n_ff_dense;
+            if ((s = L.weight(N("ffn_gate.weight"), E, FD, 0, true, &l.gate)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_up.weight"), E, FD, 0, true, &l.up)) != Status::ok) return s;
+            if ((s = L.weight(N("ffn_down.weight"), FD, E, 0, true, &l.down)) != Status::ok) return s;
         }
     }
     if (hot_cursor != hot_list.size())
@@ -8948,15 +9095,17 @@ inline Status load_model(ModelImpl& m) {
     // length must tile (the file's block sizes guarantee it for ne0, checked above).
 
     // Bytes touched per decoded token: everything but the experts, plus k/n of the expert stacks,
-    // plus one embedding row.
-    uint64_t total = 0, experts = 0;
+    // plus one embedding row; the NextN layers' tensors are never read.
+    uint64_t total = 0, experts = 0, unused = 0;
     for (size_t i = 0; i < m.file.n_tensors(); ++i) {
         const GgufTensorInfo& t = m.file.tensor_at(i);
         total += t.n_bytes;
-        if (t.name.find("_exps.") != std::string::npos) experts += t.n_bytes;
+        unsigned block = 0;
+        if (n_nextn && std::sscanf(t.name.c_str(), "blk.%u.", &block) == 1 && block >= n_layer) unused += t.n_bytes;
+        else if (t.name.find("_exps.") != std::string::npos) experts += t.n_bytes;
     }
     hp.weight_bytes = total;
-    hp.active_bytes_per_token = total - experts - m.token_embd.mat_bytes + m.token_embd.row_bytes +
+    hp.active_bytes_per_token = total - unused - experts - m.token_embd.mat_bytes + m.token_embd.row_bytes +
                                 (n_expert ? experts / n_expert * n_used : 0) + (m.output.data == m.token_embd.data ? m.token_embd.mat_bytes : 0);
 
     plan_forward(m);
@@ -9518,6 +9667,7 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
     s.pieces.resize((size_t)hp.n_layer * (size_t)hp.n_expert * 3);
     for (int32_t l = 0; l < hp.n_layer; ++l) {
         const LayerWeights& lw = m.layers[(size_t)l];
+        if (!lw.moe()) continue;  // a leading dense layer: nothing to stream
         for (int32_t e = 0; e < hp.n_expert; ++e) {
             const LayerWeights::ExpertMats em = lw.expert(e);
             const Weight* w[3] = {em.gate, em.up, em.down};
@@ -9709,11 +9859,11 @@ struct Activations {
     AlignedBuffer<float> q, k, v;        // (B, q_dim), (B, kv_dim) x2
     AlignedBuffer<float> att_out;        // (B, q_dim)
     AlignedBuffer<float> rope_cs;        // (B, n_rot / 2, 2): cos, sin per position of the chunk
-    std::vector<float> rope_inv_freq;    // (n_rot / 2)
     AlignedBuffer<float> att_scratch;    // per thread: scores, accumulators, max, sum of one head group
     size_t att_scratch_stride = 0;
     AlignedBuffer<float> att_part;       // KV-split partials: (max, sum, head_dim values) per head and split
     AlignedBuffer<float> router_logits;  // (B, n_expert)
+    AlignedBuffer<float> router_select;  // (B, n_expert): top-k scores, then the chosen experts' weights
     AlignedBuffer<float> hidden;         // (B * slots, max_ff): SwiGLU output per (token, slot)
     AlignedBuffer<uint8_t> hidden_q;     // (B * slots, hidden_q_stride): the same, quantized for down
     size_t hidden_q_stride = 0;
@@ -9734,6 +9884,7 @@ struct ActiveExpert {
     int64_t mat;                   // matrix in the stacks (0 for shared and dense)
     int32_t expert;                // routed expert id; -1 for shared and dense
     const uint8_t *gate_mat, *up_mat, *down_mat;  // its matrices: in the mapping, or in an expert-store slot
+    const float *gate_b, *up_b, *down_b;          // its biases (gpt-oss's routed experts), else null
     int32_t use_begin, use_end;    // its uses in Routing::uses
     // Its gate/up work units (rows, or kGemmRows-row tiles when gemm_up) in the concatenated units
     // of all active experts.
@@ -9757,7 +9908,7 @@ struct alignas(64) DoneCounter {
 // Routing of the chunk in flight. Targets number the FFNs of a layer for the counting sort:
 // 0 the shared expert, 1 the dense FFN, 2 + e routed expert e.
 struct Routing {
-    static constexpr int32_t kSharedTarget = 0, kDenseTarget = 1, kFirstExpertTarget = 2;
+    static constexpr int32_t kNoTarget = -1, kSharedTarget = 0, kDenseTarget = 1, kFirstExpertTarget = 2;  // kNoTarget: slot unused
     std::vector<int32_t> slot_target;   // (B * slots)
     std::vector<float> slot_weight;     // (B * slots)
     std::vector<int32_t> target_first;  // (n_expert + 3): CSR offsets of the uses per target
@@ -9832,6 +9983,13 @@ struct MatTask {
     const float* bias;  // nullptr: none
     bool accumulate;
 };
+
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+// gpt-oss's SwiGLU: the gate clamped above, the linear part clamped both ways and offset by 1.
+inline float swiglu_oai(float gate, float up) {
+    const float g = std::min(gate, 7.f), u = std::max(-7.f, std::min(up, 7.f));
+    return g / (1.f + std::exp(-1.702f * g)) * (u + 1.f);
+}
 
 struct SessionImpl {
     static constexpr int kAttBlock = 64;         // KV positions scored at once (online softmax step)
@@ -9922,12 +10080,13 @@ struct SessionImpl {
     void matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith);
     void rope_phase(const ForwardCall& c, int il, int ith, int nth);
     void attention_phase(const ForwardCall& c, int il, int ith);
-    void att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth);
+    void att_out_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
     void score_and_predict(int il, int32_t t);
     void use_store(int il, int32_t n);
     void expert_up_phase(int32_t n, int ith);
     void up_row(const ActiveExpert& e, int64_t r);
+    float gated(float gate, float up) const { return model->ffn_act == FfnAct::swiglu_oai ? swiglu_oai(gate, up) : silu(gate) * up; }
     void up_tile(const ActiveExpert& e, int64_t row0, int ith);
     void down_tile(const ActiveExpert& e, int64_t row0, int rows, float* part_rows, int64_t n_uses, int ith);
     void quantize_hidden(const ActiveExpert& e);
@@ -9963,7 +10122,6 @@ inline void rope(float* head, const float* cs, int n_rot, bool neox) {
     }
 }
 
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
 //---- expert statistics and prediction ---- >>experts
 
@@ -9974,12 +10132,17 @@ public:
     explicit GateLookahead(const ModelImpl* m) : m_(m), h_((size_t)m->info.n_embd), order_((size_t)m->info.n_expert) {}
     int predict(int /*layer*/, int target, const float* hidden, int32_t* experts, int max) override {
         const ModelInfo& hp = m_->info;
-        if (target < 0 || target >= hp.n_layer || hp.n_expert <= 0) return 0;
+        if (target < 0 || target >= hp.n_layer || !m_->layers[(size_t)target].moe()) return 0;
         const LayerWeights& l = m_->layers[(size_t)target];
         const float scale = rms_scale(hidden, hp.n_embd, hp.rms_eps);
         for (int64_t i = 0; i < hp.n_embd; ++i) h_[(size_t)i] = hidden[i] * scale * l.ffn_norm[(size_t)i];
-        for (int e = 0; e < hp.n_expert; ++e)
-            order_[(size_t)e] = {l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd) * (l.router.scaled() ? l.router.scale(0) : 1.f), e};
+        for (int e = 0; e < hp.n_expert; ++e) {  // ranked as route() ranks (softmax keeps the logits' order)
+            float v = l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd) * (l.router.scaled() ? l.router.scale(0) : 1.f);
+            if (!l.router_bias.empty()) v += l.router_bias[(size_t)e];
+            if (hp.expert_gating == ExpertGating::sigmoid) v = 1.f / (1.f + std::exp(-v));
+            if (!l.selection_bias.empty()) v += l.selection_bias[(size_t)e];
+            order_[(size_t)e] = {v, e};
+        }
         const int k = std::min(max, hp.n_expert);
         std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
                           [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
@@ -10041,14 +10204,12 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
                     a.v.allocate((size_t)(B * plan->kv_dim)) && a.att_out.allocate((size_t)(B * plan->q_dim)) &&
                     a.rope_cs.allocate((size_t)(B * std::max(2, hp->n_rot))) && a.att_scratch.allocate(a.att_scratch_stride * (size_t)nth) &&
                     a.att_part.allocate((size_t)(4 * nth * group * (hd + 2))) &&
-                    a.router_logits.allocate((size_t)(B * std::max(1, hp->n_expert))) &&
+                    a.router_logits.allocate((size_t)(B * std::max(1, hp->n_expert))) && a.router_select.allocate((size_t)(B * std::max(1, hp->n_expert))) &&
                     a.hidden.allocate((size_t)(B * slots * plan->max_ff)) && a.hidden_q.allocate(a.hidden_q_stride * (size_t)(B * slots)) &&
                     a.down_part.allocate((size_t)nth * a.down_part_per_thread) && a.logits.allocate((size_t)hp->n_vocab) &&
                     a.logits_batch.allocate((size_t)(B * hp->n_vocab)) && a.act_x.allocate(a.xb.data, plan->n_embd, B) &&
                     a.act_att.allocate(a.att_out.data, plan->q_dim, B);
     if (!ok) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
-    a.rope_inv_freq.resize((size_t)(hp->n_rot / 2));
-    for (int i = 0; i < hp->n_rot / 2; ++i) a.rope_inv_freq[(size_t)i] = std::pow(hp->rope_freq_base, -2.f * (float)i / (float)hp->n_rot);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
     gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
@@ -10165,12 +10326,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             m.token_embd.qt->dequantize_ref(m.token_embd.row(0, c.tokens[t]), a.x.data + t * n_embd, n_embd);
             if (m.token_embd.scaled())
                 for (int64_t i = 0; i < n_embd; ++i) a.x[(size_t)(t * n_embd + i)] *= m.token_embd.scale(0);
-            float* cs = a.rope_cs.data + t * hp->n_rot;
-            for (int i = 0; i < hp->n_rot / 2; ++i) {
-                const float theta = (float)pos_of(c, (int32_t)t) * hp->rope_freq_scale * a.rope_inv_freq[(size_t)i];
-                cs[2 * i] = std::cos(theta);
-                cs[2 * i + 1] = std::sin(theta);
-            }
+            m.rope.angles(pos_of(c, (int32_t)t), a.rope_cs.data + t * hp->n_rot);
         }
     }
     end_phase(ith, nth, PhaseProfile::embed);
@@ -10193,7 +10349,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         end_phase(ith, nth, PhaseProfile::attention);
         const uint8_t att_fmts = f.att_out | gemm_fmts(f.att_out);
         if (c.att_split > 1 || (att_fmts & ~fmt_bit(ActFormat::f32))) {
-            att_out_phase(c, att_fmts, ith, nth);
+            att_out_phase(c, il, att_fmts, ith, nth);
             end_phase(ith, nth, PhaseProfile::att_out);
         }
         if (observer) observe(il, MatInput::attn_out, n, ith, nth);
@@ -10201,7 +10357,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         const NormStep ffn_norm{l.ffn_norm.data(), 0, n, (uint8_t)(f.ffn_in | gemm_fmts(f.ffn_in)), PhaseProfile::ffn_norm};
         end_phase_then_norm(ffn_norm, matmul_phase(&wo, 1, 0, n, ith), c, ith, nth, PhaseProfile::wo);
         if (observer) observe(il, MatInput::ffn_in, n, ith, nth);
-        if (hp->n_expert > 0) {
+        if (l.moe()) {
             const MatTask router{&l.router, 0, &a.act_x, a.router_logits.data, hp->n_expert, nullptr, false};
             if (matmul_phase(&router, 1, 0, n, ith)) route(il, n);
             end_phase(ith, nth, PhaseProfile::router);
@@ -10360,7 +10516,7 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
     const LayerWeights& l = m.layers[(size_t)il];
     const int hd = hp->head_dim, n_head = hp->n_head, n_kv = hp->n_head_kv;
     const int64_t q_dim = plan->q_dim, kv_dim = plan->kv_dim;
-    const bool whole = m.qk_norm == QkNorm::whole, per_head = m.qk_norm == QkNorm::per_head;
+    const bool whole = m.qk_norm == QkNorm::whole, per_head = m.qk_norm == QkNorm::per_head && !l.q_norm.empty();
     const int per_token = whole ? 1 : n_head + n_kv;
     int64_t u0, u1;
     split_range((int64_t)n * per_token, ith, nth, &u0, &u1);
@@ -10409,6 +10565,9 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
 // when it is alone in its unit.
 inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) {
     const int hd = hp->head_dim, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int32_t window = l.swa ? hp->sliding_window : 0;
+    const float* sinks = l.sinks.empty() ? nullptr : l.sinks.data();
     const int64_t q_dim = plan->q_dim;
     const float scale = 1.f / std::sqrt((float)hd);
     const int T = c.seq_kv || S > 1 ? 1 : kAttTokens;
@@ -10429,13 +10588,15 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
         const uint8_t* kl = cache.k.data + cache.offset(il, 0);
         const uint8_t* vl = cache.v.data + cache.offset(il, 0);
         const size_t rb = cache.row_bytes, head_at = cache.q8 ? (size_t)(kvh * hd / kQK) * sizeof(BlockQ8_0) : (size_t)kvh * hd * 4;
-        int32_t j0 = 0, j1[kAttTokens];  // with T > 1 there are no splits: every token starts at 0
+        // Token k attends positions [j0[k], j1[k]): its window (all of the cache, or the last
+        // sliding_window positions), cut into S splits. Positions grow with k.
+        int32_t j0[kAttTokens] = {}, j1[kAttTokens] = {};
         for (int k = 0; k < nt; ++k) {
-            const int32_t len = pos_of(c, t0 + k) + 1;
-            j0 = (int32_t)((int64_t)len * split / S);
-            j1[k] = (int32_t)((int64_t)len * (split + 1) / S);
+            const int32_t len = pos_of(c, t0 + k) + 1, start = window ? std::max(0, len - window) : 0;
+            j0[k] = start + (int32_t)((int64_t)(len - start) * split / S);
+            j1[k] = start + (int32_t)((int64_t)(len - start) * (split + 1) / S);
         }
-        const int32_t j_end = j1[nt - 1];  // positions grow with t
+        const int32_t j_end = j1[nt - 1];
         const int h0 = kvh * group + sub * gsize;  // first query head of the unit
         for (int k = 0; k < nt; ++k)
             for (int g = 0; g < gsize; ++g) { mx[k * group + g] = -INFINITY; sum[k * group + g] = 0; }
@@ -10444,12 +10605,12 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                 for (int g = 0; g < gsize; ++g)
                     quantize_act(ActFormat::q8_0, q8_queries + (size_t)(k * group + g) * nbh, a.q.data + (t0 + k) * q_dim + (int64_t)(h0 + g) * hd, hd);
         std::fill(acc, acc + (size_t)T * group * hd, 0.f);
-        for (int32_t jb = j0; jb < j_end; jb += kAttBlock) {
+        for (int32_t jb = j0[0]; jb < j_end; jb += kAttBlock) {
             const int nb_max = std::min<int32_t>(kAttBlock, j_end - jb);
             for (int jj = 0; jj < nb_max; ++jj) {
                 const uint8_t* kj = kl + (size_t)(jb + jj) * rb + head_at;
                 for (int k = 0; k < nt; ++k) {
-                    if (jb + jj >= j1[k]) continue;
+                    if (jb + jj >= j1[k] || jb + jj < j0[k]) continue;
                     const float* qg = a.q.data + (t0 + k) * q_dim + (int64_t)h0 * hd;
                     for (int g = 0; g < gsize; ++g)
                         sc[(k * group + g) * kAttBlock + jj] =
@@ -10457,15 +10618,15 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                 }
             }
             for (int k = 0; k < nt; ++k) {
-                const int nb = std::min<int32_t>(kAttBlock, j1[k] - jb);
-                if (nb <= 0) continue;
+                const int nb = std::min<int32_t>(kAttBlock, j1[k] - jb), first = std::max(0, j0[k] - jb);
+                if (nb <= first) continue;
                 for (int g = 0; g < gsize; ++g) {
                     const int kg = k * group + g;
                     float* s = sc + kg * kAttBlock;
-                    const float m_new = std::max(mx[kg], *std::max_element(s, s + nb));
+                    const float m_new = std::max(mx[kg], *std::max_element(s + first, s + nb));
                     const float corr = std::exp(mx[kg] - m_new);
                     float add = 0;
-                    for (int jj = 0; jj < nb; ++jj) { s[jj] = std::exp(s[jj] - m_new); add += s[jj]; }
+                    for (int jj = first; jj < nb; ++jj) { s[jj] = std::exp(s[jj] - m_new); add += s[jj]; }
                     sum[kg] = sum[kg] * corr + add;
                     mx[kg] = m_new;
                     if (corr != 1.f) for (int i = 0; i < hd; ++i) acc[kg * hd + i] *= corr;
@@ -10478,7 +10639,7 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                     vj = v_row;
                 }
                 for (int k = 0; k < nt; ++k) {
-                    if (jb + jj >= j1[k]) continue;
+                    if (jb + jj >= j1[k] || jb + jj < j0[k]) continue;
                     for (int g = 0; g < gsize; ++g) {
                         float* __restrict acc_g = acc + (k * group + g) * hd;
                         const float p = sc[(k * group + g) * kAttBlock + jj];
@@ -10493,7 +10654,11 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                 const int h = h0 + g, kg = k * group + g;
                 if (S == 1) {
                     float* o = a.att_out.data + t * q_dim + (int64_t)h * hd;
-                    const float inv = 1.f / sum[kg];
+                    float inv = 1.f / sum[kg];
+                    if (sinks) {  // the sink's logit joins the softmax's denominator only
+                        const float m2 = std::max(mx[kg], sinks[h]), keep = std::exp(mx[kg] - m2);
+                        inv = keep / (sum[kg] * keep + std::exp(sinks[h] - m2));
+                    }
                     for (int i = 0; i < hd; ++i) o[i] = acc[kg * hd + i] * inv;
                 } else {
                     float* p = a.att_part.data + (((size_t)t * hp->n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hd + 2);
@@ -10507,8 +10672,10 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
 
 // Merges the KV splits (when att_split > 1) and quantizes att_out; units are (token, span of whole
 // heads that is also a whole number of activation blocks).
-inline void SessionImpl::att_out_phase(const ForwardCall& c, uint8_t fmts, int ith, int nth) {
+inline void SessionImpl::att_out_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth) {
     const int hd = hp->head_dim, S = c.att_split;
+    const std::vector<float>& layer_sinks = model->layers[(size_t)il].sinks;
+    const float* sinks = layer_sinks.empty() ? nullptr : layer_sinks.data();
     const int64_t q_dim = plan->q_dim;
     int64_t span = hd;
     while (span % act_block(fmts)) span += hd;  // lcm(hd, block): q_dim is a multiple of both
@@ -10520,8 +10687,9 @@ inline void SessionImpl::att_out_phase(const ForwardCall& c, uint8_t fmts, int i
         if (S > 1) {
             for (int64_t h = i0 / hd; h < (i0 + span) / hd; ++h) {
                 const float* p = a.att_part.data + ((size_t)t * (size_t)hp->n_head + (size_t)h) * (size_t)S * (size_t)(hd + 2);
-                float m = -INFINITY, l = 0;
+                float m = sinks ? sinks[h] : -INFINITY, l = 0;
                 for (int s = 0; s < S; ++s) m = std::max(m, p[(size_t)s * (hd + 2)]);
+                if (sinks) l = std::exp(sinks[h] - m);  // the sink's logit joins the denominator only
                 float* o = a.att_out.data + t * q_dim + h * hd;
                 std::fill(o, o + hd, 0.f);
                 for (int s = 0; s < S; ++s) {
@@ -10544,55 +10712,94 @@ inline void SessionImpl::att_out_phase(const ForwardCall& c, uint8_t fmts, int i
 inline void SessionImpl::route(int il, int32_t n) {
     const LayerWeights& l = model->layers[(size_t)il];
     if (store) store->release(&pins);  // the previous layer's FFN is done
-    const int32_t slots = plan->slots, n_used = hp->n_expert_used;
-    if (hp->n_expert > 0) {
+    const int32_t slots = plan->slots, n_used = hp->n_expert_used, n_expert = hp->n_expert;
+    if (l.moe()) {
+        const ExpertGating gating = hp->expert_gating;
         for (int32_t t = 0; t < n; ++t) {
-            float* lg = a.router_logits.data + (int64_t)t * hp->n_expert;
-            float mx = *std::max_element(lg, lg + hp->n_expert), sum = 0;
-            for (int e = 0; e < hp->n_expert; ++e) { lg[e] = std::exp(lg[e] - mx); sum += lg[e]; }
-            for (int e = 0; e < hp->n_expert; ++e) lg[e] /= sum;
+            // lg: the gate's probabilities (the weights' source); sel: what the top-k ranks.
+            float* lg = a.router_logits.data + (int64_t)t * n_expert;
+            float* sel = a.router_select.data + (int64_t)t * n_expert;
+            if (!l.router_bias.empty())
+                for (int e = 0; e < n_expert; ++e) lg[e] += l.router_bias[(size_t)e];
+            if (gating == ExpertGating::softmax) {
+                const float mx = *std::max_element(lg, lg + n_expert);
+                float sum = 0;
+                for (int e = 0; e < n_expert; ++e) { lg[e] = std::exp(lg[e] - mx); sum += lg[e]; }
+                for (int e = 0; e < n_expert; ++e) lg[e] /= sum;
+            } else if (gating == ExpertGating::sigmoid) {
+                for (int e = 0; e < n_expert; ++e) lg[e] = 1.f / (1.f + std::exp(-lg[e]));
+            }
+            for (int e = 0; e < n_expert; ++e) sel[e] = l.selection_bias.empty() ? lg[e] : lg[e] + l.selection_bias[(size_t)e];
             r.topk.clear();
-            for (int e = 0; e < hp->n_expert; ++e) r.topk.emplace_back(lg[e], e);
+            for (int e = 0; e < n_expert; ++e) r.topk.emplace_back(sel[e], e);
             std::partial_sort(r.topk.begin(), r.topk.begin() + n_used, r.topk.end(),
                               [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
                                   return x.first > y.first || (x.first == y.first && x.second < y.second);
                               });
-            float wsum = 0;
-            for (int j = 0; j < n_used; ++j) wsum += r.topk[(size_t)j].first;
+            float* w = a.router_select.data + (int64_t)t * n_expert;  // sel is no longer needed: the weights
+            for (int j = 0; j < n_used; ++j) w[j] = lg[r.topk[(size_t)j].second];
+            if (gating == ExpertGating::softmax_weight) {
+                const float mx = *std::max_element(w, w + n_used);
+                float sum = 0;
+                for (int j = 0; j < n_used; ++j) { w[j] = std::exp(w[j] - mx); sum += w[j]; }
+                for (int j = 0; j < n_used; ++j) w[j] /= sum;
+            }
+            if (hp->expert_weights_norm) {
+                float wsum = 0;
+                for (int j = 0; j < n_used; ++j) wsum += w[j];
+                wsum = std::max(wsum, 6.103515625e-5f);  // llama.cpp's clamp (smallest normal F16)
+                for (int j = 0; j < n_used; ++j) w[j] /= wsum;
+            }
+            if (hp->expert_weights_scale != 1.f)
+                for (int j = 0; j < n_used; ++j) w[j] *= hp->expert_weights_scale;
             for (int j = 0; j < n_used; ++j) {
                 r.slot_target[(size_t)(t * slots + j)] = Routing::kFirstExpertTarget + r.topk[(size_t)j].second;
-                r.slot_weight[(size_t)(t * slots + j)] = hp->expert_weights_norm ? r.topk[(size_t)j].first / wsum : r.topk[(size_t)j].first;
+                r.slot_weight[(size_t)(t * slots + j)] = w[j];
             }
             for (int j = 0; j < n_used; ++j) r.token_experts[((size_t)t * (size_t)hp->n_layer + (size_t)il) * (size_t)n_used + (size_t)j] = r.topk[(size_t)j].second;
             if (t == n - 1)
                 for (int j = 0; j < n_used; ++j) r.last_experts[(size_t)(il * n_used + j)] = r.topk[(size_t)j].second;
             for (int j = 0; j < n_used; ++j) {
-                const size_t cell = (size_t)il * (size_t)hp->n_expert + (size_t)r.topk[(size_t)j].second;
+                const size_t cell = (size_t)il * (size_t)n_expert + (size_t)r.topk[(size_t)j].second;
                 ++stats.count[cell];
                 stats.weight[cell] += r.slot_weight[(size_t)(t * slots + j)];
             }
             if (prediction.depth > 0 && n <= kSerialNormTokens) score_and_predict(il, t);
             if (l.gate_shexp) {
-                const float* xt = a.xb.data + t * plan->n_embd;
-                float g = 0;
-                for (int64_t i = 0; i < plan->n_embd; ++i) g += l.router_shexp[(size_t)i] * xt[i];
+                float g = 1;
+                if (!l.router_shexp.empty()) {
+                    const float* xt = a.xb.data + t * plan->n_embd;
+                    float dot = 0;
+                    for (int64_t i = 0; i < plan->n_embd; ++i) dot += l.router_shexp[(size_t)i] * xt[i];
+                    g = 1.f / (1.f + std::exp(-dot));
+                }
                 r.slot_target[(size_t)(t * slots + n_used)] = Routing::kSharedTarget;
-                r.slot_weight[(size_t)(t * slots + n_used)] = 1.f / (1.f + std::exp(-g));
+                r.slot_weight[(size_t)(t * slots + n_used)] = g;
             }
         }
-        if (il == 0) stats.tokens += (uint64_t)n;
+        if (il == hp->n_layer_dense_lead) stats.tokens += (uint64_t)n;
     } else {
-        for (int32_t t = 0; t < n; ++t) { r.slot_target[(size_t)t] = Routing::kDenseTarget; r.slot_weight[(size_t)t] = 1.f; }
+        for (int32_t t = 0; t < n; ++t)
+            for (int32_t sl = 0; sl < slots; ++sl) {
+                r.slot_target[(size_t)(t * slots + sl)] = sl == 0 ? Routing::kDenseTarget : Routing::kNoTarget;
+                r.slot_weight[(size_t)(t * slots + sl)] = sl == 0 ? 1.f : 0.f;
+            }
+        if (n_expert > 0) {  // a dense layer of a MoE model (leading dense layers): no experts
+            for (int32_t t = 0; t < n; ++t)
+                std::fill_n(r.token_experts.begin() + (std::ptrdiff_t)(((size_t)t * (size_t)hp->n_layer + (size_t)il) * (size_t)n_used), n_used, -1);
+            std::fill_n(r.last_experts.begin() + (std::ptrdiff_t)((size_t)il * (size_t)n_used), n_used, -1);
+        }
     }
 
     // Counting sort of the (token, slot) uses by target.
     const int n_targets = hp->n_expert + Routing::kFirstExpertTarget;
     std::vector<int32_t>& first = r.target_first;
     std::fill(first.begin(), first.end(), 0);
-    for (int32_t u = 0; u < n * slots; ++u) ++first[(size_t)r.slot_target[(size_t)u] + 1];
+    for (int32_t u = 0; u < n * slots; ++u)
+        if (r.slot_target[(size_t)u] >= 0) ++first[(size_t)r.slot_target[(size_t)u] + 1];
     for (int i = 0; i < n_targets; ++i) first[(size_t)i + 1] += first[(size_t)i];
     for (int32_t u = 0; u < n * slots; ++u)  // moving cursors, restored below
-        r.uses[(size_t)first[(size_t)r.slot_target[(size_t)u]]++] = ExpertUse{u / slots, u % slots};
+        if (r.slot_target[(size_t)u] >= 0) r.uses[(size_t)first[(size_t)r.slot_target[(size_t)u]]++] = ExpertUse{u / slots, u % slots};
     for (int i = n_targets; i > 0; --i) first[(size_t)i] = first[(size_t)i - 1];
     first[0] = 0;
     // Each used target, resolved to its weights once.
@@ -10614,6 +10821,10 @@ inline void SessionImpl::route(int il, int32_t n) {
         e.gate_mat = e.gate->row(e.mat, 0);
         e.up_mat = e.up->row(e.mat, 0);
         e.down_mat = e.down->row(e.mat, 0);
+        const bool biased = e.expert >= 0 && !l.gate_exps_b.empty();
+        e.gate_b = biased ? l.gate_exps_b.data() + (size_t)e.expert * (size_t)e.gate->rows : nullptr;
+        e.up_b = biased ? l.up_exps_b.data() + (size_t)e.expert * (size_t)e.up->rows : nullptr;
+        e.down_b = biased ? l.down_exps_b.data() + (size_t)e.expert * (size_t)e.down->rows : nullptr;
         e.use_begin = first[(size_t)i];
         e.use_end = first[(size_t)i + 1];
         const int32_t n_uses = e.use_end - e.use_begin;
@@ -10624,7 +10835,7 @@ inline void SessionImpl::route(int il, int32_t n) {
         e.unit_end = units += e.gemm_up ? (e.gate->rows + kGemmRows - 1) / kGemmRows : e.gate->rows;
         r.active.push_back(e);
     }
-    if (store && hp->n_expert > 0) use_store(il, n);
+    if (store && l.moe()) use_store(il, n);
 }
 
 // Routed experts from the store: the layer's experts pinned in slots (misses read now, all at
@@ -10717,7 +10928,8 @@ inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
         float uv = ku.vec_dot(urow, a.act_x.row(ku.act, use.token), e.up->cols);
         if (e.gate->scaled()) gv *= e.gate->scale(e.mat);
         if (e.up->scaled()) uv *= e.up->scale(e.mat);
-        a.hidden[(size_t)((use.token * plan->slots + use.slot) * plan->max_ff + row)] = silu(gv) * uv;
+        if (e.gate_b) { gv += e.gate_b[row]; uv += e.up_b[row]; }
+        a.hidden[(size_t)((use.token * plan->slots + use.slot) * plan->max_ff + row)] = gated(gv, uv);
     }
 }
 
@@ -10746,7 +10958,8 @@ inline void SessionImpl::up_tile(const ActiveExpert& e, int64_t row0, int ith) {
                 float gv = g[k * kGemmRows + rr], uv = u[k * kGemmRows + rr];
                 if (e.gate->scaled()) gv *= gs;
                 if (e.up->scaled()) uv *= us;
-                h[rr] = silu(gv) * uv;
+                if (e.gate_b) { gv += e.gate_b[row0 + rr]; uv += e.up_b[row0 + rr]; }
+                h[rr] = gated(gv, uv);
             }
         }
     }
@@ -10794,6 +11007,7 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
                         const int32_t su = r.uses[(size_t)j].token * slots + r.uses[(size_t)j].slot;
                         pr[su] = kd.vec_dot(drow, a.hidden_q.data + (size_t)su * a.hidden_q_stride, e.down->cols);
                         if (e.down->scaled()) pr[su] *= e.down->scale(e.mat);
+                        if (e.down_b) pr[su] += e.down_b[row];
                     }
                 }
             }
@@ -10801,7 +11015,8 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
                 const float* pr = part + (row - r0) * n_uses;
                 for (int32_t t = 0; t < n; ++t) {
                     float acc = 0;
-                    for (int32_t sl = 0; sl < slots; ++sl) acc += r.slot_weight[(size_t)(t * slots + sl)] * pr[t * slots + sl];
+                    for (int32_t sl = 0; sl < slots; ++sl)
+                        if (r.slot_target[(size_t)(t * slots + sl)] != Routing::kNoTarget) acc += r.slot_weight[(size_t)(t * slots + sl)] * pr[t * slots + sl];
                     a.x[(size_t)(t * n_embd + row)] += acc;
                 }
             }
@@ -10830,6 +11045,7 @@ inline void SessionImpl::down_tile(const ActiveExpert& e, int64_t row0, int rows
             for (int rr = 0; rr < rows; ++rr) {
                 float v = out[k * kGemmRows + rr];
                 if (e.down->scaled()) v *= ds;
+                if (e.down_b) v += e.down_b[row0 + rr];
                 part_rows[rr * n_uses + su[k]] = v;
             }
     }
