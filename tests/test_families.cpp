@@ -213,8 +213,17 @@ std::vector<FamilyCase> family_cases() {
         s.n_nextn = 1;
         c.push_back({"glm4moe_hd48_rot16_softmax_yarn", s, 72, kF32Margin, kF32Tol, kF32Tol});
     }
-    // Q8_0: matrices whose ne0 is a multiple of 32 are Q8_0 (the others stay F32). Routing margins
-    // >= 0.05 in score units: q8_0 activation rounding moves router logits by ~1e-2.
+    // Q8_0: matrices whose ne0 is a multiple of 32 are Q8_0 (the others stay F32). q8_0 activation
+    // rounding moves router logits by ~1e-2, so routing margins are >= 0.05 in logit units (gpt-oss)
+    // and >= 0.01 in sigmoid-score units (glm4moe: sigmoid' <= 1/4; 0.02 finds no seed in 200).
+    //
+    // gpt-oss at Q8_0 is further from float64 than the other architectures (1.3e-2 there): llama.cpp
+    // vs oracle measured 7.4e-2 max / 3.8e-2 rms on this case, 3.4e-2 to 4.6e-2 on other seeds, about
+    // 3.6e-2 without YaRN. The error is spread evenly over all positions (position 0 included, so no
+    // routing flip), and at F16 the same model agrees to 1.1e-3: it is activation rounding amplified
+    // by this architecture (YaRN's mscale 1.35 on q and k makes the attention logits 1.81x sharper;
+    // gate/up pre-activations ~N(0, 9) feed swiglu_oai's x sigmoid(1.702 x) (y + 1)), not a semantic
+    // difference. Hence the bound 0.1 for it (a wrong scale, weight or expert is off by O(1)).
     {
         ModelSpec s = base_spec("gpt-oss", 160, 4, 2, 64, 6, 3, 64, 3, 71);
         s.wtype = TT::q8_0;
@@ -223,7 +232,7 @@ std::vector<FamilyCase> family_cases() {
         s.rope_scaling = "yarn";
         s.rope_factor = 32.f;
         s.rope_orig_ctx = 4096;
-        c.push_back({"gptoss_Q8_0", s, 24, 0.05, 5e-2, 5e-2});
+        c.push_back({"gptoss_Q8_0", s, 24, 0.05, 0.1, 0.1});
     }
     {
         ModelSpec s = base_spec("glm4moe", 160, 4, 2, 64, 6, 3, 64, 3, 81);
@@ -232,7 +241,7 @@ std::vector<FamilyCase> family_cases() {
         s.n_ff_dense = 96;
         s.expert_weights_scale = 2.f;
         s.n_nextn = 1;
-        c.push_back({"glm4moe_Q8_0", s, 24, 0.05, 5e-2, 5e-2});
+        c.push_back({"glm4moe_Q8_0", s, 24, 0.01, 5e-2, 5e-2});
     }
     return c;
 }
@@ -263,6 +272,12 @@ TEST_P(FamiliesPeer, OracleMatchesLlamaCpp) {
     ASSERT_TRUE(run_peer(peer, f.path, c.tokens, tc.spec.n_vocab, &got));
     RowDiff d = diff_rows(c.ref, got);
     EXPECT_LT(d.rel(), tc.peer_tol) << diff_msg(d);
+    if (std::getenv("MOE_FAMILIES_VERBOSE")) {
+        for (int p = 0; p < tc.n_tokens; ++p) {
+            const RowDiff r = diff_rows(c.ref, got, p, p + 1);
+            std::printf("  position %2d: max|d| %.3e (max|ref| %.3f), route margin %.4f\n", p, r.max_abs, r.max_ref, c.ref.route_margin[(size_t)p]);
+        }
+    }
     if (tc.spec.wtype == TT::f32) {
         EXPECT_EQ(d.argmax_agree, d.argmax_checked) << diff_msg(d);
     }
@@ -290,6 +305,10 @@ TEST(FamiliesPeer, OracleFeaturesMatter) {
         {"SWA on the odd layers instead", [](moe_test::RandomModel* m) { for (size_t i = 0; i < m->swa.size(); ++i) m->swa[i] = i % 2 == 1; }},
         {"no YaRN", [](moe_test::RandomModel* m) { m->spec.rope_scaling.clear(); }},
         {"YaRN without mscale", [](moe_test::RandomModel* m) { m->spec.rope_attn_factor = (float)(1.0 / (1.0 + 0.1 * std::log((double)m->spec.rope_factor))); }},
+        {"YaRN mscale, no interpolation", [](moe_test::RandomModel* m) {
+             m->spec.rope_attn_factor = (float)(1.0 + 0.1 * std::log((double)m->spec.rope_factor));
+             m->spec.rope_scaling.clear();
+         }},
         {"softmax over all experts", [](moe_test::RandomModel* m) { m->gating = moe_test::RandomModel::Gating::softmax; }},
         {"no router bias", [](moe_test::RandomModel* m) { for (auto& L : m->layers) std::fill(L.gate_inp_b.begin(), L.gate_inp_b.end(), 0.f); }},
         {"no expert gate biases", [](moe_test::RandomModel* m) { for (auto& L : m->layers) std::fill(L.gate_exps_b.begin(), L.gate_exps_b.end(), 0.f); }},
@@ -319,13 +338,13 @@ TEST(FamiliesPeer, OracleFeaturesMatter) {
         ASSERT_TRUE(run_peer(peer, f.path, c.tokens, tc->spec.n_vocab, &got));
         ASSERT_LT(diff_rows(c.ref, got).rel(), tc->peer_tol);
         for (const Ablation& a : c.model.spec.arch == "gpt-oss" ? oss : glm) {
-            if (std::string(a.what) == "YaRN without mscale" && c.model.spec.rope_attn_factor != 0.f) continue;
+            if (std::string(a.what).find("mscale") != std::string::npos && c.model.spec.rope_attn_factor != 0.f) continue;
             if (std::string(a.what) == "no q/k norm" && !c.model.spec.qk_norm) continue;
             moe_test::RandomModel alt = c.model;
             a.apply(&alt);
             const double rel = diff_rows(moe_test::Oracle(alt).run(c.tokens), got).rel();
             EXPECT_GT(rel, 100 * tc->peer_tol) << a.what << ": the oracle without it is as close to llama.cpp";
-            std::printf("[ families ] %-28s ablation %-30s: oracle vs llama.cpp %.2e\n", name, a.what, rel);
+            std::printf("[ families ] %-28s ablation %-30s: oracle vs llama.cpp %.4e\n", name, a.what, rel);
         }
     }
 }
