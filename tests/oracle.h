@@ -12,6 +12,29 @@
 //         (renormalised for qwen3moe and llama) -> sum_k w_k down_k(silu(gate_k x) * up_k x);
 //         qwen2moe adds sigmoid(w_sh . x) * down_sh(silu(gate_sh x) * up_sh x); dense llama is one
 //         SwiGLU FFN.
+//
+// gpt-oss and glm4moe, as llama.cpp 0.5.0 computes them (src/models/openai-moe.cpp, glm4-moe.cpp,
+// llama-graph.cpp build_moe_ffn / build_attn, ggml-cpu ops.cpp rope / soft_max / swiglu_oai):
+//   x += attn(rmsnorm(x)) (+ attn_output.bias); x += moe(rmsnorm_post_attention(x))
+//   RoPE: NEOX pairs (i, i + n_rot/2) for i < n_rot/2, the dims past n_rot unrotated (glm4moe:
+//         n_rot = rope.dimension_count < head_dim). theta_extrap = pos * base^(-2i/n_rot).
+//         YaRN (rope.scaling.type = yarn, factor f, original context n_orig, beta_fast 32, beta_slow
+//         1, ext_factor 1): theta = theta_extrap * (f^-1 (1 - mix) + mix), mix = ramp(i) =
+//         1 - clamp((i - lo) / max(0.001, hi - lo), 0, 1), lo = max(0, floor(d(32))), hi =
+//         min(n_rot - 1, ceil(d(1))), d(b) = n_rot ln(n_orig / (2 pi b)) / (2 ln base); cos and sin
+//         are scaled by mscale = attn_factor * (1 + 0.1 ln f). llama.cpp passes attn_factor =
+//         rope.scaling.attn_factor (default 1) times get_mscale(f) / (1 + 0.1 ln f) = 1, so the net
+//         mscale is (1 + 0.1 ln f) * rope.scaling.attn_factor, on q and on k.
+//   gpt-oss attention: scale 1/sqrt(head_dim); SWA layers mask key j for query p when p - j >=
+//         n_swa; softmax denominators get one extra term exp(sink_h) per head (the sink's logit is
+//         not scaled and carries no value).
+//   gpt-oss MoE: logits = W x + b; top-k of the logits; weights = softmax over the k selected
+//         logits; expert = down(swiglu_oai(gate x + bg, up x + bu)) + bd with swiglu_oai(g, u) =
+//         min(g,7) sigmoid(1.702 min(g,7)) (clamp(u,-7,7) + 1).
+//   glm4moe MoE: p = sigmoid(logits) (softmax when expert_gating_func = 1); top-k of p + exp_probs_b;
+//         weights = p of the chosen (renormalised if expert_weights_norm; times expert_weights_scale),
+//         plus one ungated SwiGLU shared expert; the first leading_dense_block_count layers have a
+//         dense SwiGLU FFN instead. NextN blocks are not run.
 #ifndef MOE_TEST_ORACLE_H
 #define MOE_TEST_ORACLE_H
 
@@ -27,9 +50,15 @@ namespace moe_test {
 struct OracleResult {
     int n_tokens = 0, n_vocab = 0;
     std::vector<double> logits;         // n_tokens x n_vocab; row i = logits after token i
-    std::vector<double> route_margin;   // per position: smallest (k-th - (k+1)-th) router logit over layers
+    // Per-layer vectors below are indexed [pos][layer]; a dense layer of a MoE model (glm4moe's
+    // leading layers) holds -1 / NaN placeholders.
+    std::vector<double> route_margin;   // per position: smallest (k-th - (k+1)-th) selection score over layers
     std::vector<int> experts;           // per position, per layer: the chosen experts (n_expert_used each)
-    std::vector<double> router_logits;  // per position, per layer: n_expert router logits
+    std::vector<double> router_logits;  // per position, per layer: n_expert router logits (+ router bias)
+    // per position, per layer: the n_expert scores the top-k is taken on: the router logits, except
+    // with sigmoid gating or a selection bias (glm4moe): gating(logit) + exp_probs_b. route_margin
+    // is a margin on these.
+    std::vector<double> route_scores;
     const double* row(int i) const { return logits.data() + (size_t)i * (size_t)n_vocab; }
 };
 
@@ -39,8 +68,9 @@ public:
 
     // Runs `tokens` as one sequence starting at position 0 and returns the logits of every position.
     // `forced_experts` (optional; per position, per layer, n_expert_used ids in any order) replaces
-    // the top-k selection: the weights are still this oracle's softmax probabilities of those
-    // experts (renormalised over them where the architecture does). Used to follow an engine through
+    // the top-k selection: the weights are still this oracle's gating of those experts (softmax or
+    // sigmoid probabilities, renormalised over them where the architecture does; gpt-oss: softmax over
+    // their logits). Entries for dense layers are ignored. Used to follow an engine through
     // a near-tie it legitimately resolved the other way; the caller checks the choices were near-ties.
     OracleResult run(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts = nullptr) const {
         const ModelSpec& s = m_.spec;
@@ -72,63 +102,91 @@ public:
                     for (int i = 0; i < HKV * HD; ++i) k[(size_t)i] += L.bk[(size_t)i];
                     for (int i = 0; i < HKV * HD; ++i) v[(size_t)i] += L.bv[(size_t)i];
                 }
-                if (s.arch == "qwen3moe") {  // RMSNorm of each head over head_dim
+                if (s.arch == "qwen3moe" || (s.arch == "glm4moe" && !L.q_norm.empty())) {  // RMSNorm of each head over head_dim
                     for (int hh = 0; hh < H; ++hh) rms_norm_inplace(&q[(size_t)hh * HD], HD, L.q_norm.data(), s.rms_eps);
                     for (int hh = 0; hh < HKV; ++hh) rms_norm_inplace(&k[(size_t)hh * HD], HD, L.k_norm.data(), s.rms_eps);
                 } else if (s.arch == "olmoe") {  // RMSNorm over the whole projection
                     rms_norm_inplace(q.data(), H * HD, L.q_norm.data(), s.rms_eps);
                     rms_norm_inplace(k.data(), HKV * HD, L.k_norm.data(), s.rms_eps);
                 }
-                for (int hh = 0; hh < H; ++hh) rope(&q[(size_t)hh * HD], HD, pos);
-                for (int hh = 0; hh < HKV; ++hh) rope(&k[(size_t)hh * HD], HD, pos);
+                for (int hh = 0; hh < H; ++hh) rope(&q[(size_t)hh * HD], pos, il);
+                for (int hh = 0; hh < HKV; ++hh) rope(&k[(size_t)hh * HD], pos, il);
                 kcache[(size_t)il].push_back(k);
                 vcache[(size_t)il].push_back(v);
 
                 std::vector<double> attn((size_t)(H * HD), 0.0);
                 const int group = H / HKV;  // consecutive query heads share one K/V head
                 const double scale = 1.0 / std::sqrt((double)HD);
+                // sliding window: keys j with pos - j < n_swa, i.e. the last n_swa positions
+                const int j0 = m_.swa[(size_t)il] ? std::max(0, pos - s.n_swa + 1) : 0;
                 for (int hh = 0; hh < H; ++hh) {
                     const int kvh = hh / group;
                     std::vector<double> score((size_t)(pos + 1));
                     double mx = -std::numeric_limits<double>::infinity();
-                    for (int j = 0; j <= pos; ++j) {
+                    for (int j = j0; j <= pos; ++j) {
                         double d = 0;
                         for (int c = 0; c < HD; ++c)
                             d += q[(size_t)(hh * HD + c)] * kcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
                         score[(size_t)j] = d * scale;
                         mx = std::max(mx, score[(size_t)j]);
                     }
-                    double sum = 0;
-                    for (int j = 0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
-                    for (int j = 0; j <= pos; ++j)
+                    const bool sink = !L.attn_sinks.empty();  // one more logit in the denominator only
+                    if (sink) mx = std::max(mx, (double)L.attn_sinks[(size_t)hh]);
+                    double sum = sink ? std::exp((double)L.attn_sinks[(size_t)hh] - mx) : 0.0;
+                    for (int j = j0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
+                    for (int j = j0; j <= pos; ++j)
                         for (int c = 0; c < HD; ++c)
                             attn[(size_t)(hh * HD + c)] += score[(size_t)j] / sum * vcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
                 }
                 std::vector<double> o = matvec(L.wo, attn, H * HD, E);
+                if (!L.bo.empty())
+                    for (int i = 0; i < E; ++i) o[(size_t)i] += L.bo[(size_t)i];
                 for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
 
                 // ---- feed-forward ----
                 h = rms_norm(x, L.ffn_norm, s.rms_eps);
                 std::vector<double> y((size_t)E, 0.0);
-                if (!m_.moe) {
-                    y = swiglu(L.ffn_gate.data(), L.ffn_up.data(), L.ffn_down.data(), h, E, s.n_ff);
+                if (L.gate_inp.empty()) {  // dense FFN (dense llama, glm4moe's leading layers)
+                    y = swiglu(L.ffn_gate.data(), L.ffn_up.data(), L.ffn_down.data(), h, E, m_.n_ff_dense);
+                    if (m_.moe) {  // a dense layer of a MoE model: placeholders keep the per-layer layout
+                        r.experts.insert(r.experts.end(), (size_t)s.n_expert_used, -1);
+                        r.router_logits.insert(r.router_logits.end(), (size_t)s.n_expert, std::numeric_limits<double>::quiet_NaN());
+                        r.route_scores.insert(r.route_scores.end(), (size_t)s.n_expert, std::numeric_limits<double>::quiet_NaN());
+                    }
                 } else {
+                    using Gating = RandomModel::Gating;
                     const int NE = s.n_expert, K = s.n_expert_used;
                     std::vector<double> logit = matvec(L.gate_inp, h, E, NE);
-                    double mx = -std::numeric_limits<double>::infinity();
-                    for (double l : logit) mx = std::max(mx, l);
-                    std::vector<double> prob((size_t)NE);
-                    double sum = 0;
-                    for (int e = 0; e < NE; ++e) { prob[(size_t)e] = std::exp(logit[(size_t)e] - mx); sum += prob[(size_t)e]; }
-                    for (double& p : prob) p /= sum;
-                    // top-k by probability, ties to the lower index
+                    if (!L.gate_inp_b.empty())
+                        for (int e = 0; e < NE; ++e) logit[(size_t)e] += L.gate_inp_b[(size_t)e];
+                    // prob: the weight an expert gets if chosen (before renormalisation); score: what
+                    // the top-k is taken on
+                    std::vector<double> prob((size_t)NE), score = logit;
+                    if (m_.gating == Gating::softmax) {
+                        double mx = -std::numeric_limits<double>::infinity();
+                        for (double l : logit) mx = std::max(mx, l);
+                        double sum = 0;
+                        for (int e = 0; e < NE; ++e) { prob[(size_t)e] = std::exp(logit[(size_t)e] - mx); sum += prob[(size_t)e]; }
+                        for (double& p : prob) p /= sum;
+                    } else if (m_.gating == Gating::sigmoid) {
+                        for (int e = 0; e < NE; ++e) prob[(size_t)e] = 1.0 / (1.0 + std::exp(-logit[(size_t)e]));
+                    }
+                    // softmax without a selection bias: the logits (same order as prob; the margin stays
+                    // in logit units as before); with exp_probs_b: prob + bias (llama.cpp adds it to the
+                    // gating output, not to the logits)
+                    if (m_.gating == Gating::sigmoid || !L.exp_probs_b.empty()) {
+                        score = prob;
+                        for (int e = 0; e < (int)L.exp_probs_b.size(); ++e) score[(size_t)e] += L.exp_probs_b[(size_t)e];
+                    }
+                    // top-k by score, ties to the lower index
                     std::vector<int> order((size_t)NE);
                     for (int e = 0; e < NE; ++e) order[(size_t)e] = e;
-                    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logit[(size_t)a] > logit[(size_t)b]; });
+                    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[(size_t)a] > score[(size_t)b]; });
                     r.router_logits.insert(r.router_logits.end(), logit.begin(), logit.end());
+                    r.route_scores.insert(r.route_scores.end(), score.begin(), score.end());
                     if (K < NE)  // how close the top-k boundary is to a tie
                         r.route_margin[(size_t)pos] = std::min(r.route_margin[(size_t)pos],
-                                                               logit[(size_t)order[(size_t)K - 1]] - logit[(size_t)order[(size_t)K]]);
+                                                               score[(size_t)order[(size_t)K - 1]] - score[(size_t)order[(size_t)K]]);
                     if (forced_experts) {  // the given experts first, in the order given
                         const size_t base = ((size_t)pos * (size_t)s.n_layer + (size_t)il) * (size_t)K;
                         std::vector<int> forced;
@@ -137,22 +195,41 @@ public:
                             if (std::find(forced.begin(), forced.end(), e) == forced.end()) forced.push_back(e);
                         order = forced;
                     }
+                    if (m_.gating == Gating::softmax_weight) {  // softmax over the k selected logits
+                        double mx = -std::numeric_limits<double>::infinity();
+                        for (int i = 0; i < K; ++i) mx = std::max(mx, logit[(size_t)order[(size_t)i]]);
+                        double sum = 0;
+                        for (int i = 0; i < K; ++i) sum += std::exp(logit[(size_t)order[(size_t)i]] - mx);
+                        for (int i = 0; i < K; ++i) {
+                            const int e = order[(size_t)i];
+                            prob[(size_t)e] = std::exp(logit[(size_t)e] - mx) / sum;
+                        }
+                    }
                     double wsum = 0;
                     for (int i = 0; i < K; ++i) wsum += prob[(size_t)order[(size_t)i]];
+                    wsum = std::max(wsum, 6.103515625e-5);  // llama.cpp clamps the sum (a no-op for softmax)
                     for (int i = 0; i < K; ++i) {
                         const int e = order[(size_t)i];
                         r.experts.push_back(e);
-                        const double wgt = m_.norm_topk ? prob[(size_t)e] / wsum : prob[(size_t)e];
+                        const double wgt = (m_.norm_topk ? prob[(size_t)e] / wsum : prob[(size_t)e]) * m_.expert_scale;
                         const size_t up_off = (size_t)e * (size_t)s.n_ff * (size_t)E;
                         const size_t down_off = (size_t)e * (size_t)E * (size_t)s.n_ff;
-                        std::vector<double> ye = swiglu(L.gate_exps.data() + up_off, L.up_exps.data() + up_off,
-                                                        L.down_exps.data() + down_off, h, E, s.n_ff);
+                        std::vector<double> ye;
+                        if (L.gate_exps_b.empty()) {
+                            ye = swiglu(L.gate_exps.data() + up_off, L.up_exps.data() + up_off, L.down_exps.data() + down_off, h, E,
+                                        s.n_ff);
+                        } else {  // gpt-oss
+                            ye = swiglu_oai_biased(L, e, h, E, s.n_ff);
+                        }
                         for (int c = 0; c < E; ++c) y[(size_t)c] += wgt * ye[(size_t)c];
                     }
-                    if (!L.gate_inp_shexp.empty()) {  // qwen2moe shared expert with its sigmoid gate
-                        double g = 0;
-                        for (int c = 0; c < E; ++c) g += (double)L.gate_inp_shexp[(size_t)c] * h[(size_t)c];
-                        g = 1.0 / (1.0 + std::exp(-g));
+                    if (!L.gate_shexp.empty()) {  // shared expert: qwen2moe's with its sigmoid gate, glm4moe's ungated
+                        double g = 1.0;
+                        if (!L.gate_inp_shexp.empty()) {
+                            g = 0;
+                            for (int c = 0; c < E; ++c) g += (double)L.gate_inp_shexp[(size_t)c] * h[(size_t)c];
+                            g = 1.0 / (1.0 + std::exp(-g));
+                        }
                         std::vector<double> ys = swiglu(L.gate_shexp.data(), L.up_shexp.data(), L.down_shexp.data(), h, E,
                                                         m_.n_ff_shared);
                         for (int c = 0; c < E; ++c) y[(size_t)c] += g * ys[(size_t)c];
@@ -201,12 +278,47 @@ private:
         for (int i = 0; i < n_ff; ++i) g[(size_t)i] = silu(g[(size_t)i]) * u[(size_t)i];
         return matvec(down, g, n_ff, n_embd);
     }
-    // Rotates one head of `n` values at position `pos` (n_rot = n: the whole head is rotated).
-    void rope(double* v, int n, int pos) const {
-        const double base = (double)m_.spec.rope_base;
+    // gpt-oss expert e: down(swiglu_oai(gate x + bg, up x + bu)) + bd, swiglu_oai(g, u) =
+    // g' sigmoid(1.702 g') (u' + 1) with g' = min(g, 7), u' = clamp(u, -7, 7) (ggml's constants).
+    static std::vector<double> swiglu_oai_biased(const LayerWeights& L, int e, const std::vector<double>& x, int n_embd, int n_ff) {
+        const double alpha = 1.702, limit = 7.0;
+        const size_t up_off = (size_t)e * (size_t)n_ff * (size_t)n_embd, down_off = (size_t)e * (size_t)n_embd * (size_t)n_ff;
+        std::vector<double> g = matvec(L.gate_exps.data() + up_off, x, n_embd, n_ff);
+        std::vector<double> u = matvec(L.up_exps.data() + up_off, x, n_embd, n_ff);
+        for (int i = 0; i < n_ff; ++i) {
+            const double gi = std::min(g[(size_t)i] + (double)L.gate_exps_b[(size_t)e * (size_t)n_ff + (size_t)i], limit);
+            const double ui = std::min(std::max(u[(size_t)i] + (double)L.up_exps_b[(size_t)e * (size_t)n_ff + (size_t)i], -limit), limit);
+            g[(size_t)i] = gi / (1.0 + std::exp(-alpha * gi)) * (ui + 1.0);
+        }
+        std::vector<double> y = matvec(L.down_exps.data() + down_off, g, n_ff, n_embd);
+        for (int c = 0; c < n_embd; ++c) y[(size_t)c] += (double)L.down_exps_b[(size_t)e * (size_t)n_embd + (size_t)c];
+        return y;
+    }
+    // Rotates the first n_rot values of one head at position `pos` in layer `il` (NEOX pairs
+    // (i, i + n_rot/2) or NORM pairs (2i, 2i+1)); YaRN when the spec asks for it (see the top).
+    void rope(double* v, int pos, int il) const {
+        const ModelSpec& s = m_.spec;
+        const int n = m_.n_rot;
+        const double base = m_.swa[(size_t)il] && s.rope_base_swa > 0.f ? (double)s.rope_base_swa : (double)s.rope_base;
+        const bool new_family = s.arch == "gpt-oss" || s.arch == "glm4moe";
+        const bool yarn = new_family && s.rope_scaling == "yarn";
+        const double factor = yarn ? (double)s.rope_factor : 1.0;  // freq_scale = 1 / factor
+        double mscale = new_family && s.rope_attn_factor != 0.f ? (double)s.rope_attn_factor : 1.0;
+        double lo = 0, hi = 0;
+        if (yarn) {
+            if (factor > 1.0) mscale *= 1.0 + 0.1 * std::log(factor);
+            const double n_orig = s.rope_orig_ctx > 0 ? (double)s.rope_orig_ctx : (double)s.n_ctx_train;
+            auto corr_dim = [&](double n_turns) { return n * std::log(n_orig / (n_turns * 2 * 3.14159265358979323846)) / (2 * std::log(base)); };
+            lo = std::max(0.0, std::floor(corr_dim(32.0)));
+            hi = std::min((double)(n - 1), std::ceil(corr_dim(1.0)));
+        }
         for (int i = 0; i < n / 2; ++i) {
-            const double theta = (double)pos * std::pow(base, -2.0 * i / n);
-            const double c = std::cos(theta), sn = std::sin(theta);
+            double theta = (double)pos * std::pow(base, -2.0 * i / n);
+            if (yarn) {
+                const double mix = 1.0 - std::min(1.0, std::max(0.0, (i - lo) / std::max(0.001, hi - lo)));
+                theta = theta / factor * (1.0 - mix) + theta * mix;
+            }
+            const double c = std::cos(theta) * mscale, sn = std::sin(theta) * mscale;
             const int a = m_.rope_neox ? i : 2 * i;
             const int b = m_.rope_neox ? i + n / 2 : 2 * i + 1;
             const double x0 = v[a], x1 = v[b];

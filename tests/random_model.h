@@ -1,9 +1,21 @@
 // random_model.h - tiny random-weight MoE models as GGUF files, for the forward-pass tests.
 //
 // make_random_model(spec) builds a model of one of the supported architectures (qwen3moe, olmoe,
-// qwen2moe, llama with experts = Mixtral style, llama without experts = dense) with the exact
-// metadata keys and tensor names/shapes llama.cpp uses (ggml order: ne0 is the contiguous, input
-// dimension), plus a minimal byte-level BPE vocabulary so llama.cpp can load the file as well.
+// qwen2moe, llama with experts = Mixtral style, llama without experts = dense, gpt-oss, glm4moe)
+// with the exact metadata keys and tensor names/shapes llama.cpp uses (ggml order: ne0 is the
+// contiguous, input dimension), plus a minimal byte-level BPE vocabulary so llama.cpp can load the
+// file as well.
+//
+// gpt-oss (llama.cpp src/models/openai-moe.cpp): q/k/v/o biases, per-head attention sinks, sliding-
+// window attention on some layers (attention.sliding_window + optional sliding_window_pattern),
+// optional YaRN RoPE scaling keys, post_attention_norm before the MoE, router bias, per-expert
+// gate/up/down biases, swiglu_oai experts, softmax over the selected experts' logits.
+// glm4moe (src/models/glm4-moe.cpp): optional q/k/v biases and per-head q/k norm, partial NEOX RoPE
+// (rope.dimension_count < head_dim), leading dense FFN blocks (feed_forward_length) before MoE blocks
+// (expert_feed_forward_length), sigmoid gating with a selection bias (exp_probs_b), expert weight
+// norm and scale, one ungated shared expert, and optional NextN/MTP blocks after the trunk
+// (block_count counts them; an engine must skip them: llama.cpp's n_layer = block_count -
+// nextn_predict_layers).
 //
 // Besides the GGUF bytes it keeps every weight as float *as it will be read back*: each tensor is
 // quantized here with moe::quantize_row, the very bytes are stored in the file, and the floats kept
@@ -32,19 +44,19 @@ namespace moe_test {
 
 // What to build. Defaults give a small qwen3moe at F32.
 struct ModelSpec {
-    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama"
+    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe"
     bool dense = false;             // llama only: plain SwiGLU FFN, no experts
     int n_vocab = 300;              // >= 262 (256 byte tokens + 4 merges + 2 control tokens)
     int n_embd = 64;
     int n_layer = 2;
     int n_head = 4;
     int n_head_kv = 2;
-    int head_dim = 0;               // 0: n_embd / n_head. qwen3moe and llama may set any value
-                                    // (written as attention.key_length / value_length)
+    int head_dim = 0;               // 0: n_embd / n_head. qwen3moe, llama, gpt-oss and glm4moe may set any
+                                    // value (written as attention.key_length / value_length)
     int n_expert = 4;
     int n_expert_used = 2;
     int n_ff = 32;                  // per-expert FFN width (dense FFN width when dense)
-    int n_ff_shared = 0;            // qwen2moe shared expert width; 0: same as n_ff
+    int n_ff_shared = 0;            // qwen2moe shared expert width; 0: same as n_ff (glm4moe: see n_expert_shared)
     int n_ctx_train = 4096;
     float rope_base = 10000.f;
     float rms_eps = 1e-6f;
@@ -65,6 +77,33 @@ struct ModelSpec {
     // the ffn_*_exps stacks keep the others. The weights drawn are the same as without the split.
     std::vector<int> hot_experts;
     moe::TensorType hot_type = moe::TensorType::f32;
+    // ---- gpt-oss and glm4moe only (the other arches ignore these) ----
+    bool qkv_bias = true;           // attn_q/k/v.bias (gpt-oss files always have them; optional in llama.cpp)
+    // Sliding-window attention (gpt-oss). llama.cpp: a query at position p attends keys at positions
+    // p - n_swa < j <= p on SWA layers; without a pattern key, layer il is SWA when il % 2 == 0.
+    int n_swa = 16;                 // attention.sliding_window (required)
+    int swa_pattern = -1;           // attention.sliding_window_pattern as a u32 n: layer il is SWA when
+                                    // il % n < n - 1 (n = 0: every layer); -1: key not written
+    std::vector<int> swa_layers;    // non-empty: the pattern as an i32 array instead, 1 = SWA layer
+    float rope_base_swa = 0.f;      // rope.freq_base_swa for the SWA layers; 0: not written (= rope_base)
+    // RoPE scaling: "" writes no keys (plain RoPE); "yarn" writes rope.scaling.type = yarn, .factor
+    // and .original_context_length (0: not written, llama.cpp then uses n_ctx_train).
+    std::string rope_scaling;
+    float rope_factor = 32.f;       // rope.scaling.factor (yarn only)
+    int rope_orig_ctx = 0;          // rope.scaling.original_context_length (yarn only)
+    float rope_attn_factor = 0.f;   // rope.scaling.attn_factor; 0: not written (llama.cpp: 1)
+    // glm4moe
+    int n_rot = 0;                  // rope.dimension_count; 0: head_dim / 2 (GLM-4.5's partial rotary)
+    int n_dense_lead = 1;           // leading_dense_block_count: layers [0, n) have a dense SwiGLU FFN
+    int n_ff_dense = 0;             // feed_forward_length, the dense layers' width; 0: 3 * n_ff
+    int n_expert_shared = 1;        // expert_shared_count (>= 1): one ungated shared SwiGLU expert of
+                                    // width n_ff * n_expert_shared
+    int gating_func = 2;            // expert_gating_func: 1 softmax, 2 sigmoid; 0: not written (llama.cpp: sigmoid)
+    bool expert_weights_norm = true;   // expert_weights_norm: the selected weights renormalised to sum 1
+    float expert_weights_scale = 0.f;  // expert_weights_scale; 0: not written (0 and 1: no scaling)
+    bool qk_norm = false;           // attn_q_norm / attn_k_norm {head_dim}: RMSNorm of each head
+    int n_nextn = 0;                // nextn_predict_layers: NextN/MTP blocks written after the n_layer
+                                    // trunk blocks (block_count = n_layer + n_nextn); not run by the oracle
     // Fault injection for loader tests.
     std::string omit_tensor;        // this tensor is not written
     std::string misshape_tensor;    // this tensor is written with ne[1] + 1 (ne[0] + 1 if 1-D)
@@ -76,15 +115,22 @@ struct LayerWeights {
     std::vector<float> wq, wk, wv;                  // {n_embd, n_head*hd} / {n_embd, n_head_kv*hd}
     std::vector<float> bq, bk, bv;                  // qwen2moe only: {n_head*hd} / {n_head_kv*hd}
     std::vector<float> wo;                          // {n_head*hd, n_embd}
-    std::vector<float> q_norm, k_norm;              // qwen3moe {hd}; olmoe {n_head*hd} / {n_head_kv*hd}
-    std::vector<float> ffn_norm;                    // {n_embd}
+    std::vector<float> q_norm, k_norm;              // qwen3moe, glm4moe {hd}; olmoe {n_head*hd} / {n_head_kv*hd}
+    std::vector<float> bo;                          // gpt-oss: attn_output.bias {n_embd}
+    std::vector<float> attn_sinks;                  // gpt-oss: attn_sinks.weight {n_head}
+    std::vector<float> ffn_norm;                    // {n_embd}; gpt-oss and glm4moe: post_attention_norm.weight
+    std::vector<float> gate_inp_b;                  // gpt-oss: ffn_gate_inp.bias {n_expert}
+    std::vector<float> exp_probs_b;                 // glm4moe: exp_probs_b.bias {n_expert} (selection only)
+    std::vector<float> gate_exps_b, up_exps_b;      // gpt-oss: {n_ff, n_expert}
+    std::vector<float> down_exps_b;                 // gpt-oss: {n_embd, n_expert}
     std::vector<float> gate_inp;                    // {n_embd, n_expert}
     std::vector<float> gate_exps, up_exps;          // {n_embd, n_ff, n_expert}
     std::vector<float> down_exps;                   // {n_ff, n_embd, n_expert}
-    std::vector<float> gate_inp_shexp;              // qwen2moe: {n_embd}
-    std::vector<float> gate_shexp, up_shexp;        // qwen2moe: {n_embd, n_ff_shared}
-    std::vector<float> down_shexp;                  // qwen2moe: {n_ff_shared, n_embd}
-    std::vector<float> ffn_gate, ffn_up, ffn_down;  // dense llama: {n_embd, n_ff} x2, {n_ff, n_embd}
+    std::vector<float> gate_inp_shexp;              // qwen2moe: {n_embd} (glm4moe: none, the shared expert is ungated)
+    std::vector<float> gate_shexp, up_shexp;        // qwen2moe, glm4moe: {n_embd, n_ff_shared}
+    std::vector<float> down_shexp;                  // qwen2moe, glm4moe: {n_ff_shared, n_embd}
+    std::vector<float> ffn_gate, ffn_up, ffn_down;  // dense llama, glm4moe's leading dense layers:
+                                                    // {n_embd, n_ff_dense} x2, {n_ff_dense, n_embd}
 };
 
 struct RandomModel {
@@ -92,9 +138,19 @@ struct RandomModel {
     // Derived hyper-parameters.
     int head_dim = 0;
     int n_ff_shared = 0;
+    int n_ff_dense = 0;        // dense FFN width (dense llama: n_ff; glm4moe's leading dense layers)
+    int n_rot = 0;             // rotated dims per head (head_dim except glm4moe)
     bool rope_neox = true;
     bool norm_topk = true;     // renormalise the top-k router weights
-    bool moe = true;           // false: dense llama
+    bool moe = true;           // false: dense llama (glm4moe: some layers are dense, see LayerWeights::gate_inp)
+    // Routing: how the top-k is chosen and weighted.
+    //   softmax:        p = softmax(logits) over all experts; top-k of logits; w = p (renormalised if norm_topk)
+    //   sigmoid:        p = sigmoid(logits); top-k of p + exp_probs_b; w = p (renormalised if norm_topk)
+    //   softmax_weight: top-k of logits (+ router bias); w = softmax over the k selected logits
+    enum class Gating { softmax, sigmoid, softmax_weight };
+    Gating gating = Gating::softmax;
+    double expert_scale = 1.0; // the routed experts' weights are multiplied by this
+    std::vector<bool> swa;     // per trunk layer: sliding-window attention (gpt-oss)
     int bos = -1, eos = -1;
     // Weights as stored (after the quantize -> dequantize round trip).
     std::vector<float> tok_embd;     // {n_embd, n_vocab}
@@ -172,16 +228,51 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     m.spec = spec;
     const std::string& A = spec.arch;
     const bool is_qwen3 = A == "qwen3moe", is_olmoe = A == "olmoe", is_qwen2 = A == "qwen2moe", is_llama = A == "llama";
+    const bool is_oss = A == "gpt-oss", is_glm = A == "glm4moe";
     auto fail = [&](const std::string& msg) {
         if (m.ok()) { m.status = moe::Status::invalid_argument; m.error = msg; }
     };
-    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama) { fail("unknown arch " + A); return m; }
+    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama && !is_oss && !is_glm) { fail("unknown arch " + A); return m; }
     if (spec.dense && !is_llama) { fail("dense is only for llama"); return m; }
     m.moe = !spec.dense;
     m.head_dim = spec.head_dim > 0 ? spec.head_dim : spec.n_embd / spec.n_head;
     m.n_ff_shared = spec.n_ff_shared > 0 ? spec.n_ff_shared : spec.n_ff;
+    m.n_ff_dense = spec.n_ff;
+    m.n_rot = m.head_dim;
     m.rope_neox = !is_llama;
     m.norm_topk = is_qwen3 || is_llama;
+    m.swa.assign((size_t)std::max(0, spec.n_layer), false);
+    if (is_oss) {
+        m.norm_topk = false;
+        m.gating = RandomModel::Gating::softmax_weight;
+        if (spec.tied) { fail("gpt-oss needs an output tensor (no tied embeddings)"); return m; }
+        if (spec.n_swa <= 0) { fail("gpt-oss needs n_swa > 0"); return m; }
+        if (!spec.swa_layers.empty() && (int)spec.swa_layers.size() != spec.n_layer) { fail("swa_layers needs n_layer entries"); return m; }
+        for (int il = 0; il < spec.n_layer; ++il) {
+            bool swa;
+            if (!spec.swa_layers.empty()) swa = spec.swa_layers[(size_t)il] != 0;
+            else {
+                const int n = spec.swa_pattern >= 0 ? spec.swa_pattern : 2;  // llama.cpp's default for gpt-oss
+                swa = n == 0 || il % n < n - 1;
+            }
+            m.swa[(size_t)il] = swa;
+        }
+    }
+    if (is_glm) {
+        m.n_rot = spec.n_rot > 0 ? spec.n_rot : m.head_dim / 2;
+        m.n_ff_dense = spec.n_ff_dense > 0 ? spec.n_ff_dense : 3 * spec.n_ff;
+        m.n_ff_shared = spec.n_ff * spec.n_expert_shared;
+        m.norm_topk = spec.expert_weights_norm;
+        if (spec.gating_func == 1) m.gating = RandomModel::Gating::softmax;
+        else if (spec.gating_func == 0 || spec.gating_func == 2) m.gating = RandomModel::Gating::sigmoid;
+        else { fail("glm4moe gating_func must be 0, 1 or 2"); return m; }
+        if (spec.expert_weights_scale != 0.f) m.expert_scale = (double)spec.expert_weights_scale;
+        if (m.n_rot % 2 || m.n_rot > m.head_dim) { fail("n_rot must be even and <= head_dim"); return m; }
+        if (spec.n_expert_shared < 1) { fail("glm4moe needs n_expert_shared >= 1"); return m; }
+        if (spec.n_dense_lead < 0 || spec.n_dense_lead > spec.n_layer) { fail("bad n_dense_lead"); return m; }
+        if (spec.n_nextn < 0) { fail("bad n_nextn"); return m; }
+    }
+    if ((is_oss || is_glm) && !spec.rope_scaling.empty() && spec.rope_scaling != "yarn") { fail("rope_scaling must be \"\" or yarn"); return m; }
     const int E = spec.n_embd, H = spec.n_head, HKV = spec.n_head_kv, HD = m.head_dim;
     const int NE = spec.n_expert, NF = spec.n_ff, NFS = m.n_ff_shared, V = spec.n_vocab;
     if (spec.n_vocab < 262) { fail("n_vocab must be >= 262"); return m; }
@@ -204,7 +295,7 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     set_u32("general.alignment", 32);
     set_u32(P + "context_length", (uint32_t)spec.n_ctx_train);
     set_u32(P + "embedding_length", (uint32_t)E);
-    set_u32(P + "block_count", (uint32_t)spec.n_layer);
+    set_u32(P + "block_count", (uint32_t)(spec.n_layer + (is_glm ? spec.n_nextn : 0)));
     set_u32(P + "attention.head_count", (uint32_t)H);
     set_u32(P + "attention.head_count_kv", (uint32_t)HKV);
     set_f32(P + "attention.layer_norm_rms_epsilon", spec.rms_eps);
@@ -226,13 +317,44 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         set_u32(P + "expert_shared_feed_forward_length", (uint32_t)NFS);
     } else if (is_olmoe) {
         set_u32(P + "feed_forward_length", (uint32_t)NF);
-    } else {  // llama: per-expert (or dense) FFN width
+    } else if (is_llama) {  // llama: per-expert (or dense) FFN width
         set_u32(P + "feed_forward_length", (uint32_t)NF);
         set_u32(P + "rope.dimension_count", (uint32_t)HD);
         if (HD * H != E) {
             set_u32(P + "attention.key_length", (uint32_t)HD);
             set_u32(P + "attention.value_length", (uint32_t)HD);
         }
+    } else {  // gpt-oss, glm4moe
+        set_u32(P + "attention.key_length", (uint32_t)HD);
+        set_u32(P + "attention.value_length", (uint32_t)HD);
+        set_u32(P + "expert_feed_forward_length", (uint32_t)NF);
+        if (is_oss) {
+            // feed_forward_length is not read by llama.cpp for gpt-oss: deliberately not the expert width
+            set_u32(P + "feed_forward_length", (uint32_t)(3 * E));
+            set_u32(P + "attention.sliding_window", (uint32_t)spec.n_swa);
+            if (!spec.swa_layers.empty()) {
+                if (key_ok(P + "attention.sliding_window_pattern"))
+                    w.set_i32_array(P + "attention.sliding_window_pattern", std::vector<int32_t>(spec.swa_layers.begin(), spec.swa_layers.end()));
+            } else if (spec.swa_pattern >= 0) {
+                set_u32(P + "attention.sliding_window_pattern", (uint32_t)spec.swa_pattern);
+            }
+            if (spec.rope_base_swa > 0.f) set_f32(P + "rope.freq_base_swa", spec.rope_base_swa);
+        } else {
+            set_u32(P + "feed_forward_length", (uint32_t)m.n_ff_dense);
+            set_u32(P + "rope.dimension_count", (uint32_t)m.n_rot);
+            set_u32(P + "leading_dense_block_count", (uint32_t)spec.n_dense_lead);
+            set_u32(P + "expert_shared_count", (uint32_t)spec.n_expert_shared);
+            if (spec.gating_func != 0) set_u32(P + "expert_gating_func", (uint32_t)spec.gating_func);
+            if (key_ok(P + "expert_weights_norm")) w.set_bool(P + "expert_weights_norm", spec.expert_weights_norm);
+            if (spec.expert_weights_scale != 0.f) set_f32(P + "expert_weights_scale", spec.expert_weights_scale);
+            if (spec.n_nextn > 0) set_u32(P + "nextn_predict_layers", (uint32_t)spec.n_nextn);
+        }
+        if (spec.rope_scaling == "yarn") {
+            set_str(P + "rope.scaling.type", "yarn");
+            set_f32(P + "rope.scaling.factor", spec.rope_factor);
+            if (spec.rope_orig_ctx > 0) set_u32(P + "rope.scaling.original_context_length", (uint32_t)spec.rope_orig_ctx);
+        }
+        if (spec.rope_attn_factor != 0.f) set_f32(P + "rope.scaling.attn_factor", spec.rope_attn_factor);
     }
 
     // Tokenizer: 256 byte-level tokens, 4 merges, fillers, 2 control tokens at the end.
@@ -343,6 +465,57 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         w.set_i32_array("moe_infer.hot_experts", all);
     }
 
+    // One block of gpt-oss or glm4moe (il >= n_layer: a glm4moe NextN block, always MoE).
+    auto add_new_family_layer = [&](LayerWeights& L, int il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        const double s_in = 1.0 / std::sqrt((double)E);
+        L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
+        L.wq = add(b + "attn_q.weight", {E, H * HD}, 0, s_in, true);
+        L.wk = add(b + "attn_k.weight", {E, HKV * HD}, 0, s_in, true);
+        L.wv = add(b + "attn_v.weight", {E, HKV * HD}, 0, s_in, true);
+        if (spec.qkv_bias) {
+            L.bq = add(b + "attn_q.bias", {H * HD}, 0, 0.3, false);
+            L.bk = add(b + "attn_k.bias", {HKV * HD}, 0, 0.3, false);
+            L.bv = add(b + "attn_v.bias", {HKV * HD}, 0, 0.3, false);
+        }
+        L.wo = add(b + "attn_output.weight", {H * HD, E}, 0, 1.0 / std::sqrt((double)(H * HD)), true);
+        if (is_oss) {
+            L.bo = add(b + "attn_output.bias", {E}, 0, 0.3, false);
+            L.attn_sinks = add(b + "attn_sinks.weight", {H}, 0, 1.0, false);
+        }
+        if (is_glm && spec.qk_norm) {
+            L.q_norm = add(b + "attn_q_norm.weight", {HD}, 1.0, 0.2, false);
+            L.k_norm = add(b + "attn_k_norm.weight", {HD}, 1.0, 0.2, false);
+        }
+        L.ffn_norm = add(b + "post_attention_norm.weight", {E}, 1.0, 0.1, false);
+        if (is_glm && il < spec.n_dense_lead) {
+            const int NFD = m.n_ff_dense;
+            L.ffn_gate = add(b + "ffn_gate.weight", {E, NFD}, 0, s_in, true);
+            L.ffn_up = add(b + "ffn_up.weight", {E, NFD}, 0, s_in, true);
+            L.ffn_down = add(b + "ffn_down.weight", {NFD, E}, 0, 1.0 / std::sqrt((double)NFD), true);
+            return;
+        }
+        L.gate_inp = add(b + "ffn_gate_inp.weight", {E, NE}, 0, spec.router_scale * s_in, false);
+        if (is_oss) L.gate_inp_b = add(b + "ffn_gate_inp.bias", {NE}, 0, 0.5, false);
+        // the selection bias moves sigmoid scores in (0, 1): 0.2 changes the choice often, not always
+        if (is_glm) L.exp_probs_b = add(b + "exp_probs_b.bias", {NE}, 0, 0.2, false);
+        // gpt-oss: gate/up ~ N(0, 3^2) so that swiglu_oai's clamps at 7 are reached now and then
+        const double s_gu = is_oss ? 3.0 * s_in : s_in;
+        L.gate_exps = add_experts(b, "gate", {E, NF, NE}, s_gu);
+        L.up_exps = add_experts(b, "up", {E, NF, NE}, s_gu);
+        L.down_exps = add_experts(b, "down", {NF, E, NE}, 1.0 / std::sqrt((double)NF));
+        if (is_oss) {
+            L.gate_exps_b = add(b + "ffn_gate_exps.bias", {NF, NE}, 0, 0.5, false);
+            L.up_exps_b = add(b + "ffn_up_exps.bias", {NF, NE}, 0, 0.5, false);
+            L.down_exps_b = add(b + "ffn_down_exps.bias", {E, NE}, 0, 0.3, false);
+        }
+        if (is_glm) {
+            L.gate_shexp = add(b + "ffn_gate_shexp.weight", {E, NFS}, 0, s_in, true);
+            L.up_shexp = add(b + "ffn_up_shexp.weight", {E, NFS}, 0, s_in, true);
+            L.down_shexp = add(b + "ffn_down_shexp.weight", {NFS, E}, 0, 1.0 / std::sqrt((double)NFS), true);
+        }
+    };
+
     const double emb_std = spec.tied ? 2.5 / std::sqrt((double)E) : 1.0;
     m.tok_embd = add("token_embd.weight", {E, V}, 0, emb_std, true);
     m.output_norm = add("output_norm.weight", {E}, 1.0, 0.1, false);
@@ -353,6 +526,10 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         LayerWeights& L = m.layers[(size_t)il];
         const std::string b = "blk." + std::to_string(il) + ".";
         const double s_in = 1.0 / std::sqrt((double)E);
+        if (is_oss || is_glm) {
+            add_new_family_layer(L, il);
+            continue;
+        }
         L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
         L.wq = add(b + "attn_q.weight", {E, H * HD}, 0, s_in, true);
         L.wk = add(b + "attn_k.weight", {E, HKV * HD}, 0, s_in, true);
@@ -388,6 +565,19 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
             L.ffn_down = add(b + "ffn_down.weight", {NF, E}, 0, 1.0 / std::sqrt((double)NF), true);
         }
     }
+    // glm4moe NextN/MTP blocks: a full MoE block plus the nextn.* tensors. llama.cpp's trunk graph
+    // never runs them (n_layer = block_count - nextn_predict_layers), so neither does the oracle.
+    if (is_glm) {
+        for (int il = spec.n_layer; il < spec.n_layer + spec.n_nextn; ++il) {
+            LayerWeights L;
+            add_new_family_layer(L, il);
+            const std::string b = "blk." + std::to_string(il) + ".";
+            add(b + "nextn.eh_proj.weight", {2 * E, E}, 0, 1.0 / std::sqrt(2.0 * E), true);
+            add(b + "nextn.enorm.weight", {E}, 1.0, 0.1, false);
+            add(b + "nextn.hnorm.weight", {E}, 1.0, 0.1, false);
+            add(b + "nextn.shared_head_norm.weight", {E}, 1.0, 0.1, false);
+        }
+    }
     return m;
 }
 
@@ -407,7 +597,23 @@ inline std::string describe(const ModelSpec& s) {
                   s.n_layer, s.n_head, s.n_head_kv, s.head_dim > 0 ? s.head_dim : s.n_embd / s.n_head, s.n_expert,
                   s.n_expert_used, s.n_ff, s.n_ff_shared ? (" shff=" + std::to_string(s.n_ff_shared)).c_str() : "",
                   s.tied ? " tied" : "", (unsigned long long)s.seed);
-    return buf;
+    std::string out = buf;
+    if (s.arch == "gpt-oss" || s.arch == "glm4moe") {
+        char more[320];
+        if (s.arch == "gpt-oss")
+            std::snprintf(more, sizeof more, " swa=%d pattern=%d%s", s.n_swa, s.swa_pattern, s.swa_layers.empty() ? "" : "(array)");
+        else
+            std::snprintf(more, sizeof more, " rot=%d dense=%d/ff%d shared=%d gating=%d norm=%d scale=%g%s nextn=%d",
+                          s.n_rot, s.n_dense_lead, s.n_ff_dense, s.n_expert_shared, s.gating_func, (int)s.expert_weights_norm,
+                          (double)s.expert_weights_scale, s.qk_norm ? " qknorm" : "", s.n_nextn);
+        out += more;
+        if (!s.qkv_bias) out += " no-qkv-bias";
+        if (!s.rope_scaling.empty()) {
+            std::snprintf(more, sizeof more, " %s(x%g orig=%d)", s.rope_scaling.c_str(), (double)s.rope_factor, s.rope_orig_ctx);
+            out += more;
+        }
+    }
+    return out;
 }
 
 }  // namespace moe_test
