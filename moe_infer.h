@@ -8706,6 +8706,7 @@ struct ModelImpl {
     QkNorm qk_norm = QkNorm::none;
     FfnAct ffn_act = FfnAct::silu;
     RopeTable rope;
+    RopeTable rope_swa;  // sliding-window layers whose base differs (rope.freq_base_swa); else empty
     Weight token_embd, output;
     std::vector<float> output_norm;
     std::vector<LayerWeights> layers;
@@ -8987,12 +8988,17 @@ inline Status load_model(ModelImpl& m) {
     }
     if (hp.n_ff <= 0) return fail(Status::invalid_file, "missing or zero feed-forward size for '%s'", arch.c_str());
 
-    // The RoPE table (see RopeTable).
-    {
-        RopeTable& rt = m.rope;
+    // The RoPE tables (see RopeTable); sliding-window layers may have a base of their own.
+    float base_swa = hp.rope_freq_base;
+    if (is_gptoss && (s = L.f32("rope.freq_base_swa", &base_swa, false, hp.rope_freq_base)) != Status::ok) return s;
+    if (!(base_swa > 0)) return fail(Status::invalid_file, "rope.freq_base_swa must be positive");
+    for (RopeTable* table : {&m.rope, &m.rope_swa}) {
+        const float base = table == &m.rope ? hp.rope_freq_base : base_swa;
+        if (table == &m.rope_swa && base == hp.rope_freq_base) break;
+        RopeTable& rt = *table;
         const int half = hp.n_rot / 2;
         rt.inv_freq.resize((size_t)half);
-        for (int i = 0; i < half; ++i) rt.inv_freq[(size_t)i] = std::pow(hp.rope_freq_base, -2.f * (float)i / (float)hp.n_rot);
+        for (int i = 0; i < half; ++i) rt.inv_freq[(size_t)i] = std::pow(base, -2.f * (float)i / (float)hp.n_rot);
         rt.freq_scale = hp.rope_freq_scale;
         rt.mscale = attn_factor;
         if (hp.rope_yarn) {
@@ -9001,7 +9007,7 @@ inline Status load_model(ModelImpl& m) {
             const float yarn_attn = (factor <= 1 ? 1.f : 0.1f * log_factor + 1.f) / (1.f + 0.1f * log_factor);
             rt.mscale = attn_factor * yarn_attn * (1.f + 0.1f * std::log(1.f / hp.rope_freq_scale));
             auto corr_dim = [&](float n_rotations) {
-                return (float)hp.n_rot * std::log((float)n_ctx_orig / (n_rotations * 2 * 3.14159265358979f)) / (2 * std::log(hp.rope_freq_base));
+                return (float)hp.n_rot * std::log((float)n_ctx_orig / (n_rotations * 2 * 3.14159265358979f)) / (2 * std::log(base));
             };
             const float low = std::max(0.f, std::floor(corr_dim(32.f))), high = std::min((float)hp.n_rot - 1, std::ceil(corr_dim(1.f)));
             rt.ramp.resize((size_t)half);
@@ -9859,6 +9865,7 @@ struct Activations {
     AlignedBuffer<float> q, k, v;        // (B, q_dim), (B, kv_dim) x2
     AlignedBuffer<float> att_out;        // (B, q_dim)
     AlignedBuffer<float> rope_cs;        // (B, n_rot / 2, 2): cos, sin per position of the chunk
+    AlignedBuffer<float> rope_cs_swa;    // the same for sliding-window layers with a base of their own
     AlignedBuffer<float> att_scratch;    // per thread: scores, accumulators, max, sum of one head group
     size_t att_scratch_stride = 0;
     AlignedBuffer<float> att_part;       // KV-split partials: (max, sum, head_dim values) per head and split
@@ -10202,7 +10209,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     const bool ok = a.x.allocate((size_t)(B * plan->n_embd)) && a.xb.allocate((size_t)(B * plan->n_embd)) &&
                     a.q.allocate((size_t)(B * plan->q_dim)) && a.k.allocate((size_t)(B * plan->kv_dim)) &&
                     a.v.allocate((size_t)(B * plan->kv_dim)) && a.att_out.allocate((size_t)(B * plan->q_dim)) &&
-                    a.rope_cs.allocate((size_t)(B * std::max(2, hp->n_rot))) && a.att_scratch.allocate(a.att_scratch_stride * (size_t)nth) &&
+                    a.rope_cs.allocate((size_t)(B * std::max(2, hp->n_rot))) && a.rope_cs_swa.allocate((size_t)(B * std::max(2, hp->n_rot))) && a.att_scratch.allocate(a.att_scratch_stride * (size_t)nth) &&
                     a.att_part.allocate((size_t)(4 * nth * group * (hd + 2))) &&
                     a.router_logits.allocate((size_t)(B * std::max(1, hp->n_expert))) && a.router_select.allocate((size_t)(B * std::max(1, hp->n_expert))) &&
                     a.hidden.allocate((size_t)(B * slots * plan->max_ff)) && a.hidden_q.allocate(a.hidden_q_stride * (size_t)(B * slots)) &&
@@ -10327,6 +10334,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             if (m.token_embd.scaled())
                 for (int64_t i = 0; i < n_embd; ++i) a.x[(size_t)(t * n_embd + i)] *= m.token_embd.scale(0);
             m.rope.angles(pos_of(c, (int32_t)t), a.rope_cs.data + t * hp->n_rot);
+            if (!m.rope_swa.inv_freq.empty()) m.rope_swa.angles(pos_of(c, (int32_t)t), a.rope_cs_swa.data + t * hp->n_rot);
         }
     }
     end_phase(ith, nth, PhaseProfile::embed);
@@ -10523,7 +10531,7 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
     for (int64_t u = u0; u < u1; ++u) {
         const int32_t t = (int32_t)(u / per_token);
         const int unit = (int)(u % per_token);
-        const float* cs = a.rope_cs.data + (int64_t)t * hp->n_rot;
+        const float* cs = (l.swa && !m.rope_swa.inv_freq.empty() ? a.rope_cs_swa.data : a.rope_cs.data) + (int64_t)t * hp->n_rot;
         float* qt = a.q.data + t * q_dim;
         float* kt_ = a.k.data + t * kv_dim;
         KvCache& cache = kv_of(c, t);
