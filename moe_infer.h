@@ -587,11 +587,16 @@ enum class ExpertGating : int32_t { softmax = 1, sigmoid = 2, softmax_weight = 3
 
 // Hyper-parameters, all read from GGUF metadata.
 struct ModelInfo {
-    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe"
+    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe", "deepseek2"
     std::string name;          // general.name or ""
     int32_t n_vocab = 0, n_embd = 0, n_layer = 0, n_ctx_train = 0;  // n_layer: without NextN/MTP layers
     int32_t n_head = 0, n_head_kv = 0, head_dim = 0, n_rot = 0;
     int32_t n_expert = 0, n_expert_used = 0, n_ff = 0, n_ff_shared = 0;  // n_expert == 0: dense FFN
+    // Multi-head latent attention (deepseek2): queries through a rank-q_lora_rank bottleneck (0: none),
+    // keys and values from a shared latent of kv_lora_rank; head_dim = no-rope + n_rot dims of a
+    // key, value_dim those of a value. The KV cache keeps the latent + n_rot per position.
+    int32_t q_lora_rank = 0, kv_lora_rank = 0, value_dim = 0;
+    int32_t n_expert_groups = 0, n_group_used = 0;  // grouped top-k: experts from the best groups only
     int32_t n_layer_dense_lead = 0;  // the first layers have a dense FFN of width n_ff_dense
     int32_t n_ff_dense = 0;
     int32_t sliding_window = 0;      // > 0: layers with ModelInfo::layer_swa attend this many positions
@@ -731,7 +736,8 @@ struct SessionOptions {
 };
 
 // Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
-// 8 * n_layer * n_ctx * n_head_kv * head_dim for F32, 34/32 of that / 4 for Q8_0. 0 for an unloaded model.
+// 8 * n_layer * n_ctx * n_head_kv * head_dim for F32 (MLA models: 4 * n_layer * n_ctx * (kv_lora_rank +
+// n_rot), the latent and the rope key), 34/32 of that / 4 for Q8_0. 0 for an unloaded model.
 MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType kv_type = TensorType::f32);
 constexpr int32_t kMaxContextLength = 1 << 22;  // SessionOptions::n_ctx limit
 
@@ -8648,6 +8654,11 @@ struct LayerWeights {
     std::vector<float> selection_bias;        // (n_expert) steers the top-k only (exp_probs_b)
     std::vector<float> gate_exps_b, up_exps_b, down_exps_b;  // (n_expert, n_ff) x2, (n_expert, n_embd)
     std::vector<float> sinks;                 // (n_head) attention sink logits (gpt-oss)
+    // Multi-head latent attention (deepseek2): wq_a/wq_b (q LoRA) or wq; wkv_a gives the latent and
+    // the shared rope key; wk_b (n_head, kv_lora, no-rope) absorbs a query into the latent space,
+    // wv_b (n_head, value_dim, kv_lora) turns the attended latent into a head's value.
+    Weight wq_a, wq_b, wkv_a, wk_b, wv_b;
+    std::vector<float> q_a_norm, kv_a_norm;
     bool swa = false;                         // attends the last ModelInfo::sliding_window positions
     bool moe() const { return (bool)router; }
 };
@@ -8664,12 +8675,19 @@ inline int64_t act_block(uint8_t fmts) {
 }
 
 // Activation formats each input of a layer must be quantized to (bit set of ActFormat).
-struct LayerFormats { uint8_t attn_in = 0, att_out = 0, ffn_in = 0; };
+struct LayerFormats { uint8_t attn_in = 0, att_out = 0, ffn_in = 0, q_b_in = 0; };
 
 // The forward pass's dimensions and activation formats, fixed at load. Formats are kept for both
 // kernel choices: [0] the integer kernels (as llama.cpp), [1] float activations.
 struct ForwardPlan {
-    int64_t n_embd = 0, q_dim = 0, kv_dim = 0;
+    // Attention works on heads of att_k dims (scores) and att_v dims (values): head_dim both, or
+    // with MLA kv_lora + n_rot and kv_lora over one shared KV head (values = the keys' first dims).
+    int64_t n_embd = 0, q_dim = 0, kv_dim = 0;  // n_head * att_k, n_head_kv * att_k
+    int64_t att_k = 0, att_v = 0;
+    int64_t v_dim = 0;     // V cache row: n_head_kv * att_v (0 with MLA)
+    int64_t att_dim = 0;   // attention output: n_head * att_v
+    int64_t wo_dim = 0;    // attn_output's input: att_dim, or n_head * value_dim with MLA
+    float att_scale = 1;
     int64_t max_ff = 0;   // widest FFN hidden layer (routed or shared)
     int32_t group = 1;    // query heads per KV head
     int32_t slots = 1;    // FFN uses per token: top-k routed [+ shared], or 1 dense
@@ -8707,6 +8725,8 @@ struct ModelImpl {
     FfnAct ffn_act = FfnAct::silu;
     RopeTable rope;
     RopeTable rope_swa;  // sliding-window layers whose base differs (rope.freq_base_swa); else empty
+    bool mla = false;      // multi-head latent attention (ModelInfo::kv_lora_rank)
+    float att_scale = 0;   // scale of q.k; 0: 1 / sqrt(head_dim)
     Weight token_embd, output;
     std::vector<float> output_norm;
     std::vector<LayerWeights> layers;
@@ -8795,8 +8815,14 @@ inline void plan_forward(ModelImpl& m) {
     const ModelInfo& hp = m.info;
     ForwardPlan& p = m.plan;
     p.n_embd = hp.n_embd;
-    p.q_dim = (int64_t)hp.n_head * hp.head_dim;
-    p.kv_dim = (int64_t)hp.n_head_kv * hp.head_dim;
+    p.att_k = m.mla ? hp.kv_lora_rank + hp.n_rot : hp.head_dim;
+    p.att_v = m.mla ? hp.kv_lora_rank : hp.head_dim;
+    p.q_dim = (int64_t)hp.n_head * p.att_k;
+    p.kv_dim = (int64_t)hp.n_head_kv * p.att_k;
+    p.v_dim = m.mla ? 0 : (int64_t)hp.n_head_kv * p.att_v;
+    p.att_dim = (int64_t)hp.n_head * p.att_v;
+    p.wo_dim = m.mla ? (int64_t)hp.n_head * hp.value_dim : p.att_dim;
+    p.att_scale = m.att_scale > 0 ? m.att_scale : 1.f / std::sqrt((float)hp.head_dim);
     p.group = hp.n_head / hp.n_head_kv;
     p.max_ff = std::max<int64_t>(std::max(hp.n_ff, hp.n_ff_shared), hp.n_ff_dense);
     p.slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;  // a dense layer uses slot 0
@@ -8806,7 +8832,8 @@ inline void plan_forward(ModelImpl& m) {
         for (int il = 0; il < hp.n_layer; ++il) {
             const LayerWeights& l = m.layers[(size_t)il];
             LayerFormats& f = p.layer_formats[fa][(size_t)il];
-            f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv));
+            f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv) | bit(l.wq_a) | bit(l.wkv_a));
+            f.q_b_in = bit(l.wq_b);
             f.att_out = bit(l.wo);
             f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate_hot) | bit(l.up_hot) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
         }
@@ -8845,9 +8872,10 @@ inline Status load_model(ModelImpl& m) {
     if (s != Status::ok) return s;
     const std::string& arch = hp.architecture;
     const bool is_qwen3moe = arch == "qwen3moe", is_olmoe = arch == "olmoe", is_qwen2moe = arch == "qwen2moe", is_llama = arch == "llama";
-    const bool is_gptoss = arch == "gpt-oss", is_glm4moe = arch == "glm4moe";
-    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe)
-        return fail(Status::unsupported, "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe)", arch.c_str());
+    const bool is_gptoss = arch == "gpt-oss", is_glm4moe = arch == "glm4moe", is_deepseek2 = arch == "deepseek2";
+    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe && !is_deepseek2)
+        return fail(Status::unsupported, "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe, deepseek2)",
+                    arch.c_str());
     m.file.get_string("general.name", &hp.name);
     last_error_storage().clear();
 
@@ -8895,10 +8923,29 @@ inline Status load_model(ModelImpl& m) {
     if (n_dense_lead > n_layer) return fail(Status::invalid_file, "leading_dense_block_count %u exceeds the %u layers", n_dense_lead, n_layer);
     if ((s = L.u32("attention.key_length", &key_len, false, n_embd / n_head)) != Status::ok) return s;
     if ((s = L.u32("attention.value_length", &val_len, false, key_len)) != Status::ok) return s;
-    if (key_len != val_len) return fail(Status::unsupported, "key_length %u != value_length %u is not supported", key_len, val_len);
+    uint32_t q_lora = 0, kv_lora = 0;
+    if (is_deepseek2) {
+        // MLA: key_length / value_length describe the cached latent (kv_lora + rope, kv_lora); a
+        // head's own sizes are the _mla keys. Files without them carry the old joint attn_kv_b.
+        if ((s = L.u32("attention.kv_lora_rank", &kv_lora, true, 0)) != Status::ok) return s;
+        if ((s = L.u32("attention.q_lora_rank", &q_lora, false, 0)) != Status::ok) return s;
+        const std::string km = L.key("attention.key_length_mla");
+        if (!m.file.find(km.c_str()))
+            return fail(Status::unsupported, "deepseek2 file without %s (a joint attn_kv_b from an old converter): reconvert it with a current llama.cpp",
+                        km.c_str());
+        if ((s = L.u32("attention.key_length_mla", &key_len, true, 0)) != Status::ok) return s;
+        if ((s = L.u32("attention.value_length_mla", &val_len, true, 0)) != Status::ok) return s;
+        if (kv_lora == 0 || kv_lora > 16384 || q_lora > 65536 || val_len == 0 || val_len > 1024)
+            return fail(Status::invalid_file, "invalid MLA ranks (q_lora_rank %u, kv_lora_rank %u, value_length_mla %u)", q_lora, kv_lora, val_len);
+        if (n_head_kv != n_head && n_head_kv != 1) return fail(Status::invalid_file, "deepseek2 with %u KV heads of %u", n_head_kv, n_head);
+        n_head_kv = 1;  // one latent shared by all heads
+    } else if (key_len != val_len) {
+        return fail(Status::unsupported, "key_length %u != value_length %u is not supported", key_len, val_len);
+    }
     if (key_len == 0 || key_len > 1024) return fail(Status::invalid_file, "invalid head size %u", key_len);
     if ((s = L.u32("rope.dimension_count", &n_rot, false, key_len)) != Status::ok) return s;
-    if (n_rot > key_len || n_rot % 2) return fail(Status::invalid_file, "rope.dimension_count %u is invalid for head size %u", n_rot, key_len);
+    if (n_rot > key_len || n_rot % 2 || (is_deepseek2 && (n_rot == 0 || n_rot >= key_len)))
+        return fail(Status::invalid_file, "rope.dimension_count %u is invalid for head size %u", n_rot, key_len);
     hp.rms_eps = std::max(hp.rms_eps, 0.f);
     if (!(hp.rope_freq_base > 0)) return fail(Status::invalid_file, "rope.freq_base must be positive");
     {
@@ -8912,7 +8959,7 @@ inline Status load_model(ModelImpl& m) {
     // RoPE scaling, as llama.cpp applies it: linear divides the angles; YaRN (ext_factor 1, beta_fast
     // 32, beta_slow 1) interpolates the low frequencies, extrapolates the high ones and scales cos/sin
     // by 1 + 0.1 ln(factor), also inside the original context.
-    float attn_factor = 1.f;
+    float attn_factor = 1.f, yarn_log_mul = 0.f;
     uint32_t n_ctx_orig = n_ctx;
     {
         std::string scaling;
@@ -8929,6 +8976,9 @@ inline Status load_model(ModelImpl& m) {
         if (L.f32("rope.scale_linear", &scale_linear, false, 0.f) == Status::ok && scale_linear > 0) hp.rope_freq_scale = 1.f / scale_linear;
         if ((s = L.u32("rope.scaling.original_context_length", &n_ctx_orig, false, n_ctx)) != Status::ok) return s;
         if ((s = L.f32("rope.scaling.attn_factor", &attn_factor, false, 1.f)) != Status::ok) return s;
+        if (is_deepseek2 && (s = L.f32("rope.scaling.yarn_log_multiplier", &yarn_log_mul, false, 0.f)) != Status::ok) return s;
+        yarn_log_mul /= 0.1f;  // the converter stores 0.1 * mscale_all_dim
+        if (!std::isfinite(yarn_log_mul)) return fail(Status::invalid_file, "invalid rope.scaling.yarn_log_multiplier");
         if (!(attn_factor > 0) || !std::isfinite(attn_factor) || n_ctx_orig == 0) return fail(Status::invalid_file, "invalid rope scaling parameters");
         last_error_storage().clear();
     }
@@ -8939,11 +8989,13 @@ inline Status load_model(ModelImpl& m) {
     // qwen3moe/qwen2moe/gpt-oss/glm4moe keep the per-expert size in expert_feed_forward_length (and
     // the dense layers' in feed_forward_length); olmoe/Mixtral in feed_forward_length.
     hp.n_ff = (int32_t)(n_expert > 0 && n_ff_exp > 0 ? n_ff_exp : n_ff);
-    hp.n_ff_shared = (int32_t)(is_glm4moe ? n_ff_exp * n_shared : n_ff_sh);
+    hp.n_ff_shared = (int32_t)(is_glm4moe || is_deepseek2 ? n_ff_exp * n_shared : n_ff_sh);
+    hp.q_lora_rank = (int32_t)q_lora; hp.kv_lora_rank = (int32_t)kv_lora; hp.value_dim = (int32_t)val_len;
+    m.mla = is_deepseek2;
     hp.n_layer_dense_lead = n_expert > 0 ? (int32_t)n_dense_lead : (int32_t)n_layer;
     hp.n_ff_dense = n_expert > 0 ? (n_dense_lead > 0 ? (int32_t)n_ff : 0) : hp.n_ff;
     if (hp.n_layer_dense_lead > 0 && hp.n_ff_dense <= 0) return fail(Status::invalid_file, "missing feed_forward_length for the dense layers");
-    hp.rope_neox = !is_llama;  // llama.cpp: qwen*/olmoe/gpt-oss/glm4moe use NEOX RoPE, llama uses normal RoPE
+    hp.rope_neox = !is_llama && !is_deepseek2;  // llama.cpp: qwen*/olmoe/gpt-oss/glm4moe use NEOX RoPE, llama and deepseek2 normal RoPE
     hp.expert_weights_norm = is_qwen3moe || is_llama;  // olmoe and qwen2moe keep the raw softmax weights
     if (!is_gptoss) {  // gpt-oss's softmax over the chosen k is never renormalised
         bool norm = hp.expert_weights_norm;
@@ -8951,8 +9003,21 @@ inline Status load_model(ModelImpl& m) {
         last_error_storage().clear();
     }
     hp.expert_gating = is_gptoss ? ExpertGating::softmax_weight : is_glm4moe ? ExpertGating::sigmoid : ExpertGating::softmax;
-    if (is_glm4moe) {
-        uint32_t g = 0;
+    if (is_deepseek2) {
+        hp.expert_weights_norm = false;  // llama.cpp's default where the key is absent
+        if (m.file.get_bool(L.key("expert_weights_norm").c_str(), &hp.expert_weights_norm) != Status::ok) hp.expert_weights_norm = false;
+        last_error_storage().clear();
+        uint32_t groups = 0, used_groups = 0;
+        if ((s = L.u32("expert_group_count", &groups, false, 0)) != Status::ok) return s;
+        if ((s = L.u32("expert_group_used_count", &used_groups, false, 0)) != Status::ok) return s;
+        if (groups > 1 && (n_expert % groups || used_groups == 0 || used_groups >= groups || n_used > n_expert / groups * used_groups))
+            return fail(Status::invalid_file, "expert groups %u (used %u) do not fit %u experts, top-%u", groups, used_groups, n_expert, n_used);
+        hp.n_expert_groups = groups > 1 ? (int32_t)groups : 0;
+        hp.n_group_used = groups > 1 ? (int32_t)used_groups : 0;
+    }
+    uint32_t gating_key = 0;
+    if (is_glm4moe || is_deepseek2) {
+        uint32_t& g = gating_key;
         if ((s = L.u32("expert_gating_func", &g, false, 0)) != Status::ok) return s;
         if (g > 3) return fail(Status::unsupported, "expert_gating_func %u is not supported (1 softmax, 2 sigmoid, 3 softmax_weight)", g);
         if (g) hp.expert_gating = (ExpertGating)g;
@@ -8960,7 +9025,7 @@ inline Status load_model(ModelImpl& m) {
         if ((s = L.f32("expert_weights_scale", &scale, false, 0.f)) != Status::ok) return s;
         if (!std::isfinite(scale) || scale < 0) return fail(Status::invalid_file, "expert_weights_scale %g is invalid", (double)scale);
         hp.expert_weights_scale = scale != 0 ? scale : 1.f;  // llama.cpp: 0 means none
-        if (n_expert > 0 && n_shared == 0) return fail(Status::invalid_file, "glm4moe needs expert_shared_count > 0");
+        if (n_expert > 0 && n_shared == 0) return fail(Status::invalid_file, "%s needs expert_shared_count > 0", arch.c_str());
     }
     hp.layer_swa.assign(n_layer, false);
     if (is_gptoss) {
@@ -9004,7 +9069,8 @@ inline Status load_model(ModelImpl& m) {
         if (hp.rope_yarn) {
             const float factor = 1.f / hp.rope_freq_scale, log_factor = std::log(factor);
             // the attention factor llama.cpp passes cancels the magnitude ggml's YaRN adds, then ggml adds it back
-            const float yarn_attn = (factor <= 1 ? 1.f : 0.1f * log_factor + 1.f) / (1.f + 0.1f * log_factor);
+            // (deepseek2 with a log multiplier: mscale / mscale_all_dim, which llama.cpp makes 1)
+            const float yarn_attn = (yarn_log_mul != 0 || factor <= 1 ? 1.f : 0.1f * log_factor + 1.f) / (1.f + 0.1f * log_factor);
             rt.mscale = attn_factor * yarn_attn * (1.f + 0.1f * std::log(1.f / hp.rope_freq_scale));
             auto corr_dim = [&](float n_rotations) {
                 return (float)hp.n_rot * std::log((float)n_ctx_orig / (n_rotations * 2 * 3.14159265358979f)) / (2 * std::log(base));
@@ -9021,6 +9087,18 @@ inline Status load_model(ModelImpl& m) {
     const int64_t E = n_embd, H = (int64_t)n_head * key_len, KV = (int64_t)n_head_kv * key_len, F = hp.n_ff;
     if ((s = L.weight("token_embd.weight", E, 0, 0, true, &m.token_embd)) != Status::ok) return s;
     hp.n_vocab = (int32_t)m.token_embd.rows;
+    // llama.cpp's rule for deepseek2 files without a gating key: GLM-4.7-Flash (47/48 layers, 154880
+    // tokens) is sigmoid, DeepSeek-V2/V2.5 softmax.
+    if (is_deepseek2 && gating_key == 0 && (n_layer == 47 || n_layer == 48) && hp.n_vocab == 154880) hp.expert_gating = ExpertGating::sigmoid;
+    if (is_deepseek2) {
+        // q.k scale with YaRN's magnitude (llama.cpp's kq_scale for deepseek2): the attention factor
+        // before ggml's correction, times 1 + 0.1 * mscale_all_dim * ln(factor), squared.
+        const float inv_fs = 1.f / hp.rope_freq_scale;
+        const float attn_cp = attn_factor * (hp.rope_yarn ? (1.f / (1.f + 0.1f * std::log(inv_fs))) *
+                                                                (yarn_log_mul != 0 || inv_fs <= 1 ? 1.f : 0.1f * std::log(inv_fs) + 1.f) : 1.f);
+        const float mscale = attn_cp * (1.f + 0.1f * std::log(inv_fs)) * (1.f + 0.1f * yarn_log_mul * std::log(inv_fs));
+        m.att_scale = mscale * mscale / std::sqrt((float)key_len);
+    }
     if ((s = L.weight("output.weight", E, hp.n_vocab, 0, false, &m.output)) != Status::ok) return s;
     if (!m.output) m.output = m.token_embd;  // tied embeddings
     if ((s = L.vector("output_norm.weight", E, true, &m.output_norm)) != Status::ok) return s;
@@ -9037,10 +9115,26 @@ inline Status load_model(ModelImpl& m) {
         auto N = [&](const char* suffix) { std::snprintf(name, sizeof name, "blk.%u.%s", il, suffix); return std::string(name); };
         l.swa = hp.layer_swa[il];
         if ((s = L.vector(N("attn_norm.weight"), E, true, &l.attn_norm)) != Status::ok) return s;
-        if ((s = L.weight(N("attn_q.weight"), E, H, 0, true, &l.wq)) != Status::ok) return s;
-        if ((s = L.weight(N("attn_k.weight"), E, KV, 0, true, &l.wk)) != Status::ok) return s;
-        if ((s = L.weight(N("attn_v.weight"), E, KV, 0, true, &l.wv)) != Status::ok) return s;
-        if ((s = L.weight(N("attn_output.weight"), H, E, 0, true, &l.wo)) != Status::ok) return s;
+        if (is_deepseek2) {
+            const int64_t R = n_rot, NOPE = key_len - n_rot, NH = n_head;
+            if (q_lora > 0 && m.file.find_tensor(N("attn_q_a.weight").c_str())) {
+                if ((s = L.weight(N("attn_q_a.weight"), E, q_lora, 0, true, &l.wq_a)) != Status::ok) return s;
+                if ((s = L.vector(N("attn_q_a_norm.weight"), q_lora, true, &l.q_a_norm)) != Status::ok) return s;
+                if ((s = L.weight(N("attn_q_b.weight"), q_lora, H, 0, true, &l.wq_b)) != Status::ok) return s;
+            } else if ((s = L.weight(N("attn_q.weight"), E, H, 0, true, &l.wq)) != Status::ok) {
+                return s;
+            }
+            if ((s = L.weight(N("attn_kv_a_mqa.weight"), E, kv_lora + R, 0, true, &l.wkv_a)) != Status::ok) return s;
+            if ((s = L.vector(N("attn_kv_a_norm.weight"), kv_lora, true, &l.kv_a_norm)) != Status::ok) return s;
+            if ((s = L.weight(N("attn_k_b.weight"), NOPE, kv_lora, NH, true, &l.wk_b)) != Status::ok) return s;
+            if ((s = L.weight(N("attn_v_b.weight"), kv_lora, val_len, NH, true, &l.wv_b)) != Status::ok) return s;
+            if ((s = L.weight(N("attn_output.weight"), NH * val_len, E, 0, true, &l.wo)) != Status::ok) return s;
+        } else {
+            if ((s = L.weight(N("attn_q.weight"), E, H, 0, true, &l.wq)) != Status::ok) return s;
+            if ((s = L.weight(N("attn_k.weight"), E, KV, 0, true, &l.wk)) != Status::ok) return s;
+            if ((s = L.weight(N("attn_v.weight"), E, KV, 0, true, &l.wv)) != Status::ok) return s;
+            if ((s = L.weight(N("attn_output.weight"), H, E, 0, true, &l.wo)) != Status::ok) return s;
+        }
         if ((s = L.vector(N("attn_q.bias"), H, false, &l.bq)) != Status::ok) return s;
         if ((s = L.vector(N("attn_k.bias"), KV, false, &l.bk)) != Status::ok) return s;
         if ((s = L.vector(N("attn_v.bias"), KV, false, &l.bv)) != Status::ok) return s;
@@ -9076,8 +9170,8 @@ inline Status load_model(ModelImpl& m) {
                 if ((s = L.vector(N("ffn_up_exps.bias"), F, true, &l.up_exps_b, n_expert)) != Status::ok) return s;
                 if ((s = L.vector(N("ffn_down_exps.bias"), E, true, &l.down_exps_b, n_expert)) != Status::ok) return s;
             }
-            if (is_glm4moe && (s = L.vector(N("exp_probs_b.bias"), n_expert, true, &l.selection_bias)) != Status::ok) return s;
-            if ((is_qwen2moe || is_glm4moe) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
+            if ((is_glm4moe || is_deepseek2) && (s = L.vector(N("exp_probs_b.bias"), n_expert, is_glm4moe, &l.selection_bias)) != Status::ok) return s;
+            if ((is_qwen2moe || is_glm4moe || is_deepseek2) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
                 const int64_t FS = hp.n_ff_shared > 0 ? hp.n_ff_shared : 0;
                 if ((s = L.weight(N("ffn_gate_shexp.weight"), E, FS, 0, true, &l.gate_shexp)) != Status::ok) return s;
                 if ((s = L.weight(N("ffn_up_shexp.weight"), E, l.gate_shexp.rows, 0, true, &l.up_shexp)) != Status::ok) return s;
@@ -9085,7 +9179,7 @@ inline Status load_model(ModelImpl& m) {
                 if (is_qwen2moe && (s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
                 if (hp.n_ff_shared > 0 && hp.n_ff_shared != l.gate_shexp.rows) return fail(Status::shape_mismatch, "layer %u's shared expert width differs", il);
                 hp.n_ff_shared = (int32_t)l.gate_shexp.rows;
-            } else if (is_glm4moe) {
+            } else if (is_glm4moe || is_deepseek2) {
                 return fail(Status::missing_tensor, "missing tensor '%s'", N("ffn_up_shexp.weight").c_str());
             }
         } else {
@@ -9835,27 +9929,27 @@ struct ActRows {
 // Keys and values of every layer and position: float32, or Q8_0 (SessionOptions::kv_type; blocks
 // of 32 within each head, so head_dim must be a multiple of 32).
 struct KvCache {
-    AlignedBuffer<uint8_t> k, v;    // (n_layer, n_ctx, row_bytes) each
+    AlignedBuffer<uint8_t> k, v;    // (n_layer, n_ctx, row_bytes), (n_layer, n_ctx, v_row_bytes)
     AlignedBuffer<int32_t> tokens;  // (n_ctx): the token at each filled position (prefix reuse, state files)
     int32_t n_ctx = 0;          // capacity in positions
     int32_t pos = 0;            // positions filled
     int64_t kv_dim = 0;
     bool q8 = false;            // rows of BlockQ8_0 instead of floats
-    size_t row_bytes = 0;
+    size_t row_bytes = 0, v_row_bytes = 0;  // v_row_bytes 0: values are read from the keys (MLA)
 
-    static size_t row_size(int64_t kv_dim, bool q8) { return q8 ? (size_t)(kv_dim / kQK) * sizeof(BlockQ8_0) : (size_t)kv_dim * 4; }
+    static size_t row_size(int64_t dim, bool q8) { return q8 ? (size_t)(dim / kQK) * sizeof(BlockQ8_0) : (size_t)dim * 4; }
     // Not zeroed: attention reads only positions < pos, all written first.
-    bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_, bool q8_) {
+    bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_, int64_t v_dim, bool q8_) {
         n_ctx = n_ctx_; kv_dim = kv_dim_; q8 = q8_;
         row_bytes = row_size(kv_dim, q8);
-        const size_t n = (size_t)n_layer * (size_t)n_ctx * row_bytes;
-        return k.allocate(n, false) && v.allocate(n, false) && tokens.allocate((size_t)n_ctx_, false);
+        v_row_bytes = row_size(v_dim, q8);
+        const size_t n = (size_t)n_layer * (size_t)n_ctx;
+        return k.allocate(n * row_bytes, false) && v.allocate(std::max<size_t>(64, n * v_row_bytes), false) && tokens.allocate((size_t)n_ctx_, false);
     }
     size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * row_bytes; }  // bytes
-    const float* k_f32(int il, int32_t p) const { return reinterpret_cast<const float*>(k.data + offset(il, p)); }
-    const float* v_f32(int il, int32_t p) const { return reinterpret_cast<const float*>(v.data + offset(il, p)); }
-    static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim, bool q8) {
-        return 2ull * (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)row_size(kv_dim, q8);
+    size_t v_offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * v_row_bytes; }
+    static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim, int64_t v_dim, bool q8) {
+        return (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)(row_size(kv_dim, q8) + row_size(v_dim, q8));
     }
 };
 
@@ -9863,7 +9957,11 @@ struct KvCache {
 struct Activations {
     AlignedBuffer<float> x, xb;          // (B, n_embd): residual stream, normed input of the next matmuls
     AlignedBuffer<float> q, k, v;        // (B, q_dim), (B, kv_dim) x2
-    AlignedBuffer<float> att_out;        // (B, q_dim)
+    AlignedBuffer<float> att_out;        // (B, att_dim)
+    AlignedBuffer<float> att_wo;         // MLA: (B, n_head * value_dim), the heads' values for attn_output
+    AlignedBuffer<float> q_proj;         // MLA: (B, n_head * head_dim), queries before absorption
+    AlignedBuffer<float> q_lora;         // MLA: (B, q_lora_rank), the normed query bottleneck
+    ActRows act_q_lora;
     AlignedBuffer<float> rope_cs;        // (B, n_rot / 2, 2): cos, sin per position of the chunk
     AlignedBuffer<float> rope_cs_swa;    // the same for sliding-window layers with a base of their own
     AlignedBuffer<float> att_scratch;    // per thread: scores, accumulators, max, sum of one head group
@@ -9923,6 +10021,7 @@ struct Routing {
     std::vector<ActiveExpert> active;   // targets with uses, in target order
     std::unique_ptr<DoneCounter[]> expert_done;  // (n_expert + 2): gate/up rows done per active expert
     std::vector<std::pair<float, int32_t>> topk;
+    std::vector<std::pair<float, int32_t>> group_rank;  // grouped top-k: (group score, group)
     std::vector<int32_t> last_experts;  // (n_layer * n_expert_used): experts of the last token
     std::vector<int32_t> token_experts; // (B, n_layer * n_expert_used): every token's (Session::eval_batch)
     std::vector<int32_t> lead_experts;  // eval_batch: the first session's, kept while later passes run
@@ -10086,6 +10185,9 @@ struct SessionImpl {
     bool matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith);
     void matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith);
     void rope_phase(const ForwardCall& c, int il, int ith, int nth);
+    void mla_qkv(const ForwardCall& c, int il, int ith, int nth);
+    void mla_rope_phase(const ForwardCall& c, int il, int ith, int nth);
+    void mla_values_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
     void attention_phase(const ForwardCall& c, int il, int ith);
     void att_out_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
@@ -10186,19 +10288,20 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     progress = o.progress;
     progress_user = o.progress_user;
     profile.enabled = o.profile;
-    const int64_t B = n_batch, nth = pool.size(), hd = hp->head_dim, slots = plan->slots, group = plan->group;
+    const int64_t B = n_batch, nth = pool.size(), hk = plan->att_k, hv = plan->att_v, slots = plan->slots, group = plan->group;
     if (o.kv_type != TensorType::f32 && o.kv_type != TensorType::q8_0)
         return fail(Status::invalid_argument, "kv_type %s: the KV cache is F32 or Q8_0", tensor_type_name(o.kv_type));
     const bool kv_q8 = o.kv_type == TensorType::q8_0;
-    if (kv_q8 && hp->head_dim % kQK)
-        return fail(Status::invalid_argument, "a Q8_0 KV cache needs head_dim to be a multiple of %d (the model has %d)", kQK, hp->head_dim);
-    if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim, kv_q8))
+    if (kv_q8 && (hk % kQK || hv % kQK || (model->mla && hp->n_rot % kQK)))
+        return fail(Status::invalid_argument, "a Q8_0 KV cache needs head sizes that are multiples of %d (the model's cached heads have %lld and %lld%s)",
+                    kQK, (long long)hk, (long long)hv, model->mla ? ", and its rope part must be one too" : "");
+    if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8))
         return fail(Status::out_of_memory, "cannot allocate the KV cache for n_ctx %d (%.1f MiB)", n_ctx,
-                    (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim, kv_q8) / (1 << 20));
+                    (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8) / (1 << 20));
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
     // + with a Q8_0 cache: the unit's queries as Q8_0 and one dequantized value row.
-    const int64_t q8_floats = kv_q8 ? (kAttTokens * group * (hd / kQK) * (int64_t)sizeof(BlockQ8_0) + 3) / 4 + hd : 0;
-    a.att_scratch_stride = (size_t)((kAttTokens * group * (kAttBlock + hd + 2) + q8_floats + 15) / 16 * 16);
+    const int64_t q8_floats = kv_q8 ? (kAttTokens * group * (hk / kQK) * (int64_t)sizeof(BlockQ8_0) + 3) / 4 + hv : 0;
+    a.att_scratch_stride = (size_t)((kAttTokens * group * (kAttBlock + hv + 2) + q8_floats + 15) / 16 * 16);
     a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, kGemmRows * B) * (size_t)slots;
     a.hidden_q_stride = (size_t)plan->max_ff * 4;  // f32, and every quantized format's row (+ one block)
     for (int f = 1; f < kActFormatCount; ++f) {
@@ -10208,21 +10311,24 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     a.hidden_q_stride = (a.hidden_q_stride + 63) / 64 * 64;  // rows aligned for every block type
     const bool ok = a.x.allocate((size_t)(B * plan->n_embd)) && a.xb.allocate((size_t)(B * plan->n_embd)) &&
                     a.q.allocate((size_t)(B * plan->q_dim)) && a.k.allocate((size_t)(B * plan->kv_dim)) &&
-                    a.v.allocate((size_t)(B * plan->kv_dim)) && a.att_out.allocate((size_t)(B * plan->q_dim)) &&
+                    a.v.allocate((size_t)(B * std::max<int64_t>(1, plan->v_dim))) && a.att_out.allocate((size_t)(B * plan->att_dim)) &&
                     a.rope_cs.allocate((size_t)(B * std::max(2, hp->n_rot))) && a.rope_cs_swa.allocate((size_t)(B * std::max(2, hp->n_rot))) && a.att_scratch.allocate(a.att_scratch_stride * (size_t)nth) &&
-                    a.att_part.allocate((size_t)(4 * nth * group * (hd + 2))) &&
+                    a.att_part.allocate((size_t)(4 * nth * group * (hv + 2))) &&
                     a.router_logits.allocate((size_t)(B * std::max(1, hp->n_expert))) && a.router_select.allocate((size_t)(B * std::max(1, hp->n_expert))) &&
                     a.hidden.allocate((size_t)(B * slots * plan->max_ff)) && a.hidden_q.allocate(a.hidden_q_stride * (size_t)(B * slots)) &&
                     a.down_part.allocate((size_t)nth * a.down_part_per_thread) && a.logits.allocate((size_t)hp->n_vocab) &&
                     a.logits_batch.allocate((size_t)(B * hp->n_vocab)) && a.act_x.allocate(a.xb.data, plan->n_embd, B) &&
-                    a.act_att.allocate(a.att_out.data, plan->q_dim, B);
+                    (!model->mla || (a.att_wo.allocate((size_t)(B * plan->wo_dim)) && a.q_proj.allocate((size_t)(B * hp->n_head * hp->head_dim)) &&
+                                     a.q_lora.allocate((size_t)(B * std::max(1, hp->q_lora_rank))) &&
+                                     a.act_q_lora.allocate(a.q_lora.data, std::max(1, hp->q_lora_rank), B))) &&
+                    a.act_att.allocate(model->mla ? a.att_wo.data : a.att_out.data, plan->wo_dim, B);
     if (!ok) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
     gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
                       : o.gemm_min_tokens == 0 ? kDefaultGemmMinTokens : o.gemm_min_tokens;
     if (gemm_min_tokens > 0 && n_batch >= gemm_min_tokens) {
-        const int64_t max_k = std::max(std::max(plan->n_embd, plan->q_dim), plan->max_ff);
+        const int64_t max_k = std::max(std::max(plan->n_embd, plan->wo_dim), std::max<int64_t>(plan->max_ff, hp->q_lora_rank));
         const size_t per = (GemmScratch::bytes(max_k) + 63) / 64 * 64;
         if (!gemm_buf.allocate(per * 2 * (size_t)nth)) return fail(Status::out_of_memory, "cannot allocate the prefill panels");
         gemm_scratch.resize(2 * (size_t)nth);
@@ -10240,6 +10346,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     r.uses.resize((size_t)(B * slots));
     r.active.reserve((size_t)hp->n_expert + 2);
     r.topk.reserve((size_t)hp->n_expert);
+    r.group_rank.reserve((size_t)std::max(1, hp->n_expert_groups));
     r.last_experts.assign((size_t)hp->n_layer * (size_t)std::max(1, hp->n_expert_used), -1);
     r.token_experts.assign((size_t)B * r.last_experts.size(), -1);
     r.lead_experts.assign(r.last_experts.size(), -1);
@@ -10349,14 +10456,21 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             {&l.wk, 0, &a.act_x, a.k.data, plan->kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
             {&l.wv, 0, &a.act_x, a.v.data, plan->kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
         if (observer) observe(il, MatInput::attn_in, n, ith, nth);
-        matmul_phase(qkv, 3, 0, n, ith);
-        end_phase(ith, nth, PhaseProfile::qkv);
-        rope_phase(c, il, ith, nth);
-        end_phase(ith, nth, PhaseProfile::rope_kv);
+        if (m.mla) {
+            mla_qkv(c, il, ith, nth);
+        } else {
+            matmul_phase(qkv, 3, 0, n, ith);
+            end_phase(ith, nth, PhaseProfile::qkv);
+            rope_phase(c, il, ith, nth);
+            end_phase(ith, nth, PhaseProfile::rope_kv);
+        }
         attention_phase(c, il, ith);
         end_phase(ith, nth, PhaseProfile::attention);
         const uint8_t att_fmts = f.att_out | gemm_fmts(f.att_out);
-        if (c.att_split > 1 || (att_fmts & ~fmt_bit(ActFormat::f32))) {
+        if (m.mla) {
+            mla_values_phase(c, il, att_fmts, ith, nth);
+            end_phase(ith, nth, PhaseProfile::att_out);
+        } else if (c.att_split > 1 || (att_fmts & ~fmt_bit(ActFormat::f32))) {
             att_out_phase(c, il, att_fmts, ith, nth);
             end_phase(ith, nth, PhaseProfile::att_out);
         }
@@ -10396,7 +10510,7 @@ inline void SessionImpl::observe(int il, MatInput what, int32_t n, int ith, int 
         if (what == MatInput::attn_in || what == MatInput::ffn_in)
             for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, a.xb.data + t * n_embd, n_embd);
         else if (what == MatInput::attn_out)
-            for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, a.att_out.data + t * plan->q_dim, plan->q_dim);
+            for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, a.act_att.src + t * plan->wo_dim, plan->wo_dim);
         else {
             const LayerWeights& l = model->layers[(size_t)il];
             for (const ActiveExpert& e : r.active)
@@ -10518,6 +10632,104 @@ inline void SessionImpl::matmul_tile(const MatTask& mt, int64_t row0, int32_t t0
 
 // QK-norm, RoPE and the KV store; units are (token, head) (or one per token for a whole-projection
 // QK-norm, which needs the whole row).
+// Multi-head latent attention, the absorbed form (llama.cpp's for MLA files): the queries (through
+// the q LoRA bottleneck where the file has one) and the latent + rope key, then mla_rope_phase.
+inline void SessionImpl::mla_qkv(const ForwardCall& c, int il, int ith, int nth) {
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int32_t n = c.n;
+    const int64_t q_proj_dim = (int64_t)hp->n_head * hp->head_dim;
+    const MatTask first[2] = {
+        {l.wq_a ? &l.wq_a : &l.wq, 0, &a.act_x, l.wq_a ? a.q_lora.data : a.q_proj.data, l.wq_a ? hp->q_lora_rank : q_proj_dim, nullptr, false},
+        {&l.wkv_a, 0, &a.act_x, a.k.data, plan->kv_dim, nullptr, false}};
+    matmul_phase(first, 2, 0, n, ith);
+    end_phase(ith, nth, PhaseProfile::qkv);
+    if (l.wq_a) {
+        const uint8_t fmts = (uint8_t)(formats(il).q_b_in | gemm_fmts(formats(il).q_b_in));
+        int64_t t0, t1;
+        split_range(n, ith, nth, &t0, &t1);
+        for (int64_t t = t0; t < t1; ++t) {
+            float* row = a.q_lora.data + t * hp->q_lora_rank;
+            rms_norm(row, row, l.q_a_norm.data(), hp->q_lora_rank, hp->rms_eps);
+            a.act_q_lora.quantize(fmts, t, 0, hp->q_lora_rank);
+        }
+        end_phase(ith, nth, PhaseProfile::qkv);
+        const MatTask qb{&l.wq_b, 0, &a.act_q_lora, a.q_proj.data, q_proj_dim, nullptr, false};
+        matmul_phase(&qb, 1, 0, n, ith);
+        end_phase(ith, nth, PhaseProfile::qkv);
+    }
+    mla_rope_phase(c, il, ith, nth);
+    end_phase(ith, nth, PhaseProfile::rope_kv);
+}
+
+// Units (token, head) and (token, latent): a head's query becomes [wk_b . q_nope, rope(q_rope)]
+// in the latent space; the latent (normed) and rope(k_rope) become the token's one cache row.
+inline void SessionImpl::mla_rope_phase(const ForwardCall& c, int il, int ith, int nth) {
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int n_head = hp->n_head, rope_dims = hp->n_rot, nope = hp->head_dim - rope_dims, lora = hp->kv_lora_rank;
+    const int64_t att_k = plan->att_k, per_token = n_head + 1;
+    int64_t u0, u1;
+    split_range((int64_t)c.n * per_token, ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+        const int32_t t = (int32_t)(u / per_token);
+        const int unit = (int)(u % per_token);
+        const float* cs = a.rope_cs.data + (int64_t)t * hp->n_rot;
+        if (unit == n_head) {
+            float* kv_row = a.k.data + t * plan->kv_dim;  // [latent | k_rope]
+            rms_norm(kv_row, kv_row, l.kv_a_norm.data(), lora, hp->rms_eps);
+            rope(kv_row + lora, cs, rope_dims, hp->rope_neox);
+            KvCache& cache = kv_of(c, t);
+            uint8_t* dst = cache.k.data + cache.offset(il, pos_of(c, t));
+            if (cache.q8) quantize_row_q8_0_ref(reinterpret_cast<BlockQ8_0*>(dst), kv_row, att_k);
+            else std::memcpy(dst, kv_row, (size_t)att_k * 4);
+            continue;
+        }
+        const float* qh = a.q_proj.data + ((int64_t)t * n_head + unit) * hp->head_dim;  // [q_nope | q_rope]
+        float* out = a.q.data + t * plan->q_dim + (int64_t)unit * att_k;
+        const RowKernel& kb = l.wk_b.kernel_f32;
+        const float kb_scale = l.wk_b.scaled() ? l.wk_b.scale(unit) : 1.f;
+        for (int r = 0; r < lora; ++r) out[r] = kb.vec_dot(l.wk_b.row(unit, r), qh, nope) * kb_scale;
+        std::memcpy(out + lora, qh + nope, (size_t)rope_dims * 4);
+        rope(out + lora, cs, rope_dims, hp->rope_neox);
+    }
+}
+
+// Units (token, group of heads whose values fill whole activation blocks): merges the KV splits of
+// each head's attended latent, turns it into the head's value (wv_b), quantizes for attn_output.
+inline void SessionImpl::mla_values_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth) {
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int S = c.att_split, n_head = hp->n_head, hv = (int)plan->att_v, vd = hp->value_dim;
+    int heads = 1;
+    while (heads < n_head && ((int64_t)heads * vd % act_block(fmts) || n_head % heads)) ++heads;
+    const int64_t groups = n_head / heads;
+    int64_t u0, u1;
+    split_range((int64_t)c.n * groups, ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t t = u / groups;
+        const int h0 = (int)(u % groups) * heads;
+        for (int h = h0; h < h0 + heads; ++h) {
+            float* lat = a.att_out.data + t * plan->att_dim + (int64_t)h * hv;
+            if (S > 1) {
+                const float* p = a.att_part.data + ((size_t)t * (size_t)n_head + (size_t)h) * (size_t)S * (size_t)(hv + 2);
+                float m = -INFINITY, den = 0;
+                for (int sp = 0; sp < S; ++sp) m = std::max(m, p[(size_t)sp * (hv + 2)]);
+                std::fill(lat, lat + hv, 0.f);
+                for (int sp = 0; sp < S; ++sp) {
+                    const float* ps = p + (size_t)sp * (hv + 2);
+                    const float w = std::exp(ps[0] - m);
+                    den += w * ps[1];
+                    for (int i = 0; i < hv; ++i) lat[i] += w * ps[2 + i];
+                }
+                for (int i = 0; i < hv; ++i) lat[i] /= den;
+            }
+            float* val = a.att_wo.data + t * plan->wo_dim + (int64_t)h * vd;
+            const RowKernel& kv = l.wv_b.kernel_f32;
+            const float vb_scale = l.wv_b.scaled() ? l.wv_b.scale(h) : 1.f;
+            for (int r = 0; r < vd; ++r) val[r] = kv.vec_dot(l.wv_b.row(h, r), lat, hv) * vb_scale;
+        }
+        a.act_att.quantize(fmts, t, (int64_t)h0 * vd, (int64_t)heads * vd);
+    }
+}
+
 inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int nth) {
     const int32_t n = c.n;
     const ModelImpl& m = *model;
@@ -10572,20 +10784,20 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
 // otherwise stream the cache from L2/L3 once per token). Each token's arithmetic is the same as
 // when it is alone in its unit.
 inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) {
-    const int hd = hp->head_dim, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
+    const int hk = (int)plan->att_k, hv = (int)plan->att_v, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
     const LayerWeights& l = model->layers[(size_t)il];
     const int32_t window = l.swa ? hp->sliding_window : 0;
     const float* sinks = l.sinks.empty() ? nullptr : l.sinks.data();
-    const int64_t q_dim = plan->q_dim;
-    const float scale = 1.f / std::sqrt((float)hd);
+    const int64_t q_dim = plan->q_dim, att_dim = plan->att_dim;
+    const float scale = plan->att_scale;
     const int T = c.seq_kv || S > 1 ? 1 : kAttTokens;
     float* sc = a.att_scratch.data + (size_t)ith * a.att_scratch_stride;  // (T, group, kAttBlock)
-    float* acc = sc + T * group * kAttBlock;                                // (T, group, hd)
-    float* mx = acc + T * group * hd;                                       // (T, group)
+    float* acc = sc + T * group * kAttBlock;                                // (T, group, hv)
+    float* mx = acc + T * group * hv;                                       // (T, group)
     float* sum = mx + T * group;                                            // (T, group)
-    const int nbh = hd / kQK;  // Q8_0 blocks per head (Q8_0 cache only)
+    const int nbh = hk / kQK;  // Q8_0 blocks per key head (Q8_0 cache only)
     BlockQ8_0* q8_queries = reinterpret_cast<BlockQ8_0*>(sum + T * group);  // (T, group, nbh)
-    float* v_row = sum + T * group + ((size_t)T * group * nbh * sizeof(BlockQ8_0) + 3) / 4;  // (hd)
+    float* v_row = sum + T * group + ((size_t)T * group * nbh * sizeof(BlockQ8_0) + 3) / 4;  // (hv)
     const int64_t units = ((int64_t)c.n + T - 1) / T * n_kv * G * S;
     for (;;) {
         const int64_t u = pool.grab(1);
@@ -10594,8 +10806,12 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
         const int kvh = (int)(u / ((int64_t)G * S) % n_kv), sub = (int)(u / S % G), split = (int)(u % S);
         const KvCache& cache = kv_of(c, t0);  // shared by the unit's tokens (T > 1 only without seq_kv)
         const uint8_t* kl = cache.k.data + cache.offset(il, 0);
-        const uint8_t* vl = cache.v.data + cache.offset(il, 0);
-        const size_t rb = cache.row_bytes, head_at = cache.q8 ? (size_t)(kvh * hd / kQK) * sizeof(BlockQ8_0) : (size_t)kvh * hd * 4;
+        // Values: rows of their own, or (MLA) the first hv dims of the key rows.
+        const bool v_in_k = cache.v_row_bytes == 0;
+        const uint8_t* vl = v_in_k ? kl : cache.v.data + cache.v_offset(il, 0);
+        const size_t rb = cache.row_bytes, vrb = v_in_k ? cache.row_bytes : cache.v_row_bytes;
+        const size_t head_at = cache.q8 ? (size_t)(kvh * hk / kQK) * sizeof(BlockQ8_0) : (size_t)kvh * hk * 4;
+        const size_t v_head_at = v_in_k ? head_at : cache.q8 ? (size_t)(kvh * hv / kQK) * sizeof(BlockQ8_0) : (size_t)kvh * hv * 4;
         // Token k attends positions [j0[k], j1[k]): its window (all of the cache, or the last
         // sliding_window positions), cut into S splits. Positions grow with k.
         int32_t j0[kAttTokens] = {}, j1[kAttTokens] = {};
@@ -10611,18 +10827,18 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
         if (cache.q8)  // the unit's queries in Q8_0 (scores through the Q8_0 row kernel)
             for (int k = 0; k < nt; ++k)
                 for (int g = 0; g < gsize; ++g)
-                    quantize_act(ActFormat::q8_0, q8_queries + (size_t)(k * group + g) * nbh, a.q.data + (t0 + k) * q_dim + (int64_t)(h0 + g) * hd, hd);
-        std::fill(acc, acc + (size_t)T * group * hd, 0.f);
+                    quantize_act(ActFormat::q8_0, q8_queries + (size_t)(k * group + g) * nbh, a.q.data + (t0 + k) * q_dim + (int64_t)(h0 + g) * hk, hk);
+        std::fill(acc, acc + (size_t)T * group * hv, 0.f);
         for (int32_t jb = j0[0]; jb < j_end; jb += kAttBlock) {
             const int nb_max = std::min<int32_t>(kAttBlock, j_end - jb);
             for (int jj = 0; jj < nb_max; ++jj) {
                 const uint8_t* kj = kl + (size_t)(jb + jj) * rb + head_at;
                 for (int k = 0; k < nt; ++k) {
                     if (jb + jj >= j1[k] || jb + jj < j0[k]) continue;
-                    const float* qg = a.q.data + (t0 + k) * q_dim + (int64_t)h0 * hd;
+                    const float* qg = a.q.data + (t0 + k) * q_dim + (int64_t)h0 * hk;
                     for (int g = 0; g < gsize; ++g)
                         sc[(k * group + g) * kAttBlock + jj] =
-                            (cache.q8 ? dot_q8(kj, q8_queries + (size_t)(k * group + g) * nbh, hd) : dot_f32(qg + g * hd, kj, hd)) * scale;
+                            (cache.q8 ? dot_q8(kj, q8_queries + (size_t)(k * group + g) * nbh, hk) : dot_f32(qg + g * hk, kj, hk)) * scale;
                 }
             }
             for (int k = 0; k < nt; ++k) {
@@ -10637,21 +10853,21 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                     for (int jj = first; jj < nb; ++jj) { s[jj] = std::exp(s[jj] - m_new); add += s[jj]; }
                     sum[kg] = sum[kg] * corr + add;
                     mx[kg] = m_new;
-                    if (corr != 1.f) for (int i = 0; i < hd; ++i) acc[kg * hd + i] *= corr;
+                    if (corr != 1.f) for (int i = 0; i < hv; ++i) acc[kg * hv + i] *= corr;
                 }
             }
             for (int jj = 0; jj < nb_max; ++jj) {
-                const float* __restrict vj = reinterpret_cast<const float*>(vl + (size_t)(jb + jj) * rb + head_at);
+                const float* __restrict vj = reinterpret_cast<const float*>(vl + (size_t)(jb + jj) * vrb + v_head_at);
                 if (cache.q8) {
-                    dequantize_row_q8_0(reinterpret_cast<const BlockQ8_0*>(vl + (size_t)(jb + jj) * rb + head_at), v_row, hd);
+                    dequantize_row_q8_0(reinterpret_cast<const BlockQ8_0*>(vl + (size_t)(jb + jj) * vrb + v_head_at), v_row, hv);
                     vj = v_row;
                 }
                 for (int k = 0; k < nt; ++k) {
                     if (jb + jj >= j1[k] || jb + jj < j0[k]) continue;
                     for (int g = 0; g < gsize; ++g) {
-                        float* __restrict acc_g = acc + (k * group + g) * hd;
+                        float* __restrict acc_g = acc + (k * group + g) * hv;
                         const float p = sc[(k * group + g) * kAttBlock + jj];
-                        for (int i = 0; i < hd; ++i) acc_g[i] += p * vj[i];
+                        for (int i = 0; i < hv; ++i) acc_g[i] += p * vj[i];
                     }
                 }
             }
@@ -10661,17 +10877,17 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
             for (int g = 0; g < gsize; ++g) {
                 const int h = h0 + g, kg = k * group + g;
                 if (S == 1) {
-                    float* o = a.att_out.data + t * q_dim + (int64_t)h * hd;
+                    float* o = a.att_out.data + t * att_dim + (int64_t)h * hv;
                     float inv = 1.f / sum[kg];
                     if (sinks) {  // the sink's logit joins the softmax's denominator only
                         const float m2 = std::max(mx[kg], sinks[h]), keep = std::exp(mx[kg] - m2);
                         inv = keep / (sum[kg] * keep + std::exp(sinks[h] - m2));
                     }
-                    for (int i = 0; i < hd; ++i) o[i] = acc[kg * hd + i] * inv;
+                    for (int i = 0; i < hv; ++i) o[i] = acc[kg * hv + i] * inv;
                 } else {
-                    float* p = a.att_part.data + (((size_t)t * hp->n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hd + 2);
+                    float* p = a.att_part.data + (((size_t)t * hp->n_head + (size_t)h) * (size_t)S + (size_t)split) * (size_t)(hv + 2);
                     p[0] = mx[kg]; p[1] = sum[kg];
-                    std::memcpy(p + 2, acc + kg * hd, (size_t)hd * 4);
+                    std::memcpy(p + 2, acc + kg * hv, (size_t)hv * 4);
                 }
             }
         }
@@ -10738,6 +10954,25 @@ inline void SessionImpl::route(int il, int32_t n) {
                 for (int e = 0; e < n_expert; ++e) lg[e] = 1.f / (1.f + std::exp(-lg[e]));
             }
             for (int e = 0; e < n_expert; ++e) sel[e] = l.selection_bias.empty() ? lg[e] : lg[e] + l.selection_bias[(size_t)e];
+            if (hp->n_expert_groups > 1) {
+                // Grouped top-k (DeepSeek-V3): a group scores the sum of its two best experts; only
+                // the n_group_used best groups (ties: lower group) take part in the top-k.
+                const int n_groups = hp->n_expert_groups, per = n_expert / n_groups;
+                r.group_rank.clear();
+                for (int g = 0; g < n_groups; ++g) {
+                    float b1 = -INFINITY, b2 = -INFINITY;
+                    for (int e = g * per; e < (g + 1) * per; ++e) {
+                        if (sel[e] > b1) { b2 = b1; b1 = sel[e]; } else if (sel[e] > b2) { b2 = sel[e]; }
+                    }
+                    r.group_rank.emplace_back(per > 1 ? b1 + b2 : b1, g);
+                }
+                std::partial_sort(r.group_rank.begin(), r.group_rank.begin() + hp->n_group_used, r.group_rank.end(),
+                                  [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+                                      return x.first > y.first || (x.first == y.first && x.second < y.second);
+                                  });
+                for (int j = hp->n_group_used; j < n_groups; ++j)
+                    std::fill(sel + r.group_rank[(size_t)j].second * per, sel + (r.group_rank[(size_t)j].second + 1) * per, -INFINITY);
+            }
             r.topk.clear();
             for (int e = 0; e < n_expert; ++e) r.topk.emplace_back(sel[e], e);
             std::partial_sort(r.topk.begin(), r.topk.begin() + n_used, r.topk.end(),
@@ -11064,7 +11299,10 @@ inline void SessionImpl::down_tile(const ActiveExpert& e, int64_t row0, int rows
 MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType kv_type) {
     const int32_t n = detail::session_n_ctx(info, n_ctx);
     if (n <= 0 || info.n_layer <= 0 || info.n_head_kv <= 0 || info.head_dim <= 0) return 0;
-    return detail::KvCache::bytes(info.n_layer, n, (int64_t)info.n_head_kv * info.head_dim, kv_type == TensorType::q8_0);
+    if (info.kv_lora_rank > 0)  // MLA: the latent and the rope key, no values
+        return detail::KvCache::bytes(info.n_layer, n, (int64_t)info.kv_lora_rank + info.n_rot, 0, kv_type == TensorType::q8_0);
+    const int64_t dim = (int64_t)info.n_head_kv * info.head_dim;
+    return detail::KvCache::bytes(info.n_layer, n, dim, dim, kv_type == TensorType::q8_0);
 }
 
 MOE_DETAIL_MEMBER Session::Session() = default;
@@ -11215,8 +11453,8 @@ MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sa
     std::vector<uint8_t> sampler_bytes;
     if (sampler) sampler->save_state(&sampler_bytes);
     out->clear();
-    const size_t row = kv.row_bytes, rows = (size_t)n_layer * (size_t)kv.pos;
-    out->reserve(64 + (size_t)kv.pos * 4 + 2 * rows * row + (size_t)n_vocab * 4 + sampler_bytes.size());
+    const size_t row = kv.row_bytes, v_row = kv.v_row_bytes, rows = (size_t)n_layer * (size_t)kv.pos;
+    out->reserve(64 + (size_t)kv.pos * 4 + rows * (row + v_row) + (size_t)n_vocab * 4 + sampler_bytes.size());
     detail::ByteWriter w(out);
     w.put(detail::kStateMagic);
     w.put(detail::kStateVersion);
@@ -11229,7 +11467,7 @@ MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sa
     w.bytes(kv.tokens.data, (size_t)kv.pos * 4);
     for (int il = 0; il < n_layer; ++il) {
         w.bytes(kv.k.data + kv.offset(il, 0), (size_t)kv.pos * row);
-        w.bytes(kv.v.data + kv.offset(il, 0), (size_t)kv.pos * row);
+        w.bytes(kv.v.data + kv.v_offset(il, 0), (size_t)kv.pos * v_row);
     }
     w.bytes(si.a.logits.data, (size_t)n_vocab * 4);
     w.put<uint64_t>(sampler_bytes.size());
@@ -11260,8 +11498,8 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
                             tensor_type_name((TensorType)kv_type), tensor_type_name((TensorType)own_type));
     if (pos < 0) return detail::fail(Status::invalid_file, "corrupt session state (position %d)", pos);
     if (pos > kv.n_ctx) return detail::fail(Status::context_full, "the session state holds %d positions, n_ctx is %d", pos, kv.n_ctx);
-    const size_t row = kv.row_bytes;
-    const size_t need = (size_t)pos * 4 + 2 * (size_t)n_layer * (size_t)pos * row + (size_t)n_vocab * 4 + 8;
+    const size_t row = kv.row_bytes, v_row = kv.v_row_bytes;
+    const size_t need = (size_t)pos * 4 + (size_t)n_layer * (size_t)pos * (row + v_row) + (size_t)n_vocab * 4 + 8;
     if (r.left() < need) return detail::fail(Status::invalid_file, "truncated session state");
     // Validated before anything is overwritten: the tokens, then the sampler part's size.
     const uint8_t* token_bytes = r.skip((size_t)pos * 4);
@@ -11270,7 +11508,7 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
         std::memcpy(&t, token_bytes + (size_t)i * 4, 4);
         if (t < 0 || t >= n_vocab) return detail::fail(Status::invalid_file, "corrupt session state (token %d at position %d)", t, i);
     }
-    const uint8_t* kv_bytes = r.skip(2 * (size_t)n_layer * (size_t)pos * row);
+    const uint8_t* kv_bytes = r.skip((size_t)n_layer * (size_t)pos * (row + v_row));
     const uint8_t* logit_bytes = r.skip((size_t)n_vocab * 4);
     for (int32_t i = 0; i < n_vocab; ++i) {
         float v;
@@ -11288,8 +11526,8 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     for (int il = 0; il < n_layer; ++il) {
         std::memcpy(kv.k.data + kv.offset(il, 0), kv_bytes, (size_t)pos * row);
         kv_bytes += (size_t)pos * row;
-        std::memcpy(kv.v.data + kv.offset(il, 0), kv_bytes, (size_t)pos * row);
-        kv_bytes += (size_t)pos * row;
+        std::memcpy(kv.v.data + kv.v_offset(il, 0), kv_bytes, (size_t)pos * v_row);
+        kv_bytes += (size_t)pos * v_row;
     }
     std::memcpy(si.a.logits.data, logit_bytes, (size_t)n_vocab * 4);
     kv.pos = pos;
