@@ -53,7 +53,8 @@
        MXFP4, Q4_K, Q5_K, AFFINE), SessionOptions::gemm_min_tokens.
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
-       llama4), kimi-k2 and gpt-2 (also the fallback for other names); and SentencePiece ("llama").
+       llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
+       SentencePiece ("llama").
        models larger than memory: LoadOptions::mem_budget keeps the routed experts in a bounded
        cache (O_DIRECT reads on I/O threads), SessionOptions::predict_depth loads predicted experts
        ahead; Session::expert_stats / prediction_stats, Model::expert_store_stats report.
@@ -347,7 +348,8 @@ MOE_API bool quantize_uses_importance(TensorType type);
 //   regex, whole-word tokens first, BOS by default); dbrx smaug-bpe glm4 chatglm-bpe (the same regex
 //   only); qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open grok-2; qwen35;
 //   deepseek-llm; deepseek-v3 hunyuan-dense joyai-llm hy_v4; gpt-4o llama4 kanana2 talkie
-//   minimax-m2 (o200k: gpt-oss's GGUFs say gpt-4o); kimi-k2 (tokenizer.ggml.merges may be absent).
+//   minimax-m2 (o200k: gpt-oss's GGUFs say gpt-4o); kimi-k2 (tokenizer.ggml.merges may be absent);
+//   gpt-2; default (also when the key is absent: four regexes, punctuation runs apart first).
 //   Any other name gets GPT-2's regex (llama.cpp refuses unknown names). Where llama.cpp differs
 //   from the family's own regex (its Unicode class approximations), llama.cpp's behaviour is kept.
 //   Invalid UTF-8 differs by design: each invalid byte stays that byte (llama.cpp makes it U+FFFD).
@@ -7745,6 +7747,46 @@ inline void pretokenize_deepseek_llm(const uint32_t* cp, const uint8_t* cls, siz
     for (const CptSpan& s : *a) ends->push_back(s.end);
 }
 
+// llama.cpp's "default" (also what a GGUF without tokenizer.ggml.pre gets): four regexes one after
+// the other, the first and third over class-collapsed text (see pretokenize_gpt4o):
+//   [\p{P}\$\+<=>\^~\|]+   then GPT-2's   then \p{N}+   then [0-9][0-9][0-9]
+// `ends` must be empty (it holds the words of one span while they are made spans).
+inline void pretokenize_default(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<CptSpan>* a,
+                                std::vector<CptSpan>* b, std::vector<uint32_t>* ends) {
+    auto punct = [&](size_t j) {  // every ASCII punctuation or symbol but '`'; other \p{P}
+        uint32_t c = cp[j];
+        if (c < 0x80) return c > 0x20 && c < 0x7f && c != '`' && !((c | 0x20) - 'a' < 26u) && !(c - '0' < 10u);
+        return cls[j] == (uint8_t)UnicodeClass::punctuation;
+    };
+    a->assign(1, CptSpan{0, (uint32_t)n});
+    split_isolated(*a, b, [&](size_t i, size_t end) {
+        size_t e = i;
+        while (e < end && punct(e)) ++e;
+        return e;
+    });
+    a->clear();
+    for (const CptSpan& s : *b) {  // GPT-2's regex on each span
+        pretokenize_gpt2(cp + s.begin, cls + s.begin, s.end - s.begin, ends);
+        uint32_t begin = s.begin;
+        for (uint32_t e : *ends) {
+            a->push_back({begin, s.begin + e});
+            begin = s.begin + e;
+        }
+        ends->clear();
+    }
+    split_isolated(*a, b, [&](size_t i, size_t end) {
+        size_t e = i;
+        while (e < end && pretok_is_number(cls, e)) ++e;
+        return e;
+    });
+    split_isolated(*b, a, [&](size_t i, size_t end) {
+        for (size_t k = 0; k < 3; ++k)
+            if (i + k >= end || cp[i + k] - '0' >= 10u) return i;
+        return i + 3;
+    });
+    for (const CptSpan& s : *a) ends->push_back(s.end);
+}
+
 // DeepSeek V3 (also R1, Hunyuan dense, JoyAI): three regexes applied one after the other, as
 // llama.cpp runs them (std::regex; where a regex names a class, over the text with every non-ASCII
 // code point collapsed to one stand-in per class, see pretokenize_gpt4o):
@@ -7957,7 +7999,7 @@ struct SpecialTokenTrie {
 
 struct TokenizerImpl {
     enum class Model { bpe, spm };
-    enum class Pre { gpt2, llama3, qwen2, qwen35, deepseek_llm, deepseek_v3, gpt4o, kimi_k2 };
+    enum class Pre { gpt2, default_, llama3, qwen2, qwen35, deepseek_llm, deepseek_v3, gpt4o, kimi_k2 };
 
     Model model = Model::bpe;
     Pre pre = Pre::gpt2;
@@ -8166,8 +8208,10 @@ inline Status TokenizerImpl::load(const GgufFile& file) {
         pre = Pre::gpt4o;
     } else if (pre_name == "kimi-k2") {
         pre = Pre::kimi_k2;
+    } else if (pre_name == "default") {
+        pre = Pre::default_;  // also when the key is absent
     } else {
-        pre = Pre::gpt2;  // "gpt-2", "default" and any family without a matcher of its own
+        pre = Pre::gpt2;  // "gpt-2" and any family without a matcher of its own (llama.cpp refuses those)
     }
 
     if ((s = tokenizer_read_id(file, "tokenizer.ggml.bos_token_id", n_vocab, &bos)) != Status::ok) return s;
@@ -8385,6 +8429,7 @@ inline void TokenizerImpl::encode_bpe_fragment(const char* s, size_t n, Scratch&
     sc.ends.clear();
     switch (pre) {
         case Pre::gpt2: pretokenize_gpt2(sc.cpts.data(), sc.cls.data(), m, &sc.ends); break;
+        case Pre::default_: pretokenize_default(sc.cpts.data(), sc.cls.data(), m, &sc.spans_a, &sc.spans_b, &sc.ends); break;
         case Pre::llama3: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 3, false, &sc.ends); break;
         case Pre::qwen2: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 1, false, &sc.ends); break;
         case Pre::qwen35: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 1, true, &sc.ends); break;

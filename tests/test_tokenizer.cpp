@@ -966,7 +966,7 @@ void write_split_revealing_vocab(moe::GgufWriter* w, const std::vector<std::stri
 }
 
 struct PreCheck {
-    const char* pre;      // tokenizer.ggml.pre written into the qwen2 vocabulary
+    const char* pre;      // tokenizer.ggml.pre written into the vocabulary (nullptr: no such key)
     bool drop_merges;     // also leave tokenizer.ggml.merges out
 };
 
@@ -974,9 +974,10 @@ class PreTokenizerPeerTest : public ::testing::TestWithParam<PreCheck> {};
 
 // Writes `w` with tokenizer.ggml.pre = pre, loads it both ways and compares the ids on `cases`
 // (and BOS/EOS defaults on the last few with add_special). Returns the cases that match.
-int compare_with_peer(const std::string& peer, moe::GgufWriter w, const char* pre, const char* vocab_name,
+int compare_with_peer(const std::string& peer, moe::GgufWriter w, const char* pre_or_null, const char* vocab_name,
                       const std::vector<std::string>& cases) {
-    w.set_string("tokenizer.ggml.pre", pre);
+    if (pre_or_null) w.set_string("tokenizer.ggml.pre", pre_or_null);
+    const char* pre = pre_or_null ? pre_or_null : "(no pre)";
     const std::string path = test_tmp_dir() + "/moe-pretok-" + std::to_string((long)getpid()) + "-" + vocab_name + ".gguf";
     EXPECT_EQ(w.write(path.c_str()), moe::Status::ok) << moe::last_error();
     moe::GgufFile file;
@@ -1036,7 +1037,7 @@ TEST_P(PreTokenizerPeerTest, MatchesLlamaCpp) {
         write_split_revealing_vocab(&reveal, cases);
         reveal_matched = compare_with_peer(peer, reveal, pc.pre, "split-revealing", cases);
     }
-    std::printf("[ pretok   ] %-14s %s%d/%zu cases match llama.cpp with the qwen2 vocabulary", pc.pre, pc.drop_merges ? "(no merges) " : "",
+    std::printf("[ pretok   ] %-14s %s%d/%zu cases match llama.cpp with the qwen2 vocabulary", pc.pre ? pc.pre : "(no pre)", pc.drop_merges ? "(no merges) " : "",
                 real_matched, cases.size());
     if (reveal_matched >= 0) std::printf(", %d/%zu with the split-revealing one", reveal_matched, cases.size());
     std::printf("\n");
@@ -1047,9 +1048,10 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(PreCheck{"qwen35", false}, PreCheck{"deepseek-v3", false}, PreCheck{"gpt-4o", false}, PreCheck{"glm4", false},
                       PreCheck{"lfm2", false}, PreCheck{"kimi-k2", false}, PreCheck{"kimi-k2", true}, PreCheck{"llama-bpe", false},
                       PreCheck{"dbrx", false}, PreCheck{"qwen2", false}, PreCheck{"deepseek-llm", false}, PreCheck{"gpt-2", false},
-                      PreCheck{"llama4", false}, PreCheck{"hunyuan-dense", false}, PreCheck{"stablelm2", false}),
+                      PreCheck{"llama4", false}, PreCheck{"hunyuan-dense", false}, PreCheck{"stablelm2", false},
+                      PreCheck{"default", false}, PreCheck{nullptr, false}),
     [](const ::testing::TestParamInfo<PreCheck>& info) {
-        std::string n = std::string(info.param.pre) + (info.param.drop_merges ? "_no_merges" : "");
+        std::string n = std::string(info.param.pre ? info.param.pre : "absent") + (info.param.drop_merges ? "_no_merges" : "");
         for (char& c : n)
             if (!std::isalnum((unsigned char)c)) c = '_';
         return n;
