@@ -51,8 +51,10 @@
        NEON dotprod kernels picked at run time.
        prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI; Q4_0..Q8_0, IQ4_NL,
        MXFP4, Q4_K, Q5_K, AFFINE), SessionOptions::gemm_min_tokens.
-       tokenizers: byte-level BPE ("gpt2": qwen2, llama-bpe, gpt-2, deepseek-llm pre-tokenizers...)
-       and SentencePiece ("llama").
+       tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
+       llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
+       llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
+       SentencePiece ("llama").
        models larger than memory: LoadOptions::mem_budget keeps the routed experts in a bounded
        cache (O_DIRECT reads on I/O threads), SessionOptions::predict_depth loads predicted experts
        ahead; Session::expert_stats / prediction_stats, Model::expert_store_stats report.
@@ -341,6 +343,16 @@ MOE_API bool quantize_uses_importance(TensorType type);
 // Built from the GGUF's tokenizer.ggml.* metadata. Byte-level BPE ("gpt2") with the
 // pre-tokenizers of common families, and SentencePiece-style ("llama"). Read-only after load:
 // safe to call from several threads at once.
+// tokenizer.ggml.pre names read as llama.cpp reads them (same words, same ids, checked against it):
+//   llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano (Llama 3's
+//   regex, whole-word tokens first, BOS by default); dbrx smaug-bpe glm4 chatglm-bpe (the same regex
+//   only); qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open grok-2; qwen35;
+//   deepseek-llm; deepseek-v3 hunyuan-dense joyai-llm hy_v4; gpt-4o llama4 kanana2 talkie
+//   minimax-m2 (o200k: gpt-oss's GGUFs say gpt-4o); kimi-k2 (tokenizer.ggml.merges may be absent);
+//   gpt-2; default (also when the key is absent: four regexes, punctuation runs apart first).
+//   Any other name gets GPT-2's regex (llama.cpp refuses unknown names). Where llama.cpp differs
+//   from the family's own regex (its Unicode class approximations), llama.cpp's behaviour is kept.
+//   Invalid UTF-8 differs by design: each invalid byte stays that byte (llama.cpp makes it U+FFFD).
 
 namespace detail { struct TokenizerImpl; }
 
@@ -7535,6 +7547,16 @@ inline size_t match_space_run(const uint8_t* cls, size_t i, size_t n) {
     return e;
 }
 
+// \s*[\r\n]+|\s+(?!\S)|\s+ at a whitespace code point i: up to and including the run's last newline
+// when it has one, else as match_space_run. Elsewhere (no alternative matched) one code point.
+inline size_t match_space_or_newlines(const uint32_t* cp, const uint8_t* cls, size_t i, size_t n) {
+    size_t run = i, last_newline = 0;
+    for (; run < n && pretok_is_space(cls, run); ++run)
+        if (pretok_is_newline(cp[run])) last_newline = run + 1;
+    if (run == i) return i + 1;
+    return last_newline ? last_newline : match_space_run(cls, i, n);
+}
+
 // GPT-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 inline void pretokenize_gpt2(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<uint32_t>* ends) {
     size_t i = 0;
@@ -7560,28 +7582,105 @@ inline void pretokenize_gpt2(const uint32_t* cp, const uint8_t* cls, size_t n, s
 // Llama 3 (max_digits 3) and Qwen2 (max_digits 1):
 // (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
 // \s*[\r\n]+|\s+(?!\S)|\s+
-inline void pretokenize_llama3(const uint32_t* cp, const uint8_t* cls, size_t n, size_t max_digits, std::vector<uint32_t>* ends) {
+// Qwen3.5 (max_digits 1, with_marks): the same with [\p{L}\p{M}]+ for \p{L}+ and [^\s\p{L}\p{M}\p{N}]
+// for [^\s\p{L}\p{N}], so that combining marks stay in their word.
+inline void pretokenize_llama3(const uint32_t* cp, const uint8_t* cls, size_t n, size_t max_digits, bool with_marks,
+                               std::vector<uint32_t>* ends) {
+    auto wordlike = [&](size_t j) { return pretok_is_letter(cls, j) || (with_marks && cls[j] == (uint8_t)UnicodeClass::mark); };
     size_t i = 0;
     while (i < n) {
         size_t e = match_contraction(cp, i, n, true);
         if (e == i) {
             uint32_t c = cp[i];
             size_t q = (c == ' ' && i + 1 < n) ? i + 1 : i;
-            bool letters_next = pretok_is_letter(cls, i) || (i + 1 < n && pretok_is_letter(cls, i + 1));
+            bool letters_next = wordlike(i) || (i + 1 < n && wordlike(i + 1));
             if (!pretok_is_newline(c) && !pretok_is_number(cls, i) && letters_next) {
                 // [^\r\n\p{L}\p{N}]?\p{L}+ : one optional non-letter (a space, '(', a mark...) then letters
-                for (e = i + 1; e < n && pretok_is_letter(cls, e);) ++e;
+                for (e = i + 1; e < n && wordlike(e);) ++e;
             } else if (pretok_is_number(cls, i)) {
                 for (e = i + 1; e < n && e - i < max_digits && pretok_is_number(cls, e);) ++e;
-            } else if (pretok_is_other(cls, q)) {
-                for (e = q + 1; e < n && pretok_is_other(cls, e);) ++e;
+            } else if (pretok_is_other(cls, q) && !wordlike(q)) {
+                for (e = q + 1; e < n && pretok_is_other(cls, e) && !wordlike(e);) ++e;
                 while (e < n && pretok_is_newline(cp[e])) ++e;
             } else {
-                // \s*[\r\n]+ : the whitespace run up to and including its last newline
-                size_t run = i, last_newline = 0;
-                for (; run < n && pretok_is_space(cls, run); ++run)
-                    if (pretok_is_newline(cp[run])) last_newline = run + 1;
-                e = last_newline ? last_newline : match_space_run(cls, i, n);
+                e = match_space_or_newlines(cp, cls, i, n);
+            }
+        }
+        ends->push_back((uint32_t)e);
+        i = e;
+    }
+}
+
+// Kimi K2, as llama.cpp's hand-written splitter for it reads the regex
+//   [\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{L}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}|
+//   ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// (the tokenizer's own regex tells upper from lower case letters and counts \p{M} as a letter; that
+// splitter does neither: a word is any run of letters other than Han). Han is kimi_is_han's ranges.
+inline bool kimi_is_han(uint32_t c) {
+    return (c >= 0x4e00 && c <= 0x9fff) || (c >= 0x3400 && c <= 0x4dbf) || (c >= 0x20000 && c <= 0x2a6df) ||
+           (c >= 0x2a700 && c <= 0x2ebef) || (c >= 0xf900 && c <= 0xfaff) || (c >= 0x2f800 && c <= 0x2fa1f);
+}
+inline void pretokenize_kimi_k2(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<uint32_t>* ends) {
+    auto word_letter = [&](size_t j) { return pretok_is_letter(cls, j) && !kimi_is_han(cp[j]); };
+    size_t i = 0;
+    while (i < n) {
+        size_t e;
+        uint32_t c = cp[i];
+        size_t q = (c == ' ' && i + 1 < n) ? i + 1 : i;
+        if (kimi_is_han(c)) {
+            for (e = i + 1; e < n && kimi_is_han(cp[e]);) ++e;
+        } else if (word_letter(i) || (!pretok_is_newline(c) && !pretok_is_letter(cls, i) && !pretok_is_number(cls, i) &&
+                                      i + 1 < n && word_letter(i + 1))) {
+            for (e = i + 1; e < n && word_letter(e);) ++e;
+            if (e < n) e = match_contraction(cp, e, n, true);  // an optional contraction suffix
+        } else if (pretok_is_number(cls, i)) {
+            for (e = i + 1; e < n && e - i < 3 && pretok_is_number(cls, e);) ++e;
+        } else if (pretok_is_other(cls, q)) {
+            for (e = q + 1; e < n && pretok_is_other(cls, e);) ++e;
+            while (e < n && pretok_is_newline(cp[e])) ++e;
+        } else {
+            e = match_space_or_newlines(cp, cls, i, n);
+        }
+        ends->push_back((uint32_t)e);
+        i = e;
+    }
+}
+
+// GPT-4o's o200k (gpt-oss, Llama 4, MiniMax-M2), as llama.cpp runs it: std::regex over the text with
+// every non-ASCII code point collapsed to one stand-in per class (unicode.cpp), and \p{M} left out:
+//   [^\r\n\p{L}\p{N}]?U*W+C?|[^\r\n\p{L}\p{N}]?U+W*C?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// U = a letter but not a-z, W = a letter but not A-Z, C = (?i:'s|'t|'re|'ve|'m|'ll|'d). The collapse
+// loses case, so a non-ASCII letter is both U and W. Matching is leftmost-first with backtracking:
+// "ÀB" gives "À" (U* backs off until W+ can take the À), then "B".
+inline void pretokenize_gpt4o(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<uint32_t>* ends) {
+    auto upper = [&](size_t j) { return pretok_is_letter(cls, j) && !(cp[j] >= 'a' && cp[j] <= 'z'); };
+    auto lower = [&](size_t j) { return pretok_is_letter(cls, j) && !(cp[j] >= 'A' && cp[j] <= 'Z'); };
+    size_t i = 0;
+    while (i < n) {
+        size_t e = i;
+        uint32_t c = cp[i];
+        // the optional [^\r\n\p{L}\p{N}] prefix: taken whenever present (no letters after it: no word)
+        size_t q = (!pretok_is_newline(c) && !pretok_is_letter(cls, i) && !pretok_is_number(cls, i)) ? i + 1 : i;
+        size_t u = q;
+        while (u < n && upper(u)) ++u;
+        if (u < n && lower(u)) {
+            for (e = u + 1; e < n && lower(e);) ++e;  // U*W+
+        } else {
+            for (size_t k = u; k > q; --k)  // U* gives back letters until W+ can match one
+                if (lower(k - 1)) { e = k; break; }
+            if (e == i && u > q) e = u;  // U+W* (W* is empty here)
+        }
+        if (e > i) {
+            if (e < n) e = match_contraction(cp, e, n, true);
+        } else if (pretok_is_number(cls, i)) {
+            for (e = i + 1; e < n && e - i < 3 && pretok_is_number(cls, e);) ++e;
+        } else {
+            size_t p = (c == ' ' && i + 1 < n && pretok_is_other(cls, i + 1)) ? i + 1 : i;
+            if (pretok_is_other(cls, p)) {
+                for (e = p + 1; e < n && pretok_is_other(cls, e);) ++e;
+                while (e < n && (pretok_is_newline(cp[e]) || cp[e] == '/')) ++e;
+            } else {
+                e = match_space_or_newlines(cp, cls, i, n);
             }
         }
         ends->push_back((uint32_t)e);
@@ -7622,17 +7721,20 @@ inline bool deepseek_is_cjk(uint32_t c) {  // [一-龥ࠀ-一가-퟿]
 
 // DeepSeek LLM: six regexes applied one after the other, each splitting the spans of the last:
 //   [\r\n]   \s?[A-Za-zµÀ-Ö...]+   \s?[!-/:-~...]+   \s+$   [一-龥ࠀ-一가-퟿]+   \p{N}+
+// llama.cpp runs the ones with literal ranges over the text with every non-ASCII whitespace code
+// point replaced by U+000B, so that std::wregex's \s sees it: U+2003 or U+3000 is then in no range.
 inline void pretokenize_deepseek_llm(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<CptSpan>* a,
                                      std::vector<CptSpan>* b, std::vector<uint32_t>* ends) {
+    auto in = [&](size_t j, bool (*in_class)(uint32_t)) { return in_class(cp[j]) && !(cp[j] >= 0x80 && pretok_is_space(cls, j)); };
     a->assign(1, CptSpan{0, (uint32_t)n});
     split_isolated(*a, b, [&](size_t i, size_t) { return pretok_is_newline(cp[i]) ? i + 1 : i; });
     // \s?[class]+ : an optional whitespace code point, then a run of the class.
     auto space_then_run = [&](size_t i, size_t end, bool (*in_class)(uint32_t)) {
         size_t q = i;
-        if (pretok_is_space(cls, i) && i + 1 < end && in_class(cp[i + 1])) q = i + 1;
-        else if (!in_class(cp[i])) return i;
+        if (pretok_is_space(cls, i) && i + 1 < end && in(i + 1, in_class)) q = i + 1;
+        else if (!in(i, in_class)) return i;
         size_t e = q + 1;
-        while (e < end && in_class(cp[e])) ++e;
+        while (e < end && in(e, in_class)) ++e;
         return e;
     };
     split_isolated(*b, a, [&](size_t i, size_t end) { return space_then_run(i, end, deepseek_is_letter); });
@@ -7651,7 +7753,7 @@ inline void pretokenize_deepseek_llm(const uint32_t* cp, const uint8_t* cls, siz
     }
     auto run_of = [&](size_t i, size_t end, bool (*in_class)(uint32_t)) {
         size_t e = i;
-        while (e < end && in_class(cp[e])) ++e;
+        while (e < end && in(e, in_class)) ++e;
         return e;
     };
     split_isolated(*a, b, [&](size_t i, size_t end) { return run_of(i, end, deepseek_is_cjk); });
@@ -7661,6 +7763,102 @@ inline void pretokenize_deepseek_llm(const uint32_t* cp, const uint8_t* cls, siz
         return e;
     });
     for (const CptSpan& s : *a) ends->push_back(s.end);
+}
+
+// llama.cpp's "default" (also what a GGUF without tokenizer.ggml.pre gets): four regexes one after
+// the other, the first and third over class-collapsed text (see pretokenize_gpt4o):
+//   [\p{P}\$\+<=>\^~\|]+   then GPT-2's   then \p{N}+   then [0-9][0-9][0-9]
+// `ends` must be empty (it holds the words of one span while they are made spans).
+inline void pretokenize_default(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<CptSpan>* a,
+                                std::vector<CptSpan>* b, std::vector<uint32_t>* ends) {
+    auto punct = [&](size_t j) {  // every ASCII punctuation or symbol but '`'; other \p{P}
+        uint32_t c = cp[j];
+        if (c < 0x80) return c > 0x20 && c < 0x7f && c != '`' && !((c | 0x20) - 'a' < 26u) && !(c - '0' < 10u);
+        return cls[j] == (uint8_t)UnicodeClass::punctuation;
+    };
+    a->assign(1, CptSpan{0, (uint32_t)n});
+    split_isolated(*a, b, [&](size_t i, size_t end) {
+        size_t e = i;
+        while (e < end && punct(e)) ++e;
+        return e;
+    });
+    a->clear();
+    for (const CptSpan& s : *b) {  // GPT-2's regex on each span
+        pretokenize_gpt2(cp + s.begin, cls + s.begin, s.end - s.begin, ends);
+        uint32_t begin = s.begin;
+        for (uint32_t e : *ends) {
+            a->push_back({begin, s.begin + e});
+            begin = s.begin + e;
+        }
+        ends->clear();
+    }
+    split_isolated(*a, b, [&](size_t i, size_t end) {
+        size_t e = i;
+        while (e < end && pretok_is_number(cls, e)) ++e;
+        return e;
+    });
+    split_isolated(*b, a, [&](size_t i, size_t end) {
+        for (size_t k = 0; k < 3; ++k)
+            if (i + k >= end || cp[i + k] - '0' >= 10u) return i;
+        return i + 3;
+    });
+    for (const CptSpan& s : *a) ends->push_back(s.end);
+}
+
+// DeepSeek V3 (also R1, Hunyuan dense, JoyAI): three regexes applied one after the other, as
+// llama.cpp runs them (std::regex; where a regex names a class, over the text with every non-ASCII
+// code point collapsed to one stand-in per class, see pretokenize_gpt4o):
+//   \p{N}{1,3}   then   [一-龥぀-ゟ゠-ヿ]+   then
+//   [!-/:-@\[-`{-~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// An invalid byte is llama.cpp's U+FFFD there, a symbol.
+inline bool deepseek_v3_is_kana_or_cjk(uint32_t c) {  // [一-龥぀-ゟ゠-ヿ]
+    return (c >= 0x4e00 && c <= 0x9fa5) || (c >= 0x3040 && c <= 0x30ff);
+}
+inline void pretokenize_deepseek_v3(const uint32_t* cp, const uint8_t* cls, size_t n, std::vector<CptSpan>* a,
+                                    std::vector<CptSpan>* b, std::vector<uint32_t>* ends) {
+    auto ascii_punct = [](uint32_t c) { return c > 0x20 && c < 0x7f && !((c | 0x20) - 'a' < 26u) && !(c - '0' < 10u); };
+    auto ascii_letter = [](uint32_t c) { return (c | 0x20) - 'a' < 26u; };
+    auto punct_or_symbol = [&](size_t j) {  // [\p{P}\p{S}]
+        if (cp[j] < 0x80) return ascii_punct(cp[j]);
+        return cls[j] == (uint8_t)UnicodeClass::punctuation || cls[j] == (uint8_t)UnicodeClass::symbol || cp[j] > 0x10ffff;
+    };
+    auto letter_or_mark = [&](size_t j) { return pretok_is_letter(cls, j) || cls[j] == (uint8_t)UnicodeClass::mark; };
+    a->assign(1, CptSpan{0, (uint32_t)n});
+    split_isolated(*a, b, [&](size_t i, size_t end) {
+        size_t e = i;
+        while (e < end && e - i < 3 && pretok_is_number(cls, e)) ++e;
+        return e;
+    });
+    split_isolated(*b, a, [&](size_t i, size_t end) {
+        size_t e = i;
+        while (e < end && deepseek_v3_is_kana_or_cjk(cp[e])) ++e;
+        return e;
+    });
+    split_isolated(*a, b, [&](size_t i, size_t end) {
+        size_t e = i;
+        uint32_t c = cp[i];
+        if (ascii_punct(c) && i + 1 < end && ascii_letter(cp[i + 1])) {  // [!-/:-@\[-`{-~][A-Za-z]+
+            for (e = i + 2; e < end && ascii_letter(cp[e]);) ++e;
+            return e;
+        }
+        // [^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+ (a mark may be the prefix or the first of the run)
+        bool prefix = !pretok_is_newline(c) && !pretok_is_letter(cls, i) && !punct_or_symbol(i);
+        size_t q = (prefix && i + 1 < end && letter_or_mark(i + 1)) ? i + 1 : i;
+        if (letter_or_mark(q)) {
+            for (e = q + 1; e < end && letter_or_mark(e);) ++e;
+            return e;
+        }
+        // ?[\p{P}\p{S}]+[\r\n]*
+        q = (c == ' ' && i + 1 < end && punct_or_symbol(i + 1)) ? i + 1 : i;
+        if (punct_or_symbol(q)) {
+            for (e = q + 1; e < end && punct_or_symbol(e);) ++e;
+            while (e < end && pretok_is_newline(cp[e])) ++e;
+            return e;
+        }
+        if (!pretok_is_space(cls, i)) return i;  // no match here
+        return match_space_or_newlines(cp, cls, i, end);
+    });
+    for (const CptSpan& s : *b) ends->push_back(s.end);
 }
 
 //--- Vocabulary structures ----------------------------------------------------------------------
@@ -7819,7 +8017,7 @@ struct SpecialTokenTrie {
 
 struct TokenizerImpl {
     enum class Model { bpe, spm };
-    enum class Pre { gpt2, llama3, qwen2, deepseek_llm };
+    enum class Pre { gpt2, default_, llama3, qwen2, qwen35, deepseek_llm, deepseek_v3, gpt4o, kimi_k2 };
 
     Model model = Model::bpe;
     Pre pre = Pre::gpt2;
@@ -8009,16 +8207,29 @@ inline Status TokenizerImpl::load(const GgufFile& file) {
         eos = n_vocab > 2 ? 2 : -1;
         unk = 0;
     } else if (pre_is_one_of(pre_name, {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                                        "lfm2", "dbrx", "smaug-bpe"})) {
+                                        "lfm2", "jina-v5-nano"})) {
         pre = Pre::llama3;
         ignore_merges = true;
         add_bos = true;
-    } else if (pre_is_one_of(pre_name, {"qwen2", "deepseek-r1-qwen", "megrez"})) {
+    } else if (pre_is_one_of(pre_name, {"dbrx", "smaug-bpe", "glm4", "chatglm-bpe"})) {
+        pre = Pre::llama3;  // Llama 3's regex without its ignore_merges / add_bos defaults
+    } else if (pre_is_one_of(pre_name, {"qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan",
+                                        "solar-open", "grok-2"})) {
         pre = Pre::qwen2;
+    } else if (pre_name == "qwen35") {
+        pre = Pre::qwen35;
     } else if (pre_name == "deepseek-llm") {
         pre = Pre::deepseek_llm;
+    } else if (pre_is_one_of(pre_name, {"deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"})) {
+        pre = Pre::deepseek_v3;
+    } else if (pre_is_one_of(pre_name, {"gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"})) {
+        pre = Pre::gpt4o;
+    } else if (pre_name == "kimi-k2") {
+        pre = Pre::kimi_k2;
+    } else if (pre_name == "default") {
+        pre = Pre::default_;  // also when the key is absent
     } else {
-        pre = Pre::gpt2;  // "gpt-2", "default" and any family without a matcher of its own
+        pre = Pre::gpt2;  // "gpt-2" and any family without a matcher of its own (llama.cpp refuses those)
     }
 
     if ((s = tokenizer_read_id(file, "tokenizer.ggml.bos_token_id", n_vocab, &bos)) != Status::ok) return s;
@@ -8081,7 +8292,9 @@ inline Status TokenizerImpl::load(const GgufFile& file) {
     // Merges.
     if (model == Model::bpe) {
         std::vector<std::string> lines;
-        if ((s = tokenizer_read_strings(file, "tokenizer.ggml.merges", &lines)) != Status::ok) return s;
+        // llama.cpp loads Kimi K2 without merges (words then fall back to byte tokens).
+        bool optional = pre == Pre::kimi_k2 && !file.find("tokenizer.ggml.merges");
+        if (!optional && (s = tokenizer_read_strings(file, "tokenizer.ggml.merges", &lines)) != Status::ok) return s;
         if (lines.size() >= (size_t)INT32_MAX) return fail(Status::tokenizer_error, "tokenizer.ggml.merges has too many entries");
         merges.init(lines.size());
         std::string joined;
@@ -8194,7 +8407,8 @@ inline void TokenizerImpl::encode(const std::string& text, bool add_special, boo
 // longer, cut only where the tokens cannot depend on the cut (no regex here looks behind).
 // Byte-level BPE: after a '\n' between two visible ASCII characters, every pre-tokenizer here ends
 // a word (that newline is a whitespace run of its own or ends a punctuation run, and is never a
-// letter's prefix), and DeepSeek's first regex isolates each newline anyway. SentencePiece:
+// letter's prefix), and DeepSeek LLM's first regex isolates each newline anyway; but GPT-4o's
+// punctuation run goes on through [\r\n/]*, so there the character after it must not be '/'. SentencePiece:
 // between two ASCII characters (not spaces) that are neighbours in no piece, no merge can cross.
 // Without such a place, the chunk is the whole rest.
 inline size_t TokenizerImpl::chunk_length(const char* s, size_t n) const {
@@ -8203,7 +8417,7 @@ inline size_t TokenizerImpl::chunk_length(const char* s, size_t n) const {
         unsigned char a = (unsigned char)s[p - 1], b = (unsigned char)s[p];
         if (model == Model::bpe) {
             unsigned char before = (unsigned char)s[p - 2];
-            if (a == '\n' && b > 0x20 && b < 0x7f && before > 0x20 && before < 0x7f) return p;
+            if (a == '\n' && b > 0x20 && b < 0x7f && before > 0x20 && before < 0x7f && !(pre == Pre::gpt4o && b == '/')) return p;
         } else if (a < 0x80 && b < 0x80 && a != ' ' && b != ' ' && !spm_pairs.find(a, b)) {
             return p;
         }
@@ -8233,9 +8447,14 @@ inline void TokenizerImpl::encode_bpe_fragment(const char* s, size_t n, Scratch&
     sc.ends.clear();
     switch (pre) {
         case Pre::gpt2: pretokenize_gpt2(sc.cpts.data(), sc.cls.data(), m, &sc.ends); break;
-        case Pre::llama3: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 3, &sc.ends); break;
-        case Pre::qwen2: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 1, &sc.ends); break;
+        case Pre::default_: pretokenize_default(sc.cpts.data(), sc.cls.data(), m, &sc.spans_a, &sc.spans_b, &sc.ends); break;
+        case Pre::llama3: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 3, false, &sc.ends); break;
+        case Pre::qwen2: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 1, false, &sc.ends); break;
+        case Pre::qwen35: pretokenize_llama3(sc.cpts.data(), sc.cls.data(), m, 1, true, &sc.ends); break;
         case Pre::deepseek_llm: pretokenize_deepseek_llm(sc.cpts.data(), sc.cls.data(), m, &sc.spans_a, &sc.spans_b, &sc.ends); break;
+        case Pre::deepseek_v3: pretokenize_deepseek_v3(sc.cpts.data(), sc.cls.data(), m, &sc.spans_a, &sc.spans_b, &sc.ends); break;
+        case Pre::gpt4o: pretokenize_gpt4o(sc.cpts.data(), sc.cls.data(), m, &sc.ends); break;
+        case Pre::kimi_k2: pretokenize_kimi_k2(sc.cpts.data(), sc.cls.data(), m, &sc.ends); break;
     }
     uint32_t begin = 0;
     for (uint32_t end : sc.ends) {

@@ -6,11 +6,15 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -23,7 +27,7 @@
 
 namespace {
 
-const char* const kVocabs[] = {"qwen2", "llama-bpe", "gpt-2", "deepseek-llm", "llama-spm", "phi-3"};
+const char* const kVocabs[] = {"qwen2", "qwen35", "llama-bpe", "gpt-2", "deepseek-llm", "llama-spm", "phi-3"};
 
 std::string vocab_dir() { return std::string(MOE_SHARED_DIR) + "/vocab/"; }
 std::string vocab_path(const std::string& name) { return vocab_dir() + "ggml-vocab-" + name + ".gguf"; }
@@ -766,3 +770,289 @@ TEST(TokenizerHostile, UnloadedTokenizer) {
     moe::Tokenizer moved(std::move(tok));
     EXPECT_FALSE(moved.valid());
 }
+
+//-----------------------------------------------------------------------------
+// Pre-tokenizers cross-checked against llama.cpp (llama_peer --tokenize-cases). There are no
+// ggml-vocab files for most pre-tokenizer names, so each test writes vocabularies under the name
+// and compares our ids with llama.cpp's on every .inp case of the vocab files plus cases aimed at
+// what the regexes treat differently (CJK and kana, digit runs, contractions in any case, letter
+// case runs, marks, emoji, mixed scripts, whitespace and newline runs, punctuation followed by '/'
+// or newlines, controls) and random text. Two vocabularies: the qwen2 one (a real vocabulary), and
+// one built from the cases in which every piece of up to kRevealBytes bytes is a single token, so
+// that the ids show exactly where the pre-tokenizer cut (a real vocabulary's merges often hide a
+// different cut). Skips without the peer.
+//-----------------------------------------------------------------------------
+
+namespace {
+
+std::string peer_program() {
+    const char* e = std::getenv("MOE_LLAMA_PEER");
+    if (e && *e) return e;
+#ifdef MOE_LLAMA_PEER
+    return MOE_LLAMA_PEER;
+#else
+    return "";
+#endif
+}
+
+std::string test_tmp_dir() {
+    const char* e = std::getenv("MOE_TEST_TMP");
+    return e && *e ? e : "/tmp";
+}
+
+std::string quote_for_shell(const std::string& s) {
+    std::string o = "'";
+    for (char c : s) o += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return o + "'";
+}
+
+std::string escape_for_message(const std::string& s) {
+    std::string o;
+    for (unsigned char c : s) {
+        if (c == '\n') o += "\\n";
+        else if (c == '\r') o += "\\r";
+        else if (c == '\t') o += "\\t";
+        else if (c < 0x20 || c == 0x7f) { char b[8]; std::snprintf(b, sizeof b, "\\x%02x", c); o += b; }
+        else o += (char)c;
+    }
+    return o;
+}
+
+// The cases: every .inp case of the vocab files, then our own, then random text (valid UTF-8 only:
+// llama.cpp turns each invalid byte into U+FFFD where we keep the byte, by design).
+std::vector<std::string> pretokenizer_cases() {
+    std::vector<std::string> cases;
+    for (const char* name : {"qwen2", "llama-bpe", "gpt-2", "deepseek-llm", "llama-spm", "phi-3", "qwen35"}) {
+        std::string inp;
+        if (!read_file(vocab_path(name) + ".inp", &inp)) continue;
+        const std::string sep = "\n__ggml_vocab_test__\n";
+        for (size_t p = 0;;) {
+            size_t q = inp.find(sep, p);
+            if (q == std::string::npos) break;
+            cases.push_back(inp.substr(p, q - p));
+            p = q + sep.size();
+        }
+    }
+    const char* const own[] = {
+        // CJK, kana, Hangul, Han outside the common block
+        "我想在apple工作", "中文English混合123数字", "日本語のテキスト、カタカナ　ひらがな。", "한국어 텍스트입니다",
+        "〇々〆 ⺀ 𠀀𠀁 豈 丽", "漢字かな交じり文ｶﾀｶﾅ", "中文，标点！“引号”（括号）", "abc中def", "中abc", " 中", "a 中", "中 a",
+        "中1二22三333四4444", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３", "ㄅㄆㄇ ㄱㄴㄷ", "龥龦 鿿 㐀", "カタカナーひらがなゝ",
+        // digits
+        "1", "12", "123", "1234", "12345678901234567890", "3.14159", "1,000,000", "٣٤٥ ١٢٣", "①②③ Ⅻ ½ ²³", "x2y33z444",
+        "２０２４年", "12abc34", " 123 ", "a1b2c3", "-42", "0x1F600", "v1.2.3-rc4",
+        // contractions, in any case
+        "I'm you're he's we've they'll I'd don't", "I'M YOU'RE HE'S WE'VE THEY'LL I'D DON'T", "You'Re It'S We'Ve",
+        "'s 'S 'll 'LL 'Re 'd", "rock'n'roll", "O'Neil's", "l'été", "''", "'", "'re", "x'", "don’t", "ABC's abc'S",
+        "Ünïcödé's ÀB's", "中's 1's", "'sabc", " 's", "\n's",
+        // letter case runs (o200k splits them)
+        "HelloWorld", "HELLOworld", "helloWORLD", "ABCdef", "ÀB", "ÀBc", "aÀB", "ÉCOLE école", "ПРИВЕТ мир Привет", "ΑΒΓ αβγ",
+        "camelCaseString", "XMLHttpRequest", "iPhone", "McDonald's", "ǄǅǆǇ", "ABCÉ", "ÉABC", "abcÉDEF", "DŽungla",
+        // combining marks and scripts that use them
+        "e\xcc\x81", "naïve café", "nai\xcc\x88ve cafe\xcc\x81", "नमस्ते दुनिया", "สวัสดีครับ", "مرحبا بالعالم", "שָׁלוֹם",
+        "កាន់តែពិសេស", "\xcc\x81" "abc", " \xcc\x81", "a \xcc\x81\xcc\x82 b", "!\xcc\x81", "1\xcc\x81",
+        // emoji
+        "🦙🦙", "Hello 👋🏽 world", "👨‍👩‍👧‍👦 family", "🇺🇸🇯🇵", "✅❌", "😶‍🌫️", " 🚀x", "a🚀b",
+        // whitespace and newlines
+        "   ", "\t\t", "a  b   c    d", "  leading", "trailing   ", "\n", "\n\n\n", " \n \n ", "a\n\nb", "\r\n", "a\r\nb",
+        "\xe3\x80\x80全角スペース\xe3\x80\x80", "a\xc2\xa0" "b", "x \xe2\x80\x83 y", "tabs\tand\x0bvt\x0c" "ff", "\xc2\x85nel",
+        "line1\nline2\n", "   \n   x", " \t \n\t x", "a \n", "end with space ", "\n\n  \n\n",
+        // punctuation (o200k: [\r\n/]* after a punctuation run)
+        "!!!", "...", "a...b", "?!", "foo/bar/baz", "a/\n/b", "http://example.com/path?q=1&r=2", "C:\\path\\file",
+        "<tag attr=\"x\">", "{\"json\": [1, 2]}", "-->", " .hidden", "x,y;z", "#include <stdio.h>", "$100 + 5% = ~€",
+        "email@domain.org", ".NET", "'quoted'", "\"dq\"", "«guillemets»", "—dash–", "…", "·", "a\n/b", "!/\n/", "!\n/\n/x",
+        "//\n//\n", " /**/ ", "(a)[b]{c}", "-_-", "a.b", "._a", ".a", "@Test", "\\n", "`code`",
+        // controls and format characters
+        "\x01\x02" "abc", "a\x7f" "b", "\x1c\x1d\x1e\x1f", "zero\xe2\x80\x8bwidth", "soft\xc2\xadhyphen", "\x1b[31mred\x1b[0m",
+        // code and mixed scripts
+        "def f(x):\n    return x**2\n", "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\n}", "Hello мир 世界 🌍 مرحبا",
+        "αβγ123δεζ", "Ⅷ µ ª º", "ß SS ẞ", "İstanbul ıi", "ﬁ ﬂ", "Ω Å K",
+    };
+    for (const char* c : own) cases.push_back(c);
+    std::mt19937 rng(4242);
+    for (int i = 0; i < 200; ++i) {
+        std::string t = random_text(rng, 24, true);
+        if (t.find("\xf0\x9f\x9b\x9c") != std::string::npos) continue;  // U+1F6DC: Unicode 15 (our tables are 14.0)
+        if (t.find("\n__ggml_vocab_test__\n") == std::string::npos) cases.push_back(t);
+    }
+    return cases;
+}
+
+// Runs llama.cpp on the cases; one id list per case.
+::testing::AssertionResult peer_tokenize(const std::string& peer, const std::string& gguf, const std::vector<std::string>& cases,
+                                         bool add_special, std::vector<std::vector<int32_t>>* out) {
+    const std::string inp = gguf + ".inp";
+    {
+        std::ofstream f(inp, std::ios::binary);
+        for (const std::string& c : cases) f << c << "\n__ggml_vocab_test__\n";
+    }
+    const std::string cmd = quote_for_shell(peer) + " -m " + quote_for_shell(gguf) + " --tokenize-cases " + quote_for_shell(inp) +
+                            " --no-parse-special" + (add_special ? " --add-special" : "") + " 2>" + quote_for_shell(gguf + ".log");
+    FILE* p = popen(cmd.c_str(), "r");
+    if (!p) return ::testing::AssertionFailure() << "popen failed: " << cmd;
+    std::string text;
+    char buf[65536];
+    size_t got;
+    while ((got = std::fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, got);
+    const int rc = pclose(p);
+    std::string log;
+    read_file(gguf + ".log", &log);
+    std::remove(inp.c_str());
+    std::remove((gguf + ".log").c_str());
+    if (rc != 0) return ::testing::AssertionFailure() << "llama_peer failed (status " << rc << "): " << cmd << "\n" << log;
+    out->clear();
+    std::istringstream lines(text);
+    std::string line;
+    while (std::getline(lines, line)) {
+        std::vector<int32_t> ids;
+        std::istringstream items(line);
+        std::string item;
+        while (std::getline(items, item, ','))
+            if (!item.empty()) ids.push_back((int32_t)std::strtol(item.c_str(), nullptr, 10));
+        out->push_back(std::move(ids));
+    }
+    if (out->size() != cases.size())
+        return ::testing::AssertionFailure() << "llama_peer printed " << out->size() << " lines for " << cases.size() << " cases";
+    return ::testing::AssertionSuccess();
+}
+
+// GPT-2's byte-level alphabet (written here independently of the library's).
+std::string byte_stand_in(unsigned char b) {
+    static std::string table[256];
+    if (table['!'].empty()) {
+        int next = 256;
+        for (int c = 0; c < 256; ++c) {
+            bool printable = (c >= 0x21 && c <= 0x7e) || (c >= 0xa1 && c <= 0xac) || (c >= 0xae);
+            append_utf8(&table[c], printable ? (uint32_t)c : (uint32_t)next++);
+        }
+    }
+    return table[b];
+}
+
+// The split-revealing vocabulary: the 256 byte tokens, every substring of 2..kRevealBytes bytes of
+// the cases, each with a merge for every way to cut it in two (so BPE joins any piece of up to
+// kRevealBytes bytes into one token, whatever the merge order), and a control token <s> as BOS.
+constexpr size_t kRevealBytes = 8;
+void write_split_revealing_vocab(moe::GgufWriter* w, const std::vector<std::string>& cases) {
+    std::vector<std::string> pieces;
+    for (const std::string& c : cases)
+        for (size_t i = 0; i < c.size(); ++i)
+            for (size_t len = 2; len <= kRevealBytes && i + len <= c.size(); ++len) pieces.push_back(c.substr(i, len));
+    std::sort(pieces.begin(), pieces.end(), [](const std::string& a, const std::string& b) {
+        return a.size() != b.size() ? a.size() < b.size() : a < b;
+    });
+    pieces.erase(std::unique(pieces.begin(), pieces.end()), pieces.end());
+    auto encode = [](const std::string& bytes) {
+        std::string o;
+        for (unsigned char b : bytes) o += byte_stand_in(b);
+        return o;
+    };
+    std::vector<std::string> tokens, merges;
+    for (int b = 0; b < 256; ++b) tokens.push_back(byte_stand_in((unsigned char)b));
+    for (const std::string& piece : pieces) {
+        tokens.push_back(encode(piece));
+        for (size_t cut = 1; cut < piece.size(); ++cut) merges.push_back(encode(piece.substr(0, cut)) + " " + encode(piece.substr(cut)));
+    }
+    tokens.push_back("<s>");
+    std::vector<int32_t> types(tokens.size(), 1);
+    types.back() = 3;
+    w->set_string("general.architecture", "qwen2");
+    w->set_string("tokenizer.ggml.model", "gpt2");
+    w->set_string_array("tokenizer.ggml.tokens", tokens);
+    w->set_i32_array("tokenizer.ggml.token_type", types);
+    w->set_string_array("tokenizer.ggml.merges", merges);
+    w->set_u32("tokenizer.ggml.bos_token_id", (uint32_t)tokens.size() - 1);
+    w->set_u32("tokenizer.ggml.eos_token_id", (uint32_t)tokens.size() - 1);
+}
+
+struct PreCheck {
+    const char* pre;      // tokenizer.ggml.pre written into the vocabulary (nullptr: no such key)
+    bool drop_merges;     // also leave tokenizer.ggml.merges out
+};
+
+class PreTokenizerPeerTest : public ::testing::TestWithParam<PreCheck> {};
+
+// Writes `w` with tokenizer.ggml.pre = pre, loads it both ways and compares the ids on `cases`
+// (and BOS/EOS defaults on the last few with add_special). Returns the cases that match.
+int compare_with_peer(const std::string& peer, moe::GgufWriter w, const char* pre_or_null, const char* vocab_name,
+                      const std::vector<std::string>& cases) {
+    if (pre_or_null) w.set_string("tokenizer.ggml.pre", pre_or_null);
+    const char* pre = pre_or_null ? pre_or_null : "(no pre)";
+    const std::string path = test_tmp_dir() + "/moe-pretok-" + std::to_string((long)getpid()) + "-" + vocab_name + ".gguf";
+    EXPECT_EQ(w.write(path.c_str()), moe::Status::ok) << moe::last_error();
+    moe::GgufFile file;
+    EXPECT_EQ(moe::GgufFile::open(path.c_str(), true, &file), moe::Status::ok) << moe::last_error();
+    moe::Tokenizer tok;
+    moe::Status s = moe::Tokenizer::load(file, &tok);
+    EXPECT_EQ(s, moe::Status::ok) << moe::last_error();
+    std::vector<std::vector<int32_t>> theirs, theirs_special;
+    const std::vector<std::string> few(cases.end() - 8, cases.end());
+    bool peer_ok = peer_tokenize(peer, path, cases, false, &theirs) && peer_tokenize(peer, path, few, true, &theirs_special);
+    std::remove(path.c_str());
+    EXPECT_TRUE(peer_ok) << "llama_peer failed on " << path;
+    if (s != moe::Status::ok || !peer_ok) return 0;
+    int matched = 0, reported = 0;
+    for (size_t i = 0; i < cases.size(); ++i) {
+        std::vector<int32_t> ours;
+        EXPECT_EQ(tok.encode(cases[i], false, false, &ours), moe::Status::ok);
+        if (ours == theirs[i]) {
+            ++matched;
+        } else if (++reported <= 12) {
+            ADD_FAILURE() << pre << " (" << vocab_name << ") case " << i << " '" << escape_for_message(cases[i])
+                          << "'\n  ours:      " << ids_to_string(ours) << "\n  llama.cpp: " << ids_to_string(theirs[i]);
+        }
+    }
+    for (size_t i = 0; i < few.size(); ++i) {
+        std::vector<int32_t> ours;
+        EXPECT_EQ(tok.encode(few[i], true, false, &ours), moe::Status::ok);
+        EXPECT_EQ(ids_to_string(ours), ids_to_string(theirs_special[i]))
+            << pre << " (" << vocab_name << ") add_special case '" << escape_for_message(few[i]) << "'";
+    }
+    EXPECT_EQ(matched, (int)cases.size()) << pre << " (" << vocab_name << ")";
+    return matched;
+}
+
+}  // namespace
+
+TEST_P(PreTokenizerPeerTest, MatchesLlamaCpp) {
+    const PreCheck pc = GetParam();
+    const std::string peer = peer_program();
+    if (peer.empty() || !std::ifstream(peer))
+        GTEST_SKIP() << "llama_peer not available (set MOE_LLAMA_PEER or configure with -DMOE_PEER_DIR=...)";
+    SKIP_WITHOUT_VOCAB("qwen2");
+    static const std::vector<std::string> cases = pretokenizer_cases();
+    // The qwen2 vocabulary under another pre-tokenizer name.
+    moe::GgufFile base;
+    ASSERT_EQ(moe::GgufFile::open(vocab_path("qwen2").c_str(), true, &base), moe::Status::ok) << moe::last_error();
+    moe::GgufWriter real;
+    for (size_t i = 0; i < base.n_keys(); ++i) {
+        const std::string& key = base.key_at(i).key;
+        if (key == "tokenizer.ggml.pre" || (pc.drop_merges && key == "tokenizer.ggml.merges")) continue;
+        real.copy_key(base.key_at(i));
+    }
+    const int real_matched = compare_with_peer(peer, real, pc.pre, "qwen2", cases);
+    int reveal_matched = -1;
+    if (!pc.drop_merges) {
+        moe::GgufWriter reveal;
+        write_split_revealing_vocab(&reveal, cases);
+        reveal_matched = compare_with_peer(peer, reveal, pc.pre, "split-revealing", cases);
+    }
+    std::printf("[ pretok   ] %-14s %s%d/%zu cases match llama.cpp with the qwen2 vocabulary", pc.pre ? pc.pre : "(no pre)", pc.drop_merges ? "(no merges) " : "",
+                real_matched, cases.size());
+    if (reveal_matched >= 0) std::printf(", %d/%zu with the split-revealing one", reveal_matched, cases.size());
+    std::printf("\n");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Pre, PreTokenizerPeerTest,
+    ::testing::Values(PreCheck{"qwen35", false}, PreCheck{"deepseek-v3", false}, PreCheck{"gpt-4o", false}, PreCheck{"glm4", false},
+                      PreCheck{"lfm2", false}, PreCheck{"kimi-k2", false}, PreCheck{"kimi-k2", true}, PreCheck{"llama-bpe", false},
+                      PreCheck{"dbrx", false}, PreCheck{"qwen2", false}, PreCheck{"deepseek-llm", false}, PreCheck{"gpt-2", false},
+                      PreCheck{"llama4", false}, PreCheck{"hunyuan-dense", false}, PreCheck{"stablelm2", false},
+                      PreCheck{"default", false}, PreCheck{nullptr, false}),
+    [](const ::testing::TestParamInfo<PreCheck>& info) {
+        std::string n = std::string(info.param.pre ? info.param.pre : "absent") + (info.param.drop_merges ? "_no_merges" : "");
+        for (char& c : n)
+            if (!std::isalnum((unsigned char)c)) c = '_';
+        return n;
+    });
