@@ -599,7 +599,7 @@ enum class ExpertGating : int32_t { softmax = 1, sigmoid = 2, softmax_weight = 3
 
 // Hyper-parameters, all read from GGUF metadata.
 struct ModelInfo {
-    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe", "deepseek2"
+    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe", "deepseek2", "lfm2moe"
     std::string name;          // general.name or ""
     int32_t n_vocab = 0, n_embd = 0, n_layer = 0, n_ctx_train = 0;  // n_layer: without NextN/MTP layers
     int32_t n_head = 0, n_head_kv = 0, head_dim = 0, n_rot = 0;
@@ -609,6 +609,10 @@ struct ModelInfo {
     // key, value_dim those of a value. The KV cache keeps the latent + n_rot per position.
     int32_t q_lora_rank = 0, kv_lora_rank = 0, value_dim = 0;
     int32_t n_expert_groups = 0, n_group_used = 0;  // grouped top-k: experts from the best groups only
+    // Short-convolution layers (lfm2moe) in place of attention: a causal depthwise convolution over
+    // the last shortconv_l_cache positions of each channel.
+    int32_t shortconv_l_cache = 0;
+    std::vector<bool> layer_conv;    // (n_layer) short-convolution layers
     int32_t n_layer_dense_lead = 0;  // the first layers have a dense FFN of width n_ff_dense
     int32_t n_ff_dense = 0;
     int32_t sliding_window = 0;      // > 0: layers with ModelInfo::layer_swa attend this many positions
@@ -8878,6 +8882,11 @@ struct LayerWeights {
     // wv_b (n_head, value_dim, kv_lora) turns the attended latent into a head's value.
     Weight wq_a, wq_b, wkv_a, wk_b, wv_b;
     std::vector<float> q_a_norm, kv_a_norm;
+    // Short convolution (lfm2moe): in_proj gives gates b, c and input x; the layer's output is
+    // out_proj(c * conv(b * x)), conv_kernel (n_embd, l_cache) per channel, the last tap on the newest.
+    Weight conv_in, conv_out;
+    std::vector<float> conv_kernel;
+    int32_t conv_index = -1;                  // >= 0: a short-convolution layer, its slot in KvCache::conv
     bool swa = false;                         // attends the last ModelInfo::sliding_window positions
     bool moe() const { return (bool)router; }
 };
@@ -9051,9 +9060,9 @@ inline void plan_forward(ModelImpl& m) {
         for (int il = 0; il < hp.n_layer; ++il) {
             const LayerWeights& l = m.layers[(size_t)il];
             LayerFormats& f = p.layer_formats[fa][(size_t)il];
-            f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv) | bit(l.wq_a) | bit(l.wkv_a));
+            f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv) | bit(l.wq_a) | bit(l.wkv_a) | bit(l.conv_in));
             f.q_b_in = bit(l.wq_b);
-            f.att_out = bit(l.wo);
+            f.att_out = (uint8_t)(bit(l.wo) | bit(l.conv_out));
             f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate_hot) | bit(l.up_hot) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
         }
         p.output_formats[fa] = bit(m.output);
@@ -9091,10 +9100,10 @@ inline Status load_model(ModelImpl& m) {
     if (s != Status::ok) return s;
     const std::string& arch = hp.architecture;
     const bool is_qwen3moe = arch == "qwen3moe", is_olmoe = arch == "olmoe", is_qwen2moe = arch == "qwen2moe", is_llama = arch == "llama";
-    const bool is_gptoss = arch == "gpt-oss", is_glm4moe = arch == "glm4moe", is_deepseek2 = arch == "deepseek2";
-    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe && !is_deepseek2)
-        return fail(Status::unsupported, "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe, deepseek2)",
-                    arch.c_str());
+    const bool is_gptoss = arch == "gpt-oss", is_glm4moe = arch == "glm4moe", is_deepseek2 = arch == "deepseek2", is_lfm2moe = arch == "lfm2moe";
+    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe && !is_deepseek2 && !is_lfm2moe)
+        return fail(Status::unsupported,
+                    "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe, deepseek2, lfm2moe)", arch.c_str());
     m.file.get_string("general.name", &hp.name);
     last_error_storage().clear();
 
@@ -9108,16 +9117,24 @@ inline Status load_model(ModelImpl& m) {
     if (n_nextn >= n_layer_all) return fail(Status::invalid_file, "nextn_predict_layers %u leaves no layers of %u", n_nextn, n_layer_all);
     const uint32_t n_layer = n_layer_all - n_nextn;
     if ((s = L.u32("attention.head_count", &n_head, true, 0)) != Status::ok) return s;
+    hp.layer_conv.assign(n_layer, false);
     {
-        // head_count_kv may be a per-layer array; we support arrays whose entries are all equal.
+        // head_count_kv may be a per-layer array; we support arrays whose entries are all equal
+        // (lfm2moe: 0 marks a short-convolution layer).
         std::string k = L.key("attention.head_count_kv");
         const GgufKeyValue* e = m.file.find(k.c_str());
         if (e && e->type == GgufValueType::array) {
             std::vector<int32_t> per_layer;
             if ((s = m.file.get_i32_array(k.c_str(), &per_layer)) != Status::ok) return s;
-            if (per_layer.empty() || std::any_of(per_layer.begin(), per_layer.end(), [&](int32_t v) { return v != per_layer[0]; }))
-                return fail(Status::unsupported, "'%s': per-layer KV head counts are not supported", k.c_str());
-            n_head_kv = (uint32_t)per_layer[0];
+            if (per_layer.size() < n_layer) return fail(Status::invalid_file, "'%s' has %zu entries for %u layers", k.c_str(), per_layer.size(), n_layer);
+            int32_t heads = 0;
+            for (uint32_t il = 0; il < n_layer; ++il) {
+                if (is_lfm2moe && per_layer[il] == 0) { hp.layer_conv[il] = true; continue; }
+                if (heads && per_layer[il] != heads) return fail(Status::unsupported, "'%s': per-layer KV head counts are not supported", k.c_str());
+                heads = per_layer[il];
+            }
+            if (heads <= 0) return fail(Status::invalid_file, "'%s' has no attention layer", k.c_str());
+            n_head_kv = (uint32_t)heads;
         } else if ((s = L.u32("attention.head_count_kv", &n_head_kv, false, n_head)) != Status::ok) {
             return s;
         }
@@ -9222,6 +9239,16 @@ inline Status load_model(ModelImpl& m) {
         last_error_storage().clear();
     }
     hp.expert_gating = is_gptoss ? ExpertGating::softmax_weight : is_glm4moe ? ExpertGating::sigmoid : ExpertGating::softmax;
+    if (is_lfm2moe) {
+        uint32_t g = 0, l_cache = 0;
+        if ((s = L.u32("expert_gating_func", &g, n_expert > 0, 0)) != Status::ok) return s;
+        if (g > 3) return fail(Status::unsupported, "expert_gating_func %u is not supported (1 softmax, 2 sigmoid, 3 softmax_weight)", g);
+        if (g) hp.expert_gating = (ExpertGating)g;
+        hp.expert_weights_norm = true;  // llama.cpp always renormalises for this family
+        if ((s = L.u32("shortconv.l_cache", &l_cache, true, 0)) != Status::ok) return s;
+        if (l_cache < 2 || l_cache > 64) return fail(Status::invalid_file, "shortconv.l_cache %u is out of range [2, 64]", l_cache);
+        hp.shortconv_l_cache = (int32_t)l_cache;
+    }
     if (is_deepseek2) {
         hp.expert_weights_norm = false;  // llama.cpp's default where the key is absent
         if (m.file.get_bool(L.key("expert_weights_norm").c_str(), &hp.expert_weights_norm) != Status::ok) hp.expert_weights_norm = false;
@@ -9320,7 +9347,8 @@ inline Status load_model(ModelImpl& m) {
     }
     if ((s = L.weight("output.weight", E, hp.n_vocab, 0, false, &m.output)) != Status::ok) return s;
     if (!m.output) m.output = m.token_embd;  // tied embeddings
-    if ((s = L.vector("output_norm.weight", E, true, &m.output_norm)) != Status::ok) return s;
+    // lfm2moe names its final norm token_embd_norm (llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2).
+    if ((s = L.vector(is_lfm2moe ? "token_embd_norm.weight" : "output_norm.weight", E, true, &m.output_norm)) != Status::ok) return s;
 
     m.layers.resize(n_layer);
     char name[128];
@@ -9329,12 +9357,19 @@ inline Status load_model(ModelImpl& m) {
     if (has_hot_list && (s = m.file.get_i32_array(kHotExpertsKey, &hot_list)) != Status::ok) return s;
     size_t hot_cursor = 0;  // into hot_list
     const char* ffn_norm_name = is_gptoss || is_glm4moe ? "post_attention_norm.weight" : "ffn_norm.weight";
+    int32_t n_conv = 0;
     for (uint32_t il = 0; il < n_layer; ++il) {
         LayerWeights& l = m.layers[il];
         auto N = [&](const char* suffix) { std::snprintf(name, sizeof name, "blk.%u.%s", il, suffix); return std::string(name); };
         l.swa = hp.layer_swa[il];
         if ((s = L.vector(N("attn_norm.weight"), E, true, &l.attn_norm)) != Status::ok) return s;
-        if (is_deepseek2) {
+        if (hp.layer_conv[il]) {
+            const int64_t LC = hp.shortconv_l_cache;
+            l.conv_index = n_conv++;
+            if ((s = L.vector(N("shortconv.conv.weight"), LC, true, &l.conv_kernel, E)) != Status::ok) return s;
+            if ((s = L.weight(N("shortconv.in_proj.weight"), E, 3 * E, 0, true, &l.conv_in)) != Status::ok) return s;
+            if ((s = L.weight(N("shortconv.out_proj.weight"), E, E, 0, true, &l.conv_out)) != Status::ok) return s;
+        } else if (is_deepseek2) {
             const int64_t R = n_rot, NOPE = key_len - n_rot, NH = n_head;
             if (q_lora > 0 && m.file.find_tensor(N("attn_q_a.weight").c_str())) {
                 if ((s = L.weight(N("attn_q_a.weight"), E, q_lora, 0, true, &l.wq_a)) != Status::ok) return s;
@@ -9359,7 +9394,7 @@ inline Status load_model(ModelImpl& m) {
         if ((s = L.vector(N("attn_v.bias"), KV, false, &l.bv)) != Status::ok) return s;
         if ((s = L.vector(N("attn_output.bias"), E, false, &l.bo)) != Status::ok) return s;
         if (is_gptoss && (s = L.vector(N("attn_sinks.weight"), H / key_len, true, &l.sinks)) != Status::ok) return s;
-        if (is_qwen3moe || is_olmoe || is_glm4moe) {
+        if ((is_qwen3moe || is_olmoe || is_glm4moe || is_lfm2moe) && !hp.layer_conv[il]) {
             // qwen3moe normalises each head (weight {hd}); olmoe the whole projection (weight {n_head*hd});
             // glm4moe each head where the file has the weights.
             const GgufTensorInfo* qn = m.file.find_tensor(N("attn_q_norm.weight").c_str());
@@ -9389,7 +9424,8 @@ inline Status load_model(ModelImpl& m) {
                 if ((s = L.vector(N("ffn_up_exps.bias"), F, true, &l.up_exps_b, n_expert)) != Status::ok) return s;
                 if ((s = L.vector(N("ffn_down_exps.bias"), E, true, &l.down_exps_b, n_expert)) != Status::ok) return s;
             }
-            if ((is_glm4moe || is_deepseek2) && (s = L.vector(N("exp_probs_b.bias"), n_expert, is_glm4moe, &l.selection_bias)) != Status::ok) return s;
+            if ((is_glm4moe || is_deepseek2 || is_lfm2moe) && (s = L.vector(N("exp_probs_b.bias"), n_expert, !is_deepseek2, &l.selection_bias)) != Status::ok)
+                return s;
             if ((is_qwen2moe || is_glm4moe || is_deepseek2) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
                 const int64_t FS = hp.n_ff_shared > 0 ? hp.n_ff_shared : 0;
                 if ((s = L.weight(N("ffn_gate_shexp.weight"), E, FS, 0, true, &l.gate_shexp)) != Status::ok) return s;
@@ -10167,6 +10203,17 @@ struct KvCache {
     }
     size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * row_bytes; }  // bytes
     size_t v_offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * v_row_bytes; }
+    // Short-convolution layers: the convolution's inputs (b * x) of the last conv_ring positions,
+    // position p in slot p % conv_ring; a rewind within the ring keeps an exact state.
+    AlignedBuffer<float> conv;  // (n_conv, conv_ring, conv_width)
+    int32_t conv_ring = 0;
+    int64_t conv_width = 0;
+    bool allocate_conv(int32_t n_conv, int32_t ring, int64_t width) {
+        conv_ring = ring; conv_width = width;
+        return n_conv == 0 || conv.allocate((size_t)n_conv * (size_t)ring * (size_t)width, true);
+    }
+    float* conv_row(int32_t ci, int32_t p) { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
+    const float* conv_row(int32_t ci, int32_t p) const { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
     static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim, int64_t v_dim, bool q8) {
         return (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)(row_size(kv_dim, q8) + row_size(v_dim, q8));
     }
@@ -10178,6 +10225,9 @@ struct Activations {
     AlignedBuffer<float> q, k, v;        // (B, q_dim), (B, kv_dim) x2
     AlignedBuffer<float> att_out;        // (B, att_dim)
     AlignedBuffer<float> att_wo;         // MLA: (B, n_head * value_dim), the heads' values for attn_output
+    AlignedBuffer<float> conv_bcx;       // short convolution: (B, 3 * n_embd) = gates b, c and input x
+    AlignedBuffer<float> conv_y;         // (B, n_embd): c * conv(b * x), out_proj's input
+    ActRows act_conv;
     AlignedBuffer<float> q_proj;         // MLA: (B, n_head * head_dim), queries before absorption
     AlignedBuffer<float> q_lora;         // MLA: (B, q_lora_rank), the normed query bottleneck
     ActRows act_q_lora;
@@ -10327,6 +10377,10 @@ struct SessionImpl {
     // stop at 4 KiB page boundaries, and a core streaming alone cannot otherwise keep enough loads in
     // flight (measured on Sapphire Rapids: decode +18% at 16 threads, +40% at 1 thread).
     static constexpr size_t kDefaultPrefetch = 2048;
+    // Short-convolution inputs are kept for the last n_batch + kConvRing positions: a chunk never
+    // overwrites the window before it, and truncate()/eval_prompt() rewinding by up to about
+    // kConvRing positions keep an exact state (further, the kept prefix is evaluated again).
+    static constexpr int32_t kConvRing = 64;
 
     std::shared_ptr<const ModelImpl> model;  // keeps the weights alive as long as the session
     const ModelInfo* hp = nullptr;
@@ -10405,6 +10459,8 @@ struct SessionImpl {
     void matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith);
     void rope_phase(const ForwardCall& c, int il, int ith, int nth);
     void mla_qkv(const ForwardCall& c, int il, int ith, int nth);
+    void conv_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
+    Status rewind(int32_t n);
     void mla_rope_phase(const ForwardCall& c, int il, int ith, int nth);
     void mla_values_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
     void attention_phase(const ForwardCall& c, int il, int ith);
@@ -10486,6 +10542,27 @@ private:
     std::vector<std::pair<float, int32_t>> order_;
 };
 
+inline int32_t n_conv_layers(const ModelInfo& info) { return (int32_t)std::count(info.layer_conv.begin(), info.layer_conv.end(), true); }
+
+// Moves the session back to position n. Short-convolution state comes from the ring when it still
+// holds the window before n, else the kept prefix is evaluated again.
+inline Status SessionImpl::rewind(int32_t n) {
+    const int32_t window = hp->shortconv_l_cache - 1;
+    if (hp->shortconv_l_cache == 0 || n == 0 || n >= kv.pos || kv.pos - n <= kv.conv_ring - window) {
+        kv.pos = n;
+        return Status::ok;
+    }
+    std::vector<int32_t> prefix(kv.tokens.data, kv.tokens.data + n);
+    kv.pos = 0;
+    for (int32_t done = 0; done < n;) {
+        const int32_t chunk = std::min(n - done, n_batch);
+        Status s = forward(prefix.data() + done, chunk, nullptr, nullptr);
+        if (s != Status::ok) return s;
+        done += chunk;
+    }
+    return Status::ok;
+}
+
 inline int32_t session_n_ctx(const ModelInfo& info, int32_t requested) {
     return requested > 0 ? requested : std::min(info.n_ctx_train, 4096);
 }
@@ -10540,7 +10617,10 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
                     (!model->mla || (a.att_wo.allocate((size_t)(B * plan->wo_dim)) && a.q_proj.allocate((size_t)(B * hp->n_head * hp->head_dim)) &&
                                      a.q_lora.allocate((size_t)(B * std::max(1, hp->q_lora_rank))) &&
                                      a.act_q_lora.allocate(a.q_lora.data, std::max(1, hp->q_lora_rank), B))) &&
-                    a.act_att.allocate(model->mla ? a.att_wo.data : a.att_out.data, plan->wo_dim, B);
+                    a.act_att.allocate(model->mla ? a.att_wo.data : a.att_out.data, plan->wo_dim, B) &&
+                    (hp->shortconv_l_cache == 0 || (a.conv_bcx.allocate((size_t)(B * 3 * plan->n_embd)) && a.conv_y.allocate((size_t)(B * plan->n_embd)) &&
+                                                     a.act_conv.allocate(a.conv_y.data, plan->n_embd, B) &&
+                                                     kv.allocate_conv(n_conv_layers(*hp), n_batch + kConvRing, plan->n_embd)));
     if (!ok) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
@@ -10675,6 +10755,16 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             {&l.wk, 0, &a.act_x, a.k.data, plan->kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
             {&l.wv, 0, &a.act_x, a.v.data, plan->kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
         if (observer) observe(il, MatInput::attn_in, n, ith, nth);
+        if (l.conv_index >= 0) {  // a short-convolution layer in place of attention
+            const MatTask in_proj{&l.conv_in, 0, &a.act_x, a.conv_bcx.data, 3 * n_embd, nullptr, false};
+            matmul_phase(&in_proj, 1, 0, n, ith);
+            end_phase(ith, nth, PhaseProfile::qkv);
+            conv_phase(c, il, (uint8_t)(f.att_out | gemm_fmts(f.att_out)), ith, nth);
+            end_phase(ith, nth, PhaseProfile::attention);
+            const MatTask out_proj{&l.conv_out, 0, &a.act_conv, a.x.data, n_embd, nullptr, true};
+            const NormStep conv_ffn_norm{l.ffn_norm.data(), 0, n, (uint8_t)(f.ffn_in | gemm_fmts(f.ffn_in)), PhaseProfile::ffn_norm};
+            end_phase_then_norm(conv_ffn_norm, matmul_phase(&out_proj, 1, 0, n, ith), c, ith, nth, PhaseProfile::wo);
+        } else {
         if (m.mla) {
             mla_qkv(c, il, ith, nth);
         } else {
@@ -10697,6 +10787,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         const MatTask wo{&l.wo, 0, &a.act_att, a.x.data, n_embd, l.bo.empty() ? nullptr : l.bo.data(), true};
         const NormStep ffn_norm{l.ffn_norm.data(), 0, n, (uint8_t)(f.ffn_in | gemm_fmts(f.ffn_in)), PhaseProfile::ffn_norm};
         end_phase_then_norm(ffn_norm, matmul_phase(&wo, 1, 0, n, ith), c, ith, nth, PhaseProfile::wo);
+        }
         if (observer) observe(il, MatInput::ffn_in, n, ith, nth);
         if (l.moe()) {
             const MatTask router{&l.router, 0, &a.act_x, a.router_logits.data, hp->n_expert, nullptr, false};
@@ -10851,6 +10942,38 @@ inline void SessionImpl::matmul_tile(const MatTask& mt, int64_t row0, int32_t t0
 
 // QK-norm, RoPE and the KV store; units are (token, head) (or one per token for a whole-projection
 // QK-norm, which needs the whole row).
+// The short convolution of a chunk. Units are spans of channels over all the chunk's tokens, in
+// token order: store the token's b * x in the ring, convolve its window (positions before 0 are
+// zeros), gate with c, quantize the span for out_proj.
+inline void SessionImpl::conv_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth) {
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int64_t E = plan->n_embd, LC = hp->shortconv_l_cache;
+    const int64_t span = E % 256 == 0 ? 256 : std::max<int64_t>(act_block(fmts), E % kQK == 0 ? kQK : E);
+    int64_t s0, s1;
+    split_range(E / span, ith, nth, &s0, &s1);
+    for (int64_t sp = s0; sp < s1; ++sp) {
+        const int64_t ch0 = sp * span, ch1 = ch0 + span;
+        for (int32_t t = 0; t < c.n; ++t) {  // in order: the ring may be shorter than the chunk
+            KvCache& cache = kv_of(c, t);
+            const int32_t pos = pos_of(c, t);
+            const float* bcx = a.conv_bcx.data + (int64_t)t * 3 * E;
+            float* in_now = cache.conv_row(l.conv_index, pos);
+            for (int64_t ch = ch0; ch < ch1; ++ch) in_now[ch] = bcx[ch] * bcx[2 * E + ch];
+            const float* gate_c = bcx + E;
+            float* y = a.conv_y.data + (int64_t)t * E;
+            for (int64_t ch = ch0; ch < ch1; ++ch) y[ch] = 0;
+            for (int64_t k = 0; k < LC; ++k) {  // tap k reads position pos - (LC - 1) + k
+                const int32_t p = pos - (int32_t)(LC - 1) + (int32_t)k;
+                if (p < 0) continue;
+                const float* in = cache.conv_row(l.conv_index, p);
+                for (int64_t ch = ch0; ch < ch1; ++ch) y[ch] += in[ch] * l.conv_kernel[(size_t)(ch * LC + k)];
+            }
+            for (int64_t ch = ch0; ch < ch1; ++ch) y[ch] *= gate_c[ch];
+            a.act_conv.quantize(fmts, t, ch0, span);
+        }
+    }
+}
+
 // Multi-head latent attention, the absorbed form (llama.cpp's for MLA files): the queries (through
 // the q LoRA bottleneck where the file has one) and the latent + rope key, then mla_rope_phase.
 inline void SessionImpl::mla_qkv(const ForwardCall& c, int il, int ith, int nth) {
@@ -11630,8 +11753,7 @@ MOE_DETAIL_MEMBER int32_t Session::n_ctx() const { return impl_ ? impl_->kv.n_ct
 MOE_DETAIL_MEMBER void Session::reset() { if (impl_) impl_->kv.pos = 0; }
 MOE_DETAIL_MEMBER Status Session::truncate(int32_t n) {
     if (!impl_ || n < 0 || n > impl_->kv.pos) return detail::fail(Status::invalid_argument, "cannot truncate to %d", n);
-    impl_->kv.pos = n;
-    return Status::ok;
+    return impl_->rewind(n);
 }
 MOE_DETAIL_MEMBER const int32_t* Session::tokens() const { return impl_ ? impl_->kv.tokens.data : nullptr; }
 
@@ -11644,7 +11766,8 @@ MOE_DETAIL_MEMBER Status Session::eval_prompt(const int32_t* tokens, size_t n, s
     const detail::KvCache& kv = impl_->kv;
     size_t keep = 0;
     while (keep + 1 < n && keep < (size_t)kv.pos && kv.tokens.data[keep] == tokens[keep]) ++keep;
-    impl_->kv.pos = (int32_t)keep;
+    Status s = impl_->rewind((int32_t)keep);
+    if (s != Status::ok) return s;
     if (reused) *reused = keep;
     return eval(tokens + keep, n - keep);
 }
@@ -11688,6 +11811,10 @@ MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sa
         w.bytes(kv.k.data + kv.offset(il, 0), (size_t)kv.pos * row);
         w.bytes(kv.v.data + kv.v_offset(il, 0), (size_t)kv.pos * v_row);
     }
+    // Short-convolution layers: their inputs over the window before pos (the convolution state).
+    const int32_t conv_rows = si.hp->shortconv_l_cache ? std::min(kv.pos, si.hp->shortconv_l_cache - 1) : 0;
+    for (int32_t ci = 0; ci < detail::n_conv_layers(*si.hp); ++ci)
+        for (int32_t p = kv.pos - conv_rows; p < kv.pos; ++p) w.bytes(kv.conv_row(ci, p), (size_t)kv.conv_width * 4);
     w.bytes(si.a.logits.data, (size_t)n_vocab * 4);
     w.put<uint64_t>(sampler_bytes.size());
     w.bytes(sampler_bytes.data(), sampler_bytes.size());
@@ -11718,7 +11845,9 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     if (pos < 0) return detail::fail(Status::invalid_file, "corrupt session state (position %d)", pos);
     if (pos > kv.n_ctx) return detail::fail(Status::context_full, "the session state holds %d positions, n_ctx is %d", pos, kv.n_ctx);
     const size_t row = kv.row_bytes, v_row = kv.v_row_bytes;
-    const size_t need = (size_t)pos * 4 + (size_t)n_layer * (size_t)pos * (row + v_row) + (size_t)n_vocab * 4 + 8;
+    const int32_t conv_rows = si.hp->shortconv_l_cache ? std::min(pos, si.hp->shortconv_l_cache - 1) : 0, n_conv = detail::n_conv_layers(*si.hp);
+    const size_t conv_bytes = (size_t)n_conv * (size_t)conv_rows * (size_t)kv.conv_width * 4;
+    const size_t need = (size_t)pos * 4 + (size_t)n_layer * (size_t)pos * (row + v_row) + conv_bytes + (size_t)n_vocab * 4 + 8;
     if (r.left() < need) return detail::fail(Status::invalid_file, "truncated session state");
     // Validated before anything is overwritten: the tokens, then the sampler part's size.
     const uint8_t* token_bytes = r.skip((size_t)pos * 4);
@@ -11728,6 +11857,7 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
         if (t < 0 || t >= n_vocab) return detail::fail(Status::invalid_file, "corrupt session state (token %d at position %d)", t, i);
     }
     const uint8_t* kv_bytes = r.skip((size_t)n_layer * (size_t)pos * (row + v_row));
+    const uint8_t* conv_state = r.skip(conv_bytes);
     const uint8_t* logit_bytes = r.skip((size_t)n_vocab * 4);
     for (int32_t i = 0; i < n_vocab; ++i) {
         float v;
@@ -11748,6 +11878,11 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
         std::memcpy(kv.v.data + kv.v_offset(il, 0), kv_bytes, (size_t)pos * v_row);
         kv_bytes += (size_t)pos * v_row;
     }
+    for (int32_t ci = 0; ci < n_conv; ++ci)
+        for (int32_t p = pos - conv_rows; p < pos; ++p) {
+            std::memcpy(kv.conv_row(ci, p), conv_state, (size_t)kv.conv_width * 4);
+            conv_state += (size_t)kv.conv_width * 4;
+        }
     std::memcpy(si.a.logits.data, logit_bytes, (size_t)n_vocab * 4);
     kv.pos = pos;
     return Status::ok;
