@@ -942,6 +942,7 @@ MOE_API Status json_schema_to_grammar(const std::string& schema_json, std::strin
 #include <cctype>
 #include <functional>
 #include <limits>
+#include <list>
 #include <mutex>
 #include <new>
 #include <type_traits>
@@ -8954,6 +8955,7 @@ struct ModelImpl {
     RopeTable rope;
     RopeTable rope_swa;  // sliding-window layers whose base differs (rope.freq_base_swa); else empty
     bool mla = false;      // multi-head latent attention (ModelInfo::kv_lora_rank)
+    std::list<std::vector<float>> owned;  // weights made at load (old deepseek2 files' split attn_kv_b)
     float att_scale = 0;   // scale of q.k; 0: 1 / sqrt(head_dim)
     Weight token_embd, output;
     std::vector<float> output_norm;
@@ -9094,6 +9096,43 @@ inline Status hot_experts(const std::vector<int32_t>* list, uint32_t il, int64_t
     return Status::ok;
 }
 
+// A float32 Weight over storage the model owns (ModelImpl::owned).
+inline Weight owned_f32_weight(ModelImpl& m, std::vector<float>&& values, int64_t cols, int64_t rows, int64_t n_mats) {
+    m.owned.push_back(std::move(values));
+    const QuantType* f32 = quant_type((uint32_t)TensorType::f32);
+    Weight w;
+    w.data = reinterpret_cast<const uint8_t*>(m.owned.back().data());
+    w.type = (uint32_t)TensorType::f32;
+    w.qt = f32;
+    w.cols = cols; w.rows = rows; w.n_mats = n_mats;
+    w.row_bytes = (size_t)cols * 4;
+    w.mat_bytes = w.row_bytes * (size_t)rows;
+    w.kernel = row_kernel(*f32, active_isa(), cols);
+    w.kernel_f32 = row_kernel_f32(*f32);
+    return w;
+}
+
+// An old deepseek2 file's joint attn_kv_b {kv_lora, n_head * (nope + v)} (each head's nope key
+// rows, then its value rows) as the absorbed form's wk_b {nope, kv_lora, n_head} (transposed) and
+// wv_b {kv_lora, v, n_head}.
+inline Status split_kv_b(ModelImpl& m, const Weight& kv_b, int64_t n_head, int64_t nope, int64_t v, Weight* wk_b, Weight* wv_b) {
+    const int64_t lora = kv_b.cols;
+    std::vector<float> row((size_t)lora), k((size_t)(n_head * lora * nope)), vals((size_t)(n_head * v * lora));
+    for (int64_t h = 0; h < n_head; ++h)
+        for (int64_t j = 0; j < nope + v; ++j) {
+            Status s = dequantize_row((TensorType)kv_b.type, kv_b.row(0, h * (nope + v) + j), row.data(), lora);
+            if (s != Status::ok) return s;
+            if (kv_b.scaled()) for (float& x : row) x *= kv_b.scale(0);
+            for (int64_t r = 0; r < lora; ++r) {
+                if (j < nope) k[(size_t)((h * lora + r) * nope + j)] = row[(size_t)r];
+                else vals[(size_t)((h * v + (j - nope)) * lora + r)] = row[(size_t)r];
+            }
+        }
+    *wk_b = owned_f32_weight(m, std::move(k), nope, lora, n_head);
+    *wv_b = owned_f32_weight(m, std::move(vals), lora, v, n_head);
+    return Status::ok;
+}
+
 inline Status load_model(ModelImpl& m) {
     ModelInfo& hp = m.info;
     Status s = m.file.get_string("general.architecture", &hp.architecture);
@@ -9160,17 +9199,17 @@ inline Status load_model(ModelImpl& m) {
     if ((s = L.u32("attention.key_length", &key_len, false, n_embd / n_head)) != Status::ok) return s;
     if ((s = L.u32("attention.value_length", &val_len, false, key_len)) != Status::ok) return s;
     uint32_t q_lora = 0, kv_lora = 0;
+    bool legacy_kv_b = false;
     if (is_deepseek2) {
         // MLA: key_length / value_length describe the cached latent (kv_lora + rope, kv_lora); a
         // head's own sizes are the _mla keys. Files without them carry the old joint attn_kv_b.
         if ((s = L.u32("attention.kv_lora_rank", &kv_lora, true, 0)) != Status::ok) return s;
         if ((s = L.u32("attention.q_lora_rank", &q_lora, false, 0)) != Status::ok) return s;
-        const std::string km = L.key("attention.key_length_mla");
-        if (!m.file.find(km.c_str()))
-            return fail(Status::unsupported, "deepseek2 file without %s (a joint attn_kv_b from an old converter): reconvert it with a current llama.cpp",
-                        km.c_str());
-        if ((s = L.u32("attention.key_length_mla", &key_len, true, 0)) != Status::ok) return s;
-        if ((s = L.u32("attention.value_length_mla", &val_len, true, 0)) != Status::ok) return s;
+        // Files of older converters carry a joint attn_kv_b and no _mla keys (key_length is then
+        // a head's own); it is split into wk_b / wv_b (as floats) at load.
+        legacy_kv_b = !m.file.find(L.key("attention.key_length_mla").c_str());
+        if (!legacy_kv_b && (s = L.u32("attention.key_length_mla", &key_len, true, 0)) != Status::ok) return s;
+        if (!legacy_kv_b && (s = L.u32("attention.value_length_mla", &val_len, true, 0)) != Status::ok) return s;
         if (kv_lora == 0 || kv_lora > 16384 || q_lora > 65536 || val_len == 0 || val_len > 1024)
             return fail(Status::invalid_file, "invalid MLA ranks (q_lora_rank %u, kv_lora_rank %u, value_length_mla %u)", q_lora, kv_lora, val_len);
         if (n_head_kv != n_head && n_head_kv != 1) return fail(Status::invalid_file, "deepseek2 with %u KV heads of %u", n_head_kv, n_head);
@@ -9380,8 +9419,14 @@ inline Status load_model(ModelImpl& m) {
             }
             if ((s = L.weight(N("attn_kv_a_mqa.weight"), E, kv_lora + R, 0, true, &l.wkv_a)) != Status::ok) return s;
             if ((s = L.vector(N("attn_kv_a_norm.weight"), kv_lora, true, &l.kv_a_norm)) != Status::ok) return s;
-            if ((s = L.weight(N("attn_k_b.weight"), NOPE, kv_lora, NH, true, &l.wk_b)) != Status::ok) return s;
-            if ((s = L.weight(N("attn_v_b.weight"), kv_lora, val_len, NH, true, &l.wv_b)) != Status::ok) return s;
+            if (legacy_kv_b) {
+                Weight kv_b;
+                if ((s = L.weight(N("attn_kv_b.weight"), kv_lora, NH * (NOPE + val_len), 0, true, &kv_b)) != Status::ok) return s;
+                if ((s = split_kv_b(m, kv_b, NH, NOPE, val_len, &l.wk_b, &l.wv_b)) != Status::ok) return s;
+            } else {
+                if ((s = L.weight(N("attn_k_b.weight"), NOPE, kv_lora, NH, true, &l.wk_b)) != Status::ok) return s;
+                if ((s = L.weight(N("attn_v_b.weight"), kv_lora, val_len, NH, true, &l.wv_b)) != Status::ok) return s;
+            }
             if ((s = L.weight(N("attn_output.weight"), NH * val_len, E, 0, true, &l.wo)) != Status::ok) return s;
         } else {
             if ((s = L.weight(N("attn_q.weight"), E, H, 0, true, &l.wq)) != Status::ok) return s;
