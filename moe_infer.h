@@ -10275,6 +10275,8 @@ struct Activations {
     ActRows act_conv;
     AlignedBuffer<float> q_proj;         // MLA: (B, n_head * head_dim), queries before absorption
     AlignedBuffer<float> q_lora;         // MLA: (B, q_lora_rank), the normed query bottleneck
+    AlignedBuffer<uint8_t> mla_act;      // MLA: per thread, one head's q_nope or latent in wk_b's / wv_b's activation format
+    size_t mla_act_stride = 0;
     ActRows act_q_lora;
     AlignedBuffer<float> rope_cs;        // (B, n_rot / 2, 2): cos, sin per position of the chunk
     AlignedBuffer<float> rope_cs_swa;    // the same for sliding-window layers with a base of their own
@@ -10650,6 +10652,13 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
         a.hidden_q_stride = std::max(a.hidden_q_stride, act_row_bytes((ActFormat)f, plan->max_ff / be * be + be));
     }
     a.hidden_q_stride = (a.hidden_q_stride + 63) / 64 * 64;  // rows aligned for every block type
+    if (model->mla) {
+        const int64_t widest = std::max<int64_t>(hp->head_dim, hp->kv_lora_rank);
+        a.mla_act_stride = (size_t)widest * 4;
+        for (int f = 1; f < kActFormatCount; ++f) a.mla_act_stride = std::max(a.mla_act_stride, act_row_bytes((ActFormat)f, widest));
+        a.mla_act_stride = (a.mla_act_stride + 63) / 64 * 64;
+        if (!a.mla_act.allocate(a.mla_act_stride * (size_t)nth)) return fail(Status::out_of_memory, "cannot allocate the MLA scratch");
+    }
     const bool ok = a.x.allocate((size_t)(B * plan->n_embd)) && a.xb.allocate((size_t)(B * plan->n_embd)) &&
                     a.q.allocate((size_t)(B * plan->q_dim)) && a.k.allocate((size_t)(B * plan->kv_dim)) &&
                     a.v.allocate((size_t)(B * std::max<int64_t>(1, plan->v_dim))) && a.att_out.allocate((size_t)(B * plan->att_dim)) &&
@@ -11072,9 +11081,16 @@ inline void SessionImpl::mla_rope_phase(const ForwardCall& c, int il, int ith, i
         }
         const float* qh = a.q_proj.data + ((int64_t)t * n_head + unit) * hp->head_dim;  // [q_nope | q_rope]
         float* out = a.q.data + t * plan->q_dim + (int64_t)unit * att_k;
-        const RowKernel& kb = l.wk_b.kernel_f32;
+        // As llama.cpp's mul_mat: q_nope in wk_b's activation format (Q8_0 for Q8_0 weights).
+        const RowKernel& kb = kt(l.wk_b);
+        const void* q_in = qh;
+        if (kb.act != ActFormat::f32) {
+            void* scratch = a.mla_act.data + (size_t)ith * a.mla_act_stride;
+            quantize_act(kb.act, scratch, qh, nope);
+            q_in = scratch;
+        }
         const float kb_scale = l.wk_b.scaled() ? l.wk_b.scale(unit) : 1.f;
-        for (int r = 0; r < lora; ++r) out[r] = kb.vec_dot(l.wk_b.row(unit, r), qh, nope) * kb_scale;
+        for (int r = 0; r < lora; ++r) out[r] = kb.vec_dot(l.wk_b.row(unit, r), q_in, nope) * kb_scale;
         std::memcpy(out + lora, qh + nope, (size_t)rope_dims * 4);
         rope(out + lora, cs, rope_dims, hp->rope_neox);
     }
@@ -11109,9 +11125,15 @@ inline void SessionImpl::mla_values_phase(const ForwardCall& c, int il, uint8_t 
                 for (int i = 0; i < hv; ++i) lat[i] /= den;
             }
             float* val = a.att_wo.data + t * plan->wo_dim + (int64_t)h * vd;
-            const RowKernel& kv = l.wv_b.kernel_f32;
+            const RowKernel& kv = kt(l.wv_b);
+            const void* lat_in = lat;
+            if (kv.act != ActFormat::f32) {
+                void* scratch = a.mla_act.data + (size_t)ith * a.mla_act_stride;
+                quantize_act(kv.act, scratch, lat, hv);
+                lat_in = scratch;
+            }
             const float vb_scale = l.wv_b.scaled() ? l.wv_b.scale(h) : 1.f;
-            for (int r = 0; r < vd; ++r) val[r] = kv.vec_dot(l.wv_b.row(h, r), lat, hv) * vb_scale;
+            for (int r = 0; r < vd; ++r) val[r] = kv.vec_dot(l.wv_b.row(h, r), lat_in, hv) * vb_scale;
         }
         a.act_att.quantize(fmts, t, (int64_t)h0 * vd, (int64_t)heads * vd);
     }

@@ -228,6 +228,55 @@ std::vector<ParityCase> parity_cases() {
         s.fallback_type = TT::q8_0;
         c.push_back({t == TT::mxfp4 ? "qwen3moe_MXFP4" : "qwen3moe_NVFP4", s});
     }
+    // The seeds' families (issue 13), F32 and Q8_0 (gpt-oss also with MXFP4 experts, as shipped).
+    for (TT t : {TT::f32, TT::q8_0}) {
+        const bool q = t == TT::q8_0;
+        ModelSpec s = pspec("gpt-oss", t);
+        s.head_dim = 64;  // attention sinks, biases, sliding window 16 on even layers, YaRN x32
+        s.n_expert = 6;
+        s.n_expert_used = 3;
+        s.rope_scaling = "yarn";
+        s.rope_factor = 32.f;
+        s.rope_orig_ctx = 4096;
+        s.rope_base = 150000.f;
+        s.n_ctx_train = 131072;
+        s.fallback_type = TT::q8_0;
+        c.push_back({q ? "gptoss_Q8_0" : "gptoss_F32", s});
+        s = pspec("glm4moe", t);
+        s.head_dim = 64;  // partial rotary, q/k norm, biases, a dense layer, shared expert, NextN
+        s.qk_norm = true;
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 96;
+        s.expert_weights_scale = 2.5f;
+        s.n_nextn = 1;
+        c.push_back({q ? "glm4moe_Q8_0" : "glm4moe_F32", s});
+        s = pspec("deepseek2", t);
+        s.n_head_kv = 4;  // MLA: q LoRA, latent 64 + rope 32 (cached), grouped top-k, YaRN
+        s.q_lora_rank = 64;
+        s.kv_lora_rank = 64;
+        s.qk_nope = 32;
+        s.qk_rope = 32;
+        s.v_head_dim = 32;
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 96;
+        s.n_expert_shared = 1;
+        s.gating_func = 2;
+        s.expert_weights_norm = true;
+        s.expert_weights_scale = 2.5f;
+        s.n_expert_groups = 4;
+        s.n_group_used = 2;
+        s.rope_scaling = "yarn";
+        s.rope_factor = 40.f;
+        s.rope_orig_ctx = 64;
+        s.yarn_log_mul = 0.1f;
+        c.push_back({q ? "deepseek2_Q8_0" : "deepseek2_F32", s});
+    }
+    {
+        ModelSpec s = pspec("gpt-oss", TT::q8_0);
+        s.head_dim = 64;
+        s.type_overrides = {{"_exps.weight", TT::mxfp4}};
+        c.push_back({"gptoss_MXFP4_experts", s});
+    }
     return c;
 }
 
