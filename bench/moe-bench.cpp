@@ -131,13 +131,24 @@ uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c) {
     return r.next();
 }
 
-// f32 -> IEEE fp16 for the normal range only (|x| in [2^-14, 65504]); the generators never leave it.
+// f32 -> IEEE fp16, rounding to nearest even, for |x| < 65504. Below 2^-14 the result is a
+// subnormal (zero below 2^-25): scale_blocks' 1/16 output projections take the scales of Q8_0,
+// K-quant, IQ and TQ blocks there (Q8_0's d of 2e-4 becomes 1.25e-5).
 uint16_t to_fp16(float f) {
     uint32_t x;
     std::memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000u;
     int32_t e = (int32_t)((x >> 23) & 0xff) - 127 + 15;
     uint32_t m = x & 0x7fffffu;
+    if (e <= 0) {  // subnormal: h units of 2^-24
+        if (e < -10) return (uint16_t)sign;
+        const uint32_t full = m | 0x800000u;
+        const int shift = 14 - e;
+        uint32_t h = full >> shift;
+        const uint32_t rest = full & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (h & 1))) ++h;  // may carry into the smallest normal: still right
+        return (uint16_t)(sign | h);
+    }
     uint32_t h = (uint32_t)(e << 10) | (m >> 13);
     uint32_t rest = m & 0x1fffu;
     if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) ++h;  // round to nearest even
@@ -328,7 +339,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
     return v;
 }
 
-// ---- random block bytes: fp16 scales in the normal range, values |w| <~ 0.12, no NaN/Inf --------
+// ---- random block bytes: finite fp16 scales, values |w| <~ 0.12, no NaN/Inf ---------------------
 
 // Nibble 0 (w = -8 d) becomes 8 (w = 0): values symmetric in [-7, 7] d with mean 0. With uniform
 // nibbles the mean is -d/2, every matmul output gets a common offset, and routing collapses onto the
