@@ -74,12 +74,14 @@ const char* kUsage =
     "                  per sequence; aggregate and per-sequence tok/s, medians of -r repetitions\n"
     "\n"
     "synthetic model options:\n"
-    "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b\n"
+    "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b | gpt-oss-20b | glm-4.5-air\n"
     "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs | q3_k_m | iq3_xxs |\n"
     "                  mxfp4 | nvfp4 | tq3 | tq4 | affine3 | affine4 (g64)\n"
     "                  (q4_k_m, q3_k_m, iq3_xxs: llama-quantize's type mixes; iq3_xxs as random grid codes)\n"
+    "                  (gpt-oss-20b mxfp4: MXFP4 experts, Q8_0 elsewhere, like the real file; rows that T's\n"
+    "                  blocks do not tile (2880, 1408, 10944) fall back as llama-quantize's: Q4_K -> Q5_0, ...)\n"
     "  -o FILE         output path\n"
-    "  --layers N      keep only the first N layers (quick tests)\n"
+    "  --layers N      keep only the first N layers (quick tests; glm-4.5-air keeps its NextN block)\n"
     "  --pure          every matrix in T (default: the output matrix is Q6_K for 4-bit T)\n"
     "  --seed N        seed of the weights (default 1234)\n"
     "  -t N            generator threads (default: all cores)\n";
@@ -131,13 +133,24 @@ uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c) {
     return r.next();
 }
 
-// f32 -> IEEE fp16 for the normal range only (|x| in [2^-14, 65504]); the generators never leave it.
+// f32 -> IEEE fp16, rounding to nearest even, for |x| < 65504. Below 2^-14 the result is a
+// subnormal (zero below 2^-25): scale_blocks' 1/16 output projections take the scales of Q8_0,
+// K-quant, IQ and TQ blocks there (Q8_0's d of 2e-4 becomes 1.25e-5).
 uint16_t to_fp16(float f) {
     uint32_t x;
     std::memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000u;
     int32_t e = (int32_t)((x >> 23) & 0xff) - 127 + 15;
     uint32_t m = x & 0x7fffffu;
+    if (e <= 0) {  // subnormal: h units of 2^-24
+        if (e < -10) return (uint16_t)sign;
+        const uint32_t full = m | 0x800000u;
+        const int shift = 14 - e;
+        uint32_t h = full >> shift;
+        const uint32_t rest = full & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (h & 1))) ++h;  // may carry into the smallest normal: still right
+        return (uint16_t)(sign | h);
+    }
     uint32_t h = (uint32_t)(e << 10) | (m >> 13);
     uint32_t rest = m & 0x1fffu;
     if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) ++h;  // round to nearest even
@@ -178,7 +191,7 @@ int default_threads() {
 // Synthetic models
 //=================================================================================================
 
-enum class Tok { gpt2_qwen2, gpt2_olmo, spm };
+enum class Tok { gpt2_qwen2, gpt2_olmo, gpt2_oss, gpt2_glm, spm };
 enum class QkNorm { none, per_head, whole };
 
 struct Shape {
@@ -187,17 +200,34 @@ struct Shape {
     const char* display;  // general.name
     int n_embd, n_layer, n_head, n_head_kv, head_dim;
     int n_expert, n_used, n_ff_exp;
-    int n_ff_dense;        // qwen3moe.feed_forward_length (informational); 0 = not written
-    bool ff_in_expert_key; // qwen3moe keeps the expert size in expert_feed_forward_length
+    int n_ff_dense;        // feed_forward_length: qwen3moe's informational dense size, glm4moe's dense
+                           // layers' width, gpt-oss's (unread) intermediate size; 0 = not written
+    bool ff_in_expert_key; // the expert size is in expert_feed_forward_length (qwen3moe, gpt-oss, glm4moe)
     int n_vocab, n_ctx;
     float rope_base, eps;
     QkNorm qk;
     bool write_key_length;
     Tok tok;
+    // gpt-oss and glm4moe (0 = none / key not written)
+    int n_swa = 0;              // attention.sliding_window; no pattern key: llama.cpp's gpt-oss default,
+                                // the even layers slide
+    float yarn_factor = 0.f;    // rope.scaling.type yarn, .factor, .original_context_length
+    int yarn_orig_ctx = 0;
+    int n_rot = 0;              // rope.dimension_count < head_dim (partial rotary)
+    int n_dense_lead = 0;       // leading_dense_block_count: FFN of width n_ff_dense, no experts
+    int n_shared = 0;           // expert_shared_count: one ungated shared expert of width n_shared x n_ff_exp
+    int n_nextn = 0;            // nextn_predict_layers: NextN blocks after the trunk (block_count counts them)
+    float routed_scale = 0.f;   // expert_weights_scale (glm4moe also writes sigmoid gating and weight norm)
+    bool mxfp4_experts = false; // the real file: MXFP4 expert stacks, Q8_0 for the other matrices
 };
 
 // Hyper-parameters from the models' config.json (Qwen/Qwen3-30B-A3B, allenai/OLMoE-1B-7B-0924,
-// mistralai/Mixtral-8x7B-v0.1) and /work/shared/formats.md 1.5.
+// mistralai/Mixtral-8x7B-v0.1, openai/gpt-oss-20b, zai-org/GLM-4.5-Air) and /work/shared/formats.md 1.5;
+// the keys as llama.cpp's converter writes them (tests/random_model.h has the full list per arch).
+// gpt-oss-20b: attention q/k/v/o biases and per-head sinks, router bias, expert gate/up/down
+// biases, post_attention_norm; rope base 150000 with YaRN x32 over 4096 original positions.
+// GLM-4.5-Air: 46 layers + 1 NextN block, q/k/v biases, no q/k norm, half the head rotated, layer 0
+// dense (10944), sigmoid routing with a selection bias (exp_probs_b), top-8 renormalised, scale 1.
 const Shape kShapes[] = {
     {"qwen3-30b-a3b", "qwen3moe", "Qwen3-30B-A3B (synthetic)", 2048, 48, 32, 4, 128, 128, 8, 768, 6144, true, 151936, 40960,
      1e6f, 1e-6f, QkNorm::per_head, true, Tok::gpt2_qwen2},
@@ -205,6 +235,10 @@ const Shape kShapes[] = {
      QkNorm::whole, false, Tok::gpt2_olmo},
     {"mixtral-8x7b", "llama", "Mixtral-8x7B (synthetic)", 4096, 32, 32, 8, 128, 8, 2, 14336, 0, false, 32000, 32768, 1e6f, 1e-5f,
      QkNorm::none, false, Tok::spm},
+    {"gpt-oss-20b", "gpt-oss", "gpt-oss-20b (synthetic)", 2880, 24, 64, 8, 64, 32, 4, 2880, 2880, true, 201088, 131072, 150000.f, 1e-5f,
+     QkNorm::none, true, Tok::gpt2_oss, /*n_swa*/ 128, /*yarn*/ 32.f, 4096, /*n_rot*/ 0, 0, 0, 0, 0.f, /*mxfp4_experts*/ true},
+    {"glm-4.5-air", "glm4moe", "GLM-4.5-Air (synthetic)", 4096, 46, 96, 8, 128, 128, 8, 1408, 10944, true, 151552, 131072, 1e6f, 1e-5f,
+     QkNorm::none, true, Tok::gpt2_glm, /*n_swa*/ 0, /*yarn*/ 0.f, 0, /*n_rot*/ 64, /*dense*/ 1, /*shared*/ 1, /*nextn*/ 1, /*scale*/ 1.f},
 };
 
 const Shape* find_shape(const std::string& name) {
@@ -213,7 +247,7 @@ const Shape* find_shape(const std::string& name) {
     return nullptr;
 }
 
-enum class Fill { weights, norm, router, embedding, output_proj };
+enum class Fill { weights, norm, router, bias, embedding, output_proj };
 
 struct TensorSpec {
     std::string name;
@@ -223,6 +257,8 @@ struct TensorSpec {
     Fill fill;
     uint64_t bytes;
     bool expert;
+    bool unused;       // a NextN block's tensor: loaded, never run
+    bool fell_back;    // ne[0] is not a multiple of the planned type's block (see fallback_type)
 };
 
 uint64_t tensor_bytes(moe::TensorType t, const int64_t* ne, uint32_t n_dims) {
@@ -237,7 +273,9 @@ bool more_bits_layer(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - 
 
 // llama-quantize's mixtures as it applies them to an MoE model with GQA >= 4 and more than 8
 // experts (llama-quant.cpp of llama.cpp 0.5.0, read, not copied): which tensors get other types.
-enum class Mix { none, q4_k_m, q3_k_m, iq3_xxs };
+// mxfp4_moe: llama-quantize's MXFP4_MOE (MXFP4 for 3-D expert stacks, Q8_0 for the other
+// matrices), which is how the real gpt-oss files are laid out.
+enum class Mix { none, q4_k_m, q3_k_m, iq3_xxs, mxfp4_moe };
 
 struct QuantPlan {
     std::string label;     // what was asked
@@ -273,43 +311,81 @@ bool make_plan(const std::string& q, QuantPlan* p) {
     return true;
 }
 
+// A row length (ne[0]) that is not a multiple of the type's block: llama-quantize's fallback
+// (tensor_type_fallback of llama.cpp 0.5.0, read, not copied) for ggml's types: Q2_K/Q3_K -> Q4_0,
+// Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, the 256-element IQ types -> IQ4_NL. moe_infer's own
+// types (TQ3/TQ4 blocks of 128) follow moe-quantize: Q8_0. F16 when even that does not tile.
+// The output matrix gets Q8_0 (llama-quantize's output rule). gpt-oss-20b (2880) and GLM-4.5-Air
+// (1408, 10944) have such rows; the other shapes do not.
+moe::TensorType fallback_type(moe::TensorType t, int64_t ne0, bool output) {
+    using T = moe::TensorType;
+    if (ne0 % moe::tensor_type_block_elems(t) == 0) return t;
+    T f = T::q8_0;
+    if (!output) {
+        switch (t) {
+            case T::q2_k: case T::q3_k: f = T::q4_0; break;
+            case T::q4_k: f = T::q5_0; break;
+            case T::q5_k: f = T::q5_1; break;
+            case T::iq4_xs: case T::iq3_xxs: case T::iq3_s: f = T::iq4_nl; break;
+            default: f = T::q8_0; break;
+        }
+    }
+    return ne0 % moe::tensor_type_block_elems(f) == 0 ? f : T::f16;
+}
+
+// Tensors in file order: token_embd, the trunk blocks, the NextN blocks (glm4moe), output_norm,
+// output. Names and shapes as llama.cpp reads them (ggml order: ne[0] is the input dimension).
 std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPlan& q, bool pure) {
     using T = moe::TensorType;
     std::vector<TensorSpec> v;
     auto add = [&](const std::string& name, T type, std::initializer_list<int64_t> ne, Fill fill) {
         TensorSpec t;
         t.name = name;
-        t.type = type;
         t.n_dims = (uint32_t)ne.size();
         int i = 0;
         for (int64_t x : ne) t.ne[i++] = x;
         for (; i < 3; ++i) t.ne[i] = 1;
+        t.type = fallback_type(type, t.ne[0], name == "output.weight");
+        t.fell_back = t.type != type;
         t.fill = fill;
-        t.bytes = tensor_bytes(type, t.ne, t.n_dims);
+        t.bytes = tensor_bytes(t.type, t.ne, t.n_dims);
         t.expert = name.find("_exps.") != std::string::npos;
+        unsigned block = 0;
+        t.unused = std::sscanf(name.c_str(), "blk.%u.", &block) == 1 && (int)block >= n_layer;
         v.push_back(t);
     };
-    const T base = q.base;
+    const bool oss = std::string(s.arch) == "gpt-oss", glm = std::string(s.arch) == "glm4moe";
+    const T base = q.mix == Mix::mxfp4_moe ? T::q8_0 : q.base;     // matrices outside the expert stacks
+    const T exp_base = q.mix == Mix::mxfp4_moe ? T::mxfp4 : base;  // the expert stacks
     const bool four_bit = base == T::q4_0 || base == T::q4_k;
     const bool k_mix = q.mix == Mix::q4_k_m;
-    const T out_type = q.mix == Mix::iq3_xxs ? T::q5_k : q.mix != Mix::none ? T::q6_k : (four_bit && !pure ? T::q6_k : base);
+    const bool ggml_mix = q.mix == Mix::q4_k_m || q.mix == Mix::q3_k_m || q.mix == Mix::iq3_xxs;
+    const T out_type = q.mix == Mix::iq3_xxs ? T::q5_k : ggml_mix ? T::q6_k : (four_bit && !pure ? T::q6_k : base);
     const int64_t E = s.n_embd, H = (int64_t)s.n_head * s.head_dim, KV = (int64_t)s.n_head_kv * s.head_dim, F = s.n_ff_exp;
-    const int64_t V = s.n_vocab, X = s.n_expert;
+    const int64_t V = s.n_vocab, X = s.n_expert, FD = s.n_ff_dense, FS = (int64_t)s.n_shared * s.n_ff_exp;
 
     add("token_embd.weight", q.mix == Mix::iq3_xxs ? T::iq3_s : base, {E, V}, Fill::embedding);
-    for (int il = 0; il < n_layer; ++il) {
+    for (int il = 0; il < n_layer + s.n_nextn; ++il) {
         const std::string b = "blk." + std::to_string(il) + ".";
         const bool more = k_mix && more_bits_layer(il, n_layer);
         // Q3_K_M: attn_v Q5_K in the first two layers, else Q4_K; ffn_down Q5_K in the first
         // sixteenth, else Q4_K; attn_output Q4_K. IQ3_XXS: attn_v Q4_K, attn_output IQ3_S.
         const T v_type = more ? T::q6_k : q.mix == Mix::q3_k_m ? (il < 2 ? T::q5_k : T::q4_k) : q.mix == Mix::iq3_xxs ? T::q4_k : base;
         const T o_type = q.mix == Mix::q3_k_m ? T::q4_k : q.mix == Mix::iq3_xxs ? T::iq3_s : base;
-        const T down_type = more ? T::q6_k : q.mix == Mix::q3_k_m ? (il < n_layer / 16 ? T::q5_k : T::q4_k) : base;
+        const T down_dense = more ? T::q6_k : q.mix == Mix::q3_k_m ? (il < n_layer / 16 ? T::q5_k : T::q4_k) : base;
+        const T down_type = q.mix == Mix::mxfp4_moe ? exp_base : down_dense;
         add(b + "attn_norm.weight", T::f32, {E}, Fill::norm);
         add(b + "attn_q.weight", base, {E, H}, Fill::weights);
+        if (oss || glm) add(b + "attn_q.bias", T::f32, {H}, Fill::bias);
         add(b + "attn_k.weight", base, {E, KV}, Fill::weights);
+        if (oss || glm) add(b + "attn_k.bias", T::f32, {KV}, Fill::bias);
         add(b + "attn_v.weight", v_type, {E, KV}, Fill::weights);
+        if (oss || glm) add(b + "attn_v.bias", T::f32, {KV}, Fill::bias);
         add(b + "attn_output.weight", o_type, {H, E}, Fill::output_proj);
+        if (oss) {
+            add(b + "attn_output.bias", T::f32, {E}, Fill::bias);
+            add(b + "attn_sinks.weight", T::f32, {s.n_head}, Fill::bias);
+        }
         if (s.qk == QkNorm::per_head) {
             add(b + "attn_q_norm.weight", T::f32, {s.head_dim}, Fill::norm);
             add(b + "attn_k_norm.weight", T::f32, {s.head_dim}, Fill::norm);
@@ -317,18 +393,40 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
             add(b + "attn_q_norm.weight", T::f32, {H}, Fill::norm);
             add(b + "attn_k_norm.weight", T::f32, {KV}, Fill::norm);
         }
-        add(b + "ffn_norm.weight", T::f32, {E}, Fill::norm);
-        add(b + "ffn_gate_inp.weight", T::f32, {E, X}, Fill::router);
-        add(b + "ffn_gate_exps.weight", base, {E, F, X}, Fill::weights);
-        add(b + "ffn_up_exps.weight", base, {E, F, X}, Fill::weights);
-        add(b + "ffn_down_exps.weight", down_type, {F, E, X}, Fill::output_proj);
+        add(b + (oss || glm ? "post_attention_norm.weight" : "ffn_norm.weight"), T::f32, {E}, Fill::norm);
+        if (il < s.n_dense_lead) {  // glm4moe's leading dense layers (never a NextN block)
+            add(b + "ffn_gate.weight", base, {E, FD}, Fill::weights);
+            add(b + "ffn_up.weight", base, {E, FD}, Fill::weights);
+            add(b + "ffn_down.weight", down_dense, {FD, E}, Fill::output_proj);
+        } else {
+            add(b + "ffn_gate_inp.weight", T::f32, {E, X}, Fill::router);
+            if (oss) add(b + "ffn_gate_inp.bias", T::f32, {X}, Fill::bias);
+            if (glm) add(b + "exp_probs_b.bias", T::f32, {X}, Fill::bias);
+            add(b + "ffn_gate_exps.weight", exp_base, {E, F, X}, Fill::weights);
+            if (oss) add(b + "ffn_gate_exps.bias", T::f32, {F, X}, Fill::bias);
+            add(b + "ffn_up_exps.weight", exp_base, {E, F, X}, Fill::weights);
+            if (oss) add(b + "ffn_up_exps.bias", T::f32, {F, X}, Fill::bias);
+            add(b + "ffn_down_exps.weight", down_type, {F, E, X}, Fill::output_proj);
+            if (oss) add(b + "ffn_down_exps.bias", T::f32, {E, X}, Fill::bias);
+            if (FS > 0) {
+                add(b + "ffn_gate_shexp.weight", base, {E, FS}, Fill::weights);
+                add(b + "ffn_up_shexp.weight", base, {E, FS}, Fill::weights);
+                add(b + "ffn_down_shexp.weight", down_dense, {FS, E}, Fill::output_proj);
+            }
+        }
+        if (il >= n_layer) {  // NextN/MTP block: what GLM-4.5's converted files hold besides a MoE block
+            add(b + "nextn.eh_proj.weight", base, {2 * E, E}, Fill::weights);
+            add(b + "nextn.enorm.weight", T::f32, {E}, Fill::norm);
+            add(b + "nextn.hnorm.weight", T::f32, {E}, Fill::norm);
+            add(b + "nextn.shared_head_norm.weight", T::f32, {E}, Fill::norm);
+        }
     }
     add("output_norm.weight", T::f32, {E}, Fill::norm);
     add("output.weight", out_type, {E, V}, Fill::weights);
     return v;
 }
 
-// ---- random block bytes: fp16 scales in the normal range, values |w| <~ 0.12, no NaN/Inf --------
+// ---- random block bytes: finite fp16 scales, values |w| <~ 0.12, no NaN/Inf ---------------------
 
 // Nibble 0 (w = -8 d) becomes 8 (w = 0): values symmetric in [-7, 7] d with mean 0. With uniform
 // nibbles the mean is -d/2, every matmul output gets a common offset, and routing collapses onto the
@@ -357,6 +455,40 @@ void gen_q8_0(uint8_t* p, size_t nb, Rng& r) {  // 34 B: d, 32 x int8 in [-127, 
         }
         for (int j = 0; j < 32; ++j)
             if (p[2 + j] == 0x80) p[2 + j] = 0x81;  // -128 -> -127
+    }
+}
+
+// bb random bytes (a block's codes; its scales are set afterwards).
+void random_bytes(uint8_t* p, int bb, Rng& r) {
+    for (int k = 0; k + 8 <= bb; k += 8) {
+        uint64_t a = r.next();
+        std::memcpy(p + k, &a, 8);
+    }
+    for (int k = bb / 8 * 8; k < bb; ++k) p[k] = (uint8_t)r.next();
+}
+
+// Q5_0 (22 B: d, 4 B of fifth bits, 16 B of nibbles; w = d (q - 16)): q = 0 becomes 16 (w = 0), so
+// values are symmetric in [-15, 15] d, as for Q4_0. Q5_1 (24 B: d, m, then the same; w = d q + m):
+// m = -15.5 d centres each block on zero. Only written where Q4_K / Q5_K rows fall back (see
+// fallback_type).
+void gen_q5(uint8_t* p, size_t nb, Rng& r, bool one) {
+    const size_t bb = one ? 24 : 22, q0 = one ? 4 : 2;
+    for (size_t b = 0; b < nb; ++b, p += bb) {
+        const float d = r.uniform(0.001f, 0.006f);
+        const uint16_t hd = to_fp16(d);
+        std::memcpy(p, &hd, 2);
+        if (one) {
+            const uint16_t hm = to_fp16(-15.5f * d);
+            std::memcpy(p + 2, &hm, 2);
+        }
+        random_bytes(p + q0, 20, r);
+        if (one) continue;
+        uint8_t* qh = p + 2;
+        const uint8_t* qs = p + 6;
+        for (int j = 0; j < 32; ++j) {
+            const int nib = j < 16 ? (qs[j] & 0x0f) : (qs[j - 16] >> 4);
+            if (nib == 0 && !((qh[j / 8] >> (j % 8)) & 1)) qh[j / 8] |= (uint8_t)(1u << (j % 8));
+        }
     }
 }
 
@@ -410,18 +542,9 @@ void gen_q6_k(uint8_t* p, size_t nb, Rng& r) {
     }
 }
 
-// bb random bytes (a block's codes; its scales are set afterwards).
-void random_bytes(uint8_t* p, int bb, Rng& r) {
-    for (int k = 0; k + 8 <= bb; k += 8) {
-        uint64_t a = r.next();
-        std::memcpy(p + k, &a, 8);
-    }
-    for (int k = bb / 8 * 8; k < bb; ++k) p[k] = (uint8_t)r.next();
-}
-
-// Q2_K (84 B), Q3_K (110 B), IQ4_XS (136 B), IQ3_XXS (98 B), IQ3_S (110 B): random codes, grid
-// indices, signs and sub-block scales; the fp16 super-scales (d @80 and dmin @82, d @108, d @0)
-// set so that |w| stays near the other types' range.
+// Q2_K (84 B), Q3_K (110 B), IQ4_XS (136 B), IQ3_XXS (98 B), IQ3_S (110 B), IQ4_NL (18 B): random
+// codes, grid indices, signs and sub-block scales; the fp16 super-scales (d @80 and dmin @82, d @108,
+// d @0) set so that |w| stays near the other types' range.
 void gen_low_bit(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
     using T = moe::TensorType;
     const int bb = moe::tensor_type_block_bytes(type);
@@ -438,6 +561,9 @@ void gen_low_bit(moe::TensorType type, uint8_t* p, size_t nb, Rng& r) {
             std::memcpy(p + 108, &d, 2);
         } else if (type == T::iq4_xs) {  // d * (ls - 32) * kvalue, |kvalue| <= 127
             d = to_fp16(r.uniform(2e-5f, 4e-5f));
+            std::memcpy(p, &d, 2);
+        } else if (type == T::iq4_nl) {  // d * kvalue: IQ4_XS's typical |ls - 32| of 16 folded into d
+            d = to_fp16(r.uniform(3e-4f, 6e-4f));
             std::memcpy(p, &d, 2);
         } else {  // IQ3_XXS: d * ls / 4 * grid (<= 62); IQ3_S: d * ls * grid (<= 15); ls odd <= 31
             d = to_fp16(type == T::iq3_xxs ? r.uniform(1e-4f, 2e-4f) : r.uniform(2.5e-5f, 5e-5f));
@@ -485,7 +611,7 @@ void gen_f16(uint8_t* p, size_t n, Rng& r) {
 
 void gen_f32(uint8_t* p, size_t n, Rng& r, Fill fill) {
     for (size_t i = 0; i < n; ++i) {
-        float v = fill == Fill::norm ? r.uniform(0.9f, 1.1f) : r.uniform(-0.1f, 0.1f);
+        float v = fill == Fill::norm ? r.uniform(0.9f, 1.1f) : fill == Fill::bias ? r.uniform(-0.05f, 0.05f) : r.uniform(-0.1f, 0.1f);
         std::memcpy(p + 4 * i, &v, 4);
     }
 }
@@ -508,7 +634,8 @@ void scale_blocks(moe::TensorType type, uint8_t* p, size_t nb, float factor) {
     for (size_t b = 0; b < nb; ++b) {
         uint8_t* blk = p + b * (size_t)bb;
         switch (type) {
-            case T::q4_0: case T::q8_0: scale16(blk); break;
+            case T::q4_0: case T::q8_0: case T::q5_0: case T::iq4_nl: scale16(blk); break;
+            case T::q5_1: scale16(blk); scale16(blk + 2); break;
             case T::q4_k: scale16(blk); scale16(blk + 2); break;
             case T::q6_k: scale16(blk + 208); break;
             case T::q2_k: scale16(blk + 80); scale16(blk + 82); break;
@@ -538,7 +665,9 @@ void gen_range(const TensorSpec& t, uint8_t* dst, uint64_t elem0, uint64_t n_ele
         case T::q4_k: gen_q45_k(p, nb, r, false); break;
         case T::q5_k: gen_q45_k(p, nb, r, true); break;
         case T::q6_k: gen_q6_k(p, nb, r); break;
-        case T::q2_k: case T::q3_k: case T::iq4_xs: case T::iq3_xxs: case T::iq3_s: gen_low_bit(t.type, p, nb, r); break;
+        case T::q5_0: gen_q5(p, nb, r, false); break;
+        case T::q5_1: gen_q5(p, nb, r, true); break;
+        case T::q2_k: case T::q3_k: case T::iq4_xs: case T::iq3_xxs: case T::iq3_s: case T::iq4_nl: gen_low_bit(t.type, p, nb, r); break;
         case T::f16: gen_f16(p, nb, r); break;
         case T::f32: gen_f32(p, nb, r, t.fill); break;
         case T::mxfp4: case T::nvfp4: case T::tq3: case T::tq4: case T::affine3_g64: case T::affine4_g64: gen_seed_format(t.type, p, nb, r); break;
@@ -582,7 +711,7 @@ struct Vocab {
     std::vector<std::string> tokens, merges;
     std::vector<int32_t> types;
     std::vector<float> scores;
-    int bos = -1, eos = -1, pad = -1, unk = -1;
+    int bos = -1, eos = -1, pad = -1, unk = -1, eot = -1, eom = -1;
     bool add_bos = false;
 };
 
@@ -612,8 +741,14 @@ Vocab make_vocab(const Shape& s) {
         v.unk = 0; v.bos = 1; v.eos = 2; v.add_bos = true;
         return v;
     }
-    std::vector<std::string> specials = s.tok == Tok::gpt2_qwen2 ? std::vector<std::string>{"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
-                                                                : std::vector<std::string>{"<|endoftext|>", "<|padding|>"};
+    std::vector<std::string> specials;
+    if (s.tok == Tok::gpt2_qwen2) specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
+    else if (s.tok == Tok::gpt2_olmo) specials = {"<|endoftext|>", "<|padding|>"};
+    // gpt-oss's harmony tokens and GLM-4.5's, in their real order (at the end of the vocabulary here)
+    else if (s.tok == Tok::gpt2_oss)
+        specials = {"<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>", "<|call|>"};
+    else
+        specials = {"<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"};
     std::vector<std::string> alpha = byte_level_alphabet();
     for (int b = 0; b < 256; ++b) { v.tokens.push_back(alpha[b]); v.types.push_back(1); }
     const int n_words = n - 256 - (int)specials.size();
@@ -625,8 +760,11 @@ Vocab make_vocab(const Shape& s) {
     }
     const int first_special = (int)v.tokens.size();
     for (const std::string& sp : specials) { v.tokens.push_back(sp); v.types.push_back(3); }
-    if (s.tok == Tok::gpt2_qwen2) { v.bos = first_special; v.pad = first_special; v.eos = first_special + 2; }
-    else { v.bos = first_special; v.eos = first_special; v.pad = first_special + 1; }
+    const int f = first_special;
+    if (s.tok == Tok::gpt2_qwen2) { v.bos = f; v.pad = f; v.eos = f + 2; }
+    else if (s.tok == Tok::gpt2_olmo) { v.bos = f; v.eos = f; v.pad = f + 1; }
+    else if (s.tok == Tok::gpt2_oss) { v.bos = f; v.pad = f + 1; v.eos = f + 2; }  // as openai/gpt-oss-20b's GGUF
+    else { v.bos = f + 2; v.eos = f; v.pad = f; v.unk = f; v.eot = f + 7; v.eom = f + 9; }  // GLM: llama.cpp's converter
     return v;
 }
 
@@ -692,18 +830,32 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     if (out.empty()) return fail("--synthetic needs -o FILE");
     const int n_layer = layers > 0 ? layers : s.n_layer;
     if (n_layer > s.n_layer) return fail("--layers " + std::to_string(layers) + " exceeds the shape's " + std::to_string(s.n_layer) + " layers");
+    if (n_layer <= s.n_dense_lead)
+        return fail("--layers " + std::to_string(layers) + " leaves no MoE layer (" + s.name + "'s first " + std::to_string(s.n_dense_lead) +
+                    " layer(s) are dense)");
+    if (plan.base == moe::TensorType::mxfp4 && s.mxfp4_experts && !pure) plan.mix = Mix::mxfp4_moe;
 
     SynthJob job;
     job.specs = plan_tensors(s, n_layer, plan, pure);
     job.seed = seed;
     job.threads = std::max(1, threads);
-    uint64_t experts = 0, embd = 0, embd_row = 0;
+    // Active bytes as ModelInfo::active_bytes_per_token counts them: NextN blocks are never read.
+    uint64_t experts = 0, embd = 0, embd_row = 0, unused = 0;
+    int n_fell_back = 0;
+    std::string fell_back;
     for (const TensorSpec& t : job.specs) {
         job.total_bytes += t.bytes;
-        if (t.expert) experts += t.bytes;
+        if (t.unused) unused += t.bytes;
+        else if (t.expert) experts += t.bytes;
         if (t.name == "token_embd.weight") { embd = t.bytes; embd_row = t.bytes / (uint64_t)t.ne[1]; }
+        if (t.fell_back) {
+            const std::string role = t.name.compare(0, 4, "blk.") ? t.name : t.name.substr(t.name.find('.', 4) + 1);  // without "blk.N."
+            const std::string item = role + " -> " + moe::tensor_type_name(t.type);
+            if (fell_back.find(item) == std::string::npos) fell_back += (fell_back.empty() ? "" : ", ") + item;
+            ++n_fell_back;
+        }
     }
-    const uint64_t active = job.total_bytes - experts - embd + embd_row + experts / (uint64_t)s.n_expert * (uint64_t)s.n_used;
+    const uint64_t active = job.total_bytes - unused - experts - embd + embd_row + experts / (uint64_t)s.n_expert * (uint64_t)s.n_used;
 
     moe::GgufWriter w;
     const std::string a = s.arch;
@@ -713,7 +865,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     w.set_u32("general.quantization_version", 2);
     w.set_u32(a + ".context_length", (uint32_t)s.n_ctx);
     w.set_u32(a + ".embedding_length", (uint32_t)s.n_embd);
-    w.set_u32(a + ".block_count", (uint32_t)n_layer);
+    w.set_u32(a + ".block_count", (uint32_t)(n_layer + s.n_nextn));
     if (s.ff_in_expert_key) {
         w.set_u32(a + ".feed_forward_length", (uint32_t)s.n_ff_dense);
         w.set_u32(a + ".expert_feed_forward_length", (uint32_t)s.n_ff_exp);
@@ -730,16 +882,33 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
         w.set_u32(a + ".rope.dimension_count", (uint32_t)s.head_dim);
         w.set_u32(a + ".vocab_size", (uint32_t)s.n_vocab);
     }
+    if (s.n_rot > 0) w.set_u32(a + ".rope.dimension_count", (uint32_t)s.n_rot);
     w.set_f32(a + ".rope.freq_base", s.rope_base);
+    if (s.yarn_factor > 0) {
+        w.set_string(a + ".rope.scaling.type", "yarn");
+        w.set_f32(a + ".rope.scaling.factor", s.yarn_factor);
+        w.set_u32(a + ".rope.scaling.original_context_length", (uint32_t)s.yarn_orig_ctx);
+    }
+    if (s.n_swa > 0) w.set_u32(a + ".attention.sliding_window", (uint32_t)s.n_swa);
     w.set_f32(a + ".attention.layer_norm_rms_epsilon", s.eps);
     w.set_u32(a + ".expert_count", (uint32_t)s.n_expert);
     w.set_u32(a + ".expert_used_count", (uint32_t)s.n_used);
+    if (a == "glm4moe") {  // Glm4MoeModel.set_gguf_parameters of llama.cpp's converter writes all of these
+        w.set_u32(a + ".leading_dense_block_count", (uint32_t)s.n_dense_lead);
+        w.set_u32(a + ".expert_shared_count", (uint32_t)s.n_shared);
+        w.set_u32(a + ".expert_gating_func", 2);  // sigmoid
+        w.set_f32(a + ".expert_weights_scale", s.routed_scale);
+        w.set_bool(a + ".expert_weights_norm", true);
+        w.set_u32(a + ".nextn_predict_layers", (uint32_t)s.n_nextn);
+    }
 
     Vocab v = make_vocab(s);
     if ((int)v.tokens.size() != s.n_vocab) return fail("internal: vocabulary size mismatch");
     w.set_string("tokenizer.ggml.model", s.tok == Tok::spm ? "llama" : "gpt2");
     if (s.tok == Tok::gpt2_qwen2) w.set_string("tokenizer.ggml.pre", "qwen2");
     else if (s.tok == Tok::gpt2_olmo) w.set_string("tokenizer.ggml.pre", "olmo");
+    else if (s.tok == Tok::gpt2_oss) w.set_string("tokenizer.ggml.pre", "gpt-4o");
+    else if (s.tok == Tok::gpt2_glm) w.set_string("tokenizer.ggml.pre", "glm4");
     w.set_string_array("tokenizer.ggml.tokens", v.tokens);
     w.set_i32_array("tokenizer.ggml.token_type", v.types);
     if (!v.scores.empty()) w.set_f32_array("tokenizer.ggml.scores", v.scores);
@@ -748,6 +917,8 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     if (v.eos >= 0) w.set_u32("tokenizer.ggml.eos_token_id", (uint32_t)v.eos);
     if (v.pad >= 0) w.set_u32("tokenizer.ggml.padding_token_id", (uint32_t)v.pad);
     if (v.unk >= 0) w.set_u32("tokenizer.ggml.unknown_token_id", (uint32_t)v.unk);
+    if (v.eot >= 0) w.set_u32("tokenizer.ggml.eot_token_id", (uint32_t)v.eot);
+    if (v.eom >= 0) w.set_u32("tokenizer.ggml.eom_token_id", (uint32_t)v.eom);
     w.set_bool("tokenizer.ggml.add_bos_token", v.add_bos);
     w.set_bool("tokenizer.ggml.add_eos_token", false);
     v = Vocab();
@@ -775,6 +946,9 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     std::fprintf(stderr, "[moe-bench] %s %s%s: %d layers, %zu tensors, %s; about %s active per token -> %s\n", s.name, quant.c_str(),
                  pure ? " (pure)" : "", n_layer, job.specs.size(), fmt_bytes((double)job.total_bytes).c_str(), fmt_bytes((double)active).c_str(),
                  out.c_str());
+    if (n_fell_back)
+        std::fprintf(stderr, "[moe-bench] %d tensors have rows that their type's blocks do not tile; they fall back (see fallback_type): %s\n",
+                     n_fell_back, fell_back.c_str());
     job.t0 = job.last_report = now_s();
     moe::Status st = w.write_streaming(out.c_str(), synth_fill, &job);
     if (job.tty) std::fputc('\n', stderr);
