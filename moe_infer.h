@@ -42,7 +42,12 @@
 
    SUPPORTED
        architectures: qwen3moe, olmoe, qwen2moe (shared expert + sigmoid gate), llama (Mixtral-style
-       ffn_*_exps, and dense llama), all hyper-parameters from GGUF metadata.
+       ffn_*_exps, and dense llama), gpt-oss (attention sinks, sliding window, YaRN, biases, clamped
+       SwiGLU), glm4moe (partial rotary, sigmoid routing with a selection bias, shared expert, dense
+       leading layers; NextN layers skipped), deepseek2 (DeepSeek-V2/V3, Kimi-K2, GLM-4.7-Flash:
+       multi-head latent attention in the absorbed form, caching only the latent + rope key; q LoRA,
+       grouped top-k), lfm2moe (short-convolution layers beside attention); all hyper-parameters
+       from GGUF metadata.
        tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q1_0, Q2_0, IQ4_NL, IQ4_XS, IQ3_S,
        IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, TQ1_0, TQ2_0, MXFP4,
        NVFP4 (ggml block layouts, bit-exact; the IQ grid types are dequantize-only: no quantizer);
@@ -10238,16 +10243,21 @@ struct KvCache {
     size_t row_bytes = 0, v_row_bytes = 0;  // v_row_bytes 0: values are read from the keys (MLA)
 
     static size_t row_size(int64_t dim, bool q8) { return q8 ? (size_t)(dim / kQK) * sizeof(BlockQ8_0) : (size_t)dim * 4; }
+    std::vector<int32_t> slot;  // (n_layer): a layer's rows in k / v; -1 for a layer without attention
     // Not zeroed: attention reads only positions < pos, all written first.
-    bool allocate(int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_, int64_t v_dim, bool q8_) {
+    bool allocate(const std::vector<bool>& no_attention, int32_t n_layer, int32_t n_ctx_, int64_t kv_dim_, int64_t v_dim, bool q8_) {
         n_ctx = n_ctx_; kv_dim = kv_dim_; q8 = q8_;
         row_bytes = row_size(kv_dim, q8);
         v_row_bytes = row_size(v_dim, q8);
-        const size_t n = (size_t)n_layer * (size_t)n_ctx;
+        slot.assign((size_t)n_layer, -1);
+        int32_t used = 0;
+        for (int32_t il = 0; il < n_layer; ++il)
+            if ((size_t)il >= no_attention.size() || !no_attention[(size_t)il]) slot[(size_t)il] = used++;
+        const size_t n = (size_t)used * (size_t)n_ctx;
         return k.allocate(n * row_bytes, false) && v.allocate(std::max<size_t>(64, n * v_row_bytes), false) && tokens.allocate((size_t)n_ctx_, false);
     }
-    size_t offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * row_bytes; }  // bytes
-    size_t v_offset(int il, int32_t p) const { return ((size_t)il * (size_t)n_ctx + (size_t)p) * v_row_bytes; }
+    size_t offset(int il, int32_t p) const { return ((size_t)slot[(size_t)il] * (size_t)n_ctx + (size_t)p) * row_bytes; }  // bytes
+    size_t v_offset(int il, int32_t p) const { return ((size_t)slot[(size_t)il] * (size_t)n_ctx + (size_t)p) * v_row_bytes; }
     // Short-convolution layers: the convolution's inputs (b * x) of the last conv_ring positions,
     // position p in slot p % conv_ring; a rewind within the ring keeps an exact state.
     AlignedBuffer<float> conv;  // (n_conv, conv_ring, conv_width)
@@ -10638,9 +10648,9 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     if (kv_q8 && (hk % kQK || hv % kQK || (model->mla && hp->n_rot % kQK)))
         return fail(Status::invalid_argument, "a Q8_0 KV cache needs head sizes that are multiples of %d (the model's cached heads have %lld and %lld%s)",
                     kQK, (long long)hk, (long long)hv, model->mla ? ", and its rope part must be one too" : "");
-    if (!kv.allocate(hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8))
+    if (!kv.allocate(hp->layer_conv, hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8))
         return fail(Status::out_of_memory, "cannot allocate the KV cache for n_ctx %d (%.1f MiB)", n_ctx,
-                    (double)KvCache::bytes(hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8) / (1 << 20));
+                    (double)KvCache::bytes(hp->n_layer - n_conv_layers(*hp), n_ctx, plan->kv_dim, plan->v_dim, kv_q8) / (1 << 20));
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
     // + with a Q8_0 cache: the unit's queries as Q8_0 and one dequantized value row.
     const int64_t q8_floats = kv_q8 ? (kAttTokens * group * (hk / kQK) * (int64_t)sizeof(BlockQ8_0) + 3) / 4 + hv : 0;
@@ -11711,7 +11721,8 @@ MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType
     if (info.kv_lora_rank > 0)  // MLA: the latent and the rope key, no values
         return detail::KvCache::bytes(info.n_layer, n, (int64_t)info.kv_lora_rank + info.n_rot, 0, kv_type == TensorType::q8_0);
     const int64_t dim = (int64_t)info.n_head_kv * info.head_dim;
-    return detail::KvCache::bytes(info.n_layer, n, dim, dim, kv_type == TensorType::q8_0);
+    // (+ short-convolution layers' inputs over n_batch + 64 positions, which depend on SessionOptions)
+    return detail::KvCache::bytes(info.n_layer - detail::n_conv_layers(info), n, dim, dim, kv_type == TensorType::q8_0);
 }
 
 MOE_DETAIL_MEMBER Session::Session() = default;
@@ -11875,6 +11886,7 @@ MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sa
     w.put<int32_t>(kv.pos);
     w.bytes(kv.tokens.data, (size_t)kv.pos * 4);
     for (int il = 0; il < n_layer; ++il) {
+        if (kv.slot[(size_t)il] < 0) continue;  // a short-convolution layer
         w.bytes(kv.k.data + kv.offset(il, 0), (size_t)kv.pos * row);
         w.bytes(kv.v.data + kv.v_offset(il, 0), (size_t)kv.pos * v_row);
     }
@@ -11914,7 +11926,8 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     const size_t row = kv.row_bytes, v_row = kv.v_row_bytes;
     const int32_t conv_rows = si.hp->shortconv_l_cache ? std::min(pos, si.hp->shortconv_l_cache - 1) : 0, n_conv = detail::n_conv_layers(*si.hp);
     const size_t conv_bytes = (size_t)n_conv * (size_t)conv_rows * (size_t)kv.conv_width * 4;
-    const size_t need = (size_t)pos * 4 + (size_t)n_layer * (size_t)pos * (row + v_row) + conv_bytes + (size_t)n_vocab * 4 + 8;
+    const size_t kv_layers = (size_t)(n_layer - n_conv);  // layers with attention
+    const size_t need = (size_t)pos * 4 + kv_layers * (size_t)pos * (row + v_row) + conv_bytes + (size_t)n_vocab * 4 + 8;
     if (r.left() < need) return detail::fail(Status::invalid_file, "truncated session state");
     // Validated before anything is overwritten: the tokens, then the sampler part's size.
     const uint8_t* token_bytes = r.skip((size_t)pos * 4);
@@ -11923,7 +11936,7 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
         std::memcpy(&t, token_bytes + (size_t)i * 4, 4);
         if (t < 0 || t >= n_vocab) return detail::fail(Status::invalid_file, "corrupt session state (token %d at position %d)", t, i);
     }
-    const uint8_t* kv_bytes = r.skip((size_t)n_layer * (size_t)pos * (row + v_row));
+    const uint8_t* kv_bytes = r.skip(kv_layers * (size_t)pos * (row + v_row));
     const uint8_t* conv_state = r.skip(conv_bytes);
     const uint8_t* logit_bytes = r.skip((size_t)n_vocab * 4);
     for (int32_t i = 0; i < n_vocab; ++i) {
@@ -11940,6 +11953,7 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     }
     std::memcpy(kv.tokens.data, token_bytes, (size_t)pos * 4);
     for (int il = 0; il < n_layer; ++il) {
+        if (kv.slot[(size_t)il] < 0) continue;
         std::memcpy(kv.k.data + kv.offset(il, 0), kv_bytes, (size_t)pos * row);
         kv_bytes += (size_t)pos * row;
         std::memcpy(kv.v.data + kv.v_offset(il, 0), kv_bytes, (size_t)pos * v_row);
