@@ -36,6 +36,27 @@
 //         plus one ungated SwiGLU shared expert; the first leading_dense_block_count layers have a
 //         dense SwiGLU FFN instead. NextN blocks are not run.
 //
+// deepseek2 as llama.cpp computes it (src/models/deepseek2.cpp, llama-context.cpp YaRN attn_factor):
+//   x += wo attn(rmsnorm(x)); x += moe(rmsnorm_ffn_norm(x)), multi-head latent attention done the
+//   plain (non-absorbed) way, which is the same math as llama.cpp's absorbed attn_k_b / attn_v_b path:
+//   q = attn_q h, or attn_q_b rmsnorm_{q_a_norm}(attn_q_a h); per head q = [q_nope, q_rope].
+//   attn_kv_a_mqa h = [latent (kv_lora), k_rope (qk_rope)]; latent -> rmsnorm_{kv_a_norm} -> kv_b ->
+//   per head [k_nope, v]; k = [k_nope, k_rope] with the one k_rope shared by every head.
+//   RoPE: NORM pairs (2i, 2i+1) on the trailing qk_rope dims of q (and on k_rope), theta as above
+//   with n_rot = qk_rope, YaRN the same way. With L = rope.scaling.yarn_log_multiplier / 0.1 (the
+//   file holds 0.1 * mscale_all_dim) and f the YaRN factor, llama.cpp's context attn_factor is
+//   A / (1 + 0.1 ln f) when L != 0 (deepseek2 special case: get_mscale(f, L) / get_mscale(f, L) = 1)
+//   and A otherwise (A = rope.scaling.attn_factor, default 1), so cos/sin carry mscale A (L != 0)
+//   or A (1 + 0.1 ln f) (L = 0), as for the other YaRN models. The attention scale is
+//   kq_scale = m^2 / sqrt(qk_nope + qk_rope), m = attn_factor_ctx (1 + 0.1 ln f) (1 + 0.1 L ln f)
+//   (without YaRN: m = A). score = kq_scale q.k over [nope, rope]; softmax; v; wo.
+//   MoE: p = softmax(logits) (sigmoid when expert_gating_func = 2); selection score = p (+ exp_probs_b);
+//   grouped top-k when expert_group_count G > 1: group score = sum of the 2 largest selection scores
+//   in each group of n_expert / G consecutive experts, the expert_group_used_count best groups are
+//   kept and the other experts' scores set to -inf; then top-k; weights = p (renormalised if
+//   expert_weights_norm, times expert_weights_scale); plus the ungated shared SwiGLU expert; the first
+//   leading_dense_block_count layers are dense. NextN blocks are not run.
+//
 // lfm2moe, as llama.cpp computes it (src/models/lfm2.cpp, whose graph lfm2moe.cpp reuses; ggml-cpu
 // ops.cpp ssm_conv; llama-graph.cpp build_moe_ffn):
 //   x += mixer(rmsnorm_attn_norm(x)); x += ffn(rmsnorm_ffn_norm(x)); rmsnorm_token_embd_norm; output
@@ -58,6 +79,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -72,8 +94,9 @@ struct OracleResult {
     std::vector<int> experts;           // per position, per layer: the chosen experts (n_expert_used each)
     std::vector<double> router_logits;  // per position, per layer: n_expert router logits (+ router bias)
     // per position, per layer: the n_expert scores the top-k is taken on: the router logits, except
-    // with sigmoid gating or a selection bias (glm4moe): gating(logit) + exp_probs_b. route_margin
-    // is a margin on these.
+    // with sigmoid gating or a selection bias (glm4moe), and always for deepseek2: gating(logit) +
+    // exp_probs_b, with -inf for the experts of groups not kept (grouped top-k). route_margin is a
+    // margin on these (and on the group scores).
     std::vector<double> route_scores;
     const double* row(int i) const { return logits.data() + (size_t)i * (size_t)n_vocab; }
 };
@@ -93,6 +116,7 @@ public:
         const ModelSpec& s = m_.spec;
         const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim, V = s.n_vocab;
         const int T = (int)tokens.size();
+        const bool is_ds2 = s.arch == "deepseek2";
         OracleResult r;
         r.n_tokens = T;
         r.n_vocab = V;
@@ -111,54 +135,59 @@ public:
 
                 // ---- attention ----
                 std::vector<double> h = rms_norm(x, L.attn_norm, s.rms_eps);
-                std::vector<double> q = matvec(L.wq, h, E, H * HD);
-                std::vector<double> k = matvec(L.wk, h, E, HKV * HD);
-                std::vector<double> v = matvec(L.wv, h, E, HKV * HD);
-                if (!L.bq.empty()) {
-                    for (int i = 0; i < H * HD; ++i) q[(size_t)i] += L.bq[(size_t)i];
-                    for (int i = 0; i < HKV * HD; ++i) k[(size_t)i] += L.bk[(size_t)i];
-                    for (int i = 0; i < HKV * HD; ++i) v[(size_t)i] += L.bv[(size_t)i];
-                }
-                if (s.arch == "qwen3moe" || (s.arch == "glm4moe" && !L.q_norm.empty())) {  // RMSNorm of each head over head_dim
-                    for (int hh = 0; hh < H; ++hh) rms_norm_inplace(&q[(size_t)hh * HD], HD, L.q_norm.data(), s.rms_eps);
-                    for (int hh = 0; hh < HKV; ++hh) rms_norm_inplace(&k[(size_t)hh * HD], HD, L.k_norm.data(), s.rms_eps);
-                } else if (s.arch == "olmoe") {  // RMSNorm over the whole projection
-                    rms_norm_inplace(q.data(), H * HD, L.q_norm.data(), s.rms_eps);
-                    rms_norm_inplace(k.data(), HKV * HD, L.k_norm.data(), s.rms_eps);
-                }
-                for (int hh = 0; hh < H; ++hh) rope(&q[(size_t)hh * HD], pos, il);
-                for (int hh = 0; hh < HKV; ++hh) rope(&k[(size_t)hh * HD], pos, il);
-                kcache[(size_t)il].push_back(k);
-                vcache[(size_t)il].push_back(v);
-
-                std::vector<double> attn((size_t)(H * HD), 0.0);
-                const int group = H / HKV;  // consecutive query heads share one K/V head
-                const double scale = 1.0 / std::sqrt((double)HD);
-                // sliding window: keys j with pos - j < n_swa, i.e. the last n_swa positions
-                const int j0 = m_.swa[(size_t)il] ? std::max(0, pos - s.n_swa + 1) : 0;
-                for (int hh = 0; hh < H; ++hh) {
-                    const int kvh = hh / group;
-                    std::vector<double> score((size_t)(pos + 1));
-                    double mx = -std::numeric_limits<double>::infinity();
-                    for (int j = j0; j <= pos; ++j) {
-                        double d = 0;
-                        for (int c = 0; c < HD; ++c)
-                            d += q[(size_t)(hh * HD + c)] * kcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
-                        score[(size_t)j] = d * scale;
-                        mx = std::max(mx, score[(size_t)j]);
+                if (is_ds2) {
+                    const std::vector<double> o = mla_attention(L, h, pos, il, kcache[(size_t)il], vcache[(size_t)il]);
+                    for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
+                } else {
+                    std::vector<double> q = matvec(L.wq, h, E, H * HD);
+                    std::vector<double> k = matvec(L.wk, h, E, HKV * HD);
+                    std::vector<double> v = matvec(L.wv, h, E, HKV * HD);
+                    if (!L.bq.empty()) {
+                        for (int i = 0; i < H * HD; ++i) q[(size_t)i] += L.bq[(size_t)i];
+                        for (int i = 0; i < HKV * HD; ++i) k[(size_t)i] += L.bk[(size_t)i];
+                        for (int i = 0; i < HKV * HD; ++i) v[(size_t)i] += L.bv[(size_t)i];
                     }
-                    const bool sink = !L.attn_sinks.empty();  // one more logit in the denominator only
-                    if (sink) mx = std::max(mx, (double)L.attn_sinks[(size_t)hh]);
-                    double sum = sink ? std::exp((double)L.attn_sinks[(size_t)hh] - mx) : 0.0;
-                    for (int j = j0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
-                    for (int j = j0; j <= pos; ++j)
-                        for (int c = 0; c < HD; ++c)
-                            attn[(size_t)(hh * HD + c)] += score[(size_t)j] / sum * vcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
+                    if (s.arch == "qwen3moe" || (s.arch == "glm4moe" && !L.q_norm.empty())) {  // RMSNorm of each head over head_dim
+                        for (int hh = 0; hh < H; ++hh) rms_norm_inplace(&q[(size_t)hh * HD], HD, L.q_norm.data(), s.rms_eps);
+                        for (int hh = 0; hh < HKV; ++hh) rms_norm_inplace(&k[(size_t)hh * HD], HD, L.k_norm.data(), s.rms_eps);
+                    } else if (s.arch == "olmoe") {  // RMSNorm over the whole projection
+                        rms_norm_inplace(q.data(), H * HD, L.q_norm.data(), s.rms_eps);
+                        rms_norm_inplace(k.data(), HKV * HD, L.k_norm.data(), s.rms_eps);
+                    }
+                    for (int hh = 0; hh < H; ++hh) rope(&q[(size_t)hh * HD], pos, il);
+                    for (int hh = 0; hh < HKV; ++hh) rope(&k[(size_t)hh * HD], pos, il);
+                    kcache[(size_t)il].push_back(k);
+                    vcache[(size_t)il].push_back(v);
+
+                    std::vector<double> attn((size_t)(H * HD), 0.0);
+                    const int group = H / HKV;  // consecutive query heads share one K/V head
+                    const double scale = 1.0 / std::sqrt((double)HD);
+                    // sliding window: keys j with pos - j < n_swa, i.e. the last n_swa positions
+                    const int j0 = m_.swa[(size_t)il] ? std::max(0, pos - s.n_swa + 1) : 0;
+                    for (int hh = 0; hh < H; ++hh) {
+                        const int kvh = hh / group;
+                        std::vector<double> score((size_t)(pos + 1));
+                        double mx = -std::numeric_limits<double>::infinity();
+                        for (int j = j0; j <= pos; ++j) {
+                            double d = 0;
+                            for (int c = 0; c < HD; ++c)
+                                d += q[(size_t)(hh * HD + c)] * kcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
+                            score[(size_t)j] = d * scale;
+                            mx = std::max(mx, score[(size_t)j]);
+                        }
+                        const bool sink = !L.attn_sinks.empty();  // one more logit in the denominator only
+                        if (sink) mx = std::max(mx, (double)L.attn_sinks[(size_t)hh]);
+                        double sum = sink ? std::exp((double)L.attn_sinks[(size_t)hh] - mx) : 0.0;
+                        for (int j = j0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
+                        for (int j = j0; j <= pos; ++j)
+                            for (int c = 0; c < HD; ++c)
+                                attn[(size_t)(hh * HD + c)] += score[(size_t)j] / sum * vcache[(size_t)il][(size_t)j][(size_t)(kvh * HD + c)];
+                    }
+                    std::vector<double> o = matvec(L.wo, attn, H * HD, E);
+                    if (!L.bo.empty())
+                        for (int i = 0; i < E; ++i) o[(size_t)i] += L.bo[(size_t)i];
+                    for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
                 }
-                std::vector<double> o = matvec(L.wo, attn, H * HD, E);
-                if (!L.bo.empty())
-                    for (int i = 0; i < E; ++i) o[(size_t)i] += L.bo[(size_t)i];
-                for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
 
                 // ---- feed-forward ----
                 h = rms_norm(x, L.ffn_norm, s.rms_eps);
@@ -191,9 +220,28 @@ public:
                     // softmax without a selection bias: the logits (same order as prob; the margin stays
                     // in logit units as before); with exp_probs_b: prob + bias (llama.cpp adds it to the
                     // gating output, not to the logits)
-                    if (m_.gating == Gating::sigmoid || !L.exp_probs_b.empty()) {
+                    if (m_.gating == Gating::sigmoid || !L.exp_probs_b.empty() || is_ds2) {
                         score = prob;
                         for (int e = 0; e < (int)L.exp_probs_b.size(); ++e) score[(size_t)e] += L.exp_probs_b[(size_t)e];
+                    }
+                    if (m_.n_expert_groups > 1) {  // grouped top-k (deepseek2): keep the best groups, mask the others
+                        const int G = m_.n_expert_groups, per = NE / G;
+                        std::vector<double> gscore((size_t)G);
+                        for (int g = 0; g < G; ++g) {
+                            std::vector<double> in(score.begin() + (ptrdiff_t)g * per, score.begin() + (ptrdiff_t)(g + 1) * per);
+                            std::sort(in.begin(), in.end(), std::greater<double>());
+                            gscore[(size_t)g] = 0;
+                            for (int i = 0; i < std::min(m_.group_score_top, per); ++i) gscore[(size_t)g] += in[(size_t)i];
+                        }
+                        std::vector<int> gorder((size_t)G);
+                        for (int g = 0; g < G; ++g) gorder[(size_t)g] = g;
+                        std::stable_sort(gorder.begin(), gorder.end(), [&](int a, int b) { return gscore[(size_t)a] > gscore[(size_t)b]; });
+                        const int GU = m_.n_group_used;
+                        r.route_margin[(size_t)pos] = std::min(r.route_margin[(size_t)pos],
+                                                               gscore[(size_t)gorder[(size_t)GU - 1]] - gscore[(size_t)gorder[(size_t)GU]]);
+                        for (int gi = GU; gi < G; ++gi)
+                            for (int e = gorder[(size_t)gi] * per; e < (gorder[(size_t)gi] + 1) * per; ++e)
+                                score[(size_t)e] = -std::numeric_limits<double>::infinity();
                     }
                     // top-k by score, ties to the lower index
                     std::vector<int> order((size_t)NE);
@@ -411,6 +459,69 @@ private:
         return y;
     }
 
+    // deepseek2's multi-head latent attention for one position; appends this position's per-head
+    // keys {n_head * (qk_nope + qk_rope)} and values {n_head * v_head} to kc / vc.
+    std::vector<double> mla_attention(const LayerWeights& L, const std::vector<double>& h, int pos, int il,
+                                      std::vector<std::vector<double>>& kc, std::vector<std::vector<double>>& vc) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, H = s.n_head, HD = m_.head_dim, VD = m_.v_head_dim;
+        const int NOPE = s.qk_nope, ROPE = s.qk_rope, KVR = s.kv_lora_rank, QL = s.q_lora_rank;
+        std::vector<double> q;
+        if (!L.wq_a.empty()) {  // q LoRA
+            std::vector<double> qa = matvec(L.wq_a, h, E, QL);
+            rms_norm_inplace(qa.data(), QL, L.q_a_norm.data(), s.rms_eps);
+            q = matvec(L.wq_b, qa, QL, H * HD);
+        } else {
+            q = matvec(L.wq, h, E, H * HD);
+        }
+        const std::vector<double> kva = matvec(L.wkv_a, h, E, KVR + ROPE);
+        std::vector<double> latent(kva.begin(), kva.begin() + KVR), k_rope(kva.begin() + KVR, kva.end());
+        rms_norm_inplace(latent.data(), KVR, L.kv_a_norm.data(), s.rms_eps);
+        const std::vector<double> kv = matvec(L.wkv_b, latent, KVR, H * (NOPE + VD));  // per head [k_nope, v]
+        rope(k_rope.data(), pos, il);
+        std::vector<double> k((size_t)H * HD), v((size_t)H * VD);
+        for (int hh = 0; hh < H; ++hh) {
+            rope(&q[(size_t)hh * HD + (size_t)NOPE], pos, il);  // the trailing qk_rope dims
+            for (int c = 0; c < NOPE; ++c) k[(size_t)(hh * HD + c)] = kv[(size_t)(hh * (NOPE + VD) + c)];
+            for (int c = 0; c < ROPE; ++c) k[(size_t)(hh * HD + NOPE + c)] = k_rope[(size_t)c];
+            for (int j = 0; j < VD; ++j) v[(size_t)(hh * VD + j)] = kv[(size_t)(hh * (NOPE + VD) + NOPE + j)];
+        }
+        kc.push_back(k);
+        vc.push_back(v);
+        const double scale = mla_kq_scale();
+        std::vector<double> attn((size_t)H * VD, 0.0);
+        for (int hh = 0; hh < H; ++hh) {
+            std::vector<double> score((size_t)(pos + 1));
+            double mx = -std::numeric_limits<double>::infinity();
+            for (int j = 0; j <= pos; ++j) {
+                double d = 0;
+                for (int c = 0; c < HD; ++c) d += q[(size_t)(hh * HD + c)] * kc[(size_t)j][(size_t)(hh * HD + c)];
+                score[(size_t)j] = d * scale;
+                mx = std::max(mx, score[(size_t)j]);
+            }
+            double sum = 0;
+            for (int j = 0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
+            for (int j = 0; j <= pos; ++j)
+                for (int c = 0; c < VD; ++c) attn[(size_t)(hh * VD + c)] += score[(size_t)j] / sum * vc[(size_t)j][(size_t)(hh * VD + c)];
+        }
+        return matvec(L.wo, attn, H * VD, E);
+    }
+    // deepseek2: L = mscale_all_dim, i.e. the file's rope.scaling.yarn_log_multiplier / 0.1 (YaRN only)
+    double yarn_log_mul() const {
+        const ModelSpec& s = m_.spec;
+        return s.arch == "deepseek2" && s.rope_scaling == "yarn" ? (double)s.yarn_log_mul / 0.1 : 0.0;
+    }
+    // deepseek2's kq_scale (see the top): m^2 / sqrt(qk_nope + qk_rope)
+    double mla_kq_scale() const {
+        const ModelSpec& s = m_.spec;
+        const double A = s.rope_attn_factor != 0.f ? (double)s.rope_attn_factor : 1.0;
+        const bool yarn = s.rope_scaling == "yarn";
+        const double f = yarn ? (double)s.rope_factor : 1.0, lf = std::log(f), Lm = yarn_log_mul();
+        double ctx = A;  // llama-context.cpp's yarn_attn_factor
+        if (yarn) ctx = (Lm != 0.0 ? 1.0 : (f <= 1.0 ? 1.0 : 1.0 + 0.1 * lf)) / (1.0 + 0.1 * lf) * A;
+        const double ms = ctx * (1.0 + 0.1 * lf) * (1.0 + 0.1 * Lm * lf);
+        return ms * ms / std::sqrt((double)m_.head_dim);
+    }
     // y = W x with W {n_in, n_out}: y[o] = sum_i W[o*n_in + i] x[i]
     static std::vector<double> matvec(const std::vector<float>& W, const std::vector<double>& x, int n_in, int n_out) {
         return matvec(W.data(), x, n_in, n_out);
@@ -465,13 +576,14 @@ private:
         const ModelSpec& s = m_.spec;
         const int n = m_.n_rot;
         const double base = m_.swa[(size_t)il] && s.rope_base_swa > 0.f ? (double)s.rope_base_swa : (double)s.rope_base;
-        const bool new_family = s.arch == "gpt-oss" || s.arch == "glm4moe";
+        const bool new_family = s.arch == "gpt-oss" || s.arch == "glm4moe" || s.arch == "deepseek2";
         const bool yarn = new_family && s.rope_scaling == "yarn";
         const double factor = yarn ? (double)s.rope_factor : 1.0;  // freq_scale = 1 / factor
         double mscale = new_family && s.rope_attn_factor != 0.f ? (double)s.rope_attn_factor : 1.0;
         double lo = 0, hi = 0;
         if (yarn) {
-            if (factor > 1.0) mscale *= 1.0 + 0.1 * std::log(factor);
+            // deepseek2 with a yarn_log_multiplier: llama.cpp's context cancels this factor (see the top)
+            if (factor > 1.0 && yarn_log_mul() == 0.0) mscale *= 1.0 + 0.1 * std::log(factor);
             const double n_orig = s.rope_orig_ctx > 0 ? (double)s.rope_orig_ctx : (double)s.n_ctx_train;
             auto corr_dim = [&](double n_turns) { return n * std::log(n_orig / (n_turns * 2 * 3.14159265358979323846)) / (2 * std::log(base)); };
             lo = std::max(0.0, std::floor(corr_dim(32.0)));

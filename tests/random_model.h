@@ -2,7 +2,7 @@
 //
 // make_random_model(spec) builds a model of one of the supported architectures (qwen3moe, olmoe,
 // qwen2moe, llama with experts = Mixtral style, llama without experts = dense, gpt-oss, glm4moe,
-// lfm2moe)
+// deepseek2, lfm2moe)
 // with the exact metadata keys and tensor names/shapes llama.cpp uses (ggml order: ne0 is the
 // contiguous, input dimension), plus a minimal byte-level BPE vocabulary so llama.cpp can load the
 // file as well.
@@ -17,6 +17,21 @@
 // norm and scale, one ungated shared expert, and optional NextN/MTP blocks after the trunk
 // (block_count counts them; an engine must skip them: llama.cpp's n_layer = block_count -
 // nextn_predict_layers).
+// deepseek2 (src/models/deepseek2.cpp; DeepSeek-V2/V2-Lite/V3, Kimi-K2, GLM-4.7-Flash): multi-head
+// latent attention. q = attn_q x, or with a q LoRA (attention.q_lora_rank > 0) attn_q_b
+// rmsnorm_{attn_q_a_norm}(attn_q_a x); attn_kv_a_mqa x = [latent (kv_lora_rank), k_rope (qk_rope)];
+// the latent, RMS-normed by attn_kv_a_norm, goes up through the kv_b projection to per-head
+// [k_nope (qk_nope), v (v_head)]. The kv_b projection is written either as the legacy single
+// attn_kv_b {kv_lora, n_head (qk_nope + v_head)} (attention.key_length = qk_nope + qk_rope,
+// value_length = v_head, head_count_kv = n_head) or, as convert_hf_to_gguf.py writes it today, split
+// into attn_k_b {qk_nope, kv_lora, n_head} (transposed) and attn_v_b {kv_lora, v_head, n_head} with
+// key_length = kv_lora + qk_rope, value_length = kv_lora, key_length_mla = qk_nope + qk_rope,
+// value_length_mla = v_head and head_count_kv = 1 (llama.cpp picks the form from the *_mla keys).
+// rope.dimension_count = qk_rope; NORM RoPE. Leading dense layers (ffn_norm, not
+// post_attention_norm), shared experts of width expert_feed_forward_length * expert_shared_count,
+// softmax (V2; the default when expert_gating_func is absent) or sigmoid (V3) gating, exp_probs_b,
+// expert_weights_norm / _scale, grouped top-k (expert_group_count / expert_group_used_count), YaRN
+// with rope.scaling.yarn_log_multiplier, optional NextN blocks after the trunk.
 // lfm2moe (src/models/lfm2.cpp, whose graph lfm2moe.cpp reuses): per-layer kind from the
 // attention.head_count_kv array (0 = short-convolution block, else GQA attention with per-head q/k
 // RMSNorm and NEOX RoPE, n_head * head_dim = n_embd); shortconv.l_cache = conv width; the conv block
@@ -53,7 +68,7 @@ namespace moe_test {
 
 // What to build. Defaults give a small qwen3moe at F32.
 struct ModelSpec {
-    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe" | "lfm2moe"
+    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe" | "deepseek2" | "lfm2moe"
     bool dense = false;             // llama only: plain SwiGLU FFN, no experts
     int n_vocab = 300;              // >= 262 (256 byte tokens + 4 merges + 2 control tokens)
     int n_embd = 64;
@@ -118,6 +133,20 @@ struct ModelSpec {
     bool qk_norm = false;           // attn_q_norm / attn_k_norm {head_dim}: RMSNorm of each head
     int n_nextn = 0;                // nextn_predict_layers: NextN/MTP blocks written after the n_layer
                                     // trunk blocks (block_count = n_layer + n_nextn); not run by the oracle
+    // ---- deepseek2 only (also uses n_dense_lead, n_ff_dense, n_expert_shared, gating_func (0: not
+    // written, llama.cpp then uses softmax), expert_weights_norm (written only when true, as the
+    // converter does), expert_weights_scale, n_nextn and the YaRN keys above; ignores head_dim,
+    // n_head_kv, n_rot, qkv_bias, qk_norm) ----
+    int q_lora_rank = 0;            // attention.q_lora_rank; 0: plain attn_q (the key is still written as 0:
+                                    // llama.cpp requires it unless n_layer is 26/27 (V2-Lite))
+    int kv_lora_rank = 32;          // attention.kv_lora_rank
+    int qk_nope = 32;               // per-head key dims without RoPE
+    int qk_rope = 16;               // per-head key dims with RoPE (rope.dimension_count); k_rope is shared by all heads
+    int v_head_dim = 32;            // per-head value dims
+    bool kv_b_split = true;         // attn_k_b + attn_v_b with the *_mla keys (today's converter); false: attn_kv_b
+    int n_expert_groups = 0;        // expert_group_count; 0: not written (no grouping)
+    int n_group_used = 0;           // expert_group_used_count
+    float yarn_log_mul = 0.f;       // rope.scaling.yarn_log_multiplier as written (= 0.1 * mscale_all_dim); 0: not written
     // Fault injection for loader tests.
     std::string omit_tensor;        // this tensor is not written
     std::string misshape_tensor;    // this tensor is written with ne[1] + 1 (ne[0] + 1 if 1-D)
@@ -149,6 +178,15 @@ struct LayerWeights {
     std::vector<float> down_shexp;                  // qwen2moe, glm4moe: {n_ff_shared, n_embd}
     std::vector<float> ffn_gate, ffn_up, ffn_down;  // dense llama, glm4moe's leading dense layers:
                                                     // {n_embd, n_ff_dense} x2, {n_ff_dense, n_embd}
+    // deepseek2 (MLA); wq holds attn_q {n_embd, n_head*hd} when there is no q LoRA
+    std::vector<float> wq_a;                        // attn_q_a {n_embd, q_lora_rank}
+    std::vector<float> q_a_norm;                    // attn_q_a_norm {q_lora_rank}
+    std::vector<float> wq_b;                        // attn_q_b {q_lora_rank, n_head*hd}
+    std::vector<float> wkv_a;                       // attn_kv_a_mqa {n_embd, kv_lora_rank + qk_rope}
+    std::vector<float> kv_a_norm;                   // attn_kv_a_norm {kv_lora_rank}
+    std::vector<float> wkv_b;                       // {kv_lora_rank, n_head*(qk_nope + v_head)}: per head qk_nope
+                                                    // k rows then v_head v rows; rebuilt from attn_k_b / attn_v_b
+                                                    // (as read back) when the file has the split form
 };
 
 struct RandomModel {
@@ -157,7 +195,8 @@ struct RandomModel {
     int head_dim = 0;
     int n_ff_shared = 0;
     int n_ff_dense = 0;        // dense FFN width (dense llama: n_ff; glm4moe's leading dense layers)
-    int n_rot = 0;             // rotated dims per head (head_dim except glm4moe)
+    int n_rot = 0;             // rotated dims per head (head_dim except glm4moe; deepseek2: qk_rope)
+    int v_head_dim = 0;        // value dims per head (head_dim except deepseek2)
     bool rope_neox = true;
     bool norm_topk = true;     // renormalise the top-k router weights
     bool moe = true;           // false: dense llama (glm4moe: some layers are dense, see LayerWeights::gate_inp)
@@ -181,6 +220,10 @@ struct RandomModel {
     std::vector<std::pair<std::string, moe::TensorType>> tensor_types;  // what each tensor became
     moe::Status status = moe::Status::ok;  // first failure while building
     std::string error;
+
+    // deepseek2: a top-k over expert groups first (expert_group_count > 1)
+    int n_expert_groups = 0, n_group_used = 0;
+    int group_score_top = 2;   // a group's score is the sum of its this many best selection scores (llama.cpp: 2)
 
     bool ok() const { return status == moe::Status::ok; }
     const std::vector<float>& logits_matrix() const { return output.empty() ? tok_embd : output; }
@@ -247,18 +290,19 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     m.spec = spec;
     const std::string& A = spec.arch;
     const bool is_qwen3 = A == "qwen3moe", is_olmoe = A == "olmoe", is_qwen2 = A == "qwen2moe", is_llama = A == "llama";
-    const bool is_oss = A == "gpt-oss", is_glm = A == "glm4moe";
+    const bool is_oss = A == "gpt-oss", is_glm = A == "glm4moe", is_ds2 = A == "deepseek2";
     const bool is_lfm = A == "lfm2moe";
     auto fail = [&](const std::string& msg) {
         if (m.ok()) { m.status = moe::Status::invalid_argument; m.error = msg; }
     };
-    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama && !is_oss && !is_glm && !is_lfm) { fail("unknown arch " + A); return m; }
+    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama && !is_oss && !is_glm && !is_ds2 && !is_lfm) { fail("unknown arch " + A); return m; }
     if (spec.dense && !is_llama) { fail("dense is only for llama"); return m; }
     m.moe = !spec.dense;
     m.head_dim = spec.head_dim > 0 ? spec.head_dim : spec.n_embd / spec.n_head;
     m.n_ff_shared = spec.n_ff_shared > 0 ? spec.n_ff_shared : spec.n_ff;
     m.n_ff_dense = spec.n_ff;
     m.n_rot = m.head_dim;
+    m.v_head_dim = m.head_dim;
     m.rope_neox = !is_llama;
     m.norm_topk = is_qwen3 || is_llama;
     m.swa.assign((size_t)std::max(0, spec.n_layer), false);
@@ -292,6 +336,34 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         if (spec.n_dense_lead < 0 || spec.n_dense_lead > spec.n_layer) { fail("bad n_dense_lead"); return m; }
         if (spec.n_nextn < 0) { fail("bad n_nextn"); return m; }
     }
+    if (is_ds2) {
+        m.head_dim = spec.qk_nope + spec.qk_rope;
+        m.n_rot = spec.qk_rope;
+        m.v_head_dim = spec.v_head_dim;
+        m.rope_neox = false;
+        m.n_ff_dense = spec.n_ff_dense > 0 ? spec.n_ff_dense : 3 * spec.n_ff;
+        m.n_ff_shared = spec.n_ff * spec.n_expert_shared;
+        m.norm_topk = spec.expert_weights_norm;
+        if (spec.gating_func == 0 || spec.gating_func == 1) m.gating = RandomModel::Gating::softmax;
+        else if (spec.gating_func == 2) m.gating = RandomModel::Gating::sigmoid;
+        else { fail("deepseek2 gating_func must be 0, 1 or 2"); return m; }
+        if (spec.expert_weights_scale != 0.f) m.expert_scale = (double)spec.expert_weights_scale;
+        m.n_expert_groups = spec.n_expert_groups;
+        m.n_group_used = spec.n_group_used;
+        if (spec.qk_nope < 1 || spec.qk_rope < 2 || spec.qk_rope % 2 || spec.v_head_dim < 1 || spec.kv_lora_rank < 1 || spec.q_lora_rank < 0) {
+            fail("bad deepseek2 MLA dims"); return m;
+        }
+        if (spec.n_expert_shared < 1) { fail("deepseek2 needs n_expert_shared >= 1"); return m; }
+        if (spec.n_dense_lead < 0 || spec.n_dense_lead > spec.n_layer) { fail("bad n_dense_lead"); return m; }
+        if (spec.n_nextn < 0) { fail("bad n_nextn"); return m; }
+        if (spec.n_expert_groups > 1) {  // llama.cpp's asserts, plus enough experts in the kept groups for the top-k
+            const int per = spec.n_expert / spec.n_expert_groups;
+            if (spec.n_expert % spec.n_expert_groups || per < 2 || spec.n_group_used < 1 || spec.n_group_used >= spec.n_expert_groups ||
+                spec.n_expert_used > per * spec.n_group_used) {
+                fail("bad expert groups"); return m;
+            }
+        }
+    }
     if (is_lfm) {
         m.n_ff_dense = spec.n_ff_dense > 0 ? spec.n_ff_dense : 3 * spec.n_ff;
         m.norm_topk = true;  // build_moe_ffn(..., norm_w = true, ...) in lfm2.cpp
@@ -307,12 +379,12 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         for (int il = 0; il < spec.n_layer; ++il)
             m.shortconv[(size_t)il] = spec.conv_layers.empty() ? il % 3 != 2 : spec.conv_layers[(size_t)il] != 0;
     }
-    if ((is_oss || is_glm) && !spec.rope_scaling.empty() && spec.rope_scaling != "yarn") { fail("rope_scaling must be \"\" or yarn"); return m; }
+    if ((is_oss || is_glm || is_ds2) && !spec.rope_scaling.empty() && spec.rope_scaling != "yarn") { fail("rope_scaling must be \"\" or yarn"); return m; }
     const int E = spec.n_embd, H = spec.n_head, HKV = spec.n_head_kv, HD = m.head_dim;
     const int NE = spec.n_expert, NF = spec.n_ff, NFS = m.n_ff_shared, V = spec.n_vocab;
     if (spec.n_vocab < 262) { fail("n_vocab must be >= 262"); return m; }
-    if (H <= 0 || HKV <= 0 || H % HKV) { fail("n_head must be a multiple of n_head_kv"); return m; }
-    if (HD <= 0 || HD % 2) { fail("head_dim must be even"); return m; }
+    if (H <= 0 || HKV <= 0 || (H % HKV && !is_ds2)) { fail("n_head must be a multiple of n_head_kv"); return m; }
+    if (HD <= 0 || (HD % 2 && !is_ds2)) { fail("head_dim must be even"); return m; }
     if ((is_olmoe || is_qwen2) && HD * H != E) { fail(A + " needs head_dim * n_head == n_embd"); return m; }
     if (m.moe && (NE <= 0 || spec.n_expert_used <= 0 || spec.n_expert_used > NE)) { fail("bad expert counts"); return m; }
 
@@ -330,9 +402,10 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     set_u32("general.alignment", 32);
     set_u32(P + "context_length", (uint32_t)spec.n_ctx_train);
     set_u32(P + "embedding_length", (uint32_t)E);
-    set_u32(P + "block_count", (uint32_t)(spec.n_layer + (is_glm ? spec.n_nextn : 0)));
+    set_u32(P + "block_count", (uint32_t)(spec.n_layer + (is_glm || is_ds2 ? spec.n_nextn : 0)));
     set_u32(P + "attention.head_count", (uint32_t)H);
-    set_u32(P + "attention.head_count_kv", (uint32_t)HKV);
+    // deepseek2: the split form is MQA over the latent (one K/V head), the legacy one MHA
+    set_u32(P + "attention.head_count_kv", (uint32_t)(is_ds2 ? (spec.kv_b_split ? 1 : H) : HKV));
     set_f32(P + "attention.layer_norm_rms_epsilon", spec.rms_eps);
     set_f32(P + "rope.freq_base", spec.rope_base);
     if (m.moe) {
@@ -373,6 +446,40 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
             set_u32(P + "attention.key_length", (uint32_t)HD);
             set_u32(P + "attention.value_length", (uint32_t)HD);
         }
+    } else if (is_ds2) {
+        const int KVR = spec.kv_lora_rank;
+        set_u32(P + "vocab_size", (uint32_t)V);
+        set_u32(P + "leading_dense_block_count", (uint32_t)spec.n_dense_lead);
+        set_u32(P + "feed_forward_length", (uint32_t)m.n_ff_dense);
+        set_u32(P + "expert_feed_forward_length", (uint32_t)NF);
+        set_u32(P + "expert_shared_count", (uint32_t)spec.n_expert_shared);
+        set_u32(P + "attention.q_lora_rank", (uint32_t)spec.q_lora_rank);
+        set_u32(P + "attention.kv_lora_rank", (uint32_t)KVR);
+        if (spec.kv_b_split) {
+            set_u32(P + "attention.key_length", (uint32_t)(KVR + spec.qk_rope));
+            set_u32(P + "attention.value_length", (uint32_t)KVR);
+            set_u32(P + "attention.key_length_mla", (uint32_t)HD);
+            set_u32(P + "attention.value_length_mla", (uint32_t)spec.v_head_dim);
+        } else {
+            set_u32(P + "attention.key_length", (uint32_t)HD);
+            set_u32(P + "attention.value_length", (uint32_t)spec.v_head_dim);
+        }
+        set_u32(P + "rope.dimension_count", (uint32_t)spec.qk_rope);
+        if (spec.expert_weights_scale != 0.f) set_f32(P + "expert_weights_scale", spec.expert_weights_scale);
+        if (spec.expert_weights_norm && key_ok(P + "expert_weights_norm")) w.set_bool(P + "expert_weights_norm", true);
+        if (spec.gating_func != 0) set_u32(P + "expert_gating_func", (uint32_t)spec.gating_func);
+        if (spec.n_expert_groups > 0) {
+            set_u32(P + "expert_group_count", (uint32_t)spec.n_expert_groups);
+            set_u32(P + "expert_group_used_count", (uint32_t)spec.n_group_used);
+        }
+        if (spec.n_nextn > 0) set_u32(P + "nextn_predict_layers", (uint32_t)spec.n_nextn);
+        if (spec.rope_scaling == "yarn") {
+            set_str(P + "rope.scaling.type", "yarn");
+            set_f32(P + "rope.scaling.factor", spec.rope_factor);
+            if (spec.rope_orig_ctx > 0) set_u32(P + "rope.scaling.original_context_length", (uint32_t)spec.rope_orig_ctx);
+            if (spec.yarn_log_mul != 0.f) set_f32(P + "rope.scaling.yarn_log_multiplier", spec.yarn_log_mul);
+        }
+        if (spec.rope_attn_factor != 0.f) set_f32(P + "rope.scaling.attn_factor", spec.rope_attn_factor);
     } else {  // gpt-oss, glm4moe
         set_u32(P + "attention.key_length", (uint32_t)HD);
         set_u32(P + "attention.value_length", (uint32_t)HD);
@@ -565,6 +672,63 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         }
     };
 
+    // One deepseek2 block (il >= n_layer: a NextN block, always MoE).
+    auto add_deepseek2_layer = [&](LayerWeights& L, int il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        const double s_in = 1.0 / std::sqrt((double)E);
+        const int QL = spec.q_lora_rank, KVR = spec.kv_lora_rank, NOPE = spec.qk_nope, ROPE = spec.qk_rope, VD = spec.v_head_dim;
+        L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
+        if (QL > 0) {
+            L.wq_a = add(b + "attn_q_a.weight", {E, QL}, 0, s_in, true);
+            L.q_a_norm = add(b + "attn_q_a_norm.weight", {QL}, 1.0, 0.2, false);
+            L.wq_b = add(b + "attn_q_b.weight", {QL, H * HD}, 0, 1.0 / std::sqrt((double)QL), true);
+        } else {
+            L.wq = add(b + "attn_q.weight", {E, H * HD}, 0, s_in, true);
+        }
+        L.wkv_a = add(b + "attn_kv_a_mqa.weight", {E, KVR + ROPE}, 0, s_in, true);
+        L.kv_a_norm = add(b + "attn_kv_a_norm.weight", {KVR}, 1.0, 0.2, false);
+        // kv_b: drawn once in the {kv_lora, n_head (nope + v)} layout, stored as is or split the
+        // way convert_hf_to_gguf.py splits it (k_b transposed to {nope, kv_lora, n_head})
+        std::vector<float> kvb = draw({KVR, (int64_t)H * (NOPE + VD)}, 0, 1.0 / std::sqrt((double)KVR));
+        if (!spec.kv_b_split) {
+            L.wkv_b = store(b + "attn_kv_b.weight", {KVR, (int64_t)H * (NOPE + VD)}, kvb, true, nullptr);
+        } else {
+            std::vector<float> kb((size_t)NOPE * KVR * H), vb((size_t)KVR * VD * H);
+            auto kv_at = [&](int h, int row, int r) -> float& { return kvb[((size_t)h * (size_t)(NOPE + VD) + (size_t)row) * (size_t)KVR + (size_t)r]; };
+            for (int h = 0; h < H; ++h)
+                for (int r = 0; r < KVR; ++r) {
+                    for (int c = 0; c < NOPE; ++c) kb[(size_t)c + (size_t)NOPE * ((size_t)r + (size_t)KVR * (size_t)h)] = kv_at(h, c, r);
+                    for (int j = 0; j < VD; ++j) vb[(size_t)r + (size_t)KVR * ((size_t)j + (size_t)VD * (size_t)h)] = kv_at(h, NOPE + j, r);
+                }
+            kb = store(b + "attn_k_b.weight", {NOPE, KVR, H}, kb, true, nullptr);
+            vb = store(b + "attn_v_b.weight", {KVR, VD, H}, vb, true, nullptr);
+            for (int h = 0; h < H; ++h)  // the float copy from what was read back
+                for (int r = 0; r < KVR; ++r) {
+                    for (int c = 0; c < NOPE; ++c) kv_at(h, c, r) = kb[(size_t)c + (size_t)NOPE * ((size_t)r + (size_t)KVR * (size_t)h)];
+                    for (int j = 0; j < VD; ++j) kv_at(h, NOPE + j, r) = vb[(size_t)r + (size_t)KVR * ((size_t)j + (size_t)VD * (size_t)h)];
+                }
+            L.wkv_b = kvb;
+        }
+        L.wo = add(b + "attn_output.weight", {(int64_t)H * VD, E}, 0, 1.0 / std::sqrt((double)(H * VD)), true);
+        L.ffn_norm = add(b + "ffn_norm.weight", {E}, 1.0, 0.1, false);
+        if (il < spec.n_dense_lead) {
+            const int NFD = m.n_ff_dense;
+            L.ffn_gate = add(b + "ffn_gate.weight", {E, NFD}, 0, s_in, true);
+            L.ffn_up = add(b + "ffn_up.weight", {E, NFD}, 0, s_in, true);
+            L.ffn_down = add(b + "ffn_down.weight", {NFD, E}, 0, 1.0 / std::sqrt((double)NFD), true);
+            return;
+        }
+        L.gate_inp = add(b + "ffn_gate_inp.weight", {E, NE}, 0, spec.router_scale * s_in, false);
+        // selection bias: sigmoid gating only (DeepSeek-V3 ships it; V2's softmax has none)
+        if (m.gating == RandomModel::Gating::sigmoid) L.exp_probs_b = add(b + "exp_probs_b.bias", {NE}, 0, 0.2, false);
+        L.gate_exps = add_experts(b, "gate", {E, NF, NE}, s_in);
+        L.up_exps = add_experts(b, "up", {E, NF, NE}, s_in);
+        L.down_exps = add_experts(b, "down", {NF, E, NE}, 1.0 / std::sqrt((double)NF));
+        L.gate_shexp = add(b + "ffn_gate_shexp.weight", {E, NFS}, 0, s_in, true);
+        L.up_shexp = add(b + "ffn_up_shexp.weight", {E, NFS}, 0, s_in, true);
+        L.down_shexp = add(b + "ffn_down_shexp.weight", {NFS, E}, 0, 1.0 / std::sqrt((double)NFS), true);
+    };
+
     // One lfm2moe block: input norm, then a short-convolution block or GQA attention (per-head q/k
     // norm, no biases), then ffn_norm and a dense SwiGLU FFN (il < n_dense_lead) or the MoE.
     auto add_lfm2moe_layer = [&](LayerWeights& L, int il) {
@@ -615,6 +779,10 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
             add_new_family_layer(L, il);
             continue;
         }
+        if (is_ds2) {
+            add_deepseek2_layer(L, il);
+            continue;
+        }
         if (is_lfm) {
             add_lfm2moe_layer(L, il);
             continue;
@@ -654,12 +822,13 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
             L.ffn_down = add(b + "ffn_down.weight", {NF, E}, 0, 1.0 / std::sqrt((double)NF), true);
         }
     }
-    // glm4moe NextN/MTP blocks: a full MoE block plus the nextn.* tensors. llama.cpp's trunk graph
-    // never runs them (n_layer = block_count - nextn_predict_layers), so neither does the oracle.
-    if (is_glm) {
+    // glm4moe and deepseek2 NextN/MTP blocks: a full MoE block plus the nextn.* tensors. llama.cpp's
+    // trunk graph never runs them (n_layer = block_count - nextn_predict_layers), so neither does the oracle.
+    if (is_glm || is_ds2) {
         for (int il = spec.n_layer; il < spec.n_layer + spec.n_nextn; ++il) {
             LayerWeights L;
-            add_new_family_layer(L, il);
+            if (is_glm) add_new_family_layer(L, il);
+            else add_deepseek2_layer(L, il);
             const std::string b = "blk." + std::to_string(il) + ".";
             add(b + "nextn.eh_proj.weight", {2 * E, E}, 0, 1.0 / std::sqrt(2.0 * E), true);
             add(b + "nextn.enorm.weight", {E}, 1.0, 0.1, false);
@@ -681,12 +850,27 @@ inline std::vector<int32_t> random_tokens(int n, int n_vocab, uint64_t seed) {
 // A short human-readable description, for test messages.
 inline std::string describe(const ModelSpec& s) {
     char buf[320];
+    const bool ds2 = s.arch == "deepseek2";  // its head_dim is qk_nope + qk_rope; n_head_kv is not used
     std::snprintf(buf, sizeof buf, "%s%s %s V=%d E=%d L=%d H=%d/%d hd=%d X=%d/%d ff=%d%s%s seed=%llu",
                   s.arch.c_str(), s.dense ? "(dense)" : "", moe::tensor_type_name(s.wtype), s.n_vocab, s.n_embd,
-                  s.n_layer, s.n_head, s.n_head_kv, s.head_dim > 0 ? s.head_dim : s.n_embd / s.n_head, s.n_expert,
+                  s.n_layer, s.n_head, ds2 ? (s.kv_b_split ? 1 : s.n_head) : s.n_head_kv,
+                  ds2 ? s.qk_nope + s.qk_rope : s.head_dim > 0 ? s.head_dim : s.n_embd / s.n_head, s.n_expert,
                   s.n_expert_used, s.n_ff, s.n_ff_shared ? (" shff=" + std::to_string(s.n_ff_shared)).c_str() : "",
                   s.tied ? " tied" : "", (unsigned long long)s.seed);
     std::string out = buf;
+    if (s.arch == "deepseek2") {
+        char more[400];
+        std::snprintf(more, sizeof more, " qlora=%d kvlora=%d nope=%d rope=%d v=%d %s dense=%d/ff%d shared=%d gating=%d norm=%d scale=%g groups=%d/%d nextn=%d",
+                      s.q_lora_rank, s.kv_lora_rank, s.qk_nope, s.qk_rope, s.v_head_dim, s.kv_b_split ? "k_b/v_b" : "kv_b", s.n_dense_lead,
+                      s.n_ff_dense, s.n_expert_shared, s.gating_func, (int)s.expert_weights_norm, (double)s.expert_weights_scale,
+                      s.n_expert_groups, s.n_group_used, s.n_nextn);
+        out += more;
+        if (!s.rope_scaling.empty()) {
+            std::snprintf(more, sizeof more, " %s(x%g orig=%d logmul=%g)", s.rope_scaling.c_str(), (double)s.rope_factor, s.rope_orig_ctx,
+                          (double)s.yarn_log_mul);
+            out += more;
+        }
+    }
     if (s.arch == "lfm2moe") {
         std::string kinds;
         for (int il = 0; il < s.n_layer; ++il)

@@ -1,9 +1,11 @@
-// gpt-oss and glm4moe: the float64 oracle (tests/oracle.h) against llama.cpp itself, and the engine
+// gpt-oss, glm4moe and deepseek2: the float64 oracle (tests/oracle.h) against llama.cpp itself, and the engine
 // against the oracle.
 //
 // 1. FamiliesPeer: tiny random GGUFs of odd shapes (tests/random_model.h: head_dim 48/64/80, n_embd
 //    not a multiple of 256, 6 or 10 experts with top-3, 3-5 layers, sliding windows shorter than the
-//    40-72 token sequences, YaRN, partial rotary, dense leading layers, NextN blocks) go through the
+//    40-72 token sequences, YaRN, partial rotary, dense leading layers, NextN blocks; deepseek2: MLA
+//    with and without q LoRA, kv_lora 32/48, qk_nope 32/24, qk_rope 16/8, v_head 32/40, both kv_b
+//    layouts, grouped top-k, YaRN with and without yarn_log_multiplier) go through the
 //    llama_peer (tests/peer/, llama.cpp 0.5.0) with -n 0, and every position's logits are compared
 //    with the oracle's. This is what validates the oracle's reading of the two architectures. At F32
 //    llama.cpp differs from float64 only by float32 rounding (expect ~1e-6 relative; the bound is
@@ -11,7 +13,7 @@
 //    other architectures, see tests/test_forward.cpp), bound 5e-2. The peer is found through the
 //    environment variable MOE_LLAMA_PEER, else the compile definition; without it these tests skip.
 // 2. FamiliesPeer.OracleFeaturesMatter: each feature, switched off in the oracle alone (sinks, the
-//    window, YaRN, the selection bias, ...), moves the oracle far away from llama.cpp: the cases do
+//    window, YaRN, the selection bias, the expert groups, NORM RoPE, ...), moves the oracle far away from llama.cpp: the cases do
 //    exercise what they claim to.
 // 3. FamiliesEngine: the engine (moe::Model::load + Session::eval) against the oracle on the same
 //    files, as tests/test_forward.cpp does for the other architectures; skipped while Model::load
@@ -213,6 +215,106 @@ std::vector<FamilyCase> family_cases() {
         s.n_nextn = 1;
         c.push_back({"glm4moe_hd48_rot16_softmax_yarn", s, 72, kF32Margin, kF32Tol, kF32Tol});
     }
+    // deepseek2. DeepSeek-V3 / Kimi-K2 shape: q LoRA, split attn_k_b / attn_v_b (today's converter),
+    // sigmoid + selection bias, 12 experts in 4 groups of 3 with 2 groups kept, top-3, norm, scale 2.5,
+    // one dense layer, YaRN x40 with yarn_log_multiplier 0.1 (mscale_all_dim 1, as V3 ships)
+    {
+        ModelSpec s = base_spec("deepseek2", 112, 4, 1, 0, 12, 3, 24, 3, 101);
+        s.q_lora_rank = 40;
+        s.kv_lora_rank = 32;
+        s.qk_nope = 32;
+        s.qk_rope = 16;
+        s.v_head_dim = 32;
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 80;
+        s.gating_func = 2;
+        s.expert_weights_scale = 2.5f;
+        s.n_expert_groups = 4;
+        s.n_group_used = 2;
+        s.rope_scaling = "yarn";
+        s.rope_factor = 40.f;
+        s.rope_orig_ctx = 64;
+        s.yarn_log_mul = 0.1f;
+        c.push_back({"ds2_v3_qlora_groups_yarn", s, 48, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // DeepSeek-V2-Lite shape: no q LoRA, legacy attn_kv_b, gating key absent (llama.cpp: softmax),
+        // no norm, no scale, kv_lora 48, qk_nope 24, qk_rope 8, v_head 40, 6 heads, 2 dense layers,
+        // 2 shared experts' width, YaRN x40 with yarn_log_multiplier 0.0707 (mscale_all_dim 0.707)
+        ModelSpec s = base_spec("deepseek2", 96, 6, 1, 0, 8, 2, 20, 4, 111);
+        s.q_lora_rank = 0;
+        s.kv_lora_rank = 48;
+        s.qk_nope = 24;
+        s.qk_rope = 8;
+        s.v_head_dim = 40;
+        s.kv_b_split = false;
+        s.n_dense_lead = 2;
+        s.n_ff_dense = 56;
+        s.n_expert_shared = 2;
+        s.gating_func = 0;
+        s.expert_weights_norm = false;
+        s.rope_scaling = "yarn";
+        s.rope_factor = 40.f;
+        s.rope_orig_ctx = 32;
+        s.yarn_log_mul = 0.0707f;
+        c.push_back({"ds2_v2lite_kvb_softmax_yarn", s, 44, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // DeepSeek-V2 shape: q LoRA, split, explicit softmax gating with grouped top-k (8 experts in 4
+        // groups of 2, 2 kept), no norm, scale 16, plain RoPE, tied embeddings
+        ModelSpec s = base_spec("deepseek2", 120, 5, 1, 0, 8, 3, 16, 3, 121);
+        s.q_lora_rank = 24;
+        s.kv_lora_rank = 48;
+        s.qk_nope = 24;
+        s.qk_rope = 16;
+        s.v_head_dim = 40;
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 48;
+        s.gating_func = 1;
+        s.expert_weights_norm = false;
+        s.expert_weights_scale = 16.f;
+        s.n_expert_groups = 4;
+        s.n_group_used = 2;
+        s.rope_base = 50000.f;
+        s.tied = true;
+        c.push_back({"ds2_v2_softmax_groups_tied", s, 40, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // GLM-4.7-Flash shape: q LoRA, split, sigmoid + bias, norm, scale 1.8, groups 1/1 (written, no
+        // grouping), one dense layer, a NextN block to skip
+        ModelSpec s = base_spec("deepseek2", 128, 4, 1, 0, 10, 3, 24, 3, 131);
+        s.q_lora_rank = 32;
+        s.kv_lora_rank = 32;
+        s.qk_nope = 32;
+        s.qk_rope = 8;
+        s.v_head_dim = 32;
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 64;
+        s.gating_func = 2;
+        s.expert_weights_scale = 1.8f;
+        s.n_expert_groups = 1;
+        s.n_group_used = 1;
+        s.rope_base = 1000000.f;
+        s.n_nextn = 1;
+        c.push_back({"ds2_glm47flash_nextn", s, 40, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // legacy attn_kv_b with a q LoRA, sigmoid + bias + groups (4 of 3, 3 kept), YaRN x8 without
+        // yarn_log_multiplier but with rope.scaling.attn_factor 0.9, no dense layer
+        ModelSpec s = base_spec("deepseek2", 100, 4, 1, 0, 12, 3, 20, 3, 141);
+        s.q_lora_rank = 48;
+        s.kv_lora_rank = 48;
+        s.qk_nope = 32;
+        s.qk_rope = 8;
+        s.v_head_dim = 32;
+        s.kv_b_split = false;
+        s.n_dense_lead = 0;
+        s.gating_func = 2;
+        s.expert_weights_scale = 2.f;
+        s.n_expert_groups = 4;
+        s.n_group_used = 3;
+        s.rope_scaling = "yarn";
+        s.rope_factor = 8.f;
+        s.rope_orig_ctx = 32;
+        s.rope_attn_factor = 0.9f;
+        c.push_back({"ds2_kvb_qlora_yarn_nologmul", s, 40, kF32Margin, kF32Tol, kF32Tol});
+    }
     // Q8_0: matrices whose ne0 is a multiple of 32 are Q8_0 (the others stay F32). q8_0 activation
     // rounding moves router logits by ~1e-2, so routing margins are >= 0.05 in logit units (gpt-oss)
     // and >= 0.01 in sigmoid-score units (glm4moe: sigmoid' <= 1/4; 0.02 finds no seed in 200).
@@ -242,6 +344,27 @@ std::vector<FamilyCase> family_cases() {
         s.expert_weights_scale = 2.f;
         s.n_nextn = 1;
         c.push_back({"glm4moe_Q8_0", s, 24, 0.01, 5e-2, 5e-2});
+    }
+    {   // deepseek2 at Q8_0: every matrix has ne0 a multiple of 32 (attn_k_b's is qk_nope = 32);
+        // sigmoid scores, margin 0.01 as for glm4moe
+        ModelSpec s = base_spec("deepseek2", 128, 4, 1, 0, 8, 2, 64, 3, 151);
+        s.wtype = TT::q8_0;
+        s.q_lora_rank = 64;
+        s.kv_lora_rank = 64;
+        s.qk_nope = 32;
+        s.qk_rope = 16;
+        s.v_head_dim = 32;
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 96;
+        s.gating_func = 2;
+        s.expert_weights_scale = 2.5f;
+        s.n_expert_groups = 4;
+        s.n_group_used = 2;
+        s.rope_scaling = "yarn";
+        s.rope_factor = 40.f;
+        s.rope_orig_ctx = 64;
+        s.yarn_log_mul = 0.1f;
+        c.push_back({"ds2_Q8_0", s, 24, 0.01, 5e-2, 5e-2});
     }
     return c;
 }
@@ -324,7 +447,27 @@ TEST(FamiliesPeer, OracleFeaturesMatter) {
         {"no q/k norm", [](moe_test::RandomModel* m) { for (auto& L : m->layers) { L.q_norm.clear(); L.k_norm.clear(); } }},
         {"no q/k/v biases", [](moe_test::RandomModel* m) { for (auto& L : m->layers) { L.bq.clear(); L.bk.clear(); L.bv.clear(); } }},
     };
-    for (const char* name : {"gptoss_hd64_yarn32", "gptoss_hd80_x10_pattern3", "glm4moe_hd64_qknorm_nextn"}) {
+    const std::vector<Ablation> ds2 = {
+        {"NEOX RoPE instead of NORM", [](moe_test::RandomModel* m) { m->rope_neox = true; }},
+        {"no RoPE", [](moe_test::RandomModel* m) { m->n_rot = 0; }},
+        {"no YaRN", [](moe_test::RandomModel* m) { m->spec.rope_scaling.clear(); }},
+        {"no yarn_log_multiplier", [](moe_test::RandomModel* m) { m->spec.yarn_log_mul = 0.f; }},
+        {"no rope attn_factor", [](moe_test::RandomModel* m) { m->spec.rope_attn_factor = 0.f; }},
+        {"no expert groups", [](moe_test::RandomModel* m) { m->n_expert_groups = 0; }},
+        {"group score = its best score", [](moe_test::RandomModel* m) { m->group_score_top = 1; }},
+        {"no selection bias", [](moe_test::RandomModel* m) { for (auto& L : m->layers) L.exp_probs_b.clear(); }},
+        {"softmax/sigmoid swapped", [](moe_test::RandomModel* m) {
+             using G = moe_test::RandomModel::Gating;
+             m->gating = m->gating == G::sigmoid ? G::softmax : G::sigmoid;
+         }},
+        {"no weight scale", [](moe_test::RandomModel* m) { m->expert_scale = 1.0; }},
+        {"norm flipped", [](moe_test::RandomModel* m) { m->norm_topk = !m->norm_topk; }},
+        {"no shared expert", [](moe_test::RandomModel* m) { for (auto& L : m->layers) L.gate_shexp.clear(); }},
+        {"q_a_norm weights all 1", [](moe_test::RandomModel* m) { for (auto& L : m->layers) std::fill(L.q_a_norm.begin(), L.q_a_norm.end(), 1.f); }},
+        {"kv_a_norm weights all 1", [](moe_test::RandomModel* m) { for (auto& L : m->layers) std::fill(L.kv_a_norm.begin(), L.kv_a_norm.end(), 1.f); }},
+    };
+    for (const char* name : {"gptoss_hd64_yarn32", "gptoss_hd80_x10_pattern3", "glm4moe_hd64_qknorm_nextn", "ds2_v3_qlora_groups_yarn",
+                             "ds2_v2lite_kvb_softmax_yarn", "ds2_kvb_qlora_yarn_nologmul"}) {
         const FamilyCase* tc = nullptr;
         for (const FamilyCase& x : cases)
             if (std::string(x.name) == name) tc = &x;
@@ -337,9 +480,20 @@ TEST(FamiliesPeer, OracleFeaturesMatter) {
         std::vector<float> got;
         ASSERT_TRUE(run_peer(peer, f.path, c.tokens, tc->spec.n_vocab, &got));
         ASSERT_LT(diff_rows(c.ref, got).rel(), tc->peer_tol);
-        for (const Ablation& a : c.model.spec.arch == "gpt-oss" ? oss : glm) {
-            if (std::string(a.what).find("mscale") != std::string::npos && c.model.spec.rope_attn_factor != 0.f) continue;
-            if (std::string(a.what) == "no q/k norm" && !c.model.spec.qk_norm) continue;
+        const std::string arch = c.model.spec.arch;
+        for (const Ablation& a : arch == "gpt-oss" ? oss : arch == "glm4moe" ? glm : ds2) {
+            const std::string what = a.what;
+            const moe_test::RandomModel& rm = c.model;
+            if (what.find("mscale") != std::string::npos && rm.spec.rope_attn_factor != 0.f) continue;
+            if (what == "no q/k norm" && !rm.spec.qk_norm) continue;
+            // deepseek2: only what the case has
+            if (what == "no yarn_log_multiplier" && rm.spec.yarn_log_mul == 0.f) continue;
+            if (what == "no YaRN" && rm.spec.rope_scaling.empty()) continue;
+            if (what == "no rope attn_factor" && rm.spec.rope_attn_factor == 0.f) continue;
+            if ((what == "no expert groups" || what == "group score = its best score") && rm.n_expert_groups <= 1) continue;
+            if (what == "no selection bias" && (rm.layers.empty() || rm.layers.back().exp_probs_b.empty())) continue;
+            if (what == "no weight scale" && rm.expert_scale == 1.0) continue;
+            if (what == "q_a_norm weights all 1" && rm.spec.q_lora_rank == 0) continue;
             moe_test::RandomModel alt = c.model;
             a.apply(&alt);
             const double rel = diff_rows(moe_test::Oracle(alt).run(c.tokens), got).rel();
@@ -375,14 +529,17 @@ TEST_P(FamiliesEngine, MatchesOracle) {
     ASSERT_EQ(st, moe::Status::ok) << moe::status_string(st) << ": " << moe::last_error();
 
     // What llama.cpp reports for these files (its print_info): the trunk's layers only (block_count
-    // counts glm4moe's NextN blocks), n_rot = rope.dimension_count.
+    // counts glm4moe's and deepseek2's NextN blocks), n_rot = rope.dimension_count; deepseek2:
+    // head_dim = qk_nope + qk_rope (key_length_mla when present), n_ff = the expert width.
     const moe::ModelInfo& in = model.info();
     EXPECT_EQ(in.architecture, s.arch);
     EXPECT_EQ(in.n_vocab, s.n_vocab);
     EXPECT_EQ(in.n_embd, s.n_embd);
     EXPECT_EQ(in.n_layer, s.n_layer);
     EXPECT_EQ(in.n_head, s.n_head);
-    EXPECT_EQ(in.n_head_kv, s.n_head_kv);
+    if (s.arch != "deepseek2") {  // deepseek2: head_count_kv is 1 (split k_b/v_b) or n_head (attn_kv_b)
+        EXPECT_EQ(in.n_head_kv, s.n_head_kv);
+    }
     EXPECT_EQ(in.head_dim, rm.head_dim);
     EXPECT_EQ(in.n_rot, rm.n_rot);
     EXPECT_EQ(in.n_expert, s.n_expert);
@@ -408,7 +565,8 @@ TEST_P(FamiliesEngine, MatchesOracle) {
 
     // Routing: the engine's experts must be the oracle's top-k (as sets) on every MoE layer, except
     // near-ties in selection score (quantized weights only), which are then forced on the oracle.
-    const bool sigmoid_scores = rm.gating == moe_test::RandomModel::Gating::sigmoid;
+    // deepseek2's selection scores are probabilities whatever the gating (softmax or sigmoid)
+    const bool sigmoid_scores = rm.gating == moe_test::RandomModel::Gating::sigmoid || s.arch == "deepseek2";
     const double near_tie = tc.spec.wtype == TT::f32 ? 0.0 : (sigmoid_scores ? 0.0625 : 0.25);
     int flips = 0;
     std::vector<int32_t> forced((size_t)T * (size_t)L * (size_t)K, 0);
