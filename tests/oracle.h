@@ -56,6 +56,22 @@
 //   kept and the other experts' scores set to -inf; then top-k; weights = p (renormalised if
 //   expert_weights_norm, times expert_weights_scale); plus the ungated shared SwiGLU expert; the first
 //   leading_dense_block_count layers are dense. NextN blocks are not run.
+//
+// lfm2moe, as llama.cpp computes it (src/models/lfm2.cpp, whose graph lfm2moe.cpp reuses; ggml-cpu
+// ops.cpp ssm_conv; llama-graph.cpp build_moe_ffn):
+//   x += mixer(rmsnorm_attn_norm(x)); x += ffn(rmsnorm_ffn_norm(x)); rmsnorm_token_embd_norm; output
+//   mixer of a short-convolution layer (head_count_kv[il] == 0), per channel c (depthwise):
+//         [B; C; X] = in_proj h (three n_embd chunks in that order); u_t = B_t * X_t;
+//         conv_t = sum_{k < L} w[c][k] * u_{t - (L-1) + k} (tap L-1 is the current token; u before
+//         position 0 is 0); y = out_proj (C_t * conv_t). The state carried between calls is
+//         u_{t-L+2} .. u_t, the last L-1 *products* B*X (not the raw inputs).
+//   mixer of an attention layer: q/k/v (no biases), RMSNorm of each q and k head over head_dim
+//         (attn_q_norm / attn_k_norm), NEOX RoPE over the whole head, causal GQA softmax(q.k /
+//         sqrt(head_dim)) v, attn_output.
+//   ffn: dense SwiGLU for il < leading_dense_block_count, else MoE: p = sigmoid(logits) (softmax
+//         when expert_gating_func = 1); top-k of p + exp_probs_b; weights = p of the chosen,
+//         always renormalised (sum clamped at 6.1e-5), never scaled (llama.cpp does not read
+//         expert_weights_scale for lfm2moe). No shared expert.
 #ifndef MOE_TEST_ORACLE_H
 #define MOE_TEST_ORACLE_H
 
@@ -96,6 +112,7 @@ public:
     // their logits). Entries for dense layers are ignored. Used to follow an engine through
     // a near-tie it legitimately resolved the other way; the caller checks the choices were near-ties.
     OracleResult run(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts = nullptr) const {
+        if (m_.spec.arch == "lfm2moe") return run_lfm2moe(tokens, forced_experts);
         const ModelSpec& s = m_.spec;
         const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim, V = s.n_vocab;
         const int T = (int)tokens.size();
@@ -293,7 +310,155 @@ public:
         return r;
     }
 
+    // Ablation switch for the lfm2moe short convolution (tests only): B multiplies after the conv,
+    // so the conv and its state run on the raw X (y = C * B * conv(X)) instead of on B * X.
+    bool lfm_gate_after_conv = false;
+
 private:
+    // lfm2moe: the whole forward pass (see the top of the file).
+    OracleResult run_lfm2moe(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, V = s.n_vocab, LC = s.l_cache;
+        const int T = (int)tokens.size();
+        OracleResult r;
+        r.n_tokens = T;
+        r.n_vocab = V;
+        r.logits.assign((size_t)T * (size_t)V, 0.0);
+        r.route_margin.assign((size_t)T, std::numeric_limits<double>::infinity());
+        std::vector<std::vector<std::vector<double>>> kcache((size_t)s.n_layer), vcache((size_t)s.n_layer);
+        // conv state of each layer: the conv inputs of the last LC-1 positions, oldest first,
+        // [k * n_embd + c]; zeros before position 0
+        std::vector<std::vector<double>> conv_state((size_t)s.n_layer, std::vector<double>((size_t)(LC - 1) * (size_t)E, 0.0));
+
+        for (int pos = 0; pos < T; ++pos) {
+            std::vector<double> x((size_t)E);
+            for (int i = 0; i < E; ++i) x[(size_t)i] = m_.tok_embd[(size_t)tokens[(size_t)pos] * (size_t)E + (size_t)i];
+            for (int il = 0; il < s.n_layer; ++il) {
+                const LayerWeights& L = m_.layers[(size_t)il];
+                std::vector<double> h = rms_norm(x, L.attn_norm, s.rms_eps);
+                const std::vector<double> o = m_.shortconv[(size_t)il] ? lfm_shortconv(L, h, &conv_state[(size_t)il])
+                                                                      : lfm_attention(L, h, pos, il, &kcache[(size_t)il], &vcache[(size_t)il]);
+                for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
+                h = rms_norm(x, L.ffn_norm, s.rms_eps);
+                std::vector<double> y;
+                if (L.gate_inp.empty()) {  // a leading dense layer: placeholders keep the per-layer layout
+                    y = swiglu(L.ffn_gate.data(), L.ffn_up.data(), L.ffn_down.data(), h, E, m_.n_ff_dense);
+                    r.experts.insert(r.experts.end(), (size_t)s.n_expert_used, -1);
+                    r.router_logits.insert(r.router_logits.end(), (size_t)s.n_expert, std::numeric_limits<double>::quiet_NaN());
+                    r.route_scores.insert(r.route_scores.end(), (size_t)s.n_expert, std::numeric_limits<double>::quiet_NaN());
+                } else {
+                    y = lfm_moe(L, h, pos, il, forced_experts, &r);
+                }
+                for (int i = 0; i < E; ++i) x[(size_t)i] += y[(size_t)i];
+            }
+            std::vector<double> h = rms_norm(x, m_.output_norm, s.rms_eps);
+            std::vector<double> lg = matvec(m_.logits_matrix(), h, E, V);
+            std::copy(lg.begin(), lg.end(), r.logits.begin() + (ptrdiff_t)pos * V);
+        }
+        return r;
+    }
+
+    // lfm2moe short-convolution block for one token; `state` holds the previous LC-1 conv inputs
+    // and is shifted by one.
+    std::vector<double> lfm_shortconv(const LayerWeights& L, const std::vector<double>& h, std::vector<double>* state) const {
+        const int E = m_.spec.n_embd, LC = m_.spec.l_cache;
+        const std::vector<double> bcx = matvec(L.shortconv_in_proj, h, E, 3 * E);
+        const double* B = &bcx[0];
+        const double* C = &bcx[(size_t)E];
+        const double* X = &bcx[2 * (size_t)E];
+        std::vector<double> y((size_t)E);
+        for (int c = 0; c < E; ++c) {
+            const double u = lfm_gate_after_conv ? X[c] : B[c] * X[c];
+            double acc = (double)L.shortconv_conv[(size_t)c * (size_t)LC + (size_t)(LC - 1)] * u;  // tap LC-1: this token
+            for (int k = 0; k < LC - 1; ++k)                                                            // taps 0..LC-2: the state
+                acc += (double)L.shortconv_conv[(size_t)c * (size_t)LC + (size_t)k] * (*state)[(size_t)k * (size_t)E + (size_t)c];
+            for (int k = 0; k + 1 < LC - 1; ++k)  // shift the window by one: drop the oldest, append u
+                (*state)[(size_t)k * (size_t)E + (size_t)c] = (*state)[(size_t)(k + 1) * (size_t)E + (size_t)c];
+            (*state)[(size_t)(LC - 2) * (size_t)E + (size_t)c] = u;
+            y[(size_t)c] = C[c] * (lfm_gate_after_conv ? B[c] * acc : acc);
+        }
+        return matvec(L.shortconv_out_proj, y, E, E);
+    }
+
+    // lfm2moe attention block for the token at `pos`: per-head q/k RMSNorm, NEOX RoPE, causal GQA.
+    std::vector<double> lfm_attention(const LayerWeights& L, const std::vector<double>& h, int pos, int il,
+                                      std::vector<std::vector<double>>* kc, std::vector<std::vector<double>>* vc) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim;
+        std::vector<double> q = matvec(L.wq, h, E, H * HD), k = matvec(L.wk, h, E, HKV * HD), v = matvec(L.wv, h, E, HKV * HD);
+        if (!L.q_norm.empty()) {
+            for (int hh = 0; hh < H; ++hh) rms_norm_inplace(&q[(size_t)hh * HD], HD, L.q_norm.data(), s.rms_eps);
+            for (int hh = 0; hh < HKV; ++hh) rms_norm_inplace(&k[(size_t)hh * HD], HD, L.k_norm.data(), s.rms_eps);
+        }
+        for (int hh = 0; hh < H; ++hh) rope(&q[(size_t)hh * HD], pos, il);
+        for (int hh = 0; hh < HKV; ++hh) rope(&k[(size_t)hh * HD], pos, il);
+        kc->push_back(k);
+        vc->push_back(v);
+        std::vector<double> attn((size_t)(H * HD), 0.0);
+        const int group = H / HKV;
+        const double scale = 1.0 / std::sqrt((double)HD);
+        for (int hh = 0; hh < H; ++hh) {
+            const int kvh = hh / group;
+            std::vector<double> score((size_t)(pos + 1));
+            double mx = -std::numeric_limits<double>::infinity();
+            for (int j = 0; j <= pos; ++j) {
+                double d = 0;
+                for (int c = 0; c < HD; ++c) d += q[(size_t)(hh * HD + c)] * (*kc)[(size_t)j][(size_t)(kvh * HD + c)];
+                score[(size_t)j] = d * scale;
+                mx = std::max(mx, score[(size_t)j]);
+            }
+            double sum = 0;
+            for (int j = 0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
+            for (int j = 0; j <= pos; ++j)
+                for (int c = 0; c < HD; ++c) attn[(size_t)(hh * HD + c)] += score[(size_t)j] / sum * (*vc)[(size_t)j][(size_t)(kvh * HD + c)];
+        }
+        return matvec(L.wo, attn, H * HD, E);
+    }
+
+    // lfm2moe MoE block (sigmoid or softmax scores, selection bias, renormalised weights); records
+    // the routing in `r` like run() does.
+    std::vector<double> lfm_moe(const LayerWeights& L, const std::vector<double>& h, int pos, int il, const std::vector<int32_t>* forced_experts,
+                                OracleResult* r) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, NE = s.n_expert, K = s.n_expert_used;
+        const std::vector<double> logit = matvec(L.gate_inp, h, E, NE);
+        std::vector<double> prob((size_t)NE);
+        if (m_.gating == RandomModel::Gating::softmax) {
+            double mx = -std::numeric_limits<double>::infinity(), sum = 0;
+            for (double l : logit) mx = std::max(mx, l);
+            for (int e = 0; e < NE; ++e) { prob[(size_t)e] = std::exp(logit[(size_t)e] - mx); sum += prob[(size_t)e]; }
+            for (double& p : prob) p /= sum;
+        } else {
+            for (int e = 0; e < NE; ++e) prob[(size_t)e] = 1.0 / (1.0 + std::exp(-logit[(size_t)e]));
+        }
+        std::vector<double> score = prob;  // the selection bias is added to the gating output
+        for (int e = 0; e < (int)L.exp_probs_b.size(); ++e) score[(size_t)e] += L.exp_probs_b[(size_t)e];
+        std::vector<int> order((size_t)NE);
+        for (int e = 0; e < NE; ++e) order[(size_t)e] = e;
+        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[(size_t)a] > score[(size_t)b]; });
+        r->router_logits.insert(r->router_logits.end(), logit.begin(), logit.end());
+        r->route_scores.insert(r->route_scores.end(), score.begin(), score.end());
+        if (K < NE)
+            r->route_margin[(size_t)pos] = std::min(r->route_margin[(size_t)pos], score[(size_t)order[(size_t)K - 1]] - score[(size_t)order[(size_t)K]]);
+        if (forced_experts) {
+            const size_t base = ((size_t)pos * (size_t)s.n_layer + (size_t)il) * (size_t)K;
+            order.assign(forced_experts->begin() + (ptrdiff_t)base, forced_experts->begin() + (ptrdiff_t)(base + (size_t)K));
+        }
+        double wsum = 0;
+        for (int i = 0; i < K; ++i) wsum += prob[(size_t)order[(size_t)i]];
+        wsum = std::max(wsum, 6.103515625e-5);
+        std::vector<double> y((size_t)E, 0.0);
+        for (int i = 0; i < K; ++i) {
+            const int e = order[(size_t)i];
+            r->experts.push_back(e);
+            const double wgt = (m_.norm_topk ? prob[(size_t)e] / wsum : prob[(size_t)e]) * m_.expert_scale;
+            const size_t up_off = (size_t)e * (size_t)s.n_ff * (size_t)E, down_off = (size_t)e * (size_t)E * (size_t)s.n_ff;
+            const std::vector<double> ye = swiglu(L.gate_exps.data() + up_off, L.up_exps.data() + up_off, L.down_exps.data() + down_off, h, E, s.n_ff);
+            for (int c = 0; c < E; ++c) y[(size_t)c] += wgt * ye[(size_t)c];
+        }
+        return y;
+    }
+
     // deepseek2's multi-head latent attention for one position; appends this position's per-head
     // keys {n_head * (qk_nope + qk_rope)} and values {n_head * v_head} to kc / vc.
     std::vector<double> mla_attention(const LayerWeights& L, const std::vector<double>& h, int pos, int il,

@@ -2,7 +2,7 @@
 //
 // make_random_model(spec) builds a model of one of the supported architectures (qwen3moe, olmoe,
 // qwen2moe, llama with experts = Mixtral style, llama without experts = dense, gpt-oss, glm4moe,
-// deepseek2)
+// deepseek2, lfm2moe)
 // with the exact metadata keys and tensor names/shapes llama.cpp uses (ggml order: ne0 is the
 // contiguous, input dimension), plus a minimal byte-level BPE vocabulary so llama.cpp can load the
 // file as well.
@@ -32,6 +32,14 @@
 // softmax (V2; the default when expert_gating_func is absent) or sigmoid (V3) gating, exp_probs_b,
 // expert_weights_norm / _scale, grouped top-k (expert_group_count / expert_group_used_count), YaRN
 // with rope.scaling.yarn_log_multiplier, optional NextN blocks after the trunk.
+// lfm2moe (src/models/lfm2.cpp, whose graph lfm2moe.cpp reuses): per-layer kind from the
+// attention.head_count_kv array (0 = short-convolution block, else GQA attention with per-head q/k
+// RMSNorm and NEOX RoPE, n_head * head_dim = n_embd); shortconv.l_cache = conv width; the conv block
+// is in_proj {n_embd, 3 n_embd} -> B, C, X; causal depthwise conv of B*X over time (kernel
+// shortconv.conv {l_cache, n_embd}, state = the last l_cache - 1 values of B*X); C * conv;
+// out_proj. Leading dense SwiGLU layers, then MoE layers with sigmoid (expert_gating_func)
+// scores, a selection bias (exp_probs_b) and weights always renormalised, never scaled. The final
+// norm is stored as token_embd_norm.weight (llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2).
 //
 // Besides the GGUF bytes it keeps every weight as float *as it will be read back*: each tensor is
 // quantized here with moe::quantize_row, the very bytes are stored in the file, and the floats kept
@@ -60,7 +68,7 @@ namespace moe_test {
 
 // What to build. Defaults give a small qwen3moe at F32.
 struct ModelSpec {
-    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe"
+    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe" | "deepseek2" | "lfm2moe"
     bool dense = false;             // llama only: plain SwiGLU FFN, no experts
     int n_vocab = 300;              // >= 262 (256 byte tokens + 4 merges + 2 control tokens)
     int n_embd = 64;
@@ -93,6 +101,11 @@ struct ModelSpec {
     // the ffn_*_exps stacks keep the others. The weights drawn are the same as without the split.
     std::vector<int> hot_experts;
     moe::TensorType hot_type = moe::TensorType::f32;
+    // ---- lfm2moe only (it also reads n_dense_lead, n_ff_dense, gating_func and
+    // expert_weights_scale from the glm4moe fields below) ----
+    std::vector<int> conv_layers;   // per layer: 1 = short-convolution block, 0 = attention (n_layer
+                                    // entries); empty: attention on every third layer (il % 3 == 2)
+    int l_cache = 3;                // shortconv.l_cache: the conv width (>= 2)
     // ---- gpt-oss and glm4moe only (the other arches ignore these) ----
     bool qkv_bias = true;           // attn_q/k/v.bias (gpt-oss files always have them; optional in llama.cpp)
     // Sliding-window attention (gpt-oss). llama.cpp: a query at position p attends keys at positions
@@ -141,7 +154,11 @@ struct ModelSpec {
 };
 
 struct LayerWeights {
-    std::vector<float> attn_norm;                   // {n_embd}
+    std::vector<float> attn_norm;                   // {n_embd} (lfm2moe: also the conv blocks' input norm)
+    std::vector<float> shortconv_conv;              // lfm2moe conv layers: {l_cache, n_embd}, tap k of channel c at
+                                                    // [c * l_cache + k]; tap l_cache - 1 is the current token
+    std::vector<float> shortconv_in_proj;           // lfm2moe: {n_embd, 3 n_embd}: rows [0,E) B, [E,2E) C, [2E,3E) X
+    std::vector<float> shortconv_out_proj;          // lfm2moe: {n_embd, n_embd}
     std::vector<float> wq, wk, wv;                  // {n_embd, n_head*hd} / {n_embd, n_head_kv*hd}
     std::vector<float> bq, bk, bv;                  // qwen2moe only: {n_head*hd} / {n_head_kv*hd}
     std::vector<float> wo;                          // {n_head*hd, n_embd}
@@ -183,6 +200,7 @@ struct RandomModel {
     bool rope_neox = true;
     bool norm_topk = true;     // renormalise the top-k router weights
     bool moe = true;           // false: dense llama (glm4moe: some layers are dense, see LayerWeights::gate_inp)
+    std::vector<bool> shortconv; // lfm2moe, per layer: a short-convolution block instead of attention
     // Routing: how the top-k is chosen and weighted.
     //   softmax:        p = softmax(logits) over all experts; top-k of logits; w = p (renormalised if norm_topk)
     //   sigmoid:        p = sigmoid(logits); top-k of p + exp_probs_b; w = p (renormalised if norm_topk)
@@ -273,10 +291,11 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     const std::string& A = spec.arch;
     const bool is_qwen3 = A == "qwen3moe", is_olmoe = A == "olmoe", is_qwen2 = A == "qwen2moe", is_llama = A == "llama";
     const bool is_oss = A == "gpt-oss", is_glm = A == "glm4moe", is_ds2 = A == "deepseek2";
+    const bool is_lfm = A == "lfm2moe";
     auto fail = [&](const std::string& msg) {
         if (m.ok()) { m.status = moe::Status::invalid_argument; m.error = msg; }
     };
-    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama && !is_oss && !is_glm && !is_ds2) { fail("unknown arch " + A); return m; }
+    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama && !is_oss && !is_glm && !is_ds2 && !is_lfm) { fail("unknown arch " + A); return m; }
     if (spec.dense && !is_llama) { fail("dense is only for llama"); return m; }
     m.moe = !spec.dense;
     m.head_dim = spec.head_dim > 0 ? spec.head_dim : spec.n_embd / spec.n_head;
@@ -345,6 +364,21 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
             }
         }
     }
+    if (is_lfm) {
+        m.n_ff_dense = spec.n_ff_dense > 0 ? spec.n_ff_dense : 3 * spec.n_ff;
+        m.norm_topk = true;  // build_moe_ffn(..., norm_w = true, ...) in lfm2.cpp
+        if (spec.gating_func == 1) m.gating = RandomModel::Gating::softmax;
+        else if (spec.gating_func == 2) m.gating = RandomModel::Gating::sigmoid;
+        else { fail("lfm2moe gating_func must be 1 or 2 (the key is required)"); return m; }
+        // expert_weights_scale: written if set, but llama.cpp never reads it for lfm2moe (scale 1)
+        if (spec.l_cache < 2) { fail("lfm2moe needs l_cache >= 2"); return m; }
+        if (spec.n_dense_lead < 0 || spec.n_dense_lead > spec.n_layer) { fail("bad n_dense_lead"); return m; }
+        if (!spec.conv_layers.empty() && (int)spec.conv_layers.size() != spec.n_layer) { fail("conv_layers needs n_layer entries"); return m; }
+        if (m.head_dim * spec.n_head != spec.n_embd) { fail("lfm2moe needs head_dim * n_head == n_embd"); return m; }
+        m.shortconv.assign((size_t)std::max(0, spec.n_layer), false);
+        for (int il = 0; il < spec.n_layer; ++il)
+            m.shortconv[(size_t)il] = spec.conv_layers.empty() ? il % 3 != 2 : spec.conv_layers[(size_t)il] != 0;
+    }
     if ((is_oss || is_glm || is_ds2) && !spec.rope_scaling.empty() && spec.rope_scaling != "yarn") { fail("rope_scaling must be \"\" or yarn"); return m; }
     const int E = spec.n_embd, H = spec.n_head, HKV = spec.n_head_kv, HD = m.head_dim;
     const int NE = spec.n_expert, NF = spec.n_ff, NFS = m.n_ff_shared, V = spec.n_vocab;
@@ -378,7 +412,21 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         set_u32(P + "expert_count", (uint32_t)NE);
         set_u32(P + "expert_used_count", (uint32_t)spec.n_expert_used);
     }
-    if (is_qwen3) {
+    if (is_lfm) {
+        // as convert_hf_to_gguf.py's LFM2MoeModel writes them: head_count_kv per layer, 0 marking a
+        // short-convolution layer (replaces the scalar written above, in place); no key_length
+        // (head_dim = n_embd / n_head), no rope.dimension_count (n_rot = head_dim)
+        std::vector<int32_t> kv((size_t)spec.n_layer);
+        for (int il = 0; il < spec.n_layer; ++il) kv[(size_t)il] = m.shortconv[(size_t)il] ? 0 : HKV;
+        if (key_ok(P + "attention.head_count_kv")) w.set_i32_array(P + "attention.head_count_kv", kv);
+        set_u32(P + "feed_forward_length", (uint32_t)m.n_ff_dense);
+        set_u32(P + "expert_feed_forward_length", (uint32_t)NF);
+        set_u32(P + "leading_dense_block_count", (uint32_t)spec.n_dense_lead);
+        set_u32(P + "expert_gating_func", (uint32_t)spec.gating_func);
+        set_u32(P + "vocab_size", (uint32_t)V);
+        set_u32(P + "shortconv.l_cache", (uint32_t)spec.l_cache);
+        if (spec.expert_weights_scale != 0.f) set_f32(P + "expert_weights_scale", spec.expert_weights_scale);  // ignored by llama.cpp
+    } else if (is_qwen3) {
         // feed_forward_length is the (unused) dense size in real files: deliberately different
         // from the expert width, so an engine that reads the wrong key fails the shape checks.
         set_u32(P + "feed_forward_length", (uint32_t)(3 * E));
@@ -681,9 +729,45 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         L.down_shexp = add(b + "ffn_down_shexp.weight", {NFS, E}, 0, 1.0 / std::sqrt((double)NFS), true);
     };
 
+    // One lfm2moe block: input norm, then a short-convolution block or GQA attention (per-head q/k
+    // norm, no biases), then ffn_norm and a dense SwiGLU FFN (il < n_dense_lead) or the MoE.
+    auto add_lfm2moe_layer = [&](LayerWeights& L, int il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        const double s_in = 1.0 / std::sqrt((double)E);
+        L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
+        if (m.shortconv[(size_t)il]) {
+            // the conv kernel stays F32 (ggml_ssm_conv reads it as float); taps ~ N(0, 0.6^2) so that
+            // earlier tokens move the output about as much as the current one
+            L.shortconv_conv = add(b + "shortconv.conv.weight", {spec.l_cache, E}, 0, 0.6, false);
+            L.shortconv_in_proj = add(b + "shortconv.in_proj.weight", {E, 3 * E}, 0, s_in, true);
+            L.shortconv_out_proj = add(b + "shortconv.out_proj.weight", {E, E}, 0, s_in, true);
+        } else {
+            L.wq = add(b + "attn_q.weight", {E, H * HD}, 0, s_in, true);
+            L.wk = add(b + "attn_k.weight", {E, HKV * HD}, 0, s_in, true);
+            L.wv = add(b + "attn_v.weight", {E, HKV * HD}, 0, s_in, true);
+            L.wo = add(b + "attn_output.weight", {H * HD, E}, 0, 1.0 / std::sqrt((double)(H * HD)), true);
+            L.q_norm = add(b + "attn_q_norm.weight", {HD}, 1.0, 0.2, false);
+            L.k_norm = add(b + "attn_k_norm.weight", {HD}, 1.0, 0.2, false);
+        }
+        L.ffn_norm = add(b + "ffn_norm.weight", {E}, 1.0, 0.1, false);
+        if (il < spec.n_dense_lead) {
+            const int NFD = m.n_ff_dense;
+            L.ffn_gate = add(b + "ffn_gate.weight", {E, NFD}, 0, s_in, true);
+            L.ffn_up = add(b + "ffn_up.weight", {E, NFD}, 0, s_in, true);
+            L.ffn_down = add(b + "ffn_down.weight", {NFD, E}, 0, 1.0 / std::sqrt((double)NFD), true);
+            return;
+        }
+        L.gate_inp = add(b + "ffn_gate_inp.weight", {E, NE}, 0, spec.router_scale * s_in, false);
+        L.exp_probs_b = add(b + "exp_probs_b.bias", {NE}, 0, 0.2, false);  // as glm4moe's: flips some choices
+        L.gate_exps = add_experts(b, "gate", {E, NF, NE}, s_in);
+        L.up_exps = add_experts(b, "up", {E, NF, NE}, s_in);
+        L.down_exps = add_experts(b, "down", {NF, E, NE}, 1.0 / std::sqrt((double)NF));
+    };
+
     const double emb_std = spec.tied ? 2.5 / std::sqrt((double)E) : 1.0;
     m.tok_embd = add("token_embd.weight", {E, V}, 0, emb_std, true);
-    m.output_norm = add("output_norm.weight", {E}, 1.0, 0.1, false);
+    // lfm2moe: the final norm is named token_embd_norm (llama.cpp's "fix for wrong tensor name")
+    m.output_norm = add(is_lfm ? "token_embd_norm.weight" : "output_norm.weight", {E}, 1.0, 0.1, false);
     if (!spec.tied) m.output = add("output.weight", {E, V}, 0, 2.5 / std::sqrt((double)E), true);
 
     m.layers.resize((size_t)spec.n_layer);
@@ -697,6 +781,10 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         }
         if (is_ds2) {
             add_deepseek2_layer(L, il);
+            continue;
+        }
+        if (is_lfm) {
+            add_lfm2moe_layer(L, il);
             continue;
         }
         L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
@@ -782,6 +870,15 @@ inline std::string describe(const ModelSpec& s) {
                           (double)s.yarn_log_mul);
             out += more;
         }
+    }
+    if (s.arch == "lfm2moe") {
+        std::string kinds;
+        for (int il = 0; il < s.n_layer; ++il)
+            kinds += (s.conv_layers.empty() ? il % 3 != 2 : s.conv_layers[(size_t)il] != 0) ? 'C' : 'A';
+        char more[160];
+        std::snprintf(more, sizeof more, " layers=%s L_cache=%d dense=%d/ff%d gating=%d%s", kinds.c_str(), s.l_cache, s.n_dense_lead,
+                      s.n_ff_dense, s.gating_func, s.expert_weights_scale != 0.f ? " scale-key(ignored)" : "");
+        out += more;
     }
     if (s.arch == "gpt-oss" || s.arch == "glm4moe") {
         char more[320];
