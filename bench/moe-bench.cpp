@@ -74,14 +74,16 @@ const char* kUsage =
     "                  per sequence; aggregate and per-sequence tok/s, medians of -r repetitions\n"
     "\n"
     "synthetic model options:\n"
-    "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b | gpt-oss-20b | glm-4.5-air\n"
+    "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b | gpt-oss-20b | glm-4.5-air |\n"
+    "                  deepseek-v2-lite | lfm2-8b-a1b\n"
     "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs | q3_k_m | iq3_xxs |\n"
     "                  mxfp4 | nvfp4 | tq3 | tq4 | affine3 | affine4 (g64)\n"
     "                  (q4_k_m, q3_k_m, iq3_xxs: llama-quantize's type mixes; iq3_xxs as random grid codes)\n"
     "                  (gpt-oss-20b mxfp4: MXFP4 experts, Q8_0 elsewhere, like the real file; rows that T's\n"
     "                  blocks do not tile (2880, 1408, 10944) fall back as llama-quantize's: Q4_K -> Q5_0, ...)\n"
     "  -o FILE         output path\n"
-    "  --layers N      keep only the first N layers (quick tests; glm-4.5-air keeps its NextN block)\n"
+    "  --layers N      keep only the first N layers (quick tests; glm-4.5-air keeps its NextN block;\n"
+    "                  lfm2-8b-a1b: layers 0, 1 short-conv, 2 attention, 3-5 short-conv, ...)\n"
     "  --pure          every matrix in T (default: the output matrix is Q6_K for 4-bit T)\n"
     "  --seed N        seed of the weights (default 1234)\n"
     "  -t N            generator threads (default: all cores)\n";
@@ -191,7 +193,7 @@ int default_threads() {
 // Synthetic models
 //=================================================================================================
 
-enum class Tok { gpt2_qwen2, gpt2_olmo, gpt2_oss, gpt2_glm, spm };
+enum class Tok { gpt2_qwen2, gpt2_olmo, gpt2_oss, gpt2_glm, gpt2_deepseek, gpt2_lfm2, spm };
 enum class QkNorm { none, per_head, whole };
 
 struct Shape {
@@ -219,6 +221,13 @@ struct Shape {
     int n_nextn = 0;            // nextn_predict_layers: NextN blocks after the trunk (block_count counts them)
     float routed_scale = 0.f;   // expert_weights_scale (glm4moe also writes sigmoid gating and weight norm)
     bool mxfp4_experts = false; // the real file: MXFP4 expert stacks, Q8_0 for the other matrices
+    // deepseek2 and lfm2moe
+    int gating_func = 0;        // expert_gating_func (1 softmax, 2 sigmoid); 0 = not written
+    int kv_lora = 0, qk_nope = 0, v_head = 0;  // deepseek2 MLA (no q LoRA): head_dim = qk_nope + n_rot
+    float yarn_log_mul = 0.f;   // rope.scaling.yarn_log_multiplier (the converter's 0.1 x mscale_all_dim)
+    const char* layer_kinds = nullptr;  // lfm2moe: per layer 'a' attention, 'c' short convolution
+    int l_cache = 0;            // lfm2moe: shortconv.l_cache, the convolution width
+    bool tied = false;          // no output.weight: the logits come from token_embd
 };
 
 // Hyper-parameters from the models' config.json (Qwen/Qwen3-30B-A3B, allenai/OLMoE-1B-7B-0924,
@@ -228,6 +237,45 @@ struct Shape {
 // biases, post_attention_norm; rope base 150000 with YaRN x32 over 4096 original positions.
 // GLM-4.5-Air: 46 layers + 1 NextN block, q/k/v biases, no q/k norm, half the head rotated, layer 0
 // dense (10944), sigmoid routing with a selection bias (exp_probs_b), top-8 renormalised, scale 1.
+// DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): multi-head latent attention without q LoRA
+// (attn_q {2048, 16 x 192}), kv_lora_rank 512, qk_nope 128 + qk_rope 64, v_head 128, written in
+// today's converter's split form (attn_k_b {128, 512, 16}, attn_v_b {512, 128, 16}, the *_mla keys,
+// head_count_kv 1); layer 0 dense (10944), then 64 routed experts top-6 (1408) + 2 shared
+// (2816), softmax scores, no renormalisation, scale 1, no expert groups; YaRN x40 over 4096 with
+// mscale_all_dim 0.707 (yarn_log_multiplier 0.0707); rope base 1e4, eps 1e-6, vocab 102400.
+Shape deepseek_v2_lite() {
+    Shape s{"deepseek-v2-lite", "deepseek2", "DeepSeek-V2-Lite (synthetic)", 2048, 27, 16, 1, 192, 64, 6, 1408, 10944, true, 102400, 163840,
+            1e4f, 1e-6f, QkNorm::none, false, Tok::gpt2_deepseek};
+    s.yarn_factor = 40.f;
+    s.yarn_orig_ctx = 4096;
+    s.n_rot = 64;
+    s.n_dense_lead = 1;
+    s.n_shared = 2;
+    s.routed_scale = 1.f;
+    s.gating_func = 1;
+    s.kv_lora = 512;
+    s.qk_nope = 128;
+    s.v_head = 128;
+    s.yarn_log_mul = 0.1f * 0.707f;
+    return s;
+}
+
+// LFM2-8B-A1B (LiquidAI/LFM2-8B-A1B): 24 layers, attention (GQA 32/8 x 64, per-head q/k RMSNorm)
+// at layer_types' "full_attention" layers 2, 6, 10, 14, 18, 21, gated short convolutions (width 3)
+// elsewhere; layers 0-1 dense (7168), then 32 experts top-4 (1792) with sigmoid scores, a
+// selection bias and renormalised weights; tied embeddings (the final norm is token_embd_norm);
+// rope base 1e6, eps 1e-5, vocab 65536, ctx 128000.
+Shape lfm2_8b_a1b() {
+    Shape s{"lfm2-8b-a1b", "lfm2moe", "LFM2-8B-A1B (synthetic)", 2048, 24, 32, 8, 64, 32, 4, 1792, 7168, true, 65536, 128000,
+            1e6f, 1e-5f, QkNorm::per_head, false, Tok::gpt2_lfm2};
+    s.n_dense_lead = 2;
+    s.gating_func = 2;
+    s.layer_kinds = "ccacccacccacccacccaccacc";
+    s.l_cache = 3;
+    s.tied = true;
+    return s;
+}
+
 const Shape kShapes[] = {
     {"qwen3-30b-a3b", "qwen3moe", "Qwen3-30B-A3B (synthetic)", 2048, 48, 32, 4, 128, 128, 8, 768, 6144, true, 151936, 40960,
      1e6f, 1e-6f, QkNorm::per_head, true, Tok::gpt2_qwen2},
@@ -239,6 +287,8 @@ const Shape kShapes[] = {
      QkNorm::none, true, Tok::gpt2_oss, /*n_swa*/ 128, /*yarn*/ 32.f, 4096, /*n_rot*/ 0, 0, 0, 0, 0.f, /*mxfp4_experts*/ true},
     {"glm-4.5-air", "glm4moe", "GLM-4.5-Air (synthetic)", 4096, 46, 96, 8, 128, 128, 8, 1408, 10944, true, 151552, 131072, 1e6f, 1e-5f,
      QkNorm::none, true, Tok::gpt2_glm, /*n_swa*/ 0, /*yarn*/ 0.f, 0, /*n_rot*/ 64, /*dense*/ 1, /*shared*/ 1, /*nextn*/ 1, /*scale*/ 1.f},
+    deepseek_v2_lite(),
+    lfm2_8b_a1b(),
 };
 
 const Shape* find_shape(const std::string& name) {
@@ -247,7 +297,7 @@ const Shape* find_shape(const std::string& name) {
     return nullptr;
 }
 
-enum class Fill { weights, norm, router, bias, embedding, output_proj };
+enum class Fill { weights, norm, router, bias, embedding, output_proj, conv };
 
 struct TensorSpec {
     std::string name;
@@ -315,8 +365,8 @@ bool make_plan(const std::string& q, QuantPlan* p) {
 // (tensor_type_fallback of llama.cpp 0.5.0, read, not copied) for ggml's types: Q2_K/Q3_K -> Q4_0,
 // Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, the 256-element IQ types -> IQ4_NL. moe_infer's own
 // types (TQ3/TQ4 blocks of 128) follow moe-quantize: Q8_0. F16 when even that does not tile.
-// The output matrix gets Q8_0 (llama-quantize's output rule). gpt-oss-20b (2880) and GLM-4.5-Air
-// (1408, 10944) have such rows; the other shapes do not.
+// The output matrix gets Q8_0 (llama-quantize's output rule). gpt-oss-20b (2880), GLM-4.5-Air
+// (1408, 10944) and DeepSeek-V2-Lite (1408, 10944, attn_k_b's 128) have such rows; the others do not.
 moe::TensorType fallback_type(moe::TensorType t, int64_t ne0, bool output) {
     using T = moe::TensorType;
     if (ne0 % moe::tensor_type_block_elems(t) == 0) return t;
@@ -333,8 +383,9 @@ moe::TensorType fallback_type(moe::TensorType t, int64_t ne0, bool output) {
     return ne0 % moe::tensor_type_block_elems(f) == 0 ? f : T::f16;
 }
 
-// Tensors in file order: token_embd, the trunk blocks, the NextN blocks (glm4moe), output_norm,
-// output. Names and shapes as llama.cpp reads them (ggml order: ne[0] is the input dimension).
+// Tensors in file order: token_embd, the trunk blocks, the NextN blocks (glm4moe), output_norm
+// (lfm2moe: token_embd_norm), output (none with tied embeddings). Names and shapes as llama.cpp
+// reads them (ggml order: ne[0] is the input dimension).
 std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPlan& q, bool pure) {
     using T = moe::TensorType;
     std::vector<TensorSpec> v;
@@ -345,7 +396,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
         int i = 0;
         for (int64_t x : ne) t.ne[i++] = x;
         for (; i < 3; ++i) t.ne[i] = 1;
-        t.type = fallback_type(type, t.ne[0], name == "output.weight");
+        t.type = fallback_type(type, t.ne[0], name == "output.weight" || (s.tied && name == "token_embd.weight"));
         t.fell_back = t.type != type;
         t.fill = fill;
         t.bytes = tensor_bytes(t.type, t.ne, t.n_dims);
@@ -354,7 +405,8 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
         t.unused = std::sscanf(name.c_str(), "blk.%u.", &block) == 1 && (int)block >= n_layer;
         v.push_back(t);
     };
-    const bool oss = std::string(s.arch) == "gpt-oss", glm = std::string(s.arch) == "glm4moe";
+    const std::string arch = s.arch;
+    const bool oss = arch == "gpt-oss", glm = arch == "glm4moe", ds2 = arch == "deepseek2", lfm = arch == "lfm2moe";
     const T base = q.mix == Mix::mxfp4_moe ? T::q8_0 : q.base;     // matrices outside the expert stacks
     const T exp_base = q.mix == Mix::mxfp4_moe ? T::mxfp4 : base;  // the expert stacks
     const bool four_bit = base == T::q4_0 || base == T::q4_k;
@@ -364,7 +416,8 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
     const int64_t E = s.n_embd, H = (int64_t)s.n_head * s.head_dim, KV = (int64_t)s.n_head_kv * s.head_dim, F = s.n_ff_exp;
     const int64_t V = s.n_vocab, X = s.n_expert, FD = s.n_ff_dense, FS = (int64_t)s.n_shared * s.n_ff_exp;
 
-    add("token_embd.weight", q.mix == Mix::iq3_xxs ? T::iq3_s : base, {E, V}, Fill::embedding);
+    // Tied embeddings: llama-quantize gives token_embd the output matrix's type.
+    add("token_embd.weight", s.tied ? out_type : q.mix == Mix::iq3_xxs ? T::iq3_s : base, {E, V}, Fill::embedding);
     for (int il = 0; il < n_layer + s.n_nextn; ++il) {
         const std::string b = "blk." + std::to_string(il) + ".";
         const bool more = k_mix && more_bits_layer(il, n_layer);
@@ -375,33 +428,47 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
         const T down_dense = more ? T::q6_k : q.mix == Mix::q3_k_m ? (il < n_layer / 16 ? T::q5_k : T::q4_k) : base;
         const T down_type = q.mix == Mix::mxfp4_moe ? exp_base : down_dense;
         add(b + "attn_norm.weight", T::f32, {E}, Fill::norm);
-        add(b + "attn_q.weight", base, {E, H}, Fill::weights);
-        if (oss || glm) add(b + "attn_q.bias", T::f32, {H}, Fill::bias);
-        add(b + "attn_k.weight", base, {E, KV}, Fill::weights);
-        if (oss || glm) add(b + "attn_k.bias", T::f32, {KV}, Fill::bias);
-        add(b + "attn_v.weight", v_type, {E, KV}, Fill::weights);
-        if (oss || glm) add(b + "attn_v.bias", T::f32, {KV}, Fill::bias);
-        add(b + "attn_output.weight", o_type, {H, E}, Fill::output_proj);
-        if (oss) {
-            add(b + "attn_output.bias", T::f32, {E}, Fill::bias);
-            add(b + "attn_sinks.weight", T::f32, {s.n_head}, Fill::bias);
-        }
-        if (s.qk == QkNorm::per_head) {
-            add(b + "attn_q_norm.weight", T::f32, {s.head_dim}, Fill::norm);
-            add(b + "attn_k_norm.weight", T::f32, {s.head_dim}, Fill::norm);
-        } else if (s.qk == QkNorm::whole) {
-            add(b + "attn_q_norm.weight", T::f32, {H}, Fill::norm);
-            add(b + "attn_k_norm.weight", T::f32, {KV}, Fill::norm);
+        if (lfm && s.layer_kinds[il] == 'c') {  // short convolution: in_proj -> b, c, x; out_proj(c * conv(b * x))
+            add(b + "shortconv.conv.weight", T::f32, {s.l_cache, E}, Fill::conv);
+            add(b + "shortconv.in_proj.weight", base, {E, 3 * E}, Fill::weights);
+            add(b + "shortconv.out_proj.weight", base, {E, E}, Fill::output_proj);
+        } else if (ds2) {  // MLA: q; latent + shared rope key; k_b / v_b per head (the split kv_b)
+            const int64_t R = s.n_rot, KVL = s.kv_lora, NH = s.n_head;
+            add(b + "attn_q.weight", base, {E, H}, Fill::weights);
+            add(b + "attn_kv_a_mqa.weight", base, {E, KVL + R}, Fill::weights);
+            add(b + "attn_kv_a_norm.weight", T::f32, {KVL}, Fill::norm);
+            add(b + "attn_k_b.weight", base, {s.qk_nope, KVL, NH}, Fill::weights);
+            add(b + "attn_v_b.weight", base, {KVL, s.v_head, NH}, Fill::weights);
+            add(b + "attn_output.weight", o_type, {NH * s.v_head, E}, Fill::output_proj);
+        } else {
+            add(b + "attn_q.weight", base, {E, H}, Fill::weights);
+            if (oss || glm) add(b + "attn_q.bias", T::f32, {H}, Fill::bias);
+            add(b + "attn_k.weight", base, {E, KV}, Fill::weights);
+            if (oss || glm) add(b + "attn_k.bias", T::f32, {KV}, Fill::bias);
+            add(b + "attn_v.weight", v_type, {E, KV}, Fill::weights);
+            if (oss || glm) add(b + "attn_v.bias", T::f32, {KV}, Fill::bias);
+            add(b + "attn_output.weight", o_type, {H, E}, Fill::output_proj);
+            if (oss) {
+                add(b + "attn_output.bias", T::f32, {E}, Fill::bias);
+                add(b + "attn_sinks.weight", T::f32, {s.n_head}, Fill::bias);
+            }
+            if (s.qk == QkNorm::per_head) {
+                add(b + "attn_q_norm.weight", T::f32, {s.head_dim}, Fill::norm);
+                add(b + "attn_k_norm.weight", T::f32, {s.head_dim}, Fill::norm);
+            } else if (s.qk == QkNorm::whole) {
+                add(b + "attn_q_norm.weight", T::f32, {H}, Fill::norm);
+                add(b + "attn_k_norm.weight", T::f32, {KV}, Fill::norm);
+            }
         }
         add(b + (oss || glm ? "post_attention_norm.weight" : "ffn_norm.weight"), T::f32, {E}, Fill::norm);
-        if (il < s.n_dense_lead) {  // glm4moe's leading dense layers (never a NextN block)
+        if (il < s.n_dense_lead) {  // glm4moe's, deepseek2's, lfm2moe's leading dense layers (never a NextN block)
             add(b + "ffn_gate.weight", base, {E, FD}, Fill::weights);
             add(b + "ffn_up.weight", base, {E, FD}, Fill::weights);
             add(b + "ffn_down.weight", down_dense, {FD, E}, Fill::output_proj);
         } else {
             add(b + "ffn_gate_inp.weight", T::f32, {E, X}, Fill::router);
             if (oss) add(b + "ffn_gate_inp.bias", T::f32, {X}, Fill::bias);
-            if (glm) add(b + "exp_probs_b.bias", T::f32, {X}, Fill::bias);
+            if (glm || lfm) add(b + "exp_probs_b.bias", T::f32, {X}, Fill::bias);  // sigmoid scores' selection bias
             add(b + "ffn_gate_exps.weight", exp_base, {E, F, X}, Fill::weights);
             if (oss) add(b + "ffn_gate_exps.bias", T::f32, {F, X}, Fill::bias);
             add(b + "ffn_up_exps.weight", exp_base, {E, F, X}, Fill::weights);
@@ -421,8 +488,8 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
             add(b + "nextn.shared_head_norm.weight", T::f32, {E}, Fill::norm);
         }
     }
-    add("output_norm.weight", T::f32, {E}, Fill::norm);
-    add("output.weight", out_type, {E, V}, Fill::weights);
+    add(lfm ? "token_embd_norm.weight" : "output_norm.weight", T::f32, {E}, Fill::norm);
+    if (!s.tied) add("output.weight", out_type, {E, V}, Fill::weights);
     return v;
 }
 
@@ -611,7 +678,10 @@ void gen_f16(uint8_t* p, size_t n, Rng& r) {
 
 void gen_f32(uint8_t* p, size_t n, Rng& r, Fill fill) {
     for (size_t i = 0; i < n; ++i) {
-        float v = fill == Fill::norm ? r.uniform(0.9f, 1.1f) : fill == Fill::bias ? r.uniform(-0.05f, 0.05f) : r.uniform(-0.1f, 0.1f);
+        // conv: lfm2moe's short-convolution taps, U[-1, 1], so that the two previous positions move a
+        // channel about as much as the current one
+        float v = fill == Fill::norm ? r.uniform(0.9f, 1.1f) : fill == Fill::bias ? r.uniform(-0.05f, 0.05f)
+                  : fill == Fill::conv ? r.uniform(-1.f, 1.f) : r.uniform(-0.1f, 0.1f);
         std::memcpy(p + 4 * i, &v, 4);
     }
 }
@@ -742,29 +812,56 @@ Vocab make_vocab(const Shape& s) {
         return v;
     }
     std::vector<std::string> specials;
+    bool specials_first = false;  // lfm2: control tokens at ids 0.. (else after the words)
+    int n_unused = 0;             // deepseek: "[PADi]" tokens (type unused) pad the vocabulary to n_vocab
     if (s.tok == Tok::gpt2_qwen2) specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
     else if (s.tok == Tok::gpt2_olmo) specials = {"<|endoftext|>", "<|padding|>"};
     // gpt-oss's harmony tokens and GLM-4.5's, in their real order (at the end of the vocabulary here)
     else if (s.tok == Tok::gpt2_oss)
         specials = {"<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>", "<|call|>"};
-    else
+    else if (s.tok == Tok::gpt2_glm)
         specials = {"<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"};
+    else if (s.tok == Tok::gpt2_deepseek) {
+        // DeepSeek-V2's: 100000 BPE tokens, then begin/end of sentence (bos, eos) and the FIM tokens,
+        // spelt with the fullwidth bar U+FF5C and U+2581 for spaces, then padding up to 102400
+        auto ds = [](const char* ascii) {  // '|' -> U+FF5C, '_' -> U+2581
+            std::string o;
+            for (const char* c = ascii; *c; ++c) o += *c == '|' ? "\xEF\xBD\x9C" : *c == '_' ? "\xE2\x96\x81" : std::string(1, *c);
+            return o;
+        };
+        specials = {ds("<|begin_of_sentence|>"), ds("<|end_of_sentence|>"), ds("<|fim_hole|>"), ds("<|fim_begin|>"), ds("<|fim_end|>")};
+        n_unused = n - 100000 - (int)specials.size();
+    } else {  // LFM2's first control tokens
+        specials = {"<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>", "<|im_start|>", "<|im_end|>",
+                    "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_response_start|>",
+                    "<|tool_response_end|>"};
+        specials_first = true;
+    }
+    auto add_specials = [&]() {
+        for (const std::string& sp : specials) { v.tokens.push_back(sp); v.types.push_back(3); }
+    };
+    if (specials_first) add_specials();
     std::vector<std::string> alpha = byte_level_alphabet();
     for (int b = 0; b < 256; ++b) { v.tokens.push_back(alpha[b]); v.types.push_back(1); }
-    const int n_words = n - 256 - (int)specials.size();
+    const int n_words = n - 256 - (int)specials.size() - n_unused;
     for (int i = 0; i < n_words; ++i) {
         std::string w = word_at((uint64_t)i);
         v.merges.push_back(w.substr(0, w.size() - 1) + " " + w.substr(w.size() - 1));
         v.tokens.push_back(std::move(w));
         v.types.push_back(1);
     }
-    const int first_special = (int)v.tokens.size();
-    for (const std::string& sp : specials) { v.tokens.push_back(sp); v.types.push_back(3); }
-    const int f = first_special;
+    const int f = specials_first ? 0 : (int)v.tokens.size();  // the first control token
+    if (!specials_first) add_specials();
+    for (int i = (int)v.tokens.size(); i < n; ++i) {  // as llama.cpp's converter pads: "[PADi]", unused
+        v.tokens.push_back("[PAD" + std::to_string(i) + "]");
+        v.types.push_back(5);
+    }
     if (s.tok == Tok::gpt2_qwen2) { v.bos = f; v.pad = f; v.eos = f + 2; }
     else if (s.tok == Tok::gpt2_olmo) { v.bos = f; v.eos = f; v.pad = f + 1; }
     else if (s.tok == Tok::gpt2_oss) { v.bos = f; v.pad = f + 1; v.eos = f + 2; }  // as openai/gpt-oss-20b's GGUF
-    else { v.bos = f + 2; v.eos = f; v.pad = f; v.unk = f; v.eot = f + 7; v.eom = f + 9; }  // GLM: llama.cpp's converter
+    else if (s.tok == Tok::gpt2_glm) { v.bos = f + 2; v.eos = f; v.pad = f; v.unk = f; v.eot = f + 7; v.eom = f + 9; }  // GLM: llama.cpp's converter
+    else if (s.tok == Tok::gpt2_deepseek) { v.bos = f; v.eos = f + 1; v.pad = f + 1; v.add_bos = true; }
+    else { v.pad = f; v.bos = f + 1; v.eos = f + 7; v.add_bos = true; }  // LFM2: <|startoftext|>, eos <|im_end|>
     return v;
 }
 
@@ -855,7 +952,9 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
             ++n_fell_back;
         }
     }
-    const uint64_t active = job.total_bytes - unused - experts - embd + embd_row + experts / (uint64_t)s.n_expert * (uint64_t)s.n_used;
+    // Tied embeddings: the output reads all of token_embd.
+    const uint64_t active =
+        job.total_bytes - unused - experts - embd + embd_row + experts / (uint64_t)s.n_expert * (uint64_t)s.n_used + (s.tied ? embd : 0);
 
     moe::GgufWriter w;
     const std::string a = s.arch;
@@ -873,7 +972,13 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
         w.set_u32(a + ".feed_forward_length", (uint32_t)s.n_ff_exp);
     }
     w.set_u32(a + ".attention.head_count", (uint32_t)s.n_head);
-    w.set_u32(a + ".attention.head_count_kv", (uint32_t)s.n_head_kv);
+    if (s.layer_kinds) {  // lfm2moe: per layer, 0 for a short-convolution layer (LFM2MoeModel of the converter)
+        std::vector<int32_t> kv((size_t)n_layer);
+        for (int il = 0; il < n_layer; ++il) kv[(size_t)il] = s.layer_kinds[il] == 'a' ? s.n_head_kv : 0;
+        w.set_i32_array(a + ".attention.head_count_kv", kv);
+    } else {
+        w.set_u32(a + ".attention.head_count_kv", (uint32_t)s.n_head_kv);  // deepseek2: 1, MQA over the latent
+    }
     if (s.write_key_length) {
         w.set_u32(a + ".attention.key_length", (uint32_t)s.head_dim);
         w.set_u32(a + ".attention.value_length", (uint32_t)s.head_dim);
@@ -888,6 +993,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
         w.set_string(a + ".rope.scaling.type", "yarn");
         w.set_f32(a + ".rope.scaling.factor", s.yarn_factor);
         w.set_u32(a + ".rope.scaling.original_context_length", (uint32_t)s.yarn_orig_ctx);
+        if (s.yarn_log_mul != 0.f) w.set_f32(a + ".rope.scaling.yarn_log_multiplier", s.yarn_log_mul);
     }
     if (s.n_swa > 0) w.set_u32(a + ".attention.sliding_window", (uint32_t)s.n_swa);
     w.set_f32(a + ".attention.layer_norm_rms_epsilon", s.eps);
@@ -900,6 +1006,28 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
         w.set_f32(a + ".expert_weights_scale", s.routed_scale);
         w.set_bool(a + ".expert_weights_norm", true);
         w.set_u32(a + ".nextn_predict_layers", (uint32_t)s.n_nextn);
+    } else if (a == "deepseek2") {  // DeepseekV2Model.set_gguf_parameters
+        w.set_u32(a + ".vocab_size", (uint32_t)s.n_vocab);
+        // q_lora_rank is null (plain attn_q): written as 0, since llama.cpp 0.5.0 requires the key
+        // unless block_count is 26, 27 or 47 (its V2-Lite test), i.e. for every --layers N file
+        w.set_u32(a + ".attention.q_lora_rank", 0);
+        w.set_u32(a + ".leading_dense_block_count", (uint32_t)s.n_dense_lead);
+        w.set_u32(a + ".attention.kv_lora_rank", (uint32_t)s.kv_lora);
+        w.set_u32(a + ".attention.key_length", (uint32_t)(s.kv_lora + s.n_rot));  // the cached latent + rope key
+        w.set_u32(a + ".attention.value_length", (uint32_t)s.kv_lora);
+        w.set_u32(a + ".attention.key_length_mla", (uint32_t)s.head_dim);        // a head's own: nope + rope
+        w.set_u32(a + ".attention.value_length_mla", (uint32_t)s.v_head);
+        w.set_u32(a + ".expert_shared_count", (uint32_t)s.n_shared);
+        w.set_f32(a + ".expert_weights_scale", s.routed_scale);
+        w.set_bool(a + ".expert_weights_norm", false);  // norm_topk_prob
+        w.set_u32(a + ".expert_gating_func", (uint32_t)s.gating_func);
+        w.set_u32(a + ".expert_group_count", 1);  // n_group / topk_group 1: no grouped top-k
+        w.set_u32(a + ".expert_group_used_count", 1);
+    } else if (a == "lfm2moe") {  // LFM2MoeModel.set_gguf_parameters
+        w.set_u32(a + ".vocab_size", (uint32_t)s.n_vocab);
+        w.set_u32(a + ".leading_dense_block_count", (uint32_t)s.n_dense_lead);
+        w.set_u32(a + ".expert_gating_func", (uint32_t)s.gating_func);
+        w.set_u32(a + ".shortconv.l_cache", (uint32_t)s.l_cache);
     }
 
     Vocab v = make_vocab(s);
@@ -909,6 +1037,8 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     else if (s.tok == Tok::gpt2_olmo) w.set_string("tokenizer.ggml.pre", "olmo");
     else if (s.tok == Tok::gpt2_oss) w.set_string("tokenizer.ggml.pre", "gpt-4o");
     else if (s.tok == Tok::gpt2_glm) w.set_string("tokenizer.ggml.pre", "glm4");
+    else if (s.tok == Tok::gpt2_deepseek) w.set_string("tokenizer.ggml.pre", "deepseek-llm");
+    else if (s.tok == Tok::gpt2_lfm2) w.set_string("tokenizer.ggml.pre", "lfm2");
     w.set_string_array("tokenizer.ggml.tokens", v.tokens);
     w.set_i32_array("tokenizer.ggml.token_type", v.types);
     if (!v.scores.empty()) w.set_f32_array("tokenizer.ggml.scores", v.scores);
@@ -946,6 +1076,11 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     std::fprintf(stderr, "[moe-bench] %s %s%s: %d layers, %zu tensors, %s; about %s active per token -> %s\n", s.name, quant.c_str(),
                  pure ? " (pure)" : "", n_layer, job.specs.size(), fmt_bytes((double)job.total_bytes).c_str(), fmt_bytes((double)active).c_str(),
                  out.c_str());
+    if (s.layer_kinds) {
+        std::string kinds;
+        for (int il = 0; il < n_layer; ++il) kinds += s.layer_kinds[il] == 'a' ? 'A' : 'c';
+        std::fprintf(stderr, "[moe-bench] layer kinds (A attention, c short convolution; the first %d dense): %s\n", s.n_dense_lead, kinds.c_str());
+    }
     if (n_fell_back)
         std::fprintf(stderr, "[moe-bench] %d tensors have rows that their type's blocks do not tile; they fall back (see fallback_type): %s\n",
                      n_fell_back, fell_back.c_str());
