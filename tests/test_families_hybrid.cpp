@@ -569,6 +569,67 @@ TEST_P(HybridEngine, ResetAndTruncateRestoreConvState) {
     }
 }
 
+// Rewinds past the convolution ring (n_batch + 64 positions) re-evaluate the kept prefix, and a
+// session state file carries the convolution window: both must reproduce an uninterrupted run
+// bit for bit (row kernels, one thread count).
+class HybridEngineLong : public HybridEngine {};  // the fixture's load(), without parameters
+TEST_F(HybridEngineLong, RewindPastTheRingAndStateFiles) {
+    const HybridCase tc = hybrid_cases()[0];
+    OracleCase c;
+    TempFile f("long_rewind");
+    moe::Model model;
+    std::string skip;
+    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
+    if (!skip.empty()) GTEST_SKIP() << skip;
+    const int T = 120, V = c.model.spec.n_vocab;
+    const std::vector<int32_t> tokens = moe_test::random_tokens(T, V, 777);
+    moe::SessionOptions opt;
+    opt.n_ctx = 160;
+    opt.n_threads = 2;
+    opt.n_batch = 4;  // a ring of 68 positions
+    opt.gemm_min_tokens = -1;
+    moe::Session sess;
+    ASSERT_EQ(moe::Session::create(model, opt, &sess), moe::Status::ok) << moe::last_error();
+    std::vector<float> first((size_t)T * V), again((size_t)T * V);
+    ASSERT_EQ(sess.eval(tokens.data(), (size_t)T, first.data()), moe::Status::ok) << moe::last_error();
+    bool same = false;
+    for (int n : {100, 40, 7}) {  // within the ring, then past it twice
+        SCOPED_TRACE("truncate(" + std::to_string(n) + ")");
+        ASSERT_EQ(sess.truncate(n), moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(sess.position(), n);
+        ASSERT_EQ(sess.eval(tokens.data() + n, (size_t)(T - n), again.data()), moe::Status::ok) << moe::last_error();
+        EXPECT_EQ(engine_rel(first.data() + (size_t)n * V, again.data(), (size_t)(T - n) * V, &same), 0.0);
+    }
+    // eval_prompt with a prefix that shares 30 tokens: the session rewinds to 30 (past the ring)
+    std::vector<int32_t> other(tokens.begin(), tokens.begin() + 30);
+    const std::vector<int32_t> tail = moe_test::random_tokens(5, V, 99);
+    other.insert(other.end(), tail.begin(), tail.end());
+    size_t reused = 0;
+    ASSERT_EQ(sess.eval_prompt(other.data(), other.size(), &reused), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(reused, 30u);
+    std::vector<float> fresh_last((size_t)V);
+    {
+        moe::Session fresh;
+        ASSERT_EQ(moe::Session::create(model, opt, &fresh), moe::Status::ok);
+        ASSERT_EQ(fresh.eval(other.data(), other.size()), moe::Status::ok);
+        EXPECT_EQ(engine_rel(fresh.logits(), sess.logits(), (size_t)V, &same), 0.0) << "eval_prompt after a long rewind";
+    }
+    // State files: saved at position 90, continued in a new session.
+    ASSERT_EQ(sess.truncate(0), moe::Status::ok);
+    ASSERT_EQ(sess.eval(tokens.data(), 90), moe::Status::ok);
+    std::vector<uint8_t> state;
+    ASSERT_EQ(sess.save_state(&state, nullptr), moe::Status::ok) << moe::last_error();
+    moe::Session restored;
+    ASSERT_EQ(moe::Session::create(model, opt, &restored), moe::Status::ok);
+    ASSERT_EQ(restored.load_state(state.data(), state.size(), nullptr), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(restored.position(), 90);
+    ASSERT_EQ(restored.eval(tokens.data() + 90, (size_t)(T - 90), again.data()), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(engine_rel(first.data() + (size_t)90 * V, again.data(), (size_t)(T - 90) * V, &same), 0.0) << "continuation after load_state";
+    state.resize(state.size() - 9);  // truncated: refused, the session untouched
+    EXPECT_NE(restored.load_state(state.data(), state.size(), nullptr), moe::Status::ok);
+    EXPECT_EQ(restored.position(), T);
+}
+
 INSTANTIATE_TEST_SUITE_P(Cases, HybridEngine, ::testing::ValuesIn(hybrid_cases()),
                          [](const ::testing::TestParamInfo<HybridCase>& i) { return std::string(i.param.name); });
 
