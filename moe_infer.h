@@ -10646,7 +10646,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
         return fail(Status::invalid_argument, "kv_type %s: the KV cache is F32 or Q8_0", tensor_type_name(o.kv_type));
     const bool kv_q8 = o.kv_type == TensorType::q8_0;
     if (kv_q8 && (hk % kQK || hv % kQK || (model->mla && hp->n_rot % kQK)))
-        return fail(Status::invalid_argument, "a Q8_0 KV cache needs head sizes that are multiples of %d (the model's cached heads have %lld and %lld%s)",
+        return fail(Status::invalid_argument, "a Q8_0 KV cache needs head_dim (the cached key and value head sizes) to be a multiple of %d (the model's are %lld and %lld%s)",
                     kQK, (long long)hk, (long long)hv, model->mla ? ", and its rope part must be one too" : "");
     if (!kv.allocate(hp->layer_conv, hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8))
         return fail(Status::out_of_memory, "cannot allocate the KV cache for n_ctx %d (%.1f MiB)", n_ctx,

@@ -271,6 +271,17 @@ std::vector<ParityCase> parity_cases() {
         s.yarn_log_mul = 0.1f;
         c.push_back({q ? "deepseek2_Q8_0" : "deepseek2_F32", s});
     }
+    for (TT t : {TT::f32, TT::q8_0}) {  // lfm2moe: short-convolution layers C C A C A, a dense layer
+        ModelSpec s = pspec("lfm2moe", t);
+        s.conv_layers = {1, 1, 0, 1, 0};
+        s.n_layer = 5;
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 96;
+        s.gating_func = 2;
+        s.rope_base = 1000000.f;
+        s.rms_eps = 1e-5f;
+        c.push_back({t == TT::q8_0 ? "lfm2moe_Q8_0" : "lfm2moe_F32", s});
+    }
     {
         ModelSpec s = pspec("gpt-oss", TT::q8_0);
         s.head_dim = 64;

@@ -969,6 +969,7 @@ struct PreCheck {
     const char* pre;      // tokenizer.ggml.pre written into the vocabulary (nullptr: no such key)
     bool drop_merges;     // also leave tokenizer.ggml.merges out
 };
+void PrintTo(const PreCheck& c, std::ostream* os) { *os << (c.pre ? c.pre : "(no pre key)") << (c.drop_merges ? ", no merges" : ""); }
 
 class PreTokenizerPeerTest : public ::testing::TestWithParam<PreCheck> {};
 
