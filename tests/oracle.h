@@ -346,7 +346,6 @@ public:
         bool no_conv_silu = false;       // the conv output is used without silu
         bool heads_grouped = false;      // v head h reads q/k head h / (HV/HK) instead of h % HK
         bool no_l2norm = false;          // q and k of the delta net are not l2-normalised
-        bool no_state_scale = false;     // o_j without the 1/sqrt(DS)
         bool decay_after_update = false; // S *= exp(g) after the delta-rule update instead of before
         bool beta_one = false;           // beta = 1
         bool no_z_gate = false;          // the gated RMSNorm without silu(z)
@@ -527,7 +526,7 @@ private:
                 for (int j = 0; j < DS; ++j) S[i * DS + j] += k[i] * d[(size_t)j];
             if (q35.decay_after_update)
                 for (int i = 0; i < DS * DS; ++i) S[i] *= decay;
-            const double scale = q35.no_state_scale ? 1.0 : 1.0 / std::sqrt((double)DS);
+            const double scale = 1.0 / std::sqrt((double)DS);  // cancelled by the RMSNorm below up to eps
             for (int j = 0; j < DS; ++j) {
                 double acc = 0;
                 for (int i = 0; i < DS; ++i) acc += S[i * DS + j] * q[i];
