@@ -72,6 +72,31 @@
 //         when expert_gating_func = 1); top-k of p + exp_probs_b; weights = p of the chosen,
 //         always renormalised (sum clamped at 6.1e-5), never scaled (llama.cpp does not read
 //         expert_weights_scale for lfm2moe). No shared expert.
+//
+// qwen35moe, as llama.cpp computes it (src/models/qwen35moe.cpp, delta-net-base.cpp, models.h
+// build_gdn_l2_norm; ggml-cpu ops.cpp ssm_conv, gated_delta_net, rope (IMROPE); llama-graph.cpp
+// build_moe_ffn):
+//   x += mixer(rmsnorm_attn_norm(x)); x += ffn(rmsnorm_post_attention_norm(x)); rmsnorm_output_norm;
+//   output. Delta-net layer (HK q/k heads, HV v heads, head dim DS, conv kernel KC):
+//     qkv = attn_qkv h (q: HK DS, k: HK DS, v: HV DS channels, in that order); z = attn_gate h;
+//     beta_h = sigmoid(ssm_beta h); g_h = softplus(ssm_alpha h + ssm_dt) * ssm_a (ssm_a = -exp(A_log);
+//     softplus(x) = x for x > 20, else log(1 + e^x));
+//     conv: c_t = silu(sum_{k < KC} w[c][k] u_{t-(KC-1)+k}) per channel, u = the *raw* qkv (u before
+//     position 0 is 0); the state carried is the last KC-1 raw qkv vectors;
+//     q, k of each head l2-normalised: x / sqrt(sum x^2 + rms_eps);
+//     v head h reads q/k head h % HK (the converter stores v heads tiled);
+//     per v head, S (DS x DS, S[i][j], zero at position 0): S *= exp(g_h); d_j = beta_h (v_j -
+//     sum_i S[i][j] k_i); S[i][j] += k_i d_j; o_j = sum_i S[i][j] q_i / sqrt(DS);
+//     o of each head RMS-normed over DS with ssm_norm (rms_eps), times silu(z); y = ssm_out o.
+//   Full-attention layer: attn_q h = per head [q (hd), gate (hd)]; q, k RMS-normed per head
+//     (attn_q_norm / attn_k_norm); IMROPE on the first n_rot dims, NEOX pairs (i, i + n_rot/2):
+//     pair i has sector s = i mod (s0+s1+s2+s3) and rotates by pos * base^(-2i/n_rot) when
+//     (s%3 == 0 && s < 3 s0) || (s%3 == 1 && s < 3 s1) || (s%3 == 2 && s < 3 s2), else by 0 (text
+//     tokens: the t/h/w positions are pos, the 4th is 0); causal GQA softmax(q.k / sqrt(hd)) v;
+//     times sigmoid(gate); attn_output.
+//   ffn: p = softmax(router logits); top-k; weights p renormalised over the k (never scaled: llama.cpp
+//     does not read expert_weights_scale for qwen35moe); plus sigmoid(ffn_gate_inp_shexp . h) times
+//     the shared SwiGLU expert.
 #ifndef MOE_TEST_ORACLE_H
 #define MOE_TEST_ORACLE_H
 
@@ -113,6 +138,7 @@ public:
     // a near-tie it legitimately resolved the other way; the caller checks the choices were near-ties.
     OracleResult run(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts = nullptr) const {
         if (m_.spec.arch == "lfm2moe") return run_lfm2moe(tokens, forced_experts);
+        if (m_.spec.arch == "qwen35moe") return run_qwen35moe(tokens, forced_experts);
         const ModelSpec& s = m_.spec;
         const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim, V = s.n_vocab;
         const int T = (int)tokens.size();
@@ -314,6 +340,22 @@ public:
     // so the conv and its state run on the raw X (y = C * B * conv(X)) instead of on B * X.
     bool lfm_gate_after_conv = false;
 
+    // Ablation switches for qwen35moe (tests only): each one changes one convention of the forward
+    // pass (see the top of the file for the real ones).
+    struct Qwen35Ablation {
+        bool no_conv_silu = false;       // the conv output is used without silu
+        bool heads_grouped = false;      // v head h reads q/k head h / (HV/HK) instead of h % HK
+        bool no_l2norm = false;          // q and k of the delta net are not l2-normalised
+        bool decay_after_update = false; // S *= exp(g) after the delta-rule update instead of before
+        bool beta_one = false;           // beta = 1
+        bool no_z_gate = false;          // the gated RMSNorm without silu(z)
+        bool rope_all_pairs = false;     // plain NEOX partial rotary: every pair rotates (sections ignored)
+        bool rope_norm_pairs = false;    // pairs (2i, 2i+1) instead of (i, i + n_rot/2)
+        bool gate_before_q = false;      // attn_q per head [gate, q] instead of [q, gate]
+        bool no_attn_gate = false;       // the attention output is not multiplied by sigmoid(gate)
+    };
+    Qwen35Ablation q35;
+
 private:
     // lfm2moe: the whole forward pass (see the top of the file).
     OracleResult run_lfm2moe(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts) const {
@@ -356,6 +398,208 @@ private:
             std::copy(lg.begin(), lg.end(), r.logits.begin() + (ptrdiff_t)pos * V);
         }
         return r;
+    }
+
+    // qwen35moe: the whole forward pass (see the top of the file).
+    OracleResult run_qwen35moe(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, V = s.n_vocab, NE = s.n_expert, K = s.n_expert_used;
+        const int T = (int)tokens.size();
+        const int DS = s.ssm_state, CH = 2 * s.ssm_group * DS + s.ssm_dt_rank * DS;
+        OracleResult r;
+        r.n_tokens = T;
+        r.n_vocab = V;
+        r.logits.assign((size_t)T * (size_t)V, 0.0);
+        r.route_margin.assign((size_t)T, std::numeric_limits<double>::infinity());
+        std::vector<std::vector<std::vector<double>>> kcache((size_t)s.n_layer), vcache((size_t)s.n_layer);
+        // per delta-net layer: the raw qkv of the last KC-1 positions, oldest first [k * CH + c], and
+        // the HV recurrent states S[h][i][j] at [(h * DS + i) * DS + j]; zeros before position 0
+        std::vector<std::vector<double>> conv_state((size_t)s.n_layer, std::vector<double>((size_t)(s.ssm_conv - 1) * (size_t)CH, 0.0));
+        std::vector<std::vector<double>> ssm_state((size_t)s.n_layer, std::vector<double>((size_t)s.ssm_dt_rank * (size_t)DS * (size_t)DS, 0.0));
+        for (int pos = 0; pos < T; ++pos) {
+            std::vector<double> x((size_t)E);
+            for (int i = 0; i < E; ++i) x[(size_t)i] = m_.tok_embd[(size_t)tokens[(size_t)pos] * (size_t)E + (size_t)i];
+            for (int il = 0; il < s.n_layer; ++il) {
+                const LayerWeights& L = m_.layers[(size_t)il];
+                std::vector<double> h = rms_norm(x, L.attn_norm, s.rms_eps);
+                const std::vector<double> o = m_.recurrent[(size_t)il] ? q35_delta_net(L, h, &conv_state[(size_t)il], &ssm_state[(size_t)il])
+                                                                      : q35_attention(L, h, pos, &kcache[(size_t)il], &vcache[(size_t)il]);
+                for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
+                h = rms_norm(x, L.ffn_norm, s.rms_eps);
+                // MoE: softmax over all experts, top-k of the logits (same order), renormalised
+                const std::vector<double> logit = matvec(L.gate_inp, h, E, NE);
+                std::vector<double> prob((size_t)NE);
+                double mx = -std::numeric_limits<double>::infinity(), sum = 0;
+                for (double l : logit) mx = std::max(mx, l);
+                for (int e = 0; e < NE; ++e) { prob[(size_t)e] = std::exp(logit[(size_t)e] - mx); sum += prob[(size_t)e]; }
+                for (double& p : prob) p /= sum;
+                std::vector<int> order((size_t)NE);
+                for (int e = 0; e < NE; ++e) order[(size_t)e] = e;
+                std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logit[(size_t)a] > logit[(size_t)b]; });
+                r.router_logits.insert(r.router_logits.end(), logit.begin(), logit.end());
+                r.route_scores.insert(r.route_scores.end(), logit.begin(), logit.end());
+                if (K < NE)
+                    r.route_margin[(size_t)pos] = std::min(r.route_margin[(size_t)pos], logit[(size_t)order[(size_t)K - 1]] - logit[(size_t)order[(size_t)K]]);
+                if (forced_experts) {
+                    const size_t base = ((size_t)pos * (size_t)s.n_layer + (size_t)il) * (size_t)K;
+                    order.assign(forced_experts->begin() + (ptrdiff_t)base, forced_experts->begin() + (ptrdiff_t)(base + (size_t)K));
+                }
+                double wsum = 0;
+                for (int i = 0; i < K; ++i) wsum += prob[(size_t)order[(size_t)i]];
+                wsum = std::max(wsum, 6.103515625e-5);
+                std::vector<double> y((size_t)E, 0.0);
+                for (int i = 0; i < K; ++i) {
+                    const int e = order[(size_t)i];
+                    r.experts.push_back(e);
+                    const double wgt = m_.norm_topk ? prob[(size_t)e] / wsum : prob[(size_t)e];
+                    const size_t up_off = (size_t)e * (size_t)s.n_ff * (size_t)E, down_off = (size_t)e * (size_t)E * (size_t)s.n_ff;
+                    const std::vector<double> ye = swiglu(L.gate_exps.data() + up_off, L.up_exps.data() + up_off, L.down_exps.data() + down_off, h, E, s.n_ff);
+                    for (int c = 0; c < E; ++c) y[(size_t)c] += wgt * ye[(size_t)c];
+                }
+                if (!L.gate_shexp.empty()) {  // the shared expert, gated by sigmoid(w . h) (ungated without the gate vector)
+                    double g = 1.0;
+                    if (!L.gate_inp_shexp.empty()) {
+                        g = 0;
+                        for (int c = 0; c < E; ++c) g += (double)L.gate_inp_shexp[(size_t)c] * h[(size_t)c];
+                        g = 1.0 / (1.0 + std::exp(-g));
+                    }
+                    const std::vector<double> ys = swiglu(L.gate_shexp.data(), L.up_shexp.data(), L.down_shexp.data(), h, E, m_.n_ff_shared);
+                    for (int c = 0; c < E; ++c) y[(size_t)c] += g * ys[(size_t)c];
+                }
+                for (int i = 0; i < E; ++i) x[(size_t)i] += y[(size_t)i];
+            }
+            std::vector<double> h = rms_norm(x, m_.output_norm, s.rms_eps);
+            std::vector<double> lg = matvec(m_.logits_matrix(), h, E, V);
+            std::copy(lg.begin(), lg.end(), r.logits.begin() + (ptrdiff_t)pos * V);
+        }
+        return r;
+    }
+
+    // qwen35moe gated delta-net mixer for one token; `conv` (the last KC-1 raw qkv vectors) and
+    // `state` (HV matrices DS x DS) move one position on.
+    std::vector<double> q35_delta_net(const LayerWeights& L, const std::vector<double>& h, std::vector<double>* conv,
+                                      std::vector<double>* state) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, DS = s.ssm_state, HK = s.ssm_group, HV = s.ssm_dt_rank, KC = s.ssm_conv;
+        const int CH = 2 * HK * DS + HV * DS;
+        const std::vector<double> qkv = matvec(L.ssm_qkv, h, E, CH);
+        const std::vector<double> z = matvec(L.ssm_z, h, E, HV * DS);
+        const std::vector<double> b = matvec(L.ssm_beta, h, E, HV), a = matvec(L.ssm_alpha, h, E, HV);
+        // causal depthwise conv over [state; this token], then silu; the state keeps raw inputs
+        std::vector<double> c((size_t)CH);
+        for (int ch = 0; ch < CH; ++ch) {
+            double acc = (double)L.ssm_conv1d[(size_t)ch * (size_t)KC + (size_t)(KC - 1)] * qkv[(size_t)ch];
+            for (int k = 0; k < KC - 1; ++k) acc += (double)L.ssm_conv1d[(size_t)ch * (size_t)KC + (size_t)k] * (*conv)[(size_t)k * (size_t)CH + (size_t)ch];
+            for (int k = 0; k + 1 < KC - 1; ++k) (*conv)[(size_t)k * (size_t)CH + (size_t)ch] = (*conv)[(size_t)(k + 1) * (size_t)CH + (size_t)ch];
+            (*conv)[(size_t)(KC - 2) * (size_t)CH + (size_t)ch] = qkv[(size_t)ch];
+            c[(size_t)ch] = q35.no_conv_silu ? acc : silu(acc);
+        }
+        // l2 norm of each q and k head: x / sqrt(sum x^2 + eps)
+        if (!q35.no_l2norm) {
+            for (int hh = 0; hh < 2 * HK; ++hh) {
+                double ss = 0;
+                for (int i = 0; i < DS; ++i) ss += c[(size_t)(hh * DS + i)] * c[(size_t)(hh * DS + i)];
+                const double inv = 1.0 / std::sqrt(ss + (double)s.rms_eps);
+                for (int i = 0; i < DS; ++i) c[(size_t)(hh * DS + i)] *= inv;
+            }
+        }
+        std::vector<double> o((size_t)HV * (size_t)DS);
+        for (int hv = 0; hv < HV; ++hv) {
+            const int hk = q35.heads_grouped ? hv / (HV / HK) : hv % HK;
+            const double* q = &c[(size_t)hk * DS];
+            const double* k = &c[(size_t)(HK + hk) * DS];
+            const double* v = &c[(size_t)(2 * HK * DS + hv * DS)];
+            const double dt = (double)(L.ssm_dt.empty() ? 0.f : L.ssm_dt[(size_t)hv]) + a[(size_t)hv];
+            const double sp = dt > 20.0 ? dt : std::log1p(std::exp(dt));
+            const double decay = std::exp(sp * (double)L.ssm_a[(size_t)hv]);
+            const double beta = q35.beta_one ? 1.0 : 1.0 / (1.0 + std::exp(-b[(size_t)hv]));
+            double* S = &(*state)[(size_t)hv * (size_t)DS * (size_t)DS];  // S[i][j] at i * DS + j
+            if (!q35.decay_after_update)
+                for (int i = 0; i < DS * DS; ++i) S[i] *= decay;
+            std::vector<double> d((size_t)DS);
+            for (int j = 0; j < DS; ++j) {
+                double kv = 0;
+                for (int i = 0; i < DS; ++i) kv += S[i * DS + j] * k[i];
+                d[(size_t)j] = beta * (v[j] - kv);
+            }
+            for (int i = 0; i < DS; ++i)
+                for (int j = 0; j < DS; ++j) S[i * DS + j] += k[i] * d[(size_t)j];
+            if (q35.decay_after_update)
+                for (int i = 0; i < DS * DS; ++i) S[i] *= decay;
+            const double scale = 1.0 / std::sqrt((double)DS);  // cancelled by the RMSNorm below up to eps
+            for (int j = 0; j < DS; ++j) {
+                double acc = 0;
+                for (int i = 0; i < DS; ++i) acc += S[i * DS + j] * q[i];
+                o[(size_t)(hv * DS + j)] = acc * scale;
+            }
+            // gated RMSNorm of the head: rmsnorm(o) * ssm_norm * silu(z)
+            rms_norm_inplace(&o[(size_t)hv * DS], DS, L.ssm_norm.data(), s.rms_eps);
+            if (!q35.no_z_gate)
+                for (int j = 0; j < DS; ++j) o[(size_t)(hv * DS + j)] *= silu(z[(size_t)(hv * DS + j)]);
+        }
+        return matvec(L.ssm_out, o, HV * DS, E);
+    }
+
+    // qwen35moe IMROPE of one head at `pos` (text tokens): NEOX pairs over the first n_rot dims; a
+    // pair whose section is not t/h/w (see the top) keeps its values (the 4th position is 0).
+    void q35_rope(double* v, int pos) const {
+        const int n = m_.n_rot;
+        const int* sec = m_.rope_sections;
+        const int sect_dims = sec[0] + sec[1] + sec[2] + sec[3];
+        for (int i = 0; i < n / 2; ++i) {
+            const int sc = i % sect_dims;
+            const bool rotates = (sc % 3 == 0 && sc < 3 * sec[0]) || (sc % 3 == 1 && sc < 3 * sec[1]) || (sc % 3 == 2 && sc < 3 * sec[2]);
+            const double theta = rotates || q35.rope_all_pairs ? (double)pos * std::pow((double)m_.spec.rope_base, -2.0 * i / n) : 0.0;
+            const int a = q35.rope_norm_pairs ? 2 * i : i, b = q35.rope_norm_pairs ? 2 * i + 1 : i + n / 2;
+            const double x0 = v[a], x1 = v[b], cs = std::cos(theta), sn = std::sin(theta);
+            v[a] = x0 * cs - x1 * sn;
+            v[b] = x0 * sn + x1 * cs;
+        }
+    }
+
+    // qwen35moe gated full attention for the token at `pos`.
+    std::vector<double> q35_attention(const LayerWeights& L, const std::vector<double>& h, int pos, std::vector<std::vector<double>>* kc,
+                                      std::vector<std::vector<double>>* vc) const {
+        const ModelSpec& s = m_.spec;
+        const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim;
+        const std::vector<double> qg = matvec(L.wq, h, E, 2 * H * HD);
+        std::vector<double> q((size_t)H * HD), gate((size_t)H * HD);
+        for (int hh = 0; hh < H; ++hh)
+            for (int c = 0; c < HD; ++c) {
+                const double first = qg[(size_t)(hh * 2 * HD + c)], second = qg[(size_t)(hh * 2 * HD + HD + c)];
+                q[(size_t)(hh * HD + c)] = q35.gate_before_q ? second : first;
+                gate[(size_t)(hh * HD + c)] = q35.gate_before_q ? first : second;
+            }
+        std::vector<double> k = matvec(L.wk, h, E, HKV * HD), v = matvec(L.wv, h, E, HKV * HD);
+        if (!L.q_norm.empty()) {
+            for (int hh = 0; hh < H; ++hh) rms_norm_inplace(&q[(size_t)hh * HD], HD, L.q_norm.data(), s.rms_eps);
+            for (int hh = 0; hh < HKV; ++hh) rms_norm_inplace(&k[(size_t)hh * HD], HD, L.k_norm.data(), s.rms_eps);
+        }
+        for (int hh = 0; hh < H; ++hh) q35_rope(&q[(size_t)hh * HD], pos);
+        for (int hh = 0; hh < HKV; ++hh) q35_rope(&k[(size_t)hh * HD], pos);
+        kc->push_back(k);
+        vc->push_back(v);
+        std::vector<double> attn((size_t)(H * HD), 0.0);
+        const int group = H / HKV;
+        const double scale = 1.0 / std::sqrt((double)HD);
+        for (int hh = 0; hh < H; ++hh) {
+            const int kvh = hh / group;
+            std::vector<double> score((size_t)(pos + 1));
+            double mx = -std::numeric_limits<double>::infinity();
+            for (int j = 0; j <= pos; ++j) {
+                double d = 0;
+                for (int c = 0; c < HD; ++c) d += q[(size_t)(hh * HD + c)] * (*kc)[(size_t)j][(size_t)(kvh * HD + c)];
+                score[(size_t)j] = d * scale;
+                mx = std::max(mx, score[(size_t)j]);
+            }
+            double sum = 0;
+            for (int j = 0; j <= pos; ++j) { score[(size_t)j] = std::exp(score[(size_t)j] - mx); sum += score[(size_t)j]; }
+            for (int j = 0; j <= pos; ++j)
+                for (int c = 0; c < HD; ++c) attn[(size_t)(hh * HD + c)] += score[(size_t)j] / sum * (*vc)[(size_t)j][(size_t)(kvh * HD + c)];
+        }
+        if (!q35.no_attn_gate)
+            for (size_t i = 0; i < attn.size(); ++i) attn[i] *= 1.0 / (1.0 + std::exp(-gate[i]));
+        return matvec(L.wo, attn, H * HD, E);
     }
 
     // lfm2moe short-convolution block for one token; `state` holds the previous LC-1 conv inputs

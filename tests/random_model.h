@@ -2,7 +2,7 @@
 //
 // make_random_model(spec) builds a model of one of the supported architectures (qwen3moe, olmoe,
 // qwen2moe, llama with experts = Mixtral style, llama without experts = dense, gpt-oss, glm4moe,
-// deepseek2, lfm2moe)
+// deepseek2, lfm2moe, qwen35moe)
 // with the exact metadata keys and tensor names/shapes llama.cpp uses (ggml order: ne0 is the
 // contiguous, input dimension), plus a minimal byte-level BPE vocabulary so llama.cpp can load the
 // file as well.
@@ -40,6 +40,19 @@
 // out_proj. Leading dense SwiGLU layers, then MoE layers with sigmoid (expert_gating_func)
 // scores, a selection bias (exp_probs_b) and weights always renormalised, never scaled. The final
 // norm is stored as token_embd_norm.weight (llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2).
+// qwen35moe (src/models/qwen35moe.cpp; Qwen3.5-35B-A3B): gated delta-net (linear attention) layers
+// beside gated full-attention layers (full_attention_interval n: layer il is full attention when
+// (il + 1) % n == 0; or the per-layer attention.recurrent_layers array, 1 = delta-net). A delta-net
+// layer: attn_qkv {n_embd, 2 n_group d_state + dt_rank d_state} (q, k, v channels in that order),
+// attn_gate {n_embd, dt_rank d_state} (z), ssm_conv1d {conv_kernel, conv channels} (F32),
+// ssm_dt.bias {dt_rank}, ssm_a {dt_rank} (= -exp(A_log), negative), ssm_beta / ssm_alpha {n_embd,
+// dt_rank}, ssm_norm {d_state}, ssm_out {dt_rank d_state, n_embd}; keys ssm.conv_kernel,
+// ssm.state_size (head dim of q, k and v), ssm.group_count (q/k heads), ssm.time_step_rank (v heads),
+// ssm.inner_size (= dt_rank d_state). A full-attention layer: attn_q {n_embd, 2 n_head head_dim}
+// (per head [q (head_dim), gate (head_dim)]), attn_k / attn_v, attn_q_norm / attn_k_norm {head_dim},
+// attn_output; partial rotary (rope.dimension_count < head_dim) with rope.dimension_sections (4
+// ints, IMROPE). Every layer: attn_norm, post_attention_norm, softmax top-k MoE (renormalised) plus
+// a shared SwiGLU expert (expert_shared_feed_forward_length) gated by sigmoid(ffn_gate_inp_shexp . x).
 //
 // Besides the GGUF bytes it keeps every weight as float *as it will be read back*: each tensor is
 // quantized here with moe::quantize_row, the very bytes are stored in the file, and the floats kept
@@ -68,7 +81,7 @@ namespace moe_test {
 
 // What to build. Defaults give a small qwen3moe at F32.
 struct ModelSpec {
-    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe" | "deepseek2" | "lfm2moe"
+    std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe" | "deepseek2" | "lfm2moe" | "qwen35moe"
     bool dense = false;             // llama only: plain SwiGLU FFN, no experts
     int n_vocab = 300;              // >= 262 (256 byte tokens + 4 merges + 2 control tokens)
     int n_embd = 64;
@@ -106,6 +119,16 @@ struct ModelSpec {
     std::vector<int> conv_layers;   // per layer: 1 = short-convolution block, 0 = attention (n_layer
                                     // entries); empty: attention on every third layer (il % 3 == 2)
     int l_cache = 3;                // shortconv.l_cache: the conv width (>= 2)
+    // ---- qwen35moe only (it also reads head_dim, n_rot (0: head_dim / 4, Qwen3.5's partial rotary
+    // factor 0.25) and n_ff_shared (0: n_ff)) ----
+    int full_attn_interval = 4;     // full_attention_interval: layer il is full attention when (il + 1) % n == 0
+    std::vector<int> recr_layers;   // non-empty (n_layer entries): attention.recurrent_layers as an i32
+                                    // array instead (1 = delta-net, 0 = full attention); the interval key is not written
+    std::vector<int> rope_sections; // rope.dimension_sections (4 ints); empty: n_rot/2 split like [11, 11, 10, 0]
+    int ssm_conv = 4;               // ssm.conv_kernel
+    int ssm_state = 16;             // ssm.state_size: head dim of the delta-net q, k and v heads
+    int ssm_group = 2;              // ssm.group_count: q/k heads
+    int ssm_dt_rank = 4;            // ssm.time_step_rank: v heads (a multiple of ssm_group)
     // ---- gpt-oss and glm4moe only (the other arches ignore these) ----
     bool qkv_bias = true;           // attn_q/k/v.bias (gpt-oss files always have them; optional in llama.cpp)
     // Sliding-window attention (gpt-oss). llama.cpp: a query at position p attends keys at positions
@@ -176,6 +199,17 @@ struct LayerWeights {
     std::vector<float> gate_inp_shexp;              // qwen2moe: {n_embd} (glm4moe: none, the shared expert is ungated)
     std::vector<float> gate_shexp, up_shexp;        // qwen2moe, glm4moe: {n_embd, n_ff_shared}
     std::vector<float> down_shexp;                  // qwen2moe, glm4moe: {n_ff_shared, n_embd}
+    // qwen35moe delta-net layers (HV = ssm_dt_rank v heads, HK = ssm_group q/k heads, DS = ssm_state;
+    // full-attention layers use wq {n_embd, 2 n_head hd} (per head q then gate), wk, wv, wo, q/k_norm)
+    std::vector<float> ssm_qkv;                     // attn_qkv {n_embd, 2 HK DS + HV DS}: q, k, v channels
+    std::vector<float> ssm_z;                       // attn_gate {n_embd, HV DS}
+    std::vector<float> ssm_conv1d;                  // {conv_kernel, conv channels}: tap k of channel c at
+                                                    // [c * conv_kernel + k]; the last tap is the current token
+    std::vector<float> ssm_dt;                      // ssm_dt.bias {HV}
+    std::vector<float> ssm_a;                       // ssm_a {HV} = -exp(A_log)
+    std::vector<float> ssm_beta, ssm_alpha;         // {n_embd, HV}
+    std::vector<float> ssm_norm;                    // {DS}
+    std::vector<float> ssm_out;                     // {HV DS, n_embd}
     std::vector<float> ffn_gate, ffn_up, ffn_down;  // dense llama, glm4moe's leading dense layers:
                                                     // {n_embd, n_ff_dense} x2, {n_ff_dense, n_embd}
     // deepseek2 (MLA); wq holds attn_q {n_embd, n_head*hd} when there is no q LoRA
@@ -201,6 +235,8 @@ struct RandomModel {
     bool norm_topk = true;     // renormalise the top-k router weights
     bool moe = true;           // false: dense llama (glm4moe: some layers are dense, see LayerWeights::gate_inp)
     std::vector<bool> shortconv; // lfm2moe, per layer: a short-convolution block instead of attention
+    std::vector<bool> recurrent; // qwen35moe, per layer: a gated delta-net layer instead of full attention
+    int rope_sections[4] = {0, 0, 0, 0};  // qwen35moe: IMROPE sections as written
     // Routing: how the top-k is chosen and weighted.
     //   softmax:        p = softmax(logits) over all experts; top-k of logits; w = p (renormalised if norm_topk)
     //   sigmoid:        p = sigmoid(logits); top-k of p + exp_probs_b; w = p (renormalised if norm_topk)
@@ -292,10 +328,11 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     const bool is_qwen3 = A == "qwen3moe", is_olmoe = A == "olmoe", is_qwen2 = A == "qwen2moe", is_llama = A == "llama";
     const bool is_oss = A == "gpt-oss", is_glm = A == "glm4moe", is_ds2 = A == "deepseek2";
     const bool is_lfm = A == "lfm2moe";
+    const bool is_q35 = A == "qwen35moe";
     auto fail = [&](const std::string& msg) {
         if (m.ok()) { m.status = moe::Status::invalid_argument; m.error = msg; }
     };
-    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama && !is_oss && !is_glm && !is_ds2 && !is_lfm) { fail("unknown arch " + A); return m; }
+    if (!is_qwen3 && !is_olmoe && !is_qwen2 && !is_llama && !is_oss && !is_glm && !is_ds2 && !is_lfm && !is_q35) { fail("unknown arch " + A); return m; }
     if (spec.dense && !is_llama) { fail("dense is only for llama"); return m; }
     m.moe = !spec.dense;
     m.head_dim = spec.head_dim > 0 ? spec.head_dim : spec.n_embd / spec.n_head;
@@ -379,6 +416,28 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         for (int il = 0; il < spec.n_layer; ++il)
             m.shortconv[(size_t)il] = spec.conv_layers.empty() ? il % 3 != 2 : spec.conv_layers[(size_t)il] != 0;
     }
+    if (is_q35) {
+        m.n_rot = spec.n_rot > 0 ? spec.n_rot : m.head_dim / 4;
+        m.norm_topk = true;  // build_moe_ffn(..., norm_w = true, ..., SOFTMAX) in qwen35moe.cpp
+        if (m.n_rot % 2 || m.n_rot > m.head_dim) { fail("n_rot must be even and <= head_dim"); return m; }
+        if (!spec.recr_layers.empty() && (int)spec.recr_layers.size() != spec.n_layer) { fail("recr_layers needs n_layer entries"); return m; }
+        if (spec.recr_layers.empty() && spec.full_attn_interval < 1) { fail("full_attn_interval must be >= 1"); return m; }
+        if (spec.ssm_conv < 2 || spec.ssm_state < 1 || spec.ssm_group < 1 || spec.ssm_dt_rank % spec.ssm_group) { fail("bad qwen35moe ssm dims"); return m; }
+        m.recurrent.assign((size_t)std::max(0, spec.n_layer), false);
+        for (int il = 0; il < spec.n_layer; ++il)
+            m.recurrent[(size_t)il] = spec.recr_layers.empty() ? (il + 1) % spec.full_attn_interval != 0 : spec.recr_layers[(size_t)il] != 0;
+        if (!spec.rope_sections.empty()) {
+            if (spec.rope_sections.size() != 4) { fail("rope_sections needs 4 entries"); return m; }
+            for (int i = 0; i < 4; ++i) m.rope_sections[i] = spec.rope_sections[(size_t)i];
+        } else {
+            const int P = m.n_rot / 2;
+            m.rope_sections[0] = (P + 2) / 3;
+            m.rope_sections[1] = (P + 1) / 3;
+            m.rope_sections[2] = P / 3;
+        }
+        const int sect = m.rope_sections[0] + m.rope_sections[1] + m.rope_sections[2] + m.rope_sections[3];
+        if (sect < 1 || sect > m.n_rot / 2 || m.rope_sections[0] + m.rope_sections[1] + m.rope_sections[2] < 1) { fail("bad rope_sections"); return m; }
+    }
     if ((is_oss || is_glm || is_ds2) && !spec.rope_scaling.empty() && spec.rope_scaling != "yarn") { fail("rope_scaling must be \"\" or yarn"); return m; }
     const int E = spec.n_embd, H = spec.n_head, HKV = spec.n_head_kv, HD = m.head_dim;
     const int NE = spec.n_expert, NF = spec.n_ff, NFS = m.n_ff_shared, V = spec.n_vocab;
@@ -426,6 +485,26 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         set_u32(P + "vocab_size", (uint32_t)V);
         set_u32(P + "shortconv.l_cache", (uint32_t)spec.l_cache);
         if (spec.expert_weights_scale != 0.f) set_f32(P + "expert_weights_scale", spec.expert_weights_scale);  // ignored by llama.cpp
+    } else if (is_q35) {
+        // as convert_hf_to_gguf.py's Qwen3_5MoeTextModel writes them
+        set_u32(P + "expert_feed_forward_length", (uint32_t)NF);
+        set_u32(P + "expert_shared_feed_forward_length", (uint32_t)NFS);
+        set_u32(P + "attention.key_length", (uint32_t)HD);
+        set_u32(P + "attention.value_length", (uint32_t)HD);
+        set_u32(P + "rope.dimension_count", (uint32_t)m.n_rot);
+        if (key_ok(P + "rope.dimension_sections"))
+            w.set_i32_array(P + "rope.dimension_sections", std::vector<int32_t>(m.rope_sections, m.rope_sections + 4));
+        set_u32(P + "ssm.conv_kernel", (uint32_t)spec.ssm_conv);
+        set_u32(P + "ssm.state_size", (uint32_t)spec.ssm_state);
+        set_u32(P + "ssm.group_count", (uint32_t)spec.ssm_group);
+        set_u32(P + "ssm.time_step_rank", (uint32_t)spec.ssm_dt_rank);
+        set_u32(P + "ssm.inner_size", (uint32_t)(spec.ssm_state * spec.ssm_dt_rank));
+        if (!spec.recr_layers.empty()) {  // the converter writes a bool array; llama.cpp also takes i32
+            if (key_ok(P + "attention.recurrent_layers"))
+                w.set_i32_array(P + "attention.recurrent_layers", std::vector<int32_t>(spec.recr_layers.begin(), spec.recr_layers.end()));
+        } else {
+            set_u32(P + "full_attention_interval", (uint32_t)spec.full_attn_interval);
+        }
     } else if (is_qwen3) {
         // feed_forward_length is the (unused) dense size in real files: deliberately different
         // from the expert width, so an engine that reads the wrong key fails the shape checks.
@@ -764,6 +843,47 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         L.down_exps = add_experts(b, "down", {NF, E, NE}, 1.0 / std::sqrt((double)NF));
     };
 
+    // One qwen35moe block: attn_norm, a gated delta-net or a gated full-attention mixer,
+    // post_attention_norm, the softmax MoE and the sigmoid-gated shared expert.
+    auto add_qwen35moe_layer = [&](LayerWeights& L, int il) {
+        const std::string b = "blk." + std::to_string(il) + ".";
+        const double s_in = 1.0 / std::sqrt((double)E);
+        L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
+        if (m.recurrent[(size_t)il]) {
+            const int DS = spec.ssm_state, HK = spec.ssm_group, HV = spec.ssm_dt_rank, KC = spec.ssm_conv;
+            const int CH = 2 * HK * DS + HV * DS;
+            L.ssm_qkv = add(b + "attn_qkv.weight", {E, CH}, 0, s_in, true);
+            L.ssm_z = add(b + "attn_gate.weight", {E, HV * DS}, 0, s_in, true);
+            // taps ~ N(0, 0.5^2): earlier tokens move the conv output about as much as the current one
+            L.ssm_conv1d = add(b + "ssm_conv1d.weight", {KC, CH}, 0, 0.5, false);
+            // dt_bias ~ N(-2, 0.5^2) and A_log ~ N(-0.5, 0.5^2): exp(g) ~ 0.9, a memory of ~10 tokens
+            L.ssm_dt = add(b + "ssm_dt.bias", {HV}, -2.0, 0.5, false);
+            std::vector<float> a = draw({HV}, -0.5, 0.5);
+            for (float& v : a) v = -std::exp(v);
+            L.ssm_a = store(b + "ssm_a", {HV}, a, false, nullptr);
+            L.ssm_beta = add(b + "ssm_beta.weight", {E, HV}, 0, s_in, true);
+            L.ssm_alpha = add(b + "ssm_alpha.weight", {E, HV}, 0, s_in, true);
+            L.ssm_norm = add(b + "ssm_norm.weight", {DS}, 1.0, 0.2, false);
+            L.ssm_out = add(b + "ssm_out.weight", {HV * DS, E}, 0, 1.0 / std::sqrt((double)(HV * DS)), true);
+        } else {
+            L.wq = add(b + "attn_q.weight", {E, 2 * H * HD}, 0, s_in, true);
+            L.wk = add(b + "attn_k.weight", {E, HKV * HD}, 0, s_in, true);
+            L.wv = add(b + "attn_v.weight", {E, HKV * HD}, 0, s_in, true);
+            L.wo = add(b + "attn_output.weight", {H * HD, E}, 0, 1.0 / std::sqrt((double)(H * HD)), true);
+            L.q_norm = add(b + "attn_q_norm.weight", {HD}, 1.0, 0.2, false);
+            L.k_norm = add(b + "attn_k_norm.weight", {HD}, 1.0, 0.2, false);
+        }
+        L.ffn_norm = add(b + "post_attention_norm.weight", {E}, 1.0, 0.1, false);
+        L.gate_inp = add(b + "ffn_gate_inp.weight", {E, NE}, 0, spec.router_scale * s_in, false);
+        L.gate_exps = add_experts(b, "gate", {E, NF, NE}, s_in);
+        L.up_exps = add_experts(b, "up", {E, NF, NE}, s_in);
+        L.down_exps = add_experts(b, "down", {NF, E, NE}, 1.0 / std::sqrt((double)NF));
+        L.gate_inp_shexp = add(b + "ffn_gate_inp_shexp.weight", {E}, 0, s_in, false);
+        L.gate_shexp = add(b + "ffn_gate_shexp.weight", {E, NFS}, 0, s_in, true);
+        L.up_shexp = add(b + "ffn_up_shexp.weight", {E, NFS}, 0, s_in, true);
+        L.down_shexp = add(b + "ffn_down_shexp.weight", {NFS, E}, 0, 1.0 / std::sqrt((double)NFS), true);
+    };
+
     const double emb_std = spec.tied ? 2.5 / std::sqrt((double)E) : 1.0;
     m.tok_embd = add("token_embd.weight", {E, V}, 0, emb_std, true);
     // lfm2moe: the final norm is named token_embd_norm (llama.cpp's "fix for wrong tensor name")
@@ -785,6 +905,10 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         }
         if (is_lfm) {
             add_lfm2moe_layer(L, il);
+            continue;
+        }
+        if (is_q35) {
+            add_qwen35moe_layer(L, il);
             continue;
         }
         L.attn_norm = add(b + "attn_norm.weight", {E}, 1.0, 0.1, false);
@@ -878,6 +1002,19 @@ inline std::string describe(const ModelSpec& s) {
         char more[160];
         std::snprintf(more, sizeof more, " layers=%s L_cache=%d dense=%d/ff%d gating=%d%s", kinds.c_str(), s.l_cache, s.n_dense_lead,
                       s.n_ff_dense, s.gating_func, s.expert_weights_scale != 0.f ? " scale-key(ignored)" : "");
+        out += more;
+    }
+    if (s.arch == "qwen35moe") {
+        std::string kinds;
+        for (int il = 0; il < s.n_layer; ++il)
+            kinds += (s.recr_layers.empty() ? (il + 1) % std::max(1, s.full_attn_interval) != 0 : s.recr_layers[(size_t)il] != 0) ? 'D' : 'A';
+        std::string sect = "auto";
+        if (s.rope_sections.size() == 4)
+            sect = std::to_string(s.rope_sections[0]) + "/" + std::to_string(s.rope_sections[1]) + "/" + std::to_string(s.rope_sections[2]) + "/" +
+                   std::to_string(s.rope_sections[3]);
+        char more[200];
+        std::snprintf(more, sizeof more, " layers=%s%s rot=%d sections=%s conv=%d state=%d qk_heads=%d v_heads=%d", kinds.c_str(),
+                      s.recr_layers.empty() ? "" : "(array)", s.n_rot, sect.c_str(), s.ssm_conv, s.ssm_state, s.ssm_group, s.ssm_dt_rank);
         out += more;
     }
     if (s.arch == "gpt-oss" || s.arch == "glm4moe") {

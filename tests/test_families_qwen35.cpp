@@ -1,0 +1,662 @@
+// qwen35moe (Qwen3.5-35B-A3B): gated delta-net (linear attention) layers beside gated full-attention
+// layers, a softmax MoE and a sigmoid-gated shared expert. The float64 oracle (tests/oracle.h)
+// against llama.cpp itself, and the engine against the oracle; the same pattern as
+// tests/test_families_hybrid.cpp (the few helpers below are repeated from there).
+//
+// 1. Qwen35Peer: tiny random GGUFs of odd shapes (tests/random_model.h: 4-6 layers with full
+//    attention every 3rd or 4th layer or a per-layer array, head_dim 32-64 with partial rotary and
+//    IMROPE sections that leave some pairs unrotated, 1-3 v heads per q/k head, state sizes 8-32,
+//    conv kernels 3 and 4, 6-10 experts top-2/3, shared expert) go through the llama_peer (tests/peer/):
+//    the prompt as one batch, then greedy decoding one token per llama_decode (-n N), which carries
+//    the conv and recurrent states from one call to the next. Every row - prompt and decoded - is
+//    compared with the oracle run over prompt ++ generated tokens. F32: float32 rounding only
+//    (measured <= 4.3e-6 relative, the prompt batch through ggml's chunked delta-net; bound 2e-5).
+//    Q8_0: llama.cpp also rounds the activations to q8_0, which the delta net amplifies (2-4%),
+//    bound 6e-2 (see the case).
+// 2. Qwen35Peer.OracleFeaturesMatter: each feature switched off in the oracle alone (conv history,
+//    tap order, silu after the conv, l2 norm, head mapping, decay, beta, the z gate, the attention
+//    gate and its place in the q projection, IMROPE sections, q/k norm, the shared-expert gate, the
+//    renormalisation, ...) moves it far from llama.cpp.
+// 3. Qwen35Engine: the engine against the oracle (prefill, then one token at a time), and
+//    Session::reset / truncate: after truncate(n) and evaluating the rest again the logits equal
+//    the first run's (the conv and delta-net states must be restored or recomputed). Skipped while
+//    Model::load answers Status::unsupported for qwen35moe; a truncate that answers
+//    Status::unsupported is accepted only with an error message that says why.
+//
+// The peer is found through MOE_LLAMA_PEER (environment), else the compile definition; without it
+// the peer tests skip.
+#include "moe_infer.h"
+#include "oracle.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+using moe_test::ModelSpec;
+using moe_test::OracleCase;
+using moe_test::RowDiff;
+using TT = moe::TensorType;
+
+std::string peer_path() {
+    const char* e = std::getenv("MOE_LLAMA_PEER");
+    if (e && *e) return e;
+#ifdef MOE_LLAMA_PEER
+    return MOE_LLAMA_PEER;
+#else
+    return "";
+#endif
+}
+
+std::string tmp_dir() {
+    const char* e = std::getenv("MOE_TEST_TMP");
+    return e && *e ? e : "/tmp";
+}
+
+std::string shell_quote(const std::string& s) {
+    std::string o = "'";
+    for (char c : s) {
+        if (c == '\'') o += "'\\''";
+        else o += c;
+    }
+    return o + "'";
+}
+
+// A file in the temp dir, removed when done.
+struct TempFile {
+    std::string path;
+    explicit TempFile(const std::string& name, const char* ext = ".gguf") {
+        path = tmp_dir() + "/moe_q35_" + std::to_string((long)getpid()) + "_" + name + ext;
+    }
+    ~TempFile() { std::remove(path.c_str()); }
+    TempFile(const TempFile&) = delete;
+    TempFile& operator=(const TempFile&) = delete;
+};
+
+// llama.cpp on `prompt` (one batch) followed by `n_gen` greedy tokens, one llama_decode each:
+// *logits gets (prompt.size() + n_gen) rows of n_vocab, *generated the ids it printed.
+::testing::AssertionResult run_peer(const std::string& peer, const std::string& model, const std::vector<int32_t>& prompt, int n_gen,
+                                    int n_vocab, std::vector<float>* logits, std::vector<int32_t>* generated) {
+    TempFile out("logits", ".f32"), err("stderr", ".txt");
+    std::string ids;
+    for (size_t i = 0; i < prompt.size(); ++i) ids += (i ? "," : "") + std::to_string(prompt[i]);
+    const std::string cmd = shell_quote(peer) + " -m " + shell_quote(model) + " --tokens " + ids + " -n " + std::to_string(n_gen) +
+                            " -t 1 --logits-out " + shell_quote(out.path) + " 2>" + shell_quote(err.path);
+    FILE* p = popen(cmd.c_str(), "r");
+    if (!p) return ::testing::AssertionFailure() << "popen failed: " << cmd;
+    std::string text;
+    char buf[4096];
+    while (std::fgets(buf, sizeof buf, p)) text += buf;
+    const int rc = pclose(p);
+    if (rc != 0) {
+        std::string etext;
+        if (FILE* f = std::fopen(err.path.c_str(), "r")) {
+            while (std::fgets(buf, sizeof buf, f)) etext += buf;
+            std::fclose(f);
+        }
+        return ::testing::AssertionFailure() << "llama_peer failed (status " << rc << "): " << cmd << "\n" << text << etext;
+    }
+    generated->clear();
+    std::stringstream ss(text);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+        if (item.find_first_of("0123456789") != std::string::npos) generated->push_back((int32_t)std::atol(item.c_str()));
+    }
+    if ((int)generated->size() != n_gen) return ::testing::AssertionFailure() << "llama_peer printed " << generated->size() << " ids: " << text;
+    const size_t rows = prompt.size() + (size_t)n_gen;
+    logits->assign(rows * (size_t)n_vocab, 0.f);
+    FILE* f = std::fopen(out.path.c_str(), "rb");
+    if (!f) return ::testing::AssertionFailure() << "no logits file " << out.path;
+    const size_t got = std::fread(logits->data(), sizeof(float), logits->size(), f);
+    const bool extra = std::fgetc(f) != EOF;
+    std::fclose(f);
+    if (got != logits->size() || extra) return ::testing::AssertionFailure() << "logits file does not hold " << logits->size() << " floats";
+    return ::testing::AssertionSuccess();
+}
+
+RowDiff diff_rows(const moe_test::OracleResult& ref, const std::vector<float>& got, int first, int end) {
+    RowDiff d;
+    for (int i = first; i < end; ++i) d.add(i, ref.row(i), got.data() + (size_t)i * (size_t)ref.n_vocab, ref.n_vocab);
+    return d;
+}
+
+// Two runs of the engine over the same positions: max |a - b| / max |a|, and whether bit-identical.
+double engine_rel(const float* a, const float* b, size_t n, bool* identical) {
+    double mx = 0, mref = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const double d = std::fabs((double)a[i] - (double)b[i]);
+        if (!(d <= mx)) mx = d;
+        mref = std::max(mref, std::fabs((double)a[i]));
+    }
+    *identical = std::memcmp(a, b, n * sizeof(float)) == 0;
+    return mref > 0 ? mx / mref : mx;
+}
+
+std::string diff_msg(const RowDiff& d) {
+    std::ostringstream o;
+    o << "max|d|/max|ref| = " << d.rel() << " (max|d| " << d.max_abs << " at position " << d.worst_row << ", token " << d.worst_col
+      << "), rms rel " << d.rel_rms() << ", argmax " << d.argmax_agree << "/" << d.argmax_checked;
+    return o.str();
+}
+
+//---------------------------------------------------------------------------------------------------
+// The cases
+//---------------------------------------------------------------------------------------------------
+
+struct Q35Case {
+    const char* name;
+    ModelSpec spec;
+    int n_prompt;      // evaluated as one batch (longer than the conv kernel, so the window slides)
+    int n_gen;         // then this many greedy tokens, one per call (the peer), or one per eval (the engine)
+    double margin;     // minimum router-logit margin of every top-k decision of the prompt
+    double peer_tol;   // llama.cpp vs oracle, max|d|/max|ref|
+    double engine_tol; // engine vs oracle
+};
+void PrintTo(const Q35Case& c, std::ostream* os) {
+    *os << c.name << ": " << moe_test::describe(c.spec) << ", " << c.n_prompt << "+" << c.n_gen << " tokens";
+}
+
+ModelSpec q35_spec(int n_embd, int n_head, int n_head_kv, int head_dim, int n_rot, int n_layer, int n_expert, int n_used, int n_ff,
+                   int n_ff_shared, uint64_t seed) {
+    ModelSpec s;
+    s.arch = "qwen35moe";
+    s.n_vocab = 300;
+    s.n_embd = n_embd;
+    s.n_head = n_head;
+    s.n_head_kv = n_head_kv;
+    s.head_dim = head_dim;
+    s.n_rot = n_rot;
+    s.n_layer = n_layer;
+    s.n_expert = n_expert;
+    s.n_expert_used = n_used;
+    s.n_ff = n_ff;
+    s.n_ff_shared = n_ff_shared;
+    s.rope_base = 10000000.f;  // Qwen3.5's
+    s.rms_eps = 1e-6f;
+    s.seed = seed;
+    return s;
+}
+
+std::vector<Q35Case> q35_cases() {
+    std::vector<Q35Case> c;
+    const double kF32Margin = 1e-4, kF32Tol = 2e-5;
+    {   // Qwen3.5-35B-A3B's layout in small: full attention every 4th layer, head_dim 64 with a quarter
+        // rotary (16 dims, sections 3/3/2/0 = every pair rotates), 2 q/k heads, 4 v heads of 16
+        ModelSpec s = q35_spec(160, 4, 2, 64, 16, 4, 8, 2, 40, 56, 201);
+        s.ssm_group = 2;
+        s.ssm_dt_rank = 4;
+        s.ssm_state = 16;
+        c.push_back({"q35_DDDA_hd64_rot16_v2per", s, 32, 8, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // interval 3 over 6 layers, MQA head_dim 48, rot 20 with sections 3/1/1/0 (pairs 4 and 9 keep
+        // their values), as many v heads as q/k heads, state 24, 10 experts top-3, tied embeddings
+        ModelSpec s = q35_spec(144, 3, 1, 48, 20, 6, 10, 3, 24, 40, 211);
+        s.full_attn_interval = 3;
+        s.rope_sections = {3, 1, 1, 0};
+        s.ssm_group = 2;
+        s.ssm_dt_rank = 2;
+        s.ssm_state = 24;
+        s.tied = true;
+        c.push_back({"q35_DDADDA_hd48_sect3110_x10_tied", s, 30, 10, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // the per-layer array (attention first and twice), full rotary head_dim 32 with sections
+        // 2/2/1/1 (a 4th section: every 6th pair keeps its values), 3 v heads per q/k head, state 8,
+        // conv kernel 3, 6 experts top-3
+        ModelSpec s = q35_spec(96, 4, 4, 32, 32, 5, 6, 3, 32, 24, 221);
+        s.recr_layers = {0, 1, 1, 0, 1};
+        s.rope_sections = {2, 2, 1, 1};
+        s.ssm_group = 2;
+        s.ssm_dt_rank = 6;
+        s.ssm_state = 8;
+        s.ssm_conv = 3;
+        c.push_back({"q35_array_ADDAD_hd32_sect2211_v3per", s, 34, 6, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // one q/k head for 4 v heads of 32, GQA 4/2 head_dim 32 rot 8 (sections auto 2/1/1/0), full
+        // attention every 4th layer over 5 layers (one attention layer), 6 experts top-2
+        ModelSpec s = q35_spec(128, 4, 2, 32, 8, 5, 6, 2, 48, 64, 231);
+        s.ssm_group = 1;
+        s.ssm_dt_rank = 4;
+        s.ssm_state = 32;
+        c.push_back({"q35_DDDAD_state32_v4per", s, 28, 12, kF32Margin, kF32Tol, kF32Tol});
+    }
+    // Q8_0: attn_qkv, attn_gate, ssm_alpha/beta, ssm_out, q/k/v/o, experts, shared expert, token_embd
+    // and output are Q8_0 (every ne0 a multiple of 32); the conv kernel, norms, ssm_a/ssm_dt, routers
+    // and the shared-expert gate stay F32. llama.cpp rounds the activations of every Q8_0 matmul to
+    // q8_0, and the delta net amplifies that more than attention does (per-head l2 norms of 32 values,
+    // q.k of unit vectors, the per-head RMSNorm of the output): measured 2-4% relative, 1.5% with the
+    // delta-net projections kept F32 and 4.1% with only them Q8_0; bound 6e-2. Router logits ~ N(0,
+    // 6^2) so that a seed with all top-k margins >= 0.1 (q8_0 noise on the logits is ~0.03) exists.
+    {
+        ModelSpec s = q35_spec(256, 4, 2, 64, 16, 4, 8, 2, 64, 96, 241);
+        s.wtype = TT::q8_0;
+        s.router_scale = 6.0;
+        s.ssm_group = 2;
+        s.ssm_dt_rank = 4;
+        s.ssm_state = 32;
+        c.push_back({"q35_Q8_0", s, 24, 8, 0.1, 6e-2, 6e-2});
+    }
+    return c;
+}
+
+OracleCase make_case(const Q35Case& tc) { return moe_test::make_oracle_case(tc.spec, tc.n_prompt, tc.margin, 200); }
+
+// Oracle positions [n_prompt, end) whose routing margins all reach `margin`: past the first one that
+// does not, a quantized run may legitimately route differently and everything after differs.
+int trusted_end(const moe_test::OracleResult& r, int n_prompt, double margin) {
+    for (int p = n_prompt; p < r.n_tokens; ++p)
+        if (r.route_margin[(size_t)p] < margin) return p;
+    return r.n_tokens;
+}
+
+//---------------------------------------------------------------------------------------------------
+// 1. oracle vs llama.cpp
+//---------------------------------------------------------------------------------------------------
+
+class Qwen35Peer : public ::testing::TestWithParam<Q35Case> {};
+
+// The oracle's logits for llama.cpp's run of `c`: prompt ++ the peer's greedy tokens.
+struct PeerRun {
+    std::vector<float> logits;
+    std::vector<int32_t> all_tokens;
+    moe_test::OracleResult ref;
+};
+
+::testing::AssertionResult peer_run(const std::string& peer, const Q35Case& tc, const OracleCase& c, const std::string& tag, PeerRun* out) {
+    TempFile f(tag + tc.name);
+    if (c.model.write(f.path) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
+    std::vector<int32_t> gen;
+    ::testing::AssertionResult ok = run_peer(peer, f.path, c.tokens, tc.n_gen, tc.spec.n_vocab, &out->logits, &gen);
+    if (!ok) return ok;
+    const int V = tc.spec.n_vocab;
+    for (int k = 0; k < tc.n_gen; ++k) {  // the printed ids are the argmax of the rows before them
+        const int want = moe_test::argmax_row(out->logits.data() + (size_t)(tc.n_prompt - 1 + k) * (size_t)V, V);
+        if (gen[(size_t)k] != want) return ::testing::AssertionFailure() << "generated token " << k << " is " << gen[(size_t)k] << ", argmax " << want;
+    }
+    out->all_tokens = c.tokens;
+    out->all_tokens.insert(out->all_tokens.end(), gen.begin(), gen.end());
+    out->ref = moe_test::Oracle(c.model).run(out->all_tokens);
+    return ::testing::AssertionSuccess();
+}
+
+TEST_P(Qwen35Peer, OracleMatchesLlamaCpp) {
+    const Q35Case& tc = GetParam();
+    const std::string peer = peer_path();
+    if (peer.empty()) {
+        GTEST_SKIP() << "llama_peer not built (configure with MOE_PEER_DIR, or set MOE_LLAMA_PEER)";
+    }
+    OracleCase c = make_case(tc);
+    ASSERT_TRUE(c.ok) << c.error;
+    SCOPED_TRACE(moe_test::describe(c.model.spec));
+    ASSERT_GT(tc.n_prompt, 2 * c.model.spec.ssm_conv) << "the conv window must slide";
+    PeerRun pr;
+    ASSERT_TRUE(peer_run(peer, tc, c, "", &pr));
+    const int T = tc.n_prompt + tc.n_gen;
+    const int dec_end = trusted_end(pr.ref, tc.n_prompt, tc.margin);
+    const RowDiff pre = diff_rows(pr.ref, pr.logits, 0, tc.n_prompt), dec = diff_rows(pr.ref, pr.logits, tc.n_prompt, dec_end);
+    EXPECT_LT(pre.rel(), tc.peer_tol) << "prompt batch: " << diff_msg(pre);
+    EXPECT_LT(dec.rel(), tc.peer_tol) << "decode: " << diff_msg(dec);
+    if (tc.spec.wtype == TT::f32) {
+        EXPECT_EQ(dec_end, T) << "a decoded token's routing is a near-tie at F32";
+        EXPECT_EQ(pre.argmax_agree, pre.argmax_checked) << diff_msg(pre);
+        EXPECT_EQ(dec.argmax_agree, dec.argmax_checked) << diff_msg(dec);
+    }
+    if (std::getenv("MOE_FAMILIES_VERBOSE")) {
+        for (int p = 0; p < T; ++p) {
+            const RowDiff r = diff_rows(pr.ref, pr.logits, p, p + 1);
+            std::printf("  position %2d%s: max|d| %.3e (max|ref| %.3f), route margin %.4f\n", p, p < tc.n_prompt ? "" : " (decoded)", r.max_abs,
+                        r.max_ref, pr.ref.route_margin[(size_t)p]);
+        }
+    }
+    std::printf("[ qwen35   ] %-36s llama.cpp vs oracle: prompt max rel %.2e (rms %.2e), decode max rel %.2e (rms %.2e, %d of %d rows)\n",
+                tc.name, pre.rel(), pre.rel_rms(), dec.rel(), dec.rel_rms(), dec_end - tc.n_prompt, tc.n_gen);
+}
+
+// Each feature switched off in the oracle alone must move it far from llama.cpp (>= 100x the F32
+// bound). Not listed: the delta net's 1/sqrt(state size) on the output, which the gated RMSNorm
+// right after cancels (up to eps), so no test can see it.
+TEST(Qwen35Peer, OracleFeaturesMatter) {
+    const std::string peer = peer_path();
+    if (peer.empty()) {
+        GTEST_SKIP() << "llama_peer not built (configure with MOE_PEER_DIR, or set MOE_LLAMA_PEER)";
+    }
+    using moe_test::RandomModel;
+    using Abl = moe_test::Oracle::Qwen35Ablation;
+    struct Ablation {
+        const char* what;
+        void (*apply)(RandomModel*);
+        void (*flag)(Abl*);
+    };
+    auto none_m = [](RandomModel*) {};
+    auto none_f = [](Abl*) {};
+    const std::vector<Ablation> ablations = {
+        {"conv without history (last tap only)", [](RandomModel* m) {
+             const int KC = m->spec.ssm_conv;
+             for (auto& L : m->layers)
+                 for (size_t i = 0; i < L.ssm_conv1d.size(); ++i)
+                     if ((int)(i % (size_t)KC) != KC - 1) L.ssm_conv1d[i] = 0.f;
+         }, none_f},
+        {"conv taps reversed", [](RandomModel* m) {
+             const size_t KC = (size_t)m->spec.ssm_conv;
+             for (auto& L : m->layers)
+                 for (size_t c = 0; c + KC <= L.ssm_conv1d.size(); c += KC)
+                     std::reverse(L.ssm_conv1d.begin() + (ptrdiff_t)c, L.ssm_conv1d.begin() + (ptrdiff_t)(c + KC));
+         }, none_f},
+        {"no silu after the conv", none_m, [](Abl* a) { a->no_conv_silu = true; }},
+        {"q/k not l2-normalised", none_m, [](Abl* a) { a->no_l2norm = true; }},
+        {"v heads grouped (h / ratio), not tiled", none_m, [](Abl* a) { a->heads_grouped = true; }},
+        {"no decay (ssm_a = 0)", [](RandomModel* m) { for (auto& L : m->layers) std::fill(L.ssm_a.begin(), L.ssm_a.end(), 0.f); }, none_f},
+        {"decay after the update", none_m, [](Abl* a) { a->decay_after_update = true; }},
+        {"no dt bias", [](RandomModel* m) { for (auto& L : m->layers) L.ssm_dt.clear(); }, none_f},
+        {"beta = 1", none_m, [](Abl* a) { a->beta_one = true; }},
+        {"no silu(z) gate", none_m, [](Abl* a) { a->no_z_gate = true; }},
+        {"ssm_norm weights ignored", [](RandomModel* m) { for (auto& L : m->layers) std::fill(L.ssm_norm.begin(), L.ssm_norm.end(), 1.f); }, none_f},
+        {"no attention output gate", none_m, [](Abl* a) { a->no_attn_gate = true; }},
+        {"attn_q per head [gate, q]", none_m, [](Abl* a) { a->gate_before_q = true; }},
+        {"no q/k norm", [](RandomModel* m) { for (auto& L : m->layers) { L.q_norm.clear(); L.k_norm.clear(); } }, none_f},
+        {"RoPE: every pair rotates (no sections)", none_m, [](Abl* a) { a->rope_all_pairs = true; }},
+        {"RoPE NORM pairs", none_m, [](Abl* a) { a->rope_norm_pairs = true; }},
+        {"shared expert ungated", [](RandomModel* m) { for (auto& L : m->layers) L.gate_inp_shexp.clear(); }, none_f},
+        {"no shared expert", [](RandomModel* m) { for (auto& L : m->layers) L.gate_shexp.clear(); }, none_f},
+        {"weights not renormalised", [](RandomModel* m) { m->norm_topk = false; }, none_f},
+    };
+    const std::vector<Q35Case> cases = q35_cases();
+    for (const char* name : {"q35_DDADDA_hd48_sect3110_x10_tied", "q35_array_ADDAD_hd32_sect2211_v3per"}) {
+        const Q35Case* tc = nullptr;
+        for (const Q35Case& x : cases)
+            if (std::string(x.name) == name) tc = &x;
+        ASSERT_NE(tc, nullptr);
+        SCOPED_TRACE(name);
+        OracleCase c = make_case(*tc);
+        ASSERT_TRUE(c.ok) << c.error;
+        PeerRun pr;
+        ASSERT_TRUE(peer_run(peer, *tc, c, "abl_", &pr));
+        const int T = tc->n_prompt + tc->n_gen;
+        ASSERT_LT(diff_rows(pr.ref, pr.logits, 0, T).rel(), tc->peer_tol);
+        for (const Ablation& a : ablations) {
+            // the head mapping only shows with more v heads than q/k heads
+            if (std::string(a.what).find("grouped") != std::string::npos && c.model.spec.ssm_dt_rank == c.model.spec.ssm_group) continue;
+            RandomModel alt = c.model;
+            a.apply(&alt);
+            moe_test::Oracle o(alt);
+            a.flag(&o.q35);
+            const double rel = diff_rows(o.run(pr.all_tokens), pr.logits, 0, T).rel();
+            EXPECT_GT(rel, 100 * tc->peer_tol) << a.what << ": the oracle without it is as close to llama.cpp";
+            std::printf("[ qwen35   ] %-36s ablation %-40s: oracle vs llama.cpp %.4e\n", name, a.what, rel);
+        }
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, Qwen35Peer, ::testing::ValuesIn(q35_cases()),
+                         [](const ::testing::TestParamInfo<Q35Case>& i) { return std::string(i.param.name); });
+
+//---------------------------------------------------------------------------------------------------
+// 3. engine vs oracle (skips while the engine does not support qwen35moe)
+//---------------------------------------------------------------------------------------------------
+
+class Qwen35Engine : public ::testing::TestWithParam<Q35Case> {
+protected:
+    // Loads the case's file; false (and *skip set) when the engine answers Status::unsupported.
+    ::testing::AssertionResult load(const Q35Case& tc, OracleCase* c, TempFile* f, moe::Model* model, std::string* skip) {
+        {   // the spec's first seed, before the (slower) search for one with clear routing margins
+            const moe_test::RandomModel first = moe_test::make_random_model(tc.spec);
+            if (!first.ok()) return ::testing::AssertionFailure() << first.error;
+            if (first.write(f->path) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
+            if (moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model) == moe::Status::unsupported) {
+                *skip = std::string("the engine does not support qwen35moe yet: ") + moe::last_error();
+                return ::testing::AssertionSuccess();
+            }
+        }
+        *c = make_case(tc);
+        if (!c->ok) return ::testing::AssertionFailure() << c->error;
+        if (c->model.write(f->path) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
+        const moe::Status st = moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model);
+        if (st == moe::Status::unsupported) {
+            *skip = std::string("the engine does not support qwen35moe yet: ") + moe::last_error();
+            return ::testing::AssertionSuccess();
+        }
+        if (st != moe::Status::ok) return ::testing::AssertionFailure() << moe::status_string(st) << ": " << moe::last_error();
+        return ::testing::AssertionSuccess();
+    }
+};
+
+TEST_P(Qwen35Engine, MatchesOracle) {
+    const Q35Case& tc = GetParam();
+    OracleCase c;
+    TempFile f(std::string("eng_") + tc.name);
+    moe::Model model;
+    std::string skip;
+    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
+    if (!skip.empty()) {
+        GTEST_SKIP() << skip;
+    }
+    SCOPED_TRACE(moe_test::describe(c.model.spec));
+    const moe_test::RandomModel& rm = c.model;
+    const ModelSpec& s = rm.spec;
+
+    // What llama.cpp reports for these files: n_ff the expert width, n_ff_shared the shared
+    // expert's, softmax gating, renormalised, no weight scale.
+    const moe::ModelInfo& in = model.info();
+    EXPECT_EQ(in.architecture, s.arch);
+    EXPECT_EQ(in.n_vocab, s.n_vocab);
+    EXPECT_EQ(in.n_embd, s.n_embd);
+    EXPECT_EQ(in.n_layer, s.n_layer);
+    EXPECT_EQ(in.n_head, s.n_head);
+    EXPECT_EQ(in.n_head_kv, s.n_head_kv);
+    EXPECT_EQ(in.head_dim, rm.head_dim);
+    EXPECT_EQ(in.n_rot, rm.n_rot);
+    EXPECT_EQ(in.n_expert, s.n_expert);
+    EXPECT_EQ(in.n_expert_used, s.n_expert_used);
+    EXPECT_EQ(in.n_ff, s.n_ff);
+    EXPECT_EQ(in.n_ff_shared, rm.n_ff_shared);
+    EXPECT_EQ(in.expert_gating, moe::ExpertGating::softmax);
+    EXPECT_TRUE(in.expert_weights_norm);
+    EXPECT_EQ(in.expert_weights_scale, 1.f);
+
+    // The engine runs prompt ++ tokens the oracle chose greedily from its own logits (so the rows
+    // after the prompt are the decode the peer test checks too).
+    std::vector<int32_t> tokens = c.tokens;
+    for (int k = 0; k < tc.n_gen; ++k) {
+        const moe_test::OracleResult r = moe_test::Oracle(rm).run(tokens);
+        tokens.push_back(moe_test::argmax_row(r.row((int)tokens.size() - 1), s.n_vocab));
+    }
+    const moe_test::OracleResult full = moe_test::Oracle(rm).run(tokens);
+    const int T = (int)tokens.size(), V = s.n_vocab, L = s.n_layer, K = s.n_expert_used, n_first = tc.n_prompt;
+    const int t_end = trusted_end(full, n_first, tc.margin);
+    moe::SessionOptions opt;
+    opt.n_ctx = T + 8;
+    opt.n_threads = 2;
+    moe::Session sess;
+    ASSERT_EQ(moe::Session::create(model, opt, &sess), moe::Status::ok) << moe::last_error();
+    std::vector<float> logits((size_t)T * (size_t)V);
+    std::vector<int32_t> experts((size_t)T * (size_t)L * (size_t)K, -1);  // observed for the decoded positions
+    ASSERT_EQ(sess.eval(tokens.data(), (size_t)n_first, logits.data()), moe::Status::ok) << moe::last_error();
+    for (int p = n_first; p < T; ++p) {
+        ASSERT_EQ(sess.eval(&tokens[(size_t)p], 1), moe::Status::ok) << "position " << p << ": " << moe::last_error();
+        std::copy(sess.logits(), sess.logits() + V, logits.begin() + (ptrdiff_t)p * V);
+        if (const int32_t* ids = sess.last_expert_ids())
+            std::copy(ids, ids + (size_t)L * (size_t)K, experts.begin() + (ptrdiff_t)p * L * K);
+    }
+
+    // Routing: the engine's experts must be the oracle's top-k (as sets) on every layer, except
+    // near-ties in router logit (quantized weights only), which are then forced on the oracle.
+    const double near_tie = tc.spec.wtype == TT::f32 ? 0.0 : 0.0625;
+    int flips = 0;
+    std::vector<int32_t> forced((size_t)T * (size_t)L * (size_t)K, 0);
+    for (int p = 0; p < T; ++p) {
+        for (int il = 0; il < L; ++il) {
+            const size_t base = ((size_t)p * (size_t)L + (size_t)il) * (size_t)K;
+            std::copy(full.experts.begin() + (ptrdiff_t)base, full.experts.begin() + (ptrdiff_t)(base + (size_t)K), forced.begin() + (ptrdiff_t)base);
+            if (experts[base] < 0) continue;  // not observed
+            const std::set<int> want(full.experts.begin() + (ptrdiff_t)base, full.experts.begin() + (ptrdiff_t)(base + (size_t)K));
+            const std::set<int> got(experts.begin() + (ptrdiff_t)base, experts.begin() + (ptrdiff_t)(base + (size_t)K));
+            if (got == want) continue;
+            ASSERT_EQ((int)got.size(), K) << "position " << p << " layer " << il << ": repeated expert ids";
+            const double* sc = &full.route_scores[((size_t)p * (size_t)L + (size_t)il) * (size_t)s.n_expert];
+            double kth = 1e300;
+            for (int e : want) kth = std::min(kth, sc[e]);
+            for (int e : got) {
+                ASSERT_TRUE(e >= 0 && e < s.n_expert) << "position " << p << " layer " << il << ": expert id " << e;
+                if (!want.count(e)) {
+                    ASSERT_LE(kth - sc[e], near_tie) << "position " << p << " layer " << il << ": engine chose expert " << e << " (logit "
+                                                     << sc[e] << ") but the k-th best logit is " << kth;
+                }
+            }
+            std::copy(got.begin(), got.end(), forced.begin() + (ptrdiff_t)base);
+            ++flips;
+        }
+    }
+    const moe_test::OracleResult ref = flips ? moe_test::Oracle(rm).run(tokens, &forced) : full;
+    const RowDiff pre = diff_rows(ref, logits, 0, n_first), dec = diff_rows(ref, logits, n_first, flips ? T : t_end);
+    EXPECT_LT(pre.rel(), tc.engine_tol) << "prefill: " << diff_msg(pre);
+    EXPECT_LT(dec.rel(), tc.engine_tol) << "decode: " << diff_msg(dec) << "; near-tie routing flips " << flips;
+    std::printf("[ qwen35   ] %-36s engine vs oracle: prefill %.2e, decode %.2e, routing flips %d\n", tc.name, pre.rel(), dec.rel(), flips);
+}
+
+// reset() and truncate(n) must leave the conv and delta-net states as an uninterrupted run would
+// have them: after truncate(n), evaluating tokens n .. T-1 again gives the first run's rows (row
+// kernels only, so chunking does not change a token's result), and a different continuation
+// matches the oracle.
+TEST_P(Qwen35Engine, ResetAndTruncateRestoreRecurrentState) {
+    const Q35Case& tc = GetParam();
+    OracleCase c;
+    TempFile f(std::string("trunc_") + tc.name);
+    moe::Model model;
+    std::string skip;
+    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
+    if (!skip.empty()) {
+        GTEST_SKIP() << skip;
+    }
+    SCOPED_TRACE(moe_test::describe(c.model.spec));
+    const ModelSpec& s = c.model.spec;
+    const int T = tc.n_prompt, V = s.n_vocab;
+    const size_t row = (size_t)V;
+    moe::SessionOptions opt;
+    opt.n_ctx = T + 16;
+    opt.n_threads = 2;
+    opt.gemm_min_tokens = -1;
+    moe::Session sess;
+    ASSERT_EQ(moe::Session::create(model, opt, &sess), moe::Status::ok) << moe::last_error();
+    std::vector<float> first((size_t)T * row), again((size_t)T * row);
+    ASSERT_EQ(sess.eval(c.tokens.data(), (size_t)T, first.data()), moe::Status::ok) << moe::last_error();
+
+    sess.reset();
+    EXPECT_EQ(sess.position(), 0);
+    ASSERT_EQ(sess.eval(c.tokens.data(), (size_t)T, again.data()), moe::Status::ok) << moe::last_error();
+    bool same = false;
+    EXPECT_LE(engine_rel(first.data(), again.data(), first.size(), &same), 1e-6) << "reset + re-eval differs (stale recurrent state?)";
+
+    // n = T - 1 (regenerate the last token), mid-sequence, inside the first conv_kernel - 1 positions, 0
+    for (int n : {T - 1, T / 2 + 1, T / 2, 2, 1, 0}) {
+        SCOPED_TRACE("truncate(" + std::to_string(n) + ")");
+        const moe::Status st = sess.truncate(n);
+        if (st == moe::Status::unsupported) {
+            const std::string why = moe::last_error();
+            const bool clear = why.find("qwen35moe") != std::string::npos || why.find("recurrent") != std::string::npos ||
+                               why.find("delta") != std::string::npos || why.find("state") != std::string::npos;
+            ASSERT_TRUE(clear) << "truncate answered unsupported without saying why: \"" << why << "\"";
+            GTEST_SKIP() << "truncate is unsupported for qwen35moe: " << why;
+        }
+        ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(sess.position(), n);
+        ASSERT_EQ(sess.eval(c.tokens.data() + n, (size_t)(T - n), again.data()), moe::Status::ok) << moe::last_error();
+        const double rel = engine_rel(first.data() + (size_t)n * row, again.data(), (size_t)(T - n) * row, &same);
+        EXPECT_LE(rel, 1e-6) << "rows " << n << ".." << T - 1 << " after truncate differ from the first run";
+        std::printf("[ qwen35   ] %-36s truncate(%2d) + re-eval vs first run: max rel %.2e%s\n", tc.name, n, rel, same ? " (bit-identical)" : "");
+    }
+
+    // a different continuation after truncate(n) must equal the oracle on prefix ++ continuation
+    const int n = T / 2 + 1;
+    ASSERT_EQ(sess.truncate(n), moe::Status::ok) << moe::last_error();
+    std::vector<int32_t> alt(c.tokens.begin(), c.tokens.begin() + n);
+    const std::vector<int32_t> tail = moe_test::random_tokens(6, V, 4242);
+    alt.insert(alt.end(), tail.begin(), tail.end());
+    std::vector<float> cont(tail.size() * row);
+    ASSERT_EQ(sess.eval(tail.data(), tail.size(), cont.data()), moe::Status::ok) << moe::last_error();
+    const moe_test::OracleResult ref = moe_test::Oracle(c.model).run(alt);
+    double margin = std::numeric_limits<double>::infinity();
+    for (int p = n; p < (int)alt.size(); ++p) margin = std::min(margin, ref.route_margin[(size_t)p]);
+    if (margin >= tc.margin) {  // else a quantized run may legitimately route the new tokens differently
+        RowDiff d;
+        for (size_t i = 0; i < tail.size(); ++i) d.add((int)(n + (int)i), ref.row(n + (int)i), cont.data() + i * row, V);
+        EXPECT_LT(d.rel(), tc.engine_tol) << "after truncate(" << n << ") and new tokens: " << diff_msg(d);
+    }
+}
+
+// Long rewinds, eval_prompt with a shared prefix, and session state files carrying the conv window
+// and the delta-net states must all reproduce an uninterrupted run bit for bit (row kernels, one
+// thread count), however the engine keeps or rebuilds the recurrent state.
+class Qwen35EngineLong : public Qwen35Engine {};  // the fixture's load(), without parameters
+TEST_F(Qwen35EngineLong, LongRewindsAndStateFiles) {
+    const Q35Case tc = q35_cases()[0];
+    OracleCase c;
+    TempFile f("long_rewind");
+    moe::Model model;
+    std::string skip;
+    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
+    if (!skip.empty()) GTEST_SKIP() << skip;
+    const int T = 120, V = c.model.spec.n_vocab;
+    const std::vector<int32_t> tokens = moe_test::random_tokens(T, V, 777);
+    moe::SessionOptions opt;
+    opt.n_ctx = 160;
+    opt.n_threads = 2;
+    opt.n_batch = 4;
+    opt.gemm_min_tokens = -1;
+    moe::Session sess;
+    ASSERT_EQ(moe::Session::create(model, opt, &sess), moe::Status::ok) << moe::last_error();
+    std::vector<float> first((size_t)T * V), again((size_t)T * V);
+    ASSERT_EQ(sess.eval(tokens.data(), (size_t)T, first.data()), moe::Status::ok) << moe::last_error();
+    bool same = false;
+    for (int n : {119, 100, 40, 7}) {
+        SCOPED_TRACE("truncate(" + std::to_string(n) + ")");
+        const moe::Status st = sess.truncate(n);
+        if (st == moe::Status::unsupported) GTEST_SKIP() << "truncate is unsupported for qwen35moe: " << moe::last_error();
+        ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(sess.position(), n);
+        ASSERT_EQ(sess.eval(tokens.data() + n, (size_t)(T - n), again.data()), moe::Status::ok) << moe::last_error();
+        EXPECT_EQ(engine_rel(first.data() + (size_t)n * V, again.data(), (size_t)(T - n) * V, &same), 0.0);
+    }
+    // eval_prompt with a prompt that shares 30 tokens: the session rewinds to 30
+    std::vector<int32_t> other(tokens.begin(), tokens.begin() + 30);
+    const std::vector<int32_t> tail = moe_test::random_tokens(5, V, 99);
+    other.insert(other.end(), tail.begin(), tail.end());
+    size_t reused = 0;
+    ASSERT_EQ(sess.eval_prompt(other.data(), other.size(), &reused), moe::Status::ok) << moe::last_error();
+    EXPECT_LE(reused, 30u);
+    {
+        moe::Session fresh;
+        ASSERT_EQ(moe::Session::create(model, opt, &fresh), moe::Status::ok);
+        ASSERT_EQ(fresh.eval(other.data(), other.size()), moe::Status::ok);
+        EXPECT_EQ(engine_rel(fresh.logits(), sess.logits(), (size_t)V, &same), 0.0) << "eval_prompt after a long rewind";
+    }
+    // State files: saved at position 90, continued in a new session.
+    ASSERT_EQ(sess.truncate(0), moe::Status::ok);
+    ASSERT_EQ(sess.eval(tokens.data(), 90), moe::Status::ok);
+    std::vector<uint8_t> state;
+    ASSERT_EQ(sess.save_state(&state, nullptr), moe::Status::ok) << moe::last_error();
+    moe::Session restored;
+    ASSERT_EQ(moe::Session::create(model, opt, &restored), moe::Status::ok);
+    ASSERT_EQ(restored.load_state(state.data(), state.size(), nullptr), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(restored.position(), 90);
+    ASSERT_EQ(restored.eval(tokens.data() + 90, (size_t)(T - 90), again.data()), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(engine_rel(first.data() + (size_t)90 * V, again.data(), (size_t)(T - 90) * V, &same), 0.0) << "continuation after load_state";
+    state.resize(state.size() - 9);  // truncated: refused, the session untouched
+    EXPECT_NE(restored.load_state(state.data(), state.size(), nullptr), moe::Status::ok);
+    EXPECT_EQ(restored.position(), T);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, Qwen35Engine, ::testing::ValuesIn(q35_cases()),
+                         [](const ::testing::TestParamInfo<Q35Case>& i) { return std::string(i.param.name); });
+
+}  // namespace
