@@ -99,7 +99,8 @@
        [SECTION] FORWARD PASS                    >>forward
            forward state                         >>forward-state  KvCache, Activations, Routing, PhaseProfile, ForwardCall
            expert statistics and prediction      >>experts        GateLookahead (ExpertPredictor)
-           the forward pass of one chunk         >>forward-chunk  eval -> forward -> forward_thread -> phases
+           the forward pass of one chunk         >>forward-chunk  eval -> forward -> forward_thread -> phases (attention,
+                                                            MLA, short convolution, routing, experts)
        [SECTION] SAMPLER IMPLEMENTATION          >>sampler
        [SECTION] GENERATION IMPLEMENTATION       >>generate
        [SECTION] CHAT TEMPLATES & JSON IMPLEMENTATION  >>chat  JSON, a Jinja subset, JSON Schema -> GBNF

@@ -1,6 +1,7 @@
 // Lifetimes and defined behaviour of the public handles (Model, Session), the order of eval()'s
 // checks, and escaping in error messages. Each test failed on the code before the fix it guards.
 #include "moe_infer.h"
+#include "random_model.h"
 
 #include <gtest/gtest.h>
 
@@ -208,13 +209,12 @@ SoloRun solo(const moe::Model& model, const moe::SessionOptions& so, const std::
 
 }  // namespace
 
-TEST(BatchedDecode, EachSequenceMatchesItsSoloRun) {
-    const moe::Model model = load_demo();
+namespace {
+// Decodes `steps` greedy tokens for every prompt at once with eval_batch and checks each against
+// its solo run, bit for bit (n_batch 0, and 2: the batch runs as several passes).
+void check_batched_against_solo(const moe::Model& model, const std::vector<std::vector<int32_t>>& prompts, int steps) {
     const int32_t V = model.info().n_vocab, nk = model.info().n_layer * model.info().n_expert_used;
-    // Prompts of different lengths (different positions in one batch), two of them equal.
-    const std::vector<std::vector<int32_t>> prompts = {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {300}, {40, 77, 258}, {9, 8, 7, 6, 5, 4, 3, 2, 1, 99, 98}};
-    const int steps = 12;
-    for (int n_batch : {0, 2}) {  // 2: the batch of 5 runs as three passes
+    for (int n_batch : {0, 2}) {
         moe::SessionOptions so;
         so.n_threads = 2;
         so.n_ctx = 64;
@@ -240,6 +240,41 @@ TEST(BatchedDecode, EachSequenceMatchesItsSoloRun) {
                 EXPECT_EQ(std::vector<int32_t>(sessions[i].last_expert_ids(), sessions[i].last_expert_ids() + nk), want[i].experts[(size_t)step]);
             }
         }
+    }
+}
+}  // namespace
+
+TEST(BatchedDecode, EachSequenceMatchesItsSoloRun) {
+    // Prompts of different lengths (different positions in one batch), two of them equal.
+    check_batched_against_solo(load_demo(), {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {300}, {40, 77, 258}, {9, 8, 7, 6, 5, 4, 3, 2, 1, 99, 98}}, 12);
+}
+
+// The same for the families with per-layer state of their own: sliding windows and sinks
+// (gpt-oss), the MLA latent cache (deepseek2), short-convolution rings (lfm2moe).
+TEST(BatchedDecode, NewFamiliesMatchTheirSoloRuns) {
+    std::vector<moe_test::ModelSpec> specs(3);
+    specs[0].arch = "gpt-oss";
+    specs[0].head_dim = 32;
+    specs[0].n_swa = 5;  // shorter than the sequences
+    specs[1].arch = "deepseek2";
+    specs[1].q_lora_rank = 24;
+    specs[1].kv_lora_rank = 32;
+    specs[1].qk_nope = 16;
+    specs[1].qk_rope = 8;
+    specs[1].v_head_dim = 16;
+    specs[1].n_expert_shared = 1;
+    specs[2].arch = "lfm2moe";
+    specs[2].n_layer = 3;
+    specs[2].conv_layers = {1, 0, 1};
+    specs[2].n_dense_lead = 0;
+    for (const moe_test::ModelSpec& spec : specs) {
+        SCOPED_TRACE(spec.arch);
+        const moe_test::RandomModel rm = moe_test::make_random_model(spec);
+        ASSERT_TRUE(rm.ok()) << rm.error;
+        const std::vector<uint8_t> bytes = rm.bytes();
+        moe::Model model;
+        ASSERT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::ok) << moe::last_error();
+        check_batched_against_solo(model, {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {200}, {9, 8, 7, 6, 5, 4, 3, 2, 1, 99, 98}}, 10);
     }
 }
 
