@@ -758,8 +758,9 @@ struct SessionOptions {
 };
 
 // Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
-// 8 * n_layer * n_ctx * n_head_kv * head_dim for F32 (MLA models: 4 * n_layer * n_ctx * (kv_lora_rank +
-// n_rot), the latent and the rope key), 34/32 of that / 4 for Q8_0. 0 for an unloaded model.
+// 8 * n_attention_layers * n_ctx * n_head_kv * head_dim for F32 (MLA models: 4 * n_layer * n_ctx *
+// (kv_lora_rank + n_rot), the latent and the rope key), 34/32 of that / 4 for Q8_0. 0 for an unloaded
+// model. Not included: short-convolution layers' input rings (n_batch + 64 positions of n_embd floats).
 MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType kv_type = TensorType::f32);
 constexpr int32_t kMaxContextLength = 1 << 22;  // SessionOptions::n_ctx limit
 
@@ -830,7 +831,8 @@ public:
     Status save_state(std::vector<uint8_t>* out, const Sampler* sampler = nullptr) const;
     Status load_state(const uint8_t* data, size_t size, Sampler* sampler = nullptr);
     const Model& model() const;  // a handle sharing the model's state (valid while the Session is)
-    // Experts chosen for the last evaluated token: n_layer * n_expert_used ids (layer-major).
+    // Experts chosen for the last evaluated token: n_layer * n_expert_used ids (layer-major); -1 for
+    // the dense layers of a MoE model.
     const int32_t* last_expert_ids() const;
     // With SessionOptions::profile: writes up to `max` phase times and returns how many phases
     // there are (0 when profiling is off).
@@ -8961,6 +8963,9 @@ struct ModelImpl {
     RopeTable rope;
     RopeTable rope_swa;  // sliding-window layers whose base differs (rope.freq_base_swa); else empty
     bool mla = false;      // multi-head latent attention (ModelInfo::kv_lora_rank)
+    // Tensors never read (NextN layers): [offset, end) in the file, and their bytes.
+    std::vector<std::pair<uint64_t, uint64_t>> unused_ranges;
+    uint64_t unused_bytes = 0;
     std::list<std::vector<float>> owned;  // weights made at load (old deepseek2 files' split attn_kv_b)
     float att_scale = 0;   // scale of q.k; 0: 1 / sqrt(head_dim)
     Weight token_embd, output;
@@ -9175,6 +9180,7 @@ inline Status load_model(ModelImpl& m) {
             int32_t heads = 0;
             for (uint32_t il = 0; il < n_layer; ++il) {
                 if (is_lfm2moe && per_layer[il] == 0) { hp.layer_conv[il] = true; continue; }
+                if (per_layer[il] <= 0) return fail(Status::invalid_file, "'%s'[%u] = %d is not a head count", k.c_str(), il, per_layer[il]);
                 if (heads && per_layer[il] != heads) return fail(Status::unsupported, "'%s': per-layer KV head counts are not supported", k.c_str());
                 heads = per_layer[il];
             }
@@ -9298,10 +9304,13 @@ inline Status load_model(ModelImpl& m) {
         hp.expert_weights_norm = false;  // llama.cpp's default where the key is absent
         if (m.file.get_bool(L.key("expert_weights_norm").c_str(), &hp.expert_weights_norm) != Status::ok) hp.expert_weights_norm = false;
         last_error_storage().clear();
+    }
+    {   // grouped top-k (llama.cpp reads it for every architecture)
         uint32_t groups = 0, used_groups = 0;
         if ((s = L.u32("expert_group_count", &groups, false, 0)) != Status::ok) return s;
         if ((s = L.u32("expert_group_used_count", &used_groups, false, 0)) != Status::ok) return s;
-        if (groups > 1 && (n_expert % groups || used_groups == 0 || used_groups >= groups || n_used > n_expert / groups * used_groups))
+        if (groups > 1 && (n_expert == 0 || groups > n_expert || n_expert % groups || used_groups == 0 || used_groups >= groups ||
+                           n_used > n_expert / groups * used_groups))
             return fail(Status::invalid_file, "expert groups %u (used %u) do not fit %u experts, top-%u", groups, used_groups, n_expert, n_used);
         hp.n_expert_groups = groups > 1 ? (int32_t)groups : 0;
         hp.n_group_used = groups > 1 ? (int32_t)used_groups : 0;
@@ -9375,6 +9384,9 @@ inline Status load_model(ModelImpl& m) {
         }
     }
 
+    for (const RopeTable* t : {&m.rope, &m.rope_swa})
+        if (!(std::isfinite(t->freq_scale) && t->freq_scale > 0 && std::isfinite(t->mscale) && t->mscale > 0))
+            return fail(Status::invalid_file, "the rope scaling parameters give a non-finite scale");
     const int64_t E = n_embd, H = (int64_t)n_head * key_len, KV = (int64_t)n_head_kv * key_len, F = hp.n_ff;
     if ((s = L.weight("token_embd.weight", E, 0, 0, true, &m.token_embd)) != Status::ok) return s;
     hp.n_vocab = (int32_t)m.token_embd.rows;
@@ -9389,6 +9401,7 @@ inline Status load_model(ModelImpl& m) {
                                                                 (yarn_log_mul != 0 || inv_fs <= 1 ? 1.f : 0.1f * std::log(inv_fs) + 1.f) : 1.f);
         const float mscale = attn_cp * (1.f + 0.1f * std::log(inv_fs)) * (1.f + 0.1f * yarn_log_mul * std::log(inv_fs));
         m.att_scale = mscale * mscale / std::sqrt((float)key_len);
+        if (!(std::isfinite(m.att_scale) && m.att_scale > 0)) return fail(Status::invalid_file, "the rope scaling parameters give a non-finite attention scale");
     }
     if ((s = L.weight("output.weight", E, hp.n_vocab, 0, false, &m.output)) != Status::ok) return s;
     if (!m.output) m.output = m.token_embd;  // tied embeddings
@@ -9507,10 +9520,16 @@ inline Status load_model(ModelImpl& m) {
         const GgufTensorInfo& t = m.file.tensor_at(i);
         total += t.n_bytes;
         unsigned block = 0;
-        if (n_nextn && std::sscanf(t.name.c_str(), "blk.%u.", &block) == 1 && block >= n_layer) unused += t.n_bytes;
-        else if (t.name.find("_exps.") != std::string::npos) experts += t.n_bytes;
+        if (n_nextn && std::sscanf(t.name.c_str(), "blk.%u.", &block) == 1 && block >= n_layer) {
+            unused += t.n_bytes;
+            const uint64_t at = (uint64_t)(t.data - m.file.data());
+            m.unused_ranges.push_back({at, at + t.n_bytes});
+        } else if (t.name.find("_exps.") != std::string::npos) {
+            experts += t.n_bytes;
+        }
     }
     hp.weight_bytes = total;
+    m.unused_bytes = unused;
     hp.active_bytes_per_token = total - unused - experts - m.token_embd.mat_bytes + m.token_embd.row_bytes +
                                 (n_expert ? experts / n_expert * n_used : 0) + (m.output.data == m.token_embd.data ? m.token_embd.mat_bytes : 0);
 
@@ -10099,6 +10118,7 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
         for (const LayerWeights& lw : m.layers)
             for (const Weight* w : {&lw.gate_exps, &lw.up_exps, &lw.down_exps, &lw.gate_hot, &lw.up_hot, &lw.down_hot})
                 if (*w) stacks.push_back({(uint64_t)(w->data - base), (uint64_t)(w->data - base) + w->mat_bytes * (uint64_t)w->n_mats});
+        stacks.insert(stacks.end(), m.unused_ranges.begin(), m.unused_ranges.end());  // NextN layers: never read either
         std::sort(stacks.begin(), stacks.end());
         const int fd = ::open(path, O_RDONLY);
         uint64_t from = 0;
@@ -10117,7 +10137,7 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
         if (fd >= 0) ::close(fd);
     }
 #endif
-    const uint64_t resident = hp.weight_bytes - expert_total;
+    const uint64_t resident = hp.weight_bytes - expert_total - m.unused_bytes;
     const size_t pad = s.align > 64 && !s.mapped_base ? s.align : 0;  // AlignedBuffer gives 64-byte alignment, O_DIRECT wants more
     const uint64_t need = resident + (uint64_t)hp.n_expert_used * s.slot_bytes + pad;
     if (o.mem_budget < need)
@@ -10264,9 +10284,21 @@ struct KvCache {
     AlignedBuffer<float> conv;  // (n_conv, conv_ring, conv_width)
     int32_t conv_ring = 0;
     int64_t conv_width = 0;
+    std::vector<int32_t> conv_pos;  // (conv_ring): the position each slot holds for sure, -1: none
     bool allocate_conv(int32_t n_conv, int32_t ring, int64_t width) {
         conv_ring = ring; conv_width = width;
+        conv_pos.assign(n_conv ? (size_t)ring : 0, -1);
         return n_conv == 0 || conv.allocate((size_t)n_conv * (size_t)ring * (size_t)width, true);
+    }
+    // Slots of positions >= p no longer hold what a continuation from p will read.
+    void forget_conv_from(int32_t p) {
+        for (int32_t& q : conv_pos)
+            if (q >= p) q = -1;
+    }
+    bool conv_holds(int32_t first, int32_t end) const {  // positions [first, end), those >= 0
+        for (int32_t p = std::max(first, 0); p < end; ++p)
+            if (conv_pos[(size_t)(p % conv_ring)] != p) return false;
+        return true;
     }
     float* conv_row(int32_t ci, int32_t p) { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
     const float* conv_row(int32_t ci, int32_t p) const { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
@@ -10435,9 +10467,9 @@ struct SessionImpl {
     // stop at 4 KiB page boundaries, and a core streaming alone cannot otherwise keep enough loads in
     // flight (measured on Sapphire Rapids: decode +18% at 16 threads, +40% at 1 thread).
     static constexpr size_t kDefaultPrefetch = 2048;
-    // Short-convolution inputs are kept for the last n_batch + kConvRing positions: a chunk never
-    // overwrites the window before it, and truncate()/eval_prompt() rewinding by up to about
-    // kConvRing positions keep an exact state (further, the kept prefix is evaluated again).
+    // Short-convolution inputs are kept for the last n_batch + kConvRing positions (slots tagged by
+    // position): a chunk never overwrites the window before it, and a truncate()/eval_prompt() whose
+    // window is still in the ring keeps an exact state; otherwise the kept prefix is evaluated again.
     static constexpr int32_t kConvRing = 64;
 
     std::shared_ptr<const ModelImpl> model;  // keeps the weights alive as long as the session
@@ -10578,12 +10610,23 @@ public:
         const LayerWeights& l = m_->layers[(size_t)target];
         const float scale = rms_scale(hidden, hp.n_embd, hp.rms_eps);
         for (int64_t i = 0; i < hp.n_embd; ++i) h_[(size_t)i] = hidden[i] * scale * l.ffn_norm[(size_t)i];
-        for (int e = 0; e < hp.n_expert; ++e) {  // ranked as route() ranks (softmax keeps the logits' order)
+        // Ranked as route() ranks (grouped top-k aside): the gate's scores plus any selection bias;
+        // without a bias a softmax keeps the logits' order and is skipped.
+        float mx = -INFINITY;
+        for (int e = 0; e < hp.n_expert; ++e) {
             float v = l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd) * (l.router.scaled() ? l.router.scale(0) : 1.f);
             if (!l.router_bias.empty()) v += l.router_bias[(size_t)e];
             if (hp.expert_gating == ExpertGating::sigmoid) v = 1.f / (1.f + std::exp(-v));
-            if (!l.selection_bias.empty()) v += l.selection_bias[(size_t)e];
             order_[(size_t)e] = {v, e};
+            mx = std::max(mx, v);
+        }
+        if (!l.selection_bias.empty()) {
+            if (hp.expert_gating == ExpertGating::softmax) {
+                float sum = 0;
+                for (auto& o : order_) sum += (o.first = std::exp(o.first - mx));
+                for (auto& o : order_) o.first /= sum;
+            }
+            for (auto& o : order_) o.first += l.selection_bias[(size_t)o.second];
         }
         const int k = std::min(max, hp.n_expert);
         std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
@@ -10602,11 +10645,16 @@ private:
 
 inline int32_t n_conv_layers(const ModelInfo& info) { return (int32_t)std::count(info.layer_conv.begin(), info.layer_conv.end(), true); }
 
-// Moves the session back to position n. Short-convolution state comes from the ring when it still
-// holds the window before n, else the kept prefix is evaluated again.
+// Moves the session back to position n. Short-convolution state comes from the ring when its slots
+// still hold the window before n (tagged by position), else the kept prefix is evaluated again (on
+// a failure there the session stays at the position it reached).
 inline Status SessionImpl::rewind(int32_t n) {
-    const int32_t window = hp->shortconv_l_cache - 1;
-    if (hp->shortconv_l_cache == 0 || n == 0 || n >= kv.pos || kv.pos - n <= kv.conv_ring - window) {
+    if (hp->shortconv_l_cache == 0 || n >= kv.pos) {
+        kv.pos = std::min(n, kv.pos);
+        return Status::ok;
+    }
+    kv.forget_conv_from(n);
+    if (kv.conv_holds(n - (hp->shortconv_l_cache - 1), n)) {
         kv.pos = n;
         return Status::ok;
     }
@@ -10771,6 +10819,11 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
     profile.start();
     store_failed = false;
     stop_layers = false;
+    if (hp->shortconv_l_cache)  // the chunk overwrites these ring slots; they count once it is kept
+        for (int32_t t = 0; t < n; ++t) {
+            KvCache& cache = kv_of(c, t);
+            cache.conv_pos[(size_t)(pos_of(c, t) % cache.conv_ring)] = -1;
+        }
     pool.parallel_for([this, &c](int ith, int nth_) { forward_thread(c, ith, nth_); });
     if (store) {
         store->release(&pins);
@@ -10781,6 +10834,11 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
         return fail(Status::cancelled, "evaluation cancelled (Session::cancel) at position %d", kv.pos);
     }
     if (all_logits) std::memcpy(all_logits, a.logits_batch.data, (size_t)n * (size_t)hp->n_vocab * 4);
+    if (hp->shortconv_l_cache)
+        for (int32_t t = 0; t < n; ++t) {
+            KvCache& cache = kv_of(c, t);
+            cache.conv_pos[(size_t)(pos_of(c, t) % cache.conv_ring)] = pos_of(c, t);
+        }
     if (seq_kv) {  // the caller hands each row to its session
         for (int32_t t = 0; t < n; ++t) seq_kv[t]->tokens.data[seq_kv[t]->pos++] = tokens[t];
         return Status::ok;
@@ -11005,8 +11063,6 @@ inline void SessionImpl::matmul_tile(const MatTask& mt, int64_t row0, int32_t t0
     }
 }
 
-// QK-norm, RoPE and the KV store; units are (token, head) (or one per token for a whole-projection
-// QK-norm, which needs the whole row).
 // The short convolution of a chunk. Units are spans of channels over all the chunk's tokens, in
 // token order: store the token's b * x in the ring, convolve its window (positions before 0 are
 // zeros), gate with c, quantize the span for out_proj.
@@ -11150,6 +11206,8 @@ inline void SessionImpl::mla_values_phase(const ForwardCall& c, int il, uint8_t 
     }
 }
 
+// QK-norm, RoPE and the KV store; units are (token, head) (or one per token for a whole-projection
+// QK-norm, which needs the whole row).
 inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int nth) {
     const int32_t n = c.n;
     const ModelImpl& m = *model;
@@ -11350,9 +11408,12 @@ inline void SessionImpl::att_out_phase(const ForwardCall& c, int il, uint8_t fmt
     }
 }
 
-// Routing for every token (softmax over all experts, top-k with ties to the lower id, optional
-// renormalisation, shared-expert gate), then the uses grouped by target and each used FFN resolved
-// into r.active, so that each expert row is read once per chunk.
+// Routing for every token in a MoE layer (the gate's scores: softmax, sigmoid or the raw logits for
+// softmax_weight; a selection bias and grouped top-k steer the choice only; top-k with ties to the
+// lower id; weights: the chosen scores, a softmax over them, renormalised, scaled as the model says;
+// the shared expert's sigmoid gate or 1). A dense layer uses slot 0 (the others kNoTarget). Then
+// the uses grouped by target and each used FFN resolved into r.active, so that each expert row is
+// read once per chunk.
 inline void SessionImpl::route(int il, int32_t n) {
     const LayerWeights& l = model->layers[(size_t)il];
     if (store) store->release(&pins);  // the previous layer's FFN is done
@@ -11829,7 +11890,11 @@ MOE_DETAIL_MEMBER void Session::cancel() {
 MOE_DETAIL_MEMBER const float* Session::logits() const { return impl_ ? impl_->a.logits.data : nullptr; }
 MOE_DETAIL_MEMBER int32_t Session::position() const { return impl_ ? impl_->kv.pos : 0; }
 MOE_DETAIL_MEMBER int32_t Session::n_ctx() const { return impl_ ? impl_->kv.n_ctx : 0; }
-MOE_DETAIL_MEMBER void Session::reset() { if (impl_) impl_->kv.pos = 0; }
+MOE_DETAIL_MEMBER void Session::reset() {
+    if (!impl_) return;
+    impl_->kv.pos = 0;
+    impl_->kv.forget_conv_from(0);
+}
 MOE_DETAIL_MEMBER Status Session::truncate(int32_t n) {
     if (!impl_ || n < 0 || n > impl_->kv.pos) return detail::fail(Status::invalid_argument, "cannot truncate to %d", n);
     return impl_->rewind(n);
@@ -11960,11 +12025,13 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
         std::memcpy(kv.v.data + kv.v_offset(il, 0), kv_bytes, (size_t)pos * v_row);
         kv_bytes += (size_t)pos * v_row;
     }
+    kv.forget_conv_from(0);
     for (int32_t ci = 0; ci < n_conv; ++ci)
         for (int32_t p = pos - conv_rows; p < pos; ++p) {
             std::memcpy(kv.conv_row(ci, p), conv_state, (size_t)kv.conv_width * 4);
             conv_state += (size_t)kv.conv_width * 4;
         }
+    for (int32_t p = pos - conv_rows; p < pos && n_conv; ++p) kv.conv_pos[(size_t)(p % kv.conv_ring)] = p;
     std::memcpy(si.a.logits.data, logit_bytes, (size_t)n_vocab * 4);
     kv.pos = pos;
     return Status::ok;

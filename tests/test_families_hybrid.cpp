@@ -625,6 +625,23 @@ TEST_F(HybridEngineLong, RewindPastTheRingAndStateFiles) {
     ASSERT_EQ(restored.position(), 90);
     ASSERT_EQ(restored.eval(tokens.data() + 90, (size_t)(T - 90), again.data()), moe::Status::ok) << moe::last_error();
     EXPECT_EQ(engine_rel(first.data() + (size_t)90 * V, again.data(), (size_t)(T - 90) * V, &same), 0.0) << "continuation after load_state";
+    // Rewinds right after a load (only the window before 90 was restored) and two rewinds in a row
+    // (the second one's window was overwritten by the abandoned branch): re-evaluated, exact.
+    ASSERT_EQ(restored.truncate(60), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(restored.eval(tokens.data() + 60, 1, again.data()), moe::Status::ok);
+    ASSERT_EQ(restored.truncate(12), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(restored.eval(tokens.data() + 12, (size_t)(T - 12), again.data()), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(engine_rel(first.data() + (size_t)12 * V, again.data(), (size_t)(T - 12) * V, &same), 0.0) << "after two rewinds in a row";
+    {   // the prompt-cache flow: load a state, then eval_prompt with the same prompt (rewinds by one)
+        moe::Session again_loaded;
+        ASSERT_EQ(moe::Session::create(model, opt, &again_loaded), moe::Status::ok);
+        ASSERT_EQ(again_loaded.load_state(state.data(), state.size(), nullptr), moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(again_loaded.eval_prompt(tokens.data(), 90, &reused), moe::Status::ok) << moe::last_error();
+        EXPECT_EQ(reused, 89u);
+        EXPECT_EQ(engine_rel(first.data() + (size_t)89 * V, again_loaded.logits(), (size_t)V, &same), 0.0) << "eval_prompt after load_state";
+        ASSERT_EQ(again_loaded.eval(tokens.data() + 90, (size_t)(T - 90), again.data()), moe::Status::ok);
+        EXPECT_EQ(engine_rel(first.data() + (size_t)90 * V, again.data(), (size_t)(T - 90) * V, &same), 0.0);
+    }
     state.resize(state.size() - 9);  // truncated: refused, the session untouched
     EXPECT_NE(restored.load_state(state.data(), state.size(), nullptr), moe::Status::ok);
     EXPECT_EQ(restored.position(), T);
