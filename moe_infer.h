@@ -605,7 +605,7 @@ enum class ExpertGating : int32_t { softmax = 1, sigmoid = 2, softmax_weight = 3
 
 // Hyper-parameters, all read from GGUF metadata.
 struct ModelInfo {
-    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe", "deepseek2", "lfm2moe"
+    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe", "deepseek2", "lfm2moe", "qwen35moe"
     std::string name;          // general.name or ""
     int32_t n_vocab = 0, n_embd = 0, n_layer = 0, n_ctx_train = 0;  // n_layer: without NextN/MTP layers
     int32_t n_head = 0, n_head_kv = 0, head_dim = 0, n_rot = 0;
@@ -619,6 +619,13 @@ struct ModelInfo {
     // the last shortconv_l_cache positions of each channel.
     int32_t shortconv_l_cache = 0;
     std::vector<bool> layer_conv;    // (n_layer) short-convolution layers
+    // Gated delta-net layers (qwen35moe) in place of attention: linear attention whose state is
+    // ssm_v_heads matrices of ssm_state x ssm_state per sequence, fed by a causal convolution of
+    // ssm_conv_kernel taps over q, k (ssm_k_heads heads each) and v (ssm_v_heads heads).
+    int32_t ssm_state = 0, ssm_k_heads = 0, ssm_v_heads = 0, ssm_conv_kernel = 0;
+    std::vector<bool> layer_recurrent;  // (n_layer) gated delta-net layers
+    bool attn_output_gate = false;   // attention output times sigmoid(a per-head gate from attn_q) (qwen35moe)
+    std::vector<int32_t> rope_sections;  // IMROPE sections (qwen35moe); empty: plain RoPE
     int32_t n_layer_dense_lead = 0;  // the first layers have a dense FFN of width n_ff_dense
     int32_t n_ff_dense = 0;
     int32_t sliding_window = 0;      // > 0: layers with ModelInfo::layer_swa attend this many positions
@@ -759,8 +766,9 @@ struct SessionOptions {
 
 // Bytes of the KV cache a Session with this n_ctx (0 = the default) reserves for the model:
 // 8 * n_attention_layers * n_ctx * n_head_kv * head_dim for F32 (MLA models: 4 * n_layer * n_ctx *
-// (kv_lora_rank + n_rot), the latent and the rope key), 34/32 of that / 4 for Q8_0. 0 for an unloaded
-// model. Not included: short-convolution layers' input rings (n_batch + 64 positions of n_embd floats).
+// (kv_lora_rank + n_rot), the latent and the rope key), 34/32 of that / 4 for Q8_0, plus the fixed
+// float32 states of delta-net layers (qwen35moe). 0 for an unloaded model. Not included:
+// short-convolution layers' input rings (n_batch + 64 positions of n_embd floats).
 MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType kv_type = TensorType::f32);
 constexpr int32_t kMaxContextLength = 1 << 22;  // SessionOptions::n_ctx limit
 
@@ -8896,6 +8904,12 @@ struct LayerWeights {
     Weight conv_in, conv_out;
     std::vector<float> conv_kernel;
     int32_t conv_index = -1;                  // >= 0: a short-convolution layer, its slot in KvCache::conv
+    // Gated delta-net (qwen35moe): attn_qkv gives the q, k, v channels (convolved over time, then
+    // silu), attn_gate z; ssm_beta / ssm_alpha one value per v head (the update strength, and with
+    // ssm_dt and ssm_a the decay); ssm_out maps the heads' gated RMSNorm back.
+    Weight ssm_qkv, ssm_z, ssm_beta, ssm_alpha, ssm_out;
+    std::vector<float> ssm_conv1d, ssm_dt, ssm_a, ssm_norm;  // (channels, kernel), (v heads) x2, (state)
+    int32_t recr_index = -1;                  // >= 0: a delta-net layer, its slot in KvCache::recr
     bool swa = false;                         // attends the last ModelInfo::sliding_window positions
     bool moe() const { return (bool)router; }
 };
@@ -8928,6 +8942,9 @@ struct ForwardPlan {
     int64_t max_ff = 0;   // widest FFN hidden layer (routed or shared)
     int32_t group = 1;    // query heads per KV head
     int32_t slots = 1;    // FFN uses per token: top-k routed [+ shared], or 1 dense
+    // Gated delta-net layers: conv channels (q, k, v) and the heads' output width (v heads * state);
+    // a layer's recurrent state in floats: the last kernel - 1 raw channel rows, then the matrices.
+    int64_t ssm_ch = 0, ssm_v = 0, ssm_floats = 0;
     std::vector<LayerFormats> layer_formats[2];
     uint8_t output_formats[2] = {0, 0};
 };
@@ -9067,15 +9084,22 @@ inline void plan_forward(ModelImpl& m) {
     p.group = hp.n_head / hp.n_head_kv;
     p.max_ff = std::max<int64_t>(std::max(hp.n_ff, hp.n_ff_shared), hp.n_ff_dense);
     p.slots = hp.n_expert > 0 ? hp.n_expert_used + (hp.n_ff_shared > 0 ? 1 : 0) : 1;  // a dense layer uses slot 0
+    if (hp.ssm_state > 0) {
+        const int64_t DS = hp.ssm_state;
+        p.ssm_ch = 2 * hp.ssm_k_heads * DS + hp.ssm_v_heads * DS;
+        p.ssm_v = hp.ssm_v_heads * DS;
+        p.ssm_floats = (hp.ssm_conv_kernel - 1) * p.ssm_ch + hp.ssm_v_heads * DS * DS;
+    }
     for (int fa = 0; fa < 2; ++fa) {
         auto bit = [&](const Weight& w) -> uint8_t { return w ? fmt_bit(fa ? w.kernel_f32.act : w.kernel.act) : (uint8_t)0; };
         p.layer_formats[fa].resize((size_t)hp.n_layer);
         for (int il = 0; il < hp.n_layer; ++il) {
             const LayerWeights& l = m.layers[(size_t)il];
             LayerFormats& f = p.layer_formats[fa][(size_t)il];
-            f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv) | bit(l.wq_a) | bit(l.wkv_a) | bit(l.conv_in));
+            f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv) | bit(l.wq_a) | bit(l.wkv_a) | bit(l.conv_in) | bit(l.ssm_qkv) | bit(l.ssm_z) |
+                                  bit(l.ssm_beta) | bit(l.ssm_alpha));
             f.q_b_in = bit(l.wq_b);
-            f.att_out = (uint8_t)(bit(l.wo) | bit(l.conv_out));
+            f.att_out = (uint8_t)(bit(l.wo) | bit(l.conv_out) | bit(l.ssm_out));
             f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate_hot) | bit(l.up_hot) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
         }
         p.output_formats[fa] = bit(m.output);
@@ -9151,9 +9175,10 @@ inline Status load_model(ModelImpl& m) {
     const std::string& arch = hp.architecture;
     const bool is_qwen3moe = arch == "qwen3moe", is_olmoe = arch == "olmoe", is_qwen2moe = arch == "qwen2moe", is_llama = arch == "llama";
     const bool is_gptoss = arch == "gpt-oss", is_glm4moe = arch == "glm4moe", is_deepseek2 = arch == "deepseek2", is_lfm2moe = arch == "lfm2moe";
-    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe && !is_deepseek2 && !is_lfm2moe)
+    const bool is_qwen35moe = arch == "qwen35moe";
+    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe && !is_deepseek2 && !is_lfm2moe && !is_qwen35moe)
         return fail(Status::unsupported,
-                    "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe, deepseek2, lfm2moe)", arch.c_str());
+                    "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe, deepseek2, lfm2moe, qwen35moe)", arch.c_str());
     m.file.get_string("general.name", &hp.name);
     last_error_storage().clear();
 
@@ -9189,6 +9214,40 @@ inline Status load_model(ModelImpl& m) {
         } else if ((s = L.u32("attention.head_count_kv", &n_head_kv, false, n_head)) != Status::ok) {
             return s;
         }
+    }
+    hp.layer_recurrent.assign(n_layer, false);
+    if (is_qwen35moe) {
+        // Gated delta-net layers: attention.recurrent_layers (a flag per layer, MTP layers after
+        // the trunk included), else every full_attention_interval-th layer attends in full.
+        const std::string k = L.key("attention.recurrent_layers");
+        const GgufKeyValue* e = m.file.find(k.c_str());
+        if (e) {
+            if (e->type != GgufValueType::array || e->array_count < n_layer || (e->array_type != GgufValueType::boolean && !gguf_is_integer(e->array_type)))
+                return fail(Status::invalid_file, "'%s' must hold a flag per layer", k.c_str());
+            const size_t es = gguf_scalar_size(e->array_type);
+            for (uint32_t il = 0; il < n_layer; ++il) {
+                uint64_t u; double f;
+                gguf_decode_scalar(e->array_type, e->array_data + il * es, &u, &f);
+                hp.layer_recurrent[il] = u != 0;
+            }
+        } else {
+            uint32_t interval = 4;
+            if ((s = L.u32("full_attention_interval", &interval, false, 4)) != Status::ok) return s;
+            if (interval == 0) return fail(Status::invalid_file, "full_attention_interval must be positive");
+            for (uint32_t il = 0; il < n_layer; ++il) hp.layer_recurrent[il] = (il + 1) % interval != 0;
+        }
+        uint32_t conv = 0, state = 0, groups = 0, v_heads = 0, inner = 0;
+        if ((s = L.u32("ssm.conv_kernel", &conv, true, 0)) != Status::ok) return s;
+        if ((s = L.u32("ssm.state_size", &state, true, 0)) != Status::ok) return s;
+        if ((s = L.u32("ssm.group_count", &groups, true, 0)) != Status::ok) return s;
+        if ((s = L.u32("ssm.time_step_rank", &v_heads, true, 0)) != Status::ok) return s;
+        if ((s = L.u32("ssm.inner_size", &inner, true, 0)) != Status::ok) return s;
+        if (conv < 2 || conv > 64 || state == 0 || state > 1024 || groups == 0 || groups > 1024 || v_heads == 0 || v_heads > 1024 ||
+            v_heads % groups || inner != state * v_heads)
+            return fail(Status::invalid_file, "inconsistent delta-net parameters (conv_kernel %u, state_size %u, group_count %u, time_step_rank %u, inner_size %u)",
+                        conv, state, groups, v_heads, inner);
+        hp.ssm_conv_kernel = (int32_t)conv; hp.ssm_state = (int32_t)state; hp.ssm_k_heads = (int32_t)groups; hp.ssm_v_heads = (int32_t)v_heads;
+        hp.attn_output_gate = true;
     }
     if ((s = L.u32("context_length", &n_ctx, false, 4096)) != Status::ok) return s;
     if ((s = L.u32("expert_count", &n_expert, false, 0)) != Status::ok) return s;
@@ -9238,8 +9297,20 @@ inline Status load_model(ModelImpl& m) {
     {
         std::vector<int32_t> sections;  // M-RoPE (vision-language files): positions are not 1-D
         const std::string k = L.key("rope.dimension_sections");
-        if (m.file.find(k.c_str()) && m.file.get_i32_array(k.c_str(), &sections) == Status::ok && sections.size() >= 2 && sections[0] > 0 && sections[1] > 0)
+        if (is_qwen35moe) {
+            // IMROPE: text positions are the same on the t/h/w axes, so a pair rotates by pos unless
+            // its section is none of them (see the RoPE tables below).
+            if ((s = m.file.get_i32_array(k.c_str(), &sections)) != Status::ok) return s;
+            int64_t sum = 0;
+            for (int32_t v : sections) sum += v < 0 ? -(1 << 30) : v;
+            if (sections.size() < 4 || sum <= 0 || sections[0] + sections[1] + sections[2] <= 0)
+                return fail(Status::invalid_file, "'%s' must hold 4 non-negative sections, not all zero", k.c_str());
+            sections.resize(4);
+            hp.rope_sections = sections;
+        } else if (m.file.find(k.c_str()) && m.file.get_i32_array(k.c_str(), &sections) == Status::ok && sections.size() >= 2 && sections[0] > 0 &&
+                   sections[1] > 0) {
             return fail(Status::unsupported, "multimodal rotary sections ('%s') are not supported", k.c_str());
+        }
         last_error_storage().clear();
     }
 
@@ -9283,8 +9354,8 @@ inline Status load_model(ModelImpl& m) {
     hp.n_ff_dense = n_expert > 0 ? (n_dense_lead > 0 ? (int32_t)n_ff : 0) : hp.n_ff;
     if (hp.n_layer_dense_lead > 0 && hp.n_ff_dense <= 0) return fail(Status::invalid_file, "missing feed_forward_length for the dense layers");
     hp.rope_neox = !is_llama && !is_deepseek2;  // llama.cpp: qwen*/olmoe/gpt-oss/glm4moe use NEOX RoPE, llama and deepseek2 normal RoPE
-    hp.expert_weights_norm = is_qwen3moe || is_llama;  // olmoe and qwen2moe keep the raw softmax weights
-    if (!is_gptoss) {  // gpt-oss's softmax over the chosen k is never renormalised
+    hp.expert_weights_norm = is_qwen3moe || is_llama || is_qwen35moe;  // olmoe and qwen2moe keep the raw softmax weights
+    if (!is_gptoss && !is_qwen35moe) {  // gpt-oss's softmax over the chosen k is never renormalised; qwen35moe always renormalises
         bool norm = hp.expert_weights_norm;
         if (L.m.file.get_bool(L.key("expert_weights_norm").c_str(), &norm) == Status::ok) hp.expert_weights_norm = norm;
         last_error_storage().clear();
@@ -9384,6 +9455,18 @@ inline Status load_model(ModelImpl& m) {
         }
     }
 
+    if (!hp.rope_sections.empty()) {
+        // IMROPE (ggml's sector rule): pair i is in sector i % (sum of sections); sectors 3j, 3j+1,
+        // 3j+2 take the t, h, w positions while j is below that axis' section, the rest the 4th
+        // position, 0 for text: those pairs keep their angle at 0 (cos, sin = mscale, 0).
+        const int32_t* sec = hp.rope_sections.data();
+        const int32_t sect_dims = sec[0] + sec[1] + sec[2] + sec[3];
+        for (size_t i = 0; i < m.rope.inv_freq.size(); ++i) {
+            const int32_t sc = (int32_t)i % sect_dims;
+            const bool rotates = (sc % 3 == 0 && sc < 3 * sec[0]) || (sc % 3 == 1 && sc < 3 * sec[1]) || (sc % 3 == 2 && sc < 3 * sec[2]);
+            if (!rotates) m.rope.inv_freq[i] = 0;
+        }
+    }
     for (const RopeTable* t : {&m.rope, &m.rope_swa})
         if (!(std::isfinite(t->freq_scale) && t->freq_scale > 0 && std::isfinite(t->mscale) && t->mscale > 0))
             return fail(Status::invalid_file, "the rope scaling parameters give a non-finite scale");
@@ -9414,8 +9497,8 @@ inline Status load_model(ModelImpl& m) {
     const bool has_hot_list = m.file.find(kHotExpertsKey) != nullptr;
     if (has_hot_list && (s = m.file.get_i32_array(kHotExpertsKey, &hot_list)) != Status::ok) return s;
     size_t hot_cursor = 0;  // into hot_list
-    const char* ffn_norm_name = is_gptoss || is_glm4moe ? "post_attention_norm.weight" : "ffn_norm.weight";
-    int32_t n_conv = 0;
+    const char* ffn_norm_name = is_gptoss || is_glm4moe || is_qwen35moe ? "post_attention_norm.weight" : "ffn_norm.weight";
+    int32_t n_conv = 0, n_recr = 0;
     for (uint32_t il = 0; il < n_layer; ++il) {
         LayerWeights& l = m.layers[il];
         auto N = [&](const char* suffix) { std::snprintf(name, sizeof name, "blk.%u.%s", il, suffix); return std::string(name); };
@@ -9427,6 +9510,18 @@ inline Status load_model(ModelImpl& m) {
             if ((s = L.vector(N("shortconv.conv.weight"), LC, true, &l.conv_kernel, E)) != Status::ok) return s;
             if ((s = L.weight(N("shortconv.in_proj.weight"), E, 3 * E, 0, true, &l.conv_in)) != Status::ok) return s;
             if ((s = L.weight(N("shortconv.out_proj.weight"), E, E, 0, true, &l.conv_out)) != Status::ok) return s;
+        } else if (hp.layer_recurrent[il]) {
+            const int64_t DS = hp.ssm_state, HK = hp.ssm_k_heads, HV = hp.ssm_v_heads, CH = 2 * HK * DS + HV * DS;
+            l.recr_index = n_recr++;
+            if ((s = L.weight(N("attn_qkv.weight"), E, CH, 0, true, &l.ssm_qkv)) != Status::ok) return s;
+            if ((s = L.weight(N("attn_gate.weight"), E, HV * DS, 0, true, &l.ssm_z)) != Status::ok) return s;
+            if ((s = L.weight(N("ssm_beta.weight"), E, HV, 0, true, &l.ssm_beta)) != Status::ok) return s;
+            if ((s = L.weight(N("ssm_alpha.weight"), E, HV, 0, true, &l.ssm_alpha)) != Status::ok) return s;
+            if ((s = L.weight(N("ssm_out.weight"), HV * DS, E, 0, true, &l.ssm_out)) != Status::ok) return s;
+            if ((s = L.vector(N("ssm_conv1d.weight"), hp.ssm_conv_kernel, true, &l.ssm_conv1d, CH)) != Status::ok) return s;
+            if ((s = L.vector(N("ssm_dt.bias"), HV, true, &l.ssm_dt)) != Status::ok) return s;
+            if ((s = L.vector(N("ssm_a"), HV, true, &l.ssm_a)) != Status::ok) return s;
+            if ((s = L.vector(N("ssm_norm.weight"), DS, true, &l.ssm_norm)) != Status::ok) return s;
         } else if (is_deepseek2) {
             const int64_t R = n_rot, NOPE = key_len - n_rot, NH = n_head;
             if (q_lora > 0 && m.file.find_tensor(N("attn_q_a.weight").c_str())) {
@@ -9448,7 +9543,8 @@ inline Status load_model(ModelImpl& m) {
             }
             if ((s = L.weight(N("attn_output.weight"), NH * val_len, E, 0, true, &l.wo)) != Status::ok) return s;
         } else {
-            if ((s = L.weight(N("attn_q.weight"), E, H, 0, true, &l.wq)) != Status::ok) return s;
+            // with an output gate (qwen35moe) each head's query rows are followed by its gate rows
+            if ((s = L.weight(N("attn_q.weight"), E, hp.attn_output_gate ? 2 * H : H, 0, true, &l.wq)) != Status::ok) return s;
             if ((s = L.weight(N("attn_k.weight"), E, KV, 0, true, &l.wk)) != Status::ok) return s;
             if ((s = L.weight(N("attn_v.weight"), E, KV, 0, true, &l.wv)) != Status::ok) return s;
             if ((s = L.weight(N("attn_output.weight"), H, E, 0, true, &l.wo)) != Status::ok) return s;
@@ -9458,7 +9554,7 @@ inline Status load_model(ModelImpl& m) {
         if ((s = L.vector(N("attn_v.bias"), KV, false, &l.bv)) != Status::ok) return s;
         if ((s = L.vector(N("attn_output.bias"), E, false, &l.bo)) != Status::ok) return s;
         if (is_gptoss && (s = L.vector(N("attn_sinks.weight"), H / key_len, true, &l.sinks)) != Status::ok) return s;
-        if ((is_qwen3moe || is_olmoe || is_glm4moe || is_lfm2moe) && !hp.layer_conv[il]) {
+        if ((is_qwen3moe || is_olmoe || is_glm4moe || is_lfm2moe || is_qwen35moe) && !hp.layer_conv[il] && !hp.layer_recurrent[il]) {
             // qwen3moe normalises each head (weight {hd}); olmoe the whole projection (weight {n_head*hd});
             // glm4moe each head where the file has the weights.
             const GgufTensorInfo* qn = m.file.find_tensor(N("attn_q_norm.weight").c_str());
@@ -9490,12 +9586,12 @@ inline Status load_model(ModelImpl& m) {
             }
             if ((is_glm4moe || is_deepseek2 || is_lfm2moe) && (s = L.vector(N("exp_probs_b.bias"), n_expert, !is_deepseek2, &l.selection_bias)) != Status::ok)
                 return s;
-            if ((is_qwen2moe || is_glm4moe || is_deepseek2) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
+            if ((is_qwen2moe || is_glm4moe || is_deepseek2 || is_qwen35moe) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
                 const int64_t FS = hp.n_ff_shared > 0 ? hp.n_ff_shared : 0;
                 if ((s = L.weight(N("ffn_gate_shexp.weight"), E, FS, 0, true, &l.gate_shexp)) != Status::ok) return s;
                 if ((s = L.weight(N("ffn_up_shexp.weight"), E, l.gate_shexp.rows, 0, true, &l.up_shexp)) != Status::ok) return s;
                 if ((s = L.weight(N("ffn_down_shexp.weight"), l.gate_shexp.rows, E, 0, true, &l.down_shexp)) != Status::ok) return s;
-                if (is_qwen2moe && (s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
+                if ((is_qwen2moe || is_qwen35moe) && (s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
                 if (hp.n_ff_shared > 0 && hp.n_ff_shared != l.gate_shexp.rows) return fail(Status::shape_mismatch, "layer %u's shared expert width differs", il);
                 hp.n_ff_shared = (int32_t)l.gate_shexp.rows;
             } else if (is_glm4moe || is_deepseek2) {
@@ -10302,6 +10398,18 @@ struct KvCache {
     }
     float* conv_row(int32_t ci, int32_t p) { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
     const float* conv_row(int32_t ci, int32_t p) const { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
+    // Gated delta-net layers: per layer ForwardPlan::ssm_floats, the raw conv inputs of the last
+    // kernel - 1 positions (oldest first), then the v heads' state matrices. They describe the
+    // sequence up to recr_pos only: a rewind (or a chunk that failed midway) re-evaluates.
+    AlignedBuffer<float> recr;
+    int64_t recr_floats = 0;
+    int32_t n_recr = 0;
+    int32_t recr_pos = 0;  // -1: stale
+    bool allocate_recr(int32_t n, int64_t floats) {
+        n_recr = n; recr_floats = floats;
+        return n == 0 || recr.allocate((size_t)n * (size_t)floats, true);
+    }
+    float* recr_layer(int32_t ri) { return recr.data + (size_t)ri * (size_t)recr_floats; }
     static uint64_t bytes(int32_t n_layer, int32_t n_ctx, int64_t kv_dim, int64_t v_dim, bool q8) {
         return (uint64_t)n_layer * (uint64_t)n_ctx * (uint64_t)(row_size(kv_dim, q8) + row_size(v_dim, q8));
     }
@@ -10315,6 +10423,13 @@ struct Activations {
     AlignedBuffer<float> att_wo;         // MLA: (B, n_head * value_dim), the heads' values for attn_output
     AlignedBuffer<float> conv_bcx;       // short convolution: (B, 3 * n_embd) = gates b, c and input x
     AlignedBuffer<float> conv_y;         // (B, n_embd): c * conv(b * x), out_proj's input
+    AlignedBuffer<float> q_gate;         // attention output gate: (B, 2 * q_dim), attn_q's rows ([query, gate] per head)
+    AlignedBuffer<float> ssm_qkv, ssm_conv;  // delta net: (B, ssm_ch) raw and convolved q, k, v
+    AlignedBuffer<float> ssm_z;          // (B, ssm_v): the output gate
+    AlignedBuffer<float> ssm_ba;         // (B, 2 * v heads): beta, then alpha, before their functions
+    AlignedBuffer<float> ssm_o;          // (B, ssm_v): the gated heads, ssm_out's input
+    AlignedBuffer<float> ssm_scratch;    // per thread: one head's normed q and k, and its delta (3 * state)
+    ActRows act_ssm;
     ActRows act_conv;
     AlignedBuffer<float> q_proj;         // MLA: (B, n_head * head_dim), queries before absorption
     AlignedBuffer<float> q_lora;         // MLA: (B, q_lora_rank), the normed query bottleneck
@@ -10550,7 +10665,11 @@ struct SessionImpl {
     void rope_phase(const ForwardCall& c, int il, int ith, int nth);
     void mla_qkv(const ForwardCall& c, int il, int ith, int nth);
     void conv_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
+    void delta_conv_phase(const ForwardCall& c, int il, int ith, int nth);
+    void delta_rule_phase(const ForwardCall& c, int il, int ith, int nth);
+    void quantize_phase(ActRows* rows, int32_t n, uint8_t fmts, int ith, int nth);
     Status rewind(int32_t n);
+    Status replay_prefix(int32_t n);
     void mla_rope_phase(const ForwardCall& c, int il, int ith, int nth);
     void mla_values_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
     void attention_phase(const ForwardCall& c, int il, int ith);
@@ -10646,20 +10765,30 @@ private:
 inline int32_t n_conv_layers(const ModelInfo& info) { return (int32_t)std::count(info.layer_conv.begin(), info.layer_conv.end(), true); }
 
 // Moves the session back to position n. Short-convolution state comes from the ring when its slots
-// still hold the window before n (tagged by position), else the kept prefix is evaluated again (on
-// a failure there the session stays at the position it reached).
+// still hold the window before n (tagged by position); delta-net states cannot be rewound. Otherwise
+// the kept prefix is evaluated again (on a failure there the session stays at the position it reached).
 inline Status SessionImpl::rewind(int32_t n) {
-    if (hp->shortconv_l_cache == 0 || n >= kv.pos) {
+    if (n >= kv.pos || (hp->shortconv_l_cache == 0 && kv.n_recr == 0)) {
         kv.pos = std::min(n, kv.pos);
         return Status::ok;
     }
-    kv.forget_conv_from(n);
-    if (kv.conv_holds(n - (hp->shortconv_l_cache - 1), n)) {
-        kv.pos = n;
-        return Status::ok;
+    if (kv.n_recr == 0) {
+        kv.forget_conv_from(n);
+        if (kv.conv_holds(n - (hp->shortconv_l_cache - 1), n)) {
+            kv.pos = n;
+            return Status::ok;
+        }
     }
+    return replay_prefix(n);
+}
+
+// Evaluates the first n tokens of the session again, from position 0 (the KV rows are rewritten
+// with what they held; the recurrent and convolution states are rebuilt).
+inline Status SessionImpl::replay_prefix(int32_t n) {
     std::vector<int32_t> prefix(kv.tokens.data, kv.tokens.data + n);
     kv.pos = 0;
+    kv.recr_pos = 0;
+    kv.forget_conv_from(0);
     for (int32_t done = 0; done < n;) {
         const int32_t chunk = std::min(n - done, n_batch);
         Status s = forward(prefix.data() + done, chunk, nullptr, nullptr);
@@ -10697,9 +10826,18 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     if (kv_q8 && (hk % kQK || hv % kQK || (model->mla && hp->n_rot % kQK)))
         return fail(Status::invalid_argument, "a Q8_0 KV cache needs head_dim (the cached key and value head sizes) to be a multiple of %d (the model's are %lld and %lld%s)",
                     kQK, (long long)hk, (long long)hv, model->mla ? ", and its rope part must be one too" : "");
-    if (!kv.allocate(hp->layer_conv, hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8))
+    std::vector<bool> no_attention((size_t)hp->n_layer, false);
+    int32_t n_recr = 0;
+    for (int il = 0; il < hp->n_layer; ++il) {
+        no_attention[(size_t)il] = hp->layer_conv[(size_t)il] || hp->layer_recurrent[(size_t)il];
+        n_recr += hp->layer_recurrent[(size_t)il] ? 1 : 0;
+    }
+    const int32_t n_att = (int32_t)std::count(no_attention.begin(), no_attention.end(), false);
+    if (!kv.allocate(no_attention, hp->n_layer, n_ctx, plan->kv_dim, plan->v_dim, kv_q8))
         return fail(Status::out_of_memory, "cannot allocate the KV cache for n_ctx %d (%.1f MiB)", n_ctx,
-                    (double)KvCache::bytes(hp->n_layer - n_conv_layers(*hp), n_ctx, plan->kv_dim, plan->v_dim, kv_q8) / (1 << 20));
+                    (double)KvCache::bytes(n_att, n_ctx, plan->kv_dim, plan->v_dim, kv_q8) / (1 << 20));
+    if (!kv.allocate_recr(n_recr, plan->ssm_floats))
+        return fail(Status::out_of_memory, "cannot allocate the delta-net states (%.1f MiB)", (double)n_recr * (double)plan->ssm_floats * 4 / (1 << 20));
     // Split-K is used only while B * n_kv < 2 * threads, so splits never exceed 4 * threads units.
     // + with a Q8_0 cache: the unit's queries as Q8_0 and one dequantized value row.
     const int64_t q8_floats = kv_q8 ? (kAttTokens * group * (hk / kQK) * (int64_t)sizeof(BlockQ8_0) + 3) / 4 + hv : 0;
@@ -10734,7 +10872,12 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
                     (hp->shortconv_l_cache == 0 || (a.conv_bcx.allocate((size_t)(B * 3 * plan->n_embd)) && a.conv_y.allocate((size_t)(B * plan->n_embd)) &&
                                                      a.act_conv.allocate(a.conv_y.data, plan->n_embd, B) &&
                                                      kv.allocate_conv(n_conv_layers(*hp), n_batch + kConvRing, plan->n_embd)));
-    if (!ok) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
+    const bool ok_gated = !hp->attn_output_gate || a.q_gate.allocate((size_t)(B * 2 * plan->q_dim));
+    const bool ok_delta = n_recr == 0 || (a.ssm_qkv.allocate((size_t)(B * plan->ssm_ch)) && a.ssm_conv.allocate((size_t)(B * plan->ssm_ch)) &&
+                                          a.ssm_z.allocate((size_t)(B * plan->ssm_v)) && a.ssm_ba.allocate((size_t)(B * 2 * hp->ssm_v_heads)) &&
+                                          a.ssm_o.allocate((size_t)(B * plan->ssm_v)) && a.ssm_scratch.allocate((size_t)(nth * 3 * hp->ssm_state)) &&
+                                          a.act_ssm.allocate(a.ssm_o.data, plan->ssm_v, B));
+    if (!ok || !ok_gated || !ok_delta) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
     gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
@@ -10795,6 +10938,10 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
 //---- the forward pass of one chunk: eval() -> forward() -> forward_thread() on every thread ---- >>forward-chunk
 
 inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_logits, KvCache* const* seq_kv) {
+    if (!seq_kv && kv.n_recr && kv.recr_pos != kv.pos) {  // stale delta-net states (a chunk failed midway)
+        Status s = replay_prefix(kv.pos);
+        if (s != Status::ok) return s;
+    }
     ForwardCall c;
     c.tokens = tokens;
     c.n = n;
@@ -10824,6 +10971,7 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
             KvCache& cache = kv_of(c, t);
             cache.conv_pos[(size_t)(pos_of(c, t) % cache.conv_ring)] = -1;
         }
+    for (int32_t t = 0; t < n && kv.n_recr; ++t) kv_of(c, t).recr_pos = -1;  // the chunk moves the states on
     pool.parallel_for([this, &c](int ith, int nth_) { forward_thread(c, ith, nth_); });
     if (store) {
         store->release(&pins);
@@ -10839,6 +10987,7 @@ inline Status SessionImpl::forward(const int32_t* tokens, int32_t n, float* all_
             KvCache& cache = kv_of(c, t);
             cache.conv_pos[(size_t)(pos_of(c, t) % cache.conv_ring)] = pos_of(c, t);
         }
+    for (int32_t t = 0; t < n && kv.n_recr; ++t) kv_of(c, t).recr_pos = pos_of(c, t) + 1;
     if (seq_kv) {  // the caller hands each row to its session
         for (int32_t t = 0; t < n; ++t) seq_kv[t]->tokens.data[seq_kv[t]->pos++] = tokens[t];
         return Status::ok;
@@ -10873,12 +11022,30 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
     for (int il = 0; il < hp->n_layer; ++il) {
         const LayerWeights& l = m.layers[(size_t)il];
         const LayerFormats& f = formats(il);
+        const bool gated = hp->attn_output_gate;  // attn_q holds [query, gate] per head: rope_phase splits them
         const MatTask qkv[3] = {
-            {&l.wq, 0, &a.act_x, a.q.data, plan->q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
+            {&l.wq, 0, &a.act_x, gated ? a.q_gate.data : a.q.data, gated ? 2 * plan->q_dim : plan->q_dim, l.bq.empty() ? nullptr : l.bq.data(), false},
             {&l.wk, 0, &a.act_x, a.k.data, plan->kv_dim, l.bk.empty() ? nullptr : l.bk.data(), false},
             {&l.wv, 0, &a.act_x, a.v.data, plan->kv_dim, l.bv.empty() ? nullptr : l.bv.data(), false}};
         if (observer) observe(il, MatInput::attn_in, n, ith, nth);
-        if (l.conv_index >= 0) {  // a short-convolution layer in place of attention
+        if (l.recr_index >= 0) {  // a gated delta-net layer in place of attention
+            const int64_t HV = hp->ssm_v_heads;
+            const MatTask in_proj[4] = {{&l.ssm_qkv, 0, &a.act_x, a.ssm_qkv.data, plan->ssm_ch, nullptr, false},
+                                        {&l.ssm_z, 0, &a.act_x, a.ssm_z.data, plan->ssm_v, nullptr, false},
+                                        {&l.ssm_beta, 0, &a.act_x, a.ssm_ba.data, 2 * HV, nullptr, false},
+                                        {&l.ssm_alpha, 0, &a.act_x, a.ssm_ba.data + HV, 2 * HV, nullptr, false}};
+            matmul_phase(in_proj, 4, 0, n, ith);
+            end_phase(ith, nth, PhaseProfile::qkv);
+            delta_conv_phase(c, il, ith, nth);
+            end_phase(ith, nth, PhaseProfile::rope_kv);
+            delta_rule_phase(c, il, ith, nth);
+            end_phase(ith, nth, PhaseProfile::attention);
+            quantize_phase(&a.act_ssm, n, (uint8_t)(f.att_out | gemm_fmts(f.att_out)), ith, nth);
+            end_phase(ith, nth, PhaseProfile::att_out);
+            const MatTask out_proj{&l.ssm_out, 0, &a.act_ssm, a.x.data, n_embd, nullptr, true};
+            const NormStep delta_ffn_norm{l.ffn_norm.data(), 0, n, (uint8_t)(f.ffn_in | gemm_fmts(f.ffn_in)), PhaseProfile::ffn_norm};
+            end_phase_then_norm(delta_ffn_norm, matmul_phase(&out_proj, 1, 0, n, ith), c, ith, nth, PhaseProfile::wo);
+        } else if (l.conv_index >= 0) {  // a short-convolution layer in place of attention
             const MatTask in_proj{&l.conv_in, 0, &a.act_x, a.conv_bcx.data, 3 * n_embd, nullptr, false};
             matmul_phase(&in_proj, 1, 0, n, ith);
             end_phase(ith, nth, PhaseProfile::qkv);
@@ -10902,7 +11069,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
         if (m.mla) {
             mla_values_phase(c, il, att_fmts, ith, nth);
             end_phase(ith, nth, PhaseProfile::att_out);
-        } else if (c.att_split > 1 || (att_fmts & ~fmt_bit(ActFormat::f32))) {
+        } else if (c.att_split > 1 || (att_fmts & ~fmt_bit(ActFormat::f32)) || gated) {
             att_out_phase(c, il, att_fmts, ith, nth);
             end_phase(ith, nth, PhaseProfile::att_out);
         }
@@ -11095,6 +11262,105 @@ inline void SessionImpl::conv_phase(const ForwardCall& c, int il, uint8_t fmts, 
     }
 }
 
+// Gated delta net, step 1: the causal depthwise convolution of the raw q, k, v channels over the
+// token and the kernel - 1 positions before it (the state; zeros before position 0), then silu.
+// Threads take ranges of channels and walk the chunk's tokens in order.
+inline void SessionImpl::delta_conv_phase(const ForwardCall& c, int il, int ith, int nth) {
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int64_t CH = plan->ssm_ch, KC = hp->ssm_conv_kernel;
+    int64_t ch0, ch1;
+    split_range(CH, ith, nth, &ch0, &ch1);
+    for (int32_t t = 0; t < c.n; ++t) {
+        float* window = kv_of(c, t).recr_layer(l.recr_index);  // (KC - 1, CH), oldest first
+        if (pos_of(c, t) == 0)
+            for (int64_t k = 0; k < KC - 1; ++k) std::fill(window + k * CH + ch0, window + k * CH + ch1, 0.f);
+        const float* in = a.ssm_qkv.data + (int64_t)t * CH;
+        float* out = a.ssm_conv.data + (int64_t)t * CH;
+        for (int64_t ch = ch0; ch < ch1; ++ch) {
+            const float* w = l.ssm_conv1d.data() + ch * KC;
+            float acc = 0;
+            for (int64_t k = 0; k < KC - 1; ++k) acc += w[k] * window[k * CH + ch];
+            acc += w[KC - 1] * in[ch];
+            for (int64_t k = 0; k + 1 < KC - 1; ++k) window[k * CH + ch] = window[(k + 1) * CH + ch];
+            window[(KC - 2) * CH + ch] = in[ch];
+            out[ch] = silu(acc);
+        }
+    }
+}
+
+// Gated delta net, step 2, per v head h (reading q/k head h % k_heads) and token in order:
+//   q, k l2-normalised; beta = sigmoid(b); decay = exp(softplus(alpha + dt_bias) * ssm_a);
+//   S *= decay; d = beta (v - S^T k); S += k d^T; o = S^T q / sqrt(state);
+//   out = rmsnorm(o) * ssm_norm * silu(z).
+// S[i][j] (key dim i, value dim j) is row-major, so both passes stream rows. A unit is a head over
+// the chunk's tokens, or one (token, head) when the tokens are separate sequences (eval_batch).
+inline void SessionImpl::delta_rule_phase(const ForwardCall& c, int il, int ith, int nth) {
+    const LayerWeights& l = model->layers[(size_t)il];
+    const int64_t DS = hp->ssm_state, HK = hp->ssm_k_heads, HV = hp->ssm_v_heads, CH = plan->ssm_ch, VD = plan->ssm_v;
+    const int64_t state_at = (hp->ssm_conv_kernel - 1) * CH;  // the matrices follow the conv window
+    const int32_t tokens_per_unit = c.seq_kv ? 1 : c.n;
+    const float eps = hp->rms_eps, q_scale = 1.f / std::sqrt((float)DS);
+    float* q = a.ssm_scratch.data + (size_t)ith * 3 * (size_t)DS;
+    float* k = q + DS;
+    float* d = k + DS;
+    auto l2_normed = [&](float* out, const float* x) {  // x / sqrt(sum x^2 + eps), as llama.cpp's rms_norm(x, eps / n) / sqrt(n)
+        const float scale = rms_scale(x, DS, eps / (float)DS) / std::sqrt((float)DS);
+        for (int64_t i = 0; i < DS; ++i) out[i] = x[i] * scale;
+    };
+    int64_t u0, u1;
+    split_range(HV * (c.n / tokens_per_unit), ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t hv = u % HV, hk = hv % HK;
+        const int32_t t_first = (int32_t)(u / HV) * tokens_per_unit;
+        for (int32_t t = t_first; t < t_first + tokens_per_unit; ++t) {
+            float* S = kv_of(c, t).recr_layer(l.recr_index) + state_at + hv * DS * DS;
+            if (pos_of(c, t) == 0) std::fill(S, S + DS * DS, 0.f);
+            const float* conv = a.ssm_conv.data + (int64_t)t * CH;
+            l2_normed(q, conv + hk * DS);
+            l2_normed(k, conv + (HK + hk) * DS);
+            const float* v = conv + 2 * HK * DS + hv * DS;
+            const float* ba = a.ssm_ba.data + (int64_t)t * 2 * HV;
+            const float beta = 1.f / (1.f + std::exp(-ba[hv]));
+            const float dt = ba[HV + hv] + l.ssm_dt[(size_t)hv];
+            const float decay = std::exp((dt > 20.f ? dt : std::log(1.f + std::exp(dt))) * l.ssm_a[(size_t)hv]);
+            std::fill(d, d + DS, 0.f);
+            for (int64_t i = 0; i < DS; ++i) {  // S *= decay; d = S^T k
+                float* __restrict row = S + i * DS;
+                const float ki = k[i];
+                for (int64_t j = 0; j < DS; ++j) {
+                    row[j] *= decay;
+                    d[j] += row[j] * ki;
+                }
+            }
+            for (int64_t j = 0; j < DS; ++j) d[j] = beta * (v[j] - d[j]);
+            float* __restrict o = a.ssm_o.data + (int64_t)t * VD + hv * DS;
+            std::fill(o, o + DS, 0.f);
+            for (int64_t i = 0; i < DS; ++i) {  // S += k d^T; o = S^T q
+                float* __restrict row = S + i * DS;
+                const float ki = k[i], qi = q[i];
+                for (int64_t j = 0; j < DS; ++j) {
+                    row[j] += ki * d[j];
+                    o[j] += row[j] * qi;
+                }
+            }
+            for (int64_t j = 0; j < DS; ++j) o[j] *= q_scale;
+            const float norm = rms_scale(o, DS, eps);
+            const float* z = a.ssm_z.data + (int64_t)t * VD + hv * DS;
+            for (int64_t j = 0; j < DS; ++j) o[j] = o[j] * norm * l.ssm_norm[(size_t)j] * silu(z[j]);
+        }
+    }
+}
+
+// Quantizes rows [0, n) of `rows` to fmts; units are (token, span of whole activation blocks).
+inline void SessionImpl::quantize_phase(ActRows* rows, int32_t n, uint8_t fmts, int ith, int nth) {
+    const int64_t W = rows->width;
+    const int64_t span = W % 256 == 0 ? 256 : std::max<int64_t>(act_block(fmts), W % kQK == 0 ? kQK : W);
+    const int64_t spans = W / span;
+    int64_t u0, u1;
+    split_range((int64_t)n * spans, ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) rows->quantize(fmts, u / spans, (u % spans) * span, span);
+}
+
 // Multi-head latent attention, the absorbed form (llama.cpp's for MLA files): the queries (through
 // the q LoRA bottleneck where the file has one) and the latent + rope key, then mla_rope_phase.
 inline void SessionImpl::mla_qkv(const ForwardCall& c, int il, int ith, int nth) {
@@ -11227,13 +11493,16 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
         KvCache& cache = kv_of(c, t);
         const size_t cache_row = cache.offset(il, pos_of(c, t));
         int h0 = 0, h1 = n_head, g0 = 0, g1 = n_kv;  // query heads and KV heads of this unit
+        if (!whole && unit < n_head) {
+            h0 = unit; h1 = unit + 1; g0 = g1 = 0;
+        } else if (!whole) {
+            h0 = h1 = 0; g0 = unit - n_head; g1 = g0 + 1;
+        }
+        if (hp->attn_output_gate)  // the query part of each head's [query, gate] rows
+            for (int h = h0; h < h1; ++h) std::memcpy(qt + h * hd, a.q_gate.data + t * 2 * q_dim + (int64_t)h * 2 * hd, (size_t)hd * 4);
         if (whole) {
             rms_norm(qt, qt, l.q_norm.data(), q_dim, hp->rms_eps);
             rms_norm(kt_, kt_, l.k_norm.data(), kv_dim, hp->rms_eps);
-        } else if (unit < n_head) {
-            h0 = unit; h1 = unit + 1; g0 = g1 = 0;
-        } else {
-            h0 = h1 = 0; g0 = unit - n_head; g1 = g0 + 1;
         }
         for (int h = h0; h < h1; ++h) {
             if (per_head) rms_norm(qt + h * hd, qt + h * hd, l.q_norm.data(), hd, hp->rms_eps);
@@ -11404,6 +11673,12 @@ inline void SessionImpl::att_out_phase(const ForwardCall& c, int il, uint8_t fmt
                 for (int i = 0; i < hd; ++i) o[i] *= inv;
             }
         }
+        if (hp->attn_output_gate)  // times sigmoid of the gate half of each head's attn_q rows
+            for (int64_t h = i0 / hd; h < (i0 + span) / hd; ++h) {
+                float* o = a.att_out.data + t * q_dim + h * hd;
+                const float* gate = a.q_gate.data + t * 2 * q_dim + h * 2 * hd + hd;
+                for (int i = 0; i < hd; ++i) o[i] *= 1.f / (1.f + std::exp(-gate[i]));
+            }
         a.act_att.quantize(fmts, t, i0, span);
     }
 }
@@ -11784,7 +12059,12 @@ MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType
         return detail::KvCache::bytes(info.n_layer, n, (int64_t)info.kv_lora_rank + info.n_rot, 0, kv_type == TensorType::q8_0);
     const int64_t dim = (int64_t)info.n_head_kv * info.head_dim;
     // (+ short-convolution layers' inputs over n_batch + 64 positions, which depend on SessionOptions)
-    return detail::KvCache::bytes(info.n_layer - detail::n_conv_layers(info), n, dim, dim, kv_type == TensorType::q8_0);
+    const int32_t n_recr = (int32_t)std::count(info.layer_recurrent.begin(), info.layer_recurrent.end(), true);
+    const uint64_t recr = info.ssm_state > 0 ? (uint64_t)n_recr * 4 *
+                                                   (uint64_t)((int64_t)(info.ssm_conv_kernel - 1) * (2 * info.ssm_k_heads + info.ssm_v_heads) * info.ssm_state +
+                                                              (int64_t)info.ssm_v_heads * info.ssm_state * info.ssm_state)
+                                             : 0;  // delta-net states: a fixed size, whatever n_ctx
+    return detail::KvCache::bytes(info.n_layer - detail::n_conv_layers(info) - n_recr, n, dim, dim, kv_type == TensorType::q8_0) + recr;
 }
 
 MOE_DETAIL_MEMBER Session::Session() = default;
@@ -11858,6 +12138,10 @@ MOE_DETAIL_MEMBER Status Session::eval_batch(Session* const* sessions, const int
             if (sessions[j] == s) return detail::fail(Status::invalid_argument, "session %zu appears twice (also at %zu)", i, j);
         detail::KvCache& kv = s->impl_->kv;
         if (kv.q8 != lead.kv.q8) return detail::fail(Status::invalid_argument, "session %zu has another KV-cache type than session 0", i);
+        if (kv.n_recr && kv.recr_pos != kv.pos) {  // stale delta-net states: rebuilt alone first
+            Status st = s->impl_->replay_prefix(kv.pos);
+            if (st != Status::ok) return st;
+        }
         if (kv.pos >= kv.n_ctx) return detail::fail(Status::context_full, "session %zu is full: position %d of n_ctx %d", i, kv.pos, kv.n_ctx);
         if (tokens[i] < 0 || tokens[i] >= lead.hp->n_vocab)
             return detail::fail(Status::invalid_argument, "token id %d (session %zu) is out of range [0, %d)", tokens[i], i, lead.hp->n_vocab);
@@ -11893,6 +12177,7 @@ MOE_DETAIL_MEMBER int32_t Session::n_ctx() const { return impl_ ? impl_->kv.n_ct
 MOE_DETAIL_MEMBER void Session::reset() {
     if (!impl_) return;
     impl_->kv.pos = 0;
+    impl_->kv.recr_pos = 0;
     impl_->kv.forget_conv_from(0);
 }
 MOE_DETAIL_MEMBER Status Session::truncate(int32_t n) {
@@ -11960,6 +12245,12 @@ MOE_DETAIL_MEMBER Status Session::save_state(std::vector<uint8_t>* out, const Sa
     const int32_t conv_rows = si.hp->shortconv_l_cache ? std::min(kv.pos, si.hp->shortconv_l_cache - 1) : 0;
     for (int32_t ci = 0; ci < detail::n_conv_layers(*si.hp); ++ci)
         for (int32_t p = kv.pos - conv_rows; p < kv.pos; ++p) w.bytes(kv.conv_row(ci, p), (size_t)kv.conv_width * 4);
+    // Delta-net layers: their states, when they describe this position (else the loader re-evaluates).
+    if (kv.n_recr) {
+        const bool current = kv.recr_pos == kv.pos;
+        w.put<int32_t>(current ? 1 : 0);
+        if (current) w.bytes(kv.recr.data, (size_t)kv.n_recr * (size_t)kv.recr_floats * 4);
+    }
     w.bytes(si.a.logits.data, (size_t)n_vocab * 4);
     w.put<uint64_t>(sampler_bytes.size());
     w.bytes(sampler_bytes.data(), sampler_bytes.size());
@@ -11992,7 +12283,7 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     const size_t row = kv.row_bytes, v_row = kv.v_row_bytes;
     const int32_t conv_rows = si.hp->shortconv_l_cache ? std::min(pos, si.hp->shortconv_l_cache - 1) : 0, n_conv = detail::n_conv_layers(*si.hp);
     const size_t conv_bytes = (size_t)n_conv * (size_t)conv_rows * (size_t)kv.conv_width * 4;
-    const size_t kv_layers = (size_t)(n_layer - n_conv);  // layers with attention
+    const size_t kv_layers = (size_t)std::count_if(kv.slot.begin(), kv.slot.end(), [](int32_t sl) { return sl >= 0; });  // layers with attention
     const size_t need = (size_t)pos * 4 + kv_layers * (size_t)pos * (row + v_row) + conv_bytes + (size_t)n_vocab * 4 + 8;
     if (r.left() < need) return detail::fail(Status::invalid_file, "truncated session state");
     // Validated before anything is overwritten: the tokens, then the sampler part's size.
@@ -12004,6 +12295,22 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
     }
     const uint8_t* kv_bytes = r.skip(kv_layers * (size_t)pos * (row + v_row));
     const uint8_t* conv_state = r.skip(conv_bytes);
+    int32_t recr_current = 0;
+    const uint8_t* recr_state = nullptr;
+    const size_t recr_bytes = (size_t)kv.n_recr * (size_t)kv.recr_floats * 4;
+    if (kv.n_recr) {
+        if (!r.get(&recr_current) || (recr_current != 0 && recr_current != 1)) return detail::fail(Status::invalid_file, "corrupt session state (delta-net part)");
+        if (recr_current) {
+            if (r.left() < recr_bytes + (size_t)n_vocab * 4 + 8) return detail::fail(Status::invalid_file, "truncated session state");
+            recr_state = r.skip(recr_bytes);
+            for (size_t i = 0; i < recr_bytes / 4; ++i) {
+                float v;
+                std::memcpy(&v, recr_state + i * 4, 4);
+                if (!std::isfinite(v)) return detail::fail(Status::invalid_file, "corrupt session state (a delta-net state is not finite)");
+            }
+        }
+        if (r.left() < (size_t)n_vocab * 4 + 8) return detail::fail(Status::invalid_file, "truncated session state");
+    }
     const uint8_t* logit_bytes = r.skip((size_t)n_vocab * 4);
     for (int32_t i = 0; i < n_vocab; ++i) {
         float v;
@@ -12032,8 +12339,10 @@ MOE_DETAIL_MEMBER Status Session::load_state(const uint8_t* data, size_t size, S
             conv_state += (size_t)kv.conv_width * 4;
         }
     for (int32_t p = pos - conv_rows; p < pos && n_conv; ++p) kv.conv_pos[(size_t)(p % kv.conv_ring)] = p;
+    if (recr_state) std::memcpy(kv.recr.data, recr_state, recr_bytes);
     std::memcpy(si.a.logits.data, logit_bytes, (size_t)n_vocab * 4);
     kv.pos = pos;
+    kv.recr_pos = recr_state || pos == 0 ? pos : -1;  // -1: the next evaluation rebuilds the states
     return Status::ok;
 }
 
