@@ -46,8 +46,10 @@
        SwiGLU), glm4moe (partial rotary, sigmoid routing with a selection bias, shared expert, dense
        leading layers; NextN layers skipped), deepseek2 (DeepSeek-V2/V3, Kimi-K2, GLM-4.7-Flash:
        multi-head latent attention in the absorbed form, caching only the latent + rope key; q LoRA,
-       grouped top-k), lfm2moe (short-convolution layers beside attention); all hyper-parameters
-       from GGUF metadata.
+       grouped top-k), lfm2moe (short-convolution layers beside attention), qwen35moe (Qwen3.5: gated
+       delta-net linear attention beside gated full attention with IMROPE, a sigmoid-gated shared
+       expert; truncate/eval_prompt re-evaluate the kept prefix, since the recurrent state cannot be
+       rewound); all hyper-parameters from GGUF metadata.
        tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q1_0, Q2_0, IQ4_NL, IQ4_XS, IQ3_S,
        IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, TQ1_0, TQ2_0, MXFP4,
        NVFP4 (ggml block layouts, bit-exact; the IQ grid types are dequantize-only: no quantizer);
@@ -100,7 +102,7 @@
            forward state                         >>forward-state  KvCache, Activations, Routing, PhaseProfile, ForwardCall
            expert statistics and prediction      >>experts        GateLookahead (ExpertPredictor)
            the forward pass of one chunk         >>forward-chunk  eval -> forward -> forward_thread -> phases (attention,
-                                                            MLA, short convolution, routing, experts)
+                                                            MLA, short convolution, delta net, routing, experts)
        [SECTION] SAMPLER IMPLEMENTATION          >>sampler
        [SECTION] GENERATION IMPLEMENTATION       >>generate
        [SECTION] CHAT TEMPLATES & JSON IMPLEMENTATION  >>chat  JSON, a Jinja subset, JSON Schema -> GBNF

@@ -19,9 +19,9 @@
 //    renormalisation, ...) moves it far from llama.cpp.
 // 3. Qwen35Engine: the engine against the oracle (prefill, then one token at a time), and
 //    Session::reset / truncate: after truncate(n) and evaluating the rest again the logits equal
-//    the first run's (the conv and delta-net states must be restored or recomputed). Skipped while
-//    Model::load answers Status::unsupported for qwen35moe; a truncate that answers
-//    Status::unsupported is accepted only with an error message that says why.
+//    the first run's (the conv and delta-net states must be restored or recomputed); long
+//    rewinds, eval_prompt, a chunk cancelled midway and state files (also one saved while the
+//    states were stale) continue bit for bit.
 //
 // The peer is found through MOE_LLAMA_PEER (environment), else the compile definition; without it
 // the peer tests skip.
@@ -402,30 +402,24 @@ INSTANTIATE_TEST_SUITE_P(Cases, Qwen35Peer, ::testing::ValuesIn(q35_cases()),
                          [](const ::testing::TestParamInfo<Q35Case>& i) { return std::string(i.param.name); });
 
 //---------------------------------------------------------------------------------------------------
-// 3. engine vs oracle (skips while the engine does not support qwen35moe)
+// 3. engine vs oracle
 //---------------------------------------------------------------------------------------------------
 
 class Qwen35Engine : public ::testing::TestWithParam<Q35Case> {
 protected:
-    // Loads the case's file; false (and *skip set) when the engine answers Status::unsupported.
-    ::testing::AssertionResult load(const Q35Case& tc, OracleCase* c, TempFile* f, moe::Model* model, std::string* skip) {
+    // Loads the case's file (the model with the first seed whose routing margins are clear).
+    ::testing::AssertionResult load(const Q35Case& tc, OracleCase* c, TempFile* f, moe::Model* model) {
         {   // the spec's first seed, before the (slower) search for one with clear routing margins
             const moe_test::RandomModel first = moe_test::make_random_model(tc.spec);
             if (!first.ok()) return ::testing::AssertionFailure() << first.error;
             if (first.write(f->path) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
-            if (moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model) == moe::Status::unsupported) {
-                *skip = std::string("the engine does not support qwen35moe yet: ") + moe::last_error();
-                return ::testing::AssertionSuccess();
-            }
+            const moe::Status st = moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model);
+            if (st != moe::Status::ok) return ::testing::AssertionFailure() << moe::status_string(st) << ": " << moe::last_error();
         }
         *c = make_case(tc);
         if (!c->ok) return ::testing::AssertionFailure() << c->error;
         if (c->model.write(f->path) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
         const moe::Status st = moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model);
-        if (st == moe::Status::unsupported) {
-            *skip = std::string("the engine does not support qwen35moe yet: ") + moe::last_error();
-            return ::testing::AssertionSuccess();
-        }
         if (st != moe::Status::ok) return ::testing::AssertionFailure() << moe::status_string(st) << ": " << moe::last_error();
         return ::testing::AssertionSuccess();
     }
@@ -436,11 +430,7 @@ TEST_P(Qwen35Engine, MatchesOracle) {
     OracleCase c;
     TempFile f(std::string("eng_") + tc.name);
     moe::Model model;
-    std::string skip;
-    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
-    if (!skip.empty()) {
-        GTEST_SKIP() << skip;
-    }
+    ASSERT_TRUE(load(tc, &c, &f, &model));
     SCOPED_TRACE(moe_test::describe(c.model.spec));
     const moe_test::RandomModel& rm = c.model;
     const ModelSpec& s = rm.spec;
@@ -533,11 +523,7 @@ TEST_P(Qwen35Engine, ResetAndTruncateRestoreRecurrentState) {
     OracleCase c;
     TempFile f(std::string("trunc_") + tc.name);
     moe::Model model;
-    std::string skip;
-    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
-    if (!skip.empty()) {
-        GTEST_SKIP() << skip;
-    }
+    ASSERT_TRUE(load(tc, &c, &f, &model));
     SCOPED_TRACE(moe_test::describe(c.model.spec));
     const ModelSpec& s = c.model.spec;
     const int T = tc.n_prompt, V = s.n_vocab;
@@ -561,13 +547,6 @@ TEST_P(Qwen35Engine, ResetAndTruncateRestoreRecurrentState) {
     for (int n : {T - 1, T / 2 + 1, T / 2, 2, 1, 0}) {
         SCOPED_TRACE("truncate(" + std::to_string(n) + ")");
         const moe::Status st = sess.truncate(n);
-        if (st == moe::Status::unsupported) {
-            const std::string why = moe::last_error();
-            const bool clear = why.find("qwen35moe") != std::string::npos || why.find("recurrent") != std::string::npos ||
-                               why.find("delta") != std::string::npos || why.find("state") != std::string::npos;
-            ASSERT_TRUE(clear) << "truncate answered unsupported without saying why: \"" << why << "\"";
-            GTEST_SKIP() << "truncate is unsupported for qwen35moe: " << why;
-        }
         ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
         ASSERT_EQ(sess.position(), n);
         ASSERT_EQ(sess.eval(c.tokens.data() + n, (size_t)(T - n), again.data()), moe::Status::ok) << moe::last_error();
@@ -603,9 +582,7 @@ TEST_F(Qwen35EngineLong, LongRewindsAndStateFiles) {
     OracleCase c;
     TempFile f("long_rewind");
     moe::Model model;
-    std::string skip;
-    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
-    if (!skip.empty()) GTEST_SKIP() << skip;
+    ASSERT_TRUE(load(tc, &c, &f, &model));
     const int T = 120, V = c.model.spec.n_vocab;
     const std::vector<int32_t> tokens = moe_test::random_tokens(T, V, 777);
     moe::SessionOptions opt;
@@ -621,7 +598,6 @@ TEST_F(Qwen35EngineLong, LongRewindsAndStateFiles) {
     for (int n : {119, 100, 40, 7}) {
         SCOPED_TRACE("truncate(" + std::to_string(n) + ")");
         const moe::Status st = sess.truncate(n);
-        if (st == moe::Status::unsupported) GTEST_SKIP() << "truncate is unsupported for qwen35moe: " << moe::last_error();
         ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
         ASSERT_EQ(sess.position(), n);
         ASSERT_EQ(sess.eval(tokens.data() + n, (size_t)(T - n), again.data()), moe::Status::ok) << moe::last_error();
@@ -639,6 +615,37 @@ TEST_F(Qwen35EngineLong, LongRewindsAndStateFiles) {
         ASSERT_EQ(moe::Session::create(model, opt, &fresh), moe::Status::ok);
         ASSERT_EQ(fresh.eval(other.data(), other.size()), moe::Status::ok);
         EXPECT_EQ(engine_rel(fresh.logits(), sess.logits(), (size_t)V, &same), 0.0) << "eval_prompt after a long rewind";
+    }
+    // A chunk cancelled midway (Session::cancel from the progress callback once the first chunk
+    // is kept) has already moved the first layers' states on: the next eval must rebuild them.
+    {
+        struct CancelOnce {
+            moe::Session* s = nullptr;
+            static bool call(void* user, size_t, size_t) {
+                CancelOnce* c = static_cast<CancelOnce*>(user);
+                if (c->s) c->s->cancel();
+                c->s = nullptr;
+                return true;
+            }
+        } once;
+        moe::SessionOptions copt = opt;
+        copt.progress = &CancelOnce::call;
+        copt.progress_user = &once;
+        moe::Session cs;
+        ASSERT_EQ(moe::Session::create(model, copt, &cs), moe::Status::ok);
+        once.s = &cs;
+        ASSERT_EQ(cs.eval(tokens.data(), 10), moe::Status::cancelled) << "chunks of 4: the second one is cancelled";
+        ASSERT_EQ(cs.position(), 4);
+        std::vector<uint8_t> stale;  // saved while the states are stale: the loader must rebuild them too
+        ASSERT_EQ(cs.save_state(&stale, nullptr), moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(cs.eval(tokens.data() + 4, (size_t)(T - 4), again.data()), moe::Status::ok) << moe::last_error();
+        EXPECT_EQ(engine_rel(first.data() + (size_t)4 * V, again.data(), (size_t)(T - 4) * V, &same), 0.0) << "after a cancelled chunk";
+        moe::Session from_stale;
+        ASSERT_EQ(moe::Session::create(model, opt, &from_stale), moe::Status::ok);
+        ASSERT_EQ(from_stale.load_state(stale.data(), stale.size(), nullptr), moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(from_stale.position(), 4);
+        ASSERT_EQ(from_stale.eval(tokens.data() + 4, (size_t)(T - 4), again.data()), moe::Status::ok) << moe::last_error();
+        EXPECT_EQ(engine_rel(first.data() + (size_t)4 * V, again.data(), (size_t)(T - 4) * V, &same), 0.0) << "state saved after a cancelled chunk";
     }
     // State files: saved at position 90, continued in a new session.
     ASSERT_EQ(sess.truncate(0), moe::Status::ok);

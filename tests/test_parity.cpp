@@ -282,6 +282,18 @@ std::vector<ParityCase> parity_cases() {
         s.rms_eps = 1e-5f;
         c.push_back({t == TT::q8_0 ? "lfm2moe_Q8_0" : "lfm2moe_F32", s});
     }
+    for (TT t : {TT::f32, TT::q8_0}) {  // qwen35moe: delta-net layers D D D A D, gated attention with IMROPE, shared expert
+        ModelSpec s = pspec("qwen35moe", t);
+        s.n_layer = 5;
+        s.head_dim = 64;
+        s.n_rot = 16;
+        s.n_ff_shared = 96;
+        s.ssm_group = 2;
+        s.ssm_dt_rank = 4;
+        s.ssm_state = 32;
+        s.rope_base = 10000000.f;
+        c.push_back({t == TT::q8_0 ? "qwen35moe_Q8_0" : "qwen35moe_F32", s});
+    }
     {
         ModelSpec s = pspec("gpt-oss", TT::q8_0);
         s.head_dim = 64;
