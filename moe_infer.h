@@ -11044,6 +11044,7 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             end_phase(ith, nth, PhaseProfile::attention);
             quantize_phase(&a.act_ssm, n, (uint8_t)(f.att_out | gemm_fmts(f.att_out)), ith, nth);
             end_phase(ith, nth, PhaseProfile::att_out);
+            if (observer) observe(il, MatInput::attn_out, n, ith, nth);
             const MatTask out_proj{&l.ssm_out, 0, &a.act_ssm, a.x.data, n_embd, nullptr, true};
             const NormStep delta_ffn_norm{l.ffn_norm.data(), 0, n, (uint8_t)(f.ffn_in | gemm_fmts(f.ffn_in)), PhaseProfile::ffn_norm};
             end_phase_then_norm(delta_ffn_norm, matmul_phase(&out_proj, 1, 0, n, ith), c, ith, nth, PhaseProfile::wo);
@@ -11111,8 +11112,10 @@ inline void SessionImpl::observe(int il, MatInput what, int32_t n, int ith, int 
         const int64_t n_embd = plan->n_embd;
         if (what == MatInput::attn_in || what == MatInput::ffn_in)
             for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, a.xb.data + t * n_embd, n_embd);
-        else if (what == MatInput::attn_out)
-            for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, a.act_att.src + t * plan->wo_dim, plan->wo_dim);
+        else if (what == MatInput::attn_out) {  // attn_output's input, or a delta-net layer's ssm_out's
+            const ActRows& rows = model->layers[(size_t)il].recr_index >= 0 ? a.act_ssm : a.act_att;
+            for (int32_t t = 0; t < n; ++t) observer(observer_user, il, what, -1, rows.src + t * rows.width, rows.width);
+        }
         else {
             const LayerWeights& l = model->layers[(size_t)il];
             for (const ActiveExpert& e : r.active)
@@ -11302,9 +11305,9 @@ inline void SessionImpl::delta_rule_phase(const ForwardCall& c, int il, int ith,
     const int64_t state_at = (hp->ssm_conv_kernel - 1) * CH;  // the matrices follow the conv window
     const int32_t tokens_per_unit = c.seq_kv ? 1 : c.n;
     const float eps = hp->rms_eps, q_scale = 1.f / std::sqrt((float)DS);
-    float* q = a.ssm_scratch.data + (size_t)ith * 3 * (size_t)DS;
-    float* k = q + DS;
-    float* d = k + DS;
+    float* __restrict q = a.ssm_scratch.data + (size_t)ith * 3 * (size_t)DS;
+    float* __restrict k = q + DS;
+    float* __restrict d = k + DS;
     auto l2_normed = [&](float* out, const float* x) {  // x / sqrt(sum x^2 + eps), as llama.cpp's rms_norm(x, eps / n) / sqrt(n)
         const float scale = rms_scale(x, DS, eps / (float)DS) / std::sqrt((float)DS);
         for (int64_t i = 0; i < DS; ++i) out[i] = x[i] * scale;
