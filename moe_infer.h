@@ -10720,48 +10720,80 @@ inline void rope(float* head, const float* cs, int n_rot, bool neox) {
 
 //---- expert statistics and prediction ---- >>experts
 
+// One token's router logits lg (n_expert) become the gate's scores (softmax, sigmoid, or the logits
+// for softmax_weight; the weights' source) and sel what the top-k ranks: the scores plus any
+// selection bias, with grouped top-k (DeepSeek-V3: a group scores the sum of its two best experts;
+// only the n_group_used best groups, ties to the lower group, keep their experts) setting the
+// other experts to -inf. route() and the look-ahead predictor rank alike through it.
+inline void gate_scores(const LayerWeights& l, const ModelInfo& hp, float* lg, float* sel, std::vector<std::pair<float, int32_t>>* group_rank) {
+    const int n_expert = hp.n_expert;
+    if (!l.router_bias.empty())
+        for (int e = 0; e < n_expert; ++e) lg[e] += l.router_bias[(size_t)e];
+    if (hp.expert_gating == ExpertGating::softmax) {
+        const float mx = *std::max_element(lg, lg + n_expert);
+        float sum = 0;
+        for (int e = 0; e < n_expert; ++e) { lg[e] = std::exp(lg[e] - mx); sum += lg[e]; }
+        for (int e = 0; e < n_expert; ++e) lg[e] /= sum;
+    } else if (hp.expert_gating == ExpertGating::sigmoid) {
+        for (int e = 0; e < n_expert; ++e) lg[e] = 1.f / (1.f + std::exp(-lg[e]));
+    }
+    for (int e = 0; e < n_expert; ++e) sel[e] = l.selection_bias.empty() ? lg[e] : lg[e] + l.selection_bias[(size_t)e];
+    if (hp.n_expert_groups > 1) {
+        const int n_groups = hp.n_expert_groups, per = n_expert / n_groups;
+        group_rank->clear();
+        for (int g = 0; g < n_groups; ++g) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int e = g * per; e < (g + 1) * per; ++e) {
+                if (sel[e] > b1) { b2 = b1; b1 = sel[e]; } else if (sel[e] > b2) { b2 = sel[e]; }
+            }
+            group_rank->emplace_back(per > 1 ? b1 + b2 : b1, g);
+        }
+        std::partial_sort(group_rank->begin(), group_rank->begin() + hp.n_group_used, group_rank->end(),
+                          [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+                              return x.first > y.first || (x.first == y.first && x.second < y.second);
+                          });
+        for (int j = hp.n_group_used; j < n_groups; ++j)
+            std::fill(sel + (*group_rank)[(size_t)j].second * per, sel + ((*group_rank)[(size_t)j].second + 1) * per, -INFINITY);
+    }
+}
+
+// The k best of sel (ties to the lower id) into topk's first k entries.
+inline void top_experts(const float* sel, int n_expert, int k, std::vector<std::pair<float, int32_t>>* topk) {
+    topk->clear();
+    for (int e = 0; e < n_expert; ++e) topk->emplace_back(sel[e], e);
+    std::partial_sort(topk->begin(), topk->begin() + k, topk->end(), [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+        return x.first > y.first || (x.first == y.first && x.second < y.second);
+    });
+}
+
 // The built-in predictor: the target layer's ffn_norm and router applied to the current residual
 // stream ("gate look-ahead"; ~70-90% recall one layer ahead in the literature, see prefetch.md).
 class GateLookahead : public ExpertPredictor {
 public:
-    explicit GateLookahead(const ModelImpl* m) : m_(m), h_((size_t)m->info.n_embd), order_((size_t)m->info.n_expert) {}
+    explicit GateLookahead(const ModelImpl* m)
+        : m_(m), h_((size_t)m->info.n_embd), logits_((size_t)m->info.n_expert), select_((size_t)m->info.n_expert) {
+        order_.reserve((size_t)m->info.n_expert);
+        groups_.reserve((size_t)std::max(1, m->info.n_expert_groups));
+    }
     int predict(int /*layer*/, int target, const float* hidden, int32_t* experts, int max) override {
         const ModelInfo& hp = m_->info;
         if (target < 0 || target >= hp.n_layer || !m_->layers[(size_t)target].moe()) return 0;
         const LayerWeights& l = m_->layers[(size_t)target];
         const float scale = rms_scale(hidden, hp.n_embd, hp.rms_eps);
         for (int64_t i = 0; i < hp.n_embd; ++i) h_[(size_t)i] = hidden[i] * scale * l.ffn_norm[(size_t)i];
-        // Ranked as route() ranks (grouped top-k aside): the gate's scores plus any selection bias;
-        // without a bias a softmax keeps the logits' order and is skipped.
-        float mx = -INFINITY;
-        for (int e = 0; e < hp.n_expert; ++e) {
-            float v = l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd) * (l.router.scaled() ? l.router.scale(0) : 1.f);
-            if (!l.router_bias.empty()) v += l.router_bias[(size_t)e];
-            if (hp.expert_gating == ExpertGating::sigmoid) v = 1.f / (1.f + std::exp(-v));
-            order_[(size_t)e] = {v, e};
-            mx = std::max(mx, v);
-        }
-        if (!l.selection_bias.empty()) {
-            if (hp.expert_gating == ExpertGating::softmax) {
-                float sum = 0;
-                for (auto& o : order_) sum += (o.first = std::exp(o.first - mx));
-                for (auto& o : order_) o.first /= sum;
-            }
-            for (auto& o : order_) o.first += l.selection_bias[(size_t)o.second];
-        }
+        for (int e = 0; e < hp.n_expert; ++e)
+            logits_[(size_t)e] = l.router.kernel_f32.vec_dot(l.router.row(0, e), h_.data(), hp.n_embd) * (l.router.scaled() ? l.router.scale(0) : 1.f);
+        gate_scores(l, hp, logits_.data(), select_.data(), &groups_);  // ranked as route() ranks
         const int k = std::min(max, hp.n_expert);
-        std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
-                          [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
-                              return x.first > y.first || (x.first == y.first && x.second < y.second);
-                          });
+        top_experts(select_.data(), hp.n_expert, k, &order_);
         for (int i = 0; i < k; ++i) experts[i] = order_[(size_t)i].second;
         return k;
     }
 
 private:
     const ModelImpl* m_;  // kept alive by the Session that owns this predictor
-    std::vector<float> h_;
-    std::vector<std::pair<float, int32_t>> order_;
+    std::vector<float> h_, logits_, select_;
+    std::vector<std::pair<float, int32_t>> order_, groups_;
 };
 
 inline int32_t n_conv_layers(const ModelInfo& info) { return (int32_t)std::count(info.layer_conv.begin(), info.layer_conv.end(), true); }
@@ -11701,45 +11733,10 @@ inline void SessionImpl::route(int il, int32_t n) {
     if (l.moe()) {
         const ExpertGating gating = hp->expert_gating;
         for (int32_t t = 0; t < n; ++t) {
-            // lg: the gate's probabilities (the weights' source); sel: what the top-k ranks.
             float* lg = a.router_logits.data + (int64_t)t * n_expert;
             float* sel = a.router_select.data + (int64_t)t * n_expert;
-            if (!l.router_bias.empty())
-                for (int e = 0; e < n_expert; ++e) lg[e] += l.router_bias[(size_t)e];
-            if (gating == ExpertGating::softmax) {
-                const float mx = *std::max_element(lg, lg + n_expert);
-                float sum = 0;
-                for (int e = 0; e < n_expert; ++e) { lg[e] = std::exp(lg[e] - mx); sum += lg[e]; }
-                for (int e = 0; e < n_expert; ++e) lg[e] /= sum;
-            } else if (gating == ExpertGating::sigmoid) {
-                for (int e = 0; e < n_expert; ++e) lg[e] = 1.f / (1.f + std::exp(-lg[e]));
-            }
-            for (int e = 0; e < n_expert; ++e) sel[e] = l.selection_bias.empty() ? lg[e] : lg[e] + l.selection_bias[(size_t)e];
-            if (hp->n_expert_groups > 1) {
-                // Grouped top-k (DeepSeek-V3): a group scores the sum of its two best experts; only
-                // the n_group_used best groups (ties: lower group) take part in the top-k.
-                const int n_groups = hp->n_expert_groups, per = n_expert / n_groups;
-                r.group_rank.clear();
-                for (int g = 0; g < n_groups; ++g) {
-                    float b1 = -INFINITY, b2 = -INFINITY;
-                    for (int e = g * per; e < (g + 1) * per; ++e) {
-                        if (sel[e] > b1) { b2 = b1; b1 = sel[e]; } else if (sel[e] > b2) { b2 = sel[e]; }
-                    }
-                    r.group_rank.emplace_back(per > 1 ? b1 + b2 : b1, g);
-                }
-                std::partial_sort(r.group_rank.begin(), r.group_rank.begin() + hp->n_group_used, r.group_rank.end(),
-                                  [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
-                                      return x.first > y.first || (x.first == y.first && x.second < y.second);
-                                  });
-                for (int j = hp->n_group_used; j < n_groups; ++j)
-                    std::fill(sel + r.group_rank[(size_t)j].second * per, sel + (r.group_rank[(size_t)j].second + 1) * per, -INFINITY);
-            }
-            r.topk.clear();
-            for (int e = 0; e < n_expert; ++e) r.topk.emplace_back(sel[e], e);
-            std::partial_sort(r.topk.begin(), r.topk.begin() + n_used, r.topk.end(),
-                              [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
-                                  return x.first > y.first || (x.first == y.first && x.second < y.second);
-                              });
+            gate_scores(l, *hp, lg, sel, &r.group_rank);
+            top_experts(sel, n_expert, n_used, &r.topk);
             float* w = a.router_select.data + (int64_t)t * n_expert;  // sel is no longer needed: the weights
             for (int j = 0; j < n_used; ++j) w[j] = lg[r.topk[(size_t)j].second];
             if (gating == ExpertGating::softmax_weight) {
