@@ -75,7 +75,7 @@ const char* kUsage =
     "\n"
     "synthetic model options:\n"
     "  --synthetic S   qwen3-30b-a3b | olmoe-1b-7b | mixtral-8x7b | gpt-oss-20b | glm-4.5-air |\n"
-    "                  deepseek-v2-lite | lfm2-8b-a1b\n"
+    "                  deepseek-v2-lite | lfm2-8b-a1b | qwen3.5-35b-a3b\n"
     "  --quant T       q4_0 | q8_0 | q4_k_m | q4_k | q6_k | f16 | q2_k | q3_k | iq4_xs | q3_k_m | iq3_xxs |\n"
     "                  mxfp4 | nvfp4 | tq3 | tq4 | affine3 | affine4 (g64)\n"
     "                  (q4_k_m, q3_k_m, iq3_xxs: llama-quantize's type mixes; iq3_xxs as random grid codes)\n"
@@ -83,7 +83,8 @@ const char* kUsage =
     "                  blocks do not tile (2880, 1408, 10944) fall back as llama-quantize's: Q4_K -> Q5_0, ...)\n"
     "  -o FILE         output path\n"
     "  --layers N      keep only the first N layers (quick tests; glm-4.5-air keeps its NextN block;\n"
-    "                  lfm2-8b-a1b: layers 0, 1 short-conv, 2 attention, 3-5 short-conv, ...)\n"
+    "                  lfm2-8b-a1b: layers 0, 1 short-conv, 2 attention, 3-5 short-conv, ...;\n"
+    "                  qwen3.5-35b-a3b: layers 0-2 delta-net, 3 attention, 4-6 delta-net, ...)\n"
     "  --pure          every matrix in T (default: the output matrix is Q6_K for 4-bit T)\n"
     "  --seed N        seed of the weights (default 1234)\n"
     "  -t N            generator threads (default: all cores)\n";
@@ -193,7 +194,7 @@ int default_threads() {
 // Synthetic models
 //=================================================================================================
 
-enum class Tok { gpt2_qwen2, gpt2_olmo, gpt2_oss, gpt2_glm, gpt2_deepseek, gpt2_lfm2, spm };
+enum class Tok { gpt2_qwen2, gpt2_olmo, gpt2_oss, gpt2_glm, gpt2_deepseek, gpt2_lfm2, gpt2_qwen35, spm };
 enum class QkNorm { none, per_head, whole };
 
 struct Shape {
@@ -204,7 +205,8 @@ struct Shape {
     int n_expert, n_used, n_ff_exp;
     int n_ff_dense;        // feed_forward_length: qwen3moe's informational dense size, glm4moe's dense
                            // layers' width, gpt-oss's (unread) intermediate size; 0 = not written
-    bool ff_in_expert_key; // the expert size is in expert_feed_forward_length (qwen3moe, gpt-oss, glm4moe)
+    bool ff_in_expert_key; // the expert size is in expert_feed_forward_length (qwen3moe, gpt-oss, glm4moe,
+                           // deepseek2, lfm2moe, qwen35moe)
     int n_vocab, n_ctx;
     float rope_base, eps;
     QkNorm qk;
@@ -228,6 +230,16 @@ struct Shape {
     const char* layer_kinds = nullptr;  // lfm2moe: per layer 'a' attention, 'c' short convolution
     int l_cache = 0;            // lfm2moe: shortconv.l_cache, the convolution width
     bool tied = false;          // no output.weight: the logits come from token_embd
+    // qwen35moe: gated delta-net layers, every full_attn_interval-th layer full attention (il + 1
+    // divisible by it), whose attn_q also holds a per-head output gate
+    int full_attn_interval = 0;
+    int ssm_conv = 0;           // ssm.conv_kernel: causal convolution width over q, k, v channels
+    int ssm_state = 0;          // ssm.state_size: head dim of the delta-net q, k and v heads
+    int ssm_k_heads = 0;        // ssm.group_count: q/k heads
+    int ssm_v_heads = 0;        // ssm.time_step_rank: v heads (and gates)
+    int rope_sections[4] = {0, 0, 0, 0};  // rope.dimension_sections (IMROPE), written when any is set
+    // whether layer il is a gated delta-net layer (qwen35moe)
+    bool recurrent(int il) const { return full_attn_interval > 0 && (il + 1) % full_attn_interval != 0; }
 };
 
 // Hyper-parameters from the models' config.json (Qwen/Qwen3-30B-A3B, allenai/OLMoE-1B-7B-0924,
@@ -276,6 +288,30 @@ Shape lfm2_8b_a1b() {
     return s;
 }
 
+// Qwen3.5-35B-A3B (Qwen/Qwen3.5-35B-A3B, text_config): 40 layers, gated delta-net (linear attention:
+// 16 q/k heads, 32 v heads, head dim 128, conv kernel 4) except every 4th layer (3, 7, ..., 39),
+// which is gated full attention (GQA 16/2 x 256, per-head q/k RMSNorm, attn_q {2048, 2 x 16 x 256}:
+// each head's query rows then its sigmoid gate rows), partial rotary 0.25 (64 of 256 dims) with
+// IMROPE sections [11, 11, 10, 0], rope base 1e7; every layer MoE: 256 experts top-8 (512), softmax,
+// renormalised, plus one shared expert (512) gated by sigmoid(ffn_gate_inp_shexp . x); untied
+// output, eps 1e-6, vocab 248320, ctx 262144. The real file also has an MTP block (block_count 41,
+// nextn_predict_layers 1) and an attention.recurrent_layers array; both are left out here.
+Shape qwen35_35b_a3b() {
+    Shape s{"qwen3.5-35b-a3b", "qwen35moe", "Qwen3.5-35B-A3B (synthetic)", 2048, 40, 16, 2, 256, 256, 8, 512, 0, true, 248320, 262144,
+            1e7f, 1e-6f, QkNorm::per_head, true, Tok::gpt2_qwen35};
+    s.n_rot = 64;
+    s.n_shared = 1;
+    s.full_attn_interval = 4;
+    s.ssm_conv = 4;
+    s.ssm_state = 128;
+    s.ssm_k_heads = 16;
+    s.ssm_v_heads = 32;
+    s.rope_sections[0] = 11;
+    s.rope_sections[1] = 11;
+    s.rope_sections[2] = 10;
+    return s;
+}
+
 const Shape kShapes[] = {
     {"qwen3-30b-a3b", "qwen3moe", "Qwen3-30B-A3B (synthetic)", 2048, 48, 32, 4, 128, 128, 8, 768, 6144, true, 151936, 40960,
      1e6f, 1e-6f, QkNorm::per_head, true, Tok::gpt2_qwen2},
@@ -289,6 +325,7 @@ const Shape kShapes[] = {
      QkNorm::none, true, Tok::gpt2_glm, /*n_swa*/ 0, /*yarn*/ 0.f, 0, /*n_rot*/ 64, /*dense*/ 1, /*shared*/ 1, /*nextn*/ 1, /*scale*/ 1.f},
     deepseek_v2_lite(),
     lfm2_8b_a1b(),
+    qwen35_35b_a3b(),
 };
 
 const Shape* find_shape(const std::string& name) {
@@ -297,7 +334,7 @@ const Shape* find_shape(const std::string& name) {
     return nullptr;
 }
 
-enum class Fill { weights, norm, router, bias, embedding, output_proj, conv };
+enum class Fill { weights, norm, router, bias, embedding, output_proj, conv, dt_bias, ssm_a };
 
 struct TensorSpec {
     std::string name;
@@ -407,6 +444,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
     };
     const std::string arch = s.arch;
     const bool oss = arch == "gpt-oss", glm = arch == "glm4moe", ds2 = arch == "deepseek2", lfm = arch == "lfm2moe";
+    const bool q35 = arch == "qwen35moe";
     const T base = q.mix == Mix::mxfp4_moe ? T::q8_0 : q.base;     // matrices outside the expert stacks
     const T exp_base = q.mix == Mix::mxfp4_moe ? T::mxfp4 : base;  // the expert stacks
     const bool four_bit = base == T::q4_0 || base == T::q4_k;
@@ -432,6 +470,22 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
             add(b + "shortconv.conv.weight", T::f32, {s.l_cache, E}, Fill::conv);
             add(b + "shortconv.in_proj.weight", base, {E, 3 * E}, Fill::weights);
             add(b + "shortconv.out_proj.weight", base, {E, E}, Fill::output_proj);
+        } else if (q35 && s.recurrent(il)) {
+            // gated delta-net: attn_qkv -> q, k, v channels (causal conv over time); attn_gate -> z;
+            // beta = sigmoid(ssm_beta x), decay exp(ssm_a softplus(ssm_alpha x + dt bias)); the
+            // output is RMS-normed per v head (ssm_norm), times silu(z), then ssm_out. llama-quantize
+            // counts attn_qkv as an attn_v-like tensor (one per layer, as attn_v in attention layers);
+            // ssm_out, attn_gate, ssm_alpha, ssm_beta are plain matrices; 1-D tensors and ssm_conv1d stay F32.
+            const int64_t DS = s.ssm_state, HK = s.ssm_k_heads, HV = s.ssm_v_heads, CH = 2 * HK * DS + HV * DS;
+            add(b + "attn_qkv.weight", v_type, {E, CH}, Fill::weights);
+            add(b + "attn_gate.weight", base, {E, HV * DS}, Fill::weights);
+            add(b + "ssm_conv1d.weight", T::f32, {s.ssm_conv, CH}, Fill::conv);
+            add(b + "ssm_dt.bias", T::f32, {HV}, Fill::dt_bias);
+            add(b + "ssm_a", T::f32, {HV}, Fill::ssm_a);
+            add(b + "ssm_beta.weight", base, {E, HV}, Fill::weights);
+            add(b + "ssm_alpha.weight", base, {E, HV}, Fill::weights);
+            add(b + "ssm_norm.weight", T::f32, {DS}, Fill::norm);
+            add(b + "ssm_out.weight", base, {HV * DS, E}, Fill::output_proj);
         } else if (ds2) {  // MLA: q; latent + shared rope key; k_b / v_b per head (the split kv_b)
             const int64_t R = s.n_rot, KVL = s.kv_lora, NH = s.n_head;
             add(b + "attn_q.weight", base, {E, H}, Fill::weights);
@@ -441,7 +495,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
             add(b + "attn_v_b.weight", base, {KVL, s.v_head, NH}, Fill::weights);
             add(b + "attn_output.weight", o_type, {NH * s.v_head, E}, Fill::output_proj);
         } else {
-            add(b + "attn_q.weight", base, {E, H}, Fill::weights);
+            add(b + "attn_q.weight", base, {E, q35 ? 2 * H : H}, Fill::weights);  // qwen35moe: per head [query, gate]
             if (oss || glm) add(b + "attn_q.bias", T::f32, {H}, Fill::bias);
             add(b + "attn_k.weight", base, {E, KV}, Fill::weights);
             if (oss || glm) add(b + "attn_k.bias", T::f32, {KV}, Fill::bias);
@@ -460,7 +514,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
                 add(b + "attn_k_norm.weight", T::f32, {KV}, Fill::norm);
             }
         }
-        add(b + (oss || glm ? "post_attention_norm.weight" : "ffn_norm.weight"), T::f32, {E}, Fill::norm);
+        add(b + (oss || glm || q35 ? "post_attention_norm.weight" : "ffn_norm.weight"), T::f32, {E}, Fill::norm);
         if (il < s.n_dense_lead) {  // glm4moe's, deepseek2's, lfm2moe's leading dense layers (never a NextN block)
             add(b + "ffn_gate.weight", base, {E, FD}, Fill::weights);
             add(b + "ffn_up.weight", base, {E, FD}, Fill::weights);
@@ -475,6 +529,7 @@ std::vector<TensorSpec> plan_tensors(const Shape& s, int n_layer, const QuantPla
             if (oss) add(b + "ffn_up_exps.bias", T::f32, {F, X}, Fill::bias);
             add(b + "ffn_down_exps.weight", down_type, {F, E, X}, Fill::output_proj);
             if (oss) add(b + "ffn_down_exps.bias", T::f32, {E, X}, Fill::bias);
+            if (q35) add(b + "ffn_gate_inp_shexp.weight", T::f32, {E}, Fill::router);  // the shared expert's sigmoid gate
             if (FS > 0) {
                 add(b + "ffn_gate_shexp.weight", base, {E, FS}, Fill::weights);
                 add(b + "ffn_up_shexp.weight", base, {E, FS}, Fill::weights);
@@ -678,10 +733,15 @@ void gen_f16(uint8_t* p, size_t n, Rng& r) {
 
 void gen_f32(uint8_t* p, size_t n, Rng& r, Fill fill) {
     for (size_t i = 0; i < n; ++i) {
-        // conv: lfm2moe's short-convolution taps, U[-1, 1], so that the two previous positions move a
-        // channel about as much as the current one
+        // conv: lfm2moe's short-convolution taps and qwen35moe's ssm_conv1d, U[-1, 1], so that the
+        // previous positions move a channel about as much as the current one.
+        // dt_bias and ssm_a (qwen35moe, per v head): the delta-net's decay is
+        // exp(ssm_a softplus(alpha + dt_bias)) with ssm_a = -exp(A_log), A_log in U[-1, 0] (|a| in
+        // [0.37, 1]) and dt_bias in U[-2.5, -1.5]: for alpha near 0 a decay of about 0.9 per token,
+        // a memory of ~10 tokens; the random alpha (std ~1.4 at q4_0/q8_0) spreads it over about 0.5-0.99.
         float v = fill == Fill::norm ? r.uniform(0.9f, 1.1f) : fill == Fill::bias ? r.uniform(-0.05f, 0.05f)
-                  : fill == Fill::conv ? r.uniform(-1.f, 1.f) : r.uniform(-0.1f, 0.1f);
+                  : fill == Fill::conv ? r.uniform(-1.f, 1.f) : fill == Fill::dt_bias ? r.uniform(-2.5f, -1.5f)
+                  : fill == Fill::ssm_a ? -std::exp(r.uniform(-1.f, 0.f)) : r.uniform(-0.1f, 0.1f);
         std::memcpy(p + 4 * i, &v, 4);
     }
 }
@@ -814,7 +874,7 @@ Vocab make_vocab(const Shape& s) {
     std::vector<std::string> specials;
     bool specials_first = false;  // lfm2: control tokens at ids 0.. (else after the words)
     int n_unused = 0;             // deepseek: "[PADi]" tokens (type unused) pad the vocabulary to n_vocab
-    if (s.tok == Tok::gpt2_qwen2) specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
+    if (s.tok == Tok::gpt2_qwen2 || s.tok == Tok::gpt2_qwen35) specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
     else if (s.tok == Tok::gpt2_olmo) specials = {"<|endoftext|>", "<|padding|>"};
     // gpt-oss's harmony tokens and GLM-4.5's, in their real order (at the end of the vocabulary here)
     else if (s.tok == Tok::gpt2_oss)
@@ -856,7 +916,7 @@ Vocab make_vocab(const Shape& s) {
         v.tokens.push_back("[PAD" + std::to_string(i) + "]");
         v.types.push_back(5);
     }
-    if (s.tok == Tok::gpt2_qwen2) { v.bos = f; v.pad = f; v.eos = f + 2; }
+    if (s.tok == Tok::gpt2_qwen2 || s.tok == Tok::gpt2_qwen35) { v.bos = f; v.pad = f; v.eos = f + 2; }
     else if (s.tok == Tok::gpt2_olmo) { v.bos = f; v.eos = f; v.pad = f + 1; }
     else if (s.tok == Tok::gpt2_oss) { v.bos = f; v.pad = f + 1; v.eos = f + 2; }  // as openai/gpt-oss-20b's GGUF
     else if (s.tok == Tok::gpt2_glm) { v.bos = f + 2; v.eos = f; v.pad = f; v.unk = f; v.eot = f + 7; v.eom = f + 9; }  // GLM: llama.cpp's converter
@@ -966,7 +1026,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     w.set_u32(a + ".embedding_length", (uint32_t)s.n_embd);
     w.set_u32(a + ".block_count", (uint32_t)(n_layer + s.n_nextn));
     if (s.ff_in_expert_key) {
-        w.set_u32(a + ".feed_forward_length", (uint32_t)s.n_ff_dense);
+        if (s.n_ff_dense > 0) w.set_u32(a + ".feed_forward_length", (uint32_t)s.n_ff_dense);  // qwen35moe: none
         w.set_u32(a + ".expert_feed_forward_length", (uint32_t)s.n_ff_exp);
     } else {
         w.set_u32(a + ".feed_forward_length", (uint32_t)s.n_ff_exp);
@@ -1028,6 +1088,15 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
         w.set_u32(a + ".leading_dense_block_count", (uint32_t)s.n_dense_lead);
         w.set_u32(a + ".expert_gating_func", (uint32_t)s.gating_func);
         w.set_u32(a + ".shortconv.l_cache", (uint32_t)s.l_cache);
+    } else if (a == "qwen35moe") {  // Qwen3_5MoeTextModel.set_gguf_parameters (Qwen2MoeModel's, Qwen3NextModel's)
+        w.set_u32(a + ".expert_shared_feed_forward_length", (uint32_t)(s.n_shared * s.n_ff_exp));
+        w.set_i32_array(a + ".rope.dimension_sections", std::vector<int32_t>(s.rope_sections, s.rope_sections + 4));
+        w.set_u32(a + ".ssm.conv_kernel", (uint32_t)s.ssm_conv);
+        w.set_u32(a + ".ssm.state_size", (uint32_t)s.ssm_state);
+        w.set_u32(a + ".ssm.group_count", (uint32_t)s.ssm_k_heads);
+        w.set_u32(a + ".ssm.time_step_rank", (uint32_t)s.ssm_v_heads);
+        w.set_u32(a + ".ssm.inner_size", (uint32_t)(s.ssm_state * s.ssm_v_heads));
+        w.set_u32(a + ".full_attention_interval", (uint32_t)s.full_attn_interval);
     }
 
     Vocab v = make_vocab(s);
@@ -1039,6 +1108,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
     else if (s.tok == Tok::gpt2_glm) w.set_string("tokenizer.ggml.pre", "glm4");
     else if (s.tok == Tok::gpt2_deepseek) w.set_string("tokenizer.ggml.pre", "deepseek-llm");
     else if (s.tok == Tok::gpt2_lfm2) w.set_string("tokenizer.ggml.pre", "lfm2");
+    else if (s.tok == Tok::gpt2_qwen35) w.set_string("tokenizer.ggml.pre", "qwen35");
     w.set_string_array("tokenizer.ggml.tokens", v.tokens);
     w.set_i32_array("tokenizer.ggml.token_type", v.types);
     if (!v.scores.empty()) w.set_f32_array("tokenizer.ggml.scores", v.scores);
@@ -1080,6 +1150,11 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
         std::string kinds;
         for (int il = 0; il < n_layer; ++il) kinds += s.layer_kinds[il] == 'a' ? 'A' : 'c';
         std::fprintf(stderr, "[moe-bench] layer kinds (A attention, c short convolution; the first %d dense): %s\n", s.n_dense_lead, kinds.c_str());
+    }
+    if (s.full_attn_interval > 0) {
+        std::string kinds;
+        for (int il = 0; il < n_layer; ++il) kinds += s.recurrent(il) ? 'D' : 'A';
+        std::fprintf(stderr, "[moe-bench] layer kinds (A full attention, D gated delta-net): %s\n", kinds.c_str());
     }
     if (n_fell_back)
         std::fprintf(stderr, "[moe-bench] %d tensors have rows that their type's blocks do not tile; they fall back (see fallback_type): %s\n",
