@@ -20,6 +20,7 @@
 //    answers Status::unsupported for the architecture.
 #include "moe_infer.h"
 #include "oracle.h"
+#include "peer_util.h"
 
 #include <gtest/gtest.h>
 
@@ -41,80 +42,11 @@ using moe_test::OracleCase;
 using moe_test::RowDiff;
 using TT = moe::TensorType;
 
-std::string peer_path() {
-    const char* e = std::getenv("MOE_LLAMA_PEER");
-    if (e && *e) return e;
-#ifdef MOE_LLAMA_PEER
-    return MOE_LLAMA_PEER;
-#else
-    return "";
-#endif
-}
-
-std::string tmp_dir() {
-    const char* e = std::getenv("MOE_TEST_TMP");
-    return e && *e ? e : "/tmp";
-}
-
-std::string shell_quote(const std::string& s) {
-    std::string o = "'";
-    for (char c : s) {
-        if (c == '\'') o += "'\\''";
-        else o += c;
-    }
-    return o + "'";
-}
-
-// A GGUF in the temp dir, removed when done.
-struct TempFile {
-    std::string path;
-    explicit TempFile(const std::string& name, const char* ext = ".gguf") {
-        path = tmp_dir() + "/moe_fam_" + std::to_string((long)getpid()) + "_" + name + ext;
-    }
-    ~TempFile() { std::remove(path.c_str()); }
-    TempFile(const TempFile&) = delete;
-    TempFile& operator=(const TempFile&) = delete;
-};
-
-// llama.cpp's logits for every position of `tokens` (one prompt batch, -n 0): tokens.size() x n_vocab.
-::testing::AssertionResult run_peer(const std::string& peer, const std::string& model, const std::vector<int32_t>& tokens, int n_vocab,
-                                    std::vector<float>* logits) {
-    TempFile out("logits", ".f32");
-    std::string ids;
-    for (size_t i = 0; i < tokens.size(); ++i) ids += (i ? "," : "") + std::to_string(tokens[i]);
-    const std::string cmd = shell_quote(peer) + " -m " + shell_quote(model) + " --tokens " + ids + " -n 0 -t 1 --logits-out " +
-                            shell_quote(out.path) + " 2>&1";
-    FILE* p = popen(cmd.c_str(), "r");
-    if (!p) return ::testing::AssertionFailure() << "popen failed: " << cmd;
-    std::string text;
-    char buf[4096];
-    while (std::fgets(buf, sizeof buf, p)) text += buf;
-    const int rc = pclose(p);
-    if (rc != 0) return ::testing::AssertionFailure() << "llama_peer failed (status " << rc << "): " << cmd << "\n" << text;
-    logits->assign(tokens.size() * (size_t)n_vocab, 0.f);
-    FILE* f = std::fopen(out.path.c_str(), "rb");
-    if (!f) return ::testing::AssertionFailure() << "no logits file " << out.path;
-    const size_t got = std::fread(logits->data(), sizeof(float), logits->size(), f);
-    const bool extra = std::fgetc(f) != EOF;
-    std::fclose(f);
-    if (got != logits->size() || extra)
-        return ::testing::AssertionFailure() << "logits file does not hold " << logits->size() << " floats";
-    return ::testing::AssertionSuccess();
-}
-
-RowDiff diff_rows(const moe_test::OracleResult& ref, const std::vector<float>& got, int first = 0, int end = -1) {
-    RowDiff d;
-    if (end < 0) end = ref.n_tokens;
-    for (int i = first; i < end; ++i) d.add(i, ref.row(i), got.data() + (size_t)i * (size_t)ref.n_vocab, ref.n_vocab);
-    return d;
-}
-
-std::string diff_msg(const RowDiff& d) {
-    std::ostringstream o;
-    o << "max|d|/max|ref| = " << d.rel() << " (max|d| " << d.max_abs << " at position " << d.worst_row << ", token " << d.worst_col
-      << "), rms rel " << d.rel_rms() << ", argmax " << d.argmax_agree << "/" << d.argmax_checked;
-    return o.str();
-}
+using moe_test::diff_msg;
+using moe_test::diff_rows;
+using moe_test::peer_path;
+using moe_test::run_peer;
+using moe_test::TempFile;
 
 //---------------------------------------------------------------------------------------------------
 // The cases
@@ -392,7 +324,7 @@ TEST_P(FamiliesPeer, OracleMatchesLlamaCpp) {
     TempFile f(tc.name);
     ASSERT_EQ(c.model.write(f.path), moe::Status::ok) << moe::last_error();
     std::vector<float> got;
-    ASSERT_TRUE(run_peer(peer, f.path, c.tokens, tc.spec.n_vocab, &got));
+    ASSERT_TRUE(run_peer(peer, f.path, c.tokens, 0, tc.spec.n_vocab, &got));
     RowDiff d = diff_rows(c.ref, got);
     EXPECT_LT(d.rel(), tc.peer_tol) << diff_msg(d);
     if (std::getenv("MOE_FAMILIES_VERBOSE")) {
@@ -478,7 +410,7 @@ TEST(FamiliesPeer, OracleFeaturesMatter) {
         TempFile f(std::string("abl_") + name);
         ASSERT_EQ(c.model.write(f.path), moe::Status::ok) << moe::last_error();
         std::vector<float> got;
-        ASSERT_TRUE(run_peer(peer, f.path, c.tokens, tc->spec.n_vocab, &got));
+        ASSERT_TRUE(run_peer(peer, f.path, c.tokens, 0, tc->spec.n_vocab, &got));
         ASSERT_LT(diff_rows(c.ref, got).rel(), tc->peer_tol);
         const std::string arch = c.model.spec.arch;
         for (const Ablation& a : arch == "gpt-oss" ? oss : arch == "glm4moe" ? glm : ds2) {

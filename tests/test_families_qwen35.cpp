@@ -1,7 +1,7 @@
 // qwen35moe (Qwen3.5-35B-A3B): gated delta-net (linear attention) layers beside gated full-attention
 // layers, a softmax MoE and a sigmoid-gated shared expert. The float64 oracle (tests/oracle.h)
 // against llama.cpp itself, and the engine against the oracle; the same pattern as
-// tests/test_families_hybrid.cpp (the few helpers below are repeated from there).
+// tests/test_families_hybrid.cpp (the peer helpers are in tests/peer_util.h).
 //
 // 1. Qwen35Peer: tiny random GGUFs of odd shapes (tests/random_model.h: 4-6 layers with full
 //    attention every 3rd or 4th layer or a per-layer array, head_dim 32-64 with partial rotary and
@@ -27,6 +27,7 @@
 // the peer tests skip.
 #include "moe_infer.h"
 #include "oracle.h"
+#include "peer_util.h"
 
 #include <gtest/gtest.h>
 
@@ -50,106 +51,12 @@ using moe_test::OracleCase;
 using moe_test::RowDiff;
 using TT = moe::TensorType;
 
-std::string peer_path() {
-    const char* e = std::getenv("MOE_LLAMA_PEER");
-    if (e && *e) return e;
-#ifdef MOE_LLAMA_PEER
-    return MOE_LLAMA_PEER;
-#else
-    return "";
-#endif
-}
-
-std::string tmp_dir() {
-    const char* e = std::getenv("MOE_TEST_TMP");
-    return e && *e ? e : "/tmp";
-}
-
-std::string shell_quote(const std::string& s) {
-    std::string o = "'";
-    for (char c : s) {
-        if (c == '\'') o += "'\\''";
-        else o += c;
-    }
-    return o + "'";
-}
-
-// A file in the temp dir, removed when done.
-struct TempFile {
-    std::string path;
-    explicit TempFile(const std::string& name, const char* ext = ".gguf") {
-        path = tmp_dir() + "/moe_q35_" + std::to_string((long)getpid()) + "_" + name + ext;
-    }
-    ~TempFile() { std::remove(path.c_str()); }
-    TempFile(const TempFile&) = delete;
-    TempFile& operator=(const TempFile&) = delete;
-};
-
-// llama.cpp on `prompt` (one batch) followed by `n_gen` greedy tokens, one llama_decode each:
-// *logits gets (prompt.size() + n_gen) rows of n_vocab, *generated the ids it printed.
-::testing::AssertionResult run_peer(const std::string& peer, const std::string& model, const std::vector<int32_t>& prompt, int n_gen,
-                                    int n_vocab, std::vector<float>* logits, std::vector<int32_t>* generated) {
-    TempFile out("logits", ".f32"), err("stderr", ".txt");
-    std::string ids;
-    for (size_t i = 0; i < prompt.size(); ++i) ids += (i ? "," : "") + std::to_string(prompt[i]);
-    const std::string cmd = shell_quote(peer) + " -m " + shell_quote(model) + " --tokens " + ids + " -n " + std::to_string(n_gen) +
-                            " -t 1 --logits-out " + shell_quote(out.path) + " 2>" + shell_quote(err.path);
-    FILE* p = popen(cmd.c_str(), "r");
-    if (!p) return ::testing::AssertionFailure() << "popen failed: " << cmd;
-    std::string text;
-    char buf[4096];
-    while (std::fgets(buf, sizeof buf, p)) text += buf;
-    const int rc = pclose(p);
-    if (rc != 0) {
-        std::string etext;
-        if (FILE* f = std::fopen(err.path.c_str(), "r")) {
-            while (std::fgets(buf, sizeof buf, f)) etext += buf;
-            std::fclose(f);
-        }
-        return ::testing::AssertionFailure() << "llama_peer failed (status " << rc << "): " << cmd << "\n" << text << etext;
-    }
-    generated->clear();
-    std::stringstream ss(text);
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-        if (item.find_first_of("0123456789") != std::string::npos) generated->push_back((int32_t)std::atol(item.c_str()));
-    }
-    if ((int)generated->size() != n_gen) return ::testing::AssertionFailure() << "llama_peer printed " << generated->size() << " ids: " << text;
-    const size_t rows = prompt.size() + (size_t)n_gen;
-    logits->assign(rows * (size_t)n_vocab, 0.f);
-    FILE* f = std::fopen(out.path.c_str(), "rb");
-    if (!f) return ::testing::AssertionFailure() << "no logits file " << out.path;
-    const size_t got = std::fread(logits->data(), sizeof(float), logits->size(), f);
-    const bool extra = std::fgetc(f) != EOF;
-    std::fclose(f);
-    if (got != logits->size() || extra) return ::testing::AssertionFailure() << "logits file does not hold " << logits->size() << " floats";
-    return ::testing::AssertionSuccess();
-}
-
-RowDiff diff_rows(const moe_test::OracleResult& ref, const std::vector<float>& got, int first, int end) {
-    RowDiff d;
-    for (int i = first; i < end; ++i) d.add(i, ref.row(i), got.data() + (size_t)i * (size_t)ref.n_vocab, ref.n_vocab);
-    return d;
-}
-
-// Two runs of the engine over the same positions: max |a - b| / max |a|, and whether bit-identical.
-double engine_rel(const float* a, const float* b, size_t n, bool* identical) {
-    double mx = 0, mref = 0;
-    for (size_t i = 0; i < n; ++i) {
-        const double d = std::fabs((double)a[i] - (double)b[i]);
-        if (!(d <= mx)) mx = d;
-        mref = std::max(mref, std::fabs((double)a[i]));
-    }
-    *identical = std::memcmp(a, b, n * sizeof(float)) == 0;
-    return mref > 0 ? mx / mref : mx;
-}
-
-std::string diff_msg(const RowDiff& d) {
-    std::ostringstream o;
-    o << "max|d|/max|ref| = " << d.rel() << " (max|d| " << d.max_abs << " at position " << d.worst_row << ", token " << d.worst_col
-      << "), rms rel " << d.rel_rms() << ", argmax " << d.argmax_agree << "/" << d.argmax_checked;
-    return o.str();
-}
+using moe_test::diff_msg;
+using moe_test::diff_rows;
+using moe_test::engine_rel;
+using moe_test::peer_path;
+using moe_test::run_peer;
+using moe_test::TempFile;
 
 //---------------------------------------------------------------------------------------------------
 // The cases

@@ -9,6 +9,7 @@
 #include "moe_infer.h"
 #include "oracle.h"
 #include "kernel_cases.h"
+#include "peer_util.h"
 
 #include <gtest/gtest.h>
 
@@ -35,71 +36,16 @@ using TT = moe::TensorType;
 const int kPrompt = 12;
 const int kGen = 64;
 
-std::string peer_path() {
-    const char* e = std::getenv("MOE_LLAMA_PEER");
-    if (e && *e) return e;
-#ifdef MOE_LLAMA_PEER
-    return MOE_LLAMA_PEER;
-#else
-    return "";
-#endif
-}
+using moe_test::peer_path;
+using moe_test::shell_quote;
+using moe_test::tmp_dir;
 
-std::string tmp_dir() {
-    const char* e = std::getenv("MOE_TEST_TMP");
-    return e && *e ? e : "/tmp";
-}
-
-std::string shell_quote(const std::string& s) {
-    std::string o = "'";
-    for (char c : s) {
-        if (c == '\'') o += "'\\''";
-        else o += c;
-    }
-    return o + "'";
-}
-
-std::string join(const std::vector<int32_t>& v, size_t from = 0, size_t to = (size_t)-1) {
-    std::string s;
-    for (size_t i = from; i < v.size() && i < to; ++i) s += (i > from ? "," : "") + std::to_string(v[i]);
-    return s;
-}
+std::string join(const std::vector<int32_t>& v) { return moe_test::join_ids(v); }
 
 struct PeerResult {
     std::vector<int32_t> generated;
     std::vector<float> logits;  // (n_prompt + n_gen) rows
 };
-
-::testing::AssertionResult run_peer(const std::string& peer, const std::string& model, const std::vector<int32_t>& prompt, int n_gen,
-                                    int n_vocab, const std::string& logits_path, PeerResult* out) {
-    const std::string cmd = shell_quote(peer) + " -m " + shell_quote(model) + " --tokens " + join(prompt) + " -n " +
-                            std::to_string(n_gen) + " -t 1 --logits-out " + shell_quote(logits_path) + " 2>&1";
-    FILE* p = popen(cmd.c_str(), "r");
-    if (!p) return ::testing::AssertionFailure() << "popen failed: " << cmd;
-    std::string text;
-    char buf[4096];
-    while (std::fgets(buf, sizeof buf, p)) text += buf;
-    const int rc = pclose(p);
-    if (rc != 0) return ::testing::AssertionFailure() << "llama_peer failed (status " << rc << "): " << cmd << "\n" << text;
-    out->generated.clear();
-    std::istringstream in(text);
-    std::string line, last;
-    while (std::getline(in, line))
-        if (!line.empty()) last = line;  // the ids are the last line
-    std::istringstream ids(last);
-    std::string tok;
-    while (std::getline(ids, tok, ',')) out->generated.push_back((int32_t)std::strtol(tok.c_str(), nullptr, 10));
-    if ((int)out->generated.size() != n_gen) return ::testing::AssertionFailure() << "llama_peer printed '" << last << "'";
-    const size_t rows = prompt.size() + (size_t)n_gen;
-    out->logits.assign(rows * (size_t)n_vocab, 0.f);
-    FILE* f = std::fopen(logits_path.c_str(), "rb");
-    if (!f) return ::testing::AssertionFailure() << "no logits file " << logits_path;
-    const size_t got = std::fread(out->logits.data(), sizeof(float), out->logits.size(), f);
-    std::fclose(f);
-    std::remove(logits_path.c_str());
-    if (got != out->logits.size()) return ::testing::AssertionFailure() << "logits file has " << got << " floats, want " << out->logits.size();
-    return ::testing::AssertionSuccess();
-}
 
 struct OurResult {
     std::vector<int32_t> generated;
@@ -307,8 +253,7 @@ class LlamaParity : public ::testing::TestWithParam<ParityCase> {};
 
 // Both engines on the model file `path` whose weights (after dequantization) are rm's: greedy
 // tokens and logits compared, the float64 oracle on rm judging divergences.
-void compare_with_peer(const std::string& peer, const char* name, const moe_test::RandomModel& rm, bool f32, const std::string& path,
-                       const std::string& base) {
+void compare_with_peer(const std::string& peer, const char* name, const moe_test::RandomModel& rm, bool f32, const std::string& path) {
     const ModelSpec& s = rm.spec;
     const int V = s.n_vocab;
     std::vector<int32_t> prompt;
@@ -320,7 +265,7 @@ void compare_with_peer(const std::string& peer, const char* name, const moe_test
     std::vector<double> route_margin;
     for (int attempt = 0;; ++attempt) {
         prompt = moe_test::random_tokens(kPrompt, s.n_vocab, 3 + 2 * (uint64_t)attempt);
-        ASSERT_TRUE(run_peer(peer, path, prompt, kGen, s.n_vocab, base + ".logits", &theirs));
+        ASSERT_TRUE(moe_test::run_peer(peer, path, prompt, kGen, s.n_vocab, &theirs.logits, &theirs.generated));
         ours = OurResult{};
         ASSERT_TRUE(run_ours(path, prompt, kGen, &ours));
         diverge = -1;
@@ -463,7 +408,7 @@ TEST_P(LlamaParity, GreedyTokensAndLogits) {
     const std::string path = base + ".gguf";
     ASSERT_EQ(rm.write(path), moe::Status::ok) << moe::last_error();
     struct Cleanup { std::string p; ~Cleanup() { std::remove(p.c_str()); } } cleanup{path};
-    compare_with_peer(peer, tc.name, rm, s.wtype == TT::f32, path, base);
+    compare_with_peer(peer, tc.name, rm, s.wtype == TT::f32, path);
 }
 
 // Every llama-quantize ftype of issue 12: an F32 random model quantized by llama.cpp's own
@@ -531,7 +476,7 @@ TEST_P(LlamaQuantizeParity, GreedyTokensAndLogits) {
     std::string types;
     ASSERT_TRUE(load_file_weights(path, &rm, &types));
     std::printf("[ ftype    ] %-8s tensor types: %s\n", tc.name, types.c_str());
-    compare_with_peer(peer, tc.name, rm, false, path, base);
+    compare_with_peer(peer, tc.name, rm, false, path);
 }
 
 std::vector<FtypeCase> ftype_cases() {
