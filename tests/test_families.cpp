@@ -16,8 +16,7 @@
 //    window, YaRN, the selection bias, the expert groups, NORM RoPE, ...), moves the oracle far away from llama.cpp: the cases do
 //    exercise what they claim to.
 // 3. FamiliesEngine: the engine (moe::Model::load + Session::eval) against the oracle on the same
-//    files, as tests/test_forward.cpp does for the other architectures; skipped while Model::load
-//    answers Status::unsupported for the architecture.
+//    files, as tests/test_forward.cpp does for the other architectures.
 #include "moe_infer.h"
 #include "oracle.h"
 #include "peer_util.h"
@@ -455,9 +454,6 @@ TEST_P(FamiliesEngine, MatchesOracle) {
     ASSERT_EQ(rm.write(f.path), moe::Status::ok) << moe::last_error();
     moe::Model model;
     const moe::Status st = moe::Model::load(f.path.c_str(), moe::LoadOptions{}, &model);
-    if (st == moe::Status::unsupported) {
-        GTEST_SKIP() << "the engine does not support " << s.arch << " yet: " << moe::last_error();
-    }
     ASSERT_EQ(st, moe::Status::ok) << moe::status_string(st) << ": " << moe::last_error();
 
     // What llama.cpp reports for these files (its print_info): the trunk's layers only (block_count

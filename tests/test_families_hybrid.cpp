@@ -15,9 +15,7 @@
 //    selection bias, the renormalisation, ...) moves it far from llama.cpp.
 // 3. HybridEngine: the engine against the oracle (prefill, then one token at a time), and
 //    Session::reset / truncate: after truncate(n) and evaluating the rest again the logits equal
-//    the first run's (the conv state must be restored or recomputed). Skipped while Model::load
-//    answers Status::unsupported for lfm2moe; a truncate that answers Status::unsupported is
-//    accepted only with an error message that says why (recurrent / conv state).
+//    the first run's (the conv state must be restored or recomputed).
 //
 // The peer is found through MOE_LLAMA_PEER (environment), else the compile definition; without it
 // the peer tests skip.
@@ -284,30 +282,24 @@ INSTANTIATE_TEST_SUITE_P(Cases, HybridPeer, ::testing::ValuesIn(hybrid_cases()),
                          [](const ::testing::TestParamInfo<HybridCase>& i) { return std::string(i.param.name); });
 
 //---------------------------------------------------------------------------------------------------
-// 3. engine vs oracle (skips while the engine does not support lfm2moe)
+// 3. engine vs oracle
 //---------------------------------------------------------------------------------------------------
 
 class HybridEngine : public ::testing::TestWithParam<HybridCase> {
 protected:
-    // Loads the case's file; false (and *skip set) when the engine answers Status::unsupported.
-    ::testing::AssertionResult load(const HybridCase& tc, OracleCase* c, TempFile* f, moe::Model* model, std::string* skip) {
+    // Loads the case's file (the model with the first seed whose routing margins are clear).
+    ::testing::AssertionResult load(const HybridCase& tc, OracleCase* c, TempFile* f, moe::Model* model) {
         {   // the spec's first seed, before the (slower) search for one with clear routing margins
             const moe_test::RandomModel first = moe_test::make_random_model(tc.spec);
             if (!first.ok()) return ::testing::AssertionFailure() << first.error;
             if (first.write(f->path) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
-            if (moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model) == moe::Status::unsupported) {
-                *skip = std::string("the engine does not support lfm2moe yet: ") + moe::last_error();
-                return ::testing::AssertionSuccess();
-            }
+            const moe::Status st = moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model);
+            if (st != moe::Status::ok) return ::testing::AssertionFailure() << moe::status_string(st) << ": " << moe::last_error();
         }
         *c = make_case(tc);
         if (!c->ok) return ::testing::AssertionFailure() << c->error;
         if (c->model.write(f->path) != moe::Status::ok) return ::testing::AssertionFailure() << moe::last_error();
         const moe::Status st = moe::Model::load(f->path.c_str(), moe::LoadOptions{}, model);
-        if (st == moe::Status::unsupported) {
-            *skip = std::string("the engine does not support lfm2moe yet: ") + moe::last_error();
-            return ::testing::AssertionSuccess();
-        }
         if (st != moe::Status::ok) return ::testing::AssertionFailure() << moe::status_string(st) << ": " << moe::last_error();
         return ::testing::AssertionSuccess();
     }
@@ -318,11 +310,7 @@ TEST_P(HybridEngine, MatchesOracle) {
     OracleCase c;
     TempFile f(std::string("eng_") + tc.name);
     moe::Model model;
-    std::string skip;
-    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
-    if (!skip.empty()) {
-        GTEST_SKIP() << skip;
-    }
+    ASSERT_TRUE(load(tc, &c, &f, &model));
     SCOPED_TRACE(moe_test::describe(c.model.spec));
     const moe_test::RandomModel& rm = c.model;
     const ModelSpec& s = rm.spec;
@@ -415,11 +403,7 @@ TEST_P(HybridEngine, ResetAndTruncateRestoreConvState) {
     OracleCase c;
     TempFile f(std::string("trunc_") + tc.name);
     moe::Model model;
-    std::string skip;
-    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
-    if (!skip.empty()) {
-        GTEST_SKIP() << skip;
-    }
+    ASSERT_TRUE(load(tc, &c, &f, &model));
     SCOPED_TRACE(moe_test::describe(c.model.spec));
     const ModelSpec& s = c.model.spec;
     const int T = tc.n_prompt, V = s.n_vocab;
@@ -443,13 +427,6 @@ TEST_P(HybridEngine, ResetAndTruncateRestoreConvState) {
     for (int n : {T - 1, T / 2 + 1, T / 2, 2, 1, 0}) {
         SCOPED_TRACE("truncate(" + std::to_string(n) + ")");
         const moe::Status st = sess.truncate(n);
-        if (st == moe::Status::unsupported) {
-            const std::string why = moe::last_error();
-            const bool clear = why.find("lfm2moe") != std::string::npos || why.find("conv") != std::string::npos ||
-                               why.find("recurrent") != std::string::npos;
-            ASSERT_TRUE(clear) << "truncate answered unsupported without saying why: \"" << why << "\"";
-            GTEST_SKIP() << "truncate is unsupported for lfm2moe: " << why;
-        }
         ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
         ASSERT_EQ(sess.position(), n);
         ASSERT_EQ(sess.eval(c.tokens.data() + n, (size_t)(T - n), again.data()), moe::Status::ok) << moe::last_error();
@@ -485,9 +462,7 @@ TEST_F(HybridEngineLong, RewindPastTheRingAndStateFiles) {
     OracleCase c;
     TempFile f("long_rewind");
     moe::Model model;
-    std::string skip;
-    ASSERT_TRUE(load(tc, &c, &f, &model, &skip));
-    if (!skip.empty()) GTEST_SKIP() << skip;
+    ASSERT_TRUE(load(tc, &c, &f, &model));
     const int T = 120, V = c.model.spec.n_vocab;
     const std::vector<int32_t> tokens = moe_test::random_tokens(T, V, 777);
     moe::SessionOptions opt;
