@@ -8945,8 +8945,9 @@ struct ForwardPlan {
     int32_t group = 1;    // query heads per KV head
     int32_t slots = 1;    // FFN uses per token: top-k routed [+ shared], or 1 dense
     // Gated delta-net layers: conv channels (q, k, v) and the heads' output width (v heads * state);
-    // a layer's recurrent state in floats: the last kernel - 1 raw channel rows, then the matrices.
-    int64_t ssm_ch = 0, ssm_v = 0, ssm_floats = 0;
+    // a layer's recurrent state in floats: the last kernel - 1 raw channel rows, then per v head
+    // ssm_head floats (see delta_rule_phase).
+    int64_t ssm_ch = 0, ssm_v = 0, ssm_head = 0, ssm_floats = 0;
     std::vector<LayerFormats> layer_formats[2];
     uint8_t output_formats[2] = {0, 0};
 };
@@ -9090,7 +9091,8 @@ inline void plan_forward(ModelImpl& m) {
         const int64_t DS = hp.ssm_state;
         p.ssm_ch = 2 * hp.ssm_k_heads * DS + hp.ssm_v_heads * DS;
         p.ssm_v = hp.ssm_v_heads * DS;
-        p.ssm_floats = (hp.ssm_conv_kernel - 1) * p.ssm_ch + hp.ssm_v_heads * DS * DS;
+        p.ssm_head = DS * DS + 2 * DS + 1;
+        p.ssm_floats = (hp.ssm_conv_kernel - 1) * p.ssm_ch + hp.ssm_v_heads * p.ssm_head;
     }
     for (int fa = 0; fa < 2; ++fa) {
         auto bit = [&](const Weight& w) -> uint8_t { return w ? fmt_bit(fa ? w.kernel_f32.act : w.kernel.act) : (uint8_t)0; };
@@ -10401,8 +10403,9 @@ struct KvCache {
     float* conv_row(int32_t ci, int32_t p) { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
     const float* conv_row(int32_t ci, int32_t p) const { return conv.data + ((size_t)ci * (size_t)conv_ring + (size_t)(p % conv_ring)) * (size_t)conv_width; }
     // Gated delta-net layers: per layer ForwardPlan::ssm_floats, the raw conv inputs of the last
-    // kernel - 1 positions (oldest first), then the v heads' state matrices. They describe the
-    // sequence up to recr_pos only: a rewind (or a chunk that failed midway) re-evaluates.
+    // kernel - 1 positions (oldest first), then each v head's state (ForwardPlan::ssm_head floats).
+    // They describe the sequence up to recr_pos only: a rewind (or a chunk that failed midway)
+    // re-evaluates.
     AlignedBuffer<float> recr;
     int64_t recr_floats = 0;
     int32_t n_recr = 0;
@@ -10430,7 +10433,7 @@ struct Activations {
     AlignedBuffer<float> ssm_z;          // (B, ssm_v): the output gate
     AlignedBuffer<float> ssm_ba;         // (B, 2 * v heads): beta, then alpha, before their functions
     AlignedBuffer<float> ssm_o;          // (B, ssm_v): the gated heads, ssm_out's input
-    AlignedBuffer<float> ssm_scratch;    // per thread: one head's normed q and k, and its delta (3 * state)
+    AlignedBuffer<float> ssm_scratch;    // per thread: one head's normed q and k, S^T k and S^T q (4 * state)
     ActRows act_ssm;
     ActRows act_conv;
     AlignedBuffer<float> q_proj;         // MLA: (B, n_head * head_dim), queries before absorption
@@ -10909,7 +10912,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     const bool ok_gated = !hp->attn_output_gate || a.q_gate.allocate((size_t)(B * 2 * plan->q_dim));
     const bool ok_delta = n_recr == 0 || (a.ssm_qkv.allocate((size_t)(B * plan->ssm_ch)) && a.ssm_conv.allocate((size_t)(B * plan->ssm_ch)) &&
                                           a.ssm_z.allocate((size_t)(B * plan->ssm_v)) && a.ssm_ba.allocate((size_t)(B * 2 * hp->ssm_v_heads)) &&
-                                          a.ssm_o.allocate((size_t)(B * plan->ssm_v)) && a.ssm_scratch.allocate((size_t)(nth * 3 * hp->ssm_state)) &&
+                                          a.ssm_o.allocate((size_t)(B * plan->ssm_v)) && a.ssm_scratch.allocate((size_t)(nth * 4 * hp->ssm_state)) &&
                                           a.act_ssm.allocate(a.ssm_o.data, plan->ssm_v, B));
     if (!ok || !ok_gated || !ok_delta) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
@@ -11326,20 +11329,26 @@ inline void SessionImpl::delta_conv_phase(const ForwardCall& c, int il, int ith,
 }
 
 // Gated delta net, step 2, per v head h (reading q/k head h % k_heads) and token in order:
-//   q, k l2-normalised; beta = sigmoid(b); decay = exp(softplus(alpha + dt_bias) * ssm_a);
-//   S *= decay; d = beta (v - S^T k); S += k d^T; o = S^T q / sqrt(state);
+//   q, k l2-normalised; beta = sigmoid(b); g = exp(softplus(alpha + dt_bias) * ssm_a);
+//   S = g S + k d^T with d = beta (v - g S^T k); o = S^T q / sqrt(state);
 //   out = rmsnorm(o) * ssm_norm * silu(z).
-// S[i][j] (key dim i, value dim j) is row-major, so both passes stream rows. A unit is a head over
-// the chunk's tokens, or one (token, head) when the tokens are separate sequences (eval_batch).
+// S (key dim i, value dim j, row-major) is the largest state in the model (a v head's is 64 KiB at
+// state 128), so each token streams it once: the head keeps S before the last token's update plus
+// that update (its k, d and g); a token first applies the pending update row by row while forming
+// S^T k and S^T q from the updated rows, then o = g S^T q + (k . q) d and its own update waits for
+// the next token. Per head: S (state^2), pending k, pending d (state each), pending g.
+// A unit is a head over the chunk's tokens, or one (token, head) when the tokens are separate
+// sequences (eval_batch).
 inline void SessionImpl::delta_rule_phase(const ForwardCall& c, int il, int ith, int nth) {
     const LayerWeights& l = model->layers[(size_t)il];
     const int64_t DS = hp->ssm_state, HK = hp->ssm_k_heads, HV = hp->ssm_v_heads, CH = plan->ssm_ch, VD = plan->ssm_v;
-    const int64_t state_at = (hp->ssm_conv_kernel - 1) * CH;  // the matrices follow the conv window
+    const int64_t state_at = (hp->ssm_conv_kernel - 1) * CH;  // the heads follow the conv window
     const int32_t tokens_per_unit = c.seq_kv ? 1 : c.n;
     const float eps = hp->rms_eps, q_scale = 1.f / std::sqrt((float)DS);
-    float* __restrict q = a.ssm_scratch.data + (size_t)ith * 3 * (size_t)DS;
+    float* __restrict q = a.ssm_scratch.data + (size_t)ith * 4 * (size_t)DS;
     float* __restrict k = q + DS;
-    float* __restrict d = k + DS;
+    float* __restrict sk = k + DS;  // S^T k
+    float* __restrict sq = sk + DS; // S^T q
     auto l2_normed = [&](float* out, const float* x) {  // x / sqrt(sum x^2 + eps), as llama.cpp's rms_norm(x, eps / n) / sqrt(n)
         const float scale = rms_scale(x, DS, eps / (float)DS) / std::sqrt((float)DS);
         for (int64_t i = 0; i < DS; ++i) out[i] = x[i] * scale;
@@ -11350,8 +11359,14 @@ inline void SessionImpl::delta_rule_phase(const ForwardCall& c, int il, int ith,
         const int64_t hv = u % HV, hk = hv % HK;
         const int32_t t_first = (int32_t)(u / HV) * tokens_per_unit;
         for (int32_t t = t_first; t < t_first + tokens_per_unit; ++t) {
-            float* S = kv_of(c, t).recr_layer(l.recr_index) + state_at + hv * DS * DS;
-            if (pos_of(c, t) == 0) std::fill(S, S + DS * DS, 0.f);
+            float* __restrict S = kv_of(c, t).recr_layer(l.recr_index) + state_at + hv * plan->ssm_head;
+            float* __restrict pk = S + DS * DS;  // the pending update: S = pg S + pk pd^T
+            float* __restrict pd = pk + DS;
+            float& pg = pd[DS];
+            if (pos_of(c, t) == 0) {  // a fresh sequence: S = 0, nothing pending
+                std::fill(S, S + plan->ssm_head, 0.f);
+                pg = 1.f;
+            }
             const float* conv = a.ssm_conv.data + (int64_t)t * CH;
             l2_normed(q, conv + hk * DS);
             l2_normed(k, conv + (HK + hk) * DS);
@@ -11359,28 +11374,30 @@ inline void SessionImpl::delta_rule_phase(const ForwardCall& c, int il, int ith,
             const float* ba = a.ssm_ba.data + (int64_t)t * 2 * HV;
             const float beta = 1.f / (1.f + std::exp(-ba[hv]));
             const float dt = ba[HV + hv] + l.ssm_dt[(size_t)hv];
-            const float decay = std::exp((dt > 20.f ? dt : std::log(1.f + std::exp(dt))) * l.ssm_a[(size_t)hv]);
-            std::fill(d, d + DS, 0.f);
-            for (int64_t i = 0; i < DS; ++i) {  // S *= decay; d = S^T k
+            const float g = std::exp((dt > 20.f ? dt : std::log(1.f + std::exp(dt))) * l.ssm_a[(size_t)hv]);
+            std::fill(sk, sk + DS, 0.f);
+            std::fill(sq, sq + DS, 0.f);
+            const float gp = pg;
+            for (int64_t i = 0; i < DS; ++i) {
                 float* __restrict row = S + i * DS;
-                const float ki = k[i];
+                const float ki = k[i], qi = q[i], pki = pk[i];
                 for (int64_t j = 0; j < DS; ++j) {
-                    row[j] *= decay;
-                    d[j] += row[j] * ki;
+                    const float sij = gp * row[j] + pki * pd[j];
+                    row[j] = sij;
+                    sk[j] += sij * ki;
+                    sq[j] += sij * qi;
                 }
             }
-            for (int64_t j = 0; j < DS; ++j) d[j] = beta * (v[j] - d[j]);
+            float kq = 0;
+            for (int64_t i = 0; i < DS; ++i) kq += k[i] * q[i];
             float* __restrict o = a.ssm_o.data + (int64_t)t * VD + hv * DS;
-            std::fill(o, o + DS, 0.f);
-            for (int64_t i = 0; i < DS; ++i) {  // S += k d^T; o = S^T q
-                float* __restrict row = S + i * DS;
-                const float ki = k[i], qi = q[i];
-                for (int64_t j = 0; j < DS; ++j) {
-                    row[j] += ki * d[j];
-                    o[j] += row[j] * qi;
-                }
+            for (int64_t j = 0; j < DS; ++j) {
+                const float d = beta * (v[j] - g * sk[j]);
+                o[j] = (g * sq[j] + kq * d) * q_scale;
+                pd[j] = d;
             }
-            for (int64_t j = 0; j < DS; ++j) o[j] *= q_scale;
+            std::memcpy(pk, k, (size_t)DS * 4);
+            pg = g;
             const float norm = rms_scale(o, DS, eps);
             const float* z = a.ssm_z.data + (int64_t)t * VD + hv * DS;
             for (int64_t j = 0; j < DS; ++j) o[j] = o[j] * norm * l.ssm_norm[(size_t)j] * silu(z[j]);
@@ -12062,10 +12079,11 @@ MOE_API uint64_t kv_cache_bytes(const ModelInfo& info, int32_t n_ctx, TensorType
     const int64_t dim = (int64_t)info.n_head_kv * info.head_dim;
     // (+ short-convolution layers' inputs over n_batch + 64 positions, which depend on SessionOptions)
     const int32_t n_recr = (int32_t)std::count(info.layer_recurrent.begin(), info.layer_recurrent.end(), true);
-    const uint64_t recr = info.ssm_state > 0 ? (uint64_t)n_recr * 4 *
-                                                   (uint64_t)((int64_t)(info.ssm_conv_kernel - 1) * (2 * info.ssm_k_heads + info.ssm_v_heads) * info.ssm_state +
-                                                              (int64_t)info.ssm_v_heads * info.ssm_state * info.ssm_state)
-                                             : 0;  // delta-net states: a fixed size, whatever n_ctx
+    const int64_t DS = info.ssm_state;  // delta-net states: a fixed size, whatever n_ctx (see ForwardPlan::ssm_floats)
+    const uint64_t recr = DS > 0 ? (uint64_t)n_recr * 4 *
+                                       (uint64_t)((int64_t)(info.ssm_conv_kernel - 1) * (2 * info.ssm_k_heads + info.ssm_v_heads) * DS +
+                                                  (int64_t)info.ssm_v_heads * (DS * DS + 2 * DS + 1))
+                                 : 0;
     return detail::KvCache::bytes(info.n_layer - detail::n_conv_layers(info) - n_recr, n, dim, dim, kv_type == TensorType::q8_0) + recr;
 }
 
