@@ -174,6 +174,7 @@ struct ModelSpec {
     std::string omit_tensor;        // this tensor is not written
     std::string misshape_tensor;    // this tensor is written with ne[1] + 1 (ne[0] + 1 if 1-D)
     std::string omit_key;           // this metadata key is not written
+    std::vector<std::pair<std::string, uint32_t>> u32_keys;  // written last (over any value above): hostile metadata
 };
 
 struct LayerWeights {
@@ -591,6 +592,7 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         }
         if (spec.rope_attn_factor != 0.f) set_f32(P + "rope.scaling.attn_factor", spec.rope_attn_factor);
     }
+    for (const auto& kv : spec.u32_keys) w.set_u32(kv.first, kv.second);
 
     // Tokenizer: 256 byte-level tokens, 4 merges, fillers, 2 control tokens at the end.
     {

@@ -570,6 +570,34 @@ TEST_F(Qwen35EngineLong, LongRewindsAndStateFiles) {
     EXPECT_EQ(restored.position(), T);
 }
 
+// Hostile or missing delta-net metadata: a clear error naming what is wrong, never a crash.
+TEST(Qwen35Load, BadDeltaNetMetadataIsRefused) {
+    struct Bad { const char* what; std::string omit; std::vector<std::pair<std::string, uint32_t>> keys; moe::Status want; const char* mention; };
+    const std::vector<Bad> cases = {
+        {"inner size != state * v heads", "", {{"qwen35moe.ssm.inner_size", 65}}, moe::Status::invalid_file, "delta-net"},
+        {"conv kernel 1", "", {{"qwen35moe.ssm.conv_kernel", 1}}, moe::Status::invalid_file, "delta-net"},
+        {"v heads not a multiple of k heads", "", {{"qwen35moe.ssm.group_count", 3}}, moe::Status::invalid_file, "delta-net"},
+        {"state size 0", "", {{"qwen35moe.ssm.state_size", 0}}, moe::Status::invalid_file, "delta-net"},
+        {"huge state", "", {{"qwen35moe.ssm.state_size", 1u << 30}}, moe::Status::invalid_file, "delta-net"},
+        {"full attention interval 0", "", {{"qwen35moe.full_attention_interval", 0}}, moe::Status::invalid_file, "full_attention_interval"},
+        {"no rope sections", "qwen35moe.rope.dimension_sections", {}, moe::Status::missing_key, "rope.dimension_sections"},
+        {"no time step rank", "qwen35moe.ssm.time_step_rank", {}, moe::Status::missing_key, "ssm.time_step_rank"},
+    };
+    for (const Bad& b : cases) {
+        SCOPED_TRACE(b.what);
+        ModelSpec s = q35_cases()[0].spec;  // 4 v heads of 16 over 2 q/k heads
+        s.omit_key = b.omit;
+        s.u32_keys = b.keys;
+        const moe_test::RandomModel rm = moe_test::make_random_model(s);
+        ASSERT_TRUE(rm.ok()) << rm.error;
+        const std::vector<uint8_t> bytes = rm.bytes();
+        moe::Model model;
+        EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), b.want) << moe::last_error();
+        EXPECT_NE(std::string(moe::last_error()).find(b.mention), std::string::npos) << moe::last_error();
+        EXPECT_FALSE(model.valid());
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Cases, Qwen35Engine, ::testing::ValuesIn(q35_cases()),
                          [](const ::testing::TestParamInfo<Q35Case>& i) { return std::string(i.param.name); });
 
