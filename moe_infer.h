@@ -49,7 +49,8 @@
        grouped top-k), lfm2moe (short-convolution layers beside attention), qwen35moe (Qwen3.5: gated
        delta-net linear attention beside gated full attention with IMROPE, a sigmoid-gated shared
        expert; truncate/eval_prompt re-evaluate the kept prefix, since the recurrent state cannot be
-       rewound); all hyper-parameters from GGUF metadata.
+       rewound) and qwen3next (Qwen3-Next: the same layers, plain partial RoPE, grouped v heads);
+       all hyper-parameters from GGUF metadata.
        tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q1_0, Q2_0, IQ4_NL, IQ4_XS, IQ3_S,
        IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, TQ1_0, TQ2_0, MXFP4,
        NVFP4 (ggml block layouts, bit-exact; the IQ grid types are dequantize-only: no quantizer);
@@ -607,7 +608,7 @@ enum class ExpertGating : int32_t { softmax = 1, sigmoid = 2, softmax_weight = 3
 
 // Hyper-parameters, all read from GGUF metadata.
 struct ModelInfo {
-    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe", "deepseek2", "lfm2moe", "qwen35moe"
+    std::string architecture;  // "qwen3moe", "olmoe", "qwen2moe", "llama", "gpt-oss", "glm4moe", "deepseek2", "lfm2moe", "qwen35moe", "qwen3next"
     std::string name;          // general.name or ""
     int32_t n_vocab = 0, n_embd = 0, n_layer = 0, n_ctx_train = 0;  // n_layer: without NextN/MTP layers
     int32_t n_head = 0, n_head_kv = 0, head_dim = 0, n_rot = 0;
@@ -621,12 +622,12 @@ struct ModelInfo {
     // the last shortconv_l_cache positions of each channel.
     int32_t shortconv_l_cache = 0;
     std::vector<bool> layer_conv;    // (n_layer) short-convolution layers
-    // Gated delta-net layers (qwen35moe) in place of attention: linear attention whose state is
+    // Gated delta-net layers (qwen35moe, qwen3next) in place of attention: linear attention whose state is
     // ssm_v_heads matrices of ssm_state x ssm_state per sequence, fed by a causal convolution of
     // ssm_conv_kernel taps over q, k (ssm_k_heads heads each) and v (ssm_v_heads heads).
     int32_t ssm_state = 0, ssm_k_heads = 0, ssm_v_heads = 0, ssm_conv_kernel = 0;
     std::vector<bool> layer_recurrent;  // (n_layer) gated delta-net layers
-    bool attn_output_gate = false;   // attention output times sigmoid(a per-head gate from attn_q) (qwen35moe)
+    bool attn_output_gate = false;   // attention output times sigmoid(a per-head gate from attn_q) (qwen35moe, qwen3next)
     std::vector<int32_t> rope_sections;  // IMROPE sections (qwen35moe); empty: plain RoPE
     int32_t n_layer_dense_lead = 0;  // the first layers have a dense FFN of width n_ff_dense
     int32_t n_ff_dense = 0;
@@ -8910,6 +8911,7 @@ struct LayerWeights {
     // silu), attn_gate z; ssm_beta / ssm_alpha one value per v head (the update strength, and with
     // ssm_dt and ssm_a the decay); ssm_out maps the heads' gated RMSNorm back.
     Weight ssm_qkv, ssm_z, ssm_beta, ssm_alpha, ssm_out;
+    Weight ssm_ba;                            // qwen3next: beta and alpha in one matrix (ModelImpl::ssm_grouped)
     std::vector<float> ssm_conv1d, ssm_dt, ssm_a, ssm_norm;  // (channels, kernel), (v heads) x2, (state)
     int32_t recr_index = -1;                  // >= 0: a delta-net layer, its slot in KvCache::recr
     bool swa = false;                         // attends the last ModelInfo::sliding_window positions
@@ -8983,6 +8985,7 @@ struct ModelImpl {
     RopeTable rope;
     RopeTable rope_swa;  // sliding-window layers whose base differs (rope.freq_base_swa); else empty
     bool mla = false;      // multi-head latent attention (ModelInfo::kv_lora_rank)
+    bool ssm_grouped = false;  // delta net: v heads grouped by q/k head and beta/alpha fused (qwen3next), else tiled (qwen35moe)
     // Tensors never read (NextN layers): [offset, end) in the file, and their bytes.
     std::vector<std::pair<uint64_t, uint64_t>> unused_ranges;
     uint64_t unused_bytes = 0;
@@ -9101,7 +9104,7 @@ inline void plan_forward(ModelImpl& m) {
             const LayerWeights& l = m.layers[(size_t)il];
             LayerFormats& f = p.layer_formats[fa][(size_t)il];
             f.attn_in = (uint8_t)(bit(l.wq) | bit(l.wk) | bit(l.wv) | bit(l.wq_a) | bit(l.wkv_a) | bit(l.conv_in) | bit(l.ssm_qkv) | bit(l.ssm_z) |
-                                  bit(l.ssm_beta) | bit(l.ssm_alpha));
+                                  bit(l.ssm_beta) | bit(l.ssm_alpha) | bit(l.ssm_ba));
             f.q_b_in = bit(l.wq_b);
             f.att_out = (uint8_t)(bit(l.wo) | bit(l.conv_out) | bit(l.ssm_out));
             f.ffn_in = (uint8_t)(bit(l.router) | bit(l.gate_exps) | bit(l.up_exps) | bit(l.gate_hot) | bit(l.up_hot) | bit(l.gate) | bit(l.up) | bit(l.gate_shexp) | bit(l.up_shexp));
@@ -9179,10 +9182,12 @@ inline Status load_model(ModelImpl& m) {
     const std::string& arch = hp.architecture;
     const bool is_qwen3moe = arch == "qwen3moe", is_olmoe = arch == "olmoe", is_qwen2moe = arch == "qwen2moe", is_llama = arch == "llama";
     const bool is_gptoss = arch == "gpt-oss", is_glm4moe = arch == "glm4moe", is_deepseek2 = arch == "deepseek2", is_lfm2moe = arch == "lfm2moe";
-    const bool is_qwen35moe = arch == "qwen35moe";
-    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe && !is_deepseek2 && !is_lfm2moe && !is_qwen35moe)
+    const bool is_qwen35moe = arch == "qwen35moe", is_qwen3next = arch == "qwen3next";
+    const bool is_delta = is_qwen35moe || is_qwen3next;  // gated delta-net beside gated attention
+    if (!is_qwen3moe && !is_olmoe && !is_qwen2moe && !is_llama && !is_gptoss && !is_glm4moe && !is_deepseek2 && !is_lfm2moe && !is_delta)
         return fail(Status::unsupported,
-                    "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe, deepseek2, lfm2moe, qwen35moe)", arch.c_str());
+                    "unsupported architecture '%s' (supported: qwen3moe, olmoe, qwen2moe, llama, gpt-oss, glm4moe, deepseek2, lfm2moe, qwen35moe, qwen3next)",
+                    arch.c_str());
     m.file.get_string("general.name", &hp.name);
     last_error_storage().clear();
 
@@ -9220,7 +9225,7 @@ inline Status load_model(ModelImpl& m) {
         }
     }
     hp.layer_recurrent.assign(n_layer, false);
-    if (is_qwen35moe) {
+    if (is_delta) {
         // Gated delta-net layers: attention.recurrent_layers (a flag per layer, MTP layers after
         // the trunk included), else every full_attention_interval-th layer attends in full.
         const std::string k = L.key("attention.recurrent_layers");
@@ -9252,6 +9257,10 @@ inline Status load_model(ModelImpl& m) {
                         conv, state, groups, v_heads, inner);
         hp.ssm_conv_kernel = (int32_t)conv; hp.ssm_state = (int32_t)state; hp.ssm_k_heads = (int32_t)groups; hp.ssm_v_heads = (int32_t)v_heads;
         hp.attn_output_gate = true;
+        // qwen3next keeps Qwen's own order: v head h belongs to q/k head h / (v heads / k heads), and
+        // one ssm_ba matrix gives per q/k head its v heads' beta rows, then their alpha rows;
+        // qwen35moe files are converted to tiled v heads (h % k heads) and separate ssm_beta / ssm_alpha.
+        m.ssm_grouped = is_qwen3next;
     }
     if ((s = L.u32("context_length", &n_ctx, false, 4096)) != Status::ok) return s;
     if ((s = L.u32("expert_count", &n_expert, false, 0)) != Status::ok) return s;
@@ -9358,8 +9367,8 @@ inline Status load_model(ModelImpl& m) {
     hp.n_ff_dense = n_expert > 0 ? (n_dense_lead > 0 ? (int32_t)n_ff : 0) : hp.n_ff;
     if (hp.n_layer_dense_lead > 0 && hp.n_ff_dense <= 0) return fail(Status::invalid_file, "missing feed_forward_length for the dense layers");
     hp.rope_neox = !is_llama && !is_deepseek2;  // llama.cpp: qwen*/olmoe/gpt-oss/glm4moe use NEOX RoPE, llama and deepseek2 normal RoPE
-    hp.expert_weights_norm = is_qwen3moe || is_llama || is_qwen35moe;  // olmoe and qwen2moe keep the raw softmax weights
-    if (!is_gptoss && !is_qwen35moe) {  // gpt-oss's softmax over the chosen k is never renormalised; qwen35moe always renormalises
+    hp.expert_weights_norm = is_qwen3moe || is_llama || is_delta;  // olmoe and qwen2moe keep the raw softmax weights
+    if (!is_gptoss && !is_delta) {  // gpt-oss's softmax over the chosen k is never renormalised; qwen35moe/qwen3next always renormalise
         bool norm = hp.expert_weights_norm;
         if (L.m.file.get_bool(L.key("expert_weights_norm").c_str(), &norm) == Status::ok) hp.expert_weights_norm = norm;
         last_error_storage().clear();
@@ -9501,7 +9510,7 @@ inline Status load_model(ModelImpl& m) {
     const bool has_hot_list = m.file.find(kHotExpertsKey) != nullptr;
     if (has_hot_list && (s = m.file.get_i32_array(kHotExpertsKey, &hot_list)) != Status::ok) return s;
     size_t hot_cursor = 0;  // into hot_list
-    const char* ffn_norm_name = is_gptoss || is_glm4moe || is_qwen35moe ? "post_attention_norm.weight" : "ffn_norm.weight";
+    const char* ffn_norm_name = is_gptoss || is_glm4moe || is_delta ? "post_attention_norm.weight" : "ffn_norm.weight";
     int32_t n_conv = 0, n_recr = 0;
     for (uint32_t il = 0; il < n_layer; ++il) {
         LayerWeights& l = m.layers[il];
@@ -9517,10 +9526,16 @@ inline Status load_model(ModelImpl& m) {
         } else if (hp.layer_recurrent[il]) {
             const int64_t DS = hp.ssm_state, HK = hp.ssm_k_heads, HV = hp.ssm_v_heads, CH = 2 * HK * DS + HV * DS;
             l.recr_index = n_recr++;
+            if (!m.file.find_tensor(N("attn_qkv.weight").c_str()) && m.file.find_tensor(N("ssm_in.weight").c_str()))
+                return fail(Status::unsupported, "layer %u has the fused 'ssm_in' projection of older %s files: convert the model again", il, arch.c_str());
             if ((s = L.weight(N("attn_qkv.weight"), E, CH, 0, true, &l.ssm_qkv)) != Status::ok) return s;
             if ((s = L.weight(N("attn_gate.weight"), E, HV * DS, 0, true, &l.ssm_z)) != Status::ok) return s;
-            if ((s = L.weight(N("ssm_beta.weight"), E, HV, 0, true, &l.ssm_beta)) != Status::ok) return s;
-            if ((s = L.weight(N("ssm_alpha.weight"), E, HV, 0, true, &l.ssm_alpha)) != Status::ok) return s;
+            if (m.ssm_grouped) {
+                if ((s = L.weight(N("ssm_ba.weight"), E, 2 * HV, 0, true, &l.ssm_ba)) != Status::ok) return s;
+            } else {
+                if ((s = L.weight(N("ssm_beta.weight"), E, HV, 0, true, &l.ssm_beta)) != Status::ok) return s;
+                if ((s = L.weight(N("ssm_alpha.weight"), E, HV, 0, true, &l.ssm_alpha)) != Status::ok) return s;
+            }
             if ((s = L.weight(N("ssm_out.weight"), HV * DS, E, 0, true, &l.ssm_out)) != Status::ok) return s;
             if ((s = L.vector(N("ssm_conv1d.weight"), hp.ssm_conv_kernel, true, &l.ssm_conv1d, CH)) != Status::ok) return s;
             if ((s = L.vector(N("ssm_dt.bias"), HV, true, &l.ssm_dt)) != Status::ok) return s;
@@ -9558,7 +9573,7 @@ inline Status load_model(ModelImpl& m) {
         if ((s = L.vector(N("attn_v.bias"), KV, false, &l.bv)) != Status::ok) return s;
         if ((s = L.vector(N("attn_output.bias"), E, false, &l.bo)) != Status::ok) return s;
         if (is_gptoss && (s = L.vector(N("attn_sinks.weight"), H / key_len, true, &l.sinks)) != Status::ok) return s;
-        if ((is_qwen3moe || is_olmoe || is_glm4moe || is_lfm2moe || is_qwen35moe) && !hp.layer_conv[il] && !hp.layer_recurrent[il]) {
+        if ((is_qwen3moe || is_olmoe || is_glm4moe || is_lfm2moe || is_delta) && !hp.layer_conv[il] && !hp.layer_recurrent[il]) {
             // qwen3moe normalises each head (weight {hd}); olmoe the whole projection (weight {n_head*hd});
             // glm4moe each head where the file has the weights.
             const GgufTensorInfo* qn = m.file.find_tensor(N("attn_q_norm.weight").c_str());
@@ -9590,12 +9605,12 @@ inline Status load_model(ModelImpl& m) {
             }
             if ((is_glm4moe || is_deepseek2 || is_lfm2moe) && (s = L.vector(N("exp_probs_b.bias"), n_expert, !is_deepseek2, &l.selection_bias)) != Status::ok)
                 return s;
-            if ((is_qwen2moe || is_glm4moe || is_deepseek2 || is_qwen35moe) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
+            if ((is_qwen2moe || is_glm4moe || is_deepseek2 || is_delta) && m.file.find_tensor(N("ffn_up_shexp.weight").c_str())) {
                 const int64_t FS = hp.n_ff_shared > 0 ? hp.n_ff_shared : 0;
                 if ((s = L.weight(N("ffn_gate_shexp.weight"), E, FS, 0, true, &l.gate_shexp)) != Status::ok) return s;
                 if ((s = L.weight(N("ffn_up_shexp.weight"), E, l.gate_shexp.rows, 0, true, &l.up_shexp)) != Status::ok) return s;
                 if ((s = L.weight(N("ffn_down_shexp.weight"), l.gate_shexp.rows, E, 0, true, &l.down_shexp)) != Status::ok) return s;
-                if ((is_qwen2moe || is_qwen35moe) && (s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
+                if ((is_qwen2moe || is_delta) && (s = L.vector(N("ffn_gate_inp_shexp.weight"), E, true, &l.router_shexp)) != Status::ok) return s;
                 if (hp.n_ff_shared > 0 && hp.n_ff_shared != l.gate_shexp.rows) return fail(Status::shape_mismatch, "layer %u's shared expert width differs", il);
                 hp.n_ff_shared = (int32_t)l.gate_shexp.rows;
             } else if (is_glm4moe || is_deepseek2) {
@@ -10431,7 +10446,7 @@ struct Activations {
     AlignedBuffer<float> q_gate;         // attention output gate: (B, 2 * q_dim), attn_q's rows ([query, gate] per head)
     AlignedBuffer<float> ssm_qkv, ssm_conv;  // delta net: (B, ssm_ch) raw and convolved q, k, v
     AlignedBuffer<float> ssm_z;          // (B, ssm_v): the output gate
-    AlignedBuffer<float> ssm_ba;         // (B, 2 * v heads): beta, then alpha, before their functions
+    AlignedBuffer<float> ssm_ba;         // (B, 2 * v heads): beta, then alpha, before their functions (qwen3next: ssm_ba's order)
     AlignedBuffer<float> ssm_o;          // (B, ssm_v): the gated heads, ssm_out's input
     AlignedBuffer<float> ssm_scratch;    // per thread: one head's normed q and k, S^T k and S^T q (4 * state)
     ActRows act_ssm;
@@ -11069,9 +11084,9 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             const int64_t HV = hp->ssm_v_heads;
             const MatTask in_proj[4] = {{&l.ssm_qkv, 0, &a.act_x, a.ssm_qkv.data, plan->ssm_ch, nullptr, false},
                                         {&l.ssm_z, 0, &a.act_x, a.ssm_z.data, plan->ssm_v, nullptr, false},
-                                        {&l.ssm_beta, 0, &a.act_x, a.ssm_ba.data, 2 * HV, nullptr, false},
+                                        {l.ssm_ba ? &l.ssm_ba : &l.ssm_beta, 0, &a.act_x, a.ssm_ba.data, 2 * HV, nullptr, false},
                                         {&l.ssm_alpha, 0, &a.act_x, a.ssm_ba.data + HV, 2 * HV, nullptr, false}};
-            matmul_phase(in_proj, 4, 0, n, ith);
+            matmul_phase(in_proj, l.ssm_ba ? 3 : 4, 0, n, ith);
             end_phase(ith, nth, PhaseProfile::qkv);
             delta_conv_phase(c, il, ith, nth);
             end_phase(ith, nth, PhaseProfile::rope_kv);
@@ -11328,7 +11343,8 @@ inline void SessionImpl::delta_conv_phase(const ForwardCall& c, int il, int ith,
     }
 }
 
-// Gated delta net, step 2, per v head h (reading q/k head h % k_heads) and token in order:
+// Gated delta net, step 2, per v head h (reading q/k head h % k_heads, or h / (v_heads / k_heads)
+// with grouped heads) and token in order:
 //   q, k l2-normalised; beta = sigmoid(b); g = exp(softplus(alpha + dt_bias) * ssm_a);
 //   S = g S + k d^T with d = beta (v - g S^T k); o = S^T q / sqrt(state);
 //   out = rmsnorm(o) * ssm_norm * silu(z).
@@ -11355,8 +11371,12 @@ inline void SessionImpl::delta_rule_phase(const ForwardCall& c, int il, int ith,
     };
     int64_t u0, u1;
     split_range(HV * (c.n / tokens_per_unit), ith, nth, &u0, &u1);
+    const int64_t per_k = HV / HK;  // v heads per q/k head
     for (int64_t u = u0; u < u1; ++u) {
-        const int64_t hv = u % HV, hk = hv % HK;
+        const int64_t hv = u % HV, hk = model->ssm_grouped ? hv / per_k : hv % HK;
+        // beta and alpha of this head: [beta (HV) | alpha (HV)], or per q/k head [beta (per_k) | alpha (per_k)]
+        const int64_t beta_at = model->ssm_grouped ? hk * 2 * per_k + hv % per_k : hv;
+        const int64_t alpha_at = model->ssm_grouped ? beta_at + per_k : HV + hv;
         const int32_t t_first = (int32_t)(u / HV) * tokens_per_unit;
         for (int32_t t = t_first; t < t_first + tokens_per_unit; ++t) {
             float* __restrict S = kv_of(c, t).recr_layer(l.recr_index) + state_at + hv * plan->ssm_head;
@@ -11372,8 +11392,8 @@ inline void SessionImpl::delta_rule_phase(const ForwardCall& c, int il, int ith,
             l2_normed(k, conv + (HK + hk) * DS);
             const float* v = conv + 2 * HK * DS + hv * DS;
             const float* ba = a.ssm_ba.data + (int64_t)t * 2 * HV;
-            const float beta = 1.f / (1.f + std::exp(-ba[hv]));
-            const float dt = ba[HV + hv] + l.ssm_dt[(size_t)hv];
+            const float beta = 1.f / (1.f + std::exp(-ba[beta_at]));
+            const float dt = ba[alpha_at] + l.ssm_dt[(size_t)hv];
             const float g = std::exp((dt > 20.f ? dt : std::log(1.f + std::exp(dt))) * l.ssm_a[(size_t)hv]);
             std::fill(sk, sk + DS, 0.f);
             std::fill(sq, sq + DS, 0.f);

@@ -392,7 +392,8 @@ std::vector<std::vector<float>> tensor_importance(const Calibration& c, const mo
     const int64_t n = t.ne[0];
     if (layer < 0 || !ends_with(t.name, ".weight")) return {};
     auto one = [](std::vector<float> v) { return v.empty() ? std::vector<std::vector<float>>{} : std::vector<std::vector<float>>{std::move(v)}; };
-    if (role == "attn_q" || role == "attn_k" || role == "attn_v" || role == "attn_qkv" || role == "attn_gate" || role == "ssm_alpha" || role == "ssm_beta")
+    if (role == "attn_q" || role == "attn_k" || role == "attn_v" || role == "attn_qkv" || role == "attn_gate" || role == "ssm_alpha" || role == "ssm_beta" ||
+        role == "ssm_ba")
         return one(importance_of(c.at(layer, M::attn_in, -1), n));
     if (role == "attn_output" || role == "ssm_out") return one(importance_of(c.at(layer, M::attn_out, -1), n));
     if (role == "ffn_gate" || role == "ffn_up" || role == "ffn_gate_shexp" || role == "ffn_up_shexp") return one(importance_of(c.at(layer, M::ffn_in, -1), n));
