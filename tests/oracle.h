@@ -97,6 +97,24 @@
 //   ffn: p = softmax(router logits); top-k; weights p renormalised over the k (never scaled: llama.cpp
 //     does not read expert_weights_scale for qwen35moe); plus sigmoid(ffn_gate_inp_shexp . h) times
 //     the shared SwiGLU expert.
+//
+// qwen3next (Qwen3-Next-80B-A3B), as llama.cpp computes it (src/models/qwen3next.cpp,
+// delta-net-base.cpp; llama-model.cpp llama_model_rope_type): the qwen35moe pass above (same
+// residual/norm layout, graph() lines 138-223; same conv, l2 norm and delta rule, lines 458-543
+// and build_recurrent_attn; same gated attention, [q, gate] per head of attn_q and q/k norm,
+// build_layer_attn lines 236-312; same gated RMSNorm with silu(z) and ssm_out, lines 545-560; same
+// softmax MoE and sigmoid-gated shared expert, build_layer_ffn lines 565-625), except:
+//   - beta and alpha come from one projection ba = ssm_ba h (2 HV rows; lines 418-446): reshaped to
+//     [2r, HK] (r = HV/HK), the first r of each q/k head's 2r values are beta, the last r alpha,
+//     then flattened k-head-major: beta_h = sigmoid(ba[2r (h/r) + h%r]), alpha_h = ba[2r (h/r) + r +
+//     h%r]. random_model.h unpacks these rows into ssm_beta / ssm_alpha, so the code is shared.
+//   - v head h reads q/k head h / r (grouped): q and k are repeat-interleaved to HV heads (reshape to
+//     [DS, 1, HK], ggml_repeat_4d to [DS, r, HK], reshape to [DS, HV]; lines 517-537).
+//   - full-attention RoPE is ggml_rope_ext (lines 278-287) with LLAMA_ROPE_TYPE_NEOX (llama-model.cpp
+//     line 3043): NEOX pairs (i, i + n_rot/2) for i < n_rot/2 rotate by pos * base^(-2i/n_rot), the
+//     dims past n_rot = rope.dimension_count are not rotated; no sections (load_arch_hparams, lines
+//     4-28, reads none). The shared rope() helper below.
+//   - load_arch_tensors (lines 31-130) requires n_expert > 0; every layer is MoE.
 #ifndef MOE_TEST_ORACLE_H
 #define MOE_TEST_ORACLE_H
 
@@ -138,7 +156,7 @@ public:
     // a near-tie it legitimately resolved the other way; the caller checks the choices were near-ties.
     OracleResult run(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts = nullptr) const {
         if (m_.spec.arch == "lfm2moe") return run_lfm2moe(tokens, forced_experts);
-        if (m_.spec.arch == "qwen35moe") return run_qwen35moe(tokens, forced_experts);
+        if (m_.spec.arch == "qwen35moe" || m_.spec.arch == "qwen3next") return run_qwen35moe(tokens, forced_experts);
         const ModelSpec& s = m_.spec;
         const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim, V = s.n_vocab;
         const int T = (int)tokens.size();
@@ -340,17 +358,19 @@ public:
     // so the conv and its state run on the raw X (y = C * B * conv(X)) instead of on B * X.
     bool lfm_gate_after_conv = false;
 
-    // Ablation switches for qwen35moe (tests only): each one changes one convention of the forward
-    // pass (see the top of the file for the real ones).
+    // Ablation switches for qwen35moe and qwen3next (tests only): each one changes one convention of
+    // the forward pass (see the top of the file for the real ones).
     struct Qwen35Ablation {
         bool no_conv_silu = false;       // the conv output is used without silu
-        bool heads_grouped = false;      // v head h reads q/k head h / (HV/HK) instead of h % HK
+        bool heads_grouped = false;      // qwen35moe: v head h reads q/k head h / (HV/HK) instead of h % HK
+        bool heads_tiled = false;        // qwen3next: v head h reads q/k head h % HK instead of h / (HV/HK)
         bool no_l2norm = false;          // q and k of the delta net are not l2-normalised
         bool decay_after_update = false; // S *= exp(g) after the delta-rule update instead of before
         bool beta_one = false;           // beta = 1
         bool no_z_gate = false;          // the gated RMSNorm without silu(z)
-        bool rope_all_pairs = false;     // plain NEOX partial rotary: every pair rotates (sections ignored)
-        bool rope_norm_pairs = false;    // pairs (2i, 2i+1) instead of (i, i + n_rot/2)
+        bool rope_all_pairs = false;     // qwen35moe: plain NEOX partial rotary: every pair rotates (sections ignored)
+        bool rope_norm_pairs = false;    // qwen35moe: pairs (2i, 2i+1) instead of (i, i + n_rot/2)
+                                         // (qwen3next uses rope(): set RandomModel::rope_neox / n_rot instead)
         bool gate_before_q = false;      // attn_q per head [gate, q] instead of [q, gate]
         bool no_attn_gate = false;       // the attention output is not multiplied by sigmoid(gate)
     };
@@ -400,7 +420,7 @@ private:
         return r;
     }
 
-    // qwen35moe: the whole forward pass (see the top of the file).
+    // qwen35moe and qwen3next: the whole forward pass (see the top of the file).
     OracleResult run_qwen35moe(const std::vector<int32_t>& tokens, const std::vector<int32_t>* forced_experts) const {
         const ModelSpec& s = m_.spec;
         const int E = s.n_embd, V = s.n_vocab, NE = s.n_expert, K = s.n_expert_used;
@@ -423,7 +443,7 @@ private:
                 const LayerWeights& L = m_.layers[(size_t)il];
                 std::vector<double> h = rms_norm(x, L.attn_norm, s.rms_eps);
                 const std::vector<double> o = m_.recurrent[(size_t)il] ? q35_delta_net(L, h, &conv_state[(size_t)il], &ssm_state[(size_t)il])
-                                                                      : q35_attention(L, h, pos, &kcache[(size_t)il], &vcache[(size_t)il]);
+                                                                      : q35_attention(L, h, pos, il, &kcache[(size_t)il], &vcache[(size_t)il]);
                 for (int i = 0; i < E; ++i) x[(size_t)i] += o[(size_t)i];
                 h = rms_norm(x, L.ffn_norm, s.rms_eps);
                 // MoE: softmax over all experts, top-k of the logits (same order), renormalised
@@ -475,7 +495,7 @@ private:
         return r;
     }
 
-    // qwen35moe gated delta-net mixer for one token; `conv` (the last KC-1 raw qkv vectors) and
+    // qwen35moe / qwen3next gated delta-net mixer for one token; `conv` (the last KC-1 raw qkv vectors) and
     // `state` (HV matrices DS x DS) move one position on.
     std::vector<double> q35_delta_net(const LayerWeights& L, const std::vector<double>& h, std::vector<double>* conv,
                                       std::vector<double>* state) const {
@@ -503,9 +523,11 @@ private:
                 for (int i = 0; i < DS; ++i) c[(size_t)(hh * DS + i)] *= inv;
             }
         }
+        // q/k head of each v head: qwen35moe tiles (h % HK), qwen3next groups (h / (HV/HK))
+        const bool grouped = m_.dnet_heads_grouped ? !q35.heads_tiled : q35.heads_grouped;
         std::vector<double> o((size_t)HV * (size_t)DS);
         for (int hv = 0; hv < HV; ++hv) {
-            const int hk = q35.heads_grouped ? hv / (HV / HK) : hv % HK;
+            const int hk = grouped ? hv / (HV / HK) : hv % HK;
             const double* q = &c[(size_t)hk * DS];
             const double* k = &c[(size_t)(HK + hk) * DS];
             const double* v = &c[(size_t)(2 * HK * DS + hv * DS)];
@@ -557,8 +579,8 @@ private:
         }
     }
 
-    // qwen35moe gated full attention for the token at `pos`.
-    std::vector<double> q35_attention(const LayerWeights& L, const std::vector<double>& h, int pos, std::vector<std::vector<double>>* kc,
+    // qwen35moe / qwen3next gated full attention for the token at `pos` in layer `il`.
+    std::vector<double> q35_attention(const LayerWeights& L, const std::vector<double>& h, int pos, int il, std::vector<std::vector<double>>* kc,
                                       std::vector<std::vector<double>>* vc) const {
         const ModelSpec& s = m_.spec;
         const int E = s.n_embd, H = s.n_head, HKV = s.n_head_kv, HD = m_.head_dim;
@@ -575,8 +597,13 @@ private:
             for (int hh = 0; hh < H; ++hh) rms_norm_inplace(&q[(size_t)hh * HD], HD, L.q_norm.data(), s.rms_eps);
             for (int hh = 0; hh < HKV; ++hh) rms_norm_inplace(&k[(size_t)hh * HD], HD, L.k_norm.data(), s.rms_eps);
         }
-        for (int hh = 0; hh < H; ++hh) q35_rope(&q[(size_t)hh * HD], pos);
-        for (int hh = 0; hh < HKV; ++hh) q35_rope(&k[(size_t)hh * HD], pos);
+        if (s.arch == "qwen3next") {  // plain partial NEOX (ggml_rope_ext)
+            for (int hh = 0; hh < H; ++hh) rope(&q[(size_t)hh * HD], pos, il);
+            for (int hh = 0; hh < HKV; ++hh) rope(&k[(size_t)hh * HD], pos, il);
+        } else {  // IMROPE
+            for (int hh = 0; hh < H; ++hh) q35_rope(&q[(size_t)hh * HD], pos);
+            for (int hh = 0; hh < HKV; ++hh) q35_rope(&k[(size_t)hh * HD], pos);
+        }
         kc->push_back(k);
         vc->push_back(v);
         std::vector<double> attn((size_t)(H * HD), 0.0);

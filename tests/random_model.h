@@ -2,7 +2,7 @@
 //
 // make_random_model(spec) builds a model of one of the supported architectures (qwen3moe, olmoe,
 // qwen2moe, llama with experts = Mixtral style, llama without experts = dense, gpt-oss, glm4moe,
-// deepseek2, lfm2moe, qwen35moe)
+// deepseek2, lfm2moe, qwen35moe, qwen3next)
 // with the exact metadata keys and tensor names/shapes llama.cpp uses (ggml order: ne0 is the
 // contiguous, input dimension), plus a minimal byte-level BPE vocabulary so llama.cpp can load the
 // file as well.
@@ -53,6 +53,20 @@
 // attn_output; partial rotary (rope.dimension_count < head_dim) with rope.dimension_sections (4
 // ints, IMROPE). Every layer: attn_norm, post_attention_norm, softmax top-k MoE (renormalised) plus
 // a shared SwiGLU expert (expert_shared_feed_forward_length) gated by sigmoid(ffn_gate_inp_shexp . x).
+// qwen3next (src/models/qwen3next.cpp; Qwen3-Next-80B-A3B), the same block as qwen35moe except:
+// - full-attention layers use plain partial NEOX RoPE (ggml_rope_ext over the first n_rot =
+//   rope.dimension_count dims, LLAMA_ROPE_TYPE_NEOX in llama-model.cpp llama_model_rope_type); no
+//   rope.dimension_sections key (load_arch_hparams reads none);
+// - the delta net's v heads are grouped: v head h uses q/k head h / (HV/HK) (build_layer_attn_linear
+//   repeat-interleaves q and k), where qwen35moe tiles them (h % HK);
+// - beta and alpha come from one fused blk.N.ssm_ba.weight {n_embd, 2 HV} (LLM_TENSOR_SSM_BETA_ALPHA)
+//   whose output rows are grouped by q/k head: with r = HV/HK, k head g owns rows [2 r g, 2 r (g+1)),
+//   first the r beta rows then the r alpha rows, i.e. beta of v head g r + i is row 2 r g + i and its
+//   alpha is row 2 r g + r + i (the converter keeps HF's in_proj_ba as is). The float copies keep the
+//   fused matrix (ssm_ba) and the per-v-head rows unpacked (ssm_beta / ssm_alpha).
+// Keys under "qwen3next.", written as convert_hf_to_gguf.py's Qwen3NextModel writes them (the
+// converter splits HF's in_proj_qkvz into attn_qkv + attn_gate; the legacy fused ssm_in is not
+// generated).
 //
 // Besides the GGUF bytes it keeps every weight as float *as it will be read back*: each tensor is
 // quantized here with moe::quantize_row, the very bytes are stored in the file, and the floats kept
@@ -82,6 +96,7 @@ namespace moe_test {
 // What to build. Defaults give a small qwen3moe at F32.
 struct ModelSpec {
     std::string arch = "qwen3moe";  // "qwen3moe" | "olmoe" | "qwen2moe" | "llama" | "gpt-oss" | "glm4moe" | "deepseek2" | "lfm2moe" | "qwen35moe"
+                                    // | "qwen3next"
     bool dense = false;             // llama only: plain SwiGLU FFN, no experts
     int n_vocab = 300;              // >= 262 (256 byte tokens + 4 merges + 2 control tokens)
     int n_embd = 64;
@@ -119,8 +134,8 @@ struct ModelSpec {
     std::vector<int> conv_layers;   // per layer: 1 = short-convolution block, 0 = attention (n_layer
                                     // entries); empty: attention on every third layer (il % 3 == 2)
     int l_cache = 3;                // shortconv.l_cache: the conv width (>= 2)
-    // ---- qwen35moe only (it also reads head_dim, n_rot (0: head_dim / 4, Qwen3.5's partial rotary
-    // factor 0.25) and n_ff_shared (0: n_ff)) ----
+    // ---- qwen35moe and qwen3next only (they also read head_dim, n_rot (0: head_dim / 4, the partial
+    // rotary factor 0.25 of both) and n_ff_shared (0: n_ff)); qwen3next ignores rope_sections ----
     int full_attn_interval = 4;     // full_attention_interval: layer il is full attention when (il + 1) % n == 0
     std::vector<int> recr_layers;   // non-empty (n_layer entries): attention.recurrent_layers as an i32
                                     // array instead (1 = delta-net, 0 = full attention); the interval key is not written
@@ -200,7 +215,7 @@ struct LayerWeights {
     std::vector<float> gate_inp_shexp;              // qwen2moe: {n_embd} (glm4moe: none, the shared expert is ungated)
     std::vector<float> gate_shexp, up_shexp;        // qwen2moe, glm4moe: {n_embd, n_ff_shared}
     std::vector<float> down_shexp;                  // qwen2moe, glm4moe: {n_ff_shared, n_embd}
-    // qwen35moe delta-net layers (HV = ssm_dt_rank v heads, HK = ssm_group q/k heads, DS = ssm_state;
+    // qwen35moe / qwen3next delta-net layers (HV = ssm_dt_rank v heads, HK = ssm_group q/k heads, DS = ssm_state;
     // full-attention layers use wq {n_embd, 2 n_head hd} (per head q then gate), wk, wv, wo, q/k_norm)
     std::vector<float> ssm_qkv;                     // attn_qkv {n_embd, 2 HK DS + HV DS}: q, k, v channels
     std::vector<float> ssm_z;                       // attn_gate {n_embd, HV DS}
@@ -208,7 +223,9 @@ struct LayerWeights {
                                                     // [c * conv_kernel + k]; the last tap is the current token
     std::vector<float> ssm_dt;                      // ssm_dt.bias {HV}
     std::vector<float> ssm_a;                       // ssm_a {HV} = -exp(A_log)
-    std::vector<float> ssm_beta, ssm_alpha;         // {n_embd, HV}
+    std::vector<float> ssm_beta, ssm_alpha;         // {n_embd, HV}, row h = v head h (qwen3next: unpacked from ssm_ba)
+    std::vector<float> ssm_ba;                      // qwen3next: ssm_ba {n_embd, 2 HV} as stored: for q/k head g
+                                                    // (r = HV/HK) rows 2rg..2rg+r-1 beta, 2rg+r..2rg+2r-1 alpha
     std::vector<float> ssm_norm;                    // {DS}
     std::vector<float> ssm_out;                     // {HV DS, n_embd}
     std::vector<float> ffn_gate, ffn_up, ffn_down;  // dense llama, glm4moe's leading dense layers:
@@ -236,7 +253,8 @@ struct RandomModel {
     bool norm_topk = true;     // renormalise the top-k router weights
     bool moe = true;           // false: dense llama (glm4moe: some layers are dense, see LayerWeights::gate_inp)
     std::vector<bool> shortconv; // lfm2moe, per layer: a short-convolution block instead of attention
-    std::vector<bool> recurrent; // qwen35moe, per layer: a gated delta-net layer instead of full attention
+    std::vector<bool> recurrent; // qwen35moe, qwen3next, per layer: a gated delta-net layer instead of full attention
+    bool dnet_heads_grouped = false; // qwen3next: delta-net v head h reads q/k head h / (HV/HK) (qwen35moe: h % HK)
     int rope_sections[4] = {0, 0, 0, 0};  // qwen35moe: IMROPE sections as written
     // Routing: how the top-k is chosen and weighted.
     //   softmax:        p = softmax(logits) over all experts; top-k of logits; w = p (renormalised if norm_topk)
@@ -329,7 +347,8 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     const bool is_qwen3 = A == "qwen3moe", is_olmoe = A == "olmoe", is_qwen2 = A == "qwen2moe", is_llama = A == "llama";
     const bool is_oss = A == "gpt-oss", is_glm = A == "glm4moe", is_ds2 = A == "deepseek2";
     const bool is_lfm = A == "lfm2moe";
-    const bool is_q35 = A == "qwen35moe";
+    const bool is_q3n = A == "qwen3next";
+    const bool is_q35 = A == "qwen35moe" || is_q3n;  // the qwen35moe code paths, with qwen3next's branches
     auto fail = [&](const std::string& msg) {
         if (m.ok()) { m.status = moe::Status::invalid_argument; m.error = msg; }
     };
@@ -419,15 +438,18 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
     }
     if (is_q35) {
         m.n_rot = spec.n_rot > 0 ? spec.n_rot : m.head_dim / 4;
-        m.norm_topk = true;  // build_moe_ffn(..., norm_w = true, ..., SOFTMAX) in qwen35moe.cpp
+        m.norm_topk = true;  // build_moe_ffn(..., norm_w = true, ..., SOFTMAX) in qwen35moe.cpp / qwen3next.cpp
+        m.dnet_heads_grouped = is_q3n;
         if (m.n_rot % 2 || m.n_rot > m.head_dim) { fail("n_rot must be even and <= head_dim"); return m; }
         if (!spec.recr_layers.empty() && (int)spec.recr_layers.size() != spec.n_layer) { fail("recr_layers needs n_layer entries"); return m; }
         if (spec.recr_layers.empty() && spec.full_attn_interval < 1) { fail("full_attn_interval must be >= 1"); return m; }
-        if (spec.ssm_conv < 2 || spec.ssm_state < 1 || spec.ssm_group < 1 || spec.ssm_dt_rank % spec.ssm_group) { fail("bad qwen35moe ssm dims"); return m; }
+        if (spec.ssm_conv < 2 || spec.ssm_state < 1 || spec.ssm_group < 1 || spec.ssm_dt_rank % spec.ssm_group) { fail("bad " + A + " ssm dims"); return m; }
         m.recurrent.assign((size_t)std::max(0, spec.n_layer), false);
         for (int il = 0; il < spec.n_layer; ++il)
             m.recurrent[(size_t)il] = spec.recr_layers.empty() ? (il + 1) % spec.full_attn_interval != 0 : spec.recr_layers[(size_t)il] != 0;
-        if (!spec.rope_sections.empty()) {
+        if (is_q3n) {
+            // plain NEOX: no sections (rope_sections stays 0 0 0 0)
+        } else if (!spec.rope_sections.empty()) {
             if (spec.rope_sections.size() != 4) { fail("rope_sections needs 4 entries"); return m; }
             for (int i = 0; i < 4; ++i) m.rope_sections[i] = spec.rope_sections[(size_t)i];
         } else {
@@ -437,7 +459,7 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
             m.rope_sections[2] = P / 3;
         }
         const int sect = m.rope_sections[0] + m.rope_sections[1] + m.rope_sections[2] + m.rope_sections[3];
-        if (sect < 1 || sect > m.n_rot / 2 || m.rope_sections[0] + m.rope_sections[1] + m.rope_sections[2] < 1) { fail("bad rope_sections"); return m; }
+        if (!is_q3n && (sect < 1 || sect > m.n_rot / 2 || m.rope_sections[0] + m.rope_sections[1] + m.rope_sections[2] < 1)) { fail("bad rope_sections"); return m; }
     }
     if ((is_oss || is_glm || is_ds2) && !spec.rope_scaling.empty() && spec.rope_scaling != "yarn") { fail("rope_scaling must be \"\" or yarn"); return m; }
     const int E = spec.n_embd, H = spec.n_head, HKV = spec.n_head_kv, HD = m.head_dim;
@@ -487,13 +509,13 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         set_u32(P + "shortconv.l_cache", (uint32_t)spec.l_cache);
         if (spec.expert_weights_scale != 0.f) set_f32(P + "expert_weights_scale", spec.expert_weights_scale);  // ignored by llama.cpp
     } else if (is_q35) {
-        // as convert_hf_to_gguf.py's Qwen3_5MoeTextModel writes them
+        // as convert_hf_to_gguf.py's Qwen3_5MoeTextModel (qwen3next: Qwen3NextModel, no sections) writes them
         set_u32(P + "expert_feed_forward_length", (uint32_t)NF);
         set_u32(P + "expert_shared_feed_forward_length", (uint32_t)NFS);
         set_u32(P + "attention.key_length", (uint32_t)HD);
         set_u32(P + "attention.value_length", (uint32_t)HD);
         set_u32(P + "rope.dimension_count", (uint32_t)m.n_rot);
-        if (key_ok(P + "rope.dimension_sections"))
+        if (!is_q3n && key_ok(P + "rope.dimension_sections"))
             w.set_i32_array(P + "rope.dimension_sections", std::vector<int32_t>(m.rope_sections, m.rope_sections + 4));
         set_u32(P + "ssm.conv_kernel", (uint32_t)spec.ssm_conv);
         set_u32(P + "ssm.state_size", (uint32_t)spec.ssm_state);
@@ -845,7 +867,7 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
         L.down_exps = add_experts(b, "down", {NF, E, NE}, 1.0 / std::sqrt((double)NF));
     };
 
-    // One qwen35moe block: attn_norm, a gated delta-net or a gated full-attention mixer,
+    // One qwen35moe / qwen3next block: attn_norm, a gated delta-net or a gated full-attention mixer,
     // post_attention_norm, the softmax MoE and the sigmoid-gated shared expert.
     auto add_qwen35moe_layer = [&](LayerWeights& L, int il) {
         const std::string b = "blk." + std::to_string(il) + ".";
@@ -863,8 +885,30 @@ inline RandomModel make_random_model(const ModelSpec& spec) {
             std::vector<float> a = draw({HV}, -0.5, 0.5);
             for (float& v : a) v = -std::exp(v);
             L.ssm_a = store(b + "ssm_a", {HV}, a, false, nullptr);
-            L.ssm_beta = add(b + "ssm_beta.weight", {E, HV}, 0, s_in, true);
-            L.ssm_alpha = add(b + "ssm_alpha.weight", {E, HV}, 0, s_in, true);
+            if (!is_q3n) {
+                L.ssm_beta = add(b + "ssm_beta.weight", {E, HV}, 0, s_in, true);
+                L.ssm_alpha = add(b + "ssm_alpha.weight", {E, HV}, 0, s_in, true);
+            } else {
+                // the same draws, fused into ssm_ba {E, 2 HV} in qwen3next's per-q/k-head layout, then
+                // unpacked again from what was read back
+                const std::vector<float> beta = draw({E, HV}, 0, s_in), alpha = draw({E, HV}, 0, s_in);
+                const int r = HV / HK;
+                auto ba_row = [&](int hv, bool is_alpha) { return (size_t)(2 * r * (hv / r) + (is_alpha ? r : 0) + hv % r); };
+                std::vector<float> ba((size_t)E * (size_t)(2 * HV));
+                for (int hv = 0; hv < HV; ++hv)
+                    for (int e = 0; e < E; ++e) {
+                        ba[ba_row(hv, false) * (size_t)E + (size_t)e] = beta[(size_t)hv * (size_t)E + (size_t)e];
+                        ba[ba_row(hv, true) * (size_t)E + (size_t)e] = alpha[(size_t)hv * (size_t)E + (size_t)e];
+                    }
+                L.ssm_ba = store(b + "ssm_ba.weight", {E, 2 * HV}, ba, true, nullptr);
+                L.ssm_beta.assign((size_t)E * (size_t)HV, 0.f);
+                L.ssm_alpha.assign((size_t)E * (size_t)HV, 0.f);
+                for (int hv = 0; hv < HV; ++hv)
+                    for (int e = 0; e < E; ++e) {
+                        L.ssm_beta[(size_t)hv * (size_t)E + (size_t)e] = L.ssm_ba[ba_row(hv, false) * (size_t)E + (size_t)e];
+                        L.ssm_alpha[(size_t)hv * (size_t)E + (size_t)e] = L.ssm_ba[ba_row(hv, true) * (size_t)E + (size_t)e];
+                    }
+            }
             L.ssm_norm = add(b + "ssm_norm.weight", {DS}, 1.0, 0.2, false);
             L.ssm_out = add(b + "ssm_out.weight", {HV * DS, E}, 0, 1.0 / std::sqrt((double)(HV * DS)), true);
         } else {
@@ -1006,12 +1050,12 @@ inline std::string describe(const ModelSpec& s) {
                       s.n_ff_dense, s.gating_func, s.expert_weights_scale != 0.f ? " scale-key(ignored)" : "");
         out += more;
     }
-    if (s.arch == "qwen35moe") {
+    if (s.arch == "qwen35moe" || s.arch == "qwen3next") {
         std::string kinds;
         for (int il = 0; il < s.n_layer; ++il)
             kinds += (s.recr_layers.empty() ? (il + 1) % std::max(1, s.full_attn_interval) != 0 : s.recr_layers[(size_t)il] != 0) ? 'D' : 'A';
-        std::string sect = "auto";
-        if (s.rope_sections.size() == 4)
+        std::string sect = s.arch == "qwen3next" ? "none" : "auto";
+        if (s.rope_sections.size() == 4 && s.arch != "qwen3next")
             sect = std::to_string(s.rope_sections[0]) + "/" + std::to_string(s.rope_sections[1]) + "/" + std::to_string(s.rope_sections[2]) + "/" +
                    std::to_string(s.rope_sections[3]);
         char more[200];

@@ -2,26 +2,34 @@
 // layers, a softmax MoE and a sigmoid-gated shared expert. The float64 oracle (tests/oracle.h)
 // against llama.cpp itself, and the engine against the oracle; the same pattern as
 // tests/test_families_hybrid.cpp (the peer helpers are in tests/peer_util.h).
+// qwen3next (Qwen3-Next-80B-A3B), its sibling, runs through the same tests (the q3n_* cases): the
+// same block with plain partial NEOX RoPE (no IMROPE sections), v heads grouped over the q/k heads
+// (h / (HV/HK)) instead of tiled, and beta/alpha from one fused ssm_ba tensor laid out per q/k head
+// (see tests/random_model.h); Qwen35Peer.Qwen3NextConventionsMatter shows each of the three matters.
 //
 // 1. Qwen35Peer: tiny random GGUFs of odd shapes (tests/random_model.h: 4-6 layers with full
 //    attention every 3rd or 4th layer or a per-layer array, head_dim 32-64 with partial rotary and
-//    IMROPE sections that leave some pairs unrotated, 1-3 v heads per q/k head, state sizes 8-32,
-//    conv kernels 3 and 4, 6-10 experts top-2/3, shared expert) go through the llama_peer (tests/peer/):
+//    IMROPE sections that leave some pairs unrotated (qwen3next: head_dim 40-64, plain partial NEOX),
+//    1-3 v heads per q/k head, state sizes 8-32, conv kernels 3 and 4, 6-10 experts top-2/3, shared
+//    expert) go through the llama_peer (tests/peer/):
 //    the prompt as one batch, then greedy decoding one token per llama_decode (-n N), which carries
 //    the conv and recurrent states from one call to the next. Every row - prompt and decoded - is
 //    compared with the oracle run over prompt ++ generated tokens. F32: float32 rounding only
-//    (measured <= 4.3e-6 relative, the prompt batch through ggml's chunked delta-net; bound 2e-5).
-//    Q8_0: llama.cpp also rounds the activations to q8_0, which the delta net amplifies (2-4%),
-//    bound 6e-2 (see the case).
+//    (measured <= 4.3e-6 relative for qwen35moe, <= 4.6e-6 for qwen3next, the prompt batch through
+//    ggml's chunked delta-net; bound 2e-5).
+//    Q8_0: llama.cpp also rounds the activations to q8_0, which the delta net amplifies (2-5%),
+//    bound 6e-2 (see the cases).
 // 2. Qwen35Peer.OracleFeaturesMatter: each feature switched off in the oracle alone (conv history,
 //    tap order, silu after the conv, l2 norm, head mapping, decay, beta, the z gate, the attention
 //    gate and its place in the q projection, IMROPE sections, q/k norm, the shared-expert gate, the
-//    renormalisation, ...) moves it far from llama.cpp.
-// 3. Qwen35Engine: the engine against the oracle (prefill, then one token at a time), and
-//    Session::reset / truncate: after truncate(n) and evaluating the rest again the logits equal
-//    the first run's (the conv and delta-net states must be restored or recomputed); long
-//    rewinds, eval_prompt, a chunk cancelled midway and state files (also one saved while the
-//    states were stale) continue bit for bit.
+//    renormalisation, ...) moves it far from llama.cpp. Qwen35Peer.Qwen3NextConventionsMatter: the
+//    same for qwen3next's own conventions (grouped v heads, the fused ssm_ba row layout, partial NEOX).
+// 3. Qwen35Engine (the qwen35moe and the qwen3next cases): the engine against the oracle (prefill,
+//    then one token at a time), and Session::reset / truncate: after truncate(n) and evaluating the
+//    rest again the logits equal the first run's (the conv and delta-net states must be restored or
+//    recomputed); long rewinds, eval_prompt, a chunk cancelled midway and state files (also one
+//    saved while the states were stale) continue bit for bit. Qwen35Load: hostile delta-net metadata,
+//    and qwen3next's fused ssm_ba missing or misshapen, are refused with a clear error.
 //
 // The peer is found through MOE_LLAMA_PEER (environment), else the compile definition; without it
 // the peer tests skip.
@@ -76,9 +84,9 @@ void PrintTo(const Q35Case& c, std::ostream* os) {
 }
 
 ModelSpec q35_spec(int n_embd, int n_head, int n_head_kv, int head_dim, int n_rot, int n_layer, int n_expert, int n_used, int n_ff,
-                   int n_ff_shared, uint64_t seed) {
+                   int n_ff_shared, uint64_t seed, const char* arch = "qwen35moe") {
     ModelSpec s;
-    s.arch = "qwen35moe";
+    s.arch = arch;
     s.n_vocab = 300;
     s.n_embd = n_embd;
     s.n_head = n_head;
@@ -154,6 +162,46 @@ std::vector<Q35Case> q35_cases() {
         s.ssm_state = 32;
         c.push_back({"q35_Q8_0", s, 24, 8, 0.1, 6e-2, 6e-2});
     }
+    // qwen3next: no rope sections; grouped v heads; ssm_ba fused per q/k head
+    {   // Qwen3-Next-80B-A3B's layout in small (16 q/k heads, 32 v heads, head_dim 256 rot 64 there):
+        // full attention every 4th layer, head_dim 64 with a quarter rotary, 2 q/k heads with 2 v heads
+        // each (grouped: v 0,1 read q/k 0; tiled would read 0,1)
+        ModelSpec s = q35_spec(128, 4, 2, 64, 16, 4, 8, 2, 40, 48, 301, "qwen3next");
+        s.ssm_group = 2;
+        s.ssm_dt_rank = 4;
+        s.ssm_state = 16;
+        c.push_back({"q3n_DDDA_hd64_rot16_v2per", s, 32, 8, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // interval 3 over 6 layers, MQA head_dim 48 with rot 12 (6 of 24 pairs rotate), 3 v heads per
+        // q/k head (ssm_ba rows b b b a a a | b b b a a a), state 24, conv kernel 3, 10 experts top-3, tied
+        ModelSpec s = q35_spec(144, 3, 1, 48, 12, 6, 10, 3, 24, 40, 311, "qwen3next");
+        s.full_attn_interval = 3;
+        s.ssm_group = 2;
+        s.ssm_dt_rank = 6;
+        s.ssm_state = 24;
+        s.ssm_conv = 3;
+        s.tied = true;
+        c.push_back({"q3n_DDADDA_hd48_rot12_v3per_tied", s, 30, 10, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // the per-layer array, head_dim 40 rot 20, one v head per q/k head (3 of each: the mapping is the
+        // identity, ssm_ba rows b a | b a | b a), state 8, 6 experts top-3
+        ModelSpec s = q35_spec(96, 4, 2, 40, 20, 5, 6, 3, 32, 24, 321, "qwen3next");
+        s.recr_layers = {1, 0, 1, 1, 0};
+        s.ssm_group = 3;
+        s.ssm_dt_rank = 3;
+        s.ssm_state = 8;
+        c.push_back({"q3n_array_DADDA_hd40_rot20_v1per", s, 34, 6, kF32Margin, kF32Tol, kF32Tol});
+    }
+    {   // Q8_0 (ssm_ba too, ne0 = 256), as q35_Q8_0: 4 q/k heads of 32 with 2 v heads each; measured
+        // 4.9e-2 relative on the prompt, 4.2e-2 on the decoded rows whose routing is clear
+        ModelSpec s = q35_spec(256, 4, 2, 64, 16, 4, 8, 2, 64, 96, 341, "qwen3next");
+        s.wtype = TT::q8_0;
+        s.router_scale = 6.0;
+        s.ssm_group = 4;
+        s.ssm_dt_rank = 8;
+        s.ssm_state = 32;
+        c.push_back({"q3n_Q8_0_v2per", s, 24, 8, 0.1, 6e-2, 6e-2});
+    }
     return c;
 }
 
@@ -226,8 +274,8 @@ TEST_P(Qwen35Peer, OracleMatchesLlamaCpp) {
                         r.max_ref, pr.ref.route_margin[(size_t)p]);
         }
     }
-    std::printf("[ qwen35   ] %-36s llama.cpp vs oracle: prompt max rel %.2e (rms %.2e), decode max rel %.2e (rms %.2e, %d of %d rows)\n",
-                tc.name, pre.rel(), pre.rel_rms(), dec.rel(), dec.rel_rms(), dec_end - tc.n_prompt, tc.n_gen);
+    std::printf("[ %-9s] %-36s llama.cpp vs oracle: prompt max rel %.2e (rms %.2e), decode max rel %.2e (rms %.2e, %d of %d rows)\n",
+                tc.spec.arch.c_str(), tc.name, pre.rel(), pre.rel_rms(), dec.rel(), dec.rel_rms(), dec_end - tc.n_prompt, tc.n_gen);
 }
 
 // Each feature switched off in the oracle alone must move it far from llama.cpp (>= 100x the F32
@@ -300,7 +348,83 @@ TEST(Qwen35Peer, OracleFeaturesMatter) {
             a.flag(&o.q35);
             const double rel = diff_rows(o.run(pr.all_tokens), pr.logits, 0, T).rel();
             EXPECT_GT(rel, 100 * tc->peer_tol) << a.what << ": the oracle without it is as close to llama.cpp";
-            std::printf("[ qwen35   ] %-36s ablation %-40s: oracle vs llama.cpp %.4e\n", name, a.what, rel);
+            std::printf("[ qwen35moe] %-36s ablation %-40s: oracle vs llama.cpp %.4e\n", name, a.what, rel);
+        }
+    }
+}
+
+// qwen3next's own conventions, each replaced in the oracle alone by a plausible alternative, must move
+// it far from llama.cpp (>= 100x the F32 bound): the grouped head mapping (tiled instead, as
+// qwen35moe), the layout of the fused ssm_ba rows (three other readings of the same tensor), and the
+// partial NEOX RoPE. An alternative that coincides with the real convention for a case's shape (tiled
+// == grouped when HV == HK; halves == per-q/k-head blocks when HK == 1; per-v-head pairs == blocks
+// when HV == HK) is skipped for that case.
+TEST(Qwen35Peer, Qwen3NextConventionsMatter) {
+    const std::string peer = peer_path();
+    if (peer.empty()) {
+        GTEST_SKIP() << "llama_peer not built (configure with MOE_PEER_DIR, or set MOE_LLAMA_PEER)";
+    }
+    using moe_test::RandomModel;
+    using Abl = moe_test::Oracle::Qwen35Ablation;
+    // Reads beta / alpha of v head h from ssm_ba row row(h, is_alpha, HV, r) instead.
+    using RowOf = int (*)(int h, bool is_alpha, int HV, int r);
+    auto reread_ba = [](RandomModel* m, RowOf row) {
+        const int E = m->spec.n_embd, HV = m->spec.ssm_dt_rank, r = HV / m->spec.ssm_group;
+        for (auto& L : m->layers) {
+            if (L.ssm_ba.empty()) continue;
+            for (int h = 0; h < HV; ++h)
+                for (int e = 0; e < E; ++e) {
+                    L.ssm_beta[(size_t)h * (size_t)E + (size_t)e] = L.ssm_ba[(size_t)row(h, false, HV, r) * (size_t)E + (size_t)e];
+                    L.ssm_alpha[(size_t)h * (size_t)E + (size_t)e] = L.ssm_ba[(size_t)row(h, true, HV, r) * (size_t)E + (size_t)e];
+                }
+        }
+    };
+    struct Ablation {
+        const char* what;
+        RowOf ba_row;                          // nullptr: the model's own unpacking
+        void (*apply)(RandomModel*);
+        void (*flag)(Abl*);
+        bool (*applies)(const ModelSpec&);     // false: the alternative equals the real convention here
+    };
+    auto none_m = [](RandomModel*) {};
+    auto none_f = [](Abl*) {};
+    auto always = [](const ModelSpec&) { return true; };
+    const std::vector<Ablation> ablations = {
+        {"v heads tiled (h % HK), not grouped", nullptr, none_m, [](Abl* a) { a->heads_tiled = true; },
+         [](const ModelSpec& s) { return s.ssm_dt_rank != s.ssm_group; }},
+        {"ssm_ba halves: beta rows [0,HV), alpha [HV,2HV)", [](int h, bool al, int HV, int) { return al ? HV + h : h; }, none_m, none_f,
+         [](const ModelSpec& s) { return s.ssm_group > 1; }},
+        {"ssm_ba pairs per v head: beta 2h, alpha 2h+1", [](int h, bool al, int, int) { return 2 * h + (al ? 1 : 0); }, none_m, none_f,
+         [](const ModelSpec& s) { return s.ssm_dt_rank != s.ssm_group; }},
+        {"ssm_ba blocks [alpha, beta] (swapped)", [](int h, bool al, int, int r) { return 2 * r * (h / r) + (al ? 0 : r) + h % r; }, none_m,
+         none_f, always},
+        {"RoPE over the whole head", nullptr, [](RandomModel* m) { m->n_rot = m->head_dim; }, none_f, always},
+        {"RoPE NORM pairs (2i, 2i+1)", nullptr, [](RandomModel* m) { m->rope_neox = false; }, none_f, always},
+        {"no RoPE", nullptr, [](RandomModel* m) { m->n_rot = 0; }, none_f, always},
+    };
+    const std::vector<Q35Case> cases = q35_cases();
+    for (const char* name : {"q3n_DDDA_hd64_rot16_v2per", "q3n_DDADDA_hd48_rot12_v3per_tied", "q3n_array_DADDA_hd40_rot20_v1per"}) {
+        const Q35Case* tc = nullptr;
+        for (const Q35Case& x : cases)
+            if (std::string(x.name) == name) tc = &x;
+        ASSERT_NE(tc, nullptr);
+        SCOPED_TRACE(name);
+        OracleCase c = make_case(*tc);
+        ASSERT_TRUE(c.ok) << c.error;
+        PeerRun pr;
+        ASSERT_TRUE(peer_run(peer, *tc, c, "abl3n_", &pr));
+        const int T = tc->n_prompt + tc->n_gen;
+        ASSERT_LT(diff_rows(pr.ref, pr.logits, 0, T).rel(), tc->peer_tol);
+        for (const Ablation& a : ablations) {
+            if (!a.applies(c.model.spec)) continue;
+            RandomModel alt = c.model;
+            if (a.ba_row) reread_ba(&alt, a.ba_row);
+            a.apply(&alt);
+            moe_test::Oracle o(alt);
+            a.flag(&o.q35);
+            const double rel = diff_rows(o.run(pr.all_tokens), pr.logits, 0, T).rel();
+            EXPECT_GT(rel, 100 * tc->peer_tol) << a.what << ": the oracle without it is as close to llama.cpp";
+            std::printf("[ qwen3next] %-36s ablation %-48s: oracle vs llama.cpp %.4e\n", name, a.what, rel);
         }
     }
 }
@@ -418,7 +542,7 @@ TEST_P(Qwen35Engine, MatchesOracle) {
     const RowDiff pre = diff_rows(ref, logits, 0, n_first), dec = diff_rows(ref, logits, n_first, flips ? T : t_end);
     EXPECT_LT(pre.rel(), tc.engine_tol) << "prefill: " << diff_msg(pre);
     EXPECT_LT(dec.rel(), tc.engine_tol) << "decode: " << diff_msg(dec) << "; near-tie routing flips " << flips;
-    std::printf("[ qwen35   ] %-36s engine vs oracle: prefill %.2e, decode %.2e, routing flips %d\n", tc.name, pre.rel(), dec.rel(), flips);
+    std::printf("[ %-9s] %-36s engine vs oracle: prefill %.2e, decode %.2e, routing flips %d\n", tc.spec.arch.c_str(), tc.name, pre.rel(), dec.rel(), flips);
 }
 
 // reset() and truncate(n) must leave the conv and delta-net states as an uninterrupted run would
@@ -459,7 +583,7 @@ TEST_P(Qwen35Engine, ResetAndTruncateRestoreRecurrentState) {
         ASSERT_EQ(sess.eval(c.tokens.data() + n, (size_t)(T - n), again.data()), moe::Status::ok) << moe::last_error();
         const double rel = engine_rel(first.data() + (size_t)n * row, again.data(), (size_t)(T - n) * row, &same);
         EXPECT_LE(rel, 1e-6) << "rows " << n << ".." << T - 1 << " after truncate differ from the first run";
-        std::printf("[ qwen35   ] %-36s truncate(%2d) + re-eval vs first run: max rel %.2e%s\n", tc.name, n, rel, same ? " (bit-identical)" : "");
+        std::printf("[ %-9s] %-36s truncate(%2d) + re-eval vs first run: max rel %.2e%s\n", tc.spec.arch.c_str(), tc.name, n, rel, same ? " (bit-identical)" : "");
     }
 
     // a different continuation after truncate(n) must equal the oracle on prefix ++ continuation
@@ -594,6 +718,37 @@ TEST(Qwen35Load, BadDeltaNetMetadataIsRefused) {
         moe::Model model;
         EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), b.want) << moe::last_error();
         EXPECT_NE(std::string(moe::last_error()).find(b.mention), std::string::npos) << moe::last_error();
+        EXPECT_FALSE(model.valid());
+    }
+}
+
+// qwen3next: the fused blk.N.ssm_ba.weight {n_embd, 2 HV} is required (llama.cpp creates it without
+// TENSOR_NOT_REQUIRED); a missing or misshapen one is refused with an error naming it. (Fails with
+// "unsupported architecture" until the engine loads qwen3next.)
+TEST(Qwen35Load, Qwen3NextFusedBetaAlphaIsChecked) {
+    const std::vector<Q35Case> cases = q35_cases();
+    const Q35Case* tc = nullptr;
+    for (const Q35Case& x : cases)
+        if (std::string(x.name) == "q3n_DDADDA_hd48_rot12_v3per_tied") tc = &x;
+    ASSERT_NE(tc, nullptr);
+    {
+        const moe_test::RandomModel rm = moe_test::make_random_model(tc->spec);
+        ASSERT_TRUE(rm.ok()) << rm.error;
+        const std::vector<uint8_t> bytes = rm.bytes();
+        moe::Model model;
+        EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::ok) << moe::last_error();
+    }
+    struct Bad { const char* what; bool omit; moe::Status want; };
+    for (const Bad& b : {Bad{"ssm_ba missing", true, moe::Status::missing_tensor}, Bad{"ssm_ba misshapen", false, moe::Status::shape_mismatch}}) {
+        SCOPED_TRACE(b.what);
+        ModelSpec s = tc->spec;
+        (b.omit ? s.omit_tensor : s.misshape_tensor) = "blk.1.ssm_ba.weight";
+        const moe_test::RandomModel rm = moe_test::make_random_model(s);
+        ASSERT_TRUE(rm.ok()) << rm.error;
+        const std::vector<uint8_t> bytes = rm.bytes();
+        moe::Model model;
+        EXPECT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), b.want) << moe::last_error();
+        EXPECT_NE(std::string(moe::last_error()).find("ssm_ba"), std::string::npos) << moe::last_error();
         EXPECT_FALSE(model.valid());
     }
 }
