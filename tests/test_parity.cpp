@@ -239,6 +239,8 @@ std::vector<ParityCase> parity_cases() {
         s.ssm_state = 32;
         s.rope_base = 10000000.f;
         c.push_back({t == TT::q8_0 ? "qwen35moe_Q8_0" : "qwen35moe_F32", s});
+        s.arch = "qwen3next";  // the same layers: plain partial RoPE, grouped v heads, fused ssm_ba
+        c.push_back({t == TT::q8_0 ? "qwen3next_Q8_0" : "qwen3next_F32", s});
     }
     {
         ModelSpec s = pspec("gpt-oss", TT::q8_0);

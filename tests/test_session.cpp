@@ -251,9 +251,9 @@ TEST(BatchedDecode, EachSequenceMatchesItsSoloRun) {
 
 // The same for the families with per-layer state of their own: sliding windows and sinks
 // (gpt-oss), the MLA latent cache (deepseek2), short-convolution rings (lfm2moe), delta-net
-// recurrent states (qwen35moe).
+// recurrent states (qwen35moe, qwen3next).
 TEST(BatchedDecode, NewFamiliesMatchTheirSoloRuns) {
-    std::vector<moe_test::ModelSpec> specs(4);
+    std::vector<moe_test::ModelSpec> specs(5);
     specs[0].arch = "gpt-oss";
     specs[0].head_dim = 32;
     specs[0].n_swa = 5;  // shorter than the sequences
@@ -271,6 +271,8 @@ TEST(BatchedDecode, NewFamiliesMatchTheirSoloRuns) {
     specs[3].arch = "qwen35moe";  // delta-net states per sequence, gated attention
     specs[3].head_dim = 32;
     specs[3].n_ff_shared = 48;
+    specs[4] = specs[3];
+    specs[4].arch = "qwen3next";  // grouped v heads, fused ssm_ba
     for (const moe_test::ModelSpec& spec : specs) {
         SCOPED_TRACE(spec.arch);
         const moe_test::RandomModel rm = moe_test::make_random_model(spec);
