@@ -245,6 +245,23 @@ struct PeerRun {
     return ::testing::AssertionSuccess();
 }
 
+// The case called `name`, built, with llama.cpp's run of it, whose logits the oracle must match
+// (the baseline of the ablation tests below).
+::testing::AssertionResult named_case_with_peer(const std::string& peer, const char* name, const std::string& tag, Q35Case* tc, OracleCase* c,
+                                                PeerRun* pr) {
+    bool found = false;
+    for (const Q35Case& x : q35_cases())
+        if (std::string(x.name) == name) { *tc = x; found = true; }
+    if (!found) return ::testing::AssertionFailure() << "no case " << name;
+    *c = make_case(*tc);
+    if (!c->ok) return ::testing::AssertionFailure() << c->error;
+    ::testing::AssertionResult ok = peer_run(peer, *tc, *c, tag, pr);
+    if (!ok) return ok;
+    const double rel = diff_rows(pr->ref, pr->logits, 0, tc->n_prompt + tc->n_gen).rel();
+    if (!(rel < tc->peer_tol)) return ::testing::AssertionFailure() << "oracle vs llama.cpp " << rel << " before any ablation";
+    return ::testing::AssertionSuccess();
+}
+
 TEST_P(Qwen35Peer, OracleMatchesLlamaCpp) {
     const Q35Case& tc = GetParam();
     const std::string peer = peer_path();
@@ -326,19 +343,14 @@ TEST(Qwen35Peer, OracleFeaturesMatter) {
         {"no shared expert", [](RandomModel* m) { for (auto& L : m->layers) L.gate_shexp.clear(); }, none_f},
         {"weights not renormalised", [](RandomModel* m) { m->norm_topk = false; }, none_f},
     };
-    const std::vector<Q35Case> cases = q35_cases();
     for (const char* name : {"q35_DDADDA_hd48_sect3110_x10_tied", "q35_array_ADDAD_hd32_sect2211_v3per"}) {
-        const Q35Case* tc = nullptr;
-        for (const Q35Case& x : cases)
-            if (std::string(x.name) == name) tc = &x;
-        ASSERT_NE(tc, nullptr);
         SCOPED_TRACE(name);
-        OracleCase c = make_case(*tc);
-        ASSERT_TRUE(c.ok) << c.error;
+        Q35Case case_storage;
+        const Q35Case* tc = &case_storage;
+        OracleCase c;
         PeerRun pr;
-        ASSERT_TRUE(peer_run(peer, *tc, c, "abl_", &pr));
+        ASSERT_TRUE(named_case_with_peer(peer, name, "abl_", &case_storage, &c, &pr));
         const int T = tc->n_prompt + tc->n_gen;
-        ASSERT_LT(diff_rows(pr.ref, pr.logits, 0, T).rel(), tc->peer_tol);
         for (const Ablation& a : ablations) {
             // the head mapping only shows with more v heads than q/k heads
             if (std::string(a.what).find("grouped") != std::string::npos && c.model.spec.ssm_dt_rank == c.model.spec.ssm_group) continue;
@@ -402,19 +414,14 @@ TEST(Qwen35Peer, Qwen3NextConventionsMatter) {
         {"RoPE NORM pairs (2i, 2i+1)", nullptr, [](RandomModel* m) { m->rope_neox = false; }, none_f, always},
         {"no RoPE", nullptr, [](RandomModel* m) { m->n_rot = 0; }, none_f, always},
     };
-    const std::vector<Q35Case> cases = q35_cases();
     for (const char* name : {"q3n_DDDA_hd64_rot16_v2per", "q3n_DDADDA_hd48_rot12_v3per_tied", "q3n_array_DADDA_hd40_rot20_v1per"}) {
-        const Q35Case* tc = nullptr;
-        for (const Q35Case& x : cases)
-            if (std::string(x.name) == name) tc = &x;
-        ASSERT_NE(tc, nullptr);
         SCOPED_TRACE(name);
-        OracleCase c = make_case(*tc);
-        ASSERT_TRUE(c.ok) << c.error;
+        Q35Case case_storage;
+        const Q35Case* tc = &case_storage;
+        OracleCase c;
         PeerRun pr;
-        ASSERT_TRUE(peer_run(peer, *tc, c, "abl3n_", &pr));
+        ASSERT_TRUE(named_case_with_peer(peer, name, "abl3n_", &case_storage, &c, &pr));
         const int T = tc->n_prompt + tc->n_gen;
-        ASSERT_LT(diff_rows(pr.ref, pr.logits, 0, T).rel(), tc->peer_tol);
         for (const Ablation& a : ablations) {
             if (!a.applies(c.model.spec)) continue;
             RandomModel alt = c.model;

@@ -3,6 +3,7 @@
 // detokenization of multi-byte characters, special tokens, and hostile tokenizer metadata built in
 // memory with GgufWriter (must give a Status with a message naming the key, never a crash).
 #include "moe_infer.h"
+#include "peer_util.h"
 
 #include <gtest/gtest.h>
 
@@ -785,21 +786,6 @@ TEST(TokenizerHostile, UnloadedTokenizer) {
 
 namespace {
 
-std::string peer_program() {
-    const char* e = std::getenv("MOE_LLAMA_PEER");
-    if (e && *e) return e;
-#ifdef MOE_LLAMA_PEER
-    return MOE_LLAMA_PEER;
-#else
-    return "";
-#endif
-}
-
-std::string test_tmp_dir() {
-    const char* e = std::getenv("MOE_TEST_TMP");
-    return e && *e ? e : "/tmp";
-}
-
 std::string quote_for_shell(const std::string& s) {
     std::string o = "'";
     for (char c : s) o += c == '\'' ? std::string("'\\''") : std::string(1, c);
@@ -979,7 +965,7 @@ int compare_with_peer(const std::string& peer, moe::GgufWriter w, const char* pr
                       const std::vector<std::string>& cases) {
     if (pre_or_null) w.set_string("tokenizer.ggml.pre", pre_or_null);
     const char* pre = pre_or_null ? pre_or_null : "(no pre)";
-    const std::string path = test_tmp_dir() + "/moe-pretok-" + std::to_string((long)getpid()) + "-" + vocab_name + ".gguf";
+    const std::string path = moe_test::tmp_dir() + "/moe-pretok-" + std::to_string((long)getpid()) + "-" + vocab_name + ".gguf";
     EXPECT_EQ(w.write(path.c_str()), moe::Status::ok) << moe::last_error();
     moe::GgufFile file;
     EXPECT_EQ(moe::GgufFile::open(path.c_str(), true, &file), moe::Status::ok) << moe::last_error();
@@ -1017,7 +1003,7 @@ int compare_with_peer(const std::string& peer, moe::GgufWriter w, const char* pr
 
 TEST_P(PreTokenizerPeerTest, MatchesLlamaCpp) {
     const PreCheck pc = GetParam();
-    const std::string peer = peer_program();
+    const std::string peer = moe_test::peer_path();
     if (peer.empty() || !std::ifstream(peer))
         GTEST_SKIP() << "llama_peer not available (set MOE_LLAMA_PEER or configure with -DMOE_PEER_DIR=...)";
     SKIP_WITHOUT_VOCAB("qwen2");
