@@ -318,6 +318,15 @@ MOE_API const char* isa_name(Isa isa);
 MOE_API Isa detected_isa();
 MOE_API Isa current_isa();
 MOE_API Status force_isa(Isa isa);
+// AMX-INT8 (Intel Sapphire Rapids and later, on Linux): set_amx(true) runs the prefill panels of
+// Isa::avx512_vnni on the tile unit, with bit-identical results. Off by default: with a scale per
+// 32 columns it is slower than the VNNI panels (bench/RESULTS.md). amx_available(): the CPU has
+// AMX-TILE and AMX-INT8 and Linux granted this process the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM),
+// asked once, on the first call; a build with MOE_NO_AMX never asks). Like force_isa, set_amx is
+// process-wide and affects models loaded afterwards.
+MOE_API bool amx_available();
+MOE_API void set_amx(bool enabled);
+MOE_API bool amx_enabled();  // amx_available() and switched on
 // One weight row (`n` elements of `type`) dotted with float activations `x`, through the kernel of
 // `isa` (x is first quantized to the type's activation format, as the forward pass does). For tests.
 MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out);
@@ -1043,6 +1052,16 @@ MOE_API Status json_schema_to_grammar(const std::string& schema_json, std::strin
 #define MOE_DETAIL_HAS_AVX512 1
 #else
 #define MOE_DETAIL_HAS_AVX512 0
+#endif
+// AMX tiles need the kernel's permission (arch_prctl, Linux 5.16+) and a compiler that knows the
+// instructions (GCC 11, Clang 12); elsewhere the AVX-512 VNNI panels serve.
+#if MOE_DETAIL_HAS_AVX512 && defined(__linux__) && !defined(MOE_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define MOE_DETAIL_HAS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define MOE_DETAIL_HAS_AMX 0
 #endif
 
 // AArch64 with GCC/Clang: NEON is part of the base ISA, so its kernels need no detection; the
@@ -4488,6 +4507,26 @@ inline int x86_detect_level() {
     return level;
 }
 
+#if MOE_DETAIL_HAS_AMX
+// AMX-TILE + AMX-INT8 on a level-3 CPU, the OS managing the tile state (XCR0 bits 17-18), and
+// Linux's permission for this process (asked once; it lasts for the process).
+inline bool x86_amx_usable() {
+    static const bool usable = [] {
+        if (x86_detect_level() < 3) return false;
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        if (!(d & (1u << 24)) || !(d & (1u << 25))) return false;  // AMX-TILE, AMX-INT8
+        unsigned xcr0_lo = 0, xcr0_hi = 0;
+        __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+        (void)xcr0_hi;
+        if ((xcr0_lo & 0x60000u) != 0x60000u) return false;  // XTILECFG, XTILEDATA
+        const long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    }();
+    return usable;
+}
+#endif
+
 //---- shared helpers (AVX2; inlined into the AVX-512 kernels too, whose targets include AVX2) ----
 
 MOE_DETAIL_AVX2 inline float hsum_f32x8(__m256 v) {
@@ -5743,6 +5782,120 @@ MOE_DETAIL_AVX512VNNI inline void gemm_tile_avx512vnni(const GemmPanel& p, const
     else gemm_tile_min_avx512vnni<false>(p, x, nt, out);
 }
 
+#if MOE_DETAIL_HAS_AMX
+#define MOE_DETAIL_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
+// GCC's tile intrinsics are asm statements without memory operands: fence them so the A buffer is
+// written before a tile load reads it and the C buffer read only after a tile store wrote it.
+#define MOE_DETAIL_MEMORY_FENCE() __asm__ __volatile__("" ::: "memory")
+
+// LDTILECFG's 64-byte operand (palette 1).
+struct alignas(64) AmxTileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+static_assert(sizeof(AmxTileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// One block's C rows (NT tokens x 16 int32 sums) into acc, as gemm_tile_nt_avx512vnni does it.
+template <int NT, bool kMin>
+MOE_DETAIL_AMX inline void amx_finish_block(const GemmPanel& p, const BlockQ8G* const* x, int64_t b, const int32_t* sums, __m512* acc) {
+    const __m512i bias = _mm512_load_si512(p.bias + b * kGemmRows);
+    const __m512 sc = _mm512_load_ps(p.scale + b * kGemmRows);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+        const __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(bias, _mm512_load_si512(sums + t * kGemmRows)));
+        if constexpr (kMin)
+            acc[t] = _mm512_add_ps(acc[t], _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(x[t][b].d)), s,
+                                                           _mm512_mul_ps(_mm512_load_ps(p.min + b * kGemmRows), _mm512_set1_ps(x[t][b].s))));
+        else
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(x[t][b].d)), s, acc[t]);
+    }
+}
+
+// GEMM panel tile on AMX: per 32-column block, C = A . B on the tile unit (tdpbusd) with A the NT
+// tokens' codes (unsigned, + 128; gathered 16 blocks at a time into rows of 512 bytes) and B the
+// block's panel as it lies (8 rows of 4 columns x 16 weight rows: the panel layout is AMX's B
+// layout). Each C row (one token's 16 int32 sums) then takes gemm_tile_nt_avx512vnni's float steps
+// in the same order, so the two kernels give bit-identical results. Blocks go in pairs (tmm0-1 C,
+// tmm2-3 A, tmm4-5 B) and a pair's float steps run while the tile unit works on the next pair.
+// Slower than the VNNI tile on Sapphire Rapids (bench/RESULTS.md): every (token, block) still needs
+// its float steps, which cost about as much as VNNI's 8 dot products, plus the tile round trips.
+template <int NT, bool kMin>
+MOE_DETAIL_AMX inline void gemm_tile_nt_amx(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
+    constexpr int kChunk = 16;  // blocks gathered at a time
+    AmxTileConfig cfg;
+    for (int i = 0; i < 2; ++i) {
+        cfg.rows[i] = NT;                cfg.colsb[i] = kGemmRows * 4;
+        cfg.rows[2 + i] = NT;            cfg.colsb[2 + i] = kQK;
+        cfg.rows[4 + i] = kQK / 4;       cfg.colsb[4 + i] = kGemmRows * 4;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) uint8_t a[NT * kChunk * kQK];
+    alignas(64) int32_t c[2][2][NT * kGemmRows];  // [pair parity][block of the pair]
+    __m512 acc[NT];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    const int64_t nb = p.nb;
+    int64_t pending = -1;  // first block of the pair whose C rows wait for their float steps
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int64_t in_chunk = b % kChunk;
+        if (in_chunk == 0) {
+            const int64_t n = std::min<int64_t>(kChunk, nb - b);
+            for (int t = 0; t < NT; ++t)
+                for (int64_t j = 0; j < n; ++j)
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(a + (t * kChunk + j) * kQK), loadu_256(x[t][b + j].qs));
+            MOE_DETAIL_MEMORY_FENCE();
+        }
+        const int parity = (int)((b / 2) & 1);
+        _tile_loadd(2, a + in_chunk * kQK, kChunk * kQK);
+        _tile_loadd(4, p.q + b * kQK * kGemmRows, kGemmRows * 4);
+        _tile_zero(0);
+        _tile_dpbusd(0, 2, 4);
+        _tile_stored(0, c[parity][0], kGemmRows * 4);
+        if (b + 1 < nb) {
+            _tile_loadd(3, a + (in_chunk + 1) * kQK, kChunk * kQK);
+            _tile_loadd(5, p.q + (b + 1) * kQK * kGemmRows, kGemmRows * 4);
+            _tile_zero(1);
+            _tile_dpbusd(1, 3, 5);
+            _tile_stored(1, c[parity][1], kGemmRows * 4);
+        }
+        MOE_DETAIL_MEMORY_FENCE();
+        if (pending >= 0) {  // the previous pair (whole: a pair follows it)
+            amx_finish_block<NT, kMin>(p, x, pending, c[parity ^ 1][0], acc);
+            amx_finish_block<NT, kMin>(p, x, pending + 1, c[parity ^ 1][1], acc);
+        }
+        pending = b;
+    }
+    if (pending >= 0) {
+        const int parity = (int)((pending / 2) & 1);
+        amx_finish_block<NT, kMin>(p, x, pending, c[parity][0], acc);
+        if (pending + 1 < nb) amx_finish_block<NT, kMin>(p, x, pending + 1, c[parity][1], acc);
+    }
+    _tile_release();  // back to the init state: no 8 KB of tile data to save on a context switch
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * kGemmRows, acc[t]);
+}
+template <bool kMin>
+MOE_DETAIL_AMX inline void gemm_tile_min_amx(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    switch (nt) {
+        case 1: return gemm_tile_nt_amx<1, kMin>(p, x, out);
+        case 2: return gemm_tile_nt_amx<2, kMin>(p, x, out);
+        case 3: return gemm_tile_nt_amx<3, kMin>(p, x, out);
+        case 4: return gemm_tile_nt_amx<4, kMin>(p, x, out);
+        case 5: return gemm_tile_nt_amx<5, kMin>(p, x, out);
+        case 6: return gemm_tile_nt_amx<6, kMin>(p, x, out);
+        case 7: return gemm_tile_nt_amx<7, kMin>(p, x, out);
+        default: return gemm_tile_nt_amx<8, kMin>(p, x, out);
+    }
+}
+MOE_DETAIL_AMX inline void gemm_tile_amx(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    if (p.has_min) gemm_tile_min_amx<true>(p, x, nt, out);
+    else gemm_tile_min_amx<false>(p, x, nt, out);
+}
+#undef MOE_DETAIL_MEMORY_FENCE
+#undef MOE_DETAIL_AMX
+#endif  // MOE_DETAIL_HAS_AMX
+
 }  // namespace detail
 }  // namespace moe
 
@@ -6744,7 +6897,22 @@ inline Fn pick_for_isa(const Fn* by_isa, Isa isa) {
 
 // The panel kernel of `isa` (GEMM PANELS), or nullptr where it has none: the row kernels then
 // serve chunks of every size.
+inline std::atomic<bool>& amx_switched_on() {
+    static std::atomic<bool> on{false};
+    return on;
+}
+inline bool amx_in_use() {
+#if MOE_DETAIL_HAS_AMX
+    return amx_switched_on().load(std::memory_order_relaxed) && x86_amx_usable();
+#else
+    return false;
+#endif
+}
+
 inline GemmTileFn gemm_tile_kernel(Isa isa) {
+#if MOE_DETAIL_HAS_AMX
+    if (isa == Isa::avx512_vnni && amx_in_use()) return gemm_tile_amx;
+#endif
 #if MOE_DETAIL_HAS_AVX512
     if (isa == Isa::avx512_vnni) return gemm_tile_avx512vnni;
 #endif
@@ -6811,6 +6979,15 @@ MOE_API const char* isa_name(Isa isa) {
 }
 MOE_API Isa detected_isa() { return detail::detect_isa(); }
 MOE_API Isa current_isa() { return detail::active_isa(); }
+MOE_API bool amx_available() {
+#if MOE_DETAIL_HAS_AMX
+    return detail::x86_amx_usable();
+#else
+    return false;
+#endif
+}
+MOE_API void set_amx(bool enabled) { detail::amx_switched_on().store(enabled); }
+MOE_API bool amx_enabled() { return detail::amx_in_use(); }
 MOE_API Status force_isa(Isa isa) {
     if ((int)isa > (int)detail::detect_isa() || ((isa == Isa::neon || isa == Isa::neon_dotprod) != (detail::detect_isa() >= Isa::neon)))
         if (isa != Isa::scalar) return detail::fail(Status::unsupported, "ISA %s is not available on this CPU/build", isa_name(isa));
@@ -9180,6 +9357,20 @@ inline Status split_kv_b(ModelImpl& m, const Weight& kv_b, int64_t n_head, int64
     return Status::ok;
 }
 
+// A metadata array with one flag per layer (booleans or integers, at least n_layer of them).
+inline Status read_layer_flags(const GgufKeyValue& e, const std::string& key, uint32_t n_layer, std::vector<bool>* flags) {
+    if (e.type != GgufValueType::array || e.array_count < n_layer || (e.array_type != GgufValueType::boolean && !gguf_is_integer(e.array_type)))
+        return fail(Status::invalid_file, "'%s' must hold a flag per layer", key.c_str());
+    const size_t es = gguf_scalar_size(e.array_type);
+    flags->assign(n_layer, false);
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        uint64_t u; double f;
+        gguf_decode_scalar(e.array_type, e.array_data + il * es, &u, &f);
+        (*flags)[il] = u != 0;
+    }
+    return Status::ok;
+}
+
 inline Status load_model(ModelImpl& m) {
     ModelInfo& hp = m.info;
     Status s = m.file.get_string("general.architecture", &hp.architecture);
@@ -9234,16 +9425,8 @@ inline Status load_model(ModelImpl& m) {
         // Gated delta-net layers: attention.recurrent_layers (a flag per layer, MTP layers after
         // the trunk included), else every full_attention_interval-th layer attends in full.
         const std::string k = L.key("attention.recurrent_layers");
-        const GgufKeyValue* e = m.file.find(k.c_str());
-        if (e) {
-            if (e->type != GgufValueType::array || e->array_count < n_layer || (e->array_type != GgufValueType::boolean && !gguf_is_integer(e->array_type)))
-                return fail(Status::invalid_file, "'%s' must hold a flag per layer", k.c_str());
-            const size_t es = gguf_scalar_size(e->array_type);
-            for (uint32_t il = 0; il < n_layer; ++il) {
-                uint64_t u; double f;
-                gguf_decode_scalar(e->array_type, e->array_data + il * es, &u, &f);
-                hp.layer_recurrent[il] = u != 0;
-            }
+        if (const GgufKeyValue* e = m.file.find(k.c_str())) {
+            if ((s = read_layer_flags(*e, k, n_layer, &hp.layer_recurrent)) != Status::ok) return s;
         } else {
             uint32_t interval = 4;
             if ((s = L.u32("full_attention_interval", &interval, false, 4)) != Status::ok) return s;
@@ -9425,14 +9608,7 @@ inline Status load_model(ModelImpl& m) {
         const std::string k = L.key("attention.sliding_window_pattern");
         const GgufKeyValue* e = m.file.find(k.c_str());
         if (e && e->type == GgufValueType::array) {  // one flag per layer
-            if (e->array_count < n_layer || (e->array_type != GgufValueType::boolean && !gguf_is_integer(e->array_type)))
-                return fail(Status::invalid_file, "'%s' must hold a flag per layer", k.c_str());
-            const size_t es = gguf_scalar_size(e->array_type);
-            for (uint32_t il = 0; il < n_layer; ++il) {
-                uint64_t u; double f;
-                gguf_decode_scalar(e->array_type, e->array_data + il * es, &u, &f);
-                hp.layer_swa[il] = u != 0;
-            }
+            if ((s = read_layer_flags(*e, k, n_layer, &hp.layer_swa)) != Status::ok) return s;
         } else {  // every n-th layer attends in full: layers il % n < n - 1 slide (0: all slide)
             uint32_t pattern = 2;
             if ((s = L.u32("attention.sliding_window_pattern", &pattern, false, 2)) != Status::ok) return s;
@@ -13681,6 +13857,7 @@ MOE_API Status generate_batch(Session* const* sessions, const std::vector<std::v
 #undef MOE_DETAIL_HAS_X86
 #undef MOE_DETAIL_HAS_AVX2
 #undef MOE_DETAIL_HAS_AVX512
+#undef MOE_DETAIL_HAS_AMX
 #undef MOE_DETAIL_HAS_NEON
 #undef MOE_DETAIL_ARM_DOTPROD
 #undef MOE_DETAIL_HAS_AUXV

@@ -53,6 +53,7 @@ const char* kUsage =
     "  -r N            repetitions; medians are reported (default 3)\n"
     "  --json          print one JSON object instead of the table\n"
     "  --isa ISA       force the kernels: scalar, avx2, avx512, avx512_vnni, neon, neon_dotprod\n"
+    "  --amx           prefill panels on the AMX tile unit where the CPU has one (moe::set_amx; slower today)\n"
     "  --profile       also print where decode time goes, per forward-pass phase\n"
     "  --prefetch B    SessionOptions::prefetch_distance (bytes; -1 default, 0 off)\n"
     "  --gemm-min N    SessionOptions::gemm_min_tokens (0 default, -1 = row kernels only)\n"
@@ -1174,7 +1175,7 @@ int run_synthetic(const std::string& shape_name, const std::string& quant, const
 struct BenchOptions {
     std::string model;
     int threads = 0, n_prompt = 64, n_gen = 32, reps = 3;
-    bool json = false, prefault = true, profile = false;
+    bool json = false, prefault = true, profile = false, amx = false;
     int gemm_min = 0;
     int prefetch = -1;
     std::string isa;
@@ -1288,6 +1289,8 @@ int run_bench(const BenchOptions& o) {
         if (moe::force_isa(isa) != moe::Status::ok)
             return fail("--isa " + o.isa + " is not available on this CPU/build (detected: " + moe::isa_name(moe::detected_isa()) + ")");
     }
+    if (o.amx && !moe::amx_available()) return fail("--amx: this CPU, OS or build has no usable AMX-INT8");
+    moe::set_amx(o.amx);
 
     // 1. bandwidth
     membw::Result bw;
@@ -1430,7 +1433,9 @@ int run_bench(const BenchOptions& o) {
     const double pct = bw.gbs > 0 ? 100.0 * achieved / bw.gbs : 0;
     const double roofline = active > 0 ? bw.gbs * 1e9 / active : 0;
     const std::string mix = weight_mix(model.file());
-    const char* isa = moe::isa_name(moe::current_isa());
+    // The panels' kernels: "+amx" where they run on the AMX tile unit.
+    const std::string isa_label = std::string(moe::isa_name(moe::current_isa())) + (moe::current_isa() == moe::Isa::avx512_vnni && moe::amx_enabled() ? "+amx" : "");
+    const char* isa = isa_label.c_str();
     const moe::ExpertStoreStats es = model.expert_store_stats();
     const moe::PredictionStats& ps = session.prediction_stats();
     double timed_s = 0;
@@ -1546,6 +1551,7 @@ int main(int argc, char** argv) {
         else if (a == "--profile") o.profile = true;
         else if (a == "--gemm-min") { if (!parse_i64(value(), -1, 1 << 20, &v)) return fail("bad or missing value for --gemm-min"); o.gemm_min = (int)v; }
         else if (a == "--prefetch") { if (!parse_i64(value(), -1, 1 << 20, &v)) return fail("bad or missing value for --prefetch"); o.prefetch = (int)v; }
+        else if (a == "--amx") o.amx = true;
         else if (a == "--isa") { if (!(s = value())) return fail("missing value after --isa"); o.isa = s; }
         else if (a == "--bw") { if (!parse_f64(value(), 1e-3, 1e6, &d)) return fail("bad or missing value for --bw (GB/s)"); o.bw = d; }
         else if (a == "--bw-mib") { if (!parse_i64(value(), 1, 1 << 24, &v)) return fail("bad or missing value for --bw-mib"); o.bw_bytes = (size_t)v << 20; }

@@ -468,6 +468,18 @@ TEST_P(ForwardQuant, MatchesOracleOnStoredWeights) {
     RowDiff d3 = diff_vs_oracle(ref, panels.logits);
     EXPECT_LT(d3.rel(), tc.tol) << "prefill through panels + decode: " << diff_msg(d3);
     EXPECT_LT(rel_diff(pre.logits, panels.logits), tc.tol) << "panels vs row kernels";
+    // 4. where the CPU has AMX: the panels on the tile unit (a model loaded with set_amx(true)) must
+    //    give step 3's logits bit for bit.
+    if (moe::amx_available()) {
+        moe::set_amx(true);
+        moe::Model amx_model;
+        const moe::Status st = moe::Model::load(f.path.c_str(), moe::LoadOptions{}, &amx_model);
+        moe::set_amx(false);
+        ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
+        EngineRun amx;
+        ASSERT_TRUE(run_engine(amx_model, opt, c.tokens, kPrompt, &amx));
+        EXPECT_EQ(0, std::memcmp(amx.logits.data(), panels.logits.data(), panels.logits.size() * sizeof(float))) << "AMX vs AVX-512 VNNI panels";
+    }
     std::printf("[ quant    ] %-22s vs oracle: token-by-token %.2e (rms %.2e), prefill %.2e; prefill vs tbt %.2e; "
                 "argmax %d/%d; routing flips %d\n",
                 tc.name, d.rel(), d.rel_rms(), d2.rel(), self, d.argmax_agree, d.argmax_checked, flips);

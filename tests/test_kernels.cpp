@@ -176,6 +176,15 @@ TEST(ActivationQuantizers, BitExactWithScalar) {
     }
 }
 
+// set_amx(true) takes effect only where AMX is usable, and is off by default.
+TEST(PanelGemm, AmxSwitch) {
+    EXPECT_FALSE(moe::amx_enabled());
+    moe::set_amx(true);
+    EXPECT_EQ(moe::amx_enabled(), moe::amx_available());
+    moe::set_amx(false);
+    EXPECT_FALSE(moe::amx_enabled());
+}
+
 // Prefill panels (GEMM PANELS in moe_infer.h) through moe::gemm_tile: each ISA's panel kernel
 // bit-identical to the scalar _ref tile (the same float steps, lane-wise), and the _ref tile equal
 // to the scalar row kernel of every (row, token) up to the order of the float additions (both
@@ -189,7 +198,7 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
     std::normal_distribution<float> gauss;
     for (TensorType type : panel_types) {
         const int blk = moe::tensor_type_block_elems(type);
-        for (int64_t n : {256, 768}) {
+        for (int64_t n : {160, 256, 768}) {  // 160: an odd number of 32-column blocks
             if (n % blk) continue;
             const size_t row_bytes = (size_t)(n / blk) * (size_t)moe::tensor_type_block_bytes(type);
             for (int rows : {1, 5, 16})
@@ -219,11 +228,17 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
                     }
                     for (moe::Isa isa : {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni, moe::Isa::neon, moe::Isa::neon_dotprod}) {
                         if (!isa_available(isa)) continue;
-                        std::vector<float> got((size_t)(rows * tokens));
-                        const moe::Status st = moe::gemm_tile(type, isa, w.data(), row_bytes, rows, x.data(), tokens, n, got.data());
-                        if (st == moe::Status::unsupported) continue;  // this ISA has no panel kernel: row kernels serve
-                        ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
-                        EXPECT_EQ(0, std::memcmp(got.data(), ref.data(), got.size() * sizeof(float))) << moe::isa_name(isa);
+                        // AVX-512 VNNI panels, and the same on the AMX tile unit where the CPU has one (set_amx).
+                        for (bool amx : {false, true}) {
+                            if (amx && (isa != moe::Isa::avx512_vnni || !moe::amx_available())) continue;
+                            moe::set_amx(amx);
+                            std::vector<float> got((size_t)(rows * tokens));
+                            const moe::Status st = moe::gemm_tile(type, isa, w.data(), row_bytes, rows, x.data(), tokens, n, got.data());
+                            moe::set_amx(false);
+                            if (st == moe::Status::unsupported) continue;  // this ISA has no panel kernel: row kernels serve
+                            ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
+                            EXPECT_EQ(0, std::memcmp(got.data(), ref.data(), got.size() * sizeof(float))) << moe::isa_name(isa) << (amx ? " AMX" : "");
+                        }
                     }
                 }
         }
