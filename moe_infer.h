@@ -88,10 +88,10 @@
        [SECTION] FILE MAPPING                    >>file
        [SECTION] GGUF READER & WRITER            >>gguf
        [SECTION] QUANT FORMATS                   >>quant
-       [SECTION] KERNELS: REFERENCE              >>kernels-ref
+       [SECTION] KERNELS: REFERENCE              >>kernels-ref  row dots; attention on a float cache (scores, exp, values)
        [SECTION] ACTIVATION FORMATS              >>act
        [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens
-       [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86
+       [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX-512 attention kernels, the AMX panel tile
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
        [SECTION] KERNEL DISPATCH                 >>dispatch
@@ -339,6 +339,15 @@ MOE_API Status vec_dot_ref(TensorType type, Isa isa, const void* weights, const 
 // the ISA has no panel form. For tests.
 MOE_API Status gemm_tile(TensorType type, Isa isa, const void* weights, size_t row_bytes, int rows, const float* x, int n_tokens,
                          int64_t n, float* out);
+// One attention step on a float cache through the kernels of `isa` (Isa::scalar: their _ref
+// twins): scores[i * n + j] = scale * (q_i . k_j) for nq query rows (hk floats each, packed) and n
+// key rows; then e = exp(scores - the row's max) by the attention exp, written over scores; then
+// acc[i * hv + d] += sum_j e[i][j] * v_j[d] (n value rows). Key and value rows are `row_floats`
+// apart. Status::unsupported where the ISA has no attention kernels (they serve AVX-512). For tests.
+MOE_API Status attention_step(Isa isa, const float* q, int nq, const float* keys, const float* values, int n, int hk, int hv, int64_t row_floats,
+                              float scale, float* scores, float* acc);
+// The attention exp of `isa` (Isa::scalar: its _ref) on x[0..n) in place. For tests.
+MOE_API Status attention_exp(Isa isa, float* x, int n);
 // The activation row `type`'s kernels dot against (Q8_0 / Q8_K blocks, or float), made with the
 // quantizer of `isa`; dst_size >= its size. SIMD quantizers are bit-exact with the scalar ones.
 MOE_API Status quantize_activations(TensorType weight_type, Isa isa, const float* x, int64_t n, void* dst, size_t dst_size);
@@ -4038,6 +4047,52 @@ inline float vec_dot_tq_q8_0_rot_ref(const Block* w, const BlockQ8Rot* x, int64_
     return sum;
 }
 
+// Attention on a float KV cache (prefill units and decode alike, so a token's result does not
+// depend on how the prompt was cut into chunks). Scores: out[i * os + j] = scale * (q_i . k_j) for
+// nq query rows q_i = q + i * qs (hk floats) and n key rows k_j (hk floats, `ks` bytes apart).
+inline void att_scores_ref(const float* q, int64_t qs, int nq, const uint8_t* k, size_t ks, int n, int hk, float scale, float* out, int os) {
+    for (int i = 0; i < nq; ++i)
+        for (int j = 0; j < n; ++j) {
+            const float* kj = reinterpret_cast<const float*>(k + (size_t)j * ks);
+            float sum = 0;
+            for (int d = 0; d < hk; ++d) sum = std::fma(q[i * qs + d], kj[d], sum);
+            out[(size_t)i * (size_t)os + (size_t)j] = sum * scale;
+        }
+}
+// Values: acc[i * hv + d] += p[i * ps + j] * v_j[d], j = 0 .. n-1 in order, for nq accumulator rows
+// and n value rows v_j (hv floats, `vs` bytes apart).
+inline void att_values_ref(const float* p, int ps, int nq, const uint8_t* v, size_t vs, int n, int hv, float* acc) {
+    for (int i = 0; i < nq; ++i)
+        for (int j = 0; j < n; ++j) {
+            const float* vj = reinterpret_cast<const float*>(v + (size_t)j * vs);
+            const float pij = p[(size_t)i * (size_t)ps + (size_t)j];
+            for (int d = 0; d < hv; ++d) acc[(size_t)i * (size_t)hv + (size_t)d] = std::fma(pij, vj[d], acc[(size_t)i * (size_t)hv + (size_t)d]);
+        }
+}
+// x[j] = exp(x[j]) for the softmax (x <= 0 there; the result is clamped to exp(-87.3) below):
+// x = n ln2 + r with n = nearest(x / ln2), |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial, times 2^n.
+// Within 2 ulp of std::exp; the SIMD versions take the same steps, so they match this bit for bit.
+inline void att_exp_ref(float* x, int n) {
+    for (int j = 0; j < n; ++j) {
+        const float v = std::min(88.f, std::max(-87.3f, x[j]));
+        const float m = std::nearbyint(v * 1.44269504088896341f);
+        float r = std::fma(m, -0.693145751953125f, v);
+        r = std::fma(m, -1.428606765330187045e-06f, r);
+        float e = 1.f / 5040;
+        e = std::fma(e, r, 1.f / 720);
+        e = std::fma(e, r, 1.f / 120);
+        e = std::fma(e, r, 1.f / 24);
+        e = std::fma(e, r, 1.f / 6);
+        e = std::fma(e, r, 0.5f);
+        e = std::fma(e, r, 1.f);
+        e = std::fma(e, r, 1.f);
+        const uint32_t bits = (uint32_t)((int32_t)m + 127) << 23;
+        float scale;
+        std::memcpy(&scale, &bits, 4);
+        x[j] = e * scale;
+    }
+}
+
 //-----------------------------------------------------------------------------
 // [SECTION] ACTIVATION FORMATS
 //-----------------------------------------------------------------------------
@@ -5782,6 +5837,120 @@ MOE_DETAIL_AVX512VNNI inline void gemm_tile_avx512vnni(const GemmPanel& p, const
     else gemm_tile_min_avx512vnni<false>(p, x, nt, out);
 }
 
+// Attention kernels (att_*_ref in KERNELS: REFERENCE): scores of 4 query rows per pass over a key
+// row (the key loaded once), values into 4 rows x 64 columns of accumulators held in registers over
+// all n value rows, exp with the reference's steps lane-wise.
+// The sums of a0..a3 into r[0..3], by one fixed tree (so a row's score does not depend on the
+// rows it was computed with).
+MOE_DETAIL_AVX512 inline void hsum4_avx512(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float scale, float* r) {
+    const __m256 b0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps(a0, 1));
+    const __m256 b1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps(a1, 1));
+    const __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps(a2, 1));
+    const __m256 b3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps(a3, 1));
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+    _mm_storeu_ps(r, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_set1_ps(scale)));
+}
+MOE_DETAIL_AVX512 inline void att_scores_avx512(const float* q, int64_t qs, int nq, const uint8_t* k, size_t ks, int n, int hk, float scale,
+                                                float* out, int os) {
+    const int full = hk / 16;
+    const __mmask16 tail = (__mmask16)((1u << (hk % 16)) - 1);
+    float r[4];
+    int i = 0;
+    for (; i + 4 <= nq; i += 4) {
+        const float *q0 = q + i * qs, *q1 = q0 + qs, *q2 = q1 + qs, *q3 = q2 + qs;
+        for (int j = 0; j < n; ++j) {
+            const float* kj = reinterpret_cast<const float*>(k + (size_t)j * ks);
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < full; ++c) {
+                const __m512 kv = _mm512_loadu_ps(kj + 16 * c);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 16 * c), kv, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + 16 * c), kv, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2 + 16 * c), kv, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3 + 16 * c), kv, a3);
+            }
+            if (tail) {
+                const __m512 kv = _mm512_maskz_loadu_ps(tail, kj + 16 * full);
+                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q0 + 16 * full), kv, a0);
+                a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q1 + 16 * full), kv, a1);
+                a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q2 + 16 * full), kv, a2);
+                a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q3 + 16 * full), kv, a3);
+            }
+            hsum4_avx512(a0, a1, a2, a3, scale, r);
+            for (int u = 0; u < 4; ++u) out[(size_t)(i + u) * (size_t)os + (size_t)j] = r[u];
+        }
+    }
+    for (; i < nq; ++i) {
+        const float* qi = q + i * qs;
+        for (int j = 0; j < n; ++j) {
+            const float* kj = reinterpret_cast<const float*>(k + (size_t)j * ks);
+            __m512 a = _mm512_setzero_ps();
+            for (int c = 0; c < full; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16 * c), _mm512_loadu_ps(kj + 16 * c), a);
+            if (tail) a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, qi + 16 * full), _mm512_maskz_loadu_ps(tail, kj + 16 * full), a);
+            hsum4_avx512(a, a, a, a, scale, r);
+            out[(size_t)i * (size_t)os + (size_t)j] = r[0];
+        }
+    }
+}
+
+// acc rows [i, i + R) x columns [d, d + 64) (the last columns masked by m[]), over all n values.
+template <int R>
+MOE_DETAIL_AVX512 inline void att_values_tile_avx512(const float* p, int ps, const uint8_t* v, size_t vs, int n, int hv, int d, const __mmask16* m,
+                                                     float* acc) {
+    __m512 a[R][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_maskz_loadu_ps(m[c], acc + (size_t)r * (size_t)hv + d + 16 * c);
+    for (int j = 0; j < n; ++j) {
+        const float* vj = reinterpret_cast<const float*>(v + (size_t)j * vs) + d;
+        __m512 vv[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) vv[c] = _mm512_maskz_loadu_ps(m[c], vj + 16 * c);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m512 pr = _mm512_set1_ps(p[(size_t)r * (size_t)ps + (size_t)j]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(pr, vv[c], a[r][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(acc + (size_t)r * (size_t)hv + d + 16 * c, m[c], a[r][c]);
+}
+MOE_DETAIL_AVX512 inline void att_values_avx512(const float* p, int ps, int nq, const uint8_t* v, size_t vs, int n, int hv, float* acc) {
+    for (int d = 0; d < hv; d += 64) {
+        __mmask16 m[4];
+        for (int c = 0; c < 4; ++c) {
+            const int left = std::max(0, std::min(16, hv - d - 16 * c));
+            m[c] = (__mmask16)((1u << left) - 1);
+        }
+        int i = 0;
+        for (; i + 4 <= nq; i += 4) att_values_tile_avx512<4>(p + (size_t)i * (size_t)ps, ps, v, vs, n, hv, d, m, acc + (size_t)i * (size_t)hv);
+        for (; i < nq; ++i) att_values_tile_avx512<1>(p + (size_t)i * (size_t)ps, ps, v, vs, n, hv, d, m, acc + (size_t)i * (size_t)hv);
+    }
+}
+
+MOE_DETAIL_AVX512 inline void att_exp_avx512(float* x, int n) {
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 m = (__mmask16)(n - j >= 16 ? 0xffffu : (1u << (n - j)) - 1);
+        const __m512 v = _mm512_min_ps(_mm512_set1_ps(88.f), _mm512_max_ps(_mm512_set1_ps(-87.3f), _mm512_maskz_loadu_ps(m, x + j)));
+        const __m512 mm = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fmadd_ps(mm, _mm512_set1_ps(-0.693145751953125f), v);
+        r = _mm512_fmadd_ps(mm, _mm512_set1_ps(-1.428606765330187045e-06f), r);
+        __m512 e = _mm512_set1_ps(1.f / 5040);
+        e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 720));
+        e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120));
+        e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24));
+        e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6));
+        e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+        e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+        e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(mm), _mm512_set1_epi32(127)), 23));
+        _mm512_mask_storeu_ps(x + j, m, _mm512_mul_ps(e, scale));
+    }
+}
+
 #if MOE_DETAIL_HAS_AMX
 #define MOE_DETAIL_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
 // GCC's tile intrinsics are asm statements without memory operands: fence them so the A buffer is
@@ -7056,6 +7225,54 @@ MOE_API Status gemm_tile(TensorType type, Isa isa, const void* weights, size_t r
     k.gemm_tile(scratch.panel, rows_x, n_tokens, tile);
     for (int t = 0; t < n_tokens; ++t)
         for (int r = 0; r < rows; ++r) out[t * rows + r] = tile[t * detail::kGemmRows + r];
+    return Status::ok;
+}
+
+namespace detail {
+struct AttKernels {
+    void (*scores)(const float*, int64_t, int, const uint8_t*, size_t, int, int, float, float*, int) = att_scores_ref;
+    void (*values)(const float*, int, int, const uint8_t*, size_t, int, int, float*) = att_values_ref;
+    void (*exp)(float*, int) = att_exp_ref;
+};
+// The attention kernels of `isa`; false where it has none (the forward pass then keeps dot_f32 and loops).
+inline bool att_kernels(Isa isa, AttKernels* k) {
+    *k = AttKernels();
+    if (isa == Isa::scalar) return true;
+#if MOE_DETAIL_HAS_AVX512
+    if ((isa == Isa::avx512 || isa == Isa::avx512_vnni) && (int)isa <= (int)detect_isa()) {
+        k->scores = att_scores_avx512;
+        k->values = att_values_avx512;
+        k->exp = att_exp_avx512;
+        return true;
+    }
+#endif
+    return false;
+}
+}  // namespace detail
+
+MOE_API Status attention_step(Isa isa, const float* q, int nq, const float* keys, const float* values, int n, int hk, int hv, int64_t row_floats,
+                              float scale, float* scores, float* acc) {
+    if (!q || !keys || !values || !scores || !acc || nq < 1 || n < 1 || hk < 1 || hv < 1 || row_floats < std::max(hk, hv))
+        return detail::fail(Status::invalid_argument, "attention_step: bad arguments");
+    detail::AttKernels k;
+    if (!detail::att_kernels(isa, &k)) return detail::fail(Status::unsupported, "attention_step: no attention kernels on %s", isa_name(isa));
+    const size_t rb = (size_t)row_floats * sizeof(float);
+    k.scores(q, hk, nq, reinterpret_cast<const uint8_t*>(keys), rb, n, hk, scale, scores, n);
+    for (int i = 0; i < nq; ++i) {
+        float* row = scores + (size_t)i * (size_t)n;
+        const float mx = *std::max_element(row, row + n);
+        for (int j = 0; j < n; ++j) row[j] -= mx;
+        k.exp(row, n);
+    }
+    k.values(scores, n, nq, reinterpret_cast<const uint8_t*>(values), rb, n, hv, acc);
+    return Status::ok;
+}
+
+MOE_API Status attention_exp(Isa isa, float* x, int n) {
+    if (!x || n < 0) return detail::fail(Status::invalid_argument, "attention_exp: bad arguments");
+    detail::AttKernels k;
+    if (!detail::att_kernels(isa, &k)) return detail::fail(Status::unsupported, "attention_exp: no attention kernels on %s", isa_name(isa));
+    k.exp(x, n);
     return Status::ok;
 }
 
@@ -10798,6 +11015,10 @@ struct SessionImpl {
     void* observer_user = nullptr;
     size_t prefetch_bytes = 0;
     VecDotFn dot_f32 = nullptr;      // float . float, for attention scores
+    // A float cache's attention through the att_* kernels where the ISA has them (att_simd);
+    // elsewhere dot_f32 and plain loops.
+    bool att_simd = false;
+    AttKernels att;
     VecDotFn dot_q8 = nullptr;       // Q8_0 . Q8_0, for scores against a Q8_0 KV cache
     KvCache kv;
     Activations a;
@@ -11112,6 +11333,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
                                           a.act_ssm.allocate(a.ssm_o.data, plan->ssm_v, B));
     if (!ok || !ok_gated || !ok_delta) return fail(Status::out_of_memory, "cannot allocate the activation buffers for n_batch %d", n_batch);
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
+    att_simd = active_isa() != Isa::scalar && att_kernels(active_isa(), &att);
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
     gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
                       : o.gemm_min_tokens == 0 ? kDefaultGemmMinTokens : o.gemm_min_tokens;
@@ -11831,6 +12053,30 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                 for (int g = 0; g < gsize; ++g)
                     quantize_act(ActFormat::q8_0, q8_queries + (size_t)(k * group + g) * nbh, a.q.data + (t0 + k) * q_dim + (int64_t)(h0 + g) * hk, hk);
         std::fill(acc, acc + (size_t)T * group * hv, 0.f);
+        if (att_simd && !cache.q8) {  // the same steps through the attention kernels
+            for (int32_t jb = j0[0]; jb < j_end; jb += kAttBlock)
+                for (int k = 0; k < nt; ++k) {
+                    const int nb = std::min<int32_t>(kAttBlock, j1[k] - jb), first = std::max(0, j0[k] - jb);
+                    if (nb <= first) continue;
+                    float* sk = sc + k * group * kAttBlock;
+                    att.scores(a.q.data + (t0 + k) * q_dim + (int64_t)h0 * hk, hk, gsize, kl + (size_t)(jb + first) * rb + head_at, rb, nb - first, hk,
+                               scale, sk + first, kAttBlock);
+                    for (int g = 0; g < gsize; ++g) {
+                        const int kg = k * group + g;
+                        float* s = sc + kg * kAttBlock;
+                        const float m_new = std::max(mx[kg], *std::max_element(s + first, s + nb));
+                        const float corr = std::exp(mx[kg] - m_new);
+                        for (int jj = first; jj < nb; ++jj) s[jj] -= m_new;
+                        att.exp(s + first, nb - first);
+                        float add = 0;
+                        for (int jj = first; jj < nb; ++jj) add += s[jj];
+                        sum[kg] = sum[kg] * corr + add;
+                        mx[kg] = m_new;
+                        if (corr != 1.f) for (int i = 0; i < hv; ++i) acc[kg * hv + i] *= corr;
+                    }
+                    att.values(sk + first, kAttBlock, gsize, vl + (size_t)(jb + first) * vrb + v_head_at, vrb, nb - first, hv, acc + k * group * hv);
+                }
+        } else
         for (int32_t jb = j0[0]; jb < j_end; jb += kAttBlock) {
             const int nb_max = std::min<int32_t>(kAttBlock, j_end - jb);
             for (int jj = 0; jj < nb_max; ++jj) {

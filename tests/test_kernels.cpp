@@ -253,3 +253,82 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
     EXPECT_EQ(moe::gemm_tile(TensorType::q4_0, moe::Isa::scalar, w.data(), 144, 1, x.data(), 9, 256, out.data()), moe::Status::invalid_argument);
     EXPECT_EQ(moe::gemm_tile(TensorType::q4_0, moe::Isa::scalar, w.data(), 144, 1, x.data(), 1, 250, out.data()), moe::Status::invalid_argument);
 }
+
+// Attention kernels (a float KV cache's scores, softmax exp and value sums; att_*_ref in moe_infer.h).
+// The exp: SIMD bit-identical to its _ref, and the _ref within 2 ulp of std::exp over the softmax's
+// range (x <= 0) and beyond.
+TEST(AttentionKernels, ExpMatchesRefAndStdExp) {
+    std::vector<float> x;
+    for (float v = -87.f; v <= 88.f; v += 0.0137f) x.push_back(v);
+    for (float v : {0.f, -0.f, -1e-30f, 1e-30f, -0.5f * 0.6931472f, 0.5f * 0.6931472f, -87.3f, 88.f}) x.push_back(v);
+    std::vector<float> ref = x;
+    ASSERT_EQ(moe::attention_exp(moe::Isa::scalar, ref.data(), (int)ref.size()), moe::Status::ok);
+    for (size_t i = 0; i < x.size(); ++i) {
+        const double want = std::exp((double)x[i]);
+        EXPECT_LE(std::fabs(ref[i] - want), 2 * std::ldexp(1.0, std::ilogb(want) - 23)) << "exp(" << x[i] << ")";
+    }
+    for (moe::Isa isa : kSimdIsas) {
+        if (!isa_available(isa)) continue;
+        for (int n : {1, 15, 16, 17, (int)x.size()}) {
+            std::vector<float> got(x.begin(), x.begin() + n);
+            const moe::Status st = moe::attention_exp(isa, got.data(), n);
+            if (st == moe::Status::unsupported) break;
+            ASSERT_EQ(st, moe::Status::ok);
+            EXPECT_EQ(0, std::memcmp(got.data(), ref.data(), (size_t)n * sizeof(float))) << moe::isa_name(isa) << " n=" << n;
+        }
+    }
+}
+
+// Scores and value sums: each ISA's kernels against the _ref ones up to the order of the float
+// additions, on odd head sizes, query counts around the 4-row blocks and key counts around the
+// 64-position blocks; a query row's results do not depend on the rows computed with it.
+TEST(AttentionKernels, StepMatchesRef) {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> gauss;
+    const int dims[][2] = {{128, 128}, {64, 64}, {48, 40}, {20, 36}, {256, 256}, {192, 128}};
+    int checked = 0;
+    for (moe::Isa isa : kSimdIsas) {
+        if (!isa_available(isa)) continue;
+        for (const auto& hd : dims)
+            for (int nq : {1, 3, 4, 9})
+                for (int n : {1, 5, 64, 70}) {
+                    const int hk = hd[0], hv = hd[1];
+                    const int64_t rf = std::max(hk, hv) + 3;
+                    std::vector<float> q((size_t)(nq * hk)), kv((size_t)(n * rf)), vv((size_t)(n * rf)), acc0((size_t)(nq * hv));
+                    for (float& v : q) v = gauss(rng);
+                    for (float& v : kv) v = gauss(rng);
+                    for (float& v : vv) v = gauss(rng);
+                    for (float& v : acc0) v = gauss(rng);
+                    const float scale = 1.f / std::sqrt((float)hk);
+                    std::vector<float> sr((size_t)(nq * n)), ar = acc0, sg((size_t)(nq * n)), ag = acc0;
+                    ASSERT_EQ(moe::attention_step(moe::Isa::scalar, q.data(), nq, kv.data(), vv.data(), n, hk, hv, rf, scale, sr.data(), ar.data()),
+                              moe::Status::ok);
+                    const moe::Status st = moe::attention_step(isa, q.data(), nq, kv.data(), vv.data(), n, hk, hv, rf, scale, sg.data(), ag.data());
+                    if (st == moe::Status::unsupported) continue;
+                    ASSERT_EQ(st, moe::Status::ok);
+                    SCOPED_TRACE(std::string(moe::isa_name(isa)) + " hk=" + std::to_string(hk) + " hv=" + std::to_string(hv) + " nq=" + std::to_string(nq) +
+                                 " n=" + std::to_string(n));
+                    for (int i = 0; i < nq; ++i) {
+                        for (int j = 0; j < n; ++j) {  // e = exp(score - max) in (0, 1]: score errors ~1e-6 of |q||k|
+                            double mag = 0;
+                            for (int d = 0; d < hk; ++d) mag += std::fabs((double)q[(size_t)(i * hk + d)] * kv[(size_t)(j * rf + d)]);
+                            EXPECT_NEAR(sg[(size_t)(i * n + j)], sr[(size_t)(i * n + j)], 4e-6 * mag * scale + 1e-6) << "e[" << i << "][" << j << "]";
+                        }
+                        for (int d = 0; d < hv; ++d) {
+                            double mag = std::fabs(acc0[(size_t)(i * hv + d)]);
+                            for (int j = 0; j < n; ++j) mag += std::fabs((double)sr[(size_t)(i * n + j)] * vv[(size_t)(j * rf + d)]);
+                            EXPECT_NEAR(ag[(size_t)(i * hv + d)], ar[(size_t)(i * hv + d)], 2e-5 * mag + 1e-6) << "acc[" << i << "][" << d << "]";
+                        }
+                    }
+                    // row 0 alone: the same bits as row 0 computed with the others
+                    std::vector<float> s1((size_t)n), a1(acc0.begin(), acc0.begin() + hv);
+                    ASSERT_EQ(moe::attention_step(isa, q.data(), 1, kv.data(), vv.data(), n, hk, hv, rf, scale, s1.data(), a1.data()), moe::Status::ok);
+                    EXPECT_EQ(0, std::memcmp(s1.data(), sg.data(), (size_t)n * sizeof(float))) << "scores of row 0 depend on nq";
+                    EXPECT_EQ(0, std::memcmp(a1.data(), ag.data(), (size_t)hv * sizeof(float))) << "values of row 0 depend on nq";
+                    ++checked;
+                }
+    }
+    if (checked == 0) GTEST_SKIP() << "no ISA with attention kernels on this CPU";
+    std::vector<float> b(64, 1.f);
+    EXPECT_EQ(moe::attention_step(moe::Isa::scalar, b.data(), 1, b.data(), b.data(), 1, 8, 8, 4, 1.f, b.data(), b.data()), moe::Status::invalid_argument);
+}

@@ -265,6 +265,10 @@ void compare_with_peer(const std::string& peer, const char* name, const moe_test
     int rows = 0;          // rows compared: row i holds the logits after token i of the common sequence
     int first_flip = -1;   // first row routed differently at a near-tie (see below)
     std::vector<double> route_margin;
+    // A router near-tie: the oracle's k-th and (k+1)-th router logits closer than this in some layer
+    // (quantized activations move router logits by up to ~0.04: flips measured at oracle margins
+    // of 0.032 (MXFP4) and 0.037 (Q4_1) after ulp-level changes in the attention arithmetic).
+    const double route_tie = 5e-2;
     for (int attempt = 0;; ++attempt) {
         prompt = moe_test::random_tokens(kPrompt, s.n_vocab, 3 + 2 * (uint64_t)attempt);
         ASSERT_TRUE(moe_test::run_peer(peer, path, prompt, kGen, s.n_vocab, &theirs.logits, &theirs.generated));
@@ -283,7 +287,7 @@ void compare_with_peer(const std::string& peer, const char* name, const moe_test
             RowDiff one;
             std::vector<double> ref(theirs.logits.begin() + (ptrdiff_t)i * V, theirs.logits.begin() + (ptrdiff_t)(i + 1) * V);
             one.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
-            if (one.rel() >= 3e-2 && route_margin[(size_t)i] < 3e-2) first_flip = i;
+            if (one.rel() >= 3e-2 && route_margin[(size_t)i] < route_tie) first_flip = i;
         }
         if (first_flip < 0 || first_flip >= kPrompt || attempt == 2) break;
         std::printf("[ parity   ] %-24s prompt %d: routing near-tie flip at row %d, before %d rows could be compared: next prompt\n", name,
@@ -303,7 +307,7 @@ void compare_with_peer(const std::string& peer, const char* name, const moe_test
     //  - all rows up to the divergence within 0.1 (a wrong scale, nibble order or expert is O(1));
     //  - the count of rows within 1e-5 is printed as a finer signal.
     //  - with quantized activations, a row whose token meets a routing near-tie (the oracle's
-    //    k-th and (k+1)-th router logits within 0.03 in some layer) may route differently after
+    //    k-th and (k+1)-th router logits within route_tie in some layer) may route differently after
     //    such a one-step difference: it is left out of the 0.1 bound and counted. Its keys and
     //    values then differ in both engines' caches, so every later row attends to different
     //    inputs (measured: 2-3e-2 apart, and routing margins of 0.07 flipped further on): rows
@@ -322,7 +326,7 @@ void compare_with_peer(const std::string& peer, const char* name, const moe_test
         RowDiff one;
         one.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
         if (one.rel() < 1e-5) ++exact_rows;
-        if (!f32 && i > 0 && one.rel() >= 3e-2 && route_margin[(size_t)i] < 3e-2) { ++tie_rows; continue; }
+        if (!f32 && i > 0 && one.rel() >= 3e-2 && route_margin[(size_t)i] < route_tie) { ++tie_rows; continue; }
         if (first_flip >= 0 && i > first_flip) { ++after_flip; continue; }
         all.add(i, ref.data(), ours.logits.data() + (size_t)i * (size_t)V, V);
     }
