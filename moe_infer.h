@@ -720,7 +720,9 @@ class ExpertPredictor {
 public:
     virtual ~ExpertPredictor() = default;
     // While layer `layer` runs (after its attention), the experts of layer `target` (> layer) for
-    // a token whose residual stream is `hidden` (n_embd floats). Writes up to `max` ids, most
+    // a token whose residual stream is `hidden` (n_embd floats): after attention, plus the shared
+    // expert's gated output where the layer has one (the shared expert then runs before the
+    // routed experts, which costs two more barriers per such layer). Writes up to `max` ids, most
     // likely first, and returns how many.
     virtual int predict(int layer, int target, const float* hidden, int32_t* experts, int max) = 0;
 };
@@ -770,7 +772,8 @@ struct SessionOptions {
     // Expert prediction: while layer l runs, predict the experts of layers l+1 .. l+predict_depth
     // (0 = off, at most 4) for each decoded token (eval() of at most 4 tokens; a prompt batch
     // touches most experts anyway), predict_extra more than n_expert_used per layer (over-fetch),
-    // and score them in prediction_stats(). predictor: null = gate look-ahead.
+    // and score them in prediction_stats(). predictor: null = gate look-ahead. Logits and tokens
+    // are the same with prediction on or off.
     int32_t predict_depth = 0;
     int32_t predict_extra = 0;
     std::shared_ptr<ExpertPredictor> predictor;
@@ -7351,6 +7354,8 @@ public:
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     int size() const { return n_threads_; }
+    // How long barrier() spins before it yields (default 100 us, see there).
+    void set_yield_after(std::chrono::microseconds us) { yield_after_ = us; }
 
     void run(TaskFn fn, void* ctx) {
         work_next_.store(0, std::memory_order_relaxed);
@@ -7396,9 +7401,9 @@ public:
             }
         }
 #if MOE_DETAIL_HAS_THREADS
-        // Spin; once a late thread has kept us ~100 us it is probably descheduled (more threads than
-        // free cores), so yield from then on. Yielding sooner costs a syscall per wait: -20% decode
-        // measured on a 2-vCPU VM with a 512-spin limit.
+        // Spin; once a late thread has kept us ~100 us (yield_after_) it is probably descheduled
+        // (more threads than free cores), so yield from then on. Yielding sooner costs a syscall per
+        // wait: -20% decode measured on a 2-vCPU VM with a 512-spin limit.
         std::chrono::steady_clock::time_point start;
         bool yielding = false;
         for (uint32_t spin = 1; barrier_phase_.load(std::memory_order_acquire) == phase; ++spin) {
@@ -7407,7 +7412,7 @@ public:
             if ((spin & 255) == 0) {
                 const auto now = std::chrono::steady_clock::now();
                 if (spin == 256) start = now;
-                else yielding = now - start > std::chrono::microseconds(100);
+                else yielding = now - start > yield_after_;
             }
         }
 #else
@@ -7435,6 +7440,7 @@ private:
     static constexpr int kMaxThreads = 512, kBarrierGroup = 4;
     struct alignas(64) PaddedCounter { std::atomic<int> value{0}; };
     int n_threads_;
+    std::chrono::microseconds yield_after_{100};
     PaddedCounter group_arrived_[kMaxThreads / kBarrierGroup];
     alignas(64) std::atomic<int64_t> work_next_{0};
     alignas(64) std::atomic<int> barrier_count_{0};
@@ -10234,6 +10240,7 @@ struct StoreMutex { void lock() {} void unlock() {} };
 // Slots pinned by one caller for one layer.
 struct ExpertPins {
     std::vector<int32_t> slots;
+    double requested_at = 0;  // when request() issued the reads (the store's clock): waits count from it
 };
 
 struct ExpertPointers { const uint8_t *gate, *up, *down; };
@@ -10280,6 +10287,14 @@ struct ExpertStore {
 #endif
 
     ExpertStore() = default;
+    // Reads run on I/O threads that share the CPUs with the sessions' compute threads.
+    bool reads_on_threads() const {
+#if MOE_DETAIL_HAS_THREADS
+        return !simulated && !io.empty();
+#else
+        return false;
+#endif
+    }
     ExpertStore(const ExpertStore&) = delete;
     ExpertStore& operator=(const ExpertStore&) = delete;
     ~ExpertStore() {
@@ -10448,12 +10463,12 @@ struct ExpertStore {
     }
 #endif
 
-    // Pins the experts `ids[0..n)` (distinct) of `layer`, reading the missing ones (all issued
-    // before any wait), then queues the predictions (`predicted`: target layer, experts) behind
-    // them. Fills out[i]. All or nothing: a caller waits for free slots holding no pins, so
-    // sessions sharing the store cannot deadlock. False on a read error or a cache too small.
-    bool acquire(int32_t layer, const int32_t* ids, int n, ExpertPointers* out, ExpertPins* pins,
-                 const std::vector<std::pair<int32_t, std::vector<int32_t>>>* predicted) {
+    // Pins the experts `ids[0..n)` (distinct) of `layer` and issues the reads of the missing ones
+    // (all before any wait), then queues the predictions (`predicted`: target layer, experts, may
+    // be null) behind them; wait_ready() then waits for the pinned ones. All or nothing: a caller
+    // waits for free slots holding no pins, so sessions sharing the store cannot deadlock. False
+    // when the cache is too small.
+    bool request(int32_t layer, const int32_t* ids, int n, ExpertPins* pins, const std::vector<std::pair<int32_t, std::vector<int32_t>>>* predicted) {
         std::unique_lock<StoreMutex> lock(mu);
         if (n > (int)slots.size()) return fail_locked("the expert cache (%d slots) cannot hold one layer's experts", (int)slots.size());
         for (int i = 0; i < n; ++i) {  // a slot whose read failed is a miss now (unless someone still holds it)
@@ -10480,7 +10495,7 @@ struct ExpertStore {
         }
         ++tick;
         if (simulated) now += sim.compute_s_per_layer;
-        const double t0 = simulated ? now : now_seconds();
+        pins->requested_at = simulated ? now : now_seconds();
         // Hits first, pinned, so that the misses cannot evict them.
         for (int i = 0; i < n; ++i) {
             const size_t c = cell(layer, ids[i]);
@@ -10506,7 +10521,17 @@ struct ExpertStore {
             start_read(s, true, lock);
         }
         if (predicted) prefetch_locked(*predicted, lock);
-        // Wait until every pinned slot is ready.
+        return true;
+    }
+    // Queues predicted experts behind the reads in flight (see prefetch_locked).
+    void prefetch(const std::vector<std::pair<int32_t, std::vector<int32_t>>>& predicted) {
+        std::unique_lock<StoreMutex> lock(mu);
+        prefetch_locked(predicted, lock);
+    }
+    // Waits until the experts request() pinned are ready and fills out[i]. False on a read error.
+    bool wait_ready(int32_t layer, const int32_t* ids, int n, ExpertPointers* out, const ExpertPins& pins) {
+        std::unique_lock<StoreMutex> lock(mu);
+        const double t0 = pins.requested_at;
         double ready = t0;
         bool failed = false;
         for (int i = 0; i < n; ++i) {
@@ -10918,6 +10943,7 @@ struct Routing {
     std::vector<int32_t> token_experts; // (B, n_layer * n_expert_used): every token's (Session::eval_batch)
     std::vector<int32_t> lead_experts;  // eval_batch: the first session's, kept while later passes run
     bool down_tiles = false;            // some active expert's down projection runs as panels
+    bool shared_first = false;          // active[0], the shared expert, ran before the others (prediction)
     int64_t active_units() const { return active.empty() ? 0 : active.back().unit_end; }
 };
 
@@ -10949,6 +10975,10 @@ struct ExpertPrediction {
     std::vector<int32_t> ids;    // [((target * depth + d - 1) * batch + t) * per_layer + i]
     std::vector<int32_t> count;  // [(target * depth + d - 1) * batch + t]: ids written
     PredictionStats stats;
+    // Layers with a shared expert, in chunks of up to kSerialNormTokens tokens: the shared expert runs
+    // before the routed ones so that the predictor sees the residual stream with its output.
+    std::vector<float> shared_out;  // (kSerialNormTokens, n_embd): the shared expert's down rows
+    std::vector<float> input;       // (n_embd): residual + shared gate x shared_out, one token
     size_t at(int target, int d, int32_t t) const { return ((size_t)target * (size_t)depth + (size_t)(d - 1)) * (size_t)batch + (size_t)t; }
 };
 
@@ -11097,9 +11127,14 @@ struct SessionImpl {
     void attention_phase(const ForwardCall& c, int il, int ith);
     void att_out_phase(const ForwardCall& c, int il, uint8_t fmts, int ith, int nth);
     void route(int il, int32_t n);
-    void score_and_predict(int il, int32_t t);
+    void score_predictions(int il, int32_t t);
+    void predict(int il, int32_t t, const float* hidden);
+    bool shared_down_phase(int32_t n);
+    void predict_after_shared(int il, int32_t n);
+    int collect_predictions(int il, int32_t n);
     void use_store(int il, int32_t n);
-    void expert_up_phase(int32_t n, int ith);
+    void await_experts(int il);
+    void expert_up_phase(int32_t n, int ith, bool shared_only = false);
     void up_row(const ActiveExpert& e, int64_t r);
     float gated(float gate, float up) const { return model->ffn_act == FfnAct::swiglu_oai ? swiglu_oai(gate, up) : silu(gate) * up; }
     void up_tile(const ActiveExpert& e, int64_t row0, int ith);
@@ -11267,6 +11302,9 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     store = m->store.get();
     // With an expert store, a chunk's layer must fit in the cache: at most slots / k tokens.
     if (store && hp->n_expert_used > 0) n_batch = std::max(1, std::min(n_batch, store->stats.slots / hp->n_expert_used));
+    // The store's I/O threads need CPU time to issue and complete reads: a compute thread spinning
+    // at a barrier delays them (2 vCPUs, prediction on: decode +14% when barriers yield at once).
+    if (store && store->reads_on_threads()) pool.set_yield_after(std::chrono::microseconds(0));
     float_activations = o.float_activations;
     observer = o.observe_inputs;
     observer_user = o.observe_user;
@@ -11384,6 +11422,10 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
         p.stats.routed.assign(cells, 0);
         store_predicted.resize((size_t)p.depth);
         for (auto& target : store_predicted) target.second.reserve((size_t)p.per_layer);
+        if (std::any_of(m->layers.begin(), m->layers.end(), [](const LayerWeights& l) { return l.moe() && (bool)l.gate_shexp; })) {
+            p.shared_out.assign((size_t)kSerialNormTokens * (size_t)hp->n_embd, 0.f);
+            p.input.assign((size_t)hp->n_embd, 0.f);
+        }
     }
     store_ids.reserve((size_t)hp->n_expert);
     store_ptrs.reserve((size_t)hp->n_expert);
@@ -11539,6 +11581,12 @@ inline void SessionImpl::forward_thread(const ForwardCall& c, int ith, int nth) 
             const MatTask router{&l.router, 0, &a.act_x, a.router_logits.data, hp->n_expert, nullptr, false};
             if (matmul_phase(&router, 1, 0, n, ith)) route(il, n);
             end_phase(ith, nth, PhaseProfile::router);
+            if (r.shared_first) {  // prediction from the residual stream with the shared expert's output
+                expert_up_phase(n, ith, true);
+                end_phase(ith, nth, PhaseProfile::expert_up);
+                if (shared_down_phase(n)) predict_after_shared(il, n);
+                end_phase(ith, nth, PhaseProfile::expert_down);
+            }
         } else {
             if (ith == 0) route(il, n);
             end_phase(ith, nth, PhaseProfile::route);
@@ -12194,6 +12242,11 @@ inline void SessionImpl::route(int il, int32_t n) {
     const LayerWeights& l = model->layers[(size_t)il];
     if (store) store->release(&pins);  // the previous layer's FFN is done
     const int32_t slots = plan->slots, n_used = hp->n_expert_used, n_expert = hp->n_expert;
+    const bool predicting = prediction.depth > 0 && n <= kSerialNormTokens;
+    // The shared expert first when the predictor should see its output (as rows: its panels would
+    // round differently from the path without prediction, and prediction never changes logits).
+    r.shared_first = predicting && l.moe() && l.gate_shexp && !panels_for(l.gate_shexp, n) && !panels_for(l.up_shexp, n) &&
+                     !panels_for(l.down_shexp, n);
     if (l.moe()) {
         const ExpertGating gating = hp->expert_gating;
         for (int32_t t = 0; t < n; ++t) {
@@ -12229,7 +12282,10 @@ inline void SessionImpl::route(int il, int32_t n) {
                 ++stats.count[cell];
                 stats.weight[cell] += r.slot_weight[(size_t)(t * slots + j)];
             }
-            if (prediction.depth > 0 && n <= kSerialNormTokens) score_and_predict(il, t);
+            if (predicting) {
+                score_predictions(il, t);
+                if (!r.shared_first) predict(il, t, a.x.data + (int64_t)t * plan->n_embd);
+            }
             if (l.gate_shexp) {
                 float g = 1;
                 if (!l.router_shexp.empty()) {
@@ -12305,11 +12361,26 @@ inline void SessionImpl::route(int il, int32_t n) {
 }
 
 // Routed experts from the store: the layer's experts pinned in slots (misses read now, all at
-// once), and in decode the predicted experts of the next layers queued behind them.
+// once), and in decode the predicted experts of the next layers queued behind them. With the
+// shared expert first, the predictions and the wait come after it (predict_after_shared), so the
+// demand reads overlap the shared expert.
 inline void SessionImpl::use_store(int il, int32_t n) {
     store_ids.clear();
     for (const ActiveExpert& e : r.active)
         if (e.expert >= 0) store_ids.push_back(e.expert);
+    const int n_targets = r.shared_first ? 0 : collect_predictions(il, n);
+    if (!store->request(il, store_ids.data(), (int)store_ids.size(), &pins, n_targets ? &store_predicted : nullptr)) {
+        if (!store_failed) store_error = last_error();
+        store_failed = true;  // nothing pinned: the mapped bytes stay in r.active; forward() reports io_error
+        store_ids.clear();
+        return;
+    }
+    if (!r.shared_first) await_experts(il);
+}
+
+// The predictions made for the layers after il, as (target layer, experts) for the store (decode
+// only: a prompt's chunk touches most experts anyway). Returns the number of targets.
+inline int SessionImpl::collect_predictions(int il, int32_t n) {
     for (auto& target : store_predicted) target.second.clear();
     int n_targets = 0;
     if (n == 1 && prediction.depth > 0)
@@ -12319,11 +12390,16 @@ inline void SessionImpl::use_store(int il, int32_t n) {
             store_predicted[(size_t)n_targets].second.assign(prediction.ids.begin() + (std::ptrdiff_t)(at * (size_t)prediction.per_layer),
                                                              prediction.ids.begin() + (std::ptrdiff_t)(at * (size_t)prediction.per_layer) + prediction.count[at]);
         }
-    // Until the store fills them: the mapped bytes (used only if acquire fails before pinning).
+    return n_targets;
+}
+
+// Waits for the experts use_store() requested and points r.active at their slots.
+inline void SessionImpl::await_experts(int il) {
+    if (store_ids.empty()) return;
     store_ptrs.clear();
     for (const ActiveExpert& e : r.active)
         if (e.expert >= 0) store_ptrs.push_back({e.gate_mat, e.up_mat, e.down_mat});
-    if (!store->acquire(il, store_ids.data(), (int)store_ids.size(), store_ptrs.data(), &pins, n_targets ? &store_predicted : nullptr)) {
+    if (!store->wait_ready(il, store_ids.data(), (int)store_ids.size(), store_ptrs.data(), pins)) {
         if (!store_failed) store_error = last_error();
         store_failed = true;  // the slots hold stale bytes: forward() reports io_error
     }
@@ -12337,9 +12413,48 @@ inline void SessionImpl::use_store(int il, int32_t n) {
     }
 }
 
+// Down rows of the shared expert (r.active[0], shared_first) into prediction.shared_out, as
+// expert_down_phase computes them. True for the thread that finishes the rows.
+inline bool SessionImpl::shared_down_phase(int32_t n) {
+    const ActiveExpert& e = r.active[0];
+    const RowKernel& kd = kt(*e.down);
+    const int64_t n_embd = plan->n_embd;
+    int64_t begin = 0, end = 0;
+    bool last = false;
+    for (; next_rows(n_embd, n, &begin, &end); last = rows_done.finish(end - begin, n_embd))
+        for (int64_t row = begin; row < end; ++row) {
+            const uint8_t* drow = e.down_mat + (size_t)row * e.down->row_bytes;
+            if (prefetch_bytes) prefetch_ahead(drow, e.down->row_bytes);
+            for (int32_t j = e.use_begin; j < e.use_end; ++j) {
+                const ExpertUse& use = r.uses[(size_t)j];
+                float v = kd.vec_dot(drow, a.hidden_q.data + (size_t)(use.token * plan->slots + use.slot) * a.hidden_q_stride, e.down->cols);
+                if (e.down->scaled()) v *= e.down->scale(e.mat);
+                prediction.shared_out[(size_t)(use.token * n_embd + row)] = v;
+            }
+        }
+    return last;
+}
+
+// After the shared expert (shared_first): each token's predictions from residual + gate x shared
+// output, then the store's prefetches and the wait for this layer's experts.
+inline void SessionImpl::predict_after_shared(int il, int32_t n) {
+    const int64_t n_embd = plan->n_embd;
+    float* in = prediction.input.data();
+    for (int32_t t = 0; t < n; ++t) {
+        const float g = r.slot_weight[(size_t)(t * plan->slots + hp->n_expert_used)];
+        const float* x = a.x.data + t * n_embd;
+        const float* sh = prediction.shared_out.data() + t * n_embd;
+        for (int64_t i = 0; i < n_embd; ++i) in[i] = x[i] + g * sh[i];
+        predict(il, t, in);
+    }
+    if (!store || store_ids.empty()) return;
+    if (collect_predictions(il, n)) store->prefetch(store_predicted);
+    await_experts(il);
+}
+
 // For token t at layer il (r.topk holds its ranking): scores the predictions made earlier for this
-// layer, then predicts the layers after it from the residual stream (attention done, FFN not yet).
-inline void SessionImpl::score_and_predict(int il, int32_t t) {
+// layer.
+inline void SessionImpl::score_predictions(int il, int32_t t) {
     ExpertPrediction& p = prediction;
     const int n_used = hp->n_expert_used;
     for (int d = 1; d <= p.depth && d <= il; ++d) {
@@ -12352,7 +12467,12 @@ inline void SessionImpl::score_and_predict(int il, int32_t t) {
         p.stats.correct[cell] += hits;
         p.stats.routed[cell] += (uint64_t)n_used;
     }
-    const float* hidden = a.x.data + (int64_t)t * plan->n_embd;
+}
+
+// Token t's predictions for the layers after il from `hidden`: the residual stream after attention
+// (plus the shared expert's gated output where the layer has one).
+inline void SessionImpl::predict(int il, int32_t t, const float* hidden) {
+    ExpertPrediction& p = prediction;
     for (int d = 1; d <= p.depth && il + d < hp->n_layer; ++d) {
         const size_t at = p.at(il + d, d, t);
         const int got = p.predictor->predict(il, il + d, hidden, p.ids.data() + at * (size_t)p.per_layer, p.per_layer);
@@ -12361,12 +12481,16 @@ inline void SessionImpl::score_and_predict(int il, int32_t t) {
 }
 
 // gate/up rows of every active expert (one range of work units: rows, or tiles of an expert that
-// runs as panels), SwiGLU into hidden[(token, slot)].
-inline void SessionImpl::expert_up_phase(int32_t n, int ith) {
+// runs as panels), SwiGLU into hidden[(token, slot)]. shared_only: the shared expert alone
+// (r.shared_first); the phase after it skips it.
+inline void SessionImpl::expert_up_phase(int32_t n, int ith, bool shared_only) {
     const int32_t uses_per_expert = std::max(1, n * plan->slots / std::max<int32_t>(1, (int32_t)r.active.size()));  // on average
-    const int64_t total = r.active_units();
+    const int64_t first = r.shared_first && !shared_only ? r.active[0].unit_end : 0;
+    const int64_t total = shared_only ? r.active[0].unit_end : r.active_units();
     int64_t begin, end;
-    while (next_rows(total, uses_per_expert, &begin, &end)) {
+    while (next_rows(total - first, uses_per_expert, &begin, &end)) {
+        begin += first;
+        end += first;
         size_t i = (size_t)(std::upper_bound(r.active.begin(), r.active.end(), begin,
                                              [](int64_t unit, const ActiveExpert& e) { return unit < e.unit_end; }) - r.active.begin());
         for (int64_t gu = begin; gu < end; ++gu) {
@@ -12458,7 +12582,8 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
         const int64_t begin = ub * unit, end = std::min(n_embd, ue * unit);
         for (int64_t r0 = begin; r0 < end; r0 += sub_rows) {
             const int64_t r1 = std::min(end, r0 + sub_rows);
-            for (const ActiveExpert& e : r.active) {
+            for (size_t ai = r.shared_first ? 1 : 0; ai < r.active.size(); ++ai) {
+                const ActiveExpert& e = r.active[ai];
                 if (e.gemm_down) {
                     for (int64_t row = r0; row < r1; row += kGemmRows)
                         down_tile(e, row, (int)std::min<int64_t>(kGemmRows, r1 - row), part + (row - r0) * n_uses, n_uses, ith);
@@ -12477,6 +12602,10 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
                     }
                 }
             }
+            if (r.shared_first)  // computed before routing: its slot of each token
+                for (int64_t row = r0; row < r1; ++row)
+                    for (int32_t t = 0; t < n; ++t)
+                        part[(row - r0) * n_uses + t * slots + hp->n_expert_used] = prediction.shared_out[(size_t)(t * n_embd + row)];
             for (int64_t row = r0; row < r1; ++row) {
                 const float* pr = part + (row - r0) * n_uses;
                 for (int32_t t = 0; t < n; ++t) {

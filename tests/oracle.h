@@ -141,6 +141,11 @@ struct OracleResult {
     // exp_probs_b, with -inf for the experts of groups not kept (grouped top-k). route_margin is a
     // margin on these (and on the group scores).
     std::vector<double> route_scores;
+    // per position, per layer: n_embd values, the residual stream after attention plus the shared
+    // expert's gated output where the layer has one (what expert prediction sees). Not for
+    // lfm2moe, qwen35moe or qwen3next.
+    std::vector<double> lookahead_input;
+    std::vector<double> attention_residual;  // the same without the shared expert's output
     const double* row(int i) const { return logits.data() + (size_t)i * (size_t)n_vocab; }
 };
 
@@ -242,9 +247,13 @@ public:
                         r.experts.insert(r.experts.end(), (size_t)s.n_expert_used, -1);
                         r.router_logits.insert(r.router_logits.end(), (size_t)s.n_expert, std::numeric_limits<double>::quiet_NaN());
                         r.route_scores.insert(r.route_scores.end(), (size_t)s.n_expert, std::numeric_limits<double>::quiet_NaN());
+                        r.lookahead_input.insert(r.lookahead_input.end(), (size_t)E, std::numeric_limits<double>::quiet_NaN());
+                        r.attention_residual.insert(r.attention_residual.end(), (size_t)E, std::numeric_limits<double>::quiet_NaN());
                     }
                 } else {
                     using Gating = RandomModel::Gating;
+                    std::vector<double> lookahead = x;
+                    r.attention_residual.insert(r.attention_residual.end(), x.begin(), x.end());
                     const int NE = s.n_expert, K = s.n_expert_used;
                     std::vector<double> logit = matvec(L.gate_inp, h, E, NE);
                     if (!L.gate_inp_b.empty())
@@ -342,7 +351,9 @@ public:
                         std::vector<double> ys = swiglu(L.gate_shexp.data(), L.up_shexp.data(), L.down_shexp.data(), h, E,
                                                         m_.n_ff_shared);
                         for (int c = 0; c < E; ++c) y[(size_t)c] += g * ys[(size_t)c];
+                        for (int c = 0; c < E; ++c) lookahead[(size_t)c] += g * ys[(size_t)c];
                     }
+                    r.lookahead_input.insert(r.lookahead_input.end(), lookahead.begin(), lookahead.end());
                 }
                 for (int i = 0; i < E; ++i) x[(size_t)i] += y[(size_t)i];
             }

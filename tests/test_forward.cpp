@@ -777,4 +777,113 @@ TEST(HotColdExperts, BadHotListIsRefused) {
     EXPECT_NE(std::string(moe::last_error()).find("no moe_infer.hot_experts list"), std::string::npos) << moe::last_error();
 }
 
+// Expert prediction reads the residual stream after attention plus the shared expert's gated output
+// (issue 9), checked against the float64 oracle's value at every (position, layer) for a gated
+// shared expert (qwen2moe), an ungated one after a dense layer (glm4moe) and none (qwen3moe), in
+// chunks of 1 to 4 tokens; logits stay bit-identical to a session without prediction, and with a
+// memory budget (the shared expert runs while the routed experts' reads are in flight).
+class RecordingPredictor : public moe::ExpertPredictor {
+public:
+    explicit RecordingPredictor(int n_embd) : n_embd_(n_embd) {}
+    int predict(int layer, int target, const float* hidden, int32_t* experts, int max) override {
+        if (target != layer + 1) return 0;
+        layers.push_back(layer);
+        inputs.insert(inputs.end(), hidden, hidden + n_embd_);
+        const int k = std::min(max, 2);  // any guess: prediction must not change the logits
+        for (int i = 0; i < k; ++i) experts[i] = (layer + i) % 3;
+        return k;
+    }
+    std::vector<int> layers;
+    std::vector<float> inputs;
+
+private:
+    int n_embd_;
+};
+
+TEST(ForwardPrediction, PredictorSeesTheSharedExpertOutput) {
+    std::vector<FwdCase> cases;
+    {
+        ModelSpec s = spec("qwen2moe", 64, 4, 2, 16, 8, 2, 32, 389, 3);
+        s.n_ff_shared = 48;
+        cases.push_back({"qwen2moe_shared_gated", s});
+    }
+    {
+        ModelSpec s = spec("glm4moe", 96, 4, 2, 24, 6, 3, 20, 300, 4);
+        s.n_dense_lead = 1;
+        s.n_ff_dense = 40;
+        s.n_expert_shared = 2;
+        cases.push_back({"glm4moe_shared_ungated", s});
+    }
+    cases.push_back({"qwen3moe_no_shared", spec("qwen3moe", 64, 4, 2, 16, 6, 2, 32, 300, 3)});
+    const std::vector<int> chunks = {1, 1, 3, 1, 4, 2};  // 12 tokens
+    for (const FwdCase& tc : cases) {
+        SCOPED_TRACE(tc.name);
+        OracleCase c = moe_test::make_oracle_case(tc.spec, 12, 1e-3);
+        ASSERT_TRUE(c.ok) << c.error;
+        TempModelFile f(std::string("predict_") + tc.name);
+        moe::Model model;
+        ASSERT_TRUE(write_and_load(c.model, f, &model));
+        const int E = model.info().n_embd, L = model.info().n_layer, V = model.info().n_vocab;
+        const bool shared = tc.spec.arch != "qwen3moe";
+        moe::LoadOptions budget;
+        budget.mem_budget = 1ull << 40;
+        budget.expert_reads = moe::ExpertReads::buffered;
+        moe::Model full;
+        ASSERT_EQ(moe::Model::load(f.path.c_str(), budget, &full), moe::Status::ok) << moe::last_error();
+        budget.mem_budget = full.expert_store_stats().resident_bytes + full.expert_store_stats().cache_bytes / 2;
+        moe::Model half;
+        ASSERT_EQ(moe::Model::load(f.path.c_str(), budget, &half), moe::Status::ok) << moe::last_error();
+
+        moe::SessionOptions plain_opt;
+        plain_opt.n_ctx = 32;
+        plain_opt.n_threads = 3;
+        moe::Session plain;
+        ASSERT_EQ(moe::Session::create(model, plain_opt, &plain), moe::Status::ok) << moe::last_error();
+        std::vector<float> want;
+        for (size_t pos = 0, i = 0; i < chunks.size(); pos += (size_t)chunks[i++]) {
+            ASSERT_EQ(plain.eval(&c.tokens[pos], chunks[i]), moe::Status::ok) << moe::last_error();
+            want.insert(want.end(), plain.logits(), plain.logits() + V);
+        }
+        for (const moe::Model* m : {&model, &half}) {
+            SCOPED_TRACE(m == &model ? "mapped" : "expert store, half the experts");
+            auto rec = std::make_shared<RecordingPredictor>(E);
+            moe::SessionOptions opt = plain_opt;
+            opt.predict_depth = 2;
+            opt.predictor = rec;
+            moe::Session s;
+            ASSERT_EQ(moe::Session::create(*m, opt, &s), moe::Status::ok) << moe::last_error();
+            size_t call = 0;
+            double worst = 0, shared_part = 0;
+            for (size_t pos = 0, i = 0; i < chunks.size(); pos += (size_t)chunks[i++]) {
+                ASSERT_EQ(s.eval(&c.tokens[pos], chunks[i]), moe::Status::ok) << moe::last_error();
+                ASSERT_EQ(0, std::memcmp(s.logits(), want.data() + i * (size_t)V, (size_t)V * sizeof(float))) << "chunk " << i;
+                // The calls of a chunk: layer by layer (MoE layers before the last), token by token.
+                for (int il = 0; il + 1 < L; ++il) {
+                    if (tc.spec.arch == "glm4moe" && il < tc.spec.n_dense_lead) continue;
+                    for (int t = 0; t < chunks[i]; ++t, ++call) {
+                        ASSERT_LT(call, rec->layers.size());
+                        ASSERT_EQ(rec->layers[call], il);
+                        const size_t at = ((pos + (size_t)t) * (size_t)L + (size_t)il) * (size_t)E;
+                        const double* ref = c.ref.lookahead_input.data() + at;
+                        const double* att = c.ref.attention_residual.data() + at;
+                        double max_ref = 0, max_diff = 0, max_shared = 0;
+                        for (int k = 0; k < E; ++k) {
+                            max_ref = std::max(max_ref, std::fabs(ref[k]));
+                            max_diff = std::max(max_diff, std::fabs(ref[k] - (double)rec->inputs[call * (size_t)E + (size_t)k]));
+                            max_shared = std::max(max_shared, std::fabs(ref[k] - att[k]));
+                        }
+                        worst = std::max(worst, max_diff / max_ref);
+                        shared_part = std::max(shared_part, max_shared / max_ref);
+                    }
+                }
+            }
+            EXPECT_EQ(call, rec->layers.size());
+            EXPECT_LT(worst, 1e-4);
+            if (shared) EXPECT_GT(shared_part, 1e-2) << "the shared expert's output is too small to tell";
+            else EXPECT_EQ(shared_part, 0.0);
+        }
+        EXPECT_GT(half.expert_store_stats().prefetches, 0u);
+    }
+}
+
 }  // namespace
