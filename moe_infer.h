@@ -91,7 +91,7 @@
        [SECTION] KERNELS: REFERENCE              >>kernels-ref  row dots; attention on a float cache (scores, exp, values)
        [SECTION] ACTIVATION FORMATS              >>act
        [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens
-       [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX-512 attention kernels, the AMX panel tile
+       [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX2/AVX-512 attention kernels, the AMX panel tile
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
        [SECTION] KERNEL DISPATCH                 >>dispatch
@@ -5821,24 +5821,31 @@ MOE_DETAIL_AVX512VNNI inline void gemm_tile_nt_avx512vnni(const GemmPanel& p, co
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * kGemmRows, acc[t]);
 }
-template <bool kMin>
-MOE_DETAIL_AVX512VNNI inline void gemm_tile_min_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+// A panel tile for 1..kGemmTokens tokens, with or without the panel's min term, as Tile::nt<NT,
+// kMin> (a tile ISA's compile-time token count): one dispatcher for the VNNI and the AMX tiles.
+template <class Tile, bool kMin> inline void gemm_tile_tokens(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
     switch (nt) {
-        case 1: return gemm_tile_nt_avx512vnni<1, kMin>(p, x, out);
-        case 2: return gemm_tile_nt_avx512vnni<2, kMin>(p, x, out);
-        case 3: return gemm_tile_nt_avx512vnni<3, kMin>(p, x, out);
-        case 4: return gemm_tile_nt_avx512vnni<4, kMin>(p, x, out);
-        case 5: return gemm_tile_nt_avx512vnni<5, kMin>(p, x, out);
-        case 6: return gemm_tile_nt_avx512vnni<6, kMin>(p, x, out);
-        case 7: return gemm_tile_nt_avx512vnni<7, kMin>(p, x, out);
-        default: return gemm_tile_nt_avx512vnni<8, kMin>(p, x, out);
+        case 1: return Tile::template nt<1, kMin>(p, x, out);
+        case 2: return Tile::template nt<2, kMin>(p, x, out);
+        case 3: return Tile::template nt<3, kMin>(p, x, out);
+        case 4: return Tile::template nt<4, kMin>(p, x, out);
+        case 5: return Tile::template nt<5, kMin>(p, x, out);
+        case 6: return Tile::template nt<6, kMin>(p, x, out);
+        case 7: return Tile::template nt<7, kMin>(p, x, out);
+        default: return Tile::template nt<8, kMin>(p, x, out);
     }
 }
-static_assert(kGemmTokens == 8, "gemm_tile_min_avx512vnni dispatches 1..8 tokens");
-MOE_DETAIL_AVX512VNNI inline void gemm_tile_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
-    if (p.has_min) gemm_tile_min_avx512vnni<true>(p, x, nt, out);
-    else gemm_tile_min_avx512vnni<false>(p, x, nt, out);
+static_assert(kGemmTokens == 8, "gemm_tile_tokens dispatches 1..8 tokens");
+template <class Tile> inline void gemm_tile_dispatch(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    if (p.has_min) gemm_tile_tokens<Tile, true>(p, x, nt, out);
+    else gemm_tile_tokens<Tile, false>(p, x, nt, out);
 }
+struct TileAvx512Vnni {
+    template <int NT, bool kMin> MOE_DETAIL_AVX512VNNI static void nt(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
+        gemm_tile_nt_avx512vnni<NT, kMin>(p, x, out);
+    }
+};
+inline void gemm_tile_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) { gemm_tile_dispatch<TileAvx512Vnni>(p, x, nt, out); }
 
 // Attention kernels (att_*_ref in KERNELS: REFERENCE): scores of 4 query rows per pass over a key
 // row (the key loaded once), values into 4 rows x 64 columns of accumulators held in registers over
@@ -5954,6 +5961,110 @@ MOE_DETAIL_AVX512 inline void att_exp_avx512(float* x, int n) {
     }
 }
 
+// The attention kernels on AVX2: the same plan in 8-lane registers (scores of 4 query rows per key
+// pass; value tiles of 4 rows x 16 columns, which with the value and weight registers fit the 16
+// YMM registers; the exp bit-identical to att_exp_ref).
+MOE_DETAIL_AVX2 inline __m256i lanes_below(int left) {  // lane i all ones while i < left
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+MOE_DETAIL_AVX2 inline void hsum4_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3, float scale, float* r) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(r, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_set1_ps(scale)));
+}
+MOE_DETAIL_AVX2 inline void att_scores_avx2(const float* q, int64_t qs, int nq, const uint8_t* k, size_t ks, int n, int hk, float scale, float* out,
+                                            int os) {
+    const int full = hk / 8;
+    const bool has_tail = hk % 8 != 0;
+    const __m256i tail = lanes_below(hk % 8);
+    float r[4];
+    int i = 0;
+    for (; i + 4 <= nq; i += 4) {
+        const float *q0 = q + i * qs, *q1 = q0 + qs, *q2 = q1 + qs, *q3 = q2 + qs;
+        for (int j = 0; j < n; ++j) {
+            const float* kj = reinterpret_cast<const float*>(k + (size_t)j * ks);
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < full; ++c) {
+                const __m256 kv = _mm256_loadu_ps(kj + 8 * c);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 8 * c), kv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + 8 * c), kv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + 8 * c), kv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + 8 * c), kv, a3);
+            }
+            if (has_tail) {
+                const __m256 kv = _mm256_maskload_ps(kj + 8 * full, tail);
+                a0 = _mm256_fmadd_ps(_mm256_maskload_ps(q0 + 8 * full, tail), kv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_maskload_ps(q1 + 8 * full, tail), kv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_maskload_ps(q2 + 8 * full, tail), kv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_maskload_ps(q3 + 8 * full, tail), kv, a3);
+            }
+            hsum4_avx2(a0, a1, a2, a3, scale, r);
+            for (int u = 0; u < 4; ++u) out[(size_t)(i + u) * (size_t)os + (size_t)j] = r[u];
+        }
+    }
+    for (; i < nq; ++i) {
+        const float* qi = q + i * qs;
+        for (int j = 0; j < n; ++j) {
+            const float* kj = reinterpret_cast<const float*>(k + (size_t)j * ks);
+            __m256 a = _mm256_setzero_ps();
+            for (int c = 0; c < full; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8 * c), _mm256_loadu_ps(kj + 8 * c), a);
+            if (has_tail) a = _mm256_fmadd_ps(_mm256_maskload_ps(qi + 8 * full, tail), _mm256_maskload_ps(kj + 8 * full, tail), a);
+            hsum4_avx2(a, a, a, a, scale, r);
+            out[(size_t)i * (size_t)os + (size_t)j] = r[0];
+        }
+    }
+}
+// acc rows [i, i + R) x columns [d, d + 16) (the last columns masked by m[]), over all n values.
+template <int R>
+MOE_DETAIL_AVX2 inline void att_values_tile_avx2(const float* p, int ps, const uint8_t* v, size_t vs, int n, int hv, int d, const __m256i* m,
+                                                 float* acc) {
+    __m256 a[R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; ++c) a[r][c] = _mm256_maskload_ps(acc + (size_t)r * (size_t)hv + d + 8 * c, m[c]);
+    for (int j = 0; j < n; ++j) {
+        const float* vj = reinterpret_cast<const float*>(v + (size_t)j * vs) + d;
+        const __m256 v0 = _mm256_maskload_ps(vj, m[0]), v1 = _mm256_maskload_ps(vj + 8, m[1]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m256 pr = _mm256_broadcast_ss(p + (size_t)r * (size_t)ps + (size_t)j);
+            a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(pr, v1, a[r][1]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; ++c) _mm256_maskstore_ps(acc + (size_t)r * (size_t)hv + d + 8 * c, m[c], a[r][c]);
+}
+MOE_DETAIL_AVX2 inline void att_values_avx2(const float* p, int ps, int nq, const uint8_t* v, size_t vs, int n, int hv, float* acc) {
+    for (int d = 0; d < hv; d += 16) {
+        const __m256i m[2] = {lanes_below(hv - d), lanes_below(hv - d - 8)};
+        int i = 0;
+        for (; i + 4 <= nq; i += 4) att_values_tile_avx2<4>(p + (size_t)i * (size_t)ps, ps, v, vs, n, hv, d, m, acc + (size_t)i * (size_t)hv);
+        for (; i < nq; ++i) att_values_tile_avx2<1>(p + (size_t)i * (size_t)ps, ps, v, vs, n, hv, d, m, acc + (size_t)i * (size_t)hv);
+    }
+}
+MOE_DETAIL_AVX2 inline void att_exp_avx2(float* x, int n) {
+    for (int j = 0; j < n; j += 8) {
+        const __m256i m = lanes_below(n - j);
+        const __m256 v = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_maskload_ps(x + j, m)));
+        const __m256 mm = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fmadd_ps(mm, _mm256_set1_ps(-0.693145751953125f), v);
+        r = _mm256_fmadd_ps(mm, _mm256_set1_ps(-1.428606765330187045e-06f), r);
+        __m256 e = _mm256_set1_ps(1.f / 5040);
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 720));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 120));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 24));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f / 6));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f));
+        e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.f));
+        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(mm), _mm256_set1_epi32(127)), 23));
+        _mm256_maskstore_ps(x + j, m, _mm256_mul_ps(e, scale));
+    }
+}
+
 #if MOE_DETAIL_HAS_AMX
 #define MOE_DETAIL_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")))
 // GCC's tile intrinsics are asm statements without memory operands: fence them so the A buffer is
@@ -6047,23 +6158,12 @@ MOE_DETAIL_AMX inline void gemm_tile_nt_amx(const GemmPanel& p, const BlockQ8G* 
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * kGemmRows, acc[t]);
 }
-template <bool kMin>
-MOE_DETAIL_AMX inline void gemm_tile_min_amx(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
-    switch (nt) {
-        case 1: return gemm_tile_nt_amx<1, kMin>(p, x, out);
-        case 2: return gemm_tile_nt_amx<2, kMin>(p, x, out);
-        case 3: return gemm_tile_nt_amx<3, kMin>(p, x, out);
-        case 4: return gemm_tile_nt_amx<4, kMin>(p, x, out);
-        case 5: return gemm_tile_nt_amx<5, kMin>(p, x, out);
-        case 6: return gemm_tile_nt_amx<6, kMin>(p, x, out);
-        case 7: return gemm_tile_nt_amx<7, kMin>(p, x, out);
-        default: return gemm_tile_nt_amx<8, kMin>(p, x, out);
+struct TileAmx {
+    template <int NT, bool kMin> MOE_DETAIL_AMX static void nt(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
+        gemm_tile_nt_amx<NT, kMin>(p, x, out);
     }
-}
-MOE_DETAIL_AMX inline void gemm_tile_amx(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
-    if (p.has_min) gemm_tile_min_amx<true>(p, x, nt, out);
-    else gemm_tile_min_amx<false>(p, x, nt, out);
-}
+};
+inline void gemm_tile_amx(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) { gemm_tile_dispatch<TileAmx>(p, x, nt, out); }
 #undef MOE_DETAIL_MEMORY_FENCE
 #undef MOE_DETAIL_AMX
 #endif  // MOE_DETAIL_HAS_AMX
@@ -7241,6 +7341,14 @@ struct AttKernels {
 inline bool att_kernels(Isa isa, AttKernels* k) {
     *k = AttKernels();
     if (isa == Isa::scalar) return true;
+#if MOE_DETAIL_HAS_AVX2
+    if (isa == Isa::avx2 && (int)isa <= (int)detect_isa()) {
+        k->scores = att_scores_avx2;
+        k->values = att_values_avx2;
+        k->exp = att_exp_avx2;
+        return true;
+    }
+#endif
 #if MOE_DETAIL_HAS_AVX512
     if ((isa == Isa::avx512 || isa == Isa::avx512_vnni) && (int)isa <= (int)detect_isa()) {
         k->scores = att_scores_avx512;
@@ -12055,6 +12163,25 @@ inline void SessionImpl::rope_phase(const ForwardCall& c, int il, int ith, int n
 // which share their cache: each key and value row is read once for all of them (prefill would
 // otherwise stream the cache from L2/L3 once per token). Each token's arithmetic is the same as
 // when it is alone in its unit.
+// One online-softmax step over the scores s[first, nb) of one (token, query head): s becomes
+// exp(s - new running max) (exp_block in place), the running sum and the value accumulator are
+// rescaled to the new max.
+inline void exp_in_place(float* x, int n) {
+    for (int i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+template <class ExpBlock>
+inline void softmax_block(float* s, int first, int nb, float* mx, float* sum, float* acc, int hv, ExpBlock exp_block) {
+    const float m_new = std::max(*mx, *std::max_element(s + first, s + nb));
+    const float corr = std::exp(*mx - m_new);
+    for (int jj = first; jj < nb; ++jj) s[jj] -= m_new;
+    exp_block(s + first, nb - first);
+    float add = 0;
+    for (int jj = first; jj < nb; ++jj) add += s[jj];
+    *sum = *sum * corr + add;
+    *mx = m_new;
+    if (corr != 1.f) for (int i = 0; i < hv; ++i) acc[i] *= corr;
+}
+
 inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) {
     const int hk = (int)plan->att_k, hv = (int)plan->att_v, n_kv = hp->n_head_kv, S = c.att_split, G = c.att_groups, group = plan->group, gsize = group / G;
     const LayerWeights& l = model->layers[(size_t)il];
@@ -12111,16 +12238,7 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                                scale, sk + first, kAttBlock);
                     for (int g = 0; g < gsize; ++g) {
                         const int kg = k * group + g;
-                        float* s = sc + kg * kAttBlock;
-                        const float m_new = std::max(mx[kg], *std::max_element(s + first, s + nb));
-                        const float corr = std::exp(mx[kg] - m_new);
-                        for (int jj = first; jj < nb; ++jj) s[jj] -= m_new;
-                        att.exp(s + first, nb - first);
-                        float add = 0;
-                        for (int jj = first; jj < nb; ++jj) add += s[jj];
-                        sum[kg] = sum[kg] * corr + add;
-                        mx[kg] = m_new;
-                        if (corr != 1.f) for (int i = 0; i < hv; ++i) acc[kg * hv + i] *= corr;
+                        softmax_block(sc + kg * kAttBlock, first, nb, &mx[kg], &sum[kg], acc + kg * hv, hv, att.exp);
                     }
                     att.values(sk + first, kAttBlock, gsize, vl + (size_t)(jb + first) * vrb + v_head_at, vrb, nb - first, hv, acc + k * group * hv);
                 }
@@ -12142,14 +12260,7 @@ inline void SessionImpl::attention_phase(const ForwardCall& c, int il, int ith) 
                 if (nb <= first) continue;
                 for (int g = 0; g < gsize; ++g) {
                     const int kg = k * group + g;
-                    float* s = sc + kg * kAttBlock;
-                    const float m_new = std::max(mx[kg], *std::max_element(s + first, s + nb));
-                    const float corr = std::exp(mx[kg] - m_new);
-                    float add = 0;
-                    for (int jj = first; jj < nb; ++jj) { s[jj] = std::exp(s[jj] - m_new); add += s[jj]; }
-                    sum[kg] = sum[kg] * corr + add;
-                    mx[kg] = m_new;
-                    if (corr != 1.f) for (int i = 0; i < hv; ++i) acc[kg * hv + i] *= corr;
+                    softmax_block(sc + kg * kAttBlock, first, nb, &mx[kg], &sum[kg], acc + kg * hv, hv, exp_in_place);
                 }
             }
             for (int jj = 0; jj < nb_max; ++jj) {
