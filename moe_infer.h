@@ -10255,10 +10255,10 @@ MOE_DETAIL_MEMBER const GgufFile& Model::file() const { return (impl_ ? *impl_ :
 //-----------------------------------------------------------------------------
 // >>store  LoadOptions::mem_budget: routed experts served from a bounded cache of slots, each
 // holding one (layer, expert)'s gate, up and down matrices. route() asks for a layer's experts at
-// once (acquire): hits are pinned, misses evict the coldest unpinned slot and queue a demand read;
+// once (request): hits are pinned, misses evict the coldest unpinned slot and queue a demand read;
 // predicted experts of later layers are queued behind them (prefetch) into slots that nothing
-// recent uses. Pins last until the layer's FFN is done (release). One store per Model, shared by
-// its Sessions under one mutex.
+// recent uses; wait_ready() then waits for the layer's reads. Pins last until the layer's FFN is
+// done (release). One store per Model, shared by its Sessions under one mutex.
 
 namespace moe {
 namespace detail {
