@@ -68,6 +68,7 @@ const char* kUsage =
     "                  (experts used in place in the file mapping, loaded with madvise)\n"
     "  --buffered-io   the same as --expert-reads buffered\n"
     "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
+    "  --huge-pages M  LoadOptions::huge_pages: automatic (default), map or off\n"
     "  --random-decode decode inputs are random ids (seeded, as llama_bench_peer) instead of the\n"
     "                  argmax: random-weight models repeat one token greedily, which hides routing\n"
     "  --batch LIST    also batched decode (Session::eval_batch) of B sequences for each B in LIST\n"
@@ -1185,6 +1186,7 @@ struct BenchOptions {
     uint64_t mem_budget = 0;
     int predict = 0, io_threads = 4;
     moe::ExpertReads expert_reads = moe::ExpertReads::direct;
+    moe::HugePages huge_pages = moe::HugePages::automatic;
     bool drop_cache = false, random_decode = false;
     std::vector<int> batch;  // --batch
 };
@@ -1310,6 +1312,7 @@ int run_bench(const BenchOptions& o) {
     lo.mem_budget = o.mem_budget;
     lo.io_threads = o.io_threads;
     lo.expert_reads = o.expert_reads;
+    lo.huge_pages = o.huge_pages;
     if (o.drop_cache && !drop_page_cache(o.model)) return fail("--drop-cache: posix_fadvise failed on " + o.model);
     if (moe::Model::load(o.model.c_str(), lo, &model) != moe::Status::ok) return fail("cannot load " + o.model + ": " + moe::last_error());
     t_load = now_s() - t_load;
@@ -1442,11 +1445,16 @@ int run_bench(const BenchOptions& o) {
     for (double v : pre_tps) timed_s += o.n_prompt / v;
     for (double v : dec_tps) timed_s += o.n_gen / v;
     const double read_gbs = timed_s > 0 ? (double)es.bytes_read / timed_s / 1e9 : 0;
-    char store_json[512];
+    const moe::HugePageStats hps = model.huge_page_stats();
+    char store_json[768];
     std::snprintf(store_json, sizeof store_json,
+                  "\"huge_pages\": \"%s\", \"huge_pages_advised\": %s, \"huge_page_bytes\": %llu, \"cached_at_load_bytes\": %llu, "
+                  "\"cached_huge_bytes\": %llu, \"huge_pages_dropped\": %s, "
                   "\"mem_budget_bytes\": %llu, \"expert_reads\": \"%s\", \"expert_cache_bytes\": %llu, \"expert_slots\": %d, \"expert_hit_rate\": %.4f, "
                   "\"expert_misses\": %llu, \"expert_late\": %llu, \"prefetches\": %llu, \"prefetch_hits\": %llu, \"prefetch_recall\": %.4f, "
                   "\"prefetch_wasted_bytes\": %llu, \"expert_read_bytes\": %llu, \"expert_read_gbs\": %.3f, \"expert_wait_s\": %.3f, ",
+                  moe::huge_pages_name(o.huge_pages), hps.advised ? "true" : "false", (unsigned long long)hps.page_bytes,
+                  (unsigned long long)hps.cached_bytes, (unsigned long long)hps.huge_bytes, hps.dropped ? "true" : "false",
                   (unsigned long long)es.mem_budget_bytes, moe::expert_reads_name(es.reads), (unsigned long long)es.cache_bytes, es.slots, es.hit_rate(),
                   (unsigned long long)es.misses, (unsigned long long)es.late, (unsigned long long)es.prefetches,
                   (unsigned long long)es.prefetch_hits, ps.max_depth ? ps.recall(1) : 0.0, (unsigned long long)es.prefetch_wasted_bytes,
@@ -1483,6 +1491,10 @@ int run_bench(const BenchOptions& o) {
     std::printf("  model      %s, %d layers, %d experts (top-%d), %s, %s in all, %s active per token\n", info.architecture.c_str(), info.n_layer,
                 info.n_expert, info.n_expert_used, mix.c_str(), fmt_bytes((double)info.weight_bytes).c_str(), fmt_bytes(active).c_str());
     std::printf("  kernels    %s, %d threads (load %.2f s, prefault %.2f s)\n", isa, threads, t_load, t_prefault);
+    if (hps.advised)
+        std::printf("  pages      huge pages %s: %.0f MiB cached at load, %.0f MiB of it in %.0f MiB pages%s\n", moe::huge_pages_name(o.huge_pages),
+                    (double)hps.cached_bytes / 1048576.0, (double)hps.huge_bytes / 1048576.0, (double)hps.page_bytes / 1048576.0,
+                    hps.dropped ? " (dropped, read again as huge pages)" : "");
     if (o.bw > 0) std::printf("  bandwidth  %.2f GB/s (given with --bw)\n", bw.gbs);
     else
         std::printf("  bandwidth  %.2f GB/s read, %d threads, %.0f MiB buffer, best of %d (median %.2f)\n", bw.gbs, bw.threads,
@@ -1568,6 +1580,13 @@ int main(int argc, char** argv) {
             else return fail("bad or missing value for --expert-reads (direct, buffered or mapped)");
         }
         else if (a == "--drop-cache") o.drop_cache = true;
+        else if (a == "--huge-pages") {
+            const std::string m = (s = value()) ? s : "";
+            if (m == "automatic") o.huge_pages = moe::HugePages::automatic;
+            else if (m == "map") o.huge_pages = moe::HugePages::map;
+            else if (m == "off") o.huge_pages = moe::HugePages::off;
+            else return fail("bad or missing value for --huge-pages (automatic, map or off)");
+        }
         else if (a == "--random-decode") o.random_decode = true;
         else if (a == "--batch") {
             const char* list = value();

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <set>
 #include <string>
 #include <thread>
@@ -315,3 +316,107 @@ TEST(ExpertStore, NoBudgetNoStore) {
 }
 
 }  // namespace
+
+// LoadOptions::huge_pages changes where the weights sit in memory, never what they compute.
+TEST(HugePages, SameLogitsWithEveryMode) {
+    const moe::HugePages modes[] = {moe::HugePages::off, moe::HugePages::map, moe::HugePages::automatic, moe::HugePages::off};
+    std::vector<float> want;
+    std::vector<int32_t> want_tokens;
+    for (int i = 0; i < 4; ++i) {
+        moe::LoadOptions o;
+        o.huge_pages = modes[i];
+        o.use_mmap = i != 3;  // the last: read into memory
+        moe::Model m = load(o);
+        const moe::HugePageStats h = m.huge_page_stats();
+        if (modes[i] == moe::HugePages::off || !o.use_mmap) {
+            EXPECT_FALSE(h.advised);
+            EXPECT_EQ(h.cached_bytes, 0u);
+        }
+        EXPECT_FALSE(h.dropped && modes[i] != moe::HugePages::automatic);
+        if (h.advised) {
+            EXPECT_GE(h.page_bytes, 4096u);
+            EXPECT_EQ(h.page_bytes & (h.page_bytes - 1), 0u);
+            EXPECT_EQ(h.cached_bytes % h.page_bytes, 0u);
+            EXPECT_LE(h.huge_bytes, h.cached_bytes);
+            EXPECT_LE(h.cached_bytes, m.file().file_size());
+        }
+        moe::SessionOptions so;
+        so.n_threads = 2;
+        so.n_ctx = 64;
+        moe::Session s;
+        ASSERT_EQ(moe::Session::create(m, so, &s), moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(s.eval(kPrompt.data(), kPrompt.size()), moe::Status::ok) << moe::last_error();
+        std::vector<float> logits(s.logits(), s.logits() + m.info().n_vocab);
+        const GreedyRun run = greedy(m, 6, 0);
+        if (i == 0) {
+            want = logits;
+            want_tokens = run.tokens;
+            continue;
+        }
+        EXPECT_EQ(std::memcmp(logits.data(), want.data(), want.size() * sizeof(float)), 0) << moe::huge_pages_name(modes[i]) << " mode " << i;
+        EXPECT_EQ(run.tokens, want_tokens) << i;
+    }
+}
+
+#if defined(__linux__)
+// A file cached in small pages (read backwards, so readahead cannot build large folios) is
+// dropped once by `automatic` and comes back in huge pages; the next load finds it so and keeps it.
+TEST(HugePages, AutomaticLeavesTheWeightsInHugePages) {
+    const std::string copy = "huge_pages_copy." + std::to_string((long)getpid()) + ".gguf";
+    {
+        std::FILE* in = std::fopen(model_path().c_str(), "rb");
+        std::FILE* out = std::fopen(copy.c_str(), "wb");
+        ASSERT_TRUE(in && out);
+        char buf[1 << 16];
+        size_t got;
+        while ((got = std::fread(buf, 1, sizeof buf, in)) > 0) ASSERT_EQ(std::fwrite(buf, 1, got, out), got);
+        std::fclose(in);
+        ASSERT_EQ(std::fflush(out), 0);
+        ASSERT_EQ(fsync(fileno(out)), 0);
+        ASSERT_EQ(posix_fadvise(fileno(out), 0, 0, POSIX_FADV_DONTNEED), 0);
+        std::fclose(out);
+    }
+    struct Cleanup { std::string path; ~Cleanup() { std::remove(path.c_str()); } } cleanup{copy};
+    {
+        const int fd = ::open(copy.c_str(), O_RDONLY);
+        ASSERT_GE(fd, 0);
+        ASSERT_EQ(posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM), 0);
+        const off_t size = lseek(fd, 0, SEEK_END);
+        char page[4096];
+        for (off_t at = (size - 1) / 4096 * 4096; at >= 0; at -= 4096) ASSERT_GT(pread(fd, page, sizeof page, at), 0);
+        ::close(fd);
+    }
+    moe::LoadOptions o;
+    o.progress = [](void*, uint64_t, uint64_t) { return true; };  // reads every page in at load
+    moe::Model first;
+    ASSERT_EQ(moe::Model::load(copy.c_str(), o, &first), moe::Status::ok) << moe::last_error();
+    const moe::HugePageStats h1 = first.huge_page_stats();
+    if (!h1.advised) GTEST_SKIP() << "no transparent huge pages here";
+    const uint64_t regions_bytes = first.file().file_size() / h1.page_bytes * h1.page_bytes;
+    if (regions_bytes == 0) GTEST_SKIP() << "the demo model is smaller than one huge page (" << h1.page_bytes << " bytes)";
+    EXPECT_EQ(h1.cached_bytes, regions_bytes);  // it was read in whole
+    if (!h1.dropped && h1.huge_bytes == 0) {
+        // Either this file system caches small pages only, or automatic failed to drop them: read
+        // the file cold through an advised mapping and look.
+        first = moe::Model();
+        const int fd = ::open(copy.c_str(), O_RDONLY);
+        ASSERT_GE(fd, 0);
+        ASSERT_EQ(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+        ::close(fd);
+        moe::LoadOptions advised = o;
+        advised.huge_pages = moe::HugePages::map;
+        moe::Model cold, look;
+        ASSERT_EQ(moe::Model::load(copy.c_str(), advised, &cold), moe::Status::ok) << moe::last_error();
+        ASSERT_EQ(moe::Model::load(copy.c_str(), o, &look), moe::Status::ok) << moe::last_error();
+        if (look.huge_page_stats().huge_bytes == 0) GTEST_SKIP() << "this file system caches small pages only";
+        FAIL() << "automatic kept small pages although a cold read gives " << look.huge_page_stats().huge_bytes << " bytes of huge ones";
+    }
+    moe::Model second;
+    ASSERT_EQ(moe::Model::load(copy.c_str(), o, &second), moe::Status::ok) << moe::last_error();
+    const moe::HugePageStats h2 = second.huge_page_stats();
+    EXPECT_FALSE(h2.dropped);
+    EXPECT_EQ(h2.cached_bytes, regions_bytes);
+    EXPECT_GE(h2.huge_bytes, regions_bytes - regions_bytes / 16) << "first load: " << h1.huge_bytes << " of " << h1.cached_bytes
+                                                                  << (h1.dropped ? ", dropped" : "");
+}
+#endif
