@@ -88,7 +88,9 @@ const char* kUsage =
     "  --expert-reads M    with --mem-budget, how experts are read: direct (default: O_DIRECT where the\n"
     "                      file system allows it), buffered (through the page cache) or mapped (used in\n"
     "                      place in the file mapping, loaded with madvise)\n"
-    "  --buffered-io       the same as --expert-reads buffered\n";
+    "  --buffered-io       the same as --expert-reads buffered\n"
+    "  --huge-pages M      automatic (default: 2 MiB pages for the mapped weights, dropping the file's\n"
+    "                      small cached pages once if most are small), map (advise only) or off\n";
 
 constexpr long long kMaxContext = moe::kMaxContextLength;
 
@@ -210,6 +212,7 @@ struct Args {
     long long n_predict = 64, n_threads = 0, n_ctx = 0, predict_depth = 0, predict_extra = 0, io_threads = 4;
     unsigned long long mem_budget = 0;
     std::string expert_reads;
+    moe::HugePages huge_pages = moe::HugePages::automatic;
     moe::SamplerOptions sampler;
     moe::TensorType kv_type = moe::TensorType::f32;
 };
@@ -218,7 +221,7 @@ struct Args {
 bool takes_value(const std::string& k) {
     static const char* const kFlags[] = {"-m", "-p", "-f", "--tokens", "-n", "-t", "-c", "--temp", "--top-k", "--top-p",
                                          "--min-p", "--repeat-penalty", "--seed", "--system", "--logits-out", "--perplexity",
-                                         "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads", "--expert-reads",
+                                         "--expert-stats", "--predict", "--predict-extra", "--mem-budget", "--io-threads", "--expert-reads", "--huge-pages",
                                          "--presence-penalty", "--frequency-penalty", "--repeat-last-n", "--typical", "--top-nsigma",
                                          "--xtc-probability", "--xtc-threshold", "--dry-multiplier", "--dry-base", "--dry-allowed-length",
                                          "--dry-penalty-last-n", "--mirostat", "--mirostat-ent", "--mirostat-lr", "--logit-bias", "--kv-type",
@@ -280,6 +283,12 @@ int main(int argc, char** argv) {
         else if (k == "--expert-stats") a.expert_stats = v;
         else if (k == "--mem-budget") { if (!parse_size(v, &a.mem_budget)) return die("--mem-budget needs a size like 8G, 512M or 100000000, got '%s'", v); }
         else if (k == "--expert-reads") a.expert_reads = v;
+        else if (k == "--huge-pages") {
+            if (std::strcmp(v, "automatic") == 0) a.huge_pages = moe::HugePages::automatic;
+            else if (std::strcmp(v, "map") == 0) a.huge_pages = moe::HugePages::map;
+            else if (std::strcmp(v, "off") == 0) a.huge_pages = moe::HugePages::off;
+            else return die("--huge-pages needs automatic, map or off, got '%s'", v);
+        }
         else if (k == "--chat-template") a.chat_template_file = v;
         else if (k == "--grammar") a.sampler.grammar = v;
         else if (k == "--grammar-file") a.grammar_file = v;
@@ -371,6 +380,7 @@ int main(int argc, char** argv) {
     lo.mem_budget = a.mem_budget;
     lo.io_threads = (int32_t)a.io_threads;
     lo.expert_reads = expert_reads;
+    lo.huge_pages = a.huge_pages;
 #if defined(__unix__) || defined(__APPLE__)
     if (isatty(2))  // on a terminal: how far loading (reading the weights in once) has come
         lo.progress = [](void*, uint64_t done, uint64_t total) {

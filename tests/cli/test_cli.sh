@@ -155,6 +155,14 @@ for mode in direct buffered mapped; do
     else pass; fi
 done
 
+# ---- huge pages: a bad mode refused, every mode prints the same text ----
+expect_error pages "--huge-pages needs automatic, map or off, got 'big'" --huge-pages big
+for mode in automatic map off; do
+    run -p "In the beginning God created" -n 12 --temp 0 --huge-pages $mode
+    if [ "$rc" != 0 ] || ! cmp -s "$TMP/out" "$TMP/unbudgeted"; then fail pages "--huge-pages $mode should print the same text"
+    else pass; fi
+done
+
 # ---- samplers (issue 14): bad values refused before the model loads, a bias the greedy pick follows ----
 expect_error sampler "typical_p" --typical 1.5
 expect_error sampler "--mirostat needs 0 (off) or 2 (v2)" --mirostat 1
