@@ -66,6 +66,7 @@
        models larger than memory: LoadOptions::mem_budget keeps the routed experts in a bounded
        cache (O_DIRECT reads on I/O threads), SessionOptions::predict_depth loads predicted experts
        ahead; Session::expert_stats / prediction_stats, Model::expert_store_stats report.
+       memory: mapped weights in 2 MiB pages on Linux (LoadOptions::huge_pages, Model::huge_page_stats).
        apps: Jinja chat templates (render_chat_template), GBNF grammars and JSON Schema
        (SamplerOptions::grammar, json_schema_to_grammar), llama.cpp's sampler chain (penalties,
        DRY, top-n-sigma, typical, XTC, mirostat v2, logit bias), session state files and prompt
@@ -85,7 +86,7 @@
        [SECTION] CONFIG DEFAULTS & PLATFORM      >>config
        [SECTION] UTILITIES                       >>util
        [SECTION] STATUS & LOGGING                >>status
-       [SECTION] FILE MAPPING                    >>file
+       [SECTION] FILE MAPPING                    >>file  mmap / MapViewOfFile; huge pages for the weights (settle_huge_pages)
        [SECTION] GGUF READER & WRITER            >>gguf
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref  row dots; attention on a float cache (scores, exp, values)
@@ -1349,7 +1350,8 @@ MOE_API const char* last_error() { return detail::last_error_storage().c_str(); 
 // [SECTION] FILE MAPPING
 //-----------------------------------------------------------------------------
 // >>file  A read-only view of a whole file: mmap on POSIX, MapViewOfFile on Windows (pages come
-// in on demand and are shared by processes), otherwise one read into an owned buffer.
+// in on demand and are shared by processes), otherwise one read into an owned buffer. On Linux the
+// mapping is huge-page aligned, and settle_huge_pages() gets the weights into 2 MiB pages.
 
 namespace moe {
 namespace detail {
@@ -1379,7 +1381,7 @@ inline int64_t file_pmd_mapped(const void* base) {
     std::FILE* f = std::fopen("/proc/self/smaps", "r");
     if (!f) return -1;
     const unsigned long long want = (unsigned long long)reinterpret_cast<uintptr_t>(base);
-    char line[512];
+    char line[4352];  // a header line ends with the path (up to PATH_MAX)
     bool inside = false;
     int64_t bytes = -1;
     while (std::fgets(line, sizeof line, f)) {
@@ -1578,15 +1580,19 @@ inline HugePageStats settle_huge_pages(const uint8_t* base, size_t size, const c
     if (mode != HugePages::automatic || regions == 0) return st;
     // Cached huge-page ranges (their first page resident) are touched, so that smaps counts the
     // ones that sit in huge pages; ranges not cached will come in as huge pages when read.
-    std::vector<unsigned char> resident(regions * (huge / page));  // one byte per page: 4 MiB for 16 GiB
-    if (mincore(const_cast<uint8_t*>(base), regions * huge, resident.data()) != 0) return st;
+    const size_t per_call = 256;  // huge pages per mincore call (one byte per small page)
+    std::vector<unsigned char> resident(per_call * (huge / page));
     volatile uint8_t sink = 0;
     size_t cached = 0, first_cached = regions;
-    for (size_t i = 0; i < regions; ++i)
-        if (resident[i * (huge / page)] & 1) {
-            sink = sink ^ base[i * huge];
-            if (cached++ == 0) first_cached = i;
-        }
+    for (size_t r0 = 0; r0 < regions; r0 += per_call) {
+        const size_t n = std::min(per_call, regions - r0);
+        if (mincore(const_cast<uint8_t*>(base) + r0 * huge, n * huge, resident.data()) != 0) return st;
+        for (size_t i = 0; i < n; ++i)
+            if (resident[i * (huge / page)] & 1) {
+                sink = sink ^ base[(r0 + i) * huge];
+                if (cached++ == 0) first_cached = r0 + i;
+            }
+    }
     st.cached_bytes = (uint64_t)cached * huge;
     const int64_t pmd = cached ? file_pmd_mapped(base) : -1;
     if (pmd < 0) return st;

@@ -361,6 +361,7 @@ TEST(HugePages, SameLogitsWithEveryMode) {
 #if defined(__linux__)
 // A file cached in small pages (read backwards, so readahead cannot build large folios) is
 // dropped once by `automatic` and comes back in huge pages; the next load finds it so and keeps it.
+// (Without the drop only the one range `automatic` probes would come back huge: 2 of 12 MiB.)
 TEST(HugePages, AutomaticLeavesTheWeightsInHugePages) {
     const std::string copy = "huge_pages_copy." + std::to_string((long)getpid()) + ".gguf";
     {
@@ -416,7 +417,8 @@ TEST(HugePages, AutomaticLeavesTheWeightsInHugePages) {
     const moe::HugePageStats h2 = second.huge_page_stats();
     EXPECT_FALSE(h2.dropped);
     EXPECT_EQ(h2.cached_bytes, regions_bytes);
-    EXPECT_GE(h2.huge_bytes, regions_bytes - regions_bytes / 16) << "first load: " << h1.huge_bytes << " of " << h1.cached_bytes
-                                                                  << (h1.dropped ? ", dropped" : "");
+    // All of it, unless memory too fragmented for 2 MiB pages made the kernel fall back for some.
+    EXPECT_GE(h2.huge_bytes, regions_bytes / 2) << "first load: " << h1.huge_bytes << " of " << h1.cached_bytes
+                                                << (h1.dropped ? ", dropped" : "");
 }
 #endif
