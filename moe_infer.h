@@ -592,7 +592,8 @@ MOE_API const char* expert_reads_name(ExpertReads r);  // "direct", "buffered", 
 //   automatic  map, and where most of the file's cached weights sit in small pages (the file was
 //              just written or copied, or read by another program), drop the file's cached pages
 //              that no process maps, so that they are read again as 2 MiB pages: one more read of
-//              the file, once (the next load finds them huge). Needs no mem_budget.
+//              the file, once (the next load finds them huge).
+// Only for a mapped file without a mem_budget (the expert store keeps its own pages).
 enum class HugePages : uint8_t { off, map, automatic };
 MOE_API const char* huge_pages_name(HugePages h);  // "off", "map", "automatic"
 
@@ -716,9 +717,9 @@ public:
     const GgufFile& file() const;
     // The expert store's counters (LoadOptions::mem_budget); zeros without a budget.
     ExpertStoreStats expert_store_stats() const;
+    void reset_expert_store_stats() const;
     // What LoadOptions::huge_pages did at load; zeros where it did nothing.
     HugePageStats huge_page_stats() const;
-    void reset_expert_store_stats() const;
 
 private:
     friend class Session;
