@@ -6,17 +6,86 @@
 //   g++ -O3 -std=c++17 -pthread -I. bench/row_kernels.cpp -o build/row_kernels
 //   build/row_kernels [COLS]          (row length, default 2048; 768 = Qwen3-30B-A3B's ffn_down rows)
 //
+//   build/row_kernels COLS --stream T  (T threads stream 1 GiB of rows each repetition, from memory:
+//                                       the detected ISA's kernels of the decode types next to a
+//                                       plain sum of the same bytes, membw.h's read loop)
+//
 // Weights: random block bytes with finite scales (tests/kernel_cases.h); the kernels' cost does
 // not depend on the values. Output: GB/s of weight bytes, best of 7 repetitions.
 #define MOE_INFER_IMPLEMENTATION
 #include "moe_infer.h"
 #include "../tests/kernel_cases.h"
+#include "membw.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
+
+namespace {
+
+// `threads` threads each dot their share of `rows` rows (one activation row for all), 7 times;
+// GB/s of weight bytes of the best repetition. dot == nullptr: membw::sum_words over the bytes.
+double stream_gbs(moe::detail::VecDotFn dot, const uint8_t* w, int64_t rows, int64_t row_bytes, const void* act, int64_t cols, int threads) {
+    double best = 0;
+    for (int rep = 0; rep < 7; ++rep) {
+        std::atomic<uint64_t> sink{0};
+        const auto t0 = std::chrono::steady_clock::now();
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t)
+            pool.emplace_back([&, t] {
+                const int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+                if (!dot) {
+                    sink += membw::sum_words(reinterpret_cast<const uint64_t*>(w + r0 * row_bytes), (size_t)((r1 - r0) * row_bytes / 8));
+                    return;
+                }
+                float s = 0;
+                for (int64_t r = r0; r < r1; ++r) s += dot(w + r * row_bytes, act, cols);
+                sink += (uint64_t)(s != 0);
+            });
+        for (std::thread& th : pool) th.join();
+        best = std::max(best, (double)(rows * row_bytes) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 1e9);
+    }
+    return best;
+}
+
+int stream_mode(int64_t cols, int threads) {
+    using namespace moe::detail;
+    const moe::Isa isa = moe::detected_isa();
+    std::printf("row_kernels --stream: %lld columns, %d threads, 1 GiB of rows from memory, GB/s of weights (best of 7), %s\n",
+                (long long)cols, threads, moe::isa_name(isa));
+    std::printf("| rows | GB/s |\n|---|---:|\n");
+    const size_t bytes = (size_t)1 << 30;
+    uint8_t* w = static_cast<uint8_t*>(std::aligned_alloc((size_t)2 << 20, bytes));
+    if (!w) return 1;
+#if defined(MADV_HUGEPAGE)
+    madvise(w, bytes, MADV_HUGEPAGE);  // as the probe and the mapped model (LoadOptions::huge_pages)
+#endif
+    std::memset(w, 1, bytes);
+    std::printf("| plain sum of the bytes (membw.h) | %.2f |\n", stream_gbs(nullptr, w, (int64_t)(bytes / 4096), 4096, nullptr, 0, threads));
+    std::mt19937 rng(7);
+    const moe::TensorType types[] = {moe::TensorType::q4_0, moe::TensorType::q8_0, moe::TensorType::q4_k, moe::TensorType::q6_k};
+    for (moe::TensorType t : types) {
+        const QuantType* qt = quant_type((uint32_t)t);
+        if (cols % qt->block_elems) continue;
+        const int64_t row_bytes = cols / qt->block_elems * qt->block_bytes;
+        const int64_t rows = (int64_t)(bytes / (size_t)row_bytes);
+        const std::vector<uint8_t> one = kernel_cases::make_weights(t, 64 * cols, kernel_cases::WeightKind::random_bytes, rng);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(w + r * row_bytes, one.data() + (r % 64) * row_bytes, (size_t)row_bytes);
+        const std::vector<float> x = kernel_cases::make_activations(cols, kernel_cases::ActKind::gaussian, rng);
+        const RowKernel k = row_kernel(*qt, isa, cols);
+        std::vector<uint8_t> act(act_row_bytes(k.act, cols) + 64);
+        quantize_act_with(k.act, moe::Isa::scalar, act.data(), x.data(), cols);
+        std::printf("| %s | %.2f |\n", qt->name, stream_gbs(k.vec_dot, w, rows, row_bytes, act.data(), cols, threads));
+    }
+    std::free(w);
+    return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
     using namespace moe::detail;
@@ -24,6 +93,14 @@ int main(int argc, char** argv) {
     if (cols <= 0 || cols % 256) {
         std::fprintf(stderr, "COLS must be a positive multiple of 256\n");
         return 1;
+    }
+    if (argc > 3 && std::string(argv[2]) == "--stream") {
+        const int threads = std::atoi(argv[3]);
+        if (threads < 1 || threads > 512) {
+            std::fprintf(stderr, "--stream needs a thread count in 1..512\n");
+            return 1;
+        }
+        return stream_mode(cols, threads);
     }
     std::vector<moe::Isa> isas = {moe::Isa::scalar};
     for (moe::Isa isa : kernel_cases::kSimdIsas)

@@ -146,24 +146,26 @@ TEST(ExpertStore, MappedReads) {
 }
 
 #if defined(__linux__)
+// A copy of the demo model at `copy` whose page cache starts empty (written, synced, dropped).
+void copy_demo_uncached(const std::string& copy) {
+    std::FILE* in = std::fopen(model_path().c_str(), "rb");
+    std::FILE* out = std::fopen(copy.c_str(), "wb");
+    struct Close { std::FILE* f; ~Close() { if (f) std::fclose(f); } } close_in{in}, close_out{out};
+    ASSERT_TRUE(in && out);
+    char buf[1 << 16];
+    size_t got;
+    while ((got = std::fread(buf, 1, sizeof buf, in)) > 0) ASSERT_EQ(std::fwrite(buf, 1, got, out), got);
+    ASSERT_EQ(std::fflush(out), 0);
+    ASSERT_EQ(fsync(fileno(out)), 0);
+    ASSERT_EQ(posix_fadvise(fileno(out), 0, 0, POSIX_FADV_DONTNEED), 0);
+}
+
 // ExpertReads::mapped keeps the page cache within the budget: evicted experts' pages are dropped.
 // Checked with mincore() on a private copy of the model whose page cache starts empty.
 TEST(ExpertStore, MappedReadsDropEvictedPages) {
     const std::string copy = "store_mapped_copy." + std::to_string((long)getpid()) + ".gguf";
-    {
-        std::FILE* in = std::fopen(model_path().c_str(), "rb");
-        std::FILE* out = std::fopen(copy.c_str(), "wb");
-        ASSERT_TRUE(in && out);
-        char buf[1 << 16];
-        size_t got;
-        while ((got = std::fread(buf, 1, sizeof buf, in)) > 0) ASSERT_EQ(std::fwrite(buf, 1, got, out), got);
-        std::fclose(in);
-        ASSERT_EQ(std::fflush(out), 0);
-        ASSERT_EQ(fsync(fileno(out)), 0);
-        ASSERT_EQ(posix_fadvise(fileno(out), 0, 0, POSIX_FADV_DONTNEED), 0);
-        std::fclose(out);
-    }
     struct Cleanup { std::string path; ~Cleanup() { std::remove(path.c_str()); } } cleanup{copy};
+    ASSERT_NO_FATAL_FAILURE(copy_demo_uncached(copy));
     const long page = sysconf(_SC_PAGESIZE);
     moe::GgufFile file;
     ASSERT_EQ(moe::GgufFile::open(copy.c_str(), true, &file), moe::Status::ok);
@@ -364,20 +366,8 @@ TEST(HugePages, SameLogitsWithEveryMode) {
 // (Without the drop only the one range `automatic` probes would come back huge: 2 of 12 MiB.)
 TEST(HugePages, AutomaticLeavesTheWeightsInHugePages) {
     const std::string copy = "huge_pages_copy." + std::to_string((long)getpid()) + ".gguf";
-    {
-        std::FILE* in = std::fopen(model_path().c_str(), "rb");
-        std::FILE* out = std::fopen(copy.c_str(), "wb");
-        ASSERT_TRUE(in && out);
-        char buf[1 << 16];
-        size_t got;
-        while ((got = std::fread(buf, 1, sizeof buf, in)) > 0) ASSERT_EQ(std::fwrite(buf, 1, got, out), got);
-        std::fclose(in);
-        ASSERT_EQ(std::fflush(out), 0);
-        ASSERT_EQ(fsync(fileno(out)), 0);
-        ASSERT_EQ(posix_fadvise(fileno(out), 0, 0, POSIX_FADV_DONTNEED), 0);
-        std::fclose(out);
-    }
     struct Cleanup { std::string path; ~Cleanup() { std::remove(path.c_str()); } } cleanup{copy};
+    ASSERT_NO_FATAL_FAILURE(copy_demo_uncached(copy));
     {
         const int fd = ::open(copy.c_str(), O_RDONLY);
         ASSERT_GE(fd, 0);
