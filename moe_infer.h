@@ -7721,9 +7721,69 @@ public:
         }
     }
 
+    // [0, total) as one contiguous share per thread. The owner takes its share front to back in
+    // quarters, so its sequential streams continue from piece to piece; a thread done with its own
+    // takes the back half of the largest share left, so a thread the OS slows down (or has not yet
+    // started) holds no one up. Every thread calls start_shares() at the phase start, with the same
+    // total; a share still tagged with the last phase's generation is the phase's full range to
+    // whoever looks first. total < 2^24 (kMaxShareUnits).
+    static constexpr int64_t kMaxShareUnits = (int64_t)1 << 24;
+    void start_shares(int64_t total, int ith) {
+        share_phase_[ith].total = total;
+        share_phase_[ith].gen = (share_phase_[ith].gen + 1) & 0xffff;
+        share_phase_[ith].piece = std::max<int64_t>(1, (total * (ith + 1) / n_threads_ - total * ith / n_threads_ + 3) / 4);
+    }
+    bool grab_share(int ith, int64_t* begin, int64_t* end) {
+        uint64_t v = current_share(ith, ith);
+        while (share_first(v) < share_last(v)) {  // own share: the next piece at the front
+            const int64_t b = share_first(v), e = std::min(share_last(v), b + share_phase_[ith].piece);
+            if (share_[ith].value.compare_exchange_weak(v, pack_share(e, share_last(v), share_gen(v)), std::memory_order_relaxed)) {
+                *begin = b;
+                *end = e;
+                return true;
+            }
+        }
+        for (;;) {  // another's: the back half of the largest share left
+            int victim = -1;
+            int64_t most = 0;
+            for (int j = 0; j < n_threads_; ++j) {
+                if (j == ith) continue;
+                const uint64_t w = current_share(j, ith);
+                if (share_last(w) - share_first(w) > most) most = share_last(w) - share_first(w), victim = j;
+            }
+            if (victim < 0) return false;
+            uint64_t w = current_share(victim, ith);
+            const int64_t b = share_first(w), e = share_last(w), take = (e - b + 1) / 2;
+            if (take > 0 && share_[victim].value.compare_exchange_strong(w, pack_share(b, e - take, share_gen(w)), std::memory_order_relaxed)) {
+                *begin = e - take;
+                *end = e;
+                return true;
+            }
+        }
+    }
+
 private:
     static constexpr int kMaxThreads = 512, kBarrierGroup = 4;
     struct alignas(64) PaddedCounter { std::atomic<int> value{0}; };
+    // A share: first (24 bits), last (24 bits), the phase generation (16 bits).
+    struct alignas(64) PaddedShare { std::atomic<uint64_t> value{0}; };
+    struct alignas(64) SharePhase { int64_t total = 0, piece = 1; uint32_t gen = 0; };  // its thread's own view
+    static uint64_t pack_share(int64_t first, int64_t last, uint32_t gen) { return (uint64_t)first << 40 | (uint64_t)last << 16 | gen; }
+    static int64_t share_first(uint64_t v) { return (int64_t)(v >> 40); }
+    static int64_t share_last(uint64_t v) { return (int64_t)((v >> 16) & 0xffffff); }
+    static uint32_t share_gen(uint64_t v) { return (uint32_t)(v & 0xffff); }
+    // Share j as of this phase (thread ith's generation): its full range if no one has touched it yet.
+    uint64_t current_share(int j, int ith) {
+        const SharePhase& ph = share_phase_[ith];
+        uint64_t v = share_[j].value.load(std::memory_order_relaxed);
+        while (share_gen(v) != ph.gen) {
+            const uint64_t fresh = pack_share(ph.total * j / n_threads_, ph.total * (j + 1) / n_threads_, ph.gen);
+            if (share_[j].value.compare_exchange_weak(v, fresh, std::memory_order_relaxed)) return fresh;
+        }
+        return v;
+    }
+    PaddedShare share_[kMaxThreads];
+    SharePhase share_phase_[kMaxThreads];
     int n_threads_;
     std::chrono::microseconds yield_after_{100};
     PaddedCounter group_arrived_[kMaxThreads / kBarrierGroup];
@@ -11060,7 +11120,8 @@ MOE_API const char* expert_reads_name(ExpertReads r) {
 // For B <= kSerialNormTokens the thread finishing wo (down) also runs ffn_norm (the next attn_norm),
 // so decode has 8 barriers per layer (3 in the MoE part); larger B gets parallel norm phases
 // (end_phase_then_norm() makes that choice for every norm).
-// Matmuls hand out guided chunks of rows and prefetch ahead; weights are read once per chunk of
+// Matmuls hand out guided chunks of rows (the down projection: a share per thread, taken over by
+// threads done with theirs) and prefetch ahead; weights are read once per chunk of
 // tokens whatever B is (rows outside, tokens inside). Each input is quantized once to each
 // activation format its consumers need. Attention reads each KV row once per query-head subgroup
 // and splits long caches over threads (online softmax, merged in att_out) when heads cannot fill them.
@@ -12890,7 +12951,11 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
     float* part = a.down_part.data + (size_t)ith * a.down_part_per_thread;  // (sub_rows, n_uses)
     int64_t ub = 0, ue = 0;
     bool last = false;
-    for (; next_rows(n_units, (int32_t)n_uses, &ub, &ue); last = rows_done.finish(ue - ub, n_units)) {
+    // Shares rather than guided chunks: every chunk restarts each active expert's stream of rows
+    // (bench/RESULTS.md, thirteenth session: the guided tail's pieces of a few rows cost 15% here).
+    const bool shares = n_units < ThreadPool::kMaxShareUnits;
+    if (shares) pool.start_shares(n_units, ith);
+    for (; shares ? pool.grab_share(ith, &ub, &ue) : next_rows(n_units, (int32_t)n_uses, &ub, &ue); last = rows_done.finish(ue - ub, n_units)) {
         const int64_t begin = ub * unit, end = std::min(n_embd, ue * unit);
         for (int64_t r0 = begin; r0 < end; r0 += sub_rows) {
             const int64_t r1 = std::min(end, r0 + sub_rows);
