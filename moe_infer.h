@@ -7617,6 +7617,12 @@ inline void cpu_relax() {
 #endif
 }
 
+// Even split of [0, n) into nth contiguous ranges.
+inline void split_range(int64_t n, int ith, int nth, int64_t* begin, int64_t* end) {
+    *begin = n * ith / nth;
+    *end = n * (ith + 1) / nth;
+}
+
 class ThreadPool {
 public:
     typedef void (*TaskFn)(void* ctx, int ith, int nth);
@@ -7731,7 +7737,9 @@ public:
     void start_shares(int64_t total, int ith) {
         share_phase_[ith].total = total;
         share_phase_[ith].gen = (share_phase_[ith].gen + 1) & 0xffff;
-        share_phase_[ith].piece = std::max<int64_t>(1, (total * (ith + 1) / n_threads_ - total * ith / n_threads_ + 3) / 4);
+        int64_t b = 0, e = 0;
+        split_range(total, ith, n_threads_, &b, &e);
+        share_phase_[ith].piece = std::max<int64_t>(1, (e - b + 3) / 4);
     }
     bool grab_share(int ith, int64_t* begin, int64_t* end) {
         uint64_t v = current_share(ith, ith);
@@ -7776,8 +7784,10 @@ private:
     uint64_t current_share(int j, int ith) {
         const SharePhase& ph = share_phase_[ith];
         uint64_t v = share_[j].value.load(std::memory_order_relaxed);
+        int64_t b = 0, e = 0;
+        split_range(ph.total, j, n_threads_, &b, &e);
         while (share_gen(v) != ph.gen) {
-            const uint64_t fresh = pack_share(ph.total * j / n_threads_, ph.total * (j + 1) / n_threads_, ph.gen);
+            const uint64_t fresh = pack_share(b, e, ph.gen);
             if (share_[j].value.compare_exchange_weak(v, fresh, std::memory_order_relaxed)) return fresh;
         }
         return v;
@@ -7827,12 +7837,6 @@ private:
     void* ctx_ = nullptr;
 #endif
 };
-
-// Even split of [0, n) into nth contiguous ranges.
-inline void split_range(int64_t n, int ith, int nth, int64_t* begin, int64_t* end) {
-    *begin = n * ith / nth;
-    *end = n * (ith + 1) / nth;
-}
 
 }  // namespace detail
 }  // namespace moe
