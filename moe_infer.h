@@ -7650,6 +7650,12 @@ public:
 
     void run(TaskFn fn, void* ctx) {
         work_next_.store(0, std::memory_order_relaxed);
+        // Share generations restart with each run, so a thread that missed earlier runs (OpenMP
+        // may give fewer threads than asked) agrees with the others on the current phase.
+        for (int i = 0; i < n_threads_; ++i) {
+            share_phase_[i].gen = 0;
+            share_[i].value.store(0, std::memory_order_relaxed);
+        }
         if (n_threads_ == 1) { fn(ctx, 0, 1); return; }
 #if MOE_DETAIL_HAS_OPENMP
 #pragma omp parallel num_threads(n_threads_)
