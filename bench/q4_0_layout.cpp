@@ -12,13 +12,12 @@
 #define MOE_INFER_IMPLEMENTATION
 #include "moe_infer.h"
 #include "../tests/kernel_cases.h"
+#include "row_stream.h"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -61,29 +60,6 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vn
         else acc0 = _mm512_fmadd_ps(part, _mm512_cvtepi32_ps(s), acc0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
-// `threads` threads dot their share of the rows, `passes` times over (small sets stay cached).
-double stream_gbs(VecDotFn dot, const uint8_t* w, int64_t rows, int64_t row_bytes, const void* act, int64_t cols, int threads, int reps) {
-    const int passes = (int)std::max<int64_t>(1, (256ll << 20) / (rows * row_bytes));
-    double best = 0;
-    for (int rep = 0; rep < reps; ++rep) {
-        std::atomic<uint64_t> sink{0};
-        const auto t0 = std::chrono::steady_clock::now();
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t)
-            pool.emplace_back([&, t] {
-                const int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
-                float s = 0;
-                for (int p = 0; p < passes; ++p)
-                    for (int64_t r = r0; r < r1; ++r) s += dot(w + r * row_bytes, act, cols);
-                sink += (uint64_t)(s != 0);
-            });
-        for (std::thread& th : pool) th.join();
-        const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        best = std::max(best, (double)(rows * row_bytes) * passes / sec / 1e9);
-    }
-    return best;
 }
 
 }  // namespace
@@ -134,9 +110,10 @@ int main(int argc, char** argv) {
     }
     const int reps = bytes > (64u << 20) ? 7 : 30;
     std::printf("q4_0_layout: %lld columns, %d threads, %zu MiB of rows, GB/s of weights (best of %d)\n", (long long)cols, threads, mib, reps);
+    const int passes = (int)std::max<int64_t>(1, (256ll << 20) / (rows * row_bytes));  // small sets: ~256 MiB per repetition
     for (int round = 0; round < 3; ++round)
-        std::printf("GGUF layout %.2f | repacked %.2f\n", stream_gbs(k.vec_dot, gguf, rows, row_bytes, act.data(), cols, threads, reps),
-                    stream_gbs(dot_repacked, repacked, rows, row_bytes, act.data(), cols, threads, reps));
+        std::printf("GGUF layout %.2f | repacked %.2f\n", stream_rows_gbs(k.vec_dot, gguf, rows, row_bytes, act.data(), cols, threads, reps, passes),
+                    stream_rows_gbs(dot_repacked, repacked, rows, row_bytes, act.data(), cols, threads, reps, passes));
     std::free(gguf);
     std::free(repacked);
     return 0;

@@ -15,7 +15,7 @@
 #define MOE_INFER_IMPLEMENTATION
 #include "moe_infer.h"
 #include "../tests/kernel_cases.h"
-#include "membw.h"
+#include "row_stream.h"
 
 #include <atomic>
 #include <chrono>
@@ -26,31 +26,6 @@
 #include <vector>
 
 namespace {
-
-// `threads` threads each dot their share of `rows` rows (one activation row for all), 7 times;
-// GB/s of weight bytes of the best repetition. dot == nullptr: membw::sum_words over the bytes.
-double stream_gbs(moe::detail::VecDotFn dot, const uint8_t* w, int64_t rows, int64_t row_bytes, const void* act, int64_t cols, int threads) {
-    double best = 0;
-    for (int rep = 0; rep < 7; ++rep) {
-        std::atomic<uint64_t> sink{0};
-        const auto t0 = std::chrono::steady_clock::now();
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t)
-            pool.emplace_back([&, t] {
-                const int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
-                if (!dot) {
-                    sink += membw::sum_words(reinterpret_cast<const uint64_t*>(w + r0 * row_bytes), (size_t)((r1 - r0) * row_bytes / 8));
-                    return;
-                }
-                float s = 0;
-                for (int64_t r = r0; r < r1; ++r) s += dot(w + r * row_bytes, act, cols);
-                sink += (uint64_t)(s != 0);
-            });
-        for (std::thread& th : pool) th.join();
-        best = std::max(best, (double)(rows * row_bytes) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 1e9);
-    }
-    return best;
-}
 
 int stream_mode(int64_t cols, int threads) {
     using namespace moe::detail;
@@ -65,7 +40,7 @@ int stream_mode(int64_t cols, int threads) {
     madvise(w, bytes, MADV_HUGEPAGE);  // as the probe and the mapped model (LoadOptions::huge_pages)
 #endif
     std::memset(w, 1, bytes);
-    std::printf("| plain sum of the bytes (membw.h) | %.2f |\n", stream_gbs(nullptr, w, (int64_t)(bytes / 4096), 4096, nullptr, 0, threads));
+    std::printf("| plain sum of the bytes (membw.h) | %.2f |\n", stream_rows_gbs(nullptr, w, (int64_t)(bytes / 4096), 4096, nullptr, 0, threads));
     std::mt19937 rng(7);
     const moe::TensorType types[] = {moe::TensorType::q4_0, moe::TensorType::q8_0, moe::TensorType::q4_k, moe::TensorType::q6_k};
     for (moe::TensorType t : types) {
@@ -79,7 +54,7 @@ int stream_mode(int64_t cols, int threads) {
         const RowKernel k = row_kernel(*qt, isa, cols);
         std::vector<uint8_t> act(act_row_bytes(k.act, cols) + 64);
         quantize_act_with(k.act, moe::Isa::scalar, act.data(), x.data(), cols);
-        std::printf("| %s | %.2f |\n", qt->name, stream_gbs(k.vec_dot, w, rows, row_bytes, act.data(), cols, threads));
+        std::printf("| %s | %.2f |\n", qt->name, stream_rows_gbs(k.vec_dot, w, rows, row_bytes, act.data(), cols, threads));
     }
     std::free(w);
     return 0;
