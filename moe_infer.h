@@ -337,6 +337,10 @@ MOE_API Status vec_dot(TensorType type, Isa isa, const void* weights, const floa
 // The scalar _ref twin of the kernel vec_dot(type, isa) runs for rows of n elements: the same
 // activation format (some ISAs' kernels read another one than the type's own), scalar code. For tests.
 MOE_API Status vec_dot_ref(TensorType type, Isa isa, const void* weights, const float* x, int64_t n, float* out);
+// One weight row against `count` float rows of x (n apart), through the kernel of `isa` that
+// unpacks the row once for several activation rows (batched decode): out[i] must equal vec_dot()
+// of row i bit for bit. Status::unsupported where that kernel has no such form. For tests.
+MOE_API Status vec_dot_uses(TensorType type, Isa isa, const void* weights, const float* x, int count, int64_t n, float* out);
 // The prefill panel kernel of `isa` (Isa::scalar: its _ref) on `rows` (1..16) weight rows of `n`
 // elements, `row_bytes` apart, and `n_tokens` (1..8) float rows of x (n apart, quantized as the
 // panels' activations): out[t * rows + r] = row r . x row t. Status::unsupported where the type or
@@ -1709,6 +1713,9 @@ constexpr int kActFormatCount = 8;  // at most 8: sets of formats are uint8_t bi
 constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 
 typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
+// One row . x[0..count) (1 <= count <= kMaxDotUses): out[i] equal to the row kernel's own result for x[i].
+typedef void (*VecDotUsesFn)(const void* w, const void* const* x, int count, int64_t n, float* out);
+constexpr int kMaxDotUses = 4;
 typedef void (*QuantizeRowFn)(const float* x, void* dst, int64_t n);     // n floats -> blocks
 typedef void (*DequantizeRowFn)(const void* src, float* y, int64_t n);  // blocks -> n floats
 typedef void (*QuantizeWeightedFn)(const float* x, void* dst, int64_t n, const float* importance);
@@ -5848,6 +5855,54 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_mxfp4_q8_split_avx512vnni(const Block
     return vec_dot_nib4_q8_split_avx512vnni<BlockMXFP4, 7, kFp4Values>(w, x, n);
 }
 
+// One row against K activation rows (batched decode: a row several tokens use): the codes and
+// scales unpacked once, then per activation the very operations of vec_dot_nib4_q8_split_avx512vnni
+// in its order, so out[i] equals that kernel's result for x[i] bit for bit.
+template <typename Block, int kOffsetShift, int K>
+MOE_DETAIL_AVX512VNNI inline void nib4_split_group_uses_avx512vnni(const Block* w, const BlockQ8Split* const* x, int64_t g, __m512i table,
+                                                                   __m512 (&acc)[K]) {
+    const __m512i q = nib4_codes4_avx512(w), m4 = _mm512_set1_epi8(0x0F);
+    __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+    if constexpr (kOffsetShift == 7) {
+        lo = _mm512_shuffle_epi8(table, lo);
+        hi = _mm512_shuffle_epi8(table, hi);
+    }
+    const __m512 ws = nib4_scales4_avx512(w);
+    for (int i = 0; i < K; ++i) {
+        const BlockQ8Split& xg = x[i][g];
+        __m512i s = _mm512_slli_epi32(loadu_512(xg.neg_sum), kOffsetShift);
+        s = _mm512_dpbusd_epi32(s, lo, loadu_512(xg.lo));
+        s = _mm512_dpbusd_epi32(s, hi, loadu_512(xg.hi));
+        acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(ws, _mm512_loadu_ps(xg.d)), _mm512_cvtepi32_ps(s), acc[i]);
+    }
+}
+template <typename Block, int kOffsetShift, const int8_t* kTable, int K>
+MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_nib4_q8_split_avx512vnni(const Block* w, const BlockQ8Split* const* x, int64_t n, float* out) {
+    __m512i table = _mm512_setzero_si512();
+    if constexpr (kOffsetShift == 7) table = offset_table_avx512(kTable);
+    const int64_t ng = n / 128;
+    __m512 acc0[K], acc1[K];
+    for (int i = 0; i < K; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= ng; g += 2) {
+        nib4_split_group_uses_avx512vnni<Block, kOffsetShift, K>(w + 4 * g, x, g, table, acc0);
+        nib4_split_group_uses_avx512vnni<Block, kOffsetShift, K>(w + 4 * g + 4, x, g + 1, table, acc1);
+    }
+    if (g < ng) nib4_split_group_uses_avx512vnni<Block, kOffsetShift, K>(w + 4 * g, x, g, table, acc0);
+    for (int i = 0; i < K; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
+}
+template <typename Block, int kOffsetShift, const int8_t* kTable>
+MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_nib4_avx512vnni(const void* w, const void* const* x, int count, int64_t n, float* out) {
+    const Block* wb = static_cast<const Block*>(w);
+    const BlockQ8Split* const* xs = reinterpret_cast<const BlockQ8Split* const*>(x);
+    switch (count) {
+        case 1: out[0] = vec_dot_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable>(wb, xs[0], n); break;
+        case 2: vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 2>(wb, xs, n, out); break;
+        case 3: vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 3>(wb, xs, n, out); break;
+        default: vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 4>(wb, xs, n, out); break;
+    }
+}
+
 // NVFP4: one block (four sub-blocks of 16) per register. Sub-block s's 8 code bytes go to lane s
 // twice, the copy shifted by 4 holds elements 8..15; int32 lane i covers elements 4i..4i+3, so it
 // takes sub-block scale i / 4 and activation scale i / 8.
@@ -7262,23 +7317,25 @@ inline const ActType& act_type(ActFormat f) {
 inline size_t act_row_bytes(ActFormat f, int64_t n) { return (size_t)(n / act_type(f).block_elems) * (size_t)act_type(f).block_bytes; }
 
 // Row kernels of one ISA that read another activation format than their type's row (the format's
-// block must divide the row length): {type, isa, format, kernel, its scalar _ref twin}. Bound by
-// row_kernel().
+// block must divide the row length): {type, isa, format, kernel, its scalar _ref twin, the kernel
+// for one row against several activation rows (its results equal `dot`'s; nullptr: none)}. Bound
+// by row_kernel().
 struct AltRowKernel {
     TensorType type;
     Isa isa;
     ActFormat act;
     VecDotFn dot, ref;
+    VecDotUsesFn dot_uses;
 };
 inline const std::vector<AltRowKernel>& alt_row_kernels() {
     static const std::vector<AltRowKernel> table = {
 #if MOE_DETAIL_HAS_AVX512
         {TensorType::q4_0, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_q4_0_q8_split_avx512vnni>,
-         erase_dot<vec_dot_q4_0_q8_split_ref>},
+         erase_dot<vec_dot_q4_0_q8_split_ref>, vec_dot_uses_nib4_avx512vnni<BlockQ4_0, 3, nullptr>},
         {TensorType::iq4_nl, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_iq4nl_q8_split_avx512vnni>,
-         erase_dot<vec_dot_iq4nl_q8_split_ref>},
+         erase_dot<vec_dot_iq4nl_q8_split_ref>, vec_dot_uses_nib4_avx512vnni<BlockIQ4NL, 7, kIq4Values>},
         {TensorType::mxfp4, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_mxfp4_q8_split_avx512vnni>,
-         erase_dot<vec_dot_mxfp4_q8_split_ref>},
+         erase_dot<vec_dot_mxfp4_q8_split_ref>, vec_dot_uses_nib4_avx512vnni<BlockMXFP4, 7, kFp4Values>},
 #endif
     };
     return table;
@@ -7377,7 +7434,17 @@ struct RowKernel {
     GemmType gemm;                  // decode == nullptr: no panel form
     GemmTileFn gemm_tile = nullptr;
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
+    VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
     bool has_gemm() const { return gemm_tile != nullptr; }
+    // out[i] = vec_dot(w, x[i], n) for i < count, bit for bit, with the row's codes unpacked once per
+    // kMaxDotUses rows where the kernel has that form.
+    void dot_uses(const void* w, const void* const* x, int count, int64_t n, float* out) const {
+        if (count == 1 || !vec_dot_uses) {
+            for (int i = 0; i < count; ++i) out[i] = vec_dot(w, x[i], n);
+            return;
+        }
+        for (int i = 0; i < count; i += kMaxDotUses) vec_dot_uses(w, x + i, std::min(kMaxDotUses, count - i), n, out + i);
+    }
 };
 
 // Gives k the panel form of type t with panel kernel `tile` (if t has one: its codes are int8 times
@@ -7401,6 +7468,7 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
     if (const AltRowKernel* alt = alt_row_kernel(t, isa, cols)) {
         k.act = alt->act;
         k.vec_dot = alt->dot;
+        k.vec_dot_uses = alt->dot_uses;
     }
     set_panel_form(t, gemm_tile_kernel(isa), &k);
     return k;
@@ -7476,6 +7544,24 @@ MOE_API Status vec_dot_ref(TensorType type, Isa isa, const void* weights, const 
     std::vector<uint8_t> act(detail::act_row_bytes(f, n) + 64);
     detail::quantize_act_with(f, Isa::scalar, act.data(), x, n);
     *out = (alt ? alt->ref : tt->dot[0])(weights, act.data(), n);
+    return Status::ok;
+}
+
+MOE_API Status vec_dot_uses(TensorType type, Isa isa, const void* weights, const float* x, int count, int64_t n, float* out) {
+    const detail::QuantType* tt = detail::quant_type((uint32_t)type);
+    if (!tt || !weights || !x || !out || n <= 0 || count < 1 || count > 64) return detail::fail(Status::invalid_argument, "vec_dot_uses: bad arguments");
+    const detail::RowKernel k = detail::row_kernel(*tt, isa, n);
+    if (!k.vec_dot_uses) return detail::fail(Status::unsupported, "vec_dot_uses: no such kernel for %s on %s", tt->name, isa_name(isa));
+    if (n % tt->block_elems || n % detail::act_type(k.act).block_elems)
+        return detail::fail(Status::invalid_argument, "vec_dot_uses: n is not a multiple of the block size");
+    const size_t act_bytes = detail::act_row_bytes(k.act, n);
+    std::vector<uint8_t> act(act_bytes * (size_t)count + 64);
+    const void* rows_x[64];
+    for (int i = 0; i < count; ++i) {
+        rows_x[i] = act.data() + act_bytes * (size_t)i;
+        detail::quantize_act_with(k.act, Isa::scalar, act.data() + act_bytes * (size_t)i, x + n * i, n);
+    }
+    k.dot_uses(weights, rows_x, count, n, out);
     return Status::ok;
 }
 
@@ -11270,7 +11356,7 @@ struct Activations {
     AlignedBuffer<uint8_t> hidden_q;     // (B * slots, hidden_q_stride): the same, quantized for down
     size_t hidden_q_stride = 0;
     AlignedBuffer<float> down_part;      // per thread: down-row dot products of a sub-chunk of rows
-    size_t down_part_per_thread = 0;     // max(kDownRows, kGemmRows * B) * slots floats
+    size_t down_part_per_thread = 0;     // max(kDownRows * min(B, kDownRunTokens), kGemmRows * B) * slots floats
     AlignedBuffer<float> logits_batch;   // (B, n_vocab)
     AlignedBuffer<float> logits;         // (n_vocab): after the last evaluated token
     ActRows act_x, act_att;              // xb and att_out quantized to what their matmuls read
@@ -11405,6 +11491,7 @@ struct SessionImpl {
     static constexpr int kMinSplitLen = 128;     // shortest KV range worth its own thread
     static constexpr int kSerialNormTokens = 4;  // up to this many tokens one thread norms them (no barrier)
     static constexpr int kDownRows = 256;        // down-projection rows per expert stream before the weighted sum (longer runs per expert: 64 measured 7% slower)
+    static constexpr int kDownRunTokens = 16;    // chunks of up to this many tokens get kDownRows-row runs (buffer: 128 KiB a thread at 8 slots)
     static constexpr int kDefaultGemmMinTokens = 8;  // SessionOptions::gemm_min_tokens = 0
     // Matmuls prefetch the weights prefetch_bytes ahead of the row they compute: hardware prefetchers
     // stop at 4 KiB page boundaries, and a core streaming alone cannot otherwise keep enough loads in
@@ -11714,7 +11801,8 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     // + with a Q8_0 cache: the unit's queries as Q8_0 and one dequantized value row.
     const int64_t q8_floats = kv_q8 ? (kAttTokens * group * (hk / kQK) * (int64_t)sizeof(BlockQ8_0) + 3) / 4 + hv : 0;
     a.att_scratch_stride = (size_t)((kAttTokens * group * (kAttBlock + hv + 2) + q8_floats + 15) / 16 * 16);
-    a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows, kGemmRows * B) * (size_t)slots;
+    // Batches of up to kDownRunTokens tokens (batched decode) keep runs of kDownRows rows per expert.
+    a.down_part_per_thread = (size_t)std::max<int64_t>(kDownRows * std::min<int64_t>(B, kDownRunTokens), kGemmRows * B) * (size_t)slots;
     a.hidden_q_stride = (size_t)plan->max_ff * 4;  // f32, and every quantized format's row (+ one block)
     for (int f = 1; f < kActFormatCount; ++f) {
         const int64_t be = act_type((ActFormat)f).block_elems;
@@ -12079,12 +12167,23 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
             const uint8_t* wrow = mt.w->row(mt.mat, row);
             if (prefetch_bytes) prefetch_ahead(wrow, mt.w->row_bytes);
             const float bias = mt.bias ? mt.bias[row] : 0.f;
-            for (int32_t t = t0; t < t0 + n; ++t) {
-                float val = k.vec_dot(wrow, mt.in->row(k.act, t), mt.w->cols);
+            auto store = [&](int32_t t, float val) {
                 if (mt.w->scaled()) val *= mt.w->scale(mt.mat);
                 val += bias;
                 float& o = mt.out[(t - t0) * mt.out_stride + row];
                 o = mt.accumulate ? o + val : val;
+            };
+            if (n == 1) {  // decode: the plain row kernel (the grouping below measured 2-3% slower here)
+                store(t0, k.vec_dot(wrow, mt.in->row(k.act, t0), mt.w->cols));
+                continue;
+            }
+            for (int32_t tg = t0; tg < t0 + n; tg += kMaxDotUses) {  // several tokens: the row's codes unpacked once per group
+                const int count = std::min<int>(kMaxDotUses, t0 + n - tg);
+                const void* xs[kMaxDotUses];
+                float vals[kMaxDotUses];
+                for (int j = 0; j < count; ++j) xs[j] = mt.in->row(k.act, tg + j);
+                k.dot_uses(wrow, xs, count, mt.w->cols, vals);
+                for (int j = 0; j < count; ++j) store(tg + j, vals[j]);
             }
         }
     }
@@ -12895,14 +12994,28 @@ inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
     const uint8_t* grow = e.gate_mat + (size_t)row * e.gate->row_bytes;
     const uint8_t* urow = e.up_mat + (size_t)row * e.up->row_bytes;
     if (prefetch_bytes) { prefetch_ahead(grow, e.gate->row_bytes); prefetch_ahead(urow, e.up->row_bytes); }
-    for (int32_t j = e.use_begin; j < e.use_end; ++j) {
-        const ExpertUse& use = r.uses[(size_t)j];
-        float gv = kg.vec_dot(grow, a.act_x.row(kg.act, use.token), e.gate->cols);
-        float uv = ku.vec_dot(urow, a.act_x.row(ku.act, use.token), e.up->cols);
+    auto store = [&](const ExpertUse& use, float gv, float uv) {
         if (e.gate->scaled()) gv *= e.gate->scale(e.mat);
         if (e.up->scaled()) uv *= e.up->scale(e.mat);
         if (e.gate_b) { gv += e.gate_b[row]; uv += e.up_b[row]; }
         a.hidden[(size_t)((use.token * plan->slots + use.slot) * plan->max_ff + row)] = gated(gv, uv);
+    };
+    if (e.use_end - e.use_begin == 1) {  // one use (all of decode): the plain row kernels
+        const ExpertUse& use = r.uses[(size_t)e.use_begin];
+        store(use, kg.vec_dot(grow, a.act_x.row(kg.act, use.token), e.gate->cols), ku.vec_dot(urow, a.act_x.row(ku.act, use.token), e.up->cols));
+        return;
+    }
+    for (int32_t jg = e.use_begin; jg < e.use_end; jg += kMaxDotUses) {  // several uses: the rows' codes unpacked once per group
+        const int count = std::min<int>(kMaxDotUses, e.use_end - jg);
+        const void *xg[kMaxDotUses], *xu[kMaxDotUses];
+        float gvs[kMaxDotUses], uvs[kMaxDotUses];
+        for (int i = 0; i < count; ++i) {
+            xg[i] = a.act_x.row(kg.act, r.uses[(size_t)(jg + i)].token);
+            xu[i] = a.act_x.row(ku.act, r.uses[(size_t)(jg + i)].token);
+        }
+        kg.dot_uses(grow, xg, count, e.gate->cols, gvs);
+        ku.dot_uses(urow, xu, count, e.up->cols, uvs);
+        for (int i = 0; i < count; ++i) store(r.uses[(size_t)(jg + i)], gvs[i], uvs[i]);
     }
 }
 
@@ -12981,11 +13094,28 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
                     const uint8_t* drow = e.down_mat + (size_t)row * e.down->row_bytes;
                     if (prefetch_bytes) prefetch_ahead(drow, e.down->row_bytes);
                     float* pr = part + (row - r0) * n_uses;
-                    for (int32_t j = e.use_begin; j < e.use_end; ++j) {
-                        const int32_t su = r.uses[(size_t)j].token * slots + r.uses[(size_t)j].slot;
-                        pr[su] = kd.vec_dot(drow, a.hidden_q.data + (size_t)su * a.hidden_q_stride, e.down->cols);
-                        if (e.down->scaled()) pr[su] *= e.down->scale(e.mat);
-                        if (e.down_b) pr[su] += e.down_b[row];
+                    auto store = [&](int32_t su, float v) {
+                        if (e.down->scaled()) v *= e.down->scale(e.mat);
+                        if (e.down_b) v += e.down_b[row];
+                        pr[su] = v;
+                    };
+                    auto use_of = [&](int32_t j) { return r.uses[(size_t)j].token * slots + r.uses[(size_t)j].slot; };
+                    if (e.use_end - e.use_begin == 1) {  // one use (all of decode): the plain row kernel
+                        const int32_t su = use_of(e.use_begin);
+                        store(su, kd.vec_dot(drow, a.hidden_q.data + (size_t)su * a.hidden_q_stride, e.down->cols));
+                        continue;
+                    }
+                    for (int32_t jg = e.use_begin; jg < e.use_end; jg += kMaxDotUses) {  // several uses: codes unpacked once per group
+                        const int count = std::min<int>(kMaxDotUses, e.use_end - jg);
+                        const void* xs[kMaxDotUses];
+                        int32_t sus[kMaxDotUses];
+                        float vals[kMaxDotUses];
+                        for (int i = 0; i < count; ++i) {
+                            sus[i] = use_of(jg + i);
+                            xs[i] = a.hidden_q.data + (size_t)sus[i] * a.hidden_q_stride;
+                        }
+                        kd.dot_uses(drow, xs, count, e.down->cols, vals);
+                        for (int i = 0; i < count; ++i) store(sus[i], vals[i]);
                     }
                 }
             }

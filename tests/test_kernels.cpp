@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <ostream>
 #include <random>
@@ -130,6 +131,47 @@ TEST(Kernels, ExactOnSmallIntegers) {
             }
         }
     }
+}
+
+// One row against several activation rows (batched decode, a row that several tokens use) must give
+// each row's own vec_dot bit for bit, or a sequence decoded in a batch would drift from the same
+// sequence decoded alone. Every weight and activation kind; counts past the kernel's group of 4 (two
+// and three groups); rows of 1, 3 and 5 groups of 128 (an odd count ends on the first accumulator).
+TEST(Kernels, DotUsesEqualRowKernelBitForBit) {
+    std::mt19937 rng(99);
+    int with_kernel = 0;
+    for (moe::TensorType t : kTypes)
+        for (moe::Isa isa : kSimdIsas) {
+            if (!isa_available(isa)) continue;
+            for (int64_t n : {128, 384, 640, 2048}) {
+                if (n % moe::tensor_type_block_elems(t)) continue;
+                for (int wk = 0; wk < (int)WeightKind::count; ++wk) {
+                    const std::vector<uint8_t> w = make_weights(t, n, (WeightKind)wk, rng);
+                    ASSERT_FALSE(w.empty());
+                    for (int count : {1, 2, 3, 4, 5, 9}) {
+                        std::vector<float> x;
+                        for (int i = 0; i < count; ++i) {
+                            const std::vector<float> row = make_activations(n, (ActKind)((i + wk) % (int)ActKind::count), rng);
+                            x.insert(x.end(), row.begin(), row.end());
+                        }
+                        std::vector<float> out((size_t)count);
+                        const moe::Status st = moe::vec_dot_uses(t, isa, w.data(), x.data(), count, n, out.data());
+                        if (st == moe::Status::unsupported) break;
+                        ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
+                        ++with_kernel;
+                        for (int i = 0; i < count; ++i) {
+                            float one = 0;
+                            ASSERT_EQ(moe::vec_dot(t, isa, w.data(), x.data() + n * i, n, &one), moe::Status::ok);
+                            EXPECT_EQ(out[(size_t)i], one) << moe::tensor_type_name(t) << " " << moe::isa_name(isa) << " n=" << n
+                                                           << " weights=" << kWeightKindNames[wk] << " row " << i << " of " << count;
+                        }
+                    }
+                }
+            }
+        }
+    // The 4-bit types of the AVX-512 VNNI kernels have this form: the test must not pass vacuously there.
+    if (moe::detected_isa() == moe::Isa::avx512_vnni) EXPECT_GE(with_kernel, 3 * 4 * 5 * 6);
+    std::printf("[          ] %d (type, isa, row, count) cases with a several-row kernel\n", with_kernel);
 }
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(MOE_NO_SIMD) && \

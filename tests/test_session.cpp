@@ -284,6 +284,28 @@ TEST(BatchedDecode, NewFamiliesMatchTheirSoloRuns) {
     }
 }
 
+// Rows that several sequences of a batch use are dotted with all their activations in one pass
+// where the kernel has that form (the 4-bit types on AVX-512 VNNI: RowKernel::dot_uses); the logits
+// must stay bit for bit those of each sequence alone. Rows of 3 groups of 128 (an odd count), 6
+// sequences (groups of 4 + 2), 4 experts of which 2 are used (experts shared within the batch).
+TEST(BatchedDecode, FourBitRowsDottedTogetherMatchSoloRuns) {
+    for (moe::TensorType t : {moe::TensorType::q4_0, moe::TensorType::iq4_nl, moe::TensorType::mxfp4}) {
+        SCOPED_TRACE(moe::tensor_type_name(t));
+        moe_test::ModelSpec spec;
+        spec.n_embd = 384;
+        spec.n_head = 6;
+        spec.n_head_kv = 2;
+        spec.n_ff = 256;
+        spec.wtype = t;
+        const moe_test::RandomModel rm = moe_test::make_random_model(spec);
+        ASSERT_TRUE(rm.ok()) << rm.error;
+        const std::vector<uint8_t> bytes = rm.bytes();
+        moe::Model model;
+        ASSERT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::ok) << moe::last_error();
+        check_batched_against_solo(model, {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {200}, {9, 8, 7, 6, 5}, {40, 77, 258}, {11, 12}}, 6);
+    }
+}
+
 TEST(BatchedDecode, BadBatchesAreRefusedBeforeAnythingRuns) {
     const moe::Model model = load_demo();
     const moe::Model other = load_demo();
