@@ -5730,6 +5730,84 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_q6k_q8k_avx512vnni(const BlockQ6K* w,
     return _mm512_reduce_add_ps(acc);
 }
 
+// Q6_K and Q4_K against K activation rows (batched decode): codes and sub-block scales unpacked
+// once, then per activation the operations of the one-row kernel above in its order (out[i] equals
+// its result bit for bit).
+template <int K>
+MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_q6k_q8k_avx512vnni(const BlockQ6K* w, const BlockQ8K* const* x, int64_t n, float* out) {
+    const int64_t nb = n / kQKK;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[K];
+    for (int i = 0; i < K; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sc8 = loadu_128(w[b].scales);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        const __m512i scales = _mm512_and_si512(_mm512_cvtepi8_epi32(sc8), _mm512_set1_epi32(0xFFFF));
+        __m512i q[4], qs[4];  // codes and lane scales of the four 64-element registers
+        q6k_unpack_half_avx512(w[b], 0, &q[0], &q[1]);
+        q6k_unpack_half_avx512(w[b], 1, &q[2], &q[3]);
+        for (int r = 0; r < 4; ++r) qs[r] = q6k_quad_scales(scales, 4 * r);
+        const float d = _cvtsh_ss(w[b].d);
+        for (int i = 0; i < K; ++i) {
+            const BlockQ8K& xb = x[i][b];
+            const __m256i corr = _mm256_madd_epi16(loadu_256(xb.bsums), sc16);
+            __m512i sum0 = zero, sum1 = zero;
+            for (int h = 0; h < 2; ++h) {
+                const __m512i d01 = _mm512_dpbusd_epi32(zero, q[2 * h], loadu_512(xb.qs + 128 * h));
+                const __m512i d23 = _mm512_dpbusd_epi32(zero, q[2 * h + 1], loadu_512(xb.qs + 128 * h + 64));
+                sum0 = _mm512_dpwssd_epi32(sum0, d01, qs[2 * h]);
+                sum1 = _mm512_dpwssd_epi32(sum1, d23, qs[2 * h + 1]);
+            }
+            const __m512i isum = _mm512_sub_epi32(_mm512_add_epi32(sum0, sum1), _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(d * xb.d), _mm512_cvtepi32_ps(isum), acc[i]);
+        }
+    }
+    for (int i = 0; i < K; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+template <int K>
+MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_q4k_q8k_avx512vnni(const BlockQ4K* w, const BlockQ8K* const* x, int64_t n, float* out) {
+    const int64_t nb = n / kQKK;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[K];
+    __m256 acc_m[K];
+    for (int i = 0; i < K; ++i) acc[i] = _mm512_setzero_ps(), acc_m[i] = _mm256_setzero_ps();
+    const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sm = q4k_scales_mins(w[b].scales);
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, dup));  // as q4k_mins_dot
+        const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(sm));
+        __m512i q[4], qs[4];
+        for (int c = 0; c < 4; ++c) {
+            q[c] = q4k_chunk_avx512(w[b].qs + 32 * c);
+            qs[c] = q4k_chunk_scales(scales, c);
+        }
+        const float d = _cvtsh_ss(w[b].d), dmin = _cvtsh_ss(w[b].dmin);
+        for (int i = 0; i < K; ++i) {
+            const BlockQ8K& xb = x[i][b];
+            acc_m[i] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * xb.d), _mm256_cvtepi32_ps(_mm256_madd_epi16(loadu_256(xb.bsums), mins)), acc_m[i]);
+            __m512i sum0 = zero, sum1 = zero;
+            for (int c = 0; c < 4; c += 2) {
+                sum0 = _mm512_dpwssd_epi32(sum0, _mm512_dpbusd_epi32(zero, q[c], loadu_512(xb.qs + 64 * c)), qs[c]);
+                sum1 = _mm512_dpwssd_epi32(sum1, _mm512_dpbusd_epi32(zero, q[c + 1], loadu_512(xb.qs + 64 * c + 64)), qs[c + 1]);
+            }
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(d * xb.d), _mm512_cvtepi32_ps(_mm512_add_epi32(sum0, sum1)), acc[i]);
+        }
+    }
+    for (int i = 0; i < K; ++i) out[i] = _mm512_reduce_add_ps(acc[i]) - hsum_f32x8(acc_m[i]);
+}
+// VecDotUsesFn from a one-row kernel and its 2-, 3- and 4-row forms (count 1: the one-row kernel).
+template <typename Block, typename XBlock, auto One, auto Two, auto Three, auto Four>
+MOE_DETAIL_AVX512VNNI inline void dot_uses_by_count(const void* w, const void* const* x, int count, int64_t n, float* out) {
+    const Block* wb = static_cast<const Block*>(w);
+    const XBlock* const* xs = reinterpret_cast<const XBlock* const*>(x);
+    switch (count) {
+        case 1: out[0] = One(wb, xs[0], n); break;
+        case 2: Two(wb, xs, n, out); break;
+        case 3: Three(wb, xs, n, out); break;
+        default: Four(wb, xs, n, out); break;
+    }
+}
+
 // ---- The seed formats with VNNI: 64 codes per register into vpdpbusd ----
 // vpdpbusd multiplies unsigned by signed bytes, so a signed codebook goes in offset by 128 (the
 // pshufb table holds c + 128) and 128 * Σy comes off again: per lane through one more vpdpbusd
@@ -5892,16 +5970,10 @@ MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_nib4_q8_split_avx512vnni(const Bl
     for (int i = 0; i < K; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
 }
 template <typename Block, int kOffsetShift, const int8_t* kTable>
-MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_nib4_avx512vnni(const void* w, const void* const* x, int count, int64_t n, float* out) {
-    const Block* wb = static_cast<const Block*>(w);
-    const BlockQ8Split* const* xs = reinterpret_cast<const BlockQ8Split* const*>(x);
-    switch (count) {
-        case 1: out[0] = vec_dot_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable>(wb, xs[0], n); break;
-        case 2: vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 2>(wb, xs, n, out); break;
-        case 3: vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 3>(wb, xs, n, out); break;
-        default: vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 4>(wb, xs, n, out); break;
-    }
-}
+constexpr VecDotUsesFn nib4_uses_avx512vnni =
+    dot_uses_by_count<Block, BlockQ8Split, vec_dot_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable>,
+                      vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 2>, vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 3>,
+                      vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 4>>;
 
 // NVFP4: one block (four sub-blocks of 16) per register. Sub-block s's 8 code bytes go to lane s
 // twice, the copy shifted by 4 holds elements 8..15; int32 lane i covers elements 4i..4i+3, so it
@@ -7317,28 +7389,54 @@ inline const ActType& act_type(ActFormat f) {
 inline size_t act_row_bytes(ActFormat f, int64_t n) { return (size_t)(n / act_type(f).block_elems) * (size_t)act_type(f).block_bytes; }
 
 // Row kernels of one ISA that read another activation format than their type's row (the format's
-// block must divide the row length): {type, isa, format, kernel, its scalar _ref twin, the kernel
-// for one row against several activation rows (its results equal `dot`'s; nullptr: none)}. Bound
-// by row_kernel().
+// block must divide the row length): {type, isa, format, kernel, its scalar _ref twin}. Bound by
+// row_kernel().
 struct AltRowKernel {
     TensorType type;
     Isa isa;
     ActFormat act;
     VecDotFn dot, ref;
-    VecDotUsesFn dot_uses;
 };
 inline const std::vector<AltRowKernel>& alt_row_kernels() {
     static const std::vector<AltRowKernel> table = {
 #if MOE_DETAIL_HAS_AVX512
         {TensorType::q4_0, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_q4_0_q8_split_avx512vnni>,
-         erase_dot<vec_dot_q4_0_q8_split_ref>, vec_dot_uses_nib4_avx512vnni<BlockQ4_0, 3, nullptr>},
+         erase_dot<vec_dot_q4_0_q8_split_ref>},
         {TensorType::iq4_nl, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_iq4nl_q8_split_avx512vnni>,
-         erase_dot<vec_dot_iq4nl_q8_split_ref>, vec_dot_uses_nib4_avx512vnni<BlockIQ4NL, 7, kIq4Values>},
+         erase_dot<vec_dot_iq4nl_q8_split_ref>},
         {TensorType::mxfp4, Isa::avx512_vnni, ActFormat::q8_0_split, erase_dot<vec_dot_mxfp4_q8_split_avx512vnni>,
-         erase_dot<vec_dot_mxfp4_q8_split_ref>, vec_dot_uses_nib4_avx512vnni<BlockMXFP4, 7, kFp4Values>},
+         erase_dot<vec_dot_mxfp4_q8_split_ref>},
 #endif
     };
     return table;
+}
+
+// Kernels for one row against several activation rows (RowKernel::dot_uses): {type, isa, the
+// activation format of the row kernel whose results they give bit for bit, kernel}. Their oracle is
+// that row kernel (tests: Kernels.DotUsesEqualRowKernelBitForBit).
+struct DotUsesKernel {
+    TensorType type;
+    Isa isa;
+    ActFormat act;
+    VecDotUsesFn fn;
+};
+inline VecDotUsesFn dot_uses_kernel(TensorType type, Isa isa, ActFormat act) {
+    static const std::vector<DotUsesKernel> table = {
+#if MOE_DETAIL_HAS_AVX512
+        {TensorType::q4_0, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockQ4_0, 3, nullptr>},
+        {TensorType::iq4_nl, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockIQ4NL, 7, kIq4Values>},
+        {TensorType::mxfp4, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockMXFP4, 7, kFp4Values>},
+        {TensorType::q4_k, Isa::avx512_vnni, ActFormat::q8_k,
+         dot_uses_by_count<BlockQ4K, BlockQ8K, vec_dot_q4k_q8k_avx512vnni, vec_dot_uses_q4k_q8k_avx512vnni<2>, vec_dot_uses_q4k_q8k_avx512vnni<3>,
+                           vec_dot_uses_q4k_q8k_avx512vnni<4>>},
+        {TensorType::q6_k, Isa::avx512_vnni, ActFormat::q8_k,
+         dot_uses_by_count<BlockQ6K, BlockQ8K, vec_dot_q6k_q8k_avx512vnni, vec_dot_uses_q6k_q8k_avx512vnni<2>, vec_dot_uses_q6k_q8k_avx512vnni<3>,
+                           vec_dot_uses_q6k_q8k_avx512vnni<4>>},
+#endif
+    };
+    for (const DotUsesKernel& k : table)
+        if (k.type == type && k.isa == isa && k.act == act) return k.fn;
+    return nullptr;
 }
 
 #undef MOE_DETAIL_DOTS
@@ -7468,8 +7566,8 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
     if (const AltRowKernel* alt = alt_row_kernel(t, isa, cols)) {
         k.act = alt->act;
         k.vec_dot = alt->dot;
-        k.vec_dot_uses = alt->dot_uses;
     }
+    k.vec_dot_uses = dot_uses_kernel(t.type, isa, k.act);
     set_panel_form(t, gemm_tile_kernel(isa), &k);
     return k;
 }

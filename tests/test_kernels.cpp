@@ -136,14 +136,15 @@ TEST(Kernels, ExactOnSmallIntegers) {
 // One row against several activation rows (batched decode, a row that several tokens use) must give
 // each row's own vec_dot bit for bit, or a sequence decoded in a batch would drift from the same
 // sequence decoded alone. Every weight and activation kind; counts past the kernel's group of 4 (two
-// and three groups); rows of 1, 3 and 5 groups of 128 (an odd count ends on the first accumulator).
+// and three groups); rows of 1 and 3 groups of 128 (an odd count ends on the first accumulator) and
+// of 3 and 8 super-blocks of 256.
 TEST(Kernels, DotUsesEqualRowKernelBitForBit) {
     std::mt19937 rng(99);
     int with_kernel = 0;
     for (moe::TensorType t : kTypes)
         for (moe::Isa isa : kSimdIsas) {
             if (!isa_available(isa)) continue;
-            for (int64_t n : {128, 384, 640, 2048}) {
+            for (int64_t n : {128, 384, 768, 2048}) {
                 if (n % moe::tensor_type_block_elems(t)) continue;
                 for (int wk = 0; wk < (int)WeightKind::count; ++wk) {
                     const std::vector<uint8_t> w = make_weights(t, n, (WeightKind)wk, rng);
@@ -169,8 +170,9 @@ TEST(Kernels, DotUsesEqualRowKernelBitForBit) {
                 }
             }
         }
-    // The 4-bit types of the AVX-512 VNNI kernels have this form: the test must not pass vacuously there.
-    if (moe::detected_isa() == moe::Isa::avx512_vnni) EXPECT_GE(with_kernel, 3 * 4 * 5 * 6);
+    // On AVX-512 VNNI, Q4_0, IQ4_NL, MXFP4 (4 row lengths) and Q4_K, Q6_K (2) have this form: the
+    // test must not pass vacuously there.
+    if (moe::detected_isa() == moe::Isa::avx512_vnni) EXPECT_EQ(with_kernel, (3 * 4 + 2 * 2) * 5 * 6);
     std::printf("[          ] %d (type, isa, row, count) cases with a several-row kernel\n", with_kernel);
 }
 

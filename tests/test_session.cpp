@@ -285,15 +285,17 @@ TEST(BatchedDecode, NewFamiliesMatchTheirSoloRuns) {
 }
 
 // Rows that several sequences of a batch use are dotted with all their activations in one pass
-// where the kernel has that form (the 4-bit types on AVX-512 VNNI: RowKernel::dot_uses); the logits
-// must stay bit for bit those of each sequence alone. Rows of 3 groups of 128 (an odd count), 6
-// sequences (groups of 4 + 2), 4 experts of which 2 are used (experts shared within the batch).
-TEST(BatchedDecode, FourBitRowsDottedTogetherMatchSoloRuns) {
-    for (moe::TensorType t : {moe::TensorType::q4_0, moe::TensorType::iq4_nl, moe::TensorType::mxfp4}) {
+// where the kernel has that form (Q4_0, IQ4_NL, MXFP4, Q4_K, Q6_K on AVX-512 VNNI:
+// RowKernel::dot_uses); the logits must stay bit for bit those of each sequence alone. Rows of 3
+// groups of 128 (an odd count) or 2 super-blocks, 6 sequences (groups of 4 + 2), 4 experts of
+// which 2 are used (experts shared within the batch).
+TEST(BatchedDecode, RowsDottedTogetherMatchSoloRuns) {
+    for (moe::TensorType t : {moe::TensorType::q4_0, moe::TensorType::iq4_nl, moe::TensorType::mxfp4, moe::TensorType::q4_k, moe::TensorType::q6_k}) {
         SCOPED_TRACE(moe::tensor_type_name(t));
+        const bool k_quant = t == moe::TensorType::q4_k || t == moe::TensorType::q6_k;
         moe_test::ModelSpec spec;
-        spec.n_embd = 384;
-        spec.n_head = 6;
+        spec.n_embd = k_quant ? 512 : 384;
+        spec.n_head = k_quant ? 8 : 6;
         spec.n_head_kv = 2;
         spec.n_ff = 256;
         spec.wtype = t;
