@@ -860,11 +860,12 @@ public:
     // Batched decode: token i appended to sessions[i], for n distinct sessions of one Model, in
     // passes of up to sessions[0]'s n_batch tokens on sessions[0]'s threads: an expert's weights are
     // read once per pass for every sequence routed to it (and, for Q4_0, IQ4_NL, MXFP4, Q4_K and
-    // Q6_K on AVX-512 VNNI, a row's codes unpacked once for up to 4 of them). Afterwards each session's logits() and
-    // position() and last_expert_ids() are what its own eval(&tokens[i], 1) would give, bit for bit,
-    // when the sessions share their options (sessions[0]'s threads and activation settings are the
-    // ones used), except that attention over a cache longer than 256 positions may add its KV
-    // splits in another order (last-bit differences); expert_stats() of sessions[0] counts the batch.
+    // Q6_K on AVX-512 VNNI, a row's codes unpacked once for up to 8 of them). Afterwards each
+    // session's logits() and position() and last_expert_ids() are what its own eval(&tokens[i], 1)
+    // would give, bit for bit, when the sessions share their options (sessions[0]'s threads and
+    // activation settings are the ones used), except that attention over a cache longer than 256
+    // positions may add its KV splits in another order (last-bit differences); expert_stats() of
+    // sessions[0] counts the batch.
     // No other thread may use these sessions meanwhile. Status: invalid_argument (a null, repeated,
     // uncreated or other-model session, a token out of range, n == 0), context_full (a session at
     // n_ctx; checked before anything is evaluated).
@@ -1716,7 +1717,7 @@ constexpr int kIsaCount = (int)Isa::neon_dotprod + 1;
 typedef float (*VecDotFn)(const void* w, const void* x, int64_t n);      // one row . one activation row
 // One row . x[0..count) (1 <= count <= kMaxDotUses): out[i] equal to the row kernel's own result for x[i].
 typedef void (*VecDotUsesFn)(const void* w, const void* const* x, int count, int64_t n, float* out);
-constexpr int kMaxDotUses = 4;
+constexpr int kMaxDotUses = 8;
 typedef void (*QuantizeRowFn)(const float* x, void* dst, int64_t n);     // n floats -> blocks
 typedef void (*DequantizeRowFn)(const void* src, float* y, int64_t n);  // blocks -> n floats
 typedef void (*QuantizeWeightedFn)(const float* x, void* dst, int64_t n, const float* importance);
@@ -5796,17 +5797,18 @@ MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_q4k_q8k_avx512vnni(const BlockQ4K
     }
     for (int i = 0; i < K; ++i) out[i] = _mm512_reduce_add_ps(acc[i]) - hsum_f32x8(acc_m[i]);
 }
-// VecDotUsesFn from a one-row kernel and its 2-, 3- and 4-row forms (count 1: the one-row kernel).
-template <typename Block, typename XBlock, auto One, auto Two, auto Three, auto Four>
+// VecDotUsesFn from a one-row kernel and its 2-, 4- and 8-row forms (count <= kMaxDotUses = 8: the
+// largest form that fits, then the smaller ones for the rest; each activation's result is the same
+// whichever form computes it).
+template <typename Block, typename XBlock, auto One, auto Two, auto Four, auto Eight>
 MOE_DETAIL_AVX512VNNI inline void dot_uses_by_count(const void* w, const void* const* x, int count, int64_t n, float* out) {
     const Block* wb = static_cast<const Block*>(w);
     const XBlock* const* xs = reinterpret_cast<const XBlock* const*>(x);
-    switch (count) {
-        case 1: out[0] = One(wb, xs[0], n); break;
-        case 2: Two(wb, xs, n, out); break;
-        case 3: Three(wb, xs, n, out); break;
-        default: Four(wb, xs, n, out); break;
-    }
+    int i = 0;
+    if (count - i >= 8) Eight(wb, xs + i, n, out + i), i += 8;
+    if (count - i >= 4) Four(wb, xs + i, n, out + i), i += 4;
+    if (count - i >= 2) Two(wb, xs + i, n, out + i), i += 2;
+    if (count - i >= 1) out[i] = One(wb, xs[i], n);
 }
 
 // ---- The seed formats with VNNI: 64 codes per register into vpdpbusd ----
@@ -5973,8 +5975,8 @@ MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_nib4_q8_split_avx512vnni(const Bl
 template <typename Block, int kOffsetShift, const int8_t* kTable>
 constexpr VecDotUsesFn nib4_uses_avx512vnni =
     dot_uses_by_count<Block, BlockQ8Split, vec_dot_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable>,
-                      vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 2>, vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 3>,
-                      vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 4>>;
+                      vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 2>, vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 4>,
+                      vec_dot_uses_nib4_q8_split_avx512vnni<Block, kOffsetShift, kTable, 8>>;
 
 // NVFP4: one block (four sub-blocks of 16) per register. Sub-block s's 8 code bytes go to lane s
 // twice, the copy shifted by 4 holds elements 8..15; int32 lane i covers elements 4i..4i+3, so it
@@ -7428,11 +7430,11 @@ inline VecDotUsesFn dot_uses_kernel(TensorType type, Isa isa, ActFormat act) {
         {TensorType::iq4_nl, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockIQ4NL, 7, kIq4Values>},
         {TensorType::mxfp4, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockMXFP4, 7, kFp4Values>},
         {TensorType::q4_k, Isa::avx512_vnni, ActFormat::q8_k,
-         dot_uses_by_count<BlockQ4K, BlockQ8K, vec_dot_q4k_q8k_avx512vnni, vec_dot_uses_q4k_q8k_avx512vnni<2>, vec_dot_uses_q4k_q8k_avx512vnni<3>,
-                           vec_dot_uses_q4k_q8k_avx512vnni<4>>},
+         dot_uses_by_count<BlockQ4K, BlockQ8K, vec_dot_q4k_q8k_avx512vnni, vec_dot_uses_q4k_q8k_avx512vnni<2>, vec_dot_uses_q4k_q8k_avx512vnni<4>,
+                           vec_dot_uses_q4k_q8k_avx512vnni<8>>},
         {TensorType::q6_k, Isa::avx512_vnni, ActFormat::q8_k,
-         dot_uses_by_count<BlockQ6K, BlockQ8K, vec_dot_q6k_q8k_avx512vnni, vec_dot_uses_q6k_q8k_avx512vnni<2>, vec_dot_uses_q6k_q8k_avx512vnni<3>,
-                           vec_dot_uses_q6k_q8k_avx512vnni<4>>},
+         dot_uses_by_count<BlockQ6K, BlockQ8K, vec_dot_q6k_q8k_avx512vnni, vec_dot_uses_q6k_q8k_avx512vnni<2>, vec_dot_uses_q6k_q8k_avx512vnni<4>,
+                           vec_dot_uses_q6k_q8k_avx512vnni<8>>},
 #endif
     };
     for (const DotUsesKernel& k : table)

@@ -287,8 +287,8 @@ TEST(BatchedDecode, NewFamiliesMatchTheirSoloRuns) {
 // Rows that several sequences of a batch use are dotted with all their activations in one pass
 // where the kernel has that form (Q4_0, IQ4_NL, MXFP4, Q4_K, Q6_K on AVX-512 VNNI:
 // RowKernel::dot_uses); the logits must stay bit for bit those of each sequence alone. Rows of 3
-// groups of 128 (an odd count) or 2 super-blocks, 6 sequences (groups of 4 + 2), 4 experts of
-// which 2 are used (experts shared within the batch).
+// groups of 128 (an odd count) or 2 super-blocks, 6 sequences (the 4- and 2-row forms), 4 experts
+// of which 2 are used (experts shared within the batch).
 TEST(BatchedDecode, RowsDottedTogetherMatchSoloRuns) {
     for (moe::TensorType t : {moe::TensorType::q4_0, moe::TensorType::iq4_nl, moe::TensorType::mxfp4, moe::TensorType::q4_k, moe::TensorType::q6_k}) {
         SCOPED_TRACE(moe::tensor_type_name(t));
