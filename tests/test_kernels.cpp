@@ -172,7 +172,9 @@ TEST(Kernels, DotUsesEqualRowKernelBitForBit) {
         }
     // On AVX-512 VNNI, Q4_0, IQ4_NL, MXFP4 (4 row lengths) and Q4_K, Q6_K (2) have this form: the
     // test must not pass vacuously there.
-    if (moe::detected_isa() == moe::Isa::avx512_vnni) EXPECT_EQ(with_kernel, (3 * 4 + 2 * 2) * 5 * 6);
+    if (moe::detected_isa() == moe::Isa::avx512_vnni) {
+        EXPECT_EQ(with_kernel, (3 * 4 + 2 * 2) * 5 * 6);
+    }
     std::printf("[          ] %d (type, isa, row, count) cases with a several-row kernel\n", with_kernel);
 }
 
