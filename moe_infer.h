@@ -7537,16 +7537,35 @@ struct RowKernel {
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
     VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
     bool has_gemm() const { return gemm_tile != nullptr; }
-    // out[i] = vec_dot(w, x[i], n) for i < count, bit for bit, with the row's codes unpacked once per
-    // kMaxDotUses rows where the kernel has that form.
+    // out[i] = vec_dot(w, x[i], n) for i < count <= kMaxDotUses, bit for bit, with the row's codes
+    // unpacked once where the kernel has that form.
     void dot_uses(const void* w, const void* const* x, int count, int64_t n, float* out) const {
         if (count == 1 || !vec_dot_uses) {
             for (int i = 0; i < count; ++i) out[i] = vec_dot(w, x[i], n);
             return;
         }
-        for (int i = 0; i < count; i += kMaxDotUses) vec_dot_uses(w, x + i, std::min(kMaxDotUses, count - i), n, out + i);
+        vec_dot_uses(w, x, count, n, out);
     }
 };
+
+// One weight row against the activation rows of uses [begin, end): x_of(j) is use j's row,
+// store(j, value) takes its result. One use calls the plain row kernel (single-sequence decode:
+// grouping measured 2-3% slower there); several share the row's unpacked codes, kMaxDotUses at a time.
+template <class XOf, class Store>
+inline void dot_row_uses(const RowKernel& k, const void* w, int64_t n, int32_t begin, int32_t end, XOf x_of, Store store) {
+    if (end - begin == 1) {
+        store(begin, k.vec_dot(w, x_of(begin), n));
+        return;
+    }
+    for (int32_t g = begin; g < end; g += kMaxDotUses) {
+        const int count = std::min<int>(kMaxDotUses, end - g);
+        const void* xs[kMaxDotUses];
+        float vals[kMaxDotUses];
+        for (int i = 0; i < count; ++i) xs[i] = x_of(g + i);
+        k.dot_uses(w, xs, count, n, vals);
+        for (int i = 0; i < count; ++i) store(g + i, vals[i]);
+    }
+}
 
 // Gives k the panel form of type t with panel kernel `tile` (if t has one: its codes are int8 times
 // a scale per 32, and its row kernels read q8_0, q8_1 or q8_k, whose codes the panels reuse).
@@ -7662,7 +7681,7 @@ MOE_API Status vec_dot_uses(TensorType type, Isa isa, const void* weights, const
         rows_x[i] = act.data() + act_bytes * (size_t)i;
         detail::quantize_act_with(k.act, Isa::scalar, act.data() + act_bytes * (size_t)i, x + n * i, n);
     }
-    k.dot_uses(weights, rows_x, count, n, out);
+    for (int i = 0; i < count; i += detail::kMaxDotUses) k.dot_uses(weights, rows_x + i, std::min(detail::kMaxDotUses, count - i), n, out + i);
     return Status::ok;
 }
 
@@ -12274,18 +12293,7 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
                 float& o = mt.out[(t - t0) * mt.out_stride + row];
                 o = mt.accumulate ? o + val : val;
             };
-            if (n == 1) {  // decode: the plain row kernel (the grouping below measured 2-3% slower here)
-                store(t0, k.vec_dot(wrow, mt.in->row(k.act, t0), mt.w->cols));
-                continue;
-            }
-            for (int32_t tg = t0; tg < t0 + n; tg += kMaxDotUses) {  // several tokens: the row's codes unpacked once per group
-                const int count = std::min<int>(kMaxDotUses, t0 + n - tg);
-                const void* xs[kMaxDotUses];
-                float vals[kMaxDotUses];
-                for (int j = 0; j < count; ++j) xs[j] = mt.in->row(k.act, tg + j);
-                k.dot_uses(wrow, xs, count, mt.w->cols, vals);
-                for (int j = 0; j < count; ++j) store(tg + j, vals[j]);
-            }
+            dot_row_uses(k, wrow, mt.w->cols, t0, t0 + n, [&](int32_t t) { return mt.in->row(k.act, t); }, store);
         }
     }
     return last;
@@ -13008,12 +13016,15 @@ inline bool SessionImpl::shared_down_phase(int32_t n) {
         for (int64_t row = begin; row < end; ++row) {
             const uint8_t* drow = e.down_mat + (size_t)row * e.down->row_bytes;
             if (prefetch_bytes) prefetch_ahead(drow, e.down->row_bytes);
-            for (int32_t j = e.use_begin; j < e.use_end; ++j) {
-                const ExpertUse& use = r.uses[(size_t)j];
-                float v = kd.vec_dot(drow, a.hidden_q.data + (size_t)(use.token * plan->slots + use.slot) * a.hidden_q_stride, e.down->cols);
-                if (e.down->scaled()) v *= e.down->scale(e.mat);
-                prediction.shared_out[(size_t)(use.token * n_embd + row)] = v;
-            }
+            dot_row_uses(kd, drow, e.down->cols, e.use_begin, e.use_end,
+                         [&](int32_t j) {
+                             const ExpertUse& use = r.uses[(size_t)j];
+                             return a.hidden_q.data + (size_t)(use.token * plan->slots + use.slot) * a.hidden_q_stride;
+                         },
+                         [&](int32_t j, float v) {
+                             if (e.down->scaled()) v *= e.down->scale(e.mat);
+                             prediction.shared_out[(size_t)(r.uses[(size_t)j].token * n_embd + row)] = v;
+                         });
         }
     return last;
 }
@@ -13101,22 +13112,13 @@ inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
         if (e.gate_b) { gv += e.gate_b[row]; uv += e.up_b[row]; }
         a.hidden[(size_t)((use.token * plan->slots + use.slot) * plan->max_ff + row)] = gated(gv, uv);
     };
-    if (e.use_end - e.use_begin == 1) {  // one use (all of decode): the plain row kernels
-        const ExpertUse& use = r.uses[(size_t)e.use_begin];
-        store(use, kg.vec_dot(grow, a.act_x.row(kg.act, use.token), e.gate->cols), ku.vec_dot(urow, a.act_x.row(ku.act, use.token), e.up->cols));
-        return;
-    }
-    for (int32_t jg = e.use_begin; jg < e.use_end; jg += kMaxDotUses) {  // several uses: the rows' codes unpacked once per group
-        const int count = std::min<int>(kMaxDotUses, e.use_end - jg);
-        const void *xg[kMaxDotUses], *xu[kMaxDotUses];
-        float gvs[kMaxDotUses], uvs[kMaxDotUses];
-        for (int i = 0; i < count; ++i) {
-            xg[i] = a.act_x.row(kg.act, r.uses[(size_t)(jg + i)].token);
-            xu[i] = a.act_x.row(ku.act, r.uses[(size_t)(jg + i)].token);
-        }
-        kg.dot_uses(grow, xg, count, e.gate->cols, gvs);
-        ku.dot_uses(urow, xu, count, e.up->cols, uvs);
-        for (int i = 0; i < count; ++i) store(r.uses[(size_t)(jg + i)], gvs[i], uvs[i]);
+    for (int32_t jg = e.use_begin; jg < e.use_end; jg += kMaxDotUses) {  // the gate values of a group, then its up values
+        const int32_t jend = std::min<int32_t>(jg + kMaxDotUses, e.use_end);
+        float gvs[kMaxDotUses];
+        dot_row_uses(kg, grow, e.gate->cols, jg, jend, [&](int32_t j) { return a.act_x.row(kg.act, r.uses[(size_t)j].token); },
+                     [&](int32_t j, float v) { gvs[j - jg] = v; });
+        dot_row_uses(ku, urow, e.up->cols, jg, jend, [&](int32_t j) { return a.act_x.row(ku.act, r.uses[(size_t)j].token); },
+                     [&](int32_t j, float v) { store(r.uses[(size_t)j], gvs[j - jg], v); });
     }
 }
 
@@ -13195,29 +13197,14 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
                     const uint8_t* drow = e.down_mat + (size_t)row * e.down->row_bytes;
                     if (prefetch_bytes) prefetch_ahead(drow, e.down->row_bytes);
                     float* pr = part + (row - r0) * n_uses;
-                    auto store = [&](int32_t su, float v) {
-                        if (e.down->scaled()) v *= e.down->scale(e.mat);
-                        if (e.down_b) v += e.down_b[row];
-                        pr[su] = v;
-                    };
                     auto use_of = [&](int32_t j) { return r.uses[(size_t)j].token * slots + r.uses[(size_t)j].slot; };
-                    if (e.use_end - e.use_begin == 1) {  // one use (all of decode): the plain row kernel
-                        const int32_t su = use_of(e.use_begin);
-                        store(su, kd.vec_dot(drow, a.hidden_q.data + (size_t)su * a.hidden_q_stride, e.down->cols));
-                        continue;
-                    }
-                    for (int32_t jg = e.use_begin; jg < e.use_end; jg += kMaxDotUses) {  // several uses: codes unpacked once per group
-                        const int count = std::min<int>(kMaxDotUses, e.use_end - jg);
-                        const void* xs[kMaxDotUses];
-                        int32_t sus[kMaxDotUses];
-                        float vals[kMaxDotUses];
-                        for (int i = 0; i < count; ++i) {
-                            sus[i] = use_of(jg + i);
-                            xs[i] = a.hidden_q.data + (size_t)sus[i] * a.hidden_q_stride;
-                        }
-                        kd.dot_uses(drow, xs, count, e.down->cols, vals);
-                        for (int i = 0; i < count; ++i) store(sus[i], vals[i]);
-                    }
+                    dot_row_uses(kd, drow, e.down->cols, e.use_begin, e.use_end,
+                                 [&](int32_t j) { return a.hidden_q.data + (size_t)use_of(j) * a.hidden_q_stride; },
+                                 [&](int32_t j, float v) {
+                                     if (e.down->scaled()) v *= e.down->scale(e.mat);
+                                     if (e.down_b) v += e.down_b[row];
+                                     pr[use_of(j)] = v;
+                                 });
                 }
             }
             if (r.shared_first)  // computed before routing: its slot of each token
