@@ -5391,6 +5391,159 @@ MOE_DETAIL_AVX2 inline float vec_dot_tq1_q8k_avx2(const BlockTQ1* w, const Block
     return hsum_f32x8(acc);
 }
 
+// ---- One row against several activation rows (RowKernel::dot_uses), AVX2 ----
+// The weight side of each block (codes, scales) unpacked once, then per activation the float
+// operations of the one-row kernel above in its order, so out[i] equals its result bit for bit
+// (the integer sums are exact, so their order is free). K rows at a time: the one-row kernels
+// keep up to four accumulators each and AVX2 has 16 registers.
+
+// The codes of one Q8_0-format block, unpacked for codes_dot_avx2.
+MOE_DETAIL_AVX2 inline __m256i block_codes_avx2(const BlockQ4_0& w) { return q4_0_nibbles_avx2(w.qs); }
+MOE_DETAIL_AVX2 inline __m256i block_codes_avx2(const BlockQ5_0& w) { return q5_codes_avx2(w.qs, w.qh); }
+MOE_DETAIL_AVX2 inline __m256i block_codes_avx2(const BlockQ8_0& w) { return loadu_256(w.qs); }
+MOE_DETAIL_AVX2 inline __m256i block_codes_avx2(const BlockIQ4NL& w) { return iq4_weights_avx2(w.qs); }
+// block_dot_avx2 of a block from its unpacked codes: Q4_0 and Q5_0 are unsigned with an offset,
+// Q8_0 and IQ4_NL signed.
+template <typename Block>
+MOE_DETAIL_AVX2 inline __m256i codes_dot_avx2(__m256i codes, const BlockQ8_0& x) {
+    const __m256i y = loadu_256(x.qs);
+    if constexpr (std::is_same<Block, BlockQ4_0>::value || std::is_same<Block, BlockQ5_0>::value) {
+        const __m256i offset = _mm256_set1_epi8(std::is_same<Block, BlockQ4_0>::value ? 8 : 16);
+        return _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(codes, y), _mm256_maddubs_epi16(offset, y)), _mm256_set1_epi16(1));
+    } else {
+        return signed_dot_avx2(codes, y);
+    }
+}
+// MOE_DETAIL_Q8_0_BLOCKS_LOOP for K activation rows.
+template <typename Block, int K>
+MOE_DETAIL_AVX2 inline void vec_dot_uses_q8_0_blocks_avx2(const Block* w, const BlockQ8_0* const* x, int64_t n, float* out) {
+    const int64_t nb = n / kQK;
+    __m256 acc[K][4];
+    for (int i = 0; i < K; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+    alignas(16) float sc[K][4];
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        const __m128 wd = _mm_cvtph_ps(_mm_setr_epi16((short)w[b].d, (short)w[b + 1].d, (short)w[b + 2].d, (short)w[b + 3].d, 0, 0, 0, 0));
+        for (int i = 0; i < K; ++i) {
+            const BlockQ8_0* xb = x[i] + b;
+            const __m128 xd = _mm_cvtph_ps(_mm_setr_epi16((short)xb[0].d, (short)xb[1].d, (short)xb[2].d, (short)xb[3].d, 0, 0, 0, 0));
+            _mm_store_ps(sc[i], _mm_mul_ps(wd, xd));  // as scales4_avx2: d_w * d_x per block
+        }
+        for (int j = 0; j < 4; ++j) {
+            const __m256i codes = block_codes_avx2(w[b + j]);
+            for (int i = 0; i < K; ++i)
+                acc[i][j] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[i][j]), _mm256_cvtepi32_ps(codes_dot_avx2<Block>(codes, x[i][b + j])), acc[i][j]);
+        }
+    }
+    for (; b < nb; ++b) {
+        const __m256i codes = block_codes_avx2(w[b]);
+        for (int i = 0; i < K; ++i)
+            acc[i][0] = _mm256_fmadd_ps(_mm256_set1_ps(fp16_mul(w[b].d, x[i][b].d)), _mm256_cvtepi32_ps(codes_dot_avx2<Block>(codes, x[i][b])), acc[i][0]);
+    }
+    for (int i = 0; i < K; ++i) out[i] = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
+}
+// vec_dot_mxfp4_q8_0_avx2 for K activation rows.
+template <int K>
+MOE_DETAIL_AVX2 inline void vec_dot_uses_mxfp4_q8_0_avx2(const BlockMXFP4* w, const BlockQ8_0* const* x, int64_t n, float* out) {
+    const __m256i table = _mm256_broadcastsi128_si256(loadu_128(kFp4Values));
+    const int64_t nb = n / kQK;
+    __m256 acc[K][2];
+    for (int i = 0; i < K; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m256i codes = _mm256_shuffle_epi8(table, q4_0_nibbles_avx2(w[b].qs));
+        const float d = e8m0_half(w[b].e);
+        const int j = (int)(b & 1);  // the one-row kernel's pairs alternate; an odd count's last block (even b) goes to acc0
+        for (int i = 0; i < K; ++i)
+            acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * _cvtsh_ss(x[i][b].d)), _mm256_cvtepi32_ps(signed_dot_avx2(codes, loadu_256(x[i][b].qs))), acc[i][j]);
+    }
+    for (int i = 0; i < K; ++i) out[i] = hsum_f32x8(_mm256_add_ps(acc[i][0], acc[i][1]));
+}
+// vec_dot_q45k_q8k_avx2 for K activation rows.
+template <typename Block, int K>
+MOE_DETAIL_AVX2 inline void vec_dot_uses_q45k_q8k_avx2(const Block* w, const BlockQ8K* const* x, int64_t n, float* out) {
+    const int64_t nb = n / kQKK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    __m256 acc[K], acc_m[K];
+    for (int i = 0; i < K; ++i) acc[i] = acc_m[i] = _mm256_setzero_ps();
+    alignas(32) int32_t sc2[8];
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sm = q4k_scales_mins(w[b].scales);
+        const float d = _cvtsh_ss(w[b].d), dmin = _cvtsh_ss(w[b].dmin);
+        for (int i = 0; i < K; ++i)
+            acc_m[i] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * x[i][b].d), _mm256_cvtepi32_ps(q4k_mins_dot(sm, x[i][b].bsums)), acc_m[i]);
+        q4k_store_scale_pairs(sm, sc2);
+        __m256i qh = _mm256_setzero_si256();
+        if constexpr (kHasFifthBit<Block>) qh = loadu_256(w[b].qh);
+        __m256i sum[K];
+        for (int i = 0; i < K; ++i) sum[i] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+            const __m256i q4 = loadu_256(w[b].qs + 32 * c);
+            __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            if constexpr (kHasFifthBit<Block>) {
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
+                qh = _mm256_srli_epi16(qh, 2);
+            }
+            const __m256i slo = broadcast_i32(sc2 + 2 * c), shi = broadcast_i32(sc2 + 2 * c + 1);
+            for (int i = 0; i < K; ++i) {
+                const int8_t* y = x[i][b].qs + 64 * c;
+                sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, loadu_256(y)), slo));
+                sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, loadu_256(y + 32)), shi));
+            }
+        }
+        for (int i = 0; i < K; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[i][b].d), _mm256_cvtepi32_ps(sum[i]), acc[i]);
+    }
+    for (int i = 0; i < K; ++i) out[i] = hsum_f32x8(acc[i]) - hsum_f32x8(acc_m[i]);
+}
+// vec_dot_q6k_q8k_avx2 for K activation rows.
+template <int K>
+MOE_DETAIL_AVX2 inline void vec_dot_uses_q6k_q8k_avx2(const BlockQ6K* w, const BlockQ8K* const* x, int64_t n, float* out) {
+    const int64_t nb = n / kQKK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[K];
+    for (int i = 0; i < K; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m128i sc8 = loadu_128(w[b].scales);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        __m256i sum[K];
+        for (int i = 0; i < K; ++i) sum[i] = _mm256_slli_epi32(_mm256_madd_epi16(loadu_256(x[i][b].bsums), sc16), 5);  // subtracted below
+        __m256i pos[K];
+        for (int i = 0; i < K; ++i) pos[i] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) {
+            const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(h ? _mm_srli_si128(sc8, 8) : sc8));
+            const __m256i l0 = loadu_256(w[b].ql + 64 * h), l1 = loadu_256(w[b].ql + 64 * h + 32);
+            const __m256i hb = loadu_256(w[b].qh + 32 * h);
+            const __m256i q[4] = {_mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+                                  _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+                                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m30)),
+                                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
+            for (int r = 0; r < 4; ++r) {
+                const __m256i s = _mm256_shuffle_epi8(scales, splat16_ctrl(2 * r, 2 * r + 1));
+                for (int i = 0; i < K; ++i)
+                    pos[i] = _mm256_add_epi32(pos[i], _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], loadu_256(x[i][b].qs + 128 * h + 32 * r)), s));
+            }
+        }
+        const float d = _cvtsh_ss(w[b].d);
+        for (int i = 0; i < K; ++i)
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[i][b].d), _mm256_cvtepi32_ps(_mm256_sub_epi32(pos[i], sum[i])), acc[i]);
+    }
+    for (int i = 0; i < K; ++i) out[i] = hsum_f32x8(acc[i]);
+}
+// VecDotUsesFn from a one-row kernel and its 2- and 4-row forms (count <= kMaxDotUses).
+template <typename Block, typename XBlock, auto One, auto Two, auto Four>
+MOE_DETAIL_AVX2 inline void dot_uses_by_count_avx2(const void* w, const void* const* x, int count, int64_t n, float* out) {
+    const Block* wb = static_cast<const Block*>(w);
+    const XBlock* const* xs = reinterpret_cast<const XBlock* const*>(x);
+    int i = 0;
+    for (; count - i >= 4; i += 4) Four(wb, xs + i, n, out + i);
+    if (count - i >= 2) Two(wb, xs + i, n, out + i), i += 2;
+    if (count - i >= 1) out[i] = One(wb, xs[i], n);
+}
+template <typename Block, auto One>
+constexpr VecDotUsesFn q8_0_blocks_uses_avx2 =
+    dot_uses_by_count_avx2<Block, BlockQ8_0, One, vec_dot_uses_q8_0_blocks_avx2<Block, 2>, vec_dot_uses_q8_0_blocks_avx2<Block, 4>>;
+
 //---- activation quantizers (bit-identical to quantize_act_ref: quantize_act_q8_0_ref, quantize_row_q8k_ref) ----
 
 // Four vectors of 8 int32 (each in [-128, 127]) to 32 int8 in order.
@@ -7414,31 +7567,46 @@ inline const std::vector<AltRowKernel>& alt_row_kernels() {
     return table;
 }
 
-// Kernels for one row against several activation rows (RowKernel::dot_uses): {type, isa, the
-// activation format of the row kernel whose results they give bit for bit, kernel}. Their oracle is
-// that row kernel (tests: Kernels.DotUsesEqualRowKernelBitForBit).
+// Kernels for one row against several activation rows (RowKernel::dot_uses), keyed by the row
+// kernel whose results they give bit for bit: whichever ISA picks that row kernel (AVX-512 without
+// VNNI falls back to AVX2 for some types) gets its form. Their oracle is that row kernel (tests:
+// Kernels.DotUsesEqualRowKernelBitForBit).
 struct DotUsesKernel {
-    TensorType type;
-    Isa isa;
-    ActFormat act;
+    VecDotFn row;
     VecDotUsesFn fn;
 };
-inline VecDotUsesFn dot_uses_kernel(TensorType type, Isa isa, ActFormat act) {
+inline VecDotUsesFn dot_uses_kernel(VecDotFn row) {
     static const std::vector<DotUsesKernel> table = {
+#if MOE_DETAIL_HAS_AVX2
+        {dot_fn<vec_dot_q4_0_q8_0_avx2>, q8_0_blocks_uses_avx2<BlockQ4_0, vec_dot_q4_0_q8_0_avx2>},
+        {dot_fn<vec_dot_q5_0_q8_0_avx2>, q8_0_blocks_uses_avx2<BlockQ5_0, vec_dot_q5_0_q8_0_avx2>},
+        {dot_fn<vec_dot_q8_0_q8_0_avx2>, q8_0_blocks_uses_avx2<BlockQ8_0, vec_dot_q8_0_q8_0_avx2>},
+        {dot_fn<vec_dot_iq4nl_q8_0_avx2>, q8_0_blocks_uses_avx2<BlockIQ4NL, vec_dot_iq4nl_q8_0_avx2>},
+        {dot_fn<vec_dot_mxfp4_q8_0_avx2>,
+         dot_uses_by_count_avx2<BlockMXFP4, BlockQ8_0, vec_dot_mxfp4_q8_0_avx2, vec_dot_uses_mxfp4_q8_0_avx2<2>, vec_dot_uses_mxfp4_q8_0_avx2<4>>},
+        {dot_fn<vec_dot_q45k_q8k_avx2<BlockQ4K>>,
+         dot_uses_by_count_avx2<BlockQ4K, BlockQ8K, vec_dot_q45k_q8k_avx2<BlockQ4K>, vec_dot_uses_q45k_q8k_avx2<BlockQ4K, 2>,
+                                vec_dot_uses_q45k_q8k_avx2<BlockQ4K, 4>>},
+        {dot_fn<vec_dot_q45k_q8k_avx2<BlockQ5K>>,
+         dot_uses_by_count_avx2<BlockQ5K, BlockQ8K, vec_dot_q45k_q8k_avx2<BlockQ5K>, vec_dot_uses_q45k_q8k_avx2<BlockQ5K, 2>,
+                                vec_dot_uses_q45k_q8k_avx2<BlockQ5K, 4>>},
+        {dot_fn<vec_dot_q6k_q8k_avx2>,
+         dot_uses_by_count_avx2<BlockQ6K, BlockQ8K, vec_dot_q6k_q8k_avx2, vec_dot_uses_q6k_q8k_avx2<2>, vec_dot_uses_q6k_q8k_avx2<4>>},
+#endif
 #if MOE_DETAIL_HAS_AVX512
-        {TensorType::q4_0, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockQ4_0, 3, nullptr>},
-        {TensorType::iq4_nl, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockIQ4NL, 7, kIq4Values>},
-        {TensorType::mxfp4, Isa::avx512_vnni, ActFormat::q8_0_split, nib4_uses_avx512vnni<BlockMXFP4, 7, kFp4Values>},
-        {TensorType::q4_k, Isa::avx512_vnni, ActFormat::q8_k,
+        {dot_fn<vec_dot_q4_0_q8_split_avx512vnni>, nib4_uses_avx512vnni<BlockQ4_0, 3, nullptr>},
+        {dot_fn<vec_dot_iq4nl_q8_split_avx512vnni>, nib4_uses_avx512vnni<BlockIQ4NL, 7, kIq4Values>},
+        {dot_fn<vec_dot_mxfp4_q8_split_avx512vnni>, nib4_uses_avx512vnni<BlockMXFP4, 7, kFp4Values>},
+        {dot_fn<vec_dot_q4k_q8k_avx512vnni>,
          dot_uses_by_count<BlockQ4K, BlockQ8K, vec_dot_q4k_q8k_avx512vnni, vec_dot_uses_q4k_q8k_avx512vnni<2>, vec_dot_uses_q4k_q8k_avx512vnni<4>,
                            vec_dot_uses_q4k_q8k_avx512vnni<8>>},
-        {TensorType::q6_k, Isa::avx512_vnni, ActFormat::q8_k,
+        {dot_fn<vec_dot_q6k_q8k_avx512vnni>,
          dot_uses_by_count<BlockQ6K, BlockQ8K, vec_dot_q6k_q8k_avx512vnni, vec_dot_uses_q6k_q8k_avx512vnni<2>, vec_dot_uses_q6k_q8k_avx512vnni<4>,
                            vec_dot_uses_q6k_q8k_avx512vnni<8>>},
 #endif
     };
     for (const DotUsesKernel& k : table)
-        if (k.type == type && k.isa == isa && k.act == act) return k.fn;
+        if (k.row == row) return k.fn;
     return nullptr;
 }
 
@@ -7589,7 +7757,7 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
         k.act = alt->act;
         k.vec_dot = alt->dot;
     }
-    k.vec_dot_uses = dot_uses_kernel(t.type, isa, k.act);
+    k.vec_dot_uses = dot_uses_kernel(k.vec_dot);
     set_panel_form(t, gemm_tile_kernel(isa), &k);
     return k;
 }

@@ -170,10 +170,23 @@ TEST(Kernels, DotUsesEqualRowKernelBitForBit) {
                 }
             }
         }
-    // On AVX-512 VNNI, Q4_0, IQ4_NL, MXFP4 (4 row lengths) and Q4_K, Q6_K (2) have this form: the
-    // test must not pass vacuously there.
-    if (moe::detected_isa() == moe::Isa::avx512_vnni) {
-        EXPECT_EQ(with_kernel, (3 * 4 + 2 * 2) * 5 * 6);
+    // These have the form wherever their ISA runs (the test must not pass vacuously): AVX2 for the
+    // 32-element types and the K-quants, AVX-512 VNNI for the 4-bit split kernels and Q4_K/Q6_K.
+    using T = moe::TensorType;
+    const struct {
+        moe::Isa isa;
+        std::vector<T> types;
+    } must_have[] = {{moe::Isa::avx2, {T::q4_0, T::q5_0, T::q8_0, T::iq4_nl, T::mxfp4, T::q4_k, T::q5_k, T::q6_k}},
+                     {moe::Isa::avx512_vnni, {T::q4_0, T::iq4_nl, T::mxfp4, T::q4_k, T::q6_k}}};
+    for (const auto& m : must_have) {
+        if (!isa_available(m.isa)) continue;
+        for (T t : m.types) {
+            const std::vector<uint8_t> w = make_weights(t, 512, WeightKind::gaussian, rng);
+            const std::vector<float> x(512 * 2, 0.5f);
+            float out[2];
+            EXPECT_EQ(moe::vec_dot_uses(t, m.isa, w.data(), x.data(), 2, 512, out), moe::Status::ok)
+                << moe::tensor_type_name(t) << " " << moe::isa_name(m.isa) << ": " << moe::last_error();
+        }
     }
     std::printf("[          ] %d (type, isa, row, count) cases with a several-row kernel\n", with_kernel);
 }

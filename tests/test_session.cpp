@@ -290,21 +290,36 @@ TEST(BatchedDecode, NewFamiliesMatchTheirSoloRuns) {
 // groups of 128 (an odd count) or 2 super-blocks, 6 sequences (the 4- and 2-row forms), 4 experts
 // of which 2 are used (experts shared within the batch).
 TEST(BatchedDecode, RowsDottedTogetherMatchSoloRuns) {
-    for (moe::TensorType t : {moe::TensorType::q4_0, moe::TensorType::iq4_nl, moe::TensorType::mxfp4, moe::TensorType::q4_k, moe::TensorType::q6_k}) {
-        SCOPED_TRACE(moe::tensor_type_name(t));
-        const bool k_quant = t == moe::TensorType::q4_k || t == moe::TensorType::q6_k;
-        moe_test::ModelSpec spec;
-        spec.n_embd = k_quant ? 512 : 384;
-        spec.n_head = k_quant ? 8 : 6;
-        spec.n_head_kv = 2;
-        spec.n_ff = 256;
-        spec.wtype = t;
-        const moe_test::RandomModel rm = moe_test::make_random_model(spec);
-        ASSERT_TRUE(rm.ok()) << rm.error;
-        const std::vector<uint8_t> bytes = rm.bytes();
-        moe::Model model;
-        ASSERT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::ok) << moe::last_error();
-        check_batched_against_solo(model, {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {200}, {9, 8, 7, 6, 5}, {40, 77, 258}, {11, 12}}, 6);
+    using T = moe::TensorType;
+    struct Pass {
+        moe::Isa isa;
+        std::vector<T> types;
+    };
+    std::vector<Pass> passes = {{moe::detected_isa(), {T::q4_0, T::iq4_nl, T::mxfp4, T::q4_k, T::q6_k}}};
+    // The AVX2 forms too where the CPU has more (its Q8_0-block, MXFP4, Q4_K and Q6_K templates).
+    if (moe::detected_isa() > moe::Isa::avx2 && moe::detected_isa() <= moe::Isa::avx512_vnni)
+        passes.push_back({moe::Isa::avx2, {T::q4_0, T::mxfp4, T::q4_k, T::q6_k}});
+    struct RestoreIsa {
+        ~RestoreIsa() { moe::force_isa(moe::detected_isa()); }
+    } restore;
+    for (const Pass& pass : passes) {
+        ASSERT_EQ(moe::force_isa(pass.isa), moe::Status::ok) << moe::last_error();
+        for (T t : pass.types) {
+            SCOPED_TRACE(std::string(moe::tensor_type_name(t)) + " " + moe::isa_name(pass.isa));
+            const bool k_quant = t == T::q4_k || t == T::q6_k;
+            moe_test::ModelSpec spec;
+            spec.n_embd = k_quant ? 512 : 384;
+            spec.n_head = k_quant ? 8 : 6;
+            spec.n_head_kv = 2;
+            spec.n_ff = 256;
+            spec.wtype = t;
+            const moe_test::RandomModel rm = moe_test::make_random_model(spec);
+            ASSERT_TRUE(rm.ok()) << rm.error;
+            const std::vector<uint8_t> bytes = rm.bytes();
+            moe::Model model;
+            ASSERT_EQ(moe::Model::load_memory(bytes.data(), bytes.size(), moe::LoadOptions{}, &model), moe::Status::ok) << moe::last_error();
+            check_batched_against_solo(model, {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {200}, {9, 8, 7, 6, 5}, {40, 77, 258}, {11, 12}}, 6);
+        }
     }
 }
 
