@@ -859,8 +859,9 @@ public:
     Status eval(const int32_t* tokens, size_t n, float* all_logits = nullptr);
     // Batched decode: token i appended to sessions[i], for n distinct sessions of one Model, in
     // passes of up to sessions[0]'s n_batch tokens on sessions[0]'s threads: an expert's weights are
-    // read once per pass for every sequence routed to it (and, for Q4_0, IQ4_NL, MXFP4, Q4_K and
-    // Q6_K on AVX-512 VNNI, a row's codes unpacked once for up to 8 of them). Afterwards each
+    // read once per pass for every sequence routed to it (and a row's codes unpacked once for up to
+    // 8 of them: Q4_0, IQ4_NL, MXFP4, Q4_K, Q6_K on AVX-512 VNNI; up to 4 for those and Q5_0, Q8_0,
+    // Q5_K on AVX2, which AVX-512 also uses where it has no kernel of its own). Afterwards each
     // session's logits() and position() and last_expert_ids() are what its own eval(&tokens[i], 1)
     // would give, bit for bit, when the sessions share their options (sessions[0]'s threads and
     // activation settings are the ones used), except that attention over a cache longer than 256
