@@ -57,8 +57,8 @@
        our own TQ3, TQ4 (rotated codebook) and AFFINE3/AFFINE4 (MLX affine, groups 32/64/128).
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
-       prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI; Q4_0..Q8_0, IQ4_NL,
-       MXFP4, Q4_K, Q5_K, AFFINE), SessionOptions::gemm_min_tokens.
+       prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI: Q4_0..Q8_0, IQ4_NL,
+       MXFP4, Q4_K, Q5_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
        llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
@@ -4460,6 +4460,8 @@ struct GemmType {
     // one by one, so at the ~8 tokens an expert gets in a 64-token chunk rows are faster
     // (gpt-oss-20b, 16 threads: prefill 92 tok/s on rows, 33 with expert panels).
     int32_t expert_min_tokens = 0;
+    // The largest |code| decode writes: the AVX2 panels sum maddubs pairs in int16 (gemm_tile_avx2).
+    int32_t max_code = 128;
 };
 
 inline void gemm_decode_q4_0(const BlockQ4_0* x, int64_t n, int8_t* q, float* scale, float*) {
@@ -4593,26 +4595,27 @@ template <auto F> void erase_gemm_pack_row(const void* row, int64_t n, int r, Ge
 }
 
 inline GemmType gemm_type(TensorType t) {
+    GemmType g;
     switch (t) {
-        case TensorType::q4_0: return {erase_gemm_decode<gemm_decode_q4_0>, false, erase_gemm_pack_row<gemm_pack_row_q4_0>};
-        case TensorType::q4_1: return {erase_gemm_decode<gemm_decode_q4_1>, true};
-        case TensorType::q5_0: return {erase_gemm_decode<gemm_decode_q5_0>, false};
-        case TensorType::q5_1: return {erase_gemm_decode<gemm_decode_q5_1>, true};
-        case TensorType::q8_0: return {erase_gemm_decode<gemm_decode_q8_0>, false, erase_gemm_pack_row<gemm_pack_row_q8_0>};
-        case TensorType::iq4_nl: return {erase_gemm_decode<gemm_decode_iq4nl>, false};
-        case TensorType::mxfp4: return {erase_gemm_decode<gemm_decode_mxfp4>, false, nullptr, 64};
-        case TensorType::q4_k: return {erase_gemm_decode<gemm_decode_q45k<BlockQ4K>>, true};
-        case TensorType::q5_k: return {erase_gemm_decode<gemm_decode_q45k<BlockQ5K>>, true};
-        case TensorType::affine3_g32: return {erase_gemm_decode<gemm_decode_affine<BlockAffine3G32>>, true};
-        case TensorType::affine3_g64: return {erase_gemm_decode<gemm_decode_affine<BlockAffine3G64>>, true};
-        case TensorType::affine3_g128: return {erase_gemm_decode<gemm_decode_affine<BlockAffine3G128>>, true};
-        case TensorType::affine4_g32: return {erase_gemm_decode<gemm_decode_affine<BlockAffine4G32>>, true};
-        case TensorType::affine4_g64: return {erase_gemm_decode<gemm_decode_affine<BlockAffine4G64>>, true};
-        case TensorType::affine4_g128: return {erase_gemm_decode<gemm_decode_affine<BlockAffine4G128>>, true};
-        default: return {};
+        case TensorType::q4_0: g = {erase_gemm_decode<gemm_decode_q4_0>, false, erase_gemm_pack_row<gemm_pack_row_q4_0>}; g.max_code = 8; break;
+        case TensorType::q4_1: g = {erase_gemm_decode<gemm_decode_q4_1>, true}; g.max_code = 15; break;
+        case TensorType::q5_0: g = {erase_gemm_decode<gemm_decode_q5_0>, false}; g.max_code = 16; break;
+        case TensorType::q5_1: g = {erase_gemm_decode<gemm_decode_q5_1>, true}; g.max_code = 31; break;
+        case TensorType::q8_0: g = {erase_gemm_decode<gemm_decode_q8_0>, false, erase_gemm_pack_row<gemm_pack_row_q8_0>}; break;
+        case TensorType::iq4_nl: g = {erase_gemm_decode<gemm_decode_iq4nl>, false}; break;
+        case TensorType::mxfp4: g = {erase_gemm_decode<gemm_decode_mxfp4>, false, nullptr, 64}; g.max_code = 12; break;
+        case TensorType::q4_k: g = {erase_gemm_decode<gemm_decode_q45k<BlockQ4K>>, true}; g.max_code = 15; break;
+        case TensorType::q5_k: g = {erase_gemm_decode<gemm_decode_q45k<BlockQ5K>>, true}; g.max_code = 31; break;
+        case TensorType::affine3_g32: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine3G32>>, true}; g.max_code = 7; break;
+        case TensorType::affine3_g64: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine3G64>>, true}; g.max_code = 7; break;
+        case TensorType::affine3_g128: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine3G128>>, true}; g.max_code = 7; break;
+        case TensorType::affine4_g32: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine4G32>>, true}; g.max_code = 15; break;
+        case TensorType::affine4_g64: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine4G64>>, true}; g.max_code = 15; break;
+        case TensorType::affine4_g128: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine4G128>>, true}; g.max_code = 15; break;
+        default: break;
     }
+    return g;
 }
-
 // A panel and the decode buffers of one thread, for rows of up to `max_k` columns.
 struct GemmScratch {
     GemmPanel panel;
@@ -5544,6 +5547,63 @@ MOE_DETAIL_AVX2 inline void dot_uses_by_count_avx2(const void* w, const void* co
 template <typename Block, auto One>
 constexpr VecDotUsesFn q8_0_blocks_uses_avx2 =
     dot_uses_by_count_avx2<Block, BlockQ8_0, One, vec_dot_uses_q8_0_blocks_avx2<Block, 2>, vec_dot_uses_q8_0_blocks_avx2<Block, 4>>;
+
+// ---- GEMM panel tile on AVX2 (GEMM PANELS; gemm_tile_ref is the specification) ----
+// Without vpdpbusd: per 8-row half of the panel and up to 4 tokens, maddubs of a token's 4 biased
+// codes (broadcast) with the panel's codes gives int16 pair sums, kGroups of the block's 8 column
+// groups add up in int16, then madd widens them into the int32 block sum. Exact while
+// kGroups x 2 x 255 x max|code| <= 32767, so kGroups comes from the type's largest code
+// (GemmType::max_code; types with codes above 64 have no AVX2 panel). The float steps are
+// gemm_tile_ref's, lane-wise, so the result equals it bit for bit.
+template <int NT, bool kMin, int kGroups>
+MOE_DETAIL_AVX2 inline void gemm_half_avx2(const GemmPanel& p, int half, const BlockQ8G* const* x, float* out) {
+    static_assert(kGemmRows == 16 && kQK / 4 == 8, "a panel block is 8 groups of 16 rows x 4 columns");
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < p.nb; ++b) {
+        const int8_t* q = p.q + b * kQK * kGemmRows + 32 * half;
+        __m256i s[NT];
+        for (int t = 0; t < NT; ++t) s[t] = loadu_256(p.bias + b * kGemmRows + 8 * half);
+        for (int g0 = 0; g0 < kQK / 4; g0 += kGroups) {
+            __m256i s16[NT];
+            for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+            for (int g = g0; g < g0 + kGroups; ++g) {
+                const __m256i w = loadu_256(q + 64 * g);
+                for (int t = 0; t < NT; ++t)
+                    s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(_mm256_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w));
+            }
+            for (int t = 0; t < NT; ++t) s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(s16[t], ones));
+        }
+        const __m256 sc = _mm256_loadu_ps(p.scale + b * kGemmRows + 8 * half);
+        if constexpr (kMin) {
+            const __m256 mn = _mm256_loadu_ps(p.min + b * kGemmRows + 8 * half);
+            for (int t = 0; t < NT; ++t)
+                acc[t] = _mm256_add_ps(acc[t], _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(x[t][b].d)), _mm256_cvtepi32_ps(s[t]),
+                                                               _mm256_mul_ps(mn, _mm256_set1_ps(x[t][b].s))));
+        } else {
+            for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(x[t][b].d)), _mm256_cvtepi32_ps(s[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + t * kGemmRows + 8 * half, acc[t]);
+}
+template <bool kMin, int kGroups>
+MOE_DETAIL_AVX2 inline void gemm_tile_avx2_groups(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    for (int t0 = 0; t0 < nt; t0 += 4)
+        for (int half = 0; half < 2; ++half) {
+            switch (std::min(4, nt - t0)) {
+                case 1: gemm_half_avx2<1, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
+                case 2: gemm_half_avx2<2, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
+                case 3: gemm_half_avx2<3, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
+                default: gemm_half_avx2<4, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
+            }
+        }
+}
+template <int kGroups>
+MOE_DETAIL_AVX2 inline void gemm_tile_avx2(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    if (p.has_min) gemm_tile_avx2_groups<true, kGroups>(p, x, nt, out);
+    else gemm_tile_avx2_groups<false, kGroups>(p, x, nt, out);
+}
 
 //---- activation quantizers (bit-identical to quantize_act_ref: quantize_act_q8_0_ref, quantize_row_q8k_ref) ----
 
@@ -7685,15 +7745,30 @@ inline bool amx_in_use() {
 #endif
 }
 
-inline GemmTileFn gemm_tile_kernel(Isa isa) {
+// The panel tile of `isa` for a type's panels (g), nullptr if none.
+inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
 #if MOE_DETAIL_HAS_AMX
     if (isa == Isa::avx512_vnni && amx_in_use()) return gemm_tile_amx;
 #endif
 #if MOE_DETAIL_HAS_AVX512
     if (isa == Isa::avx512_vnni) return gemm_tile_avx512vnni;
 #endif
-    (void)isa;
+#if MOE_DETAIL_HAS_AVX2
+    if (isa == Isa::avx2 || isa == Isa::avx512) {  // kGroups x 2 x 255 x max_code <= 32767
+        if (g.max_code <= 8) return gemm_tile_avx2<8>;
+        if (g.max_code <= 16) return gemm_tile_avx2<4>;
+        if (g.max_code <= 32) return gemm_tile_avx2<2>;
+        if (g.max_code <= 64) return gemm_tile_avx2<1>;
+    }
+#endif
+    (void)isa, (void)g;
     return nullptr;
+}
+// Whether `isa` has panel tiles at all (for the session's panel buffers).
+inline bool has_gemm_tiles(Isa isa) {
+    GemmType small;
+    small.max_code = 1;
+    return gemm_tile_kernel(isa, small) != nullptr;
 }
 
 // A weight's row kernel: the activation format it reads and the dot product; and, where the type
@@ -7759,7 +7834,7 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
         k.vec_dot = alt->dot;
     }
     k.vec_dot_uses = dot_uses_kernel(k.vec_dot);
-    set_panel_form(t, gemm_tile_kernel(isa), &k);
+    set_panel_form(t, gemm_tile_kernel(isa, gemm_type(t.type)), &k);
     return k;
 }
 inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32, {}, nullptr, ActFormat::q8_gemm}; }
@@ -12130,7 +12205,7 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
     att_simd = active_isa() != Isa::scalar && att_kernels(active_isa(), &att);
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
-    gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !gemm_tile_kernel(active_isa()) ? 0
+    gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !has_gemm_tiles(active_isa()) ? 0
                       : o.gemm_min_tokens == 0 ? kDefaultGemmMinTokens : o.gemm_min_tokens;
     if (gemm_min_tokens > 0 && n_batch >= gemm_min_tokens) {
         const int64_t max_k = std::max(std::max(plan->n_embd, plan->wo_dim), std::max<int64_t>(plan->max_ff, hp->q_lora_rank));

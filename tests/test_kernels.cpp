@@ -261,16 +261,29 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
             if (n % blk) continue;
             const size_t row_bytes = (size_t)(n / blk) * (size_t)moe::tensor_type_block_bytes(type);
             for (int rows : {1, 5, 16})
-                for (int tokens : {1, 3, 8}) {
+                for (int tokens : {1, 3, 5, 8})
+                for (bool extreme : {false, true}) {
+                    if (extreme && (rows != 16 || tokens != 5)) continue;
                     SCOPED_TRACE(std::string(moe::tensor_type_name(type)) + " n=" + std::to_string(n) + " rows=" + std::to_string(rows) +
-                                 " tokens=" + std::to_string(tokens));
+                                 " tokens=" + std::to_string(tokens) + (extreme ? " extreme" : ""));
                     std::vector<float> wf((size_t)(rows * n)), x((size_t)(tokens * n)), deq((size_t)n);
                     for (float& v : wf) v = gauss(rng);
                     for (int t = 0; t < tokens; ++t)
                         for (int64_t j = 0; j < n; ++j) x[(size_t)(t * n + j)] = t == 1 ? 0.f : gauss(rng) * (t == 2 ? 1e-3f : 1.f);
+                    if (extreme) {  // constant rows and tokens: every code at an end of its range, so the integer sums are largest
+                        for (int r = 0; r < rows; ++r)
+                            for (int64_t j = 0; j < n; ++j) wf[(size_t)(r * n + j)] = r % 4 == 0 ? -1.f : r % 4 == 1 ? 1.f : r % 4 == 2 ? (j % 2 ? 1.f : -1.f) : (j < n / 2 ? -3.f : 2.f);
+                        for (int t = 0; t < tokens; ++t)
+                            for (int64_t j = 0; j < n; ++j) x[(size_t)(t * n + j)] = t % 2 || j % 32 == 0 ? -1.f : 1.f;  // q8_k: codes +127 need a first -1
+                    }
                     std::vector<uint8_t> w(row_bytes * (size_t)rows);
                     for (int r = 0; r < rows; ++r)
                         ASSERT_EQ(moe::quantize_row(type, wf.data() + r * n, w.data() + row_bytes * (size_t)r, n), moe::Status::ok);
+                    for (int r = 0; extreme && r < rows; r += 4) {  // and raw rows of all-0xFF / all-0x00 code bytes
+                        const std::vector<uint8_t> raw = make_weights(type, n, r % 8 ? WeightKind::all_zero_bits : WeightKind::all_ones_bits, rng);
+                        ASSERT_EQ(raw.size(), row_bytes);
+                        std::memcpy(w.data() + row_bytes * (size_t)r, raw.data(), row_bytes);
+                    }
                     std::vector<float> ref((size_t)(rows * tokens));
                     ASSERT_EQ(moe::gemm_tile(type, moe::Isa::scalar, w.data(), row_bytes, rows, x.data(), tokens, n, ref.data()),
                               moe::Status::ok) << moe::last_error();
@@ -305,6 +318,23 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
     // Types without a panel form, and bad arguments.
     std::vector<uint8_t> w(4096);
     std::vector<float> x(256, 1.f), out(16);
+    // AVX2 has panels for the types whose codes stay within +-64 (its int16 pair sums), not for Q8_0
+    // and IQ4_NL; AVX-512 VNNI for all of them. (So the loop above did not pass vacuously.)
+    if (isa_available(moe::Isa::avx2)) {
+        for (TensorType type : {TensorType::q4_0, TensorType::q4_1, TensorType::q5_0, TensorType::q5_1, TensorType::mxfp4, TensorType::q4_k,
+                                TensorType::q5_k, TensorType::affine3_g64, TensorType::affine4_g128})
+            EXPECT_EQ(moe::gemm_tile(type, moe::Isa::avx2, w.data(), 1, 1, x.data(), 1, 256, out.data()), moe::Status::ok)
+                << moe::tensor_type_name(type) << ": " << moe::last_error();
+        for (TensorType type : {TensorType::q8_0, TensorType::iq4_nl})
+            EXPECT_EQ(moe::gemm_tile(type, moe::Isa::avx2, w.data(), 1, 1, x.data(), 1, 256, out.data()), moe::Status::unsupported)
+                << moe::tensor_type_name(type);
+    }
+    if (isa_available(moe::Isa::avx512_vnni)) {
+        for (TensorType type : panel_types) {
+            EXPECT_EQ(moe::gemm_tile(type, moe::Isa::avx512_vnni, w.data(), 1, 1, x.data(), 1, 256, out.data()), moe::Status::ok)
+                << moe::tensor_type_name(type) << ": " << moe::last_error();
+        }
+    }
     for (TensorType type : {TensorType::q6_k, TensorType::tq3, TensorType::nvfp4, TensorType::f32})
         EXPECT_EQ(moe::gemm_tile(type, moe::Isa::scalar, w.data(), 256, 1, x.data(), 1, 256, out.data()), moe::Status::unsupported)
             << moe::tensor_type_name(type);
