@@ -800,9 +800,10 @@ struct SessionOptions {
     int32_t prefetch_distance = -1;
     // Chunks of many tokens (prefill) multiply a matrix by all the tokens that read it at once
     // (int8 panels, where the CPU and the weight type have a panel kernel) when at least this many
-    // tokens read it; 0 = default (8), -1 = never (row kernels only: a token's results then do not
-    // depend on how the prompt was split into chunks). Single-token decode and eval_batch always use
-    // the row kernels.
+    // tokens read it; 0 = default (8; 4 for Q4_0 on AVX2 and AVX-512 without VNNI, where its row
+    // kernels are slower and its panels packed with SIMD), -1 = never (row kernels only: a token's
+    // results then do not depend on how the prompt was split into chunks). Single-token decode and
+    // eval_batch always use the row kernels.
     int32_t gemm_min_tokens = 0;
     // Expert prediction: while layer l runs, predict the experts of layers l+1 .. l+predict_depth
     // (0 = off, at most 4) for each decoded token (eval() of at most 4 tokens; a prompt batch
@@ -4451,6 +4452,8 @@ typedef void (*GemmDecodeFn)(const void* row, int64_t n, int8_t* q, float* scale
 struct GemmPanel;
 // Writes a weight row straight into panel row r (the common types: no row buffer, no per-element loop).
 typedef void (*GemmPackRowFn)(const void* row, int64_t n, int r, GemmPanel* p);
+// Writes all kGemmRows rows (row_bytes apart) into the panel at once (SIMD; set per ISA by row_kernel).
+typedef void (*GemmPackTileFn)(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p);
 struct GemmType {
     GemmDecodeFn decode = nullptr;  // nullptr: the type has no panel form (row kernels only)
     bool has_min = false;
@@ -4462,6 +4465,7 @@ struct GemmType {
     int32_t expert_min_tokens = 0;
     // The largest |code| decode writes: the AVX2 panels sum maddubs pairs in int16 (gemm_tile_avx2).
     int32_t max_code = 128;
+    GemmPackTileFn pack_tile = nullptr;  // optional: full panels at once, the same bytes as pack_row
 };
 
 inline void gemm_decode_q4_0(const BlockQ4_0* x, int64_t n, int8_t* q, float* scale, float*) {
@@ -4643,6 +4647,7 @@ inline void gemm_pack(const GemmType& gt, const uint8_t* w, size_t row_bytes, in
     GemmPanel& p = s->panel;
     p.nb = k / kQK;
     p.has_min = gt.has_min;
+    if (rows == kGemmRows && gt.pack_tile) return gt.pack_tile(w, row_bytes, k, &p);
     for (int r = 0; r < kGemmRows; ++r) {
         if (r < rows && gt.pack_row) {
             gt.pack_row(w + (size_t)r * row_bytes, k, r, &p);
@@ -5548,7 +5553,49 @@ template <typename Block, auto One>
 constexpr VecDotUsesFn q8_0_blocks_uses_avx2 =
     dot_uses_by_count_avx2<Block, BlockQ8_0, One, vec_dot_uses_q8_0_blocks_avx2<Block, 2>, vec_dot_uses_q8_0_blocks_avx2<Block, 4>>;
 
-// ---- GEMM panel tile on AVX2 (GEMM PANELS; gemm_tile_ref is the specification) ----
+// ---- GEMM panels on AVX2 (GEMM PANELS: gemm_pack and gemm_tile_ref are the specification) ----
+// Q4_0 panel rows all 16 at once (GemmType::pack_tile): each row's block as 32 codes in one
+// register, then an 8 x 8 transpose of 4-byte column groups per 8 rows, so a group's 16 rows leave
+// in two 32-byte stores; the same bytes, biases and scales as gemm_pack_row_q4_0.
+MOE_DETAIL_AVX2 inline void gemm_pack_tile_q4_0_avx2(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p) {
+    static_assert(kGemmRows == 16 && kQK / 4 == 8, "a panel block is 8 groups of 16 rows x 4 columns");
+    const __m256i eight = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
+    for (int64_t b = 0; b < n / kQK; ++b) {
+        int8_t* q = p->q + b * kQK * kGemmRows;
+        for (int h = 0; h < 2; ++h) {
+            __m256i r[8];
+            for (int i = 0; i < 8; ++i) {
+                const int row = 8 * h + i;
+                const BlockQ4_0& blk = reinterpret_cast<const BlockQ4_0*>(w + (size_t)row * row_bytes)[b];
+                if (b + 8 < n / kQK) _mm_prefetch(reinterpret_cast<const char*>(&blk + 8), _MM_HINT_T0);  // 16 rows: 16 streams
+                const __m256i nib = q4_0_nibbles_avx2(blk.qs);
+                const __m256i sad = _mm256_sad_epu8(nib, zero);  // nibble sums per 8 bytes
+                const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sad), _mm256_extracti128_si256(sad, 1));
+                const int32_t nibble_sum = (int32_t)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));
+                p->bias[b * kGemmRows + row] = -128 * (nibble_sum - 8 * kQK);
+                p->scale[b * kGemmRows + row] = fp16_to_f32(blk.d);
+                p->min[b * kGemmRows + row] = 0.f;
+                r[i] = _mm256_sub_epi8(nib, eight);
+            }
+            __m256i t[8], u[8];
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);      // groups 0, 1 | 4, 5 of rows i, i+1
+                t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);  // groups 2, 3 | 6, 7
+            }
+            for (int i = 0; i < 8; i += 4) {
+                u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);          // group 0 | 4 of rows i..i+3
+                u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);      // group 1 | 5
+                u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);  // group 2 | 6
+                u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);  // group 3 | 7
+            }
+            for (int g = 0; g < 4; ++g) {
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 * g + 32 * h), _mm256_permute2x128_si256(u[g], u[g + 4], 0x20));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 * (g + 4) + 32 * h), _mm256_permute2x128_si256(u[g], u[g + 4], 0x31));
+            }
+        }
+    }
+}
+
 // Without vpdpbusd: per 8-row half of the panel and up to 4 tokens, maddubs of a token's 4 biased
 // codes (broadcast) with the panel's codes gives int16 pair sums, kGroups of the block's 8 column
 // groups add up in int16, then madd widens them into the int32 block sum. Exact while
@@ -7745,6 +7792,8 @@ inline bool amx_in_use() {
 #endif
 }
 
+// The fewest tokens any row kernel's panels take by default (RowKernel::panel_min_tokens).
+constexpr int32_t kMinPanelTokens = 4;
 // The panel tile of `isa` for a type's panels (g), nullptr if none.
 inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
 #if MOE_DETAIL_HAS_AMX
@@ -7780,6 +7829,9 @@ struct RowKernel {
     GemmTileFn gemm_tile = nullptr;
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
     VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
+    // Panels pay from this many tokens on (SessionOptions::gemm_min_tokens = 0): where packing is
+    // cheap (pack_tile) and the rows' kernels are slow (AVX2), sooner.
+    int32_t panel_min_tokens = 8;
     bool has_gemm() const { return gemm_tile != nullptr; }
     // out[i] = vec_dot(w, x[i], n) for i < count <= kMaxDotUses, bit for bit, with the row's codes
     // unpacked once where the kernel has that form.
@@ -7835,6 +7887,12 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
     }
     k.vec_dot_uses = dot_uses_kernel(k.vec_dot);
     set_panel_form(t, gemm_tile_kernel(isa, gemm_type(t.type)), &k);
+#if MOE_DETAIL_HAS_AVX2
+    if (k.has_gemm() && t.type == TensorType::q4_0 && (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_vnni)) {
+        k.gemm.pack_tile = gemm_pack_tile_q4_0_avx2;
+        if (isa != Isa::avx512_vnni) k.panel_min_tokens = kMinPanelTokens;
+    }
+#endif
     return k;
 }
 inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32, {}, nullptr, ActFormat::q8_gemm}; }
@@ -11856,7 +11914,6 @@ struct SessionImpl {
     static constexpr int kSerialNormTokens = 4;  // up to this many tokens one thread norms them (no barrier)
     static constexpr int kDownRows = 256;        // down-projection rows per expert stream before the weighted sum (longer runs per expert: 64 measured 7% slower)
     static constexpr int kDownRunTokens = 16;    // chunks of up to this many tokens get kDownRows-row runs (buffer: 128 KiB a thread at 8 slots)
-    static constexpr int kDefaultGemmMinTokens = 8;  // SessionOptions::gemm_min_tokens = 0
     // Matmuls prefetch the weights prefetch_bytes ahead of the row they compute: hardware prefetchers
     // stop at 4 KiB page boundaries, and a core streaming alone cannot otherwise keep enough loads in
     // flight (measured on Sapphire Rapids: decode +18% at 16 threads, +40% at 1 thread).
@@ -11901,6 +11958,7 @@ struct SessionImpl {
     bool (*progress)(void* user, size_t done, size_t total) = nullptr;
     void* progress_user = nullptr;
     int32_t gemm_min_tokens = 0;     // SessionOptions::gemm_min_tokens resolved; 0 = never
+    bool gemm_min_given = false;     // SessionOptions::gemm_min_tokens > 0: it, not each kernel's panel_min_tokens
     bool gemm_chunk = false;         // the chunk in flight may use panels (set by forward())
     AlignedBuffer<uint8_t> gemm_buf;
     std::vector<GemmScratch> gemm_scratch;  // two per thread (gate and up)
@@ -11932,7 +11990,9 @@ struct SessionImpl {
     }
 
     void forward_thread(const ForwardCall& c, int ith, int nth);
-    bool panels_for(const Weight& w, int64_t tokens) const { return gemm_chunk && tokens >= gemm_min_tokens && kt(w).has_gemm(); }
+    bool panels_for(const Weight& w, int64_t tokens) const {
+        return gemm_chunk && tokens >= gemm_min_tokens && kt(w).has_gemm() && (gemm_min_given || tokens >= kt(w).panel_min_tokens);
+    }
     // The panel formats of an input quantized to `base` (what its row kernels read), for this chunk.
     uint8_t gemm_fmts(uint8_t base) const {
         if (!gemm_chunk) return 0;
@@ -12205,8 +12265,10 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     dot_f32 = row_kernel(*quant_type((uint32_t)TensorType::f32), active_isa(), 1).vec_dot;
     att_simd = active_isa() != Isa::scalar && att_kernels(active_isa(), &att);
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
+    gemm_min_given = o.gemm_min_tokens > 0;
     gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !has_gemm_tiles(active_isa()) ? 0
-                      : o.gemm_min_tokens == 0 ? kDefaultGemmMinTokens : o.gemm_min_tokens;
+                      : gemm_min_given ? o.gemm_min_tokens
+                      : active_isa() == Isa::avx512_vnni ? 8 : kMinPanelTokens;  // the least of the kernels' panel_min_tokens
     if (gemm_min_tokens > 0 && n_batch >= gemm_min_tokens) {
         const int64_t max_k = std::max(std::max(plan->n_embd, plan->wo_dim), std::max<int64_t>(plan->max_ff, hp->q_lora_rank));
         const size_t per = (GemmScratch::bytes(max_k) + 63) / 64 * 64;
