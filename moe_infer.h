@@ -9723,7 +9723,7 @@ inline void TokenizerImpl::encode_bpe_fragment(const char* s, size_t n, Scratch&
     sc.offsets.clear();
     sc.cls.clear();
     for (size_t i = 0; i < n;) {
-        uint32_t cp;
+        uint32_t cp = 0;  // (GCC 12 -O1 -std=c++20 cannot see utf8_sequence set it)
         int r = utf8_sequence(p + i, n - i, &cp);
         if (r <= 0) {  // an invalid byte stays one code point of its own, class `other`
             cp = 0x110000u | p[i];
@@ -9857,7 +9857,7 @@ inline void TokenizerImpl::encode_spm_fragment(const char* s, size_t n, bool spa
     sc.cpts.clear();
     const unsigned char* p = reinterpret_cast<const unsigned char*>(text.data());
     for (size_t i = 0; i < text.size();) {
-        uint32_t cp;
+        uint32_t cp = 0;
         int r = utf8_sequence(p + i, text.size() - i, &cp);
         if (r <= 0) {
             cp = 0x110000u | p[i];
