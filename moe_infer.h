@@ -4938,6 +4938,12 @@ MOE_DETAIL_AVX2 inline __m128 scales4_avx2(const W* w, const BlockQ8_0* x) {
     return _mm_mul_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
 }
 
+// The fp16 scales of four consecutive blocks as floats.
+template <typename B>
+MOE_DETAIL_AVX2 inline __m128 block_scales4_avx2(const B* b) {
+    return _mm_cvtph_ps(_mm_setr_epi16((short)b[0].d, (short)b[1].d, (short)b[2].d, (short)b[3].d, 0, 0, 0, 0));
+}
+
 // Q4_0 and Q8_0 weights against Q8_0 activations: four blocks per step, one accumulator each
 // (hides the 4-cycle FMA latency), block scales applied once per block after the integer sums.
 // A macro rather than a template because the VNNI variant below must be compiled for its own
@@ -5433,12 +5439,8 @@ MOE_DETAIL_AVX2 inline void vec_dot_uses_q8_0_blocks_avx2(const Block* w, const 
     alignas(16) float sc[K][4];
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4) {
-        const __m128 wd = _mm_cvtph_ps(_mm_setr_epi16((short)w[b].d, (short)w[b + 1].d, (short)w[b + 2].d, (short)w[b + 3].d, 0, 0, 0, 0));
-        for (int i = 0; i < K; ++i) {
-            const BlockQ8_0* xb = x[i] + b;
-            const __m128 xd = _mm_cvtph_ps(_mm_setr_epi16((short)xb[0].d, (short)xb[1].d, (short)xb[2].d, (short)xb[3].d, 0, 0, 0, 0));
-            _mm_store_ps(sc[i], _mm_mul_ps(wd, xd));  // as scales4_avx2: d_w * d_x per block
-        }
+        const __m128 wd = block_scales4_avx2(w + b);  // once for all K rows (scales4_avx2 converts both per call)
+        for (int i = 0; i < K; ++i) _mm_store_ps(sc[i], _mm_mul_ps(wd, block_scales4_avx2(x[i] + b)));
         for (int j = 0; j < 4; ++j) {
             const __m256i codes = block_codes_avx2(w[b + j]);
             for (int i = 0; i < K; ++i)
@@ -5539,19 +5541,24 @@ MOE_DETAIL_AVX2 inline void vec_dot_uses_q6k_q8k_avx2(const BlockQ6K* w, const B
     }
     for (int i = 0; i < K; ++i) out[i] = hsum_f32x8(acc[i]);
 }
-// VecDotUsesFn from a one-row kernel and its 2- and 4-row forms (count <= kMaxDotUses).
-template <typename Block, typename XBlock, auto One, auto Two, auto Four>
-MOE_DETAIL_AVX2 inline void dot_uses_by_count_avx2(const void* w, const void* const* x, int count, int64_t n, float* out) {
+// VecDotUsesFn from a one-row kernel and its 2-, 4- and (if given) 8-row forms, count <= kMaxDotUses:
+// the largest form that fits, then the smaller ones for the rest; each activation's result is the
+// same whichever form computes it. No target attribute: it only calls the forms, one call per group.
+template <typename Block, typename XBlock, auto One, auto Two, auto Four, auto Eight = nullptr>
+inline void dot_uses_by_count(const void* w, const void* const* x, int count, int64_t n, float* out) {
+    static_assert(kMaxDotUses <= 8, "one 8-row form, then at most one 4-row form per call");
     const Block* wb = static_cast<const Block*>(w);
     const XBlock* const* xs = reinterpret_cast<const XBlock* const*>(x);
     int i = 0;
+    if constexpr (!std::is_null_pointer<decltype(Eight)>::value)
+        if (count - i >= 8) Eight(wb, xs + i, n, out + i), i += 8;
     for (; count - i >= 4; i += 4) Four(wb, xs + i, n, out + i);
     if (count - i >= 2) Two(wb, xs + i, n, out + i), i += 2;
     if (count - i >= 1) out[i] = One(wb, xs[i], n);
 }
 template <typename Block, auto One>
 constexpr VecDotUsesFn q8_0_blocks_uses_avx2 =
-    dot_uses_by_count_avx2<Block, BlockQ8_0, One, vec_dot_uses_q8_0_blocks_avx2<Block, 2>, vec_dot_uses_q8_0_blocks_avx2<Block, 4>>;
+    dot_uses_by_count<Block, BlockQ8_0, One, vec_dot_uses_q8_0_blocks_avx2<Block, 2>, vec_dot_uses_q8_0_blocks_avx2<Block, 4>>;
 
 // ---- GEMM panels on AVX2 (GEMM PANELS: gemm_pack and gemm_tile_ref are the specification) ----
 // Q4_0 panel rows all 16 at once (GemmType::pack_tile): each row's block as 32 codes in one
@@ -5610,8 +5617,9 @@ MOE_DETAIL_AVX2 inline void gemm_half_avx2(const GemmPanel& p, int half, const B
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < p.nb; ++b) {
         const int8_t* q = p.q + b * kQK * kGemmRows + 32 * half;
+        const __m256i bias = loadu_256(p.bias + b * kGemmRows + 8 * half);
         __m256i s[NT];
-        for (int t = 0; t < NT; ++t) s[t] = loadu_256(p.bias + b * kGemmRows + 8 * half);
+        for (int t = 0; t < NT; ++t) s[t] = bias;
         for (int g0 = 0; g0 < kQK / 4; g0 += kGroups) {
             __m256i s16[NT];
             for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
@@ -6057,19 +6065,6 @@ MOE_DETAIL_AVX512VNNI inline void vec_dot_uses_q4k_q8k_avx512vnni(const BlockQ4K
         }
     }
     for (int i = 0; i < K; ++i) out[i] = _mm512_reduce_add_ps(acc[i]) - hsum_f32x8(acc_m[i]);
-}
-// VecDotUsesFn from a one-row kernel and its 2-, 4- and 8-row forms (count <= kMaxDotUses = 8: the
-// largest form that fits, then the smaller ones for the rest; each activation's result is the same
-// whichever form computes it).
-template <typename Block, typename XBlock, auto One, auto Two, auto Four, auto Eight>
-MOE_DETAIL_AVX512VNNI inline void dot_uses_by_count(const void* w, const void* const* x, int count, int64_t n, float* out) {
-    const Block* wb = static_cast<const Block*>(w);
-    const XBlock* const* xs = reinterpret_cast<const XBlock* const*>(x);
-    int i = 0;
-    if (count - i >= 8) Eight(wb, xs + i, n, out + i), i += 8;
-    if (count - i >= 4) Four(wb, xs + i, n, out + i), i += 4;
-    if (count - i >= 2) Two(wb, xs + i, n, out + i), i += 2;
-    if (count - i >= 1) out[i] = One(wb, xs[i], n);
 }
 
 // ---- The seed formats with VNNI: 64 codes per register into vpdpbusd ----
@@ -7691,15 +7686,15 @@ inline VecDotUsesFn dot_uses_kernel(VecDotFn row) {
         {dot_fn<vec_dot_q8_0_q8_0_avx2>, q8_0_blocks_uses_avx2<BlockQ8_0, vec_dot_q8_0_q8_0_avx2>},
         {dot_fn<vec_dot_iq4nl_q8_0_avx2>, q8_0_blocks_uses_avx2<BlockIQ4NL, vec_dot_iq4nl_q8_0_avx2>},
         {dot_fn<vec_dot_mxfp4_q8_0_avx2>,
-         dot_uses_by_count_avx2<BlockMXFP4, BlockQ8_0, vec_dot_mxfp4_q8_0_avx2, vec_dot_uses_mxfp4_q8_0_avx2<2>, vec_dot_uses_mxfp4_q8_0_avx2<4>>},
+         dot_uses_by_count<BlockMXFP4, BlockQ8_0, vec_dot_mxfp4_q8_0_avx2, vec_dot_uses_mxfp4_q8_0_avx2<2>, vec_dot_uses_mxfp4_q8_0_avx2<4>>},
         {dot_fn<vec_dot_q45k_q8k_avx2<BlockQ4K>>,
-         dot_uses_by_count_avx2<BlockQ4K, BlockQ8K, vec_dot_q45k_q8k_avx2<BlockQ4K>, vec_dot_uses_q45k_q8k_avx2<BlockQ4K, 2>,
+         dot_uses_by_count<BlockQ4K, BlockQ8K, vec_dot_q45k_q8k_avx2<BlockQ4K>, vec_dot_uses_q45k_q8k_avx2<BlockQ4K, 2>,
                                 vec_dot_uses_q45k_q8k_avx2<BlockQ4K, 4>>},
         {dot_fn<vec_dot_q45k_q8k_avx2<BlockQ5K>>,
-         dot_uses_by_count_avx2<BlockQ5K, BlockQ8K, vec_dot_q45k_q8k_avx2<BlockQ5K>, vec_dot_uses_q45k_q8k_avx2<BlockQ5K, 2>,
+         dot_uses_by_count<BlockQ5K, BlockQ8K, vec_dot_q45k_q8k_avx2<BlockQ5K>, vec_dot_uses_q45k_q8k_avx2<BlockQ5K, 2>,
                                 vec_dot_uses_q45k_q8k_avx2<BlockQ5K, 4>>},
         {dot_fn<vec_dot_q6k_q8k_avx2>,
-         dot_uses_by_count_avx2<BlockQ6K, BlockQ8K, vec_dot_q6k_q8k_avx2, vec_dot_uses_q6k_q8k_avx2<2>, vec_dot_uses_q6k_q8k_avx2<4>>},
+         dot_uses_by_count<BlockQ6K, BlockQ8K, vec_dot_q6k_q8k_avx2, vec_dot_uses_q6k_q8k_avx2<2>, vec_dot_uses_q6k_q8k_avx2<4>>},
 #endif
 #if MOE_DETAIL_HAS_AVX512
         {dot_fn<vec_dot_q4_0_q8_split_avx512vnni>, nib4_uses_avx512vnni<BlockQ4_0, 3, nullptr>},
@@ -7792,8 +7787,6 @@ inline bool amx_in_use() {
 #endif
 }
 
-// The fewest tokens any row kernel's panels take by default (RowKernel::panel_min_tokens).
-constexpr int32_t kMinPanelTokens = 4;
 // The panel tile of `isa` for a type's panels (g), nullptr if none.
 inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
 #if MOE_DETAIL_HAS_AMX
@@ -7813,12 +7806,19 @@ inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
     (void)isa, (void)g;
     return nullptr;
 }
-// Whether `isa` has panel tiles at all (for the session's panel buffers).
-inline bool has_gemm_tiles(Isa isa) {
-    GemmType small;
-    small.max_code = 1;
-    return gemm_tile_kernel(isa, small) != nullptr;
+// The SIMD packer of whole panels of `type` on `isa` (GemmType::pack_tile), nullptr if none: the
+// panel is then packed row by row.
+inline GemmPackTileFn gemm_pack_tile_kernel(Isa isa, TensorType type) {
+#if MOE_DETAIL_HAS_AVX2
+    if (type == TensorType::q4_0 && (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_vnni)) return gemm_pack_tile_q4_0_avx2;
+#endif
+    (void)isa, (void)type;
+    return nullptr;
 }
+// From how many tokens a type's panels beat its row kernels (SessionOptions::gemm_min_tokens = 0):
+// 4 where packing is cheap (pack_tile) and the row kernels are slow (no VNNI), else 8 (measured
+// sweeps: bench/RESULTS.md, sixteenth session).
+inline int32_t panel_min_tokens(Isa isa, const GemmType& g) { return g.pack_tile && isa != Isa::avx512_vnni ? 4 : 8; }
 
 // A weight's row kernel: the activation format it reads and the dot product; and, where the type
 // and the ISA have one, its panel form for chunks of many tokens (activations in q8_gemm).
@@ -7829,9 +7829,7 @@ struct RowKernel {
     GemmTileFn gemm_tile = nullptr;
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
     VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
-    // Panels pay from this many tokens on (SessionOptions::gemm_min_tokens = 0): where packing is
-    // cheap (pack_tile) and the rows' kernels are slow (AVX2), sooner.
-    int32_t panel_min_tokens = 8;
+    int32_t panel_min_tokens = 8;   // panel_min_tokens(isa, gemm)
     bool has_gemm() const { return gemm_tile != nullptr; }
     // out[i] = vec_dot(w, x[i], n) for i < count <= kMaxDotUses, bit for bit, with the row's codes
     // unpacked once where the kernel has that form.
@@ -7863,15 +7861,17 @@ inline void dot_row_uses(const RowKernel& k, const void* w, int64_t n, int32_t b
     }
 }
 
-// Gives k the panel form of type t with panel kernel `tile` (if t has one: its codes are int8 times
-// a scale per 32, and its row kernels read q8_0, q8_1 or q8_k, whose codes the panels reuse).
-inline void set_panel_form(const QuantType& t, GemmTileFn tile, RowKernel* k) {
-    const GemmType g = gemm_type(t.type);
+// Gives k the panel form of type t on `isa` with panel kernel `tile` (if t has one: its codes are
+// int8 times a scale per 32, and its row kernels read q8_0, q8_1 or q8_k, whose codes the panels reuse).
+inline void set_panel_form(const QuantType& t, Isa isa, GemmTileFn tile, RowKernel* k) {
+    GemmType g = gemm_type(t.type);
     const bool same_codes = t.act == ActFormat::q8_0 || t.act == ActFormat::q8_1 || t.act == ActFormat::q8_k;
     if (!tile || !g.decode || !same_codes) return;
+    g.pack_tile = gemm_pack_tile_kernel(isa, t.type);
     k->gemm = g;
     k->gemm_tile = tile;
     k->gemm_act = t.act == ActFormat::q8_k ? ActFormat::q8_gemm_k : ActFormat::q8_gemm;
+    k->panel_min_tokens = panel_min_tokens(isa, g);
 }
 inline const AltRowKernel* alt_row_kernel(const QuantType& t, Isa isa, int64_t cols) {
     for (const AltRowKernel& alt : alt_row_kernels())
@@ -7886,13 +7886,7 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
         k.vec_dot = alt->dot;
     }
     k.vec_dot_uses = dot_uses_kernel(k.vec_dot);
-    set_panel_form(t, gemm_tile_kernel(isa, gemm_type(t.type)), &k);
-#if MOE_DETAIL_HAS_AVX2
-    if (k.has_gemm() && t.type == TensorType::q4_0 && (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_vnni)) {
-        k.gemm.pack_tile = gemm_pack_tile_q4_0_avx2;
-        if (isa != Isa::avx512_vnni) k.panel_min_tokens = kMinPanelTokens;
-    }
-#endif
+    set_panel_form(t, isa, gemm_tile_kernel(isa, gemm_type(t.type)), &k);
     return k;
 }
 inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32, {}, nullptr, ActFormat::q8_gemm}; }
@@ -7994,7 +7988,7 @@ MOE_API Status gemm_tile(TensorType type, Isa isa, const void* weights, size_t r
         return detail::fail(Status::invalid_argument, "gemm_tile: bad arguments");
     if (n % tt->block_elems) return detail::fail(Status::invalid_argument, "gemm_tile: n is not a multiple of the block size");
     detail::RowKernel k = detail::row_kernel(*tt, isa, n);
-    if (isa == Isa::scalar) detail::set_panel_form(*tt, detail::gemm_tile_ref, &k);  // the _ref tile: any CPU
+    if (isa == Isa::scalar) detail::set_panel_form(*tt, isa, detail::gemm_tile_ref, &k);  // the _ref tile: any CPU
     if (!k.has_gemm()) return detail::fail(Status::unsupported, "gemm_tile: no panel kernel for %s on %s", tt->name, isa_name(isa));
     if (n % detail::act_type(k.gemm_act).block_elems) return detail::fail(Status::invalid_argument, "gemm_tile: bad n");
     const size_t act_bytes = detail::act_row_bytes(k.gemm_act, n);
@@ -10267,6 +10261,7 @@ struct ModelImpl {
     void* log_user = nullptr;
     std::shared_ptr<ExpertStore> store;  // LoadOptions::mem_budget; null: experts read from the mapping
     HugePageStats huge_pages;            // LoadOptions::huge_pages at load
+    int32_t min_panel_tokens = 0;        // the least RowKernel::panel_min_tokens of the weights with panels; 0: none has
 };
 
 struct Loader {
@@ -10311,6 +10306,8 @@ struct Loader {
         out->mat_bytes = out->row_bytes * (size_t)t->ne[1];
         out->kernel = row_kernel(*tt, active_isa(), t->ne[0]);
         out->kernel_f32 = row_kernel_f32(*tt);
+        if (out->kernel.has_gemm())
+            m.min_panel_tokens = m.min_panel_tokens ? std::min(m.min_panel_tokens, out->kernel.panel_min_tokens) : out->kernel.panel_min_tokens;
         // A second-level output scale (NVFP4 from ModelOpt, or moe-quantize's): {1} or one per matrix.
         const size_t dot = name.rfind(".weight");
         const GgufTensorInfo* sc = dot == std::string::npos ? nullptr : m.file.find_tensor((name.substr(0, dot) + ".scale").c_str());
@@ -12266,9 +12263,8 @@ inline Status SessionImpl::init(const std::shared_ptr<const ModelImpl>& m, const
     att_simd = active_isa() != Isa::scalar && att_kernels(active_isa(), &att);
     dot_q8 = pick_for_isa(quant_type((uint32_t)TensorType::q8_0)->dot, active_isa());
     gemm_min_given = o.gemm_min_tokens > 0;
-    gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || !has_gemm_tiles(active_isa()) ? 0
-                      : gemm_min_given ? o.gemm_min_tokens
-                      : active_isa() == Isa::avx512_vnni ? 8 : kMinPanelTokens;  // the least of the kernels' panel_min_tokens
+    gemm_min_tokens = o.gemm_min_tokens < 0 || float_activations || model->min_panel_tokens == 0 ? 0
+                      : gemm_min_given ? o.gemm_min_tokens : model->min_panel_tokens;
     if (gemm_min_tokens > 0 && n_batch >= gemm_min_tokens) {
         const int64_t max_k = std::max(std::max(plan->n_embd, plan->wo_dim), std::max<int64_t>(plan->max_ff, hp->q_lora_rank));
         const size_t per = (GemmScratch::bytes(max_k) + 63) / 64 * 64;
