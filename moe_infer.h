@@ -4426,25 +4426,21 @@ inline void quantize_act_q8g_ref(BlockQ8G* y, const float* x, int64_t n) {
         for (int j = 0; j < kQK; ++j) y[b].qs[j] = (uint8_t)(q.qs[j] + 128);
     }
 }
-// ActFormat::q8_gemm_k: quantize_row_q8k_ref's codes and scale, 8 blocks per 256.
-inline void quantize_act_q8gk_ref(BlockQ8G* y, const float* x, int64_t n) {
+// ActFormat::q8_gemm_k from a Q8_K quantizer's block (the _ref's or a bit-exact SIMD one), re-laid:
+// its codes and scale in each of the 8 blocks of 32, s = d x the block's code sum (two bsums).
+template <void (*QuantizeQ8K)(BlockQ8K*, const float*, int64_t)>
+inline void quantize_act_q8gk(BlockQ8G* y, const float* x, int64_t n) {
     for (int64_t b = 0; b < n / kQKK; ++b, x += kQKK, y += kQKK / kQK) {
-        float amax = 0, vmax = 0;
-        for (int j = 0; j < kQKK; ++j)
-            if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); vmax = x[j]; }
-        const float iscale = amax != 0 ? -127.f / vmax : 0.f, d = amax != 0 ? 1 / iscale : 0.f;
+        BlockQ8K q;
+        QuantizeQ8K(&q, x, kQKK);
         for (int c = 0; c < kQKK / kQK; ++c) {
-            int sum = 0;
-            for (int j = 0; j < kQK; ++j) {
-                const int q = std::min(127, nearest_int(iscale * x[kQK * c + j]));
-                sum += q;
-                y[c].qs[j] = (uint8_t)(q + 128);
-            }
-            y[c].d = d;
-            y[c].s = d * (float)sum;
+            for (int j = 0; j < kQK; ++j) y[c].qs[j] = (uint8_t)(q.qs[kQK * c + j] + 128);
+            y[c].d = q.d;
+            y[c].s = q.d * (float)(q.bsums[2 * c] + q.bsums[2 * c + 1]);
         }
     }
 }
+inline void quantize_act_q8gk_ref(BlockQ8G* y, const float* x, int64_t n) { quantize_act_q8gk<quantize_row_q8k_ref>(y, x, n); }
 
 // A weight row as int8 codes q[K], scale[K / 32] and (types with offsets) min[K / 32]:
 // element j = scale[j / 32] * q[j] + min[j / 32], exactly as the type's dequantizer computes it.
@@ -5561,14 +5557,39 @@ constexpr VecDotUsesFn q8_0_blocks_uses_avx2 =
     dot_uses_by_count<Block, BlockQ8_0, One, vec_dot_uses_q8_0_blocks_avx2<Block, 2>, vec_dot_uses_q8_0_blocks_avx2<Block, 4>>;
 
 // ---- GEMM panels on AVX2 (GEMM PANELS: gemm_pack and gemm_tile_ref are the specification) ----
-// Q4_0 panel rows all 16 at once (GemmType::pack_tile): each row's block as 32 codes in one
-// register, then an 8 x 8 transpose of 4-byte column groups per 8 rows, so a group's 16 rows leave
-// in two 32-byte stores; the same bytes, biases and scales as gemm_pack_row_q4_0.
-MOE_DETAIL_AVX2 inline void gemm_pack_tile_q4_0_avx2(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p) {
+// Sum of the 32 unsigned bytes of v.
+MOE_DETAIL_AVX2 inline int32_t byte_sum_avx2(__m256i v) {
+    const __m256i sad = _mm256_sad_epu8(v, _mm256_setzero_si256());  // sums per 8 bytes
+    const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sad), _mm256_extracti128_si256(sad, 1));
+    return (int32_t)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));
+}
+// Rows 8h .. 8h+7 of a panel block (q: the block's kQK x kGemmRows codes), r[i] holding row 8h+i's
+// 32 codes: an 8 x 8 transpose of 4-byte column groups, so a group's 8 rows leave in one 32-byte
+// store per group.
+MOE_DETAIL_AVX2 inline void store_panel_rows8_avx2(const __m256i* r, int h, int8_t* q) {
     static_assert(kGemmRows == 16 && kQK / 4 == 8, "a panel block is 8 groups of 16 rows x 4 columns");
-    const __m256i eight = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);      // groups 0, 1 | 4, 5 of rows i, i+1
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);  // groups 2, 3 | 6, 7
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);          // group 0 | 4 of rows i..i+3
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);      // group 1 | 5
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);  // group 2 | 6
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);  // group 3 | 7
+    }
+    for (int g = 0; g < 4; ++g) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 * g + 32 * h), _mm256_permute2x128_si256(u[g], u[g + 4], 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 * (g + 4) + 32 * h), _mm256_permute2x128_si256(u[g], u[g + 4], 0x31));
+    }
+}
+// Q4_0 panel rows all 16 at once (GemmType::pack_tile): each row's block as 32 codes in one
+// register, then store_panel_rows8_avx2 per 8 rows; the same bytes, biases and scales as
+// gemm_pack_row_q4_0.
+MOE_DETAIL_AVX2 inline void gemm_pack_tile_q4_0_avx2(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p) {
+    const __m256i eight = _mm256_set1_epi8(8);
     for (int64_t b = 0; b < n / kQK; ++b) {
-        int8_t* q = p->q + b * kQK * kGemmRows;
         for (int h = 0; h < 2; ++h) {
             __m256i r[8];
             for (int i = 0; i < 8; ++i) {
@@ -5576,28 +5597,53 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_q4_0_avx2(const uint8_t* w, size_t ro
                 const BlockQ4_0& blk = reinterpret_cast<const BlockQ4_0*>(w + (size_t)row * row_bytes)[b];
                 if (b + 8 < n / kQK) _mm_prefetch(reinterpret_cast<const char*>(&blk + 8), _MM_HINT_T0);  // 16 rows: 16 streams
                 const __m256i nib = q4_0_nibbles_avx2(blk.qs);
-                const __m256i sad = _mm256_sad_epu8(nib, zero);  // nibble sums per 8 bytes
-                const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sad), _mm256_extracti128_si256(sad, 1));
-                const int32_t nibble_sum = (int32_t)(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1));
-                p->bias[b * kGemmRows + row] = -128 * (nibble_sum - 8 * kQK);
+                p->bias[b * kGemmRows + row] = -128 * (byte_sum_avx2(nib) - 8 * kQK);
                 p->scale[b * kGemmRows + row] = fp16_to_f32(blk.d);
                 p->min[b * kGemmRows + row] = 0.f;
                 r[i] = _mm256_sub_epi8(nib, eight);
             }
-            __m256i t[8], u[8];
-            for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);      // groups 0, 1 | 4, 5 of rows i, i+1
-                t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);  // groups 2, 3 | 6, 7
+            store_panel_rows8_avx2(r, h, p->q + b * kQK * kGemmRows);
+        }
+    }
+}
+// Q4_K / Q5_K panels 16 rows at once: a super-block's 32-byte chunk c holds sub-block 2c in its low
+// nibbles and 2c+1 in its high ones (Q5_K: plus bits 2c, 2c+1 of qh as the fifth bit); the same
+// bytes, biases, scales and mins as gemm_decode_q45k + gemm_pack's scatter.
+template <typename Block>
+MOE_DETAIL_AVX2 inline void gemm_pack_tile_q45k_avx2(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        for (int row = 0; row < kGemmRows; ++row) {
+            const Block& blk = reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb];
+            if (sb + 1 < n / kQKK)
+                for (size_t o = 0; o < sizeof(Block); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
+            const float d = fp16_to_f32(blk.d), dmin = fp16_to_f32(blk.dmin);
+            for (int j = 0; j < 8; ++j) {
+                uint8_t sc, m;
+                q4k_get_scale_min(j, blk.scales, &sc, &m);
+                p->scale[(sb * 8 + j) * kGemmRows + row] = d * sc;
+                p->min[(sb * 8 + j) * kGemmRows + row] = -(dmin * m);
             }
-            for (int i = 0; i < 8; i += 4) {
-                u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);          // group 0 | 4 of rows i..i+3
-                u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);      // group 1 | 5
-                u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);  // group 2 | 6
-                u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);  // group 3 | 7
-            }
-            for (int g = 0; g < 4; ++g) {
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 * g + 32 * h), _mm256_permute2x128_si256(u[g], u[g + 4], 0x20));
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 * (g + 4) + 32 * h), _mm256_permute2x128_si256(u[g], u[g + 4], 0x31));
+        }
+        for (int c = 0; c < 4; ++c) {
+            for (int h = 0; h < 2; ++h) {
+                __m256i lo[8], hi[8];
+                for (int i = 0; i < 8; ++i) {
+                    const int row = 8 * h + i;
+                    const Block& blk = reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb];
+                    const __m256i v = loadu_256(blk.qs + 32 * c);
+                    lo[i] = _mm256_and_si256(v, low4);
+                    hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    if constexpr (kHasFifthBit<Block>) {
+                        const __m256i qh = loadu_256(blk.qh);  // bit 2c + h of byte l: element l of sub-block 2c + h
+                        lo[i] = _mm256_or_si256(lo[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c), 4), _mm256_set1_epi8(16)));
+                        hi[i] = _mm256_or_si256(hi[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * c + 1), 4), _mm256_set1_epi8(16)));
+                    }
+                    p->bias[(sb * 8 + 2 * c) * kGemmRows + row] = -128 * byte_sum_avx2(lo[i]);
+                    p->bias[(sb * 8 + 2 * c + 1) * kGemmRows + row] = -128 * byte_sum_avx2(hi[i]);
+                }
+                store_panel_rows8_avx2(lo, h, p->q + (sb * 8 + 2 * c) * kQK * kGemmRows);
+                store_panel_rows8_avx2(hi, h, p->q + (sb * 8 + 2 * c + 1) * kQK * kGemmRows);
             }
         }
     }
@@ -7637,7 +7683,8 @@ inline const ActType& act_type(ActFormat f) {
         {ActFormat::q8_0_rot, kQTQ, sizeof(BlockQ8Rot), {erase_quantize<quantize_act_q8_0_rot_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
         {ActFormat::q8_gemm, kQK, sizeof(BlockQ8G), {erase_quantize<quantize_act_q8g_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
         {ActFormat::q8_gemm_k, kQKK, (int)sizeof(BlockQ8G) * (kQKK / kQK),
-         {erase_quantize<quantize_act_q8gk_ref>, nullptr, nullptr, nullptr, nullptr, nullptr}},
+         {erase_quantize<quantize_act_q8gk_ref>, MOE_DETAIL_IF_AVX2(erase_quantize<quantize_act_q8gk<quantize_row_q8k_avx2>>), nullptr, nullptr,
+          nullptr, nullptr}},
         {ActFormat::q8_0_split, 128, sizeof(BlockQ8Split),
          {erase_quantize<quantize_act_q8_split_ref>, MOE_DETAIL_IF_AVX2(erase_quantize<quantize_act_q8_split<quantize_act_q8_0_avx2>>), nullptr,
           nullptr, nullptr, nullptr}},
@@ -7810,15 +7857,20 @@ inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
 // panel is then packed row by row.
 inline GemmPackTileFn gemm_pack_tile_kernel(Isa isa, TensorType type) {
 #if MOE_DETAIL_HAS_AVX2
-    if (type == TensorType::q4_0 && (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_vnni)) return gemm_pack_tile_q4_0_avx2;
+    if (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_vnni) {
+        if (type == TensorType::q4_0) return gemm_pack_tile_q4_0_avx2;
+        if (type == TensorType::q4_k) return gemm_pack_tile_q45k_avx2<BlockQ4K>;
+        if (type == TensorType::q5_k) return gemm_pack_tile_q45k_avx2<BlockQ5K>;
+    }
 #endif
     (void)isa, (void)type;
     return nullptr;
 }
 // From how many tokens a type's panels beat its row kernels (SessionOptions::gemm_min_tokens = 0):
-// 4 where packing is cheap (pack_tile) and the row kernels are slow (no VNNI), else 8 (measured
-// sweeps: bench/RESULTS.md, sixteenth session).
-inline int32_t panel_min_tokens(Isa isa, const GemmType& g) { return g.pack_tile && isa != Isa::avx512_vnni ? 4 : 8; }
+// 4 where packing is cheap (pack_tile), the AVX2 tile sums all 8 column groups in int16 (max_code
+// <= 8) and the row kernels are slow (no VNNI), else 8. Measured (bench/RESULTS.md, sixteenth and
+// seventeenth sessions): Q4_0 on AVX2 best at 4, Q4_K on AVX2 and both on VNNI at 8.
+inline int32_t panel_min_tokens(Isa isa, const GemmType& g) { return g.pack_tile && g.max_code <= 8 && isa != Isa::avx512_vnni ? 4 : 8; }
 
 // A weight's row kernel: the activation format it reads and the dot product; and, where the type
 // and the ISA have one, its panel form for chunks of many tokens (activations in q8_gemm).
