@@ -4448,7 +4448,7 @@ typedef void (*GemmDecodeFn)(const void* row, int64_t n, int8_t* q, float* scale
 struct GemmPanel;
 // Writes a weight row straight into panel row r (the common types: no row buffer, no per-element loop).
 typedef void (*GemmPackRowFn)(const void* row, int64_t n, int r, GemmPanel* p);
-// Writes all kGemmRows rows (row_bytes apart) into the panel at once (SIMD; set per ISA by row_kernel).
+// Writes all kGemmRows rows (row_bytes apart) into the panel at once (SIMD; per ISA: gemm_pack_tile_kernel).
 typedef void (*GemmPackTileFn)(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p);
 struct GemmType {
     GemmDecodeFn decode = nullptr;  // nullptr: the type has no panel form (row kernels only)
