@@ -4462,6 +4462,9 @@ struct GemmType {
     // The largest |code| decode writes: the AVX2 panels sum maddubs pairs in int16 (gemm_tile_avx2).
     int32_t max_code = 128;
     GemmPackTileFn pack_tile = nullptr;  // optional: full panels at once, the same bytes as pack_row
+    // From how many tokens the panels beat the row kernels on an ISA without VNNI, where packed
+    // with SIMD (pack_tile); measured per type (panel_min_tokens), 8 where not measured lower.
+    int32_t min_tokens_no_vnni = 8;
 };
 
 inline void gemm_decode_q4_0(const BlockQ4_0* x, int64_t n, int8_t* q, float* scale, float*) {
@@ -4508,18 +4511,23 @@ inline void gemm_decode_mxfp4(const BlockMXFP4* x, int64_t n, int8_t* q, float* 
         for (int j = 0; j < kQK; ++j) q[j] = kFp4Values[q4_nibble(x[b].qs, j)];
     }
 }
-// Q4_K / Q5_K: sub-block i of 32 is d * sc_i * q - dmin * m_i.
+// Q4_K / Q5_K: sub-block i of 32 is d * sc_i * q - dmin * m_i. The panels' scale and min of a
+// super-block's 8 sub-blocks, `stride` floats apart (the decoder's row and the SIMD packer's panel).
+template <typename Block>
+inline void q45k_panel_scales(const Block& x, float* scale, float* min, int64_t stride) {
+    const float d = fp16_to_f32(x.d), dmin = fp16_to_f32(x.dmin);
+    for (int j = 0; j < 8; ++j) {
+        uint8_t sc, m;
+        q4k_get_scale_min(j, x.scales, &sc, &m);
+        scale[j * stride] = d * sc;
+        min[j * stride] = -(dmin * m);
+    }
+}
 template <typename Block>
 inline void gemm_decode_q45k(const Block* x, int64_t n, int8_t* q, float* scale, float* min) {
     for (int64_t b = 0; b < n / kQKK; ++b, q += kQKK, scale += 8, min += 8) {
-        const float d = fp16_to_f32(x[b].d), dmin = fp16_to_f32(x[b].dmin);
+        q45k_panel_scales(x[b], scale, min, 1);
         for (int c = 0; c < 4; ++c) {
-            for (int h = 0; h < 2; ++h) {
-                uint8_t sc, m;
-                q4k_get_scale_min(2 * c + h, x[b].scales, &sc, &m);
-                scale[2 * c + h] = d * sc;
-                min[2 * c + h] = -(dmin * m);
-            }
             for (int l = 0; l < 32; ++l) {
                 const uint8_t v = x[b].qs[32 * c + l];
                 q[64 * c + l] = (int8_t)((v & 15) | qk_fifth_bit(x[b], c, 0, l));
@@ -4597,7 +4605,11 @@ template <auto F> void erase_gemm_pack_row(const void* row, int64_t n, int r, Ge
 inline GemmType gemm_type(TensorType t) {
     GemmType g;
     switch (t) {
-        case TensorType::q4_0: g = {erase_gemm_decode<gemm_decode_q4_0>, false, erase_gemm_pack_row<gemm_pack_row_q4_0>}; g.max_code = 8; break;
+        case TensorType::q4_0:
+            g = {erase_gemm_decode<gemm_decode_q4_0>, false, erase_gemm_pack_row<gemm_pack_row_q4_0>};
+            g.max_code = 8;
+            g.min_tokens_no_vnni = 4;
+            break;
         case TensorType::q4_1: g = {erase_gemm_decode<gemm_decode_q4_1>, true}; g.max_code = 15; break;
         case TensorType::q5_0: g = {erase_gemm_decode<gemm_decode_q5_0>, false}; g.max_code = 16; break;
         case TensorType::q5_1: g = {erase_gemm_decode<gemm_decode_q5_1>, true}; g.max_code = 31; break;
@@ -5617,13 +5629,7 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_q45k_avx2(const uint8_t* w, size_t ro
             const Block& blk = reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb];
             if (sb + 1 < n / kQKK)
                 for (size_t o = 0; o < sizeof(Block); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
-            const float d = fp16_to_f32(blk.d), dmin = fp16_to_f32(blk.dmin);
-            for (int j = 0; j < 8; ++j) {
-                uint8_t sc, m;
-                q4k_get_scale_min(j, blk.scales, &sc, &m);
-                p->scale[(sb * 8 + j) * kGemmRows + row] = d * sc;
-                p->min[(sb * 8 + j) * kGemmRows + row] = -(dmin * m);
-            }
+            q45k_panel_scales(blk, p->scale + sb * 8 * kGemmRows + row, p->min + sb * 8 * kGemmRows + row, kGemmRows);
         }
         for (int c = 0; c < 4; ++c) {
             for (int h = 0; h < 2; ++h) {
@@ -7867,10 +7873,11 @@ inline GemmPackTileFn gemm_pack_tile_kernel(Isa isa, TensorType type) {
     return nullptr;
 }
 // From how many tokens a type's panels beat its row kernels (SessionOptions::gemm_min_tokens = 0):
-// 4 where packing is cheap (pack_tile), the AVX2 tile sums all 8 column groups in int16 (max_code
-// <= 8) and the row kernels are slow (no VNNI), else 8. Measured (bench/RESULTS.md, sixteenth and
-// seventeenth sessions): Q4_0 on AVX2 best at 4, Q4_K on AVX2 and both on VNNI at 8.
-inline int32_t panel_min_tokens(Isa isa, const GemmType& g) { return g.pack_tile && g.max_code <= 8 && isa != Isa::avx512_vnni ? 4 : 8; }
+// the type's measured GemmType::min_tokens_no_vnni where packing is cheap (pack_tile) and the row
+// kernels are slow (no VNNI), else 8. Measured (bench/RESULTS.md, sixteenth and seventeenth
+// sessions): Q4_0 on AVX2 best at 4 (its AVX2 tile sums all 8 column groups in int16), Q4_K on
+// AVX2 and both on VNNI at 8.
+inline int32_t panel_min_tokens(Isa isa, const GemmType& g) { return g.pack_tile && isa != Isa::avx512_vnni ? g.min_tokens_no_vnni : 8; }
 
 // A weight's row kernel: the activation format it reads and the dot product; and, where the type
 // and the ISA have one, its panel form for chunks of many tokens (activations in q8_gemm).
@@ -12040,7 +12047,7 @@ struct SessionImpl {
 
     void forward_thread(const ForwardCall& c, int ith, int nth);
     bool panels_for(const Weight& w, int64_t tokens) const {
-        return gemm_chunk && tokens >= gemm_min_tokens && kt(w).has_gemm() && (gemm_min_given || tokens >= kt(w).panel_min_tokens);
+        return gemm_chunk && kt(w).has_gemm() && tokens >= (gemm_min_given ? gemm_min_tokens : kt(w).panel_min_tokens);
     }
     // The panel formats of an input quantized to `base` (what its row kernels read), for this chunk.
     uint8_t gemm_fmts(uint8_t base) const {
