@@ -58,7 +58,7 @@
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
        prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI: Q4_0..Q8_0, IQ4_NL,
-       MXFP4, Q4_K, Q5_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
+       MXFP4, Q4_K, Q5_K, Q6_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
        llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
@@ -4451,7 +4451,7 @@ typedef void (*GemmPackRowFn)(const void* row, int64_t n, int r, GemmPanel* p);
 // Writes all kGemmRows rows (row_bytes apart) into the panel at once (SIMD; per ISA: gemm_pack_tile_kernel).
 typedef void (*GemmPackTileFn)(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p);
 struct GemmType {
-    GemmDecodeFn decode = nullptr;  // nullptr: the type has no panel form (row kernels only)
+    GemmDecodeFn decode = nullptr;  // a row's codes and scales per 32 (or pack_row alone: sub_scales types)
     bool has_min = false;
     GemmPackRowFn pack_row = nullptr;  // optional, the same result as decode + gemm_pack's scatter
     // A routed expert's matrices run as panels only with at least this many tokens (and
@@ -4465,6 +4465,10 @@ struct GemmType {
     // From how many tokens the panels beat the row kernels on an ISA without VNNI, where packed
     // with SIMD (pack_tile); measured per type (panel_min_tokens), 8 where not measured lower.
     int32_t min_tokens_no_vnni = 8;
+    // Integer scales per 16 columns (Q6_K), which a scale per 32 cannot carry: the panel holds
+    // two per block (GemmPanel::sub_scale), and the tiles multiply each half's int32 sum by its own.
+    bool sub_scales = false;
+    bool has_form() const { return decode || pack_row; }
 };
 
 inline void gemm_decode_q4_0(const BlockQ4_0* x, int64_t n, int8_t* q, float* scale, float*) {
@@ -4559,7 +4563,9 @@ struct GemmPanel {
     int32_t* bias = nullptr;  // (K / 32, 16): -128 x the block's code sum
     float* scale = nullptr;   // (K / 32, 16)
     float* min = nullptr;     // (K / 32, 16); unused unless has_min
+    int32_t* sub_scale = nullptr;  // (K / 32, 2, 16): each 16-column half's integer scale; unused unless sub_scales
     bool has_min = false;
+    bool sub_scales = false;
     int64_t nb = 0;           // blocks of 32 columns
 };
 
@@ -4596,6 +4602,33 @@ inline void gemm_pack_row_q8_0(const BlockQ8_0* x, int64_t n, int r, GemmPanel* 
         p->min[b * kGemmRows + r] = 0.f;
     }
 }
+// Types with an integer scale per 16 columns (Q6_K; the row kernels' vec_dot_sub16_q8k_ref). Q3_K
+// would fit too, but its panels measured slower than its rows (bench/RESULTS.md, eighteenth session):
+// the unpacked codes, each half's scale in sub_scale, the super-block's d as the block scale; the
+// bias carries the sub-scales, -128 x (sub_scale_0 x code sum_0 + sub_scale_1 x code sum_1).
+template <typename Block, void (*Unpack)(const Block&, int8_t*), int (*SubScale)(const Block&, int)>
+inline void gemm_pack_row_sub16(const Block* x, int64_t n, int r, GemmPanel* p) {
+    int8_t q[kQKK];
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        Unpack(x[sb], q);
+        const float d = fp16_to_f32(x[sb].d);
+        for (int c = 0; c < kQKK / kQK; ++c) {
+            const int64_t b = sb * (kQKK / kQK) + c;
+            int32_t bias = 0;
+            for (int h = 0; h < 2; ++h) {
+                const int32_t sub = SubScale(x[sb], 2 * c + h);
+                int32_t sum = 0;
+                for (int j = 0; j < kQK / 2; ++j) sum += q[kQK * c + kQK / 2 * h + j];
+                bias += sub * sum;
+                p->sub_scale[(b * 2 + h) * kGemmRows + r] = sub;
+            }
+            for (int g = 0; g < kQK / 4; ++g) std::memcpy(p->q + ((b * 8 + g) * kGemmRows + r) * 4, q + kQK * c + 4 * g, 4);
+            p->bias[b * kGemmRows + r] = -128 * bias;
+            p->scale[b * kGemmRows + r] = d;
+            p->min[b * kGemmRows + r] = 0.f;
+        }
+    }
+}
 template <typename B> struct PackArgs;
 template <typename B> struct PackArgs<void (*)(const B*, int64_t, int, GemmPanel*)> { typedef B w; };
 template <auto F> void erase_gemm_pack_row(const void* row, int64_t n, int r, GemmPanel* p) {
@@ -4618,6 +4651,11 @@ inline GemmType gemm_type(TensorType t) {
         case TensorType::mxfp4: g = {erase_gemm_decode<gemm_decode_mxfp4>, false, nullptr, 64}; g.max_code = 12; break;
         case TensorType::q4_k: g = {erase_gemm_decode<gemm_decode_q45k<BlockQ4K>>, true}; g.max_code = 15; break;
         case TensorType::q5_k: g = {erase_gemm_decode<gemm_decode_q45k<BlockQ5K>>, true}; g.max_code = 31; break;
+        case TensorType::q6_k:
+            g = {nullptr, false, erase_gemm_pack_row<gemm_pack_row_sub16<BlockQ6K, q6k_unpack, q6k_block_scale>>};
+            g.sub_scales = true;
+            g.max_code = 32;
+            break;
         case TensorType::affine3_g32: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine3G32>>, true}; g.max_code = 7; break;
         case TensorType::affine3_g64: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine3G64>>, true}; g.max_code = 7; break;
         case TensorType::affine3_g128: g = {erase_gemm_decode<gemm_decode_affine<BlockAffine3G128>>, true}; g.max_code = 7; break;
@@ -4635,7 +4673,7 @@ struct GemmScratch {
     float *row_scale = nullptr, *row_min = nullptr;
     static size_t bytes(int64_t max_k) {
         const size_t nb = (size_t)(max_k / kQK);
-        return nb * kQK * kGemmRows + nb * kGemmRows * 12 + (size_t)max_k + nb * 8 + 256;
+        return nb * kQK * kGemmRows + nb * kGemmRows * 20 + (size_t)max_k + nb * 8 + 256;
     }
     // Carves a panel and its decode buffers out of `base` (64-byte aligned, bytes(max_k) long).
     void carve(uint8_t* base, int64_t max_k) {
@@ -4644,7 +4682,8 @@ struct GemmScratch {
         panel.bias = reinterpret_cast<int32_t*>(base + nb * kQK * kGemmRows);
         panel.scale = reinterpret_cast<float*>(panel.bias + nb * kGemmRows);
         panel.min = panel.scale + nb * kGemmRows;
-        row_scale = panel.min + nb * kGemmRows;
+        panel.sub_scale = reinterpret_cast<int32_t*>(panel.min + nb * kGemmRows);
+        row_scale = reinterpret_cast<float*>(panel.sub_scale + 2 * nb * kGemmRows);
         row_min = row_scale + nb;
         row_q = reinterpret_cast<int8_t*>(row_min + nb);
     }
@@ -4655,6 +4694,7 @@ inline void gemm_pack(const GemmType& gt, const uint8_t* w, size_t row_bytes, in
     GemmPanel& p = s->panel;
     p.nb = k / kQK;
     p.has_min = gt.has_min;
+    p.sub_scales = gt.sub_scales;
     if (rows == kGemmRows && gt.pack_tile) return gt.pack_tile(w, row_bytes, k, &p);
     for (int r = 0; r < kGemmRows; ++r) {
         if (r < rows && gt.pack_row) {
@@ -4675,12 +4715,14 @@ inline void gemm_pack(const GemmType& gt, const uint8_t* w, size_t row_bytes, in
             p.bias[b * kGemmRows + r] = -128 * sum;
             p.scale[b * kGemmRows + r] = s->row_scale[b];
             p.min[b * kGemmRows + r] = gt.has_min ? s->row_min[b] : 0.f;
+            if (gt.sub_scales) p.sub_scale[b * 2 * kGemmRows + r] = p.sub_scale[(b * 2 + 1) * kGemmRows + r] = 0;  // a row past `rows`
         }
     }
 }
 
 // out[t * 16 + r] = row r of the panel . token t (x[t]: K / 32 blocks), t < nt <= kGemmTokens. The
-// order of the float operations is the specification: per block, the int32 sum converted, times
+// order of the float operations is the specification: per block, the int32 sum (with sub_scales:
+// the bias plus each 16-column half's sum times its sub_scale, in int32) converted, times
 // (scale x d) fused into the accumulator; with offsets, that product fused onto min x s and the
 // block's total added (the two terms largely cancel: adding their sum loses less).
 inline void gemm_tile_ref(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
@@ -4690,7 +4732,15 @@ inline void gemm_tile_ref(const GemmPanel& p, const BlockQ8G* const* x, int nt, 
             for (int64_t b = 0; b < p.nb; ++b) {
                 const BlockQ8G& xb = x[t][b];
                 int32_t sum = p.bias[b * kGemmRows + r];
-                for (int j = 0; j < kQK; ++j) sum += (int32_t)xb.qs[j] * p.q[((b * 8 + j / 4) * kGemmRows + r) * 4 + j % 4];
+                if (p.sub_scales) {
+                    for (int h = 0; h < 2; ++h) {
+                        int32_t half = 0;
+                        for (int j = kQK / 2 * h; j < kQK / 2 * (h + 1); ++j) half += (int32_t)xb.qs[j] * p.q[((b * 8 + j / 4) * kGemmRows + r) * 4 + j % 4];
+                        sum += half * p.sub_scale[(b * 2 + h) * kGemmRows + r];
+                    }
+                } else {
+                    for (int j = 0; j < kQK; ++j) sum += (int32_t)xb.qs[j] * p.q[((b * 8 + j / 4) * kGemmRows + r) * 4 + j % 4];
+                }
                 if (p.has_min) acc += std::fma(p.scale[b * kGemmRows + r] * xb.d, (float)sum, p.min[b * kGemmRows + r] * xb.s);
                 else acc = std::fma(p.scale[b * kGemmRows + r] * xb.d, (float)sum, acc);
             }
@@ -5654,17 +5704,73 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_q45k_avx2(const uint8_t* w, size_t ro
         }
     }
 }
+// Q6_K panels 16 rows at once: 32-column block k of super-block half h is the low (k even) or high
+// nibbles of ql[64h + 32 (k % 2) ..] with bits 2k, 2k+1 of qh[32h ..] on top, less 32; the same
+// bytes, biases, scales and sub_scales as gemm_pack_row_sub16<BlockQ6K>.
+MOE_DETAIL_AVX2 inline void gemm_pack_tile_q6k_avx2(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), offset = _mm256_set1_epi8(32);
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        for (int row = 0; row < kGemmRows; ++row) {
+            const BlockQ6K& blk = reinterpret_cast<const BlockQ6K*>(w + (size_t)row * row_bytes)[sb];
+            if (sb + 1 < n / kQKK)
+                for (size_t o = 0; o < sizeof(BlockQ6K); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
+            const float d = fp16_to_f32(blk.d);
+            for (int j = 0; j < 8; ++j) {
+                p->scale[(sb * 8 + j) * kGemmRows + row] = d;
+                p->min[(sb * 8 + j) * kGemmRows + row] = 0.f;
+                p->sub_scale[((sb * 8 + j) * 2) * kGemmRows + row] = blk.scales[2 * j];
+                p->sub_scale[((sb * 8 + j) * 2 + 1) * kGemmRows + row] = blk.scales[2 * j + 1];
+            }
+        }
+        for (int k = 0; k < 8; ++k) {  // block sb * 8 + k: columns 32k .. 32k + 31 of the super-block
+            const int h = k / 4, quarter = k % 4;
+            for (int rh = 0; rh < 2; ++rh) {
+                __m256i r[8];
+                for (int i = 0; i < 8; ++i) {
+                    const int row = 8 * rh + i;
+                    const BlockQ6K& blk = reinterpret_cast<const BlockQ6K*>(w + (size_t)row * row_bytes)[sb];
+                    const __m256i ql = loadu_256(blk.ql + 64 * h + 32 * (quarter % 2));
+                    const __m256i nib = quarter < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
+                    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(loadu_256(blk.qh + 32 * h), 2 * quarter), three);
+                    const __m256i code = _mm256_or_si256(nib, _mm256_slli_epi16(high, 4));  // 0..63
+                    const __m256i sad = _mm256_sad_epu8(code, _mm256_setzero_si256());       // sums of bytes 0-7, 8-15, 16-23, 24-31
+                    const int32_t sum0 = (int32_t)(_mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1)) - 32 * 16;
+                    const int32_t sum1 = (int32_t)(_mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3)) - 32 * 16;
+                    p->bias[(sb * 8 + k) * kGemmRows + row] = -128 * (blk.scales[2 * k] * sum0 + blk.scales[2 * k + 1] * sum1);
+                    r[i] = _mm256_sub_epi8(code, offset);
+                }
+                store_panel_rows8_avx2(r, rh, p->q + (sb * 8 + k) * kQK * kGemmRows);
+            }
+        }
+    }
+}
 
 // Without vpdpbusd: per 8-row half of the panel and up to 4 tokens, maddubs of a token's 4 biased
 // codes (broadcast) with the panel's codes gives int16 pair sums, kGroups of the block's 8 column
 // groups add up in int16, then madd widens them into the int32 block sum. Exact while
 // kGroups x 2 x 255 x max|code| <= 32767, so kGroups comes from the type's largest code
 // (GemmType::max_code; types with codes above 64 have no AVX2 panel). The float steps are
-// gemm_tile_ref's, lane-wise, so the result equals it bit for bit.
-template <int NT, bool kMin, int kGroups>
-MOE_DETAIL_AVX2 inline void gemm_half_avx2(const GemmPanel& p, int half, const BlockQ8G* const* x, float* out) {
-    static_assert(kGemmRows == 16 && kQK / 4 == 8, "a panel block is 8 groups of 16 rows x 4 columns");
+// gemm_tile_ref's, lane-wise, so the result equals it bit for bit. Column groups [g_begin, g_end)
+// of block b (q: its 8-row half) into the int32 sums of NT tokens. kSub16 (GemmType::sub_scales,
+// kGroups <= 4): each 16-column half's int32 sum times its sub_scale onto the bias.
+template <int NT, int kGroups>
+MOE_DETAIL_AVX2 inline void gemm_groups_avx2(const int8_t* q, const BlockQ8G* const* x, int64_t b, int g_begin, int g_end, __m256i* sum) {
     const __m256i ones = _mm256_set1_epi16(1);
+    for (int g0 = g_begin; g0 < g_end; g0 += kGroups) {
+        __m256i s16[NT];
+        for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+        for (int g = g0; g < g0 + kGroups; ++g) {
+            const __m256i w = loadu_256(q + 64 * g);
+            for (int t = 0; t < NT; ++t)
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(_mm256_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w));
+        }
+        for (int t = 0; t < NT; ++t) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(s16[t], ones));
+    }
+}
+template <int NT, bool kMin, int kGroups, bool kSub16 = false>
+MOE_DETAIL_AVX2 inline void gemm_half_avx2(const GemmPanel& p, int half, const BlockQ8G* const* x, float* out) {
+    static_assert(!kSub16 || kGroups <= 4, "the int16 sums must not cross a 16-column half");
+    static_assert(kGemmRows == 16 && kQK / 4 == 8, "a panel block is 8 groups of 16 rows x 4 columns");
     __m256 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < p.nb; ++b) {
@@ -5672,15 +5778,16 @@ MOE_DETAIL_AVX2 inline void gemm_half_avx2(const GemmPanel& p, int half, const B
         const __m256i bias = loadu_256(p.bias + b * kGemmRows + 8 * half);
         __m256i s[NT];
         for (int t = 0; t < NT; ++t) s[t] = bias;
-        for (int g0 = 0; g0 < kQK / 4; g0 += kGroups) {
-            __m256i s16[NT];
-            for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
-            for (int g = g0; g < g0 + kGroups; ++g) {
-                const __m256i w = loadu_256(q + 64 * g);
-                for (int t = 0; t < NT; ++t)
-                    s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(_mm256_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w));
+        if constexpr (kSub16) {
+            for (int h = 0; h < 2; ++h) {
+                __m256i part[NT];
+                for (int t = 0; t < NT; ++t) part[t] = _mm256_setzero_si256();
+                gemm_groups_avx2<NT, kGroups>(q, x, b, 4 * h, 4 * h + 4, part);
+                const __m256i sub = loadu_256(p.sub_scale + (b * 2 + h) * kGemmRows + 8 * half);
+                for (int t = 0; t < NT; ++t) s[t] = _mm256_add_epi32(s[t], _mm256_mullo_epi32(part[t], sub));
             }
-            for (int t = 0; t < NT; ++t) s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(s16[t], ones));
+        } else {
+            gemm_groups_avx2<NT, kGroups>(q, x, b, 0, kQK / 4, s);
         }
         const __m256 sc = _mm256_loadu_ps(p.scale + b * kGemmRows + 8 * half);
         if constexpr (kMin) {
@@ -5694,22 +5801,22 @@ MOE_DETAIL_AVX2 inline void gemm_half_avx2(const GemmPanel& p, int half, const B
     }
     for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + t * kGemmRows + 8 * half, acc[t]);
 }
-template <bool kMin, int kGroups>
+template <bool kMin, int kGroups, bool kSub16>
 MOE_DETAIL_AVX2 inline void gemm_tile_avx2_groups(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
     for (int t0 = 0; t0 < nt; t0 += 4)
         for (int half = 0; half < 2; ++half) {
             switch (std::min(4, nt - t0)) {
-                case 1: gemm_half_avx2<1, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
-                case 2: gemm_half_avx2<2, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
-                case 3: gemm_half_avx2<3, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
-                default: gemm_half_avx2<4, kMin, kGroups>(p, half, x + t0, out + t0 * kGemmRows); break;
+                case 1: gemm_half_avx2<1, kMin, kGroups, kSub16>(p, half, x + t0, out + t0 * kGemmRows); break;
+                case 2: gemm_half_avx2<2, kMin, kGroups, kSub16>(p, half, x + t0, out + t0 * kGemmRows); break;
+                case 3: gemm_half_avx2<3, kMin, kGroups, kSub16>(p, half, x + t0, out + t0 * kGemmRows); break;
+                default: gemm_half_avx2<4, kMin, kGroups, kSub16>(p, half, x + t0, out + t0 * kGemmRows); break;
             }
         }
 }
-template <int kGroups>
+template <int kGroups, bool kSub16 = false>
 MOE_DETAIL_AVX2 inline void gemm_tile_avx2(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
-    if (p.has_min) gemm_tile_avx2_groups<true, kGroups>(p, x, nt, out);
-    else gemm_tile_avx2_groups<false, kGroups>(p, x, nt, out);
+    if (p.has_min) gemm_tile_avx2_groups<true, kGroups, kSub16>(p, x, nt, out);
+    else gemm_tile_avx2_groups<false, kGroups, kSub16>(p, x, nt, out);
 }
 
 //---- activation quantizers (bit-identical to quantize_act_ref: quantize_act_q8_0_ref, quantize_row_q8k_ref) ----
@@ -6404,7 +6511,9 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_affine_mlx_q8_1_avx512vnni(const Bloc
 
 // GEMM panel tile (GEMM PANELS): 16 rows x NT tokens in 2 x NT registers, one vpdpbusd per (4
 // columns, token) with the token's 4 codes broadcast; the float steps are gemm_tile_ref's, lane-wise.
-template <int NT, bool kMin>
+// kSub16 (GemmType::sub_scales): each 16-column half summed from zero, then times its sub_scale
+// (vpmulld) onto the bias.
+template <int NT, bool kMin, bool kSub16 = false>
 MOE_DETAIL_AVX512VNNI inline void gemm_tile_nt_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
     __m512 acc[NT];
 #pragma GCC unroll 8
@@ -6415,11 +6524,28 @@ MOE_DETAIL_AVX512VNNI inline void gemm_tile_nt_avx512vnni(const GemmPanel& p, co
         __m512i s[NT];
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) s[t] = bias;
+        if constexpr (kSub16) {
+            for (int h = 0; h < 2; ++h) {
+                __m512i half[NT];
 #pragma GCC unroll 8
-        for (int g = 0; g < kQK / 4; ++g) {
-            const __m512i w = _mm512_load_si512(q + 64 * g);
+                for (int t = 0; t < NT; ++t) half[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int g = 4 * h; g < 4 * h + 4; ++g) {
+                    const __m512i w = _mm512_load_si512(q + 64 * g);
 #pragma GCC unroll 8
-            for (int t = 0; t < NT; ++t) s[t] = _mm512_dpbusd_epi32(s[t], _mm512_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w);
+                    for (int t = 0; t < NT; ++t) half[t] = _mm512_dpbusd_epi32(half[t], _mm512_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w);
+                }
+                const __m512i sub = _mm512_load_si512(p.sub_scale + (b * 2 + h) * kGemmRows);
+#pragma GCC unroll 8
+                for (int t = 0; t < NT; ++t) s[t] = _mm512_add_epi32(s[t], _mm512_mullo_epi32(half[t], sub));
+            }
+        } else {
+#pragma GCC unroll 8
+            for (int g = 0; g < kQK / 4; ++g) {
+                const __m512i w = _mm512_load_si512(q + 64 * g);
+#pragma GCC unroll 8
+                for (int t = 0; t < NT; ++t) s[t] = _mm512_dpbusd_epi32(s[t], _mm512_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w);
+            }
         }
         const __m512 sc = _mm512_load_ps(p.scale + b * kGemmRows);
         if constexpr (kMin) {
@@ -6461,6 +6587,14 @@ struct TileAvx512Vnni {
     }
 };
 inline void gemm_tile_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) { gemm_tile_dispatch<TileAvx512Vnni>(p, x, nt, out); }
+struct TileAvx512VnniSub16 {
+    template <int NT, bool kMin> MOE_DETAIL_AVX512VNNI static void nt(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
+        gemm_tile_nt_avx512vnni<NT, kMin, true>(p, x, out);
+    }
+};
+inline void gemm_tile_sub16_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    gemm_tile_dispatch<TileAvx512VnniSub16>(p, x, nt, out);
+}
 
 // Attention kernels (att_*_ref in KERNELS: REFERENCE): scores of 4 query rows per pass over a key
 // row (the key loaded once), values into 4 rows x 64 columns of accumulators held in registers over
@@ -7843,12 +7977,18 @@ inline bool amx_in_use() {
 // The panel tile of `isa` for a type's panels (g), nullptr if none.
 inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
 #if MOE_DETAIL_HAS_AMX
-    if (isa == Isa::avx512_vnni && amx_in_use()) return gemm_tile_amx;
+    if (isa == Isa::avx512_vnni && amx_in_use() && !g.sub_scales) return gemm_tile_amx;  // AMX tiles sum whole blocks
 #endif
 #if MOE_DETAIL_HAS_AVX512
-    if (isa == Isa::avx512_vnni) return gemm_tile_avx512vnni;
+    if (isa == Isa::avx512_vnni) return g.sub_scales ? gemm_tile_sub16_avx512vnni : gemm_tile_avx512vnni;
 #endif
 #if MOE_DETAIL_HAS_AVX2
+    if ((isa == Isa::avx2 || isa == Isa::avx512) && g.sub_scales) {  // int16 sums within a 16-column half
+        if (g.max_code <= 16) return gemm_tile_avx2<4, true>;
+        if (g.max_code <= 32) return gemm_tile_avx2<2, true>;
+        if (g.max_code <= 64) return gemm_tile_avx2<1, true>;
+        return nullptr;
+    }
     if (isa == Isa::avx2 || isa == Isa::avx512) {  // kGroups x 2 x 255 x max_code <= 32767
         if (g.max_code <= 8) return gemm_tile_avx2<8>;
         if (g.max_code <= 16) return gemm_tile_avx2<4>;
@@ -7867,6 +8007,7 @@ inline GemmPackTileFn gemm_pack_tile_kernel(Isa isa, TensorType type) {
         if (type == TensorType::q4_0) return gemm_pack_tile_q4_0_avx2;
         if (type == TensorType::q4_k) return gemm_pack_tile_q45k_avx2<BlockQ4K>;
         if (type == TensorType::q5_k) return gemm_pack_tile_q45k_avx2<BlockQ5K>;
+        if (type == TensorType::q6_k) return gemm_pack_tile_q6k_avx2;
     }
 #endif
     (void)isa, (void)type;
@@ -7925,7 +8066,7 @@ inline void dot_row_uses(const RowKernel& k, const void* w, int64_t n, int32_t b
 inline void set_panel_form(const QuantType& t, Isa isa, GemmTileFn tile, RowKernel* k) {
     GemmType g = gemm_type(t.type);
     const bool same_codes = t.act == ActFormat::q8_0 || t.act == ActFormat::q8_1 || t.act == ActFormat::q8_k;
-    if (!tile || !g.decode || !same_codes) return;
+    if (!tile || !g.has_form() || !same_codes) return;
     g.pack_tile = gemm_pack_tile_kernel(isa, t.type);
     k->gemm = g;
     k->gemm_tile = tile;
