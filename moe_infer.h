@@ -58,7 +58,7 @@
        CPUs: any (scalar _ref kernels); x86-64 AVX2+FMA, AVX-512, AVX-512 VNNI and AArch64 NEON,
        NEON dotprod kernels picked at run time.
        prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI: Q4_0..Q8_0, IQ4_NL,
-       MXFP4, Q4_K, Q5_K, Q6_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
+       MXFP4, Q3_K..Q6_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
        llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
@@ -4465,7 +4465,7 @@ struct GemmType {
     // From how many tokens the panels beat the row kernels on an ISA without VNNI, where packed
     // with SIMD (pack_tile); measured per type (panel_min_tokens), 8 where not measured lower.
     int32_t min_tokens_no_vnni = 8;
-    // Integer scales per 16 columns (Q6_K), which a scale per 32 cannot carry: the panel holds
+    // Integer scales per 16 columns (Q3_K, Q6_K), which a scale per 32 cannot carry: the panel holds
     // two per block (GemmPanel::sub_scale), and the tiles multiply each half's int32 sum by its own.
     bool sub_scales = false;
     bool has_form() const { return decode || pack_row; }
@@ -4602,8 +4602,7 @@ inline void gemm_pack_row_q8_0(const BlockQ8_0* x, int64_t n, int r, GemmPanel* 
         p->min[b * kGemmRows + r] = 0.f;
     }
 }
-// Types with an integer scale per 16 columns (Q6_K; the row kernels' vec_dot_sub16_q8k_ref). Q3_K
-// would fit too, but its panels measured slower than its rows (bench/RESULTS.md, eighteenth session):
+// Types with an integer scale per 16 columns (Q3_K, Q6_K: the row kernels' vec_dot_sub16_q8k_ref):
 // the unpacked codes, each half's scale in sub_scale, the super-block's d as the block scale; the
 // bias carries the sub-scales, -128 x (sub_scale_0 x code sum_0 + sub_scale_1 x code sum_1).
 template <typename Block, void (*Unpack)(const Block&, int8_t*), int (*SubScale)(const Block&, int)>
@@ -4651,6 +4650,11 @@ inline GemmType gemm_type(TensorType t) {
         case TensorType::mxfp4: g = {erase_gemm_decode<gemm_decode_mxfp4>, false, nullptr, 64}; g.max_code = 12; break;
         case TensorType::q4_k: g = {erase_gemm_decode<gemm_decode_q45k<BlockQ4K>>, true}; g.max_code = 15; break;
         case TensorType::q5_k: g = {erase_gemm_decode<gemm_decode_q45k<BlockQ5K>>, true}; g.max_code = 31; break;
+        case TensorType::q3_k:
+            g = {nullptr, false, erase_gemm_pack_row<gemm_pack_row_sub16<BlockQ3K, q3k_unpack, q3k_block_scale>>};
+            g.sub_scales = true;
+            g.max_code = 4;
+            break;
         case TensorType::q6_k:
             g = {nullptr, false, erase_gemm_pack_row<gemm_pack_row_sub16<BlockQ6K, q6k_unpack, q6k_block_scale>>};
             g.sub_scales = true;
@@ -5704,39 +5708,64 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_q45k_avx2(const uint8_t* w, size_t ro
         }
     }
 }
-// Q6_K panels 16 rows at once: 32-column block k of super-block half h is the low (k even) or high
-// nibbles of ql[64h + 32 (k % 2) ..] with bits 2k, 2k+1 of qh[32h ..] on top, less 32; the same
-// bytes, biases, scales and sub_scales as gemm_pack_row_sub16<BlockQ6K>.
-MOE_DETAIL_AVX2 inline void gemm_pack_tile_q6k_avx2(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), offset = _mm256_set1_epi8(32);
+// Panels of the types with integer scales per 16 columns (GemmType::sub_scales), 16 rows at once;
+// the same bytes, biases, scales and sub_scales as gemm_pack_row_sub16. Per type: the unsigned
+// codes of 32-column block k of a super-block in one register (code + kOffset is the value),
+// and its 16 sub-scales.
+struct Sub16Q6K {
+    typedef BlockQ6K Block;
+    static constexpr int kOffset = 32;
+    // Block k: the low (k % 4 < 2) or high nibbles of ql[64 (k / 4) + 32 (k % 2) ..], bits 2 (k % 4)
+    // and up of qh[32 (k / 4) ..] on top.
+    MOE_DETAIL_AVX2 static __m256i codes(const BlockQ6K& b, int k) {
+        const int h = k / 4, quarter = k % 4;
+        const __m256i ql = loadu_256(b.ql + 64 * h + 32 * (quarter % 2)), low4 = _mm256_set1_epi8(0x0F);
+        const __m256i nib = quarter < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(loadu_256(b.qh + 32 * h), 2 * quarter), _mm256_set1_epi8(3));
+        return _mm256_or_si256(nib, _mm256_slli_epi16(high, 4));
+    }
+    static void sub_scales(const BlockQ6K& b, int8_t* out) { std::memcpy(out, b.scales, 16); }
+};
+struct Sub16Q3K {
+    typedef BlockQ3K Block;
+    static constexpr int kOffset = 4;
+    // Block k: bits 2 (k % 4), 2 (k % 4) + 1 of qs[32 (k / 4) ..] and bit k of hmask[..] as bit 2.
+    MOE_DETAIL_AVX2 static __m256i codes(const BlockQ3K& b, int k) {
+        const __m256i low = _mm256_and_si256(_mm256_srli_epi16(loadu_256(b.qs + 32 * (k / 4)), 2 * (k % 4)), _mm256_set1_epi8(3));
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(loadu_256(b.hmask), k), _mm256_set1_epi8(1));
+        return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+    }
+    static void sub_scales(const BlockQ3K& b, int8_t* out) { q3k_scales16(b.scales, out); }
+};
+template <class T>
+MOE_DETAIL_AVX2 inline void gemm_pack_tile_sub16_avx2(const uint8_t* w, size_t row_bytes, int64_t n, GemmPanel* p) {
+    typedef typename T::Block Block;
+    const __m256i offset = _mm256_set1_epi8(T::kOffset);
     for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        int8_t subs[kGemmRows][16];
         for (int row = 0; row < kGemmRows; ++row) {
-            const BlockQ6K& blk = reinterpret_cast<const BlockQ6K*>(w + (size_t)row * row_bytes)[sb];
+            const Block& blk = reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb];
             if (sb + 1 < n / kQKK)
-                for (size_t o = 0; o < sizeof(BlockQ6K); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
+                for (size_t o = 0; o < sizeof(Block); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
+            T::sub_scales(blk, subs[row]);
             const float d = fp16_to_f32(blk.d);
             for (int j = 0; j < 8; ++j) {
                 p->scale[(sb * 8 + j) * kGemmRows + row] = d;
                 p->min[(sb * 8 + j) * kGemmRows + row] = 0.f;
-                p->sub_scale[((sb * 8 + j) * 2) * kGemmRows + row] = blk.scales[2 * j];
-                p->sub_scale[((sb * 8 + j) * 2 + 1) * kGemmRows + row] = blk.scales[2 * j + 1];
+                p->sub_scale[((sb * 8 + j) * 2) * kGemmRows + row] = subs[row][2 * j];
+                p->sub_scale[((sb * 8 + j) * 2 + 1) * kGemmRows + row] = subs[row][2 * j + 1];
             }
         }
         for (int k = 0; k < 8; ++k) {  // block sb * 8 + k: columns 32k .. 32k + 31 of the super-block
-            const int h = k / 4, quarter = k % 4;
             for (int rh = 0; rh < 2; ++rh) {
                 __m256i r[8];
                 for (int i = 0; i < 8; ++i) {
                     const int row = 8 * rh + i;
-                    const BlockQ6K& blk = reinterpret_cast<const BlockQ6K*>(w + (size_t)row * row_bytes)[sb];
-                    const __m256i ql = loadu_256(blk.ql + 64 * h + 32 * (quarter % 2));
-                    const __m256i nib = quarter < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
-                    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(loadu_256(blk.qh + 32 * h), 2 * quarter), three);
-                    const __m256i code = _mm256_or_si256(nib, _mm256_slli_epi16(high, 4));  // 0..63
-                    const __m256i sad = _mm256_sad_epu8(code, _mm256_setzero_si256());       // sums of bytes 0-7, 8-15, 16-23, 24-31
-                    const int32_t sum0 = (int32_t)(_mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1)) - 32 * 16;
-                    const int32_t sum1 = (int32_t)(_mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3)) - 32 * 16;
-                    p->bias[(sb * 8 + k) * kGemmRows + row] = -128 * (blk.scales[2 * k] * sum0 + blk.scales[2 * k + 1] * sum1);
+                    const __m256i code = T::codes(reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb], k);
+                    const __m256i sad = _mm256_sad_epu8(code, _mm256_setzero_si256());  // sums of bytes 0-7, 8-15, 16-23, 24-31
+                    const int32_t sum0 = (int32_t)(_mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1)) - T::kOffset * 16;
+                    const int32_t sum1 = (int32_t)(_mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3)) - T::kOffset * 16;
+                    p->bias[(sb * 8 + k) * kGemmRows + row] = -128 * (subs[row][2 * k] * sum0 + subs[row][2 * k + 1] * sum1);
                     r[i] = _mm256_sub_epi8(code, offset);
                 }
                 store_panel_rows8_avx2(r, rh, p->q + (sb * 8 + k) * kQK * kGemmRows);
@@ -8007,7 +8036,8 @@ inline GemmPackTileFn gemm_pack_tile_kernel(Isa isa, TensorType type) {
         if (type == TensorType::q4_0) return gemm_pack_tile_q4_0_avx2;
         if (type == TensorType::q4_k) return gemm_pack_tile_q45k_avx2<BlockQ4K>;
         if (type == TensorType::q5_k) return gemm_pack_tile_q45k_avx2<BlockQ5K>;
-        if (type == TensorType::q6_k) return gemm_pack_tile_q6k_avx2;
+        if (type == TensorType::q6_k) return gemm_pack_tile_sub16_avx2<Sub16Q6K>;
+        if (type == TensorType::q3_k) return gemm_pack_tile_sub16_avx2<Sub16Q3K>;
     }
 #endif
     (void)isa, (void)type;

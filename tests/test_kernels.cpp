@@ -252,7 +252,7 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
     using moe::TensorType;
     const TensorType panel_types[] = {TensorType::q4_0, TensorType::q4_1, TensorType::q5_0, TensorType::q5_1, TensorType::q8_0,
                                       TensorType::iq4_nl, TensorType::mxfp4, TensorType::q4_k, TensorType::q5_k,
-                                      TensorType::q6_k, TensorType::affine3_g64, TensorType::affine4_g128};
+                                      TensorType::q3_k, TensorType::q6_k, TensorType::affine3_g64, TensorType::affine4_g128};
     std::mt19937 rng(42);
     std::normal_distribution<float> gauss;
     for (TensorType type : panel_types) {
@@ -322,7 +322,7 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
     // and IQ4_NL; AVX-512 VNNI for all of them. (So the loop above did not pass vacuously.)
     if (isa_available(moe::Isa::avx2)) {
         for (TensorType type : {TensorType::q4_0, TensorType::q4_1, TensorType::q5_0, TensorType::q5_1, TensorType::mxfp4, TensorType::q4_k,
-                                TensorType::q5_k, TensorType::q6_k, TensorType::affine3_g64, TensorType::affine4_g128})
+                                TensorType::q5_k, TensorType::q3_k, TensorType::q6_k, TensorType::affine3_g64, TensorType::affine4_g128})
             EXPECT_EQ(moe::gemm_tile(type, moe::Isa::avx2, w.data(), 1, 1, x.data(), 1, 256, out.data()), moe::Status::ok)
                 << moe::tensor_type_name(type) << ": " << moe::last_error();
         for (TensorType type : {TensorType::q8_0, TensorType::iq4_nl})
@@ -335,7 +335,7 @@ TEST(PanelGemm, MatchesRowKernelsAndRef) {
                 << moe::tensor_type_name(type) << ": " << moe::last_error();
         }
     }
-    for (TensorType type : {TensorType::q2_k, TensorType::q3_k, TensorType::tq3, TensorType::nvfp4, TensorType::f32})
+    for (TensorType type : {TensorType::q2_k, TensorType::tq3, TensorType::nvfp4, TensorType::f32})
         EXPECT_EQ(moe::gemm_tile(type, moe::Isa::scalar, w.data(), 256, 1, x.data(), 1, 256, out.data()), moe::Status::unsupported)
             << moe::tensor_type_name(type);
     EXPECT_EQ(moe::gemm_tile(TensorType::q4_0, moe::Isa::scalar, w.data(), 144, 17, x.data(), 1, 256, out.data()), moe::Status::invalid_argument);
