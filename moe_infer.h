@@ -4560,7 +4560,7 @@ template <auto F> void erase_gemm_decode(const void* row, int64_t n, int8_t* q, 
 // q[((b * 8 + g) * 16 + r) * 4 + k] = code of row r, column 32 b + 4 g + k.
 struct GemmPanel {
     int8_t* q = nullptr;      // (K / 32, 8, 16, 4)
-    int32_t* bias = nullptr;  // (K / 32, 16): -128 x the block's code sum
+    int32_t* bias = nullptr;  // (K / 32, 16): -128 x the block's code sum (sub_scales: each half's times its sub_scale)
     float* scale = nullptr;   // (K / 32, 16)
     float* min = nullptr;     // (K / 32, 16); unused unless has_min
     int32_t* sub_scale = nullptr;  // (K / 32, 2, 16): each 16-column half's integer scale; unused unless sub_scales
@@ -5779,9 +5779,10 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_sub16_avx2(const uint8_t* w, size_t r
 // groups add up in int16, then madd widens them into the int32 block sum. Exact while
 // kGroups x 2 x 255 x max|code| <= 32767, so kGroups comes from the type's largest code
 // (GemmType::max_code; types with codes above 64 have no AVX2 panel). The float steps are
-// gemm_tile_ref's, lane-wise, so the result equals it bit for bit. Column groups [g_begin, g_end)
-// of block b (q: its 8-row half) into the int32 sums of NT tokens. kSub16 (GemmType::sub_scales,
+// gemm_tile_ref's, lane-wise, so the result equals it bit for bit. kSub16 (GemmType::sub_scales,
 // kGroups <= 4): each 16-column half's int32 sum times its sub_scale onto the bias.
+// gemm_groups_avx2: column groups [g_begin, g_end) of block b (q: its 8-row half) onto the int32
+// sums of NT tokens.
 template <int NT, int kGroups>
 MOE_DETAIL_AVX2 inline void gemm_groups_avx2(const int8_t* q, const BlockQ8G* const* x, int64_t b, int g_begin, int g_end, __m256i* sum) {
     const __m256i ones = _mm256_set1_epi16(1);
