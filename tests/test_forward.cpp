@@ -395,6 +395,7 @@ std::vector<QuantCase> quant_cases() {
     c.push_back({"qwen3moe_Q4_K", with_type(spec("qwen3moe", 256, 4, 2, 64, 4, 2, 256, 300, 1), TT::q4_k), 5e-2});
     c.push_back({"qwen3moe_Q5_K_mixed", with_type(spec("qwen3moe", 256, 2, 1, 128, 3, 2, 64, 300, 2), TT::q5_k, TT::q8_0), 5e-2});
     c.push_back({"qwen3moe_Q6_K_mixed", with_type(spec("qwen3moe", 256, 4, 2, 64, 3, 1, 64, 300, 2), TT::q6_k, TT::q8_0), 5e-2});
+    c.push_back({"qwen3moe_Q3_K_mixed", with_type(spec("qwen3moe", 256, 4, 1, 64, 5, 2, 64, 300, 2), TT::q3_k, TT::q8_0), 5e-2});
     c.push_back({"mixtral_Q4_K_mixed", with_type(spec("llama", 256, 4, 2, 64, 4, 2, 96, 300, 1), TT::q4_k, TT::q8_0), 5e-2});
     // The seed formats: FP4 (ggml), MLX affine, and TQ (its kernels read the rotated activation, so
     // this also proves the rotation is the one the weights were coded in). Odd widths fall back.
