@@ -4605,26 +4605,25 @@ inline void gemm_pack_row_q8_0(const BlockQ8_0* x, int64_t n, int r, GemmPanel* 
 // Types with an integer scale per 16 columns (Q3_K, Q6_K: the row kernels' vec_dot_sub16_q8k_ref):
 // the unpacked codes, each half's scale in sub_scale, the super-block's d as the block scale; the
 // bias carries the sub-scales, -128 x (sub_scale_0 x code sum_0 + sub_scale_1 x code sum_1).
+// Row r of block b of such a panel (all but the codes): d, the halves' sub-scales and code sums.
+inline void set_sub16_block(GemmPanel* p, int64_t b, int r, float d, int32_t sub0, int32_t sub1, int32_t sum0, int32_t sum1) {
+    p->bias[b * kGemmRows + r] = -128 * (sub0 * sum0 + sub1 * sum1);
+    p->scale[b * kGemmRows + r] = d;
+    p->min[b * kGemmRows + r] = 0.f;
+    p->sub_scale[b * 2 * kGemmRows + r] = sub0;
+    p->sub_scale[(b * 2 + 1) * kGemmRows + r] = sub1;
+}
 template <typename Block, void (*Unpack)(const Block&, int8_t*), int (*SubScale)(const Block&, int)>
 inline void gemm_pack_row_sub16(const Block* x, int64_t n, int r, GemmPanel* p) {
     int8_t q[kQKK];
     for (int64_t sb = 0; sb < n / kQKK; ++sb) {
         Unpack(x[sb], q);
-        const float d = fp16_to_f32(x[sb].d);
         for (int c = 0; c < kQKK / kQK; ++c) {
             const int64_t b = sb * (kQKK / kQK) + c;
-            int32_t bias = 0;
-            for (int h = 0; h < 2; ++h) {
-                const int32_t sub = SubScale(x[sb], 2 * c + h);
-                int32_t sum = 0;
-                for (int j = 0; j < kQK / 2; ++j) sum += q[kQK * c + kQK / 2 * h + j];
-                bias += sub * sum;
-                p->sub_scale[(b * 2 + h) * kGemmRows + r] = sub;
-            }
+            int32_t sum[2] = {0, 0};
+            for (int j = 0; j < kQK; ++j) sum[j / 16] += q[kQK * c + j];
             for (int g = 0; g < kQK / 4; ++g) std::memcpy(p->q + ((b * 8 + g) * kGemmRows + r) * 4, q + kQK * c + 4 * g, 4);
-            p->bias[b * kGemmRows + r] = -128 * bias;
-            p->scale[b * kGemmRows + r] = d;
-            p->min[b * kGemmRows + r] = 0.f;
+            set_sub16_block(p, b, r, fp16_to_f32(x[sb].d), SubScale(x[sb], 2 * c), SubScale(x[sb], 2 * c + 1), sum[0], sum[1]);
         }
     }
 }
@@ -4735,16 +4734,11 @@ inline void gemm_tile_ref(const GemmPanel& p, const BlockQ8G* const* x, int nt, 
             float acc = 0;
             for (int64_t b = 0; b < p.nb; ++b) {
                 const BlockQ8G& xb = x[t][b];
-                int32_t sum = p.bias[b * kGemmRows + r];
-                if (p.sub_scales) {
-                    for (int h = 0; h < 2; ++h) {
-                        int32_t half = 0;
-                        for (int j = kQK / 2 * h; j < kQK / 2 * (h + 1); ++j) half += (int32_t)xb.qs[j] * p.q[((b * 8 + j / 4) * kGemmRows + r) * 4 + j % 4];
-                        sum += half * p.sub_scale[(b * 2 + h) * kGemmRows + r];
-                    }
-                } else {
-                    for (int j = 0; j < kQK; ++j) sum += (int32_t)xb.qs[j] * p.q[((b * 8 + j / 4) * kGemmRows + r) * 4 + j % 4];
-                }
+                int32_t half[2] = {0, 0};  // columns 0-15, 16-31
+                for (int j = 0; j < kQK; ++j) half[j / 16] += (int32_t)xb.qs[j] * p.q[((b * 8 + j / 4) * kGemmRows + r) * 4 + j % 4];
+                const int32_t sum = p.bias[b * kGemmRows + r] +
+                                    (p.sub_scales ? half[0] * p.sub_scale[b * 2 * kGemmRows + r] + half[1] * p.sub_scale[(b * 2 + 1) * kGemmRows + r]
+                                                  : half[0] + half[1]);
                 if (p.has_min) acc += std::fma(p.scale[b * kGemmRows + r] * xb.d, (float)sum, p.min[b * kGemmRows + r] * xb.s);
                 else acc = std::fma(p.scale[b * kGemmRows + r] * xb.d, (float)sum, acc);
             }
@@ -5743,18 +5737,13 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_sub16_avx2(const uint8_t* w, size_t r
     const __m256i offset = _mm256_set1_epi8(T::kOffset);
     for (int64_t sb = 0; sb < n / kQKK; ++sb) {
         int8_t subs[kGemmRows][16];
+        float d[kGemmRows];
         for (int row = 0; row < kGemmRows; ++row) {
             const Block& blk = reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb];
             if (sb + 1 < n / kQKK)
                 for (size_t o = 0; o < sizeof(Block); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
             T::sub_scales(blk, subs[row]);
-            const float d = fp16_to_f32(blk.d);
-            for (int j = 0; j < 8; ++j) {
-                p->scale[(sb * 8 + j) * kGemmRows + row] = d;
-                p->min[(sb * 8 + j) * kGemmRows + row] = 0.f;
-                p->sub_scale[((sb * 8 + j) * 2) * kGemmRows + row] = subs[row][2 * j];
-                p->sub_scale[((sb * 8 + j) * 2 + 1) * kGemmRows + row] = subs[row][2 * j + 1];
-            }
+            d[row] = fp16_to_f32(blk.d);
         }
         for (int k = 0; k < 8; ++k) {  // block sb * 8 + k: columns 32k .. 32k + 31 of the super-block
             for (int rh = 0; rh < 2; ++rh) {
@@ -5765,7 +5754,7 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_sub16_avx2(const uint8_t* w, size_t r
                     const __m256i sad = _mm256_sad_epu8(code, _mm256_setzero_si256());  // sums of bytes 0-7, 8-15, 16-23, 24-31
                     const int32_t sum0 = (int32_t)(_mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1)) - T::kOffset * 16;
                     const int32_t sum1 = (int32_t)(_mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3)) - T::kOffset * 16;
-                    p->bias[(sb * 8 + k) * kGemmRows + row] = -128 * (subs[row][2 * k] * sum0 + subs[row][2 * k + 1] * sum1);
+                    set_sub16_block(p, sb * 8 + k, row, d[row], subs[row][2 * k], subs[row][2 * k + 1], sum0, sum1);
                     r[i] = _mm256_sub_epi8(code, offset);
                 }
                 store_panel_rows8_avx2(r, rh, p->q + (sb * 8 + k) * kQK * kGemmRows);
@@ -8004,6 +7993,18 @@ inline bool amx_in_use() {
 #endif
 }
 
+#if MOE_DETAIL_HAS_AVX2
+// The AVX2 tile for codes up to max_code: kGroups x 2 x 255 x max_code <= 32767, and with
+// sub-scales kGroups <= 4 (int16 sums stay within a 16-column half).
+template <bool kSub16> inline GemmTileFn gemm_tile_avx2_for(int32_t max_code) {
+    if constexpr (!kSub16)
+        if (max_code <= 8) return gemm_tile_avx2<8>;
+    if (max_code <= 16) return gemm_tile_avx2<4, kSub16>;
+    if (max_code <= 32) return gemm_tile_avx2<2, kSub16>;
+    if (max_code <= 64) return gemm_tile_avx2<1, kSub16>;
+    return nullptr;
+}
+#endif
 // The panel tile of `isa` for a type's panels (g), nullptr if none.
 inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
 #if MOE_DETAIL_HAS_AMX
@@ -8013,18 +8014,8 @@ inline GemmTileFn gemm_tile_kernel(Isa isa, const GemmType& g) {
     if (isa == Isa::avx512_vnni) return g.sub_scales ? gemm_tile_sub16_avx512vnni : gemm_tile_avx512vnni;
 #endif
 #if MOE_DETAIL_HAS_AVX2
-    if ((isa == Isa::avx2 || isa == Isa::avx512) && g.sub_scales) {  // int16 sums within a 16-column half
-        if (g.max_code <= 16) return gemm_tile_avx2<4, true>;
-        if (g.max_code <= 32) return gemm_tile_avx2<2, true>;
-        if (g.max_code <= 64) return gemm_tile_avx2<1, true>;
-        return nullptr;
-    }
-    if (isa == Isa::avx2 || isa == Isa::avx512) {  // kGroups x 2 x 255 x max_code <= 32767
-        if (g.max_code <= 8) return gemm_tile_avx2<8>;
-        if (g.max_code <= 16) return gemm_tile_avx2<4>;
-        if (g.max_code <= 32) return gemm_tile_avx2<2>;
-        if (g.max_code <= 64) return gemm_tile_avx2<1>;
-    }
+    if (isa == Isa::avx2 || isa == Isa::avx512)
+        return g.sub_scales ? gemm_tile_avx2_for<true>(g.max_code) : gemm_tile_avx2_for<false>(g.max_code);
 #endif
     (void)isa, (void)g;
     return nullptr;
