@@ -5644,6 +5644,10 @@ MOE_DETAIL_AVX2 inline void store_panel_rows8_avx2(const __m256i* r, int h, int8
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 64 * (g + 4) + 32 * h), _mm256_permute2x128_si256(u[g], u[g + 4], 0x31));
     }
 }
+// The cache lines of one weight block (the packers' next super-block of a row: 16 rows are 16 streams).
+template <typename Block> MOE_DETAIL_AVX2 inline void prefetch_block_avx2(const Block* b) {
+    for (size_t o = 0; o < sizeof(Block); o += 64) _mm_prefetch(reinterpret_cast<const char*>(b) + o, _MM_HINT_T0);
+}
 // Q4_0 panel rows all 16 at once (GemmType::pack_tile): each row's block as 32 codes in one
 // register, then store_panel_rows8_avx2 per 8 rows; the same bytes, biases and scales as
 // gemm_pack_row_q4_0.
@@ -5675,8 +5679,7 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_q45k_avx2(const uint8_t* w, size_t ro
     for (int64_t sb = 0; sb < n / kQKK; ++sb) {
         for (int row = 0; row < kGemmRows; ++row) {
             const Block& blk = reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb];
-            if (sb + 1 < n / kQKK)
-                for (size_t o = 0; o < sizeof(Block); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
+            if (sb + 1 < n / kQKK) prefetch_block_avx2(&blk + 1);
             q45k_panel_scales(blk, p->scale + sb * 8 * kGemmRows + row, p->min + sb * 8 * kGemmRows + row, kGemmRows);
         }
         for (int c = 0; c < 4; ++c) {
@@ -5740,8 +5743,7 @@ MOE_DETAIL_AVX2 inline void gemm_pack_tile_sub16_avx2(const uint8_t* w, size_t r
         float d[kGemmRows];
         for (int row = 0; row < kGemmRows; ++row) {
             const Block& blk = reinterpret_cast<const Block*>(w + (size_t)row * row_bytes)[sb];
-            if (sb + 1 < n / kQKK)
-                for (size_t o = 0; o < sizeof(Block); o += 64) _mm_prefetch(reinterpret_cast<const char*>(&blk + 1) + o, _MM_HINT_T0);
+            if (sb + 1 < n / kQKK) prefetch_block_avx2(&blk + 1);
             T::sub_scales(blk, subs[row]);
             d[row] = fp16_to_f32(blk.d);
         }
@@ -6540,30 +6542,27 @@ MOE_DETAIL_AVX512VNNI inline void gemm_tile_nt_avx512vnni(const GemmPanel& p, co
     for (int64_t b = 0; b < p.nb; ++b) {
         const __m512i bias = _mm512_load_si512(p.bias + b * kGemmRows);
         const int8_t* q = p.q + b * kQK * kGemmRows;
+        // One part of 8 groups from the bias, or (kSub16) two halves of 4 groups from zero.
+        constexpr int kParts = kSub16 ? 2 : 1, kPartGroups = kQK / 4 / kParts;
         __m512i s[NT];
+#pragma GCC unroll 2
+        for (int h = 0; h < kParts; ++h) {
+            __m512i part[NT];
 #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) s[t] = bias;
-        if constexpr (kSub16) {
-            for (int h = 0; h < 2; ++h) {
-                __m512i half[NT];
+            for (int t = 0; t < NT; ++t) part[t] = kSub16 ? _mm512_setzero_si512() : bias;
 #pragma GCC unroll 8
-                for (int t = 0; t < NT; ++t) half[t] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-                for (int g = 4 * h; g < 4 * h + 4; ++g) {
-                    const __m512i w = _mm512_load_si512(q + 64 * g);
-#pragma GCC unroll 8
-                    for (int t = 0; t < NT; ++t) half[t] = _mm512_dpbusd_epi32(half[t], _mm512_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w);
-                }
-                const __m512i sub = _mm512_load_si512(p.sub_scale + (b * 2 + h) * kGemmRows);
-#pragma GCC unroll 8
-                for (int t = 0; t < NT; ++t) s[t] = _mm512_add_epi32(s[t], _mm512_mullo_epi32(half[t], sub));
-            }
-        } else {
-#pragma GCC unroll 8
-            for (int g = 0; g < kQK / 4; ++g) {
+            for (int g = kPartGroups * h; g < kPartGroups * (h + 1); ++g) {
                 const __m512i w = _mm512_load_si512(q + 64 * g);
 #pragma GCC unroll 8
-                for (int t = 0; t < NT; ++t) s[t] = _mm512_dpbusd_epi32(s[t], _mm512_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w);
+                for (int t = 0; t < NT; ++t) part[t] = _mm512_dpbusd_epi32(part[t], _mm512_set1_epi32((int)load_u32(x[t][b].qs + 4 * g)), w);
+            }
+            if constexpr (kSub16) {
+                const __m512i sub = _mm512_load_si512(p.sub_scale + (b * 2 + h) * kGemmRows);
+#pragma GCC unroll 8
+                for (int t = 0; t < NT; ++t) s[t] = _mm512_add_epi32(h ? s[t] : bias, _mm512_mullo_epi32(part[t], sub));
+            } else {
+#pragma GCC unroll 8
+                for (int t = 0; t < NT; ++t) s[t] = part[t];
             }
         }
         const __m512 sc = _mm512_load_ps(p.scale + b * kGemmRows);
@@ -6600,19 +6599,16 @@ template <class Tile> inline void gemm_tile_dispatch(const GemmPanel& p, const B
     if (p.has_min) gemm_tile_tokens<Tile, true>(p, x, nt, out);
     else gemm_tile_tokens<Tile, false>(p, x, nt, out);
 }
-struct TileAvx512Vnni {
+template <bool kSub16> struct TileAvx512Vnni {
     template <int NT, bool kMin> MOE_DETAIL_AVX512VNNI static void nt(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
-        gemm_tile_nt_avx512vnni<NT, kMin>(p, x, out);
+        gemm_tile_nt_avx512vnni<NT, kMin, kSub16>(p, x, out);
     }
 };
-inline void gemm_tile_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) { gemm_tile_dispatch<TileAvx512Vnni>(p, x, nt, out); }
-struct TileAvx512VnniSub16 {
-    template <int NT, bool kMin> MOE_DETAIL_AVX512VNNI static void nt(const GemmPanel& p, const BlockQ8G* const* x, float* out) {
-        gemm_tile_nt_avx512vnni<NT, kMin, true>(p, x, out);
-    }
-};
+inline void gemm_tile_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
+    gemm_tile_dispatch<TileAvx512Vnni<false>>(p, x, nt, out);
+}
 inline void gemm_tile_sub16_avx512vnni(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
-    gemm_tile_dispatch<TileAvx512VnniSub16>(p, x, nt, out);
+    gemm_tile_dispatch<TileAvx512Vnni<true>>(p, x, nt, out);
 }
 
 // Attention kernels (att_*_ref in KERNELS: REFERENCE): scores of 4 query rows per pass over a key
