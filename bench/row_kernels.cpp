@@ -9,6 +9,9 @@
 //   build/row_kernels COLS --stream T  (T threads stream 1 GiB of rows each repetition, from memory:
 //                                       the detected ISA's kernels of the decode types next to a
 //                                       plain sum of the same bytes, membw.h's read loop)
+//   build/row_kernels COLS --stream T --kib K  (the same on K KiB of rows read again and again,
+//                                       ~1 GiB per repetition: from L1/L2 when K is small, so a
+//                                       kernel's own speed with no memory stalls)
 //
 // Weights: random block bytes with finite scales (tests/kernel_cases.h); the kernels' cost does
 // not depend on the values. Output: GB/s of weight bytes, best of 7 repetitions.
@@ -27,20 +30,25 @@
 
 namespace {
 
-int stream_mode(int64_t cols, int threads) {
+int stream_mode(int64_t cols, int threads, size_t kib) {
     using namespace moe::detail;
     const moe::Isa isa = moe::detected_isa();
-    std::printf("row_kernels --stream: %lld columns, %d threads, 1 GiB of rows from memory, GB/s of weights (best of 7), %s\n",
-                (long long)cols, threads, moe::isa_name(isa));
+    const size_t bytes = kib ? kib << 10 : (size_t)1 << 30, huge = (size_t)2 << 20;
+    const int passes = (int)std::max<size_t>(1, ((size_t)1 << 30) / bytes);  // ~1 GiB read per repetition
+    if (kib)
+        std::printf("row_kernels --stream: %lld columns, %d threads, %zu KiB of rows read %d times, GB/s of weights (best of 7), %s\n",
+                    (long long)cols, threads, kib, passes, moe::isa_name(isa));
+    else
+        std::printf("row_kernels --stream: %lld columns, %d threads, 1 GiB of rows from memory, GB/s of weights (best of 7), %s\n",
+                    (long long)cols, threads, moe::isa_name(isa));
     std::printf("| rows | GB/s |\n|---|---:|\n");
-    const size_t bytes = (size_t)1 << 30;
-    uint8_t* w = static_cast<uint8_t*>(std::aligned_alloc((size_t)2 << 20, bytes));
+    uint8_t* w = static_cast<uint8_t*>(std::aligned_alloc(huge, (bytes + huge - 1) / huge * huge));
     if (!w) return 1;
 #if defined(MADV_HUGEPAGE)
     madvise(w, bytes, MADV_HUGEPAGE);  // as the probe and the mapped model (LoadOptions::huge_pages)
 #endif
     std::memset(w, 1, bytes);
-    std::printf("| plain sum of the bytes (membw.h) | %.2f |\n", stream_rows_gbs(nullptr, w, (int64_t)(bytes / 4096), 4096, nullptr, 0, threads));
+    std::printf("| plain sum of the bytes (membw.h) | %.2f |\n", stream_rows_gbs(nullptr, w, (int64_t)(bytes / 4096), 4096, nullptr, 0, threads, 7, passes));
     std::mt19937 rng(7);
     const moe::TensorType types[] = {moe::TensorType::q4_0, moe::TensorType::q8_0, moe::TensorType::q4_k, moe::TensorType::q6_k};
     for (moe::TensorType t : types) {
@@ -48,13 +56,14 @@ int stream_mode(int64_t cols, int threads) {
         if (cols % qt->block_elems) continue;
         const int64_t row_bytes = cols / qt->block_elems * qt->block_bytes;
         const int64_t rows = (int64_t)(bytes / (size_t)row_bytes);
+        if (rows < threads) continue;
         const std::vector<uint8_t> one = kernel_cases::make_weights(t, 64 * cols, kernel_cases::WeightKind::random_bytes, rng);
         for (int64_t r = 0; r < rows; ++r) std::memcpy(w + r * row_bytes, one.data() + (r % 64) * row_bytes, (size_t)row_bytes);
         const std::vector<float> x = kernel_cases::make_activations(cols, kernel_cases::ActKind::gaussian, rng);
         const RowKernel k = row_kernel(*qt, isa, cols);
         std::vector<uint8_t> act(act_row_bytes(k.act, cols) + 64);
         quantize_act_with(k.act, moe::Isa::scalar, act.data(), x.data(), cols);
-        std::printf("| %s | %.2f |\n", qt->name, stream_rows_gbs(k.vec_dot, w, rows, row_bytes, act.data(), cols, threads));
+        std::printf("| %s | %.2f |\n", qt->name, stream_rows_gbs(k.vec_dot, w, rows, row_bytes, act.data(), cols, threads, 7, passes));
     }
     std::free(w);
     return 0;
@@ -75,7 +84,14 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "--stream needs a thread count in 1..512\n");
             return 1;
         }
-        return stream_mode(cols, threads);
+        long long kib = 0;
+        char* end = nullptr;
+        if (argc > 5 && std::string(argv[4]) == "--kib") kib = std::strtoll(argv[5], &end, 10);
+        if (argc > 4 && (argc != 6 || std::string(argv[4]) != "--kib" || !end || *end || kib < 1 || kib > (1ll << 20))) {
+            std::fprintf(stderr, "usage: row_kernels COLS --stream T [--kib K] (K in 1..1048576)\n");
+            return 1;
+        }
+        return stream_mode(cols, threads, (size_t)kib);
     }
     std::vector<moe::Isa> isas = {moe::Isa::scalar};
     for (moe::Isa isa : kernel_cases::kSimdIsas)

@@ -18,15 +18,17 @@ inline double stream_rows_gbs(moe::detail::VecDotFn dot, const uint8_t* w, int64
         for (int t = 0; t < threads; ++t)
             pool.emplace_back([&, t] {
                 const int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+                uint64_t local = 0;  // one atomic add per thread: small sets make many short passes
                 for (int p = 0; p < passes; ++p) {
                     if (!dot) {
-                        sink += membw::sum_words(reinterpret_cast<const uint64_t*>(w + r0 * row_bytes), (size_t)((r1 - r0) * row_bytes / 8));
+                        local += membw::sum_words(reinterpret_cast<const uint64_t*>(w + r0 * row_bytes), (size_t)((r1 - r0) * row_bytes / 8));
                         continue;
                     }
                     float s = 0;
                     for (int64_t r = r0; r < r1; ++r) s += dot(w + r * row_bytes, act, cols);
-                    sink += (uint64_t)(s != 0);
+                    local += (uint64_t)(s != 0);
                 }
+                sink += local;
             });
         for (std::thread& th : pool) th.join();
         const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
