@@ -35,12 +35,10 @@ int stream_mode(int64_t cols, int threads, size_t kib) {
     const moe::Isa isa = moe::detected_isa();
     const size_t bytes = kib ? kib << 10 : (size_t)1 << 30, huge = (size_t)2 << 20;
     const int passes = (int)std::max<size_t>(1, ((size_t)1 << 30) / bytes);  // ~1 GiB read per repetition
-    if (kib)
-        std::printf("row_kernels --stream: %lld columns, %d threads, %zu KiB of rows read %d times, GB/s of weights (best of 7), %s\n",
-                    (long long)cols, threads, kib, passes, moe::isa_name(isa));
-    else
-        std::printf("row_kernels --stream: %lld columns, %d threads, 1 GiB of rows from memory, GB/s of weights (best of 7), %s\n",
-                    (long long)cols, threads, moe::isa_name(isa));
+    char where[64] = "1 GiB of rows from memory";
+    if (kib) std::snprintf(where, sizeof where, "%zu KiB of rows read %d times", kib, passes);
+    std::printf("row_kernels --stream: %lld columns, %d threads, %s, GB/s of weights (best of 7), %s\n", (long long)cols, threads, where,
+                moe::isa_name(isa));
     std::printf("| rows | GB/s |\n|---|---:|\n");
     uint8_t* w = static_cast<uint8_t*>(std::aligned_alloc(huge, (bytes + huge - 1) / huge * huge));
     if (!w) return 1;
@@ -56,7 +54,10 @@ int stream_mode(int64_t cols, int threads, size_t kib) {
         if (cols % qt->block_elems) continue;
         const int64_t row_bytes = cols / qt->block_elems * qt->block_bytes;
         const int64_t rows = (int64_t)(bytes / (size_t)row_bytes);
-        if (rows < threads) continue;
+        if (rows < threads) {  // a share of no rows per thread: nothing to time
+            std::printf("| %s | (fewer rows than threads) |\n", qt->name);
+            continue;
+        }
         const std::vector<uint8_t> one = kernel_cases::make_weights(t, 64 * cols, kernel_cases::WeightKind::random_bytes, rng);
         for (int64_t r = 0; r < rows; ++r) std::memcpy(w + r * row_bytes, one.data() + (r % 64) * row_bytes, (size_t)row_bytes);
         const std::vector<float> x = kernel_cases::make_activations(cols, kernel_cases::ActKind::gaussian, rng);
@@ -84,10 +85,10 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "--stream needs a thread count in 1..512\n");
             return 1;
         }
-        long long kib = 0;
+        long long kib = 0;  // 0: 1 GiB from memory
         char* end = nullptr;
-        if (argc > 5 && std::string(argv[4]) == "--kib") kib = std::strtoll(argv[5], &end, 10);
-        if (argc > 4 && (argc != 6 || std::string(argv[4]) != "--kib" || !end || *end || kib < 1 || kib > (1ll << 20))) {
+        if (argc == 6 && std::string(argv[4]) == "--kib") kib = std::strtoll(argv[5], &end, 10);
+        if (argc != 4 && (!end || *end || kib < 1 || kib > (1ll << 20))) {
             std::fprintf(stderr, "usage: row_kernels COLS --stream T [--kib K] (K in 1..1048576)\n");
             return 1;
         }
