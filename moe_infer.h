@@ -632,6 +632,12 @@ struct LoadOptions {
     // page faults), every 64 MiB and once at the end. Returning false stops the load: Status::cancelled.
     bool (*progress)(void* user, uint64_t done, uint64_t total) = nullptr;
     void* progress_user = nullptr;
+    // Q4_0 matrices re-laid at load into tiles of 16 interleaved rows where the CPU has their
+    // kernels (AVX-512 VNNI): decode reads each tile in one stream, every activation word feeding
+    // 16 rows. Only for mapped files without a mem_budget: the tiles replace the mapped pages they
+    // came from (dropped from this process; the file stays in the page cache), so resident memory
+    // does not grow. Model::repacked_bytes() tells what was repacked.
+    bool repack = true;
 };
 
 // What the expert store did since load (or reset_expert_store_stats()). A lookup is one (layer,
@@ -724,6 +730,8 @@ public:
     void reset_expert_store_stats() const;
     // What LoadOptions::huge_pages did at load; zeros where it did nothing.
     HugePageStats huge_page_stats() const;
+    // Bytes of weights LoadOptions::repack re-laid into tiles (0: none).
+    uint64_t repacked_bytes() const;
 
 private:
     friend class Session;
@@ -4747,6 +4755,83 @@ inline void gemm_tile_ref(const GemmPanel& p, const BlockQ8G* const* x, int nt, 
 }
 typedef void (*GemmTileFn)(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out);
 
+// Q4_0 tiles: a Q4_0 matrix re-laid at load (LoadOptions::repack) so that decode reads 16 rows
+// in one sequential stream and multiplies each activation word into all 16 at once, the way the
+// panels do for prefill. Same bytes as the rows (18 per row and block). Per group of 4 blocks
+// (128 columns), 1152 bytes: codes[k][g][r][4] = qs[4g .. 4g + 3] of row r, block k (low nibbles:
+// columns 4g.., high: 16 + 4g..), then fp16 d[k][r]. Rows past a matrix's end: code 8, d 0.
+constexpr int64_t kQ4TileGroupBytes = 1152;
+inline size_t q4_0_tile_bytes(int64_t cols) { return (size_t)(cols / 128) * kQ4TileGroupBytes; }
+// Rows [0, rows) (rows <= kGemmRows, row_bytes apart) of a Q4_0 matrix of `cols` columns
+// (a multiple of 128) into one tile.
+inline void q4_0_tile_repack(const uint8_t* w, size_t row_bytes, int rows, int64_t cols, uint8_t* tile) {
+    for (int64_t b = 0; b < cols / kQK; ++b) {
+        uint8_t* group = tile + (b / 4) * kQ4TileGroupBytes;
+        const int k = (int)(b % 4);
+        for (int r = 0; r < kGemmRows; ++r) {
+            uint8_t* codes = group + k * 256 + 4 * r;
+            uint16_t d = 0;
+            if (r < rows) {
+                const BlockQ4_0& blk = reinterpret_cast<const BlockQ4_0*>(w + (size_t)r * row_bytes)[b];
+                for (int g = 0; g < 4; ++g) std::memcpy(codes + 64 * g, blk.qs + 4 * g, 4);
+                std::memcpy(&d, &blk.d, 2);
+            } else {
+                for (int g = 0; g < 4; ++g) std::memset(codes + 64 * g, 0x88, 4);
+            }
+            std::memcpy(group + 1024 + 32 * k + 2 * r, &d, 2);
+        }
+    }
+}
+// out[r] = row r of the tile . x (q8_0_split, n columns). Specification of the SIMD twins: per
+// block the exact int32 sum of (nibble - 8) x code, times (d_row x d_x) fused into one of two
+// accumulators (even blocks, odd blocks), which are added at the end.
+inline void q4_0_tile_dot_ref(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out) {
+    for (int r = 0; r < kGemmRows; ++r) {
+        float acc[2] = {0, 0};
+        for (int64_t G = 0; G < n / 128; ++G) {
+            const uint8_t* group = tile + G * kQ4TileGroupBytes;
+            for (int k = 0; k < 4; ++k) {
+                int32_t sum = 0;
+                for (int g = 0; g < 4; ++g)
+                    for (int j = 0; j < 4; ++j) {
+                        const uint8_t v = group[k * 256 + g * 64 + 4 * r + j];
+                        sum += ((v & 15) - 8) * x[G].lo[16 * k + 4 * g + j] + ((v >> 4) - 8) * x[G].hi[16 * k + 4 * g + j];
+                    }
+                uint16_t d;
+                std::memcpy(&d, group + 1024 + 32 * k + 2 * r, 2);
+                acc[k & 1] = std::fma(fp16_to_f32(d) * x[G].d[4 * k], (float)sum, acc[k & 1]);
+            }
+        }
+        out[r] = acc[0] + acc[1];
+    }
+}
+typedef void (*Q4TileDotFn)(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out);
+// A tile as a GEMM panel: the same panel gemm_pack_row_q4_0 makes of its rows (padding rows: zero).
+inline void q4_0_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = p->sub_scales = false;
+    for (int64_t b = 0; b < p->nb; ++b) {
+        const uint8_t* group = tile + (b / 4) * kQ4TileGroupBytes;
+        const int k = (int)(b % 4);
+        for (int r = 0; r < kGemmRows; ++r) {
+            int32_t nibble_sum = 0;
+            for (int g = 0; g < 4; ++g)
+                for (int j = 0; j < 4; ++j) {
+                    const uint8_t v = group[k * 256 + g * 64 + 4 * r + j];
+                    p->q[((b * 8 + g) * kGemmRows + r) * 4 + j] = (int8_t)((v & 15) - 8);
+                    p->q[((b * 8 + g + 4) * kGemmRows + r) * 4 + j] = (int8_t)((v >> 4) - 8);
+                    nibble_sum += (v & 15) + (v >> 4);
+                }
+            uint16_t d;
+            std::memcpy(&d, group + 1024 + 32 * k + 2 * r, 2);
+            p->bias[b * kGemmRows + r] = -128 * (nibble_sum - 8 * kQK);
+            p->scale[b * kGemmRows + r] = fp16_to_f32(d);
+            p->min[b * kGemmRows + r] = 0.f;
+        }
+    }
+}
+typedef void (*Q4TilePackFn)(const uint8_t* tile, int64_t n, GemmPanel* p);
+
 }  // namespace detail
 }  // namespace moe
 
@@ -6370,6 +6455,64 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_iq4nl_q8_split_avx512vnni(const Block
 }
 MOE_DETAIL_AVX512VNNI inline float vec_dot_mxfp4_q8_split_avx512vnni(const BlockMXFP4* w, const BlockQ8Split* x, int64_t n) {
     return vec_dot_nib4_q8_split_avx512vnni<BlockMXFP4, 7, kFp4Values>(w, x, n);
+}
+
+// Q4_0 tiles (GEMM PANELS): one 64-byte load holds 4 columns of all 16 rows in each nibble. The
+// low nibbles go into vpdpbusd as they are; the high ones masked in place (16 x nibble) into a sum
+// of their own, shifted down once per block. Each block's -8 x code sum starts the low sum; 8
+// independent sums per group of 4 blocks keep vpdpbusd's latency hidden.
+MOE_DETAIL_AVX512VNNI inline void q4_0_tile_dot_avx512vnni(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m4_high = _mm512_set1_epi8((char)0xF0);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t G = 0; G < n / 128; ++G) {
+        const uint8_t* group = tile + G * kQ4TileGroupBytes;
+        const BlockQ8Split& xg = x[G];
+        __m512i neg = loadu_512(xg.neg_sum);  // lanes 4k..4k+3: block k's -(code sum) in 4 parts
+        neg = _mm512_add_epi32(neg, _mm512_shuffle_epi32(neg, _MM_PERM_CDAB));
+        neg = _mm512_add_epi32(neg, _mm512_shuffle_epi32(neg, _MM_PERM_BADC));
+        neg = _mm512_slli_epi32(neg, 3);
+        const __m512 d = _mm512_loadu_ps(xg.d);
+        const int32_t* lo = reinterpret_cast<const int32_t*>(xg.lo);
+        const int32_t* hi = reinterpret_cast<const int32_t*>(xg.hi);
+        __m512i low[4] = {_mm512_shuffle_i32x4(neg, neg, 0x00), _mm512_shuffle_i32x4(neg, neg, 0x55), _mm512_shuffle_i32x4(neg, neg, 0xAA),
+                          _mm512_shuffle_i32x4(neg, neg, 0xFF)};
+        __m512i high[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int k = 0; k < 4; ++k)
+            for (int g = 0; g < 4; ++g) {
+                const __m512i q = loadu_512(group + k * 256 + g * 64);
+                low[k] = _mm512_dpbusd_epi32(low[k], _mm512_and_si512(q, m4), _mm512_set1_epi32(lo[4 * k + g]));
+                high[k] = _mm512_dpbusd_epi32(high[k], _mm512_and_si512(q, m4_high), _mm512_set1_epi32(hi[4 * k + g]));
+            }
+        const __m512 dk[4] = {_mm512_shuffle_f32x4(d, d, 0x00), _mm512_shuffle_f32x4(d, d, 0x55), _mm512_shuffle_f32x4(d, d, 0xAA),
+                              _mm512_shuffle_f32x4(d, d, 0xFF)};
+        for (int k = 0; k < 4; ++k) {
+            const __m512i sum = _mm512_add_epi32(low[k], _mm512_srai_epi32(high[k], 4));
+            const __m512 w = _mm512_cvtph_ps(loadu_256(group + 1024 + 32 * k));
+            acc[k & 1] = _mm512_fmadd_ps(_mm512_mul_ps(w, dk[k]), _mm512_cvtepi32_ps(sum), acc[k & 1]);
+        }
+    }
+    _mm512_storeu_ps(out, _mm512_add_ps(acc[0], acc[1]));
+}
+// q4_0_tile_pack_ref with 64-byte moves: codes - 8 bytewise; the nibble sums by vpdpbusd with ones.
+MOE_DETAIL_AVX512VNNI inline void q4_0_tile_pack_avx512vnni(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = p->sub_scales = false;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8), ones = _mm512_set1_epi8(1);
+    for (int64_t b = 0; b < p->nb; ++b) {
+        const uint8_t* group = tile + (b / 4) * kQ4TileGroupBytes;
+        const int k = (int)(b % 4);
+        __m512i nibble_sum = _mm512_setzero_si512();
+        for (int g = 0; g < 4; ++g) {
+            const __m512i q = loadu_512(group + k * 256 + g * 64);
+            const __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+            nibble_sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nibble_sum, lo, ones), hi, ones);
+            _mm512_storeu_si512(p->q + (b * 8 + g) * kGemmRows * 4, _mm512_sub_epi8(lo, eight));
+            _mm512_storeu_si512(p->q + (b * 8 + g + 4) * kGemmRows * 4, _mm512_sub_epi8(hi, eight));
+        }
+        _mm512_storeu_si512(p->bias + b * kGemmRows, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(8 * kQK), nibble_sum), 7));
+        _mm512_storeu_ps(p->scale + b * kGemmRows, _mm512_cvtph_ps(loadu_256(group + 1024 + 32 * k)));
+        _mm512_storeu_ps(p->min + b * kGemmRows, _mm512_setzero_ps());
+    }
 }
 
 // One row against K activation rows (batched decode: a row several tokens use): the codes and
@@ -8048,6 +8191,9 @@ struct RowKernel {
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
     VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
     int32_t panel_min_tokens = 8;   // panel_min_tokens(isa, gemm)
+    // Q4_0 on AVX-512 VNNI: the kernels of its tiles (Weight::tiles, LoadOptions::repack), else nullptr.
+    Q4TileDotFn tile_dot = nullptr;
+    Q4TilePackFn tile_pack = nullptr;
     bool has_gemm() const { return gemm_tile != nullptr; }
     // out[i] = vec_dot(w, x[i], n) for i < count <= kMaxDotUses, bit for bit, with the row's codes
     // unpacked once where the kernel has that form.
@@ -8105,6 +8251,12 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
     }
     k.vec_dot_uses = dot_uses_kernel(k.vec_dot);
     set_panel_form(t, isa, gemm_tile_kernel(isa, gemm_type(t.type)), &k);
+#if MOE_DETAIL_HAS_AVX512
+    if (t.type == TensorType::q4_0 && isa == Isa::avx512_vnni && k.act == ActFormat::q8_0_split && k.has_gemm()) {
+        k.tile_dot = q4_0_tile_dot_avx512vnni;
+        k.tile_pack = q4_0_tile_pack_avx512vnni;
+    }
+#endif
     return k;
 }
 inline RowKernel row_kernel_f32(const QuantType& t) { return {ActFormat::f32, t.dot_f32, {}, nullptr, ActFormat::q8_gemm}; }
@@ -10347,6 +10499,11 @@ struct Weight {
     RowKernel kernel;      // quantized activations (as llama.cpp)
     RowKernel kernel_f32;  // float activations
     std::vector<float> out_scale;  // `<name>.scale` (NVFP4 tensor scale): one per matrix, or empty
+    // Q4_0 tiles of the matrices (LoadOptions::repack), or nullptr: tile t of matrix m holds rows
+    // 16t .. 16t + 15 at tiles + m * tile_mat_bytes + t * 16 * row_bytes. `data` stays valid.
+    const uint8_t* tiles = nullptr;
+    size_t tile_mat_bytes = 0;
+    const uint8_t* tile(int64_t mat, int64_t row0) const { return tiles + (size_t)mat * tile_mat_bytes + (size_t)(row0 / kGemmRows) * kGemmRows * row_bytes; }
     explicit operator bool() const { return data != nullptr; }
     bool scaled() const { return !out_scale.empty(); }
     float scale(int64_t mat) const { return out_scale[out_scale.size() == 1 ? 0 : (size_t)mat]; }
@@ -10480,6 +10637,8 @@ struct ModelImpl {
     std::shared_ptr<ExpertStore> store;  // LoadOptions::mem_budget; null: experts read from the mapping
     HugePageStats huge_pages;            // LoadOptions::huge_pages at load
     int32_t min_panel_tokens = 0;        // the least RowKernel::panel_min_tokens of the weights with panels; 0: none has
+    AlignedBuffer<uint8_t> tile_arena;   // LoadOptions::repack: every Weight::tiles
+    uint64_t repacked_bytes = 0;
 };
 
 struct Loader {
@@ -11149,7 +11308,91 @@ MOE_DETAIL_MEMBER Model::~Model() = default;
 MOE_DETAIL_MEMBER Model::Model(Model&&) noexcept = default;
 MOE_DETAIL_MEMBER Model& Model::operator=(Model&&) noexcept = default;
 
-namespace detail { inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char* path); }
+namespace detail {
+inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char* path);
+
+// LoadOptions::repack: the Q4_0 matrices whose kernel has tiles (RowKernel::tile_dot) and whose
+// readers all take tiles (the matmul and expert phases; not token_embd, the router, MLA's
+// per-head wk_b/wv_b) are copied into tiles in one arena, threads sharing the work, and their
+// mapped pages dropped afterwards. A failed allocation leaves the rows in use.
+inline Status repack_tiles(ModelImpl& m, const LoadOptions& o) {
+#if MOE_DETAIL_HAS_MMAP && defined(MADV_DONTNEED)
+    std::vector<Weight*> ws;
+    auto add = [&](Weight& w) {
+        if (w.data && w.kernel.tile_dot && w.cols % 128 == 0 && w.rows > 0) ws.push_back(&w);
+    };
+    for (LayerWeights& l : m.layers)
+        for (Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.gate_exps, &l.up_exps, &l.down_exps, &l.gate_hot, &l.up_hot, &l.down_hot, &l.gate,
+                          &l.up, &l.down, &l.gate_shexp, &l.up_shexp, &l.down_shexp, &l.wq_a, &l.wq_b, &l.wkv_a, &l.conv_in, &l.conv_out,
+                          &l.ssm_qkv, &l.ssm_z, &l.ssm_beta, &l.ssm_alpha, &l.ssm_out, &l.ssm_ba})
+            add(*w);
+    if (m.output.data != m.token_embd.data) add(m.output);
+    if (ws.empty()) return Status::ok;
+    const size_t huge = (size_t)2 << 20;
+    size_t total = 0;
+    for (Weight* w : ws) {
+        w->tile_mat_bytes = (size_t)((w->rows + kGemmRows - 1) / kGemmRows) * q4_0_tile_bytes(w->cols);
+        total += w->tile_mat_bytes * (size_t)w->n_mats;
+    }
+    if (!m.tile_arena.allocate(total + huge, false)) {
+        if (o.log) o.log(o.log_user, "repack: no memory for the tiles; the Q4_0 rows stay in use");
+        for (Weight* w : ws) w->tile_mat_bytes = 0;
+        return Status::ok;
+    }
+    uint8_t* base = reinterpret_cast<uint8_t*>(((uintptr_t)m.tile_arena.data + huge - 1) & ~(uintptr_t)(huge - 1));
+#if defined(MADV_HUGEPAGE)
+    (void)madvise(base, (total + huge - 1) & ~(huge - 1), MADV_HUGEPAGE);
+#endif
+    // Jobs of up to 64 tiles: (weight, matrix, first tile).
+    struct Job { Weight* w; int64_t mat, tile0, tiles; };
+    std::vector<Job> jobs;
+    size_t at = 0;
+    for (Weight* w : ws) {
+        w->tiles = base + at;
+        at += w->tile_mat_bytes * (size_t)w->n_mats;
+        const int64_t tiles = (w->rows + kGemmRows - 1) / kGemmRows;
+        for (int64_t mat = 0; mat < w->n_mats; ++mat)
+            for (int64_t t = 0; t < tiles; t += 64) jobs.push_back({w, mat, t, std::min<int64_t>(64, tiles - t)});
+    }
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+        for (size_t j; (j = next.fetch_add(1)) < jobs.size();) {
+            const Job& job = jobs[j];
+            const Weight& w = *job.w;
+            for (int64_t t = job.tile0; t < job.tile0 + job.tiles; ++t) {
+                const int rows = (int)std::min<int64_t>(kGemmRows, w.rows - t * kGemmRows);
+                q4_0_tile_repack(w.row(job.mat, t * kGemmRows), w.row_bytes, rows, w.cols, const_cast<uint8_t*>(w.tile(job.mat, t * kGemmRows)));
+            }
+        }
+    };
+#if MOE_DETAIL_HAS_THREADS
+    const unsigned n_threads = std::max(1u, std::min(32u, std::thread::hardware_concurrency()));
+    std::vector<std::thread> pool;
+    for (unsigned i = 1; i < n_threads; ++i) pool.emplace_back(work);
+    work();
+    for (std::thread& th : pool) th.join();
+#else
+    work();
+#endif
+    // The rows' own pages (whole pages inside each stack) leave this process.
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    for (Weight* w : ws) {
+        const uintptr_t begin = ((uintptr_t)w->data + page - 1) & ~(uintptr_t)(page - 1);
+        const uintptr_t end = ((uintptr_t)w->data + w->mat_bytes * (size_t)w->n_mats) & ~(uintptr_t)(page - 1);
+        if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+        m.repacked_bytes += w->mat_bytes * (uint64_t)w->n_mats;
+    }
+    if (o.log) {
+        char line[160];
+        std::snprintf(line, sizeof line, "repack: %.1f MiB of Q4_0 matrices in 16-row tiles", (double)m.repacked_bytes / (1 << 20));
+        o.log(o.log_user, line);
+    }
+#else
+    (void)m; (void)o;
+#endif
+    return Status::ok;
+}
+}  // namespace detail
 
 static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const LoadOptions& options, Model* out,
                                 std::shared_ptr<const detail::ModelImpl>* slot, const char* path) {
@@ -11188,6 +11431,7 @@ static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const 
         if (s == Status::ok && !options.progress(options.progress_user, total, total))
             s = detail::fail(Status::cancelled, "loading was stopped by the progress callback at the end");
     }
+    if (s == Status::ok && options.repack && path && options.use_mmap && !options.mem_budget) s = detail::repack_tiles(*impl, options);
     if (s != Status::ok) {
         if (options.log) options.log(options.log_user, last_error());
         return s;
@@ -11818,6 +12062,7 @@ MOE_DETAIL_MEMBER void Model::reset_expert_store_stats() const {
 }
 
 MOE_DETAIL_MEMBER HugePageStats Model::huge_page_stats() const { return impl_ ? impl_->huge_pages : HugePageStats{}; }
+MOE_DETAIL_MEMBER uint64_t Model::repacked_bytes() const { return impl_ ? impl_->repacked_bytes : 0; }
 
 MOE_API const char* huge_pages_name(HugePages h) {
     switch (h) {
@@ -12011,10 +12256,11 @@ struct ActiveExpert {
     const uint8_t *gate_mat, *up_mat, *down_mat;  // its matrices: in the mapping, or in an expert-store slot
     const float *gate_b, *up_b, *down_b;          // its biases (gpt-oss's routed experts), else null
     int32_t use_begin, use_end;    // its uses in Routing::uses
-    // Its gate/up work units (rows, or kGemmRows-row tiles when gemm_up) in the concatenated units
+    // Its gate/up work units (rows, or kGemmRows-row tiles when tile_up) in the concatenated units
     // of all active experts.
     int64_t unit_begin, unit_end;
     bool gemm_up, gemm_down;       // its gate/up, its down projection run as panels (GEMM PANELS)
+    bool tile_up, tile_down;       // ... in tiles of kGemmRows rows: as panels, or Q4_0 tiles (SessionImpl::tiled)
 };
 
 // Work finished in a phase. The thread whose piece completes the total runs the small serial step
@@ -12207,6 +12453,22 @@ struct SessionImpl {
     void forward_thread(const ForwardCall& c, int ith, int nth);
     bool panels_for(const Weight& w, int64_t tokens) const {
         return gemm_chunk && kt(w).has_gemm() && tokens >= (gemm_min_given ? gemm_min_tokens : kt(w).panel_min_tokens);
+    }
+    // w has Q4_0 tiles (LoadOptions::repack) that its kernel reads: it runs in tiles of kGemmRows
+    // rows for any number of tokens, as panels (packed from the tiles) or with the tile kernel.
+    bool tiled(const Weight& w) const { return w.tiles && kt(w).tile_dot; }
+    bool in_tiles(const Weight& w, int64_t tokens) const { return tiled(w) || panels_for(w, tokens); }
+    // Rows [row0, row0 + rows) of w's matrix `mat` (its bytes at mat_data) into s's panel.
+    void pack_panel(const Weight& w, int64_t mat, const uint8_t* mat_data, int64_t row0, int rows, GemmScratch* s) const {
+        if (tiled(w)) return kt(w).tile_pack(w.tile(mat, row0), w.cols, &s->panel);
+        gemm_pack(kt(w).gemm, mat_data + (size_t)row0 * w.row_bytes, w.row_bytes, rows, w.cols, s);
+    }
+    // out[j * kGemmRows + r]: rows row0 + r of w's matrix `mat` against x[j], j < nt <= kGemmTokens.
+    // With a panel (pack_panel's) x are in kt(w).gemm_act; without, w is tiled and x in kt(w).act.
+    void tile_rows(const Weight& w, int64_t mat, int64_t row0, const GemmScratch* panel, const void* const* x, int nt, float* out) const {
+        const RowKernel& k = kt(w);
+        if (panel) return k.gemm_tile(panel->panel, reinterpret_cast<const BlockQ8G* const*>(x), nt, out);
+        for (int j = 0; j < nt; ++j) k.tile_dot(w.tile(mat, row0), static_cast<const BlockQ8Split*>(x[j]), w.cols, out + j * kGemmRows);
     }
     // The panel formats of an input quantized to `base` (what its row kernels read), for this chunk.
     uint8_t gemm_fmts(uint8_t base) const {
@@ -12786,7 +13048,7 @@ inline void SessionImpl::norm_rows(const NormStep& step, int ith, int nth) {
 // Returns true on the one thread that finished the phase's last rows. Work units are rows, or
 // tiles of kGemmRows rows for a matrix that runs as panels.
 inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith) {
-    auto units = [&](const MatTask& mt) { return panels_for(*mt.w, n) ? (mt.w->rows + kGemmRows - 1) / kGemmRows : mt.w->rows; };
+    auto units = [&](const MatTask& mt) { return in_tiles(*mt.w, n) ? (mt.w->rows + kGemmRows - 1) / kGemmRows : mt.w->rows; };
     int64_t total = 0;
     for (int i = 0; i < n_tasks; ++i) total += units(tasks[i]);
     int64_t begin = 0, end = 0;
@@ -12798,7 +13060,7 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
         for (int64_t vu = begin; vu < end; ++vu) {
             if (vu >= base + units(tasks[i])) base += units(tasks[i++]);
             const MatTask& mt = tasks[i];
-            if (panels_for(*mt.w, n)) {
+            if (in_tiles(*mt.w, n)) {
                 matmul_tile(mt, (vu - base) * kGemmRows, t0, n, ith);
                 continue;
             }
@@ -12822,16 +13084,16 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
 // Rows [row0, row0 + kGemmRows) of one matrix of a matmul phase as a panel, for tokens t0 .. t0 + n.
 inline void SessionImpl::matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith) {
     const RowKernel& k = kt(*mt.w);
-    GemmScratch& s = gemm_scratch[2 * (size_t)ith];
     const int rows = (int)std::min<int64_t>(kGemmRows, mt.w->rows - row0);
-    gemm_pack(k.gemm, mt.w->row(mt.mat, row0), mt.w->row_bytes, rows, mt.w->cols, &s);
+    GemmScratch* panel = panels_for(*mt.w, n) ? &gemm_scratch[2 * (size_t)ith] : nullptr;
+    if (panel) pack_panel(*mt.w, mt.mat, mt.w->row(mt.mat, 0), row0, rows, panel);
     const float scale = mt.w->scaled() ? mt.w->scale(mt.mat) : 1.f;
-    const BlockQ8G* x[kGemmTokens];
+    const void* x[kGemmTokens];
     alignas(64) float out[kGemmTokens * kGemmRows];
     for (int32_t t = t0; t < t0 + n; t += kGemmTokens) {
         const int nt = std::min<int>(kGemmTokens, t0 + n - t);
-        for (int j = 0; j < nt; ++j) x[j] = static_cast<const BlockQ8G*>(mt.in->row(k.gemm_act, t + j));
-        k.gemm_tile(s.panel, x, nt, out);
+        for (int j = 0; j < nt; ++j) x[j] = mt.in->row(panel ? k.gemm_act : k.act, t + j);
+        tile_rows(*mt.w, mt.mat, row0, panel, x, nt, out);
         for (int j = 0; j < nt; ++j) {
             float* o = mt.out + (t + j - t0) * mt.out_stride + row0;
             for (int r = 0; r < rows; ++r) {
@@ -13356,8 +13618,8 @@ inline void SessionImpl::route(int il, int32_t n) {
     const bool predicting = prediction.depth > 0 && n <= kSerialNormTokens;
     // The shared expert first when the predictor should see its output (as rows: its panels would
     // round differently from the path without prediction, and prediction never changes logits).
-    r.shared_first = predicting && l.moe() && l.gate_shexp && !panels_for(l.gate_shexp, n) && !panels_for(l.up_shexp, n) &&
-                     !panels_for(l.down_shexp, n);
+    r.shared_first = predicting && l.moe() && l.gate_shexp && !in_tiles(l.gate_shexp, n) && !in_tiles(l.up_shexp, n) &&
+                     !in_tiles(l.down_shexp, n);
     if (l.moe()) {
         const ExpertGating gating = hp->expert_gating;
         for (int32_t t = 0; t < n; ++t) {
@@ -13463,9 +13725,12 @@ inline void SessionImpl::route(int il, int32_t n) {
         auto expert_panels = [&](const Weight& w) { return panels_for(w, n_uses) && (e.expert < 0 || n_uses >= kt(w).gemm.expert_min_tokens); };
         e.gemm_up = expert_panels(*e.gate) && expert_panels(*e.up);
         e.gemm_down = expert_panels(*e.down);
-        r.down_tiles = r.down_tiles || e.gemm_down;
+        // Tiled matrices read from their tiles (never from a store slot: no tiles with a store).
+        e.tile_up = e.gemm_up || (tiled(*e.gate) && tiled(*e.up) && !store);
+        e.tile_down = e.gemm_down || (tiled(*e.down) && !store);
+        r.down_tiles = r.down_tiles || e.tile_down;
         e.unit_begin = units;
-        e.unit_end = units += e.gemm_up ? (e.gate->rows + kGemmRows - 1) / kGemmRows : e.gate->rows;
+        e.unit_end = units += e.tile_up ? (e.gate->rows + kGemmRows - 1) / kGemmRows : e.gate->rows;
         r.active.push_back(e);
     }
     if (store && l.moe()) use_store(il, n);
@@ -13610,7 +13875,7 @@ inline void SessionImpl::expert_up_phase(int32_t n, int ith, bool shared_only) {
         for (int64_t gu = begin; gu < end; ++gu) {
             while (gu >= r.active[i].unit_end) ++i;
             const ActiveExpert& e = r.active[i];
-            if (e.gemm_up) up_tile(e, (gu - e.unit_begin) * kGemmRows, ith);
+            if (e.tile_up) up_tile(e, (gu - e.unit_begin) * kGemmRows, ith);
             else up_row(e, gu - e.unit_begin);
             // After the chunk's last unit of expert i: whoever completes the expert quantizes its hidden rows.
             if ((gu + 1 == end || gu + 1 == e.unit_end) &&
@@ -13642,24 +13907,28 @@ inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
     }
 }
 
-// Rows [row0, row0 + kGemmRows) of expert e's gate and up matrices as panels, for every use.
+// Rows [row0, row0 + kGemmRows) of expert e's gate and up matrices as panels or Q4_0 tiles, for every use.
 inline void SessionImpl::up_tile(const ActiveExpert& e, int64_t row0, int ith) {
     const RowKernel &kg = kt(*e.gate), &ku = kt(*e.up);
-    GemmScratch &sg = gemm_scratch[2 * (size_t)ith], &su = gemm_scratch[2 * (size_t)ith + 1];
+    GemmScratch *sg = nullptr, *su = nullptr;
     const int rows = (int)std::min<int64_t>(kGemmRows, e.gate->rows - row0);
-    gemm_pack(kg.gemm, e.gate_mat + (size_t)row0 * e.gate->row_bytes, e.gate->row_bytes, rows, e.gate->cols, &sg);
-    gemm_pack(ku.gemm, e.up_mat + (size_t)row0 * e.up->row_bytes, e.up->row_bytes, rows, e.up->cols, &su);
+    if (e.gemm_up) {
+        sg = &gemm_scratch[2 * (size_t)ith];
+        su = &gemm_scratch[2 * (size_t)ith + 1];
+        pack_panel(*e.gate, e.mat, e.gate_mat, row0, rows, sg);
+        pack_panel(*e.up, e.mat, e.up_mat, row0, rows, su);
+    }
     const float gs = e.gate->scaled() ? e.gate->scale(e.mat) : 1.f, us = e.up->scaled() ? e.up->scale(e.mat) : 1.f;
-    const BlockQ8G *xg[kGemmTokens], *xu[kGemmTokens];
+    const void *xg[kGemmTokens], *xu[kGemmTokens];
     alignas(64) float g[kGemmTokens * kGemmRows], u[kGemmTokens * kGemmRows];
     for (int32_t j = e.use_begin; j < e.use_end; j += kGemmTokens) {
         const int nt = std::min<int>(kGemmTokens, e.use_end - j);
         for (int k = 0; k < nt; ++k) {
-            xg[k] = static_cast<const BlockQ8G*>(a.act_x.row(kg.gemm_act, r.uses[(size_t)(j + k)].token));
-            xu[k] = static_cast<const BlockQ8G*>(a.act_x.row(ku.gemm_act, r.uses[(size_t)(j + k)].token));
+            xg[k] = a.act_x.row(e.gemm_up ? kg.gemm_act : kg.act, r.uses[(size_t)(j + k)].token);
+            xu[k] = a.act_x.row(e.gemm_up ? ku.gemm_act : ku.act, r.uses[(size_t)(j + k)].token);
         }
-        kg.gemm_tile(sg.panel, xg, nt, g);
-        ku.gemm_tile(su.panel, xu, nt, u);
+        tile_rows(*e.gate, e.mat, row0, sg, xg, nt, g);
+        tile_rows(*e.up, e.mat, row0, su, xu, nt, u);
         for (int k = 0; k < nt; ++k) {
             const ExpertUse& use = r.uses[(size_t)(j + k)];
             float* h = a.hidden.data + (use.token * plan->slots + use.slot) * plan->max_ff + row0;
@@ -13707,7 +13976,7 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
             const int64_t r1 = std::min(end, r0 + sub_rows);
             for (size_t ai = r.shared_first ? 1 : 0; ai < r.active.size(); ++ai) {
                 const ActiveExpert& e = r.active[ai];
-                if (e.gemm_down) {
+                if (e.tile_down) {
                     for (int64_t row = r0; row < r1; row += kGemmRows)
                         down_tile(e, row, (int)std::min<int64_t>(kGemmRows, r1 - row), part + (row - r0) * n_uses, n_uses, ith);
                     continue;
@@ -13745,22 +14014,21 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
     return last;
 }
 
-// Down rows [row0, row0 + rows) of expert e as a panel: part_rows[(row - row0) * n_uses + use].
+// Down rows [row0, row0 + rows) of expert e as a panel or a Q4_0 tile: part_rows[(row - row0) * n_uses + use].
 inline void SessionImpl::down_tile(const ActiveExpert& e, int64_t row0, int rows, float* part_rows, int64_t n_uses, int ith) {
-    const RowKernel& kd = kt(*e.down);
-    GemmScratch& s = gemm_scratch[2 * (size_t)ith];
-    gemm_pack(kd.gemm, e.down_mat + (size_t)row0 * e.down->row_bytes, e.down->row_bytes, rows, e.down->cols, &s);
+    GemmScratch* panel = e.gemm_down ? &gemm_scratch[2 * (size_t)ith] : nullptr;
+    if (panel) pack_panel(*e.down, e.mat, e.down_mat, row0, rows, panel);
     const float ds = e.down->scaled() ? e.down->scale(e.mat) : 1.f;
-    const BlockQ8G* x[kGemmTokens];
+    const void* x[kGemmTokens];
     int32_t su[kGemmTokens];
     alignas(64) float out[kGemmTokens * kGemmRows];
     for (int32_t j = e.use_begin; j < e.use_end; j += kGemmTokens) {
         const int nt = std::min<int>(kGemmTokens, e.use_end - j);
         for (int k = 0; k < nt; ++k) {
             su[k] = r.uses[(size_t)(j + k)].token * plan->slots + r.uses[(size_t)(j + k)].slot;
-            x[k] = reinterpret_cast<const BlockQ8G*>(a.hidden_q.data + (size_t)su[k] * a.hidden_q_stride);
+            x[k] = a.hidden_q.data + (size_t)su[k] * a.hidden_q_stride;
         }
-        kd.gemm_tile(s.panel, x, nt, out);
+        tile_rows(*e.down, e.mat, row0, panel, x, nt, out);
         for (int k = 0; k < nt; ++k)
             for (int rr = 0; rr < rows; ++rr) {
                 float v = out[k * kGemmRows + rr];

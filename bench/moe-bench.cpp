@@ -69,6 +69,7 @@ const char* kUsage =
     "  --buffered-io   the same as --expert-reads buffered\n"
     "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
     "  --huge-pages M  LoadOptions::huge_pages: automatic (default), map or off\n"
+    "  --no-repack     LoadOptions::repack off: Q4_0 matrices stay rows (no 16-row tiles)\n"
     "  --random-decode decode inputs are random ids (seeded, as llama_bench_peer) instead of the\n"
     "                  argmax: random-weight models repeat one token greedily, which hides routing\n"
     "  --batch LIST    also batched decode (Session::eval_batch) of B sequences for each B in LIST\n"
@@ -1187,7 +1188,7 @@ struct BenchOptions {
     int predict = 0, io_threads = 4;
     moe::ExpertReads expert_reads = moe::ExpertReads::direct;
     moe::HugePages huge_pages = moe::HugePages::automatic;
-    bool drop_cache = false, random_decode = false;
+    bool drop_cache = false, random_decode = false, repack = true;
     std::vector<int> batch;  // --batch
 };
 
@@ -1260,9 +1261,12 @@ int32_t argmax(const float* x, int32_t n) {
 }
 
 // Reads every tensor's bytes once (all threads) so that page-ins are not timed; returns seconds.
-double prefault(const moe::GgufFile& f, int threads) {
+// With repacked matrices, not the Q4_0 tensors: their rows left the process at load (the tiles
+// are in memory), and reading them would only map them again.
+double prefault(const moe::GgufFile& f, int threads, bool repacked) {
     std::vector<std::pair<const uint8_t*, size_t>> ranges;
-    for (size_t i = 0; i < f.n_tensors(); ++i) ranges.push_back({f.tensor_at(i).data, (size_t)f.tensor_at(i).n_bytes});
+    for (size_t i = 0; i < f.n_tensors(); ++i)
+        if (!repacked || f.tensor_at(i).type != (uint32_t)moe::TensorType::q4_0) ranges.push_back({f.tensor_at(i).data, (size_t)f.tensor_at(i).n_bytes});
     std::atomic<size_t> next{0};
     std::atomic<uint64_t> sink{0};
     double t0 = now_s();
@@ -1313,11 +1317,12 @@ int run_bench(const BenchOptions& o) {
     lo.io_threads = o.io_threads;
     lo.expert_reads = o.expert_reads;
     lo.huge_pages = o.huge_pages;
+    lo.repack = o.repack;
     if (o.drop_cache && !drop_page_cache(o.model)) return fail("--drop-cache: posix_fadvise failed on " + o.model);
     if (moe::Model::load(o.model.c_str(), lo, &model) != moe::Status::ok) return fail("cannot load " + o.model + ": " + moe::last_error());
     t_load = now_s() - t_load;
     const moe::ModelInfo& info = model.info();
-    double t_prefault = o.prefault && !o.mem_budget ? prefault(model.file(), threads) : 0;
+    double t_prefault = o.prefault && !o.mem_budget ? prefault(model.file(), threads, model.repacked_bytes() > 0) : 0;
 
     moe::SessionOptions so;
     so.n_threads = threads;
@@ -1491,6 +1496,7 @@ int run_bench(const BenchOptions& o) {
     std::printf("  model      %s, %d layers, %d experts (top-%d), %s, %s in all, %s active per token\n", info.architecture.c_str(), info.n_layer,
                 info.n_expert, info.n_expert_used, mix.c_str(), fmt_bytes((double)info.weight_bytes).c_str(), fmt_bytes(active).c_str());
     std::printf("  kernels    %s, %d threads (load %.2f s, prefault %.2f s)\n", isa, threads, t_load, t_prefault);
+    if (model.repacked_bytes()) std::printf("  repack     %.0f MiB of Q4_0 matrices in 16-row tiles\n", (double)model.repacked_bytes() / 1048576.0);
     if (hps.advised)
         std::printf("  pages      huge pages %s: %.0f MiB cached at load, %.0f MiB of it in %.0f MiB pages%s\n", moe::huge_pages_name(o.huge_pages),
                     (double)hps.cached_bytes / 1048576.0, (double)hps.huge_bytes / 1048576.0, (double)hps.page_bytes / 1048576.0,
@@ -1580,6 +1586,7 @@ int main(int argc, char** argv) {
             else return fail("bad or missing value for --expert-reads (direct, buffered or mapped)");
         }
         else if (a == "--drop-cache") o.drop_cache = true;
+        else if (a == "--no-repack") o.repack = false;
         else if (a == "--huge-pages") {
             const std::string m = (s = value()) ? s : "";
             if (m == "automatic") o.huge_pages = moe::HugePages::automatic;

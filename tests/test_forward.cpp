@@ -490,6 +490,54 @@ TEST_P(ForwardQuant, MatchesOracleOnStoredWeights) {
 INSTANTIATE_TEST_SUITE_P(Types, ForwardQuant, ::testing::ValuesIn(quant_cases()),
                          [](const ::testing::TestParamInfo<QuantCase>& i) { return std::string(i.param.name); });
 
+// LoadOptions::repack: a Q4_0 model whose matrices have 128-multiple widths (tiles) and row counts
+// that are not 16-multiples (wk: 80, the head: 300 rows), loaded with and without tiles. Where the
+// CPU has the tile kernels both match the oracle and each other (only the float order differs),
+// token by token, through the rows/tiles prefill and through panels packed from the tiles; with
+// an expert store or repack off nothing is repacked.
+TEST(Repack, Q4_0TilesMatchRowsAndOracle) {
+    const ModelSpec sp = with_type(spec("qwen3moe", 128, 4, 2, 40, 6, 2, 128, 300, 2), TT::q4_0);
+    OracleCase c = moe_test::make_oracle_case(sp, kTokens, 0.02);
+    ASSERT_TRUE(c.ok) << c.error;
+    TempModelFile f("repack_q4_0");
+    ASSERT_EQ(c.model.write(f.path), moe::Status::ok) << moe::last_error();
+    moe::LoadOptions with, without;
+    without.repack = false;
+    moe::Model tiled, rows;
+    ASSERT_EQ(moe::Model::load(f.path.c_str(), with, &tiled), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(moe::Model::load(f.path.c_str(), without, &rows), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(rows.repacked_bytes(), 0u);
+    const bool has_tiles = moe::detected_isa() == moe::Isa::avx512_vnni;
+    if (has_tiles) EXPECT_GT(tiled.repacked_bytes(), 0u);
+    else EXPECT_EQ(tiled.repacked_bytes(), 0u);
+    moe::LoadOptions budget;
+    budget.mem_budget = (uint64_t)1 << 30;
+    moe::Model stored;
+    ASSERT_EQ(moe::Model::load(f.path.c_str(), budget, &stored), moe::Status::ok) << moe::last_error();
+    EXPECT_EQ(stored.repacked_bytes(), 0u);
+
+    moe::SessionOptions opt;
+    opt.n_ctx = 32;
+    opt.n_threads = 3;
+    for (int gemm_min : {-1, 1}) {  // prefill on rows/tiles, or as panels (from the tiles)
+        SCOPED_TRACE("gemm_min_tokens " + std::to_string(gemm_min));
+        opt.gemm_min_tokens = gemm_min;
+        EngineRun a, b;
+        ASSERT_TRUE(run_engine(tiled, opt, c.tokens, kPrompt, &a));
+        ASSERT_TRUE(run_engine(rows, opt, c.tokens, kPrompt, &b));
+        int flips = 0;
+        ASSERT_TRUE(check_routing(c.model, c.ref, a, 0.25, &flips));
+        moe_test::OracleResult ref = c.ref;
+        if (flips > 0) ref = moe_test::Oracle(c.model).run(c.tokens, &a.experts);
+        const RowDiff d = diff_vs_oracle(ref, a.logits);
+        EXPECT_LT(d.rel(), 5e-2) << "tiles vs oracle: " << diff_msg(d);
+        EXPECT_LT(rel_diff(b.logits, a.logits), 1e-3) << "tiles vs rows";
+        EngineRun s;
+        ASSERT_TRUE(run_engine(stored, opt, c.tokens, kPrompt, &s));
+        EXPECT_EQ(0, std::memcmp(s.logits.data(), b.logits.data(), b.logits.size() * sizeof(float))) << "expert store vs rows";
+    }
+}
+
 //---------------------------------------------------------------------------------------------------
 // Session contract
 //---------------------------------------------------------------------------------------------------

@@ -68,3 +68,88 @@ TEST(ThreadPool, BarrierSeparatesPhasesAndOneThreadFinishes) {
 }
 
 }  // namespace
+
+// ---- Q4_0 tiles (moe::detail) ----
+
+#include "kernel_cases.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+namespace {
+
+// Q4_0 tiles (LoadOptions::repack): 16 rows re-laid for decode. The tile kernel's _ref against a
+// float64 oracle of the dequantized rows and codes, and against the row kernel's _ref (the same
+// integer sums per block, other float order); the SIMD twin bit for bit; padding rows give 0; a
+// tile packed as a panel equals the panel gemm_pack makes of the rows.
+TEST(Q4_0Tiles, DotAndPanelMatchRowsAndOracle) {
+    namespace d = moe::detail;
+    std::mt19937 rng(5);
+    std::normal_distribution<float> gauss;
+    const bool vnni = moe::detected_isa() == moe::Isa::avx512_vnni;
+    for (int64_t n : {128, 384, 2048})
+        for (int rows : {16, 7, 1})
+            for (kernel_cases::WeightKind kind : {kernel_cases::WeightKind::random_bytes, kernel_cases::WeightKind::all_ones_bits, kernel_cases::WeightKind::all_zero_bits}) {
+                SCOPED_TRACE("n=" + std::to_string(n) + " rows=" + std::to_string(rows) + " kind=" + std::to_string((int)kind));
+                const size_t row_bytes = (size_t)(n / 32) * sizeof(d::BlockQ4_0);
+                std::vector<uint8_t> w;
+                for (int r = 0; r < rows; ++r) {
+                    const std::vector<uint8_t> row = kernel_cases::make_weights(moe::TensorType::q4_0, n, kind, rng);
+                    w.insert(w.end(), row.begin(), row.end());
+                }
+                std::vector<uint8_t> tile(d::q4_0_tile_bytes(n));
+                d::q4_0_tile_repack(w.data(), row_bytes, rows, n, tile.data());
+                std::vector<float> x((size_t)n);
+                for (float& v : x) v = gauss(rng);
+                if (kind == kernel_cases::WeightKind::all_ones_bits) std::fill(x.begin(), x.end(), -1.f);
+                std::vector<d::BlockQ8Split> xq((size_t)(n / 128));
+                d::quantize_act_q8_split_ref(xq.data(), x.data(), n);
+                std::vector<d::BlockQ8_0> x8((size_t)(n / 32));
+                d::quantize_act_q8_0_ref(x8.data(), x.data(), n);
+                alignas(64) float out[16];
+                d::q4_0_tile_dot_ref(tile.data(), xq.data(), n, out);
+                for (int r = 0; r < 16; ++r) {
+                    if (r >= rows) {
+                        EXPECT_EQ(out[r], 0.f) << "padding row " << r;
+                        continue;
+                    }
+                    const d::BlockQ4_0* blk = reinterpret_cast<const d::BlockQ4_0*>(w.data() + row_bytes * (size_t)r);
+                    double oracle = 0, magnitude = 0;
+                    for (int64_t j = 0; j < n; ++j) {
+                        const double wv = (double)d::fp16_to_f32(blk[j / 32].d) * (d::q4_nibble(blk[j / 32].qs, (int)(j % 32)) - 8);
+                        const double xv = (double)d::fp16_to_f32(x8[(size_t)(j / 32)].d) * x8[(size_t)(j / 32)].qs[j % 32];
+                        oracle += wv * xv;
+                        magnitude += std::fabs(wv * xv);
+                    }
+                    EXPECT_NEAR(out[r], oracle, 1e-5 * magnitude + 1e-6) << "row " << r << " vs float64";
+                    EXPECT_NEAR(out[r], d::vec_dot_q4_0_q8_split_ref(blk, xq.data(), n), 1e-5 * magnitude + 1e-6) << "row " << r << " vs the row kernel";
+                }
+                d::GemmScratch s, rows_panel;
+                std::vector<uint8_t> buf(2 * d::GemmScratch::bytes(n) + 128);
+                s.carve(buf.data(), n);
+                rows_panel.carve(buf.data() + (d::GemmScratch::bytes(n) + 63) / 64 * 64, n);
+                d::q4_0_tile_pack_ref(tile.data(), n, &s.panel);
+                d::gemm_pack(d::gemm_type(moe::TensorType::q4_0), w.data(), row_bytes, rows, n, &rows_panel);
+                const int64_t nb = n / 32;
+                EXPECT_EQ(0, std::memcmp(s.panel.q, rows_panel.panel.q, (size_t)(nb * 32 * 16)));
+                EXPECT_EQ(0, std::memcmp(s.panel.bias, rows_panel.panel.bias, (size_t)(nb * 16) * 4));
+                EXPECT_EQ(0, std::memcmp(s.panel.scale, rows_panel.panel.scale, (size_t)(nb * 16) * 4));
+                EXPECT_EQ(0, std::memcmp(s.panel.min, rows_panel.panel.min, (size_t)(nb * 16) * 4));
+#if MOE_DETAIL_HAS_AVX512
+                if (vnni) {
+                    alignas(64) float simd[16];
+                    d::q4_0_tile_dot_avx512vnni(tile.data(), xq.data(), n, simd);
+                    EXPECT_EQ(0, std::memcmp(out, simd, sizeof out)) << "AVX-512 VNNI vs _ref";
+                    d::q4_0_tile_pack_avx512vnni(tile.data(), n, &rows_panel.panel);
+                    EXPECT_EQ(0, std::memcmp(s.panel.q, rows_panel.panel.q, (size_t)(nb * 32 * 16)));
+                    EXPECT_EQ(0, std::memcmp(s.panel.bias, rows_panel.panel.bias, (size_t)(nb * 16) * 4));
+                    EXPECT_EQ(0, std::memcmp(s.panel.scale, rows_panel.panel.scale, (size_t)(nb * 16) * 4));
+                    EXPECT_EQ(0, std::memcmp(s.panel.min, rows_panel.panel.min, (size_t)(nb * 16) * 4));
+                }
+#endif
+                (void)vnni;
+            }
+}
+
+}  // namespace
