@@ -59,6 +59,7 @@
        NEON dotprod kernels picked at run time.
        prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI: Q4_0..Q8_0, IQ4_NL,
        MXFP4, Q3_K..Q6_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
+       decode: Q4_0 matrices re-laid at load into 16-row tiles on AVX-512 VNNI (LoadOptions::repack).
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
        llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
@@ -4784,8 +4785,9 @@ inline void q4_0_tile_repack(const uint8_t* w, size_t row_bytes, int rows, int64
 }
 // out[r] = row r of the tile . x (q8_0_split, n columns). Specification of the SIMD twins: per
 // block the exact int32 sum of (nibble - 8) x code, times (d_row x d_x) fused into one of two
-// accumulators (even blocks, odd blocks), which are added at the end.
-inline void q4_0_tile_dot_ref(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out) {
+// accumulators (even blocks, odd blocks), which are added at the end. `prefetch`: how far ahead
+// the SIMD twins prefetch (SessionOptions::prefetch_distance; 0: not at all).
+inline void q4_0_tile_dot_ref(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out, size_t /*prefetch*/ = 0) {
     for (int r = 0; r < kGemmRows; ++r) {
         float acc[2] = {0, 0};
         for (int64_t G = 0; G < n / 128; ++G) {
@@ -4805,7 +4807,7 @@ inline void q4_0_tile_dot_ref(const uint8_t* tile, const BlockQ8Split* x, int64_
         out[r] = acc[0] + acc[1];
     }
 }
-typedef void (*Q4TileDotFn)(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out);
+typedef void (*Q4TileDotFn)(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out, size_t prefetch);
 // A tile as a GEMM panel: the same panel gemm_pack_row_q4_0 makes of its rows (padding rows: zero).
 inline void q4_0_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
     p->nb = n / kQK;
@@ -6461,11 +6463,13 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_mxfp4_q8_split_avx512vnni(const Block
 // low nibbles go into vpdpbusd as they are; the high ones masked in place (16 x nibble) into a sum
 // of their own, shifted down once per block. Each block's -8 x code sum starts the low sum; 8
 // independent sums per group of 4 blocks keep vpdpbusd's latency hidden.
-MOE_DETAIL_AVX512VNNI inline void q4_0_tile_dot_avx512vnni(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out) {
+MOE_DETAIL_AVX512VNNI inline void q4_0_tile_dot_avx512vnni(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out, size_t prefetch) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), m4_high = _mm512_set1_epi8((char)0xF0);
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t G = 0; G < n / 128; ++G) {
         const uint8_t* group = tile + G * kQ4TileGroupBytes;
+        if (prefetch)  // may pass the tile's end: prefetches never fault
+            for (int64_t line = 0; line < kQ4TileGroupBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(group + prefetch + line), _MM_HINT_T0);
         const BlockQ8Split& xg = x[G];
         __m512i neg = loadu_512(xg.neg_sum);  // lanes 4k..4k+3: block k's -(code sum) in 4 parts
         neg = _mm512_add_epi32(neg, _mm512_shuffle_epi32(neg, _MM_PERM_CDAB));
@@ -11313,11 +11317,10 @@ inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char
 
 // LoadOptions::repack: the Q4_0 matrices whose kernel has tiles (RowKernel::tile_dot) and whose
 // readers all take tiles (the matmul and expert phases; not token_embd, the router, MLA's
-// per-head wk_b/wv_b) are copied into tiles in one arena, threads sharing the work, and their
-// mapped pages dropped afterwards. A failed allocation leaves the rows in use.
-inline Status repack_tiles(ModelImpl& m, const LoadOptions& o) {
-#if MOE_DETAIL_HAS_MMAP && defined(MADV_DONTNEED)
+// per-head wk_b/wv_b), sorted by address.
+inline std::vector<Weight*> repack_candidates(ModelImpl& m) {
     std::vector<Weight*> ws;
+#if MOE_DETAIL_HAS_MMAP && defined(MADV_DONTNEED)
     auto add = [&](Weight& w) {
         if (w.data && w.kernel.tile_dot && w.cols % 128 == 0 && w.rows > 0) ws.push_back(&w);
     };
@@ -11327,53 +11330,82 @@ inline Status repack_tiles(ModelImpl& m, const LoadOptions& o) {
                           &l.ssm_qkv, &l.ssm_z, &l.ssm_beta, &l.ssm_alpha, &l.ssm_out, &l.ssm_ba})
             add(*w);
     if (m.output.data != m.token_embd.data) add(m.output);
+    std::sort(ws.begin(), ws.end(), [](const Weight* a, const Weight* b) { return a->data < b->data; });
+    ws.erase(std::unique(ws.begin(), ws.end(), [](const Weight* a, const Weight* b) { return a->data == b->data; }), ws.end());
+#else
+    (void)m;
+#endif
+    return ws;
+}
+
+// Copies ws (repack_candidates) into tiles in one arena, threads sharing the work, then drops
+// their mapped pages from this process. LoadOptions::progress hears (bytes repacked, file size)
+// every 64 MiB from this thread; false stops it (Status::cancelled). No memory for the arena:
+// the rows stay in use.
+inline Status repack_tiles(ModelImpl& m, const std::vector<Weight*>& ws, const LoadOptions& o) {
+#if MOE_DETAIL_HAS_MMAP && defined(MADV_DONTNEED)
     if (ws.empty()) return Status::ok;
     const size_t huge = (size_t)2 << 20;
     size_t total = 0;
-    for (Weight* w : ws) {
-        w->tile_mat_bytes = (size_t)((w->rows + kGemmRows - 1) / kGemmRows) * q4_0_tile_bytes(w->cols);
-        total += w->tile_mat_bytes * (size_t)w->n_mats;
-    }
+    for (Weight* w : ws) total += (size_t)((w->rows + kGemmRows - 1) / kGemmRows) * q4_0_tile_bytes(w->cols) * (size_t)w->n_mats;
     if (!m.tile_arena.allocate(total + huge, false)) {
         if (o.log) o.log(o.log_user, "repack: no memory for the tiles; the Q4_0 rows stay in use");
-        for (Weight* w : ws) w->tile_mat_bytes = 0;
         return Status::ok;
     }
     uint8_t* base = reinterpret_cast<uint8_t*>(((uintptr_t)m.tile_arena.data + huge - 1) & ~(uintptr_t)(huge - 1));
 #if defined(MADV_HUGEPAGE)
     (void)madvise(base, (total + huge - 1) & ~(huge - 1), MADV_HUGEPAGE);
 #endif
-    // Jobs of up to 64 tiles: (weight, matrix, first tile).
+    // Jobs of up to 64 tiles: (weight, matrix, first tile, tiles).
     struct Job { Weight* w; int64_t mat, tile0, tiles; };
     std::vector<Job> jobs;
     size_t at = 0;
     for (Weight* w : ws) {
+        const int64_t tiles = (w->rows + kGemmRows - 1) / kGemmRows;
+        w->tile_mat_bytes = (size_t)tiles * q4_0_tile_bytes(w->cols);
         w->tiles = base + at;
         at += w->tile_mat_bytes * (size_t)w->n_mats;
-        const int64_t tiles = (w->rows + kGemmRows - 1) / kGemmRows;
         for (int64_t mat = 0; mat < w->n_mats; ++mat)
             for (int64_t t = 0; t < tiles; t += 64) jobs.push_back({w, mat, t, std::min<int64_t>(64, tiles - t)});
     }
     std::atomic<size_t> next{0};
-    auto work = [&] {
-        for (size_t j; (j = next.fetch_add(1)) < jobs.size();) {
-            const Job& job = jobs[j];
-            const Weight& w = *job.w;
-            for (int64_t t = job.tile0; t < job.tile0 + job.tiles; ++t) {
-                const int rows = (int)std::min<int64_t>(kGemmRows, w.rows - t * kGemmRows);
-                q4_0_tile_repack(w.row(job.mat, t * kGemmRows), w.row_bytes, rows, w.cols, const_cast<uint8_t*>(w.tile(job.mat, t * kGemmRows)));
-            }
+    std::atomic<uint64_t> done{0};
+    std::atomic<bool> stop{false};
+    auto run_job = [&](const Job& job) {
+        const Weight& w = *job.w;
+        for (int64_t t = job.tile0; t < job.tile0 + job.tiles; ++t) {
+            const int rows = (int)std::min<int64_t>(kGemmRows, w.rows - t * kGemmRows);
+            q4_0_tile_repack(w.row(job.mat, t * kGemmRows), w.row_bytes, rows, w.cols, const_cast<uint8_t*>(w.tile(job.mat, t * kGemmRows)));
+            done.fetch_add((uint64_t)rows * w.row_bytes, std::memory_order_relaxed);
         }
+    };
+    auto work = [&] {
+        for (size_t j; !stop.load(std::memory_order_relaxed) && (j = next.fetch_add(1)) < jobs.size();) run_job(jobs[j]);
     };
 #if MOE_DETAIL_HAS_THREADS
     const unsigned n_threads = std::max(1u, std::min(32u, std::thread::hardware_concurrency()));
     std::vector<std::thread> pool;
     for (unsigned i = 1; i < n_threads; ++i) pool.emplace_back(work);
-    work();
-    for (std::thread& th : pool) th.join();
-#else
-    work();
 #endif
+    // This thread works too, and reports.
+    const uint64_t file_size = m.file.file_size(), step = (uint64_t)64 << 20;
+    uint64_t reported = 0;
+    for (size_t j; !stop.load() && (j = next.fetch_add(1)) < jobs.size();) {
+        run_job(jobs[j]);
+        const uint64_t now = done.load(std::memory_order_relaxed);
+        if (o.progress && now >= reported + step) {
+            reported = now;
+            if (!o.progress(o.progress_user, now, file_size)) stop = true;
+        }
+    }
+#if MOE_DETAIL_HAS_THREADS
+    for (std::thread& th : pool) th.join();
+#endif
+    if (stop) {
+        for (Weight* w : ws) w->tiles = nullptr;
+        return fail(Status::cancelled, "loading was stopped by the progress callback while repacking, at %llu of %llu bytes",
+                    (unsigned long long)reported, (unsigned long long)file_size);
+    }
     // The rows' own pages (whole pages inside each stack) leave this process.
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);
     for (Weight* w : ws) {
@@ -11388,7 +11420,7 @@ inline Status repack_tiles(ModelImpl& m, const LoadOptions& o) {
         o.log(o.log_user, line);
     }
 #else
-    (void)m; (void)o;
+    (void)m; (void)ws; (void)o;
 #endif
     return Status::ok;
 }
@@ -11411,27 +11443,41 @@ static Status model_finish_load(std::unique_ptr<detail::ModelImpl>& impl, const 
             options.log(options.log_user, line);
         }
     }
+    // LoadOptions::repack first (it reads the matrices it re-lays), then the progress pass reads
+    // the rest of the file once: one count of bytes from 0 to the file size over both.
+    std::vector<detail::Weight*> repacked;
+    if (s == Status::ok && options.repack && path && options.use_mmap && !options.mem_budget) {
+        repacked = detail::repack_candidates(*impl);
+        s = detail::repack_tiles(*impl, repacked, options);
+        if (s == Status::ok && !impl->repacked_bytes) repacked.clear();
+    }
     if (s == Status::ok && options.progress) {
-        // Mapped and without a store: read every page of the file once, reporting as it goes.
+        // Mapped and without a store: read every page of the file once (but the repacked
+        // matrices', which left the process), reporting as it goes.
         const uint8_t* data = impl->file.data();
         const uint64_t total = impl->file.file_size();
         const bool touch = options.use_mmap && !options.mem_budget;
-        uint64_t done = touch ? 0 : total;
+        uint64_t done = touch ? 0 : total, counted = touch ? impl->repacked_bytes : 0;
+        size_t skip = 0;  // the next repacked matrix stack (sorted by address)
         volatile uint8_t sink = 0;
         while (s == Status::ok && done < total) {
             const uint64_t end = std::min<uint64_t>(total, done + (64u << 20));
             uint8_t acc = 0;
-            for (uint64_t i = done; i < end; i += 4096) acc ^= data[i];
+            for (uint64_t i = done; i < end; i += 4096) {
+                while (skip < repacked.size() && (uint64_t)(repacked[skip]->data - data) + repacked[skip]->mat_bytes * (uint64_t)repacked[skip]->n_mats <= i) ++skip;
+                if (skip < repacked.size() && (uint64_t)(repacked[skip]->data - data) <= i) continue;
+                acc ^= data[i];
+                counted += std::min<uint64_t>(4096, end - i);
+            }
             sink = sink ^ acc;
             done = end;
-            if (done < total && !options.progress(options.progress_user, done, total))
+            if (done < total && !options.progress(options.progress_user, std::min(counted, total), total))
                 s = detail::fail(Status::cancelled, "loading was stopped by the progress callback at %llu of %llu bytes", (unsigned long long)done,
                                  (unsigned long long)total);
         }
         if (s == Status::ok && !options.progress(options.progress_user, total, total))
             s = detail::fail(Status::cancelled, "loading was stopped by the progress callback at the end");
     }
-    if (s == Status::ok && options.repack && path && options.use_mmap && !options.mem_budget) s = detail::repack_tiles(*impl, options);
     if (s != Status::ok) {
         if (options.log) options.log(options.log_user, last_error());
         return s;
@@ -12468,7 +12514,7 @@ struct SessionImpl {
     void tile_rows(const Weight& w, int64_t mat, int64_t row0, const GemmScratch* panel, const void* const* x, int nt, float* out) const {
         const RowKernel& k = kt(w);
         if (panel) return k.gemm_tile(panel->panel, reinterpret_cast<const BlockQ8G* const*>(x), nt, out);
-        for (int j = 0; j < nt; ++j) k.tile_dot(w.tile(mat, row0), static_cast<const BlockQ8Split*>(x[j]), w.cols, out + j * kGemmRows);
+        for (int j = 0; j < nt; ++j) k.tile_dot(w.tile(mat, row0), static_cast<const BlockQ8Split*>(x[j]), w.cols, out + j * kGemmRows, j ? 0 : prefetch_bytes);
     }
     // The panel formats of an input quantized to `base` (what its row kernels read), for this chunk.
     uint8_t gemm_fmts(uint8_t base) const {
@@ -13050,10 +13096,14 @@ inline void SessionImpl::norm_rows(const NormStep& step, int ith, int nth) {
 inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith) {
     auto units = [&](const MatTask& mt) { return in_tiles(*mt.w, n) ? (mt.w->rows + kGemmRows - 1) / kGemmRows : mt.w->rows; };
     int64_t total = 0;
-    for (int i = 0; i < n_tasks; ++i) total += units(tasks[i]);
+    bool tiles = false;  // a tile is kGemmRows rows: the guided chunks' floor counts rows
+    for (int i = 0; i < n_tasks; ++i) {
+        total += units(tasks[i]);
+        tiles = tiles || in_tiles(*tasks[i].w, n);
+    }
     int64_t begin = 0, end = 0;
     bool last = false;
-    for (; next_rows(total, n, &begin, &end); last = rows_done.finish(end - begin, total)) {
+    for (; next_rows(total, tiles ? n * kGemmRows : n, &begin, &end); last = rows_done.finish(end - begin, total)) {
         int i = 0;
         int64_t base = 0;
         while (begin >= base + units(tasks[i])) base += units(tasks[i++]);
@@ -13867,7 +13917,8 @@ inline void SessionImpl::expert_up_phase(int32_t n, int ith, bool shared_only) {
     const int64_t first = r.shared_first && !shared_only ? r.active[0].unit_end : 0;
     const int64_t total = shared_only ? r.active[0].unit_end : r.active_units();
     int64_t begin, end;
-    while (next_rows(total - first, uses_per_expert, &begin, &end)) {
+    const bool tiles = std::any_of(r.active.begin(), r.active.end(), [](const ActiveExpert& e) { return e.tile_up; });
+    while (next_rows(total - first, tiles ? uses_per_expert * kGemmRows : uses_per_expert, &begin, &end)) {
         begin += first;
         end += first;
         size_t i = (size_t)(std::upper_bound(r.active.begin(), r.active.end(), begin,

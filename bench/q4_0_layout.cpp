@@ -2,7 +2,9 @@
 // blocks' 16-byte code runs back to back, then their fp16 scales (one 64-byte load per 4 blocks,
 // the scales of 16 blocks in one conversion), against the library's AVX-512 VNNI kernel on the
 // GGUF layout; both read the same q8_0_split activations. A measurement, not a library path
-// (bench/RESULTS.md, fourteenth session).
+// (bench/RESULTS.md, fourteenth session). The third column is the library's Q4_0 tiles
+// (LoadOptions::repack: 16 rows interleaved, q4_0_tile_dot_avx512vnni), same bytes again
+// (twentieth session).
 //
 //   g++ -O3 -std=c++17 -pthread -I. bench/q4_0_layout.cpp -o build/q4_0_layout
 //   build/q4_0_layout COLS THREADS MIB   (e.g. 768 2 1024: from memory; 768 1 1: from L2)
@@ -62,6 +64,15 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vn
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
+// A tile of 16 rows as one "row" for stream_rows_gbs: the library's tile kernel, its 16 sums added.
+__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_tile(const void* wv, const void* xv, int64_t n) {
+    alignas(64) float out[16];
+    q4_0_tile_dot_avx512vnni(static_cast<const uint8_t*>(wv), static_cast<const BlockQ8Split*>(xv), n, out, 0);
+    float s = 0;
+    for (float v : out) s += v;
+    return s;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -85,10 +96,12 @@ int main(int argc, char** argv) {
     const int64_t nb = cols / 32, row_bytes = nb * (int64_t)sizeof(BlockQ4_0), rows = (int64_t)(bytes / (size_t)row_bytes);
     uint8_t* gguf = static_cast<uint8_t*>(std::aligned_alloc(huge, alloc));
     uint8_t* repacked = static_cast<uint8_t*>(std::aligned_alloc(huge, alloc));
-    if (!gguf || !repacked || rows < 1) return 1;
+    uint8_t* tiles = static_cast<uint8_t*>(std::aligned_alloc(huge, alloc));
+    if (!gguf || !repacked || !tiles || rows < 1) return 1;
 #if defined(MADV_HUGEPAGE)
     madvise(gguf, alloc, MADV_HUGEPAGE);
     madvise(repacked, alloc, MADV_HUGEPAGE);
+    madvise(tiles, alloc, MADV_HUGEPAGE);
 #endif
     std::mt19937 rng(7);
     const std::vector<uint8_t> one = kernel_cases::make_weights(moe::TensorType::q4_0, 64 * cols, kernel_cases::WeightKind::random_bytes, rng);
@@ -96,6 +109,8 @@ int main(int argc, char** argv) {
         std::memcpy(gguf + r * row_bytes, one.data() + (r % 64) * row_bytes, (size_t)row_bytes);
         repack_row(reinterpret_cast<const BlockQ4_0*>(gguf + r * row_bytes), repacked + r * row_bytes, nb);
     }
+    const int64_t n_tiles = rows / 16;  // whole tiles only (the rows past them are not timed there)
+    for (int64_t t = 0; t < n_tiles; ++t) q4_0_tile_repack(gguf + t * 16 * row_bytes, (size_t)row_bytes, 16, cols, tiles + t * 16 * row_bytes);
     const std::vector<float> x = kernel_cases::make_activations(cols, kernel_cases::ActKind::gaussian, rng);
     const RowKernel k = row_kernel(*quant_type((uint32_t)moe::TensorType::q4_0), moe::Isa::avx512_vnni, cols);
     if (k.act != ActFormat::q8_0_split) return 1;
@@ -108,14 +123,27 @@ int main(int argc, char** argv) {
             return 1;
         }
     }
+    for (int64_t t = 0; t < std::min<int64_t>(n_tiles, 4); ++t) {  // other float order than the rows: close, not equal
+        alignas(64) float out[16];
+        q4_0_tile_dot_avx512vnni(tiles + t * 16 * row_bytes, reinterpret_cast<const BlockQ8Split*>(act.data()), cols, out, 0);
+        for (int r = 0; r < 16; ++r) {
+            const float a = k.vec_dot(gguf + (t * 16 + r) * row_bytes, act.data(), cols);
+            if (std::fabs(a - out[r]) > 1e-4f * (std::fabs(a) + 1.f)) {
+                std::fprintf(stderr, "tile %lld row %d: GGUF layout %g, tile %g\n", (long long)t, r, a, out[r]);
+                return 1;
+            }
+        }
+    }
     const int reps = bytes > (64u << 20) ? 7 : 30;
     std::printf("q4_0_layout: %lld columns, %d threads, %zu MiB of rows, GB/s of weights (best of %d)\n", (long long)cols, threads, mib, reps);
     const int passes = (int)std::max<int64_t>(1, (256ll << 20) / (rows * row_bytes));  // small sets: ~256 MiB per repetition
     for (int round = 0; round < 3; ++round)
-        std::printf("GGUF layout %.2f | repacked %.2f\n", stream_rows_gbs(k.vec_dot, gguf, rows, row_bytes, act.data(), cols, threads, reps, passes),
-                    stream_rows_gbs(dot_repacked, repacked, rows, row_bytes, act.data(), cols, threads, reps, passes));
+        std::printf("GGUF layout %.2f | repacked %.2f | tiles %.2f\n", stream_rows_gbs(k.vec_dot, gguf, rows, row_bytes, act.data(), cols, threads, reps, passes),
+                    stream_rows_gbs(dot_repacked, repacked, rows, row_bytes, act.data(), cols, threads, reps, passes),
+                    n_tiles >= threads ? stream_rows_gbs(dot_tile, tiles, n_tiles, 16 * row_bytes, act.data(), cols, threads, reps, passes) : 0.0);
     std::free(gguf);
     std::free(repacked);
+    std::free(tiles);
     return 0;
 }
 #else

@@ -503,8 +503,18 @@ TEST(Repack, Q4_0TilesMatchRowsAndOracle) {
     ASSERT_EQ(c.model.write(f.path), moe::Status::ok) << moe::last_error();
     moe::LoadOptions with, without;
     without.repack = false;
+    std::vector<std::pair<uint64_t, uint64_t>> calls;  // the progress pass after the repack still counts to the file size
+    with.progress = [](void* user, uint64_t done, uint64_t total) {
+        static_cast<std::vector<std::pair<uint64_t, uint64_t>>*>(user)->push_back({done, total});
+        return true;
+    };
+    with.progress_user = &calls;
     moe::Model tiled, rows;
     ASSERT_EQ(moe::Model::load(f.path.c_str(), with, &tiled), moe::Status::ok) << moe::last_error();
+    ASSERT_FALSE(calls.empty());
+    for (size_t i = 1; i < calls.size(); ++i) EXPECT_GE(calls[i].first, calls[i - 1].first);
+    EXPECT_EQ(calls.back().first, calls.back().second);
+    EXPECT_EQ(calls.back().second, (uint64_t)tiled.file().file_size());
     ASSERT_EQ(moe::Model::load(f.path.c_str(), without, &rows), moe::Status::ok) << moe::last_error();
     EXPECT_EQ(rows.repacked_bytes(), 0u);
     const bool has_tiles = moe::detected_isa() == moe::Isa::avx512_vnni;

@@ -136,19 +136,18 @@ TEST(Q4_0Tiles, DotAndPanelMatchRowsAndOracle) {
                 EXPECT_EQ(0, std::memcmp(s.panel.bias, rows_panel.panel.bias, (size_t)(nb * 16) * 4));
                 EXPECT_EQ(0, std::memcmp(s.panel.scale, rows_panel.panel.scale, (size_t)(nb * 16) * 4));
                 EXPECT_EQ(0, std::memcmp(s.panel.min, rows_panel.panel.min, (size_t)(nb * 16) * 4));
-#if MOE_DETAIL_HAS_AVX512
-                if (vnni) {
+                // The SIMD twins the library picks (RowKernel::tile_dot / tile_pack) where this CPU has them.
+                const d::RowKernel k = d::row_kernel(*d::quant_type((uint32_t)moe::TensorType::q4_0), moe::Isa::avx512_vnni, n);
+                if (vnni && k.tile_dot && k.tile_pack) {
                     alignas(64) float simd[16];
-                    d::q4_0_tile_dot_avx512vnni(tile.data(), xq.data(), n, simd);
+                    k.tile_dot(tile.data(), xq.data(), n, simd, 2048);
                     EXPECT_EQ(0, std::memcmp(out, simd, sizeof out)) << "AVX-512 VNNI vs _ref";
-                    d::q4_0_tile_pack_avx512vnni(tile.data(), n, &rows_panel.panel);
+                    k.tile_pack(tile.data(), n, &rows_panel.panel);
                     EXPECT_EQ(0, std::memcmp(s.panel.q, rows_panel.panel.q, (size_t)(nb * 32 * 16)));
                     EXPECT_EQ(0, std::memcmp(s.panel.bias, rows_panel.panel.bias, (size_t)(nb * 16) * 4));
                     EXPECT_EQ(0, std::memcmp(s.panel.scale, rows_panel.panel.scale, (size_t)(nb * 16) * 4));
                     EXPECT_EQ(0, std::memcmp(s.panel.min, rows_panel.panel.min, (size_t)(nb * 16) * 4));
                 }
-#endif
-                (void)vnni;
             }
 }
 
