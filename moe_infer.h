@@ -13092,7 +13092,7 @@ inline void SessionImpl::norm_rows(const NormStep& step, int ith, int nth) {
 }
 
 // Returns true on the one thread that finished the phase's last rows. Work units are rows, or
-// tiles of kGemmRows rows for a matrix that runs as panels.
+// tiles of kGemmRows rows for a matrix that runs as panels or has Q4_0 tiles.
 inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith) {
     auto units = [&](const MatTask& mt) { return in_tiles(*mt.w, n) ? (mt.w->rows + kGemmRows - 1) / kGemmRows : mt.w->rows; };
     int64_t total = 0;
@@ -13131,7 +13131,7 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
     return last;
 }
 
-// Rows [row0, row0 + kGemmRows) of one matrix of a matmul phase as a panel, for tokens t0 .. t0 + n.
+// Rows [row0, row0 + kGemmRows) of one matrix of a matmul phase as a panel or a Q4_0 tile, for tokens t0 .. t0 + n.
 inline void SessionImpl::matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith) {
     const RowKernel& k = kt(*mt.w);
     const int rows = (int)std::min<int64_t>(kGemmRows, mt.w->rows - row0);
@@ -14005,9 +14005,9 @@ inline void SessionImpl::quantize_hidden(const ActiveExpert& e) {
 }
 
 // Down rows in sub-chunks of up to kDownRows rows: each active expert streams its rows of the
-// sub-chunk (one sequential read, or panels of kGemmRows rows) against all its uses, then each
-// token sums its slots in slot order and adds into x. No two threads write one value. While some
-// expert runs as panels, threads take whole tiles of kGemmRows rows.
+// sub-chunk (one sequential read, or panels or Q4_0 tiles of kGemmRows rows) against all its uses,
+// then each token sums its slots in slot order and adds into x. No two threads write one value.
+// While some expert runs in tiles, threads take whole tiles of kGemmRows rows.
 inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
     const int32_t slots = plan->slots;
     const int64_t n_embd = plan->n_embd, n_uses = (int64_t)n * slots;
