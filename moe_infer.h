@@ -11379,10 +11379,10 @@ inline Status repack_tiles(ModelImpl& m, const std::vector<Weight*>& ws, const L
             done.fetch_add((uint64_t)rows * w.row_bytes, std::memory_order_relaxed);
         }
     };
+#if MOE_DETAIL_HAS_THREADS
     auto work = [&] {
         for (size_t j; !stop.load(std::memory_order_relaxed) && (j = next.fetch_add(1)) < jobs.size();) run_job(jobs[j]);
     };
-#if MOE_DETAIL_HAS_THREADS
     const unsigned n_threads = std::max(1u, std::min(32u, std::thread::hardware_concurrency()));
     std::vector<std::thread> pool;
     for (unsigned i = 1; i < n_threads; ++i) pool.emplace_back(work);
