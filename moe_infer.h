@@ -92,14 +92,14 @@
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref  row dots; attention on a float cache (scores, exp, values)
        [SECTION] ACTIVATION FORMATS              >>act
-       [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens
+       [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens; Q4_0 tiles (repack)
        [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX2/AVX-512 attention kernels, the AMX panel tile
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
        [SECTION] KERNEL DISPATCH                 >>dispatch
        [SECTION] THREAD POOL                     >>threads
        [SECTION] TOKENIZER IMPLEMENTATION        >>tokenizer
-       [SECTION] MODEL LOADING                   >>loader
+       [SECTION] MODEL LOADING                   >>loader    also LoadOptions::repack (repack_candidates, repack_tiles)
        [SECTION] EXPERT STORE                    >>store     LoadOptions::mem_budget: experts in a bounded cache
        [SECTION] FORWARD PASS                    >>forward
            forward state                         >>forward-state  KvCache, Activations, Routing, PhaseProfile, ForwardCall
