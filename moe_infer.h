@@ -59,7 +59,7 @@
        NEON dotprod kernels picked at run time.
        prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI: Q4_0..Q8_0, IQ4_NL,
        MXFP4, Q3_K..Q6_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
-       decode: Q4_0 matrices re-laid at load into 16-row tiles on AVX-512 VNNI (LoadOptions::repack).
+       decode: Q4_0 and Q4_K matrices re-laid at load into 16-row tiles on AVX-512 VNNI (LoadOptions::repack).
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
        llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
@@ -92,7 +92,7 @@
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref  row dots; attention on a float cache (scores, exp, values)
        [SECTION] ACTIVATION FORMATS              >>act
-       [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens; Q4_0 tiles (repack)
+       [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens; Q4_0/Q4_K tiles (repack)
        [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX2/AVX-512 attention kernels, the AMX panel tile
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
@@ -633,11 +633,12 @@ struct LoadOptions {
     // page faults), every 64 MiB and once at the end. Returning false stops the load: Status::cancelled.
     bool (*progress)(void* user, uint64_t done, uint64_t total) = nullptr;
     void* progress_user = nullptr;
-    // Q4_0 matrices re-laid at load into tiles of 16 interleaved rows where the CPU has their
-    // kernels (AVX-512 VNNI): decode reads each tile in one stream, every activation word feeding
-    // 16 rows. Only for mapped files without a mem_budget: the tiles replace the mapped pages they
-    // came from (dropped from this process; the file stays in the page cache), so resident memory
-    // does not grow. Model::repacked_bytes() tells what was repacked.
+    // Q4_0 and Q4_K matrices re-laid at load into tiles of 16 interleaved rows where the CPU has
+    // their kernels (AVX-512 VNNI): decode reads each tile in one stream, every activation word
+    // feeding 16 rows. Only for mapped files without a mem_budget: the tiles replace the mapped
+    // pages they came from (dropped from this process; the file stays in the page cache), so
+    // resident memory does not grow (Q4_K: by 2.8%, its scales unpacked). Model::repacked_bytes()
+    // tells what was repacked.
     bool repack = true;
 };
 
@@ -733,6 +734,9 @@ public:
     HugePageStats huge_page_stats() const;
     // Bytes of weights LoadOptions::repack re-laid into tiles (0: none).
     uint64_t repacked_bytes() const;
+    // Whether LoadOptions::repack re-laid the tensor `name` into tiles (its mapped rows then left
+    // this process: reading them maps them again).
+    bool tensor_repacked(const char* name) const;
 
 private:
     friend class Session;
@@ -4787,7 +4791,8 @@ inline void q4_0_tile_repack(const uint8_t* w, size_t row_bytes, int rows, int64
 // block the exact int32 sum of (nibble - 8) x code, times (d_row x d_x) fused into one of two
 // accumulators (even blocks, odd blocks), which are added at the end. `prefetch`: how far ahead
 // the SIMD twins prefetch (SessionOptions::prefetch_distance; 0: not at all).
-inline void q4_0_tile_dot_ref(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out, size_t /*prefetch*/ = 0) {
+inline void q4_0_tile_dot_ref(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t /*prefetch*/ = 0) {
+    const BlockQ8Split* x = static_cast<const BlockQ8Split*>(xv);
     for (int r = 0; r < kGemmRows; ++r) {
         float acc[2] = {0, 0};
         for (int64_t G = 0; G < n / 128; ++G) {
@@ -4807,7 +4812,6 @@ inline void q4_0_tile_dot_ref(const uint8_t* tile, const BlockQ8Split* x, int64_
         out[r] = acc[0] + acc[1];
     }
 }
-typedef void (*Q4TileDotFn)(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out, size_t prefetch);
 // A tile as a GEMM panel: the same panel gemm_pack_row_q4_0 makes of its rows (padding rows: zero).
 inline void q4_0_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
     p->nb = n / kQK;
@@ -4832,7 +4836,107 @@ inline void q4_0_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
         }
     }
 }
-typedef void (*Q4TilePackFn)(const uint8_t* tile, int64_t n, GemmPanel* p);
+
+// Q4_K tiles: the same idea for Q4_K (x = d * sc_j * q - dmin * m_j per sub-block j of 32). Per
+// super-block (256 columns), 2368 bytes: codes[c][g][r][4] = qs[32c + 4g .. 32c + 4g + 3] of row r
+// (c < 4, g < 8; low nibbles: sub-block 2c, columns 4g.., high: sub-block 2c + 1), then the 6-bit
+// scales unpacked, sc[j][r], the mins as pairs, m[i][r][2] = (m_2i, m_2i+1) of row r, then fp16
+// d[r] and dmin[r]. 64 bytes per row and super-block more than the file (+2.8%): the scales are
+// unpacked once at load instead of per row and token. Rows past a matrix's end: all zero.
+constexpr int64_t kQ4KTileGroupBytes = 2368;
+constexpr int64_t kQ4KTileScales = 2048, kQ4KTileMins = 2176, kQ4KTileD = 2304, kQ4KTileDmin = 2336;
+inline size_t q4_k_tile_bytes(int64_t cols) { return (size_t)(cols / kQKK) * kQ4KTileGroupBytes; }
+// Rows [0, rows) (rows <= kGemmRows, row_bytes apart) of a Q4_K matrix into one tile.
+inline void q4_k_tile_repack(const uint8_t* w, size_t row_bytes, int rows, int64_t cols, uint8_t* tile) {
+    std::memset(tile, 0, q4_k_tile_bytes(cols));
+    for (int64_t sb = 0; sb < cols / kQKK; ++sb) {
+        uint8_t* group = tile + sb * kQ4KTileGroupBytes;
+        for (int r = 0; r < rows; ++r) {
+            const BlockQ4K& blk = reinterpret_cast<const BlockQ4K*>(w + (size_t)r * row_bytes)[sb];
+            for (int cg = 0; cg < 32; ++cg) std::memcpy(group + 64 * cg + 4 * r, blk.qs + 4 * cg, 4);
+            for (int j = 0; j < 8; ++j) {
+                uint8_t sc, m;
+                q4k_get_scale_min(j, blk.scales, &sc, &m);
+                group[kQ4KTileScales + 16 * j + r] = sc;
+                group[kQ4KTileMins + 32 * (j / 2) + 2 * r + j % 2] = m;
+            }
+            std::memcpy(group + kQ4KTileD + 2 * r, &blk.d, 2);
+            std::memcpy(group + kQ4KTileDmin + 2 * r, &blk.dmin, 2);
+        }
+    }
+}
+// out[r] = row r of the tile . x (q8_k, n columns). Specification of the SIMD twin: per super-block
+// the exact int32 sums sum = sc_j x (codes . x) over the sub-blocks and mins = m_j x (x's pair of
+// bsums) over them, then acc += (d_row x d_x) x sum and acc_m += (dmin_row x d_x) x mins, each one
+// fused multiply-add; out = acc - acc_m.
+inline void q4_k_tile_dot_ref(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t /*prefetch*/ = 0) {
+    const BlockQ8K* x = static_cast<const BlockQ8K*>(xv);
+    for (int r = 0; r < kGemmRows; ++r) {
+        float acc = 0, acc_m = 0;
+        for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+            const uint8_t* group = tile + sb * kQ4KTileGroupBytes;
+            int32_t sum = 0, mins = 0;
+            for (int j = 0; j < 8; ++j) {
+                const int c = j / 2, shift = 4 * (j % 2);
+                int32_t dot = 0;
+                for (int g = 0; g < 8; ++g)
+                    for (int l = 0; l < 4; ++l) dot += ((group[64 * (8 * c + g) + 4 * r + l] >> shift) & 15) * x[sb].qs[32 * j + 4 * g + l];
+                sum += dot * group[kQ4KTileScales + 16 * j + r];
+                mins += group[kQ4KTileMins + 32 * (j / 2) + 2 * r + j % 2] * (x[sb].bsums[2 * j] + x[sb].bsums[2 * j + 1]);
+            }
+            uint16_t d, dmin;
+            std::memcpy(&d, group + kQ4KTileD + 2 * r, 2);
+            std::memcpy(&dmin, group + kQ4KTileDmin + 2 * r, 2);
+            acc = std::fma(fp16_to_f32(d) * x[sb].d, (float)sum, acc);
+            acc_m = std::fma(fp16_to_f32(dmin) * x[sb].d, (float)mins, acc_m);
+        }
+        out[r] = acc - acc_m;
+    }
+}
+// A Q4_K tile as a GEMM panel: the panel gemm_decode_q45k + gemm_pack make of its rows (padding
+// rows: zero, their min -0).
+inline void q4_k_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = true;
+    p->sub_scales = false;
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ4KTileGroupBytes;
+        for (int j = 0; j < 8; ++j) {
+            const int64_t b = sb * 8 + j;
+            const int c = j / 2, shift = 4 * (j % 2);
+            for (int r = 0; r < kGemmRows; ++r) {
+                int32_t code_sum = 0;
+                for (int g = 0; g < 8; ++g)
+                    for (int l = 0; l < 4; ++l) {
+                        const int8_t code = (int8_t)((group[64 * (8 * c + g) + 4 * r + l] >> shift) & 15);
+                        p->q[((b * 8 + g) * kGemmRows + r) * 4 + l] = code;
+                        code_sum += code;
+                    }
+                uint16_t d, dmin;
+                std::memcpy(&d, group + kQ4KTileD + 2 * r, 2);
+                std::memcpy(&dmin, group + kQ4KTileDmin + 2 * r, 2);
+                p->bias[b * kGemmRows + r] = -128 * code_sum;
+                p->scale[b * kGemmRows + r] = fp16_to_f32(d) * group[kQ4KTileScales + 16 * j + r];
+                p->min[b * kGemmRows + r] = -(fp16_to_f32(dmin) * group[kQ4KTileMins + 32 * (j / 2) + 2 * r + j % 2]);
+            }
+        }
+    }
+}
+
+// A type's tiles (LoadOptions::repack, Weight::tiles): 16 rows in one sequential stream, in groups
+// of group_cols columns of group_bytes each; repack makes a tile from rows, dot multiplies one
+// activation row (the row kernel's format) into all 16 rows, pack makes the GEMM panel of a tile.
+typedef void (*TileRepackFn)(const uint8_t* w, size_t row_bytes, int rows, int64_t cols, uint8_t* tile);
+typedef void (*TileDotFn)(const uint8_t* tile, const void* x, int64_t n, float* out, size_t prefetch);
+typedef void (*TilePackFn)(const uint8_t* tile, int64_t n, GemmPanel* p);
+struct TileForm {
+    TileDotFn dot = nullptr;  // nullptr: the type has no tiles on this CPU
+    TilePackFn pack = nullptr;
+    TileRepackFn repack = nullptr;
+    int64_t group_cols = 0, group_bytes = 0;
+    explicit operator bool() const { return dot != nullptr; }
+    size_t bytes(int64_t cols) const { return (size_t)(cols / group_cols) * (size_t)group_bytes; }
+};
 
 }  // namespace detail
 }  // namespace moe
@@ -6463,7 +6567,8 @@ MOE_DETAIL_AVX512VNNI inline float vec_dot_mxfp4_q8_split_avx512vnni(const Block
 // low nibbles go into vpdpbusd as they are; the high ones masked in place (16 x nibble) into a sum
 // of their own, shifted down once per block. Each block's -8 x code sum starts the low sum; 8
 // independent sums per group of 4 blocks keep vpdpbusd's latency hidden.
-MOE_DETAIL_AVX512VNNI inline void q4_0_tile_dot_avx512vnni(const uint8_t* tile, const BlockQ8Split* x, int64_t n, float* out, size_t prefetch) {
+MOE_DETAIL_AVX512VNNI inline void q4_0_tile_dot_avx512vnni(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t prefetch) {
+    const BlockQ8Split* x = static_cast<const BlockQ8Split*>(xv);
     const __m512i m4 = _mm512_set1_epi8(0x0F), m4_high = _mm512_set1_epi8((char)0xF0);
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t G = 0; G < n / 128; ++G) {
@@ -6516,6 +6621,80 @@ MOE_DETAIL_AVX512VNNI inline void q4_0_tile_pack_avx512vnni(const uint8_t* tile,
         _mm512_storeu_si512(p->bias + b * kGemmRows, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(8 * kQK), nibble_sum), 7));
         _mm512_storeu_ps(p->scale + b * kGemmRows, _mm512_cvtph_ps(loadu_256(group + 1024 + 32 * k)));
         _mm512_storeu_ps(p->min + b * kGemmRows, _mm512_setzero_ps());
+    }
+}
+
+// Q4_K tiles (GEMM PANELS): per super-block 8 independent vpdpbusd sums (the low and the high,
+// masked in place, nibbles of each chunk), multiplied by their sub-block's scale in int32 (the
+// high ones' product is 16 x the true one: shifted down exactly); the mins by vpdpwssd of the
+// (m_2i, m_2i+1) pairs with x's pair sums of bsums.
+MOE_DETAIL_AVX512VNNI inline void q4_k_tile_dot_avx512vnni(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t prefetch) {
+    const BlockQ8K* x = static_cast<const BlockQ8K*>(xv);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m4_high = _mm512_set1_epi8((char)0xF0), zero = _mm512_setzero_si512();
+    __m512 acc = _mm512_setzero_ps(), acc_m = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ4KTileGroupBytes;
+        if (prefetch)  // may pass the tile's end: prefetches never fault
+            for (int64_t line = 0; line < kQ4KTileGroupBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(group + prefetch + line), _MM_HINT_T0);
+        const BlockQ8K& xb = x[sb];
+        const int32_t* xq = reinterpret_cast<const int32_t*>(xb.qs);
+        __m512i lo[4] = {zero, zero, zero, zero}, hi[4] = {zero, zero, zero, zero};
+        for (int c = 0; c < 4; ++c)
+            for (int g = 0; g < 8; ++g) {
+                const __m512i q = loadu_512(group + 64 * (8 * c + g));
+                lo[c] = _mm512_dpbusd_epi32(lo[c], _mm512_and_si512(q, m4), _mm512_set1_epi32(xq[16 * c + g]));
+                hi[c] = _mm512_dpbusd_epi32(hi[c], _mm512_and_si512(q, m4_high), _mm512_set1_epi32(xq[16 * c + 8 + g]));
+            }
+        __m512i sum = zero;
+        for (int c = 0; c < 4; ++c) {
+            const __m512i sc_lo = _mm512_cvtepu8_epi32(loadu_128(group + kQ4KTileScales + 32 * c));
+            const __m512i sc_hi = _mm512_cvtepu8_epi32(loadu_128(group + kQ4KTileScales + 32 * c + 16));
+            sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(lo[c], sc_lo));
+            sum = _mm512_add_epi32(sum, _mm512_srai_epi32(_mm512_mullo_epi32(hi[c], sc_hi), 4));
+        }
+        // Pair sums of bsums, B_j = bsums[2j] + bsums[2j + 1] (|B_j| <= 4096), as int16 pairs (B_2i, B_2i+1).
+        const __m256i b32 = _mm256_madd_epi16(loadu_256(xb.bsums), _mm256_set1_epi16(1));
+        alignas(16) int32_t b16[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(b16), _mm_packs_epi32(_mm256_castsi256_si128(b32), _mm256_extracti128_si256(b32, 1)));
+        __m512i mins = zero;
+        for (int i = 0; i < 4; ++i)
+            mins = _mm512_dpwssd_epi32(mins, _mm512_cvtepu8_epi16(loadu_256(group + kQ4KTileMins + 32 * i)), _mm512_set1_epi32(b16[i]));
+        const __m512 xd = _mm512_set1_ps(xb.d);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtph_ps(loadu_256(group + kQ4KTileD)), xd), _mm512_cvtepi32_ps(sum), acc);
+        acc_m = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtph_ps(loadu_256(group + kQ4KTileDmin)), xd), _mm512_cvtepi32_ps(mins), acc_m);
+    }
+    _mm512_storeu_ps(out, _mm512_sub_ps(acc, acc_m));
+}
+// q4_k_tile_pack_ref with 64-byte moves; the code sums by vpdpbusd with ones.
+MOE_DETAIL_AVX512VNNI inline void q4_k_tile_pack_avx512vnni(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = true;
+    p->sub_scales = false;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+    const __m512 sign = _mm512_set1_ps(-0.f);
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ4KTileGroupBytes;
+        const __m512 d = _mm512_cvtph_ps(loadu_256(group + kQ4KTileD)), dmin = _mm512_cvtph_ps(loadu_256(group + kQ4KTileDmin));
+        for (int c = 0; c < 4; ++c) {
+            __m512i sums[2] = {zero, zero};
+            for (int g = 0; g < 8; ++g) {
+                const __m512i q = loadu_512(group + 64 * (8 * c + g));
+                const __m512i codes[2] = {_mm512_and_si512(q, m4), _mm512_and_si512(_mm512_srli_epi16(q, 4), m4)};
+                for (int h = 0; h < 2; ++h) {
+                    sums[h] = _mm512_dpbusd_epi32(sums[h], codes[h], ones);
+                    _mm512_storeu_si512(p->q + ((sb * 8 + 2 * c + h) * 8 + g) * kGemmRows * 4, codes[h]);
+                }
+            }
+            const __m512i m_pairs = _mm512_cvtepu16_epi32(loadu_256(group + kQ4KTileMins + 32 * c));
+            const __m512i m[2] = {_mm512_and_si512(m_pairs, _mm512_set1_epi32(0xFF)), _mm512_srli_epi32(m_pairs, 8)};
+            for (int h = 0; h < 2; ++h) {
+                const int64_t b = sb * 8 + 2 * c + h;
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(loadu_128(group + kQ4KTileScales + 16 * (2 * c + h))));
+                _mm512_storeu_si512(p->bias + b * kGemmRows, _mm512_slli_epi32(_mm512_sub_epi32(zero, sums[h]), 7));
+                _mm512_storeu_ps(p->scale + b * kGemmRows, _mm512_mul_ps(d, sc));
+                _mm512_storeu_ps(p->min + b * kGemmRows, _mm512_xor_ps(_mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m[h])), sign));
+            }
+        }
     }
 }
 
@@ -8195,9 +8374,8 @@ struct RowKernel {
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
     VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
     int32_t panel_min_tokens = 8;   // panel_min_tokens(isa, gemm)
-    // Q4_0 on AVX-512 VNNI: the kernels of its tiles (Weight::tiles, LoadOptions::repack), else nullptr.
-    Q4TileDotFn tile_dot = nullptr;
-    Q4TilePackFn tile_pack = nullptr;
+    // Q4_0 and Q4_K on AVX-512 VNNI: their tiles (Weight::tiles, LoadOptions::repack); else empty.
+    TileForm tile{};
     bool has_gemm() const { return gemm_tile != nullptr; }
     // out[i] = vec_dot(w, x[i], n) for i < count <= kMaxDotUses, bit for bit, with the row's codes
     // unpacked once where the kernel has that form.
@@ -8256,10 +8434,10 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
     k.vec_dot_uses = dot_uses_kernel(k.vec_dot);
     set_panel_form(t, isa, gemm_tile_kernel(isa, gemm_type(t.type)), &k);
 #if MOE_DETAIL_HAS_AVX512
-    if (t.type == TensorType::q4_0 && isa == Isa::avx512_vnni && k.act == ActFormat::q8_0_split && k.has_gemm()) {
-        k.tile_dot = q4_0_tile_dot_avx512vnni;
-        k.tile_pack = q4_0_tile_pack_avx512vnni;
-    }
+    if (t.type == TensorType::q4_0 && isa == Isa::avx512_vnni && k.act == ActFormat::q8_0_split && k.has_gemm())
+        k.tile = {q4_0_tile_dot_avx512vnni, q4_0_tile_pack_avx512vnni, q4_0_tile_repack, 128, kQ4TileGroupBytes};
+    if (t.type == TensorType::q4_k && isa == Isa::avx512_vnni && k.act == ActFormat::q8_k && k.has_gemm())
+        k.tile = {q4_k_tile_dot_avx512vnni, q4_k_tile_pack_avx512vnni, q4_k_tile_repack, kQKK, kQ4KTileGroupBytes};
 #endif
     return k;
 }
@@ -10503,11 +10681,13 @@ struct Weight {
     RowKernel kernel;      // quantized activations (as llama.cpp)
     RowKernel kernel_f32;  // float activations
     std::vector<float> out_scale;  // `<name>.scale` (NVFP4 tensor scale): one per matrix, or empty
-    // Q4_0 tiles of the matrices (LoadOptions::repack), or nullptr: tile t of matrix m holds rows
-    // 16t .. 16t + 15 at tiles + m * tile_mat_bytes + t * 16 * row_bytes. `data` stays valid.
+    // Tiles of the matrices (LoadOptions::repack; kernel.tile's layout), or nullptr: tile t of
+    // matrix m holds rows 16t .. 16t + 15 at tiles + m * tile_mat_bytes + t * tile_bytes. `data`
+    // stays valid.
     const uint8_t* tiles = nullptr;
-    size_t tile_mat_bytes = 0;
-    const uint8_t* tile(int64_t mat, int64_t row0) const { return tiles + (size_t)mat * tile_mat_bytes + (size_t)(row0 / kGemmRows) * kGemmRows * row_bytes; }
+    size_t tile_bytes = 0, tile_mat_bytes = 0;
+    int64_t n_tiles() const { return (rows + kGemmRows - 1) / kGemmRows; }
+    const uint8_t* tile(int64_t mat, int64_t row0) const { return tiles + (size_t)mat * tile_mat_bytes + (size_t)(row0 / kGemmRows) * tile_bytes; }
     explicit operator bool() const { return data != nullptr; }
     bool scaled() const { return !out_scale.empty(); }
     float scale(int64_t mat) const { return out_scale[out_scale.size() == 1 ? 0 : (size_t)mat]; }
@@ -10643,6 +10823,7 @@ struct ModelImpl {
     int32_t min_panel_tokens = 0;        // the least RowKernel::panel_min_tokens of the weights with panels; 0: none has
     AlignedBuffer<uint8_t> tile_arena;   // LoadOptions::repack: every Weight::tiles
     uint64_t repacked_bytes = 0;
+    std::vector<const uint8_t*> repacked_tensors;  // the data of each repacked tensor, sorted
 };
 
 struct Loader {
@@ -11315,14 +11496,14 @@ MOE_DETAIL_MEMBER Model& Model::operator=(Model&&) noexcept = default;
 namespace detail {
 inline Status attach_expert_store(ModelImpl& m, const LoadOptions& o, const char* path);
 
-// LoadOptions::repack: the Q4_0 matrices whose kernel has tiles (RowKernel::tile_dot) and whose
+// LoadOptions::repack: the matrices whose kernel has tiles (RowKernel::tile) and whose
 // readers all take tiles (the matmul and expert phases; not token_embd, the router, MLA's
 // per-head wk_b/wv_b), sorted by address.
 inline std::vector<Weight*> repack_candidates(ModelImpl& m) {
     std::vector<Weight*> ws;
 #if MOE_DETAIL_HAS_MMAP && defined(MADV_DONTNEED)
     auto add = [&](Weight& w) {
-        if (w.data && w.kernel.tile_dot && w.cols % 128 == 0 && w.rows > 0) ws.push_back(&w);
+        if (w.data && w.kernel.tile && w.cols % w.kernel.tile.group_cols == 0 && w.rows > 0) ws.push_back(&w);
     };
     for (LayerWeights& l : m.layers)
         for (Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.gate_exps, &l.up_exps, &l.down_exps, &l.gate_hot, &l.up_hot, &l.down_hot, &l.gate,
@@ -11347,9 +11528,9 @@ inline Status repack_tiles(ModelImpl& m, const std::vector<Weight*>& ws, const L
     if (ws.empty()) return Status::ok;
     const size_t huge = (size_t)2 << 20;
     size_t total = 0;
-    for (Weight* w : ws) total += (size_t)((w->rows + kGemmRows - 1) / kGemmRows) * q4_0_tile_bytes(w->cols) * (size_t)w->n_mats;
+    for (Weight* w : ws) total += (size_t)w->n_tiles() * w->kernel.tile.bytes(w->cols) * (size_t)w->n_mats;
     if (!m.tile_arena.allocate(total + huge, false)) {
-        if (o.log) o.log(o.log_user, "repack: no memory for the tiles; the Q4_0 rows stay in use");
+        if (o.log) o.log(o.log_user, "repack: no memory for the tiles; the rows stay in use");
         return Status::ok;
     }
     uint8_t* base = reinterpret_cast<uint8_t*>(((uintptr_t)m.tile_arena.data + huge - 1) & ~(uintptr_t)(huge - 1));
@@ -11361,8 +11542,9 @@ inline Status repack_tiles(ModelImpl& m, const std::vector<Weight*>& ws, const L
     std::vector<Job> jobs;
     size_t at = 0;
     for (Weight* w : ws) {
-        const int64_t tiles = (w->rows + kGemmRows - 1) / kGemmRows;
-        w->tile_mat_bytes = (size_t)tiles * q4_0_tile_bytes(w->cols);
+        const int64_t tiles = w->n_tiles();
+        w->tile_bytes = w->kernel.tile.bytes(w->cols);
+        w->tile_mat_bytes = (size_t)tiles * w->tile_bytes;
         w->tiles = base + at;
         at += w->tile_mat_bytes * (size_t)w->n_mats;
         for (int64_t mat = 0; mat < w->n_mats; ++mat)
@@ -11375,7 +11557,7 @@ inline Status repack_tiles(ModelImpl& m, const std::vector<Weight*>& ws, const L
         const Weight& w = *job.w;
         for (int64_t t = job.tile0; t < job.tile0 + job.tiles; ++t) {
             const int rows = (int)std::min<int64_t>(kGemmRows, w.rows - t * kGemmRows);
-            q4_0_tile_repack(w.row(job.mat, t * kGemmRows), w.row_bytes, rows, w.cols, const_cast<uint8_t*>(w.tile(job.mat, t * kGemmRows)));
+            w.kernel.tile.repack(w.row(job.mat, t * kGemmRows), w.row_bytes, rows, w.cols, const_cast<uint8_t*>(w.tile(job.mat, t * kGemmRows)));
             done.fetch_add((uint64_t)rows * w.row_bytes, std::memory_order_relaxed);
         }
     };
@@ -11413,10 +11595,12 @@ inline Status repack_tiles(ModelImpl& m, const std::vector<Weight*>& ws, const L
         const uintptr_t end = ((uintptr_t)w->data + w->mat_bytes * (size_t)w->n_mats) & ~(uintptr_t)(page - 1);
         if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
         m.repacked_bytes += w->mat_bytes * (uint64_t)w->n_mats;
+        m.repacked_tensors.push_back(w->data);  // ws is sorted by data
     }
     if (o.log) {
         char line[160];
-        std::snprintf(line, sizeof line, "repack: %.1f MiB of Q4_0 matrices in 16-row tiles", (double)m.repacked_bytes / (1 << 20));
+        std::snprintf(line, sizeof line, "repack: %.1f MiB of matrices in 16-row tiles (%.1f MiB)", (double)m.repacked_bytes / (1 << 20),
+                      (double)total / (1 << 20));
         o.log(o.log_user, line);
     }
 #else
@@ -12109,6 +12293,10 @@ MOE_DETAIL_MEMBER void Model::reset_expert_store_stats() const {
 
 MOE_DETAIL_MEMBER HugePageStats Model::huge_page_stats() const { return impl_ ? impl_->huge_pages : HugePageStats{}; }
 MOE_DETAIL_MEMBER uint64_t Model::repacked_bytes() const { return impl_ ? impl_->repacked_bytes : 0; }
+MOE_DETAIL_MEMBER bool Model::tensor_repacked(const char* name) const {
+    const GgufTensorInfo* t = impl_ && name ? impl_->file.find_tensor(name) : nullptr;
+    return t && std::binary_search(impl_->repacked_tensors.begin(), impl_->repacked_tensors.end(), t->data);
+}
 
 MOE_API const char* huge_pages_name(HugePages h) {
     switch (h) {
@@ -12306,7 +12494,7 @@ struct ActiveExpert {
     // of all active experts.
     int64_t unit_begin, unit_end;
     bool gemm_up, gemm_down;       // its gate/up, its down projection run as panels (GEMM PANELS)
-    bool tile_up, tile_down;       // ... in tiles of kGemmRows rows: as panels, or Q4_0 tiles (SessionImpl::tiled)
+    bool tile_up, tile_down;       // ... in tiles of kGemmRows rows: as panels, or tiles (SessionImpl::tiled)
 };
 
 // Work finished in a phase. The thread whose piece completes the total runs the small serial step
@@ -12500,13 +12688,13 @@ struct SessionImpl {
     bool panels_for(const Weight& w, int64_t tokens) const {
         return gemm_chunk && kt(w).has_gemm() && tokens >= (gemm_min_given ? gemm_min_tokens : kt(w).panel_min_tokens);
     }
-    // w has Q4_0 tiles (LoadOptions::repack) that its kernel reads: it runs in tiles of kGemmRows
+    // w has tiles (LoadOptions::repack) that its kernel reads: it runs in tiles of kGemmRows
     // rows for any number of tokens, as panels (packed from the tiles) or with the tile kernel.
-    bool tiled(const Weight& w) const { return w.tiles && kt(w).tile_dot; }
+    bool tiled(const Weight& w) const { return w.tiles && kt(w).tile; }
     bool in_tiles(const Weight& w, int64_t tokens) const { return tiled(w) || panels_for(w, tokens); }
     // Rows [row0, row0 + rows) of w's matrix `mat` (its bytes at mat_data) into s's panel.
     void pack_panel(const Weight& w, int64_t mat, const uint8_t* mat_data, int64_t row0, int rows, GemmScratch* s) const {
-        if (tiled(w)) return kt(w).tile_pack(w.tile(mat, row0), w.cols, &s->panel);
+        if (tiled(w)) return kt(w).tile.pack(w.tile(mat, row0), w.cols, &s->panel);
         gemm_pack(kt(w).gemm, mat_data + (size_t)row0 * w.row_bytes, w.row_bytes, rows, w.cols, s);
     }
     // out[j * kGemmRows + r]: rows row0 + r of w's matrix `mat` against x[j], j < nt <= kGemmTokens.
@@ -12514,7 +12702,7 @@ struct SessionImpl {
     void tile_rows(const Weight& w, int64_t mat, int64_t row0, const GemmScratch* panel, const void* const* x, int nt, float* out) const {
         const RowKernel& k = kt(w);
         if (panel) return k.gemm_tile(panel->panel, reinterpret_cast<const BlockQ8G* const*>(x), nt, out);
-        for (int j = 0; j < nt; ++j) k.tile_dot(w.tile(mat, row0), static_cast<const BlockQ8Split*>(x[j]), w.cols, out + j * kGemmRows, j ? 0 : prefetch_bytes);
+        for (int j = 0; j < nt; ++j) k.tile.dot(w.tile(mat, row0), x[j], w.cols, out + j * kGemmRows, j ? 0 : prefetch_bytes);
     }
     // The panel formats of an input quantized to `base` (what its row kernels read), for this chunk.
     uint8_t gemm_fmts(uint8_t base) const {
@@ -13092,7 +13280,7 @@ inline void SessionImpl::norm_rows(const NormStep& step, int ith, int nth) {
 }
 
 // Returns true on the one thread that finished the phase's last rows. Work units are rows, or
-// tiles of kGemmRows rows for a matrix that runs as panels or has Q4_0 tiles.
+// tiles of kGemmRows rows for a matrix that runs as panels or has tiles.
 inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith) {
     auto units = [&](const MatTask& mt) { return in_tiles(*mt.w, n) ? (mt.w->rows + kGemmRows - 1) / kGemmRows : mt.w->rows; };
     int64_t total = 0;
@@ -13958,7 +14146,7 @@ inline void SessionImpl::up_row(const ActiveExpert& e, int64_t row) {
     }
 }
 
-// Rows [row0, row0 + kGemmRows) of expert e's gate and up matrices as panels or Q4_0 tiles, for every use.
+// Rows [row0, row0 + kGemmRows) of expert e's gate and up matrices as panels or tiles, for every use.
 inline void SessionImpl::up_tile(const ActiveExpert& e, int64_t row0, int ith) {
     const RowKernel &kg = kt(*e.gate), &ku = kt(*e.up);
     GemmScratch *sg = nullptr, *su = nullptr;
@@ -14005,7 +14193,7 @@ inline void SessionImpl::quantize_hidden(const ActiveExpert& e) {
 }
 
 // Down rows in sub-chunks of up to kDownRows rows: each active expert streams its rows of the
-// sub-chunk (one sequential read, or panels or Q4_0 tiles of kGemmRows rows) against all its uses,
+// sub-chunk (one sequential read, or panels or tiles of kGemmRows rows) against all its uses,
 // then each token sums its slots in slot order and adds into x. No two threads write one value.
 // While some expert runs in tiles, threads take whole tiles of kGemmRows rows.
 inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {

@@ -69,7 +69,7 @@ const char* kUsage =
     "  --buffered-io   the same as --expert-reads buffered\n"
     "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
     "  --huge-pages M  LoadOptions::huge_pages: automatic (default), map or off\n"
-    "  --no-repack     LoadOptions::repack off: Q4_0 matrices stay rows (no 16-row tiles)\n"
+    "  --no-repack     LoadOptions::repack off: Q4_0/Q4_K matrices stay rows (no 16-row tiles)\n"
     "  --random-decode decode inputs are random ids (seeded, as llama_bench_peer) instead of the\n"
     "                  argmax: random-weight models repeat one token greedily, which hides routing\n"
     "  --batch LIST    also batched decode (Session::eval_batch) of B sequences for each B in LIST\n"
@@ -1261,12 +1261,13 @@ int32_t argmax(const float* x, int32_t n) {
 }
 
 // Reads every tensor's bytes once (all threads) so that page-ins are not timed; returns seconds.
-// With repacked matrices, not the Q4_0 tensors: their rows left the process at load (the tiles
-// are in memory), and reading them would only map them again.
-double prefault(const moe::GgufFile& f, int threads, bool repacked) {
+// Not the repacked tensors (Model::tensor_repacked): their rows left the process at load (the
+// tiles are in memory), and reading them would only map them again.
+double prefault(const moe::Model& model, int threads) {
+    const moe::GgufFile& f = model.file();
     std::vector<std::pair<const uint8_t*, size_t>> ranges;
     for (size_t i = 0; i < f.n_tensors(); ++i)
-        if (!repacked || f.tensor_at(i).type != (uint32_t)moe::TensorType::q4_0) ranges.push_back({f.tensor_at(i).data, (size_t)f.tensor_at(i).n_bytes});
+        if (!model.tensor_repacked(f.tensor_at(i).name.c_str())) ranges.push_back({f.tensor_at(i).data, (size_t)f.tensor_at(i).n_bytes});
     std::atomic<size_t> next{0};
     std::atomic<uint64_t> sink{0};
     double t0 = now_s();
@@ -1322,7 +1323,7 @@ int run_bench(const BenchOptions& o) {
     if (moe::Model::load(o.model.c_str(), lo, &model) != moe::Status::ok) return fail("cannot load " + o.model + ": " + moe::last_error());
     t_load = now_s() - t_load;
     const moe::ModelInfo& info = model.info();
-    double t_prefault = o.prefault && !o.mem_budget ? prefault(model.file(), threads, model.repacked_bytes() > 0) : 0;
+    double t_prefault = o.prefault && !o.mem_budget ? prefault(model, threads) : 0;
 
     moe::SessionOptions so;
     so.n_threads = threads;
@@ -1496,7 +1497,7 @@ int run_bench(const BenchOptions& o) {
     std::printf("  model      %s, %d layers, %d experts (top-%d), %s, %s in all, %s active per token\n", info.architecture.c_str(), info.n_layer,
                 info.n_expert, info.n_expert_used, mix.c_str(), fmt_bytes((double)info.weight_bytes).c_str(), fmt_bytes(active).c_str());
     std::printf("  kernels    %s, %d threads (load %.2f s, prefault %.2f s)\n", isa, threads, t_load, t_prefault);
-    if (model.repacked_bytes()) std::printf("  repack     %.0f MiB of Q4_0 matrices in 16-row tiles\n", (double)model.repacked_bytes() / 1048576.0);
+    if (model.repacked_bytes()) std::printf("  repack     %.0f MiB of matrices in 16-row tiles\n", (double)model.repacked_bytes() / 1048576.0);
     if (hps.advised)
         std::printf("  pages      huge pages %s: %.0f MiB cached at load, %.0f MiB of it in %.0f MiB pages%s\n", moe::huge_pages_name(o.huge_pages),
                     (double)hps.cached_bytes / 1048576.0, (double)hps.huge_bytes / 1048576.0, (double)hps.page_bytes / 1048576.0,

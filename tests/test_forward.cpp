@@ -490,16 +490,15 @@ TEST_P(ForwardQuant, MatchesOracleOnStoredWeights) {
 INSTANTIATE_TEST_SUITE_P(Types, ForwardQuant, ::testing::ValuesIn(quant_cases()),
                          [](const ::testing::TestParamInfo<QuantCase>& i) { return std::string(i.param.name); });
 
-// LoadOptions::repack: a Q4_0 model whose matrices have 128-multiple widths (tiles) and row counts
-// that are not 16-multiples (wk: 80, the head: 300 rows), loaded with and without tiles. Where the
-// CPU has the tile kernels both match the oracle and each other (only the float order differs),
-// token by token, through the rows/tiles prefill and through panels packed from the tiles; with
-// an expert store or repack off nothing is repacked.
-TEST(Repack, Q4_0TilesMatchRowsAndOracle) {
-    const ModelSpec sp = with_type(spec("qwen3moe", 128, 4, 2, 40, 6, 2, 128, 300, 2), TT::q4_0);
+// LoadOptions::repack: a model whose matrices have widths the tiles take (Q4_0: 128-multiples,
+// Q4_K: 256-multiples) and row counts that are not 16-multiples (wk: 80, the head: 300 rows),
+// loaded with and without tiles. Where the CPU has the tile kernels both match the oracle and each
+// other (only the float order differs), token by token, through the rows/tiles prefill and through
+// panels packed from the tiles; with an expert store or repack off nothing is repacked.
+void check_repack(const ModelSpec& sp, const char* name) {
     OracleCase c = moe_test::make_oracle_case(sp, kTokens, 0.02);
     ASSERT_TRUE(c.ok) << c.error;
-    TempModelFile f("repack_q4_0");
+    TempModelFile f(name);
     ASSERT_EQ(c.model.write(f.path), moe::Status::ok) << moe::last_error();
     moe::LoadOptions with, without;
     without.repack = false;
@@ -520,6 +519,19 @@ TEST(Repack, Q4_0TilesMatchRowsAndOracle) {
     const bool has_tiles = moe::detected_isa() == moe::Isa::avx512_vnni;
     if (has_tiles) EXPECT_GT(tiled.repacked_bytes(), 0u);
     else EXPECT_EQ(tiled.repacked_bytes(), 0u);
+    // Which tensors: the experts and the head (300 x a multiple of the tile width) in tiles where
+    // the CPU has them, never the embedding nor the router; none without repack.
+    EXPECT_EQ(tiled.tensor_repacked("blk.0.ffn_up_exps.weight"), has_tiles);
+    EXPECT_EQ(tiled.tensor_repacked("output.weight"), has_tiles && tiled.file().find_tensor("output.weight"));
+    EXPECT_FALSE(tiled.tensor_repacked("token_embd.weight"));
+    EXPECT_FALSE(tiled.tensor_repacked("blk.0.ffn_gate_inp.weight"));
+    EXPECT_FALSE(tiled.tensor_repacked("no.such.tensor"));
+    EXPECT_FALSE(tiled.tensor_repacked(nullptr));
+    EXPECT_FALSE(rows.tensor_repacked("blk.0.ffn_up_exps.weight"));
+    uint64_t listed = 0;
+    for (size_t i = 0; i < tiled.file().n_tensors(); ++i)
+        if (tiled.tensor_repacked(tiled.file().tensor_at(i).name.c_str())) listed += tiled.file().tensor_at(i).n_bytes;
+    EXPECT_EQ(listed, tiled.repacked_bytes());
     moe::LoadOptions budget;
     budget.mem_budget = (uint64_t)1 << 30;
     moe::Model stored;
@@ -547,6 +559,9 @@ TEST(Repack, Q4_0TilesMatchRowsAndOracle) {
         EXPECT_EQ(0, std::memcmp(s.logits.data(), b.logits.data(), b.logits.size() * sizeof(float))) << "expert store vs rows";
     }
 }
+TEST(Repack, Q4_0TilesMatchRowsAndOracle) { check_repack(with_type(spec("qwen3moe", 128, 4, 2, 40, 6, 2, 128, 300, 2), TT::q4_0), "repack_q4_0"); }
+// Q4_K: wo's 160 columns take no Q4_K (the fallback type); the rest are tiles.
+TEST(Repack, Q4_KTilesMatchRowsAndOracle) { check_repack(with_type(spec("qwen3moe", 256, 4, 2, 40, 6, 2, 256, 300, 2), TT::q4_k), "repack_q4_k"); }
 
 //---------------------------------------------------------------------------------------------------
 // Session contract

@@ -326,28 +326,31 @@ TEST(BatchedDecode, RowsDottedTogetherMatchSoloRuns) {
     }
 }
 
-// The same through Q4_0 tiles (LoadOptions::repack, a mapped file on AVX-512 VNNI): an expert
-// several sequences use runs the tile kernel once per sequence, bit for bit its solo run.
+// The same through Q4_0 and Q4_K tiles (LoadOptions::repack, a mapped file on AVX-512 VNNI): an
+// expert several sequences use runs the tile kernel once per sequence, bit for bit its solo run.
 TEST(BatchedDecode, TiledMatricesMatchSoloRuns) {
-    moe_test::ModelSpec spec;
-    spec.n_embd = 384;
-    spec.n_head = 6;
-    spec.n_head_kv = 2;
-    spec.n_ff = 256;
-    spec.wtype = moe::TensorType::q4_0;
-    const moe_test::RandomModel rm = moe_test::make_random_model(spec);
-    ASSERT_TRUE(rm.ok()) << rm.error;
-    const char* dir = std::getenv("MOE_TEST_TMP");
-    const std::string path = std::string(dir && *dir ? dir : "/tmp") + "/moe_batch_tiles_" + std::to_string((long)getpid()) + ".gguf";
-    ASSERT_EQ(rm.write(path), moe::Status::ok) << moe::last_error();
-    moe::Model model;
-    const moe::Status st = moe::Model::load(path.c_str(), moe::LoadOptions{}, &model);
-    std::remove(path.c_str());  // the mapping keeps the file
-    ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
-    if (moe::detected_isa() == moe::Isa::avx512_vnni) {
-        EXPECT_GT(model.repacked_bytes(), 0u);
+    for (moe::TensorType type : {moe::TensorType::q4_0, moe::TensorType::q4_k}) {
+        SCOPED_TRACE(moe::tensor_type_name(type));
+        moe_test::ModelSpec spec;
+        spec.n_embd = type == moe::TensorType::q4_0 ? 384 : 512;  // a multiple of the tiles' width
+        spec.n_head = type == moe::TensorType::q4_0 ? 6 : 8;
+        spec.n_head_kv = 2;
+        spec.n_ff = 256;
+        spec.wtype = type;
+        const moe_test::RandomModel rm = moe_test::make_random_model(spec);
+        ASSERT_TRUE(rm.ok()) << rm.error;
+        const char* dir = std::getenv("MOE_TEST_TMP");
+        const std::string path = std::string(dir && *dir ? dir : "/tmp") + "/moe_batch_tiles_" + std::to_string((long)getpid()) + ".gguf";
+        ASSERT_EQ(rm.write(path), moe::Status::ok) << moe::last_error();
+        moe::Model model;
+        const moe::Status st = moe::Model::load(path.c_str(), moe::LoadOptions{}, &model);
+        std::remove(path.c_str());  // the mapping keeps the file
+        ASSERT_EQ(st, moe::Status::ok) << moe::last_error();
+        if (moe::detected_isa() == moe::Isa::avx512_vnni) {
+            EXPECT_TRUE(model.tensor_repacked("blk.0.ffn_down_exps.weight"));
+        }
+        check_batched_against_solo(model, {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {200}, {9, 8, 7, 6, 5}, {40, 77, 258}, {11, 12}}, 6);
     }
-    check_batched_against_solo(model, {{40, 77, 258}, {1, 2, 3, 4, 5, 6, 7}, {200}, {9, 8, 7, 6, 5}, {40, 77, 258}, {11, 12}}, 6);
 }
 
 TEST(BatchedDecode, BadBatchesAreRefusedBeforeAnythingRuns) {
