@@ -59,7 +59,7 @@
        NEON dotprod kernels picked at run time.
        prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI: Q4_0..Q8_0, IQ4_NL,
        MXFP4, Q3_K..Q6_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
-       decode: Q4_0 and Q4_K matrices re-laid at load into 16-row tiles on AVX-512 VNNI (LoadOptions::repack).
+       decode: Q4_0, Q4_K and Q6_K matrices re-laid at load into 16-row tiles on AVX-512 VNNI (LoadOptions::repack).
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
        llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
@@ -92,7 +92,7 @@
        [SECTION] QUANT FORMATS                   >>quant
        [SECTION] KERNELS: REFERENCE              >>kernels-ref  row dots; attention on a float cache (scores, exp, values)
        [SECTION] ACTIVATION FORMATS              >>act
-       [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens; Q4_0/Q4_K tiles (repack)
+       [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens; Q4_0/Q4_K/Q6_K tiles
        [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX2/AVX-512 attention kernels, the AMX panel tile
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
@@ -633,7 +633,7 @@ struct LoadOptions {
     // page faults), every 64 MiB and once at the end. Returning false stops the load: Status::cancelled.
     bool (*progress)(void* user, uint64_t done, uint64_t total) = nullptr;
     void* progress_user = nullptr;
-    // Q4_0 and Q4_K matrices re-laid at load into tiles of 16 interleaved rows where the CPU has
+    // Q4_0, Q4_K and Q6_K matrices re-laid at load into tiles of 16 interleaved rows where the CPU has
     // their kernels (AVX-512 VNNI): decode reads each tile in one stream, every activation word
     // feeding 16 rows. Only for mapped files without a mem_budget: the tiles replace the mapped
     // pages they came from (dropped from this process; the file stays in the page cache), so
@@ -4923,6 +4923,82 @@ inline void q4_k_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
     }
 }
 
+// Q6_K tiles (x = d * sc_s * (q - 32) per sub-block s of 16, q 6-bit: a low nibble in ql and two
+// high bits in qh). Per super-block, 3360 bytes, the file's 210 per row: ql[h][m][r][4] =
+// ql[64h + 4m .. 64h + 4m + 3] of row r (h < 2, m < 16), then qh[h][m][r][4] = qh[32h + 4m ..] (m < 8),
+// then the scales sc[s][r] (int8), then fp16 d[r]. Rows past a matrix's end: code 32 (the value 0,
+// as a panel's padding), scale 0, d 0.
+constexpr int64_t kQ6KTileGroupBytes = 3360;
+constexpr int64_t kQ6KTileHigh = 2048, kQ6KTileScales = 3072, kQ6KTileD = 3328;
+inline size_t q6_k_tile_bytes(int64_t cols) { return (size_t)(cols / kQKK) * kQ6KTileGroupBytes; }
+inline void q6_k_tile_repack(const uint8_t* w, size_t row_bytes, int rows, int64_t cols, uint8_t* tile) {
+    std::memset(tile, 0, q6_k_tile_bytes(cols));
+    for (int64_t sb = 0; sb < cols / kQKK; ++sb) {
+        uint8_t* group = tile + sb * kQ6KTileGroupBytes;
+        for (int r = 0; r < rows; ++r) {
+            const BlockQ6K& blk = reinterpret_cast<const BlockQ6K*>(w + (size_t)r * row_bytes)[sb];
+            for (int m = 0; m < 32; ++m) std::memcpy(group + 64 * m + 4 * r, blk.ql + 4 * m, 4);
+            for (int m = 0; m < 16; ++m) std::memcpy(group + kQ6KTileHigh + 64 * m + 4 * r, blk.qh + 4 * m, 4);
+            for (int sub = 0; sub < 16; ++sub) group[kQ6KTileScales + 16 * sub + r] = (uint8_t)blk.scales[sub];
+            std::memcpy(group + kQ6KTileD + 2 * r, &blk.d, 2);
+        }
+        for (int r = rows; r < kGemmRows; ++r)
+            for (int m = 0; m < 16; ++m) std::memset(group + kQ6KTileHigh + 64 * m + 4 * r, 0xAA, 4);  // high bits 2: code 32
+    }
+}
+// The 6-bit code of element e (< 256) of row r in a Q6_K tile's super-block: element 128h + 32k + l
+// is the low (k < 2) or high nibble of ql[64h + 32 (k % 2) + l] with bits 2k, 2k + 1 of qh[32h + l].
+inline int q6_k_tile_code(const uint8_t* group, int r, int e) {
+    const int h = e / 128, k = e % 128 / 32, l = e % 32;
+    const uint8_t low = group[64 * (16 * h + 8 * (k % 2) + l / 4) + 4 * r + l % 4];
+    const uint8_t high = group[kQ6KTileHigh + 64 * (8 * h + l / 4) + 4 * r + l % 4];
+    return (k < 2 ? low & 15 : low >> 4) | ((high >> (2 * k)) & 3) << 4;
+}
+// out[r] = row r of the tile . x (q8_k). Specification of the SIMD twin: per super-block the exact
+// int32 sum over sub-blocks of sc_s x ((codes . x) - 32 x bsums[s]), then acc += (d_row x d_x) x sum
+// in one fused multiply-add.
+inline void q6_k_tile_dot_ref(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t /*prefetch*/ = 0) {
+    const BlockQ8K* x = static_cast<const BlockQ8K*>(xv);
+    for (int r = 0; r < kGemmRows; ++r) {
+        float acc = 0;
+        for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+            const uint8_t* group = tile + sb * kQ6KTileGroupBytes;
+            int32_t sum = 0;
+            for (int sub = 0; sub < 16; ++sub) {
+                int32_t dot = 0;
+                for (int e = 16 * sub; e < 16 * sub + 16; ++e) dot += q6_k_tile_code(group, r, e) * x[sb].qs[e];
+                sum += (dot - 32 * x[sb].bsums[sub]) * (int8_t)group[kQ6KTileScales + 16 * sub + r];
+            }
+            uint16_t d;
+            std::memcpy(&d, group + kQ6KTileD + 2 * r, 2);
+            acc = std::fma(fp16_to_f32(d) * x[sb].d, (float)sum, acc);
+        }
+        out[r] = acc;
+    }
+}
+// A Q6_K tile as a GEMM panel: the panel gemm_pack_row_sub16 makes of its rows.
+inline void q6_k_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = false;
+    p->sub_scales = true;
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ6KTileGroupBytes;
+        uint16_t d[kGemmRows];
+        std::memcpy(d, group + kQ6KTileD, sizeof d);
+        for (int c = 0; c < 8; ++c)
+            for (int r = 0; r < kGemmRows; ++r) {
+                int32_t sum[2] = {0, 0};
+                for (int j = 0; j < kQK; ++j) {
+                    const int8_t code = (int8_t)(q6_k_tile_code(group, r, kQK * c + j) - 32);
+                    p->q[(((sb * 8 + c) * 8 + j / 4) * kGemmRows + r) * 4 + j % 4] = code;
+                    sum[j / 16] += code;
+                }
+                set_sub16_block(p, sb * 8 + c, r, fp16_to_f32(d[r]), (int8_t)group[kQ6KTileScales + 16 * (2 * c) + r],
+                                (int8_t)group[kQ6KTileScales + 16 * (2 * c + 1) + r], sum[0], sum[1]);
+            }
+    }
+}
+
 // A type's tiles (LoadOptions::repack, Weight::tiles): 16 rows in one sequential stream, in groups
 // of group_cols columns of group_bytes each; repack makes a tile from rows, dot multiplies one
 // activation row (the row kernel's format) into all 16 rows, pack makes the GEMM panel of a tile.
@@ -6665,6 +6741,87 @@ MOE_DETAIL_AVX512VNNI inline void q4_k_tile_dot_avx512vnni(const uint8_t* tile, 
     }
     _mm512_storeu_ps(out, _mm512_sub_ps(acc, acc_m));
 }
+// Q6_K tiles (GEMM PANELS): per (half, quarter-row of 4 x 4 words) the low and high nibbles and
+// the four 2-bit fields of the qh vector each go into vpdpbusd masked in place (8 independent
+// sums), scaled into the 6-bit code's weight by exact shifts per sub-block; then per sub-block the
+// -32 x bsums offset and the int8 scale in int32.
+MOE_DETAIL_AVX512VNNI inline void q6_k_tile_dot_avx512vnni(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t prefetch) {
+    const BlockQ8K* x = static_cast<const BlockQ8K*>(xv);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m4_high = _mm512_set1_epi8((char)0xF0), zero = _mm512_setzero_si512();
+    const __m512i bits[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30), _mm512_set1_epi8((char)0xC0)};
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ6KTileGroupBytes;
+        if (prefetch)  // may pass the tile's end: prefetches never fault
+            for (int64_t line = 0; line < kQ6KTileGroupBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(group + prefetch + line), _MM_HINT_T0);
+        const BlockQ8K& xb = x[sb];
+        const int32_t* xq = reinterpret_cast<const int32_t*>(xb.qs);
+        alignas(64) int32_t offset[16];  // 32 x bsums[s]
+        _mm512_store_si512(offset, _mm512_slli_epi32(_mm512_cvtepi16_epi32(loadu_256(xb.bsums)), 5));
+        __m512i sum = zero;
+        for (int h = 0; h < 2; ++h)
+            for (int q2 = 0; q2 < 2; ++q2) {  // sub-blocks 8h + 2k + q2, k < 4
+                __m512i low[4] = {zero, zero, zero, zero}, high[4] = {zero, zero, zero, zero};
+                for (int m = 4 * q2; m < 4 * q2 + 4; ++m) {
+                    const __m512i l0 = loadu_512(group + 64 * (16 * h + m)), l1 = loadu_512(group + 64 * (16 * h + 8 + m));
+                    const __m512i q = loadu_512(group + kQ6KTileHigh + 64 * (8 * h + m));
+                    __m512i w[4];
+                    for (int k = 0; k < 4; ++k) w[k] = _mm512_set1_epi32(xq[32 * h + 8 * k + m]);
+                    low[0] = _mm512_dpbusd_epi32(low[0], _mm512_and_si512(l0, m4), w[0]);
+                    low[1] = _mm512_dpbusd_epi32(low[1], _mm512_and_si512(l1, m4), w[1]);
+                    low[2] = _mm512_dpbusd_epi32(low[2], _mm512_and_si512(l0, m4_high), w[2]);  // 16 x nibble
+                    low[3] = _mm512_dpbusd_epi32(low[3], _mm512_and_si512(l1, m4_high), w[3]);
+                    for (int k = 0; k < 4; ++k) high[k] = _mm512_dpbusd_epi32(high[k], _mm512_and_si512(q, bits[k]), w[k]);  // 4^k x bits
+                }
+                // code . x = nibbles . x + 16 x (high bits . x), from sums that carry factors 1, 1, 16, 16 and 1, 4, 16, 64.
+                const __m512i codes[4] = {_mm512_add_epi32(low[0], _mm512_slli_epi32(high[0], 4)),
+                                          _mm512_add_epi32(low[1], _mm512_slli_epi32(high[1], 2)),
+                                          _mm512_add_epi32(_mm512_srai_epi32(low[2], 4), high[2]),
+                                          _mm512_add_epi32(_mm512_srai_epi32(low[3], 4), _mm512_srai_epi32(high[3], 2))};
+                for (int k = 0; k < 4; ++k) {
+                    const int sub = 8 * h + 2 * k + q2;
+                    const __m512i dot = _mm512_sub_epi32(codes[k], _mm512_set1_epi32(offset[sub]));
+                    sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(dot, _mm512_cvtepi8_epi32(loadu_128(group + kQ6KTileScales + 16 * sub))));
+                }
+            }
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtph_ps(loadu_256(group + kQ6KTileD)), _mm512_set1_ps(xb.d)), _mm512_cvtepi32_ps(sum), acc);
+    }
+    _mm512_storeu_ps(out, acc);
+}
+// q6_k_tile_pack_ref with 64-byte moves: each 4-column group's codes from its nibble and 2-bit field.
+MOE_DETAIL_AVX512VNNI inline void q6_k_tile_pack_avx512vnni(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = false;
+    p->sub_scales = true;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+    const __m512i offset = _mm512_set1_epi8(32), half_offset = _mm512_set1_epi32(32 * 16);
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ6KTileGroupBytes;
+        const __m512 d = _mm512_cvtph_ps(loadu_256(group + kQ6KTileD));
+        for (int c = 0; c < 8; ++c) {
+            const int h = c / 4, k = c % 4;
+            __m512i sums[2] = {zero, zero};  // unsigned code sums of the two 16-column halves
+            for (int g = 0; g < 8; ++g) {
+                const __m512i l = loadu_512(group + 64 * (16 * h + 8 * (k % 2) + g)), q = loadu_512(group + kQ6KTileHigh + 64 * (8 * h + g));
+                const __m512i nib = k < 2 ? _mm512_and_si512(l, m4) : _mm512_and_si512(_mm512_srli_epi16(l, 4), m4);
+                const __m512i hb = k == 0 ? _mm512_slli_epi16(q, 4) : k == 1 ? _mm512_slli_epi16(q, 2) : k == 2 ? q : _mm512_srli_epi16(q, 2);
+                const __m512i code = _mm512_or_si512(nib, _mm512_and_si512(hb, m30));
+                sums[g / 4] = _mm512_dpbusd_epi32(sums[g / 4], code, ones);
+                _mm512_storeu_si512(p->q + ((sb * 8 + c) * 8 + g) * kGemmRows * 4, _mm512_sub_epi8(code, offset));
+            }
+            const int64_t b = sb * 8 + c;
+            const __m512i sub0 = _mm512_cvtepi8_epi32(loadu_128(group + kQ6KTileScales + 16 * (2 * c)));
+            const __m512i sub1 = _mm512_cvtepi8_epi32(loadu_128(group + kQ6KTileScales + 16 * (2 * c + 1)));
+            const __m512i weighted = _mm512_add_epi32(_mm512_mullo_epi32(sub0, _mm512_sub_epi32(sums[0], half_offset)),
+                                                      _mm512_mullo_epi32(sub1, _mm512_sub_epi32(sums[1], half_offset)));
+            _mm512_storeu_si512(p->bias + b * kGemmRows, _mm512_slli_epi32(_mm512_sub_epi32(zero, weighted), 7));
+            _mm512_storeu_ps(p->scale + b * kGemmRows, d);
+            _mm512_storeu_ps(p->min + b * kGemmRows, _mm512_setzero_ps());
+            _mm512_storeu_si512(p->sub_scale + b * 2 * kGemmRows, sub0);
+            _mm512_storeu_si512(p->sub_scale + (b * 2 + 1) * kGemmRows, sub1);
+        }
+    }
+}
 // q4_k_tile_pack_ref with 64-byte moves; the code sums by vpdpbusd with ones.
 MOE_DETAIL_AVX512VNNI inline void q4_k_tile_pack_avx512vnni(const uint8_t* tile, int64_t n, GemmPanel* p) {
     p->nb = n / kQK;
@@ -8374,7 +8531,7 @@ struct RowKernel {
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
     VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
     int32_t panel_min_tokens = 8;   // panel_min_tokens(isa, gemm)
-    // Q4_0 and Q4_K on AVX-512 VNNI: their tiles (Weight::tiles, LoadOptions::repack); else empty.
+    // Q4_0, Q4_K and Q6_K on AVX-512 VNNI: their tiles (Weight::tiles, LoadOptions::repack); else empty.
     TileForm tile{};
     bool has_gemm() const { return gemm_tile != nullptr; }
     // out[i] = vec_dot(w, x[i], n) for i < count <= kMaxDotUses, bit for bit, with the row's codes
@@ -8438,6 +8595,8 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
         k.tile = {q4_0_tile_dot_avx512vnni, q4_0_tile_pack_avx512vnni, q4_0_tile_repack, 128, kQ4TileGroupBytes};
     if (t.type == TensorType::q4_k && isa == Isa::avx512_vnni && k.act == ActFormat::q8_k && k.has_gemm())
         k.tile = {q4_k_tile_dot_avx512vnni, q4_k_tile_pack_avx512vnni, q4_k_tile_repack, kQKK, kQ4KTileGroupBytes};
+    if (t.type == TensorType::q6_k && isa == Isa::avx512_vnni && k.act == ActFormat::q8_k && k.has_gemm())
+        k.tile = {q6_k_tile_dot_avx512vnni, q6_k_tile_pack_avx512vnni, q6_k_tile_repack, kQKK, kQ6KTileGroupBytes};
 #endif
     return k;
 }
@@ -13319,7 +13478,7 @@ inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t
     return last;
 }
 
-// Rows [row0, row0 + kGemmRows) of one matrix of a matmul phase as a panel or a Q4_0 tile, for tokens t0 .. t0 + n.
+// Rows [row0, row0 + kGemmRows) of one matrix of a matmul phase as a panel or a tile, for tokens t0 .. t0 + n.
 inline void SessionImpl::matmul_tile(const MatTask& mt, int64_t row0, int32_t t0, int32_t n, int ith) {
     const RowKernel& k = kt(*mt.w);
     const int rows = (int)std::min<int64_t>(kGemmRows, mt.w->rows - row0);
@@ -14253,7 +14412,7 @@ inline bool SessionImpl::expert_down_phase(int32_t n, int ith) {
     return last;
 }
 
-// Down rows [row0, row0 + rows) of expert e as a panel or a Q4_0 tile: part_rows[(row - row0) * n_uses + use].
+// Down rows [row0, row0 + rows) of expert e as a panel or a tile: part_rows[(row - row0) * n_uses + use].
 inline void SessionImpl::down_tile(const ActiveExpert& e, int64_t row0, int rows, float* part_rows, int64_t n_uses, int ith) {
     GemmScratch* panel = e.gemm_down ? &gemm_scratch[2 * (size_t)ith] : nullptr;
     if (panel) pack_panel(*e.down, e.mat, e.down_mat, row0, rows, panel);

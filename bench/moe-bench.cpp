@@ -69,7 +69,7 @@ const char* kUsage =
     "  --buffered-io   the same as --expert-reads buffered\n"
     "  --drop-cache    posix_fadvise(DONTNEED) on the model file before loading (cold page cache)\n"
     "  --huge-pages M  LoadOptions::huge_pages: automatic (default), map or off\n"
-    "  --no-repack     LoadOptions::repack off: Q4_0/Q4_K matrices stay rows (no 16-row tiles)\n"
+    "  --no-repack     LoadOptions::repack off: Q4_0/Q4_K/Q6_K matrices stay rows (no 16-row tiles)\n"
     "  --random-decode decode inputs are random ids (seeded, as llama_bench_peer) instead of the\n"
     "                  argmax: random-weight models repeat one token greedily, which hides routing\n"
     "  --batch LIST    also batched decode (Session::eval_batch) of B sequences for each B in LIST\n"

@@ -491,7 +491,7 @@ INSTANTIATE_TEST_SUITE_P(Types, ForwardQuant, ::testing::ValuesIn(quant_cases())
                          [](const ::testing::TestParamInfo<QuantCase>& i) { return std::string(i.param.name); });
 
 // LoadOptions::repack: a model whose matrices have widths the tiles take (Q4_0: 128-multiples,
-// Q4_K: 256-multiples) and row counts that are not 16-multiples (wk: 80, the head: 300 rows),
+// Q4_K, Q6_K: 256-multiples) and row counts that are not 16-multiples (wk: 80, the head: 300 rows),
 // loaded with and without tiles. Where the CPU has the tile kernels both match the oracle and each
 // other (only the float order differs), token by token, through the rows/tiles prefill and through
 // panels packed from the tiles; with an expert store or repack off nothing is repacked.
@@ -560,8 +560,14 @@ void check_repack(const ModelSpec& sp, const char* name) {
     }
 }
 TEST(Repack, Q4_0TilesMatchRowsAndOracle) { check_repack(with_type(spec("qwen3moe", 128, 4, 2, 40, 6, 2, 128, 300, 2), TT::q4_0), "repack_q4_0"); }
-// Q4_K: wo's 160 columns take no Q4_K (the fallback type); the rest are tiles.
+// Q4_K, Q6_K: wo's 160 columns take neither (the fallback type); the rest are tiles.
 TEST(Repack, Q4_KTilesMatchRowsAndOracle) { check_repack(with_type(spec("qwen3moe", 256, 4, 2, 40, 6, 2, 256, 300, 2), TT::q4_k), "repack_q4_k"); }
+// Q6_K on a llama-style MoE: the row kernel adds 16 lanes of d x (sub-block sums) in float, the
+// tile one exact int32 sum per super-block; this random model's 256-column dot products cancel to
+// ~1e-3 of their terms, where the two differ by up to 1e-3 relative, and qwen3's per-head q/k norms
+// carry that to 1.5% of the logits (the tile path fed the row kernel's values reproduces the rows
+// bit for bit); without those norms both agree to < 1e-3 as the other types do.
+TEST(Repack, Q6_KTilesMatchRowsAndOracle) { check_repack(with_type(spec("llama", 256, 4, 2, 40, 6, 2, 256, 300, 2), TT::q6_k), "repack_q6_k"); }
 
 //---------------------------------------------------------------------------------------------------
 // Session contract

@@ -235,4 +235,82 @@ TEST(Q4_KTiles, DotAndPanelMatchRowsAndOracle) {
             }
 }
 
+
+// Q6_K tiles: the same checks; the oracle dequantizes the file's rows (q6k_unpack), the panel of a
+// tile equals gemm_pack's of the rows byte for byte (padding rows too: code 32, value 0).
+TEST(Q6_KTiles, DotAndPanelMatchRowsAndOracle) {
+    namespace d = moe::detail;
+    std::mt19937 rng(13);
+    std::normal_distribution<float> gauss;
+    const bool vnni = moe::detected_isa() == moe::Isa::avx512_vnni;
+    for (int64_t n : {256, 768, 2048})
+        for (int rows : {16, 9, 1})
+            for (kernel_cases::WeightKind kind : {kernel_cases::WeightKind::gaussian, kernel_cases::WeightKind::random_bytes,
+                                                  kernel_cases::WeightKind::all_ones_bits, kernel_cases::WeightKind::all_zero_bits}) {
+                SCOPED_TRACE("n=" + std::to_string(n) + " rows=" + std::to_string(rows) + " kind=" + std::to_string((int)kind));
+                const size_t row_bytes = (size_t)(n / 256) * sizeof(d::BlockQ6K);
+                std::vector<uint8_t> w;
+                for (int r = 0; r < rows; ++r) {
+                    const std::vector<uint8_t> row = kernel_cases::make_weights(moe::TensorType::q6_k, n, kind, rng);
+                    ASSERT_EQ(row.size(), row_bytes);
+                    w.insert(w.end(), row.begin(), row.end());
+                }
+                std::vector<uint8_t> tile(d::q6_k_tile_bytes(n), 0xA5);  // the repack must write every byte
+                d::q6_k_tile_repack(w.data(), row_bytes, rows, n, tile.data());
+                std::vector<float> x((size_t)n);
+                for (float& v : x) v = gauss(rng);
+                if (kind == kernel_cases::WeightKind::all_ones_bits) std::fill(x.begin(), x.end(), -1.f);
+                std::vector<d::BlockQ8K> xq((size_t)(n / 256));
+                d::quantize_row_q8k_ref(xq.data(), x.data(), n);
+                alignas(64) float out[16];
+                d::q6_k_tile_dot_ref(tile.data(), xq.data(), n, out);
+                for (int r = 0; r < 16; ++r) {
+                    if (r >= rows) {
+                        EXPECT_EQ(out[r], 0.f) << "padding row " << r;
+                        continue;
+                    }
+                    const d::BlockQ6K* blk = reinterpret_cast<const d::BlockQ6K*>(w.data() + row_bytes * (size_t)r);
+                    double oracle = 0, magnitude = 0;
+                    for (int64_t sb = 0; sb < n / 256; ++sb) {
+                        int8_t q[256];
+                        d::q6k_unpack(blk[sb], q);
+                        for (int e = 0; e < 256; ++e) {
+                            const double wv = (double)d::fp16_to_f32(blk[sb].d) * blk[sb].scales[e / 16] * q[e];
+                            const double xv = (double)xq[(size_t)sb].d * xq[(size_t)sb].qs[e];
+                            oracle += wv * xv;
+                            magnitude += std::fabs(wv * xv);
+                        }
+                    }
+                    EXPECT_NEAR(out[r], oracle, 1e-5 * magnitude + 1e-6) << "row " << r << " vs float64";
+                    EXPECT_NEAR(out[r], d::vec_dot_q6k_q8k_ref(blk, xq.data(), n), 1e-5 * magnitude + 1e-6) << "row " << r << " vs the row kernel";
+                }
+                d::GemmScratch s, rows_panel;
+                std::vector<uint8_t> buf(2 * d::GemmScratch::bytes(n) + 128);
+                s.carve(buf.data(), n);
+                rows_panel.carve(buf.data() + (d::GemmScratch::bytes(n) + 63) / 64 * 64, n);
+                const int64_t nb = n / 32;
+                auto same_panel = [&](const d::GemmPanel& a, const d::GemmPanel& b, const char* what) {
+                    EXPECT_TRUE(a.sub_scales && b.sub_scales) << what;
+                    EXPECT_EQ(0, std::memcmp(a.q, b.q, (size_t)(nb * 32 * 16))) << what;
+                    EXPECT_EQ(0, std::memcmp(a.bias, b.bias, (size_t)(nb * 16) * 4)) << what;
+                    EXPECT_EQ(0, std::memcmp(a.scale, b.scale, (size_t)(nb * 16) * 4)) << what;
+                    EXPECT_EQ(0, std::memcmp(a.min, b.min, (size_t)(nb * 16) * 4)) << what;
+                    EXPECT_EQ(0, std::memcmp(a.sub_scale, b.sub_scale, (size_t)(nb * 32) * 4)) << what;
+                };
+                d::q6_k_tile_pack_ref(tile.data(), n, &s.panel);
+                d::gemm_pack(d::gemm_type(moe::TensorType::q6_k), w.data(), row_bytes, rows, n, &rows_panel);
+                same_panel(s.panel, rows_panel.panel, "tile _ref panel vs the rows' panel");
+                // The SIMD twins the library picks (RowKernel::tile) where this CPU has them.
+                const d::RowKernel k = d::row_kernel(*d::quant_type((uint32_t)moe::TensorType::q6_k), moe::Isa::avx512_vnni, n);
+                if (vnni && k.tile) {
+                    EXPECT_EQ(k.tile.bytes(n), tile.size());
+                    alignas(64) float simd[16];
+                    k.tile.dot(tile.data(), xq.data(), n, simd, 2048);
+                    EXPECT_EQ(0, std::memcmp(out, simd, sizeof out)) << "AVX-512 VNNI vs _ref";
+                    k.tile.pack(tile.data(), n, &rows_panel.panel);
+                    same_panel(s.panel, rows_panel.panel, "SIMD tile panel vs _ref");
+                }
+            }
+}
+
 }  // namespace

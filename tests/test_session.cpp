@@ -326,10 +326,10 @@ TEST(BatchedDecode, RowsDottedTogetherMatchSoloRuns) {
     }
 }
 
-// The same through Q4_0 and Q4_K tiles (LoadOptions::repack, a mapped file on AVX-512 VNNI): an
+// The same through Q4_0, Q4_K and Q6_K tiles (LoadOptions::repack, a mapped file on AVX-512 VNNI): an
 // expert several sequences use runs the tile kernel once per sequence, bit for bit its solo run.
 TEST(BatchedDecode, TiledMatricesMatchSoloRuns) {
-    for (moe::TensorType type : {moe::TensorType::q4_0, moe::TensorType::q4_k}) {
+    for (moe::TensorType type : {moe::TensorType::q4_0, moe::TensorType::q4_k, moe::TensorType::q6_k}) {
         SCOPED_TRACE(moe::tensor_type_name(type));
         moe_test::ModelSpec spec;
         spec.n_embd = type == moe::TensorType::q4_0 ? 384 : 512;  // a multiple of the tiles' width
