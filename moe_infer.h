@@ -14013,10 +14013,11 @@ inline void SessionImpl::route(int il, int32_t n) {
     if (store) store->release(&pins);  // the previous layer's FFN is done
     const int32_t slots = plan->slots, n_used = hp->n_expert_used, n_expert = hp->n_expert;
     const bool predicting = prediction.depth > 0 && n <= kSerialNormTokens;
-    // The shared expert first when the predictor should see its output (as rows: its panels would
-    // round differently from the path without prediction, and prediction never changes logits).
-    r.shared_first = predicting && l.moe() && l.gate_shexp && !in_tiles(l.gate_shexp, n) && !in_tiles(l.up_shexp, n) &&
-                     !in_tiles(l.down_shexp, n);
+    // The shared expert first when the predictor should see its output (as rows or tiles: its
+    // panels would round differently from the path without prediction, and prediction never
+    // changes logits).
+    r.shared_first = predicting && l.moe() && l.gate_shexp && !panels_for(l.gate_shexp, n) && !panels_for(l.up_shexp, n) &&
+                     !panels_for(l.down_shexp, n);
     if (l.moe()) {
         const ExpertGating gating = hp->expert_gating;
         for (int32_t t = 0; t < n; ++t) {
@@ -14187,13 +14188,39 @@ inline void SessionImpl::await_experts(int il) {
 }
 
 // Down rows of the shared expert (r.active[0], shared_first) into prediction.shared_out, as
-// expert_down_phase computes them. True for the thread that finishes the rows.
+// expert_down_phase computes them (rows, or tiles of kGemmRows rows). True for the thread that
+// finishes the rows.
 inline bool SessionImpl::shared_down_phase(int32_t n) {
     const ActiveExpert& e = r.active[0];
     const RowKernel& kd = kt(*e.down);
     const int64_t n_embd = plan->n_embd;
     int64_t begin = 0, end = 0;
     bool last = false;
+    if (e.tile_down) {
+        const int64_t n_tiles = e.down->n_tiles();
+        const void* x[kGemmTokens];
+        alignas(64) float out[kGemmTokens * kGemmRows];
+        for (; next_rows(n_tiles, n * kGemmRows, &begin, &end); last = rows_done.finish(end - begin, n_tiles))
+            for (int64_t t = begin; t < end; ++t) {
+                const int64_t row0 = t * kGemmRows;
+                const int rows = (int)std::min<int64_t>(kGemmRows, n_embd - row0);
+                for (int32_t j = e.use_begin; j < e.use_end; j += kGemmTokens) {
+                    const int nt = std::min<int>(kGemmTokens, e.use_end - j);
+                    for (int k = 0; k < nt; ++k) {
+                        const ExpertUse& use = r.uses[(size_t)(j + k)];
+                        x[k] = a.hidden_q.data + (size_t)(use.token * plan->slots + use.slot) * a.hidden_q_stride;
+                    }
+                    tile_rows(*e.down, e.mat, row0, nullptr, x, nt, out);
+                    for (int k = 0; k < nt; ++k)
+                        for (int rr = 0; rr < rows; ++rr) {
+                            float v = out[k * kGemmRows + rr];
+                            if (e.down->scaled()) v *= e.down->scale(e.mat);
+                            prediction.shared_out[(size_t)(r.uses[(size_t)(j + k)].token * n_embd + row0 + rr)] = v;
+                        }
+                }
+            }
+        return last;
+    }
     for (; next_rows(n_embd, n, &begin, &end); last = rows_done.finish(end - begin, n_embd))
         for (int64_t row = begin; row < end; ++row) {
             const uint8_t* drow = e.down_mat + (size_t)row * e.down->row_bytes;
