@@ -637,8 +637,8 @@ struct LoadOptions {
     // their kernels (AVX-512 VNNI): decode reads each tile in one stream, every activation word
     // feeding 16 rows. Only for mapped files without a mem_budget: the tiles replace the mapped
     // pages they came from (dropped from this process; the file stays in the page cache), so
-    // resident memory does not grow (Q4_K: by 2.8%, its scales unpacked). Model::repacked_bytes()
-    // tells what was repacked.
+    // resident memory does not grow (Q4_K's tiles are 2.8% larger: their scales are unpacked).
+    // Model::repacked_bytes() and Model::tensor_repacked() tell what was repacked.
     bool repack = true;
 };
 
