@@ -13441,7 +13441,7 @@ inline void SessionImpl::norm_rows(const NormStep& step, int ith, int nth) {
 // Returns true on the one thread that finished the phase's last rows. Work units are rows, or
 // tiles of kGemmRows rows for a matrix that runs as panels or has tiles.
 inline bool SessionImpl::matmul_phase(const MatTask* tasks, int n_tasks, int32_t t0, int32_t n, int ith) {
-    auto units = [&](const MatTask& mt) { return in_tiles(*mt.w, n) ? (mt.w->rows + kGemmRows - 1) / kGemmRows : mt.w->rows; };
+    auto units = [&](const MatTask& mt) { return in_tiles(*mt.w, n) ? mt.w->n_tiles() : mt.w->rows; };
     int64_t total = 0;
     bool tiles = false;  // a tile is kGemmRows rows: the guided chunks' floor counts rows
     for (int i = 0; i < n_tasks; ++i) {
@@ -14128,7 +14128,7 @@ inline void SessionImpl::route(int il, int32_t n) {
         e.tile_down = e.gemm_down || (tiled(*e.down) && !store);
         r.down_tiles = r.down_tiles || e.tile_down;
         e.unit_begin = units;
-        e.unit_end = units += e.tile_up ? (e.gate->rows + kGemmRows - 1) / kGemmRows : e.gate->rows;
+        e.unit_end = units += e.tile_up ? e.gate->n_tiles() : e.gate->rows;
         r.active.push_back(e);
     }
     if (store && l.moe()) use_store(il, n);
