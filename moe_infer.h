@@ -59,7 +59,7 @@
        NEON dotprod kernels picked at run time.
        prefill: chunks of many tokens run as int8 GEMM panels (AVX-512 VNNI: Q4_0..Q8_0, IQ4_NL,
        MXFP4, Q3_K..Q6_K, AFFINE; AVX2: the same but Q8_0 and IQ4_NL), SessionOptions::gemm_min_tokens.
-       decode: Q4_0, Q4_K and Q6_K matrices re-laid at load into 16-row tiles on AVX-512 VNNI (LoadOptions::repack).
+       decode: Q4_0, Q4_K and Q6_K matrices re-laid at load into 16-row tiles on AVX2 and AVX-512 (LoadOptions::repack).
        tokenizers: byte-level BPE ("gpt2") with llama.cpp's pre-tokenizers for tokenizer.ggml.pre
        llama3/llama-bpe/lfm2..., glm4/dbrx, qwen2, qwen35, deepseek-llm, deepseek-v3, gpt-4o (gpt-oss,
        llama4), kimi-k2, gpt-2 (also the fallback for unknown names) and llama.cpp's "default"; and
@@ -634,7 +634,7 @@ struct LoadOptions {
     bool (*progress)(void* user, uint64_t done, uint64_t total) = nullptr;
     void* progress_user = nullptr;
     // Q4_0, Q4_K and Q6_K matrices re-laid at load into tiles of 16 interleaved rows where the CPU has
-    // their kernels (AVX-512 VNNI): decode reads each tile in one stream, every activation word
+    // their kernels (x86-64 AVX2, AVX-512): decode reads each tile in one stream, every activation word
     // feeding 16 rows. Only for mapped files without a mem_budget: the tiles replace the mapped
     // pages they came from (dropped from this process; the file stays in the page cache), so
     // resident memory does not grow (Q4_K's tiles are 2.8% larger: their scales are unpacked).
@@ -4812,6 +4812,29 @@ inline void q4_0_tile_dot_ref(const uint8_t* tile, const void* xv, int64_t n, fl
         out[r] = acc[0] + acc[1];
     }
 }
+// The same with q8_0 activations (the Q4_0 row kernels' format below AVX-512 VNNI): specification
+// of q4_0_tile_dot_avx2, in the same order - block b's exact int32 sum times (d_row x d_x) fused
+// into acc[b % 2].
+inline void q4_0_tile_dot_q8_0_ref(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t /*prefetch*/ = 0) {
+    const BlockQ8_0* x = static_cast<const BlockQ8_0*>(xv);
+    for (int r = 0; r < kGemmRows; ++r) {
+        float acc[2] = {0, 0};
+        for (int64_t b = 0; b < n / kQK; ++b) {
+            const uint8_t* group = tile + (b / 4) * kQ4TileGroupBytes;
+            const int k = (int)(b % 4);
+            int32_t sum = 0;
+            for (int g = 0; g < 4; ++g)
+                for (int j = 0; j < 4; ++j) {
+                    const uint8_t v = group[k * 256 + g * 64 + 4 * r + j];
+                    sum += ((v & 15) - 8) * x[b].qs[4 * g + j] + ((v >> 4) - 8) * x[b].qs[16 + 4 * g + j];
+                }
+            uint16_t d;
+            std::memcpy(&d, group + 1024 + 32 * k + 2 * r, 2);
+            acc[b & 1] = std::fma(fp16_to_f32(d) * fp16_to_f32(x[b].d), (float)sum, acc[b & 1]);
+        }
+        out[r] = acc[0] + acc[1];
+    }
+}
 // A tile as a GEMM panel: the same panel gemm_pack_row_q4_0 makes of its rows (padding rows: zero).
 inline void q4_0_tile_pack_ref(const uint8_t* tile, int64_t n, GemmPanel* p) {
     p->nb = n / kQK;
@@ -6105,6 +6128,274 @@ template <int kGroups, bool kSub16 = false>
 MOE_DETAIL_AVX2 inline void gemm_tile_avx2(const GemmPanel& p, const BlockQ8G* const* x, int nt, float* out) {
     if (p.has_min) gemm_tile_avx2_groups<true, kGroups, kSub16>(p, x, nt, out);
     else gemm_tile_avx2_groups<false, kGroups, kSub16>(p, x, nt, out);
+}
+
+// ---- Tiles on AVX2 (GEMM PANELS: the tile layouts; their _refs are the specification) ----
+// The AVX-512 VNNI tile kernels' work in two halves of each 64-byte vector (rows 0-7 in the low 32
+// bytes, 8-15 in the high). Without vpdpbusd, maddubs multiplies unsigned codes by a broadcast
+// activation word into int16 pairs and madd folds each pair into one int32 per row with a factor
+// per row (1, or the sub-block's scale). Int16 sums stay exact only for small codes, so high
+// nibbles and 2-bit fields are shifted down, not masked in place: 8 words of codes below 16 sum to
+// at most 8 x 2 x 15 x 128 = 30720.
+
+// Bytes of `v` (one per row) as int16 pairs (v_r, v_r) for rows 0-7 (half 0) or 8-15 (half 1): a
+// madd factor per row. kSigned: the bytes are int8.
+template <bool kSigned>
+MOE_DETAIL_AVX2 inline __m256i tile_row_pairs_avx2(__m128i v, int half) {
+    const __m128i twice = half ? _mm_unpackhi_epi8(v, v) : _mm_unpacklo_epi8(v, v);
+    return kSigned ? _mm256_cvtepi8_epi16(twice) : _mm256_cvtepu8_epi16(twice);
+}
+// Prefetches part `part` of `parts` of a group's lines `prefetch` bytes ahead (0: none; past the
+// tile's end is fine: prefetches never fault). Spread over the group's work: one burst of all its
+// lines stalls on the line fill buffers (Zen 4, Q6_K from memory, 1 thread: 7 -> 17 GB/s).
+template <int64_t kBytes, int kParts>
+MOE_DETAIL_AVX2 inline void tile_prefetch_avx2(const uint8_t* group, size_t prefetch, int part) {
+    constexpr int64_t kLines = (kBytes + 63) / 64, kPer = (kLines + kParts - 1) / kParts;
+    if (prefetch)
+        for (int64_t i = 0; i < kPer; ++i)
+            if (kPer * part + i < kLines) {  // asm: GCC 12's dead code elimination drops _mm_prefetch from these kernels
+                const char* line = reinterpret_cast<const char*>(group + prefetch + 64 * (kPer * part + i));
+                __asm__ __volatile__("prefetcht0 %0" : : "m"(*line));
+            }
+}
+MOE_DETAIL_AVX2 inline __m256i broadcast_word_avx2(const int8_t* p) {
+    int32_t w;
+    std::memcpy(&w, p, 4);
+    return _mm256_set1_epi32(w);
+}
+
+// q4_0_tile_dot_q8_0_ref: per block the int16 sums of 4 words' low and high nibbles, -8 x the
+// block's activation sum (one per block for all 16 rows).
+MOE_DETAIL_AVX2 inline void q4_0_tile_dot_avx2(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t prefetch) {
+    const BlockQ8_0* x = static_cast<const BlockQ8_0*>(xv);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+    __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};  // [half][block parity]
+    for (int64_t G = 0; G < n / 128; ++G) {
+        const uint8_t* group = tile + G * kQ4TileGroupBytes;
+        for (int k = 0; k < 4; ++k) {
+            tile_prefetch_avx2<kQ4TileGroupBytes, 4>(group, prefetch, k);
+            const BlockQ8_0& xb = x[4 * G + k];
+            __m256i neg = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, loadu_256(xb.qs)), ones16);
+            neg = _mm256_add_epi32(neg, _mm256_shuffle_epi32(neg, _MM_SHUFFLE(1, 0, 3, 2)));
+            neg = _mm256_add_epi32(neg, _mm256_shuffle_epi32(neg, _MM_SHUFFLE(2, 3, 0, 1)));
+            neg = _mm256_sub_epi32(zero, _mm256_slli_epi32(_mm256_add_epi32(neg, _mm256_permute2x128_si256(neg, neg, 1)), 3));
+            __m256i sum16[2] = {zero, zero};
+            for (int g = 0; g < 4; ++g) {
+                const __m256i xlo = broadcast_word_avx2(xb.qs + 4 * g), xhi = broadcast_word_avx2(xb.qs + 16 + 4 * g);
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i q = loadu_256(group + k * 256 + g * 64 + 32 * h);
+                    sum16[h] = _mm256_add_epi16(sum16[h], _mm256_maddubs_epi16(_mm256_and_si256(q, m4), xlo));
+                    sum16[h] = _mm256_add_epi16(sum16[h], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), xhi));
+                }
+            }
+            const __m256 dx = _mm256_set1_ps(_cvtsh_ss(xb.d));
+            for (int h = 0; h < 2; ++h) {
+                const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(sum16[h], ones16), neg);
+                const __m256 w = _mm256_cvtph_ps(loadu_128(group + 1024 + 32 * k + 16 * h));
+                acc[h][k & 1] = _mm256_fmadd_ps(_mm256_mul_ps(w, dx), _mm256_cvtepi32_ps(sum), acc[h][k & 1]);
+            }
+        }
+    }
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + 8 * h, _mm256_add_ps(acc[h][0], acc[h][1]));
+}
+// q4_0_tile_pack_ref with 32-byte moves.
+MOE_DETAIL_AVX2 inline void q4_0_tile_pack_avx2(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = p->sub_scales = false;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < p->nb; ++b) {
+        const uint8_t* group = tile + (b / 4) * kQ4TileGroupBytes;
+        const int k = (int)(b % 4);
+        for (int h = 0; h < 2; ++h) {
+            __m256i nibble_sum = _mm256_setzero_si256();
+            for (int g = 0; g < 4; ++g) {
+                const __m256i q = loadu_256(group + k * 256 + g * 64 + 32 * h);
+                const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                nibble_sum = _mm256_add_epi32(nibble_sum, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_add_epi8(lo, hi), ones8), ones16));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->q + (b * 8 + g) * kGemmRows * 4 + 32 * h), _mm256_sub_epi8(lo, eight));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->q + (b * 8 + g + 4) * kGemmRows * 4 + 32 * h), _mm256_sub_epi8(hi, eight));
+            }
+            const int64_t at = b * kGemmRows + 8 * h;
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->bias + at), _mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(8 * kQK), nibble_sum), 7));
+            _mm256_storeu_ps(p->scale + at, _mm256_cvtph_ps(loadu_128(group + 1024 + 32 * k + 16 * h)));
+            _mm256_storeu_ps(p->min + at, _mm256_setzero_ps());
+        }
+    }
+}
+
+// q4_k_tile_dot_ref: per chunk of 64 columns and half, the low and high nibbles' int16 sums over
+// 8 words, each folded into int32 by madd with its sub-block's scale; the mins by madd of the
+// (m_2i, m_2i+1) pairs with x's bsums pairs.
+MOE_DETAIL_AVX2 inline void q4_k_tile_dot_avx2(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t prefetch) {
+    const BlockQ8K* x = static_cast<const BlockQ8K*>(xv);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, acc_m[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ4KTileGroupBytes;
+        const BlockQ8K& xb = x[sb];
+        __m256i sum[2] = {zero, zero};
+        for (int c = 0; c < 4; ++c) {
+            tile_prefetch_avx2<kQ4KTileGroupBytes, 4>(group, prefetch, c);
+            __m256i lo[2] = {zero, zero}, hi[2] = {zero, zero};
+            for (int g = 0; g < 8; ++g) {
+                const __m256i xl = broadcast_word_avx2(xb.qs + 64 * c + 4 * g), xh = broadcast_word_avx2(xb.qs + 64 * c + 32 + 4 * g);
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i q = loadu_256(group + 64 * (8 * c + g) + 32 * h);
+                    lo[h] = _mm256_add_epi16(lo[h], _mm256_maddubs_epi16(_mm256_and_si256(q, m4), xl));
+                    hi[h] = _mm256_add_epi16(hi[h], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), xh));
+                }
+            }
+            const __m128i sc_lo = loadu_128(group + kQ4KTileScales + 32 * c), sc_hi = loadu_128(group + kQ4KTileScales + 32 * c + 16);
+            for (int h = 0; h < 2; ++h) {
+                sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(lo[h], tile_row_pairs_avx2<false>(sc_lo, h)));
+                sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(hi[h], tile_row_pairs_avx2<false>(sc_hi, h)));
+            }
+        }
+        // (B_2i, B_2i+1) int16 pairs, B_j = bsums[2j] + bsums[2j + 1] (|B_j| <= 4096).
+        const __m256i b32 = _mm256_madd_epi16(loadu_256(xb.bsums), _mm256_set1_epi16(1));
+        alignas(16) int32_t b16[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(b16), _mm_packs_epi32(_mm256_castsi256_si128(b32), _mm256_extracti128_si256(b32, 1)));
+        const __m256 xd = _mm256_set1_ps(xb.d);
+        for (int h = 0; h < 2; ++h) {
+            __m256i mins = zero;
+            for (int i = 0; i < 4; ++i)
+                mins = _mm256_add_epi32(mins, _mm256_madd_epi16(_mm256_cvtepu8_epi16(loadu_128(group + kQ4KTileMins + 32 * i + 16 * h)), _mm256_set1_epi32(b16[i])));
+            acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(loadu_128(group + kQ4KTileD + 16 * h)), xd), _mm256_cvtepi32_ps(sum[h]), acc[h]);
+            acc_m[h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(loadu_128(group + kQ4KTileDmin + 16 * h)), xd), _mm256_cvtepi32_ps(mins), acc_m[h]);
+        }
+    }
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + 8 * h, _mm256_sub_ps(acc[h], acc_m[h]));
+}
+// q4_k_tile_pack_ref with 32-byte moves.
+MOE_DETAIL_AVX2 inline void q4_k_tile_pack_avx2(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = true;
+    p->sub_scales = false;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ4KTileGroupBytes;
+        for (int h = 0; h < 2; ++h) {
+            const __m256 d = _mm256_cvtph_ps(loadu_128(group + kQ4KTileD + 16 * h)), dmin = _mm256_cvtph_ps(loadu_128(group + kQ4KTileDmin + 16 * h));
+            for (int c = 0; c < 4; ++c) {
+                __m256i sums[2] = {zero, zero};
+                for (int g = 0; g < 8; ++g) {
+                    const __m256i q = loadu_256(group + 64 * (8 * c + g) + 32 * h);
+                    const __m256i codes[2] = {_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4)};
+                    for (int j = 0; j < 2; ++j) {
+                        sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(_mm256_maddubs_epi16(codes[j], ones8), ones16));
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->q + ((sb * 8 + 2 * c + j) * 8 + g) * kGemmRows * 4 + 32 * h), codes[j]);
+                    }
+                }
+                // Row r's (m_2c, m_2c+1) pair as one int32 lane: the low byte is sub-block 2c's min.
+                const __m256i m_pairs = _mm256_cvtepu16_epi32(loadu_128(group + kQ4KTileMins + 32 * c + 16 * h));
+                const __m256i m[2] = {_mm256_and_si256(m_pairs, _mm256_set1_epi32(0xFF)), _mm256_srli_epi32(m_pairs, 8)};
+                for (int j = 0; j < 2; ++j) {
+                    const int64_t at = (sb * 8 + 2 * c + j) * kGemmRows + 8 * h;
+                    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + kQ4KTileScales + 16 * (2 * c + j) + 8 * h))));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->bias + at), _mm256_slli_epi32(_mm256_sub_epi32(zero, sums[j]), 7));
+                    _mm256_storeu_ps(p->scale + at, _mm256_mul_ps(d, sc));
+                    _mm256_storeu_ps(p->min + at, _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m[j])), sign));
+                }
+            }
+        }
+    }
+}
+
+// The four 6-bit codes (columns 32k + 4m.., k < 4) that one ql pair (l0: ql[m], l1: ql[8 + m]) and
+// one qh vector hold, shifted into 0..63 (as q6_k_tile_code reads them).
+MOE_DETAIL_AVX2 inline void q6_k_tile_codes_avx2(__m256i l0, __m256i l1, __m256i q, __m256i (&code)[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    code[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(q, 4), m30));
+    code[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(q, 2), m30));
+    code[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(q, m30));
+    code[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(q, 2), m30));
+}
+// q6_k_tile_dot_ref: the codes (0..63) of two words per int16 sum (2 x 2 x 63 x 128 = 32256), folded
+// into int32 by madd with the sub-block's scale; then -32 x sc_s x bsums[s] by madd of scale pairs
+// (sub-blocks 2i, 2i + 1) with bsums pairs.
+MOE_DETAIL_AVX2 inline void q6_k_tile_dot_avx2(const uint8_t* tile, const void* xv, int64_t n, float* out, size_t prefetch) {
+    const BlockQ8K* x = static_cast<const BlockQ8K*>(xv);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ6KTileGroupBytes;
+        const BlockQ8K& xb = x[sb];
+        const uint8_t* scales = group + kQ6KTileScales;
+        const __m256 xd = _mm256_set1_ps(xb.d);
+        __m256i sum[2] = {zero, zero};
+        for (int h = 0; h < 2; ++h)
+            for (int m0 = 0; m0 < 8; m0 += 2) {  // sub-blocks 8h + 2k + m0 / 4; both halves of each line at once
+                tile_prefetch_avx2<kQ6KTileGroupBytes, 8>(group, prefetch, 4 * h + m0 / 2);
+                for (int half = 0; half < 2; ++half) {
+                    __m256i t[4] = {zero, zero, zero, zero};
+                    for (int m = m0; m < m0 + 2; ++m) {
+                        __m256i code[4];
+                        q6_k_tile_codes_avx2(loadu_256(group + 64 * (16 * h + m) + 32 * half), loadu_256(group + 64 * (16 * h + 8 + m) + 32 * half),
+                                             loadu_256(group + kQ6KTileHigh + 64 * (8 * h + m) + 32 * half), code);
+                        for (int k = 0; k < 4; ++k)
+                            t[k] = _mm256_add_epi16(t[k], _mm256_maddubs_epi16(code[k], broadcast_word_avx2(xb.qs + 128 * h + 32 * k + 4 * m)));
+                    }
+                    for (int k = 0; k < 4; ++k) {
+                        const int sub = 8 * h + 2 * k + m0 / 4;
+                        sum[half] = _mm256_add_epi32(sum[half], _mm256_madd_epi16(t[k], tile_row_pairs_avx2<true>(loadu_128(scales + 16 * sub), half)));
+                    }
+                }
+            }
+        for (int half = 0; half < 2; ++half) {
+            __m256i offset = zero;
+            for (int i = 0; i < 8; ++i) {
+                int32_t bsum_pair;
+                std::memcpy(&bsum_pair, xb.bsums + 2 * i, 4);
+                const __m128i s0 = loadu_128(scales + 16 * (2 * i)), s1 = loadu_128(scales + 16 * (2 * i + 1));
+                const __m128i pairs = half ? _mm_unpackhi_epi8(s0, s1) : _mm_unpacklo_epi8(s0, s1);
+                offset = _mm256_add_epi32(offset, _mm256_madd_epi16(_mm256_cvtepi8_epi16(pairs), _mm256_set1_epi32(bsum_pair)));
+            }
+            const __m256i total = _mm256_sub_epi32(sum[half], _mm256_slli_epi32(offset, 5));
+            acc[half] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(loadu_128(group + kQ6KTileD + 16 * half)), xd), _mm256_cvtepi32_ps(total), acc[half]);
+        }
+    }
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + 8 * h, acc[h]);
+}
+// q6_k_tile_pack_ref with 32-byte moves.
+MOE_DETAIL_AVX2 inline void q6_k_tile_pack_avx2(const uint8_t* tile, int64_t n, GemmPanel* p) {
+    p->nb = n / kQK;
+    p->has_min = false;
+    p->sub_scales = true;
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+    const __m256i offset = _mm256_set1_epi8(32), half_offset = _mm256_set1_epi32(32 * 16);
+    for (int64_t sb = 0; sb < n / kQKK; ++sb) {
+        const uint8_t* group = tile + sb * kQ6KTileGroupBytes;
+        for (int half = 0; half < 2; ++half) {
+            const __m256 d = _mm256_cvtph_ps(loadu_128(group + kQ6KTileD + 16 * half));
+            for (int h = 0; h < 2; ++h) {
+                __m256i sums[4][2] = {{zero, zero}, {zero, zero}, {zero, zero}, {zero, zero}};  // [k][16-column half]
+                for (int m = 0; m < 8; ++m) {
+                    __m256i code[4];
+                    q6_k_tile_codes_avx2(loadu_256(group + 64 * (16 * h + m) + 32 * half), loadu_256(group + 64 * (16 * h + 8 + m) + 32 * half),
+                                         loadu_256(group + kQ6KTileHigh + 64 * (8 * h + m) + 32 * half), code);
+                    for (int k = 0; k < 4; ++k) {
+                        sums[k][m / 4] = _mm256_add_epi32(sums[k][m / 4], _mm256_madd_epi16(_mm256_maddubs_epi16(code[k], ones8), ones16));
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->q + ((sb * 8 + 4 * h + k) * 8 + m) * kGemmRows * 4 + 32 * half),
+                                            _mm256_sub_epi8(code[k], offset));
+                    }
+                }
+                for (int k = 0; k < 4; ++k) {
+                    const int c = 4 * h + k;
+                    const int64_t b = sb * 8 + c;
+                    const __m256i sub0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + kQ6KTileScales + 16 * (2 * c) + 8 * half)));
+                    const __m256i sub1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + kQ6KTileScales + 16 * (2 * c + 1) + 8 * half)));
+                    const __m256i weighted = _mm256_add_epi32(_mm256_mullo_epi32(sub0, _mm256_sub_epi32(sums[k][0], half_offset)),
+                                                              _mm256_mullo_epi32(sub1, _mm256_sub_epi32(sums[k][1], half_offset)));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->bias + b * kGemmRows + 8 * half), _mm256_slli_epi32(_mm256_sub_epi32(zero, weighted), 7));
+                    _mm256_storeu_ps(p->scale + b * kGemmRows + 8 * half, d);
+                    _mm256_storeu_ps(p->min + b * kGemmRows + 8 * half, _mm256_setzero_ps());
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->sub_scale + b * 2 * kGemmRows + 8 * half), sub0);
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p->sub_scale + (b * 2 + 1) * kGemmRows + 8 * half), sub1);
+                }
+            }
+        }
+    }
 }
 
 //---- activation quantizers (bit-identical to quantize_act_ref: quantize_act_q8_0_ref, quantize_row_q8k_ref) ----
@@ -8531,7 +8822,7 @@ struct RowKernel {
     ActFormat gemm_act = ActFormat::q8_gemm;  // the panels' activations: q8_gemm_k where act is q8_k
     VecDotUsesFn vec_dot_uses = nullptr;      // one row against several activation rows; nullptr: vec_dot each
     int32_t panel_min_tokens = 8;   // panel_min_tokens(isa, gemm)
-    // Q4_0, Q4_K and Q6_K on AVX-512 VNNI: their tiles (Weight::tiles, LoadOptions::repack); else empty.
+    // Q4_0, Q4_K and Q6_K on AVX2 and AVX-512: their tiles (Weight::tiles, LoadOptions::repack); else empty.
     TileForm tile{};
     bool has_gemm() const { return gemm_tile != nullptr; }
     // out[i] = vec_dot(w, x[i], n) for i < count <= kMaxDotUses, bit for bit, with the row's codes
@@ -8597,6 +8888,16 @@ inline RowKernel row_kernel(const QuantType& t, Isa isa, int64_t cols) {
         k.tile = {q4_k_tile_dot_avx512vnni, q4_k_tile_pack_avx512vnni, q4_k_tile_repack, kQKK, kQ4KTileGroupBytes};
     if (t.type == TensorType::q6_k && isa == Isa::avx512_vnni && k.act == ActFormat::q8_k && k.has_gemm())
         k.tile = {q6_k_tile_dot_avx512vnni, q6_k_tile_pack_avx512vnni, q6_k_tile_repack, kQKK, kQ6KTileGroupBytes};
+#endif
+#if MOE_DETAIL_HAS_AVX2
+    if ((isa == Isa::avx2 || isa == Isa::avx512) && k.has_gemm()) {  // the same tiles, in 8-row halves
+        if (t.type == TensorType::q4_0 && k.act == ActFormat::q8_0)
+            k.tile = {q4_0_tile_dot_avx2, q4_0_tile_pack_avx2, q4_0_tile_repack, 128, kQ4TileGroupBytes};
+        if (t.type == TensorType::q4_k && k.act == ActFormat::q8_k)
+            k.tile = {q4_k_tile_dot_avx2, q4_k_tile_pack_avx2, q4_k_tile_repack, kQKK, kQ4KTileGroupBytes};
+        if (t.type == TensorType::q6_k && k.act == ActFormat::q8_k)
+            k.tile = {q6_k_tile_dot_avx2, q6_k_tile_pack_avx2, q6_k_tile_repack, kQKK, kQ6KTileGroupBytes};
+    }
 #endif
     return k;
 }

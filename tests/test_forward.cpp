@@ -495,11 +495,25 @@ INSTANTIATE_TEST_SUITE_P(Types, ForwardQuant, ::testing::ValuesIn(quant_cases())
 // loaded with and without tiles. Where the CPU has the tile kernels both match the oracle and each
 // other (only the float order differs), token by token, through the rows/tiles prefill and through
 // panels packed from the tiles; with an expert store or repack off nothing is repacked.
+void check_repack_on(const OracleCase& c, const char* path, moe::Isa isa);
 void check_repack(const ModelSpec& sp, const char* name) {
     OracleCase c = moe_test::make_oracle_case(sp, kTokens, 0.02);
     ASSERT_TRUE(c.ok) << c.error;
     TempModelFile f(name);
     ASSERT_EQ(c.model.write(f.path), moe::Status::ok) << moe::last_error();
+    // The best kernels of this CPU, and AVX2's tile kernels as well where it has more.
+    struct RestoreIsa {
+        ~RestoreIsa() { moe::force_isa(moe::detected_isa()); }
+    } restore;
+    std::vector<moe::Isa> isas = {moe::detected_isa()};
+    if (moe::detected_isa() == moe::Isa::avx512 || moe::detected_isa() == moe::Isa::avx512_vnni) isas.push_back(moe::Isa::avx2);
+    for (moe::Isa isa : isas) {
+        SCOPED_TRACE(moe::isa_name(isa));
+        ASSERT_EQ(moe::force_isa(isa), moe::Status::ok) << moe::last_error();
+        check_repack_on(c, f.path.c_str(), isa);
+    }
+}
+void check_repack_on(const OracleCase& c, const char* path, moe::Isa isa) {
     moe::LoadOptions with, without;
     without.repack = false;
     std::vector<std::pair<uint64_t, uint64_t>> calls;  // the progress pass after the repack still counts to the file size
@@ -509,14 +523,14 @@ void check_repack(const ModelSpec& sp, const char* name) {
     };
     with.progress_user = &calls;
     moe::Model tiled, rows;
-    ASSERT_EQ(moe::Model::load(f.path.c_str(), with, &tiled), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(moe::Model::load(path, with, &tiled), moe::Status::ok) << moe::last_error();
     ASSERT_FALSE(calls.empty());
     for (size_t i = 1; i < calls.size(); ++i) EXPECT_GE(calls[i].first, calls[i - 1].first);
     EXPECT_EQ(calls.back().first, calls.back().second);
     EXPECT_EQ(calls.back().second, (uint64_t)tiled.file().file_size());
-    ASSERT_EQ(moe::Model::load(f.path.c_str(), without, &rows), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(moe::Model::load(path, without, &rows), moe::Status::ok) << moe::last_error();
     EXPECT_EQ(rows.repacked_bytes(), 0u);
-    const bool has_tiles = moe::detected_isa() == moe::Isa::avx512_vnni;
+    const bool has_tiles = isa == moe::Isa::avx2 || isa == moe::Isa::avx512 || isa == moe::Isa::avx512_vnni;
     if (has_tiles) EXPECT_GT(tiled.repacked_bytes(), 0u);
     else EXPECT_EQ(tiled.repacked_bytes(), 0u);
     // Which tensors: the experts and the head (300 x a multiple of the tile width) in tiles where
@@ -535,7 +549,7 @@ void check_repack(const ModelSpec& sp, const char* name) {
     moe::LoadOptions budget;
     budget.mem_budget = (uint64_t)1 << 30;
     moe::Model stored;
-    ASSERT_EQ(moe::Model::load(f.path.c_str(), budget, &stored), moe::Status::ok) << moe::last_error();
+    ASSERT_EQ(moe::Model::load(path, budget, &stored), moe::Status::ok) << moe::last_error();
     EXPECT_EQ(stored.repacked_bytes(), 0u);
 
     moe::SessionOptions opt;

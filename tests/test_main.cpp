@@ -79,6 +79,12 @@ TEST(ThreadPool, BarrierSeparatesPhasesAndOneThreadFinishes) {
 
 namespace {
 
+// Whether this CPU and build run the x86 kernels of `isa` (the tile tests try each).
+bool isa_usable(moe::Isa isa) {
+    const moe::Isa best = moe::detected_isa();
+    return (int)isa <= (int)best && best <= moe::Isa::avx512_vnni && isa >= moe::Isa::avx2;
+}
+
 // Q4_0 tiles (LoadOptions::repack): 16 rows re-laid for decode. The tile kernel's _ref against a
 // float64 oracle of the dequantized rows and codes, and against the row kernel's _ref (the same
 // integer sums per block, other float order); the SIMD twin bit for bit; padding rows give 0; a
@@ -136,6 +142,35 @@ TEST(Q4_0Tiles, DotAndPanelMatchRowsAndOracle) {
                 EXPECT_EQ(0, std::memcmp(s.panel.bias, rows_panel.panel.bias, (size_t)(nb * 16) * 4));
                 EXPECT_EQ(0, std::memcmp(s.panel.scale, rows_panel.panel.scale, (size_t)(nb * 16) * 4));
                 EXPECT_EQ(0, std::memcmp(s.panel.min, rows_panel.panel.min, (size_t)(nb * 16) * 4));
+                // Below AVX-512 VNNI the tiles read q8_0 activations: q4_0_tile_dot_q8_0_ref.
+                alignas(64) float out8[16];
+                d::q4_0_tile_dot_q8_0_ref(tile.data(), x8.data(), n, out8);
+                for (int r = 0; r < 16; ++r) {
+                    if (r >= rows) {
+                        EXPECT_EQ(out8[r], 0.f) << "padding row " << r;
+                        continue;
+                    }
+                    const d::BlockQ4_0* blk = reinterpret_cast<const d::BlockQ4_0*>(w.data() + row_bytes * (size_t)r);
+                    double magnitude = 0;
+                    for (int64_t j = 0; j < n; ++j)
+                        magnitude += std::fabs((double)d::fp16_to_f32(blk[j / 32].d) * (d::q4_nibble(blk[j / 32].qs, (int)(j % 32)) - 8) *
+                                               d::fp16_to_f32(x8[(size_t)(j / 32)].d) * x8[(size_t)(j / 32)].qs[j % 32]);
+                    EXPECT_NEAR(out8[r], d::vec_dot_q4_0_q8_0_ref(blk, x8.data(), n), 1e-5 * magnitude + 1e-6) << "row " << r << " q8_0 vs the row kernel";
+                    EXPECT_NEAR(out8[r], out[r], 1e-5 * magnitude + 1e-6) << "row " << r << " q8_0 vs q8_0_split";
+                }
+                for (moe::Isa isa : {moe::Isa::avx2, moe::Isa::avx512}) {
+                    if (!isa_usable(isa)) continue;
+                    const d::RowKernel k = d::row_kernel(*d::quant_type((uint32_t)moe::TensorType::q4_0), isa, n);
+                    ASSERT_TRUE(k.tile) << moe::isa_name(isa);
+                    alignas(64) float simd[16];
+                    k.tile.dot(tile.data(), x8.data(), n, simd, 2048);
+                    EXPECT_EQ(0, std::memcmp(out8, simd, sizeof out8)) << moe::isa_name(isa) << " vs _ref";
+                    k.tile.pack(tile.data(), n, &rows_panel.panel);
+                    EXPECT_EQ(0, std::memcmp(s.panel.q, rows_panel.panel.q, (size_t)(nb * 32 * 16)));
+                    EXPECT_EQ(0, std::memcmp(s.panel.bias, rows_panel.panel.bias, (size_t)(nb * 16) * 4));
+                    EXPECT_EQ(0, std::memcmp(s.panel.scale, rows_panel.panel.scale, (size_t)(nb * 16) * 4));
+                    EXPECT_EQ(0, std::memcmp(s.panel.min, rows_panel.panel.min, (size_t)(nb * 16) * 4));
+                }
                 // The SIMD twins the library picks (RowKernel::tile) where this CPU has them.
                 const d::RowKernel k = d::row_kernel(*d::quant_type((uint32_t)moe::TensorType::q4_0), moe::Isa::avx512_vnni, n);
                 if (vnni && k.tile) {
@@ -171,7 +206,6 @@ void check_k_tiles(const KTileType& tt, unsigned seed) {
     namespace d = moe::detail;
     std::mt19937 rng(seed);
     std::normal_distribution<float> gauss;
-    const bool vnni = moe::detected_isa() == moe::Isa::avx512_vnni;
     for (int64_t n : {256, 768, 2048})
         for (int rows : {16, 9, 5, 1})
             for (kernel_cases::WeightKind kind : {kernel_cases::WeightKind::gaussian, kernel_cases::WeightKind::random_bytes,
@@ -225,12 +259,15 @@ void check_k_tiles(const KTileType& tt, unsigned seed) {
                 tt.pack_ref(tile.data(), n, &s.panel);
                 d::gemm_pack(d::gemm_type(tt.type), w.data(), row_bytes, rows, n, &rows_panel);
                 same_panel(s.panel, rows_panel.panel, "tile _ref panel vs the rows' panel");
-                const d::RowKernel k = d::row_kernel(*d::quant_type((uint32_t)tt.type), moe::Isa::avx512_vnni, n);
-                if (vnni && k.tile) {
+                for (moe::Isa isa : {moe::Isa::avx2, moe::Isa::avx512, moe::Isa::avx512_vnni}) {
+                    if (!isa_usable(isa)) continue;
+                    SCOPED_TRACE(moe::isa_name(isa));
+                    const d::RowKernel k = d::row_kernel(*d::quant_type((uint32_t)tt.type), isa, n);
+                    ASSERT_TRUE(k.tile);
                     EXPECT_EQ(k.tile.bytes(n), tile.size());
                     alignas(64) float simd[16];
                     k.tile.dot(tile.data(), xq.data(), n, simd, 2048);
-                    EXPECT_EQ(0, std::memcmp(out, simd, sizeof out)) << "AVX-512 VNNI vs _ref";
+                    EXPECT_EQ(0, std::memcmp(out, simd, sizeof out)) << "SIMD vs _ref";
                     k.tile.pack(tile.data(), n, &rows_panel.panel);
                     EXPECT_EQ(0, std::memcmp(s.panel.min, rows_panel.panel.min, (size_t)(nb * 16) * 4)) << "SIMD pack: min bits";
                     same_panel(s.panel, rows_panel.panel, "SIMD tile panel vs _ref");
