@@ -6131,8 +6131,8 @@ MOE_DETAIL_AVX2 inline void gemm_tile_avx2(const GemmPanel& p, const BlockQ8G* c
 }
 
 // ---- Tiles on AVX2 (GEMM PANELS: the tile layouts; their _refs are the specification) ----
-// The AVX-512 VNNI tile kernels' work in two halves of each 64-byte vector (rows 0-7 in the low 32
-// bytes, 8-15 in the high). Without vpdpbusd, maddubs multiplies unsigned codes by a broadcast
+// What the AVX-512 VNNI tile kernels do, done on the two halves of each 64-byte vector (rows 0-7 in
+// the low 32 bytes, 8-15 in the high). Without vpdpbusd, maddubs multiplies unsigned codes by a broadcast
 // activation word into int16 pairs and madd folds each pair into one int32 per row with a factor
 // per row (1, or the sub-block's scale). Int16 sums stay exact only for small codes, so high
 // nibbles and 2-bit fields are shifted down, not masked in place: 8 words of codes below 16 sum to
