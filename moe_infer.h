@@ -93,7 +93,8 @@
        [SECTION] KERNELS: REFERENCE              >>kernels-ref  row dots; attention on a float cache (scores, exp, values)
        [SECTION] ACTIVATION FORMATS              >>act
        [SECTION] GEMM PANELS (PREFILL)           >>gemm      int8 panels: a row tile decoded once for many tokens; Q4_0/Q4_K/Q6_K tiles
-       [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX2/AVX-512 attention kernels, the AMX panel tile
+       [SECTION] KERNELS: X86 (AVX2, AVX-512, VNNI)  >>kernels-x86  also the AVX2/AVX-512 attention kernels, the AMX panel tile,
+                                                            the tile kernels (AVX2 and AVX-512 VNNI)
        [SECTION] KERNELS: ARM (NEON, DOTPROD)    >>kernels-arm
        [SECTION] TYPE TABLE                      >>table     one row per tensor type: what a new type adds
        [SECTION] KERNEL DISPATCH                 >>dispatch
